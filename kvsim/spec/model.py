@@ -1,0 +1,333 @@
+"""Model architectures: the frozen ``ModelSpec`` and its strict YAML catalogue (``models/``).
+
+A model is described layer by layer, because the unit of KV memory is the layer, not the model:
+Gemma-2 alternates sliding-window and global layers, gpt-oss alternates 128-token windows with
+full attention, Llama-4 uses chunked attention on three of every four layers, Gemma-3n's last
+layers read the KV of earlier ones, and DeepSeek caches one MLA latent per layer.
+
+YAML layer patterns are compact strings, repeated ``repeat`` times:
+
+    full | sliding:N | chunked:N | mla     attention kind (N = window or chunk in tokens)
+    ... moe                               the layer's MLP is the mixture of experts
+    ... kv=J                              the layer owns no KV and attends over layer J's
+
+e.g. ``layers: [{repeat: 21, pattern: ["sliding:4096", "full"]}]`` for Gemma-2-9B.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvsim.errors import KvsimError, unknown_name
+
+AttentionKind = Literal["full", "sliding", "chunked", "mla"]
+
+# Bytes per element of the dtypes a checkpoint can be served in.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """Multi-head latent attention (DeepSeek-V2 arXiv 2405.04434, section 2.1)."""
+
+    kv_lora_rank: int
+    q_lora_rank: int | None
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int  # query/key head dim (MLA: nope + rope)
+    v_head_dim: int
+    bias: bool
+    mla: MLASpec | None
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    num_shared_experts: int
+    shared_intermediate_size: int
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    index: int
+    attention: AttentionKind
+    window_tokens: int | None  # sliding window or attention chunk; None for full and MLA
+    kv_source: int  # the layer whose KV this layer attends over (itself when it owns KV)
+    moe: bool
+
+    @property
+    def owns_kv(self) -> bool:
+        return self.kv_source == self.index
+
+
+@dataclass(frozen=True)
+class WeightQuantSpec:
+    """Checkpoint weight quantization (e.g. gpt-oss MXFP4 experts, DeepSeek-V3 FP8 blocks)."""
+
+    modules: Literal["experts", "linear"]
+    bits_per_weight: float
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """Vision tower of a VLM: parameters and the KV tokens one image becomes."""
+
+    params: int
+    image_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    dtype: str  # serving dtype of weights and (by default) KV
+    hidden_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    attention: AttentionSpec
+    intermediate_size: int  # dense MLP
+    mlp_gated: bool
+    moe: MoESpec | None
+    layers: tuple[LayerSpec, ...]
+    weight_quant: WeightQuantSpec | None
+    vision: VisionSpec | None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def kv_layers(self) -> tuple[LayerSpec, ...]:
+        """Layers that own a KV cache."""
+        return tuple(layer for layer in self.layers if layer.owns_kv)
+
+
+# ---------------------------------------------------------------- YAML schema (strict)
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _MLA(_Strict):
+    kv_lora_rank: int = Field(gt=0)
+    q_lora_rank: int | None = Field(default=None, gt=0)
+    qk_nope_head_dim: int = Field(gt=0)
+    qk_rope_head_dim: int = Field(gt=0)
+    v_head_dim: int = Field(gt=0)
+
+
+class _Attention(_Strict):
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    v_head_dim: int = Field(gt=0)
+    bias: bool = False
+    mla: _MLA | None = None
+
+
+class _MLP(_Strict):
+    intermediate_size: int = Field(gt=0)
+    gated: bool = True
+
+
+class _MoE(_Strict):
+    num_experts: int = Field(gt=0)
+    top_k: int = Field(gt=0)
+    expert_intermediate_size: int = Field(gt=0)
+    num_shared_experts: int = Field(default=0, ge=0)
+    shared_intermediate_size: int = Field(default=0, ge=0)
+
+
+class _LayerGroup(_Strict):
+    repeat: int = Field(default=1, gt=0)
+    pattern: list[str] = Field(min_length=1)
+
+
+class _WeightQuant(_Strict):
+    modules: Literal["experts", "linear"]
+    bits_per_weight: float = Field(gt=0, le=32)
+    source: str
+
+
+class _Vision(_Strict):
+    params: int = Field(gt=0)
+    image_tokens: int = Field(gt=0)
+    source: str
+
+
+class _Source(_Strict):
+    config: str
+    hf_repo: str
+    note: str = ""
+
+
+class _ModelFile(_Strict):
+    name: str
+    source: _Source
+    dtype: Literal["float32", "bfloat16", "float16"]
+    hidden_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    tie_word_embeddings: bool
+    max_position_embeddings: int = Field(gt=0)
+    attention: _Attention
+    mlp: _MLP
+    moe: _MoE | None = None
+    layers: list[_LayerGroup] = Field(min_length=1)
+    weight_quantization: _WeightQuant | None = None
+    vision: _Vision | None = None
+
+
+def pydantic_error(err: ValidationError, file: str | None) -> KvsimError:
+    """The first pydantic error as one KvsimError line naming the dotted field and its value."""
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return KvsimError(msg, field=field, value=first.get("input"), file=file)
+
+
+def _parse_layer(token: str, index: int, file: str | None) -> LayerSpec:
+    """Parse one pattern token such as ``sliding:4096 moe`` or ``full kv=19``."""
+    words = token.split()
+    kind, _, window = words[0].partition(":")
+    field = f"layers[{index}]"
+    if kind not in ("full", "sliding", "chunked", "mla"):
+        raise KvsimError("attention kind must be full, sliding:N, chunked:N or mla",
+                         field=field, value=token, file=file)
+    window_tokens = None
+    if kind in ("sliding", "chunked"):
+        if not window.isdigit() or int(window) <= 0:
+            raise KvsimError(f"{kind} needs a positive token count, e.g. {kind}:4096",
+                             field=field, value=token, file=file)
+        window_tokens = int(window)
+    elif window:
+        raise KvsimError(f"{kind} takes no window", field=field, value=token, file=file)
+    moe, source = False, index
+    for word in words[1:]:
+        if word == "moe":
+            moe = True
+        elif word.startswith("kv=") and word[3:].isdigit():
+            source = int(word[3:])
+        else:
+            raise KvsimError("layer options are 'moe' and 'kv=J'", field=field, value=token, file=file)
+    return LayerSpec(index, kind, window_tokens, source, moe)  # type: ignore[arg-type]
+
+
+def _expand_layers(groups: list[_LayerGroup], file: str | None) -> tuple[LayerSpec, ...]:
+    tokens = [tok for g in groups for _ in range(g.repeat) for tok in g.pattern]
+    layers = tuple(_parse_layer(tok, i, file) for i, tok in enumerate(tokens))
+    for layer in layers:
+        src = layer.kv_source
+        if src != layer.index and not (0 <= src < layer.index and layers[src].owns_kv):
+            raise KvsimError("a layer can only read the KV of an earlier layer that owns KV",
+                             field=f"layers[{layer.index}].kv", value=src, file=file)
+        if src != layer.index and layers[src].attention != layer.attention:
+            raise KvsimError("shared KV must come from a layer of the same attention kind",
+                             field=f"layers[{layer.index}].kv", value=src, file=file)
+    return layers
+
+
+def model_from_dict(data: dict, file: str | None = None) -> ModelSpec:
+    """Validate a model YAML mapping (strict: unknown keys are errors) into a ModelSpec."""
+    try:
+        m = _ModelFile.model_validate(data)
+    except ValidationError as err:
+        raise pydantic_error(err, file) from None
+    a = m.attention
+    if a.num_heads % a.num_kv_heads:
+        raise KvsimError(f"num_heads={a.num_heads} is not a multiple of num_kv_heads",
+                         field="attention.num_kv_heads", value=a.num_kv_heads, file=file)
+    layers = _expand_layers(m.layers, file)
+    if any(layer.attention == "mla" for layer in layers) and a.mla is None:
+        raise KvsimError("mla layers need attention.mla", field="attention.mla", value=None, file=file)
+    if any(layer.moe for layer in layers) and m.moe is None:
+        raise KvsimError("moe layers need a moe section", field="moe", value=None, file=file)
+    mla = MLASpec(**a.mla.model_dump()) if a.mla else None
+    return ModelSpec(
+        name=m.name,
+        source=f"{m.source.hf_repo} ({m.source.config})",
+        dtype=m.dtype,
+        hidden_size=m.hidden_size,
+        vocab_size=m.vocab_size,
+        tie_word_embeddings=m.tie_word_embeddings,
+        max_position_embeddings=m.max_position_embeddings,
+        attention=AttentionSpec(a.num_heads, a.num_kv_heads, a.head_dim, a.v_head_dim, a.bias, mla),
+        intermediate_size=m.mlp.intermediate_size,
+        mlp_gated=m.mlp.gated,
+        moe=MoESpec(**m.moe.model_dump()) if m.moe else None,
+        layers=layers,
+        weight_quant=(WeightQuantSpec(m.weight_quantization.modules, m.weight_quantization.bits_per_weight)
+                      if m.weight_quantization else None),
+        vision=VisionSpec(m.vision.params, m.vision.image_tokens) if m.vision else None,
+    )
+
+
+# ---------------------------------------------------------------- catalogue lookup
+
+def catalogue_dir() -> Path:
+    """``models/`` of a checkout, or the copy hatchling puts inside an installed wheel."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "_catalog" / "models", here.parent / "models"):
+        if candidate.is_dir():
+            return candidate
+    raise KvsimError("model catalogue not found (expected models/ beside the kvsim package)")
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in catalogue_dir().glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping with the safe loader; errors name the file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise KvsimError(f"cannot read: {err.strerror}", file=str(path)) from None
+    except yaml.YAMLError as err:
+        raise KvsimError(f"not valid YAML: {err}", file=str(path)) from None
+    if not isinstance(data, dict):
+        raise KvsimError("expected a mapping at the top level", file=str(path))
+    return data
+
+
+def load_model(name_or_path: str) -> ModelSpec:
+    """A catalogue name (``llama-3-8b``), a model YAML, or any HF ``config.json``."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.name == "config.json":
+        from kvsim.spec.hf_import import model_from_hf_config
+
+        try:
+            config = json.loads(path.read_text())
+        except OSError as err:
+            raise KvsimError(f"cannot read: {err.strerror}", field="--model", value=name_or_path) from None
+        except json.JSONDecodeError as err:
+            raise KvsimError(f"not valid JSON: {err}", file=str(path)) from None
+        return model_from_dict(model_from_hf_config(config, name=path.stem, config_file=path.name),
+                               file=str(path))
+    if path.suffix in (".yaml", ".yml"):
+        return model_from_dict(read_yaml(path), file=str(path))
+    catalogue = catalogue_dir() / f"{name_or_path}.yaml"
+    if not catalogue.is_file():
+        raise unknown_name("model", name_or_path, model_names(), field="model")
+    return model_from_dict(read_yaml(catalogue), file=str(catalogue))
