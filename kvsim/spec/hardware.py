@@ -1,0 +1,193 @@
+"""GPUs: the frozen ``HardwareSpec`` and its strict YAML catalogue (``kvsim/data/hardware/``).
+
+One YAML file per GPU, named after its catalogue name. Every figure is in SI units (bytes,
+bytes/s, FLOP/s, seconds) and every YAML file cites the datasheet or log each number came from.
+Peaks are DENSE tensor-core rates (NVIDIA datasheets quote "with sparsity", twice as high).
+``memory_bytes`` is what the device reports to CUDA/HIP (``torch.cuda.get_device_properties``
+``total_memory``), not the marketing capacity.
+
+Users bring their own GPU with a YAML file of the same schema: ``load_hardware("my_gpu.yaml")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvsim.errors import KvsimError, unknown_name
+
+# Architecture families: a GPU without its own kernel calibration borrows its family's.
+Family = Literal["ampere", "hopper", "ada", "blackwell", "cdna3"]
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """The default host machine, used by methods that offload KV cache to CPU memory or NVMe."""
+
+    memory_bytes: int
+    nvme_read_bytes_per_s: float
+    nvme_write_bytes_per_s: float
+    note: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """A document a catalogue entry's numbers come from, and which numbers it gave."""
+
+    url: str
+    note: str
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """One GPU model: capacity, bandwidths, dense peaks and a default host."""
+
+    name: str
+    display_name: str
+    vendor: str
+    family: Family
+    memory_bytes: int
+    hbm_bandwidth_bytes_per_s: float
+    peak_flops_per_s: Mapping[str, float | None]
+    pcie_bandwidth_bytes_per_s: float
+    nvlink_bandwidth_bytes_per_s: float
+    interconnect_latency_s: float
+    max_gpus_per_node: int
+    price_per_gpu_hour_usd: float | None
+    sources: tuple[Source, ...]
+    host: HostSpec
+
+
+_STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _Peaks(BaseModel):
+    model_config = _STRICT
+    fp32: float | None = Field(gt=0)
+    tf32: float | None = Field(gt=0)
+    bf16: float | None = Field(gt=0)
+    fp16: float | None = Field(gt=0)
+    fp8: float | None = Field(gt=0)
+    int8: float | None = Field(gt=0)
+
+
+class _Host(BaseModel):
+    model_config = _STRICT
+    memory_bytes: int = Field(gt=0)
+    nvme_read_bytes_per_s: float = Field(gt=0)
+    nvme_write_bytes_per_s: float = Field(gt=0)
+    note: str
+
+
+class _Source(BaseModel):
+    model_config = _STRICT
+    url: str = Field(min_length=1)
+    note: str
+
+
+class _Hardware(BaseModel):
+    """The YAML schema; validated strictly (no unknown keys, no string-to-number coercion)."""
+
+    model_config = _STRICT
+    name: str = Field(min_length=1)
+    display_name: str = Field(min_length=1)
+    vendor: str = Field(min_length=1)
+    family: Family
+    memory_bytes: int = Field(gt=0)
+    hbm_bandwidth_bytes_per_s: float = Field(gt=0)
+    peak_flops_per_s: _Peaks
+    pcie_bandwidth_bytes_per_s: float = Field(gt=0)
+    nvlink_bandwidth_bytes_per_s: float = Field(ge=0)
+    interconnect_latency_s: float = Field(gt=0)
+    max_gpus_per_node: int = Field(gt=0)
+    price_per_gpu_hour_usd: float | None = Field(gt=0)
+    sources: list[_Source] = Field(min_length=1)
+    host: _Host
+
+
+def _catalogue_dir() -> Traversable:
+    # importlib.resources works from a checkout and from an installed wheel alike.
+    return files("kvsim") / "data" / "hardware"
+
+
+def hardware_names() -> list[str]:
+    """Sorted names of the GPUs in the built-in catalogue."""
+    return sorted(p.name.removesuffix(".yaml") for p in _catalogue_dir().iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _validation_error(err: ValidationError, file: str) -> KvsimError:
+    """The first pydantic error as one KvsimError naming the dotted field, its value and the file."""
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return KvsimError("unknown key", field=field, value=first["input"], file=file)
+    if first["type"] == "missing":
+        return KvsimError("missing required field", field=field, file=file)
+    return KvsimError(first["msg"], field=field, value=first["input"], file=file)
+
+
+def _parse(text: str, file: str) -> HardwareSpec:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise KvsimError(f"invalid YAML: {err}", file=file) from None
+    if not isinstance(raw, dict):
+        raise KvsimError("expected a mapping of hardware fields", value=type(raw).__name__, file=file)
+    try:
+        hw = _Hardware.model_validate(raw)
+    except ValidationError as err:
+        raise _validation_error(err, file) from None
+    return HardwareSpec(
+        name=hw.name,
+        display_name=hw.display_name,
+        vendor=hw.vendor,
+        family=hw.family,
+        memory_bytes=hw.memory_bytes,
+        hbm_bandwidth_bytes_per_s=hw.hbm_bandwidth_bytes_per_s,
+        peak_flops_per_s=MappingProxyType(hw.peak_flops_per_s.model_dump()),
+        pcie_bandwidth_bytes_per_s=hw.pcie_bandwidth_bytes_per_s,
+        nvlink_bandwidth_bytes_per_s=hw.nvlink_bandwidth_bytes_per_s,
+        interconnect_latency_s=hw.interconnect_latency_s,
+        max_gpus_per_node=hw.max_gpus_per_node,
+        price_per_gpu_hour_usd=hw.price_per_gpu_hour_usd,
+        sources=tuple(Source(s.url, s.note) for s in hw.sources),
+        host=HostSpec(**hw.host.model_dump()),
+    )
+
+
+def load_hardware(name_or_path: str) -> HardwareSpec:
+    """Load a GPU by catalogue name (e.g. ``"h100-sxm"``) or from a YAML file of the same schema.
+
+    Raises KvsimError naming the field, value and file for any invalid entry, and suggesting the
+    closest catalogue names for an unknown one.
+    """
+    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path or "\\" in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise KvsimError("no such hardware file", field="hardware", value=name_or_path)
+        return _parse(path.read_text(encoding="utf-8"), str(path))
+    if name_or_path not in hardware_names():
+        raise unknown_name("GPU", name_or_path, hardware_names(), field="hardware")
+    entry = _catalogue_dir() / f"{name_or_path}.yaml"
+    return _parse(entry.read_text(encoding="utf-8"), str(entry))
+
+
+def peak_flops(hw: HardwareSpec, dtype: str) -> float:
+    """Dense peak FLOP/s (OP/s for int8) of ``hw`` in ``dtype``; KvsimError if it has no such unit."""
+    if dtype not in hw.peak_flops_per_s:
+        raise unknown_name("dtype", dtype, hw.peak_flops_per_s, field="dtype")
+    peak = hw.peak_flops_per_s[dtype]
+    if peak is None:
+        raise KvsimError(f"{hw.display_name} ({hw.name}) has no {dtype} unit; use one of "
+                         f"{', '.join(k for k, v in hw.peak_flops_per_s.items() if v is not None)}",
+                         field="dtype", value=dtype)
+    return peak
