@@ -1,0 +1,300 @@
+"""Synthetic request streams: seeded arrivals, length distributions, multi-turn sessions and
+shared system prompts.
+
+Everything is drawn from one ``numpy.random.Generator`` seeded by the caller, in fixed-size
+chunks, so the same arguments and seed always give the same stream. Streams are generators:
+pass ``n`` and/or ``duration_s`` to bound them (both ``None`` = endless; use
+:func:`kvsim.serve.workload.limit`).
+
+Prefix hashes (``block_tokens`` tokens per block, 16 by default like vLLM's KV block) are
+produced only when requests can share a prefix, i.e. with :class:`SessionSpec` or
+:class:`SharedPrefix`; plain streams carry no hashes (no prefix hits). Each session is one
+growing token stream: turn *k*'s prompt = turn *k-1*'s prompt + its answer + new user text, so
+the hashes of turn *k* extend those of turn *k-1* (the block that held the end of the previous
+prompt becomes full and gets a new hash, as in a real prefix cache). Blocks lying entirely inside
+the shared system prompt hash identically for every user of that prompt.
+
+Fixtures in ``traces/`` were made by :func:`write_fixtures` (command in ``traces/README.md``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kvsim.errors import KvsimError
+from kvsim.serve.workload import Request, chain_hash, content_block_hashes, mix64
+
+# z-score of the 90th percentile of a standard normal: sigma = ln(p90/p50) / z90.
+_Z90 = 1.2815515655446004
+_CHUNK = 256  # sessions drawn per batch; part of the stream definition (changing it changes streams)
+
+
+def _positive(name: str, v: float) -> None:
+    if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+        raise KvsimError("must be a positive number", field=name, value=v)
+
+
+@dataclass(frozen=True)
+class ArrivalProcess:
+    """Renewal arrival process: mean ``rate`` per second, gaps with coefficient of variation
+    ``cv`` (Gamma gaps; ``cv == 1`` is Poisson, ``cv > 1`` bursty, ``cv < 1`` regular)."""
+
+    rate: float
+    cv: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("rate", self.rate)
+        _positive("cv", self.cv)
+
+    @classmethod
+    def poisson(cls, rate: float) -> ArrivalProcess:
+        """Poisson arrivals at ``rate`` per second."""
+        return cls(rate, 1.0)
+
+    @classmethod
+    def gamma(cls, rate: float, cv: float) -> ArrivalProcess:
+        """Gamma-renewal arrivals: mean rate ``rate``, gap CV ``cv``."""
+        return cls(rate, cv)
+
+    def gaps(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` inter-arrival gaps in seconds."""
+        if self.cv == 1.0:
+            return rng.exponential(1.0 / self.rate, n)
+        shape = 1.0 / (self.cv * self.cv)  # Gamma CV = 1/sqrt(shape); mean = shape*scale = 1/rate
+        return rng.gamma(shape, 1.0 / (self.rate * shape), n)
+
+
+@dataclass(frozen=True)
+class LengthDist:
+    """A token-count distribution: ``fixed``, ``lognormal`` or ``empirical`` (resampling).
+
+    Samples are rounded and clipped to ``[min_tokens, max_tokens]``. Build with the class
+    methods rather than the constructor.
+    """
+
+    kind: str
+    value: float = 0.0
+    mu: float = 0.0
+    sigma: float = 0.0
+    values: tuple[int, ...] = ()
+    min_tokens: int = 1
+    max_tokens: int | None = None
+
+    @classmethod
+    def fixed(cls, tokens: int) -> LengthDist:
+        """Always ``tokens``."""
+        _positive("tokens", tokens)
+        return cls("fixed", value=float(tokens))
+
+    @classmethod
+    def lognormal(cls, mean: float, sigma: float, *, max_tokens: int | None = None) -> LengthDist:
+        """Lognormal with arithmetic ``mean`` tokens and log-space std ``sigma``."""
+        _positive("mean", mean)
+        if not sigma >= 0:
+            raise KvsimError("must be >= 0", field="sigma", value=sigma)
+        return cls("lognormal", mu=math.log(mean) - sigma * sigma / 2, sigma=sigma, max_tokens=max_tokens)
+
+    @classmethod
+    def lognormal_quantiles(cls, p50: float, p90: float, *, max_tokens: int | None = None) -> LengthDist:
+        """Lognormal through the given median and 90th percentile."""
+        _positive("p50", p50)
+        if not p90 >= p50:
+            raise KvsimError(f"must be >= p50={p50}", field="p90", value=p90)
+        return cls("lognormal", mu=math.log(p50), sigma=math.log(p90 / p50) / _Z90, max_tokens=max_tokens)
+
+    @classmethod
+    def empirical(cls, values: Sequence[int] | np.ndarray) -> LengthDist:
+        """Resample (with replacement) from observed token counts."""
+        vals = tuple(int(v) for v in np.asarray(values).ravel())
+        if not vals or min(vals) < 1:
+            raise KvsimError("need at least one value, all >= 1", field="values",
+                             value=(min(vals) if vals else "empty"))
+        return cls("empirical", values=vals)
+
+    @classmethod
+    def from_trace(cls, path: str | Path, which: str = "input", format: str | None = None) -> LengthDist:
+        """Empirical distribution of a trace file's ``input`` or ``output`` lengths."""
+        from kvsim.serve.traces import trace_lengths
+        if which not in ("input", "output"):
+            raise KvsimError("must be 'input' or 'output'", field="which", value=which)
+        ins, outs = trace_lengths(path, format)
+        return cls.empirical(ins if which == "input" else outs)
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` token counts (int64, each >= ``min_tokens``)."""
+        if self.kind == "fixed":
+            x = np.full(n, self.value)
+        elif self.kind == "lognormal":
+            x = rng.lognormal(self.mu, self.sigma, n)
+        elif self.kind == "empirical":
+            arr = np.asarray(self.values, dtype=np.int64)
+            x = arr[rng.integers(0, len(arr), n)]
+        else:
+            raise KvsimError("unknown length distribution", field="kind", value=self.kind)
+        hi = self.max_tokens if self.max_tokens is not None else np.iinfo(np.int64).max // 4
+        return np.clip(np.rint(x), self.min_tokens, hi).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """Multi-turn chat sessions. The arrival process then gives *session* starts.
+
+    ``turns``: turns per session. ``follow_up``: new user tokens of turns 2.. (default: the
+    stream's input distribution). Turn *k* arrives ``think`` seconds after turn *k-1*
+    (Gamma, mean ``think_mean_s``, CV ``think_cv``; open loop: measured from the previous
+    arrival, so the think time includes reading the answer). A session ends early once a
+    prompt would exceed ``max_input_tokens``.
+    """
+
+    turns: LengthDist = LengthDist("fixed", value=4.0)
+    follow_up: LengthDist | None = None
+    think_mean_s: float = 30.0
+    think_cv: float = 1.0
+    max_input_tokens: int = 128_000
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """``num_users`` users share ``tokens``-token system prompts; user *u* uses prompt
+    ``u % num_prompts`` (one prompt by default). Each request (or session) belongs to a user
+    drawn uniformly; its prompt = system prompt + its own text."""
+
+    tokens: int
+    num_users: int = 1
+    num_prompts: int = 1
+
+
+def synthetic_requests(arrivals: ArrivalProcess, input_len: LengthDist | None = None,
+                       output_len: LengthDist | None = None, *, seed: int = 0, n: int | None = None,
+                       duration_s: float | None = None, sessions: SessionSpec | None = None,
+                       shared_prefix: SharedPrefix | None = None, block_tokens: int = 16,
+                       paired_lengths: tuple[Sequence[int], Sequence[int]] | None = None
+                       ) -> Iterator[Request]:
+    """Generate a seeded synthetic stream (first request at t=0, ids 0, 1, ...).
+
+    ``input_len`` is the user text of a first turn (the shared prefix is added on top);
+    ``output_len`` the answer length. ``paired_lengths=(inputs, outputs)`` instead resamples
+    (input, output) rows jointly, keeping their correlation (e.g. from
+    :func:`kvsim.serve.traces.trace_lengths`). Stops after ``n`` requests or at ``duration_s``
+    (arrivals are < duration_s), whichever comes first.
+    """
+    if paired_lengths is None and (input_len is None or output_len is None):
+        raise KvsimError("give input_len and output_len, or paired_lengths", field="input_len",
+                         value=input_len)
+    if block_tokens <= 0:
+        raise KvsimError("must be > 0", field="block_tokens", value=block_tokens)
+    rng = np.random.default_rng(seed)
+    # Salt all hashes by the seed so streams made with different seeds never share blocks.
+    salt = mix64(int(rng.integers(0, 2**63)))
+    pair_in = pair_out = None
+    if paired_lengths is not None:
+        pair_in = np.asarray(paired_lengths[0], dtype=np.int64)
+        pair_out = np.asarray(paired_lengths[1], dtype=np.int64)
+        if len(pair_in) != len(pair_out) or len(pair_in) == 0:
+            raise KvsimError("inputs and outputs must be non-empty and of equal length",
+                             field="paired_lengths", value=(len(pair_in), len(pair_out)))
+    think = ArrivalProcess(1.0 / sessions.think_mean_s, sessions.think_cv) if sessions else None
+    follow = (sessions.follow_up or input_len) if sessions else None
+    if sessions is not None and follow is None:
+        raise KvsimError("give SessionSpec.follow_up when using paired_lengths",
+                         field="follow_up", value=None)
+    k_pre = shared_prefix.tokens if shared_prefix else 0
+    hashing = sessions is not None or (shared_prefix is not None and k_pre > 0)
+    prefix_cache: dict[int, list[int]] = {}
+    end = math.inf if duration_s is None else duration_s
+    max_n = math.inf if n is None else n
+
+    def hashes_for(session_salt: int, group: int, tokens: int) -> tuple[int, ...]:
+        full = tokens // block_tokens
+        n_pre = min(k_pre // block_tokens, full)
+        pre = prefix_cache.get(group)
+        if pre is None:
+            pre = prefix_cache[group] = content_block_hashes(chain_hash(salt, group), 0,
+                                                             k_pre // block_tokens)
+        return tuple(pre[:n_pre] + content_block_hashes(session_salt, n_pre, full - n_pre))
+
+    if n == 0:
+        return
+    heap: list[tuple[float, int, tuple]] = []
+    seq = 0
+    rid = 0
+    t_start = 0.0
+    sid = 0
+    while True:
+        # Draw a chunk of sessions (a session is a single request without SessionSpec).
+        gaps = arrivals.gaps(rng, _CHUNK)
+        turns = sessions.turns.sample(rng, _CHUNK) if sessions else np.ones(_CHUNK, np.int64)
+        users = (rng.integers(0, shared_prefix.num_users, _CHUNK) if shared_prefix
+                 else np.zeros(_CHUNK, np.int64))
+        total = int(turns.sum())
+        if pair_in is not None:
+            idx = rng.integers(0, len(pair_in), total)
+            first_in, outs = pair_in[idx], pair_out[idx]
+        else:
+            first_in, outs = input_len.sample(rng, total), output_len.sample(rng, total)
+        extra = follow.sample(rng, total) if sessions else None
+        thinks = think.gaps(rng, total) if think else None
+        k = 0
+        for c in range(_CHUNK):
+            # Emit everything that arrives before this session starts (streams are sorted).
+            while heap and heap[0][0] <= t_start:
+                t, _, (ssalt, grp, user, sess, inp, out) = heapq.heappop(heap)
+                hs = hashes_for(ssalt, grp, inp) if hashing else ()
+                yield Request(rid, t, inp, out, hs, block_tokens if hs else 0, user, 0, sess)
+                rid += 1
+                if rid >= max_n:
+                    return
+            if t_start >= end:
+                break
+            u = int(users[c])
+            grp = u % shared_prefix.num_prompts if shared_prefix else 0
+            user = f"user-{u}" if shared_prefix else None
+            # Negative tag: never equal to a prompt-group salt's content ids.
+            ssalt = chain_hash(chain_hash(salt, grp), -(sid + 1))
+            t, inp = t_start, k_pre + int(first_in[k])
+            for j in range(int(turns[c])):
+                if j:
+                    t += float(thinks[k + j])
+                    inp += int(outs[k + j - 1]) + int(extra[k + j])
+                if t >= end or (sessions and inp > sessions.max_input_tokens):
+                    break
+                heapq.heappush(heap, (t, seq, (ssalt, grp, user, sid if sessions else None,
+                                               inp, int(outs[k + j]))))
+                seq += 1
+            k += int(turns[c])
+            sid += 1
+            t_start += float(gaps[c])
+        else:
+            continue
+        break
+    while heap and rid < max_n:
+        t, _, (ssalt, grp, user, sess, inp, out) = heapq.heappop(heap)
+        hs = hashes_for(ssalt, grp, inp) if hashing else ()
+        yield Request(rid, t, inp, out, hs, block_tokens if hs else 0, user, 0, sess)
+        rid += 1
+
+
+def write_fixtures(folder: str | Path = "traces") -> dict[str, int]:
+    """Regenerate the small CSV fixtures shipped in ``traces/`` (fixed seeds)."""
+    from kvsim.serve.traces import write_csv
+    folder = Path(folder)
+    small = synthetic_requests(ArrivalProcess.poisson(5.0),
+                               LengthDist.lognormal_quantiles(800, 2500, max_tokens=16_000),
+                               LengthDist.lognormal_quantiles(150, 500, max_tokens=4_000),
+                               seed=2024, n=200)
+    # 512-token blocks so the file reads back with read_csv's default prefix_block_tokens.
+    sess = synthetic_requests(ArrivalProcess.gamma(2.0, 2.0),
+                              LengthDist.lognormal_quantiles(300, 1200, max_tokens=8_000),
+                              LengthDist.lognormal_quantiles(200, 600, max_tokens=2_000),
+                              seed=2025, n=200, block_tokens=512,
+                              sessions=SessionSpec(turns=LengthDist.lognormal_quantiles(3, 8),
+                                                   think_mean_s=20.0),
+                              shared_prefix=SharedPrefix(tokens=1024, num_users=20, num_prompts=2))
+    return {"synthetic_small.csv": write_csv(small, folder / "synthetic_small.csv"),
+            "synthetic_sessions.csv": write_csv(sess, folder / "synthetic_sessions.csv")}
