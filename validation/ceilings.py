@@ -1,0 +1,260 @@
+"""Machine ceilings measured in every run: copy bandwidth, bf16/fp8 GEMM rate, pinned H2D/D2H,
+disk read (page cache dropped + O_DIRECT), KV-blob file->GPU load (MatKV-style), device memory,
+and metadata.  Writes meta.json and ceilings.json into --out."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import mmap
+import os
+import platform
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from validation.common import Budget, bench, bench_events, guarded, log  # noqa: E402
+
+
+def sh(cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception as e:  # noqa: BLE001
+        return f"ERR {e}"
+
+
+def metadata() -> dict:
+    import torch
+    import triton
+
+    p = torch.cuda.get_device_properties(0)
+    free, total = torch.cuda.mem_get_info()
+    smi = sh("nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,"
+             "power.limit,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader")
+    return dict(
+        date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        gpu_name=p.name,
+        sm_count=p.multi_processor_count,
+        l2_bytes=getattr(p, "L2_cache_size", None),
+        compute_capability=f"{p.major}.{p.minor}",
+        total_memory_bytes=p.total_memory,
+        mem_get_info_free_bytes=free,
+        mem_get_info_total_bytes=total,
+        nvidia_smi=smi,
+        driver=sh("nvidia-smi --query-gpu=driver_version --format=csv,noheader"),
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        triton=triton.__version__,
+        python=platform.python_version(),
+        kernel=platform.release(),
+        cpu_count=os.cpu_count(),
+        nvcc=sh("nvcc --version | tail -2 | head -1"),
+    )
+
+
+def copy_bw(gib: float = 2.0):
+    import torch
+
+    n = int(gib * 2**30) // 2
+    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    med, p10, p90 = bench(lambda: b.copy_(a), rep_ms=200)
+    assert torch.equal(a[:1024], b[:1024])
+    byts = 2 * a.numel() * a.element_size()
+    del a, b
+    torch.cuda.empty_cache()
+    return dict(bytes_moved=byts, time_s=med, bw_Bps=byts / med, bw_p90_Bps=byts / p10, note="read+write")
+
+
+def gemm_rate(dtype: str, n: int = 8192):
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    if dtype == "bf16":
+        fn = lambda: a @ b  # noqa: E731
+        ref = None
+    else:
+        a8 = a.to(torch.float8_e4m3fn)
+        b8 = b.t().contiguous().to(torch.float8_e4m3fn).t()  # column-major second operand
+        one = torch.ones((), device="cuda", dtype=torch.float32)
+        fn = lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+        ref = (a8.float() @ b8.float())
+    out = fn()
+    torch.cuda.synchronize()
+    if ref is not None:
+        err = (out.float() - ref).norm().item() / ref.norm().item()
+    else:
+        r = a[:256].double() @ b.double()
+        err = (out[:256].double() - r).norm().item() / r.norm().item()
+    med, p10, p90 = bench(fn, rep_ms=300)
+    fl = 2 * n**3
+    return dict(m=n, n=n, k=n, time_s=med, flops=fl, rate_flops=fl / med, rate_p90=fl / p10, rel_error=err)
+
+
+def host_bw(gib: float = 1.0):
+    import torch
+
+    n = int(gib * 2**30)
+    h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    h.random_(0, 255)
+    d = torch.empty(n, dtype=torch.uint8, device="cuda")
+    h2d = bench_events(lambda: d.copy_(h, non_blocking=True), iters=8)
+    d2h = bench_events(lambda: h.copy_(d, non_blocking=True), iters=8)
+    # pageable for comparison
+    hp = torch.empty(n // 4, dtype=torch.uint8)
+    dp = d[: n // 4]
+    h2d_pg = bench_events(lambda: dp.copy_(hp), iters=3)
+    return dict(bytes=n, h2d_pinned_Bps=n / h2d[0], d2h_pinned_Bps=n / d2h[0],
+                h2d_pageable_Bps=(n // 4) / h2d_pg[0])
+
+
+def _drop_caches(path):
+    ok = []
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        ok.append("fadvise")
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        ok.append("drop_caches")
+    except Exception:  # noqa: BLE001
+        pass
+    return "+".join(ok) or "none"
+
+
+def disk_bw(gib: float = 3.0, dirpath: str | None = None):
+    """Write a file, drop page cache, read it back (buffered) and with O_DIRECT; then a
+    MatKV-style KV blob load file -> pinned host -> GPU."""
+    import numpy as np
+    import torch
+
+    dirpath = dirpath or os.environ.get("VALIDATION_DISK_DIR", "/var/tmp")
+    os.makedirs(dirpath, exist_ok=True)
+    path = os.path.join(dirpath, "kvsim_disk_probe.bin")
+    n = int(gib * 2**30)
+    chunk = 64 * 2**20
+    buf = np.random.default_rng(0).integers(0, 255, size=chunk, dtype=np.uint8).tobytes()
+    res = dict(path=dirpath, bytes=n, fs=sh(f"df -T {dirpath} | tail -1"))
+    t = time.time()
+    with open(path, "wb") as f:
+        for _ in range(n // chunk):
+            f.write(buf)
+        f.flush()
+        os.fsync(f.fileno())
+    res["write_Bps"] = n / (time.time() - t)
+    res["drop_method"] = _drop_caches(path)
+    t = time.time()
+    with open(path, "rb", buffering=0) as f:
+        mv = bytearray(chunk)
+        while f.readinto(mv):
+            pass
+    res["read_buffered_cold_Bps"] = n / (time.time() - t)
+    # O_DIRECT with an aligned (mmap) buffer
+    try:
+        _drop_caches(path)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        m = mmap.mmap(-1, chunk)
+        t = time.time()
+        tot = 0
+        while True:
+            r = os.readv(fd, [m])
+            if r <= 0:
+                break
+            tot += r
+        res["read_odirect_Bps"] = tot / (time.time() - t)
+        os.close(fd)
+    except Exception as e:  # noqa: BLE001
+        res["read_odirect_error"] = str(e)[:200]
+    t = time.time()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(mv):
+            pass
+    res["read_buffered_warm_Bps"] = n / (time.time() - t)
+    # MatKV-style: KV blob file -> pinned host buffer -> GPU (cold cache), chunked with overlap.
+    try:
+        _drop_caches(path)
+        nb = min(n, 2 * 2**30)
+        pinned = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        dev = torch.empty(nb, dtype=torch.uint8, device="cuda")
+        stream = torch.cuda.Stream()
+        evs = [None, None]
+        torch.cuda.synchronize()
+        t = time.time()
+        with open(path, "rb", buffering=0) as f:
+            off = 0
+            i = 0
+            while off < nb:
+                slot = i % 2
+                if evs[slot] is not None:
+                    evs[slot].synchronize()
+                got = f.readinto(memoryview(pinned[slot].numpy()))
+                if not got:
+                    break
+                with torch.cuda.stream(stream):
+                    dev[off : off + got].copy_(pinned[slot][:got], non_blocking=True)
+                    evs[slot] = torch.cuda.Event()
+                    evs[slot].record(stream)
+                off += got
+                i += 1
+        torch.cuda.synchronize()
+        res["kv_blob_file_to_gpu_Bps"] = off / (time.time() - t)
+        res["kv_blob_bytes"] = off
+        ok = torch.equal(dev[:chunk].cpu(), torch.frombuffer(bytearray(buf), dtype=torch.uint8))
+        res["kv_blob_check"] = bool(ok)
+        del dev
+    except Exception as e:  # noqa: BLE001
+        res["kv_blob_error"] = str(e)[:200]
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=60)
+    a = ap.parse_args()
+    Budget(a.budget_s)
+    os.makedirs(a.out, exist_ok=True)
+    meta = guarded("metadata", metadata) or {}
+    with open(os.path.join(a.out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    log(json.dumps(meta, indent=1))
+    q = a.quick
+    c = {}
+    c["copy"] = guarded("copy", copy_bw, 0.25 if q else 2.0)
+    log("copy", c["copy"])
+    c["gemm_bf16"] = guarded("gemm_bf16", gemm_rate, "bf16", 2048 if q else 8192)
+    log("gemm_bf16", c["gemm_bf16"])
+    c["gemm_fp8"] = guarded("gemm_fp8", gemm_rate, "fp8", 2048 if q else 8192)
+    log("gemm_fp8", c["gemm_fp8"])
+    c["host"] = guarded("host", host_bw, 0.25 if q else 1.0)
+    log("host", c["host"])
+    c["disk"] = guarded("disk", disk_bw, 0.25 if q else 3.0)
+    log("disk", c["disk"])
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    c["memory"] = dict(total_memory=torch.cuda.get_device_properties(0).total_memory,
+                       mem_get_info_free=free, mem_get_info_total=total)
+    c["quick"] = q
+    with open(os.path.join(a.out, "ceilings.json"), "w") as f:
+        json.dump(c, f, indent=1)
+    cp = (c.get("copy") or {}).get("bw_Bps", 0)
+    g = (c.get("gemm_bf16") or {}).get("rate_flops", 0)
+    g8 = (c.get("gemm_fp8") or {}).get("rate_flops", 0)
+    log(f"CEILINGS copy {cp/1e12:.3f} TB/s  bf16 {g/1e12:.0f} TF/s  fp8 {g8/1e12:.0f} TF/s")
+
+
+if __name__ == "__main__":
+    main()

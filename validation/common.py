@@ -1,0 +1,123 @@
+"""Shared helpers: timing, error checks, CSV writing, time budgets.  Torch is imported lazily."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+class Budget:
+    """Wall-clock budget; parts call .ok() before each measurement and stop when it is spent."""
+
+    def __init__(self, seconds: float):
+        self.t0 = time.time()
+        self.seconds = float(seconds)
+
+    def left(self) -> float:
+        return self.seconds - (time.time() - self.t0)
+
+    def ok(self, need: float = 0.0) -> bool:
+        return self.left() > need
+
+
+class CsvOut:
+    """Append rows to a CSV with a fixed header (header written once)."""
+
+    def __init__(self, path: str, columns: list[str]):
+        self.path = path
+        self.columns = columns
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.f = open(path, "a", newline="")
+        self.w = csv.DictWriter(self.f, fieldnames=columns, extrasaction="ignore")
+        if new:
+            self.w.writeheader()
+            self.f.flush()
+
+    def row(self, **kw):
+        out = {}
+        for c in self.columns:
+            v = kw.get(c, "")
+            if isinstance(v, float):
+                v = f"{v:.6g}"
+            out[c] = v
+        self.w.writerow(out)
+        self.f.flush()
+
+
+def params_str(**kw) -> str:
+    return ";".join(f"{k}={v}" for k, v in kw.items())
+
+
+def guarded(name: str, fn, *a, **kw):
+    """Run one measurement; record and print a failure instead of stopping the suite."""
+    try:
+        return fn(*a, **kw)
+    except Exception as e:  # noqa: BLE001
+        log(f"[FAIL] {name}: {type(e).__name__}: {str(e)[:400]}")
+        traceback.print_exc(limit=3, file=sys.stdout)
+        try:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+        return None
+
+
+def rel_error(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN/inf anywhere gives inf."""
+    import torch
+
+    o = out.detach().to(torch.float64)
+    r = ref.detach().to(torch.float64).to(o.device)
+    if not torch.isfinite(o).all():
+        return float("inf")
+    den = torch.linalg.vector_norm(r).item()
+    return torch.linalg.vector_norm(o - r).item() / max(den, 1e-300)
+
+
+def bench(fn, warmup_ms: float = 5, rep_ms: float = 30, quantiles=(0.5, 0.1, 0.9)):
+    """Median (and p10/p90) seconds of fn via triton.testing.do_bench (CUDA events, L2 flushed)."""
+    import triton.testing as tt
+
+    r = tt.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(quantiles))
+    return [x / 1e3 for x in r]
+
+
+def bench_events(fn, iters: int = 10, warmup: int = 2):
+    """Median seconds over `iters` calls, each bracketed by CUDA events (no L2 flush)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        s = torch.cuda.Event(enable_timing=True)
+        e = torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    ts.sort()
+    n = len(ts)
+    return ts[n // 2], ts[int(0.1 * (n - 1))], ts[int(math.ceil(0.9 * (n - 1)))]
+
+
+def load_ceilings(out_dir: str) -> dict:
+    p = os.path.join(out_dir, "ceilings.json")
+    if os.path.exists(p):
+        with open(p) as f:
+            return json.load(f)
+    return {}

@@ -1,0 +1,235 @@
+"""GEMM times over LLM layer shapes (bf16 and fp8 via torch._scaled_mm) and element-wise op times.
+y[M,N] = x[M,K] @ W[N,K]^T.  Writes gemm.csv (dtype,m,n,k,time_s,flops,bytes,layer) and
+elementwise.csv (op,tokens,hidden,time_s,bytes,impl)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from validation.common import Budget, CsvOut, guarded, log  # noqa: E402
+
+# (N, K, label) from real layers (HF config.json of each model; fused qkv and gate_up as serving engines do)
+SHAPES = [
+    (6144, 4096, "llama-3-8b.qkv"), (4096, 4096, "llama-3-8b.o"), (28672, 4096, "llama-3-8b.gate_up"),
+    (4096, 14336, "llama-3-8b.down"), (128256, 4096, "llama-3-8b.lm_head"),
+    (12288, 4096, "llama-2-7b.qkv"), (22016, 4096, "llama-2-7b.gate_up"), (4096, 11008, "llama-2-7b.down"),
+    (4608, 3584, "qwen2.5-7b.qkv"), (3584, 3584, "qwen2.5-7b.o"), (37888, 3584, "qwen2.5-7b.gate_up"),
+    (3584, 18944, "qwen2.5-7b.down"),
+    (10240, 8192, "llama-3-70b.qkv"), (8192, 8192, "llama-3-70b.o"), (57344, 8192, "llama-3-70b.gate_up"),
+    (8192, 28672, "llama-3-70b.down"),
+    (2560, 2048, "gemma-2b.qkv"), (32768, 2048, "gemma-2b.gate_up"), (2048, 16384, "gemma-2b.down"),
+    (18432, 16384, "llama-3-405b.qkv"), (16384, 16384, "llama-3-405b.o"), (16384, 53248, "llama-3-405b.down"),
+    (2816, 2048, "qwen1.5-moe.expert.gate_up"), (2048, 1408, "qwen1.5-moe.expert.down"),
+    (4096, 7168, "deepseek-v3.expert.gate_up"), (7168, 2048, "deepseek-v3.expert.down"),
+    (576, 7168, "deepseek-v3.kv_a"), (24576, 1536, "deepseek-v3.q_b"),
+    (4672, 4544, "falcon-7b.qkv"), (18176, 4544, "falcon-7b.up"), (4544, 18176, "falcon-7b.down"),
+]
+MS_FULL = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 3, 24, 48, 96, 100, 192, 384, 768,
+           1000, 1536, 3000, 6144, 12288]
+MS_QUICK = [1, 16, 128, 1024]
+
+
+def time_fn(fn, est_s):
+    """Median of per-call CUDA-event times; reps sized to ~15 ms of work (3..50 reps)."""
+    reps = int(min(50, max(3, 0.015 / max(est_s, 1e-7))))
+    for _ in range(2):
+        fn(0)
+    torch.cuda.synchronize()
+    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for i, (s, e) in enumerate(evs):
+        s.record()
+        fn(i)
+        e.record()
+    torch.cuda.synchronize()
+    ts = sorted(s.elapsed_time(e) / 1e3 for s, e in evs)
+    return ts[len(ts) // 2]
+
+
+def make_weights(n, k):
+    wbytes = n * k * 2
+    nw = int(min(8, max(1, (256 * 2**20) // max(wbytes, 1))))  # rotate weights past the L2
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(nw)]
+    return ws, [w.to(torch.float8_e4m3fn) for w in ws]
+
+
+def gemm_point(dtype, m, n, k, label, csv, ws):
+    eb = 1 if dtype == "fp8" else 2
+    nw = len(ws)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    if dtype == "fp8":
+        x = x.to(torch.float8_e4m3fn)
+        one = torch.ones((), device="cuda", dtype=torch.float32)
+
+        def fn(i):
+            return torch._scaled_mm(x, ws[i % nw].t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    else:
+        def fn(i):
+            return x @ ws[i % nw].t()
+    if m <= 64:
+        ref = x[: min(m, 4)].float() @ ws[0].float().t()
+        out = fn(0)[: min(m, 4)].float()
+        err = ((out - ref).norm() / ref.norm()).item()
+        if not err < 2e-2:
+            log(f"[WARN] gemm {dtype} {m}x{n}x{k} rel error {err:.2e}")
+    fl = 2 * m * n * k
+    byts = (m * k + n * k) * eb + m * n * 2
+    est = max(fl / 600e12, byts / 2.5e12) + 5e-6
+    t = time_fn(fn, est)
+    csv.row(dtype=dtype, m=m, n=n, k=k, time_s=t, flops=fl, bytes=byts, layer=label)
+    return t
+
+
+def run_gemm(args, out, budget):
+    csv = CsvOut(os.path.join(out, "gemm.csv"), ["dtype", "m", "n", "k", "time_s", "flops", "bytes", "layer"])
+    shapes = SHAPES[:3] if args.quick else SHAPES
+    ms = MS_QUICK if args.quick else MS_FULL
+    for (n, k, label) in shapes:
+        if not budget.ok(3):
+            log("gemm: budget spent")
+            return
+        w = guarded("weights", make_weights, n, k)
+        if w is None:
+            continue
+        for m in ms:
+            for dtype, ws in (("bf16", w[0]), ("fp8", w[1])):
+                if not budget.ok(2):
+                    break
+                mm = m
+                if dtype == "fp8" and (m % 16):
+                    mm = ((m + 15) // 16) * 16  # _scaled_mm needs multiples of 16
+                    if mm in ms:
+                        continue
+                t = guarded(f"gemm {dtype} {mm}x{n}x{k}", gemm_point, dtype, mm, n, k, label, csv, ws)
+                if t is not None and m in (1, 16, 256, 4096, 16384):
+                    log(f"gemm {label} {dtype} m{mm}: {t*1e6:.1f} us {2*mm*n*k/t/1e12:.1f} TF/s "
+                        f"{((mm*k+n*k)*(1 if dtype=='fp8' else 2)+mm*n*2)/t/1e12:.2f} TB/s")
+        del w
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- element-wise
+@triton.jit
+def _rmsnorm_kernel(X, W, Y, H, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    msk = offs < H
+    x = tl.load(X + row * H + offs, mask=msk, other=0.0).to(tl.float32)
+    var = tl.sum(x * x, 0) / H
+    w = tl.load(W + offs, mask=msk, other=0.0).to(tl.float32)
+    tl.store(Y + row * H + offs, (x * tl.rsqrt(var + eps) * w).to(Y.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _silu_mul_kernel(GU, Y, H, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    msk = offs < n
+    row = offs // H
+    col = offs % H
+    g = tl.load(GU + row * 2 * H + col, mask=msk, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * 2 * H + H + col, mask=msk, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (g / (1 + tl.exp(-g)) * u).to(Y.dtype.element_ty), mask=msk)
+
+
+def rmsnorm_triton(x, w, eps=1e-6):
+    y = torch.empty_like(x)
+    H = x.shape[-1]
+    _rmsnorm_kernel[(x.shape[0],)](x, w, y, H, eps, BLOCK=triton.next_power_of_2(H), num_warps=8 if H >= 4096 else 4)
+    return y
+
+
+def silu_mul_triton(gu):
+    T, H2 = gu.shape
+    H = H2 // 2
+    y = torch.empty(T, H, device=gu.device, dtype=gu.dtype)
+    n = T * H
+    _silu_mul_kernel[(triton.cdiv(n, 2048),)](gu, y, H, n, BLOCK=2048, num_warps=8)
+    return y
+
+
+def rope_torch(x, cos, sin):
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2)
+
+
+def rope_neox(x, cos, sin):
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+
+def ew_point(op, impl, T, H, csv):
+    from validation.common import bench
+
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    if op == "rmsnorm":
+        w = torch.randn(H, device="cuda", dtype=torch.bfloat16)
+        ref = F.rms_norm(x.float(), (H,), w.float(), 1e-6)
+        fn = (lambda: rmsnorm_triton(x, w)) if impl == "triton" else (lambda: F.rms_norm(x, (H,), w, 1e-6))
+        byts = 2 * T * H * 2 + H * 2
+    elif op == "silu_mul":
+        gu = torch.randn(T, 2 * H, device="cuda", dtype=torch.bfloat16)
+        ref = F.silu(gu[:, :H].float()) * gu[:, H:].float()
+        fn = (lambda: silu_mul_triton(gu)) if impl == "triton" else (lambda: F.silu(gu[:, :H]) * gu[:, H:])
+        byts = 3 * T * H * 2
+    elif op == "residual_add":
+        y = torch.randn_like(x)
+        ref = x.float() + y.float()
+        fn = lambda: x + y  # noqa: E731
+        byts = 3 * T * H * 2
+    elif op == "rope":
+        D = 128
+        xr = x.view(T, H // D, D)
+        cos = torch.randn(T, 1, D // 2, device="cuda", dtype=torch.bfloat16)
+        sin = torch.randn_like(cos)
+        ref = rope_neox(xr.float(), cos.float(), sin.float())
+        fn = lambda: rope_neox(xr, cos, sin)  # noqa: E731
+        byts = 2 * T * H * 2 + 2 * T * D // 2 * 2
+    else:
+        raise ValueError(op)
+    out = fn()
+    err = ((out.float().reshape(ref.shape) - ref).norm() / ref.norm()).item()
+    if not err < 2e-2:
+        log(f"[WARN] {op} {impl} rel error {err:.2e}")
+    t = bench(fn, warmup_ms=2, rep_ms=10)[0]
+    csv.row(op=op, tokens=T, hidden=H, time_s=t, bytes=byts, impl=impl, rel_error=err)
+    return t
+
+
+def run_elementwise(args, out, budget):
+    csv = CsvOut(os.path.join(out, "elementwise.csv"), ["op", "tokens", "hidden", "time_s", "bytes", "impl", "rel_error"])
+    toks = [1, 64, 1024] if args.quick else [1, 4, 16, 64, 256, 1024, 4096, 16384]
+    hids = [4096] if args.quick else [2048, 4096, 8192, 14336]
+    ops = [("rmsnorm", "triton"), ("rmsnorm", "torch"), ("silu_mul", "triton"), ("silu_mul", "torch"),
+           ("residual_add", "torch"), ("rope", "torch")]
+    for H in hids:
+        for T in toks:
+            for op, impl in ops:
+                if not budget.ok(1):
+                    return
+                guarded(f"{op} {impl} T{T} H{H}", ew_point, op, impl, T, H, csv)
+        log(f"elementwise H{H} done")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=120)
+    ap.add_argument("--part", default="gemm", choices=["gemm", "elementwise"])
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    b = Budget(a.budget_s)
+    torch.manual_seed(0)
+    (run_gemm if a.part == "gemm" else run_elementwise)(a, a.out, b)
+
+
+if __name__ == "__main__":
+    main()

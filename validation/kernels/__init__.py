@@ -1,0 +1,1 @@
+"""Decode-attention kernels (Triton) and their benchmarks."""
