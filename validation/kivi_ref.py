@@ -7,8 +7,9 @@ Layout (per batch, kv head):
   values : quantised per token, groups of G channels
            -> codes [S_q, D] (uint, `vbits`), scale/zero [S_q, D/G] fp16
   residual: the most recent n_res tokens kept in fp16 (K and V, [n_res, D] each)
-Packing (both K and V): along the channel axis, byte c of a token row holds channels
-c*per .. c*per+per-1, channel c*per+j at bits [j*bits, (j+1)*bits), per = 8 // bits.
+Packing (both K and V): along the channel axis, "blocked": with per = 8 // bits and W = D // per,
+byte c (0 <= c < W) of a token row holds channel j*W + c at bits [j*bits, (j+1)*bits) for j < per,
+so unpacking bit-field j yields the contiguous channel slice [j*W, (j+1)*W) (no shuffles in the kernel).
 """
 from __future__ import annotations
 
@@ -48,14 +49,15 @@ def dequantize_groups(codes, scale, zero, group: int, axis: int):
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack uint codes along the last axis: out[..., c] = sum_j codes[..., c*per+j] << (j*bits)."""
+    """Pack uint codes along the last axis (blocked): out[..., c] = sum_j codes[..., j*W + c] << (j*bits)."""
     per = per_byte(bits)
     c = np.asarray(codes, dtype=np.uint8)
     assert c.shape[-1] % per == 0
-    c = c.reshape(c.shape[:-1] + (c.shape[-1] // per, per)).astype(np.uint32)
-    out = np.zeros(c.shape[:-1], dtype=np.uint32)
+    w = c.shape[-1] // per
+    c = c.reshape(c.shape[:-1] + (per, w)).astype(np.uint32)
+    out = np.zeros(c.shape[:-2] + (w,), dtype=np.uint32)
     for j in range(per):
-        out |= (c[..., j] & ((1 << bits) - 1)) << (j * bits)
+        out |= (c[..., j, :] & ((1 << bits) - 1)) << (j * bits)
     return out.astype(np.uint8)
 
 
@@ -63,7 +65,7 @@ def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
     per = per_byte(bits)
     p = np.asarray(packed, dtype=np.uint8).astype(np.uint32)
     parts = [((p >> (j * bits)) & ((1 << bits) - 1)) for j in range(per)]
-    return np.stack(parts, axis=-1).reshape(p.shape[:-1] + (p.shape[-1] * per,)).astype(np.uint8)
+    return np.concatenate(parts, axis=-1).astype(np.uint8)
 
 
 def split_residual(seq_len: int, group: int = 32, residual: int = 128) -> tuple[int, int]:

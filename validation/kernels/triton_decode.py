@@ -172,18 +172,9 @@ def decode_attention(q, k, v, sm_scale=None, k_scale=1.0, v_scale=1.0, idx=None,
 
 # ----------------------------------------------------------------------------- KIVI
 @triton.jit
-def _unpack(p, BITS: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
-    if BITS == 8:
-        out = p
-    elif BITS == 4:
-        out = tl.reshape(tl.join(p & 0xF, (p >> 4) & 0xF), (R, D))
-    else:
-        p0 = p & 3
-        p1 = (p >> 2) & 3
-        p2 = (p >> 4) & 3
-        p3 = (p >> 6) & 3
-        out = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (R, D))
-    return out
+def _piece(p, J: tl.constexpr, BITS: tl.constexpr):
+    """Bit-field J of packed bytes -> float32 codes (blocked layout: channels [J*W, (J+1)*W))."""
+    return ((p >> (J * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
 
 
 @triton.jit
@@ -198,19 +189,23 @@ def _kivi_kernel(Q, KP, KS, KZ, VP, VS, VZ, OP, LP,
     sp = tl.program_id(2)
     KPER: tl.constexpr = 8 // KBITS
     VPER: tl.constexpr = 8 // VBITS
+    KW: tl.constexpr = D // KPER
+    VW: tl.constexpr = D // VPER
     offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, D)
-    offs_dk = tl.arange(0, D // KPER)
-    offs_dv = tl.arange(0, D // VPER)
+    offs_kw = tl.arange(0, KW)
+    offs_vw = tl.arange(0, VW)
     offs_n = tl.arange(0, BLOCK_N)
     gmask = offs_g < GROUP
     hq = hk * GROUP + offs_g
-    q = tl.load(Q + b * sqb + hq[:, None] * sqh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+    qb = Q + b * sqb + hq[:, None] * sqh
     start = sp * tps
     end = tl.minimum(start + tps, seq_q)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D], tl.float32)
+    acc0 = tl.zeros([G_PAD, VW], tl.float32)
+    acc1 = tl.zeros([G_PAD, VW], tl.float32)
+    acc2 = tl.zeros([G_PAD, VW], tl.float32)
+    acc3 = tl.zeros([G_PAD, VW], tl.float32)
     kpb = KP + b * skpb + hk * skph
     ksb = KS + b * sksb + hk * sksh
     kzb = KZ + b * sksb + hk * sksh
@@ -220,35 +215,59 @@ def _kivi_kernel(Q, KP, KS, KZ, VP, VS, VZ, OP, LP,
     for s in range(start, end, BLOCK_N):
         tok = s + offs_n
         nmask = tok < end
-        kp = tl.load(kpb + tok[:, None] * (D // KPER) + offs_dk[None, :], mask=nmask[:, None], other=0)
         grp = tok // GS
-        ks = tl.load(ksb + grp[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        kz = tl.load(kzb + grp[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        k = (_unpack(kp, KBITS, BLOCK_N, D).to(tl.float32) * ks.to(tl.float32) + kz.to(tl.float32)).to(tl.float16)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        kp = tl.load(kpb + tok[:, None] * KW + offs_kw[None, :], mask=nmask[:, None], other=0)
+        vp = tl.load(vpb + tok[:, None] * VW + offs_vw[None, :], mask=nmask[:, None], other=0)
+        qk = tl.zeros([G_PAD, BLOCK_N], tl.float32)
+        for j in tl.static_range(KPER):
+            cols = j * KW + offs_kw
+            ks = tl.load(ksb + grp[:, None] * D + cols[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+            kz = tl.load(kzb + grp[:, None] * D + cols[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+            kj = (_piece(kp, j, KBITS) * ks + kz).to(tl.float16)
+            qj = tl.load(qb + cols[None, :], mask=gmask[:, None], other=0.0)
+            qk += tl.dot(qj, tl.trans(kj))
+        qk = qk * qk_scale
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vp = tl.load(vpb + tok[:, None] * (D // VPER) + offs_dv[None, :], mask=nmask[:, None], other=0)
-        vs = tl.load(vsb + tok[:, None] * (D // GS) + (offs_d // GS)[None, :], mask=nmask[:, None], other=0.0)
-        vz = tl.load(vzb + tok[:, None] * (D // GS) + (offs_d // GS)[None, :], mask=nmask[:, None], other=0.0)
-        v = (_unpack(vp, VBITS, BLOCK_N, D).to(tl.float32) * vs.to(tl.float32) + vz.to(tl.float32)).to(tl.float16)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+        p16 = p.to(tl.float16)
+        vrow = tok[:, None] * (D // GS)
+        vs = tl.load(vsb + vrow + (offs_vw // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+        vz = tl.load(vzb + vrow + (offs_vw // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+        acc0 = acc0 * alpha[:, None] + tl.dot(p16, (_piece(vp, 0, VBITS) * vs + vz).to(tl.float16))
+        if VPER >= 2:
+            vs = tl.load(vsb + vrow + ((VW + offs_vw) // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+            vz = tl.load(vzb + vrow + ((VW + offs_vw) // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p16, (_piece(vp, 1, VBITS) * vs + vz).to(tl.float16))
+        if VPER >= 4:
+            vs = tl.load(vsb + vrow + ((2 * VW + offs_vw) // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+            vz = tl.load(vzb + vrow + ((2 * VW + offs_vw) // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p16, (_piece(vp, 2, VBITS) * vs + vz).to(tl.float16))
+            vs = tl.load(vsb + vrow + ((3 * VW + offs_vw) // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+            vz = tl.load(vzb + vrow + ((3 * VW + offs_vw) // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+            acc3 = acc3 * alpha[:, None] + tl.dot(p16, (_piece(vp, 3, VBITS) * vs + vz).to(tl.float16))
         m_i = m_new
-    acc = acc / l_i[:, None]
-    tl.store(OP + b * sob + hq[:, None] * soh + sp * sos + offs_d[None, :], acc, mask=gmask[:, None])
+    ob = OP + b * sob + hq[:, None] * soh + sp * sos
+    om = gmask[:, None]
+    tl.store(ob + offs_vw[None, :], acc0 / l_i[:, None], mask=om)
+    if VPER >= 2:
+        tl.store(ob + (VW + offs_vw)[None, :], acc1 / l_i[:, None], mask=om)
+    if VPER >= 4:
+        tl.store(ob + (2 * VW + offs_vw)[None, :], acc2 / l_i[:, None], mask=om)
+        tl.store(ob + (3 * VW + offs_vw)[None, :], acc3 / l_i[:, None], mask=om)
     tl.store(LP + b * slb + hq * slh + sp, m_i + tl.log2(l_i), mask=gmask)
 
 
 def torch_pack(codes, bits):
-    """Same packing as kivi_ref.pack_bits, on the GPU (codes uint8 [..., D])."""
+    """Same (blocked) packing as kivi_ref.pack_bits, on the GPU (codes uint8 [..., D])."""
     per = 8 // bits
-    c = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per).to(torch.int32)
-    out = torch.zeros(c.shape[:-1], dtype=torch.int32, device=codes.device)
+    w = codes.shape[-1] // per
+    c = codes.reshape(*codes.shape[:-1], per, w).to(torch.int32)
+    out = torch.zeros(c.shape[:-2] + (w,), dtype=torch.int32, device=codes.device)
     for j in range(per):
-        out |= c[..., j] << (j * bits)
+        out |= c[..., j, :] << (j * bits)
     return out.to(torch.uint8)
 
 
@@ -256,7 +275,7 @@ def torch_unpack(p, bits):
     per = 8 // bits
     pi = p.to(torch.int32)
     parts = [(pi >> (j * bits)) & ((1 << bits) - 1) for j in range(per)]
-    return torch.stack(parts, -1).reshape(*p.shape[:-1], p.shape[-1] * per).to(torch.uint8)
+    return torch.cat(parts, -1).to(torch.uint8)
 
 
 def quantize_groups(x, bits, group, dim):

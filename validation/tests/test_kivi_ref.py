@@ -20,13 +20,13 @@ def test_pack_roundtrip(bits):
 
 
 def test_pack_layout_int4():
-    codes = np.array([[1, 2, 3, 4]], dtype=np.uint8)
-    assert kr.pack_bits(codes, 4).tolist() == [[0x21, 0x43]]
+    codes = np.array([[1, 2, 3, 4]], dtype=np.uint8)  # W = 2: byte0 = ch0 | ch2<<4, byte1 = ch1 | ch3<<4
+    assert kr.pack_bits(codes, 4).tolist() == [[0x31, 0x42]]
 
 
 def test_pack_layout_int2():
-    codes = np.array([[1, 2, 3, 0]], dtype=np.uint8)
-    assert kr.pack_bits(codes, 2).tolist() == [[1 | (2 << 2) | (3 << 4)]]
+    codes = np.array([[1, 2, 3, 0, 2, 2, 2, 2]], dtype=np.uint8)  # W = 2
+    assert kr.pack_bits(codes, 2).tolist() == [[1 | (3 << 2) | (2 << 4) | (2 << 6), 2 | (0 << 2) | (2 << 4) | (2 << 6)]]
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
