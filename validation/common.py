@@ -86,12 +86,73 @@ def rel_error(out, ref) -> float:
     return torch.linalg.vector_norm(o - r).item() / max(den, 1e-300)
 
 
-def bench(fn, warmup_ms: float = 5, rep_ms: float = 30, quantiles=(0.5, 0.1, 0.9)):
-    """Median (and p10/p90) seconds of fn via triton.testing.do_bench (CUDA events, L2 flushed)."""
-    import triton.testing as tt
+_FLUSH = None
 
-    r = tt.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(quantiles))
-    return [x / 1e3 for x in r]
+
+def _graph_ms(body, reps):
+    """Capture body() `reps` times into one CUDA graph; return per-replay milliseconds (7 replays)."""
+    import torch
+
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        body(0)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(g):
+        for i in range(reps):
+            body(i)
+    g.replay()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(7):
+        a = torch.cuda.Event(enable_timing=True)
+        e = torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        out.append(a.elapsed_time(e))
+    del g
+    return sorted(out)
+
+
+def bench(fn, warmup_ms: float = 5, rep_ms: float = 30, quantiles=(0.5, 0.1, 0.9), flush: bool = True,
+          indexed: bool = False):
+    """GPU time of fn in seconds: [median, p10, p90].  fn is captured `reps` times into a CUDA graph
+    (host launch overhead excluded, as in a graph-captured serving engine); with flush=True each call
+    is preceded by a 128 MB memset that evicts the L2, and a graph of the memsets alone is timed and
+    subtracted.  indexed=True calls fn(i) (e.g. to rotate weights)."""
+    import torch
+
+    global _FLUSH
+    call = (lambda i: fn(i)) if indexed else (lambda i: fn())
+    call(0)
+    torch.cuda.synchronize()
+    a = torch.cuda.Event(enable_timing=True)
+    e = torch.cuda.Event(enable_timing=True)
+    a.record()
+    for i in range(3):
+        call(i)
+    e.record()
+    e.synchronize()
+    est = a.elapsed_time(e) / 3e3
+    target = rep_ms / 1e3 / 3
+    reps = int(min(100, max(5, target / max(est, 1e-6))))
+    if flush:
+        if _FLUSH is None:
+            _FLUSH = torch.empty(128 * 2**20, dtype=torch.uint8, device="cuda")
+        fl = _FLUSH
+        t1 = _graph_ms(lambda i: (fl.zero_(), call(i)), reps)
+        t0 = _graph_ms(lambda i: fl.zero_(), reps)
+        base = t0[len(t0) // 2]
+    else:
+        t1 = _graph_ms(call, reps)
+        base = 0.0
+    per = sorted(max(t - base, 0.0) / reps / 1e3 for t in t1)
+    n = len(per)
+    return [per[n // 2], per[int(0.1 * (n - 1))], per[int(math.ceil(0.9 * (n - 1)))]]
 
 
 def bench_events(fn, iters: int = 10, warmup: int = 2):

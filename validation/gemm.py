@@ -81,7 +81,9 @@ def gemm_point(dtype, m, n, k, label, csv, ws):
     fl = 2 * m * n * k
     byts = (m * k + n * k) * eb + m * n * 2
     est = max(fl / 600e12, byts / 2.5e12) + 5e-6
-    t = time_fn(fn, est)
+    from validation.common import bench
+
+    t = bench(fn, rep_ms=max(6.0, min(60.0, est * 3e3 * 5)), flush=False, indexed=True)[0]
     csv.row(dtype=dtype, m=m, n=n, k=k, time_s=t, flops=fl, bytes=byts, layer=label)
     return t
 
@@ -198,7 +200,7 @@ def ew_point(op, impl, T, H, csv):
     err = ((out.float().reshape(ref.shape) - ref).norm() / ref.norm()).item()
     if not err < 2e-2:
         log(f"[WARN] {op} {impl} rel error {err:.2e}")
-    t = bench(fn, warmup_ms=2, rep_ms=10)[0]
+    t = bench(fn, rep_ms=6)[0]
     csv.row(op=op, tokens=T, hidden=H, time_s=t, bytes=byts, impl=impl, rel_error=err)
     return t
 
