@@ -183,8 +183,10 @@ class MemoryPlan:
 
     def prefill_blocks_for(self, tokens: np.ndarray | int) -> np.ndarray:
         """Blocks a sequence holds while its prompt is prefilled (before eviction compresses it)."""
-        view = self.layout.prefill or self.layout
-        b = view.gpu_bytes(tokens, self.tp, block_size=self.engine.block_size)
+        bs = self.engine.block_size
+        b = self.layout.gpu_bytes(tokens, self.tp, block_size=bs)
+        if self.layout.prefill is not None:
+            b = np.maximum(b, self.layout.prefill.gpu_bytes(tokens, self.tp, block_size=bs))
         return np.ceil(b / self.block_bytes - 1e-9).astype(np.int64)
 
     def max_concurrency(self, context: np.ndarray | int) -> np.ndarray:

@@ -174,9 +174,10 @@ class KVLayout:
         return self.bytes_by_tier(tokens, tp, image_tokens, block_size)["gpu"]
 
     def prefill_peak_gpu_bytes(self, prompt_tokens: np.ndarray | int, tp: int = 1) -> np.ndarray:
-        """Transient GPU bytes while a prompt is prefilled (the full prompt before eviction)."""
-        layout = self.prefill or self
-        return layout.gpu_bytes(prompt_tokens, tp)
+        """Transient GPU bytes while a prompt is prefilled: the full prompt before eviction
+        compresses it, and never less than what stays resident (bookkeeping included)."""
+        resident = self.gpu_bytes(prompt_tokens, tp)
+        return resident if self.prefill is None else np.maximum(self.prefill.gpu_bytes(prompt_tokens, tp), resident)
 
     def layer_bytes(self, tokens: int, tp: int = 1) -> list[dict[str, float]]:
         """Per-layer, per-stream resident bytes (all tiers) of one sequence, for breakdowns."""

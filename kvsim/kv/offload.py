@@ -86,7 +86,9 @@ def _mka(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     out = []
     for layer in layout.layers:
         streams: tuple[Stream, ...] = ()
-        if layer.owns_kv:
+        if layer.owns_kv and layer.streams[0].token_cap is not None and layer.streams[0].token_cap <= local:
+            streams = layer.streams  # a window no longer than local memory needs no other tier
+        elif layer.owns_kv:
             k, v = layer.streams[0], layer.streams[1]
             streams = (replace(k, token_cap=min_cap(k.token_cap, local)),
                        replace(v, token_cap=min_cap(v.token_cap, local)),

@@ -81,9 +81,11 @@ def _mlkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     m, g = int(p["kv_layers"]), int(p["kv_heads"])
     heads = layout.model.attention.num_heads
     if m > layout.model.num_layers:
-        raise KvsimError(f"more than the {layout.model.num_layers} layers", field="method.mlkv.kv_layers", value=m)
+        raise KvsimError(f"more than the {layout.model.num_layers} layers of {layout.model.name}",
+                         field="method.mlkv.kv_layers", value=m)
     if heads % g:
-        raise KvsimError(f"must divide the {heads} query heads", field="method.mlkv.kv_heads", value=g)
+        raise KvsimError(f"must divide the {heads} query heads of {layout.model.name}", field="method.mlkv.kv_heads",
+                         value=g)
     owner_of = [0] * layout.model.num_layers
     for group in _groups([layer.index for layer in layout.layers], m):
         for i in group:
@@ -102,7 +104,7 @@ def _lckv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     _require_uniform(layout, "lckv")
     n, w = layout.model.num_layers, int(p["warmup"])
     if w >= n:
-        raise KvsimError(f"must be below the {n} layers", field="method.lckv.warmup", value=w)
+        raise KvsimError(f"must be below the {n} layers of {layout.model.name}", field="method.lckv.warmup", value=w)
     bottom = w // 2
     owner_of = [i if i < bottom or i >= n - max(1, w - bottom) else n - 1 for i in range(n)]
     return share(layout, owner_of).with_runtime(prefill_passes=float(p["iterations"]))
@@ -134,7 +136,8 @@ def _xlayer(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     _require_uniform(layout, "xlayer")
     m, target = int(p["kv_layers"]), str(p["target"])
     if m > layout.model.num_layers:
-        raise KvsimError(f"more than the {layout.model.num_layers} layers", field="method.xlayer.kv_layers",
+        raise KvsimError(f"more than the {layout.model.num_layers} layers of {layout.model.name}",
+                         field="method.xlayer.kv_layers",
                          value=m)
     owner_of = [0] * layout.model.num_layers
     for group in _groups([layer.index for layer in layout.layers], m):
@@ -152,7 +155,7 @@ def _kv_latent(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     qk, vo = int(p["qk_dim"]), int(p["vo_dim"])
     a = layout.model.attention
     if qk > a.head_dim or vo > a.v_head_dim:
-        raise KvsimError(f"latent dims must not exceed the head dims ({a.head_dim}, {a.v_head_dim})",
+        raise KvsimError(f"latent dims must not exceed the head dims of {layout.model.name} ({a.head_dim}, {a.v_head_dim})",
                          field="method.kv-latent", value=f"qk_dim={qk},vo_dim={vo}")
     dims = {"k": qk, "v": vo}
     return layout.with_layers([

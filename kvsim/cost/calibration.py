@@ -1,0 +1,186 @@
+"""Calibration profiles: per GPU and engine, the ceilings and efficiency curves the roofline uses.
+
+File format (YAML or JSON), documented in docs/calibration.md:
+
+    gpu: h100-sxm                 # catalogue name
+    engine: reference             # reference (validation/engine.py) or vllm
+    kind: measured                # measured | prior | borrowed
+    source: validation/results/h100-sxm/... (what it was fitted on)
+    ceilings:                     # measured on the same machine; missing ones fall back to datasheet
+      copy_bytes_per_s: 3.0e12
+      bf16_flops_per_s: 7.9e14
+      fp8_flops_per_s: 1.3e15
+      h2d_bytes_per_s: 5.0e10
+      disk_read_bytes_per_s: 2.0e9
+    ops:                          # efficiency vs log2(size), relative to the ceilings above
+      gemm:              {size: [1, 16, 4096], compute: [...], memory: [...], floor_s: 4.0e-6}
+      attention_decode:  {...}    # size: KV bytes read by one kernel
+      attention_prefill: {...}    # size: prompt tokens
+      elementwise:       {...}    # size: bytes moved
+      allreduce:         {...}    # size: message bytes (memory = fraction of link bandwidth)
+    step_overhead_s: 2.0e-5       # per engine step (scheduling, launch of the step's graph)
+
+Looked up by GPU name in ``validation/results/<gpu>/calibration.yaml``; a GPU without one borrows
+the profile of a calibrated GPU of the same family (ceilings scaled by datasheet ratios); with
+none at all the shipped prior (kvsim/data/calibration_prior.yaml) is used and labelled so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+import yaml
+
+from kvsim.errors import KvsimError
+from kvsim.spec.hardware import HardwareSpec, hardware_names, load_hardware
+
+OP_KINDS = ("gemm", "attention_decode", "attention_prefill", "elementwise", "allreduce")
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Efficiency (0..1] against log2(size), linearly interpolated and clamped at the ends."""
+
+    log2_size: tuple[float, ...]
+    compute: tuple[float, ...]
+    memory: tuple[float, ...]
+    floor_s: float
+
+    def eff(self, size: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.log2(np.maximum(size, 1.0))
+        return np.interp(x, self.log2_size, self.compute), np.interp(x, self.log2_size, self.memory)
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    copy_bytes_per_s: float
+    flops_per_s: MappingProxyType  # dtype -> FLOP/s (bf16, fp8, fp32)
+    h2d_bytes_per_s: float
+    disk_read_bytes_per_s: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    gpu: str
+    engine: str
+    kind: str  # measured | prior | borrowed | roofline
+    source: str
+    ceilings: Ceilings
+    ops: MappingProxyType  # op kind -> Curve
+    step_overhead_s: float
+    note: str = ""
+
+
+def _curve(data: dict, where: str) -> Curve:
+    try:
+        size = [float(s) for s in data["size"]]
+        comp = [float(c) for c in data["compute"]]
+        mem = [float(m) for m in data["memory"]]
+        floor = float(data.get("floor_s", 0.0))
+    except (KeyError, TypeError, ValueError) as err:
+        raise KvsimError(f"needs size, compute, memory lists ({err})", field=where, value=data) from None
+    if not (len(size) == len(comp) == len(mem)) or not size:
+        raise KvsimError("size, compute and memory must have the same non-zero length", field=where, value=data)
+    if any(not 0 < v <= 1.5 for v in comp + mem) or any(s <= 0 for s in size) or floor < 0:
+        raise KvsimError("efficiencies must be in (0, 1.5], sizes positive, floor_s >= 0", field=where, value=data)
+    order = np.argsort(size)
+    return Curve(tuple(float(np.log2(size[i])) for i in order), tuple(comp[i] for i in order),
+                 tuple(mem[i] for i in order), floor)
+
+
+def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibration:
+    known = {"gpu", "engine", "kind", "source", "ceilings", "ops", "step_overhead_s", "note", "fit"}
+    for key in data:
+        if key not in known:
+            raise KvsimError("unknown key", field=key, value=data[key], file=file)
+    c = data.get("ceilings") or {}
+    peaks = {k: v for k, v in hw.peak_flops_per_s.items() if v}
+    flops = {"bf16": float(c.get("bf16_flops_per_s", peaks.get("bf16", 0.0))),
+             "fp8": float(c.get("fp8_flops_per_s", peaks.get("fp8", peaks.get("bf16", 0.0)))),
+             "fp32": float(c.get("fp32_flops_per_s", peaks.get("fp32", 0.0)))}
+    ceilings = Ceilings(float(c.get("copy_bytes_per_s", hw.hbm_bandwidth_bytes_per_s)),
+                        MappingProxyType(flops),
+                        float(c.get("h2d_bytes_per_s", hw.pcie_bandwidth_bytes_per_s)),
+                        float(c.get("disk_read_bytes_per_s", hw.host.nvme_read_bytes_per_s)))
+    ops = data.get("ops") or {}
+    missing = [k for k in OP_KINDS if k not in ops]
+    if missing:
+        raise KvsimError(f"missing op curves: {', '.join(missing)}", field="ops", value=sorted(ops), file=file)
+    try:
+        curves = {k: _curve(ops[k], f"ops.{k}") for k in OP_KINDS}
+    except KvsimError as err:
+        raise KvsimError(str(err), file=file) from None
+    return Calibration(str(data.get("gpu", hw.name)), str(data.get("engine", "reference")),
+                       str(data.get("kind", "measured")), str(data.get("source", file)), ceilings,
+                       MappingProxyType(curves), float(data.get("step_overhead_s", 0.0)),
+                       str(data.get("note", "")))
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise KvsimError(f"cannot read: {err.strerror}", field="--calibration", value=str(path)) from None
+    except yaml.YAMLError as err:
+        raise KvsimError(f"not valid YAML/JSON: {err}", file=str(path)) from None
+    if not isinstance(data, dict):
+        raise KvsimError("expected a mapping", file=str(path))
+    return data
+
+
+def results_dir() -> Path:
+    """validation/results of the checkout (profiles are looked up there by GPU name)."""
+    return Path(__file__).resolve().parents[2] / "validation" / "results"
+
+
+def roofline(hw: HardwareSpec) -> Calibration:
+    """Pure roofline: datasheet peaks, efficiency 1, no floors (``--calibration none``)."""
+    one = {"size": [1], "compute": [1.0], "memory": [1.0], "floor_s": 0.0}
+    data = {"gpu": hw.name, "engine": "roofline", "kind": "roofline", "source": "datasheet peaks",
+            "ops": dict.fromkeys(OP_KINDS, one)}
+    return calibration_from_dict(data, hw, "<roofline>")
+
+
+@cache
+def _prior_data() -> dict:
+    return yaml.safe_load((resources.files("kvsim") / "data" / "calibration_prior.yaml").read_text())
+
+
+def _scaled(cal: Calibration, donor: HardwareSpec, hw: HardwareSpec) -> Calibration:
+    """A donor GPU's profile moved to ``hw``: ceilings scaled by datasheet ratios."""
+    def ratio(a: float | None, b: float | None) -> float:
+        return (a / b) if a and b else 1.0
+
+    c = cal.ceilings
+    flops = {k: v * ratio(hw.peak_flops_per_s.get(k), donor.peak_flops_per_s.get(k)) for k, v in c.flops_per_s.items()}
+    ceilings = Ceilings(c.copy_bytes_per_s * ratio(hw.hbm_bandwidth_bytes_per_s, donor.hbm_bandwidth_bytes_per_s),
+                        MappingProxyType(flops),
+                        c.h2d_bytes_per_s * ratio(hw.pcie_bandwidth_bytes_per_s, donor.pcie_bandwidth_bytes_per_s),
+                        hw.host.nvme_read_bytes_per_s)
+    return replace(cal, gpu=hw.name, kind="borrowed", ceilings=ceilings,
+                   note=f"borrowed from {donor.name} ({cal.kind}), ceilings scaled by datasheet ratios")
+
+
+def find_calibration(hw: HardwareSpec, spec: str | None = None, engine: str = "reference") -> Calibration:
+    """``spec``: None (look up by GPU), 'none' (pure roofline), or a profile path."""
+    if spec is not None:
+        if spec.lower() == "none":
+            return roofline(hw)
+        return calibration_from_dict(_read(Path(spec)), hw, spec)
+    own = results_dir() / hw.name / f"calibration_{engine}.yaml"
+    if own.is_file():
+        return calibration_from_dict(_read(own), hw, str(own))
+    for name in hardware_names():
+        path = results_dir() / name / f"calibration_{engine}.yaml"
+        donor = load_hardware(name) if path.is_file() else None
+        if donor is not None and donor.family == hw.family:
+            return _scaled(calibration_from_dict(_read(path), donor, str(path)), donor, hw)
+    prior = calibration_from_dict(_prior_data(), hw, "kvsim/data/calibration_prior.yaml")
+    return replace(prior, gpu=hw.name, kind="prior",
+                   note="PRIOR: no measured profile for this GPU family yet; efficiencies are a labelled "
+                        "prior, not a measurement")

@@ -1,0 +1,373 @@
+"""Price one engine step of any model, KV method and GPU: a per-operator roofline.
+
+    time(op) = max(FLOPs / (peak x compute_eff(size)), bytes / (bandwidth x memory_eff(size)))
+               + floor x kernels
+
+Each decode term of a KV layout is a sum of ``coef x sum_i min(context_i, cap)`` over a few
+distinct caps (sliding windows, eviction budgets, quantization residual windows, GPU tiers,
+top-k reads), so the coefficients are computed once per (model, method, GPU, TP) and a step costs
+a few numpy reductions however large the batch. ``decode_times_s`` prices ``k`` consecutive
+decode-only steps in one pass with the same arithmetic as ``step``, so the simulator can
+fast-forward and still equal step-by-step simulation exactly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvsim.cost.calibration import Calibration, find_calibration
+from kvsim.kv.layout import KVLayout, Stream
+from kvsim.spec.hardware import HardwareSpec
+from kvsim.spec.linears import check_tp, head_linears, kv_heads_per_rank, layer_linears
+from kvsim.spec.model import ModelSpec
+
+NO_CAP = -1  # cap key meaning "the whole context"
+DEQUANT_FLOPS_PER_ELEMENT = 4  # unpack, convert, multiply by scale, add zero point
+FLASH_QUERY_TILE = 128  # FlashAttention query block: K/V are re-read once per tile of queries
+ELEMENTWISE_KERNELS_PER_LAYER = 6  # 2 norms, 2 residual adds, activation, RoPE
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One engine step: prefill chunks (each with the tokens already cached before it) and decode
+    tokens (each sequence's cached context before this step)."""
+
+    prefill_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    prefill_context: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    decode_context: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    prefill_samples: int | None = None  # prefill chunks that finish their prompt (sample a token)
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    flops: float
+    bytes: float
+    seconds: float
+    bound: str  # compute | memory | floor | link | overlapped
+
+
+@dataclass(frozen=True)
+class StepCost:
+    total_s: float
+    ops: tuple[Op, ...]
+
+    @property
+    def breakdown(self) -> dict[str, float]:
+        return {op.name: op.seconds for op in self.ops}
+
+
+def sum_min_range(start: np.ndarray, count: np.ndarray, cap: int) -> np.ndarray:
+    """sum_{j=start+1}^{start+count} min(j, cap), vectorized (cap == NO_CAP: no cap)."""
+    end = start + count
+    if cap == NO_CAP:
+        return (start + 1 + end) * count / 2.0
+    lo = np.minimum(start, cap)
+    hi = np.minimum(end, cap)
+    below = (lo + 1 + hi) * (hi - lo) / 2.0  # the part of the range under the cap
+    return below + cap * (end - np.maximum(start, hi))
+
+
+@dataclass
+class _Terms:
+    """Per-sequence decode terms: kind -> cap -> coefficient (summed over layers)."""
+
+    by_kind: dict[str, dict[int, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    const: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def add(self, kind: str, cap: int | None, coef: float) -> None:
+        if coef:
+            self.by_kind[kind][NO_CAP if cap is None else cap] += coef
+
+
+def _cap(*caps: int | None) -> int | None:
+    real = [c for c in caps if c is not None]
+    return min(real) if real else None
+
+
+class CostModel:
+    """Step times of one replica (model, KV layout, GPU, TP degree, calibration profile)."""
+
+    def __init__(self, model: ModelSpec, hardware: HardwareSpec, layout: KVLayout, tp: int = 1,
+                 calibration: Calibration | str | None = None) -> None:
+        check_tp(model, tp)
+        self.model, self.hw, self.layout, self.tp = model, hardware, layout, tp
+        self.cal = calibration if isinstance(calibration, Calibration) else find_calibration(hardware, calibration)
+        self.fp8_weights = model.weight_quant is not None and model.weight_quant.bits_per_weight <= 8.5
+        self._gemms = self._build_gemms()
+        self._fixed_cache: dict[tuple[float, float, float], list] = {}
+        self._decode = self._build_decode_terms()
+        self._prefill_groups = self._build_prefill_groups()
+        self._kv_write_bytes_per_token = sum(
+            count * s.heads_per_rank(tp) * s.dim * s.elem_bytes / s.tokens_per_entry
+            for s, count in layout.stream_counts if s.token_cap != 0)
+        self._elementwise_bytes_per_token = self._build_elementwise()
+
+    # ---------------------------------------------------------------- precomputation
+    def _build_gemms(self) -> list[tuple[str, int, float, float, float, int, int]]:
+        """(role, layers, weight bytes, flops/token, activation bytes/token, experts, top_k) per linear."""
+        e = self.model.dtype_bytes
+        out = []
+        kinds: dict[bool, list] = {}
+        for layer in self.model.layers:
+            kinds.setdefault(layer.moe, [layer, 0])[1] += 1
+        top_k = self.model.moe.top_k if self.model.moe else 1
+        for layer, count in kinds.values():
+            for lin in layer_linears(self.model, layer, self.tp):
+                k = top_k if lin.experts > 1 else 1
+                out.append((lin.role, count, lin.bytes, 2.0 * lin.in_features * lin.out_features * k,
+                            (lin.in_features + lin.out_features) * e * k, lin.experts, k))
+        return out
+
+    def _build_decode_terms(self) -> _Terms:
+        terms = _Terms()
+        layout, tp = self.layout, self.tp
+        owners = {layer.index: layer for layer in layout.layers}
+        for layer in layout.layers:
+            src = owners[layer.source]
+            heads = layer.q_heads // tp
+            tpe = src.streams[0].tokens_per_entry if src.streams else 1
+            attend = _cap(layer.span_cap, layer.read_cap)
+            terms.add("attn_flops", attend, 2.0 * heads * (layer.qk_dim + layer.vo_dim) / tpe)
+            for s in src.streams:
+                self._add_stream(terms, s, layer.read_cap)
+            rank = layout.runtime.reconstruct_rank
+            if rank:
+                width = kv_heads_per_rank(self.model, tp) * self.model.attention.head_dim
+                terms.add("reconstruct_flops", attend, 4.0 * rank * width)
+        if layout.runtime.per_step_scoring:  # H2O/KeepKV: write back the accumulated scores
+            for layer in layout.layers:
+                for s in owners[layer.source].streams:
+                    if s.part in ("score", "merge_state"):
+                        terms.add("hbm_read", _cap(s.token_cap, layer.read_cap),
+                                  s.heads_per_rank(tp) * s.dim * s.elem_bytes)
+        return terms
+
+    def _add_stream(self, terms: _Terms, s: Stream, read_cap: int | None) -> None:
+        """Bytes one decode step reads (HBM) or fetches (host link) of stream ``s``."""
+        width = s.heads_per_rank(self.tp) * s.dim / s.tokens_per_entry
+        full = width * s.elem_bytes
+        q = width * s.quant.bits_per_element / 8 if s.quant else full
+        r = s.quant.residual_tokens if s.quant else 0
+        cap = _cap(s.token_cap, read_cap)
+        if s.const_entries:
+            terms.const["hbm_read"] += s.const_entries * s.heads_per_rank(self.tp) * s.dim * s.elem_bytes
+        if s.token_cap == 0:
+            return
+        deq = DEQUANT_FLOPS_PER_ELEMENT * width if s.quant else 0.0
+        if s.tier == "gpu":
+            terms.add("hbm_read", cap, q)
+            terms.add("hbm_read", _cap(cap, r), full - q)
+            terms.add("dequant_flops", cap, deq)
+            return
+        g = s.gpu_recent_tokens
+        terms.add("hbm_read", _cap(cap, g), q)  # the recent tokens on the GPU
+        terms.add("hbm_read", _cap(cap, g, r), full - q)
+        terms.add("dequant_flops", _cap(cap, g), deq)
+        rt = self.layout.runtime
+        fetched_cap = None if rt.host_fetch_all else _cap(cap, g + rt.host_fetch_tokens)
+        for kind in ("host_fetch", "hbm_read"):  # fetched over PCIe, then read from HBM
+            terms.add(kind, fetched_cap, q)
+            terms.add(kind, _cap(cap, g), -q)
+        terms.add("dequant_flops", fetched_cap, deq)
+        terms.add("dequant_flops", _cap(cap, g), -deq)
+
+    def _build_prefill_groups(self) -> list[tuple[int, float, float, int]]:
+        """(layers, attention flops per attended token, KV bytes per token, cap) per layer group."""
+        a, tp = self.model.attention, self.tp
+        groups: dict[tuple, int] = defaultdict(int)
+        for layer in self.layout.layers:
+            if layer.kind == "mla":  # prefill runs un-absorbed over per-head K/V (DeepSeek-V2 sec. 2.1)
+                qk, vo, kvh = a.head_dim, a.v_head_dim, layer.q_heads // tp
+            else:
+                qk, vo, kvh = layer.qk_dim, layer.vo_dim, max(1, layer.kv_heads // tp)
+            kv_bytes = kvh * (qk + vo) * self.model.dtype_bytes
+            groups[(2.0 * layer.q_heads // tp * (qk + vo), kv_bytes,
+                    NO_CAP if layer.span_cap is None else layer.span_cap)] += 1
+        return [(n, f, b, cap) for (f, b, cap), n in groups.items()]
+
+    def _build_elementwise(self) -> float:
+        m, tp, e = self.model, self.tp, self.model.dtype_bytes
+        h = m.hidden_size
+        total = 0.0
+        for layer in m.layers:
+            inter = (m.moe.expert_intermediate_size * m.moe.top_k if layer.moe and m.moe
+                     else m.intermediate_size) // tp
+            rope = (m.attention.num_heads // tp + kv_heads_per_rank(m, tp)) * m.attention.head_dim * 2
+            total += (2 * 2 * h + 2 * 3 * h + 3 * inter + rope) * e
+        return total
+
+    # ---------------------------------------------------------------- pricing
+    def _roof(self, kind: str, flops: np.ndarray | float, nbytes: np.ndarray | float, size: np.ndarray | float,
+              kernels: float, peak: float, bandwidth: float) -> tuple[np.ndarray, np.ndarray]:
+        curve = self.cal.ops[kind]
+        ce, me = curve.eff(size)
+        t_c = np.asarray(flops) / (peak * ce)
+        t_m = np.asarray(nbytes) / (bandwidth * me)
+        return np.maximum(t_c, t_m) + curve.floor_s * kernels, t_c >= t_m
+
+    def _fixed_ops(self, tokens: float, sampled: float, new_tokens: float) -> list[tuple]:
+        """Ops that depend only on token counts (GEMMs, KV writes, element-wise, sampling,
+        all-reduce): memoised, since a simulation repeats the same counts many times."""
+        key = (tokens, sampled, new_tokens)
+        hit = self._fixed_cache.get(key)
+        if hit is None:
+            if len(self._fixed_cache) > 65536:
+                self._fixed_cache.clear()
+            hit = self._fixed_cache[key] = self._fixed_ops_uncached(tokens, sampled, new_tokens)
+        return hit
+
+    def _fixed_ops_uncached(self, tokens: float, sampled: float, new_tokens: float) -> list[tuple]:
+        c, L = self.cal.ceilings, self.model.num_layers
+        ops = self._gemm_ops(tokens, sampled)
+        kv_b = new_tokens * self._kv_write_bytes_per_token
+        t, _ = self._roof("elementwise", 0.0, kv_b, max(kv_b, 1.0), L, 1.0, c.copy_bytes_per_s)
+        ops.append(("kv_write", 0.0, kv_b, float(t), "memory"))
+        ew = tokens * self._elementwise_bytes_per_token
+        t, _ = self._roof("elementwise", 0.0, ew, max(ew / L, 1.0), L * ELEMENTWISE_KERNELS_PER_LAYER, 1.0,
+                          c.copy_bytes_per_s)
+        ops.append(("elementwise", 0.0, ew, float(t), "memory"))
+        samp = sampled * self.model.vocab_size * 4 * 3  # logits to fp32, softmax, sample
+        t, _ = self._roof("elementwise", 0.0, samp, max(samp, 1.0), 3, 1.0, c.copy_bytes_per_s)
+        ops.append(("sampling", 0.0, samp, float(t), "memory"))
+        if self.tp > 1:
+            ops.append(self._allreduce(tokens))
+        return ops
+
+    def _gemm_ops(self, tokens: float, sampled: float) -> list[tuple]:
+        c = self.cal.ceilings
+        peak = c.flops_per_s["fp8" if self.fp8_weights else "bf16"]
+        by_role: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+        for role, layers, wbytes, fpt, apt, experts, top_k in self._gemms:
+            m = tokens
+            if experts > 1:  # expected experts touched by `tokens` tokens each choosing top_k of them
+                active = experts * (1.0 - (1.0 - top_k / experts) ** tokens) if tokens else 0.0
+                wbytes = wbytes * active / experts
+                m = tokens * top_k / max(active, 1e-9)
+            flops, nbytes = fpt * tokens, wbytes + apt * tokens
+            t, compute = self._roof("gemm", flops, nbytes, max(m, 1.0), 1, peak, c.copy_bytes_per_s)
+            acc = by_role[f"gemm.{role}"]
+            acc[0] += flops * layers
+            acc[1] += nbytes * layers
+            acc[2] += float(t) * layers if tokens else 0.0
+            acc[3] += float(compute) * layers
+        for lin in head_linears(self.model, self.tp):
+            if lin.role == "lm_head" or self.model.tie_word_embeddings:
+                flops = 2.0 * sampled * lin.params
+                nbytes = lin.bytes + sampled * (lin.in_features + lin.out_features) * self.model.dtype_bytes
+                t, compute = self._roof("gemm", flops, nbytes, max(sampled, 1.0), 1, c.flops_per_s["bf16"],
+                                        c.copy_bytes_per_s)
+                by_role["gemm.lm_head"] = [flops, nbytes, float(t) if sampled else 0.0, float(compute)]
+        return [(name, v[0], v[1], v[2], "compute" if v[3] > 0 else "memory") for name, v in by_role.items()]
+
+    def _decode_sums(self, ctx: np.ndarray) -> dict[int, np.ndarray]:
+        """sum_i min(ctx_i, cap) for every cap the terms use; ctx is (steps, batch)."""
+        caps = {cap for kinds in self._decode.by_kind.values() for cap in kinds}
+        return {cap: (ctx.sum(axis=1) if cap == NO_CAP else np.minimum(ctx, cap).sum(axis=1)).astype(float)
+                for cap in caps}
+
+    def _price(self, n_decode: int, ctx: np.ndarray, prefill: Batch | None) -> list[Op | tuple]:
+        """Ops of ``steps`` steps (rows of ctx) sharing one prefill part; values are (steps,) arrays."""
+        c, rt, L = self.cal.ceilings, self.layout.runtime, self.model.num_layers
+        sums = self._decode_sums(ctx)
+        active = (ctx > 0).sum(axis=1).astype(float)
+
+        def term(kind: str) -> np.ndarray:
+            total = sum((coef * sums[cap] for cap, coef in self._decode.by_kind.get(kind, {}).items()),
+                        np.zeros(ctx.shape[0]))
+            return total + self._decode.const.get(kind, 0.0) * active
+
+        p_tok = np.zeros(0) if prefill is None else prefill.prefill_tokens.astype(float)
+        p_ctx = np.zeros(0) if prefill is None else prefill.prefill_context.astype(float)
+        p_scale = rt.prefill_passes * rt.prefill_layer_fraction
+        tokens = n_decode + float(p_tok.sum()) * p_scale
+        sampled = n_decode + (len(p_tok) if prefill is None or prefill.prefill_samples is None
+                              else prefill.prefill_samples)
+        new_tokens = n_decode + float(p_tok.sum())
+        ops: list = list(self._fixed_ops(tokens, sampled, new_tokens))
+
+        # decode attention (+ fused dequantization and low-rank reconstruction)
+        flops, deq = term("attn_flops") + term("reconstruct_flops"), term("dequant_flops")
+        nbytes = term("hbm_read")
+        if n_decode:
+            t_c = flops / c.flops_per_s["bf16"] + deq / c.flops_per_s["fp32"]
+            curve = self.cal.ops["attention_decode"]
+            ce, me = curve.eff(np.maximum(nbytes / L, 1.0))
+            t = np.maximum(t_c / ce, nbytes / (c.copy_bytes_per_s * me)) + curve.floor_s * L
+            ops.append(("attention.decode", flops + deq, nbytes, t, "compute"))
+        if len(p_tok):
+            pf, pb = 0.0, 0.0
+            for layers, fpt, kvb, cap in self._prefill_groups:
+                pf += layers * fpt * float(sum_min_range(p_ctx, p_tok, cap).sum())
+                tiles = np.ceil(p_tok / FLASH_QUERY_TILE)
+                reach = p_ctx + p_tok if cap == NO_CAP else np.minimum(p_ctx + p_tok, cap)
+                pb += layers * kvb * float((reach * tiles).sum())
+            if rt.prefill_scoring_window:  # SnapKV-style scoring of the prompt at the end of prefill
+                pf += 2.0 * rt.prefill_scoring_window * float((p_ctx + p_tok).sum()) * L * (
+                    self.model.attention.num_heads // self.tp) * self.model.attention.head_dim
+            pf, pb = pf * p_scale, pb * p_scale
+            t, _ = self._roof("attention_prefill", pf, pb, float(p_tok.max()), L, c.flops_per_s["bf16"],
+                              c.copy_bytes_per_s)
+            ops.append(("attention.prefill", pf, pb, float(t), "compute"))
+        if n_decode and (rt.host_fetch_all or rt.host_fetch_tokens):
+            fetch = term("host_fetch")
+            ops.append(("host_transfer", 0.0, fetch, fetch / c.h2d_bytes_per_s,
+                        "link" if rt.host_fetch_all else "overlapped"))
+        ops.append(("overhead", 0.0, 0.0, self.cal.step_overhead_s, "floor"))
+        return ops
+
+    def _allreduce(self, tokens: float) -> tuple:
+        """Two ring all-reduces per layer of the hidden states (Megatron TP), on NVLink or PCIe."""
+        link = self.hw.nvlink_bandwidth_bytes_per_s or self.hw.pcie_bandwidth_bytes_per_s
+        msg = tokens * self.model.hidden_size * self.model.dtype_bytes
+        curve = self.cal.ops["allreduce"]
+        _, me = curve.eff(max(msg, 1.0))
+        per_call = (2.0 * (self.tp - 1) / self.tp * msg / (link * float(me))
+                    + 2 * (self.tp - 1) * self.hw.interconnect_latency_s + curve.floor_s)
+        calls = 2 * self.model.num_layers + 1
+        return ("allreduce", 0.0, msg * calls, per_call * calls, "link")
+
+    @staticmethod
+    def _total(ops: list, steps: int) -> np.ndarray:
+        """Kernels run one after another; an overlapped transfer hides behind them."""
+        gpu = np.zeros(steps)
+        for op in ops:
+            if op[4] != "overlapped":
+                gpu = gpu + op[3]
+        overlapped = [o[3] for o in ops if o[4] == "overlapped"]
+        return np.maximum(gpu, overlapped[0]) if overlapped else gpu
+
+    # ---------------------------------------------------------------- public API
+    def step(self, batch: Batch) -> StepCost:
+        """Price one step, with its named breakdown (seconds per operator)."""
+        dec = np.asarray(batch.decode_context, dtype=np.int64)[None, :]
+        has_prefill = len(batch.prefill_tokens) > 0
+        ops = self._price(dec.shape[1], dec, batch if has_prefill else None)
+        total = float(self._total(ops, 1)[0])
+
+        def first(x: np.ndarray | float) -> float:
+            return float(np.asarray(x).ravel()[0])
+
+        return StepCost(total, tuple(Op(n, first(f), first(b), first(t), bound) for n, f, b, t, bound in ops))
+
+    def step_time_s(self, batch: Batch) -> float:
+        dec = np.asarray(batch.decode_context, dtype=np.int64)[None, :]
+        has_prefill = len(batch.prefill_tokens) > 0
+        return float(self._total(self._price(dec.shape[1], dec, batch if has_prefill else None), 1)[0])
+
+    def decode_times_s(self, contexts: np.ndarray, steps: int) -> np.ndarray:
+        """Times of ``steps`` consecutive decode-only steps; step j sees ``contexts + j``."""
+        ctx = np.asarray(contexts, dtype=np.int64)[None, :] + np.arange(steps, dtype=np.int64)[:, None]
+        return self._total(self._price(ctx.shape[1], ctx, None), steps)
+
+    def host_transfer_s(self, nbytes: float) -> float:
+        """Pinned host-to-GPU copy (swap-in, offload fetch)."""
+        return nbytes / self.cal.ceilings.h2d_bytes_per_s
+
+    def ssd_read_s(self, nbytes: float) -> float:
+        """NVMe read then host-to-GPU copy, pipelined: the slower link sets the pace (MatKV)."""
+        c = self.cal.ceilings
+        return nbytes / min(c.disk_read_bytes_per_s, c.h2d_bytes_per_s)
