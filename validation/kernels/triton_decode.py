@@ -32,8 +32,8 @@ def _decode_kernel(Q, K, V, IDX, OP, LP,
                    seq_len, tps, qk_scale, split_base,
                    GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_IDX: tl.constexpr, FP8: tl.constexpr):
-    b = tl.program_id(0)
-    hk = tl.program_id(1)
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
     sp = tl.program_id(2)
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
@@ -80,7 +80,7 @@ def _decode_kernel(Q, K, V, IDX, OP, LP,
 @triton.jit
 def _reduce_kernel(OP, LP, O, LSE, sob, soh, sos, slb, slh, s_ob, s_oh, n_splits, out_scale,
                    S_PAD: tl.constexpr, D: tl.constexpr, CH: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D)
@@ -178,13 +178,41 @@ def _piece(p, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _k_piece(qj, kp, ksb, kzb, g, J: tl.constexpr, KBITS: tl.constexpr, KW: tl.constexpr, D: tl.constexpr):
+    """Scores of one key bit-field J for one 32-token group: the per-channel scale is folded into
+    the query (q*s) and the zero point becomes a per-row bias (q.z), so codes go straight to the MMA."""
+    offs = J * KW + tl.arange(0, KW)
+    ks = tl.load(ksb + g * D + offs).to(tl.float32)
+    kz = tl.load(kzb + g * D + offs).to(tl.float32)
+    kq = ((kp >> (J * KBITS)) & ((1 << KBITS) - 1)).to(tl.float16)
+    s = tl.dot((qj * ks[None, :]).to(tl.float16), tl.trans(kq))
+    return s, tl.sum(qj * kz[None, :], 1)
+
+
+@triton.jit
+def _v_group(p, alpha, acc, vpb, vsb, vzb, tok, CG: tl.constexpr, VBITS: tl.constexpr, VW: tl.constexpr,
+             D: tl.constexpr, GS: tl.constexpr):
+    """acc <- acc*alpha + P @ dequant(V[:, CG*32:(CG+1)*32]); per-token scale folded into P."""
+    J: tl.constexpr = CG // (VW // GS)
+    col0: tl.constexpr = (CG % (VW // GS)) * GS
+    offs_c = tl.arange(0, GS)
+    vp = tl.load(vpb + tok[:, None] * VW + col0 + offs_c[None, :])
+    vs = tl.load(vsb + tok * (D // GS) + CG).to(tl.float32)
+    vz = tl.load(vzb + tok * (D // GS) + CG).to(tl.float32)
+    vq = ((vp >> (J * VBITS)) & ((1 << VBITS) - 1)).to(tl.float16)
+    pv = tl.dot((p * vs[None, :]).to(tl.float16), vq)
+    return acc * alpha[:, None] + pv + tl.sum(p * vz[None, :], 1)[:, None]
+
+
+@triton.jit
 def _kivi_kernel(Q, KP, KS, KZ, VP, VS, VZ, OP, LP,
                  sqb, sqh, skpb, skph, sksb, sksh, svpb, svph, svsb, svsh,
                  sob, soh, sos, slb, slh,
                  seq_q, tps, qk_scale,
                  GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                  KBITS: tl.constexpr, VBITS: tl.constexpr, GS: tl.constexpr):
-    b = tl.program_id(0)
+    # one iteration = one 32-token key group (BLOCK_N == GS == 32); D == 128 (4 value channel groups)
+    b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
     sp = tl.program_id(2)
     KPER: tl.constexpr = 8 // KBITS
@@ -193,71 +221,70 @@ def _kivi_kernel(Q, KP, KS, KZ, VP, VS, VZ, OP, LP,
     VW: tl.constexpr = D // VPER
     offs_g = tl.arange(0, G_PAD)
     offs_kw = tl.arange(0, KW)
-    offs_vw = tl.arange(0, VW)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, GS)
     gmask = offs_g < GROUP
     hq = hk * GROUP + offs_g
     qb = Q + b * sqb + hq[:, None] * sqh
+    q0 = tl.load(qb + offs_kw[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if KPER >= 2:
+        q1 = tl.load(qb + KW + offs_kw[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+    if KPER >= 4:
+        q2 = tl.load(qb + 2 * KW + offs_kw[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        q3 = tl.load(qb + 3 * KW + offs_kw[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
     start = sp * tps
     end = tl.minimum(start + tps, seq_q)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    acc0 = tl.zeros([G_PAD, VW], tl.float32)
-    acc1 = tl.zeros([G_PAD, VW], tl.float32)
-    acc2 = tl.zeros([G_PAD, VW], tl.float32)
-    acc3 = tl.zeros([G_PAD, VW], tl.float32)
+    acc0 = tl.zeros([G_PAD, GS], tl.float32)
+    acc1 = tl.zeros([G_PAD, GS], tl.float32)
+    acc2 = tl.zeros([G_PAD, GS], tl.float32)
+    acc3 = tl.zeros([G_PAD, GS], tl.float32)
     kpb = KP + b * skpb + hk * skph
     ksb = KS + b * sksb + hk * sksh
     kzb = KZ + b * sksb + hk * sksh
     vpb = VP + b * svpb + hk * svph
     vsb = VS + b * svsb + hk * svsh
     vzb = VZ + b * svsb + hk * svsh
-    for s in range(start, end, BLOCK_N):
+    for s in range(start, end, GS):
         tok = s + offs_n
-        nmask = tok < end
-        grp = tok // GS
-        kp = tl.load(kpb + tok[:, None] * KW + offs_kw[None, :], mask=nmask[:, None], other=0)
-        vp = tl.load(vpb + tok[:, None] * VW + offs_vw[None, :], mask=nmask[:, None], other=0)
-        qk = tl.zeros([G_PAD, BLOCK_N], tl.float32)
-        for j in tl.static_range(KPER):
-            cols = j * KW + offs_kw
-            ks = tl.load(ksb + grp[:, None] * D + cols[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-            kz = tl.load(kzb + grp[:, None] * D + cols[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-            kj = (_piece(kp, j, KBITS) * ks + kz).to(tl.float16)
-            qj = tl.load(qb + cols[None, :], mask=gmask[:, None], other=0.0)
-            qk += tl.dot(qj, tl.trans(kj))
-        qk = qk * qk_scale
-        qk = tl.where(nmask[None, :], qk, float("-inf"))
+        g = s // GS
+        kp = tl.load(kpb + tok[:, None] * KW + offs_kw[None, :])
+        qk, qz = _k_piece(q0, kp, ksb, kzb, g, 0, KBITS, KW, D)
+        if KPER >= 2:
+            s1, z1 = _k_piece(q1, kp, ksb, kzb, g, 1, KBITS, KW, D)
+            qk += s1
+            qz += z1
+        if KPER >= 4:
+            s2, z2 = _k_piece(q2, kp, ksb, kzb, g, 2, KBITS, KW, D)
+            s3, z3 = _k_piece(q3, kp, ksb, kzb, g, 3, KBITS, KW, D)
+            qk += s2 + s3
+            qz += z2 + z3
+        qk = (qk + qz[:, None]) * qk_scale
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        p16 = p.to(tl.float16)
-        vrow = tok[:, None] * (D // GS)
-        vs = tl.load(vsb + vrow + (offs_vw // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-        vz = tl.load(vzb + vrow + (offs_vw // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-        acc0 = acc0 * alpha[:, None] + tl.dot(p16, (_piece(vp, 0, VBITS) * vs + vz).to(tl.float16))
-        if VPER >= 2:
-            vs = tl.load(vsb + vrow + ((VW + offs_vw) // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-            vz = tl.load(vzb + vrow + ((VW + offs_vw) // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-            acc1 = acc1 * alpha[:, None] + tl.dot(p16, (_piece(vp, 1, VBITS) * vs + vz).to(tl.float16))
-        if VPER >= 4:
-            vs = tl.load(vsb + vrow + ((2 * VW + offs_vw) // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-            vz = tl.load(vzb + vrow + ((2 * VW + offs_vw) // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-            acc2 = acc2 * alpha[:, None] + tl.dot(p16, (_piece(vp, 2, VBITS) * vs + vz).to(tl.float16))
-            vs = tl.load(vsb + vrow + ((3 * VW + offs_vw) // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-            vz = tl.load(vzb + vrow + ((3 * VW + offs_vw) // GS)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-            acc3 = acc3 * alpha[:, None] + tl.dot(p16, (_piece(vp, 3, VBITS) * vs + vz).to(tl.float16))
+        acc0 = _v_group(p, alpha, acc0, vpb, vsb, vzb, tok, 0, VBITS, VW, D, GS)
+        acc1 = _v_group(p, alpha, acc1, vpb, vsb, vzb, tok, 1, VBITS, VW, D, GS)
+        acc2 = _v_group(p, alpha, acc2, vpb, vsb, vzb, tok, 2, VBITS, VW, D, GS)
+        acc3 = _v_group(p, alpha, acc3, vpb, vsb, vzb, tok, 3, VBITS, VW, D, GS)
         m_i = m_new
     ob = OP + b * sob + hq[:, None] * soh + sp * sos
     om = gmask[:, None]
-    tl.store(ob + offs_vw[None, :], acc0 / l_i[:, None], mask=om)
-    if VPER >= 2:
-        tl.store(ob + (VW + offs_vw)[None, :], acc1 / l_i[:, None], mask=om)
-    if VPER >= 4:
-        tl.store(ob + (2 * VW + offs_vw)[None, :], acc2 / l_i[:, None], mask=om)
-        tl.store(ob + (3 * VW + offs_vw)[None, :], acc3 / l_i[:, None], mask=om)
+    offs_c = tl.arange(0, GS)
+    tl.store(ob + offs_c[None, :], acc0 / l_i[:, None], mask=om)
+    tl.store(ob + (GS + offs_c)[None, :], acc1 / l_i[:, None], mask=om)
+    tl.store(ob + (2 * GS + offs_c)[None, :], acc2 / l_i[:, None], mask=om)
+    tl.store(ob + (3 * GS + offs_c)[None, :], acc3 / l_i[:, None], mask=om)
     tl.store(LP + b * slb + hq * slh + sp, m_i + tl.log2(l_i), mask=gmask)
+
+
+KIVI_CONFIGS = [dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=3),
+                dict(BLOCK_N=32, num_warps=4, num_stages=4), dict(BLOCK_N=32, num_warps=2, num_stages=3),
+                dict(BLOCK_N=32, num_warps=8, num_stages=3)]
 
 
 def torch_pack(codes, bits):
@@ -331,7 +358,8 @@ def kivi_attention(q, cache: KiviCache, sm_scale=None, cfg=None, out=None):
     Hkv = cache.k_packed.shape[1]
     group = Hq // Hkv
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
-    bn = cfg["BLOCK_N"]
+    assert D == 128 and cache.group == 32, "KIVI kernel is written for head_dim 128, group 32"
+    bn = 32
     sq = cache.seq_q
     if sq > 0:
         nq, tps = pick_splits(B * Hkv, sq, bn)
@@ -347,7 +375,7 @@ def kivi_attention(q, cache: KiviCache, sm_scale=None, cfg=None, out=None):
             c.k_scale.stride(1), c.v_packed.stride(0), c.v_packed.stride(1), c.v_scale.stride(0), c.v_scale.stride(1),
             op.stride(0), op.stride(1), op.stride(2), lp.stride(0), lp.stride(1),
             sq, tps, sm_scale * LOG2E,
-            GROUP=group, G_PAD=_g_pad(group), D=D, BLOCK_N=bn, KBITS=cache.kbits, VBITS=cache.vbits,
+            GROUP=group, G_PAD=_g_pad(group), D=D, BLOCK_N=32, KBITS=cache.kbits, VBITS=cache.vbits,
             GS=cache.group, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cache.n_res:
         kr, vr = cache.k_res, cache.v_res
@@ -369,7 +397,7 @@ def _mla_kernel(QL, QR, C, KR, OP, LP,
                 sob, soh, sos, slb, slh,
                 seq_len, tps, qk_scale, H,
                 BLOCK_H: tl.constexpr, DL: tl.constexpr, DR: tl.constexpr, BLOCK_N: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     sp = tl.program_id(2)
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -429,8 +457,8 @@ def mla_attention(q_lat, q_rope, c_lat, k_rope, sm_scale, cfg=None, out=None):
 @triton.jit
 def _h2o_kernel(Q, K, LSE, SC, sqb, sqh, skb, skh, skt, ssb, ssh, seq_len, qk_scale,
                 GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    b = tl.program_id(0)
-    hk = tl.program_id(1)
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
     blk = tl.program_id(2)
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
