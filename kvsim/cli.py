@@ -229,6 +229,27 @@ def cmd_run(args: argparse.Namespace) -> None:
               f"goodput {s['goodput']}")
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from kvsim.calibrate import calibrate
+
+    out = calibrate(args.gpu, Path(args.results) if args.results else None)
+    print(f"wrote {out}")
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from kvsim.validate import validate
+
+    report, summary = validate(args.gpu, args.calibration_from, Path(args.results) if args.results else None)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"{'what':<9} {'model':<18} {'n':>4} {'median':>8} {'p90':>8} {'worst':>8}")
+    for s in summary:
+        print(f"{s['kind']:<9} {s['model']:<18} {s['n']:>4} {s['median_abs_err']:8.1%} {s['p90_abs_err']:8.1%} "
+              f"{s['max_abs_err']:8.1%}")
+    print(f"wrote {report}")
+
+
 # ---------------------------------------------------------------- parser
 
 def _deployment_args(p: argparse.ArgumentParser) -> None:
@@ -276,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("calibrate", help="fit a calibration profile from a GPU's kernel measurements")
+    p.add_argument("--gpu", required=True, help="folder name under validation/results, e.g. h100-sxm")
+    p.add_argument("--results", help="results root (default: validation/results of this checkout)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("validate", help="judge predictions on end-to-end measurements not used in fitting")
+    p.add_argument("--gpu", required=True)
+    p.add_argument("--calibration-from", help="GPU whose fitted profile to use (default: the same GPU)")
+    p.add_argument("--results", help="results root (default: validation/results of this checkout)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("run", help="simulate a serving scenario")
     p.add_argument("scenario")

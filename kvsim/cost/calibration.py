@@ -151,7 +151,7 @@ def _prior_data() -> dict:
     return yaml.safe_load((resources.files("kvsim") / "data" / "calibration_prior.yaml").read_text())
 
 
-def _scaled(cal: Calibration, donor: HardwareSpec, hw: HardwareSpec) -> Calibration:
+def borrow_profile(cal: Calibration, donor: HardwareSpec, hw: HardwareSpec) -> Calibration:
     """A donor GPU's profile moved to ``hw``: ceilings scaled by datasheet ratios."""
     def ratio(a: float | None, b: float | None) -> float:
         return (a / b) if a and b else 1.0
@@ -179,7 +179,7 @@ def find_calibration(hw: HardwareSpec, spec: str | None = None, engine: str = "r
         path = results_dir() / name / f"calibration_{engine}.yaml"
         donor = load_hardware(name) if path.is_file() else None
         if donor is not None and donor.family == hw.family:
-            return _scaled(calibration_from_dict(_read(path), donor, str(path)), donor, hw)
+            return borrow_profile(calibration_from_dict(_read(path), donor, str(path)), donor, hw)
     prior = calibration_from_dict(_prior_data(), hw, "kvsim/data/calibration_prior.yaml")
     return replace(prior, gpu=hw.name, kind="prior",
                    note="PRIOR: no measured profile for this GPU family yet; efficiencies are a labelled "
