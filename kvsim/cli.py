@@ -201,14 +201,142 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- plots, run
 
+def _required(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if not getattr(args, name):
+            raise KvsimError(f"`kvsim plot {args.what}` needs --{name.replace('_', '-')}", field=f"--{name}")
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from kvsim import plots
 
+    methods = [m for m in args.methods.split(",") if m]
+    contexts = _ints(args.contexts, "--contexts") if args.contexts else None
     if args.what == "capacity":
-        contexts = _ints(args.contexts, "--contexts") if args.contexts else None
-        plots.capacity(args.model, args.hardware, [m for m in args.methods.split(",") if m], args.tp,
-                       contexts, Path(args.out))
-        print(f"wrote {args.out}")
+        _required(args, "model", "hardware")
+        plots.capacity(args.model, args.hardware, methods, args.tp, contexts, Path(args.out))
+    elif args.what == "capacity-grid":
+        from kvsim.capacity import capacity_grid
+        from kvsim.spec.hardware import load_hardware
+        from kvsim.spec.model import load_model
+
+        _required(args, "model", "hardware")
+        models = [load_model(m) for m in args.model.split(",") if m]
+        ctx = contexts or plots.default_contexts(max(m.max_position_embeddings for m in models))
+        grid = capacity_grid(models, methods, [load_hardware(h) for h in args.hardware.split(",") if h], ctx, args.tp)
+        plots.save(plots.capacity_curves(grid, args.tp), Path(args.out))
+    elif args.what in ("latency", "goodput"):
+        from kvsim import report
+        from kvsim.sweep import read_results, swept_columns
+
+        _required(args, "results")
+        rows = [r for r in read_results(Path(args.results)) if r.get("status") == "ok"]
+        if not rows:
+            raise KvsimError("no finished points to plot", field="--results", value=args.results)
+        rate = args.x or report.rate_column(swept_columns(rows))
+        if args.what == "latency":
+            along = args.x or report.load_column(rows)
+            fig = plots.latency_throughput(rows, report.series_columns(rows, along), along)
+        else:
+            if rate is None:
+                raise KvsimError("no swept rate path: name the x axis with --x", field="--x")
+            fig = plots.goodput_rate(rows, rate, report.series_columns(rows, rate))
+        plots.save(fig, Path(args.out))
+    elif args.what == "kv-usage":
+        _required(args, "results")
+        runs = {}
+        for folder in args.results.split(","):
+            path = Path(folder) / "timeseries.csv"
+            if not path.is_file():
+                raise KvsimError("no timeseries.csv (a `kvsim run --out` folder)", field="--results", value=folder)
+            runs[Path(folder).name] = path
+        plots.save(plots.kv_usage(runs), Path(args.out))
+    elif args.what == "validation":
+        from kvsim.cost.calibration import results_dir
+
+        _required(args, "gpu")
+        root = Path(args.validation_results) if args.validation_results else results_dir()
+        plots.save(plots.predicted_measured(root / args.gpu), Path(args.out))
+    print(f"wrote {args.out}")
+
+
+# ---------------------------------------------------------------- sweeps, search, report
+
+def _plan(args: argparse.Namespace):
+    from kvsim.sweep import expand, load_raw
+
+    return expand(load_raw(args.scenario, args.set or []), args.scenario)
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from kvsim.sweep import run_sweep
+
+    _positive(args.jobs, "--jobs")
+    plan = _plan(args)
+    if args.dry_run:
+        for p in plan.points:
+            print(f"{p.index:>5}  {p.key}  {p.label()}")
+        print(f"{len(plan.points)} points, all valid")
+        return
+    if not args.out:
+        raise KvsimError("needs --out DIR (or --dry-run)", field="--out")
+    out = Path(args.out)
+    outcome = run_sweep(plan, out, args.jobs, args.backend, args.address, args.retry_errors, args.keep_runs,
+                        progress=True)
+    for note in outcome.notes:
+        print(f"kvsim: note: {note}", file=sys.stderr)
+    print(f"{outcome.total} points: {outcome.ran} run now, {outcome.skipped} already done, {outcome.failed} failed; "
+          f"wrote {out / 'results.csv'}")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from kvsim.fileio import write_atomic
+    from kvsim.search import rate_path, run_search, select_points
+    from kvsim.sweep import Progress
+
+    _positive(args.jobs, "--jobs")
+    if args.target_rate is not None and args.target_rate <= 0:
+        raise KvsimError("must be positive", field="--target-rate", value=args.target_rate)
+    plan = _plan(args)
+    points = select_points(plan, args.configs) if args.configs else list(plan.points)
+    bar = Progress(len(points), "search", not args.json)
+    results = run_search(plan, args.target_rate, args.jobs, args.backend, args.address, points,
+                         on_done=lambda done, total: bar.update(done, 0))
+    bar.close()
+    target = args.target_rate or plan.search.target_rate
+    doc = {"scenario": args.scenario, "target_rate": target, "rate_path": rate_path(points[0].raw, plan.search),
+           **plan.search.model_dump(exclude={"target_rate", "rate_path"}), "configs": [asdict(r) for r in results]}
+    if args.out:
+        write_atomic(Path(args.out) / "search.json", json.dumps(doc, indent=2))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return
+    unit = "x trace rate" if doc["rate_path"].endswith("rate_scale") else "req/s"
+    print(f"capacity search: {len(results)} configurations, goodput >= {plan.search.min_goodput:.0%} of requests "
+          f"within both SLOs, rate knob {doc['rate_path']} ({unit}), tolerance {plan.search.tolerance:.0%}"
+          + (f", target {target:g} {unit}" if target else ""))
+    rows = [{"rank": r.rank or "-", "config": r.label, "GPUs": r.gpus_per_replica,
+             "$/GPU-h": f"{r.price_per_gpu_hour_usd:.2f}" if r.price_per_gpu_hour_usd else "-",
+             f"max rate ({unit})": f"{r.max_rate:.3g}", "replicas": r.replicas or "-",
+             "$/h": f"{r.cost_usd_per_hour:.2f}" if r.cost_usd_per_hour else "-"} for r in results]
+    _table(rows, False, list(rows[0]))
+    print("\nwhy:")
+    for r in results:
+        print(f"  {r.rank or '-':>3}  {r.label}: {r.verdict}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from kvsim.report import write_report
+
+    validation = None
+    if args.validation:
+        from kvsim.cost.calibration import results_dir
+
+        validation = (Path(args.validation_results) if args.validation_results else results_dir()) / args.validation
+    out = write_report(Path(args.dir), Path(args.out) if args.out else None, validation)
+    print(f"wrote {out}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -288,15 +416,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="profile path, or 'none' for the pure roofline")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("plot", help="figures")
-    p.add_argument("what", choices=["capacity"])
-    p.add_argument("--model", required=True)
-    p.add_argument("--hardware", required=True)
+    p = sub.add_parser("plot", help="figures",
+                       description="capacity: one model on one GPU (also KV bytes and memory breakdown); "
+                       "capacity-grid: models x GPUs panels, a line per method; latency, goodput: from a sweep "
+                       "folder (--results); kv-usage: from `kvsim run --out` folders (--results A,B); "
+                       "validation: predicted vs measured for --gpu")
+    p.add_argument("what", choices=["capacity", "capacity-grid", "latency", "goodput", "kv-usage", "validation"])
+    p.add_argument("--model", help="catalogue name (capacity-grid: comma-separated)")
+    p.add_argument("--hardware", help="GPU name (capacity-grid: comma-separated)")
     p.add_argument("--methods", default="bf16,fp8,kivi:bits=2,snapkv:budget=2048")
     p.add_argument("--contexts", help="comma-separated context lengths (default: 512..max, log-spaced)")
     p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--out", required=True)
+    p.add_argument("--results", help="sweep folder (latency, goodput) or run folders (kv-usage)")
+    p.add_argument("--x", help="goodput: the swept column on the x axis (default: the swept rate)")
+    p.add_argument("--gpu", help="validation: folder under validation/results")
+    p.add_argument("--validation-results", help="validation results root (default: validation/results)")
+    p.add_argument("--out", required=True, help="image file (.png, .svg or .pdf)")
     p.set_defaults(func=cmd_plot)
+
+    def sweep_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("scenario", help="scenario YAML with a sweep: section")
+        q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base scenario field")
+        q.add_argument("--jobs", type=int, help="parallel points (default: every core given to this process)")
+        q.add_argument("--backend", choices=["local", "ray"], default="local")
+        q.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+
+    p = sub.add_parser("sweep", help="run every point of a scenario's sweep: section")
+    sweep_args(p)
+    p.add_argument("--out", help="results folder (resumable)")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the points, run nothing")
+    p.add_argument("--retry-errors", action="store_true", help="rerun points that failed in an earlier run")
+    p.add_argument("--keep-runs", action="store_true", help="also write each point's run folder under runs/")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("search", help="highest rate each configuration sustains within its SLOs; cheapest one")
+    sweep_args(p)
+    p.add_argument("--target-rate", type=float, help="rate to serve (requests/s, or x trace rate)")
+    p.add_argument("--configs", nargs="+", metavar="SEL", help="only these points: indices and/or PATH=VALUE")
+    p.add_argument("--out", help="folder for search.json (read by kvsim report)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("report", help="self-contained HTML report of a sweep folder")
+    p.add_argument("dir", help="sweep folder (kvsim sweep --out)")
+    p.add_argument("--out", help="HTML file (default: DIR/report.html)")
+    p.add_argument("--validation", metavar="GPU", help="add predicted vs measured from validation/results/GPU")
+    p.add_argument("--validation-results", help="validation results root (default: validation/results)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("calibrate", help="fit a calibration profile from a GPU's kernel measurements")
     p.add_argument("--gpu", required=True, help="folder name under validation/results, e.g. h100-sxm")

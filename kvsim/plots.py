@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
+import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.axis
+import matplotlib.lines
 import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from kvsim.capacity import CapacityGrid  # noqa: E402
+from kvsim.errors import KvsimError  # noqa: E402
 from kvsim.fileio import write_atomic  # noqa: E402
 from kvsim.kv import layout_for  # noqa: E402
 from kvsim.memory import GIB, plan_memory  # noqa: E402
 from kvsim.spec.hardware import load_hardware  # noqa: E402
 from kvsim.spec.model import load_model  # noqa: E402
+
+
+def render(fig: plt.Figure, fmt: str = "png", dpi: int = 110) -> bytes:
+    """The figure as PNG (or SVG/PDF) bytes; closes it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def save(fig: plt.Figure, out: Path) -> None:
+    """Write the figure whole or not at all; the format follows the file suffix (default PNG)."""
+    write_atomic(out, render(fig, out.suffix.lstrip(".") or "png"))
 
 
 def default_contexts(max_tokens: int) -> np.ndarray:
@@ -73,7 +91,230 @@ def capacity(model_name: str, hardware_name: str, methods: Sequence[str], tp: in
     ax_bar.set_title("Memory breakdown (one GPU)")
     ax_bar.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format=out.suffix.lstrip(".") or "png", dpi=110)
-    plt.close(fig)
-    write_atomic(out, buf.getvalue())
+    save(fig, out)
+
+
+# ---------------------------------------------------------------- figures from sweeps and runs
+
+_PERCENTILES = (("p50", "-", "o"), ("p90", "--", "s"), ("p99", ":", "^"))
+
+
+def _series(rows: Sequence[Mapping], by: Sequence[str]) -> dict[str, list[Mapping]]:
+    """Rows grouped by the values of ``by`` (label "path=value, ..."), in first-seen order."""
+    groups: dict[str, list[Mapping]] = {}
+    for r in rows:
+        label = ", ".join(f"{c}={r.get(c)}" for c in by) or "all points"
+        groups.setdefault(label, []).append(r)
+    return groups
+
+
+def _distinct_style(i: int) -> dict:
+    """Line style, marker and width of series ``i``: earlier series are drawn wider, so identical
+    curves (fp8 and cla:factor=2 hold the same bytes) stay visible one inside the other."""
+    line, marker = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ("-", "v"), ("--", "x"))[i % 6]
+    return {"ls": line, "marker": marker, "markersize": max(3.0, 6.0 - 0.6 * i), "lw": max(1.0, 3.0 - 0.45 * i)}
+
+
+def _log_axis(axis: matplotlib.axis.Axis) -> None:
+    """Log scale with plain-number labels at 1, 2, 5 x 10^k (no 3 x 10^0 style labels)."""
+    (axis.axes.set_xscale if axis is axis.axes.xaxis else axis.axes.set_yscale)("log")
+    axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _colors(n: int) -> list:
+    """n distinct colours: the default cycle up to 10, tab20 up to 20 (more repeat)."""
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return cycle if n <= len(cycle) else [plt.get_cmap("tab20")(i % 20) for i in range(n)]
+
+
+def _legend_below(fig: plt.Figure, handles: list, labels: list[str], title: str) -> None:
+    """One shared legend under the axes, in as many columns as fit, so long labels never clip."""
+    ncol = max(1, min(len(labels), 3 if max(map(len, labels), default=0) > 30 else 5))
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, fontsize=8,
+               title=title, title_fontsize=8, frameon=False)
+
+
+def capacity_curves(grid: CapacityGrid, tp: int) -> plt.Figure:
+    """Most concurrent sequences against context, one panel per (model, GPU), one line per method
+    (from the vectorized :func:`kvsim.capacity.capacity_grid`)."""
+    n_models, n_gpus = len(grid.models), len(grid.gpus)
+    fig, axes = plt.subplots(n_models, n_gpus, figsize=(4.6 * n_gpus + 0.5, 3.6 * n_models + 0.6),
+                             squeeze=False, sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    lines = {}
+    for i, model in enumerate(grid.models):
+        for g, gpu in enumerate(grid.gpus):
+            ax = axes[i][g]
+            for j, method in enumerate(grid.methods):
+                conc = grid.max_concurrency[i, j, g].astype(float)
+                conc[conc <= 0] = np.nan  # does not fit or the method does not apply: no point
+                line, = ax.plot(grid.contexts, conc, color=colors[j % len(colors)],
+                                markevery=max(1, len(grid.contexts) // 12), **_distinct_style(j))
+                lines.setdefault(method, line)
+            ax.set_xscale("log", base=2)
+            _log_axis(ax.yaxis)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_title(f"{model} on {gpu}, TP {tp}", fontsize=9)
+            if g == 0:
+                ax.set_ylabel("max concurrent sequences")
+            if i == n_models - 1:
+                ax.set_xlabel("context length (tokens per sequence)")
+    fig.tight_layout()
+    _legend_below(fig, list(lines.values()), list(lines), "KV method")
+    return fig
+
+
+def latency_throughput(rows: Sequence[Mapping], series_by: Sequence[str], order_by: str | None = None) -> plt.Figure:
+    """Output throughput against TTFT and TPOT percentiles (ms), one colour per series of sweep
+    points, one line style per percentile."""
+    fig, (ax_ttft, ax_tpot) = plt.subplots(1, 2, figsize=(13, 5))
+    groups = _series(rows, series_by)
+    colors = _colors(len(groups))
+    handles, labels = [], []
+    for k, (label, pts) in enumerate(groups.items()):
+        key = order_by or "throughput_output_tokens_per_s"
+        pts = sorted(pts, key=lambda r: r.get(key) or 0)
+        x = [r.get("throughput_output_tokens_per_s") for r in pts]
+        color = colors[k % len(colors)]
+        for ax, metric in ((ax_ttft, "ttft_s"), (ax_tpot, "tpot_s")):
+            for pct, ls, marker in _PERCENTILES:
+                y = [1e3 * r[f"{metric}.{pct}"] if isinstance(r.get(f"{metric}.{pct}"), (int, float)) else np.nan
+                     for r in pts]
+                line, = ax.plot(x, y, color=color, ls=ls, marker=marker, markersize=4)
+                if ax is ax_ttft and pct == "p50":
+                    handles.append(line)
+                    labels.append(label)
+    for ax, name in ((ax_ttft, "time to first token"), (ax_tpot, "time per output token")):
+        ax.set_xlabel("output throughput (tokens/s)")
+        ax.set_ylabel(f"{name} (ms)")
+        _log_axis(ax.yaxis)
+        ax.grid(True, which="both", alpha=0.3)
+    style = [matplotlib.lines.Line2D([], [], color="0.3", ls=ls, marker=m) for _, ls, m in _PERCENTILES]
+    ax_tpot.legend(style, [p for p, _, _ in _PERCENTILES], title="percentile", fontsize=8, loc="upper left")
+    ax_ttft.set_title("TTFT against throughput")
+    ax_tpot.set_title("TPOT against throughput")
+    fig.tight_layout()
+    _legend_below(fig, handles, labels, "sweep series")
+    return fig
+
+
+def goodput_rate(rows: Sequence[Mapping], rate_col: str, series_by: Sequence[str], goodput_col: str = "goodput",
+                 threshold: float | None = None, rate_unit: str = "requests/s") -> plt.Figure:
+    """Goodput (fraction of requests within both SLOs) against the offered rate, one line per series."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    groups = _series(rows, series_by)
+    colors = _colors(len(groups))
+    handles, labels = [], []
+    for k, (label, pts) in enumerate(groups.items()):
+        pts = sorted((r for r in pts if isinstance(r.get(rate_col), (int, float))), key=lambda r: r[rate_col])
+        y = [r.get(goodput_col) if isinstance(r.get(goodput_col), (int, float)) else np.nan for r in pts]
+        line, = ax.plot([r[rate_col] for r in pts], y, color=colors[k], **_distinct_style(k))
+        handles.append(line)
+        labels.append(label)
+    if threshold is not None:
+        ax.axhline(threshold, color="k", ls="--", lw=1)
+        ax.annotate(f"SLO target {threshold:g}", (0.01, threshold), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(0, 4), fontsize=8)
+    ax.set_xlabel(f"offered load: {rate_col} ({rate_unit})")
+    ax.set_ylabel("goodput (fraction of requests within TTFT and TPOT SLOs)")
+    ax.set_ylim(-0.02, 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.set_title("Goodput against offered load")
+    fig.tight_layout()
+    _legend_below(fig, handles, labels, "sweep series")
+    return fig
+
+
+def predicted_measured(folder: Path) -> plt.Figure:
+    """Predicted against measured from a GPU's ``validation*.csv`` (written by ``kvsim validate``):
+    decode step, prefill, KV bytes and per-method decode-attention speed-up, with y = x and +-25%."""
+    files = sorted(folder.glob("validation*.csv"))
+    if not files:
+        raise KvsimError("no validation*.csv: run `kvsim validate --gpu` first", field="gpu", value=folder.name,
+                         file=str(folder))
+    panels = (("decode", "decode step (ms)", 1e3), ("prefill", "prefill (ms)", 1e3),
+              ("kv_bytes", "allocated KV (MiB)", 1 / 2**20), ("speedup", "attention speed-up over bf16 (x)", 1.0))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 5))
+    markers = "osD^v"
+    for ax, (kind, label, scale) in zip(axes, panels, strict=True):
+        values = []
+        for f_i, path in enumerate(files):
+            profile = path.stem.removeprefix("validation").removeprefix("_from_") or "own profile"
+            with path.open(encoding="utf-8", newline="") as f:
+                sel = [r for r in csv.DictReader(f) if r["kind"] == kind]
+            for model in sorted({r["model"] for r in sel}):
+                m = [(float(r["measured"]) * scale, float(r["predicted"]) * scale) for r in sel if r["model"] == model]
+                ax.scatter(*zip(*m, strict=True), s=18, marker=markers[f_i % len(markers)],
+                           label=model if len(files) == 1 else f"{model} ({profile})")
+                values += [v for pair in m for v in pair]
+        if values:
+            lo, hi = min(values) * 0.8, max(values) * 1.25
+            ref = np.geomspace(lo, hi, 50)
+            ax.plot(ref, ref, "k-", lw=1, label="y = x")
+            ax.fill_between(ref, ref / 1.25, ref * 1.25, color="0.5", alpha=0.15, label="within 25%")
+            _log_axis(ax.xaxis)
+            _log_axis(ax.yaxis)
+            ax.legend(fontsize=7)
+        ax.set_xlabel(f"measured {label}")
+        ax.set_ylabel(f"predicted {label}")
+        ax.set_title(kind.replace("_", " "))
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"{folder.name}: predicted against measured (points not used in fitting)")
+    fig.tight_layout()
+    return fig
+
+
+def _read_columns(path: Path) -> dict[str, np.ndarray]:
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise KvsimError("empty time series", field="timeseries", file=str(path))
+    out = {}
+    for c in rows[0]:
+        try:
+            out[c] = np.array([float(r[c]) if r[c] != "" else np.nan for r in rows])
+        except ValueError:
+            continue  # a text column
+    return out
+
+
+def _first(columns: Mapping[str, np.ndarray], names: Sequence[str]) -> str | None:
+    return next((n for n in names if n in columns), None)
+
+
+def kv_usage(runs: Mapping[str, Path]) -> plt.Figure:
+    """KV-cache usage (fraction of the GPU blocks) and running/waiting sequences over simulated
+    time, one line per run (each a ``kvsim run --out`` folder's ``timeseries.csv``)."""
+    fig, (ax_kv, ax_seq) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = _colors(len(runs))
+    handles, labels = [], []
+    for k, (label, path) in enumerate(runs.items()):
+        cols = _read_columns(path)
+        t = _first(cols, ("time_s", "t_s"))
+        usage = _first(cols, ("kv_usage", "kv_usage_fraction", "kv_used_fraction", "gpu_kv_usage"))
+        if t is None or usage is None:
+            raise KvsimError("time series lacks time_s or a KV usage column", field="timeseries",
+                             value=sorted(cols), file=str(path))
+        color = colors[k % len(colors)]
+        line, = ax_kv.plot(cols[t], 100 * cols[usage], color=color, lw=1.2, drawstyle="steps-post")
+        handles.append(line)
+        labels.append(label)
+        for name, ls in ((("running", "num_running", "running_seqs"), "-"), (("waiting", "num_waiting",
+                                                                                 "waiting_seqs"), ":")):
+            col = _first(cols, name)
+            if col:
+                ax_seq.plot(cols[t], cols[col], color=color, ls=ls, lw=1.2, drawstyle="steps-post")
+    ax_kv.set_ylabel("KV cache used (% of GPU blocks)")
+    ax_kv.set_ylim(0, 105)
+    ax_seq.set_ylabel("sequences")
+    style = [matplotlib.lines.Line2D([], [], color="0.3", ls=ls) for ls in ("-", ":")]
+    ax_seq.legend(style, ["running", "waiting"], fontsize=8, loc="upper left")
+    for ax, title in ((ax_kv, "KV-cache usage"), (ax_seq, "Running and waiting sequences")):
+        ax.set_xlabel("simulated time (s)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    _legend_below(fig, handles, labels, "run")
+    return fig

@@ -1,0 +1,212 @@
+"""``kvsim report DIR``: one self-contained HTML page for a sweep folder (figures embedded as
+base64 PNG, tables inline, no external files), written atomically to ``DIR/report.html``.
+
+Figures: throughput against TTFT/TPOT percentiles; goodput against offered rate (when a rate is
+swept); capacity curves for the sweep's models, methods and GPUs (analytic, kvsim/capacity.py);
+KV usage over time of the points run with ``--keep-runs``; predicted against measured for a GPU's
+validation results (``--validation GPU``). Tables: every point, failed points, and the capacity
+search ranking when ``kvsim search --out DIR`` wrote one.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import kvsim
+from kvsim.errors import KvsimError
+from kvsim.fileio import write_atomic
+from kvsim.sweep import read_plan, read_results, swept_columns
+
+# Columns shown in the points table (when present), after the swept paths.
+HEADLINE_METRICS = ("throughput_output_tokens_per_s", "ttft_s.p50", "ttft_s.p99", "tpot_s.p50", "tpot_s.p99",
+                    "goodput", "preemptions", "prefix_hit_rate", "num_gpu_blocks")
+MAX_KV_RUNS = 8  # KV-usage lines per figure: more would be unreadable
+MAX_CAPACITY_PANELS = 12  # (model, GPU) panels in one capacity figure
+
+
+@dataclass(frozen=True)
+class Figure:
+    id: str
+    title: str
+    caption: str
+    png: bytes
+
+
+def rate_column(paths: Sequence[str]) -> str | None:
+    """The swept path that sets the offered load (``...rate`` or ``...rate_scale``), if any."""
+    for p in paths:
+        if p.rsplit(".", 1)[-1] in ("rate", "rate_scale"):
+            return p
+    return None
+
+
+def load_column(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """The swept column that moves a point along its curve: the swept rate, else the last swept
+    column with numeric values (e.g. engine.max_num_seqs), else none (every point stands alone)."""
+    paths = swept_columns(rows)
+    rate = rate_column(paths)
+    if rate:
+        return rate
+    numeric = [p for p in paths if all(isinstance(r.get(p), (int, float)) for r in rows)]
+    return numeric[-1] if numeric else None
+
+
+def series_columns(rows: Sequence[Mapping[str, Any]], exclude: str | None) -> list[str]:
+    """Columns that tell one series of points from another: swept paths (but the x axis) and the
+    variant when there are several."""
+    cols = [c for c in swept_columns(rows) if c != exclude]
+    if len({r.get("variant") for r in rows}) > 1:
+        cols.append("variant")
+    return cols
+
+
+def sweep_figures(folder: Path, rows: list[dict], validation: Path | None = None) -> list[Figure]:
+    """Every figure the report can draw for this folder (skipping those without data)."""
+    from kvsim import plots
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    rate = rate_column(swept_columns(rows))
+    figs = []
+    if ok and "ttft_s.p50" in ok[0]:
+        along = load_column(ok)
+        figs.append(Figure("latency", "Throughput against latency percentiles",
+                           f"Each colour is one series of sweep points{f', joined in order of {along}' if along else ''};"
+                           " solid p50, dashed p90, dotted p99.",
+                           plots.render(plots.latency_throughput(ok, series_columns(ok, along), along))))
+    if ok and rate and isinstance(ok[0].get("goodput"), (int, float)):
+        figs.append(Figure("goodput", "Goodput against offered load",
+                           "Fraction of requests that met both the TTFT and the TPOT SLO.",
+                           plots.render(plots.goodput_rate(ok, rate, series_columns(ok, rate),
+                                                           rate_unit="x trace rate" if rate.endswith("scale")
+                                                           else "requests/s"))))
+    figs += capacity_figures(read_plan(folder))
+    runs = kv_runs(folder, rows)
+    if runs:
+        figs.append(Figure("kv-usage", "KV-cache usage over time",
+                           f"Points run with --keep-runs (at most {MAX_KV_RUNS}).",
+                           plots.render(plots.kv_usage(runs))))
+    if validation is not None:
+        figs.append(Figure("validation", f"Predicted against measured: {validation.name}",
+                           "From validation*.csv written by `kvsim validate`; none of these points was used in fitting.",
+                           plots.render(plots.predicted_measured(validation))))
+    return figs
+
+
+def capacity_figures(plan: Mapping[str, Any]) -> list[Figure]:
+    """Capacity curves for the models x methods x GPUs the sweep touches, one figure per TP degree."""
+    from kvsim import plots
+    from kvsim.capacity import capacity_grid
+    from kvsim.spec.hardware import load_hardware
+    from kvsim.spec.model import load_model
+
+    by_tp: dict[int, dict[str, dict]] = {}
+    for p in plan["points"]:
+        sc = p["scenario"]
+        if not all(isinstance(sc.get(k), str) for k in ("model", "hardware")):
+            continue
+        d = by_tp.setdefault(int(sc.get("tp", 1) or 1), {"models": {}, "gpus": {}, "methods": {}})
+        d["models"][sc["model"]] = None
+        d["gpus"][sc["hardware"]] = None
+        d["methods"][str(sc.get("method", "bf16"))] = None
+    figs = []
+    for tp, d in sorted(by_tp.items()):
+        models, gpus = list(d["models"]), list(d["gpus"])
+        if len(models) * len(gpus) > MAX_CAPACITY_PANELS:
+            gpus = gpus[: max(1, MAX_CAPACITY_PANELS // len(models))]
+        specs = [load_model(m) for m in models]
+        ctx = plots.default_contexts(max(m.max_position_embeddings for m in specs))
+        grid = capacity_grid(specs, list(d["methods"]), [load_hardware(g) for g in gpus], ctx, tp)
+        figs.append(Figure(f"capacity-tp{tp}", f"Capacity: concurrent sequences against context, TP {tp}",
+                           "Analytic (vLLM-style memory plan), for every model, method and GPU of the sweep.",
+                           plots.render(plots.capacity_curves(grid, tp))))
+    return figs
+
+
+def kv_runs(folder: Path, rows: Sequence[Mapping[str, Any]]) -> dict[str, Path]:
+    """Label -> time-series CSV of the points that kept their run folder (``--keep-runs``)."""
+    cols = series_columns(rows, None)
+    out = {}
+    for r in rows:
+        path = folder / "runs" / str(r.get("key")) / "timeseries.csv"
+        if path.is_file() and len(out) < MAX_KV_RUNS:
+            out[", ".join(f"{c}={r.get(c)}" for c in cols) or f"point {r['point']}"] = path
+    return out
+
+
+# ---------------------------------------------------------------- HTML
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f2f2f2}td.t{text-align:left}tr.error td{background:#fff1f0}figure{margin:1.5em 0}
+figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#555}code{background:#f6f6f6}"""
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape("" if v is None else str(v))
+
+
+def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], row_class: str | None = None) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for r in rows:
+        cls = f' class="{html.escape(str(r.get(row_class)))}"' if row_class else ""
+        cells = "".join(f'<td{" class=t" if isinstance(r.get(c), str) else ""}>{_cell(r.get(c))}</td>' for c in columns)
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def build_report(folder: Path, validation: Path | None = None) -> str:
+    """The HTML text of the report for sweep folder ``folder``."""
+    rows = read_results(folder)
+    plan = read_plan(folder)
+    swept = swept_columns(rows)
+    ok = [r for r in rows if r.get("status") == "ok"]
+    failed = [r for r in rows if r.get("status") != "ok"]
+    figs = sweep_figures(folder, rows, validation)
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>kvsim sweep report: {html.escape(folder.name)}"
+             f"</title><style>{_CSS}</style></head><body>",
+             f"<h1>kvsim sweep report: {html.escape(folder.name)}</h1>",
+             f"<p>Scenario <code>{html.escape(str(plan['file']))}</code>; swept "
+             f"{', '.join(f'<code>{html.escape(p)}</code>' for p in swept) or 'nothing'}; "
+             f"{len(plan['points'])} points, {len(ok)} ok, {len(failed)} failed, "
+             f"{len(plan['points']) - len(rows)} not run. kvsim {kvsim.__version__}, "
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.</p>"]
+    search = folder / "search.json"
+    if search.is_file():
+        ranked = json.loads(search.read_text(encoding="utf-8"))
+        parts.append("<h2>Capacity search</h2>")
+        parts.append(html_table(ranked["configs"], ["rank", "label", "gpus_per_replica", "price_per_gpu_hour_usd",
+                                                    "max_rate", "replicas", "cost_usd_per_hour", "verdict"]))
+        parts.append(f"<p>Target rate: {ranked.get('target_rate')}; rate knob <code>"
+                     f"{html.escape(str(ranked.get('rate_path')))}</code>; tolerance {ranked.get('tolerance')}.</p>")
+    for f in figs:
+        data = base64.b64encode(f.png).decode()
+        parts.append(f"<h2>{html.escape(f.title)}</h2><figure id='fig-{f.id}'><img alt='{html.escape(f.title)}' "
+                     f"src='data:image/png;base64,{data}'><figcaption>{html.escape(f.caption)}</figcaption></figure>")
+    metrics = [m for m in HEADLINE_METRICS if rows and m in rows[0]]
+    parts.append("<h2>All points</h2>")
+    parts.append(html_table(rows, ["point", *swept, "variant", "status", *metrics], row_class="status"))
+    if failed:
+        parts.append("<h2>Failed points</h2>")
+        parts.append(html_table(failed, ["point", *swept, "variant", "error"]))
+    parts.append("<p>Full results: <code>results.csv</code>, <code>results.parquet</code>, <code>points.jsonl</code>"
+                 " in the same folder.</p></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(folder: Path, out: Path | None = None, validation: Path | None = None) -> Path:
+    """Write the report (default ``folder/report.html``) whole or not at all; returns its path."""
+    if not folder.is_dir():
+        raise KvsimError("no such sweep folder", field="DIR", value=str(folder))
+    target = out or folder / "report.html"
+    write_atomic(target, build_report(folder, validation))
+    return target

@@ -1,0 +1,288 @@
+"""Capacity search (``kvsim search``): the highest request rate each configuration of a sweep
+sustains within its SLOs, and the cheapest configuration that meets a target rate.
+
+A configuration is one point of the scenario's ``sweep:`` section (GPU kind x TP x method x ...).
+A rate *passes* when the simulated goodput (the fraction of requests that meet both the TTFT and
+the TPOT SLO) is at least ``sweep.search.min_goodput``. The search doubles the rate from
+``rate_lo`` until a rate fails (or ``rate_max`` passes), then bisects geometrically between the
+highest passing and the lowest failing rate until they are within ``tolerance`` of each other
+(default 5%: the reported rate is at most 5% below the true threshold, never above it, as long as
+goodput falls monotonically with rate). The rate knob is ``workload.synthetic.rate`` (requests/s)
+for synthetic workloads and ``workload.rate_scale`` (a multiplier) for traces.
+
+Cost of a configuration: GPUs per replica x price per GPU-hour (hardware catalogue) / the rate one
+replica sustains; for a target rate, replicas = ceil(target / rate per replica).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kvsim.errors import KvsimError
+from kvsim.sweep import Backend, Point, SearchConfig, SweepPlan, execute, point_key
+
+# What stops a configuration from going faster (the SLO it misses first, or why it cannot run).
+LIMITS = {"memory": "does not fit in memory", "ttft": "TTFT SLO", "tpot": "TPOT SLO", "error": "simulation error",
+          "rate_max": "none up to rate_max"}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One simulated rate and its verdict."""
+
+    rate: float
+    passes: bool
+    goodput: float | None
+    limit: str  # "" when it passes, else a key of LIMITS
+    detail: str
+
+
+@dataclass(frozen=True)
+class RateSearch:
+    """The outcome of a bisection: ``rate`` passes (0 when even ``rate_lo`` fails), ``fail_rate``
+    fails (None when ``rate_max`` passes), ``limit``/``detail`` say why ``fail_rate`` fails."""
+
+    rate: float
+    fail_rate: float | None
+    limit: str
+    detail: str
+    probes: tuple[Probe, ...]
+
+
+def bisect_rate(evaluate: Callable[[float], Probe], rate_lo: float, rate_max: float, tolerance: float) -> RateSearch:
+    """Highest rate in [rate_lo, rate_max] for which ``evaluate`` passes, to a relative ``tolerance``.
+
+    Doubling then geometric bisection: about log2(rate/rate_lo) + log2(log(2)/log(1+tolerance))
+    evaluations (12 for 0.25 -> 32 requests/s at 5%).
+    """
+    if not 0 < rate_lo <= rate_max:
+        raise KvsimError("need 0 < rate_lo <= rate_max", field="sweep.search.rate_lo", value=rate_lo)
+    probes: list[Probe] = []
+
+    def run(rate: float) -> Probe:
+        probes.append(evaluate(rate))
+        return probes[-1]
+
+    first = run(rate_lo)
+    if not first.passes:
+        return RateSearch(0.0, rate_lo, first.limit, first.detail, tuple(probes))
+    ok, failing = rate_lo, None
+    while failing is None and ok < rate_max:
+        p = run(min(2 * ok, rate_max))
+        if p.passes:
+            ok = p.rate
+        else:
+            failing = p
+    if failing is None:
+        return RateSearch(ok, None, "rate_max", f"meets the SLOs up to rate_max={rate_max:g}", tuple(probes))
+    while (failing.rate - ok) / ok > tolerance:
+        p = run(math.sqrt(ok * failing.rate))
+        if p.passes:
+            ok = p.rate
+        else:
+            failing = p
+    return RateSearch(ok, failing.rate, failing.limit, failing.detail, tuple(probes))
+
+
+# ---------------------------------------------------------------- one configuration, simulated
+
+def rate_path(raw: Mapping[str, Any], cfg: SearchConfig) -> str:
+    """The dotted path the search varies: configured, else the synthetic rate, else the trace scale."""
+    if cfg.rate_path:
+        return cfg.rate_path
+    workload = raw.get("workload") or {}
+    return "workload.synthetic.rate" if isinstance(workload, Mapping) and "synthetic" in workload \
+        else "workload.rate_scale"
+
+
+def judge(summary: Mapping[str, Any], min_goodput: float) -> tuple[bool, float | None, str, str]:
+    """(passes, goodput, limit, detail) of one run summary.
+
+    ``goodput`` is the fraction of requests meeting both SLOs; when it falls short, the limit is
+    the SLO met by fewer requests (``slo_attainment.ttft`` / ``.tpot``).
+    """
+    if summary.get("num_gpu_blocks", 1) <= 0:
+        return False, 0.0, "memory", "no KV-cache blocks left after weights and activations"
+    goodput = summary.get("goodput")
+    if not isinstance(goodput, (int, float)):
+        raise KvsimError("run summary has no numeric goodput: the scenario needs an `slo:` section",
+                         field="goodput", value=goodput)
+    if goodput >= min_goodput:
+        return True, float(goodput), "", f"goodput {goodput:.1%}"
+    attain = summary.get("slo_attainment") or {}
+    ttft, tpot = attain.get("ttft"), attain.get("tpot")
+    limit = "ttft" if ttft is not None and (tpot is None or ttft <= tpot) else "tpot"
+    parts = [f"goodput {goodput:.1%} < {min_goodput:.0%}"]
+    for name, value in (("TTFT", ttft), ("TPOT", tpot)):
+        if value is not None:
+            parts.append(f"{name} SLO met by {value:.1%}")
+    if isinstance(summary.get("ttft_s"), Mapping) and isinstance(summary.get("tpot_s"), Mapping):
+        parts.append(f"p90 TTFT {summary['ttft_s'].get('p90', math.nan) * 1e3:.0f} ms, "
+                     f"p90 TPOT {summary['tpot_s'].get('p90', math.nan) * 1e3:.1f} ms")
+    return False, float(goodput), limit, "; ".join(parts)
+
+
+def evaluate_rate(raw: Mapping[str, Any], file: str, path: str, rate: float, min_goodput: float) -> Probe:
+    """Simulate one configuration at one rate. A scenario error is a failed probe, not a crash."""
+    from kvsim.scenario import apply_override, run_scenario, scenario_from_dict
+
+    try:
+        result = run_scenario(scenario_from_dict(apply_override(dict(raw), path, rate), file))
+    except KvsimError as err:
+        text = str(err)
+        limit = "memory" if any(w in text.lower() for w in ("memory", "fit", "blocks")) else "error"
+        return Probe(rate, False, None, limit, text)
+    passes, goodput, limit, detail = judge(result.summary, min_goodput)
+    return Probe(rate, passes, goodput, limit, detail)
+
+
+def search_config(raw: Mapping[str, Any], file: str, cfg: Mapping[str, Any]) -> dict:
+    """Worker: bisect one configuration's rate. Takes and returns plain data (process pool, Ray)."""
+    config = SearchConfig(**cfg)
+    path = rate_path(raw, config)
+    try:
+        found = bisect_rate(lambda r: evaluate_rate(raw, file, path, r, config.min_goodput),
+                            config.rate_lo, config.rate_max, config.tolerance)
+    except Exception as err:  # noqa: BLE001 - one broken configuration must not stop the search
+        text = str(err) if isinstance(err, KvsimError) else f"{type(err).__name__}: {err}"
+        found = RateSearch(0.0, None, "error", text, ())
+    return {"rate_path": path, **asdict(found)}
+
+
+# ---------------------------------------------------------------- ranking by cost
+
+def gpus_per_replica(raw: Mapping[str, Any]) -> int:
+    """GPUs one replica of a scenario occupies (tensor x pipeline parallel degree)."""
+    return int(raw.get("tp", 1) or 1) * int(raw.get("pp", 1) or 1)
+
+
+def price_per_gpu_hour(raw: Mapping[str, Any]) -> float | None:
+    from kvsim.spec.hardware import load_hardware
+
+    return load_hardware(str(raw["hardware"])).price_per_gpu_hour_usd if raw.get("hardware") else None
+
+
+@dataclass(frozen=True)
+class ConfigResult:
+    point: int
+    label: str
+    hardware: str
+    gpus_per_replica: int
+    price_per_gpu_hour_usd: float | None
+    rate_path: str
+    max_rate: float  # highest rate verified to meet the SLOs (0: none)
+    limit: str  # what fails above max_rate
+    limit_detail: str
+    probes: int
+    replicas: int | None  # for the target rate
+    cost_usd_per_hour: float | None  # replicas x GPUs x price (for the target) or one replica
+    usd_per_hour_per_rate: float | None  # GPUs x price / max_rate
+    rank: int | None = None
+    verdict: str = ""
+
+
+def _cost(r: ConfigResult, target: float | None) -> ConfigResult:
+    if r.max_rate <= 0 or r.price_per_gpu_hour_usd is None:
+        return r
+    per_replica = r.gpus_per_replica * r.price_per_gpu_hour_usd
+    replicas = math.ceil(target / r.max_rate - 1e-9) if target else 1
+    return ConfigResult(**{**asdict(r), "replicas": replicas, "cost_usd_per_hour": replicas * per_replica,
+                           "usd_per_hour_per_rate": per_replica / r.max_rate})
+
+
+def rank(results: Sequence[ConfigResult], target: float | None) -> list[ConfigResult]:
+    """Ranked configurations, cheapest first (for the target rate, else per unit of rate), each
+    loser with the reason it lost."""
+    costed = [_cost(r, target) for r in results]
+    viable = [r for r in costed if r.cost_usd_per_hour is not None]
+    key = (lambda r: (r.cost_usd_per_hour, -r.max_rate)) if target else \
+        (lambda r: (r.usd_per_hour_per_rate, -r.max_rate))
+    viable.sort(key=key)
+    out = []
+    best = viable[0] if viable else None
+    for i, r in enumerate(viable):
+        limit = f"above {r.max_rate:.3g}: {LIMITS.get(r.limit, r.limit)}"
+        if i == 0:
+            verdict = f"cheapest ({limit})"
+        elif math.isclose(key(r)[0], key(best)[0], rel_tol=1e-9):
+            verdict = f"ties with #1 on cost; {'lower' if r.max_rate < best.max_rate else 'equal'} rate per replica ({limit})"
+        elif target:
+            verdict = (f"more expensive: {r.replicas} x {r.gpus_per_replica} GPU = ${r.cost_usd_per_hour:.2f}/h vs "
+                       f"${best.cost_usd_per_hour:.2f}/h ({limit})")
+        else:
+            verdict = (f"more expensive: ${r.usd_per_hour_per_rate:.3f}/h per unit of rate vs "
+                       f"${best.usd_per_hour_per_rate:.3f} ({limit})")
+        out.append(ConfigResult(**{**asdict(r), "rank": i + 1, "verdict": verdict}))
+    for r in costed:
+        if r.cost_usd_per_hour is not None:
+            continue
+        if r.max_rate <= 0:
+            verdict = f"{LIMITS.get(r.limit, r.limit)} even at the lowest rate: {r.limit_detail}"
+        else:
+            verdict = f"no price per GPU-hour for {r.hardware} in the hardware catalogue"
+        out.append(ConfigResult(**{**asdict(r), "verdict": verdict}))
+    return out
+
+
+def run_search(plan: SweepPlan, target_rate: float | None = None, jobs: int | None = None,
+               backend: Backend = "local", address: str | None = None,
+               points: Sequence[Point] | None = None,
+               on_done: Callable[[int, int], None] | None = None) -> list[ConfigResult]:
+    """Search every configuration (point) of ``plan``, in parallel, and rank them by cost."""
+    chosen = distinct_configs(plan, points if points is not None else plan.points)
+    cfg = plan.search.model_dump()
+    tasks = [(dict(p.raw), plan.file, cfg) for p in chosen]
+    results: dict[int, ConfigResult] = {}
+    for i, found in execute(search_config, tasks, backend, jobs, address):
+        p = chosen[i]
+        results[i] = ConfigResult(
+            point=p.index, label=p.label(), hardware=str(p.raw.get("hardware", "")),
+            gpus_per_replica=gpus_per_replica(p.raw), price_per_gpu_hour_usd=price_per_gpu_hour(p.raw),
+            rate_path=found["rate_path"], max_rate=found["rate"], limit=found["limit"],
+            limit_detail=found["detail"], probes=len(found["probes"]), replicas=None, cost_usd_per_hour=None,
+            usd_per_hour_per_rate=None)
+        if on_done:
+            on_done(len(results), len(chosen))
+    return rank([results[i] for i in sorted(results)], target_rate or plan.search.target_rate)
+
+
+def distinct_configs(plan: SweepPlan, points: Sequence[Point]) -> list[Point]:
+    """Points that differ in more than the searched rate (points differing only in the rate are one
+    configuration to the search; the first of them stands for it)."""
+    from kvsim.scenario import apply_override
+
+    seen: set[str] = set()
+    out = []
+    for p in points:
+        key = point_key(apply_override(dict(p.raw), rate_path(p.raw, plan.search), plan.search.rate_lo))
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def select_points(plan: SweepPlan, selectors: Sequence[str]) -> list[Point]:
+    """Points chosen by ``--configs``: point indices (``3``) and/or ``path=value`` filters."""
+    chosen = list(plan.points)
+    indices = {int(s) for s in selectors if s.isdigit()}
+    if indices:
+        bad = sorted(indices - {p.index for p in plan.points})
+        if bad:
+            raise KvsimError(f"no such configuration (0..{len(plan.points) - 1})", field="--configs", value=bad[0])
+        chosen = [p for p in chosen if p.index in indices]
+    for s in selectors:
+        if s.isdigit():
+            continue
+        path, eq, value = s.partition("=")
+        if not eq:
+            raise KvsimError("expected a point index or PATH=VALUE", field="--configs", value=s)
+        if path not in plan.paths and path != "variant":
+            raise KvsimError(f"not a swept path (swept: {', '.join(plan.paths) or 'none'})", field="--configs",
+                             value=path, file=plan.file)
+        chosen = [p for p in chosen if str(p.variant if path == "variant" else p.values[path]) == value]
+    if not chosen:
+        raise KvsimError("no configuration matches", field="--configs", value=" ".join(selectors))
+    return chosen

@@ -1,0 +1,562 @@
+"""Sweeps: a scenario YAML's ``sweep:`` section expanded into points, every point validated before
+anything runs, then run on a local process pool or on Ray, with results written as they finish.
+
+```yaml
+sweep:
+  grid:                       # cartesian product
+    method: [bf16, fp8, "kivi:bits=2"]
+    engine.max_num_seqs: [64, 256]
+  zip:                        # parallel lists of equal length (one point per position)
+    hardware: [h100-sxm, h200-sxm]
+    tp: [2, 1]
+  variants:                   # named sets of overrides, crossed with grid x zip
+    - {name: small-batch, set: {engine.max_num_batched_tokens: 2048}}
+    - {name: default, set: {}}
+```
+
+Points = variants x grid x zip (each part counts 1 when absent). A point's identity is the hash of
+its resolved scenario (the YAML with every override applied), so a sweep that was cut off resumes
+without redoing finished points, and reordering the grid changes nothing.
+
+Outputs in the sweep folder: ``points.jsonl`` (one line per finished point, appended and flushed as
+it finishes) and ``results.csv`` / ``results.parquet`` (rewritten whole from it, atomically).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+import kvsim
+from kvsim.errors import KvsimError
+from kvsim.fileio import write_atomic
+
+SWEEP_KEY = "sweep"
+Backend = Literal["local", "ray"]
+# Leading columns of the results table; the swept paths follow `point`, the metrics follow `key`.
+STATUS_COLUMNS = ("variant", "status", "error", "key")
+
+
+# ---------------------------------------------------------------- the `sweep:` schema
+
+_STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _Variant(BaseModel):
+    model_config = _STRICT
+    name: str = Field(min_length=1)
+    set: dict[str, Any]
+
+
+class SearchConfig(BaseModel):
+    """``sweep.search``: how ``kvsim search`` bisects the request rate (documented in docs/sweep.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rate_path: str | None = None  # default: workload.synthetic.rate, else workload.rate_scale
+    rate_lo: float = Field(default=0.25, gt=0)  # first rate tried (requests/s, or scale for traces)
+    rate_max: float = Field(default=1024.0, gt=0)  # the search never offers more than this
+    tolerance: float = Field(default=0.05, gt=0, lt=1)  # stop when (fail - ok) / ok <= tolerance
+    min_goodput: float = Field(default=0.9, gt=0, le=1)  # fraction of requests within both SLOs
+    target_rate: float | None = Field(default=None, gt=0)
+
+
+class _Sweep(BaseModel):
+    model_config = _STRICT
+    grid: dict[str, list[Any]] | None = None
+    zip: dict[str, list[Any]] | None = None
+    variants: list[_Variant] | None = None
+    search: SearchConfig | None = None
+
+
+@dataclass(frozen=True)
+class Point:
+    """One resolved scenario of a sweep."""
+
+    index: int
+    values: Mapping[str, Any]  # swept path -> value (grid and zip)
+    variant: str | None
+    raw: Mapping[str, Any]  # the scenario dict with every override applied, without `sweep:`
+    key: str  # hash of `raw` and the kvsim version: the resume key
+
+    def label(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.values.items()]
+        return ", ".join(([f"variant={self.variant}"] if self.variant else []) + parts) or "base scenario"
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """Every point of a sweep, validated; ``paths`` are the swept paths in column order."""
+
+    file: str
+    paths: tuple[str, ...]
+    points: tuple[Point, ...]
+    search: SearchConfig
+
+
+def point_key(raw: Mapping[str, Any]) -> str:
+    """Stable hash of a resolved scenario (key order does not matter) and of the kvsim version."""
+    text = json.dumps({"kvsim": kvsim.__version__, "scenario": raw}, sort_keys=True, default=str,
+                      separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_raw(path: str | Path, sets: Sequence[str] = ()) -> dict:
+    """The scenario file as a dict, with ``--set KEY=VALUE`` overrides applied (values parsed as YAML)."""
+    from kvsim.scenario import apply_override
+
+    p = Path(path)
+    if not p.is_file():
+        raise KvsimError("no such scenario file", field="scenario", value=str(path))
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise KvsimError(f"invalid YAML: {err}", file=str(p)) from None
+    if not isinstance(raw, dict):
+        raise KvsimError("expected a mapping of scenario fields", value=type(raw).__name__, file=str(p))
+    for item in sets:
+        dotted, eq, text = item.partition("=")
+        if not eq or not dotted:
+            raise KvsimError("expected KEY=VALUE", field="--set", value=item)
+        raw = apply_override(raw, dotted.strip(), yaml.safe_load(text))
+    return raw
+
+
+def _parse_sweep(section: object, file: str) -> _Sweep:
+    if not isinstance(section, dict):
+        raise KvsimError("expected a mapping with grid, zip, variants or search", field=SWEEP_KEY,
+                         value=section, file=file)
+    try:
+        sweep = _Sweep.model_validate(section)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join([SWEEP_KEY, *(str(p) for p in first["loc"])])
+        if first["type"] == "extra_forbidden":
+            raise KvsimError("unknown key (expected grid, zip, variants or search)", field=field,
+                             value=first["input"], file=file) from None
+        raise KvsimError(first["msg"], field=field, value=first["input"], file=file) from None
+    for part in ("grid", "zip"):
+        for path, values in (getattr(sweep, part) or {}).items():
+            if not values:
+                raise KvsimError("empty list of values: a sweep axis needs at least one value",
+                                 field=f"{SWEEP_KEY}.{part}.{path}", value=values, file=file)
+    if sweep.grid is not None and not sweep.grid:
+        raise KvsimError("empty grid: name at least one path with a list of values", field=f"{SWEEP_KEY}.grid",
+                         value={}, file=file)
+    if sweep.zip is not None and not sweep.zip:
+        raise KvsimError("empty zip: name at least one path with a list of values", field=f"{SWEEP_KEY}.zip",
+                         value={}, file=file)
+    if sweep.zip:
+        lengths = {path: len(v) for path, v in sweep.zip.items()}
+        if len(set(lengths.values())) > 1:
+            raise KvsimError("zip lists must have equal lengths", field=f"{SWEEP_KEY}.zip", value=lengths, file=file)
+    if sweep.variants is not None and not sweep.variants:
+        raise KvsimError("empty list of variants", field=f"{SWEEP_KEY}.variants", value=[], file=file)
+    names = [v.name for v in sweep.variants or []]
+    if len(set(names)) != len(names):
+        raise KvsimError("variant names must be unique", field=f"{SWEEP_KEY}.variants", value=names, file=file)
+    both = set(sweep.grid or {}) & set(sweep.zip or {})
+    if both:
+        raise KvsimError("a path is swept by both grid and zip", field=f"{SWEEP_KEY}.zip", value=sorted(both),
+                         file=file)
+    for v in sweep.variants or []:
+        clash = set(v.set) & (set(sweep.grid or {}) | set(sweep.zip or {}))
+        if clash:
+            raise KvsimError("a variant sets a path the grid or zip already sweeps",
+                             field=f"{SWEEP_KEY}.variants[{v.name}].set", value=sorted(clash), file=file)
+    return sweep
+
+
+def _blame(err: KvsimError, assigned: Mapping[str, tuple[str, Any]]) -> tuple[str, Any] | None:
+    """The (sweep field, value) whose override a scenario error is about, if one can be named."""
+    if err.field is None:
+        return None
+    for path, where in assigned.items():
+        if err.field == path or err.field.startswith(path + ".") or path.startswith(err.field + "."):
+            return where
+    return None
+
+
+def _bare(err: KvsimError) -> str:
+    """The message of a KvsimError without its "file: field=value: " prefix (re-raised with ours)."""
+    text = str(err)
+    if err.file and text.startswith(f"{err.file}: "):
+        text = text[len(err.file) + 2:]
+    if err.field is not None and text.startswith(f"{err.field}={err.value!r}: "):
+        text = text[len(f"{err.field}={err.value!r}: "):]
+    return text
+
+
+def _resolve(base: dict, assigned: Mapping[str, tuple[str, Any]], label: str, file: str) -> dict:
+    """Apply every override of one point and validate the result with the scenario schema."""
+    from kvsim.scenario import apply_override, scenario_from_dict
+
+    raw = base
+    for path, (field, value) in assigned.items():
+        try:
+            raw = apply_override(raw, path, value)
+        except KvsimError as err:
+            raise KvsimError(f"the path names no scenario field ({_bare(err)})", field=field, value=value,
+                             file=file) from None
+    try:
+        scenario_from_dict(raw, file)
+    except KvsimError as err:
+        where = _blame(err, assigned)
+        if where is None:
+            raise KvsimError(f"sweep point ({label}) is not a valid scenario: {err}", field=SWEEP_KEY,
+                             file=file) from None
+        raise KvsimError(f"{_bare(err)} (sweep point {label})", field=where[0], value=where[1], file=file) from None
+    return raw
+
+
+def expand(raw: Mapping[str, Any], file: str) -> SweepPlan:
+    """All points of a scenario dict's ``sweep:`` section (one point when there is none), each one
+    validated with ``scenario_from_dict``. Raises one KvsimError naming the path and the file."""
+    base = {k: v for k, v in raw.items() if k != SWEEP_KEY}
+    sweep = _parse_sweep(raw[SWEEP_KEY], file) if SWEEP_KEY in raw else _Sweep()
+    grid, zipped = sweep.grid or {}, sweep.zip or {}
+    paths = tuple(grid) + tuple(zipped)
+    grid_rows = list(itertools.product(*grid.values())) if grid else [()]
+    zip_rows = list(zip(*zipped.values(), strict=True)) if zipped else [()]
+    variants: list[_Variant | None] = list(sweep.variants) if sweep.variants else [None]
+    points = []
+    for variant, g, z in itertools.product(variants, grid_rows, zip_rows):
+        values = dict(zip(paths, g + z, strict=True))
+        assigned: dict[str, tuple[str, Any]] = {}
+        if variant is not None:
+            assigned.update({p: (f"{SWEEP_KEY}.variants[{variant.name}].set.{p}", v) for p, v in variant.set.items()})
+        assigned.update({p: (f"{SWEEP_KEY}.grid.{p}", v) for p, v in zip(grid, g, strict=True)})
+        assigned.update({p: (f"{SWEEP_KEY}.zip.{p}", v) for p, v in zip(zipped, z, strict=True)})
+        name = variant.name if variant else None
+        label = ", ".join(([f"variant={name}"] if name else []) + [f"{k}={v!r}" for k, v in values.items()])
+        resolved = _resolve(base, assigned, label or "base scenario", file)
+        points.append(Point(len(points), values, name, resolved, point_key(resolved)))
+    return SweepPlan(file, paths, tuple(points), sweep.search or SearchConfig())
+
+
+# ---------------------------------------------------------------- running points
+
+def run_point(raw: Mapping[str, Any], file: str, run_dir: str | None = None) -> dict:
+    """Simulate one resolved scenario. Never raises: a failure is recorded as the point's result.
+
+    Runs in a worker process (local pool or Ray task), so it takes and returns plain data.
+    """
+    from kvsim.scenario import run_scenario, scenario_from_dict
+
+    t0 = time.perf_counter()
+    try:
+        result = run_scenario(scenario_from_dict(dict(raw), file))
+        if run_dir:
+            from kvsim.scenario import write_outputs
+
+            write_outputs(result, Path(run_dir))
+        return {"status": "ok", "error": "", "summary": result.summary, "wall_s": time.perf_counter() - t0}
+    except Exception as err:  # noqa: BLE001 - any failure of one point is data, the sweep goes on
+        text = str(err) if isinstance(err, KvsimError) else f"{type(err).__name__}: {err}"
+        return {"status": "error", "error": text, "summary": {}, "wall_s": time.perf_counter() - t0}
+
+
+def available_cores() -> int:
+    """Cores this process may use (its CPU affinity where the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "local", jobs: int | None = None,
+            address: str | None = None) -> Iterator[tuple[int, Any]]:
+    """Run ``fn(*task)`` for every task; yield ``(task index, result)`` as each finishes.
+
+    ``local``: in-process for one job, else a process pool of ``jobs`` workers (spawned, so the
+    behaviour is the same on every OS). ``ray``: one Ray task per item, on the cluster at
+    ``address`` or on a local instance of ``jobs`` CPUs. ``fn`` must be a module-level function.
+    """
+    jobs = jobs or available_cores()
+    if jobs <= 0:
+        raise KvsimError("must be a positive integer", field="--jobs", value=jobs)
+    if backend == "ray":
+        yield from _execute_ray(fn, tasks, jobs, address)
+    elif backend != "local":
+        raise KvsimError("unknown backend (expected local or ray)", field="--backend", value=backend)
+    elif jobs == 1 or len(tasks) <= 1:
+        for i, task in enumerate(tasks):
+            yield i, fn(*task)
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
+            try:
+                for fut in as_completed(futures):
+                    yield futures[fut], fut.result()
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+
+
+def _execute_ray(fn: Callable[..., Any], tasks: Sequence[tuple], jobs: int,
+                 address: str | None) -> Iterator[tuple[int, Any]]:
+    try:
+        import ray
+    except ImportError:
+        raise KvsimError("the ray backend needs Ray: pip install 'kvsim[ray]'", field="--backend",
+                         value="ray") from None
+    started = not ray.is_initialized()
+    if started:
+        # A cluster brings its own CPUs; a local instance gets exactly the cores given (--jobs).
+        options = {"address": address} if address else {"num_cpus": jobs}
+        ray.init(**options, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=0)(fn)
+        refs = {remote.remote(*task): i for i, task in enumerate(tasks)}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                yield refs[ref], ray.get(ref)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------- results on disk
+
+def flatten(summary: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"ttft_s": {"p50": x}}`` -> ``{"ttft_s.p50": x}``; lists become JSON text."""
+    out: dict[str, Any] = {}
+    for k, v in summary.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, name + "."))
+        elif isinstance(v, (list, tuple)):
+            out[name] = json.dumps(v)
+        else:
+            out[name] = v
+    return out
+
+
+class ResultStore:
+    """``points.jsonl`` (append-only, one line per finished point) and the tables rebuilt from it."""
+
+    def __init__(self, folder: Path, plan: SweepPlan) -> None:
+        self.folder, self.plan = folder, plan
+        self.jsonl = folder / "points.jsonl"
+        self.records: dict[str, dict] = {}
+        folder.mkdir(parents=True, exist_ok=True)
+        self._load()
+
+    def _load(self) -> None:
+        if not self.jsonl.is_file():
+            return
+        text = self.jsonl.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):  # cut off mid-line: drop the partial record
+            text = text[: text.rfind("\n") + 1]
+            write_atomic(self.jsonl, text)
+        for line in text.splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a damaged line is a point to redo, not a reason to stop
+            if isinstance(rec, dict) and isinstance(rec.get("key"), str):
+                self.records[rec["key"]] = rec
+
+    def finished(self, point: Point, retry_errors: bool = False) -> bool:
+        rec = self.records.get(point.key)
+        return rec is not None and not (retry_errors and rec.get("status") != "ok")
+
+    def add(self, point: Point, result: Mapping[str, Any]) -> None:
+        rec = {"key": point.key, "point": point.index, "values": dict(point.values), "variant": point.variant,
+               **result}
+        with self.jsonl.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[point.key] = rec
+
+    def write_plan(self) -> None:
+        """``sweep.json``: the scenario file, swept paths and every point's resolved scenario, so
+        reports and plots can read what each point was (model, GPU, method) without the YAML."""
+        points = [{"point": p.index, "key": p.key, "variant": p.variant, "values": dict(p.values),
+                   "scenario": dict(p.raw)} for p in self.plan.points]
+        write_atomic(self.folder / "sweep.json", json.dumps({"file": self.plan.file, "paths": list(self.plan.paths),
+                                                             "points": points}, indent=1, default=str))
+
+    def rows(self) -> list[dict]:
+        """One row per point of the plan that has finished, in point order."""
+        rows = []
+        for p in self.plan.points:
+            rec = self.records.get(p.key)
+            if rec is None:
+                continue
+            row: dict[str, Any] = {"point": p.index, **{path: p.values[path] for path in self.plan.paths},
+                                   "variant": p.variant or "", "status": rec.get("status", "error"),
+                                   "error": rec.get("error", ""), "key": p.key}
+            row.update(flatten(rec.get("summary") or {}))
+            rows.append(row)
+        return rows
+
+    def write_tables(self) -> list[str]:
+        """Rewrite results.csv (and results.parquet when pyarrow is present); returns notes to print."""
+        rows = self.rows()
+        columns = list(dict.fromkeys(c for r in rows for c in r)) or \
+            ["point", *self.plan.paths, *STATUS_COLUMNS]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({c: _csv_cell(r.get(c)) for c in columns})
+        write_atomic(self.folder / "results.csv", buf.getvalue())
+        try:
+            data = _parquet_bytes(rows, columns)
+        except ImportError:
+            return ["results.parquet not written: pyarrow is not installed (pip install 'kvsim[parquet]')"]
+        write_atomic(self.folder / "results.parquet", data)
+        return []
+
+
+def _csv_cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, (dict, list)):
+        return json.dumps(v)
+    return v
+
+
+def _parquet_bytes(rows: list[dict], columns: list[str]) -> bytes:
+    """A Parquet file of the rows: a column of numbers stays numeric, any other column is text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays = {}
+    for c in columns:
+        values = [r.get(c) for r in rows]
+        present = [v for v in values if v is not None]
+        if present and all(isinstance(v, bool) for v in present):
+            arrays[c] = pa.array(values, type=pa.bool_())
+        elif present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+            arrays[c] = pa.array(values, type=pa.int64())
+        elif present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+            arrays[c] = pa.array([None if v is None else float(v) for v in values], type=pa.float64())
+        else:
+            arrays[c] = pa.array([None if v is None else str(_csv_cell(v)) for v in values], type=pa.string())
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(arrays), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def read_results(folder: Path) -> list[dict]:
+    """The rows of a sweep folder's results.csv, numbers parsed back to int/float."""
+    path = folder / "results.csv"
+    if not path.is_file():
+        raise KvsimError("no results.csv: not a sweep folder (run `kvsim sweep ... --out DIR`)",
+                         field="results", value=str(folder), file=str(path))
+    with path.open(encoding="utf-8", newline="") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def read_plan(folder: Path) -> dict:
+    """A sweep folder's ``sweep.json`` (see :meth:`ResultStore.write_plan`)."""
+    path = folder / "sweep.json"
+    if not path.is_file():
+        raise KvsimError("no sweep.json: not a sweep folder (run `kvsim sweep ... --out DIR`)",
+                         field="results", value=str(folder), file=str(path))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def swept_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The swept-path columns of a results table: those between ``point`` and ``variant``."""
+    if not rows:
+        return []
+    cols = list(rows[0])
+    return cols[cols.index("point") + 1: cols.index("variant")]
+
+
+def _number(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return None if text == "" else text
+
+
+# ---------------------------------------------------------------- progress and the sweep
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only on a terminal."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.total, self.label, self.enabled = total, label, enabled and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def update(self, done: int, errors: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (self.total - done) if done else math.nan
+        width = 30
+        bar = "#" * int(width * done / max(self.total, 1))
+        sys.stderr.write(f"\r{self.label} [{bar:<{width}}] {done}/{self.total}"
+                         f"{f'  {errors} failed' if errors else ''}  {elapsed:.0f} s"
+                         f"{f'  ETA {eta:.0f} s' if done < self.total and done else ''}   ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    total: int
+    skipped: int  # finished in an earlier run (resume)
+    ran: int
+    failed: int  # points whose status is error, this run or earlier
+    notes: tuple[str, ...]
+
+
+def run_sweep(plan: SweepPlan, out: Path, jobs: int | None = None, backend: Backend = "local",
+              address: str | None = None, retry_errors: bool = False, keep_runs: bool = False,
+              progress: bool = False, table_interval_s: float = 1.0) -> SweepOutcome:
+    """Run every point of ``plan`` not already finished in ``out`` and write the result tables.
+
+    Each finished point is appended to ``points.jsonl`` at once; the tables are rewritten at most
+    every ``table_interval_s`` and at the end. ``keep_runs`` also writes each point's own run
+    folder (``runs/<key>/``: summary, per-request CSV, time series) for plots of one point.
+    """
+    store = ResultStore(out, plan)
+    store.write_plan()
+    todo = [p for p in plan.points if not store.finished(p, retry_errors)]
+    tasks = [(dict(p.raw), plan.file, str(out / "runs" / p.key) if keep_runs else None) for p in todo]
+    bar = Progress(len(plan.points), "sweep", progress)
+    done = len(plan.points) - len(todo)
+    bar.update(done, 0)
+    last_write = time.perf_counter()
+    try:
+        for i, result in execute(run_point, tasks, backend, jobs, address):
+            store.add(todo[i], result)
+            done += 1
+            bar.update(done, sum(r.get("status") != "ok" for r in store.records.values()))
+            if time.perf_counter() - last_write >= table_interval_s:
+                store.write_tables()
+                last_write = time.perf_counter()
+    finally:
+        bar.close()
+        notes = store.write_tables()
+    failed = sum(1 for p in plan.points if store.records.get(p.key, {}).get("status") == "error")
+    return SweepOutcome(len(plan.points), len(plan.points) - len(todo), len(todo), failed, tuple(notes))
