@@ -1,0 +1,94 @@
+"""Figures: capacity curves from the vectorized grid, predicted-vs-measured from validation
+results, the CLI plot kinds and their bad-input errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvsim import plots
+from kvsim.calibrate import calibrate
+from kvsim.capacity import capacity_grid
+from kvsim.cli import main
+from kvsim.errors import KvsimError
+from kvsim.spec.hardware import load_hardware
+from kvsim.spec.model import load_model
+from kvsim.validate import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def validation_root(tmp_path_factory) -> Path:
+    """The repository's H100 smoke measurements, calibrated and validated in a scratch copy."""
+    src = ROOT / "validation" / "results" / "smoke-h100"
+    if not src.is_dir():
+        pytest.skip("validation/results/smoke-h100 not present")
+    root = tmp_path_factory.mktemp("results")
+    shutil.copytree(src, root / "h100-sxm")
+    calibrate("h100-sxm", root)
+    validate("h100-sxm", None, root)
+    return root
+
+
+def test_capacity_curves_one_panel_per_model_and_gpu():
+    grid = capacity_grid([load_model("llama-3-8b"), load_model("llama-2-7b")], ["bf16", "fp8", "kivi:bits=2"],
+                         [load_hardware("h100-sxm"), load_hardware("l40s")], [1024, 8192, 65536])
+    fig = plots.capacity_curves(grid, tp=1)
+    axes = fig.axes
+    assert len(axes) == 4
+    assert axes[0].get_ylabel() == "max concurrent sequences"
+    assert axes[-1].get_xlabel() == "context length (tokens per sequence)"
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["bf16", "fp8", "kivi:bits=2"]
+    # the plotted values are the grid's (llama-3-8b, bf16, h100-sxm)
+    y = axes[0].lines[0].get_ydata()
+    assert np.array_equal(y, grid.max_concurrency[0, 0, 0].astype(float))
+    assert plots.render(fig).startswith(PNG_MAGIC)
+
+
+def test_predicted_measured_reads_validation_csv(validation_root: Path):
+    fig = plots.predicted_measured(validation_root / "h100-sxm")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["decode", "prefill", "kv bytes", "speedup"]
+    assert fig.axes[0].get_xlabel() == "measured decode step (ms)"
+    assert sum(len(c.get_offsets()) for c in fig.axes[0].collections if c.get_label() != "within 25%") == 12
+    plots.render(fig)
+
+
+def test_predicted_measured_without_results_names_the_folder(tmp_path: Path):
+    with pytest.raises(KvsimError, match="kvsim validate"):
+        plots.predicted_measured(tmp_path)
+
+
+def test_cli_plot_kinds_write_images(tmp_path: Path, validation_root: Path, capsys):
+    out = tmp_path / "grid.png"
+    main(["plot", "capacity-grid", "--model", "llama-3-8b,mistral-7b", "--hardware", "h100-sxm,h200-sxm",
+          "--methods", "bf16,fp8", "--contexts", "1024,4096,32768", "--out", str(out)])
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    out = tmp_path / "val.svg"
+    main(["plot", "validation", "--gpu", "h100-sxm", "--validation-results", str(validation_root), "--out", str(out)])
+    assert out.read_text().lstrip().startswith("<?xml")
+    out = tmp_path / "cap.png"
+    main(["plot", "capacity", "--model", "llama-3-8b", "--hardware", "h100-sxm", "--out", str(out)])
+    assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["plot", "latency", "--out", "x.png"], "--results"),
+    (["plot", "capacity-grid", "--hardware", "h100-sxm", "--out", "x.png"], "--model"),
+    (["plot", "validation", "--out", "x.png"], "--gpu"),
+    (["plot", "goodput", "--results", "no/such/dir", "--out", "x.png"], "results"),
+    (["plot", "kv-usage", "--results", "no/such/run", "--out", "x.png"], "--results"),
+])
+def test_cli_plot_bad_input_exits_2_with_one_line(argv, field, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and field in err
+    assert not (tmp_path / "x.png").exists()

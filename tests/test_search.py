@@ -1,0 +1,107 @@
+"""Capacity search: the bisection on monotone functions (known answers and properties), cost ranking
+with loser reasons, and the price catalogue it reads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvsim.errors import KvsimError
+from kvsim.search import ConfigResult, Probe, bisect_rate, judge, rank
+from kvsim.spec.hardware import hardware_names, load_hardware
+
+
+def threshold_probe(threshold: float, calls: list[float] | None = None):
+    """A monotone toy system: every rate up to ``threshold`` meets the SLOs, none above."""
+
+    def evaluate(rate: float) -> Probe:
+        if calls is not None:
+            calls.append(rate)
+        ok = rate <= threshold
+        return Probe(rate, ok, 1.0 if ok else 0.5, "" if ok else "ttft", f"toy at {rate}")
+
+    return evaluate
+
+
+def test_bisection_known_answer():
+    calls: list[float] = []
+    found = bisect_rate(threshold_probe(7.3, calls), rate_lo=0.25, rate_max=1024, tolerance=0.05)
+    assert found.rate <= 7.3 < found.fail_rate
+    assert (found.fail_rate - found.rate) / found.rate <= 0.05
+    assert found.limit == "ttft"
+    # 0.25 .. 8 by doubling (6 probes), then log2(log 2 / log 1.05) ~ 3.8 -> 4 bisection steps
+    assert len(calls) == 6 + 4
+    assert len(found.probes) == len(calls)
+
+
+@settings(max_examples=200, deadline=None)
+@given(threshold=st.floats(0.3, 900), tolerance=st.sampled_from([0.01, 0.05, 0.2]))
+def test_bisection_brackets_the_threshold(threshold: float, tolerance: float):
+    found = bisect_rate(threshold_probe(threshold), 0.25, 1024, tolerance)
+    assert found.rate <= threshold < found.fail_rate  # never reports a rate that fails
+    assert (found.fail_rate - found.rate) / found.rate <= tolerance + 1e-12
+
+
+def test_bisection_edges():
+    never = bisect_rate(threshold_probe(0.1), 0.25, 64, 0.05)
+    assert never.rate == 0 and never.fail_rate == 0.25 and len(never.probes) == 1
+    always = bisect_rate(threshold_probe(1e9), 0.25, 64, 0.05)
+    assert always.rate == 64 and always.fail_rate is None and always.limit == "rate_max"
+    with pytest.raises(KvsimError, match="rate_lo"):
+        bisect_rate(threshold_probe(1), 0, 64, 0.05)
+
+
+def _summary(goodput: float, ttft: float, tpot: float, blocks: int = 1000) -> dict:
+    return {"goodput": goodput, "num_gpu_blocks": blocks, "slo_attainment": {"ttft": ttft, "tpot": tpot},
+            "ttft_s": {"p90": 0.5}, "tpot_s": {"p90": 0.02}}
+
+
+def test_judge_names_the_slo_missed_first():
+    assert judge(_summary(0.95, 0.97, 0.99), 0.9)[0]
+    assert judge(_summary(0.5, 0.6, 0.95), 0.9)[2] == "ttft"
+    assert judge(_summary(0.5, 0.95, 0.55), 0.9)[2] == "tpot"
+    assert judge(_summary(0.0, 0.0, 0.0, blocks=0), 0.9)[2] == "memory"
+    with pytest.raises(KvsimError, match="goodput"):
+        judge({"num_gpu_blocks": 10}, 0.9)
+
+
+def _config(point: int, hardware: str, gpus: int, price: float | None, rate: float, limit: str = "ttft"):
+    return ConfigResult(point=point, label=f"cfg{point}", hardware=hardware, gpus_per_replica=gpus,
+                        price_per_gpu_hour_usd=price, rate_path="workload.synthetic.rate", max_rate=rate, limit=limit,
+                        limit_detail="detail", probes=10, replicas=None, cost_usd_per_hour=None,
+                        usd_per_hour_per_rate=None)
+
+
+def test_rank_cheapest_for_a_target_and_why_losers_lost():
+    configs = [_config(0, "h100-sxm", 1, 2.95, 10.0),  # 5 replicas -> 14.75 $/h
+               _config(1, "h200-sxm", 1, 2.25, 12.0),  # 5 replicas -> 11.25 $/h (cheapest)
+               _config(2, "h100-sxm", 2, 2.95, 30.0, "tpot"),  # 2 replicas x 2 GPUs -> 11.80 $/h
+               _config(3, "rtx-4090", 1, 0.60, 0.0, "memory"),  # fails even at the lowest rate
+               _config(4, "custom", 1, None, 5.0)]  # no price
+    ranked = rank(configs, target=50.0)
+    by_point = {r.point: r for r in ranked}
+    assert [r.point for r in ranked[:3]] == [1, 2, 0]
+    assert by_point[1].replicas == 5 and by_point[1].cost_usd_per_hour == pytest.approx(11.25)
+    assert by_point[2].replicas == 2 and by_point[2].cost_usd_per_hour == pytest.approx(11.80)
+    assert by_point[1].verdict.startswith("cheapest")
+    assert "more expensive" in by_point[0].verdict and "TTFT SLO" in by_point[0].verdict
+    assert "TPOT SLO" in by_point[2].verdict
+    assert by_point[3].rank is None and "does not fit in memory" in by_point[3].verdict
+    assert by_point[4].rank is None and "no price" in by_point[4].verdict
+    assert by_point[0].usd_per_hour_per_rate == pytest.approx(2.95 / 10)
+
+
+def test_rank_without_target_is_per_unit_of_rate():
+    ranked = rank([_config(0, "a", 1, 2.0, 10.0), _config(1, "b", 4, 1.0, 50.0)], target=None)
+    assert [r.point for r in ranked] == [1, 0]  # 0.08 vs 0.2 $/h per request/s
+    assert ranked[0].replicas == 1 and math.isclose(ranked[0].cost_usd_per_hour, 4.0)
+
+
+@pytest.mark.parametrize("name", hardware_names())
+def test_every_gpu_has_a_cited_price(name: str):
+    hw = load_hardware(name)
+    assert hw.price_per_gpu_hour_usd is not None and 0.1 < hw.price_per_gpu_hour_usd < 20
+    assert any("USD" in s.note for s in hw.sources), "the price needs a source entry"
