@@ -280,35 +280,33 @@ def _read_columns(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _first(columns: Mapping[str, np.ndarray], names: Sequence[str]) -> str | None:
-    return next((n for n in names if n in columns), None)
-
-
 def kv_usage(runs: Mapping[str, Path]) -> plt.Figure:
-    """KV-cache usage (fraction of the GPU blocks) and running/waiting sequences over simulated
-    time, one line per run (each a ``kvsim run --out`` folder's ``timeseries.csv``)."""
+    """KV-cache usage (% of the GPU blocks) and running/waiting sequences over simulated time, one
+    colour per run (a ``kvsim run --out`` folder's ``timeseries.csv``), one line per replica."""
     fig, (ax_kv, ax_seq) = plt.subplots(1, 2, figsize=(13, 4.8))
     colors = _colors(len(runs))
     handles, labels = [], []
     for k, (label, path) in enumerate(runs.items()):
         cols = _read_columns(path)
-        t = _first(cols, ("time_s", "t_s"))
-        usage = _first(cols, ("kv_usage", "kv_usage_fraction", "kv_used_fraction", "gpu_kv_usage"))
-        if t is None or usage is None:
-            raise KvsimError("time series lacks time_s or a KV usage column", field="timeseries",
-                             value=sorted(cols), file=str(path))
-        color = colors[k % len(colors)]
-        line, = ax_kv.plot(cols[t], 100 * cols[usage], color=color, lw=1.2, drawstyle="steps-post")
+        need = ("time_s", "blocks_used", "blocks_cached_free", "blocks_free", "running", "waiting")
+        missing = [c for c in need if c not in cols]
+        if missing:
+            raise KvsimError(f"time series lacks {', '.join(missing)}", field="timeseries", value=sorted(cols),
+                             file=str(path))
+        replica = cols.get("replica", np.zeros_like(cols["time_s"]))
+        total = cols["blocks_used"] + cols["blocks_cached_free"] + cols["blocks_free"]
+        usage = 100 * cols["blocks_used"] / np.maximum(total, 1)
+        for rep in np.unique(replica):
+            sel = replica == rep
+            t = cols["time_s"][sel]
+            line, = ax_kv.plot(t, usage[sel], color=colors[k], lw=1.1, drawstyle="steps-post")
+            ax_seq.plot(t, cols["running"][sel], color=colors[k], lw=1.1, drawstyle="steps-post")
+            ax_seq.plot(t, cols["waiting"][sel], color=colors[k], lw=1.1, ls=":", drawstyle="steps-post")
         handles.append(line)
         labels.append(label)
-        for name, ls in ((("running", "num_running", "running_seqs"), "-"), (("waiting", "num_waiting",
-                                                                                 "waiting_seqs"), ":")):
-            col = _first(cols, name)
-            if col:
-                ax_seq.plot(cols[t], cols[col], color=color, ls=ls, lw=1.2, drawstyle="steps-post")
-    ax_kv.set_ylabel("KV cache used (% of GPU blocks)")
+    ax_kv.set_ylabel("KV cache in use (% of GPU blocks)")
     ax_kv.set_ylim(0, 105)
-    ax_seq.set_ylabel("sequences")
+    ax_seq.set_ylabel("sequences per replica")
     style = [matplotlib.lines.Line2D([], [], color="0.3", ls=ls) for ls in ("-", ":")]
     ax_seq.legend(style, ["running", "waiting"], fontsize=8, loc="upper left")
     for ax, title in ((ax_kv, "KV-cache usage"), (ax_seq, "Running and waiting sequences")):
