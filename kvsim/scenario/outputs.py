@@ -1,0 +1,85 @@
+"""Files a run writes with ``--out DIR``, each whole or not at all: ``summary.json``,
+``requests.csv`` (one row per request), ``timeseries.csv`` (KV blocks, running and waiting
+requests over time) and ``trace.json`` (engine steps as a Chrome trace, for Perfetto)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from kvsim.fileio import write_atomic
+from kvsim.scenario.run import RunResult
+from kvsim.serve import metrics
+
+REQUEST_CSV = ("request_id", "arrival_s", "input_tokens", "image_tokens", "output_tokens", "generated_tokens",
+               "user_id", "session_id", "replica", "status", "ttft_s", "tpot_s", "e2e_s", "prefix_hit_tokens",
+               "doc_ssd_tokens", "cross_user_hit", "preemptions")
+
+
+def _fmt(x: float) -> str:
+    return "" if not np.isfinite(x) else repr(float(x))
+
+
+def requests_csv(result: RunResult) -> str:
+    rec = result.simulation.recorder
+    cols = rec.arrays()
+    order = np.argsort(np.frombuffer(rec.requests["request_id"], dtype=np.int64), kind="stable")
+    users = [rec.users[i] for i in order]
+    sessions = [rec.sessions[i] for i in order]
+    done = cols["status"] == metrics.STATUSES.index(metrics.COMPLETED)
+    nan = np.full(len(done), np.nan)
+    ttft = np.where(done, cols["first_token_s"] - cols["arrival_s"], nan)
+    e2e = np.where(done, cols["finish_s"] - cols["arrival_s"], nan)
+    multi = done & (cols["generated_tokens"] > 1)
+    tpot = np.where(multi, (cols["finish_s"] - cols["first_token_s"]) / np.maximum(cols["generated_tokens"] - 1, 1),
+                    nan)
+    out = io.StringIO()
+    out.write(",".join(REQUEST_CSV) + "\n")
+    for i in range(len(done)):
+        out.write(",".join((
+            str(cols["request_id"][i]), repr(float(cols["arrival_s"][i])), str(cols["input_tokens"][i]),
+            str(cols["image_tokens"][i]), str(cols["output_tokens"][i]), str(cols["generated_tokens"][i]),
+            users[i] or "", "" if sessions[i] is None else str(sessions[i]), str(cols["replica"][i]),
+            metrics.STATUSES[cols["status"][i]], _fmt(ttft[i]), _fmt(tpot[i]), _fmt(e2e[i]),
+            str(cols["prefix_hit_tokens"][i]), str(cols["doc_ssd_tokens"][i]), str(int(cols["cross_user_hit"][i])),
+            str(cols["preemptions"][i]))) + "\n")
+    return out.getvalue()
+
+
+def timeseries_csv(result: RunResult) -> str:
+    series = result.simulation.recorder.series
+    names = [name for name, _ in metrics.SERIES_COLUMNS]
+    rows = zip(*(series[n] for n in names))
+    return ",".join(names) + "\n" + "".join(",".join(map(str, row)) + "\n" for row in rows)
+
+
+def chrome_trace(result: RunResult) -> str:
+    """Engine steps as complete events (one track per replica) and KV blocks as counters."""
+    rec = result.simulation.recorder
+    st, se = rec.steps, rec.series
+    events: list[dict] = [{"name": "process_name", "ph": "M", "pid": r.index, "args": {"name": f"replica {r.index}"}}
+                          for r in result.simulation.replicas]
+    for rep, start, end, steps, ptok, pseq, dseq in zip(st["replica"], st["start_s"], st["end_s"], st["steps"],
+                                                       st["prefill_tokens"], st["prefill_seqs"], st["decode_seqs"]):
+        name = "prefill+decode" if ptok and dseq else "prefill" if ptok else "decode" if dseq else "swap"
+        events.append({"name": name if steps == 1 else f"decode x{steps}", "ph": "X", "pid": rep, "tid": 0,
+                       "ts": start * 1e6, "dur": (end - start) * 1e6,
+                       "args": {"steps": steps, "prefill_tokens": ptok, "prefill_seqs": pseq, "decode_seqs": dseq}})
+    for t, rep, used, cached, free, running, waiting in zip(*(se[n] for n, _ in metrics.SERIES_COLUMNS)):
+        events.append({"name": "kv_blocks", "ph": "C", "pid": rep, "ts": t * 1e6,
+                       "args": {"used": used, "cached_free": cached, "free": free}})
+        events.append({"name": "requests", "ph": "C", "pid": rep, "ts": t * 1e6,
+                       "args": {"running": running, "waiting": waiting}})
+    return json.dumps({"traceEvents": events, "displayTimeUnit": "ms"})
+
+
+def write_outputs(result: RunResult, out: Path) -> None:
+    """Write summary.json, requests.csv, timeseries.csv and trace.json into ``out``."""
+    out = Path(out)
+    write_atomic(out / "summary.json", json.dumps(result.summary, indent=2) + "\n")
+    write_atomic(out / "requests.csv", requests_csv(result))
+    write_atomic(out / "timeseries.csv", timeseries_csv(result))
+    write_atomic(out / "trace.json", chrome_trace(result))

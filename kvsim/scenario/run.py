@@ -1,0 +1,312 @@
+"""Running a scenario: build the deployment (model, GPU, KV layout, memory plan, cost model), open
+the workload as a lazy stream, simulate, and summarise."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kvsim.errors import KvsimError
+from kvsim.scenario.load import Scenario, resolve_path
+from kvsim.serve import metrics
+from kvsim.serve.engine import Deployment, Simulation
+from kvsim.serve.replica import EngineConfig
+from kvsim.serve.sequence import BlockTables
+from kvsim.serve.workload import ReadStats, Request, limit, renumber, scale_rate, time_window
+
+GIB = 2**30
+
+
+@dataclass
+class RunResult:
+    """A finished run: the JSON-able ``summary`` and what ``write_outputs`` writes."""
+
+    scenario: Scenario
+    summary: dict
+    simulation: Simulation
+
+
+def _with_file(err: KvsimError, file: str) -> KvsimError:
+    """Attach the scenario file to an error raised by a catalogue loader."""
+    if err.file is not None:
+        return err
+    return KvsimError(str(err), file=file)
+
+
+def _catalogue_arg(text: str, scenario: Scenario) -> str:
+    """Catalogue names pass through; a path is resolved against the scenario's folder."""
+    if "/" in text or text.endswith((".yaml", ".yml", ".json")):
+        return str(resolve_path(text, scenario))
+    return text
+
+
+def deployment(scenario: Scenario) -> Deployment:
+    """Model, KV layout, memory plan and cost model of one replica."""
+    from kvsim.cost.model import CostModel
+    from kvsim.kv import layout_for
+    from kvsim.memory import EngineMemoryConfig, plan_memory
+    from kvsim.spec.hardware import load_hardware
+    from kvsim.spec.model import load_model
+
+    spec, file = scenario.spec, scenario.file
+    e = spec.engine
+    try:
+        model = load_model(_catalogue_arg(spec.model, scenario))
+        hardware = load_hardware(_catalogue_arg(spec.hardware, scenario))
+        layout = layout_for(model, spec.method, file)
+        plan = plan_memory(model, hardware, layout, spec.tp,
+                           EngineMemoryConfig(e.gpu_memory_utilization, e.block_size, e.max_num_batched_tokens,
+                                              e.max_num_seqs))
+        cal = spec.calibration
+        if cal is not None and cal.lower() != "none":
+            cal = str(resolve_path(cal, scenario))
+        cost = CostModel(model, hardware, layout, spec.tp, cal)
+    except KvsimError as err:
+        raise _with_file(err, file) from None
+    if not plan.fits:
+        raise KvsimError(plan.reason, field="model", value=spec.model, file=file)
+    max_len = e.max_model_len or model.max_position_embeddings
+    if max_len > model.max_position_embeddings:
+        raise KvsimError(f"exceeds {model.name}'s context of {model.max_position_embeddings} tokens",
+                         field="engine.max_model_len", value=max_len, file=file)
+    return Deployment(layout, plan, cost, max_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workload
+# ---------------------------------------------------------------------------------------------
+
+def _length(spec, scenario: Scenario):  # noqa: ANN001, ANN202 - LengthSpec -> LengthDist
+    from kvsim.serve.synthetic import LengthDist
+
+    if spec.kind == "fixed":
+        dist = LengthDist.fixed(spec.tokens)
+    elif spec.kind == "empirical":
+        dist = LengthDist.from_trace(resolve_path(spec.trace, scenario), spec.which)
+    elif spec.p50 is not None:
+        dist = LengthDist.lognormal_quantiles(spec.p50, spec.p90)
+    else:
+        dist = LengthDist.lognormal(spec.mean, spec.sigma)
+    if spec.max_tokens is not None:
+        from dataclasses import replace
+        dist = replace(dist, max_tokens=spec.max_tokens)
+    return dist
+
+
+def _synthetic(scenario: Scenario, max_model_len: int) -> Iterator[Request]:
+    from kvsim.serve.synthetic import ArrivalProcess, SessionSpec, SharedPrefix, synthetic_requests
+    from kvsim.serve.traces import trace_lengths
+
+    spec = scenario.spec
+    s = spec.workload.synthetic
+    assert s is not None
+    sessions = shared = paired = None
+    if s.sessions is not None:
+        ss = s.sessions
+        sessions = SessionSpec(turns=_length(ss.turns, scenario),
+                               follow_up=_length(ss.follow_up, scenario) if ss.follow_up else None,
+                               think_mean_s=ss.think_mean_s, think_cv=ss.think_cv,
+                               max_input_tokens=ss.max_input_tokens or max_model_len)
+    if s.shared_prefix is not None:
+        shared = SharedPrefix(s.shared_prefix.tokens, s.shared_prefix.num_users, s.shared_prefix.num_prompts)
+    if s.paired_lengths_from is not None:
+        paired = trace_lengths(resolve_path(s.paired_lengths_from, scenario))
+    return synthetic_requests(
+        ArrivalProcess(s.rate, s.arrival_cv),
+        _length(s.input, scenario) if s.input else None, _length(s.output, scenario) if s.output else None,
+        seed=spec.seed, n=s.num_requests, duration_s=s.duration_s, sessions=sessions, shared_prefix=shared,
+        block_tokens=spec.engine.block_size, paired_lengths=paired)
+
+
+def _with_images(stream: Iterator[Request], image_tokens: int) -> Iterator[Request]:
+    for r in stream:
+        yield Request(r.request_id, r.arrival_s, r.input_tokens, r.output_tokens, r.prefix_hashes,
+                      r.prefix_block_tokens, r.user_id, r.image_tokens + image_tokens, r.session_id)
+
+
+def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
+             stats: ReadStats) -> tuple[Iterator[Request], Path | None]:
+    """The request stream (lazy) and the trace path it reads, if any."""
+    from kvsim.serve.traces import read_trace
+
+    w, file = scenario.spec.workload, scenario.file
+    trace = None
+    try:
+        if w.trace is not None:
+            trace = resolve_path(w.trace, scenario)
+            stream: Iterator[Request] = read_trace(
+                trace, w.format, prefix_block_tokens=w.prefix_block_tokens, skip_bad_rows=skip_bad_rows,
+                stats=stats, seed=scenario.spec.seed, rate_scale=w.rate_scale, start_s=w.start_s, end_s=w.end_s,
+                max_requests=w.max_requests)
+        else:
+            stream = _synthetic(scenario, dep.max_model_len)
+            if w.start_s > 0 or w.end_s is not None:
+                stream = time_window(stream, w.start_s, math.inf if w.end_s is None else w.end_s)
+            stream = renumber(limit(scale_rate(stream, w.rate_scale), w.max_requests))
+    except KvsimError as err:
+        raise _with_file(err, file) from None
+    if w.images_per_request:
+        vision = dep.layout.model.vision
+        if vision is None:
+            raise KvsimError(f"{dep.layout.model.name} has no vision tower", field="workload.images_per_request",
+                             value=w.images_per_request, file=file)
+        stream = _with_images(stream, w.images_per_request * vision.image_tokens)
+    return stream, trace
+
+
+# ---------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------
+
+def engine_config(scenario: Scenario, dep: Deployment, tables: BlockTables, check: bool = False) -> EngineConfig:
+    e = scenario.spec.engine
+    return EngineConfig(
+        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
+        enable_chunked_prefill=e.enable_chunked_prefill,
+        prefix_caching=e.enable_prefix_caching and tables.token_paged,
+        preemption=e.preemption, swap_space_bytes=e.swap_space_gib * GIB,
+        doc_kv_from_ssd=dep.layout.runtime.doc_kv_from_ssd, fast_forward=e.fast_forward, check=check)
+
+
+def _progress_bar() -> Callable[[float, int], None]:
+    t0 = time.perf_counter()
+    last = [0.0]
+
+    def show(sim_s: float, arrived: int) -> None:
+        wall = time.perf_counter() - t0
+        if wall - last[0] >= 0.25:
+            last[0] = wall
+            print(f"\rkvsim run: {sim_s:,.1f} s simulated, {arrived:,} requests, {wall:.1f} s wall",
+                  end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+def run_scenario(scenario: Scenario, progress: bool = False, skip_bad_rows: bool = False, *,
+                 check: bool = False, record_steps: bool = True) -> RunResult:
+    """Simulate ``scenario``. ``progress`` draws a bar on stderr; ``skip_bad_rows`` skips malformed
+    trace rows (counted in the summary) instead of stopping; ``check`` asserts the engine's
+    invariants every step (slow; for tests); ``record_steps=False`` skips the Chrome trace rows."""
+    spec = scenario.spec
+    dep = deployment(scenario)
+    tables = BlockTables(dep.plan)
+    cfg = engine_config(scenario, dep, tables, check)
+    policy = dep.layout.runtime.prefix_sharing
+    if policy == "selective" and spec.workload.sensitive_fraction is None:
+        raise KvsimError("safekv:policy=selective needs workload.sensitive_fraction: the share of prompt blocks "
+                         "the privacy detector flags", field="workload.sensitive_fraction", value=None,
+                         file=scenario.file)
+    sim = Simulation(dep, cfg, spec.replicas, spec.router, policy=policy,
+                     sensitive_fraction=spec.workload.sensitive_fraction or 0.0, seed=spec.seed,
+                     timeseries_interval_s=spec.output.timeseries_interval_s, record_steps=record_steps)
+    stats = ReadStats()
+    stream, trace = workload(scenario, dep, skip_bad_rows, stats)
+    bar = _progress_bar() if progress else None
+    try:
+        sim.run(stream, bar)
+    except KvsimError as err:
+        if trace is None or err.file is None or not err.file.startswith(str(trace)):
+            raise
+        raise _bad_rows(scenario, trace) from None
+    finally:
+        if bar is not None:
+            print(file=sys.stderr)
+    return RunResult(scenario, summarize(scenario, dep, sim, tables, stats), sim)
+
+
+def _bad_rows(scenario: Scenario, trace: Path) -> KvsimError:
+    """Count every malformed row (a second, skipping pass) to report the first few and the total."""
+    from kvsim.serve.traces import read_trace
+
+    w = scenario.spec.workload
+    stats = ReadStats()
+    for _ in read_trace(trace, w.format, prefix_block_tokens=w.prefix_block_tokens, skip_bad_rows=True,
+                        stats=stats):
+        pass
+    return KvsimError(stats.summary(str(trace)) + "; the run stopped (pass --skip-bad-rows to skip them)",
+                      field="workload.trace", value=w.trace, file=scenario.file)
+
+
+def _share(ok: np.ndarray, total: int) -> float:
+    return float(ok.sum()) / total if total else 0.0
+
+
+def summarize(scenario: Scenario, dep: Deployment, sim: Simulation, tables: BlockTables,
+              read_stats: ReadStats) -> dict:
+    """The run's summary (JSON-able; the same scenario and seed give the same numbers)."""
+    spec, cfg = scenario.spec, sim.cfg
+    cols = sim.recorder.arrays()
+    status = cols["status"]
+    done = status == metrics.STATUSES.index(metrics.COMPLETED)
+    arrival, first, finish = cols["arrival_s"][done], cols["first_token_s"][done], cols["finish_s"][done]
+    generated = cols["generated_tokens"][done]
+    ttft, e2e = first - arrival, finish - arrival
+    multi = generated > 1
+    tpot = (finish[multi] - first[multi]) / (generated[multi] - 1)
+    duration = sim.end_s
+    slo = spec.slo
+    tpot_all = np.zeros(len(ttft))
+    tpot_all[multi] = tpot
+    good = int(((ttft <= slo.ttft_s) & (tpot_all <= slo.tpot_s)).sum())
+    hits = cols["prefix_hit_tokens"][done]
+    prompts = (cols["input_tokens"] + cols["image_tokens"])[done]
+    rejected = {s: int((status == i).sum()) for i, s in enumerate(metrics.STATUSES) if s != metrics.COMPLETED}
+    cal = dep.cost.cal
+    summary: dict = {
+        "scenario": {"name": spec.name or Path(scenario.file).stem, "model": spec.model, "hardware": spec.hardware,
+                     "method": "+".join(dep.layout.methods) or spec.method, "tp": spec.tp,
+                     "replicas": spec.replicas, "router": spec.router, "seed": spec.seed,
+                     "calibration": {"kind": cal.kind, "gpu": cal.gpu, "source": cal.source, "note": cal.note}},
+        "requests": sim.arrived,
+        "completed": int(done.sum()),
+        "rejected": {"total": sum(rejected.values()), "by_reason": rejected},
+        "truncated_outputs": sim.admission.truncated,
+        "duration_s": duration,
+        "num_gpu_blocks": dep.plan.num_gpu_blocks,
+        "block_size": spec.engine.block_size,
+        "kv_capacity_tokens": dep.plan.kv_capacity_tokens,
+        "max_model_len": dep.max_model_len,
+        "throughput_output_tokens_per_s": float(generated.sum()) / duration if duration else 0.0,
+        "throughput_requests_per_s": float(done.sum()) / duration if duration else 0.0,
+        "ttft_s": metrics.stats(ttft),
+        "tpot_s": metrics.stats(tpot),
+        "e2e_s": metrics.stats(e2e),
+        "preemptions": sim.preemptions,
+        "prefix_caching": cfg.prefix_caching,
+        "prefix_hit_rate": float(hits.sum() / prompts.sum()) if prompts.sum() else 0.0,
+        # goodput: the fraction of all requests (rejected ones included) within both SLOs, and their rate
+        "goodput": good / sim.arrived if sim.arrived else 0.0,
+        "goodput_requests_per_s": good / duration if duration else 0.0,
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+        "slo_attainment": {"ttft": _share(ttft <= slo.ttft_s, sim.arrived),
+                           "tpot": _share(tpot_all <= slo.tpot_s, sim.arrived),
+                           "both": _share((ttft <= slo.ttft_s) & (tpot_all <= slo.tpot_s), sim.arrived)},
+        "engine_steps": sim.steps,
+        "kv_peak_used_fraction": max(r.peak_used_blocks for r in sim.replicas) / dep.plan.num_gpu_blocks,
+    }
+    if cfg.doc_kv_from_ssd:
+        summary["doc_ssd_tokens"] = int(cols["doc_ssd_tokens"][done].sum())
+    if spec.replicas > 1:
+        summary["per_replica"] = [
+            {"completed": int((cols["replica"][done] == r.index).sum()), "preemptions": r.preemptions,
+             "engine_steps": r.steps, "kv_peak_used_blocks": r.peak_used_blocks} for r in sim.replicas]
+    if cfg.prefix_caching:
+        summary["side_channel"] = metrics.side_channel(dep.layout.runtime.prefix_sharing, ttft, hits,
+                                                       cols["cross_user_hit"][done].astype(bool))
+    if read_stats.bad_rows:
+        summary["bad_rows"] = {"skipped": read_stats.bad_rows, "examples": list(read_stats.bad_examples)}
+    notes = []
+    if spec.engine.enable_prefix_caching and not cfg.prefix_caching:
+        notes.append("prefix caching is off: this KV layout is not paged by token blocks (compression, "
+                     "quantization windows or tiers change what a block holds), so blocks cannot be shared")
+    if cal.kind == "prior":
+        notes.append(cal.note)
+    if notes:
+        summary["notes"] = notes
+    return summary

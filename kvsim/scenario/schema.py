@@ -1,0 +1,111 @@
+"""The scenario file: a strict schema (unknown keys are errors) for one serving deployment and its
+workload. Documented key by key in docs/scenario.md."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+from kvsim.serve.router import ROUTERS
+
+
+class _Strict(BaseModel):
+    # Numbers may be written as 4 or 4.0; booleans and strings must be what they say.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LengthSpec(_Strict):
+    """A token-count distribution: ``fixed`` (tokens), ``lognormal`` (mean + sigma, or p50 + p90),
+    or ``empirical`` (resampled from a trace's input or output lengths)."""
+
+    kind: Literal["fixed", "lognormal", "empirical"]
+    tokens: int | None = Field(default=None, gt=0)
+    mean: float | None = Field(default=None, gt=0)
+    sigma: float | None = Field(default=None, ge=0)
+    p50: float | None = Field(default=None, gt=0)
+    p90: float | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0)
+    trace: StrictStr | None = None
+    which: Literal["input", "output"] = "input"
+
+
+class SessionsSpec(_Strict):
+    """Multi-turn chat sessions: the arrival rate is then the rate of session starts."""
+
+    turns: LengthSpec
+    follow_up: LengthSpec | None = None  # new user tokens of turns 2.. (default: the input lengths)
+    think_mean_s: float = Field(gt=0)
+    think_cv: float = Field(default=1.0, gt=0)
+    max_input_tokens: int | None = Field(default=None, gt=0)  # default: the context length
+
+
+class SharedPrefixSpec(_Strict):
+    tokens: int = Field(gt=0)
+    num_users: int = Field(default=1, gt=0)
+    num_prompts: int = Field(default=1, gt=0)
+
+
+class SyntheticSpec(_Strict):
+    rate: float = Field(gt=0)  # requests (or sessions) per second
+    arrival_cv: float = Field(default=1.0, gt=0)  # 1: Poisson; >1 bursty (Gamma gaps)
+    num_requests: int | None = Field(default=None, gt=0)
+    duration_s: float | None = Field(default=None, gt=0)
+    input: LengthSpec | None = None
+    output: LengthSpec | None = None
+    paired_lengths_from: StrictStr | None = None  # a trace whose (input, output) rows are resampled
+    sessions: SessionsSpec | None = None
+    shared_prefix: SharedPrefixSpec | None = None
+
+
+class WorkloadSpec(_Strict):
+    trace: StrictStr | None = None
+    format: Literal["csv", "azure", "mooncake", "servegen"] | None = None
+    prefix_block_tokens: int = Field(default=512, gt=0)  # csv hash blocks (read_csv's default)
+    synthetic: SyntheticSpec | None = None
+    rate_scale: float = Field(default=1.0, gt=0)
+    start_s: float = Field(default=0.0, ge=0)
+    end_s: float | None = Field(default=None, gt=0)
+    max_requests: int | None = Field(default=None, gt=0)
+    images_per_request: int = Field(default=0, ge=0)
+    sensitive_fraction: float | None = Field(default=None, ge=0, le=1)
+
+
+class EngineSpec(_Strict):
+    # Defaults are vLLM's (v1 engine, `vllm serve` on a >= 70 GiB GPU; see kvsim/memory.py).
+    max_num_seqs: int = Field(default=256, gt=0)
+    max_num_batched_tokens: int = Field(default=8192, gt=0)
+    block_size: int = Field(default=16, gt=0)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    enable_chunked_prefill: StrictBool = True
+    enable_prefix_caching: StrictBool = True
+    preemption: Literal["recompute", "swap"] = "recompute"
+    swap_space_gib: float = Field(default=4.0, ge=0)  # vLLM --swap-space default, GiB per GPU
+    max_model_len: int | None = Field(default=None, gt=0)  # default: the model's context length
+    fast_forward: StrictBool = True
+
+
+class SLOSpec(_Strict):
+    ttft_s: float = Field(gt=0)
+    tpot_s: float = Field(gt=0)
+
+
+class OutputSpec(_Strict):
+    timeseries_interval_s: float = Field(default=1.0, gt=0)
+
+
+class ScenarioSpec(_Strict):
+    name: StrictStr | None = None
+    description: StrictStr | None = None
+    model: StrictStr
+    hardware: StrictStr
+    method: StrictStr = "bf16"
+    tp: int = Field(default=1, gt=0)
+    replicas: int = Field(default=1, gt=0)
+    router: Literal[ROUTERS] = "round_robin"  # type: ignore[valid-type]
+    calibration: StrictStr | None = None
+    engine: EngineSpec = EngineSpec()
+    workload: WorkloadSpec
+    slo: SLOSpec
+    seed: int = Field(default=0, ge=0)
+    output: OutputSpec = OutputSpec()

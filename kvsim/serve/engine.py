@@ -1,0 +1,172 @@
+"""The discrete-event serving simulation: an arrival stream, a router and replicas, driven by one
+event heap.
+
+Events are arrivals (read lazily from the stream, one ahead) and replica step ends. At equal times
+arrivals come first, so a step starting at time t sees every request that arrived at or before t.
+A replica plans a step when the previous one ends, or when a request reaches it while idle; a
+fast-forwarded run of decode steps never spans the next arrival (see :mod:`kvsim.serve.replica`),
+so every replica is at a true step boundary whenever the router acts.
+
+Why a heap and not SimPy processes: the model is one process per replica that only ever waits for
+its own step to end, plus an arrival process. With one event per step or fast-forwarded run, a
+heap of ``(time, order, replica)`` runs the same schedule (SimPy also orders equal-time events by
+insertion) without SimPy's per-event generator and callback overhead; ``tests/test_sim.py``
+checks a SimPy-driven loop against it.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from kvsim.cost.model import CostModel
+from kvsim.kv.layout import KVLayout
+from kvsim.memory import MemoryPlan
+from kvsim.serve.metrics import COMPLETED, REJECT_BATCH, REJECT_CONTEXT, REJECT_KV, Recorder
+from kvsim.serve.replica import INF, EngineConfig, Replica
+from kvsim.serve.router import Router
+from kvsim.serve.sequence import BlockTables, Seq, prompt_keys, reusable
+from kvsim.serve.workload import Request
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What one replica runs: the KV layout, its memory plan (blocks) and its cost model (steps)."""
+
+    layout: KVLayout
+    plan: MemoryPlan
+    cost: CostModel
+    max_model_len: int
+
+
+class Admission:
+    """Turns an arriving request into a sequence, or names why it can never be served."""
+
+    def __init__(self, dep: Deployment, cfg: EngineConfig, tables: BlockTables, keys_needed: bool,
+                 policy: str, sensitive_fraction: float, seed: int) -> None:
+        self.dep, self.cfg, self.tables = dep, cfg, tables
+        self.keys_needed = keys_needed
+        self.policy, self.sensitive_fraction, self.seed = policy, sensitive_fraction, seed
+        self.truncated = 0
+
+    def __call__(self, req: Request) -> Seq | str:
+        dep = self.dep
+        prompt = req.input_tokens + req.image_tokens
+        # vLLM rejects a prompt that leaves no room in the context and stops generation at
+        # max_model_len (finish reason "length"): outputs are clamped, and counted.
+        out = min(req.output_tokens, dep.max_model_len - prompt)
+        if out < 1:
+            return REJECT_CONTEXT
+        if not self.cfg.enable_chunked_prefill and prompt > self.cfg.max_num_batched_tokens:
+            return REJECT_BATCH
+        dropped = 0
+        if req.image_tokens:
+            dropped = prompt - int(dep.layout.stored_tokens(_one(prompt), req.image_tokens)[0])
+        t = self.tables
+        t.ensure(prompt + out)
+        peak = max(t.prefill[prompt], t.decode[prompt + out - 1 - dropped])
+        if peak > dep.plan.num_gpu_blocks:
+            return REJECT_KV
+        if out < req.output_tokens:
+            self.truncated += 1
+        keys: tuple[int, ...] = ()
+        if self.keys_needed and (not req.image_tokens or reusable(dep.layout, prompt, req.image_tokens)):
+            keys = prompt_keys(req, t.block_size, self.policy, self.sensitive_fraction, self.seed)
+        return Seq(req, prompt, out, dropped, keys)
+
+
+def _one(n: int):
+    import numpy as np
+    return np.array([n], dtype=np.int64)
+
+
+class Simulation:
+    """Replicas behind a router, fed by a request stream. Build, then :meth:`run` once."""
+
+    def __init__(self, dep: Deployment, cfg: EngineConfig, replicas: int = 1, router: str = "round_robin", *,
+                 policy: str = "global", sensitive_fraction: float = 0.0, seed: int = 0,
+                 timeseries_interval_s: float = 1.0, record_steps: bool = True) -> None:
+        self.dep, self.cfg = dep, cfg
+        self.tables = BlockTables(dep.plan)
+        keys_needed = cfg.prefix_caching or cfg.doc_kv_from_ssd or router == "prefix_affinity"
+        self.admission = Admission(dep, cfg, self.tables, keys_needed, policy, sensitive_fraction, seed)
+        bs = dep.plan.engine.block_size
+        self.router = Router(router, replicas, bs, dep.plan.num_gpu_blocks)
+        self.recorder = Recorder(replicas, timeseries_interval_s, record_steps)
+        self.replicas = [Replica(i, cfg, dep.plan.num_gpu_blocks, dep.plan.block_bytes, dep.cost, self.tables,
+                                 self._finished, self.recorder.observe) for i in range(replicas)]
+        self.arrived = 0
+        self.end_s = 0.0
+
+    def _finished(self, seq: Seq) -> None:
+        self.router.done(seq)
+        self.recorder.request(seq, COMPLETED)
+        if seq.finish_s > self.end_s:
+            self.end_s = seq.finish_s
+
+    def run(self, stream: Iterable[Request], progress: Callable[[float, int], None] | None = None) -> Simulation:
+        """Simulate until every request of ``stream`` has finished or been rejected."""
+        heap: list[tuple[float, int, int, int]] = []  # (time, order, replica, version)
+        version = [0] * len(self.replicas)
+        pending = [INF] * len(self.replicas)  # time of each replica's live event
+        order = 0
+        it: Iterator[Request] = iter(stream)
+        nxt = next(it, None)
+        events = 0
+        while nxt is not None or heap:
+            events += 1
+            if progress is not None and events % 4096 == 0:
+                progress(nxt.arrival_s if nxt is not None else heap[0][0], self.arrived)
+            if nxt is not None and (not heap or nxt.arrival_s <= heap[0][0]):
+                req, now = nxt, nxt.arrival_s
+                nxt = next(it, None)
+                self._arrive(req, now, heap, version, pending, order)
+                order += 1
+                continue
+            now, _, r, ver = heapq.heappop(heap)
+            if ver != version[r]:
+                continue  # superseded by an earlier wake-up
+            rep = self.replicas[r]
+            pending[r] = INF
+            if rep.busy:
+                rep.complete()
+            horizon = rep.next_ready_s(now)
+            if nxt is not None and nxt.arrival_s < horizon:
+                horizon = nxt.arrival_s
+            work = rep.plan(now, horizon)
+            wake = work.end_s if work is not None else rep.next_ready_s(now)
+            if wake < INF:
+                version[r] += 1
+                pending[r] = wake
+                heapq.heappush(heap, (wake, order, r, version[r]))
+                order += 1
+        return self
+
+    def _arrive(self, req: Request, now: float, heap: list, version: list[int], pending: list[float],
+                order: int) -> None:
+        self.arrived += 1
+        seq = self.admission(req)
+        if isinstance(seq, str):
+            self.recorder.request(Seq(req, req.input_tokens + req.image_tokens, 0, 0, ()), seq)
+            return
+        r = self.router.pick(seq)
+        rep = self.replicas[r]
+        rep.enqueue(seq)
+        if not rep.busy and pending[r] > now:  # idle: wake it at this arrival
+            version[r] += 1
+            pending[r] = now
+            heapq.heappush(heap, (now, order, r, version[r]))
+
+    # ------------------------------------------------------------------ results
+    @property
+    def steps(self) -> int:
+        return sum(r.steps for r in self.replicas)
+
+    @property
+    def preemptions(self) -> int:
+        return sum(r.preemptions for r in self.replicas)
+
+
+__all__ = ["Admission", "Deployment", "EngineConfig", "REJECT_BATCH", "REJECT_CONTEXT", "REJECT_KV",
+           "Simulation"]

@@ -1,0 +1,348 @@
+"""One serving replica (a TP group running a vLLM-v1-style engine): scheduler, paged KV blocks with
+prefix caching, preemption, and step pricing with fast-forward over predictable decode steps.
+
+Scheduling (one call of :meth:`Replica.plan` per engine step, vLLM v1 ``Scheduler.schedule`` with
+decode-first order):
+
+1. running sequences that decode (admission order), then running sequences whose prefill
+   continues (chunks of at most the remaining token budget); a sequence whose blocks do not fit
+   preempts the last sequence of that order (recompute, or swap to host memory), as v1 does;
+2. if nothing was preempted, waiting sequences in FCFS order (preempted ones at the front) while
+   a sequence slot (``max_num_seqs``), token budget (``max_num_batched_tokens``) and blocks last;
+   a new sequence first takes its prefix-cache hits.
+
+Every KV method enters only through the memory plan's block tables (``blocks_for`` after
+compression, ``prefill_blocks_for`` while a prompt is written), ``layout.stored_tokens`` (merged
+vision tokens) and the layout's ``Runtime`` (``doc_kv_from_ssd``); step times come from the cost
+model, which reads the layout itself.
+
+Fast-forward: when a step is decode-only, nothing was admitted or preempted and no transfer is
+pending, the following steps repeat the same schedule until a sequence finishes, blocks run out,
+or an outside event (the next arrival, a document load finishing: the ``horizon``) can change it.
+Those steps are priced in one ``CostModel.decode_times_s`` call and their blocks taken at once;
+time advances by the same float additions as step-by-step simulation, so results are identical.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from kvsim.cost.model import Batch, CostModel
+from kvsim.serve.blocks import BlockManager
+from kvsim.serve.sequence import BlockTables, Seq
+
+INF = float("inf")
+# A fast-forward run prices at most this many steps past its estimated horizon: the estimate uses
+# the previous step time, which drifts slowly as contexts grow, so a small margin avoids re-pricing.
+_HORIZON_MARGIN = 1.25
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduler settings of one replica (vLLM engine arguments of the same names)."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_chunked_prefill: bool
+    prefix_caching: bool  # effective: requested and possible for the layout
+    preemption: Literal["recompute", "swap"]
+    swap_space_bytes: float  # host memory for swapped blocks, per GPU
+    doc_kv_from_ssd: bool = False  # MatKV (layout.runtime.doc_kv_from_ssd)
+    fast_forward: bool = True
+    check: bool = False  # assert block and scheduler invariants every step (tests)
+
+
+class Work:
+    """A planned engine step, or a fast-forwarded run of ``steps`` identical decode steps."""
+
+    __slots__ = ("start_s", "end_s", "steps", "decodes", "prefills")
+
+    def __init__(self, start_s: float, end_s: float, steps: int, decodes: list[Seq], prefills: list[Seq]) -> None:
+        self.start_s, self.end_s, self.steps = start_s, end_s, steps
+        self.decodes, self.prefills = decodes, prefills
+
+
+class Replica:
+    """Engine state of one replica; the event loop calls :meth:`plan` at a step boundary and
+    :meth:`complete` when the planned work ends."""
+
+    def __init__(self, index: int, cfg: EngineConfig, num_blocks: int, block_bytes: float, cost: CostModel,
+                 tables: BlockTables, on_finish: Callable[[Seq], None],
+                 observe: Callable[..., None] | None = None) -> None:
+        self.index = index
+        self.cfg = cfg
+        self.bm = BlockManager(num_blocks, cfg.prefix_caching)
+        self.block_size = tables.block_size
+        self.block_bytes = block_bytes
+        self.cost = cost
+        self.tables = tables
+        self.on_finish = on_finish
+        self.observe = observe  # (replica, work) after each plan, for time series and traces
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []  # admission order, document loads included
+        self.work: Work | None = None
+        self.ssd_free_s = 0.0  # MatKV: the replica's NVMe link is busy until then
+        self.swap_used_blocks = 0
+        self.last_decode_s = 0.0  # previous decode step time, to size fast-forward runs
+        self.steps = 0
+        self.preemptions = 0
+        self.owner: dict[int, str | None] = {}  # cache key -> user who computed it (side channel)
+        self.peak_used_blocks = 0
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def busy(self) -> bool:
+        return self.work is not None
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def next_ready_s(self, now: float) -> float:
+        """Earliest document load still in flight (MatKV), else infinity."""
+        return min((s.ready_s for s in self.running if s.ready_s > now), default=INF)
+
+    def enqueue(self, seq: Seq) -> None:
+        seq.replica = self.index
+        self.tables.ensure(seq.prompt + seq.out)
+        self.waiting.append(seq)
+
+    # ------------------------------------------------------------------ scheduling
+    def plan(self, now: float, horizon: float) -> Work | None:
+        """Schedule the step starting at ``now`` (and, if it is a plain decode step, the identical
+        steps after it that start before ``horizon``); commit its blocks; return it."""
+        cfg, bm, tables = self.cfg, self.bm, self.tables
+        dec, pre = tables.decode, tables.prefill
+        budget = cfg.max_num_batched_tokens
+        ready = [s for s in self.running if s.ready_s <= now]
+        order = [s for s in ready if s.decoding] + [s for s in ready if not s.decoding]
+        decodes: list[Seq] = []
+        prefills: list[Seq] = []
+        transfer_s = 0.0
+        preempted = False
+        i = 0
+        while i < len(order) and budget > 0:
+            s = order[i]
+            if s.decoding:
+                n_new, target = 1, dec[s.computed - s.dropped + 1]
+            else:
+                n_new = min(s.total - s.computed, budget)
+                target = pre[s.computed + n_new]
+            need = target - s.held
+            while need > bm.num_free and order[-1] is not s:
+                transfer_s += self._preempt(order.pop())
+                preempted = True
+            if need > bm.num_free:  # nothing left to preempt but itself
+                transfer_s += self._preempt(order.pop())
+                preempted = True
+                break
+            bm.append(s, need)
+            s.scheduled = n_new
+            (decodes if s.decoding else prefills).append(s)
+            budget -= n_new
+            i += 1
+        if not preempted:
+            budget, transfer_s = self._admit(now, budget, decodes, prefills, transfer_s)
+        if not decodes and not prefills and not transfer_s:
+            return None
+        if cfg.check:
+            assert len(self.running) <= cfg.max_num_seqs
+            assert sum(s.scheduled for s in decodes) + sum(s.scheduled for s in prefills) \
+                <= cfg.max_num_batched_tokens
+        steps = 1
+        if not decodes and not prefills:  # only swap copies this step
+            end = now + transfer_s
+        elif prefills or transfer_s:
+            end = now + self._step_s(decodes, prefills) + transfer_s
+        else:
+            steps, end = self._decode_run(now, decodes, INF if preempted else horizon,
+                                          cfg.fast_forward and not preempted)
+        self.steps += steps
+        self.work = Work(now, end, steps, decodes, prefills)
+        if bm.num_used > self.peak_used_blocks:
+            self.peak_used_blocks = bm.num_used
+        if self.observe is not None:
+            self.observe(self, self.work)
+        return self.work
+
+    def _admit(self, now: float, budget: int, decodes: list[Seq], prefills: list[Seq],
+               transfer_s: float) -> tuple[int, float]:
+        """Admit waiting sequences FCFS while a slot, the token budget and blocks last."""
+        cfg, bm, bs = self.cfg, self.bm, self.block_size
+        dec, pre = self.tables.decode, self.tables.prefill
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            s = self.waiting[0]
+            if s.swapped_blocks:  # swapped out: copy its blocks back, then continue where it stopped
+                n_new = min(s.total - s.computed, budget)
+                if not cfg.enable_chunked_prefill and n_new < s.total - s.computed:
+                    break
+                need = dec[s.stored + 1] if s.decoding else pre[s.computed + n_new]
+                if need > bm.num_free:
+                    break
+                bm.allocate(s, need)
+                transfer_s += self.cost.host_transfer_s(s.swapped_blocks * self.block_bytes)
+                self.swap_used_blocks -= s.swapped_blocks
+                s.swapped_blocks = 0
+            else:
+                limit = (s.total - 1) // bs  # at least one token is computed to sample from
+                hits = bm.match(s.keys, limit) if cfg.prefix_caching else 0
+                hit_keys = s.keys[:hits]
+                computed = hits * bs
+                doc_blocks = max(0, min(len(s.keys), limit) - hits) if cfg.doc_kv_from_ssd else 0
+                n_new = min(s.total - computed - doc_blocks * bs, budget)
+                if doc_blocks:  # MatKV: load the documents' KV from NVMe instead of prefilling it
+                    n_new = 0
+                elif not cfg.enable_chunked_prefill and n_new < s.total - computed:
+                    break
+                need = pre[computed + doc_blocks * bs + n_new] - hits
+                if not bm.can_allocate(need, hit_keys):
+                    break
+                bm.allocate(s, need, hit_keys)
+                s.computed = computed + doc_blocks * bs
+                s.registered = hits
+                self._first_admission(s, hit_keys, doc_blocks)
+                if doc_blocks:
+                    start = max(now, self.ssd_free_s)
+                    s.ready_s = self.ssd_free_s = start + self.cost.ssd_read_s(doc_blocks * self.block_bytes)
+            self.waiting.popleft()
+            self.running.append(s)
+            s.admissions += 1
+            if n_new:
+                s.scheduled = n_new
+                (decodes if s.decoding else prefills).append(s)
+                budget -= n_new
+        return budget, transfer_s
+
+    def _first_admission(self, s: Seq, hit_keys: tuple[int, ...], doc_blocks: int) -> None:
+        if s.hit_tokens >= 0:
+            return
+        s.hit_tokens = len(hit_keys) * self.block_size
+        s.doc_tokens = doc_blocks * self.block_size
+        user = s.req.user_id
+        owner = self.owner
+        s.cross_user_hit = any(owner.get(k, user) != user for k in hit_keys)
+
+    def _preempt(self, s: Seq) -> float:
+        """Preempt ``s``: swap its blocks to host memory if configured and room is left (returns the
+        copy time), else drop them to be recomputed. It goes to the front of the waiting queue."""
+        cfg = self.cfg
+        self.running.remove(s)
+        s.preemptions += 1
+        self.preemptions += 1
+        t = 0.0
+        held = s.held
+        self.bm.free(s)
+        s.registered = 0
+        if cfg.preemption == "swap" and (self.swap_used_blocks + held) * self.block_bytes <= cfg.swap_space_bytes:
+            s.swapped_blocks = held
+            self.swap_used_blocks += held
+            t = self.cost.host_transfer_s(held * self.block_bytes)  # GPU -> host over the same link
+        else:
+            s.computed = 0
+        self.waiting.appendleft(s)
+        return t
+
+    # ------------------------------------------------------------------ pricing
+    def _step_s(self, decodes: list[Seq], prefills: list[Seq]) -> float:
+        batch = Batch(prefill_tokens=np.array([s.scheduled for s in prefills], dtype=np.int64),
+                      prefill_context=np.array([s.computed for s in prefills], dtype=np.int64),
+                      decode_context=np.array([s.stored for s in decodes], dtype=np.int64),
+                      prefill_samples=sum(1 for s in prefills if s.computed + s.scheduled == s.total))
+        if not prefills:
+            return float(self.cost.decode_times_s(batch.decode_context, 1)[0])
+        return self.cost.step_time_s(batch)
+
+    def _decode_run(self, now: float, decodes: list[Seq], horizon: float, fast: bool) -> tuple[int, float]:
+        """Steps and end time of a decode-only run starting at ``now`` (step 0's blocks are taken)."""
+        ctx = np.fromiter((s.computed - s.dropped for s in decodes), dtype=np.int64, count=len(decodes))
+        k = min(s.out - s.generated for s in decodes) if fast else 1
+        if k > 1 and horizon < INF and self.last_decode_s > 0:
+            k = min(k, int((horizon - now) / self.last_decode_s * _HORIZON_MARGIN) + 2)
+        if k > 1:
+            k = self._steps_with_blocks(ctx, k)
+        times = self.cost.decode_times_s(ctx, k)
+        self.last_decode_s = float(times[-1])
+        if k == 1:
+            return 1, now + float(times[0])
+        ends = np.cumsum(np.concatenate(([now], times)))[1:]  # same float additions as step by step
+        k = 1 + int(np.searchsorted(ends[:-1], horizon, side="left"))  # steps that start before it
+        dec = self.tables.decode
+        for s, c in zip(decodes, ctx.tolist()):
+            more = dec[c + k] - dec[c + 1]
+            if more:
+                self.bm.append(s, more)
+        return k, float(ends[k - 1])
+
+    def _steps_with_blocks(self, ctx: np.ndarray, k: int) -> int:
+        """Most steps (<= k) whose extra blocks, beyond step 0's, fit in the free blocks."""
+        table = self.tables.decode_arr
+        base = int(table[ctx + 1].sum())
+        free = self.bm.num_free
+
+        def extra(steps: int) -> int:
+            return int(table[ctx + steps].sum()) - base
+
+        if extra(k) <= free:
+            return k
+        lo, hi = 1, k  # extra() is non-decreasing in steps: extra(lo) fits, extra(hi) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if extra(mid) <= free else (lo, mid)
+        return lo
+
+    # ------------------------------------------------------------------ completion
+    def complete(self) -> list[Seq]:
+        """Apply the planned work at its end time; return the sequences that finished."""
+        w = self.work
+        assert w is not None
+        self.work = None
+        end, k = w.end_s, w.steps
+        done: list[Seq] = []
+        for s in w.decodes:
+            s.computed += k
+            s.generated += k
+            if s.generated == s.out:
+                done.append(s)
+        for s in w.prefills:
+            s.computed += s.scheduled
+            if self.cfg.prefix_caching:
+                self._register(s)
+            if s.computed == s.total:
+                s.generated += 1
+                if s.first_token_s < 0:
+                    s.first_token_s = end
+                target = self.tables.decode[s.stored]
+                if s.held > target:  # compression after prefill (eviction, merged vision tokens)
+                    self.bm.shrink(s, s.held - target)
+                if s.generated == s.out:
+                    done.append(s)
+        if done:
+            for s in done:
+                s.finish_s = end
+                self.bm.free(s)
+            finished = set(map(id, done))
+            self.running = [s for s in self.running if id(s) not in finished]
+            for s in done:
+                self.on_finish(s)
+        if self.cfg.check:
+            self.bm.check(self.running)
+        return done
+
+    def _register(self, s: Seq) -> None:
+        """Newly full prompt blocks become prefix-cached under their keys."""
+        n_full = min(s.computed // self.block_size, len(s.keys))
+        if n_full <= s.registered:
+            return
+        keys = s.keys[s.registered:n_full]
+        user = s.req.user_id
+        for key in keys:
+            if not self.bm.is_cached(key):
+                self.owner[key] = user
+        self.bm.cache(s, keys)
+        s.registered = n_full
+        if len(self.owner) > 4 * self.bm.num_blocks:  # forget owners of evicted blocks
+            self.owner = {k: u for k, u in self.owner.items() if self.bm.is_cached(k)}

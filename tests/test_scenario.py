@@ -1,0 +1,114 @@
+"""Scenario files: the strict schema, --set overrides, the public API kvsim sweep builds on, the
+CLI's errors and output files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvsim.cli import main
+from kvsim.errors import KvsimError
+from kvsim.scenario import apply_override, load_scenario, run_scenario, scenario_from_dict, write_outputs
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = str(ROOT / "traces" / "synthetic_sessions.csv")
+BASE = {"model": "llama-3-8b", "hardware": "h100-sxm",
+        "workload": {"trace": FIXTURE, "max_requests": 40},
+        "slo": {"ttft_s": 0.5, "tpot_s": 0.05}}
+
+
+def write(tmp_path: Path, data: dict, name: str = "s.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_are_vllm_engine_defaults() -> None:
+    e = scenario_from_dict(BASE, "x.yaml").spec.engine
+    assert (e.max_num_seqs, e.max_num_batched_tokens, e.block_size, e.gpu_memory_utilization) == (256, 8192, 16, 0.9)
+    assert e.enable_chunked_prefill and e.enable_prefix_caching and e.preemption == "recompute"
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({**BASE, "modle": "x"}, "modle"),
+    ({**BASE, "engine": {"max_num_seq": 4}}, "engine.max_num_seq"),
+    ({**BASE, "engine": {"max_num_seqs": 0}}, "engine.max_num_seqs"),
+    ({**BASE, "engine": {"preemption": "drop"}}, "engine.preemption"),
+    ({**BASE, "engine": {"enable_prefix_caching": "maybe"}}, "engine.enable_prefix_caching"),
+    ({**BASE, "router": "random"}, "router"),
+    ({**BASE, "slo": {"ttft_s": 1}}, "slo.tpot_s"),
+    ({**BASE, "workload": {"trace": FIXTURE, "synthetic": {"rate": 1, "num_requests": 2}}}, "workload"),
+    ({**BASE, "workload": {}}, "workload"),
+    ({**BASE, "workload": {"synthetic": {"rate": 1, "input": {"kind": "fixed", "tokens": 9},
+                                         "output": {"kind": "fixed", "tokens": 9}}}}, "workload.synthetic"),
+    ({**BASE, "workload": {"synthetic": {"rate": 1, "num_requests": 3, "input": {"kind": "fixed", "mean": 9},
+                                         "output": {"kind": "fixed", "tokens": 9}}}}, "workload.synthetic.input"),
+    ({**BASE, "engine": {"max_num_seqs": 512, "max_num_batched_tokens": 256}}, "engine.max_num_batched_tokens"),
+])
+def test_bad_keys_and_values_name_field_and_file(raw: dict, field: str) -> None:
+    with pytest.raises(KvsimError) as exc:
+        scenario_from_dict(raw, "bad.yaml")
+    assert exc.value.field == field
+    assert exc.value.file == "bad.yaml"
+
+
+def test_sweep_block_is_kept_aside() -> None:
+    s = scenario_from_dict({**BASE, "sweep": {"grid": {"tp": [1, 2]}}}, "x.yaml")
+    assert s.sweep == {"grid": {"tp": [1, 2]}}
+    assert "sweep" not in s.raw
+
+
+def test_apply_override_sets_nested_fields_and_rejects_unknown_paths() -> None:
+    raw = apply_override(BASE, "engine.max_num_seqs", 64)
+    assert raw["engine"]["max_num_seqs"] == 64 and "engine" not in BASE  # a copy
+    raw = apply_override(raw, "workload.synthetic.sessions.think_mean_s", 5.0)
+    assert raw["workload"]["synthetic"]["sessions"]["think_mean_s"] == 5.0
+    for bad in ("engine.max_seqs", "model.name", "sweep.grid", "slo.ttft"):
+        with pytest.raises(KvsimError) as exc:
+            apply_override(BASE, bad, 1)
+        assert exc.value.field == bad
+
+
+def test_load_scenario_applies_sets_as_yaml_scalars(tmp_path: Path) -> None:
+    path = write(tmp_path, {**BASE, "sweep": {"grid": {"tp": [1]}}})
+    s = load_scenario(path, ["engine.max_num_seqs=64", "engine.enable_prefix_caching=false", "method=fp8",
+                             "slo.ttft_s=1e-1"])
+    assert (s.spec.engine.max_num_seqs, s.spec.engine.enable_prefix_caching, s.spec.method) == (64, False, "fp8")
+    assert s.spec.slo.ttft_s == 0.1 and s.sweep == {"grid": {"tp": [1]}}
+    with pytest.raises(KvsimError, match="key=value"):
+        load_scenario(path, ["engine.max_num_seqs"])
+
+
+def test_run_summary_has_the_documented_keys_and_is_deterministic() -> None:
+    s = scenario_from_dict(BASE, "x.yaml")
+    a, b = run_scenario(s).summary, run_scenario(s).summary
+    assert a == b
+    for key in ("completed", "rejected", "duration_s", "num_gpu_blocks", "throughput_output_tokens_per_s",
+                "preemptions", "prefix_hit_rate", "goodput", "goodput_requests_per_s", "side_channel"):
+        assert key in a
+    for key in ("ttft_s", "tpot_s", "e2e_s"):
+        assert set(a[key]) == {"mean", "p50", "p90", "p99"}
+    assert a["completed"] + a["rejected"]["total"] == a["requests"] == 40
+    json.dumps(a)
+
+
+def test_cli_run_json_out_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write(tmp_path, BASE)
+    main(["run", str(path), "--json", "--out", str(tmp_path / "out"), "--set", "engine.max_num_seqs=8"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary == json.loads((tmp_path / "out" / "summary.json").read_text())
+    with open(tmp_path / "out" / "requests.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 40 and {r["status"] for r in rows} == {"completed"}
+    trace = json.loads((tmp_path / "out" / "trace.json").read_text())
+    assert any(e["ph"] == "X" for e in trace["traceEvents"])
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(path), "--set", "engine.max_num_sqs=8"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "engine.max_num_sqs" in err and str(path) in err and "Traceback" not in err
+    write_outputs  # noqa: B018 - part of the public API
