@@ -81,16 +81,34 @@ def _fit(samples: list[tuple[float, float, float, float]], default: float) -> di
             "memory": [round(v, 4) for v in series(mem)], "floor_s": float(f"{floor:.3g}")}
 
 
+def _fit_table(samples: list[tuple[float, float, float, float, float]], default: float) -> dict:
+    """samples: (size, size2, time_s, t_compute, t_memory). One efficiency row per distinct size2
+    (GEMM: weight bytes of one measured matrix shape), all rows on the same size buckets."""
+    by_size2: dict[float, list[tuple[float, float, float, float]]] = defaultdict(list)
+    for size, size2, t, tc, tm in samples:
+        by_size2[size2].append((size, t, tc, tm))
+    if not by_size2:
+        return _fit([], default)
+    rows = {s2: _fit(rows, default) for s2, rows in sorted(by_size2.items())}
+    sizes = sorted({s for r in rows.values() for s in r["size"]})
+    x = np.log2(sizes)
+
+    def on_grid(r: dict, key: str) -> list[float]:
+        return [round(float(v), 4) for v in np.interp(x, np.log2(r["size"]), r[key])]
+
+    return {"size": sizes, "size2": list(rows), "compute": [on_grid(r, "compute") for r in rows.values()],
+            "memory": [on_grid(r, "memory") for r in rows.values()], "floor_s": 0.0}
+
+
 def fit_profile(folder: Path) -> dict:
     """Calibration mapping fitted from one GPU's kernel measurements."""
     ceil = _ceilings(folder)
     bw, bf16 = ceil["copy_bytes_per_s"], ceil["bf16_flops_per_s"]
-    fp8 = ceil.get("fp8_flops_per_s", bf16)
     used: dict[str, int] = {}
 
-    gemm = [(float(r["m"]), float(r["time_s"]),
-             float(r["flops"]) / (fp8 if r["dtype"] == "fp8" else bf16), float(r["bytes"]) / bw)
-            for r in _rows(folder / "gemm.csv") if r["dtype"] == "bf16"]
+    # bf16 GEMMs; the weight matrix is n x k (its bytes are the table's second axis)
+    gemm = [(float(r["m"]), float(r["n"]) * float(r["k"]) * 2, float(r["time_s"]), float(r["flops"]) / bf16,
+             float(r["bytes"]) / bw) for r in _rows(folder / "gemm.csv") if r["dtype"] == "bf16"]
     used["gemm.csv"] = len(gemm)
 
     decode_rows = _rows(folder / "attention_decode.csv")
@@ -117,7 +135,7 @@ def fit_profile(folder: Path) -> dict:
     elementwise = [(ew_bytes[k], t, 0.0, ew_bytes[k] / bw) for k, t in ew_best.items()]
     used["elementwise.csv (best impl)"] = len(elementwise)
 
-    ops = {"gemm": _fit(gemm, 0.8), "attention_decode": _fit(decode, 0.8),
+    ops = {"gemm": _fit_table(gemm, 0.8), "attention_decode": _fit(decode, 0.8),
            "attention_prefill": _fit(prefill, 0.6), "elementwise": _fit(elementwise, 0.7)}
     # No multi-GPU measurements on this machine: the all-reduce curve stays at the prior's values.
     prior = yaml.safe_load((Path(__file__).parent / "data" / "calibration_prior.yaml").read_text())

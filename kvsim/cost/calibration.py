@@ -13,11 +13,15 @@ File format (YAML or JSON), documented in docs/calibration.md:
       h2d_bytes_per_s: 5.0e10
       disk_read_bytes_per_s: 2.0e9
     ops:                          # efficiency vs log2(size), relative to the ceilings above
-      gemm:              {size: [1, 16, 4096], compute: [...], memory: [...], floor_s: 4.0e-6}
+      gemm:              {size: [1, 16, 4096], size2: [1.0e+6, 1.0e+8],   # tokens x weight bytes
+                          compute: [[...], [...]], memory: [[...], [...]], floor_s: 0.0}
       attention_decode:  {...}    # size: KV bytes read by one kernel
       attention_prefill: {...}    # size: prompt tokens
       elementwise:       {...}    # size: bytes moved
       allreduce:         {...}    # size: message bytes (memory = fraction of link bandwidth)
+    # A curve with ``size2`` is a table: one row of efficiencies (over ``size``) per ``size2`` value,
+    # interpolated bilinearly in log2 of both. GEMM efficiency depends on the token count AND on the
+    # weight matrix (a 1 MB router streams far below HBM bandwidth; a 100 MB projection near it).
     step_overhead_s: 2.0e-5       # per engine step (scheduling, launch of the step's graph)
 
 Looked up by GPU name in ``validation/results/<gpu>/calibration.yaml``; a GPU without one borrows
@@ -44,16 +48,29 @@ OP_KINDS = ("gemm", "attention_decode", "attention_prefill", "elementwise", "all
 
 @dataclass(frozen=True)
 class Curve:
-    """Efficiency (0..1] against log2(size), linearly interpolated and clamped at the ends."""
+    """Efficiency (0..1.5] against log2(size), linearly interpolated and clamped at the ends; with
+    ``log2_size2`` a table (one row per size2 value), interpolated bilinearly."""
 
     log2_size: tuple[float, ...]
-    compute: tuple[float, ...]
-    memory: tuple[float, ...]
+    compute: tuple  # floats, or one tuple of floats per size2 value
+    memory: tuple
     floor_s: float
+    log2_size2: tuple[float, ...] = ()
 
-    def eff(self, size: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def eff(self, size: float | np.ndarray, size2: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         x = np.log2(np.maximum(size, 1.0))
-        return np.interp(x, self.log2_size, self.compute), np.interp(x, self.log2_size, self.memory)
+        if not self.log2_size2:
+            return np.interp(x, self.log2_size, self.compute), np.interp(x, self.log2_size, self.memory)
+        ys = self.log2_size2
+        y = float(np.clip(np.log2(max(size2 or 1.0, 1.0)), ys[0], ys[-1]))
+        j = min(int(np.searchsorted(ys, y, side="right")) - 1, len(ys) - 2) if len(ys) > 1 else 0
+        w = (y - ys[j]) / (ys[j + 1] - ys[j]) if len(ys) > 1 else 0.0
+
+        def blend(rows: tuple) -> np.ndarray:
+            lo = np.interp(x, self.log2_size, rows[j])
+            return lo if w == 0.0 else (1.0 - w) * lo + w * np.interp(x, self.log2_size, rows[j + 1])
+
+        return blend(self.compute), blend(self.memory)
 
 
 @dataclass(frozen=True)
@@ -78,19 +95,34 @@ class Calibration:
 
 def _curve(data: dict, where: str) -> Curve:
     try:
-        size = [float(s) for s in data["size"]]
-        comp = [float(c) for c in data["compute"]]
-        mem = [float(m) for m in data["memory"]]
+        size = [float(v) for v in data["size"]]
+        size2 = [float(v) for v in data.get("size2", [])]
+        if size2:
+            comp = [[float(v) for v in row] for row in data["compute"]]
+            mem = [[float(v) for v in row] for row in data["memory"]]
+        else:
+            comp, mem = [float(v) for v in data["compute"]], [float(v) for v in data["memory"]]
         floor = float(data.get("floor_s", 0.0))
     except (KeyError, TypeError, ValueError) as err:
         raise KvsimError(f"needs size, compute, memory lists ({err})", field=where, value=data) from None
-    if not (len(size) == len(comp) == len(mem)) or not size:
-        raise KvsimError("size, compute and memory must have the same non-zero length", field=where, value=data)
-    if any(not 0 < v <= 1.5 for v in comp + mem) or any(s <= 0 for s in size) or floor < 0:
+    rows_c, rows_m = (comp, mem) if size2 else ([comp], [mem])
+    if (not size or len(rows_c) != max(1, len(size2)) or len(rows_m) != len(rows_c)
+            or any(len(r) != len(size) for r in rows_c + rows_m)):
+        raise KvsimError("compute and memory need one value per size (one row per size2)", field=where,
+                         value=data)
+    flat = [v for r in rows_c + rows_m for v in r]
+    if any(not 0 < v <= 1.5 for v in flat) or any(s <= 0 for s in size + size2) or floor < 0:
         raise KvsimError("efficiencies must be in (0, 1.5], sizes positive, floor_s >= 0", field=where, value=data)
     order = np.argsort(size)
-    return Curve(tuple(float(np.log2(size[i])) for i in order), tuple(comp[i] for i in order),
-                 tuple(mem[i] for i in order), floor)
+    order2 = np.argsort(size2) if size2 else np.array([0])
+
+    def sort(rows: list[list[float]]) -> list[tuple[float, ...]]:
+        return [tuple(rows[k][i] for i in order) for k in order2]
+
+    comp_s, mem_s = sort(rows_c), sort(rows_m)
+    return Curve(tuple(float(np.log2(size[i])) for i in order),
+                 tuple(comp_s) if size2 else comp_s[0], tuple(mem_s) if size2 else mem_s[0], floor,
+                 tuple(float(np.log2(size2[k])) for k in order2) if size2 else ())
 
 
 def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibration:

@@ -26,8 +26,15 @@ from kvsim.spec.model import ModelSpec
 
 NO_CAP = -1  # cap key meaning "the whole context"
 DEQUANT_FLOPS_PER_ELEMENT = 4  # unpack, convert, multiply by scale, add zero point
-FLASH_QUERY_TILE = 128  # FlashAttention query block: K/V are re-read once per tile of queries
-ELEMENTWISE_KERNELS_PER_LAYER = 6  # 2 norms, 2 residual adds, activation, RoPE
+# Element-wise kernels of one decoder layer as vLLM runs them (and validation/engine.py mirrors):
+# fused_add_rms_norm before attention and before the MLP (read x and the residual, write both),
+# rotary_embedding in place on q and k, silu_and_mul on the gate/up output. The KV-cache write
+# (reshape_and_cache) is priced separately as ``kv_write``.
+NORMS_PER_LAYER = 2
+# A routed-expert layer adds, besides its GEMMs: top-k softmax, the token permutation into expert
+# order (vLLM moe_align_block_size + gather) and the weighted un-permute/sum (moe_sum): four
+# kernels that move each routed token's hidden state (vLLM fused_moe, layer/fused_moe/fused_moe.py).
+MOE_ROUTING_KERNELS_PER_LAYER = 4
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,7 @@ class CostModel:
         self._kv_write_bytes_per_token = sum(
             count * s.heads_per_rank(tp) * s.dim * s.elem_bytes / s.tokens_per_entry
             for s, count in layout.stream_counts if s.token_cap != 0)
-        self._elementwise_bytes_per_token = self._build_elementwise()
+        self._elementwise = self._build_elementwise()
 
     # ---------------------------------------------------------------- precomputation
     def _build_gemms(self) -> list[tuple[str, int, float, float, float, int, int]]:
@@ -175,8 +182,9 @@ class CostModel:
         terms.add("dequant_flops", fetched_cap, deq)
         terms.add("dequant_flops", _cap(cap, g), -deq)
 
-    def _build_prefill_groups(self) -> list[tuple[int, float, float, int]]:
-        """(layers, attention flops per attended token, KV bytes per token, cap) per layer group."""
+    def _build_prefill_groups(self) -> list[tuple[int, float, float, float, int]]:
+        """(layers, attention flops per attended token, KV bytes per token, Q+O bytes per token, cap)
+        per group of identical layers."""
         a, tp = self.model.attention, self.tp
         groups: dict[tuple, int] = defaultdict(int)
         for layer in self.layout.layers:
@@ -185,26 +193,37 @@ class CostModel:
             else:
                 qk, vo, kvh = layer.qk_dim, layer.vo_dim, max(1, layer.kv_heads // tp)
             kv_bytes = kvh * (qk + vo) * self.model.dtype_bytes
-            groups[(2.0 * layer.q_heads // tp * (qk + vo), kv_bytes,
+            qo_bytes = layer.q_heads // tp * (qk + vo) * self.model.dtype_bytes
+            groups[(2.0 * layer.q_heads // tp * (qk + vo), kv_bytes, qo_bytes,
                     NO_CAP if layer.span_cap is None else layer.span_cap)] += 1
-        return [(n, f, b, cap) for (f, b, cap), n in groups.items()]
+        return [(n, f, b, qo, cap) for (f, b, qo, cap), n in groups.items()]
 
-    def _build_elementwise(self) -> float:
+    def _build_elementwise(self) -> dict[str, tuple[float, int]]:
+        """Element-wise kernels: name -> (bytes per token summed over layers, kernels per step)."""
         m, tp, e = self.model, self.tp, self.model.dtype_bytes
-        h = m.hidden_size
-        total = 0.0
+        h, L = m.hidden_size, m.num_layers
+        norm = NORMS_PER_LAYER * 4 * h * e * L + 2 * h * e  # + the final norm (read, write)
+        rope = 2 * (m.attention.num_heads // tp + kv_heads_per_rank(m, tp)) * m.attention.head_dim * e * L
+        act = 0.0
         for layer in m.layers:
-            inter = (m.moe.expert_intermediate_size * m.moe.top_k if layer.moe and m.moe
-                     else m.intermediate_size) // tp
-            rope = (m.attention.num_heads // tp + kv_heads_per_rank(m, tp)) * m.attention.head_dim * 2
-            total += (2 * 2 * h + 2 * 3 * h + 3 * inter + rope) * e
-        return total
+            if layer.moe and m.moe:
+                inter = m.moe.expert_intermediate_size * m.moe.top_k
+                inter += (m.moe.shared_intermediate_size or 0) * (m.moe.num_shared_experts or 0)
+            else:
+                inter = m.intermediate_size
+            act += 3 * inter // tp * e  # read gate and up, write their product
+        out = {"norm": (norm, NORMS_PER_LAYER * L + 1), "rope": (rope, L), "activation": (act, L)}
+        moe_layers = sum(1 for layer in m.layers if layer.moe) if m.moe else 0
+        if moe_layers:  # permute in, un-permute out: read + write the hidden state per routed copy
+            out["moe_routing"] = (4 * h * e * m.moe.top_k * moe_layers, MOE_ROUTING_KERNELS_PER_LAYER * moe_layers)
+        return out
 
     # ---------------------------------------------------------------- pricing
     def _roof(self, kind: str, flops: np.ndarray | float, nbytes: np.ndarray | float, size: np.ndarray | float,
-              kernels: float, peak: float, bandwidth: float) -> tuple[np.ndarray, np.ndarray]:
+              kernels: float, peak: float, bandwidth: float, size2: float | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
         curve = self.cal.ops[kind]
-        ce, me = curve.eff(size)
+        ce, me = curve.eff(size, size2)
         t_c = np.asarray(flops) / (peak * ce)
         t_m = np.asarray(nbytes) / (bandwidth * me)
         return np.maximum(t_c, t_m) + curve.floor_s * kernels, t_c >= t_m
@@ -226,10 +245,11 @@ class CostModel:
         kv_b = new_tokens * self._kv_write_bytes_per_token
         t, _ = self._roof("elementwise", 0.0, kv_b, max(kv_b, 1.0), L, 1.0, c.copy_bytes_per_s)
         ops.append(("kv_write", 0.0, kv_b, float(t), "memory"))
-        ew = tokens * self._elementwise_bytes_per_token
-        t, _ = self._roof("elementwise", 0.0, ew, max(ew / L, 1.0), L * ELEMENTWISE_KERNELS_PER_LAYER, 1.0,
-                          c.copy_bytes_per_s)
-        ops.append(("elementwise", 0.0, ew, float(t), "memory"))
+        for name, (bytes_per_token, kernels) in self._elementwise.items():
+            nbytes = tokens * bytes_per_token
+            t, _ = self._roof("elementwise", 0.0, nbytes, max(nbytes / kernels, 1.0), kernels, 1.0,
+                              c.copy_bytes_per_s)
+            ops.append((name, 0.0, nbytes, float(t), "memory"))
         samp = sampled * self.model.vocab_size * 4 * 3  # logits to fp32, softmax, sample
         t, _ = self._roof("elementwise", 0.0, samp, max(samp, 1.0), 3, 1.0, c.copy_bytes_per_s)
         ops.append(("sampling", 0.0, samp, float(t), "memory"))
@@ -248,7 +268,7 @@ class CostModel:
                 wbytes = wbytes * active / experts
                 m = tokens * top_k / max(active, 1e-9)
             flops, nbytes = fpt * tokens, wbytes + apt * tokens
-            t, compute = self._roof("gemm", flops, nbytes, max(m, 1.0), 1, peak, c.copy_bytes_per_s)
+            t, compute = self._roof("gemm", flops, nbytes, max(m, 1.0), 1, peak, c.copy_bytes_per_s, wbytes)
             acc = by_role[f"gemm.{role}"]
             acc[0] += flops * layers
             acc[1] += nbytes * layers
@@ -259,7 +279,7 @@ class CostModel:
                 flops = 2.0 * sampled * lin.params
                 nbytes = lin.bytes + sampled * (lin.in_features + lin.out_features) * self.model.dtype_bytes
                 t, compute = self._roof("gemm", flops, nbytes, max(sampled, 1.0), 1, c.flops_per_s["bf16"],
-                                        c.copy_bytes_per_s)
+                                        c.copy_bytes_per_s, lin.bytes)
                 by_role["gemm.lm_head"] = [flops, nbytes, float(t) if sampled else 0.0, float(compute)]
         return [(name, v[0], v[1], v[2], "compute" if v[3] > 0 else "memory") for name, v in by_role.items()]
 
@@ -300,11 +320,12 @@ class CostModel:
             ops.append(("attention.decode", flops + deq, nbytes, t, "compute"))
         if len(p_tok):
             pf, pb = 0.0, 0.0
-            for layers, fpt, kvb, cap in self._prefill_groups:
+            for layers, fpt, kvb, qob, cap in self._prefill_groups:
                 pf += layers * fpt * float(sum_min_range(p_ctx, p_tok, cap).sum())
-                tiles = np.ceil(p_tok / FLASH_QUERY_TILE)
+                # FlashAttention streams the chunk's Q/O once and each key/value it attends once per
+                # query tile; the re-reads of a tile hit L2, so HBM traffic is the single pass.
                 reach = p_ctx + p_tok if cap == NO_CAP else np.minimum(p_ctx + p_tok, cap)
-                pb += layers * kvb * float((reach * tiles).sum())
+                pb += layers * (qob * float(p_tok.sum()) + kvb * float(reach.sum()))
             if rt.prefill_scoring_window:  # SnapKV-style scoring of the prompt at the end of prefill
                 pf += 2.0 * rt.prefill_scoring_window * float((p_ctx + p_tok).sum()) * L * (
                     self.model.attention.num_heads // self.tp) * self.model.attention.head_dim
