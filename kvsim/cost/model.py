@@ -316,8 +316,10 @@ class CostModel:
             t_c = flops / c.flops_per_s["bf16"] + deq / c.flops_per_s["fp32"]
             curve = self.cal.ops["attention_decode"]
             ce, me = curve.eff(np.maximum(nbytes / L, 1.0))
-            t = np.maximum(t_c / ce, nbytes / (c.copy_bytes_per_s * me)) + curve.floor_s * L
-            ops.append(("attention.decode", flops + deq, nbytes, t, "compute"))
+            t_c, t_m = t_c / ce, nbytes / (c.copy_bytes_per_s * me)
+            t = np.maximum(t_c, t_m) + curve.floor_s * L
+            bound = "compute" if np.ravel(t_c)[0] >= np.ravel(t_m)[0] else "memory"
+            ops.append(("attention.decode", flops + deq, nbytes, t, bound))
         if len(p_tok):
             pf, pb = 0.0, 0.0
             for layers, fpt, kvb, qob, cap in self._prefill_groups:
@@ -330,9 +332,9 @@ class CostModel:
                 pf += 2.0 * rt.prefill_scoring_window * float((p_ctx + p_tok).sum()) * L * (
                     self.model.attention.num_heads // self.tp) * self.model.attention.head_dim
             pf, pb = pf * p_scale, pb * p_scale
-            t, _ = self._roof("attention_prefill", pf, pb, float(p_tok.max()), L, c.flops_per_s["bf16"],
-                              c.copy_bytes_per_s)
-            ops.append(("attention.prefill", pf, pb, float(t), "compute"))
+            t, compute = self._roof("attention_prefill", pf, pb, float(p_tok.max()), L, c.flops_per_s["bf16"],
+                                    c.copy_bytes_per_s)
+            ops.append(("attention.prefill", pf, pb, float(t), "compute" if compute else "memory"))
         if n_decode and (rt.host_fetch_all or rt.host_fetch_tokens):
             fetch = term("host_fetch")
             ops.append(("host_transfer", 0.0, fetch, fetch / c.h2d_bytes_per_s,
