@@ -69,13 +69,13 @@ def deployment(scenario: Scenario) -> Deployment:
         cost = CostModel(model, hardware, layout, spec.tp, cal)
     except KvsimError as err:
         raise _with_file(err, file) from None
-    if not plan.fits:
+    if not plan.fits and e.num_gpu_blocks_override is None:
         raise KvsimError(plan.reason, field="model", value=spec.model, file=file)
     max_len = e.max_model_len or model.max_position_embeddings
     if max_len > model.max_position_embeddings:
         raise KvsimError(f"exceeds {model.name}'s context of {model.max_position_embeddings} tokens",
                          field="engine.max_model_len", value=max_len, file=file)
-    return Deployment(layout, plan, cost, max_len)
+    return Deployment(layout, plan, cost, max_len, e.num_gpu_blocks_override or plan.num_gpu_blocks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,11 +188,8 @@ def _progress_bar() -> Callable[[float, int], None]:
     return show
 
 
-def run_scenario(scenario: Scenario, progress: bool = False, skip_bad_rows: bool = False, *,
-                 check: bool = False, record_steps: bool = True) -> RunResult:
-    """Simulate ``scenario``. ``progress`` draws a bar on stderr; ``skip_bad_rows`` skips malformed
-    trace rows (counted in the summary) instead of stopping; ``check`` asserts the engine's
-    invariants every step (slow; for tests); ``record_steps=False`` skips the Chrome trace rows."""
+def simulation(scenario: Scenario, *, check: bool = False, record_steps: bool = True) -> Simulation:
+    """The scenario's replicas and router, ready to :meth:`~Simulation.run` a stream."""
     spec = scenario.spec
     dep = deployment(scenario)
     tables = BlockTables(dep.plan)
@@ -202,11 +199,20 @@ def run_scenario(scenario: Scenario, progress: bool = False, skip_bad_rows: bool
         raise KvsimError("safekv:policy=selective needs workload.sensitive_fraction: the share of prompt blocks "
                          "the privacy detector flags", field="workload.sensitive_fraction", value=None,
                          file=scenario.file)
-    sim = Simulation(dep, cfg, spec.replicas, spec.router, policy=policy,
-                     sensitive_fraction=spec.workload.sensitive_fraction or 0.0, seed=spec.seed,
-                     timeseries_interval_s=spec.output.timeseries_interval_s, record_steps=record_steps)
+    return Simulation(dep, cfg, spec.replicas, spec.router, policy=policy,
+                      sensitive_fraction=spec.workload.sensitive_fraction or 0.0, seed=spec.seed,
+                      timeseries_interval_s=spec.output.timeseries_interval_s, record_steps=record_steps,
+                      tables=tables)
+
+
+def run_scenario(scenario: Scenario, progress: bool = False, skip_bad_rows: bool = False, *,
+                 check: bool = False, record_steps: bool = True) -> RunResult:
+    """Simulate ``scenario``. ``progress`` draws a bar on stderr; ``skip_bad_rows`` skips malformed
+    trace rows (counted in the summary) instead of stopping; ``check`` asserts the engine's
+    invariants every step (slow; for tests); ``record_steps=False`` skips the Chrome trace rows."""
+    sim = simulation(scenario, check=check, record_steps=record_steps)
     stats = ReadStats()
-    stream, trace = workload(scenario, dep, skip_bad_rows, stats)
+    stream, trace = workload(scenario, sim.dep, skip_bad_rows, stats)
     bar = _progress_bar() if progress else None
     try:
         sim.run(stream, bar)
@@ -217,7 +223,7 @@ def run_scenario(scenario: Scenario, progress: bool = False, skip_bad_rows: bool
     finally:
         if bar is not None:
             print(file=sys.stderr)
-    return RunResult(scenario, summarize(scenario, dep, sim, tables, stats), sim)
+    return RunResult(scenario, summarize(scenario, sim, stats), sim)
 
 
 def _bad_rows(scenario: Scenario, trace: Path) -> KvsimError:
@@ -237,10 +243,9 @@ def _share(ok: np.ndarray, total: int) -> float:
     return float(ok.sum()) / total if total else 0.0
 
 
-def summarize(scenario: Scenario, dep: Deployment, sim: Simulation, tables: BlockTables,
-              read_stats: ReadStats) -> dict:
+def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dict:
     """The run's summary (JSON-able; the same scenario and seed give the same numbers)."""
-    spec, cfg = scenario.spec, sim.cfg
+    spec, cfg, dep = scenario.spec, sim.cfg, sim.dep
     cols = sim.recorder.arrays()
     status = cols["status"]
     done = status == metrics.STATUSES.index(metrics.COMPLETED)
@@ -268,9 +273,9 @@ def summarize(scenario: Scenario, dep: Deployment, sim: Simulation, tables: Bloc
         "rejected": {"total": sum(rejected.values()), "by_reason": rejected},
         "truncated_outputs": sim.admission.truncated,
         "duration_s": duration,
-        "num_gpu_blocks": dep.plan.num_gpu_blocks,
+        "num_gpu_blocks": dep.num_gpu_blocks,
         "block_size": spec.engine.block_size,
-        "kv_capacity_tokens": dep.plan.kv_capacity_tokens,
+        "kv_capacity_tokens": dep.num_gpu_blocks * spec.engine.block_size,
         "max_model_len": dep.max_model_len,
         "throughput_output_tokens_per_s": float(generated.sum()) / duration if duration else 0.0,
         "throughput_requests_per_s": float(done.sum()) / duration if duration else 0.0,
@@ -288,7 +293,7 @@ def summarize(scenario: Scenario, dep: Deployment, sim: Simulation, tables: Bloc
                            "tpot": _share(tpot_all <= slo.tpot_s, sim.arrived),
                            "both": _share((ttft <= slo.ttft_s) & (tpot_all <= slo.tpot_s), sim.arrived)},
         "engine_steps": sim.steps,
-        "kv_peak_used_fraction": max(r.peak_used_blocks for r in sim.replicas) / dep.plan.num_gpu_blocks,
+        "kv_peak_used_fraction": max(r.peak_used_blocks for r in sim.replicas) / dep.num_gpu_blocks,
     }
     if cfg.doc_kv_from_ssd:
         summary["doc_ssd_tokens"] = int(cols["doc_ssd_tokens"][done].sum())

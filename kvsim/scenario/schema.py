@@ -82,6 +82,7 @@ class EngineSpec(_Strict):
     preemption: Literal["recompute", "swap"] = "recompute"
     swap_space_gib: float = Field(default=4.0, ge=0)  # vLLM --swap-space default, GiB per GPU
     max_model_len: int | None = Field(default=None, gt=0)  # default: the model's context length
+    num_gpu_blocks_override: int | None = Field(default=None, gt=0)  # vLLM's, "for testing preemption"
     fast_forward: StrictBool = True
 
 

@@ -20,6 +20,10 @@ import heapq
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
+import simpy
+from simpy.core import URGENT
+
 from kvsim.cost.model import CostModel
 from kvsim.kv.layout import KVLayout
 from kvsim.memory import MemoryPlan
@@ -38,6 +42,7 @@ class Deployment:
     plan: MemoryPlan
     cost: CostModel
     max_model_len: int
+    num_gpu_blocks: int  # the plan's, unless overridden (vLLM --num-gpu-blocks-override)
 
 
 class Admission:
@@ -66,7 +71,7 @@ class Admission:
         t = self.tables
         t.ensure(prompt + out)
         peak = max(t.prefill[prompt], t.decode[prompt + out - 1 - dropped])
-        if peak > dep.plan.num_gpu_blocks:
+        if peak > dep.num_gpu_blocks:
             return REJECT_KV
         if out < req.output_tokens:
             self.truncated += 1
@@ -76,9 +81,19 @@ class Admission:
         return Seq(req, prompt, out, dropped, keys)
 
 
-def _one(n: int):
-    import numpy as np
+def _one(n: int) -> np.ndarray:
     return np.array([n], dtype=np.int64)
+
+
+class _Urgent(simpy.Event):
+    """A timeout scheduled with SimPy's URGENT priority (ahead of normal events at the same time),
+    built the way ``simpy.Timeout`` is."""
+
+    def __init__(self, env: simpy.Environment, delay: float) -> None:
+        super().__init__(env)
+        self._ok = True
+        self._value = None
+        env.schedule(self, URGENT, delay)
 
 
 class Simulation:
@@ -86,15 +101,16 @@ class Simulation:
 
     def __init__(self, dep: Deployment, cfg: EngineConfig, replicas: int = 1, router: str = "round_robin", *,
                  policy: str = "global", sensitive_fraction: float = 0.0, seed: int = 0,
-                 timeseries_interval_s: float = 1.0, record_steps: bool = True) -> None:
+                 timeseries_interval_s: float = 1.0, record_steps: bool = True,
+                 tables: BlockTables | None = None) -> None:
         self.dep, self.cfg = dep, cfg
-        self.tables = BlockTables(dep.plan)
+        self.tables = tables or BlockTables(dep.plan)
         keys_needed = cfg.prefix_caching or cfg.doc_kv_from_ssd or router == "prefix_affinity"
         self.admission = Admission(dep, cfg, self.tables, keys_needed, policy, sensitive_fraction, seed)
         bs = dep.plan.engine.block_size
-        self.router = Router(router, replicas, bs, dep.plan.num_gpu_blocks)
+        self.router = Router(router, replicas, bs, dep.num_gpu_blocks)
         self.recorder = Recorder(replicas, timeseries_interval_s, record_steps)
-        self.replicas = [Replica(i, cfg, dep.plan.num_gpu_blocks, dep.plan.block_bytes, dep.cost, self.tables,
+        self.replicas = [Replica(i, cfg, dep.num_gpu_blocks, dep.plan.block_bytes, dep.cost, self.tables,
                                  self._finished, self.recorder.observe) for i in range(replicas)]
         self.arrived = 0
         self.end_s = 0.0
@@ -119,23 +135,20 @@ class Simulation:
             if progress is not None and events % 4096 == 0:
                 progress(nxt.arrival_s if nxt is not None else heap[0][0], self.arrived)
             if nxt is not None and (not heap or nxt.arrival_s <= heap[0][0]):
-                req, now = nxt, nxt.arrival_s
+                now = nxt.arrival_s
+                r = self._arrive(nxt)
                 nxt = next(it, None)
-                self._arrive(req, now, heap, version, pending, order)
-                order += 1
+                if r is not None and not self.replicas[r].busy and pending[r] > now:  # idle: wake it now
+                    version[r] += 1
+                    pending[r] = now
+                    heapq.heappush(heap, (now, order, r, version[r]))
+                    order += 1
                 continue
             now, _, r, ver = heapq.heappop(heap)
             if ver != version[r]:
                 continue  # superseded by an earlier wake-up
-            rep = self.replicas[r]
             pending[r] = INF
-            if rep.busy:
-                rep.complete()
-            horizon = rep.next_ready_s(now)
-            if nxt is not None and nxt.arrival_s < horizon:
-                horizon = nxt.arrival_s
-            work = rep.plan(now, horizon)
-            wake = work.end_s if work is not None else rep.next_ready_s(now)
+            wake = self._boundary(self.replicas[r], now, nxt.arrival_s if nxt is not None else INF)
             if wake < INF:
                 version[r] += 1
                 pending[r] = wake
@@ -143,20 +156,68 @@ class Simulation:
                 order += 1
         return self
 
-    def _arrive(self, req: Request, now: float, heap: list, version: list[int], pending: list[float],
-                order: int) -> None:
+    def _boundary(self, rep: Replica, now: float, next_arrival_s: float) -> float:
+        """A step boundary of ``rep`` at ``now``: finish the step that ends, plan the next one;
+        return when ``rep`` needs to act again (infinity: when a request reaches it)."""
+        if rep.busy:
+            rep.complete()
+        work = rep.plan(now, next_arrival_s)
+        return work.end_s if work is not None else rep.next_ready_s(now)
+
+    def _arrive(self, req: Request) -> int | None:
+        """Admit and route one arrival; the replica it went to, or None if rejected."""
         self.arrived += 1
         seq = self.admission(req)
         if isinstance(seq, str):
             self.recorder.request(Seq(req, req.input_tokens + req.image_tokens, 0, 0, ()), seq)
-            return
+            return None
         r = self.router.pick(seq)
-        rep = self.replicas[r]
-        rep.enqueue(seq)
-        if not rep.busy and pending[r] > now:  # idle: wake it at this arrival
-            version[r] += 1
-            pending[r] = now
-            heapq.heappush(heap, (now, order, r, version[r]))
+        self.replicas[r].enqueue(seq)
+        return r
+
+    def run_simpy(self, stream: Iterable[Request]) -> Simulation:
+        """The same simulation as :meth:`run`, as SimPy processes: one arrival process and one
+        engine loop per replica. Arrivals are URGENT events, so at equal times they come first, as in
+        :meth:`run`; replicas plan at their own step-end times (SimPy's clock is only used to order
+        events, so float round-off in its ``now + delay`` cannot change a step time)."""
+        import simpy
+
+        env = simpy.Environment()
+        it: Iterator[Request] = iter(stream)
+        peek: list[Request | None] = [next(it, None)]
+        wakeup = [env.event() for _ in self.replicas]
+
+        def arrivals():  # noqa: ANN202 - a SimPy process
+            while peek[0] is not None:
+                req = peek[0]
+                yield _Urgent(env, max(req.arrival_s - env.now, 0.0))
+                peek[0] = next(it, None)
+                r = self._arrive(req)
+                if r is not None and not wakeup[r].triggered:
+                    wakeup[r].succeed(req.arrival_s)
+
+        def engine(rep: Replica):  # noqa: ANN202 - a SimPy process
+            now = 0.0
+            while True:
+                nxt = peek[0].arrival_s if peek[0] is not None else INF
+                wake = self._boundary(rep, now, nxt)
+                if rep.busy:
+                    yield env.timeout(max(wake - env.now, 0.0))
+                    now = wake
+                    continue
+                wakeup[rep.index] = env.event()
+                if wake < INF:  # a document load finishes then
+                    timer = env.timeout(max(wake - env.now, 0.0), wake)
+                    fired = yield wakeup[rep.index] | timer
+                    now = min(fired.values())
+                else:
+                    now = yield wakeup[rep.index]
+
+        env.process(arrivals())
+        for rep in self.replicas:
+            env.process(engine(rep))
+        env.run()
+        return self
 
     # ------------------------------------------------------------------ results
     @property
@@ -167,6 +228,3 @@ class Simulation:
     def preemptions(self) -> int:
         return sum(r.preemptions for r in self.replicas)
 
-
-__all__ = ["Admission", "Deployment", "EngineConfig", "REJECT_BATCH", "REJECT_CONTEXT", "REJECT_KV",
-           "Simulation"]

@@ -112,39 +112,49 @@ class Replica:
         self.waiting.append(seq)
 
     # ------------------------------------------------------------------ scheduling
-    def plan(self, now: float, horizon: float) -> Work | None:
+    def plan(self, now: float, next_arrival_s: float) -> Work | None:
         """Schedule the step starting at ``now`` (and, if it is a plain decode step, the identical
-        steps after it that start before ``horizon``); commit its blocks; return it."""
+        steps after it that start before the next arrival or document load); commit its blocks;
+        return it."""
         cfg, bm, tables = self.cfg, self.bm, self.tables
         dec, pre = tables.decode, tables.prefill
         budget = cfg.max_num_batched_tokens
-        ready = [s for s in self.running if s.ready_s <= now]
-        order = [s for s in ready if s.decoding] + [s for s in ready if not s.decoding]
-        decodes: list[Seq] = []
-        prefills: list[Seq] = []
+        dec_order: list[Seq] = []
+        pre_order: list[Seq] = []
+        for s in self.running:
+            if s.ready_s <= now:  # (a document load still in flight waits)
+                if s.generated and s.computed + 1 == s.prompt + s.generated:  # Seq.decoding, inlined
+                    dec_order.append(s)
+                else:
+                    pre_order.append(s)
+        order = dec_order + pre_order
+        n_dec = len(dec_order)
         transfer_s = 0.0
         preempted = False
         i = 0
         while i < len(order) and budget > 0:
             s = order[i]
-            if s.decoding:
-                n_new, target = 1, dec[s.computed - s.dropped + 1]
+            if i < n_dec:
+                n_new = 1
+                need = dec[s.computed - s.dropped + 1] - s.held
             else:
-                n_new = min(s.total - s.computed, budget)
-                target = pre[s.computed + n_new]
-            need = target - s.held
-            while need > bm.num_free and order[-1] is not s:
-                transfer_s += self._preempt(order.pop())
-                preempted = True
-            if need > bm.num_free:  # nothing left to preempt but itself
-                transfer_s += self._preempt(order.pop())
-                preempted = True
-                break
-            bm.append(s, need)
+                n_new = min(s.prompt + s.generated - s.computed, budget)
+                need = pre[s.computed + n_new] - s.held
+            if need > 0:
+                while need > bm.num_free and len(order) > i + 1:  # preempt from the back, as v1 does
+                    transfer_s += self._preempt(order.pop())
+                    preempted = True
+                n_dec = min(n_dec, len(order))
+                if need > bm.num_free:  # nothing left to preempt but itself
+                    transfer_s += self._preempt(order.pop())
+                    preempted = True
+                    break
+                bm.append(s, need)
             s.scheduled = n_new
-            (decodes if s.decoding else prefills).append(s)
             budget -= n_new
             i += 1
+        decodes = order[:min(i, n_dec)]
+        prefills = order[n_dec:i]
         if not preempted:
             budget, transfer_s = self._admit(now, budget, decodes, prefills, transfer_s)
         if not decodes and not prefills and not transfer_s:
@@ -159,8 +169,8 @@ class Replica:
         elif prefills or transfer_s:
             end = now + self._step_s(decodes, prefills) + transfer_s
         else:
-            steps, end = self._decode_run(now, decodes, INF if preempted else horizon,
-                                          cfg.fast_forward and not preempted)
+            horizon = min(next_arrival_s, self.next_ready_s(now))  # loads admitted just now included
+            steps, end = self._decode_run(now, decodes, horizon, cfg.fast_forward and not preempted)
         self.steps += steps
         self.work = Work(now, end, steps, decodes, prefills)
         if bm.num_used > self.peak_used_blocks:

@@ -1,0 +1,345 @@
+"""The serving simulator: known answers, invariants (blocks never leak, limits never exceeded,
+prefix hits bounded by the hashes), fast-forward and SimPy equivalence, every KV method's runtime
+effect, routers, rejections and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvsim.cost.model import Batch
+from kvsim.errors import KvsimError
+from kvsim.scenario import apply_override, run_scenario, scenario_from_dict
+from kvsim.scenario.run import simulation, workload
+from kvsim.serve.engine import Simulation
+from kvsim.serve.metrics import COMPLETED, STATUSES, separability
+from kvsim.serve.workload import ReadStats, Request
+
+SESSIONS = {
+    "rate": 3.0, "num_requests": 60,
+    "input": {"kind": "lognormal", "p50": 500, "p90": 1800, "max_tokens": 5000},
+    "output": {"kind": "lognormal", "p50": 60, "p90": 250, "max_tokens": 800},
+    "sessions": {"turns": {"kind": "fixed", "tokens": 3}, "think_mean_s": 4.0},
+    "shared_prefix": {"tokens": 512, "num_users": 6, "num_prompts": 2},
+}
+BASE = {"model": "llama-3-8b", "hardware": "h100-sxm", "workload": {"synthetic": SESSIONS},
+        "slo": {"ttft_s": 0.5, "tpot_s": 0.05}}
+
+
+def scenario(**overrides: object):
+    raw = BASE
+    for key, value in overrides.items():
+        raw = apply_override(raw, key.replace("__", "."), value)
+    return scenario_from_dict(raw, "test.yaml")
+
+
+def simulate(sc, *, simpy: bool = False, check: bool = True, stream: list[Request] | None = None) -> Simulation:
+    sim = simulation(sc, check=check)
+    requests = stream if stream is not None else workload(sc, sim.dep, False, ReadStats())[0]
+    return sim.run_simpy(requests) if simpy else sim.run(requests)
+
+
+def timings(sim: Simulation) -> dict[str, np.ndarray]:
+    a = sim.recorder.arrays()
+    return {k: a[k] for k in ("first_token_s", "finish_s", "prefix_hit_tokens", "preemptions", "replica", "status")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Known answers
+# ---------------------------------------------------------------------------------------------
+
+def test_a_lone_request_costs_one_prefill_then_its_decode_steps() -> None:
+    """TTFT = the prefill step; every later token = one decode step over a context one longer."""
+    prompt, out = 1000, 20
+    sim = simulate(scenario(), stream=[Request(0, 0.0, prompt, out)])
+    cost = sim.dep.cost
+    t = cost.step_time_s(Batch(prefill_tokens=np.array([prompt]), prefill_context=np.array([0]), prefill_samples=1))
+    first = 0.0 + t
+    end = first
+    for dt in cost.decode_times_s(np.array([prompt]), out - 1):
+        end += dt
+    a = sim.recorder.arrays()
+    assert a["first_token_s"][0] == first
+    assert a["finish_s"][0] == pytest.approx(end, rel=1e-12)
+    assert sim.steps == out
+
+
+def test_chunked_prefill_splits_a_prompt_by_the_token_budget() -> None:
+    sc = scenario(engine__max_num_batched_tokens=256, engine__max_num_seqs=8)
+    sim = simulate(sc, stream=[Request(0, 0.0, 1000, 2)])
+    st_ = sim.recorder.steps
+    assert list(st_["prefill_tokens"]) == [256, 256, 256, 232, 0]
+    assert sim.steps == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Invariants under random small workloads and engine limits (hypothesis)
+# ---------------------------------------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), seqs=st.integers(1, 12), extra_tokens=st.integers(0, 1500),
+       block=st.sampled_from([8, 16, 32]), chunked=st.booleans(), caching=st.booleans(),
+       preemption=st.sampled_from(["recompute", "swap"]), blocks=st.integers(150, 1200),
+       replicas=st.integers(1, 3), router=st.sampled_from(["round_robin", "least_outstanding_tokens",
+                                                             "prefix_affinity"]))
+def test_invariants_hold_for_random_workloads_and_limits(seed, seqs, extra_tokens, block, chunked, caching,
+                                                         preemption, blocks, replicas, router) -> None:
+    """check=True asserts after every step that used + cached-free + free == total blocks, that
+    reference counts match the sequences, and that no step exceeds max_num_seqs or
+    max_num_batched_tokens; here every request must also end completed or rejected."""
+    sc = scenario(seed=seed, replicas=replicas, router=router, engine__max_num_seqs=seqs,
+                  engine__max_num_batched_tokens=seqs + 64 + extra_tokens, engine__block_size=block,
+                  engine__enable_chunked_prefill=chunked, engine__enable_prefix_caching=caching,
+                  engine__preemption=preemption, engine__swap_space_gib=0.5,
+                  engine__num_gpu_blocks_override=blocks, workload__synthetic__num_requests=30)
+    sim = simulate(sc)
+    a = sim.recorder.arrays()
+    assert len(a["request_id"]) == sim.arrived == 30
+    done = a["status"] == STATUSES.index(COMPLETED)
+    assert (a["generated_tokens"][done] >= 1).all()
+    assert (a["first_token_s"][done] >= a["arrival_s"][done]).all()
+    assert (a["finish_s"][done] >= a["first_token_s"][done]).all()
+    for rep in sim.replicas:
+        assert not rep.running and not rep.waiting and rep.bm.num_used == 0
+    s = sim.recorder.series
+    assert all(u + c + f == blocks for u, c, f in zip(s["blocks_used"], s["blocks_cached_free"], s["blocks_free"],
+                                                      strict=True))
+
+
+def test_prefix_hits_never_exceed_what_the_hashes_allow() -> None:
+    sim = simulate(scenario(replicas=2, router="prefix_affinity"))
+    seen: list[list[tuple[int, ...]]] = [[], []]
+    hits = 0
+    for seq in sorted(_all_seqs(sim), key=lambda s: s.req.request_id):
+        best = max((_common(seq.keys, k) for k in seen[seq.replica]), default=0)
+        limit = min(best, (seq.prompt - 1) // sim.tables.block_size)
+        assert seq.hit_tokens <= limit * sim.tables.block_size
+        hits += seq.hit_tokens
+        seen[seq.replica].append(seq.keys)
+    assert hits > 0
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b):  # noqa: B905 - prefixes of different lengths
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _all_seqs(sim: Simulation):
+    """Every finished sequence (kept by wrapping the finish callback)."""
+    return sim.finished_seqs
+
+
+@pytest.fixture(autouse=True)
+def _keep_finished(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Simulation._finished
+
+    def keep(self: Simulation, seq) -> None:  # noqa: ANN001
+        self.__dict__.setdefault("finished_seqs", []).append(seq)
+        original(self, seq)
+
+    monkeypatch.setattr(Simulation, "_finished", keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast-forward and SimPy equivalence
+# ---------------------------------------------------------------------------------------------
+
+CONFIGS = {
+    "prefix-cache+preempt": {"engine__num_gpu_blocks_override": 500, "engine__max_num_seqs": 16},
+    "swap+chunked-256": {"engine__num_gpu_blocks_override": 450, "engine__preemption": "swap",
+                         "engine__max_num_batched_tokens": 256, "engine__max_num_seqs": 12},
+    "3-replicas-affinity": {"replicas": 3, "router": "prefix_affinity", "engine__num_gpu_blocks_override": 700},
+    "snapkv-no-chunking": {"method": "snapkv:budget=256", "engine__enable_chunked_prefill": False,
+                           "engine__num_gpu_blocks_override": 500},
+    "kivi+matkv": {"method": "kivi:bits=2+matkv", "engine__num_gpu_blocks_override": 300},
+}
+SEEDS = range(6)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fast_forward_equals_step_by_step(name: str, seed: int) -> None:
+    """Identical per-request times, hits, preemptions and replicas on 6 seeds x 5 configurations."""
+    over = {**CONFIGS[name], "seed": seed}
+    fast = simulate(scenario(**over))
+    slow = simulate(scenario(**over, engine__fast_forward=False))
+    a, b = timings(fast), timings(slow)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert fast.steps == slow.steps
+    assert len(fast.recorder.steps["steps"]) < len(slow.recorder.steps["steps"])  # it did fast-forward
+
+
+@pytest.mark.parametrize("name", ["prefix-cache+preempt", "3-replicas-affinity", "kivi+matkv"])
+def test_simpy_processes_give_the_heap_loop_results(name: str) -> None:
+    a = timings(simulate(scenario(**CONFIGS[name])))
+    b = timings(simulate(scenario(**CONFIGS[name]), simpy=True))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_streams_are_read_lazily() -> None:
+    """The engine pulls one arrival ahead of the clock, never the whole stream."""
+    sc = scenario()
+    sim = simulation(sc)
+    stream = workload(sc, sim.dep, False, ReadStats())[0]
+
+    def watched():
+        for i, r in enumerate(stream):
+            assert sim.arrived >= i - 1
+            yield r
+
+    sim.run(watched())
+    assert sim.arrived == 60
+
+
+# ---------------------------------------------------------------------------------------------
+# KV methods through the layout: eviction, merged vision tokens, MatKV, SafeKV
+# ---------------------------------------------------------------------------------------------
+
+def _series_blocks(sim: Simulation) -> list[int]:
+    return list(sim.recorder.series["blocks_used"])
+
+
+def test_eviction_holds_the_full_prompt_while_prefilling_then_shrinks_to_the_budget() -> None:
+    # step by step: a fast-forwarded run reserves the blocks of all its steps when it starts
+    sc = scenario(method="snapkv:budget=256", output__timeseries_interval_s=1e-9, engine__fast_forward=False)
+    sim = simulate(sc, stream=[Request(0, 0.0, 2000, 40)])
+    plan = sim.dep.plan
+    used = _series_blocks(sim)
+    assert used[0] == int(plan.prefill_blocks_for(2000)[0]) == 125  # the whole prompt, during prefill
+    assert used[1] == int(plan.blocks_for(2001)[0]) < 30  # budget + page slack, once compressed
+    assert sim.dep.layout.prefill is not None and not sim.cfg.prefix_caching
+
+
+def test_lightkv_requests_carry_image_tokens_and_keep_a_fraction_of_them() -> None:
+    sc = scenario(model="llava-1.5-7b", method="lightkv:keep=0.55", workload__images_per_request=1,
+                  output__timeseries_interval_s=1e-9, engine__max_model_len=4096, engine__fast_forward=False)
+    sim = simulation(sc, check=True)
+    stream = workload(sc, sim.dep, False, ReadStats())[0]
+    sim.run(r for r, _ in zip(stream, range(1)))  # noqa: B905 - first request only
+    seq = sim.finished_seqs[0]
+    image = sim.dep.layout.model.vision.image_tokens
+    assert seq.req.image_tokens == image == 576  # llava-1.5: 24 x 24 patches
+    assert seq.prompt == seq.req.input_tokens + image
+    assert seq.dropped == int(0.45 * image)  # merged away after prefill
+    used = _series_blocks(sim)
+    assert used[1] == int(sim.dep.plan.blocks_for(seq.prompt - seq.dropped + 1)[0]) < used[0]
+
+
+def test_matkv_loads_document_blocks_from_ssd_instead_of_prefilling_them() -> None:
+    base = run_scenario(scenario(engine__enable_prefix_caching=False)).summary
+    sc = scenario(method="matkv", engine__enable_prefix_caching=False)
+    sim = simulate(sc)
+    cost, bb = sim.dep.cost, sim.dep.plan.block_bytes
+    loaded = [s for s in sim.finished_seqs if s.doc_tokens]
+    assert loaded
+    for s in loaded:  # the first token waits at least for its document KV to arrive
+        read = cost.ssd_read_s(s.doc_tokens // sim.tables.block_size * bb)
+        assert s.first_token_s - s.req.arrival_s >= read
+    summary = run_scenario(sc).summary
+    assert summary["doc_ssd_tokens"] == sum(s.doc_tokens for s in sim.finished_seqs)
+    assert summary["engine_steps"] != base["engine_steps"]
+
+
+@pytest.mark.parametrize("policy", ["global", "user", "selective"])
+def test_safekv_policies_set_who_can_hit_whose_prefix(policy: str) -> None:
+    method = "bf16" if policy == "global" else f"safekv:policy={policy}"
+    s = run_scenario(scenario(method=method, workload__sensitive_fraction=0.3)).summary
+    sc_ = s["side_channel"]
+    assert sc_["policy"] == policy
+    if policy == "user":  # isolation: only a user's own blocks, so the channel carries nothing
+        assert sc_["cross_user_hit_requests"] == 0 and sc_["auc"] is None
+    else:
+        assert sc_["cross_user_hit_requests"] > 0
+        assert sc_["auc"] > 0.5 and sc_["ttft_gap_p50_s"] > 0  # hits are faster: the leak
+    assert s["prefix_hit_rate"] > 0  # own-session hits survive every policy
+
+
+def test_safekv_selective_shares_less_than_global_and_more_than_isolation() -> None:
+    rates = {p: run_scenario(scenario(method=m, workload__sensitive_fraction=0.3)).summary["prefix_hit_rate"]
+             for p, m in (("global", "bf16"), ("selective", "safekv:policy=selective"),
+                          ("user", "safekv:policy=user"))}
+    assert rates["global"] >= rates["selective"] >= rates["user"]
+    assert rates["global"] > rates["user"]
+
+
+def test_selective_sharing_needs_the_sensitive_fraction() -> None:
+    with pytest.raises(KvsimError) as exc:
+        run_scenario(scenario(method="safekv:policy=selective"))
+    assert exc.value.field == "workload.sensitive_fraction"
+
+
+def test_separability_known_answers() -> None:
+    hits, misses = np.array([0.1, 0.2]), np.array([0.3, 0.4])
+    assert separability(hits, misses) == {"auc": 1.0, "best_threshold_s": 0.2, "best_balanced_accuracy": 1.0}
+    same = separability(np.array([0.1, 0.2]), np.array([0.1, 0.2]))
+    assert same["auc"] == 0.5
+    assert separability(np.array([]), misses)["auc"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Routers, rejections, bad input
+# ---------------------------------------------------------------------------------------------
+
+def _sessions_on_one_replica(sim: Simulation) -> float:
+    by_session: dict[int, set[int]] = {}
+    for s in sim.finished_seqs:
+        by_session.setdefault(s.req.session_id, set()).add(s.replica)
+    return sum(len(r) == 1 for r in by_session.values()) / len(by_session)
+
+
+def test_routers() -> None:
+    rr = simulate(scenario(replicas=3, router="round_robin"))
+    counts = np.bincount(timings(rr)["replica"], minlength=3)
+    assert counts.max() - counts.min() <= 1
+    lot = simulate(scenario(replicas=3, router="least_outstanding_tokens"))
+    assert (np.bincount(timings(lot)["replica"], minlength=3) > 0).all()
+    aff = simulate(scenario(replicas=3, router="prefix_affinity"))
+    assert _sessions_on_one_replica(aff) > _sessions_on_one_replica(rr)
+    assert aff.recorder.arrays()["prefix_hit_tokens"].sum() > rr.recorder.arrays()["prefix_hit_tokens"].sum()
+
+
+def test_requests_that_can_never_run_are_rejected_with_a_reason() -> None:
+    stream = [Request(0, 0.0, 9000, 10),  # longer than llama-3-8b's 8,192-token context
+              Request(1, 0.1, 3000, 10),  # more blocks than the whole cache (100 x 16 tokens)
+              Request(2, 0.2, 1000, 10),
+              Request(3, 0.3, 1400, 500)]  # its prompt fits, but not prompt + output (119 blocks)
+    sim = simulate(scenario(engine__num_gpu_blocks_override=100), stream=stream)
+    status = [STATUSES[i] for i in sim.recorder.arrays()["status"]]
+    assert status == ["prompt_exceeds_context", "exceeds_kv_cache", "completed", "exceeds_kv_cache"]
+    s = run_scenario(scenario(engine__num_gpu_blocks_override=100, workload__synthetic__num_requests=20)).summary
+    assert s["completed"] + s["rejected"]["total"] == 20
+    no_chunks = simulate(scenario(engine__enable_chunked_prefill=False, engine__max_num_batched_tokens=2048),
+                         stream=[Request(0, 0.0, 3000, 5), Request(1, 0.0, 2000, 5)])
+    assert [STATUSES[i] for i in no_chunks.recorder.arrays()["status"]] == ["prompt_exceeds_batch_tokens",
+                                                                           "completed"]
+
+
+def test_outputs_past_the_context_are_clamped_and_counted() -> None:
+    sim = simulate(scenario(), stream=[Request(0, 0.0, 8000, 500)])
+    assert sim.recorder.arrays()["generated_tokens"][0] == 192  # 8,192 - 8,000: vLLM stops at max_model_len
+    assert sim.admission.truncated == 1
+
+
+def test_bad_trace_rows_stop_the_run_naming_file_and_lines(tmp_path) -> None:  # noqa: ANN001
+    trace = tmp_path / "t.csv"
+    rows = ["arrival_time_s,input_tokens,output_tokens"] + [f"{i * 0.1},100,10" for i in range(20)]
+    rows[3] = "0.25,abc,10"
+    rows[8] = "0.7,100"
+    rows[12] = "1.1,100,-4"
+    trace.write_text("\n".join(rows) + "\n")
+    sc = scenario(workload={"trace": str(trace)})
+    with pytest.raises(KvsimError) as exc:
+        run_scenario(sc)
+    text = str(exc.value)
+    assert "skipped 3 bad row(s)" in text and f"{trace}:4" in text and f"{trace}:9" in text
+    assert "--skip-bad-rows" in text and exc.value.file == "test.yaml"
+    s = run_scenario(sc, skip_bad_rows=True).summary
+    assert s["bad_rows"]["skipped"] == 3 and s["completed"] == 17
