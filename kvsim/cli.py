@@ -301,6 +301,10 @@ def cmd_search(args: argparse.Namespace) -> None:
         raise KvsimError("must be positive", field="--target-rate", value=args.target_rate)
     plan = _plan(args)
     points = select_points(plan, args.configs) if args.configs else list(plan.points)
+    synthetic = (points[0].raw.get("workload") or {}).get("synthetic") or {}
+    if synthetic.get("num_requests") and not synthetic.get("duration_s"):
+        print("kvsim: note: workload.synthetic.num_requests fixes the number of requests, so a high rate is a "
+              "short burst, not a sustained load; give duration_s instead", file=sys.stderr)
     bar = Progress(len(points), "search", not args.json)
     results = run_search(plan, args.target_rate, args.jobs, args.backend, args.address, points,
                          on_done=lambda done, total: bar.update(done, 0))

@@ -234,11 +234,13 @@ def predicted_measured(folder: Path) -> plt.Figure:
     if not files:
         raise KvsimError("no validation*.csv: run `kvsim validate --gpu` first", field="gpu", value=folder.name,
                          file=str(folder))
-    panels = (("decode", "decode step (ms)", 1e3), ("prefill", "prefill (ms)", 1e3),
-              ("kv_bytes", "allocated KV (MiB)", 1 / 2**20), ("speedup", "attention speed-up over bf16 (x)", 1.0))
-    fig, axes = plt.subplots(1, 4, figsize=(20, 5))
+    panels = (("decode", "decode step (ms)", 1e3, "Decode step (reference engine)"),
+              ("prefill", "prefill (ms)", 1e3, "Prefill (reference engine)"),
+              ("kv_bytes", "allocated KV (MiB)", 1 / 2**20, "Allocated KV cache"),
+              ("speedup", "attention speed-up over bf16 (x)", 1.0, "Decode-attention speed-up per method"))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 10))
     markers = "osD^v"
-    for ax, (kind, label, scale) in zip(axes, panels, strict=True):
+    for ax, (kind, label, scale, title) in zip(axes.flat, panels, strict=True):
         values = []
         for f_i, path in enumerate(files):
             profile = path.stem.removeprefix("validation").removeprefix("_from_") or "own profile"
@@ -259,7 +261,7 @@ def predicted_measured(folder: Path) -> plt.Figure:
             ax.legend(fontsize=7)
         ax.set_xlabel(f"measured {label}")
         ax.set_ylabel(f"predicted {label}")
-        ax.set_title(kind.replace("_", " "))
+        ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(f"{folder.name}: predicted against measured (points not used in fitting)")
     fig.tight_layout()

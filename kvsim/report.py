@@ -132,12 +132,12 @@ def capacity_figures(plan: Mapping[str, Any]) -> list[Figure]:
 def kv_runs(folder: Path, rows: Sequence[Mapping[str, Any]]) -> dict[str, Path]:
     """Label -> time-series CSV of the points that kept their run folder (``--keep-runs``)."""
     cols = series_columns(rows, None)
-    out = {}
-    for r in rows:
-        path = folder / "runs" / str(r.get("key")) / "timeseries.csv"
-        if path.is_file() and len(out) < MAX_KV_RUNS:
-            out[", ".join(f"{c}={r.get(c)}" for c in cols) or f"point {r['point']}"] = path
-    return out
+    kept = [(r, folder / "runs" / str(r.get("key")) / "timeseries.csv") for r in rows]
+    kept = [(r, path) for r, path in kept if path.is_file()]
+    if len(kept) > MAX_KV_RUNS:  # points spread evenly over the sweep, first and last included
+        step = (len(kept) - 1) / (MAX_KV_RUNS - 1)
+        kept = [kept[round(i * step)] for i in range(MAX_KV_RUNS)]
+    return {", ".join(f"{c}={r.get(c)}" for c in cols) or f"point {r['point']}": path for r, path in kept}
 
 
 # ---------------------------------------------------------------- HTML

@@ -112,6 +112,10 @@ def judge(summary: Mapping[str, Any], min_goodput: float) -> tuple[bool, float |
                          field="goodput", value=goodput)
     if goodput >= min_goodput:
         return True, float(goodput), "", f"goodput {goodput:.1%}"
+    too_big = (summary.get("rejected") or {}).get("by_reason", {}).get("exceeds_kv_cache", 0)
+    if too_big > (1 - min_goodput) * summary.get("requests", 0):  # these fail at any rate
+        return False, float(goodput), "memory", (f"{too_big} of {summary['requests']} requests need more KV "
+                                                 f"blocks than the {summary['num_gpu_blocks']} there are")
     attain = summary.get("slo_attainment") or {}
     ttft, tpot = attain.get("ttft"), attain.get("tpot")
     limit = "ttft" if ttft is not None and (tpot is None or ttft <= tpot) else "tpot"
@@ -133,7 +137,7 @@ def evaluate_rate(raw: Mapping[str, Any], file: str, path: str, rate: float, min
         result = run_scenario(scenario_from_dict(apply_override(dict(raw), path, rate), file))
     except KvsimError as err:
         text = str(err)
-        limit = "memory" if any(w in text.lower() for w in ("memory", "fit", "blocks")) else "error"
+        limit = "memory" if "does not fit" in text else "error"
         return Probe(rate, False, None, limit, text)
     passes, goodput, limit, detail = judge(result.summary, min_goodput)
     return Probe(rate, passes, goodput, limit, detail)
@@ -155,14 +159,20 @@ def search_config(raw: Mapping[str, Any], file: str, cfg: Mapping[str, Any]) -> 
 # ---------------------------------------------------------------- ranking by cost
 
 def gpus_per_replica(raw: Mapping[str, Any]) -> int:
-    """GPUs one replica of a scenario occupies (tensor x pipeline parallel degree)."""
-    return int(raw.get("tp", 1) or 1) * int(raw.get("pp", 1) or 1)
+    """GPUs one copy of a scenario's deployment occupies: TP degree x the scenario's replicas."""
+    return int(raw.get("tp", 1)) * int(raw.get("replicas", 1))
 
 
-def price_per_gpu_hour(raw: Mapping[str, Any]) -> float | None:
+def price_per_gpu_hour(raw: Mapping[str, Any], file: str) -> float | None:
+    """The scenario GPU's catalogue price (a GPU YAML path is read relative to the scenario file)."""
+    from kvsim.scenario import scenario_from_dict
+    from kvsim.scenario.load import resolve_path
     from kvsim.spec.hardware import load_hardware
 
-    return load_hardware(str(raw["hardware"])).price_per_gpu_hour_usd if raw.get("hardware") else None
+    name = str(raw["hardware"])
+    if "/" in name or name.endswith((".yaml", ".yml")):
+        name = str(resolve_path(name, scenario_from_dict(dict(raw), file)))
+    return load_hardware(name).price_per_gpu_hour_usd
 
 
 @dataclass(frozen=True)
@@ -204,7 +214,8 @@ def rank(results: Sequence[ConfigResult], target: float | None) -> list[ConfigRe
     out = []
     best = viable[0] if viable else None
     for i, r in enumerate(viable):
-        limit = f"above {r.max_rate:.3g}: {LIMITS.get(r.limit, r.limit)}"
+        limit = (f"meets the SLOs up to rate_max={r.max_rate:.3g}" if r.limit == "rate_max" else
+                 f"{LIMITS.get(r.limit, r.limit)} limits it above {r.max_rate:.3g}")
         if i == 0:
             verdict = f"cheapest ({limit})"
         elif math.isclose(key(r)[0], key(best)[0], rel_tol=1e-9):
@@ -239,8 +250,8 @@ def run_search(plan: SweepPlan, target_rate: float | None = None, jobs: int | No
     for i, found in execute(search_config, tasks, backend, jobs, address):
         p = chosen[i]
         results[i] = ConfigResult(
-            point=p.index, label=p.label(), hardware=str(p.raw.get("hardware", "")),
-            gpus_per_replica=gpus_per_replica(p.raw), price_per_gpu_hour_usd=price_per_gpu_hour(p.raw),
+            point=p.index, label=p.label(exclude=found["rate_path"]), hardware=str(p.raw.get("hardware", "")),
+            gpus_per_replica=gpus_per_replica(p.raw), price_per_gpu_hour_usd=price_per_gpu_hour(p.raw, plan.file),
             rate_path=found["rate_path"], max_rate=found["rate"], limit=found["limit"],
             limit_detail=found["detail"], probes=len(found["probes"]), replicas=None, cost_usd_per_hour=None,
             usd_per_hour_per_rate=None)

@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -93,8 +94,8 @@ class Point:
     raw: Mapping[str, Any]  # the scenario dict with every override applied, without `sweep:`
     key: str  # hash of `raw` and the kvsim version: the resume key
 
-    def label(self) -> str:
-        parts = [f"{k}={v}" for k, v in self.values.items()]
+    def label(self, exclude: str | None = None) -> str:
+        parts = [f"{k}={v}" for k, v in self.values.items() if k != exclude]
         return ", ".join(([f"variant={self.variant}"] if self.variant else []) + parts) or "base scenario"
 
 
@@ -183,27 +184,38 @@ def _parse_sweep(section: object, file: str) -> _Sweep:
 
 def _blame(err: KvsimError, assigned: Mapping[str, tuple[str, Any]]) -> tuple[str, Any] | None:
     """The (sweep field, value) whose override a scenario error is about, if one can be named."""
-    if err.field is None:
-        return None
     for path, where in assigned.items():
-        if err.field == path or err.field.startswith(path + ".") or path.startswith(err.field + "."):
+        if err.field is None:
+            if f"{path}=" in str(err):  # a catalogue error names the key in its text only
+                return where
+        elif err.field == path or err.field.startswith(path + ".") or path.startswith(err.field + "."):
             return where
     return None
 
 
-def _bare(err: KvsimError) -> str:
+def _bare(err: KvsimError, path: str | None = None, value: Any = None) -> str:
     """The message of a KvsimError without its "file: field=value: " prefix (re-raised with ours)."""
     text = str(err)
     if err.file and text.startswith(f"{err.file}: "):
         text = text[len(err.file) + 2:]
-    if err.field is not None and text.startswith(f"{err.field}={err.value!r}: "):
-        text = text[len(f"{err.field}={err.value!r}: "):]
+    for prefix in ([f"{err.field}={err.value!r}: "] if err.field is not None else []) + \
+            ([f"{path}={value!r}: "] if path else []):
+        text = text.removeprefix(prefix)
     return text
 
 
-def _resolve(base: dict, assigned: Mapping[str, tuple[str, Any]], label: str, file: str) -> dict:
-    """Apply every override of one point and validate the result with the scenario schema."""
+# Deployment keys whose combination decides whether a point can be built (catalogue names, method
+# spec, TP degree, engine memory arguments); checked once per distinct combination.
+_DEPLOYMENT_KEYS = ("model", "hardware", "method", "tp", "engine", "calibration")
+
+
+def _resolve(base: dict, assigned: Mapping[str, tuple[str, Any]], label: str, file: str,
+             checked: dict[str, None]) -> dict:
+    """Apply every override of one point, validate the result with the scenario schema, and build
+    its deployment (catalogue names, method spec, TP) so a typo stops the sweep before it starts.
+    A deployment that does not fit in memory is a result of that point, not an input error."""
     from kvsim.scenario import apply_override, scenario_from_dict
+    from kvsim.scenario.run import deployment
 
     raw = base
     for path, (field, value) in assigned.items():
@@ -213,19 +225,30 @@ def _resolve(base: dict, assigned: Mapping[str, tuple[str, Any]], label: str, fi
             raise KvsimError(f"the path names no scenario field ({_bare(err)})", field=field, value=value,
                              file=file) from None
     try:
-        scenario_from_dict(raw, file)
+        scenario = scenario_from_dict(raw, file)
+        combo = json.dumps({k: raw.get(k) for k in _DEPLOYMENT_KEYS}, sort_keys=True, default=str)
+        if combo not in checked:
+            checked[combo] = None
+            try:
+                deployment(scenario)
+            except KvsimError as err:
+                if "does not fit" not in str(err):
+                    raise
     except KvsimError as err:
         where = _blame(err, assigned)
         if where is None:
             raise KvsimError(f"sweep point ({label}) is not a valid scenario: {err}", field=SWEEP_KEY,
                              file=file) from None
-        raise KvsimError(f"{_bare(err)} (sweep point {label})", field=where[0], value=where[1], file=file) from None
+        path = next(p for p, w in assigned.items() if w == where)
+        raise KvsimError(f"{_bare(err, path, where[1])} (sweep point {label})", field=where[0], value=where[1],
+                         file=file) from None
     return raw
 
 
 def expand(raw: Mapping[str, Any], file: str) -> SweepPlan:
     """All points of a scenario dict's ``sweep:`` section (one point when there is none), each one
-    validated with ``scenario_from_dict``. Raises one KvsimError naming the path and the file."""
+    validated (schema and deployment, see :func:`_resolve`). Raises one KvsimError naming the
+    swept path, its value and the file."""
     base = {k: v for k, v in raw.items() if k != SWEEP_KEY}
     sweep = _parse_sweep(raw[SWEEP_KEY], file) if SWEEP_KEY in raw else _Sweep()
     grid, zipped = sweep.grid or {}, sweep.zip or {}
@@ -234,6 +257,7 @@ def expand(raw: Mapping[str, Any], file: str) -> SweepPlan:
     zip_rows = list(zip(*zipped.values(), strict=True)) if zipped else [()]
     variants: list[_Variant | None] = list(sweep.variants) if sweep.variants else [None]
     points = []
+    checked: dict[str, None] = {}
     for variant, g, z in itertools.product(variants, grid_rows, zip_rows):
         values = dict(zip(paths, g + z, strict=True))
         assigned: dict[str, tuple[str, Any]] = {}
@@ -243,7 +267,7 @@ def expand(raw: Mapping[str, Any], file: str) -> SweepPlan:
         assigned.update({p: (f"{SWEEP_KEY}.zip.{p}", v) for p, v in zip(zipped, z, strict=True)})
         name = variant.name if variant else None
         label = ", ".join(([f"variant={name}"] if name else []) + [f"{k}={v!r}" for k, v in values.items()])
-        resolved = _resolve(base, assigned, label or "base scenario", file)
+        resolved = _resolve(base, assigned, label or "base scenario", file, checked)
         points.append(Point(len(points), values, name, resolved, point_key(resolved)))
     return SweepPlan(file, paths, tuple(points), sweep.search or SearchConfig())
 
@@ -304,6 +328,9 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "
             try:
                 for fut in as_completed(futures):
                     yield futures[fut], fut.result()
+            except BrokenProcessPool:
+                raise KvsimError("a worker process died (out of memory, or killed); finished points are saved: "
+                                 "run the same command again to resume", field="--jobs", value=jobs) from None
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise

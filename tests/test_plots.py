@@ -3,36 +3,26 @@ results, the CLI plot kinds and their bad-input errors."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kvsim import plots
-from kvsim.calibrate import calibrate
 from kvsim.capacity import capacity_grid
 from kvsim.cli import main
 from kvsim.errors import KvsimError
 from kvsim.spec.hardware import load_hardware
 from kvsim.spec.model import load_model
-from kvsim.validate import validate
+from sweep_scenario import calibrated_results
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def validation_root(tmp_path_factory) -> Path:
     """The repository's H100 smoke measurements, calibrated and validated in a scratch copy."""
-    src = ROOT / "validation" / "results" / "smoke-h100"
-    if not src.is_dir():
-        pytest.skip("validation/results/smoke-h100 not present")
-    root = tmp_path_factory.mktemp("results")
-    shutil.copytree(src, root / "h100-sxm")
-    calibrate("h100-sxm", root)
-    validate("h100-sxm", None, root)
-    return root
+    return calibrated_results(tmp_path_factory.mktemp("results"))
 
 
 def test_capacity_curves_one_panel_per_model_and_gpu():
@@ -53,7 +43,8 @@ def test_capacity_curves_one_panel_per_model_and_gpu():
 def test_predicted_measured_reads_validation_csv(validation_root: Path):
     fig = plots.predicted_measured(validation_root / "h100-sxm")
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["decode", "prefill", "kv bytes", "speedup"]
+    assert titles == ["Decode step (reference engine)", "Prefill (reference engine)", "Allocated KV cache",
+                      "Decode-attention speed-up per method"]
     assert fig.axes[0].get_xlabel() == "measured decode step (ms)"
     assert sum(len(c.get_offsets()) for c in fig.axes[0].collections if c.get_label() != "within 25%") == 12
     plots.render(fig)

@@ -105,3 +105,43 @@ def test_every_gpu_has_a_cited_price(name: str):
     hw = load_hardware(name)
     assert hw.price_per_gpu_hour_usd is not None and 0.1 < hw.price_per_gpu_hour_usd < 20
     assert any("USD" in s.note for s in hw.sources), "the price needs a source entry"
+
+
+# ---------------------------------------------------------------- on the real simulator
+
+def test_search_on_a_tiny_real_scenario(tmp_path, capsys):
+    import json
+
+    from kvsim.cli import main
+    from kvsim.search import evaluate_rate, run_search
+    from kvsim.sweep import expand, load_raw
+    from sweep_scenario import write_scenario
+
+    sweep = {"zip": {"model": ["llama-3-8b", "llama-3-8b", "llama-2-13b"],
+                     "hardware": ["h100-sxm", "l40s", "rtx-4090"]},
+             "search": {"rate_lo": 1.0, "rate_max": 256.0, "tolerance": 0.1}}
+    # a sustained load: the number of requests grows with the rate (a fixed count would be a burst)
+    workload = {"synthetic": {"rate": 1.0, "duration_s": 8.0, "input": {"kind": "fixed", "tokens": 512},
+                              "output": {"kind": "fixed", "tokens": 64}}}
+    path = write_scenario(tmp_path, sweep, workload=workload)
+    plan = expand(load_raw(path), str(path))
+    results = {r.hardware: r for r in run_search(plan, target_rate=40.0, jobs=2)}
+    h100, l40s, rtx = results["h100-sxm"], results["l40s"], results["rtx-4090"]
+    assert rtx.rank is None and rtx.max_rate == 0 and "does not fit in memory" in rtx.verdict
+    for r in (h100, l40s):  # the bracket holds when re-simulated
+        assert r.max_rate > 0 and r.limit in ("ttft", "tpot")
+        raw = plan.points[r.point].raw
+        assert evaluate_rate(raw, plan.file, "workload.synthetic.rate", r.max_rate, 0.9).passes
+        fail = r.max_rate * (1 + 0.1)
+        assert not evaluate_rate(raw, plan.file, "workload.synthetic.rate", fail, 0.9).passes
+        assert r.replicas == math.ceil(40.0 / r.max_rate)
+    assert h100.max_rate > l40s.max_rate  # 3.35 vs 0.86 TB/s, 989 vs 362 TFLOPS
+    winner = min((h100, l40s), key=lambda r: r.cost_usd_per_hour)
+    assert winner.rank == 1 and winner.verdict.startswith("cheapest")
+
+    main(["search", str(path), "--jobs", "2", "--target-rate", "40", "--configs", "hardware=rtx-4090", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert [c["hardware"] for c in doc["configs"]] == ["rtx-4090"] and doc["rate_path"] == "workload.synthetic.rate"
+    with pytest.raises(SystemExit) as stop:
+        main(["search", str(path), "--configs", "hardware=tpu-v5"])
+    assert stop.value.code == 2 and "no configuration matches" in capsys.readouterr().err
