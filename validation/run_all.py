@@ -1,8 +1,8 @@
 """One entry point: runs every part in its own process (a CUDA fault in one part cannot take the
 others down), each under its own share of the wall budget, writing into --out.
 
-  python3 validation/run_all.py --out $OUT --budget-s 540            # everything
-  python3 validation/run_all.py --out $OUT --quick --budget-s 170    # smoke test, tiny sizes
+  python3 validation/run_all.py --out $OUT --budget-s 500            # everything
+  python3 validation/run_all.py --out $OUT --quick --budget-s 90     # every code path, tiny sizes
   python3 validation/run_all.py --out $OUT --parts ceilings,engine   # a subset
 """
 from __future__ import annotations
@@ -17,19 +17,21 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
-# part -> (relative weight of the budget, argv after python3)
+# part -> (relative weight of the budget, argv after python3). The copy is measured again at the end
+# (ceilings_end): the run records both, and the summary divides by the better one.
 PARTS = {
-    "ceilings": (45, ["validation/ceilings.py"]),
-    "bf16": (70, ["validation/kernels/bench_attention.py", "--path", "bf16"]),
-    "fp8": (35, ["validation/kernels/bench_attention.py", "--path", "fp8"]),
-    "kivi": (75, ["validation/kernels/bench_attention.py", "--path", "kivi"]),
+    "ceilings": (30, ["validation/ceilings.py"]),
+    "bf16": (40, ["validation/kernels/bench_attention.py", "--path", "bf16"]),
+    "fp8": (25, ["validation/kernels/bench_attention.py", "--path", "fp8"]),
+    "quant": (90, ["validation/kernels/bench_attention.py", "--path", "quant"]),
     "evict": (35, ["validation/kernels/bench_attention.py", "--path", "evict"]),
-    "mla": (35, ["validation/kernels/bench_attention.py", "--path", "mla"]),
-    "misc": (25, ["validation/kernels/bench_attention.py", "--path", "misc"]),
-    "prefill": (25, ["validation/kernels/bench_attention.py", "--path", "prefill"]),
-    "gemm": (110, ["validation/gemm.py", "--part", "gemm"]),
-    "elementwise": (30, ["validation/gemm.py", "--part", "elementwise"]),
-    "engine": (250, ["validation/engine.py"]),
+    "struct": (40, ["validation/kernels/bench_attention.py", "--path", "struct"]),
+    "offload": (20, ["validation/kernels/bench_attention.py", "--path", "offload"]),
+    "prefill": (15, ["validation/kernels/bench_attention.py", "--path", "prefill"]),
+    "gemm": (60, ["validation/gemm.py", "--part", "gemm"]),
+    "elementwise": (15, ["validation/gemm.py", "--part", "elementwise"]),
+    "engine": (170, ["validation/engine.py"]),
+    "ceilings_end": (6, ["validation/ceilings.py", "--end"]),
 }
 
 
@@ -75,45 +77,47 @@ def main():
         with open(mp) as f:
             meta = json.load(f)
     meta["run_all"] = dict(argv=sys.argv[1:], quick=a.quick, parts=status, total_s=round(time.time() - t0, 1))
-    with open(mp, "w") as f:
+    meta["command"] = " ".join(["python3"] + sys.argv)
+    with open(mp + ".tmp", "w") as f:
         json.dump(meta, f, indent=1)
+    os.replace(mp + ".tmp", mp)
     print(json.dumps(status), flush=True)
     summary(a.out)
 
 
 def summary(out):
-    """Short table of decode kernels vs the copy ceiling (printed last so the reply tail has it)."""
+    """Decode kernels vs the copy ceiling (printed last so the reply's tail has it): per method and
+    kvsim spec, the best achieved bandwidth on the bytes the kernel must read, and the worst error."""
     import csv
 
     try:
         with open(os.path.join(out, "ceilings.json")) as f:
             c = json.load(f)
-        cp = c["copy"]["bw_Bps"]
-        print(f"copy {cp/1e12:.3f} TB/s  bf16 {c['gemm_bf16']['rate_flops']/1e12:.0f} TF/s  "
-              f"fp8 {c['gemm_fp8']['rate_flops']/1e12:.0f} TF/s  h2d {c['host']['h2d_pinned_Bps']/1e9:.1f} GB/s")
+        cps = [x["bw_Bps"] for x in (c.get("copy"), c.get("copy_end")) if x]
+        cp = max(cps)
+        print("copy " + " / ".join(f"{x/1e12:.3f}" for x in cps) + " TB/s (start / end)  "
+              f"bf16 {c['gemm_bf16']['rate_flops']/1e12:.0f} TF/s  fp8 {c['gemm_fp8']['rate_flops']/1e12:.0f} TF/s  "
+              f"h2d {c['host']['h2d_pinned_Bps']/1e9:.1f} GB/s")
     except Exception as e:  # noqa: BLE001
         print("no ceilings", e)
         return
     p = os.path.join(out, "attention_decode.csv")
     if not os.path.exists(p):
         return
-    best = {}
-    errs = {}
+    best, errs = {}, {}
     with open(p) as f:
         for r in csv.DictReader(f):
-            if r["method"].endswith("_tune") or not r["time_s"]:
+            if r.get("phase") not in ("decode", None) or not r["time_s"] or r["method"].endswith("_tune"):
                 continue
-            key = r["method"]
-            if key == "triton_kivi":
-                key += "_" + "".join(x for x in r["params"].split(";")[:2]).replace("kbits=", "k").replace("vbits=", "v")
-            bw = float(r["bytes_read"]) / float(r["time_s"])
-            best[key] = max(best.get(key, 0), bw)
+            key = f"{r['method']} {r.get('kvsim_spec', '')}"
+            best[key] = max(best.get(key, 0), float(r["bytes_read"]) / float(r["time_s"]))
             try:
                 errs[key] = max(errs.get(key, 0), float(r["rel_error"]))
             except ValueError:
                 pass
+    print(f"{'method kvsim_spec':60s} {'best TB/s':>9s} {'% copy':>7s} {'max rel err':>11s}")
     for k, v in sorted(best.items()):
-        print(f"{k:32s} best {v/1e12:6.3f} TB/s = {100*v/cp:5.1f}% of copy   max rel err {errs.get(k, float('nan')):.2e}")
+        print(f"{k:60s} {v/1e12:9.3f} {100*v/cp:6.1f}% {errs.get(k, float('nan')):11.2e}")
 
 
 if __name__ == "__main__":
