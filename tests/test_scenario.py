@@ -29,7 +29,8 @@ def write(tmp_path: Path, data: dict, name: str = "s.yaml") -> Path:
 
 def test_defaults_are_vllm_engine_defaults() -> None:
     e = scenario_from_dict(BASE, "x.yaml").spec.engine
-    assert (e.max_num_seqs, e.max_num_batched_tokens, e.block_size, e.gpu_memory_utilization) == (256, 8192, 16, 0.9)
+    assert (e.max_num_seqs, e.max_num_batched_tokens, e.block_size) == (256, 8192, 16)
+    assert e.gpu_memory_utilization == 0.9
     assert e.enable_chunked_prefill and e.enable_prefix_caching and e.preemption == "recompute"
 
 
@@ -46,8 +47,10 @@ def test_defaults_are_vllm_engine_defaults() -> None:
     ({**BASE, "workload": {"synthetic": {"rate": 1, "input": {"kind": "fixed", "tokens": 9},
                                          "output": {"kind": "fixed", "tokens": 9}}}}, "workload.synthetic"),
     ({**BASE, "workload": {"synthetic": {"rate": 1, "num_requests": 3, "input": {"kind": "fixed", "mean": 9},
-                                         "output": {"kind": "fixed", "tokens": 9}}}}, "workload.synthetic.input"),
-    ({**BASE, "engine": {"max_num_seqs": 512, "max_num_batched_tokens": 256}}, "engine.max_num_batched_tokens"),
+                                         "output": {"kind": "fixed", "tokens": 9}}}},
+     "workload.synthetic.input"),
+    ({**BASE, "engine": {"max_num_seqs": 512, "max_num_batched_tokens": 256}},
+     "engine.max_num_batched_tokens"),
 ])
 def test_bad_keys_and_values_name_field_and_file(raw: dict, field: str) -> None:
     with pytest.raises(KvsimError) as exc:
@@ -77,7 +80,8 @@ def test_load_scenario_applies_sets_as_yaml_scalars(tmp_path: Path) -> None:
     path = write(tmp_path, {**BASE, "sweep": {"grid": {"tp": [1]}}})
     s = load_scenario(path, ["engine.max_num_seqs=64", "engine.enable_prefix_caching=false", "method=fp8",
                              "slo.ttft_s=1e-1"])
-    assert (s.spec.engine.max_num_seqs, s.spec.engine.enable_prefix_caching, s.spec.method) == (64, False, "fp8")
+    e = s.spec.engine
+    assert (e.max_num_seqs, e.enable_prefix_caching, s.spec.method) == (64, False, "fp8")
     assert s.spec.slo.ttft_s == 0.1 and s.sweep == {"grid": {"tp": [1]}}
     with pytest.raises(KvsimError, match="key=value"):
         load_scenario(path, ["engine.max_num_seqs"])

@@ -15,6 +15,7 @@ from kvsim.scenario import apply_override, run_scenario, scenario_from_dict
 from kvsim.scenario.run import simulation, workload
 from kvsim.serve.engine import Simulation
 from kvsim.serve.metrics import COMPLETED, STATUSES, separability
+from kvsim.serve.sequence import SharingPolicy
 from kvsim.serve.workload import ReadStats, Request
 
 SESSIONS = {
@@ -35,7 +36,8 @@ def scenario(**overrides: object):
     return scenario_from_dict(raw, "test.yaml")
 
 
-def simulate(sc, *, simpy: bool = False, check: bool = True, stream: list[Request] | None = None) -> Simulation:
+def simulate(sc, *, simpy: bool = False, check: bool = True,  # noqa: ANN001 - a Scenario
+             stream: list[Request] | None = None) -> Simulation:
     sim = simulation(sc, check=check)
     requests = stream if stream is not None else workload(sc, sim.dep, False, ReadStats())[0]
     return sim.run_simpy(requests) if simpy else sim.run(requests)
@@ -43,7 +45,8 @@ def simulate(sc, *, simpy: bool = False, check: bool = True, stream: list[Reques
 
 def timings(sim: Simulation) -> dict[str, np.ndarray]:
     a = sim.recorder.arrays()
-    return {k: a[k] for k in ("first_token_s", "finish_s", "prefix_hit_tokens", "preemptions", "replica", "status")}
+    keys = ("first_token_s", "finish_s", "prefix_hit_tokens", "preemptions", "replica", "status")
+    return {k: a[k] for k in keys}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,7 +58,8 @@ def test_a_lone_request_costs_one_prefill_then_its_decode_steps() -> None:
     prompt, out = 1000, 20
     sim = simulate(scenario(), stream=[Request(0, 0.0, prompt, out)])
     cost = sim.dep.cost
-    t = cost.step_time_s(Batch(prefill_tokens=np.array([prompt]), prefill_context=np.array([0]), prefill_samples=1))
+    t = cost.step_time_s(Batch(prefill_tokens=np.array([prompt]), prefill_context=np.array([0]),
+                               prefill_samples=1))
     first = 0.0 + t
     end = first
     for dt in cost.decode_times_s(np.array([prompt]), out - 1):
@@ -104,8 +108,8 @@ def test_invariants_hold_for_random_workloads_and_limits(seed, seqs, extra_token
     for rep in sim.replicas:
         assert not rep.running and not rep.waiting and rep.bm.num_used == 0
     s = sim.recorder.series
-    assert all(u + c + f == blocks for u, c, f in zip(s["blocks_used"], s["blocks_cached_free"], s["blocks_free"],
-                                                      strict=True))
+    rows = zip(s["blocks_used"], s["blocks_cached_free"], s["blocks_free"], strict=True)
+    assert all(u + c + f == blocks for u, c, f in rows)
 
 
 def test_prefix_hits_never_exceed_what_the_hashes_allow() -> None:
@@ -154,7 +158,8 @@ CONFIGS = {
     "prefix-cache+preempt": {"engine__num_gpu_blocks_override": 500, "engine__max_num_seqs": 16},
     "swap+chunked-256": {"engine__num_gpu_blocks_override": 450, "engine__preemption": "swap",
                          "engine__max_num_batched_tokens": 256, "engine__max_num_seqs": 12},
-    "3-replicas-affinity": {"replicas": 3, "router": "prefix_affinity", "engine__num_gpu_blocks_override": 700},
+    "3-replicas-affinity": {"replicas": 3, "router": "prefix_affinity",
+                            "engine__num_gpu_blocks_override": 700},
     "snapkv-no-chunking": {"method": "snapkv:budget=256", "engine__enable_chunked_prefill": False,
                            "engine__num_gpu_blocks_override": 500},
     "kivi+matkv": {"method": "kivi:bits=2+matkv", "engine__num_gpu_blocks_override": 300},
@@ -251,7 +256,7 @@ def test_matkv_loads_document_blocks_from_ssd_instead_of_prefilling_them() -> No
 @pytest.mark.parametrize("policy", ["global", "user", "selective"])
 def test_safekv_policies_set_who_can_hit_whose_prefix(policy: str) -> None:
     method = "bf16" if policy == "global" else f"safekv:policy={policy}"
-    s = run_scenario(scenario(method=method, workload__sensitive_fraction=0.3)).summary
+    s = run_scenario(scenario(method=method)).summary
     sc_ = s["side_channel"]
     assert sc_["policy"] == policy
     if policy == "user":  # isolation: only a user's own blocks, so the channel carries nothing
@@ -263,17 +268,26 @@ def test_safekv_policies_set_who_can_hit_whose_prefix(policy: str) -> None:
 
 
 def test_safekv_selective_shares_less_than_global_and_more_than_isolation() -> None:
-    rates = {p: run_scenario(scenario(method=m, workload__sensitive_fraction=0.3)).summary["prefix_hit_rate"]
+    rates = {p: run_scenario(scenario(method=m)).summary["prefix_hit_rate"]
              for p, m in (("global", "bf16"), ("selective", "safekv:policy=selective"),
                           ("user", "safekv:policy=user"))}
     assert rates["global"] >= rates["selective"] >= rates["user"]
     assert rates["global"] > rates["user"]
 
 
-def test_selective_sharing_needs_the_sensitive_fraction() -> None:
-    with pytest.raises(KvsimError) as exc:
-        run_scenario(scenario(method="safekv:policy=selective"))
-    assert exc.value.field == "workload.sensitive_fraction"
+def test_selective_sharing_shares_what_two_users_sent_and_nothing_else() -> None:
+    policy = SharingPolicy("selective", 16, 1000)
+    system, alice, bob = (1, 2, 3), (11, 12), (21, 22)
+
+    def keys(user: str, blocks: tuple[int, ...]) -> tuple[int, ...]:
+        return policy.keys(Request(0, 0.0, 16 * len(blocks), 1, blocks, 16, user))
+
+    first = keys("alice", system + alice)
+    assert not set(first) & set(system + alice)  # all private: nobody else sent any of it yet
+    second = keys("bob", system + bob)
+    assert second[:3] == system and not set(second[3:]) & set(bob)  # the system prompt is now shared
+    assert keys("alice", system + alice)[:3] == system
+    assert keys("carol", (5,) + system)[1:] != system  # after a private block, everything is private
 
 
 def test_separability_known_answers() -> None:
@@ -314,7 +328,8 @@ def test_requests_that_can_never_run_are_rejected_with_a_reason() -> None:
     sim = simulate(scenario(engine__num_gpu_blocks_override=100), stream=stream)
     status = [STATUSES[i] for i in sim.recorder.arrays()["status"]]
     assert status == ["prompt_exceeds_context", "exceeds_kv_cache", "completed", "exceeds_kv_cache"]
-    s = run_scenario(scenario(engine__num_gpu_blocks_override=100, workload__synthetic__num_requests=20)).summary
+    tiny = scenario(engine__num_gpu_blocks_override=100, workload__synthetic__num_requests=20)
+    s = run_scenario(tiny).summary
     assert s["completed"] + s["rejected"]["total"] == 20
     no_chunks = simulate(scenario(engine__enable_chunked_prefill=False, engine__max_num_batched_tokens=2048),
                          stream=[Request(0, 0.0, 3000, 5), Request(1, 0.0, 2000, 5)])

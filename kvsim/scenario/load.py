@@ -56,7 +56,7 @@ def _check(spec: ScenarioSpec, file: str) -> None:
     w, e = spec.workload, spec.engine
     if (w.trace is None) == (w.synthetic is None):
         raise KvsimError("give exactly one of workload.trace and workload.synthetic", field="workload",
-                         value=sorted(k for k in ("trace", "synthetic") if getattr(w, k) is not None), file=file)
+                         value=[k for k in ("trace", "synthetic") if getattr(w, k) is not None], file=file)
     if w.end_s is not None and w.end_s <= w.start_s:
         raise KvsimError(f"must be greater than workload.start_s={w.start_s}", field="workload.end_s",
                          value=w.end_s, file=file)
@@ -111,7 +111,8 @@ def load_scenario(path: str | Path, sets: list[str]) -> Scenario:
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
-            raise KvsimError("value is not a YAML scalar", field=key.strip(), value=text, file=str(path)) from None
+            raise KvsimError("value is not a YAML scalar", field=key.strip(), value=text,
+                             file=str(path)) from None
         raw = apply_override(raw, key.strip(), value, file=str(path))
     return scenario_from_dict(raw, str(path))
 
@@ -160,8 +161,8 @@ def resolve_path(text: str, scenario: Scenario) -> Path:
 
         root = shared_traces_dir()
         if root is None:
-            raise KvsimError("the shared traces folder is absent (set KVSIM_SHARED_DATA)", field="workload.trace",
-                             value=text, file=scenario.file)
+            raise KvsimError("the shared traces folder is absent (set KVSIM_SHARED_DATA)",
+                             field="workload.trace", value=text, file=scenario.file)
         return root / text.removeprefix("shared:")
     p = Path(text).expanduser()
     return p if p.is_absolute() else scenario.folder / p

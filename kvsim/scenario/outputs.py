@@ -34,8 +34,8 @@ def requests_csv(result: RunResult) -> str:
     ttft = np.where(done, cols["first_token_s"] - cols["arrival_s"], nan)
     e2e = np.where(done, cols["finish_s"] - cols["arrival_s"], nan)
     multi = done & (cols["generated_tokens"] > 1)
-    tpot = np.where(multi, (cols["finish_s"] - cols["first_token_s"]) / np.maximum(cols["generated_tokens"] - 1, 1),
-                    nan)
+    gaps = np.maximum(cols["generated_tokens"] - 1, 1)
+    tpot = np.where(multi, (cols["finish_s"] - cols["first_token_s"]) / gaps, nan)
     out = io.StringIO()
     out.write(",".join(REQUEST_CSV) + "\n")
     for i in range(len(done)):
@@ -44,15 +44,15 @@ def requests_csv(result: RunResult) -> str:
             str(cols["image_tokens"][i]), str(cols["output_tokens"][i]), str(cols["generated_tokens"][i]),
             users[i] or "", "" if sessions[i] is None else str(sessions[i]), str(cols["replica"][i]),
             metrics.STATUSES[cols["status"][i]], _fmt(ttft[i]), _fmt(tpot[i]), _fmt(e2e[i]),
-            str(cols["prefix_hit_tokens"][i]), str(cols["doc_ssd_tokens"][i]), str(int(cols["cross_user_hit"][i])),
-            str(cols["preemptions"][i]))) + "\n")
+            str(cols["prefix_hit_tokens"][i]), str(cols["doc_ssd_tokens"][i]),
+            str(int(cols["cross_user_hit"][i])), str(cols["preemptions"][i]))) + "\n")
     return out.getvalue()
 
 
 def timeseries_csv(result: RunResult) -> str:
     series = result.simulation.recorder.series
     names = [name for name, _ in metrics.SERIES_COLUMNS]
-    rows = zip(*(series[n] for n in names))
+    rows = zip(*(series[n] for n in names), strict=True)
     return ",".join(names) + "\n" + "".join(",".join(map(str, row)) + "\n" for row in rows)
 
 
@@ -60,15 +60,17 @@ def chrome_trace(result: RunResult) -> str:
     """Engine steps as complete events (one track per replica) and KV blocks as counters."""
     rec = result.simulation.recorder
     st, se = rec.steps, rec.series
-    events: list[dict] = [{"name": "process_name", "ph": "M", "pid": r.index, "args": {"name": f"replica {r.index}"}}
-                          for r in result.simulation.replicas]
-    for rep, start, end, steps, ptok, pseq, dseq in zip(st["replica"], st["start_s"], st["end_s"], st["steps"],
-                                                       st["prefill_tokens"], st["prefill_seqs"], st["decode_seqs"]):
+    events: list[dict] = [{"name": "process_name", "ph": "M", "pid": r.index,
+                           "args": {"name": f"replica {r.index}"}} for r in result.simulation.replicas]
+    step_rows = zip(*(st[n] for n, _ in metrics.STEP_COLUMNS), strict=True)
+    for rep, start, end, steps, ptok, pseq, dseq in step_rows:
         name = "prefill+decode" if ptok and dseq else "prefill" if ptok else "decode" if dseq else "swap"
         events.append({"name": name if steps == 1 else f"decode x{steps}", "ph": "X", "pid": rep, "tid": 0,
                        "ts": start * 1e6, "dur": (end - start) * 1e6,
-                       "args": {"steps": steps, "prefill_tokens": ptok, "prefill_seqs": pseq, "decode_seqs": dseq}})
-    for t, rep, used, cached, free, running, waiting in zip(*(se[n] for n, _ in metrics.SERIES_COLUMNS)):
+                       "args": {"steps": steps, "prefill_tokens": ptok, "prefill_seqs": pseq,
+                                "decode_seqs": dseq}})
+    series_rows = zip(*(se[n] for n, _ in metrics.SERIES_COLUMNS), strict=True)
+    for t, rep, used, cached, free, running, waiting in series_rows:
         events.append({"name": "kv_blocks", "ph": "C", "pid": rep, "ts": t * 1e6,
                        "args": {"used": used, "cached_free": cached, "free": free}})
         events.append({"name": "requests", "ph": "C", "pid": rep, "ts": t * 1e6,

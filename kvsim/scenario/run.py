@@ -60,9 +60,9 @@ def deployment(scenario: Scenario) -> Deployment:
         model = load_model(_catalogue_arg(spec.model, scenario))
         hardware = load_hardware(_catalogue_arg(spec.hardware, scenario))
         layout = layout_for(model, spec.method, file)
-        plan = plan_memory(model, hardware, layout, spec.tp,
-                           EngineMemoryConfig(e.gpu_memory_utilization, e.block_size, e.max_num_batched_tokens,
-                                              e.max_num_seqs))
+        memory = EngineMemoryConfig(e.gpu_memory_utilization, e.block_size, e.max_num_batched_tokens,
+                                    e.max_num_seqs)
+        plan = plan_memory(model, hardware, layout, spec.tp, memory)
         cal = spec.calibration
         if cal is not None and cal.lower() != "none":
             cal = str(resolve_path(cal, scenario))
@@ -142,8 +142,8 @@ def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
             trace = resolve_path(w.trace, scenario)
             stream: Iterator[Request] = read_trace(
                 trace, w.format, prefix_block_tokens=w.prefix_block_tokens, skip_bad_rows=skip_bad_rows,
-                stats=stats, seed=scenario.spec.seed, rate_scale=w.rate_scale, start_s=w.start_s, end_s=w.end_s,
-                max_requests=w.max_requests)
+                stats=stats, seed=scenario.spec.seed, rate_scale=w.rate_scale, start_s=w.start_s,
+                end_s=w.end_s, max_requests=w.max_requests)
         else:
             stream = _synthetic(scenario, dep.max_model_len)
             if w.start_s > 0 or w.end_s is not None:
@@ -154,8 +154,8 @@ def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
     if w.images_per_request:
         vision = dep.layout.model.vision
         if vision is None:
-            raise KvsimError(f"{dep.layout.model.name} has no vision tower", field="workload.images_per_request",
-                             value=w.images_per_request, file=file)
+            raise KvsimError(f"{dep.layout.model.name} has no vision tower",
+                             field="workload.images_per_request", value=w.images_per_request, file=file)
         stream = _with_images(stream, w.images_per_request * vision.image_tokens)
     return stream, trace
 
@@ -164,7 +164,8 @@ def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
 # Run
 # ---------------------------------------------------------------------------------------------
 
-def engine_config(scenario: Scenario, dep: Deployment, tables: BlockTables, check: bool = False) -> EngineConfig:
+def engine_config(scenario: Scenario, dep: Deployment, tables: BlockTables,
+                  check: bool = False) -> EngineConfig:
     e = scenario.spec.engine
     return EngineConfig(
         max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
@@ -194,13 +195,7 @@ def simulation(scenario: Scenario, *, check: bool = False, record_steps: bool = 
     dep = deployment(scenario)
     tables = BlockTables(dep.plan)
     cfg = engine_config(scenario, dep, tables, check)
-    policy = dep.layout.runtime.prefix_sharing
-    if policy == "selective" and spec.workload.sensitive_fraction is None:
-        raise KvsimError("safekv:policy=selective needs workload.sensitive_fraction: the share of prompt blocks "
-                         "the privacy detector flags", field="workload.sensitive_fraction", value=None,
-                         file=scenario.file)
-    return Simulation(dep, cfg, spec.replicas, spec.router, policy=policy,
-                      sensitive_fraction=spec.workload.sensitive_fraction or 0.0, seed=spec.seed,
+    return Simulation(dep, cfg, spec.replicas, spec.router,
                       timeseries_interval_s=spec.output.timeseries_interval_s, record_steps=record_steps,
                       tables=tables)
 
@@ -264,10 +259,11 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
     rejected = {s: int((status == i).sum()) for i, s in enumerate(metrics.STATUSES) if s != metrics.COMPLETED}
     cal = dep.cost.cal
     summary: dict = {
-        "scenario": {"name": spec.name or Path(scenario.file).stem, "model": spec.model, "hardware": spec.hardware,
-                     "method": "+".join(dep.layout.methods) or spec.method, "tp": spec.tp,
-                     "replicas": spec.replicas, "router": spec.router, "seed": spec.seed,
-                     "calibration": {"kind": cal.kind, "gpu": cal.gpu, "source": cal.source, "note": cal.note}},
+        "scenario": {"name": spec.name or Path(scenario.file).stem, "model": spec.model,
+                     "hardware": spec.hardware, "method": "+".join(dep.layout.methods) or spec.method,
+                     "tp": spec.tp, "replicas": spec.replicas, "router": spec.router, "seed": spec.seed,
+                     "calibration": {"kind": cal.kind, "gpu": cal.gpu, "source": cal.source,
+                                     "note": cal.note}},
         "requests": sim.arrived,
         "completed": int(done.sum()),
         "rejected": {"total": sum(rejected.values()), "by_reason": rejected},

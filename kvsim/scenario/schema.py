@@ -68,7 +68,6 @@ class WorkloadSpec(_Strict):
     end_s: float | None = Field(default=None, gt=0)
     max_requests: int | None = Field(default=None, gt=0)
     images_per_request: int = Field(default=0, ge=0)
-    sensitive_fraction: float | None = Field(default=None, ge=0, le=1)
 
 
 class EngineSpec(_Strict):

@@ -30,7 +30,7 @@ from kvsim.memory import MemoryPlan
 from kvsim.serve.metrics import COMPLETED, REJECT_BATCH, REJECT_CONTEXT, REJECT_KV, Recorder
 from kvsim.serve.replica import INF, EngineConfig, Replica
 from kvsim.serve.router import Router
-from kvsim.serve.sequence import BlockTables, Seq, prompt_keys, reusable
+from kvsim.serve.sequence import BlockTables, Seq, SharingPolicy, reusable
 from kvsim.serve.workload import Request
 
 
@@ -48,11 +48,10 @@ class Deployment:
 class Admission:
     """Turns an arriving request into a sequence, or names why it can never be served."""
 
-    def __init__(self, dep: Deployment, cfg: EngineConfig, tables: BlockTables, keys_needed: bool,
-                 policy: str, sensitive_fraction: float, seed: int) -> None:
+    def __init__(self, dep: Deployment, cfg: EngineConfig, tables: BlockTables,
+                 sharing: SharingPolicy | None) -> None:
         self.dep, self.cfg, self.tables = dep, cfg, tables
-        self.keys_needed = keys_needed
-        self.policy, self.sensitive_fraction, self.seed = policy, sensitive_fraction, seed
+        self.sharing = sharing  # None: no request needs cache keys
         self.truncated = 0
 
     def __call__(self, req: Request) -> Seq | str:
@@ -76,8 +75,9 @@ class Admission:
         if out < req.output_tokens:
             self.truncated += 1
         keys: tuple[int, ...] = ()
-        if self.keys_needed and (not req.image_tokens or reusable(dep.layout, prompt, req.image_tokens)):
-            keys = prompt_keys(req, t.block_size, self.policy, self.sensitive_fraction, self.seed)
+        shareable = not req.image_tokens or reusable(dep.layout, prompt, req.image_tokens)
+        if self.sharing is not None and shareable:
+            keys = self.sharing.keys(req)
         return Seq(req, prompt, out, dropped, keys)
 
 
@@ -100,14 +100,16 @@ class Simulation:
     """Replicas behind a router, fed by a request stream. Build, then :meth:`run` once."""
 
     def __init__(self, dep: Deployment, cfg: EngineConfig, replicas: int = 1, router: str = "round_robin", *,
-                 policy: str = "global", sensitive_fraction: float = 0.0, seed: int = 0,
                  timeseries_interval_s: float = 1.0, record_steps: bool = True,
                  tables: BlockTables | None = None) -> None:
         self.dep, self.cfg = dep, cfg
         self.tables = tables or BlockTables(dep.plan)
-        keys_needed = cfg.prefix_caching or cfg.doc_kv_from_ssd or router == "prefix_affinity"
-        self.admission = Admission(dep, cfg, self.tables, keys_needed, policy, sensitive_fraction, seed)
         bs = dep.plan.engine.block_size
+        sharing = None
+        if cfg.prefix_caching or cfg.doc_kv_from_ssd or router == "prefix_affinity":
+            # the first-sender table remembers as many blocks as all replicas can cache
+            sharing = SharingPolicy(dep.layout.runtime.prefix_sharing, bs, replicas * dep.num_gpu_blocks)
+        self.admission = Admission(dep, cfg, self.tables, sharing)
         self.router = Router(router, replicas, bs, dep.num_gpu_blocks)
         self.recorder = Recorder(replicas, timeseries_interval_s, record_steps)
         self.replicas = [Replica(i, cfg, dep.num_gpu_blocks, dep.plan.block_bytes, dep.cost, self.tables,
@@ -121,7 +123,8 @@ class Simulation:
         if seq.finish_s > self.end_s:
             self.end_s = seq.finish_s
 
-    def run(self, stream: Iterable[Request], progress: Callable[[float, int], None] | None = None) -> Simulation:
+    def run(self, stream: Iterable[Request],
+            progress: Callable[[float, int], None] | None = None) -> Simulation:
         """Simulate until every request of ``stream`` has finished or been rejected."""
         heap: list[tuple[float, int, int, int]] = []  # (time, order, replica, version)
         version = [0] * len(self.replicas)

@@ -7,7 +7,6 @@ megabytes, not a million Python objects.
 
 from __future__ import annotations
 
-import math
 from array import array
 
 import numpy as np
@@ -23,8 +22,8 @@ STATUSES = (COMPLETED, REJECT_CONTEXT, REJECT_KV, REJECT_BATCH)
 
 REQUEST_COLUMNS = (("request_id", "q"), ("arrival_s", "d"), ("input_tokens", "q"), ("output_tokens", "q"),
                    ("generated_tokens", "q"), ("image_tokens", "q"), ("replica", "q"), ("status", "b"),
-                   ("first_token_s", "d"), ("finish_s", "d"), ("prefix_hit_tokens", "q"), ("doc_ssd_tokens", "q"),
-                   ("cross_user_hit", "b"), ("preemptions", "q"))
+                   ("first_token_s", "d"), ("finish_s", "d"), ("prefix_hit_tokens", "q"),
+                   ("doc_ssd_tokens", "q"), ("cross_user_hit", "b"), ("preemptions", "q"))
 SERIES_COLUMNS = (("time_s", "d"), ("replica", "q"), ("blocks_used", "q"), ("blocks_cached_free", "q"),
                   ("blocks_free", "q"), ("running", "q"), ("waiting", "q"))
 STEP_COLUMNS = (("replica", "q"), ("start_s", "d"), ("end_s", "d"), ("steps", "q"), ("prefill_tokens", "q"),
@@ -149,8 +148,8 @@ def side_channel(policy: str, ttft: np.ndarray, hit_tokens: np.ndarray, cross_us
     out.update(separability(pos, neg))
     if not len(pos):
         out["note"] = "no request hit another user's cached prefix: the timing channel carries nothing"
+    elif policy == "selective":
+        out["note"] = ("cross-user hits are on content two users have sent (treated as non-sensitive); "
+                       "content only one user has sent is never hit by another")
     return out
 
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None

@@ -62,7 +62,8 @@ class Work:
 
     __slots__ = ("start_s", "end_s", "steps", "decodes", "prefills")
 
-    def __init__(self, start_s: float, end_s: float, steps: int, decodes: list[Seq], prefills: list[Seq]) -> None:
+    def __init__(self, start_s: float, end_s: float, steps: int, decodes: list[Seq],
+                 prefills: list[Seq]) -> None:
         self.start_s, self.end_s, self.steps = start_s, end_s, steps
         self.decodes, self.prefills = decodes, prefills
 
@@ -247,7 +248,8 @@ class Replica:
         held = s.held
         self.bm.free(s)
         s.registered = 0
-        if cfg.preemption == "swap" and (self.swap_used_blocks + held) * self.block_bytes <= cfg.swap_space_bytes:
+        room = (self.swap_used_blocks + held) * self.block_bytes <= cfg.swap_space_bytes
+        if cfg.preemption == "swap" and room:
             s.swapped_blocks = held
             self.swap_used_blocks += held
             t = self.cost.host_transfer_s(held * self.block_bytes)  # GPU -> host over the same link
@@ -268,24 +270,29 @@ class Replica:
 
     def _decode_run(self, now: float, decodes: list[Seq], horizon: float, fast: bool) -> tuple[int, float]:
         """Steps and end time of a decode-only run starting at ``now`` (step 0's blocks are taken)."""
-        ctx = np.fromiter((s.computed - s.dropped for s in decodes), dtype=np.int64, count=len(decodes))
+        contexts = [s.computed - s.dropped for s in decodes]
+        ctx = np.array(contexts, dtype=np.int64)
         k = min(s.out - s.generated for s in decodes) if fast else 1
         if k > 1 and horizon < INF and self.last_decode_s > 0:
             k = min(k, int((horizon - now) / self.last_decode_s * _HORIZON_MARGIN) + 2)
         if k > 1:
             k = self._steps_with_blocks(ctx, k)
-        times = self.cost.decode_times_s(ctx, k)
-        self.last_decode_s = float(times[-1])
-        if k == 1:
-            return 1, now + float(times[0])
-        ends = np.cumsum(np.concatenate(([now], times)))[1:]  # same float additions as step by step
-        k = 1 + int(np.searchsorted(ends[:-1], horizon, side="left"))  # steps that start before it
-        dec = self.tables.decode
-        for s, c in zip(decodes, ctx.tolist()):
-            more = dec[c + k] - dec[c + 1]
-            if more:
-                self.bm.append(s, more)
-        return k, float(ends[k - 1])
+        times = self.cost.decode_times_s(ctx, k).tolist()
+        self.last_decode_s = times[-1]
+        end = now + times[0]
+        steps = 1
+        for dt in times[1:]:  # the same float additions as step-by-step simulation
+            if end >= horizon:  # the next step would start at or after the next outside event
+                break
+            end += dt
+            steps += 1
+        if steps > 1:
+            dec, bm = self.tables.decode, self.bm
+            for s, c in zip(decodes, contexts, strict=True):
+                more = dec[c + steps] - dec[c + 1]
+                if more:
+                    bm.append(s, more)
+        return steps, end
 
     def _steps_with_blocks(self, ctx: np.ndarray, k: int) -> int:
         """Most steps (<= k) whose extra blocks, beyond step 0's, fit in the free blocks."""

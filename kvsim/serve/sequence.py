@@ -11,15 +11,14 @@ and recomputation after a preemption is just a longer prefill over prompt + gene
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 
 from kvsim.kv.layout import KVLayout
 from kvsim.memory import MemoryPlan
-from kvsim.serve.workload import Request, chain_hash, expand_block_hashes, mix64
-
-_M64 = float(2**64)
+from kvsim.serve.workload import Request, chain_hash, expand_block_hashes
 
 
 class Seq:
@@ -112,35 +111,60 @@ def _salt(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def prompt_keys(req: Request, block_size: int, policy: str, sensitive_fraction: float,
-                seed: int) -> tuple[int, ...]:
-    """Prefix-cache keys of ``req``'s full prompt blocks of ``block_size`` tokens, under a SafeKV
-    sharing policy (arXiv 2508.08438):
+class SharingPolicy:
+    """Prefix-cache keys of a prompt's full blocks under a SafeKV sharing policy (arXiv 2508.08438).
 
-    * ``global``: the content hash, shared by every user;
-    * ``user``: salted by the user id, so only the same user can hit (per-user isolation);
-    * ``selective``: the privacy detector flags each block as sensitive with probability
-      ``sensitive_fraction`` (drawn from the block hash and ``seed``, so it is the same block in
-      every request); from the first flagged block on, keys are salted by user (a later block's
-      prefix contains the private one), while the blocks before it stay shared.
+    * ``global``: the content hash; any user hits any user's blocks (vLLM's default).
+    * ``user``: every key salted by the user id; only the same user hits (per-user isolation).
+    * ``selective``: blocks the privacy detector passes are shared, the others private to their
+      user. kvsim cannot read prompts, so it stands in for the detector with what the workload
+      shows: content is non-sensitive once two different users have sent it (a system prompt, a
+      template), and private to its first sender until then. From the first private block on, a
+      prompt's keys are private (their prefix contains it), as in SafeKV's radix tree. The
+      first-sender table remembers the ``memory_keys`` most recently seen blocks.
 
     Requests without a user id form one anonymous user.
     """
-    if not req.prefix_hashes:
-        return ()
-    if req.prefix_block_tokens == block_size:
+
+    PUBLIC = ""  # marker in the first-sender table: sent by two users, shared from now on
+
+    def __init__(self, policy: str, block_size: int, memory_keys: int) -> None:
+        self.policy = policy
+        self.block_size = block_size
+        self.memory_keys = memory_keys
+        self._first_sender: OrderedDict[int, str] = OrderedDict()
+
+    def keys(self, req: Request) -> tuple[int, ...]:
+        if not req.prefix_hashes:
+            return ()
+        bs = self.block_size
         keys: Sequence[int] = req.prefix_hashes
-    else:
-        keys = expand_block_hashes(req.prefix_hashes, req.prefix_block_tokens, block_size, req.input_tokens)
-    if policy == "global" or not keys:
-        return tuple(keys)
-    user = _salt(req.user_id or "")
-    first_private = 0
-    if policy == "selective":
-        label_salt = mix64(seed ^ 0x5AFE)
-        threshold = sensitive_fraction * _M64
-        first_private = next((i for i, k in enumerate(keys) if mix64(k ^ label_salt) < threshold), len(keys))
-    return tuple(keys[:first_private]) + tuple(chain_hash(user, k) for k in keys[first_private:])
+        if req.prefix_block_tokens != bs:
+            keys = expand_block_hashes(keys, req.prefix_block_tokens, bs, req.input_tokens)
+        if self.policy == "global" or not keys:
+            return tuple(keys)
+        user = req.user_id or "anonymous"
+        private = 0 if self.policy == "user" else self._shared_blocks(keys, user)
+        salt = _salt(user)
+        return tuple(keys[:private]) + tuple(chain_hash(salt, k) for k in keys[private:])
+
+    def _shared_blocks(self, keys: Sequence[int], user: str) -> int:
+        """Leading blocks that are public; records this user as the first sender of the rest."""
+        table = self._first_sender
+        n = len(keys)
+        for i, k in enumerate(keys):
+            sender = table.get(k)
+            if sender is None:
+                table[k] = user
+            elif sender != self.PUBLIC and sender != user:
+                table[k] = self.PUBLIC  # a second user sent it: shared template content
+            else:
+                table.move_to_end(k)
+            if table[k] != self.PUBLIC and n == len(keys):
+                n = i  # the first private block; later blocks are only recorded
+        while len(table) > self.memory_keys:
+            table.popitem(last=False)
+        return n
 
 
 def reusable(layout: KVLayout, prompt: int, image_tokens: int) -> bool:
