@@ -354,11 +354,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result.summary, indent=2))
     else:
-        s = result.summary
-        print(f"completed {s['completed']} requests in {s['duration_s']:.1f} s simulated; "
-              f"{s['throughput_output_tokens_per_s']:.0f} output tok/s; TTFT p50 {s['ttft_s']['p50'] * 1e3:.0f} ms, "
-              f"p99 {s['ttft_s']['p99'] * 1e3:.0f} ms; TPOT p50 {s['tpot_s']['p50'] * 1e3:.1f} ms; "
-              f"goodput {s['goodput']}")
+        from kvsim.scenario.outputs import text_summary
+
+        print(text_summary(result.summary))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:

@@ -85,3 +85,41 @@ def write_outputs(result: RunResult, out: Path) -> None:
     write_atomic(out / "requests.csv", requests_csv(result))
     write_atomic(out / "timeseries.csv", timeseries_csv(result))
     write_atomic(out / "trace.json", chrome_trace(result))
+
+
+def _ms(stats: dict) -> str:
+    if stats["p50"] is None:
+        return "-"
+    return "  ".join(f"{k} {stats[k] * 1e3:,.1f} ms" for k in ("p50", "p90", "p99"))
+
+
+def text_summary(summary: dict) -> str:
+    """The summary as a few lines for a terminal (what ``kvsim run`` prints without --json)."""
+    sc, rej = summary["scenario"], summary["rejected"]
+    reasons = ", ".join(f"{k} {v:,}" for k, v in rej["by_reason"].items() if v)
+    lines = [
+        f"{sc['name']}: {sc['model']} on {sc['hardware']} (TP {sc['tp']}) x {sc['replicas']} replica(s), "
+        f"KV {sc['method']}; calibration {sc['calibration']['kind']} ({sc['calibration']['gpu']})",
+        f"  requests {summary['requests']:,}: completed {summary['completed']:,}, rejected {rej['total']:,}"
+        + (f" ({reasons})" if reasons else ""),
+        f"  simulated {summary['duration_s']:,.1f} s: {summary['throughput_output_tokens_per_s']:,.0f} "
+        f"output tok/s, {summary['throughput_requests_per_s']:,.2f} req/s, "
+        f"{summary['engine_steps']:,} engine steps",
+        f"  TTFT  {_ms(summary['ttft_s'])}",
+        f"  TPOT  {_ms(summary['tpot_s'])}",
+        f"  E2E   {_ms(summary['e2e_s'])}",
+        f"  goodput {summary['goodput']:.1%} of requests within TTFT {summary['slo']['ttft_s'] * 1e3:g} ms "
+        f"and TPOT {summary['slo']['tpot_s'] * 1e3:g} ms ({summary['goodput_requests_per_s']:,.2f} req/s)",
+        f"  KV {summary['num_gpu_blocks']:,} blocks of {summary['block_size']} tokens per replica, peak "
+        f"{summary['kv_peak_used_fraction']:.0%} used; {summary['preemptions']:,} preemptions; prefix hit "
+        f"rate {summary['prefix_hit_rate']:.1%}",
+    ]
+    side = summary.get("side_channel")
+    if side and side["auc"] is not None:
+        lines.append(f"  side channel ({side['policy']} sharing): {side['cross_user_hit_requests']:,} "
+                     "requests hit another user's prefix; TTFT tells them from misses with AUC "
+                     f"{side['auc']:.2f}")
+    elif side:
+        lines.append(f"  side channel ({side['policy']} sharing): {side.get('note', '')}")
+    lines += [f"  note: {n}" for n in summary.get("notes", [])]
+    return "\n".join(lines)
