@@ -77,16 +77,31 @@ class EngineConfig:
         per_token = (self.mla.kv_lora_rank + self.mla.qk_rope_head_dim) if self.mla else 2 * self.kv_heads * self.head_dim
         return L * batch * self.kv_slots(context) * per_token * 2
 
-    def shard(self, tp: int) -> EngineConfig:
-        """One rank's share under Megatron tensor parallelism: query heads, KV heads (replicated when
-        fewer than ranks, as vLLM does), MLP/expert intermediates and the vocabulary split by tp."""
+    def rank_slices(self, tp: int, rank: int) -> dict[str, tuple[int, int]]:
+        """[start, stop) of what rank `rank` of `tp` holds under Megatron tensor parallelism: query
+        heads, KV heads (each rank holds the KV heads its query heads read: replicated when there are
+        fewer KV heads than ranks, as vLLM does), MLP and expert intermediates, vocabulary rows."""
         assert self.q_heads % tp == 0 and self.hidden % tp == 0, (self.name, tp)
-        kv = max(1, self.kv_heads // tp) if self.kv_heads % tp == 0 or self.kv_heads < tp else None
-        assert kv is not None, f"{self.name}: {self.kv_heads} KV heads do not split over {tp} ranks"
-        return dataclasses.replace(
-            self, q_heads=self.q_heads // tp, kv_heads=kv, intermediate=self.intermediate // tp,
-            moe_intermediate=self.moe_intermediate // tp, shared_intermediate=self.shared_intermediate // tp,
-            vocab=-(-self.vocab // tp), tp=tp)
+        if self.kv_heads >= tp:
+            assert self.kv_heads % tp == 0, f"{self.name}: {self.kv_heads} KV heads do not split over {tp} ranks"
+            kv = (rank * self.kv_heads // tp, (rank + 1) * self.kv_heads // tp)
+        else:
+            first = rank * self.q_heads // tp // (self.q_heads // self.kv_heads)
+            kv = (first, first + 1)
+        vocab = -(-self.vocab // tp)
+
+        def even(n):
+            return (rank * n // tp, (rank + 1) * n // tp)
+        return dict(q_heads=even(self.q_heads), kv_heads=kv, intermediate=even(self.intermediate),
+                    moe_intermediate=even(self.moe_intermediate), shared_intermediate=even(self.shared_intermediate),
+                    vocab=(rank * vocab, min(self.vocab, (rank + 1) * vocab)))
+
+    def shard(self, tp: int) -> EngineConfig:
+        """Rank 0's share (every rank holds the same sizes); vocab rounded up as vLLM pads it."""
+        n = {k: b - a for k, (a, b) in self.rank_slices(tp, 0).items()}
+        return dataclasses.replace(self, q_heads=n["q_heads"], kv_heads=n["kv_heads"], intermediate=n["intermediate"],
+                                   moe_intermediate=n["moe_intermediate"], shared_intermediate=n["shared_intermediate"],
+                                   vocab=n["vocab"], tp=tp)
 
 
 # Fallback shapes, each from the model's Hugging Face config.json.
@@ -100,8 +115,9 @@ FALLBACK = {
     # mistralai/Mistral-7B-v0.1: 4096, 32 layers, 32/8, 14336, vocab 32000, sliding_window 4096
     "mistral-7b": EngineConfig("mistral-7b", 4096, 32000, 32, 32, 8, 128, 14336, sliding_window=4096,
                                source="mistralai/Mistral-7B-v0.1"),
-    # microsoft/Phi-3-mini-4k-instruct: 3072, 32 layers, 32/32 heads (head_dim 96), 8192, vocab 32064
-    "phi-3-mini": EngineConfig("phi-3-mini", 3072, 32064, 32, 32, 32, 96, 8192, source="microsoft/Phi-3-mini-4k-instruct"),
+    # microsoft/Phi-3-mini-4k-instruct: 3072, 32 layers, 32/32 heads (head_dim 96), 8192, vocab 32064, sliding_window 2047
+    "phi-3-mini": EngineConfig("phi-3-mini", 3072, 32064, 32, 32, 32, 96, 8192, sliding_window=2047,
+                               source="microsoft/Phi-3-mini-4k-instruct"),
     # tiiuae/falcon-7b: 4544, 32 layers, 71 heads, 1 kv head (multi_query), head_dim 64, mlp 4*4544=18176 (GELU,
     # not gated), vocab 65024; falcon runs attention and MLP in parallel, modelled here sequentially
     "falcon-7b": EngineConfig("falcon-7b", 4544, 65024, 32, 71, 1, 64, 18176, gated_mlp=False, tie_embeddings=True,
@@ -143,7 +159,7 @@ def from_kvsim_spec(spec) -> EngineConfig:
         sliding_window=max(windows) if windows else None, tie_embeddings=bool(spec.tie_word_embeddings),
         moe_experts=moe.num_experts if moe else 0, moe_top_k=moe.top_k if moe else 0,
         moe_intermediate=moe.expert_intermediate_size if moe else 0,
-        shared_intermediate=(moe.shared_intermediate_size or 0) * (moe.num_shared_experts or 0) if moe else 0,
+        shared_intermediate=moe.shared_intermediate_size if moe else 0,  # kvsim: all shared experts together
         dense_layers=tuple(layer.index for layer in spec.layers if not layer.moe) if moe else (),
         mla=mla, source="kvsim.spec")
 

@@ -1,98 +1,101 @@
-"""Pure-numpy reference of the KIVI-style group quantisation and bit packing used by
-validation/kernels (no torch).  Also the byte counts that decode attention must read.
+"""Pure-numpy reference of the packed layout that validation/kernels/quant_decode.py reads (no
+torch): asymmetric min/max group quantization, "blocked" int16 packing, and an emulator of the
+kernel's PTX unpack (lop3 / shr on two 16-bit words per 32-bit register), so the CPU tests can check
+the asm strings bit for bit without a GPU.
 
-Layout (per batch, kv head):
-  keys   : quantised per channel, groups of G tokens along the token axis
-           -> codes [S_q, D] (uint, `kbits`), scale/zero [S_q/G, D] fp16
-  values : quantised per token, groups of G channels
-           -> codes [S_q, D] (uint, `vbits`), scale/zero [S_q, D/G] fp16
-  residual: the most recent n_res tokens kept in fp16 (K and V, [n_res, D] each)
-Packing (both K and V): along the channel axis, "blocked": with per = 8 // bits and W = D // per,
-byte c (0 <= c < W) of a token row holds channel j*W + c at bits [j*bits, (j+1)*bits) for j < per,
-so unpacking bit-field j yields the contiguous channel slice [j*W, (j+1)*W) (no shuffles in the kernel).
+Packing: with per = 16 // bits fields per 16-bit word and W = D // per words per token, bit field j
+(bits [j*bits, (j+1)*bits)) of word c holds channel j*W + c. Unpacking field j of a tile yields the
+contiguous channel slice [j*W, (j+1)*W). The kernel turns field j into the fp16 number
+1024 + code * 2**(bits * (j % (8 // bits))) by OR-ing it into the mantissa of 1024.0 (0x6400).
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
-
-def per_byte(bits: int) -> int:
-    assert bits in (1, 2, 4, 8)
-    return 8 // bits
+MAGIC = 0x6400  # fp16 bit pattern of 1024.0
 
 
-def quantize_groups(x: np.ndarray, bits: int, group: int, axis: int):
-    """Asymmetric min/max quantisation of x in groups of `group` along `axis`.
-    Returns (codes uint8 same shape as x, scale fp16, zero fp16) with scale/zero of
-    shape x.shape with axis length divided by group.  Dequant: codes*scale + zero."""
+def quantize_groups(x: np.ndarray, bits: int, group: int, axis: int, clip: float = 1.0):
+    """Codes (uint8, same shape as x), fp16 scale and zero of each group of `group` along `axis`;
+    dequantized value = code * scale + zero."""
     x = np.asarray(x, dtype=np.float32)
     axis = axis % x.ndim
     n = x.shape[axis]
     assert n % group == 0, (n, group)
-    shp = x.shape[:axis] + (n // group, group) + x.shape[axis + 1 :]
-    xg = x.reshape(shp)
-    mn = xg.min(axis=axis + 1, keepdims=True)
-    mx = xg.max(axis=axis + 1, keepdims=True)
+    xg = x.reshape(x.shape[:axis] + (n // group, group) + x.shape[axis + 1:])
+    mn = xg.min(axis=axis + 1, keepdims=True) * clip
+    mx = xg.max(axis=axis + 1, keepdims=True) * clip
     qmax = (1 << bits) - 1
     scale = ((mx - mn) / qmax).astype(np.float16)
     zero = mn.astype(np.float16)
-    s32 = np.maximum(scale.astype(np.float32), 1e-8)
-    codes = np.clip(np.rint((xg - zero.astype(np.float32)) / s32), 0, qmax).astype(np.uint8)
-    return codes.reshape(x.shape), np.squeeze(scale, axis + 1), np.squeeze(zero, axis + 1)
+    codes = np.clip(np.rint((xg - zero.astype(np.float32)) / np.maximum(scale.astype(np.float32), 1e-8)), 0, qmax)
+    return codes.astype(np.uint8).reshape(x.shape), np.squeeze(scale, axis + 1), np.squeeze(zero, axis + 1)
 
 
 def dequantize_groups(codes, scale, zero, group: int, axis: int):
     axis = axis % codes.ndim
-    s = np.repeat(scale.astype(np.float32), group, axis=axis)
-    z = np.repeat(zero.astype(np.float32), group, axis=axis)
-    return codes.astype(np.float32) * s + z
+    return (codes.astype(np.float32) * np.repeat(scale.astype(np.float32), group, axis=axis)
+            + np.repeat(zero.astype(np.float32), group, axis=axis))
 
 
-def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack uint codes along the last axis (blocked): out[..., c] = sum_j codes[..., j*W + c] << (j*bits)."""
-    per = per_byte(bits)
-    c = np.asarray(codes, dtype=np.uint8)
-    assert c.shape[-1] % per == 0
+def pack16(codes: np.ndarray, bits: int) -> np.ndarray:
+    per = 16 // bits
+    c = np.asarray(codes, dtype=np.uint32)
     w = c.shape[-1] // per
-    c = c.reshape(c.shape[:-1] + (per, w)).astype(np.uint32)
+    c = c.reshape(c.shape[:-1] + (per, w))
     out = np.zeros(c.shape[:-2] + (w,), dtype=np.uint32)
     for j in range(per):
         out |= (c[..., j, :] & ((1 << bits) - 1)) << (j * bits)
-    return out.astype(np.uint8)
+    return out.astype(np.uint16)
 
 
-def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
-    per = per_byte(bits)
-    p = np.asarray(packed, dtype=np.uint8).astype(np.uint32)
-    parts = [((p >> (j * bits)) & ((1 << bits) - 1)) for j in range(per)]
-    return np.concatenate(parts, axis=-1).astype(np.uint8)
+def unpack16(words: np.ndarray, bits: int) -> np.ndarray:
+    per = 16 // bits
+    w = np.asarray(words, dtype=np.uint16).astype(np.uint32)
+    return np.concatenate([(w >> (j * bits)) & ((1 << bits) - 1) for j in range(per)], -1).astype(np.uint8)
 
 
-def split_residual(seq_len: int, group: int = 32, residual: int = 128) -> tuple[int, int]:
-    """(quantised tokens, fp16 residual tokens).  Quantised part is a multiple of `group`;
-    the residual holds the newest `residual` tokens plus any partial group (KIVI)."""
-    if seq_len <= residual:
-        return 0, seq_len
-    sq = ((seq_len - residual) // group) * group
-    return sq, seq_len - sq
+def field_fp16(words: np.ndarray, bits: int, j: int) -> np.ndarray:
+    """What the kernel feeds the tensor cores for field j: fp16 1024 + code_j * 2**off_j."""
+    per_byte = 8 // bits
+    w = np.asarray(words, dtype=np.uint16).astype(np.uint32)
+    mask = ((1 << bits) - 1) << (bits * (j % per_byte))
+    return (((w >> (8 * (j // per_byte))) & mask) | MAGIC).astype(np.uint16).view(np.float16)
 
 
-def kivi_bytes(batch: int, kv_heads: int, seq_len: int, head_dim: int, kbits: int, vbits: int,
-               group: int = 32, residual: int = 128, scale_bytes: int = 2, res_bytes: int = 2) -> dict:
-    """Bytes a decode step must read from the KIVI cache (all layers' worth for one layer)."""
-    sq, nr = split_residual(seq_len, group, residual)
-    bh = batch * kv_heads
-    k_codes = bh * sq * head_dim * kbits // 8
-    v_codes = bh * sq * head_dim * vbits // 8
-    k_meta = bh * (sq // group) * head_dim * 2 * scale_bytes
-    v_meta = bh * sq * (head_dim // group) * 2 * scale_bytes
-    res = bh * nr * head_dim * 2 * res_bytes
-    total = k_codes + v_codes + k_meta + v_meta + res
-    return dict(k_codes=k_codes, v_codes=v_codes, k_meta=k_meta, v_meta=v_meta, residual=res,
-                total=total, quant_tokens=sq, residual_tokens=nr)
+def unpack_ptx(bits: int) -> str:
+    """The kernel's PTX: register $n holds two 16-bit words; outputs $0..$(n-1) are fields 0..n-1 of
+    both words as fp16 pairs. Fields in the low byte of each half come straight from lop3 ((a & mask)
+    | 0x64006400: immLut 0xEA); the high byte's fields after one shr.b32 by 8 (each half's high byte
+    lands in its low byte; bits crossing from the upper half stay outside every mask)."""
+    per_byte, n = 8 // bits, 16 // bits
+    lines = ["{", ".reg .b32 t;"]
+    for j in range(n):
+        if j == per_byte:
+            lines.append(f"shr.b32 t, ${n}, 8;")
+        field = ((1 << bits) - 1) << (bits * (j % per_byte))
+        lines.append(f"lop3.b32 ${j}, {f'${n}' if j < per_byte else 't'}, 0x{field | field << 16:08X}, 0x64006400, 0xEA;")
+    lines.append("}")
+    return "\n".join(lines)
 
 
-def dense_kv_bytes(batch: int, kv_heads: int, seq_len: int, head_dim: int, elem_bytes: float,
-                   v_head_dim: int | None = None) -> int:
-    vd = head_dim if v_head_dim is None else v_head_dim
-    return int(batch * kv_heads * seq_len * (head_dim + vd) * elem_bytes)
+def run_ptx(asm: str, word_pairs: np.ndarray) -> list[np.ndarray]:
+    """Emulate the kernel's unpack PTX (only lop3.b32 with immLut 0xEA and shr.b32) on 32-bit
+    registers holding two 16-bit words each; returns the output registers as fp16 pairs."""
+    regs = {}
+    n_out = len(re.findall(r"lop3\.b32 \$\d+", asm))
+    src = np.asarray(word_pairs, dtype=np.uint32)
+    regs[f"${n_out}"] = src
+    regs["t"] = np.zeros_like(src)
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line.startswith("shr.b32"):
+            dst, a, k = [t.strip() for t in line[len("shr.b32"):].split(",")]
+            regs[dst] = regs[a] >> np.uint32(int(k))
+        elif line.startswith("lop3.b32"):
+            dst, a, b, c, lut = [t.strip() for t in line[len("lop3.b32"):].split(",")]
+            assert lut == "0xEA", lut  # (a & b) | c
+            regs[dst] = (regs[a] & np.uint32(int(b, 16))) | np.uint32(int(c, 16))
+    return [regs[f"${i}"].astype(np.uint32).view(np.uint16).view(np.float16) for i in range(n_out)]

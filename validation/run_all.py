@@ -35,53 +35,65 @@ PARTS = {
 }
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=540)
-    ap.add_argument("--parts", default=",".join(PARTS))
-    ap.add_argument("--weights", default="", help="override part weights, e.g. engine=400,gemm=50")
-    a = ap.parse_args()
-    os.makedirs(a.out, exist_ok=True)
-    parts = [p for p in a.parts.split(",") if p]
-    w = {p: PARTS[p][0] for p in parts}
-    for kv in filter(None, a.weights.split(",")):
-        k, v = kv.split("=")
-        w[k] = float(v)
+def run_parts(out: str, budget_s: float, quick: bool, parts: list[tuple[str, float, list[str]]], env_extra=None):
+    """Run each part as `python3 argv --out OUT --budget-s SHARE [--quick]` in its own process; a
+    part's share is its weight's fraction of what is left, so time a part leaves unused flows to
+    the next. A failing or hung part (killed at its share + 25 s) does not stop the others."""
     t0 = time.time()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **(env_extra or {}))
     status = []
-    for i, p in enumerate(parts):
-        left = a.budget_s - (time.time() - t0)
-        share = left * w[p] / sum(w[q] for q in parts[i:])
+    for i, (name, weight, argv) in enumerate(parts):
+        left = budget_s - (time.time() - t0)
+        share = left * weight / sum(w for _, w, _ in parts[i:])
         if share < 5:
-            status.append(dict(part=p, skipped="no budget left"))
-            print(f"### skip {p}: no budget", flush=True)
+            status.append(dict(part=name, skipped="no budget left"))
+            print(f"### skip {name}: no budget", flush=True)
             continue
-        inner = max(5.0, share - 8)  # leave room for start-up / teardown
-        cmd = [sys.executable] + PARTS[p][1] + ["--out", a.out, "--budget-s", f"{inner:.0f}"] + (["--quick"] if a.quick else [])
-        print(f"### {p}: budget {inner:.0f}s  ({time.time()-t0:.0f}s elapsed)", flush=True)
+        inner = max(5.0, share - 8)  # start-up and teardown
+        cmd = [sys.executable] + argv + ["--out", out, "--budget-s", f"{inner:.0f}"] + (["--quick"] if quick else [])
+        print(f"### {name}: budget {inner:.0f}s  ({time.time()-t0:.0f}s elapsed)", flush=True)
         ts = time.time()
         try:
-            r = subprocess.run(cmd, cwd=REPO, env=env, timeout=share + 25)
-            rc = r.returncode
+            rc = subprocess.run(cmd, cwd=REPO, env=env, timeout=share + 25).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
-        status.append(dict(part=p, rc=rc, seconds=round(time.time() - ts, 1), budget=round(inner)))
-        print(f"### {p}: rc={rc} in {time.time()-ts:.0f}s", flush=True)
-    # record run status inside meta.json (keeps the file count low)
-    mp = os.path.join(a.out, "meta.json")
+        status.append(dict(part=name, rc=rc, seconds=round(time.time() - ts, 1), budget=round(inner)))
+        print(f"### {name}: rc={rc} in {time.time()-ts:.0f}s", flush=True)
+    return status, round(time.time() - t0, 1)
+
+
+def record_run(out: str, key: str, quick: bool, status, total_s):
+    """Run status and the command line into meta.json (keeps the file count low), atomically."""
+    mp = os.path.join(out, "meta.json")
     meta = {}
     if os.path.exists(mp):
         with open(mp) as f:
             meta = json.load(f)
-    meta["run_all"] = dict(argv=sys.argv[1:], quick=a.quick, parts=status, total_s=round(time.time() - t0, 1))
+    meta[key] = dict(argv=sys.argv[1:], quick=quick, parts=status, total_s=total_s)
     meta["command"] = " ".join(["python3"] + sys.argv)
     with open(mp + ".tmp", "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(mp + ".tmp", mp)
     print(json.dumps(status), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=500)
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--weights", default="", help="override part weights, e.g. engine=400,gemm=50")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    names = [p for p in a.parts.split(",") if p]
+    w = {p: PARTS[p][0] for p in names}
+    for kv in filter(None, a.weights.split(",")):
+        k, v = kv.split("=")
+        w[k] = float(v)
+    status, total = run_parts(a.out, a.budget_s, a.quick, [(p, w[p], PARTS[p][1]) for p in names])
+    record_run(a.out, "run_all", a.quick, status, total)
     summary(a.out)
 
 

@@ -29,29 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
+from validation.kivi_ref import unpack_ptx
 from validation.kernels.triton_decode import LOG2E, _decode_kernel, _g_pad, alloc_partials, pick_splits, reduce_partials
 
 TG = 32  # tokens per slab: the KIVI key group, and the leading dim of every 3-D tile
 
-# PTX for the unpack: two 16-bit words per 32-bit register; lop3 immLut 0xEA = (a & b) | c.
-_LOP = "lop3.b32 ${o}, {src}, {mask}, 0x64006400, 0xEA;"
-
-
-def _asm(bits: int) -> str:
-    per_byte = 8 // bits
-    n = 16 // bits
-    lines = ["{", ".reg .b32 t;"]
-    for j in range(n):
-        if j == per_byte:
-            lines.append(f"shr.b32 t, ${n}, 8;")
-        src = f"${n}" if j < per_byte else "t"
-        field = ((1 << bits) - 1) << (bits * (j % per_byte))
-        lines.append(_LOP.format(o=j, src=src, mask=f"0x{field | field << 16:08X}"))
-    lines.append("}")
-    return "\n".join(lines)
-
-
-ASM2, ASM4, ASM8 = _asm(2), _asm(4), _asm(8)
+ASM2, ASM4, ASM8 = unpack_ptx(2), unpack_ptx(4), unpack_ptx(8)
 USE_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"  # the interpreter cannot run PTX
 
 

@@ -1,42 +1,56 @@
-"""CPU checks of engine.py's config table and size arithmetic (no torch needed)."""
-import os
-import sys
+"""CPU checks of the reference engine's config arithmetic (no torch needed)."""
+import dataclasses
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from validation.engine import FALLBACK, EngineConfig, from_kvsim_spec  # noqa: E402
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-
-def test_llama3_8b_params():
-    p = FALLBACK["llama-3-8b"].weight_params()
-    assert 7.9e9 < p < 8.1e9  # 8.03B
+from validation.engine_model import FALLBACK, EngineConfig, MLAConfig, get_config
 
 
-def test_llama2_7b_params():
+def test_param_counts():
+    assert 7.9e9 < FALLBACK["llama-3-8b"].weight_params() < 8.1e9  # 8.03B
     assert 6.6e9 < FALLBACK["llama-2-7b"].weight_params() < 6.9e9  # 6.74B
-
-
-def test_mixtral_params():
     assert 46e9 < FALLBACK["mixtral-8x7b"].weight_params() < 47.5e9  # 46.7B
+    assert 15.5e9 < FALLBACK["deepseek-v2-lite"].weight_params() < 16.0e9  # 15.7B (HF model card)
 
 
 def test_kv_bytes():
-    c = FALLBACK["llama-3-8b"]
-    assert c.kv_bytes(1, 1) == 32 * 2 * 8 * 128 * 2  # 128 KiB per token
+    assert FALLBACK["llama-3-8b"].kv_bytes(1, 1) == 32 * 2 * 8 * 128 * 2  # 128 KiB per token
     m = FALLBACK["mistral-7b"]
     assert m.kv_bytes(1, 32768) == m.kv_bytes(1, 4096)
+    assert FALLBACK["deepseek-v2-lite"].kv_bytes(1, 1) == 27 * 576 * 2  # latent 512 + RoPE key 64
 
 
-def test_every_model_divides():
-    for c in FALLBACK.values():
-        assert c.q_heads % c.kv_heads == 0, c.name
+@pytest.mark.parametrize("name", sorted(FALLBACK))
+def test_kvsim_spec_matches_fallback(name):
+    """The documented fallback table holds the same shapes as kvsim's loader."""
+    pytest.importorskip("pydantic")
+    cfg = get_config(name, log=lambda *a: None)
+    assert dataclasses.replace(cfg, source="") == dataclasses.replace(FALLBACK[name], source="")
 
 
-def test_adapter():
-    from types import SimpleNamespace as N
+@given(st.sampled_from([1, 2, 4, 8]), st.sampled_from(sorted(FALLBACK)))
+def test_rank_slices_partition(tp, name):
+    """Query heads, intermediates and vocab rows are split into disjoint covering ranges; KV heads
+    are split, or each rank holds the one head its query heads read (replicated)."""
+    c = FALLBACK[name]
+    if c.q_heads % tp or (c.kv_heads > tp and c.kv_heads % tp):
+        with pytest.raises(AssertionError):
+            c.rank_slices(tp, 0)
+        return
+    sl = [c.rank_slices(tp, r) for r in range(tp)]
+    for key, total in (("q_heads", c.q_heads), ("intermediate", c.intermediate), ("vocab", c.vocab)):
+        assert sl[0][key][0] == 0 and sl[-1][key][1] == total
+        assert all(sl[r][key][1] == sl[r + 1][key][0] for r in range(tp - 1))
+    group = c.q_heads // c.kv_heads
+    for s in sl:  # every query head of a rank reads a KV head the rank holds
+        q0, q1 = s["q_heads"]
+        assert s["kv_heads"][0] <= q0 // group and (q1 - 1) // group < s["kv_heads"][1]
+    assert c.shard(tp).kv_heads == max(1, c.kv_heads // tp)
 
-    layers = tuple(N(index=i, attention="sliding", window_tokens=4096, kv_source=i, moe=None) for i in range(32))
-    spec = N(name="mistral-7b", hidden_size=4096, vocab_size=32000, tie_word_embeddings=False, intermediate_size=14336,
-             attention=N(num_heads=32, num_kv_heads=8, head_dim=128, v_head_dim=128, mla=None), layers=layers, moe=None)
-    c = from_kvsim_spec(spec)
-    assert isinstance(c, EngineConfig)
-    assert c == EngineConfig("mistral-7b", 4096, 32000, 32, 32, 8, 128, 14336, sliding_window=4096, source="kvsim.spec")
+
+def test_mla_shard_keeps_latent():
+    c = EngineConfig("m", 2048, 100, 2, 16, 16, 192, 64, mla=MLAConfig(512, 128, 64, 128))
+    s = c.shard(4)
+    assert s.q_heads == 4 and s.mla == c.mla and s.kv_bytes(1, 10) == c.kv_bytes(1, 10)
