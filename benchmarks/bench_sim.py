@@ -63,20 +63,21 @@ def in_process() -> None:
     for name, fn in originals.items():
         setattr(CostModel, name, lambda self, *a, _fn=fn: priced.append(_fn(self, *a)) or priced[-1])
     full, finish, steps = run()
-    replay = iter(priced)
-    for name in originals:
-        setattr(CostModel, name, lambda self, *a: next(replay))
-    engine, finish_replayed, _ = run()
+    engine = {}
+    for loop in ("heap", "simpy"):
+        replay = iter(priced)
+        for name in originals:
+            setattr(CostModel, name, lambda self, *a, _replay=replay: next(_replay))
+        engine[loop], replayed, _ = run(loop)
+        assert np.array_equal(finish, replayed), loop
     for name, fn in originals.items():
         setattr(CostModel, name, fn)
-    assert np.array_equal(finish, finish_replayed)
-    print(f"  simulation {full:.2f} s = engine {engine:.2f} s (trace reading, scheduling, blocks, events) + "
-          f"cost-model pricing {full - engine:.2f} s ({len(priced):,} priced steps or runs, "
-          f"{(full - engine) / len(priced) * 1e6:.0f} us each); {steps:,} engine steps")
-    heap_s, heap_finish, _ = run("heap")
-    simpy_s, simpy_finish, _ = run("simpy")
-    print(f"  event loop: heap {heap_s:.2f} s, SimPy processes {simpy_s:.2f} s; identical finish times: "
-          f"{np.array_equal(heap_finish, simpy_finish)}")
+    pricing = full - engine["heap"]
+    print(f"  simulation {full:.2f} s = engine {engine['heap']:.2f} s (trace reading, scheduling, blocks, "
+          f"events) + cost-model pricing {pricing:.2f} s ({len(priced):,} priced steps or runs, "
+          f"{pricing / len(priced) * 1e6:.0f} us each); {steps:,} engine steps")
+    print(f"  engine with the heap event loop {engine['heap']:.2f} s, with SimPy processes "
+          f"{engine['simpy']:.2f} s (identical finish times)")
 
 
 def main() -> None:
