@@ -116,3 +116,35 @@ def test_cli_run_json_out_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert "engine.max_num_sqs" in err and str(path) in err and "Traceback" not in err
     write_outputs  # noqa: B018 - part of the public API
+
+
+@pytest.mark.parametrize("sets, field", [
+    (["workload.trace=/no/such.csv", "workload.format=csv"], "workload.trace"),
+    (["workload.trace=/no/such.csv"], "workload.trace"),
+    (["calibration=/no/such.yaml"], "calibration"),
+    (["model=no-such-model"], "model"),
+    (["model=llama-3-70b"], "model"),  # 131 GiB of weights on one 80 GiB GPU
+    (["tp=3"], "tp"),
+    (["method=snapkv"], "method.snapkv.budget"),
+    (["engine.max_model_len=100000"], "engine.max_model_len"),
+    (["workload.images_per_request=1"], "workload.images_per_request"),
+])
+def test_deployment_errors_name_the_scenario_key_and_file(tmp_path: Path, sets: list[str], field: str,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    path = write(tmp_path, BASE)
+    with pytest.raises(KvsimError) as exc:
+        run_scenario(load_scenario(path, sets))
+    assert exc.value.field == field and exc.value.file == str(path)
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(path), *(a for s in sets for a in ("--set", s))])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_yaml_syntax_errors_are_one_line_with_the_position(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: llama-3-8b\nworkload: {trace: x.csv\nslo: 1\n")
+    with pytest.raises(KvsimError, match=r"line 3, column 4") as exc:
+        load_scenario(path, [])
+    assert "\n" not in str(exc.value) and exc.value.file == str(path)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from kvsim.errors import KvsimError
 from kvsim.scenario.schema import ScenarioSpec
-from kvsim.spec.model import pydantic_error, read_yaml
+from kvsim.spec.model import pydantic_error
 
 SWEEP_KEY = "sweep"  # read by `kvsim sweep`; kept aside here
 
@@ -103,7 +103,7 @@ def load_scenario(path: str | Path, sets: list[str]) -> Scenario:
     path = Path(path)
     if not path.is_file():
         raise KvsimError("no such scenario file", field="scenario", value=str(path))
-    raw = read_yaml(path)
+    raw = read_yaml_mapping(path)
     for item in sets:
         key, eq, text = item.partition("=")
         if not eq or not key.strip():
@@ -115,6 +115,21 @@ def load_scenario(path: str | Path, sets: list[str]) -> Scenario:
                              file=str(path)) from None
         raw = apply_override(raw, key.strip(), value, file=str(path))
     return scenario_from_dict(raw, str(path))
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    """A YAML file's top-level mapping; a syntax error becomes one line with its position."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise KvsimError(f"not valid YAML{where}: {err.problem}", file=str(path)) from None
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
+        raise KvsimError(f"cannot read as YAML: {err}".replace("\n", " "), file=str(path)) from None
+    if not isinstance(data, dict):
+        raise KvsimError("expected a mapping of scenario keys at the top level", file=str(path))
+    return data
 
 
 def apply_override(raw: dict, dotted: str, value: object, file: str | None = None) -> dict:

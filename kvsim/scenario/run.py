@@ -32,11 +32,15 @@ class RunResult:
     simulation: Simulation
 
 
-def _with_file(err: KvsimError, file: str) -> KvsimError:
-    """Attach the scenario file to an error raised by a catalogue loader."""
+def _with_file(err: KvsimError, file: str, field: str | None = None) -> KvsimError:
+    """An error raised by a loader, restated against the scenario: its file, and the scenario key
+    (``field``) instead of the loader's own argument name."""
     if err.file is not None:
         return err
-    return KvsimError(str(err), file=file)
+    text = str(err)
+    if err.field is not None:
+        text = text.removeprefix(f"{err.field}={err.value!r}: ")
+    return KvsimError(text, field=field or err.field, value=err.value, file=file)
 
 
 def _catalogue_arg(text: str, scenario: Scenario) -> str:
@@ -63,12 +67,15 @@ def deployment(scenario: Scenario) -> Deployment:
         memory = EngineMemoryConfig(e.gpu_memory_utilization, e.block_size, e.max_num_batched_tokens,
                                     e.max_num_seqs)
         plan = plan_memory(model, hardware, layout, spec.tp, memory)
-        cal = spec.calibration
+    except KvsimError as err:
+        raise _with_file(err, file) from None
+    cal = spec.calibration
+    try:
         if cal is not None and cal.lower() != "none":
             cal = str(resolve_path(cal, scenario))
         cost = CostModel(model, hardware, layout, spec.tp, cal)
     except KvsimError as err:
-        raise _with_file(err, file) from None
+        raise _with_file(err, file, "calibration") from None
     if not plan.fits and e.num_gpu_blocks_override is None:
         raise KvsimError(plan.reason, field="model", value=spec.model, file=file)
     max_len = e.max_model_len or model.max_position_embeddings
@@ -140,6 +147,9 @@ def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
     try:
         if w.trace is not None:
             trace = resolve_path(w.trace, scenario)
+            if not trace.exists():
+                raise KvsimError("no such trace file or folder", field="workload.trace", value=str(trace),
+                                 file=file)
             stream: Iterator[Request] = read_trace(
                 trace, w.format, prefix_block_tokens=w.prefix_block_tokens, skip_bad_rows=skip_bad_rows,
                 stats=stats, seed=scenario.spec.seed, rate_scale=w.rate_scale, start_s=w.start_s,
@@ -150,7 +160,7 @@ def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
                 stream = time_window(stream, w.start_s, math.inf if w.end_s is None else w.end_s)
             stream = renumber(limit(scale_rate(stream, w.rate_scale), w.max_requests))
     except KvsimError as err:
-        raise _with_file(err, file) from None
+        raise _with_file(err, file, "workload.trace" if err.field == "path" else None) from None
     if w.images_per_request:
         vision = dep.layout.model.vision
         if vision is None:

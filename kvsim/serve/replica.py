@@ -37,8 +37,9 @@ from kvsim.serve.blocks import BlockManager
 from kvsim.serve.sequence import BlockTables, Seq
 
 INF = float("inf")
-# A fast-forward run prices at most this many steps past its estimated horizon: the estimate uses
-# the previous step time, which drifts slowly as contexts grow, so a small margin avoids re-pricing.
+# A fast-forward run prices this many times the steps that the previous step time says fit before
+# its horizon: step times drift slowly as contexts grow, and a run that stops short of the horizon
+# only costs one more pricing call (the result is the same either way).
 _HORIZON_MARGIN = 1.25
 
 
@@ -99,9 +100,6 @@ class Replica:
     @property
     def busy(self) -> bool:
         return self.work is not None
-
-    def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
 
     def next_ready_s(self, now: float) -> float:
         """Earliest document load still in flight (MatKV), else infinity."""
@@ -221,7 +219,6 @@ class Replica:
                     s.ready_s = self.ssd_free_s = start + self.cost.ssd_read_s(doc_blocks * self.block_bytes)
             self.waiting.popleft()
             self.running.append(s)
-            s.admissions += 1
             if n_new:
                 s.scheduled = n_new
                 (decodes if s.decoding else prefills).append(s)

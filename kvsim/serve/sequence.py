@@ -26,7 +26,7 @@ class Seq:
 
     __slots__ = ("req", "prompt", "out", "dropped", "keys", "computed", "generated", "held", "block_keys",
                  "registered", "ready_s", "swapped_blocks", "first_token_s", "finish_s", "hit_tokens",
-                 "cross_user_hit", "doc_tokens", "preemptions", "admissions", "replica", "scheduled")
+                 "cross_user_hit", "doc_tokens", "preemptions", "replica", "scheduled")
 
     def __init__(self, req: Request, prompt: int, out: int, dropped: int, keys: tuple[int, ...]) -> None:
         self.req = req
@@ -47,7 +47,6 @@ class Seq:
         self.cross_user_hit = False  # the first admission hit blocks another user cached
         self.doc_tokens = 0  # MatKV: prompt tokens loaded from SSD instead of prefilled
         self.preemptions = 0
-        self.admissions = 0
         self.replica = -1
         self.scheduled = 0  # tokens scheduled in the step being planned
 
