@@ -92,7 +92,8 @@ def test_invariants_hold_for_random_workloads_and_limits(seed, seqs, extra_token
                                                          preemption, blocks, replicas, router) -> None:
     """check=True asserts after every step that used + cached-free + free == total blocks, that
     reference counts match the sequences, and that no step exceeds max_num_seqs or
-    max_num_batched_tokens; here every request must also end completed or rejected."""
+    max_num_batched_tokens; here every request must also end completed or rejected, and
+    step-by-step simulation must give the same times as fast-forward."""
     sc = scenario(seed=seed, replicas=replicas, router=router, engine__max_num_seqs=seqs,
                   engine__max_num_batched_tokens=seqs + 64 + extra_tokens, engine__block_size=block,
                   engine__enable_chunked_prefill=chunked, engine__enable_prefix_caching=caching,
@@ -110,6 +111,10 @@ def test_invariants_hold_for_random_workloads_and_limits(seed, seqs, extra_token
     s = sim.recorder.series
     rows = zip(s["blocks_used"], s["blocks_cached_free"], s["blocks_free"], strict=True)
     assert all(u + c + f == blocks for u, c, f in rows)
+    step_by_step = scenario_from_dict(apply_override(sc.raw, "engine.fast_forward", False), "t.yaml")
+    slow = timings(simulate(step_by_step, check=False))
+    for key, value in timings(sim).items():
+        np.testing.assert_array_equal(value, slow[key], err_msg=key)
 
 
 def test_prefix_hits_never_exceed_what_the_hashes_allow() -> None:
