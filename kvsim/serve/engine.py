@@ -7,11 +7,11 @@ A replica plans a step when the previous one ends, or when a request reaches it 
 fast-forwarded run of decode steps never spans the next arrival (see :mod:`kvsim.serve.replica`),
 so every replica is at a true step boundary whenever the router acts.
 
-Why a heap and not SimPy processes: the model is one process per replica that only ever waits for
-its own step to end, plus an arrival process. With one event per step or fast-forwarded run, a
-heap of ``(time, order, replica)`` runs the same schedule (SimPy also orders equal-time events by
-insertion) without SimPy's per-event generator and callback overhead; ``tests/test_sim.py``
-checks a SimPy-driven loop against it.
+The model is SimPy's: an arrival process plus one engine process per replica that waits for its own
+step to end. :meth:`Simulation.run_simpy` runs it as SimPy processes; :meth:`Simulation.run` (the
+default) runs the same schedule from a plain heap of ``(time, order, replica)``, without SimPy's
+per-event generator and callback overhead. ``tests/test_sim.py`` checks that both give identical
+results; ``benchmarks/bench_sim.py`` times both.
 """
 
 from __future__ import annotations
