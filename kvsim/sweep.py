@@ -30,6 +30,7 @@ import io
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -281,17 +282,19 @@ def run_point(raw: Mapping[str, Any], file: str, run_dir: str | None = None) -> 
     """
     from kvsim.scenario import run_scenario, scenario_from_dict
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         result = run_scenario(scenario_from_dict(dict(raw), file))
         if run_dir:
             from kvsim.scenario import write_outputs
 
             write_outputs(result, Path(run_dir))
-        return {"status": "ok", "error": "", "summary": result.summary, "wall_s": time.perf_counter() - t0}
+        out = {"status": "ok", "error": "", "summary": result.summary}
     except Exception as err:  # noqa: BLE001 - any failure of one point is data, the sweep goes on
         text = str(err) if isinstance(err, KvsimError) else f"{type(err).__name__}: {err}"
-        return {"status": "error", "error": text, "summary": {}, "wall_s": time.perf_counter() - t0}
+        out = {"status": "error", "error": text, "summary": {}}
+    # wall and CPU seconds of the point in its worker (points.jsonl only; the tables stay deterministic)
+    return {**out, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
 
 
 def available_cores() -> int:
@@ -306,8 +309,7 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "
             address: str | None = None) -> Iterator[tuple[int, Any]]:
     """Run ``fn(*task)`` for every task; yield ``(task index, result)`` as each finishes.
 
-    ``local``: in-process for one job, else a process pool of ``jobs`` workers (spawned, so the
-    behaviour is the same on every OS). ``ray``: one Ray task per item, on the cluster at
+    ``local``: in-process for one job, else a process pool of ``jobs`` workers. ``ray``: one Ray task per item, on the cluster at
     ``address`` or on a local instance of ``jobs`` CPUs. ``fn`` must be a module-level function.
     """
     jobs = jobs or available_cores()
@@ -321,9 +323,7 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "
         for i, task in enumerate(tasks):
             yield i, fn(*task)
     else:
-        import multiprocessing
-
-        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=_worker_context()) as pool:
             futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
             try:
                 for fut in as_completed(futures):
@@ -334,6 +334,16 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers fork from a server process that has already imported the simulator (no per-worker
+    import, and no fork of a parent that may hold threads); spawn where there is no forkserver."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["kvsim.scenario", "kvsim.search"])
+    return ctx
 
 
 def _execute_ray(fn: Callable[..., Any], tasks: Sequence[tuple], jobs: int,
