@@ -99,11 +99,12 @@ def capacity(model_name: str, hardware_name: str, methods: Sequence[str], tp: in
 _PERCENTILES = (("p50", "-", "o"), ("p90", "--", "s"), ("p99", ":", "^"))
 
 
-def _series(rows: Sequence[Mapping], by: Sequence[str]) -> dict[str, list[Mapping]]:
-    """Rows grouped by the values of ``by`` (label "path=value, ..."), in first-seen order."""
+def _series(rows: Sequence[Mapping], by: Sequence[str], names: bool = True) -> dict[str, list[Mapping]]:
+    """Rows grouped by the values of ``by`` (label "path=value, ...", or the values alone when
+    ``names`` is false), in first-seen order."""
     groups: dict[str, list[Mapping]] = {}
     for r in rows:
-        label = ", ".join(f"{c}={r.get(c)}" for c in by) or "all points"
+        label = ", ".join(f"{c}={r.get(c)}" if names else str(r.get(c)) for c in by) or "all points"
         groups.setdefault(label, []).append(r)
     return groups
 
@@ -201,10 +202,11 @@ def latency_throughput(rows: Sequence[Mapping], series_by: Sequence[str], order_
 
 
 def goodput_rate(rows: Sequence[Mapping], rate_col: str, series_by: Sequence[str], goodput_col: str = "goodput",
-                 threshold: float | None = None, rate_unit: str = "requests/s") -> plt.Figure:
+                 threshold: float | None = None, rate_unit: str = "requests/s", names: bool = True,
+                 legend_title: str = "sweep series") -> plt.Figure:
     """Goodput (fraction of requests within both SLOs) against the offered rate, one line per series."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    groups = _series(rows, series_by)
+    groups = _series(rows, series_by, names)
     colors = _colors(len(groups))
     handles, labels = [], []
     for k, (label, pts) in enumerate(groups.items()):
@@ -223,7 +225,7 @@ def goodput_rate(rows: Sequence[Mapping], rate_col: str, series_by: Sequence[str
     ax.grid(True, alpha=0.3)
     ax.set_title("Goodput against offered load")
     fig.tight_layout()
-    _legend_below(fig, handles, labels, "sweep series")
+    _legend_below(fig, handles, labels, legend_title)
     return fig
 
 

@@ -67,6 +67,22 @@ def series_columns(rows: Sequence[Mapping[str, Any]], exclude: str | None) -> li
     return cols
 
 
+def search_figure(search: Mapping[str, Any]) -> Figure:
+    """Goodput against offered rate at every rate the capacity search simulated, per configuration."""
+    from kvsim import plots
+
+    rows = [{"config": c["label"], "rate": rate, "goodput": goodput}
+            for c in search["configs"] for rate, goodput in c["probes"] if goodput is not None]
+    unit = "x trace rate" if str(search.get("rate_path")).endswith("rate_scale") else "requests/s"
+    fig = plots.goodput_rate(rows, "rate", ["config"], threshold=search.get("min_goodput"), rate_unit=unit,
+                             names=False, legend_title="configuration")
+    fig.axes[0].set_xlabel(f"offered load: {search.get('rate_path')} ({unit})")
+    fig.axes[0].set_title("Capacity search: goodput at every simulated rate")
+    return Figure("search", "Capacity search probes",
+                  f"Each point is one simulation of the search; a configuration sustains the highest rate whose "
+                  f"goodput stays at or above {search.get('min_goodput')}.", plots.render(fig))
+
+
 def sweep_figures(folder: Path, rows: list[dict], validation: Path | None = None) -> list[Figure]:
     """Every figure the report can draw for this folder (skipping those without data)."""
     from kvsim import plots
@@ -183,6 +199,7 @@ def build_report(folder: Path, validation: Path | None = None) -> str:
     search = folder / "search.json"
     if search.is_file():
         ranked = json.loads(search.read_text(encoding="utf-8"))
+        figs.insert(0, search_figure(ranked))
         parts.append("<h2>Capacity search</h2>")
         parts.append(html_table(ranked["configs"], ["rank", "label", "gpus_per_replica", "price_per_gpu_hour_usd",
                                                     "max_rate", "replicas", "cost_usd_per_hour", "verdict"]))

@@ -70,10 +70,14 @@ class SearchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     rate_path: str | None = None  # default: workload.synthetic.rate, else workload.rate_scale
-    rate_lo: float = Field(default=0.25, gt=0)  # first rate tried (requests/s, or scale for traces)
+    rate_start: float | None = Field(default=None, gt=0)  # first rate tried; default: the scenario's own
+    rate_min: float = Field(default=0.05, gt=0)  # below this a configuration counts as serving nothing
     rate_max: float = Field(default=1024.0, gt=0)  # the search never offers more than this
     tolerance: float = Field(default=0.05, gt=0, lt=1)  # stop when (fail - ok) / ok <= tolerance
     min_goodput: float = Field(default=0.9, gt=0, le=1)  # fraction of requests within both SLOs
+    # A synthetic stream with duration_s is stretched so every probe simulates at least this many
+    # requests: at low rates a short stream is a handful of requests, and one long prompt decides.
+    min_requests: int = Field(default=200, gt=0)
     target_rate: float | None = Field(default=None, gt=0)
 
 

@@ -43,17 +43,17 @@ def test_report_holds_every_figure_and_table(sweep_dir: Path, tmp_path: Path, ca
     assert f"wrote {sweep_dir / 'report.html'}" in capsys.readouterr().out
     html = (sweep_dir / "report.html").read_text()
     figs = figures_in(html)
-    assert set(figs) == {"latency", "goodput", "capacity-tp1", "kv-usage", "validation"}
+    assert set(figs) == {"search", "latency", "goodput", "capacity-tp1", "kv-usage", "validation"}
     assert all(png.startswith(PNG_MAGIC) and len(png) > 10_000 for png in figs.values())
     assert "<h2>Capacity search</h2>" in html and "cheapest" in html
     assert "<h2>All points</h2>" in html and html.count("<tr class=\"ok\">") == 12
     assert "src='http" not in html and "<script" not in html  # self-contained
 
 
-def test_report_without_optional_parts(sweep_dir: Path, tmp_path: Path):
+def test_report_without_validation(sweep_dir: Path, tmp_path: Path):
     out = tmp_path / "r.html"
     main(["report", str(sweep_dir), "--out", str(out)])
-    assert set(figures_in(out.read_text())) == {"latency", "goodput", "capacity-tp1", "kv-usage"}
+    assert set(figures_in(out.read_text())) == {"search", "latency", "goodput", "capacity-tp1", "kv-usage"}
 
 
 def test_report_of_a_folder_that_is_not_a_sweep(tmp_path: Path, capsys):

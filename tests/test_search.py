@@ -28,7 +28,7 @@ def threshold_probe(threshold: float, calls: list[float] | None = None):
 
 def test_bisection_known_answer():
     calls: list[float] = []
-    found = bisect_rate(threshold_probe(7.3, calls), rate_lo=0.25, rate_max=1024, tolerance=0.05)
+    found = bisect_rate(threshold_probe(7.3, calls), rate_start=0.25, rate_min=0.05, rate_max=1024, tolerance=0.05)
     assert found.rate <= 7.3 < found.fail_rate
     assert (found.fail_rate - found.rate) / found.rate <= 0.05
     assert found.limit == "ttft"
@@ -38,20 +38,27 @@ def test_bisection_known_answer():
 
 
 @settings(max_examples=200, deadline=None)
-@given(threshold=st.floats(0.3, 900), tolerance=st.sampled_from([0.01, 0.05, 0.2]))
-def test_bisection_brackets_the_threshold(threshold: float, tolerance: float):
-    found = bisect_rate(threshold_probe(threshold), 0.25, 1024, tolerance)
+@given(threshold=st.floats(0.06, 900), start=st.floats(0.05, 1024), tolerance=st.sampled_from([0.01, 0.05, 0.2]))
+def test_bisection_brackets_the_threshold(threshold: float, start: float, tolerance: float):
+    found = bisect_rate(threshold_probe(threshold), start, 0.05, 1024, tolerance)
     assert found.rate <= threshold < found.fail_rate  # never reports a rate that fails
     assert (found.fail_rate - found.rate) / found.rate <= tolerance + 1e-12
 
 
+def test_bisection_searches_down_from_a_failing_start():
+    calls: list[float] = []
+    found = bisect_rate(threshold_probe(3.0, calls), 100.0, 0.05, 1024, 0.05)
+    assert calls[:7] == [100.0, 50.0, 25.0, 12.5, 6.25, 3.125, 1.5625]
+    assert found.rate <= 3.0 < found.fail_rate
+
+
 def test_bisection_edges():
-    never = bisect_rate(threshold_probe(0.1), 0.25, 64, 0.05)
-    assert never.rate == 0 and never.fail_rate == 0.25 and len(never.probes) == 1
-    always = bisect_rate(threshold_probe(1e9), 0.25, 64, 0.05)
+    never = bisect_rate(threshold_probe(0.01), 0.2, 0.05, 64, 0.05)
+    assert never.rate == 0 and never.fail_rate == 0.05 and [p.rate for p in never.probes] == [0.2, 0.1, 0.05]
+    always = bisect_rate(threshold_probe(1e9), 0.25, 0.05, 64, 0.05)
     assert always.rate == 64 and always.fail_rate is None and always.limit == "rate_max"
-    with pytest.raises(KvsimError, match="rate_lo"):
-        bisect_rate(threshold_probe(1), 0, 64, 0.05)
+    with pytest.raises(KvsimError, match="rate_min"):
+        bisect_rate(threshold_probe(1), 0.01, 0.05, 64, 0.05)
 
 
 def _summary(goodput: float, ttft: float, tpot: float, blocks: int = 1000) -> dict:
@@ -71,7 +78,7 @@ def test_judge_names_the_slo_missed_first():
 def _config(point: int, hardware: str, gpus: int, price: float | None, rate: float, limit: str = "ttft"):
     return ConfigResult(point=point, label=f"cfg{point}", hardware=hardware, gpus_per_replica=gpus,
                         price_per_gpu_hour_usd=price, rate_path="workload.synthetic.rate", max_rate=rate, limit=limit,
-                        limit_detail="detail", probes=10, replicas=None, cost_usd_per_hour=None,
+                        limit_detail="detail", probes=((rate, 1.0),), replicas=None, cost_usd_per_hour=None,
                         usd_per_hour_per_rate=None)
 
 
@@ -119,7 +126,7 @@ def test_search_on_a_tiny_real_scenario(tmp_path, capsys):
 
     sweep = {"zip": {"model": ["llama-3-8b", "llama-3-8b", "llama-2-13b"],
                      "hardware": ["h100-sxm", "l40s", "rtx-4090"]},
-             "search": {"rate_lo": 1.0, "rate_max": 256.0, "tolerance": 0.1}}
+             "search": {"rate_max": 256.0, "tolerance": 0.1}}
     # a sustained load: the number of requests grows with the rate (a fixed count would be a burst)
     workload = {"synthetic": {"rate": 1.0, "duration_s": 8.0, "input": {"kind": "fixed", "tokens": 512},
                               "output": {"kind": "fixed", "tokens": 64}}}
@@ -131,9 +138,9 @@ def test_search_on_a_tiny_real_scenario(tmp_path, capsys):
     for r in (h100, l40s):  # the bracket holds when re-simulated
         assert r.max_rate > 0 and r.limit in ("ttft", "tpot")
         raw = plan.points[r.point].raw
-        assert evaluate_rate(raw, plan.file, "workload.synthetic.rate", r.max_rate, 0.9).passes
+        assert evaluate_rate(raw, plan.file, "workload.synthetic.rate", r.max_rate, 0.9, 200).passes
         fail = r.max_rate * (1 + 0.1)
-        assert not evaluate_rate(raw, plan.file, "workload.synthetic.rate", fail, 0.9).passes
+        assert not evaluate_rate(raw, plan.file, "workload.synthetic.rate", fail, 0.9, 200).passes
         assert r.replicas == math.ceil(40.0 / r.max_rate)
     assert h100.max_rate > l40s.max_rate  # 3.35 vs 0.86 TB/s, 989 vs 362 TFLOPS
     winner = min((h100, l40s), key=lambda r: r.cost_usd_per_hour)
