@@ -115,10 +115,10 @@ def judge(summary: Mapping[str, Any], min_goodput: float) -> tuple[bool, float |
     """(passes, goodput, limit, detail) of one run summary.
 
     ``goodput`` is the fraction of requests meeting both SLOs; when it falls short, the limit is
-    the SLO met by fewer requests (``slo_attainment.ttft`` / ``.tpot``).
+    memory if too many requests can never fit the KV cache (rejected at any rate), else the SLO
+    met by fewer requests (``slo_attainment.ttft`` / ``.tpot``). A deployment whose weights do not
+    fit never gets here: its run raises (see :func:`evaluate_rate`).
     """
-    if summary.get("num_gpu_blocks", 1) <= 0:
-        return False, 0.0, "memory", "no KV-cache blocks left after weights and activations"
     goodput = summary.get("goodput")
     if not isinstance(goodput, (int, float)):
         raise KvsimError("run summary has no numeric goodput: the scenario needs an `slo:` section",

@@ -124,21 +124,21 @@ def point_key(raw: Mapping[str, Any]) -> str:
 def load_raw(path: str | Path, sets: Sequence[str] = ()) -> dict:
     """The scenario file as a dict, with ``--set KEY=VALUE`` overrides applied (values parsed as YAML)."""
     from kvsim.scenario import apply_override
+    from kvsim.spec.model import read_yaml
 
     p = Path(path)
     if not p.is_file():
         raise KvsimError("no such scenario file", field="scenario", value=str(path))
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise KvsimError(f"invalid YAML: {err}", file=str(p)) from None
-    if not isinstance(raw, dict):
-        raise KvsimError("expected a mapping of scenario fields", value=type(raw).__name__, file=str(p))
-    for item in sets:
-        dotted, eq, text = item.partition("=")
-        if not eq or not dotted:
-            raise KvsimError("expected KEY=VALUE", field="--set", value=item)
-        raw = apply_override(raw, dotted.strip(), yaml.safe_load(text))
+    raw = read_yaml(p)
+    for item in sets:  # the same rules as `kvsim run --set` (kvsim.scenario.load_scenario)
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise KvsimError("write overrides as key=value", field="--set", value=item, file=str(p))
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise KvsimError("value is not a YAML scalar", field=key.strip(), value=text, file=str(p)) from None
+        raw = apply_override(raw, key.strip(), value, file=str(p))
     return raw
 
 

@@ -61,16 +61,18 @@ def test_bisection_edges():
         bisect_rate(threshold_probe(1), 0.01, 0.05, 64, 0.05)
 
 
-def _summary(goodput: float, ttft: float, tpot: float, blocks: int = 1000) -> dict:
-    return {"goodput": goodput, "num_gpu_blocks": blocks, "slo_attainment": {"ttft": ttft, "tpot": tpot},
-            "ttft_s": {"p90": 0.5}, "tpot_s": {"p90": 0.02}}
+def _summary(goodput: float, ttft: float, tpot: float, too_big: int = 0) -> dict:
+    return {"goodput": goodput, "requests": 100, "num_gpu_blocks": 1000,
+            "rejected": {"total": too_big, "by_reason": {"exceeds_kv_cache": too_big}},
+            "slo_attainment": {"ttft": ttft, "tpot": tpot}, "ttft_s": {"p90": 0.5}, "tpot_s": {"p90": 0.02}}
 
 
 def test_judge_names_the_slo_missed_first():
     assert judge(_summary(0.95, 0.97, 0.99), 0.9)[0]
     assert judge(_summary(0.5, 0.6, 0.95), 0.9)[2] == "ttft"
     assert judge(_summary(0.5, 0.95, 0.55), 0.9)[2] == "tpot"
-    assert judge(_summary(0.0, 0.0, 0.0, blocks=0), 0.9)[2] == "memory"
+    assert judge(_summary(0.85, 0.85, 0.85, too_big=15), 0.9)[2] == "memory"  # 15% can never be served
+    assert judge(_summary(0.85, 0.85, 0.95, too_big=5), 0.9)[2] == "ttft"
     with pytest.raises(KvsimError, match="goodput"):
         judge({"num_gpu_blocks": 10}, 0.9)
 
