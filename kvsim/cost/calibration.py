@@ -31,8 +31,10 @@ none at all the shipped prior (kvsim/data/calibration_prior.yaml) is used and la
 
 from __future__ import annotations
 
+import bisect
+import math
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -58,19 +60,65 @@ class Curve:
     log2_size2: tuple[float, ...] = ()
 
     def eff(self, size: float | np.ndarray, size2: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        x = np.log2(np.maximum(size, 1.0))
         if not self.log2_size2:
-            return np.interp(x, self.log2_size, self.compute), np.interp(x, self.log2_size, self.memory)
-        ys = self.log2_size2
-        y = float(np.clip(np.log2(max(size2 or 1.0, 1.0)), ys[0], ys[-1]))
-        j = min(int(np.searchsorted(ys, y, side="right")) - 1, len(ys) - 2) if len(ys) > 1 else 0
-        w = (y - ys[j]) / (ys[j + 1] - ys[j]) if len(ys) > 1 else 0.0
+            if np.ndim(size) == 0:  # the simulator's common case: plain floats, no numpy round trip
+                return self._eff_scalar(float(size))
+            xs, comp, mem = self._arrays
+            x = np.log2(np.maximum(size, 1.0))
+            return np.interp(x, xs, comp), np.interp(x, xs, mem)
+        c, m = self.eff_many(np.atleast_1d(np.asarray(size, dtype=float)),
+                             np.full(np.shape(np.atleast_1d(size)), size2 or 1.0))
+        return (c[0], m[0]) if np.ndim(size) == 0 else (c, m)
 
-        def blend(rows: tuple) -> np.ndarray:
-            lo = np.interp(x, self.log2_size, rows[j])
-            return lo if w == 0.0 else (1.0 - w) * lo + w * np.interp(x, self.log2_size, rows[j + 1])
+    def _eff_scalar(self, size: float) -> tuple[float, float]:
+        xs = self.log2_size
+        x = math.log2(max(size, 1.0))
+        if x <= xs[0]:
+            return self.compute[0], self.memory[0]
+        if x >= xs[-1]:
+            return self.compute[-1], self.memory[-1]
+        i = bisect.bisect_right(xs, x) - 1
+        w = (x - xs[i]) / (xs[i + 1] - xs[i])
+        return (self.compute[i] + w * (self.compute[i + 1] - self.compute[i]),
+                self.memory[i] + w * (self.memory[i + 1] - self.memory[i]))
 
-        return blend(self.compute), blend(self.memory)
+    @cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.asarray(self.log2_size), np.asarray(self.compute, dtype=float), np.asarray(self.memory, dtype=float)
+
+    def eff_many(self, size: np.ndarray, size2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``eff`` for arrays of (size, size2) pairs in one vectorized pass (the cost model prices
+        every GEMM of a step at once)."""
+        if not self.log2_size2:
+            return self.eff(size)
+        x = np.log2(np.maximum(size, 1.0))
+        y = np.log2(np.maximum(size2, 1.0))
+        ix, wx = _bracket(np.asarray(self.log2_size), x)
+        iy, wy = _bracket(np.asarray(self.log2_size2), y)
+        out = []
+        for table in self._tables:
+            lo = table[iy, ix] * (1 - wx) + table[iy, ix + 1] * wx
+            hi = table[iy + 1, ix] * (1 - wx) + table[iy + 1, ix + 1] * wx
+            out.append(lo * (1 - wy) + hi * wy)
+        return out[0], out[1]
+
+    @cached_property
+    def _tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """compute and memory tables padded to at least 2 x 2 (a single row or column repeated)."""
+        def pad(rows: tuple) -> np.ndarray:
+            t = np.asarray(rows, dtype=float)
+            return np.repeat(np.repeat(t, 2 if t.shape[0] == 1 else 1, 0), 2 if t.shape[1] == 1 else 1, 1)
+
+        return pad(self.compute), pad(self.memory)
+
+
+def _bracket(grid: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Left grid index and weight of each ``x`` for linear interpolation, clamped at the ends."""
+    if len(grid) == 1:
+        return np.zeros(np.shape(x), dtype=np.int64), np.zeros(np.shape(x))
+    x = np.clip(x, grid[0], grid[-1])
+    i = np.clip(np.searchsorted(grid, x, side="right") - 1, 0, len(grid) - 2)
+    return i, (x - grid[i]) / (grid[i + 1] - grid[i])
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,11 @@ NORMS_PER_LAYER = 2
 # order (vLLM moe_align_block_size + gather) and the weighted un-permute/sum (moe_sum): four
 # kernels that move each routed token's hidden state (vLLM fused_moe, layer/fused_moe/fused_moe.py).
 MOE_ROUTING_KERNELS_PER_LAYER = 4
+# Token counts up to this are priced ahead, all at once, into per-op tables (a simulation asks for
+# the same few thousand counts again and again); larger or fractional counts are priced on demand
+# with the same vectorized arithmetic, so a value never depends on which path produced it.
+FIXED_TABLE_MAX_TOKENS = 1 << 15
+DRIVERS = ("tokens", "sampled", "new_tokens")  # the count each token-only op depends on
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,22 @@ class StepCost:
     @property
     def breakdown(self) -> dict[str, float]:
         return {op.name: op.seconds for op in self.ops}
+
+
+@dataclass(frozen=True)
+class _Gemms:
+    """The GEMMs of one step as parallel arrays (one entry per linear of a layer kind)."""
+
+    names: tuple[str, ...]  # role names, ``gemm.<role>``
+    role: np.ndarray  # index into names
+    layers: np.ndarray  # layers running this linear
+    weight_bytes: np.ndarray  # per layer, all experts
+    flops_per_token: np.ndarray  # top_k experts included
+    act_bytes_per_token: np.ndarray
+    experts: np.ndarray
+    top_k: np.ndarray
+    peak: np.ndarray  # FLOP/s of the dtype the GEMM runs in
+    per_sampled: np.ndarray  # the output head runs on sampled rows, not on every token
 
 
 def sum_min_range(start: np.ndarray, count: np.ndarray, cap: int) -> np.ndarray:
@@ -106,28 +127,39 @@ class CostModel:
         self.fp8_weights = model.weight_quant is not None and model.weight_quant.bits_per_weight <= 8.5
         self._gemms = self._build_gemms()
         self._fixed_cache: dict[tuple[float, float, float], list] = {}
+        self._table: list[tuple] = []  # (name, driver index, flops, bytes, seconds, bound) arrays
+        self._table_n = 0
         self._decode = self._build_decode_terms()
+        caps = sorted({cap for kinds in self._decode.by_kind.values() for cap in kinds})
+        self._caps = np.array([np.iinfo(np.int64).max if c == NO_CAP else c for c in caps], dtype=np.int64)
+        self._coefs = {kind: [(caps.index(cap), coef) for cap, coef in by_cap.items()]
+                       for kind, by_cap in self._decode.by_kind.items()}
         self._prefill_groups = self._build_prefill_groups()
-        self._kv_write_bytes_per_token = sum(
-            count * s.heads_per_rank(tp) * s.dim * s.elem_bytes / s.tokens_per_entry
-            for s, count in layout.stream_counts if s.token_cap != 0)
         self._elementwise = self._build_elementwise()
 
     # ---------------------------------------------------------------- precomputation
-    def _build_gemms(self) -> list[tuple[str, int, float, float, float, int, int]]:
-        """(role, layers, weight bytes, flops/token, activation bytes/token, experts, top_k) per linear."""
-        e = self.model.dtype_bytes
-        out = []
+    def _build_gemms(self) -> _Gemms:
+        """Every linear of the model (per layer kind) and the output head, as arrays."""
+        e, c = self.model.dtype_bytes, self.cal.ceilings
+        rows: list[tuple] = []
         kinds: dict[bool, list] = {}
         for layer in self.model.layers:
             kinds.setdefault(layer.moe, [layer, 0])[1] += 1
         top_k = self.model.moe.top_k if self.model.moe else 1
+        peak = c.flops_per_s["fp8" if self.fp8_weights else "bf16"]
         for layer, count in kinds.values():
             for lin in layer_linears(self.model, layer, self.tp):
                 k = top_k if lin.experts > 1 else 1
-                out.append((lin.role, count, lin.bytes, 2.0 * lin.in_features * lin.out_features * k,
-                            (lin.in_features + lin.out_features) * e * k, lin.experts, k))
-        return out
+                rows.append((f"gemm.{lin.role}", count, lin.bytes, 2.0 * lin.in_features * lin.out_features * k,
+                             (lin.in_features + lin.out_features) * e * k, lin.experts, k, peak, False))
+        for lin in head_linears(self.model, self.tp):
+            if lin.role == "lm_head" or self.model.tie_word_embeddings:  # runs on sampled rows only
+                rows.append(("gemm.lm_head", 1, lin.bytes, 2.0 * lin.params,
+                             (lin.in_features + lin.out_features) * e, 1, 1, c.flops_per_s["bf16"], True))
+        names = list(dict.fromkeys(r[0] for r in rows))
+        col = list(zip(*rows, strict=True))
+        return _Gemms(tuple(names), np.array([names.index(n) for n in col[0]]),
+                      *(np.array(v, dtype=float) for v in col[1:8]), np.array(col[8], dtype=bool))
 
     def _build_decode_terms(self) -> _Terms:
         terms = _Terms()
@@ -198,10 +230,13 @@ class CostModel:
                     NO_CAP if layer.span_cap is None else layer.span_cap)] += 1
         return [(n, f, b, qo, cap) for (f, b, qo, cap), n in groups.items()]
 
-    def _build_elementwise(self) -> dict[str, tuple[float, int]]:
-        """Element-wise kernels: name -> (bytes per token summed over layers, kernels per step)."""
+    def _build_elementwise(self) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray]:
+        """Element-wise kernels: names, bytes per token (summed over layers), kernels per step, and
+        whether the kernel runs at all (1/0). The KV write and sampling come first and last."""
         m, tp, e = self.model, self.tp, self.model.dtype_bytes
         h, L = m.hidden_size, m.num_layers
+        kv_write = sum(count * s.heads_per_rank(tp) * s.dim * s.elem_bytes / s.tokens_per_entry
+                       for s, count in self.layout.stream_counts if s.token_cap != 0)
         norm = NORMS_PER_LAYER * 4 * h * e * L + 2 * h * e  # + the final norm (read, write)
         rope = 2 * (m.attention.num_heads // tp + kv_heads_per_rank(m, tp)) * m.attention.head_dim * e * L
         act = 0.0
@@ -212,11 +247,16 @@ class CostModel:
             else:
                 inter = m.intermediate_size
             act += 3 * inter // tp * e  # read gate and up, write their product
-        out = {"norm": (norm, NORMS_PER_LAYER * L + 1), "rope": (rope, L), "activation": (act, L)}
+        rows = [("kv_write", kv_write, L), ("norm", norm, NORMS_PER_LAYER * L + 1), ("rope", rope, L),
+                ("activation", act, L)]
         moe_layers = sum(1 for layer in m.layers if layer.moe) if m.moe else 0
         if moe_layers:  # permute in, un-permute out: read + write the hidden state per routed copy
-            out["moe_routing"] = (4 * h * e * m.moe.top_k * moe_layers, MOE_ROUTING_KERNELS_PER_LAYER * moe_layers)
-        return out
+            rows.append(("moe_routing", 4 * h * e * m.moe.top_k * moe_layers,
+                         MOE_ROUTING_KERNELS_PER_LAYER * moe_layers))
+        rows.append(("sampling", m.vocab_size * 4 * 3, 3))  # logits to fp32, softmax, sample
+        names, per_token, kernels = zip(*rows, strict=True)
+        per_token = np.array(per_token, dtype=float)
+        return tuple(names), per_token, np.array(kernels, dtype=float), (per_token > 0).astype(float)
 
     # ---------------------------------------------------------------- pricing
     def _roof(self, kind: str, flops: np.ndarray | float, nbytes: np.ndarray | float, size: np.ndarray | float,
@@ -230,75 +270,85 @@ class CostModel:
 
     def _fixed_ops(self, tokens: float, sampled: float, new_tokens: float) -> list[tuple]:
         """Ops that depend only on token counts (GEMMs, KV writes, element-wise, sampling,
-        all-reduce): memoised, since a simulation repeats the same counts many times."""
-        key = (tokens, sampled, new_tokens)
+        all-reduce), each on one count (its driver): looked up in tables priced ahead."""
+        counts = (tokens, sampled, new_tokens)
+        need = max(counts)
+        if need < FIXED_TABLE_MAX_TOKENS and all(float(x).is_integer() for x in counts):
+            if need >= self._table_n:
+                n = 1 << max(10, int(need).bit_length())
+                m = np.arange(n, dtype=float)
+                self._table = self._fixed_rows(m, m, m)
+                self._table_n = n
+            idx = [int(x) for x in counts]
+            return [(name, f[idx[d]], b[idx[d]], t[idx[d]], bound[idx[d]])
+                    for name, d, f, b, t, bound in self._table]
+        key = counts
         hit = self._fixed_cache.get(key)
         if hit is None:
-            if len(self._fixed_cache) > 65536:
+            if len(self._fixed_cache) > 4096:
                 self._fixed_cache.clear()
-            hit = self._fixed_cache[key] = self._fixed_ops_uncached(tokens, sampled, new_tokens)
+            one = [np.array([x], dtype=float) for x in counts]
+            hit = self._fixed_cache[key] = [(name, f[0], b[0], t[0], bound[0])
+                                            for name, _, f, b, t, bound in self._fixed_rows(*one)]
         return hit
 
-    def _fixed_ops_uncached(self, tokens: float, sampled: float, new_tokens: float) -> list[tuple]:
-        c, L = self.cal.ceilings, self.model.num_layers
-        ops = self._gemm_ops(tokens, sampled)
-        kv_b = new_tokens * self._kv_write_bytes_per_token
-        t, _ = self._roof("elementwise", 0.0, kv_b, max(kv_b, 1.0), L, 1.0, c.copy_bytes_per_s)
-        ops.append(("kv_write", 0.0, kv_b, float(t), "memory"))
-        for name, (bytes_per_token, kernels) in self._elementwise.items():
-            nbytes = tokens * bytes_per_token
-            t, _ = self._roof("elementwise", 0.0, nbytes, max(nbytes / kernels, 1.0), kernels, 1.0,
-                              c.copy_bytes_per_s)
-            ops.append((name, 0.0, nbytes, float(t), "memory"))
-        samp = sampled * self.model.vocab_size * 4 * 3  # logits to fp32, softmax, sample
-        t, _ = self._roof("elementwise", 0.0, samp, max(samp, 1.0), 3, 1.0, c.copy_bytes_per_s)
-        ops.append(("sampling", 0.0, samp, float(t), "memory"))
+    def _fixed_rows(self, tokens: np.ndarray, sampled: np.ndarray, new_tokens: np.ndarray) -> list[tuple]:
+        """(name, driver index, flops, bytes, seconds, bound) per op, elementwise over the counts."""
+        by_driver = (tokens, sampled, new_tokens)
+        rows = self._gemm_rows(tokens, sampled)
+        c, curve = self.cal.ceilings, self.cal.ops["elementwise"]
+        names, per_token, kernels, _ = self._elementwise
+        for name, bpt, k in zip(names, per_token, kernels, strict=True):
+            d = 2 if name == "kv_write" else 1 if name == "sampling" else 0
+            nbytes = bpt * by_driver[d]
+            _, me = curve.eff(np.maximum(nbytes / k, 1.0))
+            t = np.where(nbytes > 0, nbytes / (c.copy_bytes_per_s * me) + curve.floor_s * k, 0.0)
+            rows.append((name, d, np.zeros_like(nbytes), nbytes, t, np.full(t.shape, "memory")))
         if self.tp > 1:
-            ops.append(self._allreduce(tokens))
-        return ops
+            rows.append(self._allreduce(tokens))
+        return [(name, d, f.tolist(), b.tolist(), t.tolist(), bound.tolist()) for name, d, f, b, t, bound in rows]
 
-    def _gemm_ops(self, tokens: float, sampled: float) -> list[tuple]:
-        c = self.cal.ceilings
-        peak = c.flops_per_s["fp8" if self.fp8_weights else "bf16"]
-        by_role: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
-        for role, layers, wbytes, fpt, apt, experts, top_k in self._gemms:
-            m = tokens
-            if experts > 1:  # expected experts touched by `tokens` tokens each choosing top_k of them
-                active = experts * (1.0 - (1.0 - top_k / experts) ** tokens) if tokens else 0.0
-                wbytes = wbytes * active / experts
-                m = tokens * top_k / max(active, 1e-9)
-            flops, nbytes = fpt * tokens, wbytes + apt * tokens
-            t, compute = self._roof("gemm", flops, nbytes, max(m, 1.0), 1, peak, c.copy_bytes_per_s, wbytes)
-            acc = by_role[f"gemm.{role}"]
-            acc[0] += flops * layers
-            acc[1] += nbytes * layers
-            acc[2] += float(t) * layers if tokens else 0.0
-            acc[3] += float(compute) * layers
-        for lin in head_linears(self.model, self.tp):
-            if lin.role == "lm_head" or self.model.tie_word_embeddings:
-                flops = 2.0 * sampled * lin.params
-                nbytes = lin.bytes + sampled * (lin.in_features + lin.out_features) * self.model.dtype_bytes
-                t, compute = self._roof("gemm", flops, nbytes, max(sampled, 1.0), 1, c.flops_per_s["bf16"],
-                                        c.copy_bytes_per_s, lin.bytes)
-                by_role["gemm.lm_head"] = [flops, nbytes, float(t) if sampled else 0.0, float(compute)]
-        return [(name, v[0], v[1], v[2], "compute" if v[3] > 0 else "memory") for name, v in by_role.items()]
+    def _gemm_rows(self, tokens: np.ndarray, sampled: np.ndarray) -> list[tuple]:
+        """Every GEMM for every count at once (linears x counts), summed per role in a fixed order."""
+        g, c = self._gemms, self.cal.ceilings
+        col = lambda v: v[:, None]  # noqa: E731 - per-linear values broadcast over the counts
+        m = np.where(col(g.per_sampled), sampled[None, :], tokens[None, :])
+        routed = col(g.experts > 1)
+        # expected experts touched by `tokens` tokens each choosing top_k of them
+        active = np.where(routed, col(g.experts) * (1.0 - (1.0 - col(g.top_k / g.experts)) ** m), 1.0)
+        wbytes = col(g.weight_bytes) * np.where(routed, active / col(g.experts), 1.0)
+        m_eff = np.where(routed, m * col(g.top_k) / np.maximum(active, 1e-9), m)
+        flops, nbytes = col(g.flops_per_token) * m, wbytes + col(g.act_bytes_per_token) * m
+        curve = self.cal.ops["gemm"]
+        ce, me = curve.eff_many(np.maximum(m_eff, 1.0).ravel(), wbytes.ravel())
+        t_c, t_m = flops / (col(g.peak) * ce.reshape(m.shape)), nbytes / (c.copy_bytes_per_s * me.reshape(m.shape))
+        t = np.where(m > 0, np.maximum(t_c, t_m) + curve.floor_s, 0.0)
+        rows = []
+        for i, name in enumerate(g.names):
+            sel = np.flatnonzero(g.role == i)
+            f, b, s, compute = 0.0, 0.0, 0.0, np.zeros(m.shape[1], dtype=bool)
+            for r in sel:  # python order: the same sums whatever the number of counts
+                f, b, s = f + flops[r] * g.layers[r], b + nbytes[r] * g.layers[r], s + t[r] * g.layers[r]
+                compute |= t_c[r] >= t_m[r]
+            rows.append((name, 1 if g.per_sampled[sel[0]] else 0, f, b, s, np.where(compute, "compute", "memory")))
+        return rows
 
-    def _decode_sums(self, ctx: np.ndarray) -> dict[int, np.ndarray]:
-        """sum_i min(ctx_i, cap) for every cap the terms use; ctx is (steps, batch)."""
-        caps = {cap for kinds in self._decode.by_kind.values() for cap in kinds}
-        return {cap: (ctx.sum(axis=1) if cap == NO_CAP else np.minimum(ctx, cap).sum(axis=1)).astype(float)
-                for cap in caps}
+    def _decode_sums(self, ctx: np.ndarray) -> np.ndarray:
+        """sum_i min(ctx_i, cap) for every cap the terms use: (caps, steps), exact integers."""
+        return np.minimum(ctx[None, :, :], self._caps[:, None, None]).sum(axis=2).astype(float)
 
     def _price(self, n_decode: int, ctx: np.ndarray, prefill: Batch | None) -> list[Op | tuple]:
         """Ops of ``steps`` steps (rows of ctx) sharing one prefill part; values are (steps,) arrays."""
         c, rt, L = self.cal.ceilings, self.layout.runtime, self.model.num_layers
         sums = self._decode_sums(ctx)
-        active = (ctx > 0).sum(axis=1).astype(float)
+        const = self._decode.const
+        active = (ctx > 0).sum(axis=1).astype(float) if const else None
 
-        def term(kind: str) -> np.ndarray:
-            total = sum((coef * sums[cap] for cap, coef in self._decode.by_kind.get(kind, {}).items()),
-                        np.zeros(ctx.shape[0]))
-            return total + self._decode.const.get(kind, 0.0) * active
+        def term(kind: str) -> np.ndarray | float:
+            total: np.ndarray | float = 0.0
+            for j, coef in self._coefs.get(kind, ()):
+                total = total + coef * sums[j]
+            return total + const[kind] * active if kind in const else total
 
         p_tok = np.zeros(0) if prefill is None else prefill.prefill_tokens.astype(float)
         p_ctx = np.zeros(0) if prefill is None else prefill.prefill_context.astype(float)
@@ -342,26 +392,33 @@ class CostModel:
         ops.append(("overhead", 0.0, 0.0, self.cal.step_overhead_s, "floor"))
         return ops
 
-    def _allreduce(self, tokens: float) -> tuple:
+    def _allreduce(self, tokens: np.ndarray) -> tuple:
         """Two ring all-reduces per layer of the hidden states (Megatron TP), on NVLink or PCIe."""
         link = self.hw.nvlink_bandwidth_bytes_per_s or self.hw.pcie_bandwidth_bytes_per_s
         msg = tokens * self.model.hidden_size * self.model.dtype_bytes
         curve = self.cal.ops["allreduce"]
-        _, me = curve.eff(max(msg, 1.0))
-        per_call = (2.0 * (self.tp - 1) / self.tp * msg / (link * float(me))
+        _, me = curve.eff(np.maximum(msg, 1.0))
+        per_call = (2.0 * (self.tp - 1) / self.tp * msg / (link * me)
                     + 2 * (self.tp - 1) * self.hw.interconnect_latency_s + curve.floor_s)
         calls = 2 * self.model.num_layers + 1
-        return ("allreduce", 0.0, msg * calls, per_call * calls, "link")
+        return ("allreduce", 0, np.zeros_like(msg), msg * calls, per_call * calls, np.full(msg.shape, "link"))
 
     @staticmethod
     def _total(ops: list, steps: int) -> np.ndarray:
-        """Kernels run one after another; an overlapped transfer hides behind them."""
-        gpu = np.zeros(steps)
+        """Kernels run one after another; an overlapped transfer hides behind them. Scalars (the
+        token-count ops) are added first, then the per-step arrays, in op order on every path."""
+        scalar, arrays, overlapped = 0.0, [], None
         for op in ops:
-            if op[4] != "overlapped":
-                gpu = gpu + op[3]
-        overlapped = [o[3] for o in ops if o[4] == "overlapped"]
-        return np.maximum(gpu, overlapped[0]) if overlapped else gpu
+            if op[4] == "overlapped":
+                overlapped = op[3]
+            elif isinstance(op[3], float):
+                scalar += op[3]
+            else:
+                arrays.append(op[3])
+        gpu = np.full(steps, scalar)
+        for a in arrays:
+            gpu = gpu + a
+        return gpu if overlapped is None else np.maximum(gpu, overlapped)
 
     # ---------------------------------------------------------------- public API
     def step(self, batch: Batch) -> StepCost:
