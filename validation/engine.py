@@ -131,8 +131,8 @@ def prefill_point(model, cfg, name, P, csv, log, tp=1):
 
 
 def grid(cfg, quick):
-    batches = [1, 8] if quick else BATCHES
-    contexts = [512, 2048] if quick else CONTEXTS
+    batches = [8] if quick else BATCHES
+    contexts = [2048] if quick else CONTEXTS
     for S in contexts:
         for B in batches:
             yield B, S, False
@@ -149,7 +149,7 @@ def run(args):
     dec = CsvOut(os.path.join(args.out, "engine_decode.csv"), DEC_COLS)
     pre = CsvOut(os.path.join(args.out, "engine_prefill.csv"), PRE_COLS)
     models = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else MODELS)
-    prompts = [128, 1024] if args.quick else [128, 512, 2048, 8192, 16384]
+    prompts = [512] if args.quick else [128, 512, 2048, 8192, 16384]
     for mi, name in enumerate(models):
         mb = Budget(budget.left() / max(1, len(models) - mi))
         cfg = guarded(f"config {name}", get_config, name, log)

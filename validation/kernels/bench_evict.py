@@ -26,14 +26,14 @@ def run(args, csv, budget):
             if budget.ok(5):
                 guarded(f"{fn.__name__}{a} B{B} S{S}", fn, B, Hq, Hkv, D, S, bud, csv, *a)
         torch.cuda.empty_cache()
-    for B, S in ([(1, 2048)] if q_ else [(1, 8192), (1, 32768), (4, 16384)]):
+    for B, S in ([(1, 4096)] if q_ else [(1, 8192), (1, 32768), (4, 16384)]):
         if budget.ok(5):
             guarded(f"snapkv B{B} S{S}", snapkv_point, B, Hq, Hkv, D, S, csv)
         if budget.ok(5):
             guarded(f"lightkv B{B} S{S}", lightkv_point, B, Hq, Hkv, D, S, csv)
     specs = ["bf16", "pyramidkv:budget=2048", "depthkv:budget=2048", "xkv:budget=2048", "snapkv:budget=2048",
              "streamingllm:window=1024"]
-    layout_grid(specs, [(2, 4096)] if q_ else [(4, 16384), (16, 8192)], 4 if q_ else 8, csv, budget)
+    layout_grid(specs[1:2] if q_ else specs, [(2, 4096)] if q_ else [(4, 16384), (16, 8192)], 4 if q_ else 8, csv, budget)
 
 
 def layout_grid(specs, grid, layers, csv, budget):

@@ -23,12 +23,13 @@ MLA_SCALE = 1.0 / math.sqrt(192)  # qk_nope 128 + rope 64
 
 def run(args, csv, budget):
     q_ = args.quick
-    for H in ([128] if q_ else [128, 16]):  # DeepSeek-V3 and V2-Lite query heads
+    for H in ([16] if q_ else [128, 16]):  # DeepSeek-V3 and V2-Lite query heads
         guarded(f"mla H{H}", run_mla, H, q_, csv, budget)
     sharing = ["bf16", "cla:factor=2", "cla:factor=4", "mlkv:kv_layers=2,kv_heads=2", "lckv:warmup=2",
                "yoco:window=1024", "xlayer:kv_layers=2,target=bottom", "kv-latent:qk_dim=64,vo_dim=64",
                "lorc:ratio=0.5,progressive=False"]
-    layout_grid(sharing, [(2, 4096)] if q_ else [(4, 16384), (16, 8192)], 4 if q_ else 8, csv, budget)
+    layout_grid(sharing[:2] + sharing[-1:] if q_ else sharing, [(2, 4096)] if q_ else [(4, 16384), (16, 8192)],
+                4 if q_ else 8, csv, budget)
     Hq, Hkv, D = LLAMA3
     for B, S in ([(2, 2048)] if q_ else [(1, 32768), (16, 8192), (64, 4096)]):
         if budget.ok(5):
@@ -56,7 +57,7 @@ def run_mla(H, quick, csv, budget):
     base = dict(batch=B, q_heads=H, kv_heads=1, head_dim=MLA_RANK + MLA_ROPE, context=S, bytes_read=byts,
                 flops=2 * B * H * S * (2 * MLA_RANK + MLA_ROPE), kvsim_spec="", layers=1, phase="tune")
     best = None
-    for cf in (MLA_CONFIGS[:2] if quick else MLA_CONFIGS):
+    for cf in (MLA_CONFIGS[:1] if quick else MLA_CONFIGS):
         if cf["BLOCK_H"] > max(16, H):
             continue
         r = guarded(f"mla tune {cf}", lambda cf=cf: bench(lambda: td.mla_attention(ql, qr, c, kr, MLA_SCALE, cfg=cf))[0])
@@ -68,8 +69,8 @@ def run_mla(H, quick, csv, budget):
             best = (r, cf)
     cfg = best[1] if best else td.MLA_DEFAULT
     del ql, qr, c, kr
-    for B in ([1, 4] if quick else [1, 8, 32, 128]):
-        for S in ([1024, 4096] if quick else [2048, 8192, 32768, 131072]):
+    for B in ([2] if quick else [1, 8, 32, 128]):
+        for S in ([2048] if quick else [2048, 8192, 32768, 131072]):
             if B * S * (MLA_RANK + MLA_ROPE) * 2 > MAX_BYTES or not budget.ok(5):
                 continue
             for stride in (1, 2):  # stride 2: MTLA merges the latent over time (arXiv 2505.13544)
