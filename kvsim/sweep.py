@@ -321,6 +321,8 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "
         raise KvsimError("must be a positive integer", field="--jobs", value=jobs)
     if backend == "ray":
         yield from _execute_ray(fn, tasks, jobs, address)
+    elif address:
+        raise KvsimError("--address names a Ray cluster: it needs --backend ray", field="--address", value=address)
     elif backend != "local":
         raise KvsimError("unknown backend (expected local or ray)", field="--backend", value=backend)
     elif jobs == 1 or len(tasks) <= 1:
@@ -350,6 +352,20 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing listens at a Ray address (``ray.init`` would retry for minutes)."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: Ray resolves them itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise KvsimError(f"no Ray cluster answers there ({err.strerror or err})", field="--address",
+                         value=address) from None
+
+
 def _execute_ray(fn: Callable[..., Any], tasks: Sequence[tuple], jobs: int,
                  address: str | None) -> Iterator[tuple[int, Any]]:
     try:
@@ -359,9 +375,15 @@ def _execute_ray(fn: Callable[..., Any], tasks: Sequence[tuple], jobs: int,
                          value="ray") from None
     started = not ray.is_initialized()
     if started:
+        if address:
+            _check_reachable(address)
         # A cluster brings its own CPUs; a local instance gets exactly the cores given (--jobs).
-        options = {"address": address} if address else {"num_cpus": jobs}
-        ray.init(**options, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        options = {"address": address} if address else {"num_cpus": jobs, "include_dashboard": False}
+        try:
+            ray.init(**options, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise KvsimError(f"cannot start or reach Ray: {str(err).splitlines()[0]}", field="--address",
+                             value=address) from None
     try:
         remote = ray.remote(num_cpus=1, max_retries=0)(fn)
         refs = {remote.remote(*task): i for i, task in enumerate(tasks)}

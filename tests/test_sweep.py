@@ -113,3 +113,8 @@ def test_executor_rejects_bad_backend_and_jobs():
         list(execute(operator.mul, [(1, 2)], "dask", 1))  # type: ignore[arg-type]
     with pytest.raises(KvsimError, match="--jobs"):
         list(execute(operator.mul, [(1, 2)], "local", -1))
+
+
+def test_address_needs_the_ray_backend():
+    with pytest.raises(KvsimError, match="--backend ray"):
+        list(execute(operator.mul, [(1, 2)], "local", 1, address="head:6379"))

@@ -29,3 +29,19 @@ def test_ray_backend_matches_the_local_backend(tmp_path: Path):
     rows = read_results(tmp_path / "ray")
     assert len({r["ttft_s.p99"] for r in rows if r["status"] == "ok"}) == 12  # the points really differ
     assert all("does not fit" in r["error"] for r in rows if r["variant"] == "too-big")
+
+
+def test_unreachable_cluster_fails_fast_with_one_line(tmp_path: Path, capsys):
+    import socket
+
+    from kvsim.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write_scenario(tmp_path, {"grid": {"method": ["bf16", "fp8"]}})
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", str(path), "--out", str(tmp_path / "out"), "--backend", "ray", "--address", f"127.0.0.1:{port}"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "--address" in err
+    assert not ray.is_initialized()
