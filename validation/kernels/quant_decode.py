@@ -34,7 +34,8 @@ from validation.kernels.triton_decode import LOG2E, _decode_kernel, _g_pad, allo
 
 TG = 32  # tokens per slab: the KIVI key group, and the leading dim of every 3-D tile
 
-ASM2, ASM4, ASM8 = unpack_ptx(2), unpack_ptx(4), unpack_ptx(8)
+# tl.constexpr: a @triton.jit function may read a module global only when it is a constexpr
+ASM2, ASM4, ASM8 = (tl.constexpr(unpack_ptx(b)) for b in (2, 4, 8))
 USE_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"  # the interpreter cannot run PTX
 
 
