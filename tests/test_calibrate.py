@@ -83,3 +83,40 @@ def test_profile_lookup_by_gpu_name(results, monkeypatch) -> None:
     borrowed = find_calibration(load_hardware("h200-sxm"))  # same family: borrows, scaled
     assert borrowed.kind == "borrowed" and "h100-sxm" in borrowed.note
     assert find_calibration(load_hardware("a100-sxm-80gb")).kind == "prior"
+
+
+def test_decode_family_names_the_kernel_a_layout_needs() -> None:
+    from kvsim.cost.model import decode_family
+    from kvsim.kv import layout_for
+    from kvsim.spec.model import load_model
+
+    llama, dsv2 = load_model("llama-3-8b"), load_model("deepseek-v2-lite")
+    expected = {"bf16": "dense", "fp8": "fp8", "kivi:bits=2": "kivi", "snapkv:budget=512+kivi:bits=4": "kivi",
+                "h2o:budget=512": "h2o", "snapkv:budget=512": "dense", "cla:factor=2": "dense",
+                "lrkv:rank=32": "lrkv", "shadowkv": "shadowkv"}
+    for spec, family in expected.items():
+        assert decode_family(layout_for(llama, spec)) == family, spec
+    assert decode_family(layout_for(dsv2)) == "mla"
+    assert decode_family(layout_for(dsv2, "mtla:stride=2")) == "mtla"
+
+
+def test_held_out_shapes_leave_every_method_shapes_on_both_sides() -> None:
+    from kvsim.measured import KernelRow, held_out_rows
+
+    rows = [KernelRow(kernel, spec, b, c, 1, (32, 8, 128), False, 1e-4)
+            for kernel, spec in (("triton_bf16", "bf16"), ("triton_kivi", "kivi:bits=2"))
+            for b in (1, 16) for c in (1024, 4096, 16384)]
+    held = held_out_rows(rows)
+    for spec in ("bf16", "kivi:bits=2"):
+        mine = [r for r in rows if r.spec == spec]
+        n_held = sum(r in held for r in mine)
+        assert 0 < n_held < len(mine) and n_held == len(mine) // 2
+
+
+def test_profile_rejects_an_unknown_op_curve(tmp_path) -> None:
+    one = {"size": [1], "compute": [1.0], "memory": [1.0]}
+    ops = dict.fromkeys(("gemm", "attention_decode", "attention_prefill", "elementwise", "allreduce"), one)
+    good = calibration_from_dict({"ops": {**ops, "attention_decode.kivi": one}}, load_hardware("h100-sxm"), "p.yaml")
+    assert "attention_decode.kivi" in good.ops
+    with pytest.raises(KvsimError, match="ops.attention_decode.kivvi"):
+        calibration_from_dict({"ops": {**ops, "attention_decode.kivvi": one}}, load_hardware("h100-sxm"), "p.yaml")

@@ -15,7 +15,9 @@ File format (YAML or JSON), documented in docs/calibration.md:
     ops:                          # efficiency vs log2(size), relative to the ceilings above
       gemm:              {size: [1, 16, 4096], size2: [1.0e+6, 1.0e+8],   # tokens x weight bytes
                           compute: [[...], [...]], memory: [[...], [...]], floor_s: 0.0}
-      attention_decode:  {...}    # size: KV bytes read by one kernel
+      attention_decode:  {...}    # size: KV bytes read by one kernel (the dense bf16/fp16 kernel)
+      attention_decode.kivi: {...}  # optional, per decode kernel (kvsim.cost.model.decode_family):
+                                    # a method's own kernel; one without a curve uses attention_decode
       attention_prefill: {...}    # size: prompt tokens
       elementwise:       {...}    # size: bytes moved
       allreduce:         {...}    # size: message bytes (memory = fraction of link bandwidth)
@@ -46,6 +48,8 @@ from kvsim.errors import KvsimError
 from kvsim.spec.hardware import HardwareSpec, hardware_names, load_hardware
 
 OP_KINDS = ("gemm", "attention_decode", "attention_prefill", "elementwise", "allreduce")
+# A profile may calibrate each decode-attention kernel separately, keyed by the method that decides it
+# (kvsim.cost.model.decode_family): ``attention_decode.<method name>`` or ``attention_decode.mla``.
 
 
 @dataclass(frozen=True)
@@ -191,8 +195,15 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
     missing = [k for k in OP_KINDS if k not in ops]
     if missing:
         raise KvsimError(f"missing op curves: {', '.join(missing)}", field="ops", value=sorted(ops), file=file)
+    from kvsim.kv import METHODS  # noqa: PLC0415 - kvsim.kv imports nothing from here; avoids a cycle at load
+
+    known_ops = set(OP_KINDS) | {f"attention_decode.{f}" for f in (*METHODS, "mla")}
+    for key in ops:
+        if key not in known_ops:
+            raise KvsimError(f"unknown op curve (known: {', '.join(sorted(known_ops))})", field=f"ops.{key}",
+                             value=key, file=file)
     try:
-        curves = {k: _curve(ops[k], f"ops.{k}") for k in OP_KINDS}
+        curves = {k: _curve(v, f"ops.{k}") for k, v in ops.items()}
     except KvsimError as err:
         raise KvsimError(str(err), file=file) from None
     return Calibration(str(data.get("gpu", hw.name)), str(data.get("engine", "reference")),

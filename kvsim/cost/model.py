@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvsim.cost.calibration import Calibration, find_calibration
+from kvsim.kv import METHODS
 from kvsim.kv.layout import KVLayout, Stream
 from kvsim.spec.hardware import HardwareSpec
 from kvsim.spec.linears import check_tp, head_linears, kv_heads_per_rank, layer_linears
@@ -88,6 +89,35 @@ class _Gemms:
     per_sampled: np.ndarray  # the output head runs on sampled rows, not on every token
 
 
+METHOD_STAGES = {name: m.stage.name.lower() for name, m in METHODS.items()}
+
+
+def decode_family(layout: KVLayout) -> str:
+    """Which decode-attention kernel a layout needs, named by the method that decides it (a
+    calibration profile may fit each kernel's efficiency separately): MLA's absorbed latent kernel
+    (``mla``, or ``mtla`` over a strided latent), a quantized method's fused-dequantization kernel
+    (``kivi``, ``intkv``, ...), FP8 loads, per-step score accumulation (``h2o``, ``keepkv``), low-rank
+    reconstruction (``lrkv``, ``shadowkv``), else the dense kernel (``dense``)."""
+    names = [spec.split(":", 1)[0] for spec in layout.methods]
+    streams = [s for layer in layout.layers for s in layer.streams]
+    rt = layout.runtime
+
+    def deciding(*stages: str) -> str:  # the first stage (in this order) that has a method decides
+        return next((n for stage in stages for n in names if METHOD_STAGES.get(n) == stage), "dense")
+
+    if any(layer.kind == "mla" for layer in layout.layers):
+        return "mtla" if "mtla" in names else "mla"
+    if any(s.quant for s in streams):
+        return deciding("precision", "placement", "eviction")
+    if rt.per_step_scoring:
+        return deciding("eviction")
+    if rt.reconstruct_rank:
+        return deciding("structure", "placement")
+    if any(s.elem_bytes < layout.model.dtype_bytes for s in streams if s.part in ("k", "v")):
+        return deciding("precision")
+    return "dense"
+
+
 def sum_min_range(start: np.ndarray, count: np.ndarray, cap: int) -> np.ndarray:
     """sum_{j=start+1}^{start+count} min(j, cap), vectorized (cap == NO_CAP: no cap)."""
     end = start + count
@@ -130,6 +160,8 @@ class CostModel:
         self._table: list[tuple] = []  # (name, driver index, flops, bytes, seconds, bound) arrays
         self._table_n = 0
         self._decode = self._build_decode_terms()
+        self.decode_family = decode_family(layout)
+        self._decode_curve = self.cal.ops.get(f"attention_decode.{self.decode_family}", self.cal.ops["attention_decode"])
         caps = sorted({cap for kinds in self._decode.by_kind.values() for cap in kinds})
         self._caps = np.array([np.iinfo(np.int64).max if c == NO_CAP else c for c in caps], dtype=np.int64)
         self._coefs = {kind: [(caps.index(cap), coef) for cap, coef in by_cap.items()]
@@ -333,14 +365,23 @@ class CostModel:
             rows.append((name, 1 if g.per_sampled[sel[0]] else 0, f, b, s, np.where(compute, "compute", "memory")))
         return rows
 
-    def _decode_sums(self, ctx: np.ndarray) -> np.ndarray:
-        """sum_i min(ctx_i, cap) for every cap the terms use: (caps, steps), exact integers."""
-        return np.minimum(ctx[None, :, :], self._caps[:, None, None]).sum(axis=2).astype(float)
+    def _decode_roofline(self, term) -> tuple:
+        """Decode attention at efficiency 1: (FLOPs, HBM bytes, compute s, memory s) of all layers."""
+        c = self.cal.ceilings
+        flops, deq = term("attn_flops") + term("reconstruct_flops"), term("dequant_flops")
+        nbytes = term("hbm_read")
+        t_c = flops / c.flops_per_s["bf16"] + deq / c.flops_per_s["fp32"]
+        return flops + deq, nbytes, t_c, nbytes / c.copy_bytes_per_s
 
-    def _price(self, n_decode: int, ctx: np.ndarray, prefill: Batch | None) -> list[Op | tuple]:
-        """Ops of ``steps`` steps (rows of ctx) sharing one prefill part; values are (steps,) arrays."""
-        c, rt, L = self.cal.ceilings, self.layout.runtime, self.model.num_layers
-        sums = self._decode_sums(ctx)
+    def decode_attention_roofline(self, decode_context: np.ndarray) -> tuple[float, float, float]:
+        """(compute s, memory s, HBM bytes) of one decode step's attention over all layers at
+        efficiency 1: what ``kvsim calibrate`` divides a measured kernel time by."""
+        _, nbytes, t_c, t_m = self._decode_roofline(self._terms(np.asarray(decode_context, dtype=np.int64)[None, :]))
+        return float(np.ravel(t_c)[0]), float(np.ravel(t_m)[0]), float(np.ravel(nbytes)[0])
+
+    def _terms(self, ctx: np.ndarray):
+        """kind -> per-step total of a decode term (coef x sum_i min(ctx_i, cap)), ctx (steps, batch)."""
+        sums = np.minimum(ctx[None, :, :], self._caps[:, None, None]).sum(axis=2).astype(float)
         const = self._decode.const
         active = (ctx > 0).sum(axis=1).astype(float) if const else None
 
@@ -349,6 +390,13 @@ class CostModel:
             for j, coef in self._coefs.get(kind, ()):
                 total = total + coef * sums[j]
             return total + const[kind] * active if kind in const else total
+
+        return term
+
+    def _price(self, n_decode: int, ctx: np.ndarray, prefill: Batch | None) -> list[Op | tuple]:
+        """Ops of ``steps`` steps (rows of ctx) sharing one prefill part; values are (steps,) arrays."""
+        c, rt, L = self.cal.ceilings, self.layout.runtime, self.model.num_layers
+        term = self._terms(ctx)
 
         p_tok = np.zeros(0) if prefill is None else prefill.prefill_tokens.astype(float)
         p_ctx = np.zeros(0) if prefill is None else prefill.prefill_context.astype(float)
@@ -360,16 +408,14 @@ class CostModel:
         ops: list = list(self._fixed_ops(tokens, sampled, new_tokens))
 
         # decode attention (+ fused dequantization and low-rank reconstruction)
-        flops, deq = term("attn_flops") + term("reconstruct_flops"), term("dequant_flops")
-        nbytes = term("hbm_read")
         if n_decode:
-            t_c = flops / c.flops_per_s["bf16"] + deq / c.flops_per_s["fp32"]
-            curve = self.cal.ops["attention_decode"]
+            flops, nbytes, t_c, t_m = self._decode_roofline(term)
+            curve = self._decode_curve
             ce, me = curve.eff(np.maximum(nbytes / L, 1.0))
-            t_c, t_m = t_c / ce, nbytes / (c.copy_bytes_per_s * me)
+            t_c, t_m = t_c / ce, t_m / me
             t = np.maximum(t_c, t_m) + curve.floor_s * L
             bound = "compute" if np.ravel(t_c)[0] >= np.ravel(t_m)[0] else "memory"
-            ops.append(("attention.decode", flops + deq, nbytes, t, bound))
+            ops.append(("attention.decode", flops, nbytes, t, bound))
         if len(p_tok):
             pf, pb = 0.0, 0.0
             for layers, fpt, kvb, qob, cap in self._prefill_groups:
