@@ -223,7 +223,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
         _required(args, "model", "hardware")
         models = [load_model(m) for m in args.model.split(",") if m]
         ctx = contexts or plots.default_contexts(max(m.max_position_embeddings for m in models))
-        grid = capacity_grid(models, methods, [load_hardware(h) for h in args.hardware.split(",") if h], ctx, args.tp)
+        gpus = [load_hardware(h) for h in args.hardware.split(",") if h]
+        grid = capacity_grid(models, methods, gpus, ctx, args.tp)
         plots.save(plots.capacity_curves(grid, args.tp), Path(args.out))
     elif args.what in ("latency", "goodput"):
         from kvsim import report
@@ -248,7 +249,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
         for folder in args.results.split(","):
             path = Path(folder) / "timeseries.csv"
             if not path.is_file():
-                raise KvsimError("no timeseries.csv (a `kvsim run --out` folder)", field="--results", value=folder)
+                raise KvsimError("no timeseries.csv (a `kvsim run --out` folder)", field="--results",
+                                 value=folder)
             runs[Path(folder).name] = path
         plots.save(plots.kv_usage(runs), Path(args.out))
     elif args.what == "validation":
@@ -285,8 +287,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                         progress=True)
     for note in outcome.notes:
         print(f"kvsim: note: {note}", file=sys.stderr)
-    print(f"{outcome.total} points: {outcome.ran} run now, {outcome.skipped} already done, {outcome.failed} failed; "
-          f"wrote {out / 'results.csv'}")
+    print(f"{outcome.total} points: {outcome.ran} run now, {outcome.skipped} already done, "
+          f"{outcome.failed} failed; wrote {out / 'results.csv'}")
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -303,23 +305,25 @@ def cmd_search(args: argparse.Namespace) -> None:
     points = select_points(plan, args.configs) if args.configs else list(plan.points)
     synthetic = (points[0].raw.get("workload") or {}).get("synthetic") or {}
     if synthetic.get("num_requests") and not synthetic.get("duration_s"):
-        print("kvsim: note: workload.synthetic.num_requests fixes the number of requests, so a high rate is a "
-              "short burst, not a sustained load; give duration_s instead", file=sys.stderr)
+        print("kvsim: note: workload.synthetic.num_requests fixes the number of requests, so a high rate is "
+              "a short burst, not a sustained load; give duration_s instead", file=sys.stderr)
     bar = Progress(len(points), "search", not args.json)
     results = run_search(plan, args.target_rate, args.jobs, args.backend, args.address, points,
                          on_done=lambda done, total: bar.update(done, 0))
     bar.close()
     target = args.target_rate or plan.search.target_rate
     doc = {"scenario": args.scenario, "target_rate": target, "rate_path": rate_path(points[0].raw, plan.search),
-           **plan.search.model_dump(exclude={"target_rate", "rate_path"}), "configs": [asdict(r) for r in results]}
+           **plan.search.model_dump(exclude={"target_rate", "rate_path"}),
+           "configs": [asdict(r) for r in results]}
     if args.out:
         write_atomic(Path(args.out) / "search.json", json.dumps(doc, indent=2))
     if args.json:
         print(json.dumps(doc, indent=2))
         return
     unit = "x trace rate" if doc["rate_path"].endswith("rate_scale") else "req/s"
-    print(f"capacity search: {len(results)} configurations, goodput >= {plan.search.min_goodput:.0%} of requests "
-          f"within both SLOs, rate knob {doc['rate_path']} ({unit}), tolerance {plan.search.tolerance:.0%}"
+    print(f"capacity search: {len(results)} configurations, goodput >= {plan.search.min_goodput:.0%} of "
+          f"requests within both SLOs, rate knob {doc['rate_path']} ({unit}), "
+          f"tolerance {plan.search.tolerance:.0%}"
           + (f", target {target:g} {unit}" if target else ""))
     rows = [{"rank": r.rank or "-", "config": r.label, "GPUs": r.gpus_per_replica,
              "$/GPU-h": f"{r.price_per_gpu_hour_usd:.2f}" if r.price_per_gpu_hour_usd else "-",
@@ -338,7 +342,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     if args.validation:
         from kvsim.cost.calibration import results_dir
 
-        validation = (Path(args.validation_results) if args.validation_results else results_dir()) / args.validation
+        root = Path(args.validation_results) if args.validation_results else results_dir()
+        validation = root / args.validation
     out = write_report(Path(args.dir), Path(args.out) if args.out else None, validation)
     print(f"wrote {out}")
 
@@ -420,10 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="figures",
                        description="capacity: one model on one GPU (also KV bytes and memory breakdown); "
-                       "capacity-grid: models x GPUs panels, a line per method; latency, goodput: from a sweep "
-                       "folder (--results); kv-usage: from `kvsim run --out` folders (--results A,B); "
+                       "capacity-grid: models x GPUs panels, a line per method; latency, goodput: from a "
+                       "sweep folder (--results); kv-usage: from `kvsim run --out` folders (--results A,B); "
                        "validation: predicted vs measured for --gpu")
-    p.add_argument("what", choices=["capacity", "capacity-grid", "latency", "goodput", "kv-usage", "validation"])
+    p.add_argument("what", choices=["capacity", "capacity-grid", "latency", "goodput", "kv-usage",
+                                    "validation"])
     p.add_argument("--model", help="catalogue name (capacity-grid: comma-separated)")
     p.add_argument("--hardware", help="GPU name (capacity-grid: comma-separated)")
     p.add_argument("--methods", default="bf16,fp8,kivi:bits=2,snapkv:budget=2048")
@@ -451,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-runs", action="store_true", help="also write each point's run folder under runs/")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("search", help="highest rate each configuration sustains within its SLOs; cheapest one")
+    p = sub.add_parser("search",
+                       help="highest rate each configuration sustains within its SLOs; cheapest one")
     sweep_args(p)
     p.add_argument("--target-rate", type=float, help="rate to serve (requests/s, or x trace rate)")
     p.add_argument("--configs", nargs="+", metavar="SEL", help="only these points: indices and/or PATH=VALUE")
@@ -462,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="self-contained HTML report of a sweep folder")
     p.add_argument("dir", help="sweep folder (kvsim sweep --out)")
     p.add_argument("--out", help="HTML file (default: DIR/report.html)")
-    p.add_argument("--validation", metavar="GPU", help="add predicted vs measured from validation/results/GPU")
+    p.add_argument("--validation", metavar="GPU",
+                   help="add predicted vs measured from validation/results/GPU")
     p.add_argument("--validation-results", help="validation results root (default: validation/results)")
     p.set_defaults(func=cmd_report)
 

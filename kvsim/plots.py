@@ -113,7 +113,8 @@ def _distinct_style(i: int) -> dict:
     """Line style, marker and width of series ``i``: earlier series are drawn wider, so identical
     curves (fp8 and cla:factor=2 hold the same bytes) stay visible one inside the other."""
     line, marker = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ("-", "v"), ("--", "x"))[i % 6]
-    return {"ls": line, "marker": marker, "markersize": max(3.0, 6.0 - 0.6 * i), "lw": max(1.0, 3.0 - 0.45 * i)}
+    return {"ls": line, "marker": marker, "markersize": max(3.0, 6.0 - 0.6 * i),
+            "lw": max(1.0, 3.0 - 0.45 * i)}
 
 
 def _log_axis(axis: matplotlib.axis.Axis) -> None:
@@ -167,7 +168,8 @@ def capacity_curves(grid: CapacityGrid, tp: int) -> plt.Figure:
     return fig
 
 
-def latency_throughput(rows: Sequence[Mapping], series_by: Sequence[str], order_by: str | None = None) -> plt.Figure:
+def latency_throughput(rows: Sequence[Mapping], series_by: Sequence[str],
+                       order_by: str | None = None) -> plt.Figure:
     """Output throughput against TTFT and TPOT percentiles (ms), one colour per series of sweep
     points, one line style per percentile."""
     fig, (ax_ttft, ax_tpot) = plt.subplots(1, 2, figsize=(13, 5))
@@ -181,8 +183,8 @@ def latency_throughput(rows: Sequence[Mapping], series_by: Sequence[str], order_
         color = colors[k % len(colors)]
         for ax, metric in ((ax_ttft, "ttft_s"), (ax_tpot, "tpot_s")):
             for pct, ls, marker in _PERCENTILES:
-                y = [1e3 * r[f"{metric}.{pct}"] if isinstance(r.get(f"{metric}.{pct}"), (int, float)) else np.nan
-                     for r in pts]
+                values = [r.get(f"{metric}.{pct}") for r in pts]
+                y = [1e3 * v if isinstance(v, (int, float)) else np.nan for v in values]
                 line, = ax.plot(x, y, color=color, ls=ls, marker=marker, markersize=4)
                 if ax is ax_ttft and pct == "p50":
                     handles.append(line)
@@ -201,8 +203,9 @@ def latency_throughput(rows: Sequence[Mapping], series_by: Sequence[str], order_
     return fig
 
 
-def goodput_rate(rows: Sequence[Mapping], rate_col: str, series_by: Sequence[str], goodput_col: str = "goodput",
-                 threshold: float | None = None, rate_unit: str = "requests/s", names: bool = True,
+def goodput_rate(rows: Sequence[Mapping], rate_col: str, series_by: Sequence[str],
+                 goodput_col: str = "goodput", threshold: float | None = None,
+                 rate_unit: str = "requests/s", names: bool = True,
                  legend_title: str = "sweep series") -> plt.Figure:
     """Goodput (fraction of requests within both SLOs) against the offered rate, one line per series."""
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -234,8 +237,8 @@ def predicted_measured(folder: Path) -> plt.Figure:
     decode step, prefill, KV bytes and per-method decode-attention speed-up, with y = x and +-25%."""
     files = sorted(folder.glob("validation*.csv"))
     if not files:
-        raise KvsimError("no validation*.csv: run `kvsim validate --gpu` first", field="gpu", value=folder.name,
-                         file=str(folder))
+        raise KvsimError("no validation*.csv: run `kvsim validate --gpu` first", field="gpu",
+                         value=folder.name, file=str(folder))
     panels = (("decode", "decode step (ms)", 1e3, "Decode step (reference engine)"),
               ("prefill", "prefill (ms)", 1e3, "Prefill (reference engine)"),
               ("kv_bytes", "allocated KV (MiB)", 1 / 2**20, "Allocated KV cache"),
@@ -249,7 +252,8 @@ def predicted_measured(folder: Path) -> plt.Figure:
             with path.open(encoding="utf-8", newline="") as f:
                 sel = [r for r in csv.DictReader(f) if r["kind"] == kind]
             for model in sorted({r["model"] for r in sel}):
-                m = [(float(r["measured"]) * scale, float(r["predicted"]) * scale) for r in sel if r["model"] == model]
+                m = [(float(r["measured"]) * scale, float(r["predicted"]) * scale)
+                     for r in sel if r["model"] == model]
                 ax.scatter(*zip(*m, strict=True), s=18, marker=markers[f_i % len(markers)],
                            label=model if len(files) == 1 else f"{model} ({profile})")
                 values += [v for pair in m for v in pair]
@@ -295,8 +299,8 @@ def kv_usage(runs: Mapping[str, Path]) -> plt.Figure:
         need = ("time_s", "blocks_used", "blocks_cached_free", "blocks_free", "running", "waiting")
         missing = [c for c in need if c not in cols]
         if missing:
-            raise KvsimError(f"time series lacks {', '.join(missing)}", field="timeseries", value=sorted(cols),
-                             file=str(path))
+            raise KvsimError(f"time series lacks {', '.join(missing)}", field="timeseries",
+                             value=sorted(cols), file=str(path))
         replica = cols.get("replica", np.zeros_like(cols["time_s"]))
         total = cols["blocks_used"] + cols["blocks_cached_free"] + cols["blocks_free"]
         usage = 100 * cols["blocks_used"] / np.maximum(total, 1)

@@ -15,7 +15,7 @@ import html
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +79,8 @@ def search_figure(search: Mapping[str, Any]) -> Figure:
     fig.axes[0].set_xlabel(f"offered load: {search.get('rate_path')} ({unit})")
     fig.axes[0].set_title("Capacity search: goodput at every simulated rate")
     return Figure("search", "Capacity search probes",
-                  f"Each point is one simulation of the search; a configuration sustains the highest rate whose "
-                  f"goodput stays at or above {search.get('min_goodput')}.", plots.render(fig))
+                  "Each point is one simulation of the search; a configuration sustains the highest rate "
+                  f"whose goodput stays at or above {search.get('min_goodput')}.", plots.render(fig))
 
 
 def sweep_figures(folder: Path, rows: list[dict], validation: Path | None = None) -> list[Figure]:
@@ -92,9 +92,10 @@ def sweep_figures(folder: Path, rows: list[dict], validation: Path | None = None
     figs = []
     if ok and "ttft_s.p50" in ok[0]:
         along = load_column(ok)
+        joined = f", joined in order of {along}" if along else ""
         figs.append(Figure("latency", "Throughput against latency percentiles",
-                           f"Each colour is one series of sweep points{f', joined in order of {along}' if along else ''};"
-                           " solid p50, dashed p90, dotted p99.",
+                           f"Each colour is one series of sweep points{joined}; solid p50, dashed p90, "
+                           "dotted p99.",
                            plots.render(plots.latency_throughput(ok, series_columns(ok, along), along))))
     if ok and rate and isinstance(ok[0].get("goodput"), (int, float)):
         figs.append(Figure("goodput", "Goodput against offered load",
@@ -110,7 +111,8 @@ def sweep_figures(folder: Path, rows: list[dict], validation: Path | None = None
                            plots.render(plots.kv_usage(runs))))
     if validation is not None:
         figs.append(Figure("validation", f"Predicted against measured: {validation.name}",
-                           "From validation*.csv written by `kvsim validate`; none of these points was used in fitting.",
+                           "From validation*.csv written by `kvsim validate`; none of these points was used "
+                           "in fitting.",
                            plots.render(plots.predicted_measured(validation))))
     return figs
 
@@ -121,6 +123,11 @@ def capacity_figures(plan: Mapping[str, Any]) -> list[Figure]:
     from kvsim.capacity import capacity_grid
     from kvsim.spec.hardware import load_hardware
     from kvsim.spec.model import load_model
+
+    def catalogue(name: str) -> str:  # a YAML or config.json path is relative to the scenario file
+        if ("/" in name or name.endswith((".yaml", ".yml", ".json"))) and not Path(name).is_absolute():
+            return str(Path(plan["file"]).parent / name)
+        return name
 
     by_tp: dict[int, dict[str, dict]] = {}
     for p in plan["points"]:
@@ -136,9 +143,9 @@ def capacity_figures(plan: Mapping[str, Any]) -> list[Figure]:
         models, gpus = list(d["models"]), list(d["gpus"])
         if len(models) * len(gpus) > MAX_CAPACITY_PANELS:
             gpus = gpus[: max(1, MAX_CAPACITY_PANELS // len(models))]
-        specs = [load_model(m) for m in models]
+        specs = [load_model(catalogue(m)) for m in models]
         ctx = plots.default_contexts(max(m.max_position_embeddings for m in specs))
-        grid = capacity_grid(specs, list(d["methods"]), [load_hardware(g) for g in gpus], ctx, tp)
+        grid = capacity_grid(specs, list(d["methods"]), [load_hardware(catalogue(g)) for g in gpus], ctx, tp)
         figs.append(Figure(f"capacity-tp{tp}", f"Capacity: concurrent sequences against context, TP {tp}",
                            "Analytic (vLLM-style memory plan), for every model, method and GPU of the sweep.",
                            plots.render(plots.capacity_curves(grid, tp))))
@@ -159,9 +166,10 @@ def kv_runs(folder: Path, rows: Sequence[Mapping[str, Any]]) -> dict[str, Path]:
 # ---------------------------------------------------------------- HTML
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#f2f2f2}td.t{text-align:left}tr.error td{background:#fff1f0}figure{margin:1.5em 0}
-figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#555}code{background:#f6f6f6}"""
+table{border-collapse:collapse;font-size:13px;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f2f2f2}td.t{text-align:left}
+tr.error td{background:#fff1f0}figure{margin:1.5em 0}figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:13px;color:#555}code{background:#f6f6f6}"""
 
 
 def _cell(v: Any) -> str:
@@ -170,12 +178,14 @@ def _cell(v: Any) -> str:
     return html.escape("" if v is None else str(v))
 
 
-def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], row_class: str | None = None) -> str:
+def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
+               row_class: str | None = None) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for r in rows:
         cls = f' class="{html.escape(str(r.get(row_class)))}"' if row_class else ""
-        cells = "".join(f'<td{" class=t" if isinstance(r.get(c), str) else ""}>{_cell(r.get(c))}</td>' for c in columns)
+        cells = "".join(f'<td{" class=t" if isinstance(r.get(c), str) else ""}>{_cell(r.get(c))}</td>'
+                        for c in columns)
         body.append(f"<tr{cls}>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -188,35 +198,40 @@ def build_report(folder: Path, validation: Path | None = None) -> str:
     ok = [r for r in rows if r.get("status") == "ok"]
     failed = [r for r in rows if r.get("status") != "ok"]
     figs = sweep_figures(folder, rows, validation)
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>kvsim sweep report: {html.escape(folder.name)}"
+    name = html.escape(folder.name)
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>kvsim sweep report: {name}"
              f"</title><style>{_CSS}</style></head><body>",
              f"<h1>kvsim sweep report: {html.escape(folder.name)}</h1>",
              f"<p>Scenario <code>{html.escape(str(plan['file']))}</code>; swept "
              f"{', '.join(f'<code>{html.escape(p)}</code>' for p in swept) or 'nothing'}; "
              f"{len(plan['points'])} points, {len(ok)} ok, {len(failed)} failed, "
              f"{len(plan['points']) - len(rows)} not run. kvsim {kvsim.__version__}, "
-             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.</p>"]
+             f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.</p>"]
     search = folder / "search.json"
     if search.is_file():
         ranked = json.loads(search.read_text(encoding="utf-8"))
         figs.insert(0, search_figure(ranked))
         parts.append("<h2>Capacity search</h2>")
-        parts.append(html_table(ranked["configs"], ["rank", "label", "gpus_per_replica", "price_per_gpu_hour_usd",
-                                                    "max_rate", "replicas", "cost_usd_per_hour", "verdict"]))
-        parts.append(f"<p>Target rate: {ranked.get('target_rate')}; rate knob <code>"
-                     f"{html.escape(str(ranked.get('rate_path')))}</code>; tolerance {ranked.get('tolerance')}.</p>")
+        parts.append(html_table(ranked["configs"], ["rank", "label", "gpus_per_replica",
+                                                    "price_per_gpu_hour_usd", "max_rate", "replicas",
+                                                    "cost_usd_per_hour", "verdict"]))
+        knob = html.escape(str(ranked.get("rate_path")))
+        parts.append(f"<p>Target rate: {ranked.get('target_rate')}; rate knob <code>{knob}</code>; "
+                     f"tolerance {ranked.get('tolerance')}.</p>")
     for f in figs:
         data = base64.b64encode(f.png).decode()
-        parts.append(f"<h2>{html.escape(f.title)}</h2><figure id='fig-{f.id}'><img alt='{html.escape(f.title)}' "
-                     f"src='data:image/png;base64,{data}'><figcaption>{html.escape(f.caption)}</figcaption></figure>")
+        title = html.escape(f.title)
+        parts.append(f"<h2>{title}</h2><figure id='fig-{f.id}'><img alt='{title}' "
+                     f"src='data:image/png;base64,{data}'><figcaption>{html.escape(f.caption)}</figcaption>"
+                     "</figure>")
     metrics = [m for m in HEADLINE_METRICS if rows and m in rows[0]]
     parts.append("<h2>All points</h2>")
     parts.append(html_table(rows, ["point", *swept, "variant", "status", *metrics], row_class="status"))
     if failed:
         parts.append("<h2>Failed points</h2>")
         parts.append(html_table(failed, ["point", *swept, "variant", "error"]))
-    parts.append("<p>Full results: <code>results.csv</code>, <code>results.parquet</code>, <code>points.jsonl</code>"
-                 " in the same folder.</p></body></html>")
+    parts.append("<p>Full results: <code>results.csv</code>, <code>results.parquet</code>, "
+                 "<code>points.jsonl</code> in the same folder.</p></body></html>")
     return "\n".join(parts)
 
 

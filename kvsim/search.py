@@ -25,8 +25,8 @@ from kvsim.errors import KvsimError
 from kvsim.sweep import Backend, Point, SearchConfig, SweepPlan, execute, point_key
 
 # What stops a configuration from going faster (the SLO it misses first, or why it cannot run).
-LIMITS = {"memory": "does not fit in memory", "ttft": "TTFT SLO", "tpot": "TPOT SLO", "error": "simulation error",
-          "rate_max": "none up to rate_max"}
+LIMITS = {"memory": "does not fit in memory", "ttft": "TTFT SLO", "tpot": "TPOT SLO",
+          "error": "simulation error", "rate_max": "none up to rate_max"}
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,8 @@ def at_rate(raw: Mapping[str, Any], path: str, rate: float, min_requests: int) -
     out = apply_override(dict(raw), path, rate)
     synthetic = (out.get("workload") or {}).get("synthetic") or {}
     if path == "workload.synthetic.rate" and synthetic.get("duration_s"):
-        out = apply_override(out, "workload.synthetic.duration_s", max(synthetic["duration_s"], min_requests / rate))
+        duration_s = max(synthetic["duration_s"], min_requests / rate)
+        out = apply_override(out, "workload.synthetic.duration_s", duration_s)
     return out
 
 
@@ -174,8 +175,11 @@ def search_config(raw: Mapping[str, Any], file: str, cfg: Mapping[str, Any]) -> 
     config = SearchConfig(**cfg)
     path = rate_path(raw, config)
     try:
-        found = bisect_rate(lambda r: evaluate_rate(raw, file, path, r, config.min_goodput, config.min_requests),
-                            start_rate(raw, path, config), config.rate_min, config.rate_max, config.tolerance)
+        def evaluate(rate: float) -> Probe:
+            return evaluate_rate(raw, file, path, rate, config.min_goodput, config.min_requests)
+
+        found = bisect_rate(evaluate, start_rate(raw, path, config), config.rate_min, config.rate_max,
+                            config.tolerance)
     except Exception as err:  # noqa: BLE001 - one broken configuration must not stop the search
         text = str(err) if isinstance(err, KvsimError) else f"{type(err).__name__}: {err}"
         found = RateSearch(0.0, None, "error", text, ())
@@ -245,10 +249,11 @@ def rank(results: Sequence[ConfigResult], target: float | None) -> list[ConfigRe
         if i == 0:
             verdict = f"cheapest ({limit})"
         elif math.isclose(key(r)[0], key(best)[0], rel_tol=1e-9):
-            verdict = f"ties with #1 on cost; {'lower' if r.max_rate < best.max_rate else 'equal'} rate per replica ({limit})"
+            lower = "lower" if r.max_rate < best.max_rate else "equal"
+            verdict = f"ties with #1 on cost; {lower} rate per replica ({limit})"
         elif target:
-            verdict = (f"more expensive: {r.replicas} x {r.gpus_per_replica} GPU = ${r.cost_usd_per_hour:.2f}/h vs "
-                       f"${best.cost_usd_per_hour:.2f}/h ({limit})")
+            verdict = (f"more expensive: {r.replicas} x {r.gpus_per_replica} GPU = "
+                       f"${r.cost_usd_per_hour:.2f}/h vs ${best.cost_usd_per_hour:.2f}/h ({limit})")
         else:
             verdict = (f"more expensive: ${r.usd_per_hour_per_rate:.3f}/h per unit of rate vs "
                        f"${best.usd_per_hour_per_rate:.3f} ({limit})")
@@ -277,7 +282,8 @@ def run_search(plan: SweepPlan, target_rate: float | None = None, jobs: int | No
         p = chosen[i]
         results[i] = ConfigResult(
             point=p.index, label=p.label(exclude=found["rate_path"]), hardware=str(p.raw.get("hardware", "")),
-            gpus_per_replica=gpus_per_replica(p.raw), price_per_gpu_hour_usd=price_per_gpu_hour(p.raw, plan.file),
+            gpus_per_replica=gpus_per_replica(p.raw),
+            price_per_gpu_hour_usd=price_per_gpu_hour(p.raw, plan.file),
             rate_path=found["rate_path"], max_rate=found["rate"], limit=found["limit"],
             limit_detail=found["detail"], probes=tuple((p["rate"], p["goodput"]) for p in found["probes"]),
             replicas=None, cost_usd_per_hour=None,
@@ -309,7 +315,8 @@ def select_points(plan: SweepPlan, selectors: Sequence[str]) -> list[Point]:
     if indices:
         bad = sorted(indices - {p.index for p in plan.points})
         if bad:
-            raise KvsimError(f"no such configuration (0..{len(plan.points) - 1})", field="--configs", value=bad[0])
+            raise KvsimError(f"no such configuration (0..{len(plan.points) - 1})", field="--configs",
+                             value=bad[0])
         chosen = [p for p in chosen if p.index in indices]
     for s in selectors:
         if s.isdigit():
@@ -318,8 +325,9 @@ def select_points(plan: SweepPlan, selectors: Sequence[str]) -> list[Point]:
         if not eq:
             raise KvsimError("expected a point index or PATH=VALUE", field="--configs", value=s)
         if path not in plan.paths and path != "variant":
-            raise KvsimError(f"not a swept path (swept: {', '.join(plan.paths) or 'none'})", field="--configs",
-                             value=path, file=plan.file)
+            swept = ", ".join(plan.paths) or "none"
+            raise KvsimError(f"not a swept path (swept: {swept})", field="--configs", value=path,
+                             file=plan.file)
         chosen = [p for p in chosen if str(p.variant if path == "variant" else p.values[path]) == value]
     if not chosen:
         raise KvsimError("no configuration matches", field="--configs", value=" ".join(selectors))

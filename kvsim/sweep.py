@@ -137,7 +137,8 @@ def load_raw(path: str | Path, sets: Sequence[str] = ()) -> dict:
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
-            raise KvsimError("value is not a YAML scalar", field=key.strip(), value=text, file=str(p)) from None
+            raise KvsimError("value is not a YAML scalar", field=key.strip(), value=text,
+                             file=str(p)) from None
         raw = apply_override(raw, key.strip(), value, file=str(p))
     return raw
 
@@ -161,20 +162,22 @@ def _parse_sweep(section: object, file: str) -> _Sweep:
                 raise KvsimError("empty list of values: a sweep axis needs at least one value",
                                  field=f"{SWEEP_KEY}.{part}.{path}", value=values, file=file)
     if sweep.grid is not None and not sweep.grid:
-        raise KvsimError("empty grid: name at least one path with a list of values", field=f"{SWEEP_KEY}.grid",
-                         value={}, file=file)
+        raise KvsimError("empty grid: name at least one path with a list of values",
+                         field=f"{SWEEP_KEY}.grid", value={}, file=file)
     if sweep.zip is not None and not sweep.zip:
         raise KvsimError("empty zip: name at least one path with a list of values", field=f"{SWEEP_KEY}.zip",
                          value={}, file=file)
     if sweep.zip:
         lengths = {path: len(v) for path, v in sweep.zip.items()}
         if len(set(lengths.values())) > 1:
-            raise KvsimError("zip lists must have equal lengths", field=f"{SWEEP_KEY}.zip", value=lengths, file=file)
+            raise KvsimError("zip lists must have equal lengths", field=f"{SWEEP_KEY}.zip", value=lengths,
+                             file=file)
     if sweep.variants is not None and not sweep.variants:
         raise KvsimError("empty list of variants", field=f"{SWEEP_KEY}.variants", value=[], file=file)
     names = [v.name for v in sweep.variants or []]
     if len(set(names)) != len(names):
-        raise KvsimError("variant names must be unique", field=f"{SWEEP_KEY}.variants", value=names, file=file)
+        raise KvsimError("variant names must be unique", field=f"{SWEEP_KEY}.variants", value=names,
+                         file=file)
     both = set(sweep.grid or {}) & set(sweep.zip or {})
     if both:
         raise KvsimError("a path is swept by both grid and zip", field=f"{SWEEP_KEY}.zip", value=sorted(both),
@@ -245,8 +248,8 @@ def _resolve(base: dict, assigned: Mapping[str, tuple[str, Any]], label: str, fi
             raise KvsimError(f"sweep point ({label}) is not a valid scenario: {err}", field=SWEEP_KEY,
                              file=file) from None
         path = next(p for p, w in assigned.items() if w == where)
-        raise KvsimError(f"{_bare(err, path, where[1])} (sweep point {label})", field=where[0], value=where[1],
-                         file=file) from None
+        raise KvsimError(f"{_bare(err, path, where[1])} (sweep point {label})", field=where[0],
+                         value=where[1], file=file) from None
     return raw
 
 
@@ -267,7 +270,8 @@ def expand(raw: Mapping[str, Any], file: str) -> SweepPlan:
         values = dict(zip(paths, g + z, strict=True))
         assigned: dict[str, tuple[str, Any]] = {}
         if variant is not None:
-            assigned.update({p: (f"{SWEEP_KEY}.variants[{variant.name}].set.{p}", v) for p, v in variant.set.items()})
+            where = f"{SWEEP_KEY}.variants[{variant.name}].set"
+            assigned.update({p: (f"{where}.{p}", v) for p, v in variant.set.items()})
         assigned.update({p: (f"{SWEEP_KEY}.grid.{p}", v) for p, v in zip(grid, g, strict=True)})
         assigned.update({p: (f"{SWEEP_KEY}.zip.{p}", v) for p, v in zip(zipped, z, strict=True)})
         name = variant.name if variant else None
@@ -309,12 +313,13 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "local", jobs: int | None = None,
-            address: str | None = None) -> Iterator[tuple[int, Any]]:
+def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "local",
+            jobs: int | None = None, address: str | None = None) -> Iterator[tuple[int, Any]]:
     """Run ``fn(*task)`` for every task; yield ``(task index, result)`` as each finishes.
 
-    ``local``: in-process for one job, else a process pool of ``jobs`` workers. ``ray``: one Ray task per item, on the cluster at
-    ``address`` or on a local instance of ``jobs`` CPUs. ``fn`` must be a module-level function.
+    ``local``: in-process for one job, else a process pool of ``jobs`` workers. ``ray``: one Ray
+    task per item, on the cluster at ``address`` or on a local instance of ``jobs`` CPUs. ``fn``
+    must be a module-level function.
     """
     jobs = jobs or available_cores()
     if jobs <= 0:
@@ -322,7 +327,8 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "
     if backend == "ray":
         yield from _execute_ray(fn, tasks, jobs, address)
     elif address:
-        raise KvsimError("--address names a Ray cluster: it needs --backend ray", field="--address", value=address)
+        raise KvsimError("--address names a Ray cluster: it needs --backend ray", field="--address",
+                         value=address)
     elif backend != "local":
         raise KvsimError("unknown backend (expected local or ray)", field="--backend", value=backend)
     elif jobs == 1 or len(tasks) <= 1:
@@ -335,8 +341,9 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "
                 for fut in as_completed(futures):
                     yield futures[fut], fut.result()
             except BrokenProcessPool:
-                raise KvsimError("a worker process died (out of memory, or killed); finished points are saved: "
-                                 "run the same command again to resume", field="--jobs", value=jobs) from None
+                raise KvsimError("a worker process died (out of memory, or killed); finished points are "
+                                 "saved: run the same command again to resume", field="--jobs",
+                                 value=jobs) from None
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
@@ -456,8 +463,8 @@ class ResultStore:
         reports and plots can read what each point was (model, GPU, method) without the YAML."""
         points = [{"point": p.index, "key": p.key, "variant": p.variant, "values": dict(p.values),
                    "scenario": dict(p.raw)} for p in self.plan.points]
-        write_atomic(self.folder / "sweep.json", json.dumps({"file": self.plan.file, "paths": list(self.plan.paths),
-                                                             "points": points}, indent=1, default=str))
+        doc = {"file": self.plan.file, "paths": list(self.plan.paths), "points": points}
+        write_atomic(self.folder / "sweep.json", json.dumps(doc, indent=1, default=str))
 
     def rows(self) -> list[dict]:
         """One row per point of the plan that has finished, in point order."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sweep_scenario import calibrated_results
 
 from kvsim import plots
 from kvsim.capacity import capacity_grid
@@ -14,7 +15,6 @@ from kvsim.cli import main
 from kvsim.errors import KvsimError
 from kvsim.spec.hardware import load_hardware
 from kvsim.spec.model import load_model
-from sweep_scenario import calibrated_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -61,7 +61,8 @@ def test_cli_plot_kinds_write_images(tmp_path: Path, validation_root: Path, caps
           "--methods", "bf16,fp8", "--contexts", "1024,4096,32768", "--out", str(out)])
     assert out.read_bytes().startswith(PNG_MAGIC)
     out = tmp_path / "val.svg"
-    main(["plot", "validation", "--gpu", "h100-sxm", "--validation-results", str(validation_root), "--out", str(out)])
+    main(["plot", "validation", "--gpu", "h100-sxm", "--validation-results", str(validation_root),
+          "--out", str(out)])
     assert out.read_text().lstrip().startswith("<?xml")
     out = tmp_path / "cap.png"
     main(["plot", "capacity", "--model", "llama-3-8b", "--hardware", "h100-sxm", "--out", str(out)])

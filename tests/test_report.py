@@ -8,12 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
+from sweep_scenario import calibrated_results, write_scenario
 
 from kvsim import plots
 from kvsim.cli import main
 from kvsim.report import load_column, rate_column, series_columns
 from kvsim.sweep import expand, load_raw, read_results, run_sweep
-from sweep_scenario import calibrated_results, write_scenario
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SWEEP = {"grid": {"method": ["bf16", "fp8"], "workload.synthetic.rate": [2.0, 16.0, 64.0]},
@@ -33,7 +33,8 @@ def sweep_dir(tmp_path_factory) -> Path:
 
 
 def figures_in(html: str) -> dict[str, bytes]:
-    found = re.findall(r"<figure id='fig-([\w-]+)'><img alt='[^']*' src='data:image/png;base64,([^']+)'", html)
+    pattern = r"<figure id='fig-([\w-]+)'><img alt='[^']*' src='data:image/png;base64,([^']+)'"
+    found = re.findall(pattern, html)
     return {fid: base64.b64decode(data) for fid, data in found}
 
 
@@ -76,7 +77,8 @@ def test_series_and_axes_come_from_the_swept_paths(sweep_dir: Path):
     assert goodput[("bf16", "h100-sxm", 2.0)] >= goodput[("bf16", "h100-sxm", 64.0)]
     fig = plots.latency_throughput(rows, ["method", "hardware"], "workload.synthetic.rate")
     ax_ttft, ax_tpot = fig.axes
-    assert ax_ttft.get_ylabel() == "time to first token (ms)" and ax_tpot.get_ylabel() == "time per output token (ms)"
+    assert ax_ttft.get_ylabel() == "time to first token (ms)"
+    assert ax_tpot.get_ylabel() == "time per output token (ms)"
     assert len(ax_ttft.lines) == 4 * 3  # 4 series x p50/p90/p99
     assert [t.get_text() for t in fig.legends[0].get_texts()][0] == "method=bf16, hardware=h100-sxm"
 

@@ -28,7 +28,8 @@ def threshold_probe(threshold: float, calls: list[float] | None = None):
 
 def test_bisection_known_answer():
     calls: list[float] = []
-    found = bisect_rate(threshold_probe(7.3, calls), rate_start=0.25, rate_min=0.05, rate_max=1024, tolerance=0.05)
+    found = bisect_rate(threshold_probe(7.3, calls), rate_start=0.25, rate_min=0.05, rate_max=1024,
+                        tolerance=0.05)
     assert found.rate <= 7.3 < found.fail_rate
     assert (found.fail_rate - found.rate) / found.rate <= 0.05
     assert found.limit == "ttft"
@@ -38,7 +39,8 @@ def test_bisection_known_answer():
 
 
 @settings(max_examples=200, deadline=None)
-@given(threshold=st.floats(0.06, 900), start=st.floats(0.05, 1024), tolerance=st.sampled_from([0.01, 0.05, 0.2]))
+@given(threshold=st.floats(0.06, 900), start=st.floats(0.05, 1024),
+       tolerance=st.sampled_from([0.01, 0.05, 0.2]))
 def test_bisection_brackets_the_threshold(threshold: float, start: float, tolerance: float):
     found = bisect_rate(threshold_probe(threshold), start, 0.05, 1024, tolerance)
     assert found.rate <= threshold < found.fail_rate  # never reports a rate that fails
@@ -79,7 +81,8 @@ def test_judge_names_the_slo_missed_first():
 
 def _config(point: int, hardware: str, gpus: int, price: float | None, rate: float, limit: str = "ttft"):
     return ConfigResult(point=point, label=f"cfg{point}", hardware=hardware, gpus_per_replica=gpus,
-                        price_per_gpu_hour_usd=price, rate_path="workload.synthetic.rate", max_rate=rate, limit=limit,
+                        price_per_gpu_hour_usd=price, rate_path="workload.synthetic.rate", max_rate=rate,
+                        limit=limit,
                         limit_detail="detail", probes=((rate, 1.0),), replicas=None, cost_usd_per_hour=None,
                         usd_per_hour_per_rate=None)
 
@@ -121,10 +124,11 @@ def test_every_gpu_has_a_cited_price(name: str):
 def test_search_on_a_tiny_real_scenario(tmp_path, capsys):
     import json
 
+    from sweep_scenario import write_scenario
+
     from kvsim.cli import main
     from kvsim.search import evaluate_rate, run_search
     from kvsim.sweep import expand, load_raw
-    from sweep_scenario import write_scenario
 
     sweep = {"zip": {"model": ["llama-3-8b", "llama-3-8b", "llama-2-13b"],
                      "hardware": ["h100-sxm", "l40s", "rtx-4090"]},
@@ -148,9 +152,11 @@ def test_search_on_a_tiny_real_scenario(tmp_path, capsys):
     winner = min((h100, l40s), key=lambda r: r.cost_usd_per_hour)
     assert winner.rank == 1 and winner.verdict.startswith("cheapest")
 
-    main(["search", str(path), "--jobs", "2", "--target-rate", "40", "--configs", "hardware=rtx-4090", "--json"])
+    main(["search", str(path), "--jobs", "2", "--target-rate", "40", "--configs", "hardware=rtx-4090",
+          "--json"])
     doc = json.loads(capsys.readouterr().out)
-    assert [c["hardware"] for c in doc["configs"]] == ["rtx-4090"] and doc["rate_path"] == "workload.synthetic.rate"
+    assert [c["hardware"] for c in doc["configs"]] == ["rtx-4090"]
+    assert doc["rate_path"] == "workload.synthetic.rate"
     with pytest.raises(SystemExit) as stop:
         main(["search", str(path), "--configs", "hardware=tpu-v5"])
     assert stop.value.code == 2 and "no configuration matches" in capsys.readouterr().err

@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 
 from kvsim.errors import KvsimError
-from kvsim.sweep import Point, ResultStore, SearchConfig, SweepPlan, execute, expand, flatten, point_key, read_results
+from kvsim.sweep import (
+    Point,
+    ResultStore,
+    SearchConfig,
+    SweepPlan,
+    execute,
+    expand,
+    flatten,
+    point_key,
+    read_results,
+)
 
 BASE = {"model": "llama-3-8b", "hardware": "h100-sxm"}
 
@@ -26,7 +36,8 @@ BASE = {"model": "llama-3-8b", "hardware": "h100-sxm"}
     ({"variants": [{"name": "a", "set": {}}, {"name": "a", "set": {}}]}, "sweep.variants", "unique"),
     ({"variants": [{"name": "a", "set": {"tp": 2}, "oops": 1}]}, "sweep.variants.0.oops", "unknown key"),
     ({"grid": {"tp": [1]}, "zip": {"tp": [2]}}, "sweep.zip", "both grid and zip"),
-    ({"grid": {"tp": [1, 2]}, "variants": [{"name": "a", "set": {"tp": 4}}]}, "sweep.variants[a].set", "already"),
+    ({"grid": {"tp": [1, 2]}, "variants": [{"name": "a", "set": {"tp": 4}}]}, "sweep.variants[a].set",
+     "already"),
     ({"search": {"min_goodput": 2}}, "sweep.search.min_goodput", "less than or equal to 1"),
     ("method", "sweep", "expected a mapping"),
 ])
@@ -42,7 +53,8 @@ def test_flatten_uses_dots_and_keeps_scalars():
     summary = {"completed": 3, "ttft_s": {"p50": 0.1, "p99": 0.4}, "rejected": {"exceeds_kv_cache": 0},
                "slo": {"met": {"ttft": 0.9}}, "hist": [1, 2], "note": None}
     assert flatten(summary) == {"completed": 3, "ttft_s.p50": 0.1, "ttft_s.p99": 0.4,
-                                "rejected.exceeds_kv_cache": 0, "slo.met.ttft": 0.9, "hist": "[1, 2]", "note": None}
+                                "rejected.exceeds_kv_cache": 0, "slo.met.ttft": 0.9, "hist": "[1, 2]",
+                                "note": None}
 
 
 def test_point_key_ignores_key_order_and_sees_values():
@@ -53,12 +65,14 @@ def test_point_key_ignores_key_order_and_sees_values():
 
 
 def _plan(n: int) -> SweepPlan:
-    points = tuple(Point(i, {"engine.max_num_seqs": 2 ** i}, None, {"x": i}, point_key({"x": i})) for i in range(n))
+    points = tuple(Point(i, {"engine.max_num_seqs": 2 ** i}, None, {"x": i}, point_key({"x": i}))
+                   for i in range(n))
     return SweepPlan("s.yaml", ("engine.max_num_seqs",), points, SearchConfig())
 
 
 def _ok(i: int) -> dict:
-    return {"status": "ok", "error": "", "summary": {"completed": i, "ttft_s": {"p50": i / 10}}, "wall_s": 0.0}
+    return {"status": "ok", "error": "", "summary": {"completed": i, "ttft_s": {"p50": i / 10}},
+            "wall_s": 0.0}
 
 
 def test_store_resumes_and_drops_a_line_cut_off_mid_write(tmp_path: Path):
@@ -68,7 +82,8 @@ def test_store_resumes_and_drops_a_line_cut_off_mid_write(tmp_path: Path):
         store.add(p, _ok(p.index))
     # a run killed while writing point 2's line: the file ends without a newline
     text = (tmp_path / "points.jsonl").read_text()
-    (tmp_path / "points.jsonl").write_text(text[: text.rfind("\n", 0, len(text) - 1) + 1] + '{"key": "abc", "po')
+    whole = text[: text.rfind("\n", 0, len(text) - 1) + 1]
+    (tmp_path / "points.jsonl").write_text(whole + '{"key": "abc", "po')
     again = ResultStore(tmp_path, plan)
     assert [again.finished(p) for p in plan.points] == [True, True, False, False]
     assert (tmp_path / "points.jsonl").read_text().endswith("\n")  # the partial record is gone
@@ -84,8 +99,10 @@ def test_tables_have_point_paths_status_then_metrics(tmp_path: Path):
     store.add(plan.points[0], {"status": "error", "error": "KvsimError: no", "summary": {}, "wall_s": 0.0})
     assert store.write_tables() == []
     rows = read_results(tmp_path)
-    assert list(rows[0])[:7] == ["point", "engine.max_num_seqs", "variant", "status", "error", "key", "completed"]
-    assert [(r["point"], r["status"]) for r in rows] == [(0, "error"), (1, "ok")]  # point order, not finish order
+    assert list(rows[0])[:7] == ["point", "engine.max_num_seqs", "variant", "status", "error", "key",
+                                 "completed"]
+    # point order, not finish order
+    assert [(r["point"], r["status"]) for r in rows] == [(0, "error"), (1, "ok")]
     assert rows[1]["ttft_s.p50"] == 0.1 and rows[0]["ttft_s.p50"] is None
     pq = pytest.importorskip("pyarrow.parquet")
     table = pq.read_table(tmp_path / "results.parquet")

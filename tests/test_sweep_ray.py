@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sweep_scenario import write_scenario
 
 from kvsim.sweep import expand, load_raw, read_results, run_sweep
-from sweep_scenario import write_scenario
 
 ray = pytest.importorskip("ray")
 
@@ -41,7 +41,8 @@ def test_unreachable_cluster_fails_fast_with_one_line(tmp_path: Path, capsys):
         port = s.getsockname()[1]
     path = write_scenario(tmp_path, {"grid": {"method": ["bf16", "fp8"]}})
     with pytest.raises(SystemExit) as stop:
-        main(["sweep", str(path), "--out", str(tmp_path / "out"), "--backend", "ray", "--address", f"127.0.0.1:{port}"])
+        main(["sweep", str(path), "--out", str(tmp_path / "out"), "--backend", "ray",
+              "--address", f"127.0.0.1:{port}"])
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and len(err.splitlines()) == 1 and "--address" in err
     assert not ray.is_initialized()

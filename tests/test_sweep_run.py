@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sweep_scenario import TINY, write_scenario
 
 from kvsim.cli import main
 from kvsim.errors import KvsimError
 from kvsim.scenario import run_scenario, scenario_from_dict
 from kvsim.sweep import expand, load_raw, read_results, run_sweep
-from sweep_scenario import TINY, write_scenario
 
 GRID = {"grid": {"method": ["bf16", "fp8", "kivi:bits=2"], "engine.max_num_seqs": [64, 256]}}
 
@@ -67,7 +67,8 @@ def test_no_sweep_section_is_one_point(tmp_path: Path):
     ({"grid": {"hardware": ["h100-sxm", "h100-sxn"]}}, "sweep.grid.hardware", "unknown GPU"),
     ({"grid": {"method": ["bf16", "kivi:bitz=2"]}}, "sweep.grid.method", "unknown parameter"),
     ({"zip": {"tp": [1, 3]}}, "sweep.zip.tp", "divide"),
-    ({"variants": [{"name": "v", "set": {"slo.ttft_s": -1}}]}, "sweep.variants[v].set.slo.ttft_s", "greater than"),
+    ({"variants": [{"name": "v", "set": {"slo.ttft_s": -1}}]}, "sweep.variants[v].set.slo.ttft_s",
+     "greater than"),
 ])
 def test_bad_points_stop_the_sweep_before_it_starts(tmp_path: Path, capsys, sweep, field, words):
     path = write_scenario(tmp_path, sweep)
