@@ -312,7 +312,8 @@ def cmd_search(args: argparse.Namespace) -> None:
                          on_done=lambda done, total: bar.update(done, 0))
     bar.close()
     target = args.target_rate or plan.search.target_rate
-    doc = {"scenario": args.scenario, "target_rate": target, "rate_path": rate_path(points[0].raw, plan.search),
+    doc = {"scenario": args.scenario, "target_rate": target,
+           "rate_path": rate_path(points[0].raw, plan.search),
            **plan.search.model_dump(exclude={"target_rate", "rate_path"}),
            "configs": [asdict(r) for r in results]}
     if args.out:
