@@ -234,6 +234,9 @@ def cmd_plot(args: argparse.Namespace) -> None:
         rows = [r for r in read_results(Path(args.results)) if r.get("status") == "ok"]
         if not rows:
             raise KvsimError("no finished points to plot", field="--results", value=args.results)
+        if args.x and args.x not in rows[0]:
+            raise KvsimError(f"not a column of results.csv (swept: {', '.join(swept_columns(rows))})",
+                             field="--x", value=args.x)
         rate = args.x or report.rate_column(swept_columns(rows))
         if args.what == "latency":
             along = args.x or report.load_column(rows)
