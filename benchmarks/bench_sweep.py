@@ -84,7 +84,7 @@ def main() -> None:
 
         bench_capacity.main()
 
-    from kvsim.sweep import available_cores
+    from kvsim.backends import available_cores
 
     cores = available_cores()
     runs = [(1, "local"), (cores, "local")] + ([(cores, "ray")] if args.ray else [])

@@ -21,8 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from kvsim.backends import Backend, execute
 from kvsim.errors import KvsimError
-from kvsim.sweep import Backend, Point, SearchConfig, SweepPlan, execute, point_key
+from kvsim.sweep import Point, SearchConfig, SweepPlan, point_key
 
 # What stops a configuration from going faster (the SLO it misses first, or why it cannot run).
 LIMITS = {"memory": "does not fit in memory", "ttft": "TTFT SLO", "tpot": "TPOT SLO",

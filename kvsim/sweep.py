@@ -30,26 +30,23 @@ import io
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import kvsim
+from kvsim.backends import Backend, execute
 from kvsim.errors import KvsimError
 from kvsim.fileio import write_atomic
 
 SWEEP_KEY = "sweep"
-Backend = Literal["local", "ray"]
 # Leading columns of the results table; the swept paths follow `point`, the metrics follow `key`.
 STATUS_COLUMNS = ("variant", "status", "error", "key")
 
@@ -303,105 +300,6 @@ def run_point(raw: Mapping[str, Any], file: str, run_dir: str | None = None) -> 
         out = {"status": "error", "error": text, "summary": {}}
     # wall and CPU seconds of the point in its worker (points.jsonl only; the tables stay deterministic)
     return {**out, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
-
-
-def available_cores() -> int:
-    """Cores this process may use (its CPU affinity where the OS reports one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "local",
-            jobs: int | None = None, address: str | None = None) -> Iterator[tuple[int, Any]]:
-    """Run ``fn(*task)`` for every task; yield ``(task index, result)`` as each finishes.
-
-    ``local``: in-process for one job, else a process pool of ``jobs`` workers. ``ray``: one Ray
-    task per item, on the cluster at ``address`` or on a local instance of ``jobs`` CPUs. ``fn``
-    must be a module-level function.
-    """
-    jobs = jobs or available_cores()
-    if jobs <= 0:
-        raise KvsimError("must be a positive integer", field="--jobs", value=jobs)
-    if backend == "ray":
-        yield from _execute_ray(fn, tasks, jobs, address)
-    elif address:
-        raise KvsimError("--address names a Ray cluster: it needs --backend ray", field="--address",
-                         value=address)
-    elif backend != "local":
-        raise KvsimError("unknown backend (expected local or ray)", field="--backend", value=backend)
-    elif jobs == 1 or len(tasks) <= 1:
-        for i, task in enumerate(tasks):
-            yield i, fn(*task)
-    else:
-        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=_worker_context()) as pool:
-            futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
-            try:
-                for fut in as_completed(futures):
-                    yield futures[fut], fut.result()
-            except BrokenProcessPool:
-                raise KvsimError("a worker process died (out of memory, or killed); finished points are "
-                                 "saved: run the same command again to resume", field="--jobs",
-                                 value=jobs) from None
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-
-
-def _worker_context() -> multiprocessing.context.BaseContext:
-    """Workers fork from a server process that has already imported the simulator (no per-worker
-    import, and no fork of a parent that may hold threads); spawn where there is no forkserver."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["kvsim.scenario", "kvsim.search"])
-    return ctx
-
-
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast when nothing listens at a Ray address (``ray.init`` would retry for minutes)."""
-    import socket
-
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        return  # "auto" and the like: Ray resolves them itself
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as err:
-        raise KvsimError(f"no Ray cluster answers there ({err.strerror or err})", field="--address",
-                         value=address) from None
-
-
-def _execute_ray(fn: Callable[..., Any], tasks: Sequence[tuple], jobs: int,
-                 address: str | None) -> Iterator[tuple[int, Any]]:
-    try:
-        import ray
-    except ImportError:
-        raise KvsimError("the ray backend needs Ray: pip install 'kvsim[ray]'", field="--backend",
-                         value="ray") from None
-    started = not ray.is_initialized()
-    if started:
-        if address:
-            _check_reachable(address)
-        # A cluster brings its own CPUs; a local instance gets exactly the cores given (--jobs).
-        options = {"address": address} if address else {"num_cpus": jobs, "include_dashboard": False}
-        try:
-            ray.init(**options, log_to_driver=False, configure_logging=False)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            raise KvsimError(f"cannot start or reach Ray: {str(err).splitlines()[0]}", field="--address",
-                             value=address) from None
-    try:
-        remote = ray.remote(num_cpus=1, max_retries=0)(fn)
-        refs = {remote.remote(*task): i for i, task in enumerate(tasks)}
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                yield refs[ref], ray.get(ref)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 # ---------------------------------------------------------------- results on disk

@@ -9,18 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from kvsim.backends import execute
 from kvsim.errors import KvsimError
-from kvsim.sweep import (
-    Point,
-    ResultStore,
-    SearchConfig,
-    SweepPlan,
-    execute,
-    expand,
-    flatten,
-    point_key,
-    read_results,
-)
+from kvsim.sweep import Point, ResultStore, SearchConfig, SweepPlan, expand, flatten, point_key, read_results
 
 BASE = {"model": "llama-3-8b", "hardware": "h100-sxm"}
 
