@@ -1,10 +1,12 @@
 """The reference decoder: random bf16 weights built from a model's dimensions (no checkpoints).
 
 Dense MHA/GQA/MQA, sliding window (ring-buffer KV), MoE (top-k routing, grouped GEMM) on any subset
-of layers, MLA (DeepSeek-V2: absorbed decode over the latent cache, un-absorbed prefill), torch
-GEMMs, SDPA (flash) attention over a contiguous cache or the Triton kernel over a paged cache (a
-block table of 16-token pages, as vLLM), fused Triton RMSNorm and SiLU-mul. A tensor-parallel rank
-is the same decoder built from ``EngineConfig.shard`` with an all-reduce hook (tp_engine.py).
+of layers, MLA (DeepSeek-V2: absorbed decode over the latent cache, un-absorbed prefill), run with
+the kernels a serving engine runs (``Decoder`` lists them): torch GEMMs, vLLM's element-wise and
+routing kernels in Triton (kernels/engine_ops.py), split-K Triton decode attention over a contiguous
+or a paged cache (a block table of 16-token pages, as vLLM), SDPA flash for prefill. A
+tensor-parallel rank is the same decoder built from ``EngineConfig.shard`` with an all-reduce hook
+(tp_engine.py).
 
 Shapes come from kvsim's model spec (``get_config``); FALLBACK is a documented fallback for a
 machine where kvsim's loader cannot import (pydantic missing): the same numbers, each from the
@@ -185,14 +187,27 @@ def get_config(name: str, log=print) -> EngineConfig:
 
 
 # ----------------------------------------------------------------------------- torch model
-def _torch():
-    import torch  # noqa: PLC0415
-
-    return torch
+# Split-K decode launch config: the fastest of bench_attention's eight on the H100 (BLOCK_N 64,
+# 4 warps, 2 stages: 188 us vs 188-193 us for the rest at batch 16, 32/8/128, 8k context;
+# validation/results/h100-sxm/attention_decode.csv, triton_bf16_tune rows).
+DECODE_CFG = dict(BLOCK_N=64, num_warps=4, num_stages=2)
+ROPE_BASE = 10000.0  # Llama-2's rope_theta; the weights are random, so only the arithmetic matters
 
 
 class Decoder:
-    """Random-weight decoder for one GPU (or one TP rank: pass ``allreduce``/``allgather``)."""
+    """Random-weight decoder for one GPU (or one TP rank: pass ``allreduce``/``allgather``).
+
+    Kernels per decoder layer, decode and prefill alike (vLLM's order; GEMMs are torch/cuBLAS,
+    the rest Triton from kernels/engine_ops.py):
+      fused_add_rms_norm (plain rms_norm in layer 0), QKV GEMM, rotary_embedding (q and k in
+      place), reshape_and_cache, attention (decode: split-K partials + reduce over any cache;
+      prefill: causal SDPA flash on the new tokens), O GEMM, fused_add_rms_norm, gate_up GEMM,
+      silu_and_mul, down GEMM; MoE layers: router GEMM, top-k softmax, align, permute, two
+      grouped GEMMs around silu_and_mul, un-permute/sum (+ shared experts: 2 GEMMs, silu_and_mul).
+    MLA (DeepSeek-V2) replaces QKV by q and kv_a GEMMs, an rms_norm of the latent in place, RoPE on
+    the rope parts, one cache write of the 576-wide row, and decodes absorbed: q_nope x W_UK
+    (bmm), the Triton latent kernel (partials + reduce), x W_UV (bmm). Then the final
+    fused_add_rms_norm and the LM head (prefill: last token of each sequence)."""
 
     def __init__(self, cfg: EngineConfig, layers: int, allreduce=None, allgather=None, device="cuda", dtype=None):
         torch = _torch()
@@ -216,8 +231,7 @@ class Decoder:
                 lw["wq"] = w(cfg.q_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim), H)
                 lw["wkv_a"] = w(m.kv_lora_rank + m.qk_rope_head_dim, H)
                 lw["kv_norm"] = torch.ones(m.kv_lora_rank, **d)
-                lw["w_uk"] = w(cfg.q_heads, m.qk_nope_head_dim, m.kv_lora_rank)  # wkv_b split per head
-                lw["w_uv"] = w(cfg.q_heads, m.v_head_dim, m.kv_lora_rank)
+                lw["wkv_b"] = w(cfg.q_heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)  # HF kv_b_proj
                 lw["wo"] = w(H, cfg.q_heads * m.v_head_dim)
             else:
                 lw["wqkv"] = w((cfg.q_heads + 2 * cfg.kv_heads) * cfg.head_dim, H)
@@ -225,8 +239,8 @@ class Decoder:
             if cfg.is_moe(i):
                 E, inter = cfg.moe_experts, cfg.moe_intermediate
                 lw["router"] = w(E, H)
-                lw["w13"] = w(E, H, 2 * inter)  # [E, K, N] for grouped mm
-                lw["w2"] = w(E, inter, H)
+                lw["w13"] = w(E, 2 * inter, H)  # vLLM's expert layout [E, N, K]
+                lw["w2"] = w(E, H, inter)
                 if cfg.shared_intermediate:
                     lw["s13"] = w(2 * cfg.shared_intermediate, H)
                     lw["s2"] = w(H, cfg.shared_intermediate)
@@ -235,221 +249,198 @@ class Decoder:
                 lw["w2"] = w(H, cfg.intermediate)
             self.layers.append(lw)
         self.ln_f = torch.ones(H, **d)
-        self.moe_impl = None
-        self.paged = False
-
-    # --- pieces
-    def rms(self, x, w):
-        from validation.gemm import rmsnorm_triton  # fused Triton RMSNorm (one kernel, as serving engines do)
-
-        return rmsnorm_triton(x, w)
-
-    def cos_sin(self, pos, dim):
-        torch = _torch()
-        inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=self.dev, dtype=torch.float32) / dim))
-        ang = pos.float()[:, None] * inv[None, :]
-        return ang.cos().to(self.dt), ang.sin().to(self.dt)
-
-    @staticmethod
-    def rope(x, cs):
-        """x [..., T, d] (neox style); cs = cos_sin(pos)."""
-        torch = _torch()
-        cos, sin = cs
-        h = x.shape[-1] // 2
-        x1, x2 = x[..., :h], x[..., h:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
-
-    def mlp(self, i, lw, h):
-        torch = _torch()
-        cfg = self.cfg
-        if cfg.is_moe(i):
-            return self.moe(lw, h)
-        gu = h @ lw["w13"].t()
-        if cfg.gated_mlp:
-            from validation.gemm import silu_mul_triton
-
-            a = silu_mul_triton(gu)
-        else:
-            a = torch.nn.functional.gelu(gu, approximate="tanh")
-        return a @ lw["w2"].t()
-
-    def moe(self, lw, h):
-        torch = _torch()
-        F = torch.nn.functional
-        cfg = self.cfg
-        E, k = cfg.moe_experts, cfg.moe_top_k
-        wts, ids = torch.softmax((h @ lw["router"].t()).float(), -1).topk(k, -1)
-        wts = (wts / wts.sum(-1, keepdim=True)).to(h.dtype)
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        tok = order // k
-        counts = torch.zeros(E, device=h.device, dtype=torch.int32).scatter_add_(
-            0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int32))
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        xs = h[tok]
-        if self.moe_impl in (None, "grouped_mm"):
-            try:
-                g, u = torch._grouped_mm(xs, lw["w13"], offs=offs).chunk(2, -1)
-                dn = torch._grouped_mm((F.silu(g) * u).contiguous(), lw["w2"], offs=offs)
-                self.moe_impl = "grouped_mm"
-            except Exception as e:  # noqa: BLE001
-                if self.moe_impl == "grouped_mm":
-                    raise
-                print(f"[info] _grouped_mm unavailable ({str(e)[:100]}); gathered-weight bmm fallback", flush=True)
-                self.moe_impl = "gather_bmm"
-        if self.moe_impl == "gather_bmm":
-            eid = flat[order]
-            g, u = torch.bmm(xs[:, None, :], lw["w13"][eid])[:, 0].chunk(2, -1)
-            dn = torch.bmm((F.silu(g) * u)[:, None, :], lw["w2"][eid])[:, 0]
-        out = torch.zeros_like(h)
-        out.index_add_(0, tok, dn * wts.reshape(-1)[order][:, None])
-        if cfg.shared_intermediate:
-            g, u = (h @ lw["s13"].t()).chunk(2, -1)
-            out = out + (F.silu(g) * u) @ lw["s2"].t()
-        return out
+        self.moe_impl = "grouped_mm" if cfg.moe_experts else None
+        self.rot = cfg.mla.qk_rope_head_dim if cfg.mla else cfg.head_dim
+        self.cos_sin = ops().rope_cache(1, self.rot, device, ROPE_BASE)
+        self.cache = None
+        self.table = None
+        self._meta = {}
 
     # --- KV cache
     def alloc_cache(self, batch, context, paged=False, page=16):
-        """Caches for `batch` sequences of `context` tokens plus the one being decoded. Returns the
-        bytes allocated (torch.cuda.memory_allocated delta). Paged: vLLM's flash layout
-        [num_pages * page, kv_heads, head_dim] per layer, pages handed out in a shuffled order."""
+        """Caches for `batch` sequences of `context` tokens plus the one being decoded, one tensor
+        per layer as vLLM allocates them: [2, slots, kv_heads, head_dim] (K and V planes; MLA:
+        [slots, latent + RoPE key]), where the slots are every sequence's `kv_slots(context + 1)`
+        rows back to back (contiguous; a ring of `sliding_window` rows) or whole `page`-token pages
+        handed out in a shuffled order through a block table (paged; a window that has slid holds
+        one page more, as vLLM's sliding-window manager frees only whole pages and the window does
+        not start on a page boundary: the ring of `sliding_window` slots runs over the first
+        pages). Returns (kv_bytes: the exact bytes of the cache tensors, kv_alloc_bytes: the
+        caching allocator's delta for them)."""
         torch = _torch()
         cfg = self.cfg
-        self.paged, self.page = paged, page
+        assert not (paged and cfg.mla), "the MLA latent kernel reads a contiguous cache"
+        self.free_cache()
+        self.batch, self.paged, self.page = batch, paged, page
         self.slots = cfg.kv_slots(context + 1)
-        mem = torch.cuda.memory_allocated if self.dev == "cuda" else (lambda: 0)
+        rows = batch * self.slots
+        if paged:
+            pages = -(-self.slots // page) + (1 if self.slots < context + 1 else 0)
+            rows = batch * pages * page
+            self.table = torch.randperm(rows // page, device=self.dev).view(batch, pages).to(torch.int32)
+        shape = (rows, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) if cfg.mla else \
+            (2, rows, cfg.kv_heads, cfg.head_dim)
+        mem = torch.cuda.memory_allocated if str(self.dev).startswith("cuda") else (lambda: 0)
         m0 = mem()
-        if cfg.mla:
-            width = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
-            self.kc = [torch.empty(batch, self.slots, width, device=self.dev, dtype=self.dt) for _ in range(self.L)]
-            self.vc = [None] * self.L
-        elif paged:
-            pages = -(-self.slots // page)
-            self.kc = [torch.empty(batch * pages * page, cfg.kv_heads, cfg.head_dim, device=self.dev, dtype=self.dt)
-                       for _ in range(self.L)]
-            self.vc = [torch.empty_like(self.kc[0]) for _ in range(self.L)]
-            self.table = torch.randperm(batch * pages, device=self.dev).view(batch, pages).to(torch.int32)
-        else:
-            self.kc = [torch.empty(batch, cfg.kv_heads, self.slots, cfg.head_dim, device=self.dev, dtype=self.dt)
-                       for _ in range(self.L)]
-            self.vc = [torch.empty_like(self.kc[0]) for _ in range(self.L)]
-        kv_bytes = mem() - m0
-        if paged and self.dev == "cuda":
-            kv_bytes -= self.table.numel() * 4
-        for t in self.kc + self.vc:
-            if t is not None:
-                t.normal_()
-        return kv_bytes
+        self.cache = [torch.empty(shape, device=self.dev, dtype=self.dt) for _ in range(self.L)]
+        alloc = mem() - m0
+        for t in self.cache:
+            t.normal_()
+        return sum(t.numel() * t.element_size() for t in self.cache), alloc
 
     def free_cache(self):
-        self.kc = self.vc = self.table = None
+        self.cache = self.table = None
+        self._meta = {}
 
-    # --- decode
+    def _slot_rows(self, seq, pos):
+        """Cache row of token `pos` (tensor) of sequence `seq` (tensor): ring slot pos % slots,
+        through the block table when paged."""
+        s = pos % self.slots
+        if self.table is None:
+            return seq * self.slots + s
+        return self.table[seq, s // self.page].long() * self.page + s % self.page
+
+    def _ensure_rope(self, max_pos):
+        if self.cos_sin.shape[0] < max_pos:
+            self.cos_sin = ops().rope_cache(max(max_pos, 2 * self.cos_sin.shape[0]), self.rot, self.dev, ROPE_BASE)
+
+    def _decode_meta(self, context):
+        """Positions and cache rows of one decode step at `context`, built once per context
+        outside the captured graph (vLLM fills such static buffers before each replay)."""
+        if ("decode", context) not in self._meta:
+            torch = _torch()
+            seq = torch.arange(self.batch, device=self.dev)
+            pos = torch.full((self.batch,), context, device=self.dev, dtype=torch.int64)
+            self._ensure_rope(context + 1)
+            self._meta[("decode", context)] = (pos, self._slot_rows(seq, pos), min(context + 1, self.slots))
+        return self._meta[("decode", context)]
+
+    def _prefill_meta(self, B, P):
+        """Positions 0..P-1 of each sequence; only the last `slots` tokens of a prompt are cached
+        (a ring shorter than the prompt), the others get slot -1 (skipped)."""
+        if ("prefill", B, P) not in self._meta:
+            torch = _torch()
+            pos = torch.arange(P, device=self.dev).repeat(B)
+            seq = torch.arange(B, device=self.dev).repeat_interleave(P)
+            rows = torch.where(pos >= P - self.slots, self._slot_rows(seq, pos), -1)
+            self._ensure_rope(P)
+            self._meta[("prefill", B, P)] = (pos, rows, P)
+        return self._meta[("prefill", B, P)]
+
+    # --- steps
     def decode_step(self, tokens, context):
-        """One decode step at position `context` (the cache holds `context` earlier tokens)."""
-        torch = _torch()
-        cfg = self.cfg
-        slot = context % self.slots
-        n_att = min(context + 1, self.slots)
-        pos = torch.full((1,), context, device=self.dev, dtype=torch.int64)
-        x = self.embed[tokens]
-        if self.paged:
-            b = torch.arange(tokens.shape[0], device=self.dev)
-            self.write_rows = self.table[b, slot // self.page].long() * self.page + slot % self.page
+        """Logits of one decode step at position `context` (the cache holds `context` earlier
+        tokens of each sequence); tokens [B]."""
+        return self._forward(self.embed[tokens], self._decode_meta(context), tokens.shape[0], 1)
+
+    def prefill(self, tokens):
+        """Logits of the last token of each prompt; tokens [B, P]."""
+        B, P = tokens.shape
+        return self._forward(self.embed[tokens].view(B * P, -1), self._prefill_meta(B, P), B, P)
+
+    def _forward(self, x, meta, B, P):
+        eo = ops()
+        residual, h = x, eo.rms_norm(x, self.layers[0]["ln1"]) if self.L else x
+        out = None
         for i, lw in enumerate(self.layers):
-            h = self.rms(x, lw["ln1"])
-            o = self.mla_decode(i, lw, h, pos, slot, n_att) if cfg.mla else self.attn_decode(i, lw, h, pos, slot, n_att)
-            x = x + self.allreduce(o @ lw["wo"].t())
-            x = x + self.allreduce(self.mlp(i, lw, self.rms(x, lw["ln2"])))
-        return self.allgather(self.rms(x, self.ln_f) @ self.lm_head.t())
+            if i:
+                h = eo.fused_add_rms_norm(out, residual, lw["ln1"])
+            o = self._mla(lw, h, self.cache[i], meta, B, P) if self.cfg.mla else self._attn(lw, h, self.cache[i], meta, B, P)
+            h = eo.fused_add_rms_norm(self.allreduce(o @ lw["wo"].t()), residual, lw["ln2"])
+            out = self.allreduce(self._mlp(i, lw, h))
+        h = eo.fused_add_rms_norm(out, residual, self.ln_f) if self.L else eo.rms_norm(x, self.ln_f)
+        if P > 1:
+            h = h.view(B, P, -1)[:, -1]
+        return self.allgather(h @ self.lm_head.t())
 
-    def attn_decode(self, i, lw, h, pos, slot, n_att):
-        torch = _torch()
-        cfg = self.cfg
-        B, hd, Hq, Hkv = h.shape[0], cfg.head_dim, cfg.q_heads, cfg.kv_heads
-        q, k, v = (h @ lw["wqkv"].t()).split([Hq * hd, Hkv * hd, Hkv * hd], -1)
-        cs = self.cos_sin(pos, hd)
-        q = self.rope(q.view(B, Hq, 1, hd), cs)
-        k = self.rope(k.view(B, Hkv, 1, hd), cs)
-        if self.paged:
-            from validation.kernels import triton_decode as td
-
-            self.kc[i].index_copy_(0, self.write_rows, k.view(B, Hkv, hd))
-            self.vc[i].index_copy_(0, self.write_rows, v.view(B, Hkv, hd))
-            return td.decode_attention(q.view(B, Hq, hd), self.kc[i], self.vc[i], block_table=self.table,
-                                       page=self.page, seq_len=n_att, out_dtype=q.dtype).reshape(B, Hq * hd)
-        self.kc[i][:, :, slot: slot + 1].copy_(k)
-        self.vc[i][:, :, slot: slot + 1].copy_(v.view(B, Hkv, 1, hd))
-        o = torch.nn.functional.scaled_dot_product_attention(  # GQA decode: the group folded into q
-            q.reshape(B, Hkv, Hq // Hkv, hd), self.kc[i][:, :, :n_att], self.vc[i][:, :, :n_att])
-        return o.reshape(B, Hq * hd)
-
-    def mla_decode(self, i, lw, h, pos, slot, n_att):
-        """DeepSeek-V2 absorbed decode: W_UK folded into the query, W_UV applied to the latent output,
-        attention (Triton) over the cached latent + shared RoPE key."""
+    def _attn(self, lw, h, cache, meta, B, P):
         torch = _torch()
         from validation.kernels import triton_decode as td
 
-        m, B, H = self.cfg.mla, h.shape[0], self.cfg.q_heads
-        R = m.kv_lora_rank
-        q = (h @ lw["wq"].t()).view(B, H, m.qk_nope_head_dim + m.qk_rope_head_dim)
-        q_nope, q_rope = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], -1)
-        cs = self.cos_sin(pos, m.qk_rope_head_dim)
-        q_rope = self.rope(q_rope, cs).contiguous()
-        q_lat = torch.einsum("bhn,hnr->bhr", q_nope, lw["w_uk"]).contiguous()
-        ckv = h @ lw["wkv_a"].t()
-        lat = self.rms(ckv[:, :R].contiguous(), lw["kv_norm"])
-        self.kc[i][:, slot, :R].copy_(lat)
-        self.kc[i][:, slot, R:].copy_(self.rope(ckv[:, R:], cs))
-        c = self.kc[i][:, :n_att]
-        o_lat = td.mla_attention(q_lat, q_rope, c[..., :R], c[..., R:],
-                                 1.0 / math.sqrt(m.qk_nope_head_dim + m.qk_rope_head_dim))
-        return torch.einsum("bhr,hvr->bhv", o_lat, lw["w_uv"]).reshape(B, H * m.v_head_dim)
-
-    # --- prefill
-    def prefill(self, tokens):
-        torch = _torch()
+        eo = ops()
         cfg = self.cfg
-        B, P = tokens.shape
-        x = self.embed[tokens].view(B * P, -1)
-        pos = torch.arange(P, device=self.dev)
-        for i, lw in enumerate(self.layers):
-            h = self.rms(x, lw["ln1"])
-            o = self.mla_prefill(i, lw, h, B, P, pos) if cfg.mla else self.attn_prefill(i, lw, h, B, P, pos)
-            x = x + self.allreduce(o @ lw["wo"].t())
-            x = x + self.allreduce(self.mlp(i, lw, self.rms(x, lw["ln2"])))
-        return self.allgather(self.rms(x.view(B, P, -1)[:, -1], self.ln_f) @ self.lm_head.t())
+        T, hd, Hq, Hkv = h.shape[0], cfg.head_dim, cfg.q_heads, cfg.kv_heads
+        pos, rows, n_att = meta
+        qkv = h @ lw["wqkv"].t()
+        q = qkv[:, :Hq * hd].view(T, Hq, hd)
+        k = qkv[:, Hq * hd:(Hq + Hkv) * hd]
+        v = qkv[:, (Hq + Hkv) * hd:]
+        eo.rotary_embedding(pos, q, k.view(T, Hkv, hd), self.cos_sin)
+        eo.reshape_and_cache(k, v, cache[0], cache[1], rows)
+        if P > 1:  # prefill: causal flash attention over the new tokens (the sliding window is not applied)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.view(B, P, Hq, hd).transpose(1, 2), k.view(B, P, Hkv, hd).transpose(1, 2),
+                v.view(B, P, Hkv, hd).transpose(1, 2), is_causal=True, enable_gqa=Hq != Hkv)
+            return o.transpose(1, 2).reshape(T, Hq * hd)
+        if self.paged:
+            kc, vc = cache[0], cache[1]
+        else:
+            kc, vc = (c.view(B, self.slots, Hkv, hd).permute(0, 2, 1, 3)[:, :, :n_att] for c in cache)
+        return td.decode_attention(q, kc, vc, cfg=DECODE_CFG, out_dtype=h.dtype, block_table=self.table,
+                                   page=self.page, seq_len=n_att).view(T, Hq * hd)
 
-    def attn_prefill(self, i, lw, h, B, P, pos):
+    def _mla(self, lw, h, cache, meta, B, P):
+        """DeepSeek-V2 MLA. Decode absorbed: W_UK folded into the query, attention (Triton) over the
+        cached latent + shared RoPE key, W_UV applied to the latent output. Prefill un-absorbed
+        (DeepSeek-V2 sec. 2.1): per-head keys and values from one kv_b GEMM, causal SDPA."""
         torch = _torch()
+        from validation.kernels import triton_decode as td
+
+        eo = ops()
+        m, H, T = self.cfg.mla, self.cfg.q_heads, h.shape[0]
+        R, dn, dr, dv = m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        pos, rows, n_att = meta
+        q = (h @ lw["wq"].t()).view(T, H, dn + dr)
+        ckv = h @ lw["wkv_a"].t()  # [T, R + dr]: latent | RoPE key
+        eo.rms_norm(ckv[:, :R], lw["kv_norm"], out=ckv[:, :R])
+        eo.rotary_embedding(pos, q[..., dn:], ckv[:, None, R:], self.cos_sin)
+        eo.reshape_and_cache(ckv, None, cache, None, rows)
+        wkv_b = lw["wkv_b"].view(H, dn + dv, R)
+        scale = 1.0 / math.sqrt(dn + dr)
+        if P > 1:
+            kv = (ckv[:, :R] @ lw["wkv_b"].t()).view(T, H, dn + dv)
+            k = torch.cat([kv[..., :dn], ckv[:, None, R:].expand(T, H, dr)], -1)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                *(t.view(B, P, H, -1).transpose(1, 2) for t in (q, k, kv[..., dn:])), is_causal=True, scale=scale)
+            return o.transpose(1, 2).reshape(T, H * dv)
+        q_lat = torch.bmm(q[..., :dn].transpose(0, 1), wkv_b[:, :dn])  # [H, B, R]
+        c = cache.view(B, self.slots, R + dr)[:, :n_att]
+        o = td.mla_attention(q_lat.transpose(0, 1), q[..., dn:], c[..., :R], c[..., R:], scale)  # [B, H, R]
+        return torch.bmm(o.transpose(0, 1), wkv_b[:, dn:].transpose(1, 2)).transpose(0, 1).reshape(T, H * dv)
+
+    def _mlp(self, i, lw, h):
+        torch = _torch()
+        eo = ops()
         cfg = self.cfg
-        hd, Hq, Hkv = cfg.head_dim, cfg.q_heads, cfg.kv_heads
-        q, k, v = (h @ lw["wqkv"].t()).split([Hq * hd, Hkv * hd, Hkv * hd], -1)
-        cs = self.cos_sin(pos, hd)
-        q = self.rope(q.view(B, P, Hq, hd).transpose(1, 2), cs)
-        k = self.rope(k.view(B, P, Hkv, hd).transpose(1, 2), cs)
-        v = v.view(B, P, Hkv, hd).transpose(1, 2)
-        n = min(P, self.slots)
-        self.kc[i][:, :, :n].copy_(k[:, :, P - n:])
-        self.vc[i][:, :, :n].copy_(v[:, :, P - n:])
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return o.transpose(1, 2).reshape(B * P, Hq * hd)
+        if cfg.is_moe(i):
+            return self._moe(lw, h)
+        gu = h @ lw["w13"].t()
+        a = eo.silu_and_mul(gu) if cfg.gated_mlp else torch.nn.functional.gelu(gu)  # falcon: exact GELU, one kernel
+        return a @ lw["w2"].t()
 
-    def mla_prefill(self, i, lw, h, B, P, pos):
-        """Un-absorbed (DeepSeek-V2 sec. 2.1): per-head K/V from the latent, causal SDPA."""
+    def _moe(self, lw, h):
+        """Routed experts through torch._grouped_mm (one launch per expert GEMM over all groups),
+        four routing kernels around them; the shared experts' sum folds into the un-permute."""
         torch = _torch()
-        m, H = self.cfg.mla, self.cfg.q_heads
-        R, dn, dr = m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim
-        q = (h @ lw["wq"].t()).view(B, P, H, dn + dr).transpose(1, 2)
-        cs = self.cos_sin(pos, dr)
-        ckv = h @ lw["wkv_a"].t()
-        lat = self.rms(ckv[:, :R].contiguous(), lw["kv_norm"]).view(B, P, R)
-        kr = self.rope(ckv[:, R:].reshape(B, 1, P, dr), cs)
-        self.kc[i][:, :P, :R].copy_(lat)
-        self.kc[i][:, :P, R:].copy_(kr[:, 0])
-        k_nope = torch.einsum("bpr,hnr->bhpn", lat, lw["w_uk"])
-        v = torch.einsum("bpr,hvr->bhpv", lat, lw["w_uv"])
-        q = torch.cat([q[..., :dn], self.rope(q[..., dn:], cs)], -1)
-        k = torch.cat([k_nope, kr.expand(-1, H, -1, -1)], -1)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return o.transpose(1, 2).reshape(B * P, H * m.v_head_dim)
+        eo = ops()
+        cfg = self.cfg
+        wts, ids = eo.moe_topk_softmax(h @ lw["router"].t(), cfg.moe_top_k)
+        xs, ends, inv = eo.moe_permute(h, ids, cfg.moe_experts)
+        a = eo.silu_and_mul(torch._grouped_mm(xs, lw["w13"].transpose(1, 2), offs=ends))
+        dn = torch._grouped_mm(a, lw["w2"].transpose(1, 2), offs=ends)
+        shared = None
+        if cfg.shared_intermediate:
+            shared = eo.silu_and_mul(h @ lw["s13"].t()) @ lw["s2"].t()
+        return eo.moe_unpermute(dn, inv, wts, shared)
+
+
+def _torch():
+    import torch  # noqa: PLC0415  (the config half of this module runs without torch)
+
+    return torch
+
+
+def ops():
+    from validation.kernels import engine_ops  # noqa: PLC0415
+
+    return engine_ops

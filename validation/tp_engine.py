@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from validation.common import CsvOut, log  # noqa: E402
-from validation.engine import DEC_COLS, PRE_COLS, fit_layers, quantiles, time_eager, time_graph  # noqa: E402
+from validation.engine import DEC_COLS, PRE_COLS, decode_row, fit_layers, prefill_row, quantiles, time_graph  # noqa: E402
 
 AR_COLS = ["tp", "bytes", "time_s", "time_p10_s", "time_p90_s", "algbw_Bps", "busbw_Bps", "mode", "dtype", "check"]
 # Models whose heads split over 2/4/8 ranks (falcon-7b's 71 heads do not).
@@ -106,7 +106,7 @@ def allreduce_task(args, rank, world):
                 t, p10, p90 = quantiles(ts)
             else:
                 dist.barrier()
-                t, p10, p90 = (v / reps for v in time_graph(lambda: [dist.all_reduce(x) for _ in range(reps)], 10))
+                t, p10, p90 = (v / reps for v in time_graph(lambda: [dist.all_reduce(x) for _ in range(reps)], slowest))
             t, p10, p90 = slowest(t), slowest(p10), slowest(p90)
             if csv:
                 alg = n / t
@@ -119,20 +119,21 @@ def allreduce_task(args, rank, world):
 
 # ----------------------------------------------------------------------------- TP engine
 def engine_task(args, rank, world):
+    """engine.py's points (its TP grid) on `world` ranks: every rank runs the same points in the
+    same order (budget, memory and replay counts agreed by collectives), rank 0 writes the rows
+    with the slowest rank's times and its own (per-rank) KV bytes."""
     import torch
     import torch.distributed as dist
 
+    from validation.engine import describe, fits, plan
     from validation.engine_model import Decoder, get_config
 
     torch.manual_seed(rank)
-    dec = CsvOut(os.path.join(args.out, "engine_decode.csv"), DEC_COLS) if rank == 0 else None
-    pre = CsvOut(os.path.join(args.out, "engine_prefill.csv"), PRE_COLS) if rank == 0 else None
+    out = {"decode": CsvOut(os.path.join(args.out, "engine_decode.csv"), DEC_COLS),
+           "prefill": CsvOut(os.path.join(args.out, "engine_prefill.csv"), PRE_COLS)} if rank == 0 else None
     say = log if rank == 0 else (lambda *a: None)
     clock = Clock(args.budget_s)
     models = args.models.split(",") if args.models else (QUICK_TP_MODELS if args.quick else TP_MODELS)
-    batches = [1, 8] if args.quick else [1, 8, 32, 128, 256]
-    contexts = [512, 2048] if args.quick else [512, 2048, 8192, 32768]
-    prompts = [128, 1024] if args.quick else [128, 2048, 8192]
 
     def allreduce(x):
         dist.all_reduce(x)
@@ -157,38 +158,21 @@ def engine_task(args, rank, world):
         layers = int(t.item())
         say(f"== {name} tp{world}: {layers}/{cfg.layers} layers, rank weights {cfg.weight_params(layers)*2/1e9:.1f} GB")
         model = Decoder(cfg, layers, allreduce=allreduce, allgather=allgather)
-        for P in prompts:
-            if not mclock.ok(share * 0.7):
+        for point in plan(cfg, args.quick, "tp"):
+            free, _ = torch.cuda.mem_get_info()
+            if not agree(fits(cfg, layers, point, free)):
+                continue
+            if not mclock.ok(3):
                 break
-            model.alloc_cache(1, P)
-            toks = torch.randint(0, full.vocab, (1, P), device="cuda")
             dist.barrier()
-            tp_, _, _ = time_eager(lambda: model.prefill(toks), iters=3)
-            tp_ = slowest(tp_)
-            if pre:
-                pre.row(model=name, batch=1, prompt=P, time_s=tp_, layers=layers, total_layers=cfg.layers, notes="",
-                        tp=world)
-            say(f"  prefill P{P}: {tp_*1e3:.2f} ms")
-            model.free_cache()
-        for S in contexts:
-            for B in batches:
-                if not mclock.ok(3):
-                    break
-                free, _ = torch.cuda.mem_get_info()
-                if not agree(cfg.kv_bytes(B, S + 16, layers) < free - 6 * 2**30):
-                    continue
-                kvb = model.alloc_cache(B, S)
-                toks = torch.randint(0, full.vocab, (B,), device="cuda")
-                dist.barrier()
-                tm, p10, p90 = time_graph(lambda: model.decode_step(toks, S), iters=20 if S * B < 2**18 else 10)
-                tm, p10, p90 = slowest(tm), slowest(p10), slowest(p90)
-                if dec:
-                    dec.row(model=name, batch=B, context=S, time_s=tm, time_p10_s=p10, time_p90_s=p90, kv_bytes=kvb,
-                            layers=layers, total_layers=cfg.layers, weight_bytes=cfg.weight_params(layers) * 2,
-                            graph=1, notes=model.moe_impl or "", cache="contiguous", tp=world)
-                say(f"  decode tp{world} B{B} S{S}: {tm*1e3:.3f} ms kv/rank {kvb/1e9:.2f} GB")
-                model.free_cache()
-                torch.cuda.empty_cache()
+            if point[0] == "prefill":
+                row = prefill_row(model, name, point[1], agree=slowest, eager_ok=False)
+            else:
+                row = decode_row(model, name, *point[1:], agree=slowest, eager_ok=False)
+            torch.cuda.empty_cache()
+            if out:
+                out[point[0]].row(**row)
+            say("  " + describe(row))
         del model
         torch.cuda.empty_cache()
 

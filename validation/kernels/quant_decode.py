@@ -375,7 +375,7 @@ def quant_attention(q, cache: QuantCache, sm_scale=None, cfg=None, out=None, asm
             op.stride(0), op.stride(1), op.stride(2), lp.stride(0), lp.stride(1),
             c.n_res, c.n_res + 64, sm_scale * LOG2E, nq,
             GROUP=group, G_PAD=_g_pad(group), D=D, DV=D, BLOCK_N=64, HAS_IDX=False, FP8=False, HAS_BIAS=False,
-            PAGE=0, num_warps=4, num_stages=2)
+            PAGE=0, D_PAD=D, DV_PAD=D, num_warps=4, num_stages=2)
     o, _ = reduce_partials(op, lp, n_tot, torch.float16, out=None if cache.perm is not None else out)
     if cache.perm is not None:
         o = o[..., cache.inv_perm]

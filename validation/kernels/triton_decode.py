@@ -33,28 +33,31 @@ def _decode_kernel(Q, K, V, IDX, BIAS, TBL, OP, LP,
                    seq_len, tps, qk_scale, split_base,
                    GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                    BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr, FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   PAGE: tl.constexpr):
+                   PAGE: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
     """One program per (batch, kv head, split) with the whole query group. Token t of the sequence
     is row IDX[t] (gathered: eviction), or TBL[t // PAGE] * PAGE + t % PAGE (paged, vLLM block
     table; K/V then have no batch stride), or t. BIAS adds a per-token log2 weight (KeepKV counts).
-    FP8 K/V convert to fp16 (one cvt per two e4m3 values on Hopper)."""
+    FP8 K/V convert to fp16 (one cvt per two e4m3 values on Hopper). D_PAD, DV_PAD: the head dims
+    rounded up to a power of two (tile widths; head dim 96 masks a 128-wide tile)."""
     b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1).to(tl.int64)
     sp = tl.program_id(2)
     offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, D)
-    offs_dv = tl.arange(0, DV)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    dmask = offs_d < D
+    dvmask = offs_dv < DV
     offs_n = tl.arange(0, BLOCK_N)
     gmask = offs_g < GROUP
     hq = hk * GROUP + offs_g
-    q = tl.load(Q + b * sqb + hq[:, None] * sqh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + hq[:, None] * sqh + offs_d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
     if FP8:
         q = q.to(tl.float16)
     start = sp * tps
     end = tl.minimum(start + tps, seq_len)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, DV], tl.float32)
+    acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
     kb = K + b * skb + hk * skh
     vb = V + b * svb + hk * svh
     for s in range(start, end, BLOCK_N):
@@ -67,7 +70,7 @@ def _decode_kernel(Q, K, V, IDX, BIAS, TBL, OP, LP,
             t_idx = page * PAGE + tok % PAGE
         else:
             t_idx = tok.to(tl.int64)
-        k = tl.load(kb + t_idx[:, None] * skt + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        k = tl.load(kb + t_idx[:, None] * skt + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
         if FP8:
             k = k.to(tl.float16)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
@@ -78,39 +81,41 @@ def _decode_kernel(Q, K, V, IDX, BIAS, TBL, OP, LP,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vb + t_idx[:, None] * svt + offs_dv[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(vb + t_idx[:, None] * svt + offs_dv[None, :], mask=nmask[:, None] & dvmask[None, :], other=0.0)
         if FP8:
             v = v.to(tl.float16)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     acc = acc / l_i[:, None]
     sidx = split_base + sp
-    tl.store(OP + b * sob + hq[:, None] * soh + sidx * sos + offs_dv[None, :], acc, mask=gmask[:, None])
+    tl.store(OP + b * sob + hq[:, None] * soh + sidx * sos + offs_dv[None, :], acc, mask=gmask[:, None] & dvmask[None, :])
     tl.store(LP + b * slb + hq * slh + sidx, m_i + tl.log2(l_i), mask=gmask)
 
 
 @triton.jit
 def _reduce_kernel(OP, LP, O, LSE, sob, soh, sos, slb, slh, s_ob, s_oh, n_splits, out_scale,
-                   S_PAD: tl.constexpr, D: tl.constexpr, CH: tl.constexpr):
+                   S_PAD: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, D_PAD: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.arange(0, D_PAD)
+    dmask = offs_d < D
     smask = offs_s < n_splits
     lse = tl.load(LP + b * slb + h * slh + offs_s, mask=smask, other=float("-inf"))
     m = tl.max(lse, 0)
     tot = tl.sum(tl.where(smask, tl.exp2(lse - m), 0.0), 0)
-    acc = tl.zeros([D], tl.float32)
+    acc = tl.zeros([D_PAD], tl.float32)
     offs_c = tl.arange(0, CH)
     for s0 in range(0, n_splits, CH):
         cs = s0 + offs_c
         cm = cs < n_splits
         l = tl.load(LP + b * slb + h * slh + cs, mask=cm, other=float("-inf"))
         w = tl.where(cm, tl.exp2(l - m), 0.0)
-        part = tl.load(OP + b * sob + h * soh + cs[:, None] * sos + offs_d[None, :], mask=cm[:, None], other=0.0)
+        part = tl.load(OP + b * sob + h * soh + cs[:, None] * sos + offs_d[None, :], mask=cm[:, None] & dmask[None, :],
+                       other=0.0)
         acc += tl.sum(part * w[:, None], 0)
     o = acc / tot * out_scale
-    tl.store(O + b * s_ob + h * s_oh + offs_d, o.to(O.dtype.element_ty))
+    tl.store(O + b * s_ob + h * s_oh + offs_d, o.to(O.dtype.element_ty), mask=dmask)
     tl.store(LSE + b * tl.num_programs(1) + h, m + tl.log2(tot))
 
 
@@ -150,7 +155,8 @@ def reduce_partials(op, lp, n_splits, out_dtype, out_scale=1.0, out=None):
     lse = torch.empty(B, Hq, device=op.device, dtype=torch.float32)
     _reduce_kernel[(B, Hq)](op, lp, o, lse, op.stride(0), op.stride(1), op.stride(2), lp.stride(0), lp.stride(1),
                             o.stride(0), o.stride(1), n_splits, out_scale,
-                            S_PAD=max(2, triton.next_power_of_2(n_splits)), D=D, CH=8 if D >= 512 else 16, num_warps=4)
+                            S_PAD=max(2, triton.next_power_of_2(n_splits)), D=D, CH=8 if D >= 512 else 16,
+                            D_PAD=triton.next_power_of_2(D), num_warps=4)
     return o, lse
 
 
@@ -191,8 +197,8 @@ def decode_attention(q, k, v, sm_scale=None, k_scale=1.0, v_scale=1.0, idx=None,
         op.stride(0), op.stride(1), op.stride(2), lp.stride(0), lp.stride(1),
         S, tps, sm_scale * LOG2E * k_scale, 0,
         GROUP=group, G_PAD=_g_pad(group), D=D, DV=DV, BLOCK_N=bn, HAS_IDX=idx is not None, FP8=fp8,
-        HAS_BIAS=bias is not None, PAGE=page if paged else 0,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HAS_BIAS=bias is not None, PAGE=page if paged else 0, D_PAD=triton.next_power_of_2(D),
+        DV_PAD=triton.next_power_of_2(DV), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     o, lse = reduce_partials(op, lp, n_splits, out_dtype, v_scale, out=out)
     return (o, lse) if return_lse else o
 
