@@ -39,7 +39,7 @@ QUICK = dict(batches=[1, 8], contexts=([1000, 2048],), prompts=[256, 3000])  # o
 # Tensor-parallel runs and their tp=1 baseline (run_tp.py): a smaller grid, the same points.
 TP_GRID = dict(batches=[1, 16, 64, 256], contexts=([2048, 32768], [512, 8192]), prompts=[128, 2048, 8192])
 HEADROOM_BYTES = 6 * 2**30  # activations, graph pools and partials beside the cache
-TIMED_S = 0.15  # replay time per point (10 replays of a 15 ms step), at least min_iters replays
+TIMED_S = 0.1  # replay time per point (10 replays of a 10 ms step; p10-p90 spread was ~0.3%), >= min_iters
 
 
 def time_graph(step, agree=lambda t: t, min_iters=5, target_s=TIMED_S):
@@ -141,7 +141,7 @@ def decode_row(model, name, B, S, paged, agree=lambda t: t, eager_ok=True):
 
     cfg = model.cfg
     kvb, alloc = model.alloc_cache(B, S, paged=paged)
-    toks = torch.randint(0, cfg.vocab * cfg.tp, (B,), device="cuda")
+    toks = torch.randint(0, cfg.vocab * cfg.tp, (B,), device=model.dev)
     graph = 1
     try:
         t, p10, p90 = time_graph(lambda: model.decode_step(toks, S), agree)
@@ -165,7 +165,7 @@ def prefill_row(model, name, P, agree=lambda t: t, eager_ok=True):
 
     cfg = model.cfg
     model.alloc_cache(1, P)
-    toks = torch.randint(0, cfg.vocab * cfg.tp, (1, P), device="cuda")
+    toks = torch.randint(0, cfg.vocab * cfg.tp, (1, P), device=model.dev)
     graph = 1
     try:
         t, p10, p90 = time_graph(lambda: model.prefill(toks), agree, min_iters=3)

@@ -1,6 +1,7 @@
-"""GEMM times over LLM layer shapes (bf16 and fp8 via torch._scaled_mm) and element-wise op times.
+"""GEMM times over LLM layer shapes (bf16 and fp8 via torch._scaled_mm) and, with --part
+elementwise, the reference engine's element-wise and MoE-routing kernels (elementwise.py).
 y[M,N] = x[M,K] @ W[N,K]^T.  Writes gemm.csv (dtype,m,n,k,time_s,flops,bytes,layer) and
-elementwise.csv (op,tokens,hidden,time_s,bytes,impl)."""
+elementwise.csv (op,tokens,hidden,time_s,bytes,impl,rel_error,params,kernels)."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +10,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 from validation.common import Budget, CsvOut, guarded, log  # noqa: E402
 
@@ -116,108 +114,10 @@ def run_gemm(args, out, budget):
         torch.cuda.empty_cache()
 
 
-# ----------------------------------------------------------------------------- element-wise
-@triton.jit
-def _rmsnorm_kernel(X, W, Y, H, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    msk = offs < H
-    x = tl.load(X + row * H + offs, mask=msk, other=0.0).to(tl.float32)
-    var = tl.sum(x * x, 0) / H
-    w = tl.load(W + offs, mask=msk, other=0.0).to(tl.float32)
-    tl.store(Y + row * H + offs, (x * tl.rsqrt(var + eps) * w).to(Y.dtype.element_ty), mask=msk)
-
-
-@triton.jit
-def _silu_mul_kernel(GU, Y, H, n, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    msk = offs < n
-    row = offs // H
-    col = offs % H
-    g = tl.load(GU + row * 2 * H + col, mask=msk, other=0.0).to(tl.float32)
-    u = tl.load(GU + row * 2 * H + H + col, mask=msk, other=0.0).to(tl.float32)
-    tl.store(Y + offs, (g / (1 + tl.exp(-g)) * u).to(Y.dtype.element_ty), mask=msk)
-
-
-def rmsnorm_triton(x, w, eps=1e-6):
-    y = torch.empty_like(x)
-    H = x.shape[-1]
-    _rmsnorm_kernel[(x.shape[0],)](x, w, y, H, eps, BLOCK=triton.next_power_of_2(H), num_warps=8 if H >= 4096 else 4)
-    return y
-
-
-def silu_mul_triton(gu):
-    T, H2 = gu.shape
-    H = H2 // 2
-    y = torch.empty(T, H, device=gu.device, dtype=gu.dtype)
-    n = T * H
-    _silu_mul_kernel[(triton.cdiv(n, 2048),)](gu, y, H, n, BLOCK=2048, num_warps=8)
-    return y
-
-
-def rope_torch(x, cos, sin):
-    x1, x2 = x[..., ::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2)
-
-
-def rope_neox(x, cos, sin):
-    h = x.shape[-1] // 2
-    x1, x2 = x[..., :h], x[..., h:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
-
-
-def ew_point(op, impl, T, H, csv):
-    from validation.common import bench
-
-    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    if op == "rmsnorm":
-        w = torch.randn(H, device="cuda", dtype=torch.bfloat16)
-        ref = F.rms_norm(x.float(), (H,), w.float(), 1e-6)
-        fn = (lambda: rmsnorm_triton(x, w)) if impl == "triton" else (lambda: F.rms_norm(x, (H,), w, 1e-6))
-        byts = 2 * T * H * 2 + H * 2
-    elif op == "silu_mul":
-        gu = torch.randn(T, 2 * H, device="cuda", dtype=torch.bfloat16)
-        ref = F.silu(gu[:, :H].float()) * gu[:, H:].float()
-        fn = (lambda: silu_mul_triton(gu)) if impl == "triton" else (lambda: F.silu(gu[:, :H]) * gu[:, H:])
-        byts = 3 * T * H * 2
-    elif op == "residual_add":
-        y = torch.randn_like(x)
-        ref = x.float() + y.float()
-        fn = lambda: x + y  # noqa: E731
-        byts = 3 * T * H * 2
-    elif op == "rope":
-        D = 128
-        xr = x.view(T, H // D, D)
-        cos = torch.randn(T, 1, D // 2, device="cuda", dtype=torch.bfloat16)
-        sin = torch.randn_like(cos)
-        ref = rope_neox(xr.float(), cos.float(), sin.float())
-        fn = lambda: rope_neox(xr, cos, sin)  # noqa: E731
-        byts = 2 * T * H * 2 + 2 * T * D // 2 * 2
-    else:
-        raise ValueError(op)
-    out = fn()
-    err = ((out.float().reshape(ref.shape) - ref).norm() / ref.norm()).item()
-    if not err < 2e-2:
-        log(f"[WARN] {op} {impl} rel error {err:.2e}")
-    t = bench(fn, rep_ms=6)[0]
-    csv.row(op=op, tokens=T, hidden=H, time_s=t, bytes=byts, impl=impl, rel_error=err)
-    return t
-
-
 def run_elementwise(args, out, budget):
-    csv = CsvOut(os.path.join(out, "elementwise.csv"), ["op", "tokens", "hidden", "time_s", "bytes", "impl", "rel_error"])
-    toks = [1, 64, 1024] if args.quick else [1, 4, 16, 64, 256, 1024, 4096, 16384]
-    hids = [4096] if args.quick else [2048, 4096, 8192, 14336]
-    ops = [("rmsnorm", "triton"), ("rmsnorm", "torch"), ("silu_mul", "triton"), ("silu_mul", "torch"),
-           ("residual_add", "torch"), ("rope", "torch")]
-    for H in hids:
-        for T in toks:
-            for op, impl in ops:
-                if not budget.ok(1):
-                    return
-                guarded(f"{op} {impl} T{T} H{H}", ew_point, op, impl, T, H, csv)
-        log(f"elementwise H{H} done")
+    from validation import elementwise  # the engine's own kernels (kernels/engine_ops.py)
+
+    elementwise.run(args, out, budget)
 
 
 def main():

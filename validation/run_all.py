@@ -29,8 +29,8 @@ PARTS = {
     "offload": (20, ["validation/kernels/bench_attention.py", "--path", "offload"]),
     "prefill": (15, ["validation/kernels/bench_attention.py", "--path", "prefill"]),
     "gemm": (60, ["validation/gemm.py", "--part", "gemm"]),
-    "elementwise": (15, ["validation/gemm.py", "--part", "elementwise"]),
-    "engine": (170, ["validation/engine.py"]),
+    "elementwise": (30, ["validation/gemm.py", "--part", "elementwise"]),  # ~280 points of 9 engine kernels
+    "engine": (230, ["validation/engine.py"]),  # 10 models: 5 prompts + ~45 decode points each, ~20 s a model
     "ceilings_end": (6, ["validation/ceilings.py", "--end"]),
 }
 

@@ -6,7 +6,8 @@ machine as the baseline. NVLink multicast stays off in every process (tp_engine.
   python3 validation/run_tp.py --out DIR --budget-s 500 [--quick]
 
 Writes into DIR: meta.json, ceilings.json, ceilings_per_gpu.json, allreduce.csv, engine_decode.csv
-and engine_prefill.csv (a `tp` column; tp=1 rows are the baseline). The lead commits DIR as
+and engine_prefill.csv (a `tp` column; tp=1 rows are the baseline, on the same points: engine.py's
+TP grid, contiguous and paged caches). The lead commits DIR as
 validation/results/<gpu>-x<N>/.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main():
     parts += [(f"allreduce_tp{t}", 12, ["validation/tp_engine.py", "--task", "allreduce", "--tp", str(t)]) for t in tps]
     parts += [(f"engine_tp{t}", 90, ["validation/tp_engine.py", "--task", "engine", "--tp", str(t), "--models", models])
               for t in tps]
-    parts += [("engine_tp1", 70, ["validation/engine.py", "--models", models]),
+    parts += [("engine_tp1", 70, ["validation/engine.py", "--models", models, "--grid", "tp"]),
               ("ceilings_end", 4, ["validation/ceilings.py", "--end"])]
     status, total = run_parts(a.out, a.budget_s, a.quick, parts, env_extra=NVLS_OFF)
     record_run(a.out, "run_tp", a.quick, status, total)
@@ -66,7 +67,7 @@ def summary(out):
     base = {(r["model"], r["batch"], r["context"], r["layers"]): float(r["time_s"]) for r in rows if r["tp"] == "1"}
     for r in rows:
         k = (r["model"], r["batch"], r["context"], r["layers"])
-        if r["tp"] != "1" and k in base and r["batch"] in ("1", "32") and r["context"] in ("2048", "32768"):
+        if r["tp"] != "1" and k in base and r["batch"] in ("1", "64") and r["context"] in ("2048", "32768"):
             print(f"{r['model']:18s} tp{r['tp']} B{r['batch']:>4s} S{r['context']:>6s}: {float(r['time_s'])*1e3:8.3f} ms "
                   f"(tp1 {base[k]*1e3:8.3f} ms, x{base[k]/float(r['time_s']):.2f})")
 

@@ -9,7 +9,7 @@ cache_kernels.cu, activation_kernels.cu, csrc/moe/):
   silu_and_mul        silu(gate) * up
   moe_topk_softmax    softmax over experts, top-k, renormalized weights
   moe_align           per-expert counts -> group ends (grouped GEMM offsets) and start cursors
-  moe_permute         each (token, choice) row copied to its expert's group (atomic cursor)
+  moe_permute         each (token, choice) row copied to its expert's group (atomic cursor; after align)
   moe_unpermute       out[t] = sum_j w[t, j] * rows[t, j] (+ the shared experts' output)
 
 Everything reads and writes through explicit strides (q, k, v are views of the fused QKV output;
@@ -227,17 +227,24 @@ def _permute_kernel(X, IDS, CURSOR, XS, INV, sx, sxs, N, H, K: tl.constexpr, BLO
         tl.store(XS + pos[:, None] * sxs + hh[None, :], tl.load(X + tok[:, None] * sx + hh[None, :], mask=mm), mask=mm)
 
 
+def moe_align(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, k] -> (group ends [E] int32: the grouped GEMM's offsets, cursors [E] int32: each
+    group's first row, consumed by the permute kernel)."""
+    ends = torch.empty(n_experts, device=ids.device, dtype=torch.int32)
+    cursor = torch.empty_like(ends)
+    _align_kernel[(1,)](ids, ends, cursor, ids.numel(), n_experts, E_PAD=triton.next_power_of_2(n_experts),
+                        CHUNK=4096, num_warps=8)
+    return ends, cursor
+
+
 def moe_permute(x: torch.Tensor, ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, H], ids [T, k] -> (rows [T*k, H] grouped by expert, group ends [E] int32 (the
-    grouped GEMM's offsets), inv [T*k] int32: where row (t, j) went). Two kernels: align, permute.
-    Rows within a group are in atomic order; each row's result does not depend on it."""
+    """x [T, H], ids [T, k] -> (rows [T*k, H] grouped by expert, group ends [E] int32, inv [T*k]
+    int32: where row (t, j) went). Two kernels: align, permute. Rows within a group are in atomic
+    order; each row's result does not depend on it."""
     T, H = x.shape
     k = ids.shape[1]
     n = T * k
-    ends = torch.empty(n_experts, device=x.device, dtype=torch.int32)
-    cursor = torch.empty_like(ends)
-    e_pad = triton.next_power_of_2(n_experts)
-    _align_kernel[(1,)](ids, ends, cursor, n, n_experts, E_PAD=e_pad, CHUNK=4096, num_warps=8)
+    ends, cursor = moe_align(ids, n_experts)
     xs = torch.empty(n, H, device=x.device, dtype=x.dtype)
     inv = torch.empty(n, device=x.device, dtype=torch.int32)
     br = 16
