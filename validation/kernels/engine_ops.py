@@ -27,6 +27,11 @@ def _warps(block: int) -> int:
     return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
+def _pad(n: int) -> int:
+    """Tile extent for n heads or choices: a power of two, at least 2 (no one-row tiles)."""
+    return max(2, triton.next_power_of_2(n))
+
+
 # ----------------------------------------------------------------------------- norms
 @triton.jit
 def _rms_norm_kernel(X, R, W, Y, sx, sr, sy, H, eps, ADD: tl.constexpr, BLOCK: tl.constexpr):
@@ -106,7 +111,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     half = rot // 2
     _rope_kernel[(T,)](positions, q, k, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0),
                        n_q, n_k, HALF=half, HALF_PAD=triton.next_power_of_2(half),
-                       HQ_PAD=triton.next_power_of_2(n_q), HK_PAD=triton.next_power_of_2(n_k), num_warps=4)
+                       HQ_PAD=_pad(n_q), HK_PAD=_pad(n_k), num_warps=4)
 
 
 # ----------------------------------------------------------------------------- KV cache write
@@ -192,7 +197,7 @@ def moe_topk_softmax(logits: torch.Tensor, k: int, renormalize: bool = True) -> 
     e_pad = triton.next_power_of_2(E)
     bt = max(1, min(64, 4096 // e_pad))
     _topk_softmax_kernel[(triton.cdiv(T, bt),)](logits, wts, ids, logits.stride(0), T, E, K=k,
-                                                K_PAD=triton.next_power_of_2(k), E_PAD=e_pad, BLOCK_T=bt,
+                                                K_PAD=_pad(k), E_PAD=e_pad, BLOCK_T=bt,
                                                 RENORM=renormalize, num_warps=4)
     return wts, ids
 
@@ -280,6 +285,6 @@ def moe_unpermute(rows: torch.Tensor, inv: torch.Tensor, wts: torch.Tensor,
     bh = 512
     sh = shared if shared is not None else out
     _unpermute_kernel[(T, triton.cdiv(H, bh))](rows, inv, wts, sh, out, rows.stride(0), sh.stride(0), out.stride(0), H,
-                                               K=k, K_PAD=triton.next_power_of_2(k), BLOCK_H=bh,
+                                               K=k, K_PAD=_pad(k), BLOCK_H=bh,
                                                HAS_SHARED=shared is not None, num_warps=4)
     return out
