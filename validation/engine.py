@@ -39,6 +39,7 @@ QUICK = dict(batches=[1, 8], contexts=([1000, 2048],), prompts=[256, 3000])  # o
 # Tensor-parallel runs and their tp=1 baseline (run_tp.py): a smaller grid, the same points.
 TP_GRID = dict(batches=[1, 16, 64, 256], contexts=([2048, 32768], [512, 8192]), prompts=[128, 2048, 8192])
 HEADROOM_BYTES = 6 * 2**30  # activations, graph pools and partials beside the cache
+MAX_FAILURES = 3  # in a row: the model's remaining points are skipped (a systematic fault costs little budget)
 TIMED_S = 0.1  # replay time per point (10 replays of a 10 ms step; p10-p90 spread was ~0.3%), >= min_iters
 
 
@@ -211,22 +212,24 @@ def run(args):
         model = guarded(f"build {name}", Decoder, cfg, layers)
         if model is None:
             continue
-        done = skipped = 0
+        done = skipped = failed = 0
         for point in plan(cfg, args.quick, args.grid):
             free, _ = torch.cuda.mem_get_info()
             if not fits(cfg, layers, point, free):
                 continue
-            if not mb.ok(2):
+            if not mb.ok(2) or failed >= MAX_FAILURES:
                 skipped += 1
                 continue
             fn = prefill_row if point[0] == "prefill" else decode_row
             row = guarded(f"{name} {point}", fn, model, name, *point[1:])
             torch.cuda.empty_cache()
+            failed = 0 if row is not None else failed + 1
             if row is not None:
                 out[point[0]].row(**row)
                 log("  " + describe(row))
                 done += 1
-        log(f"  {name}: {done} points in {mb.seconds - mb.left():.0f}s, {skipped} skipped for budget")
+        log(f"  {name}: {done} points in {mb.seconds - mb.left():.0f}s, {skipped} skipped (budget or "
+            f"{MAX_FAILURES} failures in a row)")
         del model
         torch.cuda.empty_cache()
 
