@@ -145,14 +145,14 @@ def decode_row(model, name, B, S, paged, agree=lambda t: t, eager_ok=True):
     toks = torch.randint(0, cfg.vocab * cfg.tp, (B,), device=model.dev)
     graph = 1
     try:
-        t, p10, p90 = time_graph(lambda: model.decode_step(toks, S), agree)
+        t, p10, p90 = time_graph(lambda: model.sample(model.decode_step(toks, S)), agree)
     except Exception as e:  # noqa: BLE001
         if not eager_ok:
             raise
         print(f"  graph capture failed ({str(e)[:120]}); eager timing", flush=True)
         torch.cuda.synchronize()
         graph = 0
-        t, p10, p90 = time_eager(lambda: model.decode_step(toks, S), iters=10)
+        t, p10, p90 = time_eager(lambda: model.sample(model.decode_step(toks, S)), iters=10)
     model.free_cache()
     return dict(model=name, batch=B, context=S, time_s=agree(t), time_p10_s=agree(p10), time_p90_s=agree(p90),
                 kv_bytes=kvb, kv_alloc_bytes=alloc, layers=model.L, total_layers=cfg.layers,
@@ -169,14 +169,14 @@ def prefill_row(model, name, P, agree=lambda t: t, eager_ok=True):
     toks = torch.randint(0, cfg.vocab * cfg.tp, (1, P), device=model.dev)
     graph = 1
     try:
-        t, p10, p90 = time_graph(lambda: model.prefill(toks), agree, min_iters=3)
+        t, p10, p90 = time_graph(lambda: model.sample(model.prefill(toks)), agree, min_iters=3)
     except Exception as e:  # noqa: BLE001
         if not eager_ok:
             raise
         print(f"  prefill graph capture failed ({str(e)[:120]}); eager timing", flush=True)
         torch.cuda.synchronize()
         graph = 0
-        t, p10, p90 = time_eager(lambda: model.prefill(toks), iters=3)
+        t, p10, p90 = time_eager(lambda: model.sample(model.prefill(toks)), iters=3)
     model.free_cache()
     note = "sliding window ignored in prefill attention" if cfg.sliding_window and P > cfg.sliding_window else ""
     return dict(model=name, batch=1, prompt=P, time_s=agree(t), time_p10_s=agree(p10), time_p90_s=agree(p90),

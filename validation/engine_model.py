@@ -338,6 +338,11 @@ class Decoder:
         B, P = tokens.shape
         return self._forward(self.embed[tokens].view(B * P, -1), self._prefill_meta(B, P), B, P)
 
+    @staticmethod
+    def sample(logits):
+        """Greedy sampling as vLLM's sampler runs it: logits to fp32, softmax, pick (3 kernels)."""
+        return logits.float().softmax(-1).argmax(-1)
+
     def _forward(self, x, meta, B, P):
         eo = ops()
         residual, h = x, eo.rms_norm(x, self.layers[0]["ln1"]) if self.L else x

@@ -267,25 +267,31 @@ class CostModel:
         whether the kernel runs at all (1/0). The KV write and sampling come first and last."""
         m, tp, e = self.model, self.tp, self.model.dtype_bytes
         h, L = m.hidden_size, m.num_layers
-        kv_write = sum(count * s.heads_per_rank(tp) * s.dim * s.elem_bytes / s.tokens_per_entry
-                       for s, count in self.layout.stream_counts if s.token_cap != 0)
+        # reshape_and_cache reads the new K/V rows and writes them into their slots
+        kv_write = 2 * sum(count * s.heads_per_rank(tp) * s.dim * s.elem_bytes / s.tokens_per_entry
+                           for s, count in self.layout.stream_counts if s.token_cap != 0)
         norm = NORMS_PER_LAYER * 4 * h * e * L + 2 * h * e  # + the final norm (read, write)
-        rope = 2 * (m.attention.num_heads // tp + kv_heads_per_rank(m, tp)) * m.attention.head_dim * e * L
+        a = m.attention
+        if a.mla is not None:  # RoPE touches only the decoupled rope dims: every query head + one key
+            rope = 2 * (a.num_heads // tp + 1) * a.mla.qk_rope_head_dim * e * L
+        else:
+            rope = 2 * (a.num_heads // tp + kv_heads_per_rank(m, tp)) * a.head_dim * e * L
         act = 0.0
         for layer in m.layers:
-            if layer.moe and m.moe:
-                inter = m.moe.expert_intermediate_size * m.moe.top_k
-                inter += (m.moe.shared_intermediate_size or 0) * (m.moe.num_shared_experts or 0)
+            if layer.moe and m.moe:  # shared_intermediate_size is the shared experts' total width
+                inter = m.moe.expert_intermediate_size * m.moe.top_k + (m.moe.shared_intermediate_size or 0)
             else:
                 inter = m.intermediate_size
             act += 3 * inter // tp * e  # read gate and up, write their product
         rows = [("kv_write", kv_write, L), ("norm", norm, NORMS_PER_LAYER * L + 1), ("rope", rope, L),
                 ("activation", act, L)]
         moe_layers = sum(1 for layer in m.layers if layer.moe) if m.moe else 0
-        if moe_layers:  # permute in, un-permute out: read + write the hidden state per routed copy
-            rows.append(("moe_routing", 4 * h * e * m.moe.top_k * moe_layers,
+        if moe_layers:  # permute: read h, write k copies; un-permute: read k copies, write h (+ shared out)
+            rows.append(("moe_routing", (3 * m.moe.top_k + 2) * h * e * moe_layers,
                          MOE_ROUTING_KERNELS_PER_LAYER * moe_layers))
-        rows.append(("sampling", m.vocab_size * 4 * 3, 3))  # logits to fp32, softmax, sample
+        # sampler (vLLM; validation/engine_model.py sample): logits bf16 -> fp32 (read 2, write 4 B),
+        # softmax (read 4, write 4), pick (read 4): 18 bytes per vocabulary entry, 3 kernels
+        rows.append(("sampling", m.vocab_size * 18, 3))  # every rank samples the gathered logits
         names, per_token, kernels = zip(*rows, strict=True)
         per_token = np.array(per_token, dtype=float)
         return tuple(names), per_token, np.array(kernels, dtype=float), (per_token > 0).astype(float)
