@@ -276,7 +276,8 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("matkv-ttft", "MatKV: RAG TTFT, documents loaded from NVMe / prefilled (arXiv 2512.22195)",
           "abstract", "inference time halved (0.5x)", 0.5, "paper-matkv",
           _matkv_ttft, "x", (1.9, 2.3),
-          "2k-token prefill on an H100 (~45 ms) costs what reading its 268 MB KV at 6 GB/s does"),
+          "prefilling 2k tokens on an H100 (49 ms) costs about what reading their 268 MB of KV at 6 GB/s "
+          "does (45 ms)"),
     Claim("lightkv-vision-kv", "LightKV: vision-token KV kept with 55% of vision tokens, LLaVA-1.5-7B",
           "v1 abstract (arXiv 2605.00789v1)", "vision-token KV halved (0.50)", 0.5, "paper-lightkv",
           _lightkv_vision_kv, "x", (1.05, 1.15),
