@@ -31,20 +31,22 @@ from kvsim.fileio import write_atomic
 from kvsim.spec.hardware import HardwareSpec, load_hardware
 
 Sample = tuple[float, float, float, float]  # size, time_s, t_compute, t_memory
+MIN_EFFICIENCY = 1e-4  # a kernel whose time is all floor; keeps the curve strictly positive
 
 
 def _fit(samples: list[Sample], default: float) -> dict:
     """A 1-D efficiency curve (and floor) from roofline samples."""
     if not samples:
         return {"size": [1], "compute": [default], "memory": [default], "floor_s": 0.0}
-    floor = max(0.0, min(t - max(tc, tm) for _, t, tc, tm in samples))
-    floor = min(floor, 0.5 * min(t for _, t, _, _ in samples))
+    # the floor is the fastest kernel's time above its roofline (launch and tail of a tiny kernel)
+    fastest = min(samples, key=lambda smp: smp[1])
+    floor = max(0.0, fastest[1] - max(fastest[2], fastest[3]))
     comp: dict[int, list[float]] = defaultdict(list)
     mem: dict[int, list[float]] = defaultdict(list)
     for size, t, tc, tm in samples:
         eff = max(tc, tm) / max(t - floor, 1e-12)
         bucket = int(round(np.log2(max(size, 1.0))))
-        (comp if tc >= tm else mem)[bucket].append(min(eff, 1.5))
+        (comp if tc >= tm else mem)[bucket].append(float(np.clip(eff, MIN_EFFICIENCY, 1.5)))
     buckets = sorted(set(comp) | set(mem))
 
     def series(d: dict[int, list[float]]) -> list[float]:
@@ -52,7 +54,7 @@ def _fit(samples: list[Sample], default: float) -> dict:
         if not known:
             return [default] * len(buckets)
         values = [float(np.median(d[b])) for b in known]
-        return [round(float(np.interp(b, known, values)), 4) for b in buckets]
+        return [float(f"{np.interp(b, known, values):.4g}") for b in buckets]
 
     return {"size": [float(2.0**b) for b in buckets], "compute": series(comp), "memory": series(mem),
             "floor_s": float(f"{floor:.3g}")}
@@ -71,7 +73,7 @@ def _fit_table(samples: list[tuple[float, float, float, float, float]], default:
     x = np.log2(sizes)
 
     def on_grid(r: dict, key: str) -> list[float]:
-        return [round(float(v), 4) for v in np.interp(x, np.log2(r["size"]), r[key])]
+        return [float(f"{v:.4g}") for v in np.interp(x, np.log2(r["size"]), r[key])]
 
     return {"size": sizes, "size2": list(fitted), "compute": [on_grid(r, "compute") for r in fitted.values()],
             "memory": [on_grid(r, "memory") for r in fitted.values()], "floor_s": 0.0}
@@ -132,6 +134,12 @@ def fit_profile(folder: Path) -> dict:
              float(r["bytes"]) / bw) for r in measured.rows(folder / "gemm.csv") if r["dtype"] == "bf16"]
     used["gemm.csv (bf16)"] = len(gemm)
 
+    # routed experts: rows per touched expert x the touched experts' weight bytes
+    grouped = [(float(r["tokens"]) * float(r["top_k"]) / float(r["active_experts"]),
+                float(r["active_experts"]) * float(r["n"]) * float(r["k"]) * 2, float(r["time_s"]),
+                float(r["flops"]) / bf16, float(r["bytes"]) / bw) for r in measured.rows(folder / "gemm_grouped.csv")]
+    used["gemm_grouped.csv"] = len(grouped)
+
     decode, used["attention_decode.csv (calibration shapes)"] = _decode_samples(folder, hw, ceil)
 
     prefill = [(float(r["prompt"]), float(r["time_s"]), float(r["flops"]) / bf16, 0.0)
@@ -150,6 +158,8 @@ def fit_profile(folder: Path) -> dict:
     ops = {"gemm": _fit_table(gemm, 0.8), "attention_decode": _fit(decode.pop("dense", []), 0.8),
            "attention_prefill": _fit(prefill, 0.6), "elementwise": _fit(elementwise, 0.7)}
     ops.update({f"attention_decode.{family}": _fit(s, 0.8) for family, s in sorted(decode.items())})
+    if grouped:
+        ops["gemm_grouped"] = _fit_table(grouped, 0.8)
     prior = yaml.safe_load((Path(__file__).parent / "data" / "calibration_prior.yaml").read_text())
     allreduce, sources = _allreduce_fit(folder, hw)
     ops["allreduce"] = allreduce or prior["ops"]["allreduce"]

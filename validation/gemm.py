@@ -114,6 +114,61 @@ def run_gemm(args, out, budget):
         torch.cuda.empty_cache()
 
 
+# Routed-expert GEMMs as the engine runs them (torch._grouped_mm over [E, K, N] weights, rows sorted by
+# expert): (experts, top_k, N, K, label) from each MoE model's config.json (gate_up fused, then down).
+GROUPED = [
+    (60, 4, 2816, 2048, "qwen1.5-moe.w13"), (60, 4, 2048, 1408, "qwen1.5-moe.w2"),
+    (64, 6, 2816, 2048, "deepseek-v2-lite.w13"), (64, 6, 2048, 1408, "deepseek-v2-lite.w2"),
+    (8, 2, 28672, 4096, "mixtral-8x7b.w13"), (8, 2, 4096, 14336, "mixtral-8x7b.w2"),
+]
+GROUPED_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+def grouped_point(E, k, n, kk, tokens, w, label, csv, gen):
+    """tokens each pick k distinct experts uniformly at random (a random router): rows sorted by
+    expert, one grouped GEMM over all of them; bytes = the touched experts' weights + rows in/out."""
+    from validation.common import bench
+
+    choice = torch.rand(tokens, E, generator=gen, device="cuda").topk(k, dim=1).indices.reshape(-1)
+    counts = torch.bincount(choice, minlength=E)
+    ends = torch.cumsum(counts, 0).to(torch.int32)
+    rows = tokens * k
+    x = torch.randn(rows, kk, device="cuda", dtype=torch.bfloat16)
+    wt = w.transpose(1, 2)  # [E, K, N] view of [E, N, K] weights, as the engine passes them
+    fn = lambda: torch._grouped_mm(x, wt, offs=ends)  # noqa: E731
+    out = fn()
+    first = int(choice.sort().values[0])  # check the first expert's rows against a float GEMM
+    m0 = int(counts[first])
+    ref = x[:m0].float() @ w[first].float().t()
+    err = ((out[:m0].float() - ref).norm() / ref.norm()).item()
+    t = bench(fn, rep_ms=30, flush=False)[0]
+    active = int((counts > 0).sum())
+    byts = active * n * kk * 2 + rows * (kk + n) * 2
+    csv.row(experts=E, top_k=k, tokens=tokens, active_experts=active, n=n, k=kk, time_s=t, flops=2 * rows * n * kk,
+            bytes=byts, rel_error=f"{err:.2e}", layer=label)
+    return t, byts
+
+
+def run_grouped(args, out, budget):
+    csv = CsvOut(os.path.join(out, "gemm_grouped.csv"),
+                 ["experts", "top_k", "tokens", "active_experts", "n", "k", "time_s", "flops", "bytes", "rel_error",
+                  "layer"])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for (E, k, n, kk, label) in (GROUPED[:2] if args.quick else GROUPED):
+        if not budget.ok(3):
+            log("grouped: budget spent")
+            return
+        w = torch.randn(E, n, kk, device="cuda", dtype=torch.bfloat16)
+        for tokens in ([1, 64] if args.quick else GROUPED_TOKENS):
+            if not budget.ok(2):
+                break
+            r = guarded(f"grouped {label} T{tokens}", grouped_point, E, k, n, kk, tokens, w, label, csv, gen)
+            if r is not None and tokens in (1, 64, 1024):
+                log(f"grouped {label} T{tokens}: {r[0]*1e6:.1f} us {r[1]/r[0]/1e12:.2f} TB/s")
+        del w
+        torch.cuda.empty_cache()
+
+
 def run_elementwise(args, out, budget):
     from validation import elementwise  # the engine's own kernels (kernels/engine_ops.py)
 
@@ -125,12 +180,12 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=120)
-    ap.add_argument("--part", default="gemm", choices=["gemm", "elementwise"])
+    ap.add_argument("--part", default="gemm", choices=["gemm", "grouped", "elementwise"])
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     b = Budget(a.budget_s)
     torch.manual_seed(0)
-    (run_gemm if a.part == "gemm" else run_elementwise)(a, a.out, b)
+    {"gemm": run_gemm, "grouped": run_grouped, "elementwise": run_elementwise}[a.part](a, a.out, b)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,17 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=500)
+    ap.add_argument("--degrees", default="", help="TP degrees to run, e.g. 4 (default: 2, 4, 8 as the GPUs allow)")
+    ap.add_argument("--only-tp", action="store_true",
+                    help="just the all-reduce sweeps and TP engine grids (no ceilings, no tp=1 baseline): a second "
+                         "call on a machine whose first call measured those")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     import torch
 
     tps = degrees(torch.cuda.device_count())
+    if a.degrees:
+        tps = [t for t in tps if str(t) in a.degrees.split(",")]
     models = ",".join(QUICK_TP_MODELS if a.quick else TP_MODELS)
     parts = [("ceilings", 25, ["validation/ceilings.py"]),
              ("gpus", 10 * len(tps), ["validation/tp_engine.py", "--task", "gpus"])]
@@ -43,6 +49,8 @@ def main():
               for t in tps]
     parts += [("engine_tp1", 70, ["validation/engine.py", "--models", models, "--grid", "tp"]),
               ("ceilings_end", 4, ["validation/ceilings.py", "--end"])]
+    if a.only_tp:
+        parts = [p for p in parts if p[0].startswith(("allreduce_tp", "engine_tp")) and p[0] != "engine_tp1"]
     status, total = run_parts(a.out, a.budget_s, a.quick, parts, env_extra=NVLS_OFF)
     record_run(a.out, "run_tp", a.quick, status, total)
     summary(a.out)

@@ -21,6 +21,8 @@ File format (YAML or JSON), documented in docs/calibration.md:
       attention_prefill: {...}    # size: prompt tokens
       elementwise:       {...}    # size: bytes moved
       allreduce:         {...}    # size: message bytes (memory = fraction of link bandwidth)
+      gemm_grouped:      {...}    # optional: routed experts' grouped GEMM, size = rows per touched
+                                  # expert, size2 = touched experts' weight bytes (else ``gemm``)
     # A curve with ``size2`` is a table: one row of efficiencies (over ``size``) per ``size2`` value,
     # interpolated bilinearly in log2 of both. GEMM efficiency depends on the token count AND on the
     # weight matrix (a 1 MB router streams far below HBM bandwidth; a 100 MB projection near it).
@@ -197,7 +199,7 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
         raise KvsimError(f"missing op curves: {', '.join(missing)}", field="ops", value=sorted(ops), file=file)
     from kvsim.kv import METHODS  # noqa: PLC0415 - kvsim.kv imports nothing from here; avoids a cycle at load
 
-    known_ops = set(OP_KINDS) | {f"attention_decode.{f}" for f in (*METHODS, "mla")}
+    known_ops = set(OP_KINDS) | {f"attention_decode.{f}" for f in (*METHODS, "mla")} | {"gemm_grouped"}
     for key in ops:
         if key not in known_ops:
             raise KvsimError(f"unknown op curve (known: {', '.join(sorted(known_ops))})", field=f"ops.{key}",

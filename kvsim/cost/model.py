@@ -358,9 +358,15 @@ class CostModel:
         m_eff = np.where(routed, m * col(g.top_k) / np.maximum(active, 1e-9), m)
         flops, nbytes = col(g.flops_per_token) * m, wbytes + col(g.act_bytes_per_token) * m
         curve = self.cal.ops["gemm"]
-        ce, me = curve.eff_many(np.maximum(m_eff, 1.0).ravel(), wbytes.ravel())
-        t_c, t_m = flops / (col(g.peak) * ce.reshape(m.shape)), nbytes / (c.copy_bytes_per_s * me.reshape(m.shape))
-        t = np.where(m > 0, np.maximum(t_c, t_m) + curve.floor_s, 0.0)
+        ce, me = (v.reshape(m.shape) for v in curve.eff_many(np.maximum(m_eff, 1.0).ravel(), wbytes.ravel()))
+        floor = np.full(m.shape, curve.floor_s)
+        grouped = self.cal.ops.get("gemm_grouped")
+        if grouped is not None and routed.any():  # routed experts run as one grouped GEMM (own curve)
+            gc, gm = (v.reshape(m.shape) for v in grouped.eff_many(np.maximum(m_eff, 1.0).ravel(), wbytes.ravel()))
+            rows = np.broadcast_to(routed, m.shape)
+            ce, me, floor = np.where(rows, gc, ce), np.where(rows, gm, me), np.where(rows, grouped.floor_s, floor)
+        t_c, t_m = flops / (col(g.peak) * ce), nbytes / (c.copy_bytes_per_s * me)
+        t = np.where(m > 0, np.maximum(t_c, t_m) + floor, 0.0)
         rows = []
         for i, name in enumerate(g.names):
             sel = np.flatnonzero(g.role == i)

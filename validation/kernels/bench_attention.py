@@ -51,7 +51,9 @@ def run_dense(args, csv, budget, fp8=False):
                base) or td.DEFAULT_CFG
     log(f"{name}: best cfg {cfg}")
     del q, k, v
-    for (B, Hq, Hkv, D, S) in points(heads, batches, contexts, lambda d: 2 * d * eb):
+    # every head shape at each (batch, context) before the next, so a short budget still spans the shapes
+    grid = sorted(points(heads, batches, contexts, lambda d: 2 * d * eb), key=lambda p: (p[0], p[4]))
+    for (B, Hq, Hkv, D, S) in grid:
         if not budget.ok(5):
             log(f"{name}: budget spent")
             break
@@ -90,6 +92,8 @@ def dense_point(B, Hq, Hkv, D, S, cfg, csv, fp8, name):
     csv.row(**common, method=name, params=params_str(**cfg), time_s=t, bytes_read=byts, rel_error=err,
             kvsim_spec="bf16")
     log(f"{name} B{B} {Hq}/{Hkv}/{D} S{S}: {t*1e6:.1f} us  {byts/t/1e12:.2f} TB/s err {err:.2e}")
+    if (Hq, Hkv, D) != HEADS[0]:
+        return  # SDPA alternatives on the Llama-3 shape only (the engine decodes with the Triton kernel)
     G = Hq // Hkv
     q4, qf = q.view(B, Hq, 1, D), q.view(B, Hkv, G, D)
     sdpa = {"sdpa_gqa": lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True, scale=scale),
