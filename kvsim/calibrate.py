@@ -34,13 +34,14 @@ Sample = tuple[float, float, float, float]  # size, time_s, t_compute, t_memory
 MIN_EFFICIENCY = 1e-4  # a kernel whose time is all floor; keeps the curve strictly positive
 
 
-def _fit(samples: list[Sample], default: float) -> dict:
-    """A 1-D efficiency curve (and floor) from roofline samples."""
+def _fit(samples: list[Sample], default: float, floor: float | None = None) -> dict:
+    """A 1-D efficiency curve from roofline samples, above a floor: by default the fastest kernel's
+    time above its roofline (launch and tail of a tiny kernel)."""
     if not samples:
         return {"size": [1], "compute": [default], "memory": [default], "floor_s": 0.0}
-    # the floor is the fastest kernel's time above its roofline (launch and tail of a tiny kernel)
-    fastest = min(samples, key=lambda smp: smp[1])
-    floor = max(0.0, fastest[1] - max(fastest[2], fastest[3]))
+    if floor is None:
+        fastest = min(samples, key=lambda smp: smp[1])
+        floor = max(0.0, fastest[1] - max(fastest[2], fastest[3]))
     comp: dict[int, list[float]] = defaultdict(list)
     mem: dict[int, list[float]] = defaultdict(list)
     for size, t, tc, tm in samples:
@@ -68,7 +69,11 @@ def _fit_table(samples: list[tuple[float, float, float, float, float]], default:
         by_size2[size2].append((size, t, tc, tm))
     if not by_size2:
         return _fit([], default)
-    fitted = {s2: _fit(group, default) for s2, group in sorted(by_size2.items())}
+    # one floor for the table (a row may hold a single sample, whose whole excess its own floor
+    # would absorb): the fastest kernel's time above its roofline
+    fastest = min((smp for group in by_size2.values() for smp in group), key=lambda smp: smp[1])
+    floor = max(0.0, fastest[1] - max(fastest[2], fastest[3]))
+    fitted = {s2: _fit(group, default, floor) for s2, group in sorted(by_size2.items())}
     sizes = sorted({s for r in fitted.values() for s in r["size"]})
     x = np.log2(sizes)
 
@@ -76,7 +81,7 @@ def _fit_table(samples: list[tuple[float, float, float, float, float]], default:
         return [float(f"{v:.4g}") for v in np.interp(x, np.log2(r["size"]), r[key])]
 
     return {"size": sizes, "size2": list(fitted), "compute": [on_grid(r, "compute") for r in fitted.values()],
-            "memory": [on_grid(r, "memory") for r in fitted.values()], "floor_s": 0.0}
+            "memory": [on_grid(r, "memory") for r in fitted.values()], "floor_s": float(f"{floor:.3g}")}
 
 
 def unit_calibration(hw: HardwareSpec, ceil: dict) -> object:
@@ -86,20 +91,21 @@ def unit_calibration(hw: HardwareSpec, ceil: dict) -> object:
                                   "ops": dict.fromkeys(OP_KINDS, one)}, hw, "<unit>")
 
 
-def _decode_samples(folder: Path, hw: HardwareSpec, ceil: dict) -> tuple[dict[str, list[Sample]], int]:
-    """Roofline samples per decode-kernel family, from the calibration half of the shapes."""
+def _decode_samples(folder: Path, hw: HardwareSpec, ceil: dict) -> tuple[dict[str, list[tuple]], int]:
+    """Roofline samples (bytes per layer, query heads per KV head, time, t_c, t_m) per decode-kernel
+    family, from the calibration half of the shapes."""
     unit = unit_calibration(hw, ceil)
     kernel_rows = measured.decode_rows(folder)
     held = measured.held_out_rows(kernel_rows)
-    samples: dict[str, list[Sample]] = defaultdict(list)
+    samples: dict[str, list[tuple]] = defaultdict(list)
     used = 0
     for r in kernel_rows:
         if r.layers != 1 or r in held:
             continue  # multi-layer steps validate the layout arithmetic; held-out shapes validate speed-ups
         layout = r.layout()
-        t_c, t_m, nbytes = CostModel(r.model(), hw, layout, 1, unit).decode_attention_roofline(
-            np.full(r.batch, r.context))
-        samples[decode_family(layout)].append((nbytes, r.time_s, t_c, t_m))
+        cost = CostModel(r.model(), hw, layout, 1, unit)
+        t_c, t_m, nbytes = cost.decode_attention_roofline(np.full(r.batch, r.context))
+        samples[decode_family(layout)].append((nbytes, cost.query_group, r.time_s, t_c, t_m))
         used += 1
     return samples, used
 
@@ -155,9 +161,9 @@ def fit_profile(folder: Path) -> dict:
     elementwise = [(b, t, 0.0, b / bw) for t, b in ew_best.values()]
     used["elementwise.csv (fastest kernel per shape)"] = len(elementwise)
 
-    ops = {"gemm": _fit_table(gemm, 0.8), "attention_decode": _fit(decode.pop("dense", []), 0.8),
+    ops = {"gemm": _fit_table(gemm, 0.8), "attention_decode": _fit_table(decode.pop("dense", []), 0.8),
            "attention_prefill": _fit(prefill, 0.6), "elementwise": _fit(elementwise, 0.7)}
-    ops.update({f"attention_decode.{family}": _fit(s, 0.8) for family, s in sorted(decode.items())})
+    ops.update({f"attention_decode.{family}": _fit_table(s, 0.8) for family, s in sorted(decode.items())})
     if grouped:
         ops["gemm_grouped"] = _fit_table(grouped, 0.8)
     prior = yaml.safe_load((Path(__file__).parent / "data" / "calibration_prior.yaml").read_text())

@@ -91,7 +91,8 @@ def test_decode_family_names_the_kernel_a_layout_needs() -> None:
     from kvsim.spec.model import load_model
 
     llama, dsv2 = load_model("llama-3-8b"), load_model("deepseek-v2-lite")
-    expected = {"bf16": "dense", "fp8": "fp8", "kivi:bits=2": "kivi", "snapkv:budget=512+kivi:bits=4": "kivi",
+    expected = {"bf16": "dense", "fp8": "fp8", "kivi:bits=2": "kivi.k2v2", "snapkv:budget=512+kivi:bits=4": "kivi.k4v4",
+                "asymkv:k_bits=4,v_bits=2": "asymkv.k4v2",
                 "h2o:budget=512": "h2o", "snapkv:budget=512": "dense", "cla:factor=2": "dense",
                 "lrkv:rank=32": "lrkv", "shadowkv": "shadowkv"}
     for spec, family in expected.items():
@@ -116,7 +117,8 @@ def test_held_out_shapes_leave_every_method_shapes_on_both_sides() -> None:
 def test_profile_rejects_an_unknown_op_curve(tmp_path) -> None:
     one = {"size": [1], "compute": [1.0], "memory": [1.0]}
     ops = dict.fromkeys(("gemm", "attention_decode", "attention_prefill", "elementwise", "allreduce"), one)
-    good = calibration_from_dict({"ops": {**ops, "attention_decode.kivi": one}}, load_hardware("h100-sxm"), "p.yaml")
-    assert "attention_decode.kivi" in good.ops
+    good = calibration_from_dict({"ops": {**ops, "attention_decode.kivi.k2v2": one}}, load_hardware("h100-sxm"),
+                                 "p.yaml")
+    assert "attention_decode.kivi.k2v2" in good.ops
     with pytest.raises(KvsimError, match="ops.attention_decode.kivvi"):
         calibration_from_dict({"ops": {**ops, "attention_decode.kivvi": one}}, load_hardware("h100-sxm"), "p.yaml")

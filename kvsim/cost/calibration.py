@@ -15,8 +15,9 @@ File format (YAML or JSON), documented in docs/calibration.md:
     ops:                          # efficiency vs log2(size), relative to the ceilings above
       gemm:              {size: [1, 16, 4096], size2: [1.0e+6, 1.0e+8],   # tokens x weight bytes
                           compute: [[...], [...]], memory: [[...], [...]], floor_s: 0.0}
-      attention_decode:  {...}    # size: KV bytes read by one kernel (the dense bf16/fp16 kernel)
-      attention_decode.kivi: {...}  # optional, per decode kernel (kvsim.cost.model.decode_family):
+      attention_decode:  {...}    # size: KV bytes read by one kernel (the dense bf16/fp16 kernel),
+                                  # size2: query heads per KV head (GQA group; MLA: all heads)
+      attention_decode.kivi.k2v2: {...}  # optional, per decode kernel (kvsim.cost.model.decode_family):
                                     # a method's own kernel; one without a curve uses attention_decode
       attention_prefill: {...}    # size: prompt tokens
       elementwise:       {...}    # size: bytes moved
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 from dataclasses import dataclass, replace
 from functools import cache, cached_property
 from importlib import resources
@@ -201,7 +203,7 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
 
     known_ops = set(OP_KINDS) | {f"attention_decode.{f}" for f in (*METHODS, "mla")} | {"gemm_grouped"}
     for key in ops:
-        if key not in known_ops:
+        if key not in known_ops and re.sub(r"\.k[\d.]+v[\d.]+$", "", key) not in known_ops:
             raise KvsimError(f"unknown op curve (known: {', '.join(sorted(known_ops))})", field=f"ops.{key}",
                              value=key, file=file)
     try:

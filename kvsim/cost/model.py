@@ -97,7 +97,8 @@ def decode_family(layout: KVLayout) -> str:
     calibration profile may fit each kernel's efficiency separately): MLA's absorbed latent kernel
     (``mla``, or ``mtla`` over a strided latent), a quantized method's fused-dequantization kernel
     (``kivi``, ``intkv``, ...), FP8 loads, per-step score accumulation (``h2o``, ``keepkv``), low-rank
-    reconstruction (``lrkv``, ``shadowkv``), else the dense kernel (``dense``)."""
+    reconstruction (``lrkv``, ``shadowkv``), else the dense kernel (``dense``). Quantized kernels are
+    keyed with their key and value bit widths too (``kivi.k2v2``, ``intkv.k8v8``)."""
     names = [spec.split(":", 1)[0] for spec in layout.methods]
     streams = [s for layer in layout.layers for s in layer.streams]
     rt = layout.runtime
@@ -107,8 +108,9 @@ def decode_family(layout: KVLayout) -> str:
 
     if any(layer.kind == "mla" for layer in layout.layers):
         return "mtla" if "mtla" in names else "mla"
-    if any(s.quant for s in streams):
-        return deciding("precision", "placement", "eviction")
+    if any(s.quant for s in streams):  # the unpacking work per byte depends on the bit widths
+        bits = {s.part[0]: s.quant.bits for s in streams if s.quant and s.part[:1] in ("k", "v")}
+        return f"{deciding('precision', 'placement', 'eviction')}.k{bits.get('k', 16):g}v{bits.get('v', 16):g}"
     if rt.per_step_scoring:
         return deciding("eviction")
     if rt.reconstruct_rank:
@@ -161,6 +163,8 @@ class CostModel:
         self._table_n = 0
         self._decode = self._build_decode_terms()
         self.decode_family = decode_family(layout)
+        # query heads sharing one KV head: the decode kernel's rows per KV read (its second axis)
+        self.query_group = float(max(lay.q_heads // max(lay.kv_heads, 1) for lay in layout.layers))
         self._decode_curve = self.cal.ops.get(f"attention_decode.{self.decode_family}", self.cal.ops["attention_decode"])
         caps = sorted({cap for kinds in self._decode.by_kind.values() for cap in kinds})
         self._caps = np.array([np.iinfo(np.int64).max if c == NO_CAP else c for c in caps], dtype=np.int64)
@@ -423,7 +427,7 @@ class CostModel:
         if n_decode:
             flops, nbytes, t_c, t_m = self._decode_roofline(term)
             curve = self._decode_curve
-            ce, me = curve.eff(np.maximum(nbytes / L, 1.0))
+            ce, me = curve.eff(np.maximum(nbytes / L, 1.0), self.query_group)
             t_c, t_m = t_c / ce, t_m / me
             t = np.maximum(t_c, t_m) + curve.floor_s * L
             bound = "compute" if np.ravel(t_c)[0] >= np.ravel(t_m)[0] else "memory"
