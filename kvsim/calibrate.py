@@ -110,22 +110,24 @@ def _decode_samples(folder: Path, hw: HardwareSpec, ceil: dict) -> tuple[dict[st
     return samples, used
 
 
-def _allreduce_fit(folder: Path, hw: HardwareSpec) -> tuple[dict | None, list[str]]:
-    """The all-reduce curve from the GPU's multi-GPU folders: efficiency of the link bandwidth per
-    message size, after the per-call floor and the ring's hop latencies (the cost model's terms)."""
+def _allreduce_fit(folder: Path, hw: HardwareSpec) -> tuple[dict | None, float | None, list[str]]:
+    """The all-reduce terms from the GPU's multi-GPU folders (graph-captured, as the engine runs
+    them): the ring hop latency (the smallest all-reduce over its 2(tp-1) hops) and the link
+    bandwidth efficiency per message size above it (the cost model's terms)."""
     link = hw.nvlink_bandwidth_bytes_per_s or hw.pcie_bandwidth_bytes_per_s
-    samples: list[Sample] = []
+    found: list[tuple[int, float, float]] = []
     sources = []
     for sibling in sorted(folder.parent.glob(f"{folder.name}-x*")):
-        found = [r for r in measured.rows(sibling / "allreduce.csv") if r.get("mode", "graph") == "graph"]
-        for r in found:
-            tp, msg = int(r["tp"]), float(r["bytes"])
-            ideal = 2.0 * (tp - 1) / tp * msg / link
-            hops = 2 * (tp - 1) * hw.interconnect_latency_s
-            samples.append((msg, float(r["time_s"]) - hops, 0.0, ideal))
-        if found:
-            sources.append(f"{sibling.name}/allreduce.csv ({len(found)} rows)")
-    return (_fit(samples, 0.5) if samples else None), sources
+        rows = [(int(r["tp"]), float(r["bytes"]), float(r["time_s"]))
+                for r in measured.rows(sibling / "allreduce.csv") if r.get("mode", "graph") == "graph"]
+        found += rows
+        if rows:
+            sources.append(f"{sibling.name}/allreduce.csv ({len(rows)} rows)")
+    if not found:
+        return None, None, sources
+    latency = min(t / (2 * (tp - 1)) for tp, _, t in found)
+    samples = [(msg, t - 2 * (tp - 1) * latency, 0.0, 2.0 * (tp - 1) / tp * msg / link) for tp, msg, t in found]
+    return _fit([s for s in samples if s[1] > 0], 0.5, floor=0.0), latency, sources
 
 
 def fit_profile(folder: Path) -> dict:
@@ -167,8 +169,10 @@ def fit_profile(folder: Path) -> dict:
     if grouped:
         ops["gemm_grouped"] = _fit_table(grouped, 0.8)
     prior = yaml.safe_load((Path(__file__).parent / "data" / "calibration_prior.yaml").read_text())
-    allreduce, sources = _allreduce_fit(folder, hw)
+    allreduce, latency, sources = _allreduce_fit(folder, hw)
     ops["allreduce"] = allreduce or prior["ops"]["allreduce"]
+    if latency is not None:
+        ceil["link_latency_s"] = float(f"{latency:.4g}")
     note = ("allreduce from " + ", ".join(sources)) if sources else "allreduce curve from the prior (no multi-GPU data)"
     meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
     return {

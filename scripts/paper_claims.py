@@ -271,12 +271,12 @@ CLAIMS: tuple[Claim, ...] = (
           "prefills"),
     Claim("safekv-ttft", "SafeKV: TTFT cost of per-user isolation vs global sharing, Qwen3-235B",
           "v1 abstract (arXiv 2508.08438v1)", "isolation +50.41% TTFT (up to 38.9% elsewhere)", 50.41,
-          "paper-safekv", _safekv_ttft, "%", (0.45, 0.8),
-          "grows with load and prefix share: +27% at 1, +32% at 1.5, several-fold at 2 sessions/s"),
+          "paper-safekv", _safekv_ttft, "%", (0.45, 1.0),
+          "grows with load and prefix share: +33% at 1, +42% at 1.5, +53% at 2 sessions/s"),
     Claim("matkv-ttft", "MatKV: RAG TTFT, documents loaded from NVMe / prefilled (arXiv 2512.22195)",
           "abstract", "inference time halved (0.5x)", 0.5, "paper-matkv",
           _matkv_ttft, "x", (1.9, 2.3),
-          "prefilling 2k tokens on an H100 (49 ms) costs about what reading their 268 MB of KV at 6 GB/s "
+          "prefilling 2k tokens on an H100 (47 ms) costs about what reading their 268 MB of KV at 6 GB/s "
           "does (45 ms)"),
     Claim("lightkv-vision-kv", "LightKV: vision-token KV kept with 55% of vision tokens, LLaVA-1.5-7B",
           "v1 abstract (arXiv 2605.00789v1)", "vision-token KV halved (0.50)", 0.5, "paper-lightkv",

@@ -12,6 +12,7 @@ File format (YAML or JSON), documented in docs/calibration.md:
       fp8_flops_per_s: 1.3e15
       h2d_bytes_per_s: 5.0e10
       disk_read_bytes_per_s: 2.0e9
+      link_latency_s: 4.3e-6      # one all-reduce ring hop (measured: smallest all-reduce / 2(tp-1))
     ops:                          # efficiency vs log2(size), relative to the ceilings above
       gemm:              {size: [1, 16, 4096], size2: [1.0e+6, 1.0e+8],   # tokens x weight bytes
                           compute: [[...], [...]], memory: [[...], [...]], floor_s: 0.0}
@@ -135,6 +136,7 @@ class Ceilings:
     flops_per_s: MappingProxyType  # dtype -> FLOP/s (bf16, fp8, fp32)
     h2d_bytes_per_s: float
     disk_read_bytes_per_s: float
+    link_latency_s: float  # one ring hop of a tensor-parallel all-reduce
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,8 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
     ceilings = Ceilings(float(c.get("copy_bytes_per_s", hw.hbm_bandwidth_bytes_per_s)),
                         MappingProxyType(flops),
                         float(c.get("h2d_bytes_per_s", hw.pcie_bandwidth_bytes_per_s)),
-                        float(c.get("disk_read_bytes_per_s", hw.host.nvme_read_bytes_per_s)))
+                        float(c.get("disk_read_bytes_per_s", hw.host.nvme_read_bytes_per_s)),
+                        float(c.get("link_latency_s", hw.interconnect_latency_s)))
     ops = data.get("ops") or {}
     missing = [k for k in OP_KINDS if k not in ops]
     if missing:
@@ -256,7 +259,8 @@ def borrow_profile(cal: Calibration, donor: HardwareSpec, hw: HardwareSpec) -> C
     ceilings = Ceilings(c.copy_bytes_per_s * ratio(hw.hbm_bandwidth_bytes_per_s, donor.hbm_bandwidth_bytes_per_s),
                         MappingProxyType(flops),
                         c.h2d_bytes_per_s * ratio(hw.pcie_bandwidth_bytes_per_s, donor.pcie_bandwidth_bytes_per_s),
-                        hw.host.nvme_read_bytes_per_s)
+                        hw.host.nvme_read_bytes_per_s,
+                        c.link_latency_s * ratio(hw.interconnect_latency_s, donor.interconnect_latency_s))
     return replace(cal, gpu=hw.name, kind="borrowed", ceilings=ceilings,
                    note=f"borrowed from {donor.name} ({cal.kind}), ceilings scaled by datasheet ratios")
 

@@ -461,7 +461,7 @@ class CostModel:
         curve = self.cal.ops["allreduce"]
         _, me = curve.eff(np.maximum(msg, 1.0))
         per_call = (2.0 * (self.tp - 1) / self.tp * msg / (link * me)
-                    + 2 * (self.tp - 1) * self.hw.interconnect_latency_s + curve.floor_s)
+                    + 2 * (self.tp - 1) * self.cal.ceilings.link_latency_s + curve.floor_s)
         calls = 2 * self.model.num_layers + 1
         return ("allreduce", 0, np.zeros_like(msg), msg * calls, per_call * calls, np.full(msg.shape, "link"))
 
