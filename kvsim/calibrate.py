@@ -27,7 +27,7 @@ from kvsim import measured
 from kvsim.cost.calibration import OP_KINDS, calibration_from_dict, results_dir
 from kvsim.cost.model import CostModel, decode_family
 from kvsim.errors import KvsimError
-from kvsim.fileio import write_atomic
+from kvsim.fileio import load_yaml, write_atomic
 from kvsim.spec.hardware import HardwareSpec, load_hardware
 
 Sample = tuple[float, float, float, float]  # size, time_s, t_compute, t_memory
@@ -168,7 +168,7 @@ def fit_profile(folder: Path) -> dict:
     ops.update({f"attention_decode.{family}": _fit_table(s, 0.8) for family, s in sorted(decode.items())})
     if grouped:
         ops["gemm_grouped"] = _fit_table(grouped, 0.8)
-    prior = yaml.safe_load((Path(__file__).parent / "data" / "calibration_prior.yaml").read_text())
+    prior = load_yaml((Path(__file__).parent / "data" / "calibration_prior.yaml").read_text())
     allreduce, latency, sources = _allreduce_fit(folder, hw)
     ops["allreduce"] = allreduce or prior["ops"]["allreduce"]
     if latency is not None:

@@ -50,6 +50,7 @@ import numpy as np
 import yaml
 
 from kvsim.errors import KvsimError
+from kvsim.fileio import load_yaml
 from kvsim.spec.hardware import HardwareSpec, hardware_names, load_hardware
 
 OP_KINDS = ("gemm", "attention_decode", "attention_prefill", "elementwise", "allreduce")
@@ -94,6 +95,15 @@ class Curve:
     @cached_property
     def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return np.asarray(self.log2_size), np.asarray(self.compute, dtype=float), np.asarray(self.memory, dtype=float)
+
+    def at(self, size2: float) -> Curve:
+        """The 1-D curve of a table at one ``size2`` (rows blended as ``eff`` does); a 1-D curve is
+        returned as it is. A model prices one GQA group, so it slices its decode table once."""
+        if not self.log2_size2:
+            return self
+        xs = np.asarray([2.0**x for x in self.log2_size])
+        comp, mem = self.eff_many(xs, np.full(xs.shape, size2))
+        return Curve(self.log2_size, tuple(float(v) for v in comp), tuple(float(v) for v in mem), self.floor_s)
 
     def eff_many(self, size: np.ndarray, size2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``eff`` for arrays of (size, size2) pairs in one vectorized pass (the cost model prices
@@ -221,7 +231,7 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
 
 def _read(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except OSError as err:
         raise KvsimError(f"cannot read: {err.strerror}", field="--calibration", value=str(path)) from None
     except yaml.YAMLError as err:
@@ -246,7 +256,7 @@ def roofline(hw: HardwareSpec) -> Calibration:
 
 @cache
 def _prior_data() -> dict:
-    return yaml.safe_load((resources.files("kvsim") / "data" / "calibration_prior.yaml").read_text())
+    return load_yaml((resources.files("kvsim") / "data" / "calibration_prior.yaml").read_text())
 
 
 def borrow_profile(cal: Calibration, donor: HardwareSpec, hw: HardwareSpec) -> Calibration:

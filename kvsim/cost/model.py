@@ -160,16 +160,28 @@ class CostModel:
         self._gemms = self._build_gemms()
         self._fixed_cache: dict[tuple[float, float, float], list] = {}
         self._table: list[tuple] = []  # (name, driver index, flops, bytes, seconds, bound) arrays
+        self._table_sums: list[list[float]] = []  # per driver: seconds of its ops, by count
         self._table_n = 0
         self._decode = self._build_decode_terms()
         self.decode_family = decode_family(layout)
         # query heads sharing one KV head: the decode kernel's rows per KV read (its second axis)
         self.query_group = float(max(lay.q_heads // max(lay.kv_heads, 1) for lay in layout.layers))
-        self._decode_curve = self.cal.ops.get(f"attention_decode.{self.decode_family}", self.cal.ops["attention_decode"])
+        decode_curve = self.cal.ops.get(f"attention_decode.{self.decode_family}", self.cal.ops["attention_decode"])
+        self._decode_curve = decode_curve.at(self.query_group)
         caps = sorted({cap for kinds in self._decode.by_kind.values() for cap in kinds})
         self._caps = np.array([np.iinfo(np.int64).max if c == NO_CAP else c for c in caps], dtype=np.int64)
+        rt = layout.runtime
+        # no windows, budgets, residuals or tiers: a decode run's cap sums have a closed form
+        self._uncapped = caps == [NO_CAP] and not self._decode.const and not (rt.host_fetch_all or rt.host_fetch_tokens)
         self._coefs = {kind: [(caps.index(cap), coef) for cap, coef in by_cap.items()]
                        for kind, by_cap in self._decode.by_kind.items()}
+        # decode attention at efficiency 1, per cap: compute seconds and HBM bytes per unit of
+        # sum_i min(ctx_i, cap) (the per-step hot path multiplies these by the cap sums)
+        c = self.cal.ceilings
+        per_second = {"attn_flops": 1 / c.flops_per_s["bf16"], "reconstruct_flops": 1 / c.flops_per_s["bf16"],
+                      "dequant_flops": 1 / c.flops_per_s["fp32"]}
+        self._roof_coefs = [(j, sum(dict(self._coefs.get(k, ())).get(j, 0.0) * w for k, w in per_second.items()),
+                             dict(self._coefs.get("hbm_read", ())).get(j, 0.0)) for j in range(len(caps))]
         self._prefill_groups = self._build_prefill_groups()
         self._elementwise = self._build_elementwise()
 
@@ -317,10 +329,7 @@ class CostModel:
         need = max(counts)
         if need < FIXED_TABLE_MAX_TOKENS and all(float(x).is_integer() for x in counts):
             if need >= self._table_n:
-                n = 1 << max(10, int(need).bit_length())
-                m = np.arange(n, dtype=float)
-                self._table = self._fixed_rows(m, m, m)
-                self._table_n = n
+                self._build_table(1 << max(10, int(need).bit_length()))
             idx = [int(x) for x in counts]
             return [(name, f[idx[d]], b[idx[d]], t[idx[d]], bound[idx[d]])
                     for name, d, f, b, t, bound in self._table]
@@ -333,6 +342,31 @@ class CostModel:
             hit = self._fixed_cache[key] = [(name, f[0], b[0], t[0], bound[0])
                                             for name, _, f, b, t, bound in self._fixed_rows(*one)]
         return hit
+
+    def _build_table(self, n: int) -> None:
+        """Price every token count below ``n`` at once; keep per-op values and, per driver, the
+        sum of the ops' seconds (what a step's total needs, without building the op list)."""
+        m = np.arange(n, dtype=float)
+        self._table = self._fixed_rows(m, m, m)
+        sums = [np.zeros(n) for _ in DRIVERS]
+        for _, d, _, _, t, _ in self._table:
+            sums[d] = sums[d] + np.asarray(t)
+        self._table_sums = [v.tolist() for v in sums]
+        self._table_n = n
+
+    def _fixed_total_s(self, tokens: float, sampled: float, new_tokens: float) -> float:
+        """Seconds of the token-count ops of a step (the fast path of step_time_s and decode runs)."""
+        counts = (tokens, sampled, new_tokens)
+        if (max(counts) < FIXED_TABLE_MAX_TOKENS and float(tokens).is_integer() and float(sampled).is_integer()
+                and float(new_tokens).is_integer()):
+            if max(counts) >= self._table_n:
+                self._build_table(1 << max(10, int(max(counts)).bit_length()))
+            t, s, n = self._table_sums
+            return t[int(tokens)] + s[int(sampled)] + n[int(new_tokens)]
+        total = 0.0
+        for op in self._fixed_ops(tokens, sampled, new_tokens):
+            total += op[3]
+        return total
 
     def _fixed_rows(self, tokens: np.ndarray, sampled: np.ndarray, new_tokens: np.ndarray) -> list[tuple]:
         """(name, driver index, flops, bytes, seconds, bound) per op, elementwise over the counts."""
@@ -392,12 +426,16 @@ class CostModel:
     def decode_attention_roofline(self, decode_context: np.ndarray) -> tuple[float, float, float]:
         """(compute s, memory s, HBM bytes) of one decode step's attention over all layers at
         efficiency 1: what ``kvsim calibrate`` divides a measured kernel time by."""
-        _, nbytes, t_c, t_m = self._decode_roofline(self._terms(np.asarray(decode_context, dtype=np.int64)[None, :]))
+        _, nbytes, t_c, t_m = self._decode_roofline(self._terms(np.asarray(decode_context, dtype=np.int64)[None, :])[1])
         return float(np.ravel(t_c)[0]), float(np.ravel(t_m)[0]), float(np.ravel(nbytes)[0])
 
     def _terms(self, ctx: np.ndarray):
-        """kind -> per-step total of a decode term (coef x sum_i min(ctx_i, cap)), ctx (steps, batch)."""
-        sums = np.minimum(ctx[None, :, :], self._caps[:, None, None]).sum(axis=2).astype(float)
+        """The cap sums (caps, steps) and kind -> per-step total of a decode term
+        (coef x sum_i min(ctx_i, cap)), for ctx (steps, batch)."""
+        if self._uncapped:  # no windows, budgets or residuals: the plain context sums
+            sums = ctx.sum(axis=1, dtype=np.int64)[None, :].astype(float)
+        else:
+            sums = np.minimum(ctx[None, :, :], self._caps[:, None, None]).sum(axis=2).astype(float)
         const = self._decode.const
         active = (ctx > 0).sum(axis=1).astype(float) if const else None
 
@@ -407,30 +445,42 @@ class CostModel:
                 total = total + coef * sums[j]
             return total + const[kind] * active if kind in const else total
 
-        return term
+        return sums, term
 
-    def _price(self, n_decode: int, ctx: np.ndarray, prefill: Batch | None) -> list[Op | tuple]:
-        """Ops of ``steps`` steps (rows of ctx) sharing one prefill part; values are (steps,) arrays."""
+    def _price(self, n_decode: int, ctx: np.ndarray | None, prefill: Batch | None, breakdown: bool = True,
+               sums: np.ndarray | None = None) -> list[Op | tuple]:
+        """Ops of ``steps`` steps (rows of ctx) sharing one prefill part; values are (steps,) arrays.
+        Without ``breakdown`` the token-count ops come as one summed op (totals need no more)."""
         c, rt, L = self.cal.ceilings, self.layout.runtime, self.model.num_layers
-        term = self._terms(ctx)
+        sums, term = self._terms(ctx) if sums is None else (sums, None)
 
-        p_tok = np.zeros(0) if prefill is None else prefill.prefill_tokens.astype(float)
-        p_ctx = np.zeros(0) if prefill is None else prefill.prefill_context.astype(float)
         p_scale = rt.prefill_passes * rt.prefill_layer_fraction
-        tokens = n_decode + float(p_tok.sum()) * p_scale
-        sampled = n_decode + (len(p_tok) if prefill is None or prefill.prefill_samples is None
-                              else prefill.prefill_samples)
-        new_tokens = n_decode + float(p_tok.sum())
-        ops: list = list(self._fixed_ops(tokens, sampled, new_tokens))
+        if prefill is None:
+            p_tok = p_ctx = ()
+            tokens = sampled = new_tokens = float(n_decode)
+        else:
+            p_tok, p_ctx = prefill.prefill_tokens.astype(float), prefill.prefill_context.astype(float)
+            chunk = float(p_tok.sum())
+            tokens, new_tokens = n_decode + chunk * p_scale, n_decode + chunk
+            sampled = n_decode + (len(p_tok) if prefill.prefill_samples is None else prefill.prefill_samples)
+        ops: list = (list(self._fixed_ops(tokens, sampled, new_tokens)) if breakdown else
+                     [("token_ops", 0.0, 0.0, self._fixed_total_s(tokens, sampled, new_tokens), "memory")])
 
         # decode attention (+ fused dequantization and low-rank reconstruction)
         if n_decode:
-            flops, nbytes, t_c, t_m = self._decode_roofline(term)
+            c_bw, L = self.cal.ceilings.copy_bytes_per_s, self.model.num_layers
+            if breakdown or self._decode.const:
+                flops, nbytes, t_c, t_m = self._decode_roofline(term)
+            else:  # the simulator's path: precombined coefficients, one pass over the caps
+                t_c, nbytes = 0.0, 0.0
+                for j, tc_coef, b_coef in self._roof_coefs:
+                    t_c, nbytes = t_c + tc_coef * sums[j], nbytes + b_coef * sums[j]
+                flops, t_m = 0.0, nbytes / c_bw
             curve = self._decode_curve
-            ce, me = curve.eff(np.maximum(nbytes / L, 1.0), self.query_group)
+            ce, me = curve.eff(np.maximum(nbytes / L, 1.0))
             t_c, t_m = t_c / ce, t_m / me
             t = np.maximum(t_c, t_m) + curve.floor_s * L
-            bound = "compute" if np.ravel(t_c)[0] >= np.ravel(t_m)[0] else "memory"
+            bound = ("compute" if np.ravel(t_c)[0] >= np.ravel(t_m)[0] else "memory") if breakdown else ""
             ops.append(("attention.decode", flops, nbytes, t, bound))
         if len(p_tok):
             pf, pb = 0.0, 0.0
@@ -477,8 +527,8 @@ class CostModel:
                 scalar += op[3]
             else:
                 arrays.append(op[3])
-        gpu = np.full(steps, scalar)
-        for a in arrays:
+        gpu = scalar + arrays[0] if arrays else np.full(steps, scalar)
+        for a in arrays[1:]:
             gpu = gpu + a
         return gpu if overlapped is None else np.maximum(gpu, overlapped)
 
@@ -488,7 +538,7 @@ class CostModel:
         dec = np.asarray(batch.decode_context, dtype=np.int64)[None, :]
         has_prefill = len(batch.prefill_tokens) > 0
         ops = self._price(dec.shape[1], dec, batch if has_prefill else None)
-        total = float(self._total(ops, 1)[0])
+        total = self.step_time_s(batch)  # the same arithmetic as the simulator's path
 
         def first(x: np.ndarray | float) -> float:
             return float(np.asarray(x).ravel()[0])
@@ -498,12 +548,16 @@ class CostModel:
     def step_time_s(self, batch: Batch) -> float:
         dec = np.asarray(batch.decode_context, dtype=np.int64)[None, :]
         has_prefill = len(batch.prefill_tokens) > 0
-        return float(self._total(self._price(dec.shape[1], dec, batch if has_prefill else None), 1)[0])
+        return float(self._total(self._price(dec.shape[1], dec, batch if has_prefill else None, False), 1)[0])
 
     def decode_times_s(self, contexts: np.ndarray, steps: int) -> np.ndarray:
         """Times of ``steps`` consecutive decode-only steps; step j sees ``contexts + j``."""
-        ctx = np.asarray(contexts, dtype=np.int64)[None, :] + np.arange(steps, dtype=np.int64)[:, None]
-        return self._total(self._price(ctx.shape[1], ctx, None), steps)
+        contexts = np.asarray(contexts, dtype=np.int64)
+        if self._uncapped:  # sum_i (ctx_i + j) = sum_i ctx_i + j * batch, exactly
+            sums = (int(contexts.sum()) + np.arange(steps, dtype=np.int64) * len(contexts)).astype(float)[None, :]
+            return self._total(self._price(len(contexts), None, None, False, sums), steps)
+        ctx = contexts[None, :] + np.arange(steps, dtype=np.int64)[:, None]
+        return self._total(self._price(ctx.shape[1], ctx, None, False), steps)
 
     def host_transfer_s(self, nbytes: float) -> float:
         """Pinned host-to-GPU copy (swap-in, offload fetch)."""

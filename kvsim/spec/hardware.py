@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvsim.errors import KvsimError, unknown_name
+from kvsim.fileio import load_yaml
 
 # Architecture families: a GPU without its own kernel calibration borrows its family's.
 Family = Literal["ampere", "hopper", "ada", "blackwell", "cdna3"]
@@ -137,7 +138,7 @@ def _validation_error(err: ValidationError, file: str) -> KvsimError:
 
 def _parse(text: str, file: str) -> HardwareSpec:
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as err:
         raise KvsimError(f"invalid YAML: {err}", file=file) from None
     if not isinstance(raw, dict):

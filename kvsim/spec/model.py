@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvsim.errors import KvsimError, unknown_name
+from kvsim.fileio import load_yaml
 
 AttentionKind = Literal["full", "sliding", "chunked", "mla"]
 
@@ -301,7 +302,7 @@ def model_names() -> list[str]:
 def read_yaml(path: Path) -> dict:
     """Read a YAML mapping with the safe loader; errors name the file."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except OSError as err:
         raise KvsimError(f"cannot read: {err.strerror}", file=str(path)) from None
     except yaml.YAMLError as err:
