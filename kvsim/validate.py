@@ -136,25 +136,35 @@ def _plot(points: list[Point], title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
-    for ax, kind, unit in zip(axes, ("decode", "prefill", "speedup"), ("s", "s", "x"), strict=True):
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 7.5))
+    colors = plt.get_cmap("tab20").colors
+    for ax, kind in zip(axes, ("decode", "prefill", "speedup"), strict=True):
         sel = [p for p in points if p.kind.split()[0] == kind]
-        for label in sorted({_series(p) for p in sel}):
-            xs = [p.measured for p in sel if _series(p) == label]
-            ys = [p.predicted for p in sel if _series(p) == label]
-            ax.scatter(xs, ys, s=12, label=label)
+        scale = 1.0 if kind == "speedup" else 1e3  # seconds -> ms on the time panels
+        for i, label in enumerate(sorted({_series(p) for p in sel})):
+            xs = [p.measured * scale for p in sel if _series(p) == label]
+            ys = [p.predicted * scale for p in sel if _series(p) == label]
+            ax.scatter(xs, ys, s=12, label=label, color=colors[i % len(colors)],
+                       marker="o" if i < len(colors) else "^")
         if sel:
-            lo = min(min(p.measured, p.predicted) for p in sel)
-            hi = max(max(p.measured, p.predicted) for p in sel)
+            lo = min(min(p.measured, p.predicted) for p in sel) * scale
+            hi = max(max(p.measured, p.predicted) for p in sel) * scale
             ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
             if kind != "speedup":
                 ax.set_xscale("log")
                 ax.set_yscale("log")
-            ax.legend(fontsize=7)
+                for axis in (ax.xaxis, ax.yaxis):  # plain numbers, a few ticks per decade
+                    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                    axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+        unit = "x" if kind == "speedup" else "ms"
         ax.set_xlabel(f"measured ({unit})")
         ax.set_ylabel(f"predicted ({unit})")
-        ax.set_title({"decode": "decode step", "prefill": "prefill",
-                      "speedup": "decode-attention speed-up over bf16"}[kind])
+        ax.set_title({"decode": "decode step (every engine run)", "prefill": "prefill",
+                      "speedup": "decode-attention speed-up over bf16 (held-out shapes)"}[kind])
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
