@@ -134,7 +134,8 @@ def baseline_row(row: KernelRow, by_group: dict) -> KernelRow | None:
     """The bf16 row measured by the same harness at the same shape (the dense production kernel for
     single-layer rows)."""
     for other in by_group.get(row.group, ()):
-        if other.key == row.key and other.spec == "bf16" and (row.group[0] != "single" or other.method == "triton_bf16"):
+        production = row.group[0] != "single" or other.method == "triton_bf16"
+        if other.key == row.key and other.spec == "bf16" and production:
             return other
     return None
 

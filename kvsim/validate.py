@@ -103,7 +103,7 @@ def speedup_points(folder: Path, gpu: str, cal: Calibration) -> list[Point]:
             continue
         model, batch = r.model(), Batch(decode_context=np.full(r.batch, r.context))
 
-        def attn_s(spec: str) -> float:
+        def attn_s(spec: str, model: ModelSpec = model, batch: Batch = batch) -> float:
             step = CostModel(model, hw, layout_for(model, spec), 1, cal).step(batch)
             return next(o.seconds for o in step.ops if o.name == "attention.decode")
 
@@ -135,7 +135,6 @@ def _plot(points: list[Point], title: str) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(18, 7.5))

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from kvsim.calibrate import calibrate
 from kvsim.cli import main
 from kvsim.cost.calibration import calibration_from_dict, find_calibration

@@ -36,8 +36,8 @@ def test_every_method_on_every_model(model: str, method: str, baselines: dict) -
     total, gpu = sum(tiers.values()), tiers["gpu"]
     assert np.all(gpu > 0) and np.all(total > 0)
     assert np.all(np.diff(total) >= 0) and np.all(np.diff(gpu) >= 0), "bytes must grow with length"
-    kv_only = layout.with_layers([l.__class__(**{**l.__dict__, "streams": tuple(
-        s for s in l.streams if s.part not in BOOKKEEPING)}) for l in layout.layers])
+    kv_only = layout.with_layers([layer.__class__(**{**layer.__dict__, "streams": tuple(
+        s for s in layer.streams if s.part not in BOOKKEEPING)}) for layer in layout.layers])
     kv_gpu = kv_only.gpu_bytes(LENGTHS)
     if m.stage in (Stage.PRECISION, Stage.STRUCTURE, Stage.EVICTION):
         assert np.all(kv_gpu <= base + 1e-6), "compression must never store more KV than the baseline"

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import yaml
-
 from conftest import ROOT, shared_file
+
 from kvsim.errors import KvsimError
 from kvsim.kv import layout_for
 from kvsim.spec.hf_import import model_from_hf_config

@@ -297,7 +297,7 @@ def test_empirical_from_fixture_and_paired() -> None:
     assert set(d.sample(np.random.default_rng(0), 100).tolist()) <= set(outs.tolist())
     reqs = list(synthetic_requests(ArrivalProcess.poisson(1), seed=1, n=100,
                                    paired_lengths=(ins, outs)))
-    pairs = set(zip(ins.tolist(), outs.tolist()))
+    pairs = set(zip(ins.tolist(), outs.tolist(), strict=False))
     assert all((r.input_tokens, r.output_tokens) in pairs for r in reqs)
 
 
@@ -313,7 +313,7 @@ def test_sessions_extend_prefixes() -> None:
         by.setdefault(r.session_id, []).append(r)
     assert len(by) > 100 and max(len(v) for v in by.values()) == 5
     for turns in by.values():
-        for a, b in zip(turns, turns[1:]):
+        for a, b in zip(turns, turns[1:], strict=False):
             assert b.input_tokens > a.input_tokens + a.output_tokens
             assert b.prefix_hashes[: len(a.prefix_hashes)] == a.prefix_hashes
         assert all(len(r.prefix_hashes) == r.input_tokens // 16 for r in turns)
@@ -357,7 +357,7 @@ def test_expand_preserves_prefix_sharing(case, extra: int) -> None:
     eb = expand_block_hashes(b, src, dst, tokens)
     assert len(ea) == min(tokens, len(a) * src) // dst  # one per full destination block
     assert ea == expand_block_hashes(tuple(a), src, dst, tokens)  # deterministic
-    for j, (x, y) in enumerate(zip(ea, eb)):
+    for j, (x, y) in enumerate(zip(ea, eb, strict=False)):
         last_src = ((j + 1) * dst - 1) // src
         assert (x == y) == (last_src < common)
     assert all(0 <= h < 2**64 for h in ea)

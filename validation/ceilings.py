@@ -33,7 +33,7 @@ def metadata() -> dict:
     smi = sh("nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,"
              "power.limit,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader")
     return dict(
-        date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date_utc=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         gpu_name=p.name,
         sm_count=p.multi_processor_count,
         l2_bytes=getattr(p, "L2_cache_size", None),

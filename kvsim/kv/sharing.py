@@ -155,7 +155,8 @@ def _kv_latent(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     qk, vo = int(p["qk_dim"]), int(p["vo_dim"])
     a = layout.model.attention
     if qk > a.head_dim or vo > a.v_head_dim:
-        raise KvsimError(f"latent dims must not exceed the head dims of {layout.model.name} ({a.head_dim}, {a.v_head_dim})",
+        raise KvsimError(f"latent dims must not exceed the head dims of {layout.model.name} "
+                         f"({a.head_dim}, {a.v_head_dim})",
                          field="method.kv-latent", value=f"qk_dim={qk},vo_dim={vo}")
     dims = {"k": qk, "v": vo}
     return layout.with_layers([

@@ -406,7 +406,7 @@ def read_servegen(folder: str | Path, *, seed: int | np.random.Generator = 0, st
     starts = sorted({ts for c in pool for ts in c.windows})
     all_ts = sorted({ts for c in pool for ts in c.windows} | {0})
     # Window length from the grid (600 s in the release).
-    width = min((b - a for a, b in zip(all_ts, all_ts[1:])), default=600) or 600
+    width = min((b - a for a, b in zip(all_ts, all_ts[1:], strict=False)), default=600) or 600
     end = math.inf if end_s is None else end_s
     t0: float | None = None
     rid = 0
@@ -439,7 +439,7 @@ def read_servegen(folder: str | Path, *, seed: int | np.random.Generator = 0, st
         i_all = np.maximum(np.concatenate(ins)[order], 1).astype(np.int64).tolist()
         o_all = np.maximum(np.concatenate(outs)[order], 1).astype(np.int64).tolist()
         u_all = np.concatenate(users)[order].tolist()
-        for t, a, b, cid in zip(t_all.tolist(), i_all, o_all, u_all):
+        for t, a, b, cid in zip(t_all.tolist(), i_all, o_all, u_all, strict=False):
             if t < start_s or t >= end:
                 continue
             if t0 is None:

@@ -20,8 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from validation.common import Budget, CsvOut, bench, guarded, log, params_str, rel_error  # noqa: E402
 from validation.kernels import triton_decode as td  # noqa: E402
-from validation.kernels.bench_common import (DEC_COLS, check_rows, checked, kv_bytes, points, rand_qkv,  # noqa: E402
-                                             ref_decode, tune)
+from validation.kernels.bench_common import DEC_COLS, check_rows, checked, kv_bytes, points, rand_qkv, ref_decode, tune  # noqa: E402
 
 PRE_COLS = ["batch", "q_heads", "kv_heads", "head_dim", "prompt", "causal", "time_s", "flops", "method"]
 

@@ -12,6 +12,7 @@ from validation.common import bench, guarded, log, params_str, rel_error
 from validation.kernels import quant_decode as qd
 from validation.kernels.bench_common import LLAMA3, MAX_BYTES, check_rows, checked, points, ref_decode, tune
 
+
 # (method, kvsim spec, QuantCache kwargs). KIVI: G = 32, R = 128 (arXiv 2402.02750 sec. 4); INT-n
 # per-token group 64 (kvsim's intkv default); SKVQ: 2-bit keys and values (the paper's 1.5-bit
 # values are stored at 2 bits here), group 64, clip 0.95, reordered channels, window 128

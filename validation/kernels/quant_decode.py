@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from validation.kivi_ref import unpack_ptx
 from validation.kernels.triton_decode import LOG2E, _decode_kernel, _g_pad, alloc_partials, pick_splits, reduce_partials
+from validation.kivi_ref import unpack_ptx
 
 TG = 32  # tokens per slab: the KIVI key group, and the leading dim of every 3-D tile
 

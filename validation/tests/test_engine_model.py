@@ -122,7 +122,6 @@ def test_kv_bytes_equal_kvsim_prediction():
     pytest.importorskip("pydantic")
     from kvsim.kv import layout_for
     from kvsim.validate import engine_model
-
     from validation.engine import MODELS, pageable
     from validation.engine_model import get_config
 

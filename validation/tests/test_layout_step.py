@@ -7,7 +7,6 @@ pytest.importorskip("pydantic")
 from kvsim.cost import Batch, CostModel  # noqa: E402
 from kvsim.kv import layout_for  # noqa: E402
 from kvsim.spec.hardware import load_hardware  # noqa: E402
-
 from validation.kernels.layout_step import bytes_read, plan, synthetic_model  # noqa: E402
 
 SPECS = ["bf16", "pyramidkv:budget=2048", "depthkv:budget=2048", "xkv:budget=2048", "snapkv:budget=2048",
