@@ -33,14 +33,11 @@ def write_scenario(folder: Path, sweep: dict | None, name: str = "sweep.yaml", *
 
 
 def calibrated_results(root: Path) -> Path:
-    """Copy validation/results/smoke-h100 to ``root/h100-sxm``, calibrate and validate it there."""
+    """Copy validation/results/h100-sxm to ``root/h100-sxm``, calibrate and validate it there."""
     from kvsim.calibrate import calibrate
     from kvsim.validate import validate
 
-    src = ROOT / "validation" / "results" / "smoke-h100"
-    if not src.is_dir():
-        pytest.skip("validation/results/smoke-h100 not present")
-    shutil.copytree(src, root / "h100-sxm")
+    shutil.copytree(ROOT / "validation" / "results" / "h100-sxm", root / "h100-sxm")
     calibrate("h100-sxm", root)
     validate("h100-sxm", None, root)
     return root

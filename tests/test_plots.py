@@ -21,7 +21,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def validation_root(tmp_path_factory) -> Path:
-    """The repository's H100 smoke measurements, calibrated and validated in a scratch copy."""
+    """The repository's H100 measurements, calibrated and validated in a scratch copy."""
     return calibrated_results(tmp_path_factory.mktemp("results"))
 
 
