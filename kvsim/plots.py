@@ -117,10 +117,12 @@ def _distinct_style(i: int) -> dict:
             "lw": max(1.0, 3.0 - 0.45 * i)}
 
 
-def _log_axis(axis: matplotlib.axis.Axis) -> None:
-    """Log scale with plain-number labels at 1, 2, 5 x 10^k (no 3 x 10^0 style labels)."""
+def _log_axis(axis: matplotlib.axis.Axis, decades: float = 3.0) -> None:
+    """Log scale with plain-number labels at 1, 2, 5 x 10^k (no 3 x 10^0 style labels); only at
+    10^k when the axis spans more than three decades, so labels never collide."""
     (axis.axes.set_xscale if axis is axis.axes.xaxis else axis.axes.set_yscale)("log")
-    axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    subs = (1.0,) if decades > 3.0 else (1.0, 2.0, 5.0)
+    axis.set_major_locator(matplotlib.ticker.LogLocator(subs=subs))
     axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
@@ -241,7 +243,7 @@ def predicted_measured(folder: Path) -> plt.Figure:
                          value=folder.name, file=str(folder))
     panels = (("decode", "decode step (ms)", 1e3, "Decode step (reference engine)"),
               ("prefill", "prefill (ms)", 1e3, "Prefill (reference engine)"),
-              ("kv_bytes", "allocated KV (MiB)", 1 / 2**20, "Allocated KV cache"),
+              ("kv_bytes", "allocated KV (GiB)", 1 / 2**30, "Allocated KV cache"),
               ("speedup", "attention speed-up over bf16 (x)", 1.0, "Decode-attention speed-up per method"))
     fig, axes = plt.subplots(2, 2, figsize=(12, 10))
     markers = "osD^v"
@@ -251,10 +253,11 @@ def predicted_measured(folder: Path) -> plt.Figure:
             profile = path.stem.removeprefix("validation").removeprefix("_from_") or "own profile"
             with path.open(encoding="utf-8", newline="") as f:
                 sel = [r for r in csv.DictReader(f) if r["kind"] == kind]
-            for model in sorted({r["model"] for r in sel}):
+            models = sorted({r["model"] for r in sel})
+            for model, color in zip(models, _colors(len(models)), strict=True):
                 m = [(float(r["measured"]) * scale, float(r["predicted"]) * scale)
                      for r in sel if r["model"] == model]
-                ax.scatter(*zip(*m, strict=True), s=18, marker=markers[f_i % len(markers)],
+                ax.scatter(*zip(*m, strict=True), s=18, marker=markers[f_i % len(markers)], color=color,
                            label=model if len(files) == 1 else f"{model} ({profile})")
                 values += [v for pair in m for v in pair]
         if values:
@@ -262,9 +265,11 @@ def predicted_measured(folder: Path) -> plt.Figure:
             ref = np.geomspace(lo, hi, 50)
             ax.plot(ref, ref, "k-", lw=1, label="y = x")
             ax.fill_between(ref, ref / 1.25, ref * 1.25, color="0.5", alpha=0.15, label="within 25%")
-            _log_axis(ax.xaxis)
-            _log_axis(ax.yaxis)
-            ax.legend(fontsize=7)
+            decades = float(np.log10(hi / lo))
+            _log_axis(ax.xaxis, decades)
+            _log_axis(ax.yaxis, decades)
+            # the speed-up panel lists many methods: keep its legend in the empty lower right
+            ax.legend(fontsize=6 if kind == "speedup" else 7, loc="lower right" if kind == "speedup" else "upper left")
         ax.set_xlabel(f"measured {label}")
         ax.set_ylabel(f"predicted {label}")
         ax.set_title(title)
