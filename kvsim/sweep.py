@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import kvsim
@@ -119,25 +118,10 @@ def point_key(raw: Mapping[str, Any]) -> str:
 
 
 def load_raw(path: str | Path, sets: Sequence[str] = ()) -> dict:
-    """The scenario file as a dict, with ``--set KEY=VALUE`` overrides applied (values parsed as YAML)."""
-    from kvsim.scenario import apply_override
-    from kvsim.spec.model import read_yaml
+    """The scenario file as a dict, with ``--set KEY=VALUE`` overrides applied (kvsim run's rules)."""
+    from kvsim.scenario.load import load_raw as scenario_raw
 
-    p = Path(path)
-    if not p.is_file():
-        raise KvsimError("no such scenario file", field="scenario", value=str(path))
-    raw = read_yaml(p)
-    for item in sets:  # the same rules as `kvsim run --set` (kvsim.scenario.load_scenario)
-        key, eq, text = item.partition("=")
-        if not eq or not key.strip():
-            raise KvsimError("write overrides as key=value", field="--set", value=item, file=str(p))
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise KvsimError("value is not a YAML scalar", field=key.strip(), value=text,
-                             file=str(p)) from None
-        raw = apply_override(raw, key.strip(), value, file=str(p))
-    return raw
+    return scenario_raw(path, sets)
 
 
 def _parse_sweep(section: object, file: str) -> _Sweep:

@@ -143,21 +143,28 @@ def decode_row(model, name, B, S, paged, agree=lambda t: t, eager_ok=True):
     cfg = model.cfg
     kvb, alloc = model.alloc_cache(B, S, paged=paged)
     toks = torch.randint(0, cfg.vocab * cfg.tp, (B,), device=model.dev)
-    graph = 1
-    try:
-        t, p10, p90 = time_graph(lambda: model.sample(model.decode_step(toks, S)), agree)
-    except Exception as e:  # noqa: BLE001
-        if not eager_ok:
-            raise
-        print(f"  graph capture failed ({str(e)[:120]}); eager timing", flush=True)
-        torch.cuda.synchronize()
-        graph = 0
-        t, p10, p90 = time_eager(lambda: model.sample(model.decode_step(toks, S)), iters=10)
+    (t, p10, p90), graph = _timed(lambda: model.sample(model.decode_step(toks, S)), agree, eager_ok, "decode",
+                                  eager_iters=10)
     model.free_cache()
     return dict(model=name, batch=B, context=S, time_s=agree(t), time_p10_s=agree(p10), time_p90_s=agree(p90),
                 kv_bytes=kvb, kv_alloc_bytes=alloc, layers=model.L, total_layers=cfg.layers,
                 weight_bytes=cfg.weight_params(model.L) * 2, graph=graph, notes=model.moe_impl or "",
                 cache="paged" if paged else "contiguous", tp=cfg.tp)
+
+
+def _timed(step, agree, eager_ok, what, eager_iters, **graph_kw):
+    """(median, p10, p90) of a graph-captured step, and 1; eager timing and 0 when capture fails
+    and eager timing is allowed (a TP run must capture on every rank alike)."""
+    import torch
+
+    try:
+        return time_graph(step, agree, **graph_kw), 1
+    except Exception as e:  # noqa: BLE001
+        if not eager_ok:
+            raise
+        print(f"  {what} graph capture failed ({str(e)[:120]}); eager timing", flush=True)
+        torch.cuda.synchronize()
+        return time_eager(step, iters=eager_iters), 0
 
 
 def prefill_row(model, name, P, agree=lambda t: t, eager_ok=True):
@@ -167,16 +174,8 @@ def prefill_row(model, name, P, agree=lambda t: t, eager_ok=True):
     cfg = model.cfg
     model.alloc_cache(1, P)
     toks = torch.randint(0, cfg.vocab * cfg.tp, (1, P), device=model.dev)
-    graph = 1
-    try:
-        t, p10, p90 = time_graph(lambda: model.sample(model.prefill(toks)), agree, min_iters=3)
-    except Exception as e:  # noqa: BLE001
-        if not eager_ok:
-            raise
-        print(f"  prefill graph capture failed ({str(e)[:120]}); eager timing", flush=True)
-        torch.cuda.synchronize()
-        graph = 0
-        t, p10, p90 = time_eager(lambda: model.sample(model.prefill(toks)), iters=3)
+    (t, p10, p90), graph = _timed(lambda: model.sample(model.prefill(toks)), agree, eager_ok, "prefill",
+                                  eager_iters=3, min_iters=3)
     model.free_cache()
     note = "sliding window ignored in prefill attention" if cfg.sliding_window and P > cfg.sliding_window else ""
     return dict(model=name, batch=1, prompt=P, time_s=agree(t), time_p10_s=agree(p10), time_p90_s=agree(p90),

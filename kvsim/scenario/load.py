@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,9 +98,9 @@ def _check_length(spec: object, where: str, file: str) -> None:
         raise KvsimError("must be >= p50", field=f"{where}.p90", value=spec.p90, file=file)  # type: ignore
 
 
-def load_scenario(path: str | Path, sets: list[str]) -> Scenario:
-    """Read a scenario YAML, apply ``--set key=value`` overrides (values parsed as YAML scalars),
-    validate. The ``sweep:`` block is kept aside for ``kvsim sweep``."""
+def load_raw(path: str | Path, sets: Sequence[str] = ()) -> dict:
+    """A scenario YAML as a mapping (its ``sweep:`` block included), with ``--set key=value``
+    overrides applied (values parsed as YAML scalars); ``kvsim run`` and ``kvsim sweep`` share it."""
     path = Path(path)
     if not path.is_file():
         raise KvsimError("no such scenario file", field="scenario", value=str(path))
@@ -114,7 +115,13 @@ def load_scenario(path: str | Path, sets: list[str]) -> Scenario:
             raise KvsimError("value is not a YAML scalar", field=key.strip(), value=text,
                              file=str(path)) from None
         raw = apply_override(raw, key.strip(), value, file=str(path))
-    return scenario_from_dict(raw, str(path))
+    return raw
+
+
+def load_scenario(path: str | Path, sets: Sequence[str]) -> Scenario:
+    """Read a scenario YAML, apply ``--set`` overrides, validate. The ``sweep:`` block is kept
+    aside for ``kvsim sweep``."""
+    return scenario_from_dict(load_raw(path, sets), str(Path(path)))
 
 
 def read_yaml_mapping(path: Path) -> dict:
