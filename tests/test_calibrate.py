@@ -144,3 +144,14 @@ def test_committed_h100_runs_meet_the_accuracy_targets(tp_results) -> None:
         assert row(summary, "prefill")["median_abs_err"] <= 0.10
         assert row(summary, "kv_bytes")["max_abs_err"] == 0.0
     assert row(tp, "decode tp=2")["n"] > 100 and row(tp, "decode tp=2")["median_abs_err"] <= 0.08
+
+
+def test_only_gemm_and_decode_curves_may_be_tables() -> None:
+    one = {"size": [1], "compute": [1.0], "memory": [1.0]}
+    table = {"size": [1, 16], "size2": [1e6, 1e8], "compute": [[0.5, 0.9], [0.6, 1.0]],
+             "memory": [[0.5, 0.9], [0.6, 1.0]]}
+    ops = dict.fromkeys(("gemm", "attention_decode", "attention_prefill", "elementwise", "allreduce"), one)
+    hw = load_hardware("h100-sxm")
+    assert calibration_from_dict({"ops": {**ops, "gemm": table}}, hw, "p.yaml").ops["gemm"].log2_size2
+    with pytest.raises(KvsimError, match="ops.elementwise.size2"):
+        calibration_from_dict({"ops": {**ops, "elementwise": table}}, hw, "p.yaml")

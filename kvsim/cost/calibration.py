@@ -54,6 +54,8 @@ from kvsim.fileio import load_yaml
 from kvsim.spec.hardware import HardwareSpec, hardware_names, load_hardware
 
 OP_KINDS = ("gemm", "attention_decode", "attention_prefill", "elementwise", "allreduce")
+# Curves the cost model reads as tables over a second axis (weight bytes; query heads per KV head).
+TABLE_OPS = ("gemm", "attention_decode")
 # A profile may calibrate each decode-attention kernel separately, keyed by the method that decides it
 # (kvsim.cost.model.decode_family): ``attention_decode.<method name>`` or ``attention_decode.mla``.
 
@@ -69,16 +71,13 @@ class Curve:
     floor_s: float
     log2_size2: tuple[float, ...] = ()
 
-    def eff(self, size: float | np.ndarray, size2: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        if not self.log2_size2:
-            if np.ndim(size) == 0:  # the simulator's common case: plain floats, no numpy round trip
-                return self._eff_scalar(float(size))
-            xs, comp, mem = self._arrays
-            x = np.log2(np.maximum(size, 1.0))
-            return np.interp(x, xs, comp), np.interp(x, xs, mem)
-        c, m = self.eff_many(np.atleast_1d(np.asarray(size, dtype=float)),
-                             np.full(np.shape(np.atleast_1d(size)), size2 or 1.0))
-        return (c[0], m[0]) if np.ndim(size) == 0 else (c, m)
+    def eff(self, size: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Efficiencies of a 1-D curve (a table is read with ``eff_many`` or sliced with ``at``)."""
+        if np.ndim(size) == 0:  # the simulator's common case: plain floats, no numpy round trip
+            return self._eff_scalar(float(size))
+        xs, comp, mem = self._arrays
+        x = np.log2(np.maximum(size, 1.0))
+        return np.interp(x, xs, comp), np.interp(x, xs, mem)
 
     def _eff_scalar(self, size: float) -> tuple[float, float]:
         xs = self.log2_size
@@ -109,7 +108,7 @@ class Curve:
         """``eff`` for arrays of (size, size2) pairs in one vectorized pass (the cost model prices
         every GEMM of a step at once)."""
         if not self.log2_size2:
-            return self.eff(size)
+            return self.eff(np.asarray(size, dtype=float))
         x = np.log2(np.maximum(size, 1.0))
         y = np.log2(np.maximum(size2, 1.0))
         ix, wx = _bracket(np.asarray(self.log2_size), x)
@@ -219,6 +218,10 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
         if key not in known_ops and re.sub(r"\.k[\d.]+v[\d.]+$", "", key) not in known_ops:
             raise KvsimError(f"unknown op curve (known: {', '.join(sorted(known_ops))})", field=f"ops.{key}",
                              value=key, file=file)
+    for key, curve in ops.items():
+        if isinstance(curve, dict) and curve.get("size2") and not key.startswith(TABLE_OPS):
+            raise KvsimError(f"only {', '.join(TABLE_OPS)} curves may be tables (size2)", field=f"ops.{key}.size2",
+                             value=curve["size2"], file=file)
     try:
         curves = {k: _curve(v, f"ops.{k}") for k, v in ops.items()}
     except KvsimError as err:

@@ -278,9 +278,9 @@ class CostModel:
                     NO_CAP if layer.span_cap is None else layer.span_cap)] += 1
         return [(n, f, b, qo, cap) for (f, b, qo, cap), n in groups.items()]
 
-    def _build_elementwise(self) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray]:
-        """Element-wise kernels: names, bytes per token (summed over layers), kernels per step, and
-        whether the kernel runs at all (1/0). The KV write and sampling come first and last."""
+    def _build_elementwise(self) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+        """Element-wise kernels: names, bytes per token (summed over layers) and kernels per step.
+        The KV write comes first and sampling last."""
         m, tp, e = self.model, self.tp, self.model.dtype_bytes
         h, L = m.hidden_size, m.num_layers
         # reshape_and_cache reads the new K/V rows and writes them into their slots
@@ -309,15 +309,13 @@ class CostModel:
         # softmax (read 4, write 4), pick (read 4): 18 bytes per vocabulary entry, 3 kernels
         rows.append(("sampling", m.vocab_size * 18, 3))  # every rank samples the gathered logits
         names, per_token, kernels = zip(*rows, strict=True)
-        per_token = np.array(per_token, dtype=float)
-        return tuple(names), per_token, np.array(kernels, dtype=float), (per_token > 0).astype(float)
+        return tuple(names), np.array(per_token, dtype=float), np.array(kernels, dtype=float)
 
     # ---------------------------------------------------------------- pricing
     def _roof(self, kind: str, flops: np.ndarray | float, nbytes: np.ndarray | float, size: np.ndarray | float,
-              kernels: float, peak: float, bandwidth: float, size2: float | None = None
-              ) -> tuple[np.ndarray, np.ndarray]:
+              kernels: float, peak: float, bandwidth: float) -> tuple[np.ndarray, np.ndarray]:
         curve = self.cal.ops[kind]
-        ce, me = curve.eff(size, size2)
+        ce, me = curve.eff(size)
         t_c = np.asarray(flops) / (peak * ce)
         t_m = np.asarray(nbytes) / (bandwidth * me)
         return np.maximum(t_c, t_m) + curve.floor_s * kernels, t_c >= t_m
@@ -373,7 +371,7 @@ class CostModel:
         by_driver = (tokens, sampled, new_tokens)
         rows = self._gemm_rows(tokens, sampled)
         c, curve = self.cal.ceilings, self.cal.ops["elementwise"]
-        names, per_token, kernels, _ = self._elementwise
+        names, per_token, kernels = self._elementwise
         for name, bpt, k in zip(names, per_token, kernels, strict=True):
             d = 2 if name == "kv_write" else 1 if name == "sampling" else 0
             nbytes = bpt * by_driver[d]
