@@ -324,10 +324,7 @@ class CostModel:
         """Ops that depend only on token counts (GEMMs, KV writes, element-wise, sampling,
         all-reduce), each on one count (its driver): looked up in tables priced ahead."""
         counts = (tokens, sampled, new_tokens)
-        need = max(counts)
-        if need < FIXED_TABLE_MAX_TOKENS and all(float(x).is_integer() for x in counts):
-            if need >= self._table_n:
-                self._build_table(1 << max(10, int(need).bit_length()))
+        if self._in_table(tokens, sampled, new_tokens):
             idx = [int(x) for x in counts]
             return [(name, f[idx[d]], b[idx[d]], t[idx[d]], bound[idx[d]])
                     for name, d, f, b, t, bound in self._table]
@@ -340,6 +337,16 @@ class CostModel:
             hit = self._fixed_cache[key] = [(name, f[0], b[0], t[0], bound[0])
                                             for name, _, f, b, t, bound in self._fixed_rows(*one)]
         return hit
+
+    def _in_table(self, tokens: float, sampled: float, new_tokens: float) -> bool:
+        """Whether these whole counts are priced ahead (growing the tables to cover them)."""
+        need = max(tokens, sampled, new_tokens)
+        if need >= FIXED_TABLE_MAX_TOKENS or not (float(tokens).is_integer() and float(sampled).is_integer()
+                                                  and float(new_tokens).is_integer()):
+            return False
+        if need >= self._table_n:
+            self._build_table(1 << max(10, int(need).bit_length()))
+        return True
 
     def _build_table(self, n: int) -> None:
         """Price every token count below ``n`` at once; keep per-op values and, per driver, the
@@ -354,11 +361,7 @@ class CostModel:
 
     def _fixed_total_s(self, tokens: float, sampled: float, new_tokens: float) -> float:
         """Seconds of the token-count ops of a step (the fast path of step_time_s and decode runs)."""
-        counts = (tokens, sampled, new_tokens)
-        if (max(counts) < FIXED_TABLE_MAX_TOKENS and float(tokens).is_integer() and float(sampled).is_integer()
-                and float(new_tokens).is_integer()):
-            if max(counts) >= self._table_n:
-                self._build_table(1 << max(10, int(max(counts)).bit_length()))
+        if self._in_table(tokens, sampled, new_tokens):
             t, s, n = self._table_sums
             return t[int(tokens)] + s[int(sampled)] + n[int(new_tokens)]
         total = 0.0
