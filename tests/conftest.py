@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("KVSIM_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -16,3 +17,18 @@ def shared_file(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present (../shared/data is read in place)")
     return path
+
+
+# Property tests (hypothesis). CI runs the "ci" profile: derandomized (the same examples on every
+# run, so CI never fails by chance) with each test's modest example count. The long search runs the
+# "long" profile, random and seeded, with KVSIM_EXAMPLES examples per property:
+#   KVSIM_HYPOTHESIS_PROFILE=long KVSIM_EXAMPLES=2000 .venv/bin/pytest -p no:cacheprovider \
+#       --hypothesis-seed=1 -k "random or property or hypothesis" tests/
+settings.register_profile("ci", derandomize=True, deadline=None, database=None, print_blob=True)
+settings.register_profile("long", derandomize=False, deadline=None, database=None, print_blob=True)
+settings.load_profile(os.environ.get("KVSIM_HYPOTHESIS_PROFILE", "ci"))
+
+
+def examples(n: int) -> int:
+    """A property test's example count: ``n`` in CI, ``KVSIM_EXAMPLES`` in a long search."""
+    return int(os.environ.get("KVSIM_EXAMPLES", n))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -80,7 +80,7 @@ def test_sliding_window_pages() -> None:
     assert plan.blocks_for(100_000)[0] == 4096 // 16 + 1
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40))
 @given(util=st.floats(0.3, 1.0), bs=st.sampled_from([8, 16, 32]), ctx=st.integers(1, 8192),
        method=st.sampled_from(["bf16", "fp8", "kivi:bits=2", "snapkv:budget=512", "cla:factor=2"]))
 def test_planner_properties(util: float, bs: int, ctx: int, method: str) -> None:

@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import examples
+
 from kvsim.errors import KvsimError
 from kvsim.kv import METHODS, layout_for, parse
 from kvsim.kv.method import Stage
@@ -136,7 +138,7 @@ def test_cla_groups_within_attention_kind() -> None:
         assert layout.layers[layer.source].kind == layer.kind
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60))
 @given(bits=st.integers(1, 8), group=st.sampled_from([16, 32, 64, 128]), residual=st.integers(0, 512),
        t1=st.integers(1, 100_000), t2=st.integers(1, 100_000))
 def test_quantization_properties(bits: int, group: int, residual: int, t1: int, t2: int) -> None:

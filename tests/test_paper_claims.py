@@ -16,6 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import examples
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("paper_claims", ROOT / "scripts" / "paper_claims.py")
 pc = importlib.util.module_from_spec(_spec)
@@ -111,7 +113,7 @@ def test_matkv_loads_exactly_the_documents() -> None:
 _SNAPKV = pc.Example("paper-snapkv", golden=True)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25))
 @given(label=st.sampled_from(sorted(_SNAPKV.points)), batch=st.integers(1, 6), output=st.integers(1, 4096))
 def test_max_prompt_is_the_longest_that_fits(label: str, batch: int, output: int) -> None:
     """max_prompt fits and one token more does not; more sequences never allow a longer prompt."""

@@ -9,6 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import examples
+
 from kvsim.errors import KvsimError
 from kvsim.search import ConfigResult, Probe, bisect_rate, judge, rank
 from kvsim.spec.hardware import hardware_names, load_hardware
@@ -38,7 +40,7 @@ def test_bisection_known_answer():
     assert len(found.probes) == len(calls)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200))
 @given(threshold=st.floats(0.06, 900), start=st.floats(0.05, 1024),
        tolerance=st.sampled_from([0.01, 0.05, 0.2]))
 def test_bisection_brackets_the_threshold(threshold: float, start: float, tolerance: float):

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
+
+from conftest import ROOT, examples
 
 from kvsim.cost.model import Batch
 from kvsim.errors import KvsimError
-from kvsim.scenario import apply_override, run_scenario, scenario_from_dict
-from kvsim.scenario.run import simulation, workload
+from kvsim.scenario import apply_override, load_scenario, run_scenario, scenario_from_dict
+from kvsim.scenario.run import simulation, summarize, workload
 from kvsim.serve.engine import Simulation
-from kvsim.serve.metrics import COMPLETED, STATUSES, separability
+from kvsim.serve.metrics import COMPLETED, STATUSES, UNFINISHED, separability
 from kvsim.serve.sequence import SharingPolicy
 from kvsim.serve.workload import ReadStats, Request
 
@@ -82,7 +84,11 @@ def test_chunked_prefill_splits_a_prompt_by_the_token_budget() -> None:
 # Invariants under random small workloads and engine limits (hypothesis)
 # ---------------------------------------------------------------------------------------------
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25))
+@example(seed=90, seqs=4, extra_tokens=7, block=8, chunked=True, caching=True, preemption="swap", blocks=765,
+         replicas=2, router="least_outstanding_tokens")  # an eviction mid-prefix let a waiting prompt in
+@example(seed=8072, seqs=10, extra_tokens=1196, block=16, chunked=False, caching=False, preemption="recompute",
+         blocks=288, replicas=1, router="round_robin")  # recompute of prompt + output past the token budget
 @given(seed=st.integers(0, 10_000), seqs=st.integers(1, 12), extra_tokens=st.integers(0, 1500),
        block=st.sampled_from([8, 16, 32]), chunked=st.booleans(), caching=st.booleans(),
        preemption=st.sampled_from(["recompute", "swap"]), blocks=st.integers(150, 1200),
@@ -102,6 +108,10 @@ def test_invariants_hold_for_random_workloads_and_limits(seed, seqs, extra_token
     sim = simulate(sc)
     a = sim.recorder.arrays()
     assert len(a["request_id"]) == sim.arrived == 30
+    assert sorted(a["request_id"]) == list(range(30))  # each request reported exactly once
+    assert not (a["status"] == STATUSES.index(UNFINISHED)).any()  # no time limit: nothing is left over
+    summary = summarize(sc, sim, ReadStats())
+    assert summary["completed"] + summary["rejected"]["total"] + summary["unfinished"] == summary["requests"] == 30
     done = a["status"] == STATUSES.index(COMPLETED)
     assert (a["generated_tokens"][done] >= 1).all()
     assert (a["first_token_s"][done] >= a["arrival_s"][done]).all()
@@ -340,6 +350,33 @@ def test_requests_that_can_never_run_are_rejected_with_a_reason() -> None:
                          stream=[Request(0, 0.0, 3000, 5), Request(1, 0.0, 2000, 5)])
     assert [STATUSES[i] for i in no_chunks.recorder.arrays()["status"]] == ["prompt_exceeds_batch_tokens",
                                                                            "completed"]
+
+
+def test_no_request_is_lost_when_a_preempted_sequence_is_recomputed_without_chunked_prefill() -> None:
+    """Issue 10's case: recompute preemption without chunked prefill once left a preempted sequence
+    (prompt + generated tokens past the token budget) and everything queued behind it unreported."""
+    sc = load_scenario(str(ROOT / "examples" / "fixture-sessions.yaml"),
+                       ["engine.enable_chunked_prefill=false", "engine.enable_prefix_caching=false",
+                        "engine.max_num_seqs=3", "engine.max_num_batched_tokens=1434",
+                        "engine.num_gpu_blocks_override=175"])
+    s = run_scenario(sc).summary
+    assert s["requests"] == 200
+    assert s["preemptions"] > 0
+    assert s["unfinished"] == 0
+    assert s["completed"] + s["rejected"]["total"] == 200
+    assert s["completed"] > 11  # before the fix: 11 completed, 119 rejected, 70 missing
+    assert any("no sequence grows past 1,434 tokens" in n for n in s["notes"])
+
+
+def test_without_chunked_prefill_outputs_stop_at_the_token_budget() -> None:
+    """vLLM: max_num_batched_tokens below max_model_len without chunked prefill limits every sequence
+    to max_num_batched_tokens tokens."""
+    sim = simulate(scenario(engine__enable_chunked_prefill=False, engine__max_num_batched_tokens=2048),
+                   stream=[Request(0, 0.0, 2000, 100), Request(1, 0.0, 2048, 5)])
+    a = sim.recorder.arrays()
+    assert list(a["generated_tokens"]) == [48, 0]
+    assert [STATUSES[i] for i in a["status"]] == ["completed", "prompt_exceeds_batch_tokens"]
+    assert sim.admission.truncated == 1
 
 
 def test_outputs_past_the_context_are_clamped_and_counted() -> None:

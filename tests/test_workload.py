@@ -13,6 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import examples
+
 from kvsim.errors import KvsimError
 from kvsim.serve.synthetic import (
     ArrivalProcess,
@@ -263,7 +265,7 @@ def test_detect_format_and_override(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- synthetic
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15))
 @given(rate=st.floats(0.1, 200), cv=st.floats(0.3, 3.0), seed=st.integers(0, 2**32))
 def test_synthetic_rate_and_determinism(rate: float, cv: float, seed: int) -> None:
     n = 4000
@@ -278,7 +280,7 @@ def test_synthetic_rate_and_determinism(rate: float, cv: float, seed: int) -> No
     assert all(r.prefix_hashes == () for r in a)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20))
 @given(mean=st.floats(5, 5000), sigma=st.floats(0, 2), seed=st.integers(0, 1000))
 def test_length_distributions_positive(mean: float, sigma: float, seed: int) -> None:
     rng = np.random.default_rng(seed)
@@ -348,7 +350,7 @@ def _prefix_pair(draw):
     return src, dst, a, b, common
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200))
 @given(_prefix_pair(), st.integers(0, 511))
 def test_expand_preserves_prefix_sharing(case, extra: int) -> None:
     src, dst, a, b, common = case
@@ -405,7 +407,7 @@ def test_window_stops_reading_early() -> None:
     assert len(list(time_window(endless(), 5, 10))) == 5
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30))
 @given(factor=st.floats(0.1, 10), seed=st.integers(0, 100))
 def test_rate_scaling_property(factor: float, seed: int) -> None:
     base = list(synthetic_requests(ArrivalProcess.poisson(4), LengthDist.fixed(10), LengthDist.fixed(1),

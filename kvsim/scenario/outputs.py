@@ -101,7 +101,8 @@ def text_summary(summary: dict) -> str:
         f"{sc['name']}: {sc['model']} on {sc['hardware']} (TP {sc['tp']}) x {sc['replicas']} replica(s), "
         f"KV {sc['method']}; calibration {sc['calibration']['kind']} ({sc['calibration']['gpu']})",
         f"  requests {summary['requests']:,}: completed {summary['completed']:,}, rejected {rej['total']:,}"
-        + (f" ({reasons})" if reasons else ""),
+        + (f" ({reasons})" if reasons else "")
+        + (f", unfinished {summary['unfinished']:,}" if summary.get("unfinished") else ""),
         f"  simulated {summary['duration_s']:,.1f} s: {summary['throughput_output_tokens_per_s']:,.0f} "
         f"output tok/s, {summary['throughput_requests_per_s']:,.2f} req/s, "
         f"{summary['engine_steps']:,} engine steps",

@@ -266,7 +266,8 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
     good = int(((ttft <= slo.ttft_s) & (tpot_all <= slo.tpot_s)).sum())
     hits = cols["prefix_hit_tokens"][done]
     prompts = (cols["input_tokens"] + cols["image_tokens"])[done]
-    rejected = {s: int((status == i).sum()) for i, s in enumerate(metrics.STATUSES) if s != metrics.COMPLETED}
+    rejected = {s: int((status == i).sum()) for i, s in enumerate(metrics.STATUSES)
+                if s not in (metrics.COMPLETED, metrics.UNFINISHED)}
     cal = dep.cost.cal
     summary: dict = {
         "scenario": {"name": spec.name or Path(scenario.file).stem, "model": spec.model,
@@ -277,6 +278,7 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         "requests": sim.arrived,
         "completed": int(done.sum()),
         "rejected": {"total": sum(rejected.values()), "by_reason": rejected},
+        "unfinished": int((status == metrics.STATUSES.index(metrics.UNFINISHED)).sum()),
         "truncated_outputs": sim.admission.truncated,
         "duration_s": duration,
         "num_gpu_blocks": dep.num_gpu_blocks,
@@ -316,6 +318,10 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
     if spec.engine.enable_prefix_caching and not cfg.prefix_caching:
         notes.append("prefix caching is off: this KV layout is not paged by token blocks (compression, "
                      "quantization windows or tiers change what a block holds), so blocks cannot be shared")
+    if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < dep.max_model_len:
+        notes.append(f"chunked prefill is off and max_num_batched_tokens ({cfg.max_num_batched_tokens:,}) is below "
+                     f"max_model_len ({dep.max_model_len:,}): as in vLLM, no sequence grows past "
+                     f"{cfg.max_num_batched_tokens:,} tokens (longer prompts are rejected, outputs stop there)")
     if cal.kind == "prior":
         notes.append(cal.note)
     if notes:

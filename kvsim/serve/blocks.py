@@ -60,6 +60,19 @@ class BlockManager:
         """Blocks that carry a cache key (referenced or evictable)."""
         return len(self._ref)
 
+    @property
+    def free_before_eviction(self) -> int:
+        """Blocks an allocation may take before it evicts a cached block (the uncached runs at
+        the front of the LRU queue; every free block when prefix caching is off)."""
+        if not self.prefix_caching:
+            return self.free_uncached
+        n = 0
+        for key, count in self._queue.items():
+            if key >= 0:
+                break
+            n += count
+        return n
+
     def match(self, keys: Sequence[int], limit: int) -> int:
         """Number of leading ``keys`` (at most ``limit``) whose blocks are cached."""
         if not self.prefix_caching:

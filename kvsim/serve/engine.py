@@ -27,7 +27,7 @@ from simpy.core import URGENT
 from kvsim.cost.model import CostModel
 from kvsim.kv.layout import KVLayout
 from kvsim.memory import MemoryPlan
-from kvsim.serve.metrics import COMPLETED, REJECT_BATCH, REJECT_CONTEXT, REJECT_KV, Recorder
+from kvsim.serve.metrics import COMPLETED, REJECT_BATCH, REJECT_CONTEXT, REJECT_KV, UNFINISHED, Recorder
 from kvsim.serve.replica import INF, EngineConfig, Replica
 from kvsim.serve.router import Router
 from kvsim.serve.sequence import BlockTables, Seq, SharingPolicy, reusable
@@ -62,8 +62,14 @@ class Admission:
         out = min(req.output_tokens, dep.max_model_len - prompt)
         if out < 1:
             return REJECT_CONTEXT
-        if not self.cfg.enable_chunked_prefill and prompt > self.cfg.max_num_batched_tokens:
-            return REJECT_BATCH
+        if not self.cfg.enable_chunked_prefill:
+            # Without chunked prefill a sequence is (re)computed in one step, so vLLM's
+            # max_num_batched_tokens "effectively limits the maximum sequence length"
+            # (vllm/config/scheduler.py, SchedulerConfig.verify_max_model_len): a longer prompt is
+            # rejected and generation stops there, so a preempted sequence can always be recomputed.
+            out = min(out, self.cfg.max_num_batched_tokens - prompt)
+            if out < 1:
+                return REJECT_BATCH
         dropped = 0
         if req.image_tokens:
             dropped = prompt - int(dep.layout.stored_tokens(_one(prompt), req.image_tokens)[0])
@@ -157,7 +163,15 @@ class Simulation:
                 pending[r] = wake
                 heapq.heappush(heap, (wake, order, r, version[r]))
                 order += 1
+        self._report_unfinished()
         return self
+
+    def _report_unfinished(self) -> None:
+        """Record every sequence still queued or running when the events ran out, so that each
+        request ends completed, rejected or unfinished (the summary's counts add up)."""
+        for rep in self.replicas:
+            for seq in [*rep.running, *rep.waiting]:
+                self.recorder.request(seq, UNFINISHED)
 
     def _boundary(self, rep: Replica, now: float, next_arrival_s: float) -> float:
         """A step boundary of ``rep`` at ``now``: finish the step that ends, plan the next one;
@@ -220,6 +234,7 @@ class Simulation:
         for rep in self.replicas:
             env.process(engine(rep))
         env.run()
+        self._report_unfinished()
         return self
 
     # ------------------------------------------------------------------ results

@@ -18,7 +18,9 @@ COMPLETED = "completed"
 REJECT_CONTEXT = "prompt_exceeds_context"
 REJECT_KV = "exceeds_kv_cache"
 REJECT_BATCH = "prompt_exceeds_batch_tokens"
-STATUSES = (COMPLETED, REJECT_CONTEXT, REJECT_KV, REJECT_BATCH)
+# Still queued or running when the simulation ended (not a rejection: the summary counts it apart).
+UNFINISHED = "unfinished"
+STATUSES = (COMPLETED, REJECT_CONTEXT, REJECT_KV, REJECT_BATCH, UNFINISHED)
 
 REQUEST_COLUMNS = (("request_id", "q"), ("arrival_s", "d"), ("input_tokens", "q"), ("output_tokens", "q"),
                    ("generated_tokens", "q"), ("image_tokens", "q"), ("replica", "q"), ("status", "b"),

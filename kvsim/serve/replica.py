@@ -273,7 +273,14 @@ class Replica:
         if k > 1 and horizon < INF and self.last_decode_s > 0:
             k = min(k, int((horizon - now) / self.last_decode_s * _HORIZON_MARGIN) + 2)
         if k > 1:
-            k = self._steps_with_blocks(ctx, k)
+            free = self.bm.num_free
+            if self.waiting and len(self.running) < self.cfg.max_num_seqs:
+                # A waiting sequence was refused blocks at step 0. Taking free blocks cannot change
+                # that, unless it evicts a cached block: a hit cut short in the middle of a waiting
+                # prompt's prefix frees the evictable hits after it from the count that
+                # ``can_allocate`` checks, so the next step may admit it. The run ends first.
+                free = self.bm.free_before_eviction
+            k = self._steps_with_blocks(ctx, k, free)
         times = self.cost.decode_times_s(ctx, k).tolist()
         self.last_decode_s = times[-1]
         end = now + times[0]
@@ -291,11 +298,10 @@ class Replica:
                     bm.append(s, more)
         return steps, end
 
-    def _steps_with_blocks(self, ctx: np.ndarray, k: int) -> int:
-        """Most steps (<= k) whose extra blocks, beyond step 0's, fit in the free blocks."""
+    def _steps_with_blocks(self, ctx: np.ndarray, k: int, free: int) -> int:
+        """Most steps (<= k) whose extra blocks, beyond step 0's, fit in ``free`` blocks."""
         table = self.tables.decode_arr
         base = int(table[ctx + 1].sum())
-        free = self.bm.num_free
 
         def extra(steps: int) -> int:
             return int(table[ctx + steps].sum()) - base
