@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from kvsim.errors import KvsimError
-from kvsim.scenario.schema import ScenarioSpec
+from kvsim.scenario.schema import ScenarioSpec, WorkloadSpec
 from kvsim.spec.model import pydantic_error
 
 SWEEP_KEY = "sweep"  # read by `kvsim sweep`; kept aside here
@@ -55,9 +55,18 @@ def scenario_from_dict(raw: dict, file: str) -> Scenario:
 def _check(spec: ScenarioSpec, file: str) -> None:
     """Rules that span several keys."""
     w, e = spec.workload, spec.engine
-    if (w.trace is None) == (w.synthetic is None):
-        raise KvsimError("give exactly one of workload.trace and workload.synthetic", field="workload",
-                         value=[k for k in ("trace", "synthetic") if getattr(w, k) is not None], file=file)
+    sources = [k for k in ("trace", "synthetic", "closed_loop") if getattr(w, k) is not None]
+    if len(sources) != 1:
+        raise KvsimError("give exactly one of workload.trace, workload.synthetic and workload.closed_loop",
+                         field="workload", value=sources, file=file)
+    if w.closed_loop is not None:
+        for name in ("input", "output"):
+            _check_length(getattr(w.closed_loop, name), f"workload.closed_loop.{name}", file)
+        changed = [k for k in ("rate_scale", "start_s", "end_s", "max_requests", "images_per_request")
+                   if getattr(w, k) != WorkloadSpec.model_fields[k].default]
+        if changed:  # a closed loop has no arrival times to scale or cut
+            raise KvsimError("does not apply to a closed loop (use closed_loop.num_requests)",
+                             field=f"workload.{changed[0]}", value=getattr(w, changed[0]), file=file)
     if w.end_s is not None and w.end_s <= w.start_s:
         raise KvsimError(f"must be greater than workload.start_s={w.start_s}", field="workload.end_s",
                          value=w.end_s, file=file)

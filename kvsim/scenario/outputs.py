@@ -15,7 +15,7 @@ from kvsim.scenario.run import RunResult
 from kvsim.serve import metrics
 
 REQUEST_CSV = ("request_id", "arrival_s", "input_tokens", "image_tokens", "output_tokens", "generated_tokens",
-               "user_id", "session_id", "replica", "status", "ttft_s", "tpot_s", "e2e_s", "prefix_hit_tokens",
+               "user_id", "session_id", "replica", "status", "scheduled_s", "ttft_s", "tpot_s", "e2e_s", "prefix_hit_tokens",
                "doc_ssd_tokens", "cross_user_hit", "preemptions")
 
 
@@ -33,6 +33,7 @@ def requests_csv(result: RunResult) -> str:
     nan = np.full(len(done), np.nan)
     ttft = np.where(done, cols["first_token_s"] - cols["arrival_s"], nan)
     e2e = np.where(done, cols["finish_s"] - cols["arrival_s"], nan)
+    sched = np.where(cols["scheduled_s"] >= 0, cols["scheduled_s"], nan)  # queueing: scheduled_s - arrival_s
     multi = done & (cols["generated_tokens"] > 1)
     gaps = np.maximum(cols["generated_tokens"] - 1, 1)
     tpot = np.where(multi, (cols["finish_s"] - cols["first_token_s"]) / gaps, nan)
@@ -43,7 +44,7 @@ def requests_csv(result: RunResult) -> str:
             str(cols["request_id"][i]), repr(float(cols["arrival_s"][i])), str(cols["input_tokens"][i]),
             str(cols["image_tokens"][i]), str(cols["output_tokens"][i]), str(cols["generated_tokens"][i]),
             users[i] or "", "" if sessions[i] is None else str(sessions[i]), str(cols["replica"][i]),
-            metrics.STATUSES[cols["status"][i]], _fmt(ttft[i]), _fmt(tpot[i]), _fmt(e2e[i]),
+            metrics.STATUSES[cols["status"][i]], _fmt(sched[i]), _fmt(ttft[i]), _fmt(tpot[i]), _fmt(e2e[i]),
             str(cols["prefix_hit_tokens"][i]), str(cols["doc_ssd_tokens"][i]),
             str(int(cols["cross_user_hit"][i])), str(cols["preemptions"][i]))) + "\n")
     return out.getvalue()

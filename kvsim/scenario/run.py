@@ -15,6 +15,7 @@ import numpy as np
 from kvsim.errors import KvsimError
 from kvsim.scenario.load import Scenario, resolve_path
 from kvsim.serve import metrics
+from kvsim.serve.closed_loop import ClosedLoop
 from kvsim.serve.engine import Deployment, Simulation
 from kvsim.serve.replica import EngineConfig
 from kvsim.serve.sequence import BlockTables
@@ -145,7 +146,11 @@ def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
     w, file = scenario.spec.workload, scenario.file
     trace = None
     try:
-        if w.trace is not None:
+        if w.closed_loop is not None:
+            c = w.closed_loop
+            stream = ClosedLoop(c.concurrency, c.num_requests, _length(c.input, scenario), _length(c.output, scenario),
+                                random_range_ratio=c.random_range_ratio, seed=scenario.spec.seed)
+        elif w.trace is not None:
             trace = resolve_path(w.trace, scenario)
             if not trace.exists():
                 raise KvsimError("no such trace file or folder", field="workload.trace", value=str(trace),

@@ -58,11 +58,23 @@ class SyntheticSpec(_Strict):
     shared_prefix: SharedPrefixSpec | None = None
 
 
+class ClosedLoopSpec(_Strict):
+    """``concurrency`` clients, each sending its next request when the previous one ends
+    (``vllm bench serve --max-concurrency``); lengths as vLLM's random dataset."""
+
+    concurrency: int = Field(gt=0)
+    num_requests: int = Field(gt=0)
+    input: LengthSpec
+    output: LengthSpec
+    random_range_ratio: float = Field(default=0.0, ge=0, lt=1)
+
+
 class WorkloadSpec(_Strict):
     trace: StrictStr | None = None
     format: Literal["csv", "azure", "mooncake", "servegen"] | None = None
     prefix_block_tokens: int = Field(default=512, gt=0)  # csv hash blocks (read_csv's default)
     synthetic: SyntheticSpec | None = None
+    closed_loop: ClosedLoopSpec | None = None
     rate_scale: float = Field(default=1.0, gt=0)
     start_s: float = Field(default=0.0, ge=0)
     end_s: float | None = Field(default=None, gt=0)

@@ -27,6 +27,7 @@ from simpy.core import URGENT
 from kvsim.cost.model import CostModel
 from kvsim.kv.layout import KVLayout
 from kvsim.memory import MemoryPlan
+from kvsim.serve.closed_loop import ClosedLoop
 from kvsim.serve.metrics import COMPLETED, REJECT_BATCH, REJECT_CONTEXT, REJECT_KV, UNFINISHED, Recorder
 from kvsim.serve.replica import INF, EngineConfig, Replica
 from kvsim.serve.router import Router
@@ -122,12 +123,15 @@ class Simulation:
                                  self._finished, self.recorder.observe) for i in range(replicas)]
         self.arrived = 0
         self.end_s = 0.0
+        self.loop: ClosedLoop | None = None  # a closed-loop stream, told when each request ends
 
     def _finished(self, seq: Seq) -> None:
         self.router.done(seq)
         self.recorder.request(seq, COMPLETED)
         if seq.finish_s > self.end_s:
             self.end_s = seq.finish_s
+        if self.loop is not None:
+            self.loop.request_done(seq.finish_s)
 
     def run(self, stream: Iterable[Request],
             progress: Callable[[float, int], None] | None = None) -> Simulation:
@@ -137,6 +141,7 @@ class Simulation:
         pending = [INF] * len(self.replicas)  # time of each replica's live event
         order = 0
         it: Iterator[Request] = iter(stream)
+        self.loop = stream if isinstance(stream, ClosedLoop) else None
         nxt = next(it, None)
         events = 0
         while nxt is not None or heap:
@@ -158,6 +163,8 @@ class Simulation:
                 continue  # superseded by an earlier wake-up
             pending[r] = INF
             wake = self._boundary(self.replicas[r], now, nxt.arrival_s if nxt is not None else INF)
+            if nxt is None and self.loop is not None:  # a request ended: its client sent the next
+                nxt = next(it, None)
             if wake < INF:
                 version[r] += 1
                 pending[r] = wake
@@ -178,6 +185,8 @@ class Simulation:
         return when ``rep`` needs to act again (infinity: when a request reaches it)."""
         if rep.busy:
             rep.complete()
+            if self.loop is not None:  # requests its completions released arrive now
+                next_arrival_s = min(next_arrival_s, self.loop.next_arrival_s())
         work = rep.plan(now, next_arrival_s)
         return work.end_s if work is not None else rep.next_ready_s(now)
 
@@ -187,6 +196,8 @@ class Simulation:
         seq = self.admission(req)
         if isinstance(seq, str):
             self.recorder.request(Seq(req, req.input_tokens + req.image_tokens, 0, 0, ()), seq)
+            if self.loop is not None:
+                self.loop.request_done(req.arrival_s)
             return None
         r = self.router.pick(seq)
         self.replicas[r].enqueue(seq)
@@ -199,6 +210,8 @@ class Simulation:
         events, so float round-off in its ``now + delay`` cannot change a step time)."""
         import simpy
 
+        if isinstance(stream, ClosedLoop):
+            raise NotImplementedError("closed-loop streams run in Simulation.run")
         env = simpy.Environment()
         it: Iterator[Request] = iter(stream)
         peek: list[Request | None] = [next(it, None)]

@@ -24,7 +24,7 @@ STATUSES = (COMPLETED, REJECT_CONTEXT, REJECT_KV, REJECT_BATCH, UNFINISHED)
 
 REQUEST_COLUMNS = (("request_id", "q"), ("arrival_s", "d"), ("input_tokens", "q"), ("output_tokens", "q"),
                    ("generated_tokens", "q"), ("image_tokens", "q"), ("replica", "q"), ("status", "b"),
-                   ("first_token_s", "d"), ("finish_s", "d"), ("prefix_hit_tokens", "q"),
+                   ("scheduled_s", "d"), ("first_token_s", "d"), ("finish_s", "d"), ("prefix_hit_tokens", "q"),
                    ("doc_ssd_tokens", "q"), ("cross_user_hit", "b"), ("preemptions", "q"))
 SERIES_COLUMNS = (("time_s", "d"), ("replica", "q"), ("blocks_used", "q"), ("blocks_cached_free", "q"),
                   ("blocks_free", "q"), ("running", "q"), ("waiting", "q"))
@@ -60,6 +60,7 @@ class Recorder:
         c["image_tokens"].append(r.image_tokens)
         c["replica"].append(seq.replica)
         c["status"].append(STATUSES.index(status))
+        c["scheduled_s"].append(seq.scheduled_s)
         c["first_token_s"].append(seq.first_token_s)
         c["finish_s"].append(seq.finish_s)
         c["prefix_hit_tokens"].append(max(seq.hit_tokens, 0))

@@ -213,7 +213,7 @@ class Replica:
                 bm.allocate(s, need, hit_keys)
                 s.computed = computed + doc_blocks * bs
                 s.registered = hits
-                self._first_admission(s, hit_keys, doc_blocks)
+                self._first_admission(s, now, hit_keys, doc_blocks)
                 if doc_blocks:
                     start = max(now, self.ssd_free_s)
                     s.ready_s = self.ssd_free_s = start + self.cost.ssd_read_s(doc_blocks * self.block_bytes)
@@ -225,9 +225,10 @@ class Replica:
                 budget -= n_new
         return budget, transfer_s
 
-    def _first_admission(self, s: Seq, hit_keys: tuple[int, ...], doc_blocks: int) -> None:
+    def _first_admission(self, s: Seq, now: float, hit_keys: tuple[int, ...], doc_blocks: int) -> None:
         if s.hit_tokens >= 0:
             return
+        s.scheduled_s = now
         s.hit_tokens = len(hit_keys) * self.block_size
         s.doc_tokens = doc_blocks * self.block_size
         user = s.req.user_id

@@ -26,7 +26,7 @@ class Seq:
 
     __slots__ = ("req", "prompt", "out", "dropped", "keys", "computed", "generated", "held", "block_keys",
                  "registered", "ready_s", "swapped_blocks", "first_token_s", "finish_s", "hit_tokens",
-                 "cross_user_hit", "doc_tokens", "preemptions", "replica", "scheduled")
+                 "cross_user_hit", "doc_tokens", "preemptions", "replica", "scheduled", "scheduled_s")
 
     def __init__(self, req: Request, prompt: int, out: int, dropped: int, keys: tuple[int, ...]) -> None:
         self.req = req
@@ -49,6 +49,7 @@ class Seq:
         self.preemptions = 0
         self.replica = -1
         self.scheduled = 0  # tokens scheduled in the step being planned
+        self.scheduled_s = -1.0  # start of the step that first admitted it (-1: never admitted)
 
     @property
     def total(self) -> int:

@@ -1,0 +1,87 @@
+"""A closed-loop workload, as benchmark clients run one: ``concurrency`` clients, each sending its
+next request when its previous one has finished (or was rejected).
+
+This is ``vllm bench serve --max-concurrency N --request-rate inf`` (vLLM's
+``benchmarks/serve.py``: every request is sent at once through an ``asyncio.Semaphore(N)``, so N are
+in flight at t=0 and each completion releases the next) and the closed-loop tables that public
+TTFT/TPOT figures come from. A request's ``arrival_s`` is the time its client sends it, so TTFT is
+measured from sending, as the client measures it.
+
+Lengths follow vLLM's ``random`` dataset: with ``random_range_ratio`` r, each request's input and
+output lengths are drawn uniformly from ``[floor(L * (1 - r)), ceil(L * (1 + r))]`` (at least 1),
+where L is the length distribution's draw (``fixed`` for the benchmark's ``--random-input-len``).
+
+The simulator asks :meth:`ClosedLoop.next_arrival_s` for the horizon of a fast-forwarded run and
+calls :meth:`ClosedLoop.request_done` when a request completes or is rejected; requests released by
+a completion at time t arrive at t, after the step that starts at t was planned (the client receives
+the last token after that step's output is processed).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+
+import numpy as np
+
+from kvsim.errors import KvsimError
+from kvsim.serve.synthetic import LengthDist
+from kvsim.serve.workload import Request
+
+INF = float("inf")
+
+
+def _ranged(base: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    if ratio == 0:
+        return base
+    lo = np.maximum(np.floor(base * (1 - ratio)), 1).astype(np.int64)
+    hi = np.ceil(base * (1 + ratio)).astype(np.int64)
+    return rng.integers(lo, hi + 1)
+
+
+class ClosedLoop:
+    """``num_requests`` requests sent by ``concurrency`` clients, each waiting for its previous one.
+
+    Iterating yields the requests released so far, in sending order; it stops when none is pending
+    (more are released by :meth:`request_done`)."""
+
+    def __init__(self, concurrency: int, num_requests: int, input_len: LengthDist, output_len: LengthDist, *,
+                 random_range_ratio: float = 0.0, seed: int = 0) -> None:
+        if concurrency < 1:
+            raise KvsimError("must be at least 1", field="concurrency", value=concurrency)
+        if num_requests < 1:
+            raise KvsimError("must be at least 1", field="num_requests", value=num_requests)
+        if not 0 <= random_range_ratio < 1:
+            raise KvsimError("must be in [0, 1)", field="random_range_ratio", value=random_range_ratio)
+        rng = np.random.default_rng(seed)
+        self.inputs = _ranged(input_len.sample(rng, num_requests), random_range_ratio, rng).tolist()
+        self.outputs = _ranged(output_len.sample(rng, num_requests), random_range_ratio, rng).tolist()
+        self.concurrency = concurrency
+        self.num_requests = num_requests
+        self._sent = 0
+        self._pending: deque[Request] = deque()
+        for _ in range(min(concurrency, num_requests)):
+            self._release(0.0)
+
+    def _release(self, time_s: float) -> None:
+        i = self._sent
+        self._pending.append(Request(i, time_s, self.inputs[i], self.outputs[i]))
+        self._sent += 1
+
+    def __iter__(self) -> Iterator[Request]:
+        return self
+
+    def __next__(self) -> Request:
+        if not self._pending:
+            raise StopIteration
+        return self._pending.popleft()
+
+    def next_arrival_s(self) -> float:
+        """Sending time of the next released request not yet taken (infinity: none)."""
+        return self._pending[0].arrival_s if self._pending else INF
+
+    def request_done(self, time_s: float) -> None:
+        """A request ended (completed or rejected) at ``time_s``: its client sends the next one."""
+        if self._sent < self.num_requests:
+            self._release(time_s)
+

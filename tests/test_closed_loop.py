@@ -1,0 +1,99 @@
+"""The closed-loop workload (``vllm bench serve --max-concurrency N``): each client sends its next
+request when its previous one ends; the simulator feeds completions back to the stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import examples
+from kvsim.errors import KvsimError
+from kvsim.scenario import apply_override, run_scenario, scenario_from_dict
+from kvsim.serve.closed_loop import ClosedLoop
+from kvsim.serve.metrics import COMPLETED, STATUSES
+from kvsim.serve.synthetic import LengthDist
+
+BASE = {"model": "llama-3-8b", "hardware": "h100-sxm",
+        "workload": {"closed_loop": {"concurrency": 4, "num_requests": 24,
+                                     "input": {"kind": "fixed", "tokens": 1024},
+                                     "output": {"kind": "fixed", "tokens": 64}}},
+        "slo": {"ttft_s": 0.5, "tpot_s": 0.05}}
+
+
+def scenario(**overrides: object):
+    raw = BASE
+    for key, value in overrides.items():
+        raw = apply_override(raw, key.replace("__", "."), value)
+    return scenario_from_dict(raw, "closed.yaml")
+
+
+def columns(sc) -> dict[str, np.ndarray]:  # noqa: ANN001 - a Scenario
+    return run_scenario(sc).simulation.recorder.arrays()
+
+
+def test_one_client_sends_each_request_when_the_previous_one_finishes() -> None:
+    a = columns(scenario(workload__closed_loop__concurrency=1, workload__closed_loop__num_requests=5))
+    assert a["arrival_s"][0] == 0.0
+    np.testing.assert_array_equal(a["arrival_s"][1:], a["finish_s"][:-1])
+    assert (a["scheduled_s"] >= a["arrival_s"]).all()
+
+
+def test_at_most_concurrency_requests_are_in_flight() -> None:
+    a = columns(scenario())
+    assert (a["arrival_s"][:4] == 0.0).all() and (a["arrival_s"][4:] > 0).all()
+    for t in a["arrival_s"]:
+        in_flight = (a["arrival_s"] <= t) & (a["finish_s"] > t)
+        assert in_flight.sum() <= 4
+    # every later request was sent exactly when an earlier one finished
+    assert set(a["arrival_s"][4:].tolist()) <= set(a["finish_s"].tolist())
+
+
+def test_a_rejected_request_frees_its_client() -> None:
+    sc = scenario(workload__closed_loop__input={"kind": "fixed", "tokens": 9000})  # past llama-3-8b's 8,192
+    a = columns(sc)
+    assert len(a["request_id"]) == 24
+    assert (a["status"] == STATUSES.index("prompt_exceeds_context")).all()
+
+
+def test_random_range_ratio_draws_lengths_around_the_given_ones() -> None:
+    loop = ClosedLoop(2, 2000, LengthDist.fixed(1000), LengthDist.fixed(100), random_range_ratio=0.5, seed=3)
+    assert min(loop.inputs) >= 500 and max(loop.inputs) <= 1500
+    assert min(loop.outputs) >= 50 and max(loop.outputs) <= 150
+    assert abs(np.mean(loop.inputs) - 1000) < 20
+
+
+@pytest.mark.parametrize(("key", "value"), [("concurrency", 0), ("num_requests", 0), ("random_range_ratio", 1.0)])
+def test_bad_closed_loops_are_refused(key: str, value: object) -> None:
+    with pytest.raises(KvsimError, match=f"workload.closed_loop.{key}"):
+        scenario(**{f"workload__closed_loop__{key}": value})
+
+
+def test_a_closed_loop_has_no_arrival_times_to_rescale() -> None:
+    with pytest.raises(KvsimError, match="workload.rate_scale"):
+        scenario(workload__rate_scale=2.0)
+
+
+@settings(max_examples=examples(15))
+@given(seed=st.integers(0, 1000), concurrency=st.integers(1, 24), requests=st.integers(1, 60),
+       ratio=st.sampled_from([0.0, 0.3, 0.9]), seqs=st.integers(1, 16), blocks=st.integers(200, 2000),
+       chunked=st.booleans())
+def test_closed_loops_lose_nothing_and_fast_forward_changes_nothing(seed, concurrency, requests, ratio, seqs,
+                                                                    blocks, chunked) -> None:
+    sc = scenario(seed=seed, workload__closed_loop__concurrency=concurrency,
+                  workload__closed_loop__num_requests=requests, workload__closed_loop__random_range_ratio=ratio,
+                  workload__closed_loop__input={"kind": "lognormal", "p50": 600, "p90": 2500, "max_tokens": 6000},
+                  engine__max_num_seqs=seqs, engine__num_gpu_blocks_override=blocks,
+                  engine__enable_chunked_prefill=chunked)
+    fast = run_scenario(sc, check=True)
+    s = fast.summary
+    assert s["requests"] == requests
+    assert s["completed"] + s["rejected"]["total"] + s["unfinished"] == requests
+    assert s["unfinished"] == 0
+    slow = run_scenario(scenario_from_dict(apply_override(sc.raw, "engine.fast_forward", False), "c.yaml"))
+    a, b = fast.simulation.recorder.arrays(), slow.simulation.recorder.arrays()
+    for key in ("arrival_s", "scheduled_s", "first_token_s", "finish_s", "status", "preemptions"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    done = a["status"] == STATUSES.index(COMPLETED)
+    assert (a["first_token_s"][done] >= a["scheduled_s"][done]).all()
