@@ -379,6 +379,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def cmd_validate(args: argparse.Namespace) -> None:
     from kvsim.validate import validate
 
+    if (args.gpu is None) == (args.serving is None):
+        raise KvsimError("give exactly one of --gpu and --serving", field="kvsim validate",
+                         value=[a for a in ("gpu", "serving") if getattr(args, a) is not None])
+    if args.serving is not None:
+        _validate_serving(Path(args.serving), args.json)
+        return
+
     report, summary = validate(args.gpu, args.calibration_from, Path(args.results) if args.results else None)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -388,6 +395,29 @@ def cmd_validate(args: argparse.Namespace) -> None:
         print(f"{s['kind']:<9} {s['model']:<18} {s['n']:>4} {s['median_abs_err']:8.1%} {s['p90_abs_err']:8.1%} "
               f"{s['max_abs_err']:8.1%}")
     print(f"wrote {report}")
+
+
+def _validate_serving(path: Path, as_json: bool) -> None:
+    from kvsim.judge_serving import error_table, judge
+
+    judged, skipped = judge(path)
+    table = error_table(judged) if judged else []
+    if as_json:
+        print(json.dumps({"file": str(path), "groups": table, "not_expressible": dict(skipped),
+                          "rows": [{"line": j.row.line, "tp": j.row.tp, "isl": j.row.isl, "osl": j.row.osl,
+                                    "concurrency": j.row.concurrency, "ttft_ms": j.row.ttft_ms,
+                                    "predicted_ttft_ms": j.ttft_ms, "tpot_ms": j.row.tpot_ms,
+                                    "predicted_tpot_ms": j.tpot_ms} for j in judged]}, indent=2))
+        return
+    print(f"{'gpu':<10} {'engine':<13} {'model':<12} {'prec':<5} {'tp':>3} {'rows':>5}   "
+          f"{'TTFT median':>11} {'p90':>7} {'worst':>7}   {'TPOT median':>11} {'p90':>7} {'worst':>7}")
+    for g in table:
+        print(f"{g['gpu']:<10} {g['engine']:<13} {g['model']:<12} {g['precision']:<5} {g['tp'] or '':>3} "
+              f"{g['rows']:>5}   {g['ttft_median_abs_err']:11.1%} {g['ttft_p90_abs_err']:7.1%} "
+              f"{g['ttft_max_abs_err']:7.1%}   {g['tpot_median_abs_err']:11.1%} {g['tpot_p90_abs_err']:7.1%} "
+              f"{g['tpot_max_abs_err']:7.1%}")
+    for why, n in sorted(skipped.items()):
+        print(f"not expressible ({n} rows): {why}")
 
 
 # ---------------------------------------------------------------- parser
@@ -485,7 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("validate", help="judge predictions on end-to-end measurements not used in fitting")
-    p.add_argument("--gpu", required=True)
+    p.add_argument("--gpu", help="reference-engine results folder under validation/results, e.g. h100-sxm")
+    p.add_argument("--serving", metavar="CSV",
+                   help="judge closed-loop serving on real engine measurements (aiconfigurator silicon-sample "
+                        "format, e.g. ../shared/data/measured/vllm_h100_qwen3-32b_closed_loop.csv)")
     p.add_argument("--calibration-from", help="GPU whose fitted profile to use (default: the same GPU)")
     p.add_argument("--results", help="results root (default: validation/results of this checkout)")
     p.add_argument("--json", action="store_true")

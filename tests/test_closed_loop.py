@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import examples
 from kvsim.errors import KvsimError
 from kvsim.scenario import apply_override, run_scenario, scenario_from_dict
 from kvsim.serve.closed_loop import ClosedLoop

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import examples
 
 from kvsim.errors import KvsimError
 from kvsim.kv import METHODS, layout_for, parse

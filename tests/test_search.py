@@ -6,10 +6,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import examples
 
 from kvsim.errors import KvsimError
 from kvsim.search import ConfigResult, Probe, bisect_rate, judge, rank

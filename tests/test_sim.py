@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import ROOT, examples
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
-from conftest import ROOT, examples
 
 from kvsim.cost.model import Batch
 from kvsim.errors import KvsimError

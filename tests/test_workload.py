@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import examples
 
 from kvsim.errors import KvsimError
 from kvsim.serve.synthetic import (

@@ -15,8 +15,8 @@ from kvsim.scenario.run import RunResult
 from kvsim.serve import metrics
 
 REQUEST_CSV = ("request_id", "arrival_s", "input_tokens", "image_tokens", "output_tokens", "generated_tokens",
-               "user_id", "session_id", "replica", "status", "scheduled_s", "ttft_s", "tpot_s", "e2e_s", "prefix_hit_tokens",
-               "doc_ssd_tokens", "cross_user_hit", "preemptions")
+               "user_id", "session_id", "replica", "status", "scheduled_s", "ttft_s", "tpot_s", "e2e_s",
+               "prefix_hit_tokens", "doc_ssd_tokens", "cross_user_hit", "preemptions")
 
 
 def _fmt(x: float) -> str:

@@ -1,0 +1,186 @@
+"""Judge kvsim on real serving-engine measurements (``kvsim validate --serving FILE``).
+
+The file is in the format of NVIDIA aiconfigurator's public silicon samples (one row per closed-loop
+benchmark run: backend and version, HF model id, system, precision, input and output lengths,
+concurrency ``batch_size``, parallelism, and the client's mean TTFT and TPOT in ms); see
+``../shared/data/measured/README.md``. Each row kvsim can express is simulated as the benchmark ran
+it: ``batch_size`` clients in a closed loop (:mod:`kvsim.serve.closed_loop`), fixed lengths, the
+engine's defaults; the mean TTFT and TPOT are compared with the measured ones. Rows kvsim cannot
+express yet are counted with the reason, never dropped in silence. Nothing here is fitted: the file
+is only ever read to judge.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kvsim.errors import KvsimError
+
+# Columns the judge reads (the silicon-sample header; extra columns are ignored).
+COLUMNS = ("backend", "backend_version", "model_path", "system", "precision", "gemm_quant_mode", "moe_quant_mode",
+           "isl", "osl", "batch_size", "tp_size", "pp_size", "attention_dp_size", "moe_ep_size",
+           "silicon_ttft_ms", "silicon_tpot_ms")
+# Requests each closed-loop client sends. The public tables do not say how many prompts each run
+# sent; vLLM's benchmark sends --num-prompts in total (its default is 1,000). A fixed multiple of the
+# concurrency keeps every run past its first wave of simultaneous prompts by the same share.
+REQUESTS_PER_CLIENT = 10
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured run."""
+
+    line: int
+    backend: str
+    version: str
+    model: str  # HF repository id
+    system: str
+    precision: str
+    isl: int
+    osl: int
+    concurrency: int
+    tp: int
+    ttft_ms: float
+    tpot_ms: float
+    other_parallelism: str  # pipeline, attention-DP or expert parallelism ("" when none)
+
+
+@dataclass(frozen=True)
+class Judged:
+    row: Row
+    catalogue_model: str
+    hardware: str
+    ttft_ms: float
+    tpot_ms: float
+
+    @property
+    def ttft_error(self) -> float:
+        return (self.ttft_ms - self.row.ttft_ms) / self.row.ttft_ms
+
+    @property
+    def tpot_error(self) -> float:
+        return (self.tpot_ms - self.row.tpot_ms) / self.row.tpot_ms
+
+
+def read_rows(path: Path) -> list[Row]:
+    """The file's rows; a missing column or a malformed value is one error naming file, line and field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise KvsimError(f"cannot read: {err}", field="--serving", value=str(path)) from None
+    reader = csv.DictReader(text.splitlines())
+    missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise KvsimError(f"not a serving-measurement file: missing columns {', '.join(missing)}", file=str(path))
+    rows = []
+    for i, r in enumerate(reader, start=2):
+        try:
+            row = Row(i, r["backend"], r["backend_version"], r["model_path"], r["system"],
+                      "+".join(v for v in (r["precision"], r["gemm_quant_mode"], r["moe_quant_mode"]) if v),
+                      int(r["isl"]), int(r["osl"]), int(r["batch_size"]), int(r["tp_size"]),
+                      float(r["silicon_ttft_ms"]), float(r["silicon_tpot_ms"]),
+                      ", ".join(f"{k}={r[k]}" for k in ("pp_size", "attention_dp_size", "moe_ep_size")
+                                if r[k] not in ("", "1")))
+        except (TypeError, ValueError) as err:
+            raise KvsimError(f"line {i}: malformed value ({err})", file=str(path)) from None
+        if min(row.isl, row.osl, row.concurrency, row.tp) < 1 or not (0 < row.ttft_ms < math.inf
+                                                                     and 0 < row.tpot_ms < math.inf):
+            raise KvsimError(f"line {i}: lengths, concurrency and TP must be >= 1, times finite and > 0",
+                             file=str(path))
+        rows.append(row)
+    if not rows:
+        raise KvsimError("no measurement rows", file=str(path))
+    return rows
+
+
+def _catalogue_models() -> dict[str, str]:
+    """HF repository id (lower case) -> catalogue name."""
+    from kvsim.spec.model import load_model, model_names
+
+    out = {}
+    for name in model_names():
+        out[load_model(name).source.split(" ")[0].lower()] = name
+    return out
+
+
+def _why_not(row: Row, models: dict[str, str], gpus: set[str]) -> str | None:
+    """Why kvsim cannot express ``row`` yet (None: it can)."""
+    if row.other_parallelism:
+        return f"parallelism kvsim does not model yet ({row.other_parallelism})"
+    if row.backend != "vllm":
+        return f"engine {row.backend} (kvsim's scheduler is vLLM's)"
+    if row.precision:
+        return f"quantized weights or KV ({row.precision}): weight precision is not modelled yet"
+    if row.model.lower() not in models:
+        return f"model {row.model} not in the catalogue"
+    if row.system.replace("_", "-") not in gpus:
+        return f"GPU {row.system} not in the catalogue"
+    return None
+
+
+def _scenario(row: Row, model: str, hardware: str):  # noqa: ANN202 - a Scenario
+    from kvsim.scenario import scenario_from_dict
+
+    raw = {"name": f"line{row.line}", "model": model, "hardware": hardware, "tp": row.tp,
+           # the closed loop's SLOs are not judged; any positive targets will do
+           "slo": {"ttft_s": 1.0, "tpot_s": 1.0},
+           "engine": {"max_model_len": row.isl + row.osl},
+           "workload": {"closed_loop": {"concurrency": row.concurrency,
+                                        "num_requests": REQUESTS_PER_CLIENT * row.concurrency,
+                                        "input": {"kind": "fixed", "tokens": row.isl},
+                                        "output": {"kind": "fixed", "tokens": row.osl}}}}
+    return scenario_from_dict(raw, f"{row.model} line {row.line}")
+
+
+def judge(path: Path) -> tuple[list[Judged], Counter[str]]:
+    """Predict every expressible row; count the others by reason."""
+    from kvsim.scenario import run_scenario
+    from kvsim.spec.hardware import hardware_names
+
+    rows = read_rows(path)
+    models, gpus = _catalogue_models(), set(hardware_names())
+    judged: list[Judged] = []
+    skipped: Counter[str] = Counter()
+    for row in rows:
+        why = _why_not(row, models, gpus)
+        if why is not None:
+            skipped[why] += 1
+            continue
+        model, hardware = models[row.model.lower()], row.system.replace("_", "-")
+        s = run_scenario(_scenario(row, model, hardware), record_steps=False).summary
+        if s["completed"] != REQUESTS_PER_CLIENT * row.concurrency:
+            reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)
+            skipped[f"kvsim rejects the requests: {reasons}"] += 1
+            continue
+        judged.append(Judged(row, model, hardware, s["ttft_s"]["mean"] * 1e3, s["tpot_s"]["mean"] * 1e3))
+    return judged, skipped
+
+
+def error_table(judged: list[Judged]) -> list[dict]:
+    """Median, p90 and worst absolute error of TTFT and TPOT per (GPU, engine, model, precision, TP),
+    then over all rows."""
+    groups: dict[tuple, list[Judged]] = {}
+    for j in judged:
+        key = (j.hardware, f"{j.row.backend} {j.row.version}", j.catalogue_model, j.row.precision or "bf16",
+               j.row.tp)
+        groups.setdefault(key, []).append(j)
+        groups.setdefault(("all", "", "", "", 0), []).append(j)
+    out = []
+    for key in sorted(groups, key=lambda k: (k[0] == "all", k)):
+        js = groups[key]
+        entry = dict(zip(("gpu", "engine", "model", "precision", "tp"), key, strict=True))
+        entry["rows"] = len(js)
+        for metric in ("ttft", "tpot"):
+            errs = np.abs([getattr(j, f"{metric}_error") for j in js])
+            entry[f"{metric}_median_abs_err"] = float(np.median(errs))
+            entry[f"{metric}_p90_abs_err"] = float(np.percentile(errs, 90))
+            entry[f"{metric}_max_abs_err"] = float(errs.max())
+            entry[f"{metric}_mean_signed_err"] = float(np.mean([getattr(j, f"{metric}_error") for j in js]))
+        out.append(entry)
+    return out

@@ -1,0 +1,71 @@
+"""Judging closed-loop serving on real engine measurements (``kvsim validate --serving``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import shared_file
+
+from kvsim.cli import main
+from kvsim.errors import KvsimError
+from kvsim.judge_serving import COLUMNS, error_table, judge, read_rows
+
+# Rows in the silicon-sample format (values made up for the test, not measurements).
+ROWS = [
+    dict(backend="vllm", backend_version="0.12.0", model_path="meta-llama/Llama-3.1-8B", system="h100_sxm",
+         isl=512, osl=32, batch_size=4, tp_size=1, silicon_ttft_ms=40.0, silicon_tpot_ms=7.0),
+    dict(backend="vllm", backend_version="0.12.0", model_path="meta-llama/Llama-3.1-8B", system="h100_sxm",
+         precision="fp8", isl=512, osl=32, batch_size=4, tp_size=1, silicon_ttft_ms=40.0, silicon_tpot_ms=7.0),
+    dict(backend="sglang", backend_version="0.5.0", model_path="meta-llama/Llama-3.1-8B", system="h100_sxm",
+         isl=512, osl=32, batch_size=4, tp_size=1, silicon_ttft_ms=40.0, silicon_tpot_ms=7.0),
+    dict(backend="vllm", backend_version="0.12.0", model_path="org/unknown-model", system="h100_sxm",
+         isl=512, osl=32, batch_size=4, tp_size=1, silicon_ttft_ms=40.0, silicon_tpot_ms=7.0),
+    dict(backend="vllm", backend_version="0.12.0", model_path="meta-llama/Llama-3.1-8B", system="h100_sxm",
+         isl=512, osl=32, batch_size=4, tp_size=1, pp_size=2, silicon_ttft_ms=40.0, silicon_tpot_ms=7.0),
+]
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    lines = [",".join(COLUMNS)] + [",".join(str(r.get(c, "")) for c in COLUMNS) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_every_row_is_judged_or_counted_with_its_reason(tmp_path: Path) -> None:
+    judged, skipped = judge(write(tmp_path / "m.csv", ROWS))
+    assert len(judged) == 1
+    j = judged[0]
+    assert (j.catalogue_model, j.hardware, j.row.tp) == ("llama-3.1-8b", "h100-sxm", 1)
+    assert 0 < j.ttft_ms and 0 < j.tpot_ms
+    assert j.tpot_error == pytest.approx(j.tpot_ms / 7.0 - 1)
+    assert sum(skipped.values()) == 4
+    reasons = " | ".join(skipped)
+    for word in ("fp8", "sglang", "org/unknown-model", "pp_size=2"):
+        assert word in reasons
+    table = error_table(judged)
+    assert table[-1]["gpu"] == "all" and table[-1]["rows"] == 1
+    assert table[-1]["tpot_median_abs_err"] == pytest.approx(abs(j.tpot_error))
+
+
+@pytest.mark.parametrize("text", ["", "backend,isl\nvllm,1\n", ",".join(COLUMNS) + "\n",
+                                  ",".join(COLUMNS) + "\n" + ",".join(["x"] * len(COLUMNS)) + "\n"])
+def test_malformed_files_are_one_clear_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(KvsimError, match="bad.csv"):
+        read_rows(path)
+
+
+def test_cli_needs_exactly_one_of_gpu_and_serving(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate"])
+    assert exit_.value.code == 2
+    assert "--gpu and --serving" in capsys.readouterr().err
+
+
+def test_the_vllm_development_set_is_judged_whole() -> None:
+    """All 90 rows of the real vLLM 0.12 Qwen3-32B runs are expressible and predicted."""
+    judged, skipped = judge(shared_file("measured", "vllm_h100_qwen3-32b_closed_loop.csv"))
+    assert len(judged) == 90 and not skipped
+    assert {j.row.tp for j in judged} == {2, 4, 8}
