@@ -162,12 +162,13 @@ def cmd_memory(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from kvsim.cost import Batch, CostModel
+    from kvsim.cost.collectives import vllm_allreduce
     from kvsim.memory import plan_memory
 
     batches, contexts = _ints(args.batch, "--batch"), _ints(args.context, "--context")
     _positive(args.prompt, "--prompt")
     model, hardware, layout = _deployment(args)
-    cost = CostModel(model, hardware, layout, args.tp, args.calibration)
+    cost = CostModel(model, hardware, layout, args.tp, args.calibration, vllm_allreduce(hardware, args.tp))
     plan = plan_memory(model, hardware, layout, args.tp)
     points = []
     for b in batches:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvsim.cost.calibration import Calibration, find_calibration
+from kvsim.cost.collectives import AllReducePricing
 from kvsim.kv import METHODS
 from kvsim.kv.layout import KVLayout, Stream
 from kvsim.spec.hardware import HardwareSpec
@@ -152,10 +153,14 @@ class CostModel:
     """Step times of one replica (model, KV layout, GPU, TP degree, calibration profile)."""
 
     def __init__(self, model: ModelSpec, hardware: HardwareSpec, layout: KVLayout, tp: int = 1,
-                 calibration: Calibration | str | None = None) -> None:
+                 calibration: Calibration | str | None = None, allreduce: AllReducePricing | None = None) -> None:
+        """``allreduce``: how the engine reduces across the TP group (``vllm_allreduce(hardware, tp)``
+        for vLLM); None prices every all-reduce with the calibrated ring model (the reference
+        engine's graph-captured NCCL)."""
         check_tp(model, tp)
         self.model, self.hw, self.layout, self.tp = model, hardware, layout, tp
         self.cal = calibration if isinstance(calibration, Calibration) else find_calibration(hardware, calibration)
+        self.allreduce = allreduce
         self.fp8_weights = model.weight_quant is not None and model.weight_quant.bits_per_weight <= 8.5
         self._gemms = self._build_gemms()
         self._fixed_cache: dict[tuple[float, float, float], list] = {}
@@ -506,13 +511,16 @@ class CostModel:
         return ops
 
     def _allreduce(self, tokens: np.ndarray) -> tuple:
-        """Two ring all-reduces per layer of the hidden states (Megatron TP), on NVLink or PCIe."""
+        """Two all-reduces per layer of the hidden states (Megatron TP), and one of the logits: the
+        engine's measured tables where it has them (``self.allreduce``), else a calibrated ring."""
         link = self.hw.nvlink_bandwidth_bytes_per_s or self.hw.pcie_bandwidth_bytes_per_s
         msg = tokens * self.model.hidden_size * self.model.dtype_bytes
         curve = self.cal.ops["allreduce"]
         _, me = curve.eff(np.maximum(msg, 1.0))
         per_call = (2.0 * (self.tp - 1) / self.tp * msg / (link * me)
                     + 2 * (self.tp - 1) * self.cal.ceilings.link_latency_s + curve.floor_s)
+        if self.allreduce is not None:
+            per_call = self.allreduce.seconds(msg, per_call)
         calls = 2 * self.model.num_layers + 1
         return ("allreduce", 0, np.zeros_like(msg), msg * calls, per_call * calls, np.full(msg.shape, "link"))
 

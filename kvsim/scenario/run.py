@@ -53,6 +53,7 @@ def _catalogue_arg(text: str, scenario: Scenario) -> str:
 
 def deployment(scenario: Scenario) -> Deployment:
     """Model, KV layout, memory plan and cost model of one replica."""
+    from kvsim.cost.collectives import vllm_allreduce
     from kvsim.cost.model import CostModel
     from kvsim.kv import layout_for
     from kvsim.memory import EngineMemoryConfig, plan_memory
@@ -74,7 +75,7 @@ def deployment(scenario: Scenario) -> Deployment:
     try:
         if cal is not None and cal.lower() != "none":
             cal = str(resolve_path(cal, scenario))
-        cost = CostModel(model, hardware, layout, spec.tp, cal)
+        cost = CostModel(model, hardware, layout, spec.tp, cal, vllm_allreduce(hardware, spec.tp))
     except KvsimError as err:
         raise _with_file(err, file, "calibration") from None
     if not plan.fits and e.num_gpu_blocks_override is None:
@@ -327,6 +328,8 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         notes.append(f"chunked prefill is off and max_num_batched_tokens ({cfg.max_num_batched_tokens:,}) is below "
                      f"max_model_len ({dep.max_model_len:,}): as in vLLM, no sequence grows past "
                      f"{cfg.max_num_batched_tokens:,} tokens (longer prompts are rejected, outputs stop there)")
+    if spec.tp > 1:
+        notes.append(f"all-reduce: {dep.cost.allreduce.source}")
     if cal.kind == "prior":
         notes.append(cal.note)
     if notes:

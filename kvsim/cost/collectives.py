@@ -1,0 +1,126 @@
+"""Tensor-parallel all-reduce as vLLM runs it, priced from measured latency tables.
+
+vLLM reduces a tensor-parallel group's hidden states with its custom all-reduce when it can, and
+with NCCL otherwise (``vllm/distributed/device_communicators/cuda_communicator.py``; the rule is
+``CustomAllreduce.should_custom_ar`` in ``custom_all_reduce.py``): the group size must be one the
+kernel supports (2, 4, 6 or 8), the GPUs must be fully connected by NVLink (two GPUs may also use
+PCIe peer-to-peer; custom all-reduce is disabled without P2P access), and the message must be at
+most ``max_size`` (8 MiB by default). The custom kernel chooses one-shot or two-shot by size itself,
+so its measured latency per (TP, bytes) already includes that choice.
+
+Latencies come from ``kvsim/data/collectives/<gpu>.yaml``, written by
+:mod:`kvsim.importers.aiconfigurator` from NVIDIA aiconfigurator's public database (vLLM's custom
+kernel captured in a CUDA graph, as vLLM runs decode, and NCCL). Between measured sizes the time is
+interpolated in log-log; above the largest, it grows in proportion to the bytes (bandwidth-bound).
+A GPU or TP degree without a table is priced by the calibrated ring model instead, and the cost
+model says so (:attr:`AllReducePricing.source`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from types import MappingProxyType
+
+import numpy as np
+
+from kvsim.errors import KvsimError
+from kvsim.fileio import load_yaml
+from kvsim.spec.hardware import HardwareSpec
+
+# vllm/distributed/device_communicators/custom_all_reduce.py: _SUPPORTED_WORLD_SIZES and the
+# default max_size (8192 * 1024 bytes).
+CUSTOM_WORLD_SIZES = (2, 4, 6, 8)
+CUSTOM_MAX_BYTES = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Measured seconds of one all-reduce at increasing message sizes (one TP degree)."""
+
+    log2_bytes: np.ndarray
+    log2_seconds: np.ndarray
+
+    def seconds(self, msg_bytes: np.ndarray) -> np.ndarray:
+        lb = np.log2(np.maximum(msg_bytes, 1.0))
+        t = np.exp2(np.interp(lb, self.log2_bytes, self.log2_seconds))
+        top = self.log2_bytes[-1]
+        # past the largest measured message the transfer is bandwidth-bound: time grows with bytes
+        return np.where(lb > top, np.exp2(self.log2_seconds[-1] + lb - top), t)
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """One GPU's measured all-reduce tables (TP degree -> table) and where they came from."""
+
+    gpu: str
+    custom: MappingProxyType  # vLLM custom all-reduce, CUDA-graph mode
+    nccl: MappingProxyType
+    source: str
+
+
+@dataclass(frozen=True)
+class AllReducePricing:
+    """How a cost model prices one all-reduce call of a TP group."""
+
+    custom: LatencyTable | None  # used for messages up to CUSTOM_MAX_BYTES
+    nccl: LatencyTable | None  # used above (None: the calibrated ring model)
+    source: str
+
+    def seconds(self, msg_bytes: np.ndarray, ring_s: np.ndarray) -> np.ndarray:
+        """Per-call seconds; ``ring_s`` is the calibrated ring model's time, used where no table applies."""
+        big = ring_s if self.nccl is None else self.nccl.seconds(msg_bytes)
+        if self.custom is None:
+            return big
+        return np.where(msg_bytes <= CUSTOM_MAX_BYTES, self.custom.seconds(msg_bytes), big)
+
+
+def _table(data: dict, where: str) -> LatencyTable:
+    try:
+        b = np.asarray(data["bytes"], dtype=float)
+        s = np.asarray(data["seconds"], dtype=float)
+    except (KeyError, TypeError, ValueError) as err:
+        raise KvsimError(f"needs bytes and seconds lists ({err})", field=where, value=None) from None
+    if len(b) < 2 or b.shape != s.shape or not (np.all(np.diff(b) > 0) and np.all(s > 0) and np.all(np.isfinite(s))):
+        raise KvsimError("bytes must increase, seconds be positive and finite, two points at least", field=where,
+                         value=None)
+    return LatencyTable(np.log2(b), np.log2(s))
+
+
+@cache
+def load_collectives(gpu: str) -> Collectives | None:
+    """The shipped tables of catalogue GPU ``gpu`` (None: none imported)."""
+    entry = resources.files("kvsim") / "data" / "collectives" / f"{gpu}.yaml"
+    if not entry.is_file():
+        return None
+    where = f"kvsim/data/collectives/{gpu}.yaml"
+    data = load_yaml(entry.read_text())
+    tables = {}
+    for key in ("custom_allreduce", "nccl_allreduce"):
+        part = data.get(key) or {}
+        tables[key] = MappingProxyType({int(tp): _table(t, f"{where}: {key}.tp.{tp}")
+                                        for tp, t in (part.get("tp") or {}).items()})
+    versions = ", ".join(f"{k} {data[k]['version']}" for k in ("custom_allreduce", "nccl_allreduce") if k in data)
+    return Collectives(gpu, tables["custom_allreduce"], tables["nccl_allreduce"],
+                       f"{data.get('source', where)}: {data.get('system', gpu)} ({versions})")
+
+
+def vllm_allreduce(hw: HardwareSpec, tp: int) -> AllReducePricing:
+    """vLLM's all-reduce for a TP group of ``hw`` GPUs (see the module docstring)."""
+    if tp == 1:
+        return AllReducePricing(None, None, "no all-reduce at TP 1")
+    tables = load_collectives(hw.name)
+    # NVLink (nvlink_bandwidth_bytes_per_s > 0) connects every GPU of the catalogue's NVLink systems.
+    # A PCIe pair with peer-to-peer access would also qualify; the catalogue does not record P2P, so
+    # PCIe groups are priced as NCCL (and labelled so).
+    custom_ok = tp in CUSTOM_WORLD_SIZES and hw.nvlink_bandwidth_bytes_per_s > 0
+    custom = tables.custom.get(tp) if tables is not None and custom_ok else None
+    nccl = tables.nccl.get(tp) if tables is not None else None
+    parts = []
+    if custom_ok:
+        parts.append("vLLM custom all-reduce " + ("(measured table)" if custom else "(no table: ring model)")
+                     + f" up to {CUSTOM_MAX_BYTES // 2**20} MiB")
+    parts.append("NCCL " + ("(measured table)" if nccl else "(ring model fitted on kvsim's NCCL runs)"))
+    src = "; ".join(parts) + (f"; tables: {tables.source}" if tables is not None and (custom or nccl) else "")
+    return AllReducePricing(custom, nccl, src)

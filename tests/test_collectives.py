@@ -1,0 +1,67 @@
+"""All-reduce as vLLM runs it: custom all-reduce where vLLM would pick it, NCCL above 8 MiB, priced
+from the imported measured tables (kvsim/data/collectives)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT
+
+from kvsim.cost import Batch, CostModel
+from kvsim.cost.collectives import CUSTOM_MAX_BYTES, load_collectives, vllm_allreduce
+from kvsim.kv import layout_for
+from kvsim.spec.hardware import load_hardware
+from kvsim.spec.model import load_model
+
+
+def table_points(gpu: str, key: str, tp: int) -> tuple[list[int], list[float]]:
+    data = yaml.safe_load((ROOT / "kvsim" / "data" / "collectives" / f"{gpu}.yaml").read_text())
+    t = data[key]["tp"][tp]
+    return t["bytes"], t["seconds"]
+
+
+def test_measured_points_are_returned_exactly_and_interpolated_between() -> None:
+    tables = load_collectives("h100-sxm")
+    assert tables is not None
+    sizes, seconds = table_points("h100-sxm", "custom_allreduce", 8)
+    got = tables.custom[8].seconds(np.array(sizes, dtype=float))
+    np.testing.assert_allclose(got, seconds, rtol=1e-12)
+    mid = tables.custom[8].seconds(np.array([np.sqrt(sizes[3] * sizes[4])]))[0]  # log-log midpoint
+    assert mid == pytest.approx(np.sqrt(seconds[3] * seconds[4]), rel=1e-12)
+    # past the largest measured message: bandwidth-bound, twice the bytes take twice the time
+    big = tables.nccl[8].seconds(np.array([2.0 * sizes[-1] * 4, 4.0 * sizes[-1] * 4]))
+    assert big[1] == pytest.approx(2 * big[0])
+
+
+def test_vllm_uses_its_custom_all_reduce_on_nvlink_up_to_8_mib() -> None:
+    hw = load_hardware("h100-sxm")
+    ar = vllm_allreduce(hw, 8)
+    assert ar.custom is not None and ar.nccl is not None and "custom all-reduce (measured table)" in ar.source
+    ring = np.array([1.0, 1.0])
+    small, large = float(CUSTOM_MAX_BYTES), float(CUSTOM_MAX_BYTES) * 2
+    got = ar.seconds(np.array([small, large]), ring)
+    assert got[0] == ar.custom.seconds(np.array([small]))[0]
+    assert got[1] == ar.nccl.seconds(np.array([large]))[0]
+
+
+def test_pcie_groups_and_odd_degrees_use_nccl_or_the_ring_model() -> None:
+    assert vllm_allreduce(load_hardware("h100-pcie"), 2).custom is None  # no NVLink in the catalogue entry
+    assert vllm_allreduce(load_hardware("h100-sxm"), 3).custom is None  # not a custom-kernel world size
+    plain = vllm_allreduce(load_hardware("rtx-4090"), 2)  # no imported tables at all
+    assert plain.custom is None and plain.nccl is None and "ring model" in plain.source
+    ring = np.array([3e-5])
+    assert plain.seconds(np.array([1e5]), ring)[0] == ring[0]
+
+
+def test_a_qwen3_32b_decode_step_gets_faster_from_tp4_to_tp8_on_h100() -> None:
+    """Measured with vLLM 0.12 (../shared/data/measured, 8 clients, 1,024 + 1,024 tokens): TPOT 10.6 ms at
+    TP 4, 8.0 ms at TP 8. A ring of 2(tp-1) hops per all-reduce made TP 8 the slower one."""
+    model, hw = load_model("qwen3-32b"), load_hardware("h100-sxm")
+    steps = {}
+    for tp in (4, 8):
+        cost = CostModel(model, hw, layout_for(model), tp, None, vllm_allreduce(hw, tp))
+        steps[tp] = cost.step(Batch(decode_context=np.full(8, 1536, dtype=np.int64)))
+    assert steps[8].total_s < 0.85 * steps[4].total_s
+    ring = CostModel(model, hw, layout_for(model), 8).step(Batch(decode_context=np.full(8, 1536, dtype=np.int64)))
+    assert steps[8].breakdown["allreduce"] < ring.breakdown["allreduce"] / 3  # 14 hops of the ring model
