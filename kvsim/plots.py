@@ -130,7 +130,7 @@ def _log_axis(axis: matplotlib.axis.Axis, decades: float = 3.0) -> None:
 def _colors(n: int) -> list:
     """n distinct colours: the default cycle up to 10, tab20 up to 20 (more repeat)."""
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    return cycle if n <= len(cycle) else [plt.get_cmap("tab20")(i % 20) for i in range(n)]
+    return cycle[:n] if n <= len(cycle) else [plt.get_cmap("tab20")(i % 20) for i in range(n)]
 
 
 def _legend_below(fig: plt.Figure, handles: list, labels: list[str], title: str) -> None:

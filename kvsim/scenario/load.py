@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from kvsim.errors import KvsimError
+from kvsim.fileio import load_yaml, read_yaml_file
 from kvsim.scenario.schema import ScenarioSpec
 from kvsim.spec.model import pydantic_error
 
@@ -110,7 +111,7 @@ def load_raw(path: str | Path, sets: Sequence[str] = ()) -> dict:
         if not eq or not key.strip():
             raise KvsimError("write overrides as key=value", field="--set", value=item, file=str(path))
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text)
         except yaml.YAMLError:
             raise KvsimError("value is not a YAML scalar", field=key.strip(), value=text,
                              file=str(path)) from None
@@ -125,18 +126,8 @@ def load_scenario(path: str | Path, sets: Sequence[str]) -> Scenario:
 
 
 def read_yaml_mapping(path: Path) -> dict:
-    """A YAML file's top-level mapping; a syntax error becomes one line with its position."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise KvsimError(f"not valid YAML{where}: {err.problem}", file=str(path)) from None
-    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
-        raise KvsimError(f"cannot read as YAML: {err}".replace("\n", " "), file=str(path)) from None
-    if not isinstance(data, dict):
-        raise KvsimError("expected a mapping of scenario keys at the top level", file=str(path))
-    return data
+    """A scenario file's top-level mapping; a syntax error becomes one line with its position."""
+    return read_yaml_file(path, "a scenario YAML")
 
 
 def apply_override(raw: dict, dotted: str, value: object, file: str | None = None) -> dict:

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvsim.errors import KvsimError, unknown_name
-from kvsim.fileio import load_yaml
+from kvsim.fileio import read_yaml_file
 
 AttentionKind = Literal["full", "sliding", "chunked", "mla"]
 
@@ -300,16 +299,8 @@ def model_names() -> list[str]:
 
 
 def read_yaml(path: Path) -> dict:
-    """Read a YAML mapping with the safe loader; errors name the file."""
-    try:
-        data = load_yaml(path.read_text())
-    except OSError as err:
-        raise KvsimError(f"cannot read: {err.strerror}", file=str(path)) from None
-    except yaml.YAMLError as err:
-        raise KvsimError(f"not valid YAML: {err}", file=str(path)) from None
-    if not isinstance(data, dict):
-        raise KvsimError("expected a mapping at the top level", file=str(path))
-    return data
+    """Read a model YAML mapping with the safe loader; errors name the file."""
+    return read_yaml_file(path, "a model YAML")
 
 
 def load_model(name_or_path: str) -> ModelSpec:
