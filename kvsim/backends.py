@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -45,7 +48,8 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "
         for i, task in enumerate(tasks):
             yield i, fn(*task)
     else:
-        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=_worker_context()) as pool:
+        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=_worker_context(),
+                                 initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
             try:
                 for fut in as_completed(futures):
@@ -55,8 +59,33 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "
                                  "saved: run the same command again to resume", field="--jobs",
                                  value=jobs) from None
             except BaseException:
+                # Ctrl-C, SIGTERM or an error: stop the running points too (shutdown alone waits for
+                # them). There is no public API for this before Python 3.14's terminate_workers().
+                for proc in list((pool._processes or {}).values()):  # noqa: SLF001
+                    proc.terminate()
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: a worker never outlives the sweep that started it (a SIGKILLed parent
+    cannot clean up, and orphaned workers would keep its memory and its output pipes). Ctrl-C is the
+    parent's to handle: it stops the workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit once ``parent`` is gone, checked twice a second. Polled, because the kernel's
+    parent-death signal would name the forkserver, which itself waits for the workers to exit."""
+    while True:
+        time.sleep(0.5)
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:
+            pass  # alive, and another user's
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -11,7 +14,8 @@ import yaml
 from kvsim.errors import KvsimError
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process umask."""
     # The only way to read the umask is to set it; set it straight back.
     mask = os.umask(0o022)
     os.umask(mask)
@@ -27,7 +31,7 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     except OSError as err:
         raise KvsimError(f"cannot write: {err.strerror or err}", file=str(path)) from None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
@@ -104,3 +108,41 @@ def read_yaml_file(path: Path, what: str) -> dict:
         raise KvsimError(f"expected {what}: a mapping of keys at the top level, not "
                          f"{type(data).__name__}", file=str(path))
     return data
+
+
+def read_csv_rows(path: Path, what: str, required: Sequence[str] = ()) -> list[dict[str, str]]:
+    """A CSV file's rows as text mappings. Unreadable, non-UTF-8, malformed, short rows, or a
+    missing ``required`` column: one KvsimError naming the file and what kind of file was expected."""
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except OSError as err:
+        raise KvsimError(f"cannot read {what}: {err.strerror or err}", file=str(path)) from None
+    except UnicodeDecodeError as err:
+        raise KvsimError(f"{what} is not UTF-8 text (byte {err.start})", file=str(path)) from None
+    except csv.Error as err:
+        raise KvsimError(f"not a valid CSV ({what}): {err}", file=str(path)) from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise KvsimError(f"not {what}: no column {', '.join(missing)}", field="header",
+                         value=",".join(header), file=str(path))
+    for i, row in enumerate(rows):
+        if None in row or None in row.values():
+            raise KvsimError(f"row has {'more' if None in row else 'fewer'} cells than the header ({what})",
+                             field=f"row {i + 2}", value=None, file=str(path))
+    return rows
+
+
+def read_json_file(path: Path, what: str) -> object:
+    """A JSON file's content; unreadable, non-UTF-8 or invalid JSON: one KvsimError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise KvsimError(f"cannot read {what}: {err.strerror or err}", file=str(path)) from None
+    except UnicodeDecodeError as err:
+        raise KvsimError(f"{what} is not UTF-8 text (byte {err.start})", file=str(path)) from None
+    except json.JSONDecodeError as err:
+        raise KvsimError(f"not valid JSON ({what}) at line {err.lineno}, column {err.colno}: {err.msg}",
+                         file=str(path)) from None
