@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from kvsim.errors import KvsimError
 from kvsim.fileio import load_yaml, read_yaml_file
-from kvsim.scenario.schema import ScenarioSpec
+from kvsim.scenario.schema import MAX_REQUESTS, ScenarioSpec
 from kvsim.spec.model import pydantic_error
 
 SWEEP_KEY = "sweep"  # read by `kvsim sweep`; kept aside here
@@ -48,7 +49,7 @@ def scenario_from_dict(raw: dict, file: str) -> Scenario:
     try:
         spec = ScenarioSpec.model_validate(body)
     except ValidationError as err:
-        raise pydantic_error(err, file) from None
+        raise pydantic_error(err, file, "a scenario YAML: see docs/scenario.md") from None
     _check(spec, file)
     return Scenario(spec, file, copy.deepcopy(body), copy.deepcopy(sweep))
 
@@ -71,6 +72,11 @@ def _check(spec: ScenarioSpec, file: str) -> None:
         if s.num_requests is None and s.duration_s is None and w.max_requests is None and w.end_s is None:
             raise KvsimError("a synthetic stream is endless: give num_requests or duration_s",
                              field="workload.synthetic", value=None, file=file)
+        seconds = min(x for x in (s.duration_s, w.end_s, math.inf) if x is not None)
+        if s.num_requests is None and w.max_requests is None and s.rate * seconds > MAX_REQUESTS:
+            raise KvsimError(f"rate {s.rate:g}/s for {seconds:g} s is over {MAX_REQUESTS:,} requests, more "
+                             "than one run simulates; lower the rate or the duration",
+                             field="workload.synthetic.duration_s", value=s.duration_s, file=file)
         if s.paired_lengths_from is None and (s.input is None or s.output is None):
             raise KvsimError("give input and output, or paired_lengths_from", field="workload.synthetic",
                              value=None, file=file)
