@@ -19,7 +19,7 @@ GIB = 2**30
 def _ints(text: str, field: str) -> list[int]:
     try:
         values = [int(float(v)) for v in text.split(",") if v.strip()]
-    except ValueError:
+    except (ValueError, OverflowError):
         raise KvsimError("expected comma-separated positive integers", field=field, value=text) from None
     if not values or any(v <= 0 for v in values):
         raise KvsimError("expected comma-separated positive integers", field=field, value=text)
@@ -31,12 +31,11 @@ def _positive(value: int | None, field: str) -> None:
         raise KvsimError("must be a positive integer", field=field, value=value)
 
 
-def _within_model(model, contexts: Sequence[int]) -> None:  # noqa: ANN001 - a ModelSpec
-    """A context the model cannot attend over would price a deployment that cannot exist."""
-    over = [c for c in contexts if c > model.max_position_embeddings]
-    if over:
+def _within_model(model, context: int) -> None:  # noqa: ANN001 - a ModelSpec
+    """A context the model cannot attend over would plan a deployment that cannot exist."""
+    if context > model.max_position_embeddings:
         raise KvsimError(f"longer than {model.name}'s maximum context of {model.max_position_embeddings:,} tokens",
-                         field="--context", value=over[0])
+                         field="--context", value=context)
 
 
 # ---------------------------------------------------------------- catalogues
@@ -112,7 +111,7 @@ def memory_report(args: argparse.Namespace) -> dict:
     for field in ("context", "batch", "block_size", "max_num_batched_tokens", "max_num_seqs"):
         _positive(getattr(args, field), f"--{field.replace('_', '-')}")
     model, hardware, layout = _deployment(args)
-    _within_model(model, [args.context])
+    _within_model(model, args.context)
     engine = EngineMemoryConfig(args.gpu_memory_utilization, args.block_size, args.max_num_batched_tokens,
                                 args.max_num_seqs)
     plan = plan_memory(model, hardware, layout, args.tp, engine)
@@ -177,7 +176,6 @@ def cmd_predict(args: argparse.Namespace) -> None:
     batches, contexts = _ints(args.batch, "--batch"), _ints(args.context, "--context")
     _positive(args.prompt, "--prompt")
     model, hardware, layout = _deployment(args)
-    _within_model(model, contexts)
     cost = CostModel(model, hardware, layout, args.tp, args.calibration)
     plan = plan_memory(model, hardware, layout, args.tp)
     points = []

@@ -103,6 +103,8 @@ def parse_one(text: str, registry: Mapping[str, Method], file: str | None = None
             raise KvsimError("parameters are written key=value", field=f"method.{name}", value=item, file=file)
         if key not in known:
             raise unknown_name(f"parameter of {name}", key, known, field=f"method.{name}", file=file)
+        if key in values:
+            raise KvsimError("parameter given twice", field=f"method.{name}.{key}", value=raw.strip(), file=file)
         values[key] = _convert(method, known[key], raw.strip(), file)
     for p in method.params:
         if p.name not in values:

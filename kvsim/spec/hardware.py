@@ -67,7 +67,7 @@ class HardwareSpec:
     host: HostSpec
 
 
-_STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
+_STRICT = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class _Peaks(BaseModel):

@@ -313,14 +313,19 @@ def load_model(name_or_path: str) -> ModelSpec:
     if path.suffix == ".json" or path.name == "config.json":
         from kvsim.spec.hf_import import model_from_hf_config
 
+        from kvsim.fileio import read_json_file
+
+        config = read_json_file(path, "a Hugging Face config.json")
+        if not isinstance(config, dict):
+            raise KvsimError("expected a Hugging Face config.json: a JSON object", file=str(path))
         try:
-            config = json.loads(path.read_text())
-        except OSError as err:
-            raise KvsimError(f"cannot read: {err.strerror}", field="--model", value=name_or_path) from None
-        except json.JSONDecodeError as err:
-            raise KvsimError(f"not valid JSON: {err}", file=str(path)) from None
-        return model_from_dict(model_from_hf_config(config, name=path.stem, config_file=path.name),
-                               file=str(path))
+            data = model_from_hf_config(config, name=path.stem, config_file=path.name)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+            raise KvsimError(f"not a usable Hugging Face config.json ({type(err).__name__}: {err})",
+                             file=str(path)) from None
+        return model_from_dict(data, file=str(path))
+    if not name_or_path.strip():
+        raise KvsimError("empty model name", field="model", value=name_or_path)
     if path.suffix in (".yaml", ".yml"):
         return model_from_dict(read_yaml(path), file=str(path))
     catalogue = catalogue_dir() / f"{name_or_path}.yaml"
