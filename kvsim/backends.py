@@ -7,10 +7,10 @@ import multiprocessing
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 from kvsim.errors import KvsimError
@@ -48,8 +48,10 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "
         for i, task in enumerate(tasks):
             yield i, fn(*task)
     else:
-        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=_worker_context(),
-                                 initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+        context = _worker_context()
+        lifeline, keep_alive = context.Pipe(duplex=False)  # only this process holds keep_alive
+        with keep_alive, ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context,
+                                             initializer=_die_with_parent, initargs=(lifeline,)) as pool:
             futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
             try:
                 for fut in as_completed(futures):
@@ -67,25 +69,23 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "
                 raise
 
 
-def _die_with_parent(parent: int) -> None:
+def _die_with_parent(lifeline: Connection) -> None:
     """Pool initializer: a worker never outlives the sweep that started it (a SIGKILLed parent
     cannot clean up, and orphaned workers would keep its memory and its output pipes). Ctrl-C is the
     parent's to handle: it stops the workers itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(lifeline,), daemon=True).start()
 
 
-def _watch_parent(parent: int) -> None:
-    """Exit once ``parent`` is gone, checked twice a second. Polled, because the kernel's
-    parent-death signal would name the forkserver, which itself waits for the workers to exit."""
-    while True:
-        time.sleep(0.5)
-        try:
-            os.kill(parent, 0)
-        except ProcessLookupError:
-            os._exit(1)
-        except PermissionError:
-            pass  # alive, and another user's
+def _watch_parent(lifeline: Connection) -> None:
+    """Exit when the parent's end of ``lifeline`` closes, which the kernel does when the parent
+    dies, however it dies (a pid check would take an unreaped parent for a live one, and the
+    kernel's parent-death signal would name the forkserver, which waits for the workers)."""
+    try:
+        lifeline.recv()
+    except (EOFError, OSError):
+        pass
+    os._exit(1)
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
