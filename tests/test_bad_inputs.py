@@ -68,7 +68,8 @@ def _scenario_cases(sc: str) -> list[list[str]]:
             continue  # needs a sibling block to exist; covered by the schema tests
         for value in (".nan", ".inf", "-.inf", "-1", "true", "abc", "[1]", "1e400"):
             cases.append(["run", sc, "--set", f"{path}={value}"])
-    for key, value in (("workload.synthetic.num_requests", "1000000000000"), ("workload.synthetic.num_requests", "1e12"),
+    for key, value in (("workload.synthetic.num_requests", "1000000000000"),
+                       ("workload.synthetic.num_requests", "1e12"),
                        ("tp", "3"), ("model", "no-such-model"),
                        ("hardware", "h100"), ("method", "kivi:bits=nan"), ("router", "random"),
                        ("engine.preemption", "never"), ("nope", "1"), ("engine.nope", "1"), ("slo", "1")):
@@ -135,7 +136,8 @@ def _file_cases(d: Path) -> list[list[str]]:
               "mooncake": ['{"timestamp": 1, "input_length": 1e400, "output_length": 1}',
                            '{"timestamp": 1, "input_length": 99999999999999999999, "output_length": 1}',
                            '{"timestamp": 1, "input_length": 100, "output_length": 1, "hash_ids": [1e30]}',
-                           '{"timestamp": 1, "input_length": 100, "output_length": 1, "hash_ids": [99999999999999999999]}',
+                           '{"timestamp": 1, "input_length": 100, "output_length": 1, '
+                           '"hash_ids": [99999999999999999999]}',
                            '{"timestamp": "x", "input_length": 1, "output_length": 1}', "{", "[1]",
                            '{"timestamp": 1, "input_length": true, "output_length": 1}', "\xff"]}
     for fmt, rows in broken.items():
@@ -192,7 +194,8 @@ def _file_cases(d: Path) -> list[list[str]]:
               ["plot", "capacity", "--out", str(d / "f.png")],
               ["plot", "capacity", *DEPLOY, "--contexts", "nan", "--out", str(d / "f.png")],
               ["plot", "capacity", *DEPLOY, "--methods", "kivi:bits=nan", "--out", str(d / "f.png")],
-              ["plot", "capacity-grid", "--model", "llama-3-8b,nope", "--hardware", "h100-sxm", "--out", str(d / "f.png")],
+              ["plot", "capacity-grid", "--model", "llama-3-8b,nope", "--hardware", "h100-sxm",
+               "--out", str(d / "f.png")],
               ["plot", "latency", "--results", str(d / "none"), "--out", str(d / "f.png")],
               ["plot", "kv-usage", "--results", str(d), "--out", str(d / "f.png")],
               ["plot", "validation", "--gpu", "nope", "--out", str(d / "f.png")],

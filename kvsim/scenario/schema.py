@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, Valida
 
 from kvsim.serve.router import ROUTERS
 
-
 # A run simulates at most this many requests (num_requests, or rate x duration_s): beyond it a
 # run would take hours, and a typo such as 1e12 would look like a hang.
 MAX_REQUESTS = 10_000_000

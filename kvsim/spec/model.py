@@ -16,7 +16,6 @@ e.g. ``layers: [{repeat: 21, pattern: ["sliding:4096", "full"]}]`` for Gemma-2-9
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -311,9 +310,8 @@ def load_model(name_or_path: str) -> ModelSpec:
     """A catalogue name (``llama-3-8b``), a model YAML, or any HF ``config.json``."""
     path = Path(name_or_path)
     if path.suffix == ".json" or path.name == "config.json":
-        from kvsim.spec.hf_import import model_from_hf_config
-
         from kvsim.fileio import read_json_file
+        from kvsim.spec.hf_import import model_from_hf_config
 
         config = read_json_file(path, "a Hugging Face config.json")
         if not isinstance(config, dict):
