@@ -137,7 +137,7 @@ def _file_cases(d: Path) -> list[list[str]]:
                            '{"timestamp": 1, "input_length": 99999999999999999999, "output_length": 1}',
                            '{"timestamp": 1, "input_length": 100, "output_length": 1, "hash_ids": [1e30]}',
                            '{"timestamp": 1, "input_length": 100, "output_length": 1, '
-                           '"hash_ids": [99999999999999999999]}',
+                           '"hash_ids": [999999999999999999999]}',
                            '{"timestamp": "x", "input_length": 1, "output_length": 1}', "{", "[1]",
                            '{"timestamp": 1, "input_length": true, "output_length": 1}', "\xff"]}
     for fmt, rows in broken.items():

@@ -93,8 +93,10 @@ class _Rows:
             log.warning(self.stats.summary(self.name))
 
 
-# Token counts and ids become int64 arrays in the simulator; larger values would overflow there.
+# Token counts and session ids become int64 arrays in the simulator; larger values would overflow
+# there. Prefix hash ids are 64-bit hashes, signed or unsigned.
 MAX_INT = 2**63 - 1
+HASH_RANGE = range(-(2**63), 2**64)
 MAX_TOKENS = 2**31 - 1
 
 
@@ -190,7 +192,7 @@ def read_csv(path: str | Path, *, prefix_block_tokens: int = MOONCAKE_BLOCK_TOKE
                     except ValueError:
                         raise rows.error(line, "prefix_hash_ids", row[ih],
                                          "not space-separated integers") from None
-                    if any(not -MAX_INT <= x <= MAX_INT for x in ids):
+                    if any(x not in HASH_RANGE for x in ids):
                         raise rows.error(line, "prefix_hash_ids", row[ih], "an id does not fit in 64 bits")
                     hashes = _full_blocks(rows, line, "prefix_hash_ids", ids, n_in, prefix_block_tokens)
                 img = _int(rows, line, "image_tokens", row[im], 0) if im is not None and row[im] else 0
@@ -323,7 +325,7 @@ def read_mooncake(path: str | Path, *, skip_bad_rows: bool = False,
                 if t < prev:
                     raise rows.error(line, "timestamp", vals[0], "earlier than the previous row")
                 ids = d.get("hash_ids", [])
-                if not isinstance(ids, list) or not all(type(x) is int and -MAX_INT <= x <= MAX_INT for x in ids):
+                if not isinstance(ids, list) or not all(type(x) is int and x in HASH_RANGE for x in ids):
                     raise rows.error(line, "hash_ids", ids if len(str(ids)) < 60 else str(ids)[:57] + "...",
                                      "not a list of 64-bit integers")
                 hashes = _full_blocks(rows, line, "hash_ids", ids, n_in, bt)
