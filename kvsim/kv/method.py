@@ -77,7 +77,7 @@ def _convert(method: Method, param: Param, raw: str, file: str | None) -> object
             if param.kind is int and not -(2**63) < value < 2**63:  # type: ignore[operator]
                 raise ValueError  # token counts become int64 arrays
     except ValueError:
-        kind = {float: "a finite number", int: "a 64-bit integer"}.get(param.kind, param.kind.__name__)
+        kind = {float: "float (finite)", int: "int (64-bit)"}.get(param.kind, param.kind.__name__)
         raise KvsimError(f"expected {kind}", field=field, value=raw, file=file) from None
     if param.choices and value not in param.choices:
         raise KvsimError(f"must be one of {', '.join(param.choices)}", field=field, value=raw, file=file)
