@@ -250,6 +250,8 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
 
 
 def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise KvsimError("no such calibration profile", field="--calibration", value=str(path))
     return read_yaml_file(path, "a calibration profile (YAML or JSON)")
 
 
