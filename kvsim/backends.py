@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 from kvsim.errors import KvsimError
@@ -45,7 +48,10 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "
         for i, task in enumerate(tasks):
             yield i, fn(*task)
     else:
-        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=_worker_context()) as pool:
+        context = _worker_context()
+        lifeline, keep_alive = context.Pipe(duplex=False)  # only this process holds keep_alive
+        with keep_alive, ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context,
+                                             initializer=_die_with_parent, initargs=(lifeline,)) as pool:
             futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
             try:
                 for fut in as_completed(futures):
@@ -55,8 +61,31 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "
                                  "saved: run the same command again to resume", field="--jobs",
                                  value=jobs) from None
             except BaseException:
+                # Ctrl-C, SIGTERM or an error: stop the running points too (shutdown alone waits for
+                # them). There is no public API for this before Python 3.14's terminate_workers().
+                for proc in list((pool._processes or {}).values()):  # noqa: SLF001
+                    proc.terminate()
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
+
+
+def _die_with_parent(lifeline: Connection) -> None:
+    """Pool initializer: a worker never outlives the sweep that started it (a SIGKILLed parent
+    cannot clean up, and orphaned workers would keep its memory and its output pipes). Ctrl-C is the
+    parent's to handle: it stops the workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(lifeline,), daemon=True).start()
+
+
+def _watch_parent(lifeline: Connection) -> None:
+    """Exit when the parent's end of ``lifeline`` closes, which the kernel does when the parent
+    dies, however it dies (a pid check would take an unreaped parent for a live one, and the
+    kernel's parent-death signal would name the forkserver, which waits for the workers)."""
+    try:
+        lifeline.recv()
+    except (EOFError, OSError):
+        pass
+    os._exit(1)
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:

@@ -186,12 +186,26 @@ def fit_profile(folder: Path) -> dict:
     }
 
 
+# Fits that have no prior to fall back on: without their rows the profile would be invented.
+REQUIRED_FITS = ("gemm.csv (bf16)", "attention_decode.csv (calibration shapes)", "attention_prefill.csv",
+                 "elementwise.csv (fastest kernel per shape)")
+
+
 def calibrate(gpu: str, results: Path | None = None) -> Path:
     """Fit and write ``validation/results/<gpu>/calibration_reference.yaml``; returns its path."""
     folder = (results or results_dir()) / gpu
     if not folder.is_dir():
         raise KvsimError("no measurements for this GPU", field="gpu", value=gpu, file=str(folder))
-    profile = fit_profile(folder)
+    try:
+        profile = fit_profile(folder)
+    except (KeyError, ValueError, TypeError, ZeroDivisionError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        # The measurement files are written by validation/run_all.py; anything else is damage.
+        raise KvsimError(f"damaged measurement files ({type(err).__name__}: {err})", field="gpu", value=gpu,
+                         file=str(folder)) from None
+    empty = [name for name in REQUIRED_FITS if not profile["fit"]["rows_used"][name]]
+    if empty:
+        raise KvsimError(f"no measured rows in {', '.join(empty)}: nothing to fit, no profile written",
+                         field="gpu", value=gpu, file=str(folder))
     out = folder / "calibration_reference.yaml"
     header = "# Fitted by `kvsim calibrate` from kernel measurements; engine_*.csv are NOT used (validation).\n"
     write_atomic(out, header + yaml.safe_dump(profile, sort_keys=False, width=110))

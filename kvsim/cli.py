@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ GIB = 2**30
 def _ints(text: str, field: str) -> list[int]:
     try:
         values = [int(float(v)) for v in text.split(",") if v.strip()]
-    except ValueError:
+    except (ValueError, OverflowError):
         raise KvsimError("expected comma-separated positive integers", field=field, value=text) from None
     if not values or any(v <= 0 for v in values):
         raise KvsimError("expected comma-separated positive integers", field=field, value=text)
@@ -28,6 +29,13 @@ def _ints(text: str, field: str) -> list[int]:
 def _positive(value: int | None, field: str) -> None:
     if value is not None and value <= 0:
         raise KvsimError("must be a positive integer", field=field, value=value)
+
+
+def _within_model(model, context: int) -> None:  # noqa: ANN001 - a ModelSpec
+    """A context the model cannot attend over would plan a deployment that cannot exist."""
+    if context > model.max_position_embeddings:
+        raise KvsimError(f"longer than {model.name}'s maximum context of {model.max_position_embeddings:,} tokens",
+                         field="--context", value=context)
 
 
 # ---------------------------------------------------------------- catalogues
@@ -103,6 +111,7 @@ def memory_report(args: argparse.Namespace) -> dict:
     for field in ("context", "batch", "block_size", "max_num_batched_tokens", "max_num_seqs"):
         _positive(getattr(args, field), f"--{field.replace('_', '-')}")
     model, hardware, layout = _deployment(args)
+    _within_model(model, args.context)
     engine = EngineMemoryConfig(args.gpu_memory_utilization, args.block_size, args.max_num_batched_tokens,
                                 args.max_num_seqs)
     plan = plan_memory(model, hardware, layout, args.tp, engine)
@@ -212,6 +221,7 @@ def _required(args: argparse.Namespace, *names: str) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     from kvsim import plots
 
+    plots.check_out(Path(args.out))
     methods = [m for m in args.methods.split(",") if m]
     contexts = _ints(args.contexts, "--contexts") if args.contexts else None
     if args.what == "capacity":
@@ -276,7 +286,7 @@ def _plan(args: argparse.Namespace):
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from kvsim.sweep import run_sweep
+    from kvsim.sweep import prepare_folder, run_sweep
 
     _positive(args.jobs, "--jobs")
     plan = _plan(args)
@@ -288,6 +298,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if not args.out:
         raise KvsimError("needs --out DIR (or --dry-run)", field="--out")
     out = Path(args.out)
+    prepare_folder(plan, out, args.force)
     outcome = run_sweep(plan, out, args.jobs, args.backend, args.address, args.retry_errors, args.keep_runs,
                         progress=True)
     for note in outcome.notes:
@@ -300,12 +311,14 @@ def cmd_search(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from kvsim.fileio import write_atomic
-    from kvsim.search import rate_path, run_search, select_points
+    from kvsim.search import check_search_folder, rate_path, run_search, select_points
     from kvsim.sweep import Progress
 
     _positive(args.jobs, "--jobs")
-    if args.target_rate is not None and args.target_rate <= 0:
-        raise KvsimError("must be positive", field="--target-rate", value=args.target_rate)
+    if args.target_rate is not None and not 0 < args.target_rate < float("inf"):
+        raise KvsimError("must be a finite positive rate", field="--target-rate", value=args.target_rate)
+    if args.out:
+        check_search_folder(Path(args.out), args.force)
     plan = _plan(args)
     points = select_points(plan, args.configs) if args.configs else list(plan.points)
     synthetic = (points[0].raw.get("workload") or {}).get("synthetic") or {}
@@ -342,6 +355,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from kvsim.fileio import check_writable
     from kvsim.report import write_report
 
     validation = None
@@ -350,14 +364,19 @@ def cmd_report(args: argparse.Namespace) -> None:
 
         root = Path(args.validation_results) if args.validation_results else results_dir()
         validation = root / args.validation
+    if args.out:
+        check_writable(Path(args.out), "--out", folder=False)
     out = write_report(Path(args.dir), Path(args.out) if args.out else None, validation)
     print(f"wrote {out}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     from kvsim.scenario import load_scenario, run_scenario, write_outputs
+    from kvsim.scenario.outputs import check_run_folder
 
     scenario = load_scenario(args.scenario, args.set or [])
+    if args.out:
+        check_run_folder(Path(args.out), args.force)
     result = run_scenario(scenario, progress=not args.json and sys.stderr.isatty(),
                           skip_bad_rows=args.skip_bad_rows)
     if args.out:
@@ -491,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and list the points, run nothing")
     p.add_argument("--retry-errors", action="store_true", help="rerun points that failed in an earlier run")
     p.add_argument("--keep-runs", action="store_true", help="also write each point's run folder under runs/")
+    p.add_argument("--force", action="store_true", help="discard another sweep's results in --out")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("search",
@@ -499,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-rate", type=float, help="rate to serve (requests/s, or x trace rate)")
     p.add_argument("--configs", nargs="+", metavar="SEL", help="only these points: indices and/or PATH=VALUE")
     p.add_argument("--out", help="folder for search.json (read by kvsim report)")
+    p.add_argument("--force", action="store_true", help="replace an earlier search.json in --out")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
 
@@ -531,14 +552,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for summary, per-request CSV, time series, Chrome trace")
     p.add_argument("--json", action="store_true")
     p.add_argument("--skip-bad-rows", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace an earlier run's files in --out")
     p.set_defaults(func=cmd_run)
     return parser
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that cleanup (pool shutdown, a sweep's
+    result tables) runs on the way out."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], None] = args.func
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         handler(args)
     except KvsimError as err:
@@ -546,6 +578,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     except BrokenPipeError:
         raise SystemExit(0) from None
+    except KeyboardInterrupt:
+        print("kvsim: interrupted (a sweep keeps its finished points: run it again to resume)", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Terminated:
+        print("kvsim: terminated (a sweep keeps its finished points: run it again to resume)", file=sys.stderr)
+        raise SystemExit(143) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

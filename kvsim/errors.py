@@ -15,7 +15,8 @@ class KvsimError(Exception):
         self.value = value
         self.file = file
         where = f"{file}: " if file else ""
-        what = f"{field}={value!r}: " if field is not None else ""
+        # A missing or absent value is named by its field alone ("name: missing", not "name=None").
+        what = "" if field is None else f"{field}: " if value is None else f"{field}={value!r}: "
         super().__init__(f"{where}{what}{message}")
 
 

@@ -1,25 +1,61 @@
-"""Output files are written whole or not at all."""
+"""Output files are written whole or not at all, with the user's umask; YAML is read in one place."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
+from kvsim.errors import KvsimError
+
+
+def umask() -> int:
+    """The process umask."""
+    # The only way to read the umask is to set it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Write to a temporary file in the same folder, then rename over ``path``. The file gets the
+    mode an ordinary ``open`` would give it (``mkstemp`` alone makes it 0600)."""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as err:
+        raise KvsimError(f"cannot write: {err.strerror or err}", file=str(path)) from None
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise KvsimError(f"cannot write: {err.strerror or err}", file=str(path)) from None
         raise
+
+
+def check_writable(path: Path, field: str, folder: bool) -> None:
+    """Fail before any work when ``path`` (a ``folder`` to write into, else a file) cannot be
+    written: it is the wrong kind, a parent is a file, or the nearest existing folder is read-only."""
+    if path.exists() and path.is_dir() != folder:
+        raise KvsimError(f"is a {'file' if folder else 'folder'}, expected a {'folder' if folder else 'file'}",
+                         field=field, value=str(path))
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        raise KvsimError(f"{existing} is a file, not a folder", field=field, value=str(path))
+    where = existing if existing.is_dir() else existing.parent
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise KvsimError(f"cannot write in {where} (permission denied)", field=field, value=str(path))
 
 
 # libyaml's C loader when PyYAML was built with it (about 9x faster on the calibration tables);
@@ -27,6 +63,86 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+class _UniqueKeyLoader(_SAFE_LOADER):  # type: ignore[misc, valid-type]
+    """The safe loader, refusing a key written twice in one mapping (PyYAML keeps the last one
+    silently, so a user's first value would be ignored)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` may be overridden by design
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # an unhashable key: the base constructor reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(text: str) -> object:
-    """``yaml.safe_load``, with the C loader when available."""
-    return yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader
+    """``yaml.safe_load``, with the C loader when available; a key given twice is an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader
+
+
+def read_yaml_file(path: Path, what: str) -> dict:
+    """A YAML file's top-level mapping. Unreadable, non-UTF-8, invalid YAML (its position and
+    problem) or not a mapping: one KvsimError naming the file and what kind of file was expected."""
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise KvsimError(f"cannot read {what}: {err.strerror or err}", file=str(path)) from None
+    except UnicodeDecodeError as err:
+        raise KvsimError(f"{what} is not UTF-8 text (byte {err.start})", file=str(path)) from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise KvsimError(f"not valid YAML{where}: {err.problem} (expected {what})", file=str(path)) from None
+    except yaml.YAMLError as err:
+        raise KvsimError(f"not valid YAML: {err} (expected {what})".replace("\n", " "), file=str(path)) from None
+    if not isinstance(data, dict):
+        raise KvsimError(f"expected {what}: a mapping of keys at the top level, not "
+                         f"{type(data).__name__}", file=str(path))
+    return data
+
+
+def read_csv_rows(path: Path, what: str, required: Sequence[str] = ()) -> list[dict[str, str]]:
+    """A CSV file's rows as text mappings. Unreadable, non-UTF-8, malformed, short rows, or a
+    missing ``required`` column: one KvsimError naming the file and what kind of file was expected."""
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except OSError as err:
+        raise KvsimError(f"cannot read {what}: {err.strerror or err}", file=str(path)) from None
+    except UnicodeDecodeError as err:
+        raise KvsimError(f"{what} is not UTF-8 text (byte {err.start})", file=str(path)) from None
+    except csv.Error as err:
+        raise KvsimError(f"not a valid CSV ({what}): {err}", file=str(path)) from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise KvsimError(f"not {what}: no column {', '.join(missing)}", field="header",
+                         value=",".join(header), file=str(path))
+    for i, row in enumerate(rows):
+        if None in row or None in row.values():
+            raise KvsimError(f"row has {'more' if None in row else 'fewer'} cells than the header ({what})",
+                             field=f"row {i + 2}", value=None, file=str(path))
+    return rows
+
+
+def read_json_file(path: Path, what: str) -> object:
+    """A JSON file's content; unreadable, non-UTF-8 or invalid JSON: one KvsimError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise KvsimError(f"cannot read {what}: {err.strerror or err}", file=str(path)) from None
+    except UnicodeDecodeError as err:
+        raise KvsimError(f"{what} is not UTF-8 text (byte {err.start})", file=str(path)) from None
+    except json.JSONDecodeError as err:
+        raise KvsimError(f"not valid JSON ({what}) at line {err.lineno}, column {err.colno}: {err.msg}",
+                         file=str(path)) from None

@@ -29,7 +29,7 @@ def rows(path: Path) -> list[dict]:
     """Rows of a result CSV that carry a time (failed points are recorded with an empty time)."""
     if not path.is_file():
         return []
-    with path.open() as f:
+    with path.open(encoding="utf-8") as f:
         return [r for r in csv.DictReader(f) if r.get("time_s") not in (None, "", "nan")]
 
 

@@ -17,9 +17,9 @@ from functools import cache, cached_property
 from importlib import resources
 
 import numpy as np
-import yaml
 
 from kvsim.errors import KvsimError
+from kvsim.fileio import load_yaml
 from kvsim.kv.layout import KVLayout
 from kvsim.spec.hardware import HardwareSpec
 from kvsim.spec.linears import check_tp, head_linears, layer_linears, norm_params
@@ -39,7 +39,7 @@ class EngineOverheads:
 
 @cache
 def engine_overheads() -> EngineOverheads:
-    data = yaml.safe_load((resources.files("kvsim") / "data" / "engine_memory.yaml").read_text())["vllm"]
+    data = load_yaml((resources.files("kvsim") / "data" / "engine_memory.yaml").read_text())["vllm"]
     return EngineOverheads(float(data["non_torch_bytes_tp1"]), float(data["nccl_extra_bytes"]),
                            float(data["sampler_logit_copies"]))
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import io
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 
 from kvsim.capacity import CapacityGrid  # noqa: E402
 from kvsim.errors import KvsimError  # noqa: E402
-from kvsim.fileio import write_atomic  # noqa: E402
+from kvsim.fileio import check_writable, read_csv_rows, write_atomic  # noqa: E402
 from kvsim.kv import layout_for  # noqa: E402
 from kvsim.memory import GIB, plan_memory  # noqa: E402
 from kvsim.spec.hardware import load_hardware  # noqa: E402
@@ -33,9 +33,21 @@ def render(fig: plt.Figure, fmt: str = "png", dpi: int = 110) -> bytes:
     return buf.getvalue()
 
 
+FORMATS = ("png", "svg", "pdf")
+
+
+def check_out(out: Path) -> None:
+    """Refuse an image path that cannot be written, before any figure is drawn."""
+    if out.suffix.lstrip(".").lower() not in ("", *FORMATS):
+        raise KvsimError(f"unsupported image format; use {', '.join('.' + f for f in FORMATS)}",
+                         field="--out", value=str(out))
+    check_writable(out, "--out", folder=False)
+
+
 def save(fig: plt.Figure, out: Path) -> None:
     """Write the figure whole or not at all; the format follows the file suffix (default PNG)."""
-    write_atomic(out, render(fig, out.suffix.lstrip(".") or "png"))
+    check_out(out)
+    write_atomic(out, render(fig, out.suffix.lstrip(".").lower() or "png"))
 
 
 def default_contexts(max_tokens: int) -> np.ndarray:
@@ -130,7 +142,7 @@ def _log_axis(axis: matplotlib.axis.Axis, decades: float = 3.0) -> None:
 def _colors(n: int) -> list:
     """n distinct colours: the default cycle up to 10, tab20 up to 20 (more repeat)."""
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    return cycle if n <= len(cycle) else [plt.get_cmap("tab20")(i % 20) for i in range(n)]
+    return cycle[:n] if n <= len(cycle) else [plt.get_cmap("tab20")(i % 20) for i in range(n)]
 
 
 def _legend_below(fig: plt.Figure, handles: list, labels: list[str], title: str) -> None:
@@ -251,11 +263,13 @@ def predicted_measured(folder: Path) -> plt.Figure:
         values = []
         for f_i, path in enumerate(files):
             profile = path.stem.removeprefix("validation").removeprefix("_from_") or "own profile"
-            with path.open(encoding="utf-8", newline="") as f:
-                sel = [r for r in csv.DictReader(f) if r["kind"] == kind]
+            rows = read_csv_rows(path, "a validation CSV (kvsim validate)",
+                                 ("kind", "model", "measured", "predicted"))
+            sel = [r for r in rows if r["kind"] == kind]
             models = sorted({r["model"] for r in sel})
             for model, color in zip(models, _colors(len(models)), strict=True):
-                m = [(float(r["measured"]) * scale, float(r["predicted"]) * scale)
+                m = [(_positive_number(r["measured"], "measured", path) * scale,
+                      _positive_number(r["predicted"], "predicted", path) * scale)
                      for r in sel if r["model"] == model]
                 ax.scatter(*zip(*m, strict=True), s=18, marker=markers[f_i % len(markers)], color=color,
                            label=model if len(files) == 1 else f"{model} ({profile})")
@@ -279,9 +293,19 @@ def predicted_measured(folder: Path) -> plt.Figure:
     return fig
 
 
+def _positive_number(text: str, column: str, path: Path) -> float:
+    """A cell that must be a finite positive number (the axes are logarithmic)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise KvsimError("expected a finite positive number", field=column, value=text, file=str(path))
+    return value
+
+
 def _read_columns(path: Path) -> dict[str, np.ndarray]:
-    with path.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv_rows(path, "a run's timeseries.csv (kvsim run --out)")
     if not rows:
         raise KvsimError("empty time series", field="timeseries", file=str(path))
     out = {}

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
 import kvsim
 from kvsim.errors import KvsimError
-from kvsim.fileio import write_atomic
+from kvsim.fileio import read_json_file, write_atomic
+from kvsim.spec.model import pydantic_error
 from kvsim.sweep import read_plan, read_results, swept_columns
 
 # Columns shown in the points table (when present), after the swept paths.
@@ -190,6 +192,27 @@ def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+class _Probed(BaseModel):
+    label: str
+    probes: list[tuple[float, float | None]]
+
+
+class _SearchFile(BaseModel):
+    """The parts of ``search.json`` the report reads (checked so a damaged file is one clear error)."""
+
+    configs: list[_Probed]
+
+
+def read_search(path: Path) -> dict:
+    """A ``kvsim search --out`` folder's ``search.json``."""
+    doc = read_json_file(path, "a search.json (kvsim search --out)")
+    try:
+        _SearchFile.model_validate(doc)
+    except ValidationError as err:
+        raise pydantic_error(err, str(path)) from None
+    return doc  # type: ignore[return-value]
+
+
 def build_report(folder: Path, validation: Path | None = None) -> str:
     """The HTML text of the report for sweep folder ``folder``."""
     rows = read_results(folder)
@@ -209,7 +232,7 @@ def build_report(folder: Path, validation: Path | None = None) -> str:
              f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.</p>"]
     search = folder / "search.json"
     if search.is_file():
-        ranked = json.loads(search.read_text(encoding="utf-8"))
+        ranked = read_search(search)
         figs.insert(0, search_figure(ranked))
         parts.append("<h2>Capacity search</h2>")
         parts.append(html_table(ranked["configs"], ["rank", "label", "gpus_per_replica",

@@ -19,10 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from kvsim.backends import Backend, execute
 from kvsim.errors import KvsimError
+from kvsim.fileio import check_writable
 from kvsim.sweep import Point, SearchConfig, SweepPlan, point_key
 
 # What stops a configuration from going faster (the SLO it misses first, or why it cannot run).
@@ -268,6 +270,15 @@ def rank(results: Sequence[ConfigResult], target: float | None) -> list[ConfigRe
             verdict = f"no price per GPU-hour for {r.hardware} in the hardware catalogue"
         out.append(ConfigResult(**{**asdict(r), "verdict": verdict}))
     return out
+
+
+def check_search_folder(out: Path, force: bool) -> None:
+    """Before a search: ``out`` must be writable, and an earlier search.json there is replaced only
+    with ``force`` (a sweep folder without one is fine: the report reads both)."""
+    check_writable(out, "--out", folder=True)
+    if (out / "search.json").exists() and not force:
+        raise KvsimError("holds the search.json of an earlier search; add --force to replace it",
+                         field="--out", value=str(out))
 
 
 def run_search(plan: SweepPlan, target_rate: float | None = None, jobs: int | None = None,

@@ -31,6 +31,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -43,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import kvsim
 from kvsim.backends import Backend, execute
 from kvsim.errors import KvsimError
-from kvsim.fileio import write_atomic
+from kvsim.fileio import check_writable, read_csv_rows, read_json_file, write_atomic
 
 SWEEP_KEY = "sweep"
 # Leading columns of the results table; the swept paths follow `point`, the metrics follow `key`.
@@ -75,6 +76,18 @@ class SearchConfig(BaseModel):
     # requests: at low rates a short stream is a handful of requests, and one long prompt decides.
     min_requests: int = Field(default=200, gt=0)
     target_rate: float | None = Field(default=None, gt=0)
+
+
+class _PlanPoint(BaseModel):
+    scenario: dict[str, Any]
+
+
+class _PlanFile(BaseModel):
+    """The parts of ``sweep.json`` that reports read (checked so a damaged file is one clear error)."""
+
+    file: str
+    paths: list[str]
+    points: list[_PlanPoint]
 
 
 class _Sweep(BaseModel):
@@ -315,7 +328,8 @@ class ResultStore:
     def _load(self) -> None:
         if not self.jsonl.is_file():
             return
-        text = self.jsonl.read_text(encoding="utf-8")
+        # A damaged byte spoils its line only: that point is redone.
+        text = self.jsonl.read_text(encoding="utf-8", errors="replace")
         if text and not text.endswith("\n"):  # cut off mid-line: drop the partial record
             text = text[: text.rfind("\n") + 1]
             write_atomic(self.jsonl, text)
@@ -417,8 +431,8 @@ def read_results(folder: Path) -> list[dict]:
     if not path.is_file():
         raise KvsimError("no results.csv: not a sweep folder (run `kvsim sweep ... --out DIR`)",
                          field="results", value=str(folder), file=str(path))
-    with path.open(encoding="utf-8", newline="") as f:
-        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    rows = read_csv_rows(path, "a sweep's results.csv", ("point", "variant", *STATUS_COLUMNS))
+    return [{k: _number(v) for k, v in row.items()} for row in rows]
 
 
 def read_plan(folder: Path) -> dict:
@@ -427,7 +441,14 @@ def read_plan(folder: Path) -> dict:
     if not path.is_file():
         raise KvsimError("no sweep.json: not a sweep folder (run `kvsim sweep ... --out DIR`)",
                          field="results", value=str(folder), file=str(path))
-    return json.loads(path.read_text(encoding="utf-8"))
+    doc = read_json_file(path, "a sweep's sweep.json")
+    try:
+        _PlanFile.model_validate(doc)
+    except ValidationError as err:
+        from kvsim.spec.model import pydantic_error
+
+        raise pydantic_error(err, str(path)) from None
+    return doc  # type: ignore[return-value]
 
 
 def swept_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -480,6 +501,34 @@ class SweepOutcome:
     ran: int
     failed: int  # points whose status is error, this run or earlier
     notes: tuple[str, ...]
+
+
+SWEEP_FILES = ("points.jsonl", "sweep.json", "results.csv", "results.parquet")
+
+
+def prepare_folder(plan: SweepPlan, out: Path, force: bool) -> None:
+    """Before a sweep: ``out`` must be writable and new, empty, or this sweep's own folder (then the
+    sweep resumes). A `kvsim run` folder, or finished points of another sweep (another scenario or
+    kvsim version), are refused, since their rows would be mixed in or silently dropped; ``force``
+    discards the earlier sweep's files and starts over."""
+    from kvsim.scenario.outputs import RUN_FILES
+
+    check_writable(out, "--out", folder=True)
+    if not out.is_dir():
+        return
+    if any((out / name).exists() for name in RUN_FILES):
+        raise KvsimError("holds a `kvsim run` output, not a sweep; give a new or empty folder", field="--out",
+                         value=str(out))
+    keys = {p.key for p in plan.points}
+    other = [k for k in ResultStore(out, plan).records if k not in keys]
+    if other and not force:
+        raise KvsimError(f"holds {len(other)} finished points of another sweep (another scenario, or another "
+                         "kvsim version); give a new folder, or add --force to discard them", field="--out",
+                         value=str(out))
+    if force:
+        for name in SWEEP_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "runs", ignore_errors=True)
 
 
 def run_sweep(plan: SweepPlan, out: Path, jobs: int | None = None, backend: Backend = "local",

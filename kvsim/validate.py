@@ -20,7 +20,7 @@ from kvsim import measured
 from kvsim.cost import Batch, CostModel
 from kvsim.cost.calibration import Calibration, borrow_profile, calibration_from_dict, results_dir
 from kvsim.errors import KvsimError
-from kvsim.fileio import load_yaml, write_atomic
+from kvsim.fileio import read_yaml_file, write_atomic
 from kvsim.kv import layout_for
 from kvsim.spec.hardware import load_hardware
 from kvsim.spec.model import ModelSpec, load_model
@@ -184,7 +184,7 @@ def validate(gpu: str, calibration_from: str | None = None, results: Path | None
         raise KvsimError("no fitted profile: run `kvsim calibrate --gpu` first", field="calibration_from",
                          value=donor, file=str(profile_path))
     donor_hw, gpu_hw = load_hardware(measured.base_gpu(donor)), load_hardware(measured.base_gpu(gpu))
-    cal = calibration_from_dict(load_yaml(profile_path.read_text()), donor_hw, str(profile_path))
+    cal = calibration_from_dict(read_yaml_file(profile_path, "a calibration profile"), donor_hw, str(profile_path))
     if donor_hw.name != gpu_hw.name:  # another GPU's efficiencies, this GPU's datasheet ratios
         cal = borrow_profile(cal, donor_hw, gpu_hw)
     points = engine_points(folder, gpu, cal) + speedup_points(folder, gpu, cal)

@@ -26,8 +26,8 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from kvsim.fileio import read_yaml_file
 from kvsim.scenario import run_scenario, scenario_from_dict
 from kvsim.scenario.run import deployment
 from kvsim.serve.engine import Deployment
@@ -43,7 +43,7 @@ class Example:
     def __init__(self, name: str, golden: bool) -> None:
         self.name, self.golden = name, golden
         self.file = EXAMPLES / f"{name}.yaml"
-        plan = expand(yaml.safe_load(self.file.read_text()), str(self.file))
+        plan = expand(read_yaml_file(self.file, "a scenario YAML"), str(self.file))
         self.points = {p.label(): p for p in plan.points}
         self._deployments: dict[str, Deployment] = {}
 

@@ -47,10 +47,9 @@ from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
-import yaml
 
 from kvsim.errors import KvsimError
-from kvsim.fileio import load_yaml
+from kvsim.fileio import load_yaml, read_yaml_file
 from kvsim.spec.hardware import HardwareSpec, hardware_names, load_hardware
 
 OP_KINDS = ("gemm", "attention_decode", "attention_prefill", "elementwise", "allreduce")
@@ -178,7 +177,8 @@ def _curve(data: dict, where: str) -> Curve:
         raise KvsimError("compute and memory need one value per size (one row per size2)", field=where,
                          value=data)
     flat = [v for r in rows_c + rows_m for v in r]
-    if any(not 0 < v <= 1.5 for v in flat) or any(s <= 0 for s in size + size2) or floor < 0:
+    if any(not 0 < v <= 1.5 for v in flat) or any(not 0 < s < math.inf for s in size + size2) \
+            or not 0 <= floor < math.inf:
         raise KvsimError("efficiencies must be in (0, 1.5], sizes positive, floor_s >= 0", field=where, value=data)
     order = np.argsort(size)
     order2 = np.argsort(size2) if size2 else np.array([0])
@@ -198,16 +198,30 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
         if key not in known:
             raise KvsimError("unknown key", field=key, value=data[key], file=file)
     c = data.get("ceilings") or {}
+    if not isinstance(c, dict):
+        raise KvsimError("expected a mapping of ceilings", field="ceilings", value=c, file=file)
     peaks = {k: v for k, v in hw.peak_flops_per_s.items() if v}
-    flops = {"bf16": float(c.get("bf16_flops_per_s", peaks.get("bf16", 0.0))),
-             "fp8": float(c.get("fp8_flops_per_s", peaks.get("fp8", peaks.get("bf16", 0.0)))),
-             "fp32": float(c.get("fp32_flops_per_s", peaks.get("fp32", 0.0)))}
-    ceilings = Ceilings(float(c.get("copy_bytes_per_s", hw.hbm_bandwidth_bytes_per_s)),
+
+    def ceiling(key: str, default: float) -> float:
+        try:
+            value = float(c.get(key, default))
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value) or value < 0:
+            raise KvsimError("must be a finite number >= 0", field=f"ceilings.{key}", value=c.get(key), file=file)
+        return value
+
+    flops = {"bf16": ceiling("bf16_flops_per_s", peaks.get("bf16", 0.0)),
+             "fp8": ceiling("fp8_flops_per_s", peaks.get("fp8", peaks.get("bf16", 0.0))),
+             "fp32": ceiling("fp32_flops_per_s", peaks.get("fp32", 0.0))}
+    ceilings = Ceilings(ceiling("copy_bytes_per_s", hw.hbm_bandwidth_bytes_per_s),
                         MappingProxyType(flops),
-                        float(c.get("h2d_bytes_per_s", hw.pcie_bandwidth_bytes_per_s)),
-                        float(c.get("disk_read_bytes_per_s", hw.host.nvme_read_bytes_per_s)),
-                        float(c.get("link_latency_s", hw.interconnect_latency_s)))
+                        ceiling("h2d_bytes_per_s", hw.pcie_bandwidth_bytes_per_s),
+                        ceiling("disk_read_bytes_per_s", hw.host.nvme_read_bytes_per_s),
+                        ceiling("link_latency_s", hw.interconnect_latency_s))
     ops = data.get("ops") or {}
+    if not isinstance(ops, dict):
+        raise KvsimError("expected a mapping of op curves", field="ops", value=ops, file=file)
     missing = [k for k in OP_KINDS if k not in ops]
     if missing:
         raise KvsimError(f"missing op curves: {', '.join(missing)}", field="ops", value=sorted(ops), file=file)
@@ -226,22 +240,19 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
         curves = {k: _curve(v, f"ops.{k}") for k, v in ops.items()}
     except KvsimError as err:
         raise KvsimError(str(err), file=file) from None
+    overhead = data.get("step_overhead_s", 0.0)
+    if isinstance(overhead, bool) or not isinstance(overhead, (int, float)) or not 0 <= overhead < math.inf:
+        raise KvsimError("must be a finite number >= 0", field="step_overhead_s", value=overhead, file=file)
     return Calibration(str(data.get("gpu", hw.name)), str(data.get("engine", "reference")),
                        str(data.get("kind", "measured")), str(data.get("source", file)), ceilings,
-                       MappingProxyType(curves), float(data.get("step_overhead_s", 0.0)),
+                       MappingProxyType(curves), float(overhead),
                        str(data.get("note", "")))
 
 
 def _read(path: Path) -> dict:
-    try:
-        data = load_yaml(path.read_text())
-    except OSError as err:
-        raise KvsimError(f"cannot read: {err.strerror}", field="--calibration", value=str(path)) from None
-    except yaml.YAMLError as err:
-        raise KvsimError(f"not valid YAML/JSON: {err}", file=str(path)) from None
-    if not isinstance(data, dict):
-        raise KvsimError("expected a mapping", file=str(path))
-    return data
+    if not path.is_file():
+        raise KvsimError("no such calibration profile", field="--calibration", value=str(path))
+    return read_yaml_file(path, "a calibration profile (YAML or JSON)")
 
 
 def results_dir() -> Path:
@@ -286,7 +297,11 @@ def find_calibration(hw: HardwareSpec, spec: str | None = None, engine: str = "r
         return calibration_from_dict(_read(Path(spec)), hw, spec)
     own = results_dir() / hw.name / f"calibration_{engine}.yaml"
     if own.is_file():
-        return calibration_from_dict(_read(own), hw, str(own))
+        stock = load_hardware(hw.name) if hw.name in hardware_names() else hw
+        cal = calibration_from_dict(_read(own), stock, str(own))
+        # A user's GPU YAML that keeps a catalogue name but changes its numbers is a different GPU:
+        # its own numbers win, so the measured profile is moved to it like any borrowed one.
+        return cal if stock == hw else borrow_profile(cal, stock, hw)
     for name in hardware_names():
         path = results_dir() / name / f"calibration_{engine}.yaml"
         donor = load_hardware(name) if path.is_file() else None

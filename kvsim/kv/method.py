@@ -8,6 +8,7 @@ order of their stage (structure, then eviction, then precision, then placement, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import IntEnum
@@ -71,8 +72,13 @@ def _convert(method: Method, param: Param, raw: str, file: str | None) -> object
             value: object = raw.lower() in ("true", "1")
         else:
             value = param.kind(raw)
+            if param.kind is float and not math.isfinite(value):  # type: ignore[arg-type]
+                raise ValueError  # nan slips past every bound check, inf past a missing maximum
+            if param.kind is int and not -(2**63) < value < 2**63:  # type: ignore[operator]
+                raise ValueError  # token counts become int64 arrays
     except ValueError:
-        raise KvsimError(f"expected {param.kind.__name__}", field=field, value=raw, file=file) from None
+        kind = {float: "float (finite)", int: "int (64-bit)"}.get(param.kind, param.kind.__name__)
+        raise KvsimError(f"expected {kind}", field=field, value=raw, file=file) from None
     if param.choices and value not in param.choices:
         raise KvsimError(f"must be one of {', '.join(param.choices)}", field=field, value=raw, file=file)
     if param.minimum is not None and value < param.minimum:  # type: ignore[operator]
@@ -97,6 +103,8 @@ def parse_one(text: str, registry: Mapping[str, Method], file: str | None = None
             raise KvsimError("parameters are written key=value", field=f"method.{name}", value=item, file=file)
         if key not in known:
             raise unknown_name(f"parameter of {name}", key, known, field=f"method.{name}", file=file)
+        if key in values:
+            raise KvsimError("parameter given twice", field=f"method.{name}.{key}", value=raw.strip(), file=file)
         values[key] = _convert(method, known[key], raw.strip(), file)
     for p in method.params:
         if p.name not in values:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -13,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from kvsim.errors import KvsimError
-from kvsim.scenario.schema import ScenarioSpec, WorkloadSpec
+from kvsim.fileio import load_yaml, read_yaml_file
+from kvsim.scenario.schema import MAX_REQUESTS, ScenarioSpec, WorkloadSpec
 from kvsim.spec.model import pydantic_error
 
 SWEEP_KEY = "sweep"  # read by `kvsim sweep`; kept aside here
@@ -47,7 +49,7 @@ def scenario_from_dict(raw: dict, file: str) -> Scenario:
     try:
         spec = ScenarioSpec.model_validate(body)
     except ValidationError as err:
-        raise pydantic_error(err, file) from None
+        raise pydantic_error(err, file, "a scenario YAML: see docs/scenario.md") from None
     _check(spec, file)
     return Scenario(spec, file, copy.deepcopy(body), copy.deepcopy(sweep))
 
@@ -79,6 +81,11 @@ def _check(spec: ScenarioSpec, file: str) -> None:
         if s.num_requests is None and s.duration_s is None and w.max_requests is None and w.end_s is None:
             raise KvsimError("a synthetic stream is endless: give num_requests or duration_s",
                              field="workload.synthetic", value=None, file=file)
+        seconds = min(x for x in (s.duration_s, w.end_s, math.inf) if x is not None)
+        if s.num_requests is None and w.max_requests is None and s.rate * seconds > MAX_REQUESTS:
+            raise KvsimError(f"rate {s.rate:g}/s for {seconds:g} s is over {MAX_REQUESTS:,} requests, more "
+                             "than one run simulates; lower the rate or the duration",
+                             field="workload.synthetic.duration_s", value=s.duration_s, file=file)
         if s.paired_lengths_from is None and (s.input is None or s.output is None):
             raise KvsimError("give input and output, or paired_lengths_from", field="workload.synthetic",
                              value=None, file=file)
@@ -119,7 +126,7 @@ def load_raw(path: str | Path, sets: Sequence[str] = ()) -> dict:
         if not eq or not key.strip():
             raise KvsimError("write overrides as key=value", field="--set", value=item, file=str(path))
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text)
         except yaml.YAMLError:
             raise KvsimError("value is not a YAML scalar", field=key.strip(), value=text,
                              file=str(path)) from None
@@ -134,18 +141,8 @@ def load_scenario(path: str | Path, sets: Sequence[str]) -> Scenario:
 
 
 def read_yaml_mapping(path: Path) -> dict:
-    """A YAML file's top-level mapping; a syntax error becomes one line with its position."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise KvsimError(f"not valid YAML{where}: {err.problem}", file=str(path)) from None
-    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
-        raise KvsimError(f"cannot read as YAML: {err}".replace("\n", " "), file=str(path)) from None
-    if not isinstance(data, dict):
-        raise KvsimError("expected a mapping of scenario keys at the top level", file=str(path))
-    return data
+    """A scenario file's top-level mapping; a syntax error becomes one line with its position."""
+    return read_yaml_file(path, "a scenario YAML")
 
 
 def apply_override(raw: dict, dotted: str, value: object, file: str | None = None) -> dict:

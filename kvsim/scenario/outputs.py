@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from kvsim.fileio import write_atomic
+from kvsim.errors import KvsimError
+from kvsim.fileio import check_writable, umask, write_atomic
 from kvsim.scenario.run import RunResult
 from kvsim.serve import metrics
 
@@ -79,13 +83,48 @@ def chrome_trace(result: RunResult) -> str:
     return json.dumps({"traceEvents": events, "displayTimeUnit": "ms"})
 
 
+RUN_FILES = ("summary.json", "requests.csv", "timeseries.csv", "trace.json")
+
+
+def check_run_folder(out: Path, force: bool) -> None:
+    """Before a run: ``out`` must be writable and new, empty, or (with ``force``) an earlier run's
+    folder; a folder holding anything else is never replaced."""
+    check_writable(out, "--out", folder=True)
+    if not out.is_dir():
+        return
+    present = sorted(p.name for p in out.iterdir())
+    foreign = [name for name in present if name not in RUN_FILES]
+    if foreign:
+        raise KvsimError(f"holds files that are not a `kvsim run` output ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder",
+                         field="--out", value=str(out))
+    if present and not force:
+        raise KvsimError("holds an earlier run's files; add --force to replace them", field="--out",
+                         value=str(out))
+
+
 def write_outputs(result: RunResult, out: Path) -> None:
-    """Write summary.json, requests.csv, timeseries.csv and trace.json into ``out``."""
+    """Write summary.json, requests.csv, timeseries.csv and trace.json into ``out`` as one set: they
+    are written into a new sibling folder that then takes the place of ``out``, so an interrupted
+    run never leaves new files beside old ones."""
     out = Path(out)
-    write_atomic(out / "summary.json", json.dumps(result.summary, indent=2) + "\n")
-    write_atomic(out / "requests.csv", requests_csv(result))
-    write_atomic(out / "timeseries.csv", timeseries_csv(result))
-    write_atomic(out / "trace.json", chrome_trace(result))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+    try:
+        write_atomic(staging / "summary.json", json.dumps(result.summary, indent=2) + "\n")
+        write_atomic(staging / "requests.csv", requests_csv(result))
+        write_atomic(staging / "timeseries.csv", timeseries_csv(result))
+        write_atomic(staging / "trace.json", chrome_trace(result))
+        staging.chmod(0o777 & ~umask())  # mkdtemp makes it 0700
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _ms(stats: dict) -> str:

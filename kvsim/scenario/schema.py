@@ -3,16 +3,30 @@ workload. Documented key by key in docs/scenario.md."""
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationInfo, field_validator
 
 from kvsim.serve.router import ROUTERS
 
+# A run simulates at most this many requests (num_requests, or rate x duration_s): beyond it a
+# run would take hours, and a typo such as 1e12 would look like a hang.
+MAX_REQUESTS = 10_000_000
+
 
 class _Strict(BaseModel):
-    # Numbers may be written as 4 or 4.0; booleans and strings must be what they say.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Numbers may be written as 4 or 4.0 but must be finite; booleans and strings must be what
+    # they say (pydantic alone would take `true` as 1 and `.inf` as a duration).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: object, info: ValidationInfo) -> object:
+        annotation = cls.model_fields[info.field_name].annotation  # type: ignore[index]
+        if isinstance(value, bool) and bool not in (annotation, *typing.get_args(annotation)):
+            raise ValueError("expected a number, not true/false")
+        return value
 
 
 class LengthSpec(_Strict):
@@ -49,7 +63,7 @@ class SharedPrefixSpec(_Strict):
 class SyntheticSpec(_Strict):
     rate: float = Field(gt=0)  # requests (or sessions) per second
     arrival_cv: float = Field(default=1.0, gt=0)  # 1: Poisson; >1 bursty (Gamma gaps)
-    num_requests: int | None = Field(default=None, gt=0)
+    num_requests: int | None = Field(default=None, gt=0, le=MAX_REQUESTS)
     duration_s: float | None = Field(default=None, gt=0)
     input: LengthSpec | None = None
     output: LengthSpec | None = None
@@ -62,8 +76,8 @@ class ClosedLoopSpec(_Strict):
     """``concurrency`` clients, each sending its next request when the previous one ends
     (``vllm bench serve --max-concurrency``); lengths as vLLM's random dataset."""
 
-    concurrency: int = Field(gt=0)
-    num_requests: int = Field(gt=0)
+    concurrency: int = Field(gt=0, le=MAX_REQUESTS)
+    num_requests: int = Field(gt=0, le=MAX_REQUESTS)
     input: LengthSpec
     output: LengthSpec
     random_range_ratio: float = Field(default=0.0, ge=0, lt=1)
@@ -78,7 +92,7 @@ class WorkloadSpec(_Strict):
     rate_scale: float = Field(default=1.0, gt=0)
     start_s: float = Field(default=0.0, ge=0)
     end_s: float | None = Field(default=None, gt=0)
-    max_requests: int | None = Field(default=None, gt=0)
+    max_requests: int | None = Field(default=None, gt=0, le=MAX_REQUESTS)
     images_per_request: int = Field(default=0, ge=0)
 
 

@@ -93,14 +93,29 @@ class _Rows:
             log.warning(self.stats.summary(self.name))
 
 
-def _int(rows: _Rows, line: int, field: str, s: str, minimum: int) -> int:
+# Token counts and session ids become int64 arrays in the simulator; larger values would overflow
+# there. Prefix hash ids are 64-bit hashes, signed or unsigned.
+MAX_INT = 2**63 - 1
+HASH_RANGE = range(-(2**63), 2**64)
+MAX_TOKENS = 2**31 - 1
+
+
+def _int(rows: _Rows, line: int, field: str, s: str, minimum: int, maximum: int = MAX_TOKENS) -> int:
     try:
         v = int(s)
     except ValueError:
         raise rows.error(line, field, s, "not an integer") from None
     if v < minimum:
         raise rows.error(line, field, s, f"must be >= {minimum}")
+    if v > maximum:
+        raise rows.error(line, field, s, f"must be <= {maximum:,}")
     return v
+
+
+def _undecodable(rows: _Rows, line: int, text: str) -> None:
+    """Files are opened with ``surrogateescape``: a byte that is not UTF-8 spoils its row only."""
+    if any("\udc80" <= ch <= "\udcff" for ch in text):
+        raise rows.error(line, None, None, "not UTF-8 text")
 
 
 def _float(rows: _Rows, line: int, field: str, s: str) -> float:
@@ -137,9 +152,12 @@ def read_csv(path: str | Path, *, prefix_block_tokens: int = MOONCAKE_BLOCK_TOKE
     rows = _Rows(path, skip_bad_rows, stats)
     if prefix_block_tokens <= 0:
         raise KvsimError("must be > 0", field="prefix_block_tokens", value=prefix_block_tokens)
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
+        try:
+            header = next(reader, None)
+        except csv.Error as err:
+            raise rows.error(1, "header", None, f"not a CSV header ({err})") from None
         if header is None:
             raise rows.error(1, None, None, "empty file; expected header "
                              "arrival_time_s,input_tokens,output_tokens")
@@ -154,11 +172,11 @@ def read_csv(path: str | Path, *, prefix_block_tokens: int = MOONCAKE_BLOCK_TOKE
         t0: float | None = None
         prev = -math.inf
         rid = 0
-        for row in reader:
-            line = reader.line_num
+        for line, row in _csv_rows(rows, reader):
             if not row:
                 continue
             try:
+                _undecodable(rows, line, "".join(row))
                 if len(row) != ncol:
                     raise rows.error(line, None, None, f"{len(row)} fields, header has {ncol}")
                 t = _float(rows, line, "arrival_time_s", row[ia])
@@ -174,9 +192,11 @@ def read_csv(path: str | Path, *, prefix_block_tokens: int = MOONCAKE_BLOCK_TOKE
                     except ValueError:
                         raise rows.error(line, "prefix_hash_ids", row[ih],
                                          "not space-separated integers") from None
+                    if any(x not in HASH_RANGE for x in ids):
+                        raise rows.error(line, "prefix_hash_ids", row[ih], "an id does not fit in 64 bits")
                     hashes = _full_blocks(rows, line, "prefix_hash_ids", ids, n_in, prefix_block_tokens)
                 img = _int(rows, line, "image_tokens", row[im], 0) if im is not None and row[im] else 0
-                sess = (_int(rows, line, "session_id", row[isess], 0)
+                sess = (_int(rows, line, "session_id", row[isess], 0, MAX_INT)
                         if isess is not None and row[isess] else None)
                 user = row[iu] or None if iu is not None else None
             except KvsimError as err:
@@ -190,6 +210,20 @@ def read_csv(path: str | Path, *, prefix_block_tokens: int = MOONCAKE_BLOCK_TOKE
             rid += 1
     rows.stats.requests += rid
     rows.finish()
+
+
+def _csv_rows(rows: _Rows, reader: Iterator[list[str]]) -> Iterator[tuple[int, list[str]]]:
+    """``(line, row)`` of a csv reader; a row the csv module cannot parse (a NUL byte, an open
+    quote at the end of the file) is a bad row like any other."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            rows.handle(rows.error(reader.line_num, None, None, f"not a CSV row ({err})"))  # type: ignore[attr-defined]
+            continue
+        yield reader.line_num, row  # type: ignore[attr-defined]
 
 
 def _azure_seconds(ts: str, days: dict[str, int]) -> float:
@@ -215,7 +249,7 @@ def read_azure(path: str | Path, *, skip_bad_rows: bool = False,
     path = Path(path)
     rows = _Rows(path, skip_bad_rows, stats)
     days: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         header = f.readline().strip()
         if [h.strip() for h in header.split(",")][:3] != ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]:
             raise rows.error(1, "header", header, "expected TIMESTAMP,ContextTokens,GeneratedTokens")
@@ -227,6 +261,7 @@ def read_azure(path: str | Path, *, skip_bad_rows: bool = False,
             if len(parts) == 1 and not parts[0]:
                 continue
             try:
+                _undecodable(rows, line, text)
                 if len(parts) != 3:
                     raise rows.error(line, None, None, f"{len(parts)} fields, expected 3")
                 ts, ctx, gen = parts
@@ -258,7 +293,7 @@ def read_mooncake(path: str | Path, *, skip_bad_rows: bool = False,
     path = Path(path)
     rows = _Rows(path, skip_bad_rows, stats)
     bt = MOONCAKE_BLOCK_TOKENS
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         t0: float | None = None
         prev = -math.inf
         rid = 0
@@ -266,6 +301,7 @@ def read_mooncake(path: str | Path, *, skip_bad_rows: bool = False,
             if not text.strip():
                 continue
             try:
+                _undecodable(rows, line, text)
                 try:
                     d = json.loads(text)
                 except json.JSONDecodeError as e:
@@ -275,21 +311,23 @@ def read_mooncake(path: str | Path, *, skip_bad_rows: bool = False,
                 vals = []
                 for key, minimum in (("timestamp", 0), ("input_length", 1), ("output_length", 1)):
                     v = d.get(key)
-                    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-                        raise rows.error(line, key, v, "missing or not a number")
+                    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                        raise rows.error(line, key, v, "missing or not a finite number")
                     if key != "timestamp" and v != int(v):
                         raise rows.error(line, key, v, "not an integer")
                     if v < minimum:
                         raise rows.error(line, key, v, f"must be >= {minimum}")
+                    if key != "timestamp" and v > MAX_TOKENS:
+                        raise rows.error(line, key, v, f"must be <= {MAX_TOKENS:,}")
                     vals.append(v)
                 t = vals[0] / 1000.0
                 n_in, n_out = int(vals[1]), int(vals[2])
                 if t < prev:
                     raise rows.error(line, "timestamp", vals[0], "earlier than the previous row")
                 ids = d.get("hash_ids", [])
-                if not isinstance(ids, list) or not all(type(x) is int for x in ids):
+                if not isinstance(ids, list) or not all(type(x) is int and x in HASH_RANGE for x in ids):
                     raise rows.error(line, "hash_ids", ids if len(str(ids)) < 60 else str(ids)[:57] + "...",
-                                     "not a list of integers")
+                                     "not a list of 64-bit integers")
                 hashes = _full_blocks(rows, line, "hash_ids", ids, n_in, bt)
             except KvsimError as err:
                 rows.handle(err)
@@ -318,6 +356,8 @@ def _parse_pmf(s: str) -> tuple[np.ndarray, np.ndarray] | None:
     pairs = [p.partition(":") for p in body.split(",")]
     vals = np.array([float(k) for k, _, _ in pairs])
     probs = np.array([float(v) for _, _, v in pairs])
+    if not (np.isfinite(vals).all() and np.isfinite(probs).all() and (probs >= 0).all() and (vals < MAX_TOKENS).all()):
+        raise ValueError("a PMF needs finite token counts and probabilities >= 0")
     order = np.argsort(vals, kind="stable")
     vals, cdf = vals[order], np.cumsum(probs[order])
     if cdf[-1] <= 0:
@@ -333,7 +373,7 @@ class _ServeGenClient:
         self.trace = folder / f"chunk-{cid}-trace.csv"
         self.dataset = folder / f"chunk-{cid}-dataset.json"
         self.windows: dict[int, tuple[float, float, str, float]] = {}
-        with open(self.trace, encoding="utf-8") as f:
+        with open(self.trace, encoding="utf-8", errors="replace") as f:  # a bad byte fails its row
             for line, text in enumerate(f, 1):
                 p = text.strip().split(",")
                 if p == [""]:
@@ -341,9 +381,11 @@ class _ServeGenClient:
                 try:
                     ts, rate, cv = int(float(p[0])), float(p[1]), float(p[2] or 0)
                     shape = float(p[4]) if len(p) > 4 and p[4] else 0.0
-                except (ValueError, IndexError):
-                    raise KvsimError("expected start,rate,cv,dist,shape,scale", field="row",
-                                     value=text.strip(), file=f"{self.trace}:{line}") from None
+                    if not all(math.isfinite(x) and x >= 0 for x in (rate, cv, shape)) or rate * 600 > 1e9:
+                        raise ValueError
+                except (ValueError, IndexError, OverflowError):
+                    raise KvsimError("expected start,rate,cv,dist,shape,scale (finite, >= 0)", field="row",
+                                     value=text.strip()[:80], file=f"{self.trace}:{line}") from None
                 if rate > 0:
                     self.windows[ts] = (rate, cv, p[3] if len(p) > 3 else "", shape)
         self._blocks: list[int] | None = None  # all dataset block starts, empty ones included
@@ -353,19 +395,34 @@ class _ServeGenClient:
         """(input PMF, output PMF) for window start ``ts``: the dataset block holding it, else the
         nearest non-empty block, earlier on ties (many 6-hour blocks are empty in the release)."""
         if self._blocks is None:
-            with open(self.dataset, encoding="utf-8") as f:
-                raw = json.load(f)
-            self._blocks = sorted(int(float(k)) for k in raw)
-            for k, v in raw.items():
-                pin, pout = _parse_pmf(v.get("input_tokens", "")), _parse_pmf(v.get("output_tokens", ""))
-                if pin is not None and pout is not None:
-                    self._pmfs[int(float(k))] = (pin, pout)
+            self._load_dataset()
         if not self._pmfs:
             return None
         holding = max((b for b in self._blocks if b <= ts), default=None)
         if holding in self._pmfs:
             return self._pmfs[holding]
         return self._pmfs[min(self._pmfs, key=lambda b: (abs(b - ts), b))]
+
+
+    def _load_dataset(self) -> None:
+        """The client's length PMFs per 6-hour block; a damaged file is one error naming it."""
+        from kvsim.fileio import read_json_file
+
+        raw = read_json_file(self.dataset, "a ServeGen chunk-<client>-dataset.json")
+        if not isinstance(raw, dict):
+            raise KvsimError("expected a mapping of block start -> length PMFs", file=str(self.dataset))
+        blocks = []
+        for k, v in raw.items():
+            try:
+                start = int(float(k))
+                pin, pout = _parse_pmf(v["input_tokens"]), _parse_pmf(v["output_tokens"])
+            except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+                raise KvsimError("expected {input_tokens: '{tokens: p, ...}', output_tokens: ...}",
+                                 field=k, value=None, file=str(self.dataset)) from None
+            blocks.append(start)
+            if pin is not None and pout is not None:
+                self._pmfs[start] = (pin, pout)
+        self._blocks = sorted(blocks)
 
 
 def _servegen_gaps(rng: np.random.Generator, dist: str, cv: float, shape: float, n: int) -> np.ndarray:
@@ -517,7 +574,19 @@ def read_trace(path: str | Path, format: str | None = None, *,
     if fmt != "servegen" and (start_s > 0 or end_s is not None):
         stream = time_window(stream, start_s, math.inf if end_s is None else end_s)
     stream = scale_rate(stream, rate_scale)
-    return renumber(limit(stream, max_requests))
+    return _not_empty(renumber(limit(stream, max_requests)), path)
+
+
+def _not_empty(stream: Iterator[Request], path: str | Path) -> Iterator[Request]:
+    """The stream; an error at its end when it held no request (a header without rows, every row
+    skipped, or a time window past the end): a run of nothing would report zeros as results."""
+    empty = True
+    for r in stream:
+        empty = False
+        yield r
+    if empty:
+        raise KvsimError("the trace yields no requests (no rows, every row skipped, or a time window "
+                         "outside the trace)", field="path", value=str(path))
 
 
 def trace_lengths(path: str | Path, format: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -525,12 +594,18 @@ def trace_lengths(path: str | Path, format: str | None = None) -> tuple[np.ndarr
     empirical length resampling. Also reads lengths-only Vidur stats CSVs."""
     fmt = format or detect_format(path)
     if fmt == "vidur":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            header = next(reader)
-            ip, io = header.index("num_prefill_tokens"), header.index("num_decode_tokens")
-            pairs = [(int(r[ip]), int(r[io])) for r in reader if r]
-        arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        from kvsim.fileio import read_csv_rows
+
+        rows = read_csv_rows(Path(path), "a Vidur stats CSV", ("num_prefill_tokens", "num_decode_tokens"))
+        try:
+            pairs = [(int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])) for r in rows]
+            arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        except (ValueError, OverflowError):
+            raise KvsimError("token counts must be integers", field="num_prefill_tokens", value=None,
+                             file=str(path)) from None
+        if not len(arr) or arr.min() < 1 or arr.max() > MAX_TOKENS:
+            raise KvsimError(f"needs rows of token counts in 1..{MAX_TOKENS:,}", field="num_prefill_tokens",
+                             value=None, file=str(path))
         return arr[:, 0], arr[:, 1]
     if fmt == "servegen":
         raise KvsimError("ServeGen is distributional; sample it with read_servegen()",

@@ -19,11 +19,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvsim.errors import KvsimError, unknown_name
-from kvsim.fileio import load_yaml
+from kvsim.fileio import load_yaml, read_yaml_file
+from kvsim.spec.model import pydantic_error
 
 # Architecture families: a GPU without its own kernel calibration borrows its family's.
 Family = Literal["ampere", "hopper", "ada", "blackwell", "cdna3"]
@@ -67,7 +67,7 @@ class HardwareSpec:
     host: HostSpec
 
 
-_STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
+_STRICT = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class _Peaks(BaseModel):
@@ -125,28 +125,11 @@ def hardware_names() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
-def _validation_error(err: ValidationError, file: str) -> KvsimError:
-    """The first pydantic error as one KvsimError naming the dotted field, its value and the file."""
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "<root>"
-    if first["type"] == "extra_forbidden":
-        return KvsimError("unknown key", field=field, value=first["input"], file=file)
-    if first["type"] == "missing":
-        return KvsimError("missing required field", field=field, file=file)
-    return KvsimError(first["msg"], field=field, value=first["input"], file=file)
-
-
-def _parse(text: str, file: str) -> HardwareSpec:
-    try:
-        raw = load_yaml(text)
-    except yaml.YAMLError as err:
-        raise KvsimError(f"invalid YAML: {err}", file=file) from None
-    if not isinstance(raw, dict):
-        raise KvsimError("expected a mapping of hardware fields", value=type(raw).__name__, file=file)
+def _parse(raw: dict, file: str) -> HardwareSpec:
     try:
         hw = _Hardware.model_validate(raw)
     except ValidationError as err:
-        raise _validation_error(err, file) from None
+        raise pydantic_error(err, file, "a GPU hardware YAML: see kvsim/data/hardware/*.yaml") from None
     return HardwareSpec(
         name=hw.name,
         display_name=hw.display_name,
@@ -175,11 +158,11 @@ def load_hardware(name_or_path: str) -> HardwareSpec:
         path = Path(name_or_path)
         if not path.is_file():
             raise KvsimError("no such hardware file", field="hardware", value=name_or_path)
-        return _parse(path.read_text(encoding="utf-8"), str(path))
+        return _parse(read_yaml_file(path, "a GPU hardware YAML"), str(path))
     if name_or_path not in hardware_names():
         raise unknown_name("GPU", name_or_path, hardware_names(), field="hardware")
     entry = _catalogue_dir() / f"{name_or_path}.yaml"
-    return _parse(entry.read_text(encoding="utf-8"), str(entry))
+    return _parse(load_yaml(entry.read_text(encoding="utf-8")), str(entry))  # type: ignore[arg-type]
 
 
 def peak_flops(hw: HardwareSpec, dtype: str) -> float:

@@ -16,16 +16,14 @@ e.g. ``layers: [{repeat: 21, pattern: ["sliding:4096", "full"]}]`` for Gemma-2-9
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvsim.errors import KvsimError, unknown_name
-from kvsim.fileio import load_yaml
+from kvsim.fileio import read_yaml_file
 
 AttentionKind = Literal["full", "sliding", "chunked", "mla"]
 
@@ -198,13 +196,17 @@ class _ModelFile(_Strict):
     vision: _Vision | None = None
 
 
-def pydantic_error(err: ValidationError, file: str | None) -> KvsimError:
-    """The first pydantic error as one KvsimError line naming the dotted field and its value."""
+def pydantic_error(err: ValidationError, file: str | None, what: str | None = None) -> KvsimError:
+    """The first pydantic error as one KvsimError line naming the dotted field and its value
+    (``what``: the kind of file expected, named when a required key is missing)."""
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    if first["type"] == "missing":  # its "input" is the whole enclosing mapping: name the key only
+        return KvsimError(f"required key missing{f' (expected {what})' if what else ''}", field=field,
+                          file=file)
     return KvsimError(msg, field=field, value=first.get("input"), file=file)
 
 
@@ -254,7 +256,7 @@ def model_from_dict(data: dict, file: str | None = None) -> ModelSpec:
     try:
         m = _ModelFile.model_validate(data)
     except ValidationError as err:
-        raise pydantic_error(err, file) from None
+        raise pydantic_error(err, file, "a model YAML: see models/*.yaml") from None
     a = m.attention
     if a.num_heads % a.num_kv_heads:
         raise KvsimError(f"num_heads={a.num_heads} is not a multiple of num_kv_heads",
@@ -300,32 +302,28 @@ def model_names() -> list[str]:
 
 
 def read_yaml(path: Path) -> dict:
-    """Read a YAML mapping with the safe loader; errors name the file."""
-    try:
-        data = load_yaml(path.read_text())
-    except OSError as err:
-        raise KvsimError(f"cannot read: {err.strerror}", file=str(path)) from None
-    except yaml.YAMLError as err:
-        raise KvsimError(f"not valid YAML: {err}", file=str(path)) from None
-    if not isinstance(data, dict):
-        raise KvsimError("expected a mapping at the top level", file=str(path))
-    return data
+    """Read a model YAML mapping with the safe loader; errors name the file."""
+    return read_yaml_file(path, "a model YAML")
 
 
 def load_model(name_or_path: str) -> ModelSpec:
     """A catalogue name (``llama-3-8b``), a model YAML, or any HF ``config.json``."""
     path = Path(name_or_path)
     if path.suffix == ".json" or path.name == "config.json":
+        from kvsim.fileio import read_json_file
         from kvsim.spec.hf_import import model_from_hf_config
 
+        config = read_json_file(path, "a Hugging Face config.json")
+        if not isinstance(config, dict):
+            raise KvsimError("expected a Hugging Face config.json: a JSON object", file=str(path))
         try:
-            config = json.loads(path.read_text())
-        except OSError as err:
-            raise KvsimError(f"cannot read: {err.strerror}", field="--model", value=name_or_path) from None
-        except json.JSONDecodeError as err:
-            raise KvsimError(f"not valid JSON: {err}", file=str(path)) from None
-        return model_from_dict(model_from_hf_config(config, name=path.stem, config_file=path.name),
-                               file=str(path))
+            data = model_from_hf_config(config, name=path.stem, config_file=path.name)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+            raise KvsimError(f"not a usable Hugging Face config.json ({type(err).__name__}: {err})",
+                             file=str(path)) from None
+        return model_from_dict(data, file=str(path))
+    if not name_or_path.strip():
+        raise KvsimError("empty model name", field="model", value=name_or_path)
     if path.suffix in (".yaml", ".yml"):
         return model_from_dict(read_yaml(path), file=str(path))
     catalogue = catalogue_dir() / f"{name_or_path}.yaml"
