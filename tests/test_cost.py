@@ -169,7 +169,7 @@ def test_predict_cli_single_point_is_one_object(capsys) -> None:
 
 
 @pytest.mark.parametrize("argv,match", [(["--batch", "0"], "--batch"), (["--context", "x"], "--context"),
-                                        (["--calibration", "/nope.yaml"], "cannot read")])
+                                        (["--calibration", "/nope.yaml"], "no such calibration profile")])
 def test_predict_bad_input(capsys, argv, match) -> None:
     args = ["predict", "--model", "llama-3-8b", "--hardware", "h100-sxm", "--batch", "1", "--context", "10"]
     with pytest.raises(SystemExit) as e:
