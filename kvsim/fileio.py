@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,16 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+class _Loader(_SAFE_LOADER):  # type: ignore[misc, valid-type]
+    """PyYAML resolves floats by YAML 1.1, where ``1e12`` and ``1.0e12`` (no dot, or no sign in the
+    exponent) are strings; YAML 1.2 and every user read them as numbers."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+.0123456789"))
+
+
 def load_yaml(text: str) -> object:
-    """``yaml.safe_load``, with the C loader when available."""
-    return yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader
+    """``yaml.safe_load``, with the C loader when available and YAML 1.2 exponent floats."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader

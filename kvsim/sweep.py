@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import kvsim
 from kvsim.backends import Backend, execute
-from kvsim.errors import KvsimError
+from kvsim.errors import KvsimError, schema_error
 from kvsim.fileio import write_atomic
 
 SWEEP_KEY = "sweep"
@@ -131,12 +131,7 @@ def _parse_sweep(section: object, file: str) -> _Sweep:
     try:
         sweep = _Sweep.model_validate(section)
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join([SWEEP_KEY, *(str(p) for p in first["loc"])])
-        if first["type"] == "extra_forbidden":
-            raise KvsimError("unknown key (expected grid, zip, variants or search)", field=field,
-                             value=first["input"], file=file) from None
-        raise KvsimError(first["msg"], field=field, value=first["input"], file=file) from None
+        raise schema_error(err, file, (SWEEP_KEY,), " (expected grid, zip, variants or search)") from None
     for part in ("grid", "zip"):
         for path, values in (getattr(sweep, part) or {}).items():
             if not values:
@@ -450,26 +445,38 @@ def _number(text: str) -> Any:
 # ---------------------------------------------------------------- progress and the sweep
 
 class Progress:
-    """A one-line progress bar on stderr, drawn only on a terminal."""
+    """Progress of ``kvsim sweep`` and ``kvsim search`` on stderr: a redrawn bar on a terminal, else
+    one line when the work starts and one per finished item, so a piped or logged run still shows
+    it advancing (a 42-configuration search otherwise says nothing for minutes). ``enabled=False``
+    (``--quiet``) silences it."""
 
     def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled = total, label, enabled and sys.stderr.isatty()
+        self.total, self.label, self.enabled = total, label, enabled
+        self.tty = enabled and sys.stderr.isatty()
         self.t0 = time.perf_counter()
+        self.shown = -1  # items finished at the last line written (off a terminal)
+        if enabled and not self.tty:
+            sys.stderr.write(f"{label}: {total} to run\n")
+            sys.stderr.flush()
 
     def update(self, done: int, errors: int) -> None:
-        if not self.enabled:
+        if not self.enabled or (not self.tty and done == self.shown):
             return
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / done * (self.total - done) if done else math.nan
-        width = 30
-        bar = "#" * int(width * done / max(self.total, 1))
-        sys.stderr.write(f"\r{self.label} [{bar:<{width}}] {done}/{self.total}"
-                         f"{f'  {errors} failed' if errors else ''}  {elapsed:.0f} s"
-                         f"{f'  ETA {eta:.0f} s' if done < self.total and done else ''}   ")
+        tail = (f"{f'  {errors} failed' if errors else ''}  {elapsed:.0f} s"
+                f"{f'  ETA {eta:.0f} s' if done < self.total and done else ''}")
+        if self.tty:
+            width = 30
+            bar = "#" * int(width * done / max(self.total, 1))
+            sys.stderr.write(f"\r{self.label} [{bar:<{width}}] {done}/{self.total}{tail}   ")
+        else:
+            self.shown = done
+            sys.stderr.write(f"{self.label}: {done}/{self.total} done{tail}\n")
         sys.stderr.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.tty:
             sys.stderr.write("\n")
 
 

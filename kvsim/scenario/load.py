@@ -12,9 +12,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kvsim.errors import KvsimError
+from kvsim.errors import KvsimError, schema_error
+from kvsim.fileio import load_yaml
 from kvsim.scenario.schema import ScenarioSpec
-from kvsim.spec.model import pydantic_error
 
 SWEEP_KEY = "sweep"  # read by `kvsim sweep`; kept aside here
 
@@ -47,7 +47,7 @@ def scenario_from_dict(raw: dict, file: str) -> Scenario:
     try:
         spec = ScenarioSpec.model_validate(body)
     except ValidationError as err:
-        raise pydantic_error(err, file) from None
+        raise schema_error(err, file) from None
     _check(spec, file)
     return Scenario(spec, file, copy.deepcopy(body), copy.deepcopy(sweep))
 
@@ -110,7 +110,7 @@ def load_raw(path: str | Path, sets: Sequence[str] = ()) -> dict:
         if not eq or not key.strip():
             raise KvsimError("write overrides as key=value", field="--set", value=item, file=str(path))
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text)
         except yaml.YAMLError:
             raise KvsimError("value is not a YAML scalar", field=key.strip(), value=text,
                              file=str(path)) from None
@@ -127,7 +127,7 @@ def load_scenario(path: str | Path, sets: Sequence[str]) -> Scenario:
 def read_yaml_mapping(path: Path) -> dict:
     """A YAML file's top-level mapping; a syntax error becomes one line with its position."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -93,6 +93,13 @@ def _ms(stats: dict) -> str:
     return "  ".join(f"{k} {stats[k] * 1e3:,.1f} ms" for k in ("p50", "p90", "p99"))
 
 
+def _goodput_line(summary: dict) -> str:
+    if summary["slo"] is None:
+        return "  goodput not computed: the scenario has no slo: section"
+    return (f"  goodput {summary['goodput']:.1%} of requests within TTFT {summary['slo']['ttft_s'] * 1e3:g} ms "
+            f"and TPOT {summary['slo']['tpot_s'] * 1e3:g} ms ({summary['goodput_requests_per_s']:,.2f} req/s)")
+
+
 def text_summary(summary: dict) -> str:
     """The summary as a few lines for a terminal (what ``kvsim run`` prints without --json)."""
     sc, rej = summary["scenario"], summary["rejected"]
@@ -108,8 +115,7 @@ def text_summary(summary: dict) -> str:
         f"  TTFT  {_ms(summary['ttft_s'])}",
         f"  TPOT  {_ms(summary['tpot_s'])}",
         f"  E2E   {_ms(summary['e2e_s'])}",
-        f"  goodput {summary['goodput']:.1%} of requests within TTFT {summary['slo']['ttft_s'] * 1e3:g} ms "
-        f"and TPOT {summary['slo']['tpot_s'] * 1e3:g} ms ({summary['goodput_requests_per_s']:,.2f} req/s)",
+        _goodput_line(summary),
         f"  KV {summary['num_gpu_blocks']:,} blocks of {summary['block_size']} tokens per replica, peak "
         f"{summary['kv_peak_used_fraction']:.0%} used; {summary['preemptions']:,} preemptions; prefix hit "
         f"rate {summary['prefix_hit_rate']:.1%}",

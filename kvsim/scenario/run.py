@@ -14,6 +14,7 @@ import numpy as np
 
 from kvsim.errors import KvsimError
 from kvsim.scenario.load import Scenario, resolve_path
+from kvsim.scenario.schema import SLOSpec
 from kvsim.serve import metrics
 from kvsim.serve.engine import Deployment, Simulation
 from kvsim.serve.replica import EngineConfig
@@ -248,6 +249,23 @@ def _share(ok: np.ndarray, total: int) -> float:
     return float(ok.sum()) / total if total else 0.0
 
 
+NO_SLO_NOTE = "no slo: section, so goodput and SLO attainment are not computed (add slo: ttft_s, tpot_s)"
+
+
+def _goodput(slo: SLOSpec | None, ttft: np.ndarray, tpot: np.ndarray, arrived: int, duration: float) -> dict:
+    """Goodput: the fraction of all requests (rejected ones included) within both SLOs, and their
+    rate; None without SLOs (no default targets: a made-up SLO would be a silent wrong answer)."""
+    if slo is None:
+        return dict.fromkeys(("goodput", "goodput_requests_per_s", "slo", "slo_attainment"))
+    ok_ttft, ok_tpot = ttft <= slo.ttft_s, tpot <= slo.tpot_s
+    good = int((ok_ttft & ok_tpot).sum())
+    return {"goodput": good / arrived if arrived else 0.0,
+            "goodput_requests_per_s": good / duration if duration else 0.0,
+            "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+            "slo_attainment": {"ttft": _share(ok_ttft, arrived), "tpot": _share(ok_tpot, arrived),
+                               "both": _share(ok_ttft & ok_tpot, arrived)}}
+
+
 def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dict:
     """The run's summary (JSON-able; the same scenario and seed give the same numbers)."""
     spec, cfg, dep = scenario.spec, sim.cfg, sim.dep
@@ -260,10 +278,8 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
     multi = generated > 1
     tpot = (finish[multi] - first[multi]) / (generated[multi] - 1)
     duration = sim.end_s
-    slo = spec.slo
     tpot_all = np.zeros(len(ttft))
     tpot_all[multi] = tpot
-    good = int(((ttft <= slo.ttft_s) & (tpot_all <= slo.tpot_s)).sum())
     hits = cols["prefix_hit_tokens"][done]
     prompts = (cols["input_tokens"] + cols["image_tokens"])[done]
     rejected = {s: int((status == i).sum()) for i, s in enumerate(metrics.STATUSES) if s != metrics.COMPLETED}
@@ -291,13 +307,7 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         "preemptions": sim.preemptions,
         "prefix_caching": cfg.prefix_caching,
         "prefix_hit_rate": float(hits.sum() / prompts.sum()) if prompts.sum() else 0.0,
-        # goodput: the fraction of all requests (rejected ones included) within both SLOs, and their rate
-        "goodput": good / sim.arrived if sim.arrived else 0.0,
-        "goodput_requests_per_s": good / duration if duration else 0.0,
-        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
-        "slo_attainment": {"ttft": _share(ttft <= slo.ttft_s, sim.arrived),
-                           "tpot": _share(tpot_all <= slo.tpot_s, sim.arrived),
-                           "both": _share((ttft <= slo.ttft_s) & (tpot_all <= slo.tpot_s), sim.arrived)},
+        **_goodput(spec.slo, ttft, tpot_all, sim.arrived, duration),
         "engine_steps": sim.steps,
         "kv_peak_used_fraction": max(r.peak_used_blocks for r in sim.replicas) / dep.num_gpu_blocks,
     }
@@ -318,6 +328,8 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
                      "quantization windows or tiers change what a block holds), so blocks cannot be shared")
     if cal.kind == "prior":
         notes.append(cal.note)
+    if spec.slo is None:
+        notes.append(NO_SLO_NOTE)
     if notes:
         summary["notes"] = notes
     return summary

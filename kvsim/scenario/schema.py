@@ -106,6 +106,6 @@ class ScenarioSpec(_Strict):
     calibration: StrictStr | None = None
     engine: EngineSpec = EngineSpec()
     workload: WorkloadSpec
-    slo: SLOSpec
+    slo: SLOSpec | None = None  # without it the summary has no goodput (and says so)
     seed: int = Field(default=0, ge=0)
     output: OutputSpec = OutputSpec()

@@ -22,7 +22,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kvsim.errors import KvsimError, unknown_name
+from kvsim.errors import KvsimError, schema_error, unknown_name
 from kvsim.fileio import load_yaml
 
 # Architecture families: a GPU without its own kernel calibration borrows its family's.
@@ -125,17 +125,6 @@ def hardware_names() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
-def _validation_error(err: ValidationError, file: str) -> KvsimError:
-    """The first pydantic error as one KvsimError naming the dotted field, its value and the file."""
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "<root>"
-    if first["type"] == "extra_forbidden":
-        return KvsimError("unknown key", field=field, value=first["input"], file=file)
-    if first["type"] == "missing":
-        return KvsimError("missing required field", field=field, file=file)
-    return KvsimError(first["msg"], field=field, value=first["input"], file=file)
-
-
 def _parse(text: str, file: str) -> HardwareSpec:
     try:
         raw = load_yaml(text)
@@ -146,7 +135,7 @@ def _parse(text: str, file: str) -> HardwareSpec:
     try:
         hw = _Hardware.model_validate(raw)
     except ValidationError as err:
-        raise _validation_error(err, file) from None
+        raise schema_error(err, file) from None
     return HardwareSpec(
         name=hw.name,
         display_name=hw.display_name,
