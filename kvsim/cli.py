@@ -315,6 +315,10 @@ def cmd_search(args: argparse.Namespace) -> None:
         raise KvsimError("must be positive", field="--target-rate", value=args.target_rate)
     plan = _plan(args)
     points = select_points(plan, args.configs) if args.configs else list(plan.points)
+    if args.target_rate is not None and rate_path(points[0].raw, plan.search).endswith("rate_scale"):
+        raise KvsimError("is requests per second, but sweep.search.rate_path is workload.rate_scale (a multiple of "
+                         "the trace's rate): search workload.rate instead", field="--target-rate",
+                         value=args.target_rate, file=args.scenario)
     synthetic = (points[0].raw.get("workload") or {}).get("synthetic") or {}
     if synthetic.get("num_requests") and not synthetic.get("duration_s"):
         print("kvsim: note: workload.synthetic.num_requests fixes the number of requests, so a high rate is "
@@ -502,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search",
                        help="highest rate each configuration sustains within its SLOs; cheapest one")
     sweep_args(p)
-    p.add_argument("--target-rate", type=float, help="rate to serve (requests/s, or x trace rate)")
+    p.add_argument("--target-rate", type=float, help="requests per second to serve (a trace's too)")
     p.add_argument("--configs", nargs="+", metavar="SEL", help="only these points: indices and/or PATH=VALUE")
     p.add_argument("--out", help="folder for search.json (read by kvsim report)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

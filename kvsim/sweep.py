@@ -65,7 +65,7 @@ class SearchConfig(BaseModel):
     """``sweep.search``: how ``kvsim search`` bisects the request rate (documented in docs/sweep.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    rate_path: str | None = None  # default: workload.synthetic.rate, else workload.rate_scale
+    rate_path: str | None = None  # default: workload.synthetic.rate, else workload.rate (a trace's req/s)
     rate_start: float | None = Field(default=None, gt=0)  # first rate tried; default: the scenario's own
     rate_min: float = Field(default=0.05, gt=0)  # below this a configuration counts as serving nothing
     rate_max: float = Field(default=1024.0, gt=0)  # the search never offers more than this

@@ -58,6 +58,12 @@ def _check(spec: ScenarioSpec, file: str) -> None:
     if (w.trace is None) == (w.synthetic is None):
         raise KvsimError("give exactly one of workload.trace and workload.synthetic", field="workload",
                          value=[k for k in ("trace", "synthetic") if getattr(w, k) is not None], file=file)
+    if w.rate is not None and w.synthetic is not None:
+        raise KvsimError("a synthetic stream's rate is workload.synthetic.rate", field="workload.rate",
+                         value=w.rate, file=file)
+    if w.rate is not None and "rate_scale" in w.model_fields_set:
+        raise KvsimError("give workload.rate (requests/s) or workload.rate_scale (x the trace's rate), not both",
+                         field="workload.rate", value=w.rate, file=file)
     if w.end_s is not None and w.end_s <= w.start_s:
         raise KvsimError(f"must be greater than workload.start_s={w.start_s}", field="workload.end_s",
                          value=w.end_s, file=file)

@@ -93,6 +93,16 @@ def _ms(stats: dict) -> str:
     return "  ".join(f"{k} {stats[k] * 1e3:,.1f} ms" for k in ("p50", "p90", "p99"))
 
 
+def _rate_line(summary: dict) -> str:
+    w = summary["workload"]
+    if w["offered_rate_per_s"] is None:
+        return "  offered rate: fewer than two arrivals apart in time"
+    line = f"  offered {w['offered_rate_per_s']:,.3g} req/s"
+    if "trace_native_rate_per_s" in w:
+        line += f" (the trace's own {w['trace_native_rate_per_s']:,.3g} req/s x rate scale {w['rate_scale']:.3g})"
+    return line
+
+
 def _goodput_line(summary: dict) -> str:
     if summary["slo"] is None:
         return "  goodput not computed: the scenario has no slo: section"
@@ -109,6 +119,7 @@ def text_summary(summary: dict) -> str:
         f"KV {sc['method']}; calibration {sc['calibration']['kind']} ({sc['calibration']['gpu']})",
         f"  requests {summary['requests']:,}: completed {summary['completed']:,}, rejected {rej['total']:,}"
         + (f" ({reasons})" if reasons else ""),
+        _rate_line(summary),
         f"  simulated {summary['duration_s']:,.1f} s: {summary['throughput_output_tokens_per_s']:,.0f} "
         f"output tok/s, {summary['throughput_requests_per_s']:,.2f} req/s, "
         f"{summary['engine_steps']:,} engine steps",

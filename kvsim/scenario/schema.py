@@ -64,6 +64,7 @@ class WorkloadSpec(_Strict):
     prefix_block_tokens: int = Field(default=512, gt=0)  # csv hash blocks (read_csv's default)
     synthetic: SyntheticSpec | None = None
     rate_scale: float = Field(default=1.0, gt=0)
+    rate: float | None = Field(default=None, gt=0)  # a trace's offered requests/s (instead of rate_scale)
     start_s: float = Field(default=0.0, ge=0)
     end_s: float | None = Field(default=None, gt=0)
     max_requests: int | None = Field(default=None, gt=0)
