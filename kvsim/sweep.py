@@ -460,7 +460,7 @@ class Progress:
             sys.stderr.flush()
 
     def update(self, done: int, errors: int) -> None:
-        if not self.enabled or (not self.tty and done == self.shown):
+        if not self.enabled or (not self.tty and done in (self.shown, 0)):  # a log gets news only
             return
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / done * (self.total - done) if done else math.nan
