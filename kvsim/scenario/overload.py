@@ -47,9 +47,9 @@ def overload(arrival_s: np.ndarray, ttft_s: np.ndarray, finish_s: np.ndarray) ->
     overloaded = bool(sustained < SUSTAINED_SHARE * offered and late > TTFT_GROWTH * early)
     return {"overloaded": overloaded, "offered_rate_per_s": offered, "sustained_rate_per_s": sustained,
             "ttft_p50_first_quarter_s": _finite(early), "ttft_p50_last_quarter_s": _finite(late),
-            "rule": f"overloaded when requests complete at under {SUSTAINED_SHARE:.0%} of the arrival rate over "
-                    f"the second half of the arrivals and the median TTFT of the last quarter of arrivals is "
-                    f"over {TTFT_GROWTH:g}x that of the first quarter"}
+            "rule": f"completions (first completion to last admission) under {SUSTAINED_SHARE:.0%} of the arrival "
+                    f"rate and median TTFT of the last quarter of arrivals over {TTFT_GROWTH:g}x the first "
+                    "quarter's (docs/scenario.md, Overload)"}
 
 
 def _finite(x: float) -> float | None:
