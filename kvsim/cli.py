@@ -8,8 +8,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from kvsim.errors import KvsimError
 
 GIB = 2**30
@@ -161,37 +159,18 @@ def cmd_memory(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- predict
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from kvsim.cost import Batch, CostModel
-    from kvsim.memory import plan_memory
+    from kvsim.api import predict
 
     _positive(args.prompt, "--prompt")
     if args.context is None and args.prompt is None:
         raise KvsimError("give --context (price decode steps) and/or --prompt (price the prefill)", field="--context")
-    batches = _ints(args.batch, "--batch")
-    contexts: list[int | None] = _ints(args.context, "--context") if args.context else [None]  # None: prefill only
     model, hardware, layout = _deployment(args)
-    cost = CostModel(model, hardware, layout, args.tp, args.calibration)
-    plan = plan_memory(model, hardware, layout, args.tp)
-    points = []
-    for b in batches:
-        for c in contexts:
-            held = c if c is not None else args.prompt  # tokens each sequence holds in the KV cache
-            fits = plan.fits and int(plan.max_concurrency(held)[0]) >= b
-            point = {"batch": b, "context": c, "fits": fits}
-            if c is not None:
-                step = cost.step(Batch(decode_context=np.full(b, c, dtype=np.int64)))
-                point.update({"decode_step_s": step.total_s, "tokens_per_s": b / step.total_s,
-                              "breakdown": step.breakdown, "bound": {o.name: o.bound for o in step.ops}})
-            if not fits:
-                point["reason"] = plan.reason if not plan.fits else \
-                    f"{b} sequences of {held} tokens exceed the {plan.num_gpu_blocks} KV blocks"
-            if args.prompt:
-                pre = cost.step(Batch(prefill_tokens=np.full(b, args.prompt), prefill_context=np.zeros(b)))
-                point["prefill_s"] = pre.total_s
-                point["prefill_breakdown"] = pre.breakdown
-            points.append(point)
-    note = f": {cost.cal.note}" if cost.cal.note else ""
-    meta = f"calibration {cost.cal.kind} ({cost.cal.gpu}, {cost.cal.engine}){note}"
+    points = predict(model, hardware, _ints(args.batch, "--batch"),
+                     _ints(args.context, "--context") if args.context else None, args.prompt, args.method,
+                     args.tp, args.calibration)
+    cal = points[0]["calibration"]
+    note = f": {cal['note']}" if cal["note"] else ""
+    meta = f"calibration {cal['kind']} ({cal['gpu']}, {cal['engine']}){note}"
     if args.json:
         print(json.dumps(points, indent=2))
         print(meta, file=sys.stderr)

@@ -110,17 +110,21 @@ def load_raw(path: str | Path, sets: Sequence[str] = ()) -> dict:
     path = Path(path)
     if not path.is_file():
         raise KvsimError("no such scenario file", field="scenario", value=str(path))
-    raw = read_yaml_mapping(path)
+    return apply_sets(read_yaml_mapping(path), sets, str(path))
+
+
+def apply_sets(raw: dict, sets: Sequence[str], file: str) -> dict:
+    """``raw`` with ``key=value`` overrides applied (values parsed as YAML scalars)."""
     for item in sets:
         key, eq, text = item.partition("=")
         if not eq or not key.strip():
-            raise KvsimError("write overrides as key=value", field="--set", value=item, file=str(path))
+            raise KvsimError("write overrides as key=value", field="--set", value=item, file=file)
         try:
             value = load_yaml(text)
         except yaml.YAMLError:
             raise KvsimError("value is not a YAML scalar", field=key.strip(), value=text,
-                             file=str(path)) from None
-        raw = apply_override(raw, key.strip(), value, file=str(path))
+                             file=file) from None
+        raw = apply_override(raw, key.strip(), value, file=file)
     return raw
 
 
