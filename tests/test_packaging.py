@@ -71,8 +71,12 @@ def test_installed_wheel_gives_the_checkouts_numbers(tmp_path):
     assert got["scenario"]["calibration"]["kind"] == checkout["scenario"]["calibration"]["kind"] == "measured"
     assert got == json.loads(json.dumps(checkout))
 
+    assert (site / "kvsim" / "py.typed").is_file()
+
     # Kernel measurements are not shipped: the commands that need them say so in one line.
-    out = subprocess.run([str(venv / "bin" / "kvsim"), "calibrate", "--gpu", "h100-sxm"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "needs a checkout's validation/results" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+    for argv in (["calibrate", "--gpu", "h100-sxm"], ["validate", "--gpu", "h100-sxm"],
+                 ["plot", "validation", "--gpu", "h100-sxm", "--out", "v.png"]):
+        out = subprocess.run([str(venv / "bin" / "kvsim"), *argv], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 2 and "needs a checkout's validation/results" in out.stderr, argv
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
