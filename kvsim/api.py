@@ -7,14 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kvsim.memory import EngineMemoryConfig, MemoryPlan
-from kvsim.scenario import RunResult, Scenario, load_scenario, scenario_from_dict
-from kvsim.scenario import run_scenario as _run
 from kvsim.spec.hardware import HardwareSpec, load_hardware
 from kvsim.spec.model import ModelSpec, load_model
+
+if TYPE_CHECKING:  # the simulator is imported by run_scenario only (predict stays quick to start)
+    from kvsim.scenario import RunResult, Scenario
 
 
 def _specs(model: str | ModelSpec, hardware: str | HardwareSpec) -> tuple[ModelSpec, HardwareSpec]:
@@ -88,10 +90,13 @@ def run_scenario(scenario: str | Path | dict | Scenario, overrides: Sequence[str
     keys (docs/scenario.md), or a loaded :class:`~kvsim.scenario.Scenario`; ``overrides`` are
     ``--set``-style ``"key=value"`` strings. The result's ``summary`` is the JSON ``kvsim run``
     prints; ``kvsim.scenario.write_outputs(result, folder)`` writes its files."""
+    from kvsim.scenario import Scenario, load_scenario, scenario_from_dict
+    from kvsim.scenario import run_scenario as run
+
     if isinstance(scenario, dict):
         from kvsim.scenario.load import apply_sets
 
         scenario = scenario_from_dict(apply_sets(scenario, overrides, "<dict>"), "<dict>")
     elif not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario, overrides)
-    return _run(scenario, progress=progress)
+    return run(scenario, progress=progress)
