@@ -256,8 +256,8 @@ def results_dir() -> Path:
     checkout this is one line saying so."""
     if not _CHECKOUT_RESULTS.is_dir():
         raise KvsimError("needs a checkout's validation/results (an installed kvsim ships only the fitted "
-                         "calibration profiles); pass the results folder explicitly", field="--results",
-                         value=None)
+                         "calibration profiles); name a results folder with --results (kvsim report, plot: "
+                         "--validation-results)")
     return _CHECKOUT_RESULTS
 
 
