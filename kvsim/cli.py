@@ -9,8 +9,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from kvsim.errors import KvsimError
 
 GIB = 2**30
@@ -170,43 +168,31 @@ def cmd_memory(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- predict
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from kvsim.cost import Batch, CostModel
-    from kvsim.cost.collectives import vllm_allreduce
-    from kvsim.memory import plan_memory
+    from kvsim.api import predict
 
-    batches, contexts = _ints(args.batch, "--batch"), _ints(args.context, "--context")
     _positive(args.prompt, "--prompt")
+    if args.context is None and args.prompt is None:
+        raise KvsimError("give --context (price decode steps) and/or --prompt (price the prefill)", field="--context")
     model, hardware, layout = _deployment(args)
-    cost = CostModel(model, hardware, layout, args.tp, args.calibration, vllm_allreduce(hardware, args.tp))
-    plan = plan_memory(model, hardware, layout, args.tp)
-    points = []
-    for b in batches:
-        for c in contexts:
-            step = cost.step(Batch(decode_context=np.full(b, c, dtype=np.int64)))
-            fits = plan.fits and int(plan.max_concurrency(c)[0]) >= b
-            point = {"batch": b, "context": c, "decode_step_s": step.total_s,
-                     "tokens_per_s": b / step.total_s, "fits": fits,
-                     "breakdown": step.breakdown, "bound": {o.name: o.bound for o in step.ops}}
-            if not fits:
-                point["reason"] = plan.reason if not plan.fits else \
-                    f"{b} sequences of {c} tokens exceed the {plan.num_gpu_blocks} KV blocks"
-            if args.prompt:
-                pre = cost.step(Batch(prefill_tokens=np.full(b, args.prompt), prefill_context=np.zeros(b)))
-                point["prefill_s"] = pre.total_s
-                point["prefill_breakdown"] = pre.breakdown
-            points.append(point)
-    note = f": {cost.cal.note}" if cost.cal.note else ""
-    meta = f"calibration {cost.cal.kind} ({cost.cal.gpu}, {cost.cal.engine}){note}"
+    points = predict(model, hardware, _ints(args.batch, "--batch"),
+                     _ints(args.context, "--context") if args.context else None, args.prompt, args.method,
+                     args.tp, args.calibration)
+    cal = points[0]["calibration"]
+    note = f": {cal['note']}" if cal["note"] else ""
+    meta = f"calibration {cal['kind']} ({cal['gpu']}, {cal['engine']}){note}"
     if args.json:
-        print(json.dumps(points[0] if len(points) == 1 else points, indent=2))
+        print(json.dumps(points, indent=2))
         print(meta, file=sys.stderr)
         return
     print(f"{model.name} on {hardware.name} (TP {args.tp}), KV method {'+'.join(layout.methods)}; {meta}")
     print(f"{'batch':>6} {'context':>8} {'decode ms':>10} {'tok/s':>10} {'prefill ms':>11}  fits  largest terms")
     for p in points:
-        top = sorted(p["breakdown"].items(), key=lambda kv: -kv[1])[:3]
+        terms = p.get("breakdown") or p["prefill_breakdown"]
+        top = sorted(terms.items(), key=lambda kv: -kv[1])[:3]
         pre = f"{p['prefill_s'] * 1e3:11.2f}" if "prefill_s" in p else f"{'-':>11}"
-        print(f"{p['batch']:>6} {p['context']:>8} {p['decode_step_s'] * 1e3:10.3f} {p['tokens_per_s']:10.0f} {pre}"
+        decode = (f"{p['context']:>8} {p['decode_step_s'] * 1e3:10.3f} {p['tokens_per_s']:10.0f}"
+                  if p["context"] is not None else f"{'-':>8} {'-':>10} {'-':>10}")
+        print(f"{p['batch']:>6} {decode} {pre}"
               f"  {'yes' if p['fits'] else 'NO ':4}  " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in top))
 
 
@@ -300,7 +286,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     out = Path(args.out)
     prepare_folder(plan, out, args.force)
     outcome = run_sweep(plan, out, args.jobs, args.backend, args.address, args.retry_errors, args.keep_runs,
-                        progress=True)
+                        progress=not args.quiet)
     for note in outcome.notes:
         print(f"kvsim: note: {note}", file=sys.stderr)
     print(f"{outcome.total} points: {outcome.ran} run now, {outcome.skipped} already done, "
@@ -321,11 +307,15 @@ def cmd_search(args: argparse.Namespace) -> None:
         check_search_folder(Path(args.out), args.force)
     plan = _plan(args)
     points = select_points(plan, args.configs) if args.configs else list(plan.points)
+    if args.target_rate is not None and rate_path(points[0].raw, plan.search).endswith("rate_scale"):
+        raise KvsimError("is requests per second, but sweep.search.rate_path is workload.rate_scale (a multiple of "
+                         "the trace's rate): search workload.rate instead", field="--target-rate",
+                         value=args.target_rate, file=args.scenario)
     synthetic = (points[0].raw.get("workload") or {}).get("synthetic") or {}
     if synthetic.get("num_requests") and not synthetic.get("duration_s"):
         print("kvsim: note: workload.synthetic.num_requests fixes the number of requests, so a high rate is "
               "a short burst, not a sustained load; give duration_s instead", file=sys.stderr)
-    bar = Progress(len(points), "search", not args.json)
+    bar = Progress(len(points), "search", not args.quiet)
     results = run_search(plan, args.target_rate, args.jobs, args.backend, args.address, points,
                          on_done=lambda done, total: bar.update(done, 0))
     bar.close()
@@ -447,33 +437,60 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware", required=True, help="GPU catalogue name or YAML")
     p.add_argument("--method", default="bf16", help="KV method spec, e.g. snapkv:budget=2048+kivi:bits=2")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends each option's default to its help, unless the help already says what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        shown = "unset" if action.default is None else str(action.default).replace("%", "%%")
+        return f"{text} (default: {shown})".lstrip()
+
+
+class _DefaultsParser(argparse.ArgumentParser):
+    """A subcommand parser whose help shows every option's default."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvsim import __version__
+
     parser = argparse.ArgumentParser(prog="kvsim", description="KV-cache memory and serving-speed planner")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"kvsim {__version__}")
+    # every subcommand's help shows each option's default
+    sub = parser.add_subparsers(dest="command", required=True,
+                                parser_class=_DefaultsParser)  # type: ignore[arg-type]
     for name, fn, helptext in (("models", cmd_models, "list the model catalogue"),
                                ("hardware", cmd_hardware, "list the GPU catalogue"),
                                ("methods", cmd_methods, "list KV methods and their parameters")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         p.set_defaults(func=fn)
 
     p = sub.add_parser("memory", help="memory plan: weights, activations, KV blocks, capacity")
     _deployment_args(p)
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--context", type=int, default=4096, help="tokens per sequence")
+    p.add_argument("--batch", type=int, default=1, help="concurrent sequences")
+    # vLLM's defaults, as for a scenario's engine: section (kvsim/scenario/schema.py EngineSpec)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory the engine may use")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per engine step")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences per engine step")
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("predict", help="step times over a batch x context grid")
     _deployment_args(p)
     p.add_argument("--batch", required=True, help="comma-separated batch sizes")
-    p.add_argument("--context", required=True, help="comma-separated context lengths")
+    p.add_argument("--context", help="comma-separated context lengths (decode steps; omit to price the prefill "
+                   "alone)")
     p.add_argument("--prompt", type=int, help="also price prefilling `batch` prompts of this length")
     p.add_argument("--calibration", help="profile path, or 'none' for the pure roofline")
     p.set_defaults(func=cmd_predict)
@@ -487,9 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "validation"])
     p.add_argument("--model", help="catalogue name (capacity-grid: comma-separated)")
     p.add_argument("--hardware", help="GPU name (capacity-grid: comma-separated)")
-    p.add_argument("--methods", default="bf16,fp8,kivi:bits=2,snapkv:budget=2048")
+    p.add_argument("--methods", default="bf16,fp8,kivi:bits=2,snapkv:budget=2048", help="comma-separated KV methods")
     p.add_argument("--contexts", help="comma-separated context lengths (default: 512..max, log-spaced)")
-    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--results", help="sweep folder (latency, goodput) or run folders (kv-usage)")
     p.add_argument("--x", help="goodput: the swept column on the x axis (default: the swept rate)")
     p.add_argument("--gpu", help="validation: folder under validation/results")
@@ -501,8 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("scenario", help="scenario YAML with a sweep: section")
         q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base scenario field")
         q.add_argument("--jobs", type=int, help="parallel points (default: every core given to this process)")
-        q.add_argument("--backend", choices=["local", "ray"], default="local")
+        q.add_argument("--backend", choices=["local", "ray"], default="local",
+                       help="local processes, or a Ray cluster")
         q.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+        q.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
     p = sub.add_parser("sweep", help="run every point of a scenario's sweep: section")
     sweep_args(p)
@@ -516,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search",
                        help="highest rate each configuration sustains within its SLOs; cheapest one")
     sweep_args(p)
-    p.add_argument("--target-rate", type=float, help="rate to serve (requests/s, or x trace rate)")
+    p.add_argument("--target-rate", type=float, help="requests per second to serve (a trace's too)")
     p.add_argument("--configs", nargs="+", metavar="SEL", help="only these points: indices and/or PATH=VALUE")
     p.add_argument("--out", help="folder for search.json (read by kvsim report)")
     p.add_argument("--force", action="store_true", help="replace an earlier search.json in --out")
@@ -543,15 +562,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "format, e.g. ../shared/data/measured/vllm_h100_qwen3-32b_closed_loop.csv)")
     p.add_argument("--calibration-from", help="GPU whose fitted profile to use (default: the same GPU)")
     p.add_argument("--results", help="results root (default: validation/results of this checkout)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("run", help="simulate a serving scenario")
     p.add_argument("scenario")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario field")
     p.add_argument("--out", help="folder for summary, per-request CSV, time series, Chrome trace")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--skip-bad-rows", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip malformed trace rows (counted) instead of stopping")
     p.add_argument("--force", action="store_true", help="replace an earlier run's files in --out")
     p.set_defaults(func=cmd_run)
     return parser

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class KvsimError(Exception):
@@ -27,3 +31,34 @@ def unknown_name(kind: str, name: str, known: Iterable[str], *, field: str,
     close = difflib.get_close_matches(name.lower(), known, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known)}"
     return KvsimError(f"unknown {kind}; {hint}", field=field, value=name, file=file)
+
+
+SHOWN_ERRORS = 5  # a file with more schema errors lists this many, then how many more
+
+
+def schema_error(err: ValidationError, file: str | None, prefix: Sequence[str] = (),
+                 unknown_hint: str = "", what: str = "") -> KvsimError:
+    """Every problem pydantic found in a file, in one line: the first few as ``key=value: message``
+    (dotted keys under ``prefix``), then how many more, so a user fixes them all in one pass.
+    ``field`` and ``value`` are those of the first problem; ``what``, the kind of file expected, is
+    named when a required key is missing (pydantic's input there is the whole enclosing mapping,
+    so only the key is named)."""
+    problems = []
+    for e in err.errors():
+        field = ".".join([*prefix, *(str(p) for p in e["loc"])]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            problems.append(KvsimError(f"unknown key{unknown_hint}", field=field, value=e["input"]))
+        elif e["type"] == "missing":
+            problems.append(KvsimError(f"missing required key{f' (expected {what})' if what else ''}", field=field,
+                                       value=None))
+        else:
+            problems.append(KvsimError(e["msg"].removeprefix("Value error, "), field=field, value=e.get("input")))
+    first = problems[0]
+    if len(problems) == 1:
+        return KvsimError(str(first).removeprefix(f"{first.field}={first.value!r}: "), field=first.field,
+                          value=first.value, file=file)
+    more = len(problems) - SHOWN_ERRORS
+    text = "; ".join(str(p) for p in problems[:SHOWN_ERRORS]) + (f"; and {more} more" if more > 0 else "")
+    err_out = KvsimError(f"{len(problems)} problems: {text}", file=file)
+    err_out.field, err_out.value = first.field, first.value
+    return err_out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,8 +85,16 @@ class _UniqueKeyLoader(_SAFE_LOADER):  # type: ignore[misc, valid-type]
         return super().construct_mapping(node, deep)
 
 
+# PyYAML resolves floats by YAML 1.1, where ``1e12`` and ``1.0e12`` (no dot, or no sign in the
+# exponent) are strings; YAML 1.2 and every user read them as numbers.
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                       re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                       list("-+.0123456789"))
+
+
 def load_yaml(text: str) -> object:
-    """``yaml.safe_load``, with the C loader when available; a key given twice is an error."""
+    """``yaml.safe_load``, with the C loader when available, YAML 1.2 exponent floats; a key given
+    twice is an error."""
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader
 
 

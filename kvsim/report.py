@@ -21,9 +21,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 import kvsim
-from kvsim.errors import KvsimError
+from kvsim.errors import KvsimError, schema_error
 from kvsim.fileio import read_json_file, write_atomic
-from kvsim.spec.model import pydantic_error
 from kvsim.sweep import read_plan, read_results, swept_columns
 
 # Columns shown in the points table (when present), after the swept paths.
@@ -209,7 +208,7 @@ def read_search(path: Path) -> dict:
     try:
         _SearchFile.model_validate(doc)
     except ValidationError as err:
-        raise pydantic_error(err, str(path)) from None
+        raise schema_error(err, str(path), what="a search.json (kvsim search --out)") from None
     return doc  # type: ignore[return-value]
 
 

@@ -8,7 +8,7 @@ doubles the rate until one fails (or halves it until one passes), then bisects g
 between the highest passing and the lowest failing rate until they are within ``tolerance`` of each
 other (default 5%: the reported rate is at most 5% below the threshold, never above it, as long as
 goodput falls monotonically with rate). The rate knob is ``workload.synthetic.rate`` (requests/s)
-for synthetic workloads and ``workload.rate_scale`` (a multiplier) for traces.
+for synthetic workloads and ``workload.rate`` (requests/s, the trace's arrivals rescaled) for traces.
 
 Cost of a configuration: GPUs per replica x price per GPU-hour (hardware catalogue) / the rate one
 replica sustains; for a target rate, replicas = ceil(target / rate per replica).
@@ -26,6 +26,8 @@ from kvsim.backends import Backend, execute
 from kvsim.errors import KvsimError
 from kvsim.fileio import check_writable
 from kvsim.sweep import Point, SearchConfig, SweepPlan, point_key
+
+TRACE_RATE = "workload.rate"  # a trace's offered requests/s (kvsim.scenario.run.workload rescales the trace)
 
 # What stops a configuration from going faster (the SLO it misses first, or why it cannot run).
 LIMITS = {"memory": "does not fit in memory", "ttft": "TTFT SLO", "tpot": "TPOT SLO",
@@ -95,22 +97,35 @@ def bisect_rate(evaluate: Callable[[float], Probe], rate_start: float, rate_min:
 # ---------------------------------------------------------------- one configuration, simulated
 
 def rate_path(raw: Mapping[str, Any], cfg: SearchConfig) -> str:
-    """The dotted path the search varies: configured, else the synthetic rate, else the trace scale."""
+    """The dotted path the search varies: configured, else the synthetic rate, else the trace's
+    rate in requests per second (``workload.rate``)."""
     if cfg.rate_path:
         return cfg.rate_path
     workload = raw.get("workload") or {}
     return "workload.synthetic.rate" if isinstance(workload, Mapping) and "synthetic" in workload \
-        else "workload.rate_scale"
+        else TRACE_RATE
 
 
-def start_rate(raw: Mapping[str, Any], path: str, cfg: SearchConfig) -> float:
-    """``rate_start``, else the scenario's own value at the rate path (1 when unset), within bounds."""
+def start_rate(raw: Mapping[str, Any], path: str, cfg: SearchConfig, file: str = "") -> float:
+    """``rate_start``, else the scenario's own value at the rate path (for ``workload.rate`` unset:
+    the trace's own rate x its rate_scale; else 1), within bounds."""
     if cfg.rate_start is not None:
         return cfg.rate_start
     node: Any = raw
     for part in path.split("."):
         node = node.get(part) if isinstance(node, Mapping) else None
-    value = float(node) if isinstance(node, (int, float)) else 1.0
+    if isinstance(node, (int, float)):
+        value = float(node)
+    elif path == TRACE_RATE:
+        from kvsim.scenario import scenario_from_dict
+        from kvsim.scenario.load import resolve_path
+        from kvsim.scenario.run import trace_rate_per_s
+
+        scenario = scenario_from_dict(dict(raw), file)
+        w = scenario.spec.workload
+        value = trace_rate_per_s(scenario, resolve_path(w.trace, scenario)) * w.rate_scale
+    else:
+        value = 1.0
     return min(max(value, cfg.rate_min), cfg.rate_max)
 
 
@@ -150,6 +165,8 @@ def at_rate(raw: Mapping[str, Any], path: str, rate: float, min_requests: int) -
     ``min_requests`` requests (so low rates are not judged on a handful of requests)."""
     from kvsim.scenario import apply_override
 
+    if path == TRACE_RATE and "rate_scale" in (raw.get("workload") or {}):  # the rate replaces the scale
+        raw = {**raw, "workload": {k: v for k, v in raw["workload"].items() if k != "rate_scale"}}
     out = apply_override(dict(raw), path, rate)
     synthetic = (out.get("workload") or {}).get("synthetic") or {}
     if path == "workload.synthetic.rate" and synthetic.get("duration_s"):
@@ -181,7 +198,7 @@ def search_config(raw: Mapping[str, Any], file: str, cfg: Mapping[str, Any]) -> 
         def evaluate(rate: float) -> Probe:
             return evaluate_rate(raw, file, path, rate, config.min_goodput, config.min_requests)
 
-        found = bisect_rate(evaluate, start_rate(raw, path, config), config.rate_min, config.rate_max,
+        found = bisect_rate(evaluate, start_rate(raw, path, config, file), config.rate_min, config.rate_max,
                             config.tolerance)
     except Exception as err:  # noqa: BLE001 - one broken configuration must not stop the search
         text = str(err) if isinstance(err, KvsimError) else f"{type(err).__name__}: {err}"

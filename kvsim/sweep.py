@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import kvsim
 from kvsim.backends import Backend, execute
-from kvsim.errors import KvsimError
+from kvsim.errors import KvsimError, schema_error
 from kvsim.fileio import check_writable, read_csv_rows, read_json_file, write_atomic
 
 SWEEP_KEY = "sweep"
@@ -66,7 +66,7 @@ class SearchConfig(BaseModel):
     """``sweep.search``: how ``kvsim search`` bisects the request rate (documented in docs/sweep.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    rate_path: str | None = None  # default: workload.synthetic.rate, else workload.rate_scale
+    rate_path: str | None = None  # default: workload.synthetic.rate, else workload.rate (a trace's req/s)
     rate_start: float | None = Field(default=None, gt=0)  # first rate tried; default: the scenario's own
     rate_min: float = Field(default=0.05, gt=0)  # below this a configuration counts as serving nothing
     rate_max: float = Field(default=1024.0, gt=0)  # the search never offers more than this
@@ -144,12 +144,7 @@ def _parse_sweep(section: object, file: str) -> _Sweep:
     try:
         sweep = _Sweep.model_validate(section)
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join([SWEEP_KEY, *(str(p) for p in first["loc"])])
-        if first["type"] == "extra_forbidden":
-            raise KvsimError("unknown key (expected grid, zip, variants or search)", field=field,
-                             value=first["input"], file=file) from None
-        raise KvsimError(first["msg"], field=field, value=first["input"], file=file) from None
+        raise schema_error(err, file, (SWEEP_KEY,), " (expected grid, zip, variants or search)") from None
     for part in ("grid", "zip"):
         for path, values in (getattr(sweep, part) or {}).items():
             if not values:
@@ -445,9 +440,7 @@ def read_plan(folder: Path) -> dict:
     try:
         _PlanFile.model_validate(doc)
     except ValidationError as err:
-        from kvsim.spec.model import pydantic_error
-
-        raise pydantic_error(err, str(path)) from None
+        raise schema_error(err, str(path), what="a sweep's sweep.json") from None
     return doc  # type: ignore[return-value]
 
 
@@ -471,26 +464,38 @@ def _number(text: str) -> Any:
 # ---------------------------------------------------------------- progress and the sweep
 
 class Progress:
-    """A one-line progress bar on stderr, drawn only on a terminal."""
+    """Progress of ``kvsim sweep`` and ``kvsim search`` on stderr: a redrawn bar on a terminal, else
+    one line when the work starts and one per finished item, so a piped or logged run still shows
+    it advancing (a 42-configuration search otherwise says nothing for minutes). ``enabled=False``
+    (``--quiet``) silences it."""
 
     def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled = total, label, enabled and sys.stderr.isatty()
+        self.total, self.label, self.enabled = total, label, enabled
+        self.tty = enabled and sys.stderr.isatty()
         self.t0 = time.perf_counter()
+        self.shown = -1  # items finished at the last line written (off a terminal)
+        if enabled and not self.tty:
+            sys.stderr.write(f"{label}: {total} to run\n")
+            sys.stderr.flush()
 
     def update(self, done: int, errors: int) -> None:
-        if not self.enabled:
+        if not self.enabled or (not self.tty and done in (self.shown, 0)):  # a log gets news only
             return
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / done * (self.total - done) if done else math.nan
-        width = 30
-        bar = "#" * int(width * done / max(self.total, 1))
-        sys.stderr.write(f"\r{self.label} [{bar:<{width}}] {done}/{self.total}"
-                         f"{f'  {errors} failed' if errors else ''}  {elapsed:.0f} s"
-                         f"{f'  ETA {eta:.0f} s' if done < self.total and done else ''}   ")
+        tail = (f"{f'  {errors} failed' if errors else ''}  {elapsed:.0f} s"
+                f"{f'  ETA {eta:.0f} s' if done < self.total and done else ''}")
+        if self.tty:
+            width = 30
+            bar = "#" * int(width * done / max(self.total, 1))
+            sys.stderr.write(f"\r{self.label} [{bar:<{width}}] {done}/{self.total}{tail}   ")
+        else:
+            self.shown = done
+            sys.stderr.write(f"{self.label}: {done}/{self.total} done{tail}\n")
         sys.stderr.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.tty:
             sys.stderr.write("\n")
 
 

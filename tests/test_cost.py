@@ -162,10 +162,33 @@ def test_predict_cli_grid_json(capsys) -> None:
     assert too_big[0]["fits"] is False and "reason" in too_big[0]
 
 
-def test_predict_cli_single_point_is_one_object(capsys) -> None:
+def test_predict_cli_single_point_is_a_list(capsys) -> None:
+    """--json always prints a list (one shape for scripts; a breaking change noted in CHANGELOG.md)."""
     main(["predict", "--model", "llama-3-8b", "--hardware", "h100-sxm", "--batch", "4", "--context", "100",
           "--json"])
-    assert isinstance(json.loads(capsys.readouterr().out), dict)
+    points = json.loads(capsys.readouterr().out)
+    assert isinstance(points, list) and len(points) == 1 and points[0]["batch"] == 4
+
+
+def test_predict_prompt_without_context_prices_the_prefill_alone(capsys) -> None:
+    main(["predict", "--model", "llama-3-8b", "--hardware", "h100-sxm", "--batch", "1,2", "--prompt", "2048",
+          "--json"])
+    points = json.loads(capsys.readouterr().out)
+    assert [p["batch"] for p in points] == [1, 2]
+    assert all(p["context"] is None and "decode_step_s" not in p and p["prefill_s"] > 0 for p in points)
+    # two prompts cost more than one, and the same as the prefill priced beside a decode grid
+    assert points[1]["prefill_s"] > points[0]["prefill_s"]
+    main(["predict", "--model", "llama-3-8b", "--hardware", "h100-sxm", "--batch", "2", "--context", "100",
+          "--prompt", "2048", "--json"])
+    assert json.loads(capsys.readouterr().out)[0]["prefill_s"] == points[1]["prefill_s"]
+    main(["predict", "--model", "llama-3-8b", "--hardware", "h100-sxm", "--batch", "1", "--prompt", "2048"])
+    assert "prefill ms" in capsys.readouterr().out
+
+
+def test_predict_needs_context_or_prompt(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "--model", "llama-3-8b", "--hardware", "h100-sxm", "--batch", "1"])
+    assert e.value.code == 2 and "--context" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,match", [(["--batch", "0"], "--batch"), (["--context", "x"], "--context"),

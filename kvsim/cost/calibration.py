@@ -30,7 +30,8 @@ File format (YAML or JSON), documented in docs/calibration.md:
     # weight matrix (a 1 MB router streams far below HBM bandwidth; a 100 MB projection near it).
     step_overhead_s: 2.0e-5       # per engine step (scheduling, launch of the step's graph)
 
-Looked up by GPU name in ``validation/results/<gpu>/calibration.yaml``; a GPU without one borrows
+Looked up by GPU name in ``validation/results/<gpu>/calibration_<engine>.yaml`` (an installed wheel
+carries a copy of each under ``kvsim/_catalog/calibration/``, found first); a GPU without one borrows
 the profile of a calibrated GPU of the same family (ceilings scaled by datasheet ratios); with
 none at all the shipped prior (kvsim/data/calibration_prior.yaml) is used and labelled so.
 """
@@ -255,9 +256,30 @@ def _read(path: Path) -> dict:
     return read_yaml_file(path, "a calibration profile (YAML or JSON)")
 
 
+_CHECKOUT_RESULTS = Path(__file__).resolve().parents[2] / "validation" / "results"
+# Fitted profiles copied into an installed wheel (pyproject.toml force-include); absent in a checkout.
+_PACKAGED_PROFILES = Path(__file__).resolve().parents[1] / "_catalog" / "calibration"
+
+
 def results_dir() -> Path:
-    """validation/results of the checkout (profiles are looked up there by GPU name)."""
-    return Path(__file__).resolve().parents[2] / "validation" / "results"
+    """validation/results of the checkout: the kernel measurements ``kvsim calibrate``, ``validate``
+    and ``plot validation`` read. An installed package ships only the fitted profiles, so without a
+    checkout this is one line saying so."""
+    if not _CHECKOUT_RESULTS.is_dir():
+        raise KvsimError("needs a checkout's validation/results (an installed kvsim ships only the fitted "
+                         "calibration profiles); name a results folder with --results (kvsim report, plot: "
+                         "--validation-results)")
+    return _CHECKOUT_RESULTS
+
+
+def profile_path(gpu: str, engine: str) -> Path | None:
+    """The fitted profile of ``gpu`` for ``engine``: the wheel's packaged copy first, else the
+    checkout's (where `kvsim calibrate` writes it); None when neither exists."""
+    for root in (_PACKAGED_PROFILES, _CHECKOUT_RESULTS):
+        path = root / gpu / f"calibration_{engine}.yaml"
+        if path.is_file():
+            return path
+    return None
 
 
 def roofline(hw: HardwareSpec) -> Calibration:
@@ -295,16 +317,16 @@ def find_calibration(hw: HardwareSpec, spec: str | None = None, engine: str = "r
         if spec.lower() == "none":
             return roofline(hw)
         return calibration_from_dict(_read(Path(spec)), hw, spec)
-    own = results_dir() / hw.name / f"calibration_{engine}.yaml"
-    if own.is_file():
+    own = profile_path(hw.name, engine)
+    if own is not None:
         stock = load_hardware(hw.name) if hw.name in hardware_names() else hw
         cal = calibration_from_dict(_read(own), stock, str(own))
         # A user's GPU YAML that keeps a catalogue name but changes its numbers is a different GPU:
         # its own numbers win, so the measured profile is moved to it like any borrowed one.
         return cal if stock == hw else borrow_profile(cal, stock, hw)
     for name in hardware_names():
-        path = results_dir() / name / f"calibration_{engine}.yaml"
-        donor = load_hardware(name) if path.is_file() else None
+        path = profile_path(name, engine)
+        donor = load_hardware(name) if path is not None else None
         if donor is not None and donor.family == hw.family:
             return borrow_profile(calibration_from_dict(_read(path), donor, str(path)), donor, hw)
     prior = calibration_from_dict(_prior_data(), hw, "kvsim/data/calibration_prior.yaml")

@@ -13,10 +13,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kvsim.errors import KvsimError
+from kvsim.errors import KvsimError, schema_error
 from kvsim.fileio import load_yaml, read_yaml_file
 from kvsim.scenario.schema import MAX_REQUESTS, ScenarioSpec, WorkloadSpec
-from kvsim.spec.model import pydantic_error
 
 SWEEP_KEY = "sweep"  # read by `kvsim sweep`; kept aside here
 
@@ -49,7 +48,7 @@ def scenario_from_dict(raw: dict, file: str) -> Scenario:
     try:
         spec = ScenarioSpec.model_validate(body)
     except ValidationError as err:
-        raise pydantic_error(err, file, "a scenario YAML: see docs/scenario.md") from None
+        raise schema_error(err, file, what="a scenario YAML: see docs/scenario.md") from None
     _check(spec, file)
     return Scenario(spec, file, copy.deepcopy(body), copy.deepcopy(sweep))
 
@@ -64,11 +63,17 @@ def _check(spec: ScenarioSpec, file: str) -> None:
     if w.closed_loop is not None:
         for name in ("input", "output"):
             _check_length(getattr(w.closed_loop, name), f"workload.closed_loop.{name}", file)
-        changed = [k for k in ("rate_scale", "start_s", "end_s", "max_requests", "images_per_request")
+        changed = [k for k in ("rate", "rate_scale", "start_s", "end_s", "max_requests", "images_per_request")
                    if getattr(w, k) != WorkloadSpec.model_fields[k].default]
         if changed:  # a closed loop has no arrival times to scale or cut
             raise KvsimError("does not apply to a closed loop (use closed_loop.num_requests)",
                              field=f"workload.{changed[0]}", value=getattr(w, changed[0]), file=file)
+    if w.rate is not None and w.synthetic is not None:
+        raise KvsimError("a synthetic stream's rate is workload.synthetic.rate", field="workload.rate",
+                         value=w.rate, file=file)
+    if w.rate is not None and "rate_scale" in w.model_fields_set:
+        raise KvsimError("give workload.rate (requests/s) or workload.rate_scale (x the trace's rate), not both",
+                         field="workload.rate", value=w.rate, file=file)
     if w.end_s is not None and w.end_s <= w.start_s:
         raise KvsimError(f"must be greater than workload.start_s={w.start_s}", field="workload.end_s",
                          value=w.end_s, file=file)
@@ -120,17 +125,21 @@ def load_raw(path: str | Path, sets: Sequence[str] = ()) -> dict:
     path = Path(path)
     if not path.is_file():
         raise KvsimError("no such scenario file", field="scenario", value=str(path))
-    raw = read_yaml_mapping(path)
+    return apply_sets(read_yaml_mapping(path), sets, str(path))
+
+
+def apply_sets(raw: dict, sets: Sequence[str], file: str) -> dict:
+    """``raw`` with ``key=value`` overrides applied (values parsed as YAML scalars)."""
     for item in sets:
         key, eq, text = item.partition("=")
         if not eq or not key.strip():
-            raise KvsimError("write overrides as key=value", field="--set", value=item, file=str(path))
+            raise KvsimError("write overrides as key=value", field="--set", value=item, file=file)
         try:
             value = load_yaml(text)
         except yaml.YAMLError:
             raise KvsimError("value is not a YAML scalar", field=key.strip(), value=text,
-                             file=str(path)) from None
-        raw = apply_override(raw, key.strip(), value, file=str(path))
+                             file=file) from None
+        raw = apply_override(raw, key.strip(), value, file=file)
     return raw
 
 

@@ -133,6 +133,23 @@ def _ms(stats: dict) -> str:
     return "  ".join(f"{k} {stats[k] * 1e3:,.1f} ms" for k in ("p50", "p90", "p99"))
 
 
+def _rate_line(summary: dict) -> str:
+    w = summary["workload"]
+    if w["offered_rate_per_s"] is None:
+        return "  offered rate: fewer than two arrivals apart in time"
+    line = f"  offered {w['offered_rate_per_s']:,.3g} req/s"
+    if "trace_native_rate_per_s" in w:
+        line += f" (the trace's own {w['trace_native_rate_per_s']:,.3g} req/s x rate scale {w['rate_scale']:.3g})"
+    return line
+
+
+def _goodput_line(summary: dict) -> str:
+    if summary["slo"] is None:
+        return "  goodput not computed: the scenario has no slo: section"
+    return (f"  goodput {summary['goodput']:.1%} of requests within TTFT {summary['slo']['ttft_s'] * 1e3:g} ms "
+            f"and TPOT {summary['slo']['tpot_s'] * 1e3:g} ms ({summary['goodput_requests_per_s']:,.2f} req/s)")
+
+
 def text_summary(summary: dict) -> str:
     """The summary as a few lines for a terminal (what ``kvsim run`` prints without --json)."""
     sc, rej = summary["scenario"], summary["rejected"]
@@ -143,14 +160,14 @@ def text_summary(summary: dict) -> str:
         f"  requests {summary['requests']:,}: completed {summary['completed']:,}, rejected {rej['total']:,}"
         + (f" ({reasons})" if reasons else "")
         + (f", unfinished {summary['unfinished']:,}" if summary.get("unfinished") else ""),
+        _rate_line(summary),
         f"  simulated {summary['duration_s']:,.1f} s: {summary['throughput_output_tokens_per_s']:,.0f} "
         f"output tok/s, {summary['throughput_requests_per_s']:,.2f} req/s, "
         f"{summary['engine_steps']:,} engine steps",
         f"  TTFT  {_ms(summary['ttft_s'])}",
         f"  TPOT  {_ms(summary['tpot_s'])}",
         f"  E2E   {_ms(summary['e2e_s'])}",
-        f"  goodput {summary['goodput']:.1%} of requests within TTFT {summary['slo']['ttft_s'] * 1e3:g} ms "
-        f"and TPOT {summary['slo']['tpot_s'] * 1e3:g} ms ({summary['goodput_requests_per_s']:,.2f} req/s)",
+        _goodput_line(summary),
         f"  KV {summary['num_gpu_blocks']:,} blocks of {summary['block_size']} tokens per replica, peak "
         f"{summary['kv_peak_used_fraction']:.0%} used; {summary['preemptions']:,} preemptions; prefix hit "
         f"rate {summary['prefix_hit_rate']:.1%}",

@@ -14,12 +14,14 @@ import numpy as np
 
 from kvsim.errors import KvsimError
 from kvsim.scenario.load import Scenario, resolve_path
+from kvsim.scenario.overload import overload, overload_note
+from kvsim.scenario.schema import SLOSpec
 from kvsim.serve import metrics
 from kvsim.serve.closed_loop import ClosedLoop
 from kvsim.serve.engine import Deployment, Simulation
 from kvsim.serve.replica import EngineConfig
 from kvsim.serve.sequence import BlockTables
-from kvsim.serve.workload import ReadStats, Request, limit, renumber, scale_rate, time_window
+from kvsim.serve.workload import ReadStats, Request, limit, mean_rate_per_s, renumber, scale_rate, time_window
 
 GIB = 2**30
 
@@ -139,6 +141,22 @@ def _with_images(stream: Iterator[Request], image_tokens: int) -> Iterator[Reque
                       r.prefix_block_tokens, r.user_id, r.image_tokens + image_tokens, r.session_id)
 
 
+def trace_rate_per_s(scenario: Scenario, trace: Path) -> float:
+    """The trace's own request rate over the scenario's window and request limit (a pass over the
+    trace before the run, to turn ``workload.rate`` into a rate scale)."""
+    from kvsim.serve.traces import read_trace
+
+    w = scenario.spec.workload
+    arrivals = np.fromiter((r.arrival_s for r in read_trace(
+        trace, w.format, prefix_block_tokens=w.prefix_block_tokens, skip_bad_rows=True, seed=scenario.spec.seed,
+        start_s=w.start_s, end_s=w.end_s, max_requests=w.max_requests)), dtype=float)
+    rate = mean_rate_per_s(arrivals)
+    if rate is None:
+        raise KvsimError("the trace window has fewer than two arrivals apart in time: no rate to scale",
+                         field="workload.rate", value=w.rate, file=scenario.file)
+    return rate
+
+
 def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
              stats: ReadStats) -> tuple[Iterator[Request], Path | None]:
     """The request stream (lazy) and the trace path it reads, if any."""
@@ -156,9 +174,10 @@ def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
             if not trace.exists():
                 raise KvsimError("no such trace file or folder", field="workload.trace", value=str(trace),
                                  file=file)
+            stats.rate_scale = w.rate_scale if w.rate is None else w.rate / trace_rate_per_s(scenario, trace)
             stream: Iterator[Request] = read_trace(
                 trace, w.format, prefix_block_tokens=w.prefix_block_tokens, skip_bad_rows=skip_bad_rows,
-                stats=stats, seed=scenario.spec.seed, rate_scale=w.rate_scale, start_s=w.start_s,
+                stats=stats, seed=scenario.spec.seed, rate_scale=stats.rate_scale, start_s=w.start_s,
                 end_s=w.end_s, max_requests=w.max_requests)
         else:
             stream = _synthetic(scenario, dep.max_model_len)
@@ -257,6 +276,33 @@ def _share(ok: np.ndarray, total: int) -> float:
     return float(ok.sum()) / total if total else 0.0
 
 
+def _rates(scenario: Scenario, arrival_s: np.ndarray, rate_scale: float) -> dict:
+    """The offered request rate (measured on the arrivals) and, for a trace, its own rate."""
+    offered = mean_rate_per_s(arrival_s)
+    out: dict = {"offered_rate_per_s": offered}
+    if scenario.spec.workload.trace is not None:
+        out["rate_scale"] = rate_scale
+        out["trace_native_rate_per_s"] = offered / rate_scale if offered is not None else None
+    return out
+
+
+NO_SLO_NOTE = "no slo: section, so goodput and SLO attainment are not computed (add slo: ttft_s, tpot_s)"
+
+
+def _goodput(slo: SLOSpec | None, ttft: np.ndarray, tpot: np.ndarray, arrived: int, duration: float) -> dict:
+    """Goodput: the fraction of all requests (rejected ones included) within both SLOs, and their
+    rate; None without SLOs (no default targets: a made-up SLO would be a silent wrong answer)."""
+    if slo is None:
+        return dict.fromkeys(("goodput", "goodput_requests_per_s", "slo", "slo_attainment"))
+    ok_ttft, ok_tpot = ttft <= slo.ttft_s, tpot <= slo.tpot_s
+    good = int((ok_ttft & ok_tpot).sum())
+    return {"goodput": good / arrived if arrived else 0.0,
+            "goodput_requests_per_s": good / duration if duration else 0.0,
+            "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+            "slo_attainment": {"ttft": _share(ok_ttft, arrived), "tpot": _share(ok_tpot, arrived),
+                               "both": _share(ok_ttft & ok_tpot, arrived)}}
+
+
 def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dict:
     """The run's summary (JSON-able; the same scenario and seed give the same numbers)."""
     spec, cfg, dep = scenario.spec, sim.cfg, sim.dep
@@ -269,10 +315,8 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
     multi = generated > 1
     tpot = (finish[multi] - first[multi]) / (generated[multi] - 1)
     duration = sim.end_s
-    slo = spec.slo
     tpot_all = np.zeros(len(ttft))
     tpot_all[multi] = tpot
-    good = int(((ttft <= slo.ttft_s) & (tpot_all <= slo.tpot_s)).sum())
     hits = cols["prefix_hit_tokens"][done]
     prompts = (cols["input_tokens"] + cols["image_tokens"])[done]
     rejected = {s: int((status == i).sum()) for i, s in enumerate(metrics.STATUSES)
@@ -302,13 +346,7 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         "preemptions": sim.preemptions,
         "prefix_caching": cfg.prefix_caching,
         "prefix_hit_rate": float(hits.sum() / prompts.sum()) if prompts.sum() else 0.0,
-        # goodput: the fraction of all requests (rejected ones included) within both SLOs, and their rate
-        "goodput": good / sim.arrived if sim.arrived else 0.0,
-        "goodput_requests_per_s": good / duration if duration else 0.0,
-        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
-        "slo_attainment": {"ttft": _share(ttft <= slo.ttft_s, sim.arrived),
-                           "tpot": _share(tpot_all <= slo.tpot_s, sim.arrived),
-                           "both": _share((ttft <= slo.ttft_s) & (tpot_all <= slo.tpot_s), sim.arrived)},
+        **_goodput(spec.slo, ttft, tpot_all, sim.arrived, duration),
         "engine_steps": sim.steps,
         "kv_peak_used_fraction": max(r.peak_used_blocks for r in sim.replicas) / dep.num_gpu_blocks,
     }
@@ -321,6 +359,9 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
     if cfg.prefix_caching:
         summary["side_channel"] = metrics.side_channel(dep.layout.runtime.prefix_sharing, ttft, hits,
                                                        cols["cross_user_hit"][done].astype(bool))
+    summary["workload"] = _rates(scenario, cols["arrival_s"], read_stats.rate_scale)
+    ttft_all = np.where(done, cols["first_token_s"] - cols["arrival_s"], np.inf)
+    summary["overload"] = overload(cols["arrival_s"], ttft_all, np.where(done, cols["finish_s"], np.nan))
     if read_stats.bad_rows:
         summary["bad_rows"] = {"skipped": read_stats.bad_rows, "examples": list(read_stats.bad_examples)}
     notes = []
@@ -335,6 +376,10 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         notes.append(f"all-reduce: {dep.cost.allreduce.source}")
     if cal.kind == "prior":
         notes.append(cal.note)
+    if spec.slo is None:
+        notes.append(NO_SLO_NOTE)
+    if summary["overload"] and summary["overload"]["overloaded"]:
+        notes.append(overload_note(summary["overload"], read_stats.rate_scale if spec.workload.trace else None))
     if notes:
         summary["notes"] = notes
     return summary

@@ -90,6 +90,7 @@ class WorkloadSpec(_Strict):
     synthetic: SyntheticSpec | None = None
     closed_loop: ClosedLoopSpec | None = None
     rate_scale: float = Field(default=1.0, gt=0)
+    rate: float | None = Field(default=None, gt=0)  # a trace's offered requests/s (instead of rate_scale)
     start_s: float = Field(default=0.0, ge=0)
     end_s: float | None = Field(default=None, gt=0)
     max_requests: int | None = Field(default=None, gt=0, le=MAX_REQUESTS)
@@ -132,6 +133,6 @@ class ScenarioSpec(_Strict):
     calibration: StrictStr | None = None
     engine: EngineSpec = EngineSpec()
     workload: WorkloadSpec
-    slo: SLOSpec
+    slo: SLOSpec | None = None  # without it the summary has no goodput (and says so)
     seed: int = Field(default=0, ge=0)
     output: OutputSpec = OutputSpec()

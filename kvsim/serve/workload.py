@@ -82,6 +82,7 @@ class ReadStats:
     requests: int = 0
     bad_rows: int = 0
     bad_examples: list[str] = field(default_factory=list)
+    rate_scale: float = 1.0  # the multiplier applied to a trace's arrival rate (kvsim.scenario.run.workload)
 
     def bad(self, err: KvsimError) -> None:
         """Record one skipped row."""
@@ -197,6 +198,16 @@ def scale_rate(stream: Iterable[Request], factor: float) -> Iterator[Request]:
     inv = 1.0 / factor
     for r in stream:
         yield _with(r, arrival_s=r.arrival_s * inv)
+
+
+def mean_rate_per_s(arrival_s: np.ndarray) -> float | None:
+    """Requests per second of a stream of arrival times: (n - 1) gaps over the span from the first
+    arrival to the last (the mean inter-arrival gap, inverted). None for fewer than two requests or
+    a zero span (no rate to speak of)."""
+    if len(arrival_s) < 2:
+        return None
+    span = float(np.max(arrival_s) - np.min(arrival_s))
+    return (len(arrival_s) - 1) / span if span > 0 else None
 
 
 def time_window(stream: Iterable[Request], start_s: float = 0.0, end_s: float = math.inf, *,

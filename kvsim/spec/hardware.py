@@ -21,9 +21,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kvsim.errors import KvsimError, unknown_name
+from kvsim.errors import KvsimError, schema_error, unknown_name
 from kvsim.fileio import load_yaml, read_yaml_file
-from kvsim.spec.model import pydantic_error
 
 # Architecture families: a GPU without its own kernel calibration borrows its family's.
 Family = Literal["ampere", "hopper", "ada", "blackwell", "cdna3"]
@@ -129,7 +128,7 @@ def _parse(raw: dict, file: str) -> HardwareSpec:
     try:
         hw = _Hardware.model_validate(raw)
     except ValidationError as err:
-        raise pydantic_error(err, file, "a GPU hardware YAML: see kvsim/data/hardware/*.yaml") from None
+        raise schema_error(err, file, what="a GPU hardware YAML: see kvsim/data/hardware/*.yaml") from None
     return HardwareSpec(
         name=hw.name,
         display_name=hw.display_name,

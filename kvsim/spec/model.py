@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kvsim.errors import KvsimError, unknown_name
+from kvsim.errors import KvsimError, schema_error, unknown_name
 from kvsim.fileio import read_yaml_file
 
 AttentionKind = Literal["full", "sliding", "chunked", "mla"]
@@ -196,20 +196,6 @@ class _ModelFile(_Strict):
     vision: _Vision | None = None
 
 
-def pydantic_error(err: ValidationError, file: str | None, what: str | None = None) -> KvsimError:
-    """The first pydantic error as one KvsimError line naming the dotted field and its value
-    (``what``: the kind of file expected, named when a required key is missing)."""
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    if first["type"] == "missing":  # its "input" is the whole enclosing mapping: name the key only
-        return KvsimError(f"required key missing{f' (expected {what})' if what else ''}", field=field,
-                          file=file)
-    return KvsimError(msg, field=field, value=first.get("input"), file=file)
-
-
 def _parse_layer(token: str, index: int, file: str | None) -> LayerSpec:
     """Parse one pattern token such as ``sliding:4096 moe`` or ``full kv=19``."""
     words = token.split()
@@ -256,7 +242,7 @@ def model_from_dict(data: dict, file: str | None = None) -> ModelSpec:
     try:
         m = _ModelFile.model_validate(data)
     except ValidationError as err:
-        raise pydantic_error(err, file, "a model YAML: see models/*.yaml") from None
+        raise schema_error(err, file, what="a model YAML: see models/*.yaml") from None
     a = m.attention
     if a.num_heads % a.num_kv_heads:
         raise KvsimError(f"num_heads={a.num_heads} is not a multiple of num_kv_heads",

@@ -1,0 +1,104 @@
+"""The public Python API, exported from ``kvsim`` (documented with an executed example in
+docs/api.md). Models and GPUs are given by catalogue name, by file path, or as loaded specs;
+KV methods as the CLI's method strings (``"snapkv:budget=2048+kivi:bits=2"``). Bad input raises
+:class:`kvsim.errors.KvsimError`, whose text is the one line the CLI prints."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kvsim.memory import EngineMemoryConfig, MemoryPlan
+from kvsim.spec.hardware import HardwareSpec, load_hardware
+from kvsim.spec.model import ModelSpec, load_model
+
+if TYPE_CHECKING:  # the simulator is imported by run_scenario only (predict stays quick to start)
+    from kvsim.scenario import RunResult, Scenario
+
+
+def _specs(model: str | ModelSpec, hardware: str | HardwareSpec) -> tuple[ModelSpec, HardwareSpec]:
+    return (load_model(model) if isinstance(model, str) else model,
+            load_hardware(hardware) if isinstance(hardware, str) else hardware)
+
+
+def plan_memory(model: str | ModelSpec, hardware: str | HardwareSpec, method: str = "bf16", tp: int = 1,
+                engine: EngineMemoryConfig | None = None) -> MemoryPlan:
+    """One replica's memory sized the way vLLM does (``kvsim memory``): weights, activation peak,
+    engine overheads and what is left for KV blocks. ``engine`` defaults to vLLM's arguments.
+
+    The plan answers ``fits``, ``num_gpu_blocks``, ``kv_capacity_tokens``,
+    ``max_concurrency(context_tokens)`` and ``max_context(batch)``."""
+    from kvsim.kv import layout_for
+    from kvsim.memory import plan_memory as plan
+
+    m, hw = _specs(model, hardware)
+    return plan(m, hw, layout_for(m, method), tp, engine)
+
+
+def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | Sequence[int],
+            context: int | Sequence[int] | None = None, prompt: int | None = None, method: str = "bf16",
+            tp: int = 1, calibration: str | None = None) -> list[dict]:
+    """Step times from the calibrated roofline (``kvsim predict``): one dict per (batch, context)
+    with ``decode_step_s``, ``tokens_per_s``, ``breakdown`` (seconds per term) and ``fits``;
+    with ``prompt``, also ``prefill_s`` for prefilling ``batch`` prompts of that length. Without
+    ``context``, the prefill alone (``prompt`` is then required). ``calibration``: None (the GPU's
+    profile), ``"none"`` (pure roofline) or a profile path; each point names the profile used in
+    ``calibration``."""
+    from kvsim.cost import Batch, CostModel
+    from kvsim.cost.collectives import vllm_allreduce
+    from kvsim.errors import KvsimError
+    from kvsim.kv import layout_for
+    from kvsim.memory import plan_memory as plan
+
+    batches = [batch] if isinstance(batch, int) else list(batch)
+    contexts = [context] if context is None or isinstance(context, int) else list(context)
+    if context is None and prompt is None:
+        raise KvsimError("give a context (price decode steps) and/or a prompt (price the prefill)",
+                         field="context", value=None)
+    m, hw = _specs(model, hardware)
+    layout = layout_for(m, method)
+    cost = CostModel(m, hw, layout, tp, calibration, vllm_allreduce(hw, tp))
+    mem = plan(m, hw, layout, tp)
+    label = {"kind": cost.cal.kind, "gpu": cost.cal.gpu, "engine": cost.cal.engine, "note": cost.cal.note,
+             "allreduce": cost.allreduce.source}
+    points = []
+    for b in batches:
+        for c in contexts:
+            held = c if c is not None else prompt  # tokens each sequence holds in the KV cache
+            fits = mem.fits and int(mem.max_concurrency(held)[0]) >= b
+            point: dict = {"batch": b, "context": c, "fits": fits}
+            if c is not None:
+                step = cost.step(Batch(decode_context=np.full(b, c, dtype=np.int64)))
+                point.update({"decode_step_s": step.total_s, "tokens_per_s": b / step.total_s,
+                              "breakdown": step.breakdown, "bound": {o.name: o.bound for o in step.ops}})
+            if not fits:
+                point["reason"] = mem.reason if not mem.fits else \
+                    f"{b} sequences of {held} tokens exceed the {mem.num_gpu_blocks} KV blocks"
+            if prompt:
+                pre = cost.step(Batch(prefill_tokens=np.full(b, prompt), prefill_context=np.zeros(b)))
+                point["prefill_s"] = pre.total_s
+                point["prefill_breakdown"] = pre.breakdown
+            point["calibration"] = label
+            points.append(point)
+    return points
+
+
+def run_scenario(scenario: str | Path | dict | Scenario, overrides: Sequence[str] = (), *,
+                 progress: bool = False) -> RunResult:
+    """Simulate a serving scenario (``kvsim run``): a scenario YAML path, a mapping of the same
+    keys (docs/scenario.md), or a loaded :class:`~kvsim.scenario.Scenario`; ``overrides`` are
+    ``--set``-style ``"key=value"`` strings. The result's ``summary`` is the JSON ``kvsim run``
+    prints; ``kvsim.scenario.write_outputs(result, folder)`` writes its files."""
+    from kvsim.scenario import Scenario, load_scenario, scenario_from_dict
+    from kvsim.scenario import run_scenario as run
+
+    if isinstance(scenario, dict):
+        from kvsim.scenario.load import apply_sets
+
+        scenario = scenario_from_dict(apply_sets(scenario, overrides, "<dict>"), "<dict>")
+    elif not isinstance(scenario, Scenario):
+        scenario = load_scenario(scenario, overrides)
+    return run(scenario, progress=progress)
