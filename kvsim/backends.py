@@ -26,6 +26,17 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def check_backend(backend: str, address: str | None, jobs: int | None) -> None:
+    """The backend arguments, checked before any work starts (``execute`` runs lazily)."""
+    if jobs is not None and jobs <= 0:
+        raise KvsimError("must be a positive integer", field="--jobs", value=jobs)
+    if backend not in ("local", "ray"):
+        raise KvsimError("unknown backend (expected local or ray)", field="--backend", value=backend)
+    if address and backend != "ray":
+        raise KvsimError("--address names a Ray cluster: it needs --backend ray", field="--address",
+                         value=address)
+
+
 def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "local",
             jobs: int | None = None, address: str | None = None) -> Iterator[tuple[int, Any]]:
     """Run ``fn(*task)`` for every task; yield ``(task index, result)`` as each finishes.
@@ -35,15 +46,9 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "
     must be a module-level function.
     """
     jobs = jobs or available_cores()
-    if jobs <= 0:
-        raise KvsimError("must be a positive integer", field="--jobs", value=jobs)
+    check_backend(backend, address, jobs)
     if backend == "ray":
         yield from _execute_ray(fn, tasks, jobs, address)
-    elif address:
-        raise KvsimError("--address names a Ray cluster: it needs --backend ray", field="--address",
-                         value=address)
-    elif backend != "local":
-        raise KvsimError("unknown backend (expected local or ray)", field="--backend", value=backend)
     elif jobs == 1 or len(tasks) <= 1:
         for i, task in enumerate(tasks):
             yield i, fn(*task)

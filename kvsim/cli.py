@@ -266,8 +266,10 @@ def cmd_plot(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- sweeps, search, report
 
 def _plan(args: argparse.Namespace):
+    from kvsim.backends import check_backend
     from kvsim.sweep import expand, load_raw
 
+    check_backend(args.backend, args.address, args.jobs)
     return expand(load_raw(args.scenario, args.set or []), args.scenario)
 
 
@@ -539,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="+", metavar="SEL", help="only these points: indices and/or PATH=VALUE")
     p.add_argument("--out", help="folder for search.json (read by kvsim report)")
     p.add_argument("--force", action="store_true", help="replace an earlier search.json in --out")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("report", help="self-contained HTML report of a sweep folder")

@@ -92,7 +92,6 @@ def _file_cases(d: Path) -> list[list[str]]:
     # scenario files themselves
     for i, text in enumerate([b"model: a\nmodel: b\n", b"[1, 2]\n", b"a: [\n", b"\xff\xfe\x00", b"",
                               yaml.safe_dump({**SCENARIO, "extra": 1}).encode(),
-                              yaml.safe_dump({k: v for k, v in SCENARIO.items() if k != "slo"}).encode(),
                               (yaml.safe_dump(SCENARIO) + "hardware: b200\n").encode()]):
         cases.append(["run", _write(d, f"sc{i}.yaml", text)])
     cases.append(["run", str(d / "missing.yaml")])
@@ -347,8 +346,8 @@ def _slow_sweep(tmp_path: Path) -> tuple[str, Path]:
 def _start(tmp_path: Path, marker: Path) -> tuple[subprocess.Popen, Path]:
     sc, out = _slow_sweep(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(marker)])}
-    proc = subprocess.Popen([sys.executable, "-m", "kvsim.cli", "sweep", sc, "--jobs", "2", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    argv = [sys.executable, "-m", "kvsim.cli", "sweep", sc, "--jobs", "2", "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 60
     while len(_processes_with(marker)) < 3 and time.monotonic() < deadline:  # parent, forkserver, workers
         time.sleep(0.2)
