@@ -30,11 +30,11 @@ def _need(cfg: dict, key: str, file: str) -> object:
 # rule that was assumed.
 _KNOWN_TYPES = {
     **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo2",
-                     "olmo3", "cohere", "granite", "granitemoe", "glm4_moe", "ministral", "ministral3",
+                     "cohere", "granite", "granitemoe", "glm4_moe", "ministral", "ministral3",
                      "minimax_m2", "hunyuan_v1_dense", "hunyuan_v1_moe", "step3p7", "gpt_oss", "gemma",
                      "llava"), "one attention kind per layer: sliding_window / use_sliding_window / layer_types"),
     "gemma2": "modeling_gemma2: even layers sliding",
-    **dict.fromkeys(("gemma3_text", "gemma3", "cohere2", "exaone4"), "sliding_window_pattern or layer_types"),
+    **dict.fromkeys(("gemma3_text", "gemma3", "cohere2", "exaone4", "olmo3"), "sliding_window_pattern or layer_types"),
     **dict.fromkeys(("gemma3n_text", "gemma3n"), "layer_types + num_kv_shared_layers"),
     "llama4_text": "modeling_llama4: no_rope_layers (RoPE layers chunked, NoPE layers global)",
     **dict.fromkeys(("deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v32", "glm_moe_dsa"), "MLA on every layer"),
@@ -45,6 +45,9 @@ _KNOWN_TYPES = {
 }
 _MLA_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v32", "glm_moe_dsa")
 _LINEAR_ATTENTION_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+_QWEN_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+# Families that interleave sliding and global layers: without a per-layer field their kinds are unknown.
+_SLIDING_HYBRID_TYPES = ("gemma3_text", "gemma3", "cohere2", "exaone4", "olmo3")
 
 # Config fields describing layers kvsim cannot represent yet: importing them silently would misstate
 # the KV cache, so they are errors.
@@ -57,6 +60,7 @@ _UNREAD_FIELDS = {
     "swa_num_key_value_heads": "per-kind KV heads (sliding layers differ)",
     "swa_head_dim": "per-kind head sizes (sliding layers differ)",
     "attention_k_eq_v": "keys reused as values",
+    "block_configs": "per-layer block configs (DeciLM / Nemotron-NAS: some layers drop attention)",
 }
 
 # HF layer_types entries (configuration_utils ALLOWED_LAYER_TYPES, granitemoehybrid "mamba"/"attention").
@@ -88,14 +92,9 @@ def _from_layer_types(cfg: dict, n: int, file: str) -> list[str]:
 
 
 def _sliding_pattern(cfg: dict, n: int, file: str) -> list[str]:
-    """Gemma-3 / Cohere2: layer i is global when (i + 1) % pattern == 0 (modeling_gemma3
-    ``is_sliding``, modeling_cohere2); EXAONE-4 spells the period as a string such as "LLLG"."""
+    """Gemma-3 / Cohere2 / EXAONE-4: layer i is global when (i + 1) % pattern == 0 (modeling_gemma3
+    ``is_sliding``, modeling_cohere2)."""
     pattern, window = cfg["sliding_window_pattern"], _window(cfg, "sliding_window", file)
-    if isinstance(pattern, str):
-        if not pattern or set(pattern) - {"L", "G"}:
-            raise KvsimError("expected a period of L (local) and G (global) layers", field="sliding_window_pattern",
-                             value=pattern, file=file)
-        return [f"sliding:{window}" if pattern[i % len(pattern)] == "L" else "full" for i in range(n)]
     if not isinstance(pattern, int) or pattern <= 0:
         raise KvsimError("expected a positive layer period", field="sliding_window_pattern", value=pattern, file=file)
     return [f"sliding:{window}" if (i + 1) % pattern else "full" for i in range(n)]
@@ -125,9 +124,9 @@ def _layer_kinds(cfg: dict, mtype: str, n: int, file: str) -> tuple[list[str], s
         return ["full" if (i + 1) % interval == 0 else "state" for i in range(n)], "full_attention_interval"
     if "sliding_window_pattern" in cfg:
         return _sliding_pattern(cfg, n, file), "sliding_window_pattern"
-    if mtype in ("gemma3_text", "gemma3", "cohere2", "exaone4"):
+    if mtype in _SLIDING_HYBRID_TYPES:
         raise KvsimError(f"{mtype} mixes sliding and global layers, but config.json has neither layer_types nor "
-                         "sliding_window_pattern", field="sliding_window_pattern", value=None, file=file)
+                         "sliding_window_pattern", field="layer_types", value=None, file=file)
     if mtype == "gemma2":  # modeling_gemma2: layer_idx % 2 == 0 is sliding
         window = _window(cfg, "sliding_window", file)
         return [f"sliding:{window}" if i % 2 == 0 else "full" for i in range(n)], "gemma2 alternation"
@@ -142,8 +141,10 @@ def _layer_kinds(cfg: dict, mtype: str, n: int, file: str) -> tuple[list[str], s
                              file=file)
         return [f"chunked:{chunk}" if r else "full" for r in rope], "attention_chunk_size + no_rope_layers"
     window = cfg.get("sliding_window")
-    if "use_sliding_window" in cfg:  # configuration_qwen2/qwen3: sliding from layer max_window_layers on
-        if not cfg["use_sliding_window"] or not window:
+    if "use_sliding_window" in cfg or mtype in _QWEN_TYPES:
+        # configuration_qwen2/qwen3: sliding from layer max_window_layers on, only with use_sliding_window
+        # (default False)
+        if not cfg.get("use_sliding_window", False) or not window:
             return ["full"] * n, "use_sliding_window false"
         first = int(_need(cfg, "max_window_layers", file))  # type: ignore[arg-type]
         return [f"sliding:{window}" if i >= first else "full" for i in range(n)], "use_sliding_window + max_window_layers"
@@ -154,14 +155,14 @@ def _layer_kinds(cfg: dict, mtype: str, n: int, file: str) -> tuple[list[str], s
 
 def _check_representable(cfg: dict, file: str) -> None:
     for key, what in _UNREAD_FIELDS.items():
-        if cfg.get(key):
+        if value := cfg.get(key):
+            shown = value if isinstance(value, (bool, int, float, str)) else f"<{len(value)} entries>"
             raise KvsimError(f"{what} is not modelled; kvsim cannot size this model's KV cache",
-                             field=key, value=cfg[key], file=file)
+                             field=key, value=shown, file=file)
 
 
 def _layer_tokens(cfg: dict, mtype: str, n: int, moe_layers: list[bool], file: str) -> list[str]:
     """Per-layer pattern tokens (attention kind, MoE flag, shared-KV source)."""
-    _check_representable(cfg, file)
     kinds, rule = _layer_kinds(cfg, mtype, n, file)
     if mtype not in _KNOWN_TYPES:
         counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
@@ -280,6 +281,7 @@ def model_from_hf_config(full: dict, *, name: str, config_file: str, hf_repo: st
     """Model YAML mapping from a HF config dict (text_config is used for VLMs)."""
     cfg = full.get("text_config", full)
     mtype = cfg.get("model_type", full.get("model_type", ""))
+    _check_representable(cfg, config_file)
     n = int(_need(cfg, "num_hidden_layers", config_file))
     heads = int(_need(cfg, "num_attention_heads", config_file))
     hidden = int(_need(cfg, "hidden_size", config_file))
@@ -311,7 +313,8 @@ def model_from_hf_config(full: dict, *, name: str, config_file: str, hf_repo: st
         "tie_word_embeddings": bool(tied),
         "max_position_embeddings": int(cfg.get("max_position_embeddings", 4096)),
         "attention": attention,
-        "mlp": {"intermediate_size": int(cfg.get("intermediate_size_mlp") or cfg["intermediate_size"]),
+        "mlp": {"intermediate_size": int(cfg.get("intermediate_size_mlp")
+                                         or _need(cfg, "intermediate_size", config_file)),  # type: ignore[arg-type]
                 "gated": True},
         "layers": [{"repeat": 1, "pattern": _layer_tokens(cfg, mtype, n, moe_layers, config_file)}],
     }
