@@ -43,7 +43,7 @@ def kv(kv_heads: int, head_dim: int) -> int:
 GEMMA3_27B = {"model_type": "gemma3", "torch_dtype": "bfloat16", "text_config": {
     "model_type": "gemma3_text", "head_dim": 128, "hidden_size": 5376, "intermediate_size": 21504,
     "num_attention_heads": 32, "num_hidden_layers": 62, "num_key_value_heads": 16, "sliding_window": 1024,
-    "sliding_window_pattern": 6, "vocab_size": 262144}}
+    "sliding_window_pattern": 6, "vocab_size": 262144, "max_position_embeddings": 163840}}
 
 
 def test_gemma3_27b_has_one_global_layer_in_six() -> None:
@@ -59,7 +59,8 @@ def test_gemma3_27b_has_one_global_layer_in_six() -> None:
 # MLC "gemma3_1b_it" (google/gemma-3-1b-it): 26 layers, 1 KV head x 256, window 512, pattern 6.
 GEMMA3_1B = {"model_type": "gemma3_text", "head_dim": 256, "hidden_size": 1152, "intermediate_size": 6912,
              "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1, "sliding_window": 512,
-             "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "vocab_size": 262144}
+             "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "vocab_size": 262144,
+             "max_position_embeddings": 32768}
 
 # google/gemma-3 family without a pattern field: the layer kinds are unknown, not guessed.
 GEMMA3_NO_PATTERN = {k: v for k, v in GEMMA3_1B.items() if k != "sliding_window_pattern"}
@@ -69,14 +70,15 @@ GEMMA3_NO_PATTERN = {k: v for k, v in GEMMA3_1B.items() if k != "sliding_window_
 # global one): 32 layers, 8 KV heads x 128.
 COMMAND_R7B = {"model_type": "cohere2", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
                "num_hidden_layers": 32, "num_key_value_heads": 8, "head_dim": 128, "sliding_window": 4096,
-               "sliding_window_pattern": 4, "vocab_size": 256000, "torch_dtype": "bfloat16"}
+               "sliding_window_pattern": 4, "vocab_size": 256000, "torch_dtype": "bfloat16",
+               "max_position_embeddings": 132096}
 
 # ---------------------------------------------------------------- layer_types
 
 # AIC stepfun-ai--Step-3.7-Flash_config.json: 45 layers, full every 4th from layer 0, window 512.
 STEP37 = {"model_type": "step3p7", "num_hidden_layers": 45, "hidden_size": 4096, "num_attention_heads": 64,
           "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128896, "intermediate_size": 11264,
-          "sliding_window": 512, "torch_dtype": "bfloat16",
+          "sliding_window": 512, "torch_dtype": "bfloat16", "max_position_embeddings": 65536,
           "layer_types": (["full_attention"] + ["sliding_attention"] * 3) * 11 + ["full_attention"]}
 
 # ---------------------------------------------------------------- linear attention (Gated DeltaNet)
@@ -86,7 +88,8 @@ QWEN3_NEXT = {"model_type": "qwen3_next", "full_attention_interval": 4, "head_di
               "intermediate_size": 5120, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
               "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_value_head_dim": 128,
               "moe_intermediate_size": 512, "num_attention_heads": 16, "num_experts": 512, "num_experts_per_tok": 10,
-              "num_hidden_layers": 48, "num_key_value_heads": 2, "torch_dtype": "bfloat16", "vocab_size": 151936}
+              "num_hidden_layers": 48, "num_key_value_heads": 2, "torch_dtype": "bfloat16", "vocab_size": 151936,
+              "max_position_embeddings": 262144}
 # Gated DeltaNet state of one layer: conv (4 - 1) x (2 x 16 x 128 + 32 x 128) = 24,576 elements and the
 # recurrent 32 x 128 x 128 = 524,288 elements, both bf16.
 QWEN3_NEXT_STATE = (3 * (2 * 16 * 128 + 32 * 128) + 32 * 128 * 128) * 2  # 1,097,728 bytes
@@ -96,7 +99,8 @@ QWEN3_NEXT_STATE = (3 * (2 * 16 * 128 + 32 * 128) + 32 * 128 * 128) * 2  # 1,097
 QWEN35_27B = {"model_type": "qwen3_5", "text_config": {
     "model_type": "qwen3_5_text", "dtype": "bfloat16", "head_dim": 256, "hidden_size": 5120,
     "intermediate_size": 17408, "num_attention_heads": 24, "num_hidden_layers": 64, "num_key_value_heads": 4,
-    "vocab_size": 248320, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
+    "vocab_size": 248320, "max_position_embeddings": 262144, "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128, "linear_num_key_heads": 16,
     "linear_num_value_heads": 48, "linear_value_head_dim": 128, "mamba_ssm_dtype": "float32",
     "full_attention_interval": 4, "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 16}}
 QWEN35_STATE = 3 * (2 * 16 * 128 + 48 * 128) * 2 + 48 * 128 * 128 * 4  # conv bf16 + recurrent fp32
@@ -110,7 +114,7 @@ NEMOTRON_H_56B = {
                                "M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
     "intermediate_size": 32768, "mamba_head_dim": 64, "mamba_num_heads": 256, "n_groups": 8,
     "num_attention_heads": 64, "num_hidden_layers": 118, "num_key_value_heads": 8, "ssm_state_size": 256,
-    "torch_dtype": "bfloat16", "vocab_size": 131072}
+    "torch_dtype": "bfloat16", "vocab_size": 131072, "max_position_embeddings": 8192}
 # Mamba-2 state: conv (4 - 1) x (256 x 64 + 2 x 8 x 256) and 256 heads x 64 x 256, both bf16.
 NEMOTRON_H_STATE = (3 * (256 * 64 + 2 * 8 * 256) + 256 * 64 * 256) * 2  # 8,511,488 bytes
 
@@ -121,7 +125,7 @@ NEMOTRON3_NANO = {
     "mamba_head_dim": 64, "mamba_num_heads": 64, "mamba_ssm_cache_dtype": "float32", "moe_intermediate_size": 1856,
     "n_groups": 8, "n_routed_experts": 128, "num_attention_heads": 32, "num_experts_per_tok": 6,
     "num_hidden_layers": 52, "num_key_value_heads": 2, "ssm_state_size": 128, "torch_dtype": "bfloat16",
-    "vocab_size": 131072}
+    "vocab_size": 131072, "max_position_embeddings": 262144}
 NANO_STATE = 3 * (64 * 64 + 2 * 8 * 128) * 2 + 64 * 64 * 128 * 4  # conv bf16 + recurrent fp32
 
 # https://huggingface.co/ai21labs/Jamba-v0.1/blob/main/config.json: attention where i % 8 == 4, experts
@@ -130,7 +134,7 @@ JAMBA = {"model_type": "jamba", "hidden_size": 4096, "intermediate_size": 14336,
          "num_attention_heads": 32, "num_key_value_heads": 8, "attn_layer_offset": 4, "attn_layer_period": 8,
          "expert_layer_offset": 1, "expert_layer_period": 2, "mamba_d_conv": 4, "mamba_d_state": 16,
          "mamba_expand": 2, "num_experts": 16, "num_experts_per_tok": 2, "vocab_size": 65536,
-         "torch_dtype": "bfloat16"}
+         "torch_dtype": "bfloat16", "max_position_embeddings": 262144}
 JAMBA_STATE = (3 * 8192 + 8192 * 16) * 2  # conv (4 - 1) x d_inner + d_inner x d_state, bf16
 
 # ---------------------------------------------------------------- chunked attention + NoPE (Llama-4)
@@ -141,7 +145,7 @@ MAVERICK = {"model_type": "llama4", "text_config": {
     "model_type": "llama4_text", "attention_chunk_size": 8192, "head_dim": 128, "hidden_size": 5120,
     "interleave_moe_layer_step": 2, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
     "num_attention_heads": 40, "num_experts_per_tok": 1, "num_hidden_layers": 48, "num_key_value_heads": 8,
-    "num_local_experts": 128, "torch_dtype": "bfloat16", "vocab_size": 202048}}
+    "num_local_experts": 128, "torch_dtype": "bfloat16", "vocab_size": 202048, "max_position_embeddings": 1048576}}
 
 # ---------------------------------------------------------------- MLA + sparse-attention indexer
 
@@ -152,14 +156,16 @@ DEEPSEEK_V32 = {"model_type": "deepseek_v32", "first_k_dense_replace": 3, "hidde
                 "kv_lora_rank": 512, "moe_intermediate_size": 2048, "n_routed_experts": 256, "n_shared_experts": 1,
                 "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
                 "num_key_value_heads": 128, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-                "torch_dtype": "bfloat16", "v_head_dim": 128, "vocab_size": 129280}
+                "torch_dtype": "bfloat16", "v_head_dim": 128, "vocab_size": 129280,
+                "max_position_embeddings": 163840}
 
 # AIC zai-org--GLM-5_config.json: the same MLA + indexer design, 78 layers.
 GLM5 = {"model_type": "glm_moe_dsa", "hidden_size": 6144, "index_head_dim": 128, "index_n_heads": 32,
         "index_topk": 2048, "intermediate_size": 12288, "kv_lora_rank": 512, "moe_intermediate_size": 2048,
         "n_routed_experts": 256, "n_shared_experts": 1, "num_attention_heads": 64, "num_experts_per_tok": 8,
         "num_hidden_layers": 78, "num_key_value_heads": 64, "q_lora_rank": 2048, "qk_nope_head_dim": 192,
-        "qk_rope_head_dim": 64, "v_head_dim": 256, "dtype": "bfloat16", "vocab_size": 154880}
+        "qk_rope_head_dim": 64, "v_head_dim": 256, "dtype": "bfloat16", "vocab_size": 154880,
+        "max_position_embeddings": 202752}
 MLA_DSA_LAYER = (512 + 64) * 2 + 128 + 128 // 128 * 4  # 1,284 bytes
 
 # ---------------------------------------------------------------- one attention kind on every layer
@@ -169,43 +175,49 @@ MLA_DSA_LAYER = (512 + 64) * 2 + 128 + 128 // 128 * 4  # 1,284 bytes
 GLM45 = {"model_type": "glm4_moe", "head_dim": 128, "hidden_size": 5120, "intermediate_size": 12288,
          "moe_intermediate_size": 1536, "n_routed_experts": 160, "num_attention_heads": 96,
          "num_experts_per_tok": 8, "num_hidden_layers": 92, "num_key_value_heads": 8, "torch_dtype": "bfloat16",
-         "vocab_size": 151552}
+         "vocab_size": 151552, "max_position_embeddings": 131072}
 
 # AIC MiniMaxAI--MiniMax-M2.5_config.json: full attention on all 62 layers.
 MINIMAX_M25 = {"model_type": "minimax_m2", "num_hidden_layers": 62, "hidden_size": 3072, "num_attention_heads": 48,
                "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 1536, "vocab_size": 200064,
-               "num_experts_per_tok": 8, "num_local_experts": 256, "torch_dtype": "bfloat16"}
+               "num_experts_per_tok": 8, "num_local_experts": 256, "torch_dtype": "bfloat16",
+               "max_position_embeddings": 196608}
 
 # MLC "phi-4" (microsoft/Phi-4-mini-instruct): a 262,144-token window, longer than any context here.
 PHI4_MINI = {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24,
              "num_hidden_layers": 32, "num_key_value_heads": 8, "sliding_window": 262144,
-             "tie_word_embeddings": True, "torch_dtype": "bfloat16", "vocab_size": 200064}
+             "tie_word_embeddings": True, "torch_dtype": "bfloat16", "vocab_size": 200064,
+             "max_position_embeddings": 131072}
 
 # MLC "olmo2_32b" (allenai/OLMo-2-0325-32B), float32 checkpoint served in 16 bits.
 OLMO2_32B = {"model_type": "olmo2", "hidden_size": 5120, "intermediate_size": 27648, "num_attention_heads": 40,
-             "num_hidden_layers": 64, "num_key_value_heads": 8, "torch_dtype": "float32", "vocab_size": 100352}
+             "num_hidden_layers": 64, "num_key_value_heads": 8, "torch_dtype": "float32", "vocab_size": 100352,
+             "max_position_embeddings": 4096}
 
 # MLC "ministral3_3b_2512" (mistralai/Ministral-3-3B-Instruct-2512) text_config: no sliding window.
 MINISTRAL3_3B = {"model_type": "mistral3", "text_config": {
     "model_type": "ministral3", "head_dim": 128, "hidden_size": 3072, "intermediate_size": 9216,
     "num_attention_heads": 32, "num_hidden_layers": 26, "num_key_value_heads": 8, "sliding_window": None,
-    "tie_word_embeddings": True, "vocab_size": 131072}}
+    "tie_word_embeddings": True, "vocab_size": 131072, "max_position_embeddings": 262144}}
 
 # MLC "aya-23" (CohereForAI/aya-23-8B): Cohere's first architecture, all layers global.
 AYA23 = {"model_type": "cohere", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
-         "num_hidden_layers": 32, "num_key_value_heads": 8, "torch_dtype": "float16", "vocab_size": 256000}
+         "num_hidden_layers": 32, "num_key_value_heads": 8, "torch_dtype": "float16", "vocab_size": 256000,
+         "max_position_embeddings": 8192}
 
 # MLC "qwen2" (Qwen/Qwen1.5-1.8B-Chat): a sliding_window is set but use_sliding_window is false.
 QWEN15 = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 5504, "max_window_layers": 21,
           "num_attention_heads": 16, "num_hidden_layers": 24, "num_key_value_heads": 16, "sliding_window": 32768,
-          "use_sliding_window": False, "torch_dtype": "bfloat16", "vocab_size": 151936}
+          "use_sliding_window": False, "torch_dtype": "bfloat16", "vocab_size": 151936,
+          "max_position_embeddings": 4096}
 
 CASES = {  # name: (config, bytes/token at 4k, at 32k), by hand
     # 10 global + 52 sliding(1024) layers of 16 x 128
     "gemma-3-27b": (GEMMA3_27B, 10 * kv(16, 128) + 52 * kv(16, 128) * 1024 / K4,
                     10 * kv(16, 128) + 52 * kv(16, 128) * 1024 / K32),
     # layers 5, 11, 17, 23 global, 22 sliding(512), 1 x 256
-    "gemma-3-1b": (GEMMA3_1B, 4 * kv(1, 256) + 22 * kv(1, 256) * 512 / K4, 4 * kv(1, 256) + 22 * kv(1, 256) * 512 / K32),
+    "gemma-3-1b": (GEMMA3_1B, 4 * kv(1, 256) + 22 * kv(1, 256) * 512 / K4,
+                   4 * kv(1, 256) + 22 * kv(1, 256) * 512 / K32),
     # 8 global + 24 sliding(4096) of 8 x 128: at 4k the window covers the whole context
     "command-r7b": (COMMAND_R7B, 32 * kv(8, 128), 8 * kv(8, 128) + 24 * kv(8, 128) * 4096 / K32),
     # 12 full + 33 sliding(512) of 8 x 128
@@ -294,7 +306,8 @@ def test_an_unknown_model_type_warns_naming_what_was_assumed() -> None:
     # AIC XiaomiMiMo--MiMo-7B-Base_config.json: model_type "mimo" (Qwen2 layout, no sliding layers).
     mimo = {"model_type": "mimo", "num_hidden_layers": 36, "hidden_size": 4096, "num_attention_heads": 32,
             "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 11008, "vocab_size": 151680,
-            "sliding_window": 32768, "max_window_layers": 32, "use_sliding_window": False, "torch_dtype": "bfloat16"}
+            "sliding_window": 32768, "max_window_layers": 32, "use_sliding_window": False, "torch_dtype": "bfloat16",
+            "max_position_embeddings": 32768}
     with pytest.warns(UserWarning, match=r"model_type 'mimo' is not one kvsim knows; assumed .*36 x full"):
         assert per_token(mimo, K4) == 36 * kv(8, 128)
 
@@ -304,11 +317,14 @@ def test_an_unknown_model_type_warns_naming_what_was_assumed() -> None:
     ({k: v for k, v in QWEN3_NEXT.items() if k != "full_attention_interval"}, "layer_types"),
     # MAXTEXT olmo3_7b_dict: OLMo-3 interleaves sliding layers; this dict has no layer_types.
     ({"model_type": "olmo3", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
-      "num_key_value_heads": 32, "intermediate_size": 11008, "vocab_size": 100278, "sliding_window": 4096},
+      "num_key_value_heads": 32, "intermediate_size": 11008, "vocab_size": 100278, "sliding_window": 4096,
+      "max_position_embeddings": 8192},
      "layer_types"),
     ({**STEP37, "layer_types": STEP37["layer_types"][:-1]}, "layer_types"),
     ({**STEP37, "layer_types": ["full_attention"] * 44 + ["local_attention"]}, "layer_types[44]"),
     ({k: v for k, v in JAMBA.items() if k != "mamba_d_state"}, "mamba_d_state"),
+    ({k: v for k, v in JAMBA.items() if k != "attn_layer_period"}, "attn_layer_period"),
+    ({k: v for k, v in NEMOTRON3_NANO.items() if k != "hybrid_override_pattern"}, "hybrid_override_pattern"),
 ])
 def test_undeterminable_layers_are_errors_naming_the_field(config: dict, field: str) -> None:
     with pytest.raises(KvsimError) as err:

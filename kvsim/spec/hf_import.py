@@ -25,24 +25,15 @@ def _need(cfg: dict, key: str, file: str) -> object:
     return cfg[key]
 
 
-# model_type -> the HF transformers code whose layer rule ``_layer_kinds`` follows for it. A type not
-# listed still imports (plain dense attention is the common case) but with a warning naming the
-# rule that was assumed.
-_KNOWN_TYPES = {
-    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo2",
-                     "cohere", "granite", "granitemoe", "glm4_moe", "ministral", "ministral3",
-                     "minimax_m2", "hunyuan_v1_dense", "hunyuan_v1_moe", "step3p7", "gpt_oss", "gemma",
-                     "llava"), "one attention kind per layer: sliding_window / use_sliding_window / layer_types"),
-    "gemma2": "modeling_gemma2: even layers sliding",
-    **dict.fromkeys(("gemma3_text", "gemma3", "cohere2", "exaone4", "olmo3"), "sliding_window_pattern or layer_types"),
-    **dict.fromkeys(("gemma3n_text", "gemma3n"), "layer_types + num_kv_shared_layers"),
-    "llama4_text": "modeling_llama4: no_rope_layers (RoPE layers chunked, NoPE layers global)",
-    **dict.fromkeys(("deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v32", "glm_moe_dsa"), "MLA on every layer"),
-    **dict.fromkeys(("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"),
-                    "layer_types or full_attention_interval (Gated DeltaNet linear attention)"),
-    "nemotron_h": "hybrid_override_pattern (M mamba2, * attention, - MLP, E MoE)",
-    "jamba": "attn_layer_period / attn_layer_offset (the other layers mamba)",
-}
+# model_types whose layer rule ``_layer_kinds`` follows from the family's HF transformers code (cited
+# there). A type not listed still imports (plain dense attention is the common case), with a warning
+# naming the rule that was assumed.
+_KNOWN_TYPES = frozenset((
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo2", "olmo3", "cohere",
+    "cohere2", "granite", "granitemoe", "glm4_moe", "ministral", "ministral3", "minimax_m2", "hunyuan_v1_dense",
+    "hunyuan_v1_moe", "step3p7", "gpt_oss", "gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text",
+    "exaone4", "llama4_text", "deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v32", "glm_moe_dsa", "qwen3_next",
+    "qwen3_5_text", "qwen3_5_moe_text", "nemotron_h", "jamba"))
 _MLA_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v32", "glm_moe_dsa")
 _LINEAR_ATTENTION_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 _QWEN_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
@@ -68,8 +59,8 @@ _LAYER_TYPES = {"full_attention": "full", "attention": "full", "sliding_attentio
                 "chunked_attention": "chunked", "linear_attention": "state", "mamba": "state"}
 
 
-def _window(cfg: dict, key: str, file: str) -> int:
-    return int(_need(cfg, key, file))  # type: ignore[arg-type]
+def _int(cfg: dict, key: str, file: str) -> int:
+    return int(_need(cfg, key, file))  # type: ignore[call-overload]
 
 
 def _from_layer_types(cfg: dict, n: int, file: str) -> list[str]:
@@ -84,9 +75,9 @@ def _from_layer_types(cfg: dict, n: int, file: str) -> list[str]:
                              value=t, file=file)
         kind = _LAYER_TYPES[t]
         if kind == "sliding":
-            kind = f"sliding:{_window(cfg, 'sliding_window', file)}"
+            kind = f"sliding:{_int(cfg, 'sliding_window', file)}"
         elif kind == "chunked":
-            kind = f"chunked:{_window(cfg, 'attention_chunk_size', file)}"
+            kind = f"chunked:{_int(cfg, 'attention_chunk_size', file)}"
         kinds.append(kind)
     return kinds
 
@@ -94,7 +85,7 @@ def _from_layer_types(cfg: dict, n: int, file: str) -> list[str]:
 def _sliding_pattern(cfg: dict, n: int, file: str) -> list[str]:
     """Gemma-3 / Cohere2 / EXAONE-4: layer i is global when (i + 1) % pattern == 0 (modeling_gemma3
     ``is_sliding``, modeling_cohere2)."""
-    pattern, window = cfg["sliding_window_pattern"], _window(cfg, "sliding_window", file)
+    pattern, window = cfg["sliding_window_pattern"], _int(cfg, "sliding_window", file)
     if not isinstance(pattern, int) or pattern <= 0:
         raise KvsimError("expected a positive layer period", field="sliding_window_pattern", value=pattern, file=file)
     return [f"sliding:{window}" if (i + 1) % pattern else "full" for i in range(n)]
@@ -106,15 +97,15 @@ def _layer_kinds(cfg: dict, mtype: str, n: int, file: str) -> tuple[list[str], s
         return ["mla"] * n, "model_type (MLA)"
     if "layer_types" in cfg:  # the per-layer list transformers now writes for every hybrid family
         return _from_layer_types(cfg, n, file), "layer_types"
-    if "hybrid_override_pattern" in cfg:  # configuration_nemotron_h: one character per block
-        pattern = cfg["hybrid_override_pattern"]
+    if mtype == "nemotron_h" or "hybrid_override_pattern" in cfg:  # configuration_nemotron_h: a char per block
+        pattern = str(_need(cfg, "hybrid_override_pattern", file))
         kinds_of = {"M": "state nomlp", "*": "full nomlp", "-": "none", "E": "none"}
         if len(pattern) != n or set(pattern) - set(kinds_of):
             raise KvsimError(f"expected {n} characters of M, *, - and E", field="hybrid_override_pattern",
                              value=pattern, file=file)
         return [kinds_of[c] for c in pattern], "hybrid_override_pattern"
-    if "attn_layer_period" in cfg:  # configuration_jamba: attention where i % period == offset
-        period, offset = int(cfg["attn_layer_period"]), int(_need(cfg, "attn_layer_offset", file))  # type: ignore[arg-type]
+    if mtype == "jamba" or "attn_layer_period" in cfg:  # configuration_jamba: attention where i % period == offset
+        period, offset = _int(cfg, "attn_layer_period", file), _int(cfg, "attn_layer_offset", file)
         return ["full" if i % period == offset else "state" for i in range(n)], "attn_layer_period/offset"
     if mtype in _LINEAR_ATTENTION_TYPES:  # configuration_qwen3_next: every interval-th layer is full
         interval = cfg.get("full_attention_interval")
@@ -128,7 +119,7 @@ def _layer_kinds(cfg: dict, mtype: str, n: int, file: str) -> tuple[list[str], s
         raise KvsimError(f"{mtype} mixes sliding and global layers, but config.json has neither layer_types nor "
                          "sliding_window_pattern", field="layer_types", value=None, file=file)
     if mtype == "gemma2":  # modeling_gemma2: layer_idx % 2 == 0 is sliding
-        window = _window(cfg, "sliding_window", file)
+        window = _int(cfg, "sliding_window", file)
         return [f"sliding:{window}" if i % 2 == 0 else "full" for i in range(n)], "gemma2 alternation"
     if "attention_chunk_size" in cfg and cfg["attention_chunk_size"]:
         # configuration_llama4: no_rope_layers[i] == 1 uses RoPE and chunked attention, 0 is a global NoPE
@@ -146,8 +137,9 @@ def _layer_kinds(cfg: dict, mtype: str, n: int, file: str) -> tuple[list[str], s
         # (default False)
         if not cfg.get("use_sliding_window", False) or not window:
             return ["full"] * n, "use_sliding_window false"
-        first = int(_need(cfg, "max_window_layers", file))  # type: ignore[arg-type]
-        return [f"sliding:{window}" if i >= first else "full" for i in range(n)], "use_sliding_window + max_window_layers"
+        first = _int(cfg, "max_window_layers", file)
+        kinds = [f"sliding:{window}" if i >= first else "full" for i in range(n)]
+        return kinds, "use_sliding_window + max_window_layers"
     if window:  # mistral, phi3: every layer slides
         return [f"sliding:{int(window)}"] * n, "sliding_window on every layer"
     return ["full"] * n, "full attention on every layer"
@@ -187,7 +179,7 @@ def _state(cfg: dict, mtype: str, dtype: str, file: str) -> dict:
     h = int(cfg["hidden_size"])
 
     def need(key: str) -> int:
-        return int(_need(cfg, key, file))  # type: ignore[arg-type]
+        return _int(cfg, key, file)
 
     if mtype in _LINEAR_ATTENTION_TYPES:  # Gated DeltaNet (modeling_qwen3_next)
         kh, vh, kd, vd = (need("linear_num_key_heads"), need("linear_num_value_heads"),
@@ -237,7 +229,7 @@ def _moe(cfg: dict, mtype: str, n: int) -> tuple[dict | None, list[bool]]:
                 [(i + 1) % step == 0 for i in range(n)])
     size = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
     if mtype == "nemotron_h":  # the E blocks of hybrid_override_pattern
-        layers = [c == "E" for c in cfg.get("hybrid_override_pattern", "")]
+        layers = [c == "E" for c in cfg.get("hybrid_override_pattern") or ""]
     elif mtype == "jamba":  # configuration_jamba: experts where i % expert_layer_period == offset
         period, offset = int(cfg.get("expert_layer_period", 1)), int(cfg.get("expert_layer_offset", 0))
         layers = [i % period == offset for i in range(n)]
@@ -311,11 +303,11 @@ def model_from_hf_config(full: dict, *, name: str, config_file: str, hf_repo: st
         "hidden_size": hidden,
         "vocab_size": int(vocab),
         "tie_word_embeddings": bool(tied),
-        "max_position_embeddings": int(cfg.get("max_position_embeddings", 4096)),
+        "max_position_embeddings": _int(cfg, "max_position_embeddings", config_file),
         "attention": attention,
         "mlp": {"intermediate_size": int(cfg.get("intermediate_size_mlp")
-                                         or _need(cfg, "intermediate_size", config_file)),  # type: ignore[arg-type]
-                "gated": True},
+                                         or _int(cfg, "intermediate_size", config_file)),
+                "gated": mtype != "nemotron_h"},  # modeling_nemotron_h NemotronHMLP: up, relu2, down
         "layers": [{"repeat": 1, "pattern": _layer_tokens(cfg, mtype, n, moe_layers, config_file)}],
     }
     if any(token.startswith("state") for token in out["layers"][0]["pattern"]):
