@@ -356,3 +356,21 @@ def test_whole_model_bytes_are_vectorized_over_hybrids() -> None:
     layout = layout_for(load(NEMOTRON_H_56B))
     t = np.array([K4, K32])
     assert np.array_equal(layout.gpu_bytes(t), 10 * kv(8, 128) * t + 54 * NEMOTRON_H_STATE)
+
+
+@pytest.mark.parametrize("spec", ["cla", "shadowkv", "h2o:budget=1024"])
+def test_kv_methods_leave_no_state_layer_rewritten(spec: str) -> None:
+    """Cross-layer sharing, offloading and score-keeping eviction would treat a DeltaNet or Mamba
+    state as KV: refused (precision and plain eviction act on the attention layers only)."""
+    for config in (QWEN3_NEXT, NEMOTRON_H_56B):
+        with pytest.raises(KvsimError, match="linear-attention/state-space layers") as err:
+            layout_for(load(config), spec)
+        assert err.value.field == "method"
+
+
+def test_fp8_and_eviction_act_on_attention_layers_only() -> None:
+    model = load(QWEN3_NEXT)
+    state = 36 * QWEN3_NEXT_STATE
+    assert layout_for(model, "fp8").gpu_bytes(K32)[0] == 12 * kv(2, 256) // 2 * K32 + state
+    assert layout_for(model, "streamingllm:window=1024").gpu_bytes(K32)[0] == pytest.approx(
+        layout_for(model, "streamingllm:window=1024").gpu_bytes(2 * K32)[0])
