@@ -195,9 +195,10 @@ class CostModel:
         """Every linear of the model (per layer kind) and the output head, as arrays."""
         e, c = self.model.dtype_bytes, self.cal.ceilings
         rows: list[tuple] = []
-        kinds: dict[bool, list] = {}
-        for layer in self.model.layers:
-            kinds.setdefault(layer.moe, [layer, 0])[1] += 1
+        kinds: dict[tuple, list] = {}
+        for layer in self.model.layers:  # layers with the same weights: mixer kind, MLP, MoE
+            key = (layer.attention if layer.attention in ("state", "none") else "attention", layer.mlp, layer.moe)
+            kinds.setdefault(key, [layer, 0])[1] += 1
         top_k = self.model.moe.top_k if self.model.moe else 1
         peak = c.flops_per_s["fp8" if self.fp8_weights else "bf16"]
         for layer, count in kinds.values():

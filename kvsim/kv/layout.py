@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from kvsim.spec.model import AttentionKind, ModelSpec
+from kvsim.spec.model import DTYPE_BYTES, AttentionKind, ModelSpec
 
 Tier = Literal["gpu", "host", "ssd"]
 TIERS: tuple[Tier, ...] = ("gpu", "host", "ssd")
@@ -68,7 +68,7 @@ class Stream:
         kept = tokens if self.token_cap is None else np.minimum(tokens, self.token_cap)
         if block_size > 1:
             kept = -(-kept // block_size) * block_size
-            if self.token_cap is not None:
+            if self.token_cap:  # a stream that keeps no tokens (token_cap 0) has no window to slide
                 kept = kept + np.where(tokens > self.token_cap, block_size, 0)
         n = -(-kept // self.tokens_per_entry)
         return n + np.where(tokens > 0, self.const_entries, 0)
@@ -189,6 +189,25 @@ class KVLayout:
         return rows
 
 
+def _state_streams(model: ModelSpec) -> tuple[Stream, ...]:
+    """A linear-attention / state-space layer's per-sequence state: one entry per sequence whatever
+    its length (``token_cap`` 0, ``const_entries`` 1), split over the state heads under TP, as vLLM's
+    ``MambaSpec`` holds it (conv state in the model dtype, recurrent state in its own dtype)."""
+    st = model.state
+    assert st is not None  # validated by the model loader
+    return (Stream("conv_state", st.heads, st.conv_elements // st.heads, model.dtype_bytes,
+                   token_cap=0, const_entries=1),
+            Stream("recurrent_state", st.heads, st.recurrent_elements // st.heads,
+                   DTYPE_BYTES[st.recurrent_dtype], token_cap=0, const_entries=1))
+
+
+def _indexer_bytes(index_head_dim: int) -> int:
+    """Bytes per token of DeepSeek-V3.2's lightning-indexer key: fp8 elements plus one fp32 scale
+    per 128 (vLLM ``DeepseekV32IndexerCache``: head size ``index_head_dim + index_head_dim // 128 * 4``
+    in uint8)."""
+    return index_head_dim + index_head_dim // 128 * 4
+
+
 def baseline_layout(model: ModelSpec) -> KVLayout:
     """KV as vLLM stores it for the model in its serving dtype (the ``bf16`` default)."""
     a, e = model.attention, model.dtype_bytes
@@ -201,8 +220,14 @@ def baseline_layout(model: ModelSpec) -> KVLayout:
             # all heads; vLLM keeps them whole on every TP rank.
             streams = (Stream("latent", 1, m.kv_lora_rank, e, split_by_tp=False),
                        Stream("k_rope", 1, m.qk_rope_head_dim, e, split_by_tp=False))
+            if m.index_head_dim:
+                streams += (Stream("index_k", 1, _indexer_bytes(m.index_head_dim), 1, split_by_tp=False),)
             layer = LayerKV(spec.index, "mla", spec.kv_source, streams if spec.owns_kv else (),
                             a.num_heads, 1, m.kv_lora_rank + m.qk_rope_head_dim, m.kv_lora_rank, None)
+        elif spec.attention in ("state", "none"):  # no per-token KV: attention spans no tokens
+            streams = _state_streams(model) if spec.attention == "state" else ()
+            layer = LayerKV(spec.index, spec.attention, spec.index, streams,
+                            a.num_heads, a.num_kv_heads, a.head_dim, a.v_head_dim, 0)
         else:
             streams = (Stream("k", a.num_kv_heads, a.head_dim, e, token_cap=spec.window_tokens),
                        Stream("v", a.num_kv_heads, a.v_head_dim, e, token_cap=spec.window_tokens))

@@ -133,11 +133,21 @@ def parse_spec(spec: str, registry: Mapping[str, Method], file: str | None = Non
 def build_layout(model: ModelSpec, calls: tuple[MethodCall, ...]) -> KVLayout:
     """Apply a parsed stack to the model's baseline layout."""
     layout = baseline_layout(model)
+    # Linear-attention / state-space layers hold a per-sequence state, not KV: no KV method applies to it.
+    stateful = {layer.index: layer for layer in layout.layers if layer.kind in ("state", "none")}
     prefill: KVLayout | None = None
     for call in calls:
         if call.method.compresses_after_prefill and prefill is None:
             prefill = layout
+        if stateful and call.method.stage in (Stage.STRUCTURE, Stage.PLACEMENT):  # they rework every layer
+            raise KvsimError(f"{call.method.name} reworks every layer's KV, but {len(stateful)} of "
+                             f"{model.name}'s layers are linear-attention/state-space layers without one",
+                             field="method", value=call.spec)
         layout = call.method.apply(layout, call.params)
+        if any(layout.layers[i] != layer for i, layer in stateful.items()):
+            raise KvsimError(f"{call.method.name} would rewrite the per-sequence state of {model.name}'s "
+                             f"{len(stateful)} linear-attention/state-space layers, which are not a KV cache",
+                             field="method", value=call.spec)
         if prefill is not None and not call.method.compresses_after_prefill:
             # Precision/placement apply to the prefill view too (the prompt is quantized as written).
             prefill = call.method.apply(prefill, call.params)

@@ -94,9 +94,22 @@ def _mlp(model: ModelSpec, intermediate: int, role: Role, tp: int, experts: int 
             Linear(f"{role}.down", role, intermediate // tp, model.hidden_size, bits, experts)]
 
 
+def _mixer(model: ModelSpec, layer: LayerSpec, tp: int) -> list[Linear]:
+    """The token mixer's weights: attention, a state layer's in/out projections, or none."""
+    if layer.attention == "none":
+        return []
+    if layer.attention == "state" and model.state is not None:
+        st, h, bits = model.state, model.hidden_size, _bits(model, "attention")
+        return [Linear("in_proj", "attention", h, st.in_proj // tp, bits),
+                Linear("out_proj", "attention", st.out_proj // tp, h, bits)]
+    return _attention(model, tp)
+
+
 def layer_linears(model: ModelSpec, layer: LayerSpec, tp: int = 1) -> tuple[Linear, ...]:
     """Weight matrices of one decoder layer on one rank."""
-    out = _attention(model, tp)
+    out = _mixer(model, layer, tp)
+    if not layer.mlp:
+        return tuple(out)
     if layer.moe and model.moe is not None:
         moe = model.moe
         out.append(Linear("router", "router", model.hidden_size, moe.num_experts, _bits(model, "router")))

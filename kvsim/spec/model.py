@@ -8,7 +8,11 @@ layers read the KV of earlier ones, and DeepSeek caches one MLA latent per layer
 YAML layer patterns are compact strings, repeated ``repeat`` times:
 
     full | sliding:N | chunked:N | mla     attention kind (N = window or chunk in tokens)
+    state                                 linear attention or state-space mixer: a fixed
+                                          per-sequence state (``state`` section), no per-token KV
+    none                                  no token mixer (an MLP-only block, Nemotron-H)
     ... moe                               the layer's MLP is the mixture of experts
+    ... nomlp                             the layer has no MLP (a mixer-only block, Nemotron-H)
     ... kv=J                              the layer owns no KV and attends over layer J's
 
 e.g. ``layers: [{repeat: 21, pattern: ["sliding:4096", "full"]}]`` for Gemma-2-9B.
@@ -25,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kvsim.errors import KvsimError, schema_error, unknown_name
 from kvsim.fileio import read_yaml_file
 
-AttentionKind = Literal["full", "sliding", "chunked", "mla"]
+AttentionKind = Literal["full", "sliding", "chunked", "mla", "state", "none"]
 
 # Bytes per element of the dtypes a checkpoint can be served in.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
@@ -40,6 +44,7 @@ class MLASpec:
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
+    index_head_dim: int | None  # DeepSeek-V3.2 sparse attention: the lightning indexer's key dim
 
 
 @dataclass(frozen=True)
@@ -62,12 +67,27 @@ class MoESpec:
 
 
 @dataclass(frozen=True)
+class StateSpec:
+    """The per-sequence state of one linear-attention or state-space layer (its size does not grow
+    with the sequence): a short convolution window and the recurrent state."""
+
+    kind: Literal["mamba", "mamba2", "gated_deltanet"]
+    heads: int  # heads the state is split along under tensor parallelism
+    conv_elements: int  # convolution state elements, all heads
+    recurrent_elements: int  # SSM / delta-rule state elements, all heads
+    recurrent_dtype: str  # the recurrent state's dtype (the convolution state uses the model's)
+    in_proj: int  # output features of the mixer's input projection
+    out_proj: int  # input features of the mixer's output projection
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     index: int
     attention: AttentionKind
     window_tokens: int | None  # sliding window or attention chunk; None for full and MLA
     kv_source: int  # the layer whose KV this layer attends over (itself when it owns KV)
     moe: bool
+    mlp: bool = True  # False: a mixer-only block with no MLP
 
     @property
     def owns_kv(self) -> bool:
@@ -106,6 +126,7 @@ class ModelSpec:
     layers: tuple[LayerSpec, ...]
     weight_quant: WeightQuantSpec | None
     vision: VisionSpec | None
+    state: StateSpec | None = None
 
     @property
     def num_layers(self) -> int:
@@ -133,6 +154,7 @@ class _MLA(_Strict):
     qk_nope_head_dim: int = Field(gt=0)
     qk_rope_head_dim: int = Field(gt=0)
     v_head_dim: int = Field(gt=0)
+    index_head_dim: int | None = Field(default=None, gt=0)
 
 
 class _Attention(_Strict):
@@ -174,6 +196,17 @@ class _Vision(_Strict):
     source: str
 
 
+class _State(_Strict):
+    kind: Literal["mamba", "mamba2", "gated_deltanet"]
+    heads: int = Field(gt=0)
+    conv_elements: int = Field(gt=0)
+    recurrent_elements: int = Field(gt=0)
+    recurrent_dtype: Literal["float32", "bfloat16", "float16"]
+    in_proj: int = Field(gt=0)
+    out_proj: int = Field(gt=0)
+    source: str
+
+
 class _Source(_Strict):
     config: str
     hf_repo: str
@@ -194,6 +227,7 @@ class _ModelFile(_Strict):
     layers: list[_LayerGroup] = Field(min_length=1)
     weight_quantization: _WeightQuant | None = None
     vision: _Vision | None = None
+    state: _State | None = None
 
 
 def _parse_layer(token: str, index: int, file: str | None) -> LayerSpec:
@@ -201,8 +235,8 @@ def _parse_layer(token: str, index: int, file: str | None) -> LayerSpec:
     words = token.split()
     kind, _, window = words[0].partition(":")
     field = f"layers[{index}]"
-    if kind not in ("full", "sliding", "chunked", "mla"):
-        raise KvsimError("attention kind must be full, sliding:N, chunked:N or mla",
+    if kind not in ("full", "sliding", "chunked", "mla", "state", "none"):
+        raise KvsimError("attention kind must be full, sliding:N, chunked:N, mla, state or none",
                          field=field, value=token, file=file)
     window_tokens = None
     if kind in ("sliding", "chunked"):
@@ -212,15 +246,19 @@ def _parse_layer(token: str, index: int, file: str | None) -> LayerSpec:
         window_tokens = int(window)
     elif window:
         raise KvsimError(f"{kind} takes no window", field=field, value=token, file=file)
-    moe, source = False, index
+    moe, mlp, source = False, True, index
     for word in words[1:]:
         if word == "moe":
             moe = True
+        elif word == "nomlp":
+            mlp = False
         elif word.startswith("kv=") and word[3:].isdigit():
             source = int(word[3:])
         else:
-            raise KvsimError("layer options are 'moe' and 'kv=J'", field=field, value=token, file=file)
-    return LayerSpec(index, kind, window_tokens, source, moe)  # type: ignore[arg-type]
+            raise KvsimError("layer options are 'moe', 'nomlp' and 'kv=J'", field=field, value=token, file=file)
+    if source != index and kind in ("state", "none"):
+        raise KvsimError(f"a {kind} layer has no KV to share", field=field, value=token, file=file)
+    return LayerSpec(index, kind, window_tokens, source, moe, mlp)  # type: ignore[arg-type]
 
 
 def _expand_layers(groups: list[_LayerGroup], file: str | None) -> tuple[LayerSpec, ...]:
@@ -252,6 +290,11 @@ def model_from_dict(data: dict, file: str | None = None) -> ModelSpec:
         raise KvsimError("mla layers need attention.mla", field="attention.mla", value=None, file=file)
     if any(layer.moe for layer in layers) and m.moe is None:
         raise KvsimError("moe layers need a moe section", field="moe", value=None, file=file)
+    if any(layer.attention == "state" for layer in layers) and m.state is None:
+        raise KvsimError("state layers need a state section", field="state", value=None, file=file)
+    if m.state and (m.state.conv_elements % m.state.heads or m.state.recurrent_elements % m.state.heads):
+        raise KvsimError("state elements must divide evenly over state.heads", field="state.heads",
+                         value=m.state.heads, file=file)
     mla = MLASpec(**a.mla.model_dump()) if a.mla else None
     return ModelSpec(
         name=m.name,
@@ -269,6 +312,7 @@ def model_from_dict(data: dict, file: str | None = None) -> ModelSpec:
         weight_quant=(WeightQuantSpec(m.weight_quantization.modules, m.weight_quantization.bits_per_weight)
                       if m.weight_quantization else None),
         vision=VisionSpec(m.vision.params, m.vision.image_tokens) if m.vision else None,
+        state=StateSpec(**m.state.model_dump(exclude={"source"})) if m.state else None,
     )
 
 
