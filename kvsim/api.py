@@ -48,9 +48,10 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     profile), ``"none"`` (pure roofline) or a profile path; each point names the profile used in
     ``calibration``."""
     from kvsim.cost import Batch, CostModel
-    from kvsim.cost.collectives import vllm_allreduce
+    from kvsim.cost.execution import vllm_execution
     from kvsim.errors import KvsimError
     from kvsim.kv import layout_for
+    from kvsim.memory import EngineMemoryConfig
     from kvsim.memory import plan_memory as plan
 
     batches = [batch] if isinstance(batch, int) else list(batch)
@@ -60,8 +61,10 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
                          field="context", value=None)
     m, hw = _specs(model, hardware)
     layout = layout_for(m, method)
-    cost = CostModel(m, hw, layout, tp, calibration, vllm_allreduce(hw, tp))
-    mem = plan(m, hw, layout, tp)
+    engine = EngineMemoryConfig()  # vLLM's defaults
+    cost = CostModel(m, hw, layout, tp, calibration, vllm_execution(hw, tp, engine.max_num_seqs,
+                                                                    engine.max_num_batched_tokens))
+    mem = plan(m, hw, layout, tp, engine)
     label = {"kind": cost.cal.kind, "gpu": cost.cal.gpu, "engine": cost.cal.engine, "note": cost.cal.note,
              "allreduce": cost.allreduce.source}
     points = []

@@ -10,6 +10,7 @@ from conftest import ROOT
 
 from kvsim.cost import Batch, CostModel
 from kvsim.cost.collectives import CUSTOM_MAX_BYTES, load_collectives, vllm_allreduce
+from kvsim.cost.execution import vllm_execution, vllm_graph_sizes
 from kvsim.kv import layout_for
 from kvsim.spec.hardware import load_hardware
 from kvsim.spec.model import load_model
@@ -60,8 +61,27 @@ def test_a_qwen3_32b_decode_step_gets_faster_from_tp4_to_tp8_on_h100() -> None:
     model, hw = load_model("qwen3-32b"), load_hardware("h100-sxm")
     steps = {}
     for tp in (4, 8):
-        cost = CostModel(model, hw, layout_for(model), tp, None, vllm_allreduce(hw, tp))
+        cost = CostModel(model, hw, layout_for(model), tp, None, vllm_execution(hw, tp, 256, 8192))
         steps[tp] = cost.step(Batch(decode_context=np.full(8, 1536, dtype=np.int64)))
     assert steps[8].total_s < 0.85 * steps[4].total_s
     ring = CostModel(model, hw, layout_for(model), 8).step(Batch(decode_context=np.full(8, 1536, dtype=np.int64)))
     assert steps[8].breakdown["allreduce"] < ring.breakdown["allreduce"] / 3  # 14 hops of the ring model
+
+
+def test_vllm_pads_a_step_to_its_captured_cuda_graph_size() -> None:
+    """vllm/config/vllm.py _set_cudagraph_sizes: 1, 2, 4, multiples of 8 to 256, of 16 to
+    min(2 x max_num_seqs, 512). A decode batch of 9 runs the graph of 16; past 512 nothing is padded."""
+    assert vllm_graph_sizes(256, 8192)[:5] == (1, 2, 4, 8, 16) and vllm_graph_sizes(256, 8192)[-1] == 512
+    assert vllm_graph_sizes(8, 8192)[-1] == 16 and vllm_graph_sizes(256, 64)[-1] == 64
+    model, hw = load_model("llama-3-8b"), load_hardware("h100-sxm")
+    vllm = CostModel(model, hw, layout_for(model), 1, None, vllm_execution(hw, 1, 256, 8192))
+    exact = CostModel(model, hw, layout_for(model), 1)
+
+    def gemm_s(cost: CostModel, batch: int) -> float:
+        return cost.step(Batch(decode_context=np.full(batch, 1000, dtype=np.int64))).breakdown["gemm.mlp"]
+
+    assert gemm_s(vllm, 9) == gemm_s(vllm, 16) == gemm_s(exact, 16) != gemm_s(exact, 9)
+    assert gemm_s(vllm, 600) == gemm_s(exact, 600)  # above the largest captured size: no graph, no padding
+    kv_write = [c.step(Batch(decode_context=np.full(9, 1000, dtype=np.int64))).breakdown["kv_write"]
+                for c in (vllm, exact)]
+    assert kv_write[0] == kv_write[1]  # the padding rows write no KV

@@ -39,7 +39,7 @@ KNOWN = {
     "shadowkv-throughput": (3.116, PRICED),
     "snapkv-speed": (1.800, PRICED),
     "snapkv-memory": (113_168 / 57_104, EXACT),  # longest prompt at batch 2: SnapKV vs fp16
-    "safekv-ttft": (58.86, PRICED),
+    "safekv-ttft": (54.39, PRICED),
     "matkv-ttft": (1.098, PRICED),
     "lightkv-vision-kv": (317 / 576, EXACT),  # floor(0.45 x 576) = 259 of 576 vision tokens merged away
 }

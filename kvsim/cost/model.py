@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvsim.cost.calibration import Calibration, find_calibration
-from kvsim.cost.collectives import AllReducePricing
+from kvsim.cost.execution import Execution
 from kvsim.kv import METHODS
 from kvsim.kv.layout import KVLayout, Stream
 from kvsim.spec.hardware import HardwareSpec
@@ -153,14 +153,15 @@ class CostModel:
     """Step times of one replica (model, KV layout, GPU, TP degree, calibration profile)."""
 
     def __init__(self, model: ModelSpec, hardware: HardwareSpec, layout: KVLayout, tp: int = 1,
-                 calibration: Calibration | str | None = None, allreduce: AllReducePricing | None = None) -> None:
-        """``allreduce``: how the engine reduces across the TP group (``vllm_allreduce(hardware, tp)``
-        for vLLM); None prices every all-reduce with the calibrated ring model (the reference
-        engine's graph-captured NCCL)."""
+                 calibration: Calibration | str | None = None, execution: Execution | None = None) -> None:
+        """``execution``: the engine's all-reduce and CUDA-graph padding (``vllm_execution(...)`` for
+        vLLM); None prices the reference engine (a graph at every exact size, every all-reduce
+        with the calibrated ring model of its graph-captured NCCL)."""
         check_tp(model, tp)
         self.model, self.hw, self.layout, self.tp = model, hardware, layout, tp
         self.cal = calibration if isinstance(calibration, Calibration) else find_calibration(hardware, calibration)
-        self.allreduce = allreduce
+        self.execution = execution
+        self.allreduce = execution.allreduce if execution is not None else None
         self.fp8_weights = model.weight_quant is not None and model.weight_quant.bits_per_weight <= 8.5
         self._gemms = self._build_gemms()
         self._fixed_cache: dict[tuple[float, float, float], list] = {}
@@ -470,6 +471,8 @@ class CostModel:
             chunk = float(p_tok.sum())
             tokens, new_tokens = n_decode + chunk * p_scale, n_decode + chunk
             sampled = n_decode + (len(p_tok) if prefill.prefill_samples is None else prefill.prefill_samples)
+        if self.execution is not None:  # the model runs the captured graph's padded token count
+            tokens += self.execution.padded_tokens(new_tokens) - new_tokens
         ops: list = (list(self._fixed_ops(tokens, sampled, new_tokens)) if breakdown else
                      [("token_ops", 0.0, 0.0, self._fixed_total_s(tokens, sampled, new_tokens), "memory")])
 

@@ -55,7 +55,7 @@ def _catalogue_arg(text: str, scenario: Scenario) -> str:
 
 def deployment(scenario: Scenario) -> Deployment:
     """Model, KV layout, memory plan and cost model of one replica."""
-    from kvsim.cost.collectives import vllm_allreduce
+    from kvsim.cost.execution import vllm_execution
     from kvsim.cost.model import CostModel
     from kvsim.kv import layout_for
     from kvsim.memory import EngineMemoryConfig, plan_memory
@@ -77,7 +77,8 @@ def deployment(scenario: Scenario) -> Deployment:
     try:
         if cal is not None and cal.lower() != "none":
             cal = str(resolve_path(cal, scenario))
-        cost = CostModel(model, hardware, layout, spec.tp, cal, vllm_allreduce(hardware, spec.tp))
+        cost = CostModel(model, hardware, layout, spec.tp, cal,
+                         vllm_execution(hardware, spec.tp, e.max_num_seqs, e.max_num_batched_tokens))
     except KvsimError as err:
         raise _with_file(err, file, "calibration") from None
     if not plan.fits and e.num_gpu_blocks_override is None:
