@@ -84,17 +84,20 @@ def test_chunked_prefill_splits_a_prompt_by_the_token_budget() -> None:
 # ---------------------------------------------------------------------------------------------
 
 @settings(max_examples=examples(25))
+# an eviction mid-prefix let a waiting prompt in (fast-forward ran past the step that admitted it)
 @example(seed=90, seqs=4, extra_tokens=7, block=8, chunked=True, caching=True, preemption="swap", blocks=765,
-         replicas=2, router="least_outstanding_tokens")  # an eviction mid-prefix let a waiting prompt in
+         replicas=2, router="least_outstanding_tokens", policy="fcfs")
+# recompute of prompt + output past the token budget (the request and those behind it were lost)
 @example(seed=8072, seqs=10, extra_tokens=1196, block=16, chunked=False, caching=False, preemption="recompute",
-         blocks=288, replicas=1, router="round_robin")  # recompute of prompt + output past the token budget
+         blocks=288, replicas=1, router="round_robin", policy="fcfs")
 @given(seed=st.integers(0, 10_000), seqs=st.integers(1, 12), extra_tokens=st.integers(0, 1500),
        block=st.sampled_from([8, 16, 32]), chunked=st.booleans(), caching=st.booleans(),
        preemption=st.sampled_from(["recompute", "swap"]), blocks=st.integers(150, 1200),
        replicas=st.integers(1, 3), router=st.sampled_from(["round_robin", "least_outstanding_tokens",
-                                                             "prefix_affinity"]))
+                                                             "prefix_affinity"]),
+       policy=st.sampled_from(["fcfs", "lpm"]))
 def test_invariants_hold_for_random_workloads_and_limits(seed, seqs, extra_tokens, block, chunked, caching,
-                                                         preemption, blocks, replicas, router) -> None:
+                                                         preemption, blocks, replicas, router, policy) -> None:
     """check=True asserts after every step that used + cached-free + free == total blocks, that
     reference counts match the sequences, and that no step exceeds max_num_seqs or
     max_num_batched_tokens; here every request must also end completed or rejected, and
@@ -103,7 +106,8 @@ def test_invariants_hold_for_random_workloads_and_limits(seed, seqs, extra_token
                   engine__max_num_batched_tokens=seqs + 64 + extra_tokens, engine__block_size=block,
                   engine__enable_chunked_prefill=chunked, engine__enable_prefix_caching=caching,
                   engine__preemption=preemption, engine__swap_space_gib=0.5,
-                  engine__num_gpu_blocks_override=blocks, workload__synthetic__num_requests=30)
+                  engine__num_gpu_blocks_override=blocks, engine__scheduling_policy=policy,
+                  workload__synthetic__num_requests=30)
     sim = simulate(sc)
     a = sim.recorder.arrays()
     assert len(a["request_id"]) == sim.arrived == 30
@@ -399,3 +403,28 @@ def test_bad_trace_rows_stop_the_run_naming_file_and_lines(tmp_path) -> None:  #
     assert "--skip-bad-rows" in text and exc.value.file == "test.yaml"
     s = run_scenario(sc, skip_bad_rows=True).summary
     assert s["bad_rows"]["skipped"] == 3 and s["completed"] == 17
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduling policies (kvsim.serve.policy)
+# ---------------------------------------------------------------------------------------------
+
+def test_the_replica_mechanics_name_no_policy() -> None:
+    source = (ROOT / "kvsim" / "serve" / "replica.py").read_text()
+    for name in ("fcfs", "lpm", "VllmFcfs", "LongestPrefixFirst"):
+        assert name not in source
+
+
+@pytest.mark.parametrize(("policy", "first"), [("fcfs", 1), ("lpm", 2)])
+def test_lpm_admits_the_longest_cached_prefix_first(policy: str, first: int) -> None:
+    """One sequence slot. Request 0 runs and caches its 1,024-token prompt; 1 (nothing cached) and
+    2 (request 0's prompt + 100 tokens) wait. FCFS admits 1 next; lpm admits 2, whose prefix is cached."""
+    shared = tuple(range(1000, 1064))  # 64 blocks of 16 tokens
+    stream = [Request(0, 0.0, 1024, 20, shared, 16),
+              Request(1, 0.001, 1024, 20, tuple(range(2000, 2064)), 16),
+              Request(2, 0.002, 1124, 20, shared + tuple(range(3000, 3006)), 16)]
+    sim = simulate(scenario(engine__max_num_seqs=1, engine__scheduling_policy=policy), stream=stream)
+    a = sim.recorder.arrays()
+    order = sorted((1, 2), key=lambda i: a["first_token_s"][i])
+    assert order[0] == first
+    assert a["prefix_hit_tokens"][2] == 1024  # all 64 shared blocks

@@ -208,7 +208,8 @@ def engine_config(scenario: Scenario, dep: Deployment, tables: BlockTables,
         enable_chunked_prefill=e.enable_chunked_prefill,
         prefix_caching=e.enable_prefix_caching and tables.token_paged,
         preemption=e.preemption, swap_space_bytes=e.swap_space_gib * GIB,
-        doc_kv_from_ssd=dep.layout.runtime.doc_kv_from_ssd, fast_forward=e.fast_forward, check=check)
+        doc_kv_from_ssd=dep.layout.runtime.doc_kv_from_ssd, fast_forward=e.fast_forward, check=check,
+        scheduling_policy=e.scheduling_policy)
 
 
 def _progress_bar() -> Callable[[float, int], None]:

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationInfo, field_validator
 
+from kvsim.serve.policy import DEFAULT_POLICY, POLICIES
 from kvsim.serve.router import ROUTERS
 
 # A run simulates at most this many requests (num_requests, or rate x duration_s): beyond it a
@@ -110,6 +111,7 @@ class EngineSpec(_Strict):
     max_model_len: int | None = Field(default=None, gt=0)  # default: the model's context length
     num_gpu_blocks_override: int | None = Field(default=None, gt=0)  # vLLM's, "for testing preemption"
     fast_forward: StrictBool = True
+    scheduling_policy: Literal[POLICIES] = DEFAULT_POLICY  # type: ignore[valid-type]  # kvsim.serve.policy
 
 
 class SLOSpec(_Strict):

@@ -1,15 +1,10 @@
 """One serving replica (a TP group running a vLLM-v1-style engine): scheduler, paged KV blocks with
 prefix caching, preemption, and step pricing with fast-forward over predictable decode steps.
 
-Scheduling (one call of :meth:`Replica.plan` per engine step, vLLM v1 ``Scheduler.schedule`` with
-decode-first order):
-
-1. running sequences that decode (admission order), then running sequences whose prefill
-   continues (chunks of at most the remaining token budget); a sequence whose blocks do not fit
-   preempts the last sequence of that order (recompute, or swap to host memory), as v1 does;
-2. if nothing was preempted, waiting sequences in FCFS order (preempted ones at the front) while
-   a sequence slot (``max_num_seqs``), token budget (``max_num_batched_tokens``) and blocks last;
-   a new sequence first takes its prefix-cache hits.
+Scheduling (one call of :meth:`Replica.plan` per engine step) is the replica's policy
+(:mod:`kvsim.serve.policy`: vLLM v1's FCFS by default); the replica holds the mechanics a policy
+uses (admission with prefix-cache hits and swap-in, preemption by recompute or swap, block commits),
+prices the step and fast-forwards.
 
 Every KV method enters only through the memory plan's block tables (``blocks_for`` after
 compression, ``prefill_blocks_for`` while a prompt is written), ``layout.stored_tokens`` (merged
@@ -34,6 +29,7 @@ import numpy as np
 
 from kvsim.cost.model import Batch, CostModel
 from kvsim.serve.blocks import BlockManager
+from kvsim.serve.policy import DEFAULT_POLICY, PolicyName, make_policy
 from kvsim.serve.sequence import BlockTables, Seq
 
 INF = float("inf")
@@ -56,6 +52,7 @@ class EngineConfig:
     doc_kv_from_ssd: bool = False  # MatKV (layout.runtime.doc_kv_from_ssd)
     fast_forward: bool = True
     check: bool = False  # assert block and scheduler invariants every step (tests)
+    scheduling_policy: PolicyName = DEFAULT_POLICY
 
 
 class Work:
@@ -78,6 +75,7 @@ class Replica:
                  observe: Callable[..., None] | None = None) -> None:
         self.index = index
         self.cfg = cfg
+        self.policy = make_policy(cfg.scheduling_policy)
         self.bm = BlockManager(num_blocks, cfg.prefix_caching)
         self.block_size = tables.block_size
         self.block_bytes = block_bytes
@@ -112,50 +110,12 @@ class Replica:
 
     # ------------------------------------------------------------------ scheduling
     def plan(self, now: float, next_arrival_s: float) -> Work | None:
-        """Schedule the step starting at ``now`` (and, if it is a plain decode step, the identical
-        steps after it that start before the next arrival or document load); commit its blocks;
-        return it."""
-        cfg, bm, tables = self.cfg, self.bm, self.tables
-        dec, pre = tables.decode, tables.prefill
-        budget = cfg.max_num_batched_tokens
-        dec_order: list[Seq] = []
-        pre_order: list[Seq] = []
-        for s in self.running:
-            if s.ready_s <= now:  # (a document load still in flight waits)
-                if s.generated and s.computed + 1 == s.prompt + s.generated:  # Seq.decoding, inlined
-                    dec_order.append(s)
-                else:
-                    pre_order.append(s)
-        order = dec_order + pre_order
-        n_dec = len(dec_order)
-        transfer_s = 0.0
-        preempted = False
-        i = 0
-        while i < len(order) and budget > 0:
-            s = order[i]
-            if i < n_dec:
-                n_new = 1
-                need = dec[s.computed - s.dropped + 1] - s.held
-            else:
-                n_new = min(s.prompt + s.generated - s.computed, budget)
-                need = pre[s.computed + n_new] - s.held
-            if need > 0:
-                while need > bm.num_free and len(order) > i + 1:  # preempt from the back, as v1 does
-                    transfer_s += self._preempt(order.pop())
-                    preempted = True
-                n_dec = min(n_dec, len(order))
-                if need > bm.num_free:  # nothing left to preempt but itself
-                    transfer_s += self._preempt(order.pop())
-                    preempted = True
-                    break
-                bm.append(s, need)
-            s.scheduled = n_new
-            budget -= n_new
-            i += 1
-        decodes = order[:min(i, n_dec)]
-        prefills = order[n_dec:i]
-        if not preempted:
-            budget, transfer_s = self._admit(now, budget, decodes, prefills, transfer_s)
+        """Schedule the step starting at ``now`` with the replica's policy (and, if it is a plain
+        decode step, the identical steps after it that start before the next arrival or document
+        load); its blocks are committed as it is scheduled; return it."""
+        cfg = self.cfg
+        step = self.policy.schedule(self, now)
+        decodes, prefills, transfer_s = step.decodes, step.prefills, step.transfer_s
         if not decodes and not prefills and not transfer_s:
             return None
         if cfg.check:
@@ -169,61 +129,75 @@ class Replica:
             end = now + self._step_s(decodes, prefills) + transfer_s
         else:
             horizon = min(next_arrival_s, self.next_ready_s(now))  # loads admitted just now included
-            steps, end = self._decode_run(now, decodes, horizon, cfg.fast_forward and not preempted)
+            steps, end = self._decode_run(now, decodes, horizon, cfg.fast_forward and not step.preempted)
         self.steps += steps
         self.work = Work(now, end, steps, decodes, prefills)
-        if bm.num_used > self.peak_used_blocks:
-            self.peak_used_blocks = bm.num_used
+        if self.bm.num_used > self.peak_used_blocks:
+            self.peak_used_blocks = self.bm.num_used
         if self.observe is not None:
             self.observe(self, self.work)
         return self.work
 
-    def _admit(self, now: float, budget: int, decodes: list[Seq], prefills: list[Seq],
-               transfer_s: float) -> tuple[int, float]:
-        """Admit waiting sequences FCFS while a slot, the token budget and blocks last."""
+    def ready(self, now: float) -> tuple[list[Seq], list[Seq]]:
+        """Running sequences that can compute at ``now`` (a document load still in flight waits):
+        those that decode and those whose prefill continues, each in admission order."""
+        dec_order: list[Seq] = []
+        pre_order: list[Seq] = []
+        for s in self.running:
+            if s.ready_s <= now:
+                if s.generated and s.computed + 1 == s.prompt + s.generated:  # Seq.decoding, inlined
+                    dec_order.append(s)
+                else:
+                    pre_order.append(s)
+        return dec_order, pre_order
+
+    def admit(self, s: Seq, now: float, budget: int) -> tuple[int, float] | None:
+        """Take waiting sequence ``s`` into the running batch if its blocks fit: a swapped-out one
+        copies its blocks back; a new one takes its prefix-cache hits (and, for MatKV, loads its
+        documents' KV from NVMe). Returns (tokens it computes this step, copy seconds), or None
+        (nothing changed) when it does not fit."""
         cfg, bm, bs = self.cfg, self.bm, self.block_size
         dec, pre = self.tables.decode, self.tables.prefill
-        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
-            s = self.waiting[0]
-            if s.swapped_blocks:  # swapped out: copy its blocks back, then continue where it stopped
-                n_new = min(s.total - s.computed, budget)
-                if not cfg.enable_chunked_prefill and n_new < s.total - s.computed:
-                    break
-                need = dec[s.stored + 1] if s.decoding else pre[s.computed + n_new]
-                if need > bm.num_free:
-                    break
-                bm.allocate(s, need)
-                transfer_s += self.cost.host_transfer_s(s.swapped_blocks * self.block_bytes)
-                self.swap_used_blocks -= s.swapped_blocks
-                s.swapped_blocks = 0
-            else:
-                limit = (s.total - 1) // bs  # at least one token is computed to sample from
-                hits = bm.match(s.keys, limit) if cfg.prefix_caching else 0
-                hit_keys = s.keys[:hits]
-                computed = hits * bs
-                doc_blocks = max(0, min(len(s.keys), limit) - hits) if cfg.doc_kv_from_ssd else 0
-                n_new = min(s.total - computed - doc_blocks * bs, budget)
-                if doc_blocks:  # MatKV: load the documents' KV from NVMe instead of prefilling it
-                    n_new = 0
-                elif not cfg.enable_chunked_prefill and n_new < s.total - computed:
-                    break
-                need = pre[computed + doc_blocks * bs + n_new] - hits
-                if not bm.can_allocate(need, hit_keys):
-                    break
-                bm.allocate(s, need, hit_keys)
-                s.computed = computed + doc_blocks * bs
-                s.registered = hits
-                self._first_admission(s, now, hit_keys, doc_blocks)
-                if doc_blocks:
-                    start = max(now, self.ssd_free_s)
-                    s.ready_s = self.ssd_free_s = start + self.cost.ssd_read_s(doc_blocks * self.block_bytes)
+        transfer_s = 0.0
+        if s.swapped_blocks:  # swapped out: copy its blocks back, then continue where it stopped
+            n_new = min(s.total - s.computed, budget)
+            if not cfg.enable_chunked_prefill and n_new < s.total - s.computed:
+                return None
+            need = dec[s.stored + 1] if s.decoding else pre[s.computed + n_new]
+            if need > bm.num_free:
+                return None
+            bm.allocate(s, need)
+            transfer_s = self.cost.host_transfer_s(s.swapped_blocks * self.block_bytes)
+            self.swap_used_blocks -= s.swapped_blocks
+            s.swapped_blocks = 0
+        else:
+            limit = (s.total - 1) // bs  # at least one token is computed to sample from
+            hits = bm.match(s.keys, limit) if cfg.prefix_caching else 0
+            hit_keys = s.keys[:hits]
+            computed = hits * bs
+            doc_blocks = max(0, min(len(s.keys), limit) - hits) if cfg.doc_kv_from_ssd else 0
+            n_new = min(s.total - computed - doc_blocks * bs, budget)
+            if doc_blocks:  # MatKV: load the documents' KV from NVMe instead of prefilling it
+                n_new = 0
+            elif not cfg.enable_chunked_prefill and n_new < s.total - computed:
+                return None
+            need = pre[computed + doc_blocks * bs + n_new] - hits
+            if not bm.can_allocate(need, hit_keys):
+                return None
+            bm.allocate(s, need, hit_keys)
+            s.computed = computed + doc_blocks * bs
+            s.registered = hits
+            self._first_admission(s, now, hit_keys, doc_blocks)
+            if doc_blocks:
+                start = max(now, self.ssd_free_s)
+                s.ready_s = self.ssd_free_s = start + self.cost.ssd_read_s(doc_blocks * self.block_bytes)
+        if self.waiting[0] is s:
             self.waiting.popleft()
-            self.running.append(s)
-            if n_new:
-                s.scheduled = n_new
-                (decodes if s.decoding else prefills).append(s)
-                budget -= n_new
-        return budget, transfer_s
+        else:
+            self.waiting.remove(s)
+        self.running.append(s)
+        s.scheduled = n_new
+        return n_new, transfer_s
 
     def _first_admission(self, s: Seq, now: float, hit_keys: tuple[int, ...], doc_blocks: int) -> None:
         if s.hit_tokens >= 0:
@@ -235,7 +209,7 @@ class Replica:
         owner = self.owner
         s.cross_user_hit = any(owner.get(k, user) != user for k in hit_keys)
 
-    def _preempt(self, s: Seq) -> float:
+    def preempt(self, s: Seq) -> float:
         """Preempt ``s``: swap its blocks to host memory if configured and room is left (returns the
         copy time), else drop them to be recomputed. It goes to the front of the waiting queue."""
         cfg = self.cfg

@@ -1,0 +1,126 @@
+"""Scheduling policies: what a replica runs in its next engine step.
+
+A policy's :meth:`~Policy.schedule` picks the step's sequences and token counts, preempts and admits
+through the replica's mechanics (:meth:`Replica.preempt`, :meth:`Replica.admit`, block commits on
+``replica.bm``), and returns a :class:`StepPlan`; the replica prices it and fast-forwards runs of
+identical decode steps (:mod:`kvsim.serve.replica`), whatever the policy.
+
+* ``fcfs`` (:class:`VllmFcfs`, the default): vLLM v1's ``Scheduler.schedule``
+  (``vllm/v1/core/sched/scheduler.py``): running sequences first, decodes then continuing prefills,
+  in admission order, each taking what it needs of the token budget; a sequence whose blocks do not
+  fit preempts the last running sequence (recompute, or swap to host memory); if nothing was
+  preempted, waiting sequences in FCFS order (preempted ones at the front) while a sequence slot,
+  budget and blocks last, stopping at the first that does not fit.
+* ``lpm`` (:class:`LongestPrefixFirst`): the same, but waiting sequences are admitted longest
+  cached prefix first, as SGLang's cache-aware ``lpm`` policy orders its queue
+  (``python/sglang/srt/managers/schedule_policy.py``: ``CacheAwarePolicy.LPM``, and FCFS instead
+  when more than 128 requests wait, where sorting costs more than it saves). SGLang's other
+  differences (its radix tree's eviction order, the tokens it reserves for running requests) are
+  not modelled.
+
+Policies only order and select: they never name a KV method (those act through the block tables).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from kvsim.serve.replica import Replica
+    from kvsim.serve.sequence import Seq
+
+PolicyName = Literal["fcfs", "lpm"]
+POLICIES: tuple[PolicyName, ...] = ("fcfs", "lpm")
+DEFAULT_POLICY: PolicyName = "fcfs"  # vLLM's --scheduling-policy default
+LPM_MAX_QUEUE = 128  # SGLang: above this many waiting requests, lpm falls back to FCFS
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """One step as scheduled: its decoding and prefilling sequences (each with ``scheduled`` tokens),
+    the seconds of swap copies it waits for, and whether anything was preempted."""
+
+    decodes: list[Seq]
+    prefills: list[Seq]
+    transfer_s: float
+    preempted: bool
+
+
+class Policy(Protocol):
+    def schedule(self, rep: Replica, now: float) -> StepPlan: ...
+
+
+class VllmFcfs:
+    """vLLM v1's scheduler (see the module docstring)."""
+
+    def schedule(self, rep: Replica, now: float) -> StepPlan:
+        bm, tables = rep.bm, rep.tables
+        dec, pre = tables.decode, tables.prefill
+        budget = rep.cfg.max_num_batched_tokens
+        dec_order, pre_order = rep.ready(now)
+        order = dec_order + pre_order
+        n_dec = len(dec_order)
+        transfer_s = 0.0
+        preempted = False
+        i = 0
+        while i < len(order) and budget > 0:
+            s = order[i]
+            if i < n_dec:
+                n_new = 1
+                need = dec[s.computed - s.dropped + 1] - s.held
+            else:
+                n_new = min(s.prompt + s.generated - s.computed, budget)
+                need = pre[s.computed + n_new] - s.held
+            if need > 0:
+                while need > bm.num_free and len(order) > i + 1:  # preempt from the back, as v1 does
+                    transfer_s += rep.preempt(order.pop())
+                    preempted = True
+                n_dec = min(n_dec, len(order))
+                if need > bm.num_free:  # nothing left to preempt but itself
+                    transfer_s += rep.preempt(order.pop())
+                    preempted = True
+                    break
+                bm.append(s, need)
+            s.scheduled = n_new
+            budget -= n_new
+            i += 1
+        decodes = order[:min(i, n_dec)]
+        prefills = order[n_dec:i]
+        if not preempted:
+            for s in self.admission_order(rep):
+                if budget <= 0 or len(rep.running) >= rep.cfg.max_num_seqs:
+                    break
+                taken = rep.admit(s, now, budget)
+                if taken is None:
+                    break  # vLLM stops at the first waiting request that does not fit
+                n_new, copy_s = taken
+                transfer_s += copy_s
+                if n_new:
+                    (decodes if s.decoding else prefills).append(s)
+                    budget -= n_new
+        return StepPlan(decodes, prefills, transfer_s, preempted)
+
+    def admission_order(self, rep: Replica) -> Iterable[Seq]:
+        """Waiting sequences in the order they are offered a place (a snapshot: admission changes
+        the queue)."""
+        return list(rep.waiting)
+
+
+class LongestPrefixFirst(VllmFcfs):
+    """SGLang's ``lpm`` order of the waiting queue (see the module docstring)."""
+
+    def admission_order(self, rep: Replica) -> Iterable[Seq]:
+        waiting = list(rep.waiting)
+        if len(waiting) > LPM_MAX_QUEUE or not rep.cfg.prefix_caching:
+            return waiting
+        bm, bs = rep.bm, rep.block_size
+        # swapped-out sequences keep the front (they hold no cached prefix to match); the rest by
+        # cached prefix length, longest first, FCFS among equals (a stable sort)
+        return sorted(waiting, key=lambda s: -math.inf if s.swapped_blocks else -bm.match(s.keys, (s.total - 1) // bs))
+
+
+def make_policy(name: PolicyName) -> Policy:
+    return {"fcfs": VllmFcfs, "lpm": LongestPrefixFirst}[name]()
