@@ -1,8 +1,8 @@
 """Paged KV block manager with prefix caching (vLLM v1 ``BlockPool`` / ``KVCacheManager`` semantics).
 
 Check-then-commit, in the shape of nano-vllm's ``BlockManager``: the scheduler asks
-``can_allocate`` / ``can_append`` and only then calls ``allocate`` / ``append``; nothing is
-half-done. Blocks are *counted*, not named: a sequence holds ``seq.held`` blocks, of which the
+``can_allocate`` (or compares with ``num_free``) and only then calls ``allocate`` / ``append``;
+nothing is half-done. Blocks are *counted*, not named: a sequence holds ``seq.held`` blocks, of which the
 ones listed in ``seq.block_keys`` are prefix-cached (shared, reference counted) and the rest are
 private. This keeps the per-step cost independent of the number of blocks.
 
@@ -41,7 +41,6 @@ class BlockManager:
         self.num_used = 0
         self.free_uncached = num_blocks
         self.evictable = 0  # cached blocks with no reference (in the free queue)
-        self.evictions = 0  # cached blocks whose hash was dropped to make room
         self._ref: dict[int, int] = {}  # cache key -> reference count (0: in the free queue)
         # LRU free queue: key < 0 -> run of `count` uncached blocks; key >= 0 -> one cached block.
         self._queue: OrderedDict[int, int] = OrderedDict()
@@ -54,11 +53,6 @@ class BlockManager:
     def num_free(self) -> int:
         """Blocks an allocation may take (evicting cached ones if needed)."""
         return self.free_uncached + self.evictable
-
-    @property
-    def num_cached(self) -> int:
-        """Blocks that carry a cache key (referenced or evictable)."""
-        return len(self._ref)
 
     @property
     def free_before_eviction(self) -> int:
@@ -95,9 +89,6 @@ class BlockManager:
         evictable_hits = sum(1 for k in hit_keys if ref[k] == 0) if hit_keys else 0
         return new_blocks + evictable_hits <= self.num_free
 
-    def can_append(self, new_blocks: int) -> bool:
-        return new_blocks <= self.num_free
-
     # ------------------------------------------------------------------ commits
     def allocate(self, seq: HoldsBlocks, new_blocks: int, hit_keys: Sequence[int] = ()) -> None:
         """Give ``seq`` references to the cached ``hit_keys`` and ``new_blocks`` private blocks."""
@@ -122,13 +113,8 @@ class BlockManager:
             self._take(new_blocks)
             seq.held += new_blocks
 
-    def take(self, new_blocks: int) -> None:
-        """Take ``new_blocks`` for a caller that tracks the owners itself (fast-forward)."""
-        if new_blocks > 0:
-            self._take(new_blocks)
-
     def release(self, blocks: int) -> None:
-        """Return ``blocks`` private blocks of an owner tracked by the caller (fast-forward)."""
+        """Return ``blocks`` private blocks (of a sequence that shrinks or is freed)."""
         if blocks > 0:
             self.num_used -= blocks
             self.free_uncached += blocks
@@ -195,7 +181,6 @@ class BlockManager:
             else:
                 del ref[key]  # evict the cached block's hash
                 self.evictable -= 1
-                self.evictions += 1
                 n -= 1
 
     def _push_run(self, n: int) -> None:
