@@ -24,6 +24,11 @@ class KvsimError(Exception):
         super().__init__(f"{where}{what}{message}")
 
 
+class DoesNotFit(KvsimError):
+    """The deployment does not fit in GPU memory: a result for a sweep point or a search
+    configuration (it cannot serve), an error for a single run."""
+
+
 def unknown_name(kind: str, name: str, known: Iterable[str], *, field: str,
                  file: str | None = None) -> KvsimError:
     """Error for an unknown catalogue name, suggesting the closest known names."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsim.backends import Backend, execute
-from kvsim.errors import KvsimError
+from kvsim.errors import DoesNotFit, KvsimError
 from kvsim.fileio import check_writable
 from kvsim.sweep import Point, SearchConfig, SweepPlan, point_key
 
@@ -183,9 +183,7 @@ def evaluate_rate(raw: Mapping[str, Any], file: str, path: str, rate: float, min
     try:
         result = run_scenario(scenario_from_dict(at_rate(raw, path, rate, min_requests), file))
     except KvsimError as err:
-        text = str(err)
-        limit = "memory" if "does not fit" in text else "error"
-        return Probe(rate, False, None, limit, text)
+        return Probe(rate, False, None, "memory" if isinstance(err, DoesNotFit) else "error", str(err))
     passes, goodput, limit, detail = judge(result.summary, min_goodput)
     return Probe(rate, passes, goodput, limit, detail)
 

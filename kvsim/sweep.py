@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import kvsim
 from kvsim.backends import Backend, execute
-from kvsim.errors import KvsimError, schema_error
+from kvsim.errors import DoesNotFit, KvsimError, schema_error
 from kvsim.fileio import check_writable, read_csv_rows, read_json_file, write_atomic
 
 SWEEP_KEY = "sweep"
@@ -228,9 +228,8 @@ def _resolve(base: dict, assigned: Mapping[str, tuple[str, Any]], label: str, fi
             checked[combo] = None
             try:
                 deployment(scenario)
-            except KvsimError as err:
-                if "does not fit" not in str(err):
-                    raise
+            except DoesNotFit:
+                pass  # a result of that point, not an input error
     except KvsimError as err:
         where = _blame(err, assigned)
         if where is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvsim.errors import KvsimError
+from kvsim.errors import DoesNotFit, KvsimError
 from kvsim.scenario.load import Scenario, resolve_path
 from kvsim.scenario.overload import overload, overload_note
 from kvsim.scenario.schema import SLOSpec
@@ -82,7 +82,7 @@ def deployment(scenario: Scenario) -> Deployment:
     except KvsimError as err:
         raise _with_file(err, file, "calibration") from None
     if not plan.fits and e.num_gpu_blocks_override is None:
-        raise KvsimError(plan.reason, field="model", value=spec.model, file=file)
+        raise DoesNotFit(plan.reason, field="model", value=spec.model, file=file)
     max_len = e.max_model_len or model.max_position_embeddings
     if max_len > model.max_position_embeddings:
         raise KvsimError(f"exceeds {model.name}'s context of {model.max_position_embeddings} tokens",
