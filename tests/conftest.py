@@ -12,6 +12,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("KVSIM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+FITTED = ("calibration_reference.yaml", "report.md", "validation.csv", "predicted_vs_measured.png")
+
+
+@pytest.fixture(scope="session")
+def calibrated_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed H100 runs (single GPU, TP=2 and a second machine) in a scratch results root,
+    their profile fitted and the single GPU validated once per test run (fitting takes seconds)."""
+    import shutil
+
+    from kvsim.calibrate import calibrate
+    from kvsim.validate import validate
+
+    root = tmp_path_factory.mktemp("results")
+    for name in ("h100-sxm", "h100-sxm-x2", "h100-sxm-m2"):
+        shutil.copytree(ROOT / "validation" / "results" / name, root / name)
+    for fitted in FITTED:
+        (root / "h100-sxm" / fitted).unlink(missing_ok=True)
+    calibrate("h100-sxm", root)
+    validate("h100-sxm", None, root)
+    return root
+
+
 def shared_file(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():

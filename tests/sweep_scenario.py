@@ -4,7 +4,6 @@ repository's H100 validation results."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import yaml
@@ -29,14 +28,3 @@ def write_scenario(folder: Path, sweep: dict | None, name: str = "sweep.yaml", *
     path = folder / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
-
-
-def calibrated_results(root: Path) -> Path:
-    """Copy validation/results/h100-sxm to ``root/h100-sxm``, calibrate and validate it there."""
-    from kvsim.calibrate import calibrate
-    from kvsim.validate import validate
-
-    shutil.copytree(ROOT / "validation" / "results" / "h100-sxm", root / "h100-sxm")
-    calibrate("h100-sxm", root)
-    validate("h100-sxm", None, root)
-    return root

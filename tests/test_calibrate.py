@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import FITTED, ROOT
 
 from kvsim.calibrate import calibrate
 from kvsim.cli import main
@@ -23,13 +23,14 @@ MEASURED = ROOT / "validation" / "results" / "h100-sxm"
 def results(tmp_path):
     """A results root holding the committed H100 measurements (without their fitted profile)."""
     shutil.copytree(MEASURED, tmp_path / "h100-sxm")
-    for fitted in ("calibration_reference.yaml", "report.md", "validation.csv", "predicted_vs_measured.png"):
+    for fitted in FITTED:
         (tmp_path / "h100-sxm" / fitted).unlink(missing_ok=True)
     return tmp_path
 
 
-def test_calibrate_fits_a_loadable_profile_from_kernels_only(results) -> None:
-    out = calibrate("h100-sxm", results)
+def test_calibrate_fits_a_loadable_profile_from_kernels_only(calibrated_root) -> None:
+    results = calibrated_root
+    out = results / "h100-sxm" / "calibration_reference.yaml"
     data = yaml.safe_load(out.read_text())
     assert data["kind"] == "measured" and "engine" not in " ".join(data["fit"]["rows_used"])
     cal = calibration_from_dict(data, load_hardware("h100-sxm"), str(out))
@@ -41,8 +42,8 @@ def test_calibrate_fits_a_loadable_profile_from_kernels_only(results) -> None:
     assert cal.ceilings.copy_bytes_per_s == ceilings["copy"]["bw_Bps"]
 
 
-def test_validate_reports_errors_and_exact_kv_bytes(results) -> None:
-    calibrate("h100-sxm", results)
+def test_validate_reports_errors_and_exact_kv_bytes(calibrated_root) -> None:
+    results = calibrated_root
     report, summary = validate("h100-sxm", results=results)
     text = report.read_text()
     assert "| decode |" in text and (results / "h100-sxm" / "predicted_vs_measured.png").is_file()
@@ -69,9 +70,8 @@ def test_cli_calibrate_and_validate(results, capsys) -> None:
     assert "calibration_reference.yaml" in out and '"kind": "decode"' in out
 
 
-def test_profile_lookup_by_gpu_name(results, monkeypatch) -> None:
-    calibrate("h100-sxm", results)
-    monkeypatch.setattr("kvsim.cost.calibration.results_dir", lambda: results)
+def test_profile_lookup_by_gpu_name(calibrated_root, monkeypatch) -> None:
+    monkeypatch.setattr("kvsim.cost.calibration.results_dir", lambda: calibrated_root)
     assert find_calibration(load_hardware("h100-sxm")).kind == "measured"
     borrowed = find_calibration(load_hardware("h200-sxm"))  # same family: borrows, scaled
     assert borrowed.kind == "borrowed" and "h100-sxm" in borrowed.note
@@ -117,19 +117,11 @@ def test_profile_rejects_an_unknown_op_curve(tmp_path) -> None:
         calibration_from_dict({"ops": {**ops, "attention_decode.kivvi": one}}, load_hardware("h100-sxm"), "p.yaml")
 
 
-@pytest.fixture()
-def tp_results(tmp_path):
-    """The committed H100 runs: single GPU (fitting), 2 GPUs (TP) and a second machine (never fitted)."""
-    root = tmp_path / "results"
-    for name in ("h100-sxm", "h100-sxm-x2", "h100-sxm-m2"):
-        shutil.copytree(ROOT / "validation" / "results" / name, root / name)
-    return root
-
-
-def test_committed_h100_runs_meet_the_accuracy_targets(tp_results) -> None:
+def test_committed_h100_runs_meet_the_accuracy_targets(calibrated_root) -> None:
     """Issue targets on measurements never used in fitting: single-GPU decode median <= 5% and worst
     <= 15%, prefill median <= 10%, KV bytes exact; TP=2 decode median <= 8%."""
-    out = yaml.safe_load(calibrate("h100-sxm", tp_results).read_text())
+    tp_results = calibrated_root
+    out = yaml.safe_load((tp_results / "h100-sxm" / "calibration_reference.yaml").read_text())
     assert "h100-sxm-x2/allreduce.csv" in out["fit"]["note"] and 1e-6 < out["ceilings"]["link_latency_s"] < 1e-5
     _, single = validate("h100-sxm", results=tp_results)
     _, tp = validate("h100-sxm-x2", "h100-sxm", results=tp_results)

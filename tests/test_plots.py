@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sweep_scenario import calibrated_results
 
 from kvsim import plots
 from kvsim.capacity import capacity_grid
@@ -20,10 +19,10 @@ from kvsim.spec.model import load_model
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def validation_root(tmp_path_factory) -> Path:
+@pytest.fixture()
+def validation_root(calibrated_root: Path) -> Path:
     """The repository's H100 measurements, calibrated and validated in a scratch copy."""
-    return calibrated_results(tmp_path_factory.mktemp("results"))
+    return calibrated_root
 
 
 def test_capacity_curves_one_panel_per_model_and_gpu():

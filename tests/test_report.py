@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from sweep_scenario import calibrated_results, write_scenario
+from sweep_scenario import write_scenario
 
 from kvsim import plots
 from kvsim.cli import main
@@ -38,8 +38,8 @@ def figures_in(html: str) -> dict[str, bytes]:
     return {fid: base64.b64decode(data) for fid, data in found}
 
 
-def test_report_holds_every_figure_and_table(sweep_dir: Path, tmp_path: Path, capsys):
-    root = calibrated_results(tmp_path / "results")
+def test_report_holds_every_figure_and_table(sweep_dir: Path, calibrated_root: Path, capsys):
+    root = calibrated_root
     main(["report", str(sweep_dir), "--validation", "h100-sxm", "--validation-results", str(root)])
     assert f"wrote {sweep_dir / 'report.html'}" in capsys.readouterr().out
     html = (sweep_dir / "report.html").read_text()
