@@ -97,3 +97,19 @@ def test_closed_loops_lose_nothing_and_fast_forward_changes_nothing(seed, concur
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     done = a["status"] == STATUSES.index(COMPLETED)
     assert (a["first_token_s"][done] >= a["scheduled_s"][done]).all()
+
+
+def test_itl_percentiles_weight_each_step_by_its_decoding_sequences() -> None:
+    """One client: every step after the prefill decodes the one sequence, so the ITL samples are the
+    decode step times and their mean is the TPOT."""
+    res = run_scenario(scenario(workload__closed_loop__concurrency=1, workload__closed_loop__num_requests=3))
+    s = res.summary
+    assert s["itl_s"]["mean"] == pytest.approx(s["tpot_s"]["mean"], rel=1e-9)
+    assert s["itl_s"]["p50"] <= s["itl_s"]["p90"] <= s["itl_s"]["p99"]
+
+
+def test_weighted_stats_known_answer() -> None:
+    from kvsim.serve.metrics import weighted_stats
+
+    got = weighted_stats(np.array([3.0, 1.0, 2.0]), np.array([1.0, 8.0, 1.0]))  # 1 x8, 2 x1, 3 x1
+    assert got == {"mean": pytest.approx(1.3), "p50": 1.0, "p90": 2.0, "p99": 3.0}

@@ -166,6 +166,7 @@ def text_summary(summary: dict) -> str:
         f"{summary['engine_steps']:,} engine steps",
         f"  TTFT  {_ms(summary['ttft_s'])}",
         f"  TPOT  {_ms(summary['tpot_s'])}",
+        f"  ITL   {_ms(summary['itl_s'])}",
         f"  E2E   {_ms(summary['e2e_s'])}",
         _goodput_line(summary),
         f"  KV {summary['num_gpu_blocks']:,} blocks of {summary['block_size']} tokens per replica, peak "

@@ -345,6 +345,7 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         "ttft_s": metrics.stats(ttft),
         "tpot_s": metrics.stats(tpot),
         "e2e_s": metrics.stats(e2e),
+        "itl_s": metrics.weighted_stats(np.frombuffer(sim.recorder.itl_s), np.frombuffer(sim.recorder.itl_weight)),
         "preemptions": sim.preemptions,
         "prefix_caching": cfg.prefix_caching,
         "prefix_hit_rate": float(hits.sum() / prompts.sum()) if prompts.sum() else 0.0,

@@ -46,6 +46,9 @@ class Recorder:
         self.sessions: list[int | None] = []
         self.series = _columns(SERIES_COLUMNS)
         self.steps = _columns(STEP_COLUMNS)
+        # inter-token latency: each decoding sequence of a step waits that step's duration for its
+        # next token (a fast-forwarded run counts its steps at their mean duration)
+        self.itl_s, self.itl_weight = array("d"), array("d")
         self.interval_s = interval_s
         self.record_steps = record_steps
         self.next_sample_s = [0.0] * replicas
@@ -85,6 +88,11 @@ class Recorder:
             s["blocks_free"].append(bm.free_uncached)
             s["running"].append(len(replica.running))  # type: ignore[attr-defined]
             s["waiting"].append(len(replica.waiting))  # type: ignore[attr-defined]
+        n_dec = len(work.decodes)  # type: ignore[attr-defined]
+        if n_dec:
+            steps = work.steps  # type: ignore[attr-defined]
+            self.itl_s.append((work.end_s - now) / steps)  # type: ignore[attr-defined]
+            self.itl_weight.append(n_dec * steps)
         if self.record_steps:
             st = self.steps
             prefills = work.prefills  # type: ignore[attr-defined]
@@ -114,6 +122,18 @@ def stats(x: np.ndarray) -> dict[str, float | None]:
         return {"mean": None, "p50": None, "p90": None, "p99": None}
     p50, p90, p99 = np.percentile(x, [50, 90, 99])
     return {"mean": float(np.mean(x)), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def weighted_stats(x: np.ndarray, weight: np.ndarray) -> dict[str, float | None]:
+    """Mean and 50/90/99th percentiles of values with integer weights (each counted ``weight``
+    times; the percentile is the smallest value whose cumulative share reaches it)."""
+    if len(x) == 0 or weight.sum() <= 0:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    order = np.argsort(x, kind="stable")
+    xs, cum = x[order], np.cumsum(weight[order])
+    at = np.searchsorted(cum, np.array([0.5, 0.9, 0.99]) * cum[-1], side="left")
+    p50, p90, p99 = xs[np.minimum(at, len(xs) - 1)]
+    return {"mean": float(np.average(x, weights=weight)), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
 
 
 def separability(pos: np.ndarray, neg: np.ndarray) -> dict[str, float | None]:
