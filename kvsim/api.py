@@ -13,7 +13,7 @@ import numpy as np
 
 from kvsim.memory import EngineMemoryConfig, MemoryPlan
 from kvsim.spec.hardware import HardwareSpec, load_hardware
-from kvsim.spec.model import ModelSpec, load_model
+from kvsim.spec.model import ModelSpec, check_context, load_model
 
 if TYPE_CHECKING:  # the simulator is imported by run_scenario only (predict stays quick to start)
     from kvsim.scenario import RunResult, Scenario
@@ -60,6 +60,11 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
         raise KvsimError("give a context (price decode steps) and/or a prompt (price the prefill)",
                          field="context", value=None)
     m, hw = _specs(model, hardware)
+    for c in contexts:
+        if c is not None:
+            check_context(m, c)
+    if prompt is not None:
+        check_context(m, prompt, "--prompt")
     layout = layout_for(m, method)
     engine = EngineMemoryConfig()  # vLLM's defaults
     cost = CostModel(m, hw, layout, tp, calibration, vllm_execution(hw, tp, engine.max_num_seqs,

@@ -29,13 +29,6 @@ def _positive(value: int | None, field: str) -> None:
         raise KvsimError("must be a positive integer", field=field, value=value)
 
 
-def _within_model(model, context: int) -> None:  # noqa: ANN001 - a ModelSpec
-    """A context the model cannot attend over would plan a deployment that cannot exist."""
-    if context > model.max_position_embeddings:
-        raise KvsimError(f"longer than {model.name}'s maximum context of {model.max_position_embeddings:,} tokens",
-                         field="--context", value=context)
-
-
 # ---------------------------------------------------------------- catalogues
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -105,11 +98,12 @@ def _deployment(args: argparse.Namespace):
 
 def memory_report(args: argparse.Namespace) -> dict:
     from kvsim.memory import EngineMemoryConfig, plan_memory
+    from kvsim.spec.model import check_context
 
     for field in ("context", "batch", "block_size", "max_num_batched_tokens", "max_num_seqs"):
         _positive(getattr(args, field), f"--{field.replace('_', '-')}")
     model, hardware, layout = _deployment(args)
-    _within_model(model, args.context)
+    check_context(model, args.context)
     engine = EngineMemoryConfig(args.gpu_memory_utilization, args.block_size, args.max_num_batched_tokens,
                                 args.max_num_seqs)
     plan = plan_memory(model, hardware, layout, args.tp, engine)

@@ -229,8 +229,8 @@ def _file_cases(d: Path) -> list[list[str]]:
                          ("--block-size", ["0"]), ("--max-num-seqs", ["0"]), ("--max-num-batched-tokens", ["0"]),
                          ("--gpu-memory-utilization", ["nan", "inf", "0", "-1", "2"])):
         cases += [["memory", *DEPLOY, flag, v] for v in values]
-    for flag, values in (("--batch", ["0", "x", "nan", "", "1e400"]), ("--context", ["0", "nan", "1e400"]),
-                         ("--prompt", ["0", "-1"]), ("--calibration", [str(d / "nope.yaml"), sc, afile]),
+    for flag, values in (("--batch", ["0", "x", "nan", "", "1e400"]), ("--context", ["0", "nan", "1e400", "100000"]),
+                         ("--prompt", ["0", "-1", "100000"]), ("--calibration", [str(d / "nope.yaml"), sc, afile]),
                          ("--tp", ["0", "3"])):
         for v in values:
             argv = ["predict", *DEPLOY, "--batch", "1", "--context", "128", flag, v]

@@ -327,6 +327,13 @@ def catalogue_dir() -> Path:
     raise KvsimError("model catalogue not found (expected models/ beside the kvsim package)")
 
 
+def check_context(model: ModelSpec, tokens: int, field: str = "--context") -> None:
+    """A context the model cannot attend over would plan a deployment that cannot exist."""
+    if tokens > model.max_position_embeddings:
+        raise KvsimError(f"longer than {model.name}'s maximum context of {model.max_position_embeddings:,} tokens",
+                         field=field, value=tokens)
+
+
 def model_names() -> list[str]:
     return sorted(p.stem for p in catalogue_dir().glob("*.yaml"))
 
