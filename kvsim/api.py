@@ -46,7 +46,8 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     with ``prompt``, also ``prefill_s`` for prefilling ``batch`` prompts of that length. Without
     ``context``, the prefill alone (``prompt`` is then required). ``calibration``: None (the GPU's
     profile), ``"none"`` (pure roofline) or a profile path; each point names the profile used in
-    ``calibration``."""
+    ``calibration``, with ``decode_kernel``: whether decode attention is priced from this method's
+    measured kernel, derived from a measured neighbour (by the rule it names), or from a prior."""
     from kvsim.cost import Batch, CostModel
     from kvsim.cost.collectives import vllm_allreduce
     from kvsim.errors import KvsimError
@@ -63,7 +64,7 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     cost = CostModel(m, hw, layout, tp, calibration, vllm_allreduce(hw, tp))
     mem = plan(m, hw, layout, tp)
     label = {"kind": cost.cal.kind, "gpu": cost.cal.gpu, "engine": cost.cal.engine, "note": cost.cal.note,
-             "allreduce": cost.allreduce.source}
+             "allreduce": cost.allreduce.source, "decode_kernel": cost.decode_kernel.as_dict()}
     points = []
     for b in batches:
         for c in contexts:

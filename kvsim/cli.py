@@ -71,13 +71,21 @@ def cmd_hardware(args: argparse.Namespace) -> None:
     _table(rows, args.json, list(rows[0]))
 
 
-def cmd_methods(args: argparse.Namespace) -> None:
-    from kvsim.kv import METHODS
+METHODS_PROFILE_GPU = "h100-sxm"  # the GPU whose measured kernels `kvsim methods` reports
 
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    from kvsim.cost.calibration import find_calibration
+    from kvsim.cost.kernels import example_kernel
+    from kvsim.kv import METHODS
+    from kvsim.spec.hardware import load_hardware
+
+    cal = find_calibration(load_hardware(METHODS_PROFILE_GPU))
     rows = [{"name": m.name, "stage": m.stage.name.lower(), "source": m.source,
              "params": ", ".join(f"{p.name}={'<required>' if p.default is None else p.default}" for p in m.params),
-             "summary": m.summary, "example": m.example} for m in METHODS.values()]
-    _table(rows, args.json, ["name", "stage", "params", "source", "summary"])
+             "summary": m.summary, "example": m.example,
+             f"decode cost ({cal.gpu})": example_kernel(m.name, cal).short} for m in METHODS.values()]
+    _table(rows, args.json, ["name", "stage", "params", "source", "summary", f"decode cost ({cal.gpu})"])
 
 
 def _table(rows: list[dict], as_json: bool, columns: Sequence[str]) -> None:
@@ -185,6 +193,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(meta, file=sys.stderr)
         return
     print(f"{model.name} on {hardware.name} (TP {args.tp}), KV method {'+'.join(layout.methods)}; {meta}")
+    print(f"decode attention: {cal['decode_kernel']['label']}")
     print(f"{'batch':>6} {'context':>8} {'decode ms':>10} {'tok/s':>10} {'prefill ms':>11}  fits  largest terms")
     for p in points:
         terms = p.get("breakdown") or p["prefill_breakdown"]

@@ -20,6 +20,7 @@ import numpy as np
 
 from kvsim.cost.calibration import Calibration, find_calibration
 from kvsim.cost.collectives import AllReducePricing
+from kvsim.cost.kernels import KernelSource, decode_kernel
 from kvsim.kv import METHODS
 from kvsim.kv.layout import KVLayout, Stream
 from kvsim.spec.hardware import HardwareSpec
@@ -116,6 +117,8 @@ def decode_family(layout: KVLayout) -> str:
         return deciding("eviction")
     if rt.reconstruct_rank:
         return deciding("structure", "placement")
+    if any(s.tier != "gpu" for s in streams):  # a host tier: what the step reads depends on the fetch path
+        return deciding("placement")
     if any(s.elem_bytes < layout.model.dtype_bytes for s in streams if s.part in ("k", "v")):
         return deciding("precision")
     return "dense"
@@ -171,7 +174,8 @@ class CostModel:
         self.decode_family = decode_family(layout)
         # query heads sharing one KV head: the decode kernel's rows per KV read (its second axis)
         self.query_group = float(max(lay.q_heads // max(lay.kv_heads, 1) for lay in layout.layers))
-        decode_curve = self.cal.ops.get(f"attention_decode.{self.decode_family}", self.cal.ops["attention_decode"])
+        decode_curve, source = decode_kernel(self.decode_family, self.cal)
+        self.decode_kernel: KernelSource = source  # measured, derived (by which rule), prior or roofline
         self._decode_curve = decode_curve.at(self.query_group)
         caps = sorted({cap for kinds in self._decode.by_kind.values() for cap in kinds})
         self._caps = np.array([np.iinfo(np.int64).max if c == NO_CAP else c for c in caps], dtype=np.int64)

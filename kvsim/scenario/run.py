@@ -327,7 +327,7 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
                      "hardware": spec.hardware, "method": "+".join(dep.layout.methods) or spec.method,
                      "tp": spec.tp, "replicas": spec.replicas, "router": spec.router, "seed": spec.seed,
                      "calibration": {"kind": cal.kind, "gpu": cal.gpu, "source": cal.source,
-                                     "note": cal.note}},
+                                     "note": cal.note, "decode_kernel": dep.cost.decode_kernel.as_dict()}},
         "requests": sim.arrived,
         "completed": int(done.sum()),
         "rejected": {"total": sum(rejected.values()), "by_reason": rejected},

@@ -1,0 +1,100 @@
+"""What each KV method costs beyond its bytes: no free dequantization (a kernel is measured, derived
+from a measured neighbour by a named rule, or refused), prefill that sees the whole prompt, and
+every method's extra work charged."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import MappingProxyType
+
+import numpy as np
+import pytest
+
+from kvsim.api import predict
+from kvsim.cost import Batch, CostModel
+from kvsim.cost.calibration import find_calibration
+from kvsim.errors import KvsimError
+from kvsim.kv import METHODS, layout_for
+from kvsim.kv.method import Stage
+from kvsim.spec.hardware import load_hardware
+from kvsim.spec.model import load_model
+
+H100 = load_hardware("h100-sxm")
+LLAMA = load_model("llama-3-8b")
+
+
+def attention(method: str, batch: int = 16, context: int = 32_768, model=LLAMA, cal=None) -> float:
+    c = CostModel(model, H100, layout_for(model, method), 1, cal)
+    return c.step(Batch(decode_context=np.full(batch, context))).breakdown["attention.decode"]
+
+
+def kernel(method: str, cal=None):
+    return CostModel(LLAMA, H100, layout_for(LLAMA, method), 1, cal).decode_kernel
+
+
+# ------------------------------------------------------------------ 1. no free dequantization
+
+def test_unmeasured_bit_width_is_derived_from_its_measured_neighbour() -> None:
+    """kivi:bits=3 was priced on the bf16 curve: 6.2 ms of attention at batch 16, 32k context on
+    H100, against 20.4 ms for the measured kivi:bits=2. It reads more bytes than 2-bit KIVI with the
+    same kernel, so it costs more; it stays below the measured 4-bit kernel, which reads more still."""
+    two, three, four = (attention(f"kivi:bits={b}") for b in (2, 3, 4))
+    assert two < three < four
+    assert two == pytest.approx(20.4e-3, rel=0.02) and four == pytest.approx(30.0e-3, rel=0.02)
+    k = kernel("kivi:bits=3")
+    assert (k.status, k.curve) == ("derived", "attention_decode.kivi.k2v2")
+    assert "not measured" in k.label and "bytes and dequantization work" in k.label
+
+
+def test_identical_kernels_are_priced_identically() -> None:
+    """asymkv at equal widths runs the very kernel kivi does (triton_kivi); MiniKV at group 32 stores
+    what PyramidKV + KIVI stores. Both were priced about 4x cheaper on the bf16 curve."""
+    assert attention("asymkv:k_bits=2,v_bits=2") == attention("kivi:bits=2")
+    assert kernel("asymkv:k_bits=2,v_bits=2").status == "measured"
+    mini = attention("minikv:budget=4096,group=32")
+    assert mini == pytest.approx(attention("pyramidkv:budget=4096+kivi:bits=2"), rel=1e-9)
+    assert kernel("minikv:budget=4096").status == "derived"
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS.values() if m.stage == Stage.PRECISION
+                                    or m.name in ("minikv", "ttkv")], ids=lambda m: m.name)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_every_nameable_width_is_measured_or_derived(method, bits: int) -> None:
+    names = [p.name for p in method.params if "bits" in p.name]
+    spec = method.name + ":" + ",".join(f"{n}={bits}" for n in names) if names else method.name
+    if method.name == "minikv":
+        spec += ",budget=1024"
+    elif method.name == "kvquant" and bits < 2:
+        return  # below the parameter's minimum
+    k = kernel(spec)
+    assert k.status in ("measured", "derived")
+    if k.status == "derived":
+        assert "not measured" in k.label and k.curve.startswith("attention_decode")
+
+
+def test_a_profile_without_the_kernel_refuses_and_names_what_was_measured() -> None:
+    cal = find_calibration(H100)
+    ops = {k: v for k, v in cal.ops.items() if ".kivi." not in k and ".asymkv." not in k}
+    bare = replace(cal, ops=MappingProxyType(ops))
+    with pytest.raises(KvsimError, match=r"no measured decode kernel for kivi\.k3v3.*measured: .*intkv\.k2v2"):
+        kernel("kivi:bits=3", bare)
+
+
+def test_prior_and_roofline_profiles_say_so() -> None:
+    assert kernel("kivi:bits=3", "none").status == "roofline"
+    a100 = load_hardware("a100-sxm-80gb")
+    assert CostModel(LLAMA, a100, layout_for(LLAMA, "kivi:bits=3")).decode_kernel.status == "prior"
+
+
+def test_summary_and_breakdown_name_the_kernel_source() -> None:
+    point = predict("llama-3-8b", "h100-sxm", 16, 32_768, method="kivi:bits=3")[0]
+    assert point["calibration"]["decode_kernel"]["status"] == "derived"
+    assert predict("llama-3-8b", "h100-sxm", 16, 32_768, method="kivi:bits=2")[0][
+        "calibration"]["decode_kernel"]["status"] == "measured"
+
+
+@pytest.mark.parametrize("method", ["lrkv", "kvquant", "minikv:budget=1024", "mka", "offload:gpu_tokens=4096",
+                                    "packkv:mean_bits=4"])
+def test_methods_without_a_measured_kernel_are_marked(method: str) -> None:
+    k = kernel(method)
+    assert k.status == "derived" and "not measured" in k.label
