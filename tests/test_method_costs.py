@@ -98,3 +98,33 @@ def test_summary_and_breakdown_name_the_kernel_source() -> None:
 def test_methods_without_a_measured_kernel_are_marked(method: str) -> None:
     k = kernel(method)
     assert k.status == "derived" and "not measured" in k.label
+
+
+# ------------------------------------------------------------------ 2. prefill sees the whole prompt
+
+EVICTION = [m.name for m in METHODS.values() if m.stage == Stage.EVICTION and m.name != "lightkv"]
+
+
+@pytest.mark.parametrize("method", EVICTION)
+def test_eviction_prefill_attends_the_whole_prompt(method: str) -> None:
+    """SnapKV & co. were priced as if the prompt were already evicted during its own prefill: a
+    32k prompt got 55 ms of attention instead of bf16's 454 ms on H100."""
+    spec = METHODS[method].example
+    prompt = Batch(prefill_tokens=np.array([32_768]), prefill_context=np.array([0]))
+    base = CostModel(LLAMA, H100, layout_for(LLAMA), 1).step(prompt)
+    step = CostModel(LLAMA, H100, layout_for(LLAMA, spec), 1).step(prompt)
+    passes = layout_for(LLAMA, spec).runtime.prefill_passes
+    assert step.breakdown["attention.prefill"] == pytest.approx(base.breakdown["attention.prefill"] * passes, rel=1e-3)
+    assert step.total_s >= base.total_s
+    scoring = step.breakdown.get("prefill.scoring", 0.0)
+    assert scoring > 0 or method == "streamingllm", "every scoring method pays its scoring pass"
+
+
+def test_h2o_scores_every_prompt_query() -> None:
+    """H2O accumulates every prompt query's attention probabilities (arXiv 2306.14048 sec. 4): a
+    QK^T pass over the causal prompt, 2 * heads * d * T(T+1)/2 FLOPs per layer."""
+    n = 4096
+    step = CostModel(LLAMA, H100, layout_for(LLAMA, "h2o:budget=1024"), 1, "none").step(
+        Batch(prefill_tokens=np.array([n]), prefill_context=np.array([0])))
+    scoring = next(o for o in step.ops if o.name == "prefill.scoring")
+    assert scoring.flops == pytest.approx(32 * 2 * 32 * 128 * n * (n + 1) / 2)

@@ -277,7 +277,8 @@ class CostModel:
         per group of identical layers."""
         a, tp = self.model.attention, self.tp
         groups: dict[tuple, int] = defaultdict(int)
-        for layer in self.layout.layers:
+        # eviction compresses the cache after the prompt is prefilled: prefill attends the whole prompt
+        for layer in (self.layout.prefill or self.layout).layers:
             if layer.kind == "mla":  # prefill runs un-absorbed over per-head K/V (DeepSeek-V2 sec. 2.1)
                 qk, vo, kvh = a.head_dim, a.v_head_dim, layer.q_heads // tp
             else:
@@ -501,18 +502,35 @@ class CostModel:
                 # query tile; the re-reads of a tile hit L2, so HBM traffic is the single pass.
                 reach = p_ctx + p_tok if cap == NO_CAP else np.minimum(p_ctx + p_tok, cap)
                 pb += layers * (qob * float(p_tok.sum()) + kvb * float(reach.sum()))
-            if rt.prefill_scoring_window:  # SnapKV-style scoring of the prompt at the end of prefill
-                pf += 2.0 * rt.prefill_scoring_window * float((p_ctx + p_tok).sum()) * L * (
-                    self.model.attention.num_heads // self.tp) * self.model.attention.head_dim
             pf, pb = pf * p_scale, pb * p_scale
             t, compute = self._roof("attention_prefill", pf, pb, float(p_tok.max()), L, c.flops_per_s["bf16"],
                                     c.copy_bytes_per_s)
             ops.append(("attention.prefill", pf, pb, float(t), "compute" if compute else "memory"))
+            ops += self._prefill_extras(p_tok, p_ctx)
         if n_decode and (rt.host_fetch_all or rt.host_fetch_tokens):
             fetch = term("host_fetch")
             ops.append(("host_transfer", 0.0, fetch, fetch / c.h2d_bytes_per_s,
                         "link" if rt.host_fetch_all else "overlapped"))
         ops.append(("overhead", 0.0, 0.0, self.cal.step_overhead_s, "floor"))
+        return ops
+
+    def _prefill_extras(self, p_tok: np.ndarray, p_ctx: np.ndarray) -> list[tuple]:
+        """A method's own work while prompts are prefilled, one op per kind of work."""
+        rt, c, L, a = self.layout.runtime, self.cal.ceilings, self.model.num_layers, self.model.attention
+        heads, kv_bytes = a.num_heads // self.tp, kv_heads_per_rank(self.model, self.tp) * a.head_dim * self.model.dtype_bytes
+        reach = float((p_ctx + p_tok).sum())
+        ops = []
+        if rt.prefill_scoring_window or rt.prefill_scores_all_queries:
+            # SnapKV (arXiv 2404.14469 sec. 4): the last `window` queries' softmax(QK^T) over the
+            # prompt, once at its end; H2O/KeepKV: every prompt query's probabilities summed per key
+            # (attention scores FlashAttention never materializes: a second QK^T pass, causal).
+            queries = (float(sum_min_range(p_ctx, p_tok, NO_CAP).sum()) if rt.prefill_scores_all_queries
+                       else rt.prefill_scoring_window * reach)
+            flops = 2.0 * queries * L * heads * a.head_dim
+            nbytes = L * kv_bytes / 2 * reach  # the prompt's keys, read once
+            t, compute = self._roof("attention_prefill", flops, nbytes, float(p_tok.max()), L, c.flops_per_s["bf16"],
+                                    c.copy_bytes_per_s)
+            ops.append(("prefill.scoring", flops, nbytes, float(t), "compute" if compute else "memory"))
         return ops
 
     def _allreduce(self, tokens: np.ndarray) -> tuple:

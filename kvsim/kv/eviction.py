@@ -65,7 +65,7 @@ def _h2o(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     # H2O (arXiv 2306.14048): heavy hitters + recent tokens; every step accumulates attention
     # probabilities into a per-token, per-head score (fp32, counted as a stream).
     score = Stream("score", 1, 1, 4.0)
-    return _uniform(layout, p, (score,)).with_runtime(per_step_scoring=True)
+    return _uniform(layout, p, (score,)).with_runtime(per_step_scoring=True, prefill_scores_all_queries=True)
 
 
 def _streaming(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
@@ -107,7 +107,8 @@ def _keepkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     merge_state = Stream("merge_state", 1, 2, 2.0)
     head_dim = max(layer.qk_dim for layer in layout.layers)
     return (_uniform(layout, p, (merge_state,))
-            .with_runtime(per_step_scoring=True, merge_ops_per_token=4.0 * head_dim))
+            .with_runtime(per_step_scoring=True, prefill_scores_all_queries=True,
+                          merge_ops_per_token=4.0 * head_dim))
 
 
 def _minikv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:

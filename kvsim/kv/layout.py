@@ -119,6 +119,7 @@ class Runtime:
 
     per_step_scoring: bool = False  # H2O: attention probabilities accumulated every decode step
     prefill_scoring_window: int = 0  # SnapKV: queries scored against the prompt at prefill end
+    prefill_scores_all_queries: bool = False  # H2O/KeepKV: every prompt query's scores accumulated
     prefill_passes: float = 1.0  # LCKV/top-target sharing: iterative prefill
     prefill_layer_fraction: float = 1.0  # YOCO: prefill exits early after the self-decoder
     reconstruct_rank: int = 0  # low-rank K/V rebuilt per read token (LRKV, ShadowKV keys)
