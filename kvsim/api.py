@@ -29,7 +29,7 @@ def plan_memory(model: str | ModelSpec, hardware: str | HardwareSpec, method: st
     """One replica's memory sized the way vLLM does (``kvsim memory``): weights, activation peak,
     engine overheads and what is left for KV blocks. ``engine`` defaults to vLLM's arguments.
 
-    The plan answers ``fits``, ``num_gpu_blocks``, ``kv_capacity_tokens``,
+    The plan answers ``fits``, ``num_gpu_blocks``, ``kv_capacity_tokens(context_tokens)``,
     ``max_concurrency(context_tokens)`` and ``max_context(batch)``."""
     from kvsim.kv import layout_for
     from kvsim.memory import plan_memory as plan

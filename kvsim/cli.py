@@ -142,7 +142,7 @@ def memory_report(args: argparse.Namespace) -> dict:
         "block_size": engine.block_size,
         "block_bytes": plan.block_bytes,
         "num_gpu_blocks": plan.num_gpu_blocks,
-        "kv_capacity_tokens": plan.kv_capacity_tokens,
+        "kv_capacity_tokens": plan.kv_capacity_tokens(ctx),
         "max_concurrency": int(plan.max_concurrency(ctx)[0]),
         "max_context": plan.max_context(args.batch),
         "fits": plan.fits and int(plan.max_concurrency(ctx)[0]) >= args.batch,
@@ -167,7 +167,7 @@ def cmd_memory(args: argparse.Namespace) -> None:
     print(f"  activation peak         {g(r['activation_peak_bytes'])}")
     print(f"  non-torch + CUDA graphs {g(r['non_torch_bytes'] + r['cuda_graph_bytes'])}")
     print(f"  KV cache                {g(r['kv_cache_bytes'])}  = {r['num_gpu_blocks']:,} blocks of "
-          f"{r['block_size']} tokens ({r['kv_capacity_tokens']:,} tokens)")
+          f"{r['block_size']} tokens ({r['kv_capacity_tokens']:,} tokens at {r['context']:,}-token context)")
     print(f"  max concurrency         {r['max_concurrency']:,} sequences of {r['context']:,} tokens")
     print(f"  max context             {r['max_context']:,} tokens for {r['batch']} sequences")
     print(f"  fits                    {r['fits']}  ({r['reason']})")

@@ -169,9 +169,12 @@ class MemoryPlan:
             return 0
         return int(self.kv_cache_bytes // self.block_bytes)
 
-    @property
-    def kv_capacity_tokens(self) -> int:
-        return self.num_gpu_blocks * self.engine.block_size
+    def kv_capacity_tokens(self, context: int, blocks: int | None = None) -> int:
+        """Tokens of ``context``-token sequences the KV cache (``blocks``: default ``num_gpu_blocks``)
+        holds: what the method gives at that length (a quantization window, an eviction budget or a
+        host tier changes the GPU bytes a token costs with the length), not pages x page tokens."""
+        blocks = self.num_gpu_blocks if blocks is None else blocks
+        return int(blocks * context // max(int(self.blocks_for(context)[0]), 1))
 
     def seq_gpu_bytes(self, tokens: np.ndarray | int, image_tokens: np.ndarray | int = 0) -> np.ndarray:
         """Paged GPU bytes one sequence holds on one GPU (whole pages)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import examples
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -48,3 +49,19 @@ def test_grid_equals_the_planner(model: str, method: str, gpu: str, tp: int, uti
     grid = capacity_grid([m], [method], [hw], CONTEXTS, tp, engine)
     plan = plan_memory(m, hw, layout, tp, engine)
     assert np.array_equal(grid.max_concurrency[0, 0, 0], plan.max_concurrency(np.array(CONTEXTS)))
+
+
+def test_capacity_tokens_are_what_the_method_holds() -> None:
+    """kvsim memory printed 436,624 tokens for every method on Llama-3.1-8B / H100 (the 16-bit pages
+    times 16): SnapKV at 32k context holds 6.93 M context tokens, 2-bit KIVI 2.29 M."""
+    m, h = load_model("llama-3.1-8b"), load_hardware("h100-sxm")
+    ctx = 32_768
+    bf16 = plan_memory(m, h, layout_for(m), 1)
+    assert bf16.kv_capacity_tokens(ctx) == bf16.num_gpu_blocks * 16
+    for spec in ("kivi:bits=2", "snapkv:budget=2048", "streamingllm:window=2044", "offload:gpu_tokens=4096"):
+        plan = plan_memory(m, h, layout_for(m, spec), 1)
+        per_token = float(plan.seq_gpu_bytes(ctx)[0]) / ctx  # paged GPU bytes a context token costs
+        assert plan.kv_capacity_tokens(ctx) == pytest.approx(plan.kv_cache_bytes / per_token, rel=0.01)
+        assert plan.kv_capacity_tokens(ctx) >= plan.max_concurrency(ctx)[0] * ctx
+    snap = plan_memory(m, h, layout_for(m, "snapkv:budget=2048"), 1).kv_capacity_tokens(ctx)
+    assert snap == pytest.approx(6.93e6, rel=0.01)

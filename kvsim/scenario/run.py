@@ -336,7 +336,7 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         "duration_s": duration,
         "num_gpu_blocks": dep.num_gpu_blocks,
         "block_size": spec.engine.block_size,
-        "kv_capacity_tokens": dep.num_gpu_blocks * spec.engine.block_size,
+        "kv_capacity_tokens": dep.plan.kv_capacity_tokens(dep.max_model_len, dep.num_gpu_blocks),
         "max_model_len": dep.max_model_len,
         "throughput_output_tokens_per_s": float(generated.sum()) / duration if duration else 0.0,
         "throughput_requests_per_s": float(done.sum()) / duration if duration else 0.0,
