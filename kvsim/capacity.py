@@ -68,6 +68,9 @@ def capacity_grid(models: Sequence[ModelSpec], methods: Sequence[str], gpus: Seq
             blocks = (np.where(kv_cache[i] > 0, kv_cache[i] // plan.block_bytes, 0) if plan.block_bytes > 0
                       else np.zeros(len(gpus))).astype(np.int64)
             conc[i, j] = blocks[:, None] // seq[None, :]
-            per_token[i, j] = sum(layout.bytes_by_tier(ctx, tp).values()) * tp / ctx
+            tiers = layout.bytes_by_tier(ctx, tp)
+            if any(np.any(b > 0) for tier, b in tiers.items() if tier != "gpu"):  # host/NVMe bound it too
+                conc[i, j] = [replace(plan, hardware=gpu).max_concurrency(ctx) for gpu in gpus]
+            per_token[i, j] = sum(tiers.values()) * tp / ctx
     return CapacityGrid(tuple(m.name for m in models), tuple(methods), tuple(g.name for g in gpus), ctx, conc,
                         per_token, kv_cache)

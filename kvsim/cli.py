@@ -123,6 +123,8 @@ def memory_report(args: argparse.Namespace) -> dict:
     plan = plan_memory(model, hardware, layout, args.tp, engine)
     ctx = args.context
     tiers = layout.bytes_by_tier(ctx, args.tp)
+    concurrency, binding = int(plan.max_concurrency(ctx)[0]), plan.binding_tier(ctx)
+    budgets = plan.offload_budget_bytes
     all_ranks = args.tp  # every rank holds its share (or a replica) of the KV heads
     return {
         "model": model.name, "hardware": hardware.name, "method": "+".join(layout.methods), "tp": args.tp,
@@ -143,12 +145,18 @@ def memory_report(args: argparse.Namespace) -> dict:
         "block_bytes": plan.block_bytes,
         "num_gpu_blocks": plan.num_gpu_blocks,
         "kv_capacity_tokens": plan.kv_capacity_tokens(ctx),
-        "max_concurrency": int(plan.max_concurrency(ctx)[0]),
+        "host_budget_bytes": budgets["host"],
+        "ssd_budget_bytes": budgets["ssd"],
+        "max_concurrency": concurrency,
+        "binding_tier": binding,
         "max_context": plan.max_context(args.batch),
-        "fits": plan.fits and int(plan.max_concurrency(ctx)[0]) >= args.batch,
+        "fits": plan.fits and concurrency >= args.batch,
         "reason": plan.reason if not plan.fits else (
-            "fits" if int(plan.max_concurrency(ctx)[0]) >= args.batch else
-            f"{args.batch} sequences of {ctx} tokens need more than the {plan.num_gpu_blocks} KV blocks"),
+            "fits" if concurrency >= args.batch else
+            f"{args.batch} sequences of {ctx} tokens need more than the {plan.num_gpu_blocks} KV blocks"
+            if binding == "gpu" else
+            f"{args.batch} sequences of {ctx} tokens need more than this GPU's {budgets[binding] / GIB:.0f} GiB "
+            f"share of {binding} memory (holds {concurrency})"),
         "max_model_len": model.max_position_embeddings,
     }
 
@@ -168,7 +176,12 @@ def cmd_memory(args: argparse.Namespace) -> None:
     print(f"  non-torch + CUDA graphs {g(r['non_torch_bytes'] + r['cuda_graph_bytes'])}")
     print(f"  KV cache                {g(r['kv_cache_bytes'])}  = {r['num_gpu_blocks']:,} blocks of "
           f"{r['block_size']} tokens ({r['kv_capacity_tokens']:,} tokens at {r['context']:,}-token context)")
-    print(f"  max concurrency         {r['max_concurrency']:,} sequences of {r['context']:,} tokens")
+    host = r["kv_host_bytes_per_token"] * r["context"] / r["tp"]
+    if host:
+        print(f"  host memory             {g(r['host_budget_bytes'])}  per GPU (host / GPUs per node); "
+              f"{host / GIB:.2f} GiB per sequence")
+    print(f"  max concurrency         {r['max_concurrency']:,} sequences of {r['context']:,} tokens "
+          f"(bound by {r['binding_tier']} memory)")
     print(f"  max context             {r['max_context']:,} tokens for {r['batch']} sequences")
     print(f"  fits                    {r['fits']}  ({r['reason']})")
 

@@ -58,10 +58,44 @@ def test_capacity_tokens_are_what_the_method_holds() -> None:
     ctx = 32_768
     bf16 = plan_memory(m, h, layout_for(m), 1)
     assert bf16.kv_capacity_tokens(ctx) == bf16.num_gpu_blocks * 16
-    for spec in ("kivi:bits=2", "snapkv:budget=2048", "streamingllm:window=2044", "offload:gpu_tokens=4096"):
+    for spec in ("kivi:bits=2", "snapkv:budget=2048", "streamingllm:window=2044"):
         plan = plan_memory(m, h, layout_for(m, spec), 1)
         per_token = float(plan.seq_gpu_bytes(ctx)[0]) / ctx  # paged GPU bytes a context token costs
         assert plan.kv_capacity_tokens(ctx) == pytest.approx(plan.kv_cache_bytes / per_token, rel=0.01)
         assert plan.kv_capacity_tokens(ctx) >= plan.max_concurrency(ctx)[0] * ctx
     snap = plan_memory(m, h, layout_for(m, "snapkv:budget=2048"), 1).kv_capacity_tokens(ctx)
     assert snap == pytest.approx(6.93e6, rel=0.01)
+
+
+def test_host_memory_bounds_an_offload_plan() -> None:
+    """A 128k-context offload plan of Llama-3.1-8B on an H100 'fitted' 106 sequences, 1.76 TB of
+    host memory, on a DGX H100 whose 2 TB serve 8 GPUs: 250 GB per GPU hold 15 sequences of
+    15.5 GiB of host KV each, and the plan says the host binds."""
+    m, h = load_model("llama-3.1-8b"), load_hardware("h100-sxm")
+    ctx = 131_072
+    plan = plan_memory(m, h, layout_for(m, "offload:gpu_tokens=4096"), 1)
+    host_per_seq = (ctx - 4096) * 131_072
+    assert plan.offload_budget_bytes["host"] == 2e12 / 8
+    assert plan.concurrency_by_tier(ctx)["gpu"][0] == 106
+    assert plan.max_concurrency(ctx)[0] == int(2e12 / 8 // host_per_seq) == 15
+    assert plan.binding_tier(ctx) == "host"
+    assert plan.kv_capacity_tokens(ctx) == int(2e12 / 8 / host_per_seq * ctx)
+    assert plan.max_context(15) == ctx and plan.max_context(16) < ctx
+    grid = capacity_grid([m], ["offload:gpu_tokens=4096"], [h], [ctx])
+    assert grid.max_concurrency[0, 0, 0, 0] == 15
+
+
+def test_nvme_tier_without_a_disk_size_is_refused() -> None:
+    from dataclasses import replace
+
+    m, h = load_model("llama-3.1-8b"), load_hardware("h100-sxm")
+    layout = layout_for(m)
+    on_ssd = layout.with_layers([replace(layer, streams=tuple(replace(s, tier="ssd", gpu_recent_tokens=16)
+                                                              for s in layer.streams)) for layer in layout.layers])
+    plan = plan_memory(m, h, on_ssd, 1)
+    per_seq = (100_000 - 16) * 131_072
+    assert plan.max_concurrency(100_000)[0] == int(30.72e12 / 8 // per_seq)  # DGX H100: 8x 3.84 TB NVMe
+    assert plan.binding_tier(100_000) == "ssd"
+    no_disk = replace(h, host=replace(h.host, nvme_bytes=None))
+    with pytest.raises(KvsimError, match="host.nvme_bytes"):
+        plan_memory(m, no_disk, on_ssd, 1).max_concurrency(1000)
