@@ -47,7 +47,8 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     ``context``, the prefill alone (``prompt`` is then required). ``calibration``: None (the GPU's
     profile), ``"none"`` (pure roofline) or a profile path; each point names the profile used in
     ``calibration``, with ``decode_kernel``: whether decode attention is priced from this method's
-    measured kernel, derived from a measured neighbour (by the rule it names), or from a prior."""
+    measured kernel, derived from a measured neighbour (by the rule it names), or from a prior, and
+    ``cost_notes``: every other term priced by a rule rather than a measured kernel."""
     from kvsim.cost import Batch, CostModel
     from kvsim.cost.collectives import vllm_allreduce
     from kvsim.errors import KvsimError
@@ -64,7 +65,8 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     cost = CostModel(m, hw, layout, tp, calibration, vllm_allreduce(hw, tp))
     mem = plan(m, hw, layout, tp)
     label = {"kind": cost.cal.kind, "gpu": cost.cal.gpu, "engine": cost.cal.engine, "note": cost.cal.note,
-             "allreduce": cost.allreduce.source, "decode_kernel": cost.decode_kernel.as_dict()}
+             "allreduce": cost.allreduce.source, "decode_kernel": cost.decode_kernel.as_dict(),
+             "cost_notes": list(cost.cost_notes)}
     points = []
     for b in batches:
         for c in contexts:

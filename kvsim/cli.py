@@ -76,7 +76,7 @@ METHODS_PROFILE_GPU = "h100-sxm"  # the GPU whose measured kernels `kvsim method
 
 def cmd_methods(args: argparse.Namespace) -> None:
     from kvsim.cost.calibration import find_calibration
-    from kvsim.cost.kernels import example_kernel
+    from kvsim.cost.kernels import example_cost_label
     from kvsim.kv import METHODS
     from kvsim.spec.hardware import load_hardware
 
@@ -84,8 +84,8 @@ def cmd_methods(args: argparse.Namespace) -> None:
     rows = [{"name": m.name, "stage": m.stage.name.lower(), "source": m.source,
              "params": ", ".join(f"{p.name}={'<required>' if p.default is None else p.default}" for p in m.params),
              "summary": m.summary, "example": m.example,
-             f"decode cost ({cal.gpu})": example_kernel(m.name, cal).short} for m in METHODS.values()]
-    _table(rows, args.json, ["name", "stage", "params", "source", "summary", f"decode cost ({cal.gpu})"])
+             f"cost ({cal.gpu})": example_cost_label(m.name, cal)} for m in METHODS.values()]
+    _table(rows, args.json, ["name", "stage", "params", "source", "summary", f"cost ({cal.gpu})"])
 
 
 def _table(rows: list[dict], as_json: bool, columns: Sequence[str]) -> None:
@@ -207,6 +207,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         return
     print(f"{model.name} on {hardware.name} (TP {args.tp}), KV method {'+'.join(layout.methods)}; {meta}")
     print(f"decode attention: {cal['decode_kernel']['label']}")
+    for note in cal["cost_notes"][1 if cal["decode_kernel"]["status"] != "measured" else 0:]:
+        print(f"note: {note}")
     print(f"{'batch':>6} {'context':>8} {'decode ms':>10} {'tok/s':>10} {'prefill ms':>11}  fits  largest terms")
     for p in points:
         terms = p.get("breakdown") or p["prefill_breakdown"]

@@ -128,3 +128,87 @@ def test_h2o_scores_every_prompt_query() -> None:
         Batch(prefill_tokens=np.array([n]), prefill_context=np.array([0])))
     scoring = next(o for o in step.ops if o.name == "prefill.scoring")
     assert scoring.flops == pytest.approx(32 * 2 * 32 * 128 * n * (n + 1) / 2)
+
+
+# ------------------------------------------------------------------ 3. every method's extra work
+
+def _step(method: str, batch: Batch, model=LLAMA):
+    return CostModel(model, H100, layout_for(model, method), 1, "none").step(batch)
+
+
+def _op(step, name: str):
+    return next(o for o in step.ops if o.name == name)
+
+
+def _decode(n: int, ctx: int) -> Batch:
+    return Batch(decode_context=np.full(n, ctx))
+
+
+def _prompt(n: int) -> Batch:
+    return Batch(prefill_tokens=np.array([n]), prefill_context=np.array([0]))
+
+
+def test_keepkv_merges_past_its_budget() -> None:
+    """KeepKV's merge_ops_per_token (4 * head_dim per evicted token and KV head, inferred) was never
+    read: past the budget, each step merges one token per layer and KV head; at prefill end, every
+    prompt token past the budget."""
+    merge = 4 * 128 * 8 * 32  # ops x KV heads x layers, per sequence and step
+    for ctx, merging in ((1000, 0), (5000, 1)):
+        keep = _op(_step("keepkv:budget=2048", _decode(3, ctx)), "attention.decode").flops
+        h2o = _op(_step("h2o:budget=2048", _decode(3, ctx)), "attention.decode").flops
+        assert keep - h2o == pytest.approx(3 * merge * merging)
+    pre = _op(_step("keepkv:budget=2048", _prompt(5000)), "prefill.merge")
+    assert pre.flops == pytest.approx((5000 - 2048) * 8 * 32 * 4 * 128)
+
+
+def test_shadowkv_pays_svd_and_host_store_and_reuses_fetches() -> None:
+    n, r, width = 10_000, 160, 8 * 128
+    step = _step("shadowkv", _prompt(n))
+    assert _op(step, "prefill.svd").flops == pytest.approx(4 * n * width * r * 32)
+    assert _op(step, "prefill.host_store").bytes == pytest.approx(n * width * 2 * 32)  # values to host
+    # 60% of a step's 2048 fetched tokens are still on the GPU from the step before (arXiv 2410.21465)
+    fetch = _op(_step("shadowkv", _decode(4, 50_000)), "host_transfer").bytes
+    assert fetch == pytest.approx(4 * 2048 * width * 2 * 32 * 0.4)
+    assert _op(_step("shadowkv:reuse=0", _decode(4, 50_000)), "host_transfer").bytes == pytest.approx(fetch / 0.4)
+
+
+@pytest.mark.parametrize("method,host_tokens", [("offload:gpu_tokens=4096", 10_000 - 4096),
+                                                ("ttkv:recent=4096", 10_000 - 4096)])
+def test_offloaded_prompt_goes_to_host_at_prefill(method: str, host_tokens: int) -> None:
+    layout = layout_for(LLAMA, method)
+    expected = float(layout.bytes_by_tier(10_000)["host"][0])
+    assert expected > 0 and host_tokens > 0
+    assert _op(_step(method, _prompt(10_000)), "prefill.host_store").bytes == pytest.approx(expected)
+
+
+def test_lorc_rebuilds_keys_because_of_rope() -> None:
+    """RoPE between the key projection and the dot product stops W_K being absorbed into Q: every
+    step rebuilds each cached key from its rank (2 * r * Hkv*d FLOPs), attention runs over d per
+    head, and only values stay absorbed (summed over the rank)."""
+    layout = layout_for(LLAMA, "lorc:ratio=0.5,progressive=false")
+    r = 512  # 0.5 x 8 KV heads x 128
+    step = _step("lorc:ratio=0.5,progressive=false", _decode(1, 1000))
+    attn = 2 * 32 * (128 + r) * 1000 * 32
+    rebuild = 2 * r * 8 * 128 * 1000 * 32
+    assert _op(step, "attention.decode").flops == pytest.approx(attn + rebuild)
+    assert layout.layers[0].qk_dim == 128 and layout.layers[0].vo_dim == r
+
+
+# ------------------------------------------------------------------ 8. not measured, and said so
+
+def test_kvsim_methods_marks_what_is_not_measured(capsys) -> None:
+    from kvsim.cli import main
+
+    main(["methods", "--json"])
+    import json
+
+    rows = {r["name"]: r["cost (h100-sxm)"] for r in json.loads(capsys.readouterr().out)}
+    for name in ("lrkv", "matkv", "kvquant", "minikv", "mka", "offload", "packkv", "lorc"):
+        assert "not measured" in rows[name], name
+    for name in ("bf16", "kivi", "fp8", "streamingllm", "cla"):
+        assert rows[name].startswith("measured") and "not measured" not in rows[name], name
+
+
+def test_every_summary_carries_the_rules() -> None:
+    point = predict("llama-3.1-8b", "h100-sxm", 1, 8192, prompt=4096, method="matkv")[0]
+    assert any("MatKV" in n and "not measured" in n for n in point["calibration"]["cost_notes"])

@@ -114,17 +114,22 @@ def decode_kernel(family: str, cal: Calibration) -> tuple[Curve, KernelSource]:
 _EXAMPLE_MODELS = ("llama-3-8b", "deepseek-v2-lite", "llava-1.5-7b")
 
 
-def example_kernel(method: str, cal: Calibration) -> KernelSource:
-    """How ``cal`` prices decode attention of the registry example of ``method`` (``kvsim methods``)."""
-    from kvsim.cost.model import decode_family  # noqa: PLC0415 - model imports this module
+def example_cost_label(method: str, cal: Calibration) -> str:
+    """How ``cal`` prices the registry example of ``method`` (``kvsim methods``): its decode kernel
+    and, when other terms rest on a rule rather than a measured kernel, how many."""
+    from kvsim.cost.model import CostModel  # noqa: PLC0415 - model imports this module
     from kvsim.kv import METHODS, layout_for  # noqa: PLC0415
+    from kvsim.spec.hardware import load_hardware  # noqa: PLC0415
     from kvsim.spec.model import load_model  # noqa: PLC0415
 
     for name in _EXAMPLE_MODELS:
+        model = load_model(name)
         try:
-            layout = layout_for(load_model(name), METHODS[method].example)
+            layout = layout_for(model, METHODS[method].example)
         except KvsimError:
             continue
-        return decode_kernel(decode_family(layout), cal)[1]
+        cost = CostModel(model, load_hardware(cal.gpu), layout, 1, cal)
+        others = len(cost.cost_notes) - (cost.decode_kernel.status != "measured")
+        return cost.decode_kernel.short + (f"; {others} more term(s) by rule, not measured" if others else "")
     raise KvsimError(f"no catalogue model of {', '.join(_EXAMPLE_MODELS)} takes the example", field="method",
                      value=method)

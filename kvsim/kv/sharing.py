@@ -199,8 +199,11 @@ def _lorc(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
         rank = max(1, min(full, round(full * share_l)))
         streams = tuple(replace(s, part=f"{s.part}_lowrank", heads=1, dim=rank, split_by_tp=False)
                         for s in layer.streams)
-        out.append(replace(layer, streams=streams, kv_heads=1, qk_dim=rank, vo_dim=rank))
-    return layout.with_layers(out)
+        # RoPE sits between the key projection and the dot product, so W_K's up-projection cannot be
+        # absorbed into Q: each step rebuilds the keys (rank -> Hkv*d) and attends per head over d;
+        # only the value up-projection is absorbed into O (attention sums over the rank).
+        out.append(replace(layer, streams=streams, qk_dim=a.head_dim, vo_dim=rank))
+    return layout.with_layers(out).with_runtime(rebuild_lowrank_keys=True)
 
 
 def _mtla(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:

@@ -378,6 +378,7 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         notes.append(f"all-reduce: {dep.cost.allreduce.source}")
     if cal.kind == "prior":
         notes.append(cal.note)
+    notes += [n for n in dep.cost.cost_notes if not n.startswith("decode attention:")]  # that one has its own line
     if binding != "gpu":
         held = int(dep.plan.max_concurrency(dep.max_model_len)[0])
         notes.append(f"{binding} memory binds: this GPU's share holds {held:,} sequences of max_model_len "
