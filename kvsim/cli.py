@@ -83,9 +83,9 @@ def cmd_methods(args: argparse.Namespace) -> None:
     cal = find_calibration(load_hardware(METHODS_PROFILE_GPU))
     rows = [{"name": m.name, "stage": m.stage.name.lower(), "source": m.source,
              "params": ", ".join(f"{p.name}={'<required>' if p.default is None else p.default}" for p in m.params),
-             "summary": m.summary, "example": m.example,
+             "summary": m.summary, "example": m.example, "alias_of": m.alias_of or "-",
              f"cost ({cal.gpu})": example_cost_label(m.name, cal)} for m in METHODS.values()]
-    _table(rows, args.json, ["name", "stage", "params", "source", "summary", f"cost ({cal.gpu})"])
+    _table(rows, args.json, ["name", "stage", "params", "source", "summary", "alias_of", f"cost ({cal.gpu})"])
 
 
 def _table(rows: list[dict], as_json: bool, columns: Sequence[str]) -> None:
