@@ -9,6 +9,9 @@ from types import MappingProxyType
 
 import numpy as np
 import pytest
+from conftest import examples
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvsim.api import predict
 from kvsim.cost import Batch, CostModel
@@ -239,3 +242,61 @@ def test_aliases_are_what_they_say() -> None:
     assert xkv.layers == depth.layers and xkv.runtime.prefill_passes == pytest.approx(1.1)
     for name in ("depthkv", "xkv", "cla"):
         assert METHODS[name].alias_of
+
+
+# ------------------------------------------------------------------ invariants over every method and model
+
+CAL = find_calibration(H100)
+# the fastest any measured decode kernel read HBM, at any size: no price may beat it
+CEILING = CAL.ceilings.copy_bytes_per_s * max(float(np.max(np.asarray(c.memory, dtype=float)))
+                                              for k, c in CAL.ops.items() if k.startswith("attention_decode"))
+COMPRESSING = (Stage.EVICTION, Stage.PRECISION, Stage.PLACEMENT)  # full KV computed, then compressed or moved
+
+
+def _check_invariants(model_name: str, method: str, prompt: int, batch: int, context: int,
+                      baselines: dict) -> None:
+    model = load_model(model_name)
+    try:
+        layout = layout_for(model, method)
+    except KvsimError:
+        return  # the method does not apply to this model (test_methods checks the refusal)
+    step = CostModel(model, H100, layout, 1, CAL).step(
+        Batch(prefill_tokens=np.array([prompt]), prefill_context=np.array([0]), decode_context=np.full(batch, context)))
+    # the breakdown adds up to the total: kernels in sequence, an overlapped transfer hidden behind them
+    serial = sum(o.seconds for o in step.ops if o.bound != "overlapped")
+    hidden = max((o.seconds for o in step.ops if o.bound == "overlapped"), default=0.0)
+    assert step.total_s == pytest.approx(max(serial, hidden), rel=1e-9)
+    # decode attention is never faster than its HBM bytes at the best bandwidth any kernel reached
+    dec = next(o for o in step.ops if o.name == "attention.decode")
+    assert dec.seconds >= dec.bytes / CEILING * (1 - 1e-9)
+    # compressing the cache never makes the prompt's own computation cheaper (only the KV write shrinks)
+    if METHODS[method.split(":")[0].split("+")[0]].stage in COMPRESSING:
+        key = (model_name, prompt)
+        if key not in baselines:
+            base = CostModel(model, H100, layout_for(model), 1, CAL).step(
+                Batch(prefill_tokens=np.array([prompt]), prefill_context=np.array([0])))
+            baselines[key] = base.total_s - base.breakdown["kv_write"]
+        pre = CostModel(model, H100, layout, 1, CAL).step(
+            Batch(prefill_tokens=np.array([prompt]), prefill_context=np.array([0])))
+        assert pre.total_s - pre.breakdown["kv_write"] >= baselines[key] * (1 - 1e-9), (model_name, method)
+
+
+@pytest.fixture(scope="module")
+def prefill_baselines() -> dict:
+    return {}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_on_every_model_prices_sanely(method: str, prefill_baselines: dict) -> None:
+    from kvsim.spec.model import model_names
+
+    for model_name in model_names():
+        _check_invariants(model_name, METHODS[method].example, 40_000, 4, 50_000, prefill_baselines)
+
+
+@settings(max_examples=examples(60))
+@given(model=st.sampled_from(sorted(__import__("kvsim.spec.model", fromlist=["model_names"]).model_names())),
+       method=st.sampled_from(sorted(m.example for m in METHODS.values())),
+       prompt=st.integers(1, 200_000), batch=st.integers(1, 256), context=st.integers(1, 1_000_000))
+def test_pricing_invariants_hold_at_any_shape(model: str, method: str, prompt: int, batch: int, context: int) -> None:
+    _check_invariants(model, method, prompt, batch, context, {})
