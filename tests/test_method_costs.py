@@ -300,3 +300,14 @@ def test_every_method_on_every_model_prices_sanely(method: str, prefill_baseline
        prompt=st.integers(1, 200_000), batch=st.integers(1, 256), context=st.integers(1, 1_000_000))
 def test_pricing_invariants_hold_at_any_shape(model: str, method: str, prompt: int, batch: int, context: int) -> None:
     _check_invariants(model, method, prompt, batch, context, {})
+
+
+def test_lightkv_pays_its_vision_merge() -> None:
+    """LightKV merges (1 - keep) of the vision tokens at prefill: every layer reads their K/V and
+    writes the merged pairs (the pass validation/kernels/bench_evict.py times)."""
+    llava = load_model("llava-1.5-7b")
+    batch = Batch(prefill_tokens=np.array([1000]), prefill_context=np.array([0]), merged_tokens=288)
+    step = CostModel(llava, H100, layout_for(llava, "lightkv:keep=0.5"), 1, "none").step(batch)
+    assert _op(step, "prefill.vision_merge").bytes == pytest.approx(524_288 * (576 + 288))
+    plain = CostModel(llava, H100, layout_for(llava), 1, "none").step(batch)
+    assert all(o.name != "prefill.vision_merge" for o in plain.ops)

@@ -54,6 +54,7 @@ class Batch:
     prefill_context: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     decode_context: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     prefill_samples: int | None = None  # prefill chunks that finish their prompt (sample a token)
+    merged_tokens: int = 0  # vision tokens those chunks merge away (LightKV), summed
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,9 @@ class CostModel:
         if any(s.tier != "gpu" for s, _ in self.layout.stream_counts):
             notes.append("prefill.host_store and host fetches: the measured host-link ceiling (no offload kernel "
                          "is measured)")
+        if rt.image_token_keep < 1.0:
+            notes.append("prefill.vision_merge (LightKV): a memory-bound pass on the element-wise curve, not fitted to "
+                         "the measured lightkv_merge rows")
         if rt.doc_kv_from_ssd:
             notes.append("document KV load (MatKV): the hardware description's NVMe read rate, not measured")
         return tuple(notes)
@@ -537,7 +541,7 @@ class CostModel:
             t, compute = self._roof("attention_prefill", pf, pb, float(p_tok.max()), L, c.flops_per_s["bf16"],
                                     c.copy_bytes_per_s)
             ops.append(("attention.prefill", pf, pb, float(t), "compute" if compute else "memory"))
-            ops += self._prefill_extras(p_tok, p_ctx)
+            ops += self._prefill_extras(p_tok, p_ctx, prefill.merged_tokens)
         if n_decode and (rt.host_fetch_all or rt.host_fetch_tokens):
             fetch = term("host_fetch")
             ops.append(("host_transfer", 0.0, fetch, fetch / c.h2d_bytes_per_s,
@@ -545,7 +549,7 @@ class CostModel:
         ops.append(("overhead", 0.0, 0.0, self.cal.step_overhead_s, "floor"))
         return ops
 
-    def _prefill_extras(self, p_tok: np.ndarray, p_ctx: np.ndarray) -> list[tuple]:
+    def _prefill_extras(self, p_tok: np.ndarray, p_ctx: np.ndarray, merged: int) -> list[tuple]:
         """A method's own work while prompts are prefilled, one op per kind of work."""
         rt, c, L, a = self.layout.runtime, self.cal.ceilings, self.model.num_layers, self.model.attention
         heads = a.num_heads // self.tp
@@ -578,6 +582,16 @@ class CostModel:
             # randomized range finder (Halko et al., arXiv 0909.4061, alg. 4.1 + 5.1) is two products
             # with the matrix, 4*T*W*r FLOPs per layer, in fp32
             roof("prefill.svd", 4.0 * chunk * width * rt.prefill_svd_rank * L, L * key_bytes * chunk, L, "fp32")
+        keep = rt.image_token_keep
+        if merged and keep < 1.0:
+            # LightKV: each layer reads the vision tokens' K/V and writes the merged pairs (the shape
+            # validation/kernels/bench_evict.py lightkv_merge times), a memory-bound pass
+            kv_token = self._elementwise[1][0] / 2  # the KV write's bytes per token, read and write halved
+            nbytes = kv_token * (merged / (1.0 - keep) + merged)
+            curve = self.cal.ops["elementwise"]
+            _, me = curve.eff(max(nbytes / L, 1.0))
+            ops.append(("prefill.vision_merge", 0.0, nbytes, nbytes / (c.copy_bytes_per_s * me) + curve.floor_s * L,
+                        "memory"))
         host = self._host_store_bytes(p_ctx, p_tok)
         if host:  # offloaded tiers: the prompt's KV leaves for host memory over the same link
             ops.append(("prefill.host_store", 0.0, host, host / c.h2d_bytes_per_s, "link"))
