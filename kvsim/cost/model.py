@@ -602,7 +602,8 @@ class CostModel:
         if all(s.tier == "gpu" for s, _ in self.layout.stream_counts):
             return 0.0
         ctx = p_ctx.astype(np.int64)
-        after, before = self.layout.bytes_by_tier(ctx + p_tok.astype(np.int64), self.tp), self.layout.bytes_by_tier(ctx, self.tp)
+        before = self.layout.bytes_by_tier(ctx, self.tp)
+        after = self.layout.bytes_by_tier(ctx + p_tok.astype(np.int64), self.tp)
         return float(sum((after[t] - before[t]).sum() for t in ("host", "ssd")))
 
     def _allreduce(self, tokens: np.ndarray) -> tuple:
