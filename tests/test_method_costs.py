@@ -311,3 +311,13 @@ def test_lightkv_pays_its_vision_merge() -> None:
     assert _op(step, "prefill.vision_merge").bytes == pytest.approx(524_288 * (576 + 288))
     plain = CostModel(llava, H100, layout_for(llava), 1, "none").step(batch)
     assert all(o.name != "prefill.vision_merge" for o in plain.ops)
+
+
+def test_a_quantized_mla_latent_is_not_priced_as_measured() -> None:
+    """Only the 16-bit MLA kernels are measured: a narrower latent is derived from them, labelled
+    a lower bound, never 'measured'."""
+    v2 = load_model("deepseek-v2-lite")
+    for spec in ("fp8", "kvquant:bits=6,outliers=0", "mtla:stride=2+kivi:bits=2"):
+        k = CostModel(v2, H100, layout_for(v2, spec), 1).decode_kernel
+        assert k.status == "derived" and "lower bound" in k.label, spec
+    assert CostModel(v2, H100, layout_for(v2), 1).decode_kernel.status == "measured"

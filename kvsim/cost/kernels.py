@@ -40,6 +40,10 @@ BORROWED_KERNEL = {
     "kvquant": ("intkv", "KVQuant's non-uniform codebook kernel is not measured; priced as the uniform "
                          "per-token int kernel"),
 }
+# Kernels measured at 16 bits only: a narrower cache is priced on the 16-bit curve with its own
+# (fewer) bytes and dequantization work, labelled as a lower bound (no quantized MLA kernel exists
+# in validation/kernels).
+SIXTEEN_BIT_ONLY = frozenset({"mla", "mtla"})
 # Unquantized families without a measured curve: priced with the dense kernel, and why.
 # The rule of every derived price: the curve's efficiency applied to this layout's own roofline terms.
 RULE = "bytes and dequantization work"
@@ -95,6 +99,10 @@ def decode_kernel(family: str, cal: Calibration) -> tuple[Curve, KernelSource]:
             return cal.ops[DENSE], KernelSource(family, DENSE, "measured")
         return cal.ops[DENSE], KernelSource(family, DENSE, "derived", f"{family} has no measured kernel")
     method, k_bits, v_bits = widths
+    if method in SIXTEEN_BIT_ONLY and f"{DENSE}.{method}" in cal.ops:
+        return cal.ops[f"{DENSE}.{method}"], KernelSource(
+            family, f"{DENSE}.{method}", "derived", f"no quantized {method.upper()} kernel is measured; the 16-bit "
+            "kernel's efficiency on this layout's bytes and dequantization work is a lower bound on its time")
     kernel, why = (OWN_KERNEL[method], "") if method in OWN_KERNEL else BORROWED_KERNEL.get(method, (method, ""))
     measured = sorted((_widths(key[len(DENSE) + 1:]), key) for key in cal.ops if key.startswith(DENSE + ".")
                       and (w := _widths(key[len(DENSE) + 1:])) is not None and OWN_KERNEL.get(w[0]) == kernel)

@@ -110,7 +110,10 @@ def decode_family(layout: KVLayout) -> str:
         return next((n for stage in stages for n in names if METHOD_STAGES.get(n) == stage), "dense")
 
     if any(layer.kind == "mla" for layer in layout.layers):
-        return "mtla" if "mtla" in names else "mla"
+        kernel = "mtla" if "mtla" in names else "mla"
+        widths = {s.quant.bits if s.quant else s.elem_bytes * 8 for s in streams if s.part in ("latent", "k_rope")}
+        narrowest = min(widths, default=16.0)  # a latent stored narrower than the model dtype needs dequantizing
+        return f"{kernel}.k{narrowest:g}v{narrowest:g}" if narrowest < layout.model.dtype_bytes * 8 else kernel
     if any(s.quant for s in streams):  # the unpacking work per byte depends on the bit widths
         bits = {s.part[0]: s.quant.bits for s in streams if s.quant and s.part[:1] in ("k", "v")}
         return f"{deciding('precision', 'placement', 'eviction')}.k{bits.get('k', 16):g}v{bits.get('v', 16):g}"
