@@ -29,7 +29,7 @@ def plan_memory(model: str | ModelSpec, hardware: str | HardwareSpec, method: st
     """One replica's memory sized the way vLLM does (``kvsim memory``): weights, activation peak,
     engine overheads and what is left for KV blocks. ``engine`` defaults to vLLM's arguments.
 
-    The plan answers ``fits``, ``num_gpu_blocks``, ``kv_capacity_tokens``,
+    The plan answers ``fits``, ``num_gpu_blocks``, ``kv_capacity_tokens(context_tokens)``,
     ``max_concurrency(context_tokens)`` and ``max_context(batch)``."""
     from kvsim.kv import layout_for
     from kvsim.memory import plan_memory as plan
@@ -46,7 +46,9 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     with ``prompt``, also ``prefill_s`` for prefilling ``batch`` prompts of that length. Without
     ``context``, the prefill alone (``prompt`` is then required). ``calibration``: None (the GPU's
     profile), ``"none"`` (pure roofline) or a profile path; each point names the profile used in
-    ``calibration``."""
+    ``calibration``, with ``decode_kernel``: whether decode attention is priced from this method's
+    measured kernel, derived from a measured neighbour (by the rule it names), or from a prior, and
+    ``cost_notes``: every other term priced by a rule rather than a measured kernel."""
     from kvsim.cost import Batch, CostModel
     from kvsim.cost.execution import vllm_execution
     from kvsim.errors import KvsimError
@@ -71,7 +73,8 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
                                                                     engine.max_num_batched_tokens))
     mem = plan(m, hw, layout, tp, engine)
     label = {"kind": cost.cal.kind, "gpu": cost.cal.gpu, "engine": cost.cal.engine, "note": cost.cal.note,
-             "allreduce": cost.allreduce.source}
+             "allreduce": cost.allreduce.source, "decode_kernel": cost.decode_kernel.as_dict(),
+             "cost_notes": list(cost.cost_notes)}
     points = []
     for b in batches:
         for c in contexts:

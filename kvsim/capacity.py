@@ -1,22 +1,21 @@
 """Analytic capacity over models x methods x GPUs x contexts, vectorized.
 
-One KV layout per (model, method) and one weight/activation count per model; everything per GPU
-and per context is numpy broadcasting, so the whole catalogue sweeps in about a second.
-The numbers equal ``MemoryPlan.max_concurrency`` point by point (tests check it).
+One memory plan per model (``kvsim.memory.plan_memory``), given each method's layout and moved to
+each GPU; the contexts are one numpy pass per (model, method). The numbers are
+``MemoryPlan.max_concurrency`` point by point (a property test checks it over random settings).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from kvsim.errors import KvsimError
 from kvsim.kv import layout_for
-from kvsim.memory import EngineMemoryConfig, activation_peak_bytes, engine_overheads, weight_bytes
+from kvsim.memory import EngineMemoryConfig, plan_memory
 from kvsim.spec.hardware import HardwareSpec
-from kvsim.spec.linears import check_tp
 from kvsim.spec.model import ModelSpec
 
 
@@ -46,29 +45,32 @@ class CapacityGrid:
 
 def capacity_grid(models: Sequence[ModelSpec], methods: Sequence[str], gpus: Sequence[HardwareSpec],
                   contexts: Sequence[int], tp: int = 1, engine: EngineMemoryConfig | None = None) -> CapacityGrid:
-    engine = engine or EngineMemoryConfig()
+    """Every point is ``MemoryPlan.max_concurrency`` of the one planner (``kvsim.memory.plan_memory``):
+    the plan is sized once per (model, method) and moved to each GPU, so every engine setting
+    (non-torch memory, CUDA graphs, ...) counts here exactly as it does in ``kvsim memory``."""
     ctx = np.asarray(contexts, dtype=np.int64)
     if ctx.size == 0 or np.any(ctx <= 0):
         raise KvsimError("contexts must be positive", field="contexts", value=list(contexts))
-    bs, fitted = engine.block_size, engine_overheads()
-    non_torch = fitted.non_torch_bytes_tp1 + (fitted.nccl_extra_bytes if tp > 1 else 0.0)
-    budgets = np.array([engine.gpu_memory_utilization * g.memory_bytes for g in gpus])
     conc = np.full((len(models), len(methods), len(gpus), ctx.size), -1, dtype=np.int64)
     per_token = np.full((len(models), len(methods), ctx.size), np.nan)
     kv_cache = np.zeros((len(models), len(gpus)))
     for i, model in enumerate(models):
-        check_tp(model, tp)
-        fixed = weight_bytes(model, tp).total + activation_peak_bytes(model, tp, engine) + non_torch
-        kv_cache[i] = budgets - fixed
+        base = plan_memory(model, gpus[0], layout_for(model), tp, engine)
+        kv_cache[i] = [replace(base, hardware=g).kv_cache_bytes for g in gpus]
         for j, spec in enumerate(methods):
             try:
                 layout = layout_for(model, spec)
             except KvsimError:
                 continue  # the method does not apply to this model (stays -1)
-            block_bytes = float(layout.gpu_bytes(bs, tp, block_size=bs)[0])
-            seq = np.ceil(layout.gpu_bytes(ctx, tp, block_size=bs) / block_bytes - 1e-9)
-            blocks = np.where(kv_cache[i] > 0, kv_cache[i] // block_bytes, 0)  # [gpu]
-            conc[i, j] = (blocks[:, None] // np.maximum(seq, 1)[None, :]).astype(np.int64)
-            per_token[i, j] = sum(layout.bytes_by_tier(ctx, tp).values()) * tp / ctx
+            plan = replace(base, layout=layout)
+            seq = np.maximum(plan.blocks_for(ctx), 1)
+            # MemoryPlan.num_gpu_blocks on each GPU (the page size does not depend on the GPU)
+            blocks = (np.where(kv_cache[i] > 0, kv_cache[i] // plan.block_bytes, 0) if plan.block_bytes > 0
+                      else np.zeros(len(gpus))).astype(np.int64)
+            conc[i, j] = blocks[:, None] // seq[None, :]
+            tiers = layout.bytes_by_tier(ctx, tp)
+            if any(np.any(b > 0) for tier, b in tiers.items() if tier != "gpu"):  # host/NVMe bound it too
+                conc[i, j] = [replace(plan, hardware=gpu).max_concurrency(ctx) for gpu in gpus]
+            per_token[i, j] = sum(tiers.values()) * tp / ctx
     return CapacityGrid(tuple(m.name for m in models), tuple(methods), tuple(g.name for g in gpus), ctx, conc,
                         per_token, kv_cache)

@@ -64,13 +64,21 @@ def cmd_hardware(args: argparse.Namespace) -> None:
     _table(rows, args.json, list(rows[0]))
 
 
-def cmd_methods(args: argparse.Namespace) -> None:
-    from kvsim.kv import METHODS
+METHODS_PROFILE_GPU = "h100-sxm"  # the GPU whose measured kernels `kvsim methods` reports
 
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    from kvsim.cost.calibration import find_calibration
+    from kvsim.cost.kernels import example_cost_label
+    from kvsim.kv import METHODS
+    from kvsim.spec.hardware import load_hardware
+
+    cal = find_calibration(load_hardware(METHODS_PROFILE_GPU))
     rows = [{"name": m.name, "stage": m.stage.name.lower(), "source": m.source,
              "params": ", ".join(f"{p.name}={'<required>' if p.default is None else p.default}" for p in m.params),
-             "summary": m.summary, "example": m.example} for m in METHODS.values()]
-    _table(rows, args.json, ["name", "stage", "params", "source", "summary"])
+             "summary": m.summary, "example": m.example, "alias_of": m.alias_of or "-",
+             f"cost ({cal.gpu})": example_cost_label(m.name, cal)} for m in METHODS.values()]
+    _table(rows, args.json, ["name", "stage", "params", "source", "summary", "alias_of", f"cost ({cal.gpu})"])
 
 
 def _table(rows: list[dict], as_json: bool, columns: Sequence[str]) -> None:
@@ -109,6 +117,8 @@ def memory_report(args: argparse.Namespace) -> dict:
     plan = plan_memory(model, hardware, layout, args.tp, engine)
     ctx = args.context
     tiers = layout.bytes_by_tier(ctx, args.tp)
+    concurrency, binding = int(plan.max_concurrency(ctx)[0]), plan.binding_tier(ctx)
+    budgets = plan.offload_budget_bytes
     all_ranks = args.tp  # every rank holds its share (or a replica) of the KV heads
     return {
         "model": model.name, "hardware": hardware.name, "method": "+".join(layout.methods), "tp": args.tp,
@@ -128,13 +138,19 @@ def memory_report(args: argparse.Namespace) -> dict:
         "block_size": engine.block_size,
         "block_bytes": plan.block_bytes,
         "num_gpu_blocks": plan.num_gpu_blocks,
-        "kv_capacity_tokens": plan.kv_capacity_tokens,
-        "max_concurrency": int(plan.max_concurrency(ctx)[0]),
+        "kv_capacity_tokens": plan.kv_capacity_tokens(ctx),
+        "host_budget_bytes": budgets["host"],
+        "ssd_budget_bytes": budgets["ssd"],
+        "max_concurrency": concurrency,
+        "binding_tier": binding,
         "max_context": plan.max_context(args.batch),
-        "fits": plan.fits and int(plan.max_concurrency(ctx)[0]) >= args.batch,
+        "fits": plan.fits and concurrency >= args.batch,
         "reason": plan.reason if not plan.fits else (
-            "fits" if int(plan.max_concurrency(ctx)[0]) >= args.batch else
-            f"{args.batch} sequences of {ctx} tokens need more than the {plan.num_gpu_blocks} KV blocks"),
+            "fits" if concurrency >= args.batch else
+            f"{args.batch} sequences of {ctx} tokens need more than the {plan.num_gpu_blocks} KV blocks"
+            if binding == "gpu" else
+            f"{args.batch} sequences of {ctx} tokens need more than this GPU's {budgets[binding] / GIB:.0f} GiB "
+            f"share of {binding} memory (holds {concurrency})"),
         "max_model_len": model.max_position_embeddings,
     }
 
@@ -153,8 +169,13 @@ def cmd_memory(args: argparse.Namespace) -> None:
     print(f"  activation peak         {g(r['activation_peak_bytes'])}")
     print(f"  non-torch + CUDA graphs {g(r['non_torch_bytes'] + r['cuda_graph_bytes'])}")
     print(f"  KV cache                {g(r['kv_cache_bytes'])}  = {r['num_gpu_blocks']:,} blocks of "
-          f"{r['block_size']} tokens ({r['kv_capacity_tokens']:,} tokens)")
-    print(f"  max concurrency         {r['max_concurrency']:,} sequences of {r['context']:,} tokens")
+          f"{r['block_size']} tokens ({r['kv_capacity_tokens']:,} tokens at {r['context']:,}-token context)")
+    host = r["kv_host_bytes_per_token"] * r["context"] / r["tp"]
+    if host:
+        print(f"  host memory             {g(r['host_budget_bytes'])}  per GPU (host / GPUs per node); "
+              f"{host / GIB:.2f} GiB per sequence")
+    print(f"  max concurrency         {r['max_concurrency']:,} sequences of {r['context']:,} tokens "
+          f"(bound by {r['binding_tier']} memory)")
     print(f"  max context             {r['max_context']:,} tokens for {r['batch']} sequences")
     print(f"  fits                    {r['fits']}  ({r['reason']})")
 
@@ -179,6 +200,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(meta, file=sys.stderr)
         return
     print(f"{model.name} on {hardware.name} (TP {args.tp}), KV method {'+'.join(layout.methods)}; {meta}")
+    print(f"decode attention: {cal['decode_kernel']['label']}")
+    for note in cal["cost_notes"][1 if cal["decode_kernel"]["status"] != "measured" else 0:]:
+        print(f"note: {note}")
     print(f"{'batch':>6} {'context':>8} {'decode ms':>10} {'tok/s':>10} {'prefill ms':>11}  fits  largest terms")
     for p in points:
         terms = p.get("breakdown") or p["prefill_breakdown"]

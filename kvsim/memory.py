@@ -169,9 +169,13 @@ class MemoryPlan:
             return 0
         return int(self.kv_cache_bytes // self.block_bytes)
 
-    @property
-    def kv_capacity_tokens(self) -> int:
-        return self.num_gpu_blocks * self.engine.block_size
+    def kv_capacity_tokens(self, context: int, blocks: int | None = None) -> int:
+        """Tokens of ``context``-token sequences the KV cache (``blocks``: default ``num_gpu_blocks``)
+        and, for an offloading layout, this GPU's share of host memory and NVMe hold: what the method
+        gives at that length (a quantization window, an eviction budget or a host tier changes the
+        bytes a token costs with the length), not pages x page tokens."""
+        fill = self._sequences_by_tier(np.atleast_1d(context), self.num_gpu_blocks if blocks is None else blocks)
+        return int(min(float(f[0]) for f in fill.values()) * context)
 
     def seq_gpu_bytes(self, tokens: np.ndarray | int, image_tokens: np.ndarray | int = 0) -> np.ndarray:
         """Paged GPU bytes one sequence holds on one GPU (whole pages)."""
@@ -189,25 +193,56 @@ class MemoryPlan:
             b = np.maximum(b, self.layout.prefill.gpu_bytes(tokens, self.tp, block_size=bs))
         return np.ceil(b / self.block_bytes - 1e-9).astype(np.int64)
 
+    @property
+    def offload_budget_bytes(self) -> dict[str, float | None]:
+        """Host memory and NVMe one GPU may fill with offloaded KV: the machine description's host,
+        shared evenly by the node's ``max_gpus_per_node`` GPUs (None: the disk size is not given)."""
+        host, n = self.hardware.host, self.hardware.max_gpus_per_node
+        return {"host": host.memory_bytes / n, "ssd": None if host.nvme_bytes is None else host.nvme_bytes / n}
+
+    def _sequences_by_tier(self, ctx: np.ndarray, blocks: int) -> dict[str, np.ndarray]:
+        """Sequences of ``ctx`` tokens each tier holds, unrounded: ``blocks`` GPU blocks and, for a
+        layout that offloads, this GPU's share of host memory and NVMe."""
+        out = {"gpu": blocks / np.maximum(self.blocks_for(ctx), 1) if self.fits else np.zeros(np.shape(ctx))}
+        tiers = self.layout.bytes_by_tier(ctx, self.tp)
+        for tier, budget in self.offload_budget_bytes.items():
+            need = tiers[tier]
+            if not np.any(need > 0):
+                continue
+            if budget is None:
+                raise KvsimError(f"{'+'.join(self.layout.methods)} places KV on NVMe, but {self.hardware.name}'s "
+                                 "host gives no NVMe capacity", field="host.nvme_bytes", value=None)
+            out[tier] = np.where(need > 0, budget / np.maximum(need, 1.0), np.inf)
+        return out
+
+    def concurrency_by_tier(self, context: np.ndarray | int) -> dict[str, np.ndarray]:
+        """Most sequences of ``context`` tokens each tier holds: the GPU's KV blocks and, for a
+        layout that offloads, this GPU's share of host memory and NVMe."""
+        fill = self._sequences_by_tier(np.atleast_1d(context), self.num_gpu_blocks)
+        return {tier: np.floor(np.minimum(f, 2.0**62)).astype(np.int64) for tier, f in fill.items()}  # inf: unbounded
+
     def max_concurrency(self, context: np.ndarray | int) -> np.ndarray:
-        """Most sequences of ``context`` tokens the KV cache holds at once."""
-        if not self.fits:
-            return np.zeros(np.shape(np.atleast_1d(context)), dtype=np.int64)
-        return (self.num_gpu_blocks // np.maximum(self.blocks_for(context), 1)).astype(np.int64)
+        """Most sequences of ``context`` tokens the KV cache holds at once (the binding tier's)."""
+        return np.minimum.reduce(list(self.concurrency_by_tier(context).values()))
+
+    def binding_tier(self, context: int) -> str:
+        """The tier that bounds ``max_concurrency(context)`` (gpu, host or ssd)."""
+        by_tier = self.concurrency_by_tier(context)
+        return min(by_tier, key=lambda t: (int(by_tier[t][0]), t != "gpu"))
 
     def max_context(self, batch: int) -> int:
         """Longest context (up to the model's maximum) that ``batch`` sequences can each hold."""
         if batch <= 0:
             raise KvsimError("must be a positive integer", field="batch", value=batch)
         limit = self.model.max_position_embeddings
-        if not self.fits or batch * int(self.blocks_for(1)[0]) > self.num_gpu_blocks:
+        if int(self.max_concurrency(1)[0]) < batch:
             return 0
-        if batch * int(self.blocks_for(limit)[0]) <= self.num_gpu_blocks:
+        if int(self.max_concurrency(limit)[0]) >= batch:
             return limit
-        lo, hi = 1, limit  # blocks_for is monotone in length: binary search
+        lo, hi = 1, limit  # every tier's need is monotone in length: binary search
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if batch * int(self.blocks_for(mid)[0]) <= self.num_gpu_blocks:
+            if int(self.max_concurrency(mid)[0]) >= batch:
                 lo = mid
             else:
                 hi = mid - 1

@@ -35,8 +35,8 @@ KNOWN = {
     "deepseek-kv": (100.0 * (1.0 - 25_920 / 389_120), EXACT),  # 60 x 576 x 6/8 B vs 95 x 2 x 8 x 128 x 2 B
     "deepseek-throughput": (1.918, PRICED),
     "cla-capacity": (54_579 / 27_289, EXACT),  # KV pages with and without CLA (bytes per token halve)
-    "shadowkv-batch": (48 / 7, EXACT),
-    "shadowkv-throughput": (3.116, PRICED),
+    "shadowkv-batch": (31 / 7, EXACT),  # host-bound: 125 GB per GPU / (60,128 x 64 KiB of values)
+    "shadowkv-throughput": (7.790, PRICED),
     "snapkv-speed": (1.800, PRICED),
     "snapkv-memory": (113_168 / 57_104, EXACT),  # longest prompt at batch 2: SnapKV vs fp16
     "safekv-ttft": (54.39, PRICED),

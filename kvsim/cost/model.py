@@ -20,6 +20,7 @@ import numpy as np
 
 from kvsim.cost.calibration import Calibration, find_calibration
 from kvsim.cost.execution import Execution
+from kvsim.cost.kernels import KernelSource, decode_kernel
 from kvsim.kv import METHODS
 from kvsim.kv.layout import KVLayout, Stream
 from kvsim.spec.hardware import HardwareSpec
@@ -53,6 +54,7 @@ class Batch:
     prefill_context: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     decode_context: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     prefill_samples: int | None = None  # prefill chunks that finish their prompt (sample a token)
+    merged_tokens: int = 0  # vision tokens those chunks merge away (LightKV), summed
 
 
 @dataclass(frozen=True)
@@ -108,14 +110,19 @@ def decode_family(layout: KVLayout) -> str:
         return next((n for stage in stages for n in names if METHOD_STAGES.get(n) == stage), "dense")
 
     if any(layer.kind == "mla" for layer in layout.layers):
-        return "mtla" if "mtla" in names else "mla"
+        kernel = "mtla" if "mtla" in names else "mla"
+        widths = {s.quant.bits if s.quant else s.elem_bytes * 8 for s in streams if s.part in ("latent", "k_rope")}
+        narrowest = min(widths, default=16.0)  # a latent stored narrower than the model dtype needs dequantizing
+        return f"{kernel}.k{narrowest:g}v{narrowest:g}" if narrowest < layout.model.dtype_bytes * 8 else kernel
     if any(s.quant for s in streams):  # the unpacking work per byte depends on the bit widths
         bits = {s.part[0]: s.quant.bits for s in streams if s.quant and s.part[:1] in ("k", "v")}
         return f"{deciding('precision', 'placement', 'eviction')}.k{bits.get('k', 16):g}v{bits.get('v', 16):g}"
     if rt.per_step_scoring:
         return deciding("eviction")
-    if rt.reconstruct_rank:
+    if rt.reconstruct_rank or rt.rebuild_lowrank_keys:
         return deciding("structure", "placement")
+    if any(s.tier != "gpu" for s in streams):  # a host tier: what the step reads depends on the fetch path
+        return deciding("placement")
     if any(s.elem_bytes < layout.model.dtype_bytes for s in streams if s.part in ("k", "v")):
         return deciding("precision")
     return "dense"
@@ -172,7 +179,8 @@ class CostModel:
         self.decode_family = decode_family(layout)
         # query heads sharing one KV head: the decode kernel's rows per KV read (its second axis)
         self.query_group = float(max(lay.q_heads // max(lay.kv_heads, 1) for lay in layout.layers))
-        decode_curve = self.cal.ops.get(f"attention_decode.{self.decode_family}", self.cal.ops["attention_decode"])
+        decode_curve, source = decode_kernel(self.decode_family, self.cal)
+        self.decode_kernel: KernelSource = source  # measured, derived (by which rule), prior or roofline
         self._decode_curve = decode_curve.at(self.query_group)
         caps = sorted({cap for kinds in self._decode.by_kind.values() for cap in kinds})
         self._caps = np.array([np.iinfo(np.int64).max if c == NO_CAP else c for c in caps], dtype=np.int64)
@@ -185,11 +193,33 @@ class CostModel:
         # sum_i min(ctx_i, cap) (the per-step hot path multiplies these by the cap sums)
         c = self.cal.ceilings
         per_second = {"attn_flops": 1 / c.flops_per_s["bf16"], "reconstruct_flops": 1 / c.flops_per_s["bf16"],
-                      "dequant_flops": 1 / c.flops_per_s["fp32"]}
+                      "dequant_flops": 1 / c.flops_per_s["fp32"], "merge_flops": 1 / c.flops_per_s["fp32"]}
         self._roof_coefs = [(j, sum(dict(self._coefs.get(k, ())).get(j, 0.0) * w for k, w in per_second.items()),
                              dict(self._coefs.get("hbm_read", ())).get(j, 0.0)) for j in range(len(caps))]
         self._prefill_groups = self._build_prefill_groups()
         self._elementwise = self._build_elementwise()
+        self.cost_notes: tuple[str, ...] = self._cost_notes()
+
+    def _cost_notes(self) -> tuple[str, ...]:
+        """What this layout's price rests on besides measured kernels, one line each."""
+        rt = self.layout.runtime
+        notes = [] if self.decode_kernel.status == "measured" else [f"decode attention: {self.decode_kernel.label}"]
+        rule = "cost from the roofline on the prefill-attention curve, not measured"
+        if rt.prefill_scoring_window or rt.prefill_scores_all_queries:
+            notes.append(f"prefill.scoring (the method's scoring pass): {rule}")
+        if rt.merge_ops_per_token:
+            notes.append(f"prefill.merge and the per-step merge (KeepKV, 4 * head_dim ops per token, inferred): {rule}")
+        if rt.prefill_svd_rank:
+            notes.append(f"prefill.svd (randomized truncated SVD, fp32): {rule}")
+        if any(s.tier != "gpu" for s, _ in self.layout.stream_counts):
+            notes.append("prefill.host_store and host fetches: the measured host-link ceiling (no offload kernel "
+                         "is measured)")
+        if rt.image_token_keep < 1.0:
+            notes.append("prefill.vision_merge (LightKV): a memory-bound pass on the element-wise curve, not fitted to "
+                         "the measured lightkv_merge rows")
+        if rt.doc_kv_from_ssd:
+            notes.append("document KV load (MatKV): the hardware description's NVMe read rate, not measured")
+        return tuple(notes)
 
     # ---------------------------------------------------------------- precomputation
     def _build_gemms(self) -> _Gemms:
@@ -228,10 +258,19 @@ class CostModel:
             terms.add("attn_flops", attend, 2.0 * heads * (layer.qk_dim + layer.vo_dim) / tpe)
             for s in src.streams:
                 self._add_stream(terms, s, layer.read_cap)
-            rank = layout.runtime.reconstruct_rank
+            rank, rt = layout.runtime.reconstruct_rank, layout.runtime
+            width = kv_heads_per_rank(self.model, tp) * self.model.attention.head_dim
             if rank:
-                width = kv_heads_per_rank(self.model, tp) * self.model.attention.head_dim
                 terms.add("reconstruct_flops", attend, 4.0 * rank * width)
+            if rt.rebuild_lowrank_keys:  # LoRC: keys rebuilt from their rank-r factor (2*r*width FLOPs per token)
+                k_rank = next(s.dim for s in src.streams if s.part == "k_lowrank")
+                terms.add("reconstruct_flops", attend, 2.0 * k_rank * width)
+            if rt.merge_ops_per_token and layer.owns_kv and layer.span_cap is not None:
+                # KeepKV: past its budget a sequence evicts one token per KV head per step and merges
+                # it into a kept one; sum_i min(ctx_i, B+1) - min(ctx_i, B) counts those sequences
+                coef = rt.merge_ops_per_token * kv_heads_per_rank(self.model, tp)
+                terms.add("merge_flops", layer.span_cap + 1, coef)
+                terms.add("merge_flops", layer.span_cap, -coef)
         if layout.runtime.per_step_scoring:  # H2O/KeepKV: write back the accumulated scores
             for layer in layout.layers:
                 for s in owners[layer.source].streams:
@@ -263,9 +302,10 @@ class CostModel:
         terms.add("dequant_flops", _cap(cap, g), deq)
         rt = self.layout.runtime
         fetched_cap = None if rt.host_fetch_all else _cap(cap, g + rt.host_fetch_tokens)
-        for kind in ("host_fetch", "hbm_read"):  # fetched over PCIe, then read from HBM
-            terms.add(kind, fetched_cap, q)
-            terms.add(kind, _cap(cap, g), -q)
+        # fetched over PCIe (less what the last step already fetched: ShadowKV's reuse), then read from HBM
+        for kind, share in (("host_fetch", 1.0 - rt.host_fetch_reuse), ("hbm_read", 1.0)):
+            terms.add(kind, fetched_cap, q * share)
+            terms.add(kind, _cap(cap, g), -q * share)
         terms.add("dequant_flops", fetched_cap, deq)
         terms.add("dequant_flops", _cap(cap, g), -deq)
 
@@ -274,9 +314,12 @@ class CostModel:
         per group of identical layers."""
         a, tp = self.model.attention, self.tp
         groups: dict[tuple, int] = defaultdict(int)
-        for layer in self.layout.layers:
+        # eviction compresses the cache after the prompt is prefilled: prefill attends the whole prompt
+        for layer in (self.layout.prefill or self.layout).layers:
             if layer.kind == "mla":  # prefill runs un-absorbed over per-head K/V (DeepSeek-V2 sec. 2.1)
                 qk, vo, kvh = a.head_dim, a.v_head_dim, layer.q_heads // tp
+            elif self.layout.runtime.rebuild_lowrank_keys:  # LoRC: the prompt's K/V are made whole first
+                qk, vo, kvh = a.head_dim, a.v_head_dim, max(1, layer.kv_heads // tp)
             else:
                 qk, vo, kvh = layer.qk_dim, layer.vo_dim, max(1, layer.kv_heads // tp)
             kv_bytes = kvh * (qk + vo) * self.model.dtype_bytes
@@ -426,7 +469,7 @@ class CostModel:
     def _decode_roofline(self, term) -> tuple:
         """Decode attention at efficiency 1: (FLOPs, HBM bytes, compute s, memory s) of all layers."""
         c = self.cal.ceilings
-        flops, deq = term("attn_flops") + term("reconstruct_flops"), term("dequant_flops")
+        flops, deq = term("attn_flops") + term("reconstruct_flops"), term("dequant_flops") + term("merge_flops")
         nbytes = term("hbm_read")
         t_c = flops / c.flops_per_s["bf16"] + deq / c.flops_per_s["fp32"]
         return flops + deq, nbytes, t_c, nbytes / c.copy_bytes_per_s
@@ -500,19 +543,74 @@ class CostModel:
                 # query tile; the re-reads of a tile hit L2, so HBM traffic is the single pass.
                 reach = p_ctx + p_tok if cap == NO_CAP else np.minimum(p_ctx + p_tok, cap)
                 pb += layers * (qob * float(p_tok.sum()) + kvb * float(reach.sum()))
-            if rt.prefill_scoring_window:  # SnapKV-style scoring of the prompt at the end of prefill
-                pf += 2.0 * rt.prefill_scoring_window * float((p_ctx + p_tok).sum()) * L * (
-                    self.model.attention.num_heads // self.tp) * self.model.attention.head_dim
             pf, pb = pf * p_scale, pb * p_scale
             t, compute = self._roof("attention_prefill", pf, pb, float(p_tok.max()), L, c.flops_per_s["bf16"],
                                     c.copy_bytes_per_s)
             ops.append(("attention.prefill", pf, pb, float(t), "compute" if compute else "memory"))
+            ops += self._prefill_extras(p_tok, p_ctx, prefill.merged_tokens)
         if n_decode and (rt.host_fetch_all or rt.host_fetch_tokens):
             fetch = term("host_fetch")
             ops.append(("host_transfer", 0.0, fetch, fetch / c.h2d_bytes_per_s,
                         "link" if rt.host_fetch_all else "overlapped"))
         ops.append(("overhead", 0.0, 0.0, self.cal.step_overhead_s, "floor"))
         return ops
+
+    def _prefill_extras(self, p_tok: np.ndarray, p_ctx: np.ndarray, merged: int) -> list[tuple]:
+        """A method's own work while prompts are prefilled, one op per kind of work."""
+        rt, c, L, a = self.layout.runtime, self.cal.ceilings, self.model.num_layers, self.model.attention
+        heads = a.num_heads // self.tp
+        width = kv_heads_per_rank(self.model, self.tp) * a.head_dim  # key elements per token and layer
+        key_bytes = width * self.model.dtype_bytes
+        chunk = float(p_tok.sum())  # each chunk pays for its own tokens, so a chunked prompt pays once in all
+        size = float(p_tok.max())
+        ops = []
+
+        def roof(name: str, flops: float, nbytes: float, kernels: float, peak: str = "bf16") -> None:
+            t, compute = self._roof("attention_prefill", flops, nbytes, size, kernels, c.flops_per_s[peak],
+                                    c.copy_bytes_per_s)
+            ops.append((name, flops, nbytes, float(t), "compute" if compute else "memory"))
+
+        if rt.prefill_scoring_window or rt.prefill_scores_all_queries:
+            # SnapKV (arXiv 2404.14469 sec. 4): the last `window` queries' softmax(QK^T) over every
+            # prompt key, once at its end; H2O/KeepKV: every prompt query's probabilities summed per
+            # key (scores FlashAttention never materializes: a second QK^T pass, causal).
+            queries = (float(sum_min_range(p_ctx, p_tok, NO_CAP).sum()) if rt.prefill_scores_all_queries
+                       else rt.prefill_scoring_window * chunk)
+            roof("prefill.scoring", 2.0 * queries * L * heads * a.head_dim, L * key_bytes * chunk, L)
+        if rt.merge_ops_per_token:  # KeepKV: the prompt's tokens past each layer's budget merged at its end
+            kvh = kv_heads_per_rank(self.model, self.tp)
+            evicted = sum(float((np.maximum(p_ctx + p_tok - layer.span_cap, 0)
+                                 - np.maximum(p_ctx - layer.span_cap, 0)).sum())
+                          for layer in self.layout.layers if layer.owns_kv and layer.span_cap is not None)
+            roof("prefill.merge", evicted * kvh * rt.merge_ops_per_token, evicted * 2 * key_bytes, L, "fp32")
+        if rt.prefill_svd_rank:
+            # ShadowKV: a truncated SVD of each layer's pre-RoPE prompt keys (T x Hkv*d) at rank r; a
+            # randomized range finder (Halko et al., arXiv 0909.4061, alg. 4.1 + 5.1) is two products
+            # with the matrix, 4*T*W*r FLOPs per layer, in fp32
+            roof("prefill.svd", 4.0 * chunk * width * rt.prefill_svd_rank * L, L * key_bytes * chunk, L, "fp32")
+        keep = rt.image_token_keep
+        if merged and keep < 1.0:
+            # LightKV: each layer reads the vision tokens' K/V and writes the merged pairs (the shape
+            # validation/kernels/bench_evict.py lightkv_merge times), a memory-bound pass
+            kv_token = self._elementwise[1][0] / 2  # the KV write's bytes per token, read and write halved
+            nbytes = kv_token * (merged / (1.0 - keep) + merged)
+            curve = self.cal.ops["elementwise"]
+            _, me = curve.eff(max(nbytes / L, 1.0))
+            ops.append(("prefill.vision_merge", 0.0, nbytes, nbytes / (c.copy_bytes_per_s * me) + curve.floor_s * L,
+                        "memory"))
+        host = self._host_store_bytes(p_ctx, p_tok)
+        if host:  # offloaded tiers: the prompt's KV leaves for host memory over the same link
+            ops.append(("prefill.host_store", 0.0, host, host / c.h2d_bytes_per_s, "link"))
+        return ops
+
+    def _host_store_bytes(self, p_ctx: np.ndarray, p_tok: np.ndarray) -> float:
+        """Bytes of the chunks' KV that the layout keeps in host memory (or on NVMe) on this rank."""
+        if all(s.tier == "gpu" for s, _ in self.layout.stream_counts):
+            return 0.0
+        ctx = p_ctx.astype(np.int64)
+        before = self.layout.bytes_by_tier(ctx, self.tp)
+        after = self.layout.bytes_by_tier(ctx + p_tok.astype(np.int64), self.tp)
+        return float(sum((after[t] - before[t]).sum() for t in ("host", "ssd")))
 
     def _allreduce(self, tokens: np.ndarray) -> tuple:
         """Two all-reduces per layer of the hidden states (Megatron TP), and one of the logits: the

@@ -65,7 +65,7 @@ def _h2o(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     # H2O (arXiv 2306.14048): heavy hitters + recent tokens; every step accumulates attention
     # probabilities into a per-token, per-head score (fp32, counted as a stream).
     score = Stream("score", 1, 1, 4.0)
-    return _uniform(layout, p, (score,)).with_runtime(per_step_scoring=True)
+    return _uniform(layout, p, (score,)).with_runtime(per_step_scoring=True, prefill_scores_all_queries=True)
 
 
 def _streaming(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
@@ -107,7 +107,8 @@ def _keepkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     merge_state = Stream("merge_state", 1, 2, 2.0)
     head_dim = max(layer.qk_dim for layer in layout.layers)
     return (_uniform(layout, p, (merge_state,))
-            .with_runtime(per_step_scoring=True, merge_ops_per_token=4.0 * head_dim))
+            .with_runtime(per_step_scoring=True, prefill_scores_all_queries=True,
+                          merge_ops_per_token=4.0 * head_dim))
 
 
 def _minikv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
@@ -147,13 +148,16 @@ METHODS = (
            "arXiv 2604.24647",
            (_BUDGET, Param("min_ratio", float, 0.25, minimum=0.01, maximum=1,
                            doc="last layer's share relative to the first"), _WINDOW),
-           _depthkv, "depthkv:budget=1024", True),
+           _depthkv, "depthkv:budget=1024", True,
+           "pyramidkv:beta=(1 + 1/min_ratio)/2, the same linear budgets (DepthKV's measured per-layer "
+           "sensitivities are not modelled)"),
     Method("xkv", Stage.EVICTION, "XKV: personalised per-layer budgets from a profiling mini-prefill",
            "arXiv 2412.05896",
            (_BUDGET, Param("min_ratio", float, 0.25, minimum=0.01, maximum=1, doc="budget spread"),
             Param("profile_fraction", float, 0.1, minimum=0, maximum=1,
                   doc="extra prefill work of the profiling pass")),
-           _xkv, "xkv:budget=1024", True),
+           _xkv, "xkv:budget=1024", True,
+           "depthkv plus a profile_fraction prefill pass (XKV's per-layer budget optimisation is not modelled)"),
     Method("keepkv", Stage.EVICTION, "KeepKV: budget with merging (vote counts) instead of dropping",
            "arXiv 2504.09936", (_BUDGET,), _keepkv, "keepkv:budget=1024", True),
     Method("minikv", Stage.EVICTION, "MiniKV: pyramid selection + 2-bit KIVI-style quantization",

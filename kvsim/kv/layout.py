@@ -119,10 +119,14 @@ class Runtime:
 
     per_step_scoring: bool = False  # H2O: attention probabilities accumulated every decode step
     prefill_scoring_window: int = 0  # SnapKV: queries scored against the prompt at prefill end
+    prefill_scores_all_queries: bool = False  # H2O/KeepKV: every prompt query's scores accumulated
     prefill_passes: float = 1.0  # LCKV/top-target sharing: iterative prefill
     prefill_layer_fraction: float = 1.0  # YOCO: prefill exits early after the self-decoder
     reconstruct_rank: int = 0  # low-rank K/V rebuilt per read token (LRKV, ShadowKV keys)
-    merge_ops_per_token: float = 0.0  # KeepKV: extra element ops per evicted token
+    rebuild_lowrank_keys: bool = False  # LoRC: RoPE forces each step to rebuild keys from the cached rank
+    merge_ops_per_token: float = 0.0  # KeepKV: extra element ops per evicted token, per KV head
+    prefill_svd_rank: int = 0  # ShadowKV: truncated SVD of the prompt's pre-RoPE keys at prefill
+    host_fetch_reuse: float = 0.0  # ShadowKV: fraction of fetched tokens still on the GPU from the last step
     host_fetch_tokens: int = 0  # ShadowKV/TTKV: tokens fetched from host per layer per step
     host_fetch_all: bool = False  # plain offload: every offloaded token is fetched each step
     prefix_sharing: Literal["global", "user", "selective"] = "global"  # SafeKV policy

@@ -50,6 +50,7 @@ class Method:
     apply: Callable[[KVLayout, Mapping[str, object]], KVLayout]
     example: str  # a spec that exercises the method (used by docs and tests)
     compresses_after_prefill: bool = False  # eviction: the full prompt exists during prefill
+    alias_of: str = ""  # another method under other parameters, where kvsim does not model what differs
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ def _shadowkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
                 replace(v, tier="host", gpu_recent_tokens=0),
             )
         out.append(replace(layer, streams=streams, read_cap=min_cap(layer.read_cap, budget)))
-    return layout.with_layers(out).with_runtime(host_fetch_tokens=budget, reconstruct_rank=rank)
+    return layout.with_layers(out).with_runtime(host_fetch_tokens=budget, reconstruct_rank=rank, prefill_svd_rank=rank,
+                                                host_fetch_reuse=float(p["reuse"]))
 
 
 def _tiered(layout: KVLayout, recent: int, key: Quant | None, value: Quant | None) -> KVLayout:
@@ -118,7 +119,10 @@ METHODS = (
            (Param("rank", int, 160, minimum=1, doc="SVD rank of pre-RoPE keys"),
             Param("chunk", int, 8, minimum=1, doc="tokens per chunk (landmark)"),
             Param("outlier_chunks", int, 48, minimum=0, doc="chunks kept whole on GPU"),
-            Param("budget", int, 2048, minimum=1, doc="sparse budget: tokens read per step")),
+            Param("budget", int, 2048, minimum=1, doc="sparse budget: tokens read per step"),
+            # arXiv 2410.21465, contributions: the cache of selected chunks "reduce[s] computation and
+            # data fetching by 60% during decoding" (temporal locality of adjacent steps)
+            Param("reuse", float, 0.6, minimum=0, maximum=1, doc="fetched values reused from the last step")),
            _shadowkv, "shadowkv", True),
     Method("ttkv", Stage.PLACEMENT, "TTKV: recent tokens in HBM, older quantized in host DRAM",
            "arXiv 2604.19769",

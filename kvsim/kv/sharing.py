@@ -13,6 +13,14 @@ from kvsim.errors import KvsimError
 from kvsim.kv.layout import KVLayout, Stream
 from kvsim.kv.method import Method, Param, Stage
 
+# LCKV encodes a prompt iteratively, about 9 passes (arXiv 2405.10637; docs/kv-methods.md). The
+# unified study (arXiv 2410.14442) prefills its top and middle targets with the same iterative
+# encoding, so both methods default to it.
+ITERATIVE_PREFILL_PASSES = 9.0
+# LRKV stores 45-53% of MHA's KV cache (arXiv 2601.11471, abstract); the default rank is the one
+# that gives the midpoint on the model it is applied to.
+LRKV_CACHE_SHARE = 0.49
+
 
 def _require_unshared(layout: KVLayout, method: str) -> None:
     if any(not layer.owns_kv for layer in layout.layers):
@@ -168,8 +176,11 @@ def _kv_latent(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
 def _lrkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     # LRKV (arXiv 2601.11471): one shared full-rank K/V head per layer plus per-head rank-r
     # residuals: about 2*(d + Hkv*r)*e bytes per layer per token (inferred in docs/kv-methods.md).
+    # Without a rank, the one whose cache is `share` of the model's own.
     _require_dense_kv(layout, "lrkv")
-    r = int(p["rank"])
+    a = layout.model.attention
+    r = int(p["rank"]) or max(1, round((float(p["share"]) * a.num_kv_heads * a.head_dim - a.head_dim)
+                                       / a.num_kv_heads))
     out = []
     for layer in layout.layers:
         streams: tuple[Stream, ...] = ()
@@ -199,8 +210,11 @@ def _lorc(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
         rank = max(1, min(full, round(full * share_l)))
         streams = tuple(replace(s, part=f"{s.part}_lowrank", heads=1, dim=rank, split_by_tp=False)
                         for s in layer.streams)
-        out.append(replace(layer, streams=streams, kv_heads=1, qk_dim=rank, vo_dim=rank))
-    return layout.with_layers(out)
+        # RoPE sits between the key projection and the dot product, so W_K's up-projection cannot be
+        # absorbed into Q: each step rebuilds the keys (rank -> Hkv*d) and attends per head over d;
+        # only the value up-projection is absorbed into O (attention sums over the rank).
+        out.append(replace(layer, streams=streams, qk_dim=a.head_dim, vo_dim=rank))
+    return layout.with_layers(out).with_runtime(rebuild_lowrank_keys=True)
 
 
 def _mtla(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
@@ -218,7 +232,8 @@ def _mtla(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
 METHODS = (
     Method("cla", Stage.STRUCTURE, "Cross-layer attention: adjacent layers share one KV",
            "arXiv 2405.12981", (Param("factor", int, 2, minimum=2, doc="layers per shared KV"),),
-           _cla, "cla:factor=2"),
+           _cla, "cla:factor=2", alias_of="xlayer:kv_layers=ceil(L/factor),target=bottom, grouped within each "
+                                             "attention kind"),
     Method("mlkv", Stage.STRUCTURE, "Multi-layer KV heads: m layers own KV with g heads each",
            "arXiv 2406.09297",
            (Param("kv_layers", int, None, minimum=1, doc="layers that own KV (m)"),
@@ -227,7 +242,7 @@ METHODS = (
     Method("lckv", Stage.STRUCTURE, "Layer-condensed KV: layers attend to the top layer's KV",
            "arXiv 2405.10637",
            (Param("warmup", int, 2, minimum=0, doc="layers that keep their own KV"),
-            Param("iterations", float, 9.0, minimum=1, doc="prefill passes (paper: about 9)")),
+            Param("iterations", float, ITERATIVE_PREFILL_PASSES, minimum=1, doc="prefill passes (paper: about 9)")),
            _lckv, "lckv:warmup=2"),
     Method("yoco", Stage.STRUCTURE, "YOCO: sliding-window self-decoder + one shared global KV",
            "arXiv 2405.05254",
@@ -236,7 +251,8 @@ METHODS = (
            "arXiv 2410.14442",
            (Param("kv_layers", int, None, minimum=1, doc="layers that own KV (l_kv)"),
             Param("target", str, "bottom", ("bottom", "middle", "top"), doc="which layer of a group makes KV"),
-            Param("iterations", float, 3.0, minimum=1, doc="prefill passes for middle/top targets")),
+            Param("iterations", float, ITERATIVE_PREFILL_PASSES, minimum=1,
+                  doc="prefill passes for middle/top targets (LCKV's iterative encoding)")),
            _xlayer, "xlayer:kv_layers=8,target=top"),
     Method("kv-latent", Stage.STRUCTURE, "KV-Latent: smaller K and V head dims",
            "arXiv 2507.11273",
@@ -244,8 +260,12 @@ METHODS = (
             Param("vo_dim", int, None, minimum=1, doc="value head dim")),
            _kv_latent, "kv-latent:qk_dim=64,vo_dim=64"),
     Method("lrkv", Stage.STRUCTURE, "LRKV: shared full-rank KV head + per-head low-rank residuals",
-           "arXiv 2601.11471", (Param("rank", int, 32, minimum=1, doc="residual rank per head"),),
-           _lrkv, "lrkv:rank=32"),
+           "arXiv 2601.11471",
+           (Param("rank", int, 0, minimum=0,
+                  doc="residual rank per head (0: the rank that stores `share` of the cache)"),
+            Param("share", float, LRKV_CACHE_SHARE, minimum=0.01, maximum=1,
+                  doc="cache kept when rank is 0 (arXiv 2601.11471: 45-53% of MHA's)")),
+           _lrkv, "lrkv"),
     Method("lorc", Stage.STRUCTURE, "LoRC: low-rank K/V projections, progressive per layer",
            "arXiv 2410.03111",
            (Param("ratio", float, 0.5, minimum=0.01, maximum=1, doc="mean kept rank / Hkv*d"),

@@ -157,6 +157,7 @@ def text_summary(summary: dict) -> str:
     lines = [
         f"{sc['name']}: {sc['model']} on {sc['hardware']} (TP {sc['tp']}) x {sc['replicas']} replica(s), "
         f"KV {sc['method']}; calibration {sc['calibration']['kind']} ({sc['calibration']['gpu']})",
+        f"  decode attention: {sc['calibration']['decode_kernel']['label']}",
         f"  requests {summary['requests']:,}: completed {summary['completed']:,}, rejected {rej['total']:,}"
         + (f" ({reasons})" if reasons else "")
         + (f", unfinished {summary['unfinished']:,}" if summary.get("unfinished") else ""),

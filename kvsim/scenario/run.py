@@ -324,12 +324,13 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
     rejected = {s: int((status == i).sum()) for i, s in enumerate(metrics.STATUSES)
                 if s not in (metrics.COMPLETED, metrics.UNFINISHED)}
     cal = dep.cost.cal
+    binding = dep.plan.binding_tier(dep.max_model_len)
     summary: dict = {
         "scenario": {"name": spec.name or Path(scenario.file).stem, "model": spec.model,
                      "hardware": spec.hardware, "method": "+".join(dep.layout.methods) or spec.method,
                      "tp": spec.tp, "replicas": spec.replicas, "router": spec.router, "seed": spec.seed,
                      "calibration": {"kind": cal.kind, "gpu": cal.gpu, "source": cal.source,
-                                     "note": cal.note}},
+                                     "note": cal.note, "decode_kernel": dep.cost.decode_kernel.as_dict()}},
         "requests": sim.arrived,
         "completed": int(done.sum()),
         "rejected": {"total": sum(rejected.values()), "by_reason": rejected},
@@ -338,7 +339,8 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         "duration_s": duration,
         "num_gpu_blocks": dep.num_gpu_blocks,
         "block_size": spec.engine.block_size,
-        "kv_capacity_tokens": dep.num_gpu_blocks * spec.engine.block_size,
+        "kv_capacity_tokens": dep.plan.kv_capacity_tokens(dep.max_model_len, dep.num_gpu_blocks),
+        "kv_binding_tier": binding,
         "max_model_len": dep.max_model_len,
         "throughput_output_tokens_per_s": float(generated.sum()) / duration if duration else 0.0,
         "throughput_requests_per_s": float(done.sum()) / duration if duration else 0.0,
@@ -379,6 +381,12 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         notes.append(f"all-reduce: {dep.cost.allreduce.source}")
     if cal.kind == "prior":
         notes.append(cal.note)
+    notes += [n for n in dep.cost.cost_notes if not n.startswith("decode attention:")]  # that one has its own line
+    if binding != "gpu":
+        held = int(dep.plan.max_concurrency(dep.max_model_len)[0])
+        notes.append(f"{binding} memory binds: this GPU's share holds {held:,} sequences of max_model_len "
+                     f"({dep.max_model_len:,} tokens); the simulator admits by GPU blocks, so more concurrent long "
+                     f"sequences than that are not checked against {binding} memory")
     if spec.slo is None:
         notes.append(NO_SLO_NOTE)
     if summary["overload"] and summary["overload"]["overloaded"]:

@@ -235,7 +235,8 @@ class Replica:
         batch = Batch(prefill_tokens=np.array([s.scheduled for s in prefills], dtype=np.int64),
                       prefill_context=np.array([s.computed for s in prefills], dtype=np.int64),
                       decode_context=np.array([s.stored for s in decodes], dtype=np.int64),
-                      prefill_samples=sum(1 for s in prefills if s.computed + s.scheduled == s.total))
+                      prefill_samples=sum(1 for s in prefills if s.computed + s.scheduled == s.total),
+                      merged_tokens=sum(s.dropped for s in prefills if s.computed + s.scheduled == s.total))
         if not prefills:
             return float(self.cost.decode_times_s(batch.decode_context, 1)[0])
         return self.cost.step_time_s(batch)

@@ -36,6 +36,7 @@ class HostSpec:
     nvme_read_bytes_per_s: float
     nvme_write_bytes_per_s: float
     note: str
+    nvme_bytes: int | None = None  # NVMe capacity for KV; None: not given (SSD-tier plans are refused)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class _Host(BaseModel):
     nvme_read_bytes_per_s: float = Field(gt=0)
     nvme_write_bytes_per_s: float = Field(gt=0)
     note: str
+    nvme_bytes: int | None = Field(default=None, gt=0)
 
 
 class _Source(BaseModel):
