@@ -161,7 +161,7 @@ def test_calibration_lookup_and_override(tmp_path) -> None:
 
 
 def test_predict_cli_grid_json(capsys) -> None:
-    main(["predict", "--model", "llama-3-8b", "--hardware", "h100-sxm", "--batch", "1,8", "--context",
+    main(["predict", "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--batch", "1,8", "--context",
           "1024,4096,65536", "--prompt", "512", "--json"])
     points = json.loads(capsys.readouterr().out)
     assert len(points) == 6

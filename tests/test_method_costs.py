@@ -90,9 +90,9 @@ def test_prior_and_roofline_profiles_say_so() -> None:
 
 
 def test_summary_and_breakdown_name_the_kernel_source() -> None:
-    point = predict("llama-3-8b", "h100-sxm", 16, 32_768, method="kivi:bits=3")[0]
+    point = predict("llama-3.1-8b", "h100-sxm", 16, 32_768, method="kivi:bits=3")[0]
     assert point["calibration"]["decode_kernel"]["status"] == "derived"
-    assert predict("llama-3-8b", "h100-sxm", 16, 32_768, method="kivi:bits=2")[0][
+    assert predict("llama-3.1-8b", "h100-sxm", 16, 32_768, method="kivi:bits=2")[0][
         "calibration"]["decode_kernel"]["status"] == "measured"
 
 
