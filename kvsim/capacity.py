@@ -14,7 +14,7 @@ import numpy as np
 
 from kvsim.errors import KvsimError
 from kvsim.kv import layout_for
-from kvsim.memory import EngineMemoryConfig, activation_peak_bytes, engine_overheads, weight_bytes
+from kvsim.memory import EngineMemoryConfig, engine_overheads, weight_bytes
 from kvsim.spec.hardware import HardwareSpec
 from kvsim.spec.linears import check_tp
 from kvsim.spec.model import ModelSpec
@@ -50,15 +50,15 @@ def capacity_grid(models: Sequence[ModelSpec], methods: Sequence[str], gpus: Seq
     ctx = np.asarray(contexts, dtype=np.int64)
     if ctx.size == 0 or np.any(ctx <= 0):
         raise KvsimError("contexts must be positive", field="contexts", value=list(contexts))
-    bs, fitted = engine.block_size, engine_overheads()
-    non_torch = fitted.non_torch_bytes_tp1 + (fitted.nccl_extra_bytes if tp > 1 else 0.0)
+    bs = engine.block_size
     budgets = np.array([engine.gpu_memory_utilization * g.memory_bytes for g in gpus])
     conc = np.full((len(models), len(methods), len(gpus), ctx.size), -1, dtype=np.int64)
     per_token = np.full((len(models), len(methods), ctx.size), np.nan)
     kv_cache = np.zeros((len(models), len(gpus)))
     for i, model in enumerate(models):
         check_tp(model, tp)
-        fixed = weight_bytes(model, tp).total + activation_peak_bytes(model, tp, engine) + non_torch
+        o = engine_overheads(model, tp, engine)
+        fixed = weight_bytes(model, tp).total + o.activation_peak_bytes + o.non_torch_bytes + o.cuda_graph_bytes
         kv_cache[i] = budgets - fixed
         for j, spec in enumerate(methods):
             try:
