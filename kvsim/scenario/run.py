@@ -332,6 +332,8 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         "scenario": {"name": spec.name or Path(scenario.file).stem, "model": spec.model,
                      "hardware": spec.hardware, "method": "+".join(dep.layout.methods) or spec.method,
                      "tp": spec.tp, "replicas": spec.replicas, "router": spec.router, "seed": spec.seed,
+                     "weights": (wq.precision if (wq := dep.plan.model.weight_quant) else dep.plan.model.dtype),
+                     "memory_rule": dep.plan.rule.label,
                      "calibration": {"kind": cal.kind, "gpu": cal.gpu, "source": cal.source,
                                      "note": cal.note}},
         "requests": sim.arrived,
@@ -382,6 +384,7 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         notes.append(f"all-reduce: {dep.cost.allreduce.source}")
     if cal.kind == "prior":
         notes.append(cal.note)
+    notes.extend(dep.cost.notes)
     if spec.slo is None:
         notes.append(NO_SLO_NOTE)
     if summary["overload"] and summary["overload"]["overloaded"]:

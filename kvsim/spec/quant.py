@@ -61,6 +61,8 @@ def with_weights(model: ModelSpec, weights: str, file: str | None = None) -> Mod
 
 
 GemmPath = Literal["bf16", "fp8", "int8", "w8a16", "w4a16"]
+# The calibration curve of each quantized path (a profile may carry them; kvsim/cost/calibration.py).
+GEMM_PATH_CURVES = ("gemm.fp8", "gemm.int8", "gemm.w8a16", "gemm.w4a16")
 
 
 @dataclass(frozen=True)
