@@ -148,7 +148,8 @@ def fit_profile(folder: Path) -> dict:
     fp8 = ceil.get("fp8_flops_per_s")
     quantized = {
         "gemm.fp8": [(float(r["m"]), float(r["n"]) * float(r["k"]), float(r["time_s"]), float(r["flops"]) / fp8,
-                      float(r["bytes"]) / bw) for r in measured.rows(folder / "gemm.csv") if r["dtype"] == "fp8" and fp8],
+                      float(r["bytes"]) / bw)
+                     for r in measured.rows(folder / "gemm.csv") if r["dtype"] == "fp8" and fp8],
         "gemm.w4a16": [(float(r["m"]), float(r["n"]) * float(r["k"]) * W4A16_BYTES_PER_WEIGHT, float(r["time_s"]),
                         float(r["flops"]) / bf16, float(r["bytes"]) / bw)
                        for r in measured.rows(folder / "gemm.csv") if r["dtype"] == "w4a16"],

@@ -472,10 +472,9 @@ class _DefaultsParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvsim import __version__
     from kvsim.memory import default_vllm_version
     from kvsim.spec.quant import WEIGHTS_CHOICES
-
-    from kvsim import __version__
 
     parser = argparse.ArgumentParser(prog="kvsim", description="KV-cache memory and serving-speed planner")
     parser.add_argument("--version", action="version", version=f"kvsim {__version__}")

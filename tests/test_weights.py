@@ -98,7 +98,8 @@ def test_weights_choice_bytes_and_modules() -> None:
     bf16 = plan_memory(base, h, layout_for(base, "bf16")).weights
     for choice, bits in (("fp8", 8), ("int4", INT4_BITS), ("nvfp4", NVFP4_BITS)):
         w = plan_memory(m := with_weights(base, choice), h, layout_for(m, "bf16")).weights
-        assert w.experts == pytest.approx(bf16.experts * bits / 16) and w.attention == pytest.approx(bf16.attention * bits / 16)
+        assert w.experts == pytest.approx(bf16.experts * bits / 16)
+        assert w.attention == pytest.approx(bf16.attention * bits / 16)
         assert (w.embedding, w.lm_head, w.router, w.norms) == (bf16.embedding, bf16.lm_head, bf16.router, bf16.norms)
     mx = plan_memory(m := with_weights(base, "mxfp4"), h, layout_for(m, "bf16")).weights
     assert mx.experts == pytest.approx(bf16.experts * MXFP4_BITS / 16) and mx.attention == bf16.attention

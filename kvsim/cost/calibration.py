@@ -232,7 +232,6 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
     if missing:
         raise KvsimError(f"missing op curves: {', '.join(missing)}", field="ops", value=sorted(ops), file=file)
     from kvsim.kv import METHODS  # noqa: PLC0415 - kvsim.kv imports nothing from here; avoids a cycle at load
-
     from kvsim.spec.quant import GEMM_PATH_CURVES  # noqa: PLC0415 - with the import above
 
     known_ops = (set(OP_KINDS) | {f"attention_decode.{f}" for f in (*METHODS, "mla")} | {"gemm_grouped"}

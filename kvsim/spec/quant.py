@@ -163,8 +163,8 @@ def quant_from_hf(full: dict, file: str) -> dict | None:
         group = q.get("group_size", q.get("q_group_size", 128))
         zero = bool(q.get("zero_point", True)) if method == "awq" else True  # GPTQ stores qzeros even when sym
         if bits not in (4, 8):
-            raise KvsimError(f"{method} with {bits}-bit weights is not modelled (4 or 8)", field="quantization_config.bits",
-                             value=bits, file=file)
+            raise KvsimError(f"{method} with {bits}-bit weights is not modelled (4 or 8)",
+                             field="quantization_config.bits", value=bits, file=file)
         return spec("int4" if bits == 4 else "int8", _int_bits(bits, group, zero),
                     f"quantization_config {method} {bits}-bit group {group}", weight_only=True)
     if method == "bitsandbytes":
