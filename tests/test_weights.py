@@ -180,3 +180,16 @@ def test_cli_bad_weights_or_version_one_line(capsys, argv: list[str], match: str
 
 def test_engine_config_default_is_the_rule_file_default() -> None:
     assert "0.17-0.19" in EngineMemoryConfig().rule.label
+
+
+def test_weights_and_vllm_version_are_sweepable() -> None:
+    from kvsim.sweep import expand
+
+    raw = {"model": "llama-3.1-8b", "hardware": "a100-sxm-80gb",
+           "workload": {"synthetic": {"rate": 1.0, "num_requests": 4, "input": {"kind": "fixed", "tokens": 64},
+                                      "output": {"kind": "fixed", "tokens": 8}}},
+           "sweep": {"grid": {"weights": ["bf16", "fp8", "int4"], "engine.vllm_version": ["0.11", "0.19"]}}}
+    assert len(expand(raw, "s.yaml").points) == 6
+    bad = {**raw, "sweep": {"grid": {"weights": ["bf16", "mxfp4"]}}}  # a dense model has no experts for MXFP4
+    with pytest.raises(KvsimError, match="weights"):
+        expand(bad, "s.yaml")
