@@ -31,6 +31,8 @@ from kvsim.fileio import load_yaml, write_atomic
 from kvsim.spec.hardware import HardwareSpec, load_hardware
 
 Sample = tuple[float, float, float, float]  # size, time_s, t_compute, t_memory
+# validation/gemm.py's W4A16 points (torch tinygemm): 4-bit weights + a bf16 scale and zero per 128
+W4A16_BYTES_PER_WEIGHT = (4 + 2 * 16 / 128) / 8
 MIN_EFFICIENCY = 1e-4  # a kernel whose time is all floor; keeps the curve strictly positive
 
 
@@ -141,6 +143,17 @@ def fit_profile(folder: Path) -> dict:
     gemm = [(float(r["m"]), float(r["n"]) * float(r["k"]) * 2, float(r["time_s"]), float(r["flops"]) / bf16,
              float(r["bytes"]) / bw) for r in measured.rows(folder / "gemm.csv") if r["dtype"] == "bf16"]
     used["gemm.csv (bf16)"] = len(gemm)
+    # quantized-weight GEMM paths (kvsim.spec.quant.weight_kernel): fp8 W8A8 against the FP8 ceiling, W4A16
+    # (4-bit weights, dequantized in the kernel) against the bf16 one; weight bytes as stored
+    fp8 = ceil.get("fp8_flops_per_s")
+    quantized = {
+        "gemm.fp8": [(float(r["m"]), float(r["n"]) * float(r["k"]), float(r["time_s"]), float(r["flops"]) / fp8,
+                      float(r["bytes"]) / bw)
+                     for r in measured.rows(folder / "gemm.csv") if r["dtype"] == "fp8" and fp8],
+        "gemm.w4a16": [(float(r["m"]), float(r["n"]) * float(r["k"]) * W4A16_BYTES_PER_WEIGHT, float(r["time_s"]),
+                        float(r["flops"]) / bf16, float(r["bytes"]) / bw)
+                       for r in measured.rows(folder / "gemm.csv") if r["dtype"] == "w4a16"],
+    }
 
     # routed experts: rows per touched expert x the touched experts' weight bytes
     grouped = [(float(r["tokens"]) * float(r["top_k"]) / float(r["active_experts"]),
@@ -168,6 +181,10 @@ def fit_profile(folder: Path) -> dict:
     ops.update({f"attention_decode.{family}": _fit_table(s, 0.8) for family, s in sorted(decode.items())})
     if grouped:
         ops["gemm_grouped"] = _fit_table(grouped, 0.8)
+    for name, samples in quantized.items():
+        used[f"gemm.csv ({name.split('.')[1]})"] = len(samples)
+        if samples:
+            ops[name] = _fit_table(samples, 0.8)
     prior = load_yaml((Path(__file__).parent / "data" / "calibration_prior.yaml").read_text())
     allreduce, latency, sources = _allreduce_fit(folder, hw)
     ops["allreduce"] = allreduce or prior["ops"]["allreduce"]

@@ -97,9 +97,13 @@ def _deployment(args: argparse.Namespace):
     from kvsim.kv import layout_for
     from kvsim.spec.hardware import load_hardware
     from kvsim.spec.model import load_model
+    from kvsim.spec.quant import weight_kernel, with_weights
 
     model = load_model(args.model)
+    if args.weights is not None:
+        model = with_weights(model, args.weights)
     hardware = load_hardware(args.hardware)
+    weight_kernel(model, hardware)  # a precision the GPU cannot run is an error here
     layout = layout_for(model, args.method)
     return model, hardware, layout
 
@@ -113,7 +117,8 @@ def memory_report(args: argparse.Namespace) -> dict:
     model, hardware, layout = _deployment(args)
     check_context(model, args.context)
     engine = EngineMemoryConfig(args.gpu_memory_utilization, args.block_size, args.max_num_batched_tokens,
-                                args.max_num_seqs)
+                                args.max_num_seqs, args.vllm_version or "", args.enforce_eager,
+                                None if args.cuda_graph_gib is None else args.cuda_graph_gib * GIB)
     plan = plan_memory(model, hardware, layout, args.tp, engine)
     ctx = args.context
     tiers = layout.bytes_by_tier(ctx, args.tp)
@@ -122,6 +127,8 @@ def memory_report(args: argparse.Namespace) -> dict:
     all_ranks = args.tp  # every rank holds its share (or a replica) of the KV heads
     return {
         "model": model.name, "hardware": hardware.name, "method": "+".join(layout.methods), "tp": args.tp,
+        "weights": model.weight_quant.precision if model.weight_quant else model.dtype,
+        "vllm_rule": plan.rule.label, "vllm_rule_source": plan.rule.source,
         "context": ctx, "batch": args.batch,
         "kv_bytes_per_token": float(sum(t[0] for t in tiers.values())) * all_ranks / ctx,
         "kv_gpu_bytes_per_token": float(tiers["gpu"][0]) * all_ranks / ctx,
@@ -161,7 +168,8 @@ def cmd_memory(args: argparse.Namespace) -> None:
         print(json.dumps(r, indent=2))
         return
     g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
-    print(f"{r['model']} on {r['hardware']} (TP {r['tp']}), KV method {r['method']}")
+    print(f"{r['model']} on {r['hardware']} (TP {r['tp']}), weights {r['weights']}, KV method {r['method']}")
+    print(f"  memory rule             {r['vllm_rule']}")
     print(f"  KV bytes per token      {r['kv_bytes_per_token']:12,.0f} B  (all ranks, at {r['context']} tokens;"
           f" GPU {r['kv_gpu_bytes_per_token']:,.0f}, host {r['kv_host_bytes_per_token']:,.0f})")
     print(f"  budget                  {g(r['budget_bytes'])}  per GPU")
@@ -452,11 +460,13 @@ def _validate_serving(path: Path, as_json: bool) -> None:
 
 # ---------------------------------------------------------------- parser
 
-def _deployment_args(p: argparse.ArgumentParser) -> None:
+def _deployment_args(p: argparse.ArgumentParser, weights_choices: Sequence[str]) -> None:
     p.add_argument("--model", required=True, help="catalogue name, model YAML or HF config.json")
     p.add_argument("--hardware", required=True, help="GPU catalogue name or YAML")
     p.add_argument("--method", default="bf16", help="KV method spec, e.g. snapkv:budget=2048+kivi:bits=2")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--weights", choices=weights_choices, default=None,
+                   help="serve the weights in this precision (default: as the checkpoint stores them)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -481,6 +491,8 @@ class _DefaultsParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from kvsim import __version__
+    from kvsim.memory import default_vllm_version
+    from kvsim.spec.quant import WEIGHTS_CHOICES
 
     parser = argparse.ArgumentParser(prog="kvsim", description="KV-cache memory and serving-speed planner")
     parser.add_argument("--version", action="version", version=f"kvsim {__version__}")
@@ -495,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
 
     p = sub.add_parser("memory", help="memory plan: weights, activations, KV blocks, capacity")
-    _deployment_args(p)
+    _deployment_args(p, WEIGHTS_CHOICES)
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=1, help="concurrent sequences")
     # vLLM's defaults, as for a scenario's engine: section (kvsim/scenario/schema.py EngineSpec)
@@ -504,10 +516,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per engine step")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences per engine step")
+    p.add_argument("--vllm-version", default=None,
+                   help="size memory by this vLLM version's rule (kvsim/data/vllm_memory.yaml; default: "
+                        f"{default_vllm_version()})")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (nothing to charge for them)")
+    p.add_argument("--cuda-graph-gib", type=float, default=None,
+                   help="CUDA-graph memory vLLM >= 0.20 measures and charges (its 'Estimated CUDA graph memory')")
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("predict", help="step times over a batch x context grid")
-    _deployment_args(p)
+    _deployment_args(p, WEIGHTS_CHOICES)
     p.add_argument("--batch", required=True, help="comma-separated batch sizes")
     p.add_argument("--context", help="comma-separated context lengths (decode steps; omit to price the prefill "
                    "alone)")

@@ -1,17 +1,20 @@
 """Memory plan of one replica, sized the way vLLM sizes its KV cache.
 
-vLLM (worker ``determine_available_memory``, PR #10511): the instance may use
-``gpu_memory_utilization x total device memory``; from that come the weights, the peak activation
-memory of a profiling forward pass over ``max_num_batched_tokens`` tokens, and the memory outside
-torch's allocator (CUDA context, cuBLAS workspaces, NCCL buffers); the rest becomes KV pages of
-``block_size`` tokens. CUDA graphs are captured after the KV cache is allocated and come out of the
-memory left outside the budget (vLLM <= 0.10), so they are 0 here unless the user sets them.
+vLLM's worker (``determine_available_memory``) lets the instance use ``gpu_memory_utilization x
+total device memory`` (the total CUDA reports); from that come the weights, the peak torch memory of
+a profiling run (a forward pass over ``max_num_batched_tokens`` tokens, then the sampler over
+``min(max_num_seqs, max_num_batched_tokens)`` rows), the memory outside torch's allocator that grew
+after the worker's baseline snapshot, and, from vLLM 0.20 on, the CUDA-graph estimate; the rest
+becomes KV pages of ``block_size`` tokens. Where the baseline is taken, what the sampler holds and
+whether graphs are charged depend on the vLLM version: one rule per version range, read from that
+version's source, in kvsim/data/vllm_memory.yaml.
 
 Everything is per GPU (one tensor-parallel rank) unless a name says otherwise.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cache, cached_property
 from importlib import resources
@@ -26,22 +29,62 @@ from kvsim.spec.linears import check_tp, head_linears, layer_linears, norm_param
 from kvsim.spec.model import ModelSpec
 
 GIB = 2**30
+_RULES_FILE = "kvsim/data/vllm_memory.yaml"
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """``0.19``, ``0.19.1``, ``v0.19.1rc1`` or ``0.19.1.post1`` -> (0, 19, 1)."""
+    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.(\d+))?(?:[.+-]?(?:rc|post|dev|a|b)\w*)?", str(text).strip())
+    if m is None:
+        raise KvsimError("expected a vLLM version such as 0.19 or 0.19.1", field="vllm_version", value=text)
+    return int(m[1]), int(m[2]), int(m[3] or 0)
 
 
 @dataclass(frozen=True)
-class EngineOverheads:
-    """Engine memory outside weights and KV (fitted values in kvsim/data/engine_memory.yaml)."""
+class VllmMemoryRule:
+    """How one range of vLLM versions sizes its KV cache (kvsim/data/vllm_memory.yaml cites each field)."""
 
-    non_torch_bytes_tp1: float
-    nccl_extra_bytes: float
-    sampler_logit_copies: float
+    first: tuple[int, int, int]
+    until: tuple[int, int, int]  # exclusive
+    label: str
+    source: str
+    non_torch_bytes: float  # non-torch growth after the worker's baseline snapshot, TP 1
+    non_torch_extra_bytes: float  # added when TP > 1
+    sampler_bytes_per_logit: float  # per (sampled row x vocabulary entry) at the sampler's peak
+    sampler_holds_dtype_logits: bool  # the model-dtype logits stay alive beside them
+    cuda_graphs_charged: bool
+
+    def non_torch(self, tp: int) -> float:
+        return self.non_torch_bytes + (self.non_torch_extra_bytes if tp > 1 else 0.0)
 
 
 @cache
-def engine_overheads() -> EngineOverheads:
-    data = load_yaml((resources.files("kvsim") / "data" / "engine_memory.yaml").read_text())["vllm"]
-    return EngineOverheads(float(data["non_torch_bytes_tp1"]), float(data["nccl_extra_bytes"]),
-                           float(data["sampler_logit_copies"]))
+def _rules() -> tuple[str, tuple[VllmMemoryRule, ...]]:
+    data = load_yaml((resources.files("kvsim") / "data" / "vllm_memory.yaml").read_text())
+    fields = ("label", "source", "non_torch_bytes", "non_torch_extra_bytes", "sampler_bytes_per_logit",
+              "sampler_holds_dtype_logits", "cuda_graphs_charged")
+    rules = tuple(VllmMemoryRule(parse_version(r["first"]), parse_version(r["until"]), *(r[f] for f in fields))
+                  for r in data["rules"])
+    return str(data["default_version"]), rules
+
+
+def default_vllm_version() -> str:
+    return _rules()[0]
+
+
+def vllm_rule(version: str) -> VllmMemoryRule:
+    """The memory rule of a vLLM version; a version outside every modelled range is an error."""
+    v = parse_version(version)
+    for rule in _rules()[1]:
+        if rule.first <= v < rule.until:
+            return rule
+    ranges = ", ".join(f"{_dotted(r.first)}-<{_dotted(r.until)}" for r in _rules()[1])
+    raise KvsimError(f"no memory rule for this vLLM version (modelled: {ranges}; {_RULES_FILE})",
+                     field="vllm_version", value=version)
+
+
+def _dotted(v: tuple[int, int, int]) -> str:
+    return ".".join(map(str, v))
 
 
 @dataclass(frozen=True)
@@ -52,8 +95,9 @@ class EngineMemoryConfig:
     block_size: int = 16  # vLLM default for CUDA
     max_num_batched_tokens: int = 8192  # vLLM `vllm serve` default on >= 70 GiB GPUs
     max_num_seqs: int = 256
-    non_torch_bytes: float | None = None  # None: the fitted default (engine_memory.yaml)
-    cuda_graph_bytes: float = 0.0
+    vllm_version: str = ""  # "": the newest modelled version needing no measured input (vllm_memory.yaml)
+    enforce_eager: bool = False  # no CUDA graphs: nothing to charge
+    cuda_graph_bytes: float | None = None  # measured graph estimate; required where the version charges it
 
     def __post_init__(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -62,6 +106,24 @@ class EngineMemoryConfig:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             if getattr(self, name) <= 0:
                 raise KvsimError("must be a positive integer", field=name, value=getattr(self, name))
+        if self.cuda_graph_bytes is not None and self.cuda_graph_bytes < 0:
+            raise KvsimError("must be >= 0", field="cuda_graph_gib", value=self.cuda_graph_bytes / GIB)
+        self.rule  # noqa: B018 - an unknown version fails here, where the engine is configured
+
+    @property
+    def rule(self) -> VllmMemoryRule:
+        return vllm_rule(self.vllm_version or default_vllm_version())
+
+    def graph_bytes(self) -> float:
+        """CUDA-graph memory the version charges against the KV budget."""
+        if not self.rule.cuda_graphs_charged or self.enforce_eager:
+            return 0.0
+        if self.cuda_graph_bytes is None:
+            raise KvsimError(f"{self.rule.label} charges the CUDA-graph memory it measures at start-up; give "
+                             "engine.cuda_graph_gib (the 'Estimated CUDA graph memory' of its log) or "
+                             "engine.enforce_eager: true", field="vllm_version",
+                             value=self.vllm_version or default_vllm_version())
+        return float(self.cuda_graph_bytes)
 
 
 @dataclass(frozen=True)
@@ -77,15 +139,27 @@ class WeightBytes:
     shared_experts: float
     norms: float
     vision: float
+    buffers: float  # non-persistent buffers allocated with the model (the rotary cos/sin cache)
 
     @property
     def total(self) -> float:
         return (self.embedding + self.lm_head + self.attention + self.mlp + self.router + self.experts
-                + self.shared_experts + self.norms + self.vision)
+                + self.shared_experts + self.norms + self.vision + self.buffers)
+
+
+def rotary_cache_bytes(model: ModelSpec) -> float:
+    """vLLM's RotaryEmbedding registers a (max_position x rotary_dim) cos/sin cache in the model dtype as
+    a non-persistent buffer, one instance shared by every layer (get_rope caches by its arguments;
+    vllm/model_executor/layers/rotary_embedding/base.py v0.19.0): it counts in "model loading took"."""
+    if not any(layer.attention not in ("state", "none") for layer in model.layers):
+        return 0.0
+    mla = model.attention.mla
+    rotary_dim = mla.qk_rope_head_dim if mla is not None else model.attention.head_dim
+    return float(model.max_position_embeddings * rotary_dim * model.dtype_bytes)
 
 
 def weight_bytes(model: ModelSpec, tp: int) -> WeightBytes:
-    """Weights one rank holds: all MoE experts (TP splits each expert), embeddings, LM head."""
+    """Weights one rank holds: all MoE experts (TP splits each expert), embeddings, LM head, buffers."""
     by_role: dict[str, float] = {}
     for layer in model.layers:
         for lin in layer_linears(model, layer, tp):
@@ -98,12 +172,14 @@ def weight_bytes(model: ModelSpec, tp: int) -> WeightBytes:
         embedding=by_role.get("embedding", 0.0), lm_head=by_role.get("lm_head", 0.0),
         attention=by_role.get("attention", 0.0), mlp=by_role.get("mlp", 0.0),
         router=by_role.get("router", 0.0), experts=by_role.get("experts", 0.0),
-        shared_experts=by_role.get("shared_experts", 0.0), norms=norm_params(model) * e, vision=vision)
+        shared_experts=by_role.get("shared_experts", 0.0), norms=norm_params(model) * e, vision=vision,
+        buffers=rotary_cache_bytes(model))
 
 
 def activation_peak_bytes(model: ModelSpec, tp: int, cfg: EngineMemoryConfig) -> float:
-    """Peak torch memory of vLLM's profiling run above the weights: the larger of the forward pass
-    over ``max_num_batched_tokens`` tokens and the sampler over ``max_num_seqs`` logit rows."""
+    """Peak torch memory of vLLM's profiling run above the weights: the larger of the forward pass over
+    ``max_num_batched_tokens`` tokens and the dummy sampler run over ``min(max_num_seqs, tokens)`` rows
+    (gpu_model_runner ``profile_run`` / ``_dummy_sampler_run``), which also holds the run's hidden states."""
     n, e, h = cfg.max_num_batched_tokens, model.dtype_bytes, model.hidden_size
     widest = 0
     for layer in {(layer.moe,): layer for layer in model.layers}.values():
@@ -114,8 +190,25 @@ def activation_peak_bytes(model: ModelSpec, tp: int, cfg: EngineMemoryConfig) ->
             mlp *= model.moe.top_k  # fused-MoE intermediate cache holds top_k rows per token
         widest = max(widest, attn, mlp)
     forward = n * e * (2 * h + widest)  # residual + normed hidden + the widest layer transient
-    sampler = cfg.max_num_seqs * model.vocab_size * 4 * engine_overheads().sampler_logit_copies
+    rule = cfg.rule
+    per_logit = rule.sampler_bytes_per_logit + (e if rule.sampler_holds_dtype_logits else 0)
+    rows = min(cfg.max_num_seqs, n)
+    sampler = rows * model.vocab_size * per_logit + n * h * e
     return float(max(forward, sampler))
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """Per-GPU memory besides weights and KV, by the engine's version rule: one place for plan_memory
+    and the vectorized capacity grid."""
+
+    activation_peak_bytes: float
+    non_torch_bytes: float
+    cuda_graph_bytes: float
+
+
+def engine_overheads(model: ModelSpec, tp: int, engine: EngineMemoryConfig) -> Overheads:
+    return Overheads(activation_peak_bytes(model, tp, engine), engine.rule.non_torch(tp), engine.graph_bytes())
 
 
 @dataclass(frozen=True)
@@ -129,6 +222,10 @@ class MemoryPlan:
     activation_peak_bytes: float
     non_torch_bytes: float
     cuda_graph_bytes: float
+
+    @property
+    def rule(self) -> VllmMemoryRule:
+        return self.engine.rule
 
     @property
     def budget_bytes(self) -> float:
@@ -251,12 +348,9 @@ class MemoryPlan:
 
 def plan_memory(model: ModelSpec, hardware: HardwareSpec, layout: KVLayout, tp: int = 1,
                 engine: EngineMemoryConfig | None = None) -> MemoryPlan:
-    """Size one replica's memory the way vLLM does."""
+    """Size one replica's memory the way the engine's vLLM version does."""
     engine = engine or EngineMemoryConfig()
     check_tp(model, tp)
-    non_torch = engine.non_torch_bytes
-    if non_torch is None:
-        fitted = engine_overheads()
-        non_torch = fitted.non_torch_bytes_tp1 + (fitted.nccl_extra_bytes if tp > 1 else 0.0)
-    return MemoryPlan(model, hardware, layout, tp, engine, weight_bytes(model, tp),
-                      activation_peak_bytes(model, tp, engine), non_torch, engine.cuda_graph_bytes)
+    o = engine_overheads(model, tp, engine)
+    return MemoryPlan(model, hardware, layout, tp, engine, weight_bytes(model, tp), o.activation_peak_bytes,
+                      o.non_torch_bytes, o.cuda_graph_bytes)

@@ -203,7 +203,7 @@ def _bare(err: KvsimError, path: str | None = None, value: Any = None) -> str:
 
 # Deployment keys whose combination decides whether a point can be built (catalogue names, method
 # spec, TP degree, engine memory arguments); checked once per distinct combination.
-_DEPLOYMENT_KEYS = ("model", "hardware", "method", "tp", "engine", "calibration")
+_DEPLOYMENT_KEYS = ("model", "hardware", "weights", "method", "tp", "engine", "calibration")
 
 
 def _resolve(base: dict, assigned: Mapping[str, tuple[str, Any]], label: str, file: str,

@@ -27,7 +27,8 @@ _spec.loader.exec_module(pc)
 # off the memory plan alone are exact; figures that go through step times (the cost model's
 # calibrated efficiencies, the simulator) may move a few percent when the cost model is refined,
 # and then docs/paper-claims.md and these values are refreshed from
-# `.venv/bin/python scripts/paper_claims.py --golden --json`.
+# `.venv/bin/python scripts/paper_claims.py --golden --json`. Exact figures moved with the vLLM 0.19
+# memory rule (kvsim issue 11: more KV pages than the old fitted rule left).
 EXACT, PRICED = 1e-9, 0.05
 KNOWN = {
     "kivi-batch": (893 / 225, EXACT),  # largest batch of 499-token sequences: KIVI-2 R=32 vs fp16

@@ -22,7 +22,7 @@ TRACE = {"model": "llama-3-8b", "hardware": "h100-sxm",
          "workload": {"trace": str(ROOT / "traces" / "synthetic_sessions.csv"), "max_requests": 60},
          "slo": {"ttft_s": 0.5, "tpot_s": 0.05}}
 SYNTHETIC = {"model": "llama-3-8b", "hardware": "h100-sxm",
-             "workload": {"synthetic": {"rate": 20.0, "num_requests": 600,
+             "workload": {"synthetic": {"rate": 25.0, "num_requests": 600,
                                         "input": {"kind": "fixed", "tokens": 2048},
                                         "output": {"kind": "fixed", "tokens": 512}}},
              "slo": {"ttft_s": 1.0, "tpot_s": 0.1}}

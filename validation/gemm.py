@@ -1,4 +1,5 @@
-"""GEMM times over LLM layer shapes (bf16 and fp8 via torch._scaled_mm) and, with --part
+"""GEMM times over LLM layer shapes (bf16, fp8 via torch._scaled_mm, and W4A16: 4-bit weights in groups
+of 128 dequantized inside torch's tinygemm kernel, torch._weight_int4pack_mm) and, with --part
 elementwise, the reference engine's element-wise and MoE-routing kernels (elementwise.py).
 y[M,N] = x[M,K] @ W[N,K]^T.  Writes gemm.csv (dtype,m,n,k,time_s,flops,bytes,layer) and
 elementwise.csv (op,tokens,hidden,time_s,bytes,impl,rel_error,params,kernels)."""
@@ -57,6 +58,39 @@ def make_weights(n, k):
     return ws, [w.to(torch.float8_e4m3fn) for w in ws]
 
 
+W4A16_GROUP = 128  # weights per bf16 (scale, zero) pair, as GPTQ/AWQ checkpoints group them
+W4A16_INNER_K_TILES = 8  # torch._convert_weight_to_int4pack tiling: K must be a multiple of 16 x this
+
+
+def make_w4a16(n, k):
+    """Packed int4 weights with bf16 (scale, zero) per group of 128 along K (torch tinygemm layout):
+    w = (q - 8) * scale + zero; returns (packed, scales_and_zeros, dequantized bf16 reference)."""
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
+    packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), W4A16_INNER_K_TILES)
+    sz = torch.rand(k // W4A16_GROUP, n, 2, device="cuda", dtype=torch.bfloat16) * 0.02
+    scale = sz[..., 0].t().repeat_interleave(W4A16_GROUP, dim=1)  # [n, k]
+    zero = sz[..., 1].t().repeat_interleave(W4A16_GROUP, dim=1)
+    return packed, sz, ((q - 8).to(torch.bfloat16) * scale + zero)
+
+
+def w4a16_point(m, n, k, label, csv, w):
+    """One W4A16 GEMM: bf16 activations x 4-bit weights (bytes: 4-bit weights + 2 bf16 per group)."""
+    from validation.common import bench
+
+    packed, sz, ref_w = w
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    fn = lambda: torch._weight_int4pack_mm(x, packed, W4A16_GROUP, sz)  # noqa: E731
+    ref = x[: min(m, 4)].float() @ ref_w.float().t()
+    err = ((fn()[: min(m, 4)].float() - ref).norm() / ref.norm()).item()
+    if not err < 2e-2:
+        log(f"[WARN] gemm w4a16 {m}x{n}x{k} rel error {err:.2e} (layout assumption: w = (q - 8) * scale + zero)")
+    fl = 2 * m * n * k
+    byts = n * k // 2 + (k // W4A16_GROUP) * n * 4 + m * k * 2 + m * n * 2
+    t = bench(fn, rep_ms=max(6.0, min(60.0, (max(fl / 600e12, byts / 2.5e12) + 5e-6) * 1.5e4)), flush=False)[0]
+    csv.row(dtype="w4a16", m=m, n=n, k=k, time_s=t, flops=fl, bytes=byts, layer=label)
+    return t
+
+
 def gemm_point(dtype, m, n, k, label, csv, ws):
     eb = 1 if dtype == "fp8" else 2
     nw = len(ws)
@@ -111,6 +145,14 @@ def run_gemm(args, out, budget):
                     log(f"gemm {label} {dtype} m{mm}: {t*1e6:.1f} us {2*mm*n*k/t/1e12:.1f} TF/s "
                         f"{((mm*k+n*k)*(1 if dtype=='fp8' else 2)+mm*n*2)/t/1e12:.2f} TB/s")
         del w
+        q4 = guarded("w4a16 weights", make_w4a16, n, k) if k % (16 * W4A16_INNER_K_TILES) == 0 else None
+        for m in ms if q4 is not None else ():
+            if not budget.ok(2):
+                break
+            t = guarded(f"gemm w4a16 {m}x{n}x{k}", w4a16_point, m, n, k, label, csv, q4)
+            if t is not None and m in (1, 16, 256, 4096):
+                log(f"gemm {label} w4a16 m{m}: {t*1e6:.1f} us {2*m*n*k/t/1e12:.1f} TF/s")
+        del q4
         torch.cuda.empty_cache()
 
 

@@ -25,6 +25,10 @@ File format (YAML or JSON), documented in docs/calibration.md:
       allreduce:         {...}    # size: message bytes (memory = fraction of link bandwidth)
       gemm_grouped:      {...}    # optional: routed experts' grouped GEMM, size = rows per touched
                                   # expert, size2 = touched experts' weight bytes (else ``gemm``)
+      gemm.fp8:          {...}    # optional, per quantized-weight GEMM path (kvsim.spec.quant.weight_kernel):
+                                  # gemm.fp8, gemm.int8 (W8A8 at that peak), gemm.w8a16, gemm.w4a16
+                                  # (dequantizing kernels at the bf16 peak); without one, the bf16 curve
+                                  # is used and the run labels it a prior
     # A curve with ``size2`` is a table: one row of efficiencies (over ``size``) per ``size2`` value,
     # interpolated bilinearly in log2 of both. GEMM efficiency depends on the token count AND on the
     # weight matrix (a 1 MB router streams far below HBM bandwidth; a 100 MB projection near it).
@@ -214,6 +218,7 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
 
     flops = {"bf16": ceiling("bf16_flops_per_s", peaks.get("bf16", 0.0)),
              "fp8": ceiling("fp8_flops_per_s", peaks.get("fp8", peaks.get("bf16", 0.0))),
+             "int8": ceiling("int8_flops_per_s", peaks.get("int8", peaks.get("bf16", 0.0))),
              "fp32": ceiling("fp32_flops_per_s", peaks.get("fp32", 0.0))}
     ceilings = Ceilings(ceiling("copy_bytes_per_s", hw.hbm_bandwidth_bytes_per_s),
                         MappingProxyType(flops),
@@ -227,8 +232,10 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
     if missing:
         raise KvsimError(f"missing op curves: {', '.join(missing)}", field="ops", value=sorted(ops), file=file)
     from kvsim.kv import METHODS  # noqa: PLC0415 - kvsim.kv imports nothing from here; avoids a cycle at load
+    from kvsim.spec.quant import GEMM_PATH_CURVES  # noqa: PLC0415 - with the import above
 
-    known_ops = set(OP_KINDS) | {f"attention_decode.{f}" for f in (*METHODS, "mla")} | {"gemm_grouped"}
+    known_ops = (set(OP_KINDS) | {f"attention_decode.{f}" for f in (*METHODS, "mla")} | {"gemm_grouped"}
+                 | set(GEMM_PATH_CURVES))
     for key in ops:
         if key not in known_ops and re.sub(r"\.k[\d.]+v[\d.]+$", "", key) not in known_ops:
             raise KvsimError(f"unknown op curve (known: {', '.join(sorted(known_ops))})", field=f"ops.{key}",

@@ -26,9 +26,13 @@ from kvsim.kv.layout import KVLayout, Stream
 from kvsim.spec.hardware import HardwareSpec
 from kvsim.spec.linears import check_tp, head_linears, kv_heads_per_rank, layer_linears
 from kvsim.spec.model import ModelSpec
+from kvsim.spec.quant import weight_kernel
 
 NO_CAP = -1  # cap key meaning "the whole context"
 DEQUANT_FLOPS_PER_ELEMENT = 4  # unpack, convert, multiply by scale, add zero point
+# A weight-only (W8A16 / W4A16) GEMM dequantizes each weight it reads once per slice of this many rows:
+# vLLM's Marlin kernels work on at most 4 thread M-blocks of 16 rows (csrc/quantization/gptq_marlin).
+DEQUANT_ROWS_PER_PASS = 64
 # Element-wise kernels of one decoder layer as vLLM runs them (and validation/engine.py mirrors):
 # fused_add_rms_norm before attention and before the MLP (read x and the residual, write both),
 # rotary_embedding in place on q and k, silu_and_mul on the gate/up output. The KV-cache write
@@ -90,6 +94,9 @@ class _Gemms:
     top_k: np.ndarray
     peak: np.ndarray  # FLOP/s of the dtype the GEMM runs in
     per_sampled: np.ndarray  # the output head runs on sampled rows, not on every token
+    curve_names: tuple[str, ...]  # calibration curves the GEMMs use
+    curve: np.ndarray  # index into curve_names, per linear
+    dequant_flops_per_byte: np.ndarray  # per weight byte read, per pass of DEQUANT_ROWS_PER_PASS rows
 
 
 METHOD_STAGES = {name: m.stage.name.lower() for name, m in METHODS.items()}
@@ -169,7 +176,8 @@ class CostModel:
         self.cal = calibration if isinstance(calibration, Calibration) else find_calibration(hardware, calibration)
         self.execution = execution
         self.allreduce = execution.allreduce if execution is not None else None
-        self.fp8_weights = model.weight_quant is not None and model.weight_quant.bits_per_weight <= 8.5
+        self.weight_kernel = weight_kernel(model, hardware)
+        self.notes: tuple[str, ...] = ()  # how quantized weights are priced (labels priors), set by _build_gemms
         self._gemms = self._build_gemms()
         self._fixed_cache: dict[tuple[float, float, float], list] = {}
         self._table: list[tuple] = []  # (name, driver index, flops, bytes, seconds, bound) arrays
@@ -223,28 +231,52 @@ class CostModel:
 
     # ---------------------------------------------------------------- precomputation
     def _build_gemms(self) -> _Gemms:
-        """Every linear of the model (per layer kind) and the output head, as arrays."""
-        e, c = self.model.dtype_bytes, self.cal.ceilings
+        """Every linear of the model (per layer kind) and the output head, as arrays. Quantized linears
+        run on their weight kernel's path (kvsim.spec.quant.weight_kernel): its peak, its efficiency
+        curve when the profile has one (else the bf16 curve, labelled a prior in ``notes``), and for
+        weight-only paths the in-kernel dequantization."""
+        e, c, k_ = self.model.dtype_bytes, self.cal.ceilings, self.weight_kernel
+        native_bits = 8 * e
         rows: list[tuple] = []
         kinds: dict[tuple, list] = {}
         for layer in self.model.layers:  # layers with the same weights: mixer kind, MLP, MoE
             key = (layer.attention if layer.attention in ("state", "none") else "attention", layer.mlp, layer.moe)
             kinds.setdefault(key, [layer, 0])[1] += 1
         top_k = self.model.moe.top_k if self.model.moe else 1
-        peak = c.flops_per_s["fp8" if self.fp8_weights else "bf16"]
+        grouped = "gemm_grouped" if "gemm_grouped" in self.cal.ops else "gemm"
+        prior = k_.path != "bf16" and k_.curve not in self.cal.ops
         for layer, count in kinds.values():
             for lin in layer_linears(self.model, layer, self.tp):
                 k = top_k if lin.experts > 1 else 1
+                quantized = lin.bits != native_bits
+                if quantized:
+                    peak = c.flops_per_s.get(k_.peak_dtype) or self.hw.peak_flops_per_s[k_.peak_dtype]
+                    curve = k_.curve if not prior else (grouped if lin.experts > 1 else "gemm")
+                    # a measured curve of the path already holds its dequantization; the prior adds it
+                    dq = DEQUANT_FLOPS_PER_ELEMENT * 8 / lin.bits if k_.dequant and prior else 0.0
+                else:
+                    peak, curve, dq = c.flops_per_s["bf16"], grouped if lin.experts > 1 else "gemm", 0.0
                 rows.append((f"gemm.{lin.role}", count, lin.bytes, 2.0 * lin.in_features * lin.out_features * k,
-                             (lin.in_features + lin.out_features) * e * k, lin.experts, k, peak, False))
+                             (lin.in_features + lin.out_features) * e * k, lin.experts, k, peak, False, curve, dq))
         for lin in head_linears(self.model, self.tp):
             if lin.role == "lm_head" or self.model.tie_word_embeddings:  # runs on sampled rows only
                 rows.append(("gemm.lm_head", 1, lin.bytes, 2.0 * lin.params,
-                             (lin.in_features + lin.out_features) * e, 1, 1, c.flops_per_s["bf16"], True))
+                             (lin.in_features + lin.out_features) * e, 1, 1, c.flops_per_s["bf16"], True, "gemm", 0.0))
+        if k_.path != "bf16":
+            wq = self.model.weight_quant
+            self.notes = (f"weights {wq.precision} ({wq.bits_per_weight:g} bits, {wq.modules}): {k_.note}",)
+            if prior:
+                self.notes += (f"PRIOR: profile {self.cal.gpu} has no {k_.curve} curve: {k_.path} GEMMs use the bf16 "
+                               "GEMM efficiency curve at the " + k_.peak_dtype + " peak"
+                               + (f", plus {DEQUANT_FLOPS_PER_ELEMENT} dequantization FLOPs per weight per "
+                                  f"{DEQUANT_ROWS_PER_PASS} rows at the FP32 rate" if k_.dequant else "")
+                               + " (a labelled prior, not a measurement; validation/gemm.py measures it)",)
         names = list(dict.fromkeys(r[0] for r in rows))
+        curve_names = tuple(dict.fromkeys(r[9] for r in rows))
         col = list(zip(*rows, strict=True))
         return _Gemms(tuple(names), np.array([names.index(n) for n in col[0]]),
-                      *(np.array(v, dtype=float) for v in col[1:8]), np.array(col[8], dtype=bool))
+                      *(np.array(v, dtype=float) for v in col[1:8]), np.array(col[8], dtype=bool),
+                      curve_names, np.array([curve_names.index(n) for n in col[9]]), np.array(col[10], dtype=float))
 
     def _build_decode_terms(self) -> _Terms:
         terms = _Terms()
@@ -446,15 +478,16 @@ class CostModel:
         wbytes = col(g.weight_bytes) * np.where(routed, active / col(g.experts), 1.0)
         m_eff = np.where(routed, m * col(g.top_k) / np.maximum(active, 1e-9), m)
         flops, nbytes = col(g.flops_per_token) * m, wbytes + col(g.act_bytes_per_token) * m
-        curve = self.cal.ops["gemm"]
-        ce, me = (v.reshape(m.shape) for v in curve.eff_many(np.maximum(m_eff, 1.0).ravel(), wbytes.ravel()))
-        floor = np.full(m.shape, curve.floor_s)
-        grouped = self.cal.ops.get("gemm_grouped")
-        if grouped is not None and routed.any():  # routed experts run as one grouped GEMM (own curve)
-            gc, gm = (v.reshape(m.shape) for v in grouped.eff_many(np.maximum(m_eff, 1.0).ravel(), wbytes.ravel()))
-            rows = np.broadcast_to(routed, m.shape)
-            ce, me, floor = np.where(rows, gc, ce), np.where(rows, gm, me), np.where(rows, grouped.floor_s, floor)
-        t_c, t_m = flops / (col(g.peak) * ce), nbytes / (c.copy_bytes_per_s * me)
+        ce, me, floor = np.empty(m.shape), np.empty(m.shape), np.empty(m.shape)
+        sizes = np.maximum(m_eff, 1.0)
+        for ci, name in enumerate(g.curve_names):  # each linear's own curve (bf16, grouped, quantized path)
+            sel = g.curve == ci
+            curve = self.cal.ops[name]
+            c_, m_ = curve.eff_many(sizes[sel].ravel(), wbytes[sel].ravel())
+            ce[sel], me[sel], floor[sel] = c_.reshape(sizes[sel].shape), m_.reshape(sizes[sel].shape), curve.floor_s
+        passes = np.ceil(m_eff / DEQUANT_ROWS_PER_PASS)
+        dequant_s = wbytes * col(g.dequant_flops_per_byte) * passes / c.flops_per_s["fp32"]
+        t_c, t_m = flops / (col(g.peak) * ce) + dequant_s, nbytes / (c.copy_bytes_per_s * me)
         t = np.where(m > 0, np.maximum(t_c, t_m) + floor, 0.0)
         rows = []
         for i, name in enumerate(g.names):

@@ -58,21 +58,27 @@ def deployment(scenario: Scenario) -> Deployment:
     from kvsim.cost.execution import vllm_execution
     from kvsim.cost.model import CostModel
     from kvsim.kv import layout_for
-    from kvsim.memory import EngineMemoryConfig, plan_memory
+    from kvsim.memory import GIB, EngineMemoryConfig, plan_memory
     from kvsim.spec.hardware import load_hardware
     from kvsim.spec.model import load_model
+    from kvsim.spec.quant import weight_kernel, with_weights
 
     spec, file = scenario.spec, scenario.file
     e = spec.engine
     try:
         model = load_model(_catalogue_arg(spec.model, scenario))
+        if spec.weights is not None:
+            model = with_weights(model, spec.weights, file)
         hardware = load_hardware(_catalogue_arg(spec.hardware, scenario))
+        weight_kernel(model, hardware, file)
         layout = layout_for(model, spec.method, file)
         memory = EngineMemoryConfig(e.gpu_memory_utilization, e.block_size, e.max_num_batched_tokens,
-                                    e.max_num_seqs)
+                                    e.max_num_seqs, e.vllm_version or "", e.enforce_eager,
+                                    None if e.cuda_graph_gib is None else e.cuda_graph_gib * GIB)
         plan = plan_memory(model, hardware, layout, spec.tp, memory)
     except KvsimError as err:
-        raise _with_file(err, file) from None
+        engine_key = err.field in ("vllm_version", "cuda_graph_gib", "gpu_memory_utilization")
+        raise _with_file(err, file, f"engine.{err.field}" if engine_key else None) from None
     cal = spec.calibration
     try:
         if cal is not None and cal.lower() != "none":
@@ -329,6 +335,8 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         "scenario": {"name": spec.name or Path(scenario.file).stem, "model": spec.model,
                      "hardware": spec.hardware, "method": "+".join(dep.layout.methods) or spec.method,
                      "tp": spec.tp, "replicas": spec.replicas, "router": spec.router, "seed": spec.seed,
+                     "weights": (wq.precision if (wq := dep.plan.model.weight_quant) else dep.plan.model.dtype),
+                     "memory_rule": dep.plan.rule.label,
                      "calibration": {"kind": cal.kind, "gpu": cal.gpu, "source": cal.source,
                                      "note": cal.note, "decode_kernel": dep.cost.decode_kernel.as_dict()}},
         "requests": sim.arrived,
@@ -381,6 +389,7 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         notes.append(f"all-reduce: {dep.cost.allreduce.source}")
     if cal.kind == "prior":
         notes.append(cal.note)
+    notes.extend(dep.cost.notes)
     notes += [n for n in dep.cost.cost_notes if not n.startswith("decode attention:")]  # that one has its own line
     if binding != "gpu":
         held = int(dep.plan.max_concurrency(dep.max_model_len)[0])

@@ -110,6 +110,9 @@ class EngineSpec(_Strict):
     swap_space_gib: float = Field(default=4.0, ge=0)  # vLLM --swap-space default, GiB per GPU
     max_model_len: int | None = Field(default=None, gt=0)  # default: the model's context length
     num_gpu_blocks_override: int | None = Field(default=None, gt=0)  # vLLM's, "for testing preemption"
+    vllm_version: StrictStr | None = None  # memory rule (kvsim/data/vllm_memory.yaml); None: its default_version
+    enforce_eager: StrictBool = False  # no CUDA graphs: nothing charged for them (vLLM >= 0.20)
+    cuda_graph_gib: float | None = Field(default=None, ge=0)  # vLLM >= 0.20's measured CUDA-graph estimate
     fast_forward: StrictBool = True
     scheduling_policy: Literal[POLICIES] = DEFAULT_POLICY  # type: ignore[valid-type]  # kvsim.serve.policy
 
@@ -129,6 +132,7 @@ class ScenarioSpec(_Strict):
     model: StrictStr
     hardware: StrictStr
     method: StrictStr = "bf16"
+    weights: Literal["bf16", "fp8", "int8", "int4", "mxfp4", "nvfp4"] | None = None  # None: as the checkpoint
     tp: int = Field(default=1, gt=0)
     replicas: int = Field(default=1, gt=0)
     router: Literal[ROUTERS] = "round_robin"  # type: ignore[valid-type]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 from kvsim.errors import KvsimError
+from kvsim.spec.quant import quant_from_hf
 
 # vLLM serves float32 checkpoints in 16 bits (vllm/config.py `_get_and_verify_dtype`: "Following
 # common practice, we use float16 for float32 models", bfloat16 for Gemma-2/3).
@@ -238,22 +239,6 @@ def _moe(cfg: dict, mtype: str, n: int) -> tuple[dict | None, list[bool]]:
     return {"num_experts": experts, "top_k": top_k, "expert_intermediate_size": size}, layers
 
 
-def _weight_quant(cfg: dict) -> dict | None:
-    q = cfg.get("quantization_config")
-    if not q:
-        return None
-    if q.get("quant_method") == "mxfp4":
-        # OCP MX spec v1.0: 4-bit E2M1 elements + one 8-bit E8M0 scale per 32 -> 4.25 bits.
-        return {"modules": "experts", "bits_per_weight": 4.25,
-                "source": "quantization_config mxfp4 (OCP Microscaling spec v1.0)"}
-    if q.get("quant_method") == "fp8":
-        rows, cols = q.get("weight_block_size", [128, 128])
-        # 8-bit weights plus one fp32 scale per weight block.
-        return {"modules": "linear", "bits_per_weight": 8 + 32 / (rows * cols),
-                "source": f"quantization_config fp8 blocks {rows}x{cols}"}
-    return None
-
-
 def _vision(full: dict) -> dict | None:
     """CLIP ViT tower + 2-layer projector of LLaVA-1.5 (modeling_clip, modeling_llava)."""
     v = full.get("vision_config")
@@ -314,7 +299,7 @@ def model_from_hf_config(full: dict, *, name: str, config_file: str, hf_repo: st
         out["state"] = _state(cfg, mtype, out["dtype"], config_file)
     if moe:
         out["moe"] = moe
-    if (wq := _weight_quant(full)) is not None:
+    if (wq := quant_from_hf(full, config_file)) is not None:
         out["weight_quantization"] = wq
     if (vision := _vision(full)) is not None:
         out["vision"] = vision

@@ -60,9 +60,9 @@ def _bits(model: ModelSpec, role: Role) -> float:
     native = 8 * model.dtype_bytes
     if wq is None or role in ("embedding", "lm_head", "router"):
         return native
-    if wq.modules == "linear" or role in ("experts", "shared_experts"):
-        return wq.bits_per_weight
-    return native
+    quantized = {"experts": ("experts",), "mlp": ("mlp", "experts", "shared_experts"),
+                 "linear": ("attention", "mlp", "experts", "shared_experts")}[wq.modules]
+    return wq.bits_per_weight if role in quantized else native
 
 
 def _attention(model: ModelSpec, tp: int) -> list[Linear]:

@@ -94,12 +94,23 @@ class LayerSpec:
         return self.kv_source == self.index
 
 
+WeightPrecision = Literal["fp8", "int8", "int4", "mxfp4", "nvfp4"]
+QuantModules = Literal["experts", "mlp", "linear"]
+
+
 @dataclass(frozen=True)
 class WeightQuantSpec:
-    """Checkpoint weight quantization (e.g. gpt-oss MXFP4 experts, DeepSeek-V3 FP8 blocks)."""
+    """Weight quantization (a checkpoint's ``quantization_config`` or a ``weights:`` choice; kvsim/spec/quant.py).
 
-    modules: Literal["experts", "linear"]
-    bits_per_weight: float
+    ``modules``: which linears are quantized: routed ``experts`` only (vLLM's MXFP4 MoE method), every
+    ``mlp`` (dense MLP, routed and shared experts), or every ``linear`` layer. Embeddings, the LM head,
+    routers and norms stay in the model dtype in every case."""
+
+    modules: QuantModules
+    bits_per_weight: float  # storage bits per weight, scales and zero points included
+    precision: WeightPrecision
+    weight_only: bool = False  # W8A16 / W4A16: dequantized to the activation dtype inside the GEMM
+    needs_native_fp8: bool = False  # the method has no weight-only fallback (ModelOpt FP8: compute capability 8.9)
 
 
 @dataclass(frozen=True)
@@ -185,8 +196,11 @@ class _LayerGroup(_Strict):
 
 
 class _WeightQuant(_Strict):
-    modules: Literal["experts", "linear"]
+    modules: Literal["experts", "mlp", "linear"]
     bits_per_weight: float = Field(gt=0, le=32)
+    precision: Literal["fp8", "int8", "int4", "mxfp4", "nvfp4"]
+    weight_only: bool = False
+    needs_native_fp8: bool = False
     source: str
 
 
@@ -309,7 +323,7 @@ def model_from_dict(data: dict, file: str | None = None) -> ModelSpec:
         mlp_gated=m.mlp.gated,
         moe=MoESpec(**m.moe.model_dump()) if m.moe else None,
         layers=layers,
-        weight_quant=(WeightQuantSpec(m.weight_quantization.modules, m.weight_quantization.bits_per_weight)
+        weight_quant=(WeightQuantSpec(**m.weight_quantization.model_dump(exclude={"source"}))
                       if m.weight_quantization else None),
         vision=VisionSpec(m.vision.params, m.vision.image_tokens) if m.vision else None,
         state=StateSpec(**m.state.model_dump(exclude={"source"})) if m.state else None,

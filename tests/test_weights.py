@@ -1,0 +1,195 @@
+"""Weight precision: ``weights:`` choices, HF ``quantization_config`` import, the GEMM path per GPU, pricing.
+
+quantization_config mappings below are the fields vLLM reads, in the shapes each tool writes them:
+compressed-tensors as llm-compressor writes ``config_groups`` (float-quantized FP8, pack-quantized
+W4A16, nvfp4-pack-quantized), ModelOpt ``quant_algo``, AutoAWQ / AutoGPTQ ``bits``/``group_size``,
+bitsandbytes ``load_in_4bit``, DeepSeek-V3's fp8 ``weight_block_size`` and gpt-oss's mxfp4.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kvsim.cli import main
+from kvsim.cost import Batch, CostModel
+from kvsim.errors import KvsimError
+from kvsim.kv import layout_for
+from kvsim.memory import GIB, EngineMemoryConfig, plan_memory, rotary_cache_bytes
+from kvsim.spec.hardware import load_hardware
+from kvsim.spec.hf_import import model_from_hf_config
+from kvsim.spec.model import load_model, model_from_dict
+from kvsim.spec.quant import INT4_BITS, MXFP4_BITS, NVFP4_BITS, quant_from_hf, weight_kernel, with_weights
+
+CT_W = {"dynamic": False, "num_bits": 8, "observer": "minmax", "strategy": "tensor", "symmetric": True, "type": "float"}
+CT_A = {"dynamic": True, "num_bits": 8, "observer": None, "strategy": "token", "symmetric": True, "type": "float"}
+
+
+def ct(weights: dict, acts: dict | None, ignore: list[str] | None = None) -> dict:
+    return {"quant_method": "compressed-tensors", "format": "x", "ignore": ignore or ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}}}
+
+
+@pytest.mark.parametrize("q,precision,bits,weight_only,modules", [
+    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "fp8", 8 + 32 / 128**2, False, "linear"),
+    ({"quant_method": "fp8"}, "fp8", 8, False, "linear"),
+    (ct(CT_W, CT_A), "fp8", 8, False, "linear"),
+    (ct(CT_W, None), "fp8", 8, True, "linear"),
+    (ct({**CT_W, "type": "int", "num_bits": 4, "strategy": "group", "group_size": 128}, None), "int4", 4 + 16 / 128,
+     True, "linear"),
+    (ct({**CT_W, "type": "int", "strategy": "channel"}, {**CT_A, "type": "int"}), "int8", 8, False, "linear"),
+    (ct({**CT_W, "num_bits": 4, "strategy": "tensor_group", "group_size": 16}, None), "nvfp4", NVFP4_BITS, True,
+     "linear"),
+    (ct(CT_W, CT_A, ignore=["lm_head", "re:.*self_attn.*"]), "fp8", 8, False, "mlp"),
+    ({"quant_method": "modelopt", "quant_algo": "FP8"}, "fp8", 8, False, "linear"),
+    ({"quant_method": "modelopt", "quant_algo": "NVFP4", "exclude_modules": ["lm_head"]}, "nvfp4", NVFP4_BITS, False,
+     "linear"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True}, "int4", INT4_BITS, True, "linear"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}, "int4", INT4_BITS, True, "linear"),
+    ({"quant_method": "gptq", "bits": 8, "group_size": -1}, "int8", 8, True, "linear"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_use_double_quant": True}, "int4",
+     4 + (8 + 32 / 256) / 64, True, "linear"),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "int8", 8, True, "linear"),
+    ({"quant_method": "mxfp4"}, "mxfp4", MXFP4_BITS, False, "experts"),
+])
+def test_quantization_config_import(q: dict, precision: str, bits: float, weight_only: bool, modules: str) -> None:
+    wq = quant_from_hf({"quantization_config": q}, "config.json")
+    assert (wq["precision"], wq["weight_only"], wq["modules"]) == (precision, weight_only, modules)
+    assert wq["bits_per_weight"] == pytest.approx(bits)
+
+
+@pytest.mark.parametrize("q,field", [
+    ({"quant_method": "hqq"}, "quantization_config.quant_method"),
+    ({"quant_method": "modelopt", "quant_algo": "W4A8_AWQ"}, "quantization_config.quant_algo"),
+    ({"quant_method": "gptq", "bits": 3}, "quantization_config.bits"),
+    ({"quant_method": "bitsandbytes"}, "quantization_config.load_in_4bit"),
+])
+def test_unknown_quantization_is_an_error_never_bf16(q: dict, field: str) -> None:
+    with pytest.raises(KvsimError, match=field.replace(".", r"\.")):
+        quant_from_hf({"quantization_config": q}, "config.json")
+
+
+def test_fp8_checkpoint_weights_llama_3_1_8b() -> None:
+    """Llama-3.1-8B with FP8 linears: 6.98e9 linear weights at 1 B + 2 x 128,256 x 4,096 bf16 embedding and
+    head + norms = 8.46 GiB, and the 32 MiB rotary cache vLLM allocates with it (131,072 x 128 x 2 B)."""
+    m = with_weights(load_model("llama-3.1-8b"), "fp8")
+    plan = plan_memory(m, load_hardware("h100-sxm"), layout_for(m, "bf16"))
+    assert rotary_cache_bytes(m) == 131_072 * 128 * 2
+    assert (plan.weights.total - plan.weights.buffers) / GIB == pytest.approx(8.46, abs=0.005)
+    assert plan.weights.embedding == plan.weights.lm_head == 128_256 * 4096 * 2  # stay bf16
+
+
+def test_hf_config_with_fp8_blocks_is_not_planned_as_bf16() -> None:
+    cfg = {"model_type": "qwen3", "torch_dtype": "bfloat16", "hidden_size": 4096, "intermediate_size": 12288,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 36,
+           "vocab_size": 151936, "max_position_embeddings": 40960, "tie_word_embeddings": False,
+           "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    m = model_from_dict(model_from_hf_config(cfg, name="qwen3-8b-fp8", config_file="config.json"))
+    assert m.weight_quant.precision == "fp8"
+    plan = plan_memory(m, load_hardware("h100-sxm"), layout_for(m, "bf16"))
+    assert plan.weights.total / GIB == pytest.approx(8.80, abs=0.005)  # vLLM logged 8.80 GiB (test_memory)
+
+
+def test_weights_choice_bytes_and_modules() -> None:
+    base = load_model("qwen3-30b-a3b")
+    h = load_hardware("h100-sxm")
+    bf16 = plan_memory(base, h, layout_for(base, "bf16")).weights
+    for choice, bits in (("fp8", 8), ("int4", INT4_BITS), ("nvfp4", NVFP4_BITS)):
+        w = plan_memory(m := with_weights(base, choice), h, layout_for(m, "bf16")).weights
+        assert w.experts == pytest.approx(bf16.experts * bits / 16)
+        assert w.attention == pytest.approx(bf16.attention * bits / 16)
+        assert (w.embedding, w.lm_head, w.router, w.norms) == (bf16.embedding, bf16.lm_head, bf16.router, bf16.norms)
+    mx = plan_memory(m := with_weights(base, "mxfp4"), h, layout_for(m, "bf16")).weights
+    assert mx.experts == pytest.approx(bf16.experts * MXFP4_BITS / 16) and mx.attention == bf16.attention
+    assert with_weights(load_model("deepseek-v3"), "bf16").weight_quant is None  # served dequantized
+
+
+@pytest.mark.parametrize("model,weights,gpu,path", [
+    ("llama-3.1-8b", "fp8", "h100-sxm", "fp8"), ("llama-3.1-8b", "fp8", "a100-sxm-80gb", "w8a16"),
+    ("llama-3.1-8b", "int8", "a100-sxm-80gb", "int8"), ("llama-3.1-8b", "int4", "h100-sxm", "w4a16"),
+    ("llama-3.1-8b", "nvfp4", "h100-sxm", "w4a16"), ("gpt-oss-20b", None, "h100-sxm", "w4a16"),
+    ("llama-3.1-8b", "bf16", "h100-sxm", "bf16"),
+])
+def test_gemm_path_per_gpu(model: str, weights: str | None, gpu: str, path: str) -> None:
+    m = load_model(model) if weights is None else with_weights(load_model(model), weights)
+    assert weight_kernel(m, load_hardware(gpu)).path == path
+
+
+def test_modelopt_fp8_cannot_run_on_ampere() -> None:
+    m = load_model("llama-3.1-8b")
+    wq = quant_from_hf({"quantization_config": {"quant_method": "modelopt", "quant_algo": "FP8"}}, "c.json")
+    from dataclasses import replace
+
+    from kvsim.spec.model import WeightQuantSpec
+    m = replace(m, weight_quant=WeightQuantSpec(**{k: v for k, v in wq.items() if k != "source"}))
+    with pytest.raises(KvsimError, match="weights='fp8'"):
+        weight_kernel(m, load_hardware("a100-sxm-80gb"), "x.yaml")
+    with pytest.raises(KvsimError, match="MoE experts only"):
+        with_weights(m, "mxfp4")
+
+
+def _gemm_s(model, gpu: str, tokens: int) -> tuple[float, CostModel]:
+    cm = CostModel(model, load_hardware(gpu), layout_for(model, "bf16"), calibration="none")
+    step = cm.step(Batch(prefill_tokens=np.array([tokens]), prefill_context=np.array([0])))
+    return sum(op.seconds for op in step.ops if op.name.startswith("gemm.") and op.name != "gemm.lm_head"), cm
+
+
+def test_fp8_gemms_run_at_the_fp8_peak_and_say_the_curve_is_a_prior() -> None:
+    """A compute-bound 8,192-token prefill on H100: FP8 linears take half the bf16 time (1,979 vs 989 TFLOP/s
+    dense), on the bf16 curve, labelled a prior."""
+    base = load_model("llama-3.1-8b")
+    t16, _ = _gemm_s(base, "h100-sxm", 8192)
+    t8, cm = _gemm_s(with_weights(base, "fp8"), "h100-sxm", 8192)
+    assert t8 == pytest.approx(t16 / 2, rel=0.02)
+    assert any("PRIOR" in n and "gemm.fp8" in n for n in cm.notes)
+
+
+def test_w4a16_decode_reads_a_quarter_and_prefill_pays_dequantization() -> None:
+    base, q = load_model("llama-3.1-8b"), with_weights(load_model("llama-3.1-8b"), "int4")
+    d16, _ = _gemm_s(base, "h100-sxm", 1)
+    d4, cm = _gemm_s(q, "h100-sxm", 1)
+    assert d4 / d16 == pytest.approx(INT4_BITS / 16, rel=0.05)  # memory-bound: weight bytes
+    p16, _ = _gemm_s(base, "h100-sxm", 8192)
+    p4, _ = _gemm_s(q, "h100-sxm", 8192)
+    assert p4 > p16  # compute-bound: bf16 FLOPs plus the in-kernel dequantization
+    assert any("W4A16" in n for n in cm.notes)
+
+
+def test_cli_weights_and_version(capsys) -> None:
+    main(["memory", "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--weights", "fp8", "--vllm-version", "0.11",
+          "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["weights"] == "fp8" and "0.11-0.16" in r["vllm_rule"]
+    assert r["weight_bytes"] / GIB == pytest.approx(8.46 + 0.03, abs=0.01)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--weights", "mxfp4"], "weights='mxfp4'"),
+    (["--vllm-version", "0.9"], "vllm_version='0.9'"),
+    (["--vllm-version", "0.21"], "cuda_graph_gib"),
+])
+def test_cli_bad_weights_or_version_one_line(capsys, argv: list[str], match: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["memory", "--model", "llama-3.1-8b", "--hardware", "h100-sxm", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
+
+
+def test_engine_config_default_is_the_rule_file_default() -> None:
+    assert "0.17-0.19" in EngineMemoryConfig().rule.label
+
+
+def test_weights_and_vllm_version_are_sweepable() -> None:
+    from kvsim.sweep import expand
+
+    raw = {"model": "llama-3.1-8b", "hardware": "a100-sxm-80gb",
+           "workload": {"synthetic": {"rate": 1.0, "num_requests": 4, "input": {"kind": "fixed", "tokens": 64},
+                                      "output": {"kind": "fixed", "tokens": 8}}},
+           "sweep": {"grid": {"weights": ["bf16", "fp8", "int4"], "engine.vllm_version": ["0.11", "0.19"]}}}
+    assert len(expand(raw, "s.yaml").points) == 6
+    bad = {**raw, "sweep": {"grid": {"weights": ["bf16", "mxfp4"]}}}  # a dense model has no experts for MXFP4
+    with pytest.raises(KvsimError, match="weights"):
+        expand(bad, "s.yaml")
