@@ -53,7 +53,7 @@ def test_public_log_kv_tokens() -> None:
     """The Qwen3-8B-FP8 log's 8.60 GiB held 62,608 tokens: pages of 16 tokens x 147,456 B."""
     p = next(p for p in PROFILES if p["id"] == "public-notes-qwen3-8b-fp8-tp1-24gb")
     plan = _log_plan(p)
-    assert plan.kv_capacity_tokens == pytest.approx(p["kv_cache_tokens"], rel=0.01)
+    assert plan.kv_capacity_tokens(plan.model.max_position_embeddings) == pytest.approx(p["kv_cache_tokens"], rel=0.01)
 
 
 def test_kv_tokens_from_kv_bytes_match_vllm() -> None:
