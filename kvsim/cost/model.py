@@ -404,6 +404,11 @@ class CostModel:
         curve = self.cal.ops["gemm"]
         ce, me = (v.reshape(m.shape) for v in curve.eff_many(np.maximum(m_eff, 1.0).ravel(), wbytes.ravel()))
         floor = np.full(m.shape, curve.floor_s)
+        fp8 = self.cal.ops.get("gemm.fp8") if self.fp8_weights else None
+        if fp8 is not None:  # FP8-weight GEMMs have their own kernels (the output head stays bf16)
+            fc, fm = (v.reshape(m.shape) for v in fp8.eff_many(np.maximum(m_eff, 1.0).ravel(), wbytes.ravel()))
+            rows = np.broadcast_to(~col(g.per_sampled), m.shape)
+            ce, me, floor = np.where(rows, fc, ce), np.where(rows, fm, me), np.where(rows, fp8.floor_s, floor)
         grouped = self.cal.ops.get("gemm_grouped")
         if grouped is not None and routed.any():  # routed experts run as one grouped GEMM (own curve)
             gc, gm = (v.reshape(m.shape) for v in grouped.eff_many(np.maximum(m_eff, 1.0).ravel(), wbytes.ravel()))
