@@ -390,8 +390,20 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
+    if args.source is not None:
+        from kvsim.cost.calibration import user_calibration_dir
+        from kvsim.importers.aiconfigurator import import_profile, parse_engine, write_profile
+
+        if args.source != "aiconfigurator" or args.system is None:
+            raise KvsimError("imports need --from aiconfigurator --system SYSTEM", field="--from", value=args.source)
+        engine, version = parse_engine(args.engine)
+        profile = import_profile(args.system, engine, version, args.gpu)
+        print(f"wrote {write_profile(profile, Path(args.out) if args.out else user_calibration_dir())}")
+        return
     from kvsim.calibrate import calibrate
 
+    if not args.gpu:
+        raise KvsimError("needs --gpu (a validation/results folder) or --from aiconfigurator", field="--gpu")
     out = calibrate(args.gpu, Path(args.results) if args.results else None)
     print(f"wrote {out}")
 
@@ -403,7 +415,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
         raise KvsimError("give exactly one of --gpu and --serving", field="kvsim validate",
                          value=[a for a in ("gpu", "serving") if getattr(args, a) is not None])
     if args.serving is not None:
-        _validate_serving(Path(args.serving), args.json)
+        from kvsim.judge_serving import find_silicon_sample
+
+        _validate_serving(find_silicon_sample() if args.serving == "aiconfigurator" else Path(args.serving), args.json,
+                          args.calibration)
         return
 
     report, summary = validate(args.gpu, args.calibration_from, Path(args.results) if args.results else None)
@@ -417,10 +432,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
     print(f"wrote {report}")
 
 
-def _validate_serving(path: Path, as_json: bool) -> None:
+def _validate_serving(path: Path, as_json: bool, calibration: str | None) -> None:
     from kvsim.judge_serving import error_table, judge
 
-    judged, skipped = judge(path)
+    judged, skipped = judge(path, calibration)
     table = error_table(judged) if judged else []
     if as_json:
         print(json.dumps({"file": str(path), "groups": table, "not_expressible": dict(skipped),
@@ -429,13 +444,13 @@ def _validate_serving(path: Path, as_json: bool) -> None:
                                     "predicted_ttft_ms": j.ttft_ms, "tpot_ms": j.row.tpot_ms,
                                     "predicted_tpot_ms": j.tpot_ms} for j in judged]}, indent=2))
         return
-    print(f"{'gpu':<10} {'engine':<13} {'model':<12} {'prec':<5} {'tp':>3} {'rows':>5}   "
-          f"{'TTFT median':>11} {'p90':>7} {'worst':>7}   {'TPOT median':>11} {'p90':>7} {'worst':>7}")
+    print(f"{'gpu':<13} {'engine':<16} {'model':<18} {'prec':<5} {'tp':>3} {'rows':>5}   "
+          f"{'TTFT median':>11} {'p90':>7} {'worst':>7}   {'TPOT median':>11} {'p90':>7} {'worst':>7}   calibration")
     for g in table:
-        print(f"{g['gpu']:<10} {g['engine']:<13} {g['model']:<12} {g['precision']:<5} {g['tp'] or '':>3} "
+        print(f"{g['gpu']:<13} {g['engine']:<16} {g['model']:<18} {g['precision']:<5} {g['tp'] or '':>3} "
               f"{g['rows']:>5}   {g['ttft_median_abs_err']:11.1%} {g['ttft_p90_abs_err']:7.1%} "
               f"{g['ttft_max_abs_err']:7.1%}   {g['tpot_median_abs_err']:11.1%} {g['tpot_p90_abs_err']:7.1%} "
-              f"{g['tpot_max_abs_err']:7.1%}")
+              f"{g['tpot_max_abs_err']:7.1%}   {g['calibration']}")
     for why, n in sorted(skipped.items()):
         print(f"not expressible ({n} rows): {why}")
 
@@ -532,16 +547,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("calibrate", help="fit a calibration profile from a GPU's kernel measurements")
-    p.add_argument("--gpu", required=True, help="folder name under validation/results, e.g. h100-sxm")
+    p.add_argument("--gpu", help="folder name under validation/results, e.g. h100-sxm (with --from: the catalogue "
+                                 "GPU the profile is for; default: the system's)")
     p.add_argument("--results", help="results root (default: validation/results of this checkout)")
+    p.add_argument("--from", dest="source", choices=["aiconfigurator"],
+                   help="import from a kernel database instead (needs kvsim[aic]): aiconfigurator")
+    p.add_argument("--system", help="with --from: the database's system, e.g. h200_sxm")
+    p.add_argument("--engine", default="vllm", help="with --from: vllm, sglang or trtllm, optionally ==VERSION")
+    p.add_argument("--out", help="with --from: folder to write GPU.ENGINE.yaml into (default: "
+                                 "$KVSIM_CALIBRATION_DIR, else ~/.local/share/kvsim/calibration)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("validate", help="judge predictions on end-to-end measurements not used in fitting")
     p.add_argument("--gpu", help="reference-engine results folder under validation/results, e.g. h100-sxm")
     p.add_argument("--serving", metavar="CSV",
                    help="judge closed-loop serving on real engine measurements (aiconfigurator silicon-sample "
-                        "format, e.g. ../shared/data/measured/vllm_h100_qwen3-32b_closed_loop.csv)")
+                        "format, e.g. ../shared/data/measured/vllm_h100_qwen3-32b_closed_loop.csv); "
+                        "'aiconfigurator': the installed package's systems/silicon_sample.csv")
     p.add_argument("--calibration-from", help="GPU whose fitted profile to use (default: the same GPU)")
+    p.add_argument("--calibration", help="with --serving: 'imported' (the imported profile even where kvsim "
+                                         "measured the GPU), 'none' or a profile path (default: each row's GPU)")
     p.add_argument("--results", help="results root (default: validation/results of this checkout)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_validate)

@@ -58,6 +58,7 @@ class Judged:
     hardware: str
     ttft_ms: float
     tpot_ms: float
+    calibration: str  # where the GPU's profile came from (Calibration.label)
 
     @property
     def ttft_error(self) -> float:
@@ -109,28 +110,53 @@ def _catalogue_models() -> dict[str, str]:
     return out
 
 
+def find_silicon_sample() -> Path:
+    """The silicon-sample file shipped in the installed ``aiconfigurator-core`` (``--serving aiconfigurator``)."""
+    try:
+        import aiconfigurator_core  # noqa: PLC0415 - optional dependency (kvsim[aic])
+    except ImportError:
+        raise KvsimError("needs the aiconfigurator-core package: pip install 'kvsim[aic]'", field="--serving",
+                         value="aiconfigurator") from None
+    path = Path(aiconfigurator_core.__file__).parent / "systems" / "silicon_sample.csv"
+    if not path.is_file():
+        raise KvsimError("the installed package has no systems/silicon_sample.csv", field="--serving",
+                         value="aiconfigurator", file=str(path))
+    return path
+
+
+def _gpu(system: str) -> str:
+    """The catalogue name of a silicon-sample ``system`` (the importer's mapping, else the same name)."""
+    from kvsim.importers.aiconfigurator import SYSTEMS
+
+    return SYSTEMS.get(system, system.replace("_", "-"))
+
+
 def _why_not(row: Row, models: dict[str, str], gpus: set[str]) -> str | None:
     """Why kvsim cannot express ``row`` yet (None: it can)."""
+    from kvsim.cost.calibration import ENGINE_KINDS
+
     if row.other_parallelism:
         return f"parallelism kvsim does not model yet ({row.other_parallelism})"
-    if row.backend != "vllm":
-        return f"engine {row.backend} (kvsim's scheduler is vLLM's)"
+    if row.backend not in ENGINE_KINDS:
+        return f"engine {row.backend} (kvsim imports kernels of {', '.join(ENGINE_KINDS)})"
     if row.precision:
         return f"quantized weights or KV ({row.precision}): weight precision is not modelled yet"
     if row.model.lower() not in models:
         return f"model {row.model} not in the catalogue"
-    if row.system.replace("_", "-") not in gpus:
+    if _gpu(row.system) not in gpus:
         return f"GPU {row.system} not in the catalogue"
     return None
 
 
-def _scenario(row: Row, model: str, hardware: str):  # noqa: ANN202 - a Scenario
+def _scenario(row: Row, model: str, hardware: str, calibration: str | None):  # noqa: ANN202 - a Scenario
     from kvsim.scenario import scenario_from_dict
 
-    raw = {"name": f"line{row.line}", "model": model, "hardware": hardware, "tp": row.tp,
+    raw = {"name": f"line{row.line}", "model": model, "hardware": hardware, "tp": row.tp, "calibration": calibration,
            # the closed loop's SLOs are not judged; any positive targets will do
            "slo": {"ttft_s": 1.0, "tpot_s": 1.0},
-           "engine": {"max_model_len": row.isl + row.osl},
+           # the row's engine picks the kernel database of the GPU's imported profile (the
+           # scheduler stays vLLM-like for every engine)
+           "engine": {"kind": row.backend, "max_model_len": row.isl + row.osl},
            "workload": {"closed_loop": {"concurrency": row.concurrency,
                                         "num_requests": REQUESTS_PER_CLIENT * row.concurrency,
                                         "input": {"kind": "fixed", "tokens": row.isl},
@@ -138,8 +164,10 @@ def _scenario(row: Row, model: str, hardware: str):  # noqa: ANN202 - a Scenario
     return scenario_from_dict(raw, f"{row.model} line {row.line}")
 
 
-def judge(path: Path) -> tuple[list[Judged], Counter[str]]:
-    """Predict every expressible row; count the others by reason."""
+def judge(path: Path, calibration: str | None = None) -> tuple[list[Judged], Counter[str]]:
+    """Predict every expressible row; count the others by reason. ``calibration``: as a scenario's
+    (None: each row's GPU profile for the row's engine; 'imported': the imported one even where kvsim
+    measured the GPU)."""
     from kvsim.scenario import run_scenario
     from kvsim.spec.hardware import hardware_names
 
@@ -152,13 +180,18 @@ def judge(path: Path) -> tuple[list[Judged], Counter[str]]:
         if why is not None:
             skipped[why] += 1
             continue
-        model, hardware = models[row.model.lower()], row.system.replace("_", "-")
-        s = run_scenario(_scenario(row, model, hardware), record_steps=False).summary
+        model, hardware = models[row.model.lower()], _gpu(row.system)
+        try:
+            s = run_scenario(_scenario(row, model, hardware, calibration), record_steps=False).summary
+        except KvsimError as err:  # e.g. the model does not fit this GPU at this TP
+            skipped[f"kvsim cannot run it: {str(err).split(': ', 1)[-1][:90]}"] += 1
+            continue
         if s["completed"] != REQUESTS_PER_CLIENT * row.concurrency:
             reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)
             skipped[f"kvsim rejects the requests: {reasons}"] += 1
             continue
-        judged.append(Judged(row, model, hardware, s["ttft_s"]["mean"] * 1e3, s["tpot_s"]["mean"] * 1e3))
+        judged.append(Judged(row, model, hardware, s["ttft_s"]["mean"] * 1e3, s["tpot_s"]["mean"] * 1e3,
+                             s["scenario"]["calibration"]["label"]))
     return judged, skipped
 
 
@@ -168,13 +201,13 @@ def error_table(judged: list[Judged]) -> list[dict]:
     groups: dict[tuple, list[Judged]] = {}
     for j in judged:
         key = (j.hardware, f"{j.row.backend} {j.row.version}", j.catalogue_model, j.row.precision or "bf16",
-               j.row.tp)
+               j.row.tp, j.calibration)
         groups.setdefault(key, []).append(j)
-        groups.setdefault(("all", "", "", "", 0), []).append(j)
+        groups.setdefault(("all", "", "", "", 0, ""), []).append(j)
     out = []
     for key in sorted(groups, key=lambda k: (k[0] == "all", k)):
         js = groups[key]
-        entry = dict(zip(("gpu", "engine", "model", "precision", "tp"), key, strict=True))
+        entry = dict(zip(("gpu", "engine", "model", "precision", "tp", "calibration"), key, strict=True))
         entry["rows"] = len(js)
         for metric in ("ttft", "tpot"):
             errs = np.abs([getattr(j, f"{metric}_error") for j in js])

@@ -172,6 +172,18 @@ class Calibration:
     note: str = ""
     engine_version: str = ""  # imported: the engine version the database's kernels ran in
     derived: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # op curve -> how it was derived (not fitted)
+    database: str = ""  # imported: the database and its package version
+
+    @property
+    def label(self) -> str:
+        """Where the numbers come from, in a few words (summaries, sweep rows, search rankings)."""
+        if self.kind == "measured":
+            return f"measured ({self.gpu}, kvsim validation runs)"
+        if self.kind == "imported":
+            return f"imported ({self.database}, {self.engine} {self.engine_version})"
+        if self.kind == "borrowed":
+            return self.note.split(",")[0]
+        return self.kind
 
 
 def _curve(data: dict, where: str) -> Curve:
@@ -262,7 +274,17 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
     return Calibration(str(data.get("gpu", hw.name)), str(data.get("engine", "reference")),
                        str(data.get("kind", "measured")), str(data.get("source", file)), ceilings,
                        MappingProxyType(curves), float(overhead),
-                       str(data.get("note", "")), str(data.get("engine_version", "")))
+                       str(data.get("note", "")), str(data.get("engine_version", "")),
+                       database=_database(data.get("imported"), file))
+
+
+def _database(imported: object, file: str) -> str:
+    if imported is None:
+        return ""
+    if not isinstance(imported, dict) or not {"database", "package_version"} <= set(imported):
+        raise KvsimError("expected a mapping with database and package_version", field="imported", value=imported,
+                         file=file)
+    return f"{imported['database']} {imported['package_version']}"
 
 
 def _read(path: Path) -> dict:

@@ -53,6 +53,7 @@ def _catalogue_arg(text: str, scenario: Scenario) -> str:
 
 def deployment(scenario: Scenario) -> Deployment:
     """Model, KV layout, memory plan and cost model of one replica."""
+    from kvsim.cost.calibration import find_calibration
     from kvsim.cost.collectives import vllm_allreduce
     from kvsim.cost.model import CostModel
     from kvsim.kv import layout_for
@@ -73,9 +74,10 @@ def deployment(scenario: Scenario) -> Deployment:
         raise _with_file(err, file) from None
     cal = spec.calibration
     try:
-        if cal is not None and cal.lower() != "none":
+        if cal is not None and cal.lower() not in ("none", "imported"):
             cal = str(resolve_path(cal, scenario))
-        cost = CostModel(model, hardware, layout, spec.tp, cal, vllm_allreduce(hardware, spec.tp))
+        cost = CostModel(model, hardware, layout, spec.tp, find_calibration(hardware, cal, e.kind),
+                         vllm_allreduce(hardware, spec.tp))
     except KvsimError as err:
         raise _with_file(err, file, "calibration") from None
     if not plan.fits and e.num_gpu_blocks_override is None:
@@ -259,6 +261,8 @@ def _share(ok: np.ndarray, total: int) -> float:
 
 def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dict:
     """The run's summary (JSON-able; the same scenario and seed give the same numbers)."""
+    from kvsim.cost.model import calibration_summary
+
     spec, cfg, dep = scenario.spec, sim.cfg, sim.dep
     cols = sim.recorder.arrays()
     status = cols["status"]
@@ -282,8 +286,7 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         "scenario": {"name": spec.name or Path(scenario.file).stem, "model": spec.model,
                      "hardware": spec.hardware, "method": "+".join(dep.layout.methods) or spec.method,
                      "tp": spec.tp, "replicas": spec.replicas, "router": spec.router, "seed": spec.seed,
-                     "calibration": {"kind": cal.kind, "gpu": cal.gpu, "source": cal.source,
-                                     "note": cal.note}},
+                     "calibration": calibration_summary(dep.cost)},
         "requests": sim.arrived,
         "completed": int(done.sum()),
         "rejected": {"total": sum(rejected.values()), "by_reason": rejected},
@@ -333,7 +336,7 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
                      f"{cfg.max_num_batched_tokens:,} tokens (longer prompts are rejected, outputs stop there)")
     if spec.tp > 1:
         notes.append(f"all-reduce: {dep.cost.allreduce.source}")
-    if cal.kind == "prior":
+    if cal.kind in ("prior", "borrowed"):
         notes.append(cal.note)
     if notes:
         summary["notes"] = notes
