@@ -59,17 +59,20 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_hardware(args: argparse.Namespace) -> None:
+    from kvsim.cost.calibration import find_calibration
     from kvsim.spec.hardware import hardware_names, load_hardware
 
     rows = []
     for name in hardware_names():
         hw = load_hardware(name)
+        cal = find_calibration(hw, engine=args.engine)
         rows.append({"name": name, "display_name": hw.display_name, "memory_gib": round(hw.memory_bytes / GIB, 2),
                      "hbm_tb_per_s": hw.hbm_bandwidth_bytes_per_s / 1e12,
                      "bf16_tflops": (hw.peak_flops_per_s.get("bf16") or 0) / 1e12,
                      "fp8_tflops": (hw.peak_flops_per_s.get("fp8") or 0) / 1e12,
                      "nvlink_gb_per_s": hw.nvlink_bandwidth_bytes_per_s / 1e9,
-                     "price_usd_per_hour": hw.price_per_gpu_hour_usd})
+                     "price_usd_per_hour": hw.price_per_gpu_hour_usd,
+                     f"calibration ({args.engine})": cal.label})
     _table(rows, args.json, list(rows[0]))
 
 
@@ -473,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                                ("methods", cmd_methods, "list KV methods and their parameters")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--json", action="store_true")
+        if name == "hardware":
+            p.add_argument("--engine", default="vllm", choices=["vllm", "sglang", "trtllm"],
+                           help="engine kind whose imported profiles to show (default: vllm)")
         p.set_defaults(func=fn)
 
     p = sub.add_parser("memory", help="memory plan: weights, activations, KV blocks, capacity")

@@ -26,6 +26,8 @@ from kvsim.errors import KvsimError
 COLUMNS = ("backend", "backend_version", "model_path", "system", "precision", "gemm_quant_mode", "moe_quant_mode",
            "isl", "osl", "batch_size", "tp_size", "pp_size", "attention_dp_size", "moe_ep_size",
            "silicon_ttft_ms", "silicon_tpot_ms")
+# Precision columns of an unquantized run (bf16 or fp16 weights and KV, no quantization mode).
+UNQUANTIZED = ("", "bf16", "fp16")
 # Requests each closed-loop client sends. The public tables do not say how many prompts each run
 # sent; vLLM's benchmark sends --num-prompts in total (its default is 1,000). A fixed multiple of the
 # concurrency keeps every run past its first wave of simultaneous prompts by the same share.
@@ -81,15 +83,20 @@ def read_rows(path: Path) -> list[Row]:
         raise KvsimError(f"not a serving-measurement file: missing columns {', '.join(missing)}", file=str(path))
     rows = []
     for i, r in enumerate(reader, start=2):
+        # a disaggregated run (mode=disagg) has separate prefill and decode workers and no
+        # aggregated batch_size or tp_size (1 stands in): it is read, and counted as not expressible
+        disagg = r.get("mode") == "disagg"
         try:
             row = Row(i, r["backend"], r["backend_version"], r["model_path"], r["system"],
                       "+".join(v for v in (r["precision"], r["gemm_quant_mode"], r["moe_quant_mode"]) if v),
-                      int(r["isl"]), int(r["osl"]), int(r["batch_size"]), int(r["tp_size"]),
+                      int(r["isl"]), int(r["osl"]), 1 if disagg else int(r["batch_size"]),
+                      1 if disagg else int(r["tp_size"]),
                       float(r["silicon_ttft_ms"]), float(r["silicon_tpot_ms"]),
+                      "disaggregated prefill and decode workers (mode=disagg)" if disagg else
                       ", ".join(f"{k}={r[k]}" for k in ("pp_size", "attention_dp_size", "moe_ep_size")
                                 if r[k] not in ("", "1")))
-        except (TypeError, ValueError) as err:
-            raise KvsimError(f"line {i}: malformed value ({err})", file=str(path)) from None
+        except (TypeError, ValueError, KeyError) as err:
+            raise KvsimError(f"line {i}: malformed value ({type(err).__name__}: {err})", file=str(path)) from None
         if min(row.isl, row.osl, row.concurrency, row.tp) < 1 or not (0 < row.ttft_ms < math.inf
                                                                      and 0 < row.tpot_ms < math.inf):
             raise KvsimError(f"line {i}: lengths, concurrency and TP must be >= 1, times finite and > 0",
@@ -106,7 +113,11 @@ def _catalogue_models() -> dict[str, str]:
 
     out = {}
     for name in model_names():
-        out[load_model(name).source.split(" ")[0].lower()] = name
+        repo = load_model(name).source.split(" ")[0].lower()
+        out[repo] = name
+        # an -Instruct release has its base model's architecture (the same config.json shapes);
+        # only the weights' values differ, which the cost model does not read
+        out.setdefault(f"{repo}-instruct", name)
     return out
 
 
@@ -139,7 +150,7 @@ def _why_not(row: Row, models: dict[str, str], gpus: set[str]) -> str | None:
         return f"parallelism kvsim does not model yet ({row.other_parallelism})"
     if row.backend not in ENGINE_KINDS:
         return f"engine {row.backend} (kvsim imports kernels of {', '.join(ENGINE_KINDS)})"
-    if row.precision:
+    if row.precision not in UNQUANTIZED:
         return f"quantized weights or KV ({row.precision}): weight precision is not modelled yet"
     if row.model.lower() not in models:
         return f"model {row.model} not in the catalogue"

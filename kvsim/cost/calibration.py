@@ -182,7 +182,7 @@ class Calibration:
         if self.kind == "imported":
             return f"imported ({self.database}, {self.engine} {self.engine_version})"
         if self.kind == "borrowed":
-            return self.note.split(",")[0]
+            return self.note.split(";")[0]
         return self.kind
 
 
@@ -350,7 +350,7 @@ def borrow_profile(cal: Calibration, donor: HardwareSpec, hw: HardwareSpec) -> C
                         c.link_latency_s * ratio(hw.interconnect_latency_s, donor.interconnect_latency_s))
     what = f"{cal.kind}, {cal.engine} {cal.engine_version}".strip()
     return replace(cal, gpu=hw.name, kind="borrowed", ceilings=ceilings,
-                   note=f"borrowed from {donor.name} ({what}), ceilings scaled by datasheet ratios")
+                   note=f"borrowed from {donor.name} ({what}); ceilings scaled by datasheet ratios")
 
 
 @cache

@@ -40,7 +40,7 @@ from kvsim.fileio import load_yaml, write_atomic
 PACKAGE = "aiconfigurator-core"
 MS = 1e-3  # the database's latencies are in milliseconds
 # The database's system folder -> kvsim's catalogue name (the judge maps silicon-sample rows with it).
-SYSTEMS = {"a100_sxm": "a100-sxm-80gb", "a100_pcie": "a100-pcie-80gb", "a30": "a30", "b200_sxm": "b200",
+SYSTEMS = {"a100_sxm": "a100-sxm-80gb", "a30": "a30", "b200_sxm": "b200",
            "b300_sxm": "b300", "gb200": "gb200", "h100_pcie": "h100-pcie", "h100_sxm": "h100-sxm",
            "h200_sxm": "h200-sxm", "l4": "l4", "l40s": "l40s", "rtx_pro_6000_server": "rtx-pro-6000"}
 ENGINES = ("vllm", "sglang", "trtllm")  # the database's engine folders kvsim imports
