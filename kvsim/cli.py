@@ -310,6 +310,24 @@ def cmd_sweep(args: argparse.Namespace) -> None:
           f"{outcome.failed} failed; wrote {out / 'results.csv'}")
 
 
+def _prices(items: list[str]) -> dict[str, float]:
+    """``--price GPU=USD`` (per GPU-hour), repeatable."""
+    from kvsim.spec.hardware import hardware_names
+
+    out = {}
+    for item in items:
+        gpu, _, usd = item.partition("=")
+        try:
+            value = float(usd)
+        except ValueError:
+            value = float("nan")
+        if gpu not in hardware_names() or not 0 < value < float("inf"):
+            raise KvsimError("expected GPU=USD with a catalogue GPU and a positive price per GPU-hour",
+                             field="--price", value=item)
+        out[gpu] = value
+    return out
+
+
 def cmd_search(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
@@ -330,7 +348,7 @@ def cmd_search(args: argparse.Namespace) -> None:
               "a short burst, not a sustained load; give duration_s instead", file=sys.stderr)
     bar = Progress(len(points), "search", not args.json)
     results = run_search(plan, args.target_rate, args.jobs, args.backend, args.address, points,
-                         on_done=lambda done, total: bar.update(done, 0))
+                         on_done=lambda done, total: bar.update(done, 0), prices=_prices(args.price or []))
     bar.close()
     target = args.target_rate or plan.search.target_rate
     doc = {"scenario": args.scenario, "target_rate": target,
@@ -350,7 +368,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     rows = [{"rank": r.rank or "-", "config": r.label, "GPUs": r.gpus_per_replica,
              "$/GPU-h": f"{r.price_per_gpu_hour_usd:.2f}" if r.price_per_gpu_hour_usd else "-",
              f"max rate ({unit})": f"{r.max_rate:.3g}", "replicas": r.replicas or "-",
-             "$/h": f"{r.cost_usd_per_hour:.2f}" if r.cost_usd_per_hour else "-"} for r in results]
+             "$/h": f"{r.cost_usd_per_hour:.2f}" if r.cost_usd_per_hour else "-",
+             "calibration": r.calibration or "-"} for r in results]
     _table(rows, False, list(rows[0]))
     print("\nwhy:")
     for r in results:
@@ -538,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="highest rate each configuration sustains within its SLOs; cheapest one")
     sweep_args(p)
     p.add_argument("--target-rate", type=float, help="rate to serve (requests/s, or x trace rate)")
+    p.add_argument("--price", action="append", metavar="GPU=USD",
+                   help="price per GPU-hour replacing the catalogue's (repeatable; also sweep.search.prices)")
     p.add_argument("--configs", nargs="+", metavar="SEL", help="only these points: indices and/or PATH=VALUE")
     p.add_argument("--out", help="folder for search.json (read by kvsim report)")
     p.add_argument("--force", action="store_true", help="replace an earlier search.json in --out")

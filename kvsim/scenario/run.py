@@ -262,6 +262,7 @@ def _share(ok: np.ndarray, total: int) -> float:
 def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dict:
     """The run's summary (JSON-able; the same scenario and seed give the same numbers)."""
     from kvsim.cost.model import calibration_summary
+    from kvsim.engines import unshipped
 
     spec, cfg, dep = scenario.spec, sim.cfg, sim.dep
     cols = sim.recorder.arrays()
@@ -338,6 +339,10 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         notes.append(f"all-reduce: {dep.cost.allreduce.source}")
     if cal.kind in ("prior", "borrowed"):
         notes.append(cal.note)
+    missing = unshipped(spec.engine.kind, dep.layout.methods)
+    if missing:
+        notes.append(f"KV method {', '.join(missing)} is not a feature {spec.engine.kind} ships: the run prices it "
+                     f"on {spec.engine.kind}'s kernels as a what-if")
     if notes:
         summary["notes"] = notes
     return summary
