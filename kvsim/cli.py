@@ -419,7 +419,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         if args.source != "aiconfigurator" or args.system is None:
             raise KvsimError("imports need --from aiconfigurator --system SYSTEM", field="--from", value=args.source)
         engine, version = parse_engine(args.engine)
-        profile = import_profile(args.system, engine, version, args.gpu)
+        profile = import_profile(args.system, engine, version, args.gpu,
+                                 Path(args.database) if args.database else None)
         print(f"wrote {write_profile(profile, Path(args.out) if args.out else user_calibration_dir())}")
         return
     from kvsim.calibrate import calibrate
@@ -580,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", choices=["aiconfigurator"],
                    help="import from a kernel database instead (needs kvsim[aic]): aiconfigurator")
     p.add_argument("--system", help="with --from: the database's system, e.g. h200_sxm")
+    p.add_argument("--database", help="with --from: the database's systems/data folder (default: the installed "
+                                      "aiconfigurator-core's)")
     p.add_argument("--engine", default="vllm", help="with --from: vllm, sglang or trtllm, optionally ==VERSION")
     p.add_argument("--out", help="with --from: folder to write GPU.ENGINE.yaml into (default: "
                                  "$KVSIM_CALIBRATION_DIR, else ~/.local/share/kvsim/calibration)")

@@ -160,14 +160,31 @@ def _span(values: list[float]) -> list[float]:
     return [float(min(values)), float(max(values))] if values else []
 
 
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: a database folder given with --database)"
+
+
 def import_profile(system: str, engine: str = "vllm", version: str | None = None, gpu: str | None = None,
-                   root: Path | None = None, package_version: str | None = None) -> dict:
-    """A kvsim calibration profile (plain data) fitted on ``system``'s ``engine`` kernel tables.
-    ``version``: the engine version (default: the newest that has both GEMM and attention tables)."""
+                   root: Path | None = None) -> dict:
+    """A kvsim calibration profile (plain data) fitted on ``system``'s ``engine`` kernel tables in
+    ``root`` (the database's ``systems/data``; default: the installed package's). ``version``: the
+    engine version (default: the newest that has both GEMM and attention tables). A table with a
+    missing column or a malformed value is one error naming its file."""
+    root = root or _data_root()
+    try:
+        return _import(system, engine, version, gpu, root)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+        raise KvsimError(f"malformed database table ({type(err).__name__}: {err})", field="--system", value=system,
+                         file=str(root)) from None
+
+
+def _import(system: str, engine: str, version: str | None, gpu: str | None, root: Path) -> dict:
     from kvsim.calibrate import _fit, _fit_table, ring_fit  # noqa: PLC0415 - the fitting code (numpy) on demand
     from kvsim.spec.hardware import hardware_names, load_hardware  # noqa: PLC0415
 
-    root = root or _data_root()
     have = sorted(p.name for p in root.iterdir() if p.is_dir() and any(q.is_dir() for q in p.iterdir())) \
         if root.is_dir() else []
     if system not in have:
@@ -308,7 +325,7 @@ def import_profile(system: str, engine: str = "vllm", version: str | None = None
     if "allreduce" not in ops:
         ops["allreduce"] = prior["ops"]["allreduce"]
     missing = [k for k in ("gemm.fp8", "gemm_grouped", "allreduce") if k not in tables]
-    package_version = package_version or importlib.metadata.version(PACKAGE)
+    package_version = _package_version()
     return {
         "gpu": gpu, "engine": engine, "kind": "imported", "engine_version": version,
         "source": f"{PACKAGE} {package_version} (Apache-2.0) systems/data/{system}, {engine} {version}, fitted by "
