@@ -594,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="judge closed-loop serving on real engine measurements (aiconfigurator silicon-sample "
                         "format, e.g. ../shared/data/measured/vllm_h100_qwen3-32b_closed_loop.csv); "
                         "'aiconfigurator': the installed package's systems/silicon_sample.csv")
-    p.add_argument("--calibration-from", help="GPU whose fitted profile to use (default: the same GPU)")
+    p.add_argument("--calibration-from", help="GPU whose fitted profile to use (default: the same GPU), or "
+                                              "'imported': the GPU's profile imported from a kernel database")
     p.add_argument("--calibration", help="with --serving: 'imported' (the imported profile even where kvsim "
                                          "measured the GPU), 'none' or a profile path (default: each row's GPU)")
     p.add_argument("--results", help="results root (default: validation/results of this checkout)")
