@@ -93,9 +93,11 @@ def read_rows(path: Path) -> list[Row]:
                       1 if disagg else int(r["tp_size"]),
                       float(r["silicon_ttft_ms"]), float(r["silicon_tpot_ms"]),
                       "disaggregated prefill and decode workers (mode=disagg)" if disagg else
-                      # 0 or empty: the column does not apply (a dense model's moe_ep_size)
+                      # empty: not used. 0 is not read as "not used": the public gb200 rows with
+                      # attention_dp_size=0 run more clients than batch_size says (their ids), so
+                      # their parallelism is unknown and they are counted as not expressible
                       ", ".join(f"{k}={r[k]}" for k in ("pp_size", "attention_dp_size", "moe_ep_size")
-                                if r[k] not in ("", "0", "1")))
+                                if r[k] not in ("", "1")))
         except (TypeError, ValueError, KeyError) as err:
             raise KvsimError(f"line {i}: malformed value ({type(err).__name__}: {err})", file=str(path)) from None
         if min(row.isl, row.osl, row.concurrency, row.tp) < 1 or not (0 < row.ttft_ms < math.inf
