@@ -588,7 +588,6 @@ def calibration_summary(cost: CostModel) -> dict:
     cal = cost.cal
     key = f"attention_decode.{cost.decode_family}"
     decode = cal.derived.get(key) or (f"fitted ({key})" if key in cal.ops else "fitted (attention_decode)")
-    out = {"kind": cal.kind, "label": cal.label, "gpu": cal.gpu, "engine": cal.engine,
-           "engine_version": cal.engine_version, "source": cal.source, "decode_kernel": decode, "note": cal.note}
-    return {k: v for k, v in out.items() if v != ""}
+    return {"kind": cal.kind, "label": cal.label, "gpu": cal.gpu, "engine": cal.engine,
+            "engine_version": cal.engine_version, "source": cal.source, "decode_kernel": decode, "note": cal.note}
 
