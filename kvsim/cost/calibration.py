@@ -353,10 +353,14 @@ def borrow_profile(cal: Calibration, donor: HardwareSpec, hw: HardwareSpec) -> C
                    note=f"borrowed from {donor.name} ({what}); ceilings scaled by datasheet ratios")
 
 
-@cache
 def _measured(gpu: str) -> Calibration | None:
     path = results_dir() / gpu / MEASURED_FILE
-    return calibration_from_dict(_read(path), load_hardware(gpu), str(path)) if path.is_file() else None
+    return _load_measured(path, gpu) if path.is_file() else None
+
+
+@cache
+def _load_measured(path: Path, gpu: str) -> Calibration:
+    return calibration_from_dict(_read(path), load_hardware(gpu), str(path))
 
 
 def _measured_gpus() -> list[str]:
