@@ -467,10 +467,10 @@ def _validate_serving(path: Path, as_json: bool, calibration: str | None) -> Non
                                     "predicted_ttft_ms": j.ttft_ms, "tpot_ms": j.row.tpot_ms,
                                     "predicted_tpot_ms": j.tpot_ms} for j in judged]}, indent=2))
         return
-    print(f"{'gpu':<13} {'engine':<16} {'model':<18} {'prec':<5} {'tp':>3} {'rows':>5}   "
+    print(f"{'gpu':<13} {'engine':<16} {'model':<18} {'prec':<11} {'tp':>3} {'rows':>5}   "
           f"{'TTFT median':>11} {'p90':>7} {'worst':>7}   {'TPOT median':>11} {'p90':>7} {'worst':>7}   calibration")
     for g in table:
-        print(f"{g['gpu']:<13} {g['engine']:<16} {g['model']:<18} {g['precision']:<5} {g['tp'] or '':>3} "
+        print(f"{g['gpu']:<13} {g['engine']:<16} {g['model']:<18} {g['precision']:<11} {g['tp'] or '':>3} "
               f"{g['rows']:>5}   {g['ttft_median_abs_err']:11.1%} {g['ttft_p90_abs_err']:7.1%} "
               f"{g['ttft_max_abs_err']:7.1%}   {g['tpot_median_abs_err']:11.1%} {g['tpot_p90_abs_err']:7.1%} "
               f"{g['tpot_max_abs_err']:7.1%}   {g['calibration']}")

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import csv
 import math
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from kvsim.errors import KvsimError
 
@@ -28,6 +30,11 @@ COLUMNS = ("backend", "backend_version", "model_path", "system", "precision", "g
            "silicon_ttft_ms", "silicon_tpot_ms")
 # Precision columns of an unquantized run (bf16 or fp16 weights and KV, no quantization mode).
 UNQUANTIZED = ("", "bf16", "fp16")
+# FP8 weights with per-tensor scales on every linear (gemm_quant_mode fp8; moe_quant_mode fp8, or
+# none for a dense model). The rows do not say how the KV cache was stored: the engines' default
+# (kv_cache_dtype auto: the activations' bf16) is assumed, and the table groups these rows apart.
+FP8_WEIGHTS = ("fp8+fp8+fp8", "fp8+fp8")
+FP8_BITS_PER_WEIGHT = 8.0  # one byte a weight; the per-tensor scales are a few floats per matrix
 # Requests each closed-loop client sends. The public tables do not say how many prompts each run
 # sent; vLLM's benchmark sends --num-prompts in total (its default is 1,000). A fixed multiple of the
 # concurrency keeps every run past its first wave of simultaneous prompts by the same share.
@@ -118,9 +125,10 @@ def _catalogue_models() -> dict[str, str]:
     for name in model_names():
         repo = load_model(name).source.split(" ")[0].lower()
         out[repo] = name
-        # an -Instruct release has its base model's architecture (the same config.json shapes);
-        # only the weights' values differ, which the cost model does not read
+        # an -Instruct or -FP8 release has its base model's architecture (the same config.json
+        # shapes); only the weights' values (and, for -FP8, their precision: the row's) differ
         out.setdefault(f"{repo}-instruct", name)
+        out.setdefault(f"{repo}-fp8", name)
     return out
 
 
@@ -153,8 +161,8 @@ def _why_not(row: Row, models: dict[str, str], gpus: set[str]) -> str | None:
         return f"parallelism kvsim does not model yet ({row.other_parallelism})"
     if row.backend not in ENGINE_KINDS:
         return f"engine {row.backend} (kvsim imports kernels of {', '.join(ENGINE_KINDS)})"
-    if row.precision not in UNQUANTIZED:
-        return f"quantized weights or KV ({row.precision}): weight precision is not modelled yet"
+    if row.precision not in UNQUANTIZED + FP8_WEIGHTS:
+        return f"quantized weights or KV ({row.precision}): only bf16 and per-tensor FP8 weights are modelled"
     if row.model.lower() not in models:
         return f"model {row.model} not in the catalogue"
     if _gpu(row.system) not in gpus:
@@ -178,35 +186,58 @@ def _scenario(row: Row, model: str, hardware: str, calibration: str | None):  # 
     return scenario_from_dict(raw, f"{row.model} line {row.line}")
 
 
+def _fp8_variant(name: str, folder: Path) -> str:
+    """A model YAML (in ``folder``) of catalogue model ``name`` with FP8 weights on every linear."""
+    from kvsim.spec.model import catalogue_dir, read_yaml
+
+    path = folder / f"{name}-fp8.yaml"
+    if not path.is_file():
+        raw = read_yaml(catalogue_dir() / f"{name}.yaml")
+        raw["name"] = f"{name}-fp8"
+        raw["weight_quantization"] = {"modules": "linear", "bits_per_weight": FP8_BITS_PER_WEIGHT,
+                                      "source": "silicon-sample row: gemm_quant_mode fp8 (per-tensor scales)"}
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
 def judge(path: Path, calibration: str | None = None) -> tuple[list[Judged], Counter[str]]:
     """Predict every expressible row; count the others by reason. ``calibration``: as a scenario's
     (None: each row's GPU profile for the row's engine; 'imported': the imported one even where kvsim
     measured the GPU)."""
-    from kvsim.scenario import run_scenario
     from kvsim.spec.hardware import hardware_names
 
     rows = read_rows(path)
     models, gpus = _catalogue_models(), set(hardware_names())
     judged: list[Judged] = []
     skipped: Counter[str] = Counter()
-    for row in rows:
-        why = _why_not(row, models, gpus)
-        if why is not None:
-            skipped[why] += 1
-            continue
-        model, hardware = models[row.model.lower()], _gpu(row.system)
-        try:
-            s = run_scenario(_scenario(row, model, hardware, calibration), record_steps=False).summary
-        except KvsimError as err:  # e.g. the model does not fit this GPU at this TP
-            skipped[f"kvsim cannot run it: {str(err).split(': ', 1)[-1][:90]}"] += 1
-            continue
-        if s["completed"] != REQUESTS_PER_CLIENT * row.concurrency:
-            reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)
-            skipped[f"kvsim rejects the requests: {reasons}"] += 1
-            continue
-        judged.append(Judged(row, model, hardware, s["ttft_s"]["mean"] * 1e3, s["tpot_s"]["mean"] * 1e3,
-                             s["scenario"]["calibration"]["label"]))
+    variants = tempfile.TemporaryDirectory(prefix="kvsim-judge-")  # FP8 model YAMLs for the run's scenarios
+    with variants:
+        for row in rows:
+            why = _why_not(row, models, gpus)
+            if why is not None:
+                skipped[why] += 1
+                continue
+            _judge_row(row, models[row.model.lower()], calibration, Path(variants.name), judged, skipped)
     return judged, skipped
+
+
+def _judge_row(row: Row, model: str, calibration: str | None, variants: Path, judged: list[Judged],
+               skipped: Counter[str]) -> None:
+    from kvsim.scenario import run_scenario
+
+    hardware = _gpu(row.system)
+    spec = _fp8_variant(model, variants) if row.precision in FP8_WEIGHTS else model
+    try:
+        s = run_scenario(_scenario(row, spec, hardware, calibration), record_steps=False).summary
+    except KvsimError as err:  # e.g. the model does not fit this GPU at this TP
+        skipped[f"kvsim cannot run it: {str(err).split(': ', 1)[-1][:90]}"] += 1
+        return
+    if s["completed"] != REQUESTS_PER_CLIENT * row.concurrency:
+        reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)
+        skipped[f"kvsim rejects the requests: {reasons}"] += 1
+        return
+    judged.append(Judged(row, model, hardware, s["ttft_s"]["mean"] * 1e3, s["tpot_s"]["mean"] * 1e3,
+                         s["scenario"]["calibration"]["label"]))
 
 
 def error_table(judged: list[Judged]) -> list[dict]:
