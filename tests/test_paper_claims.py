@@ -31,12 +31,12 @@ _spec.loader.exec_module(pc)
 EXACT, PRICED = 1e-9, 0.05
 KNOWN = {
     "kivi-batch": (893 / 225, EXACT),  # largest batch of 499-token sequences: KIVI-2 R=32 vs fp16
-    "kivi-throughput": (1.672, PRICED),
+    "kivi-throughput": (1.009, PRICED),
     "deepseek-kv": (100.0 * (1.0 - 25_920 / 389_120), EXACT),  # 60 x 576 x 6/8 B vs 95 x 2 x 8 x 128 x 2 B
     "deepseek-throughput": (1.918, PRICED),
     "cla-capacity": (54_579 / 27_289, EXACT),  # KV pages with and without CLA (bytes per token halve)
     "shadowkv-batch": (48 / 7, EXACT),
-    "shadowkv-throughput": (3.116, PRICED),
+    "shadowkv-throughput": (3.503, PRICED),
     "snapkv-speed": (1.800, PRICED),
     "snapkv-memory": (113_168 / 57_104, EXACT),  # longest prompt at batch 2: SnapKV vs fp16
     "safekv-ttft": (58.86, PRICED),
