@@ -46,6 +46,9 @@ SYSTEMS = {"a100_sxm": "a100-sxm-80gb", "a30": "a30", "b200_sxm": "b200",
 ENGINES = ("vllm", "sglang", "trtllm")  # the database's engine folders kvsim imports
 BF16_BYTES = 2
 HEAD_DIM = 128  # attention rows imported: head_dim 128 (the catalogue's common head size), no window
+# The database's MLA tables are DeepSeek-V3's shapes (its config.json): kv_lora_rank 512 and
+# qk_rope_head_dim 64, so the absorbed kernel's qk dim is 576 and its vo dim 512.
+MLA_QK_DIM, MLA_VO_DIM = 512 + 64, 512
 
 
 def _data_root() -> Path:
@@ -282,6 +285,26 @@ def _import(system: str, engine: str, version: str | None, gpu: str | None, root
 
     ops = {**gemm_ops, "attention_decode": _fit_table(decode, 0.8), "attention_prefill": _fit(prefill, 0.6)}
 
+    # MLA decode (DeepSeek's absorbed latent kernel), where the engine's table exists: num_heads
+    # per rank x tp_size heads in all; the cost model's terms per cached token: the latent
+    # (kv_lora_rank + rope dims) read once, 2 x heads x (qk + vo) FLOPs; size2 = all query heads
+    got = table("mla", "generation_mla_perf.parquet")
+    if got is not None:
+        path, rows = got
+        kernel, sel = _pick_kernel([r for r in rows if _col(r, "kv_cache_dtype", path) == "bfloat16"
+                                    and _col(r, "mla_dtype", path) == "bfloat16"], path)
+        mla = []
+        for r in sel:
+            b, heads, ctx = int(r["batch_size"]), int(r["num_heads"]), int(r["isl"]) + int(r["step"])
+            nbytes = b * ctx * MLA_QK_DIM * BF16_BYTES
+            flops = b * ctx * 2.0 * heads * (MLA_QK_DIM + MLA_VO_DIM)
+            mla.append((float(nbytes), float(heads * int(r["tp_size"])), float(r["latency"]) * MS, flops / bf16,
+                        nbytes / bw))
+        if mla:
+            ops["attention_decode.mla"] = _fit_table(mla, 0.8)
+            record("attention_decode.mla", path, kernel, mla, kv_bytes=_span([m[0] for m in mla]),
+                   query_heads=_span([m[1] for m in mla]))
+
     # MoE: the whole routed-expert layer (gate/up and down GEMMs, activation, routing) of bf16 weights,
     # balanced routing, no expert or tensor split; size = rows per touched expert, size2 = the touched
     # experts' bytes of one linear (the mean of gate/up and down), as the cost model looks them up
@@ -324,7 +347,7 @@ def _import(system: str, engine: str, version: str | None, gpu: str | None, root
                                    "message_bytes": _span([f[1] for f in found])}
     if "allreduce" not in ops:
         ops["allreduce"] = prior["ops"]["allreduce"]
-    missing = [k for k in ("gemm.fp8", "gemm_grouped", "allreduce") if k not in tables]
+    missing = [k for k in ("gemm.fp8", "gemm_grouped", "attention_decode.mla", "allreduce") if k not in tables]
     package_version = _package_version()
     return {
         "gpu": gpu, "engine": engine, "kind": "imported", "engine_version": version,
