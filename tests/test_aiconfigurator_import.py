@@ -82,8 +82,9 @@ def make_database(root: Path, system: str = "h200_sxm", version: str = "0.24.0")
                     "num_experts": 128, "moe_tp_size": 1, "moe_ep_size": 1, "distribution": "balanced",
                     "latency": _ms(2.0 * tok * 8 * 3 * 4096 * 1536, active * 3 * 4096 * 1536 * 2)})
     _write(data / system / "moe" / "vllm" / version / "moe_perf.parquet", moe)
+    link = GPU.nvlink_bandwidth_bytes_per_s * 0.5  # half the link's bandwidth, 4 us a ring hop
     nccl = [{"op_name": "all_reduce", "nccl_dtype": "half", "num_gpus": tp, "message_size": size,
-             "latency": (2 * (tp - 1) * 4e-6 + 2 * (tp - 1) / tp * size / (GPU.nvlink_bandwidth_bytes_per_s * 0.5)) * 1e3}
+             "latency": (2 * (tp - 1) * 4e-6 + 2 * (tp - 1) / tp * size / link) * 1e3}
             for tp in (2, 4, 8) for size in (1024, 1 << 20, 1 << 26)]
     _write(data / system / "comm" / "nccl" / "2.27.3" / "nccl_perf.parquet", nccl)
     return data

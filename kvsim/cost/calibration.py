@@ -171,7 +171,8 @@ class Calibration:
     step_overhead_s: float
     note: str = ""
     engine_version: str = ""  # imported: the engine version the database's kernels ran in
-    derived: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # op curve -> how it was derived (not fitted)
+    # op curve -> how it was derived (not fitted): an imported profile's KV-method kernels
+    derived: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
     database: str = ""  # imported: the database and its package version
 
     @property

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -193,11 +192,13 @@ def _import(system: str, engine: str, version: str | None, gpu: str | None, root
     if system not in have:
         raise KvsimError(f"not in the database (has: {', '.join(have) or 'nothing'})", field="--system", value=system,
                          file=str(root))
-    engines = sorted(e for e in ENGINES if _versions(root / system / "gemm" / e) or _versions(root / system / "attention" / e))
+    engines = sorted(e for e in ENGINES
+                     if _versions(root / system / "gemm" / e) or _versions(root / system / "attention" / e))
     if engine not in engines:
         raise KvsimError(f"no {system} kernels for this engine (has: {', '.join(engines) or 'none'})",
                          field="--engine", value=engine)
-    both = [v for v in _versions(root / system / "gemm" / engine) if v in _versions(root / system / "attention" / engine)]
+    attention_versions = _versions(root / system / "attention" / engine)
+    both = [v for v in _versions(root / system / "gemm" / engine) if v in attention_versions]
     if version is not None and version not in both:
         raise KvsimError(f"no {system} {engine} GEMM and attention tables of this version (has: "
                          f"{', '.join(both) or 'none'}; GEMM {', '.join(_versions(root / system / 'gemm' / engine))}; "
