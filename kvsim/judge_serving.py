@@ -230,7 +230,8 @@ def _judge_row(row: Row, model: str, calibration: str | None, variants: Path, ju
     try:
         s = run_scenario(_scenario(row, spec, hardware, calibration), record_steps=False).summary
     except KvsimError as err:  # e.g. the model does not fit this GPU at this TP
-        skipped[f"kvsim cannot run it: {str(err).split(': ', 1)[-1][:90]}"] += 1
+        text = str(err).replace(f"{variants}/", "")  # name the FP8 variant, not its scratch path
+        skipped[f"kvsim cannot run it: {text.split(': ', 1)[-1][:90]}"] += 1
         return
     if s["completed"] != REQUESTS_PER_CLIENT * row.concurrency:
         reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)

@@ -59,7 +59,8 @@ def outside_share(profile: dict, path: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    ops = ("gemm", "gemm.fp8", "attention_decode", "attention_prefill", "gemm_grouped", "allreduce")
+    ops = ("gemm", "gemm.fp8", "attention_decode", "attention_decode.mla", "attention_prefill", "gemm_grouped",
+           "allreduce")
     print("| GPU | engine | decode kernel | " + " | ".join(f"{op} rows" for op in ops)
           + " | outside coverage: decode step | mixed step |")
     print("|---|---|---|" + "---|" * len(ops) + "---|---|")
