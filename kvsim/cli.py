@@ -199,7 +199,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
                 point["prefill_breakdown"] = pre.breakdown
             points.append(point)
     note = f": {cost.cal.note}" if cost.cal.note else ""
-    meta = f"calibration {cost.cal.kind} ({cost.cal.gpu}, {cost.cal.engine}){note}"
+    meta = f"calibration {cost.cal.label}{note}"
     if args.json:
         print(json.dumps(points[0] if len(points) == 1 else points, indent=2))
         print(meta, file=sys.stderr)
