@@ -404,9 +404,18 @@ def _imported(hw: HardwareSpec, engine: str) -> Calibration | None:
     path = imported_profile_path(hw.name, engine)
     if path is None:
         return None
-    stock = load_hardware(hw.name) if hw.name in hardware_names() else hw
-    cal = _derived_method_curves(calibration_from_dict(_read(path), stock, str(path)))
+    if hw.name not in hardware_names():  # a user's GPU with its own imported profile
+        return _derived_method_curves(calibration_from_dict(_read(path), hw, str(path)))
+    stock = load_hardware(hw.name)
+    cal = _load_imported(path, path.stat().st_mtime_ns, hw.name)
     return cal if stock == hw else borrow_profile(cal, stock, hw)
+
+
+@cache
+def _load_imported(path: Path, mtime_ns: int, gpu: str) -> Calibration:
+    """A catalogue GPU's imported profile with its derived method curves, parsed once per file
+    version (a sweep or the judge builds thousands of cost models on the same few profiles)."""
+    return _derived_method_curves(calibration_from_dict(_read(path), load_hardware(gpu), str(path)))
 
 
 def calibration_sources(engine: str = "vllm") -> dict[str, str]:
