@@ -127,9 +127,17 @@ def _allreduce_fit(folder: Path, hw: HardwareSpec) -> tuple[dict | None, float |
             sources.append(f"{sibling.name}/allreduce.csv ({len(rows)} rows)")
     if not found:
         return None, None, sources
+    curve, latency = ring_fit(found, link)
+    return curve, latency, sources
+
+
+def ring_fit(found: list[tuple[int, float, float]], link_bytes_per_s: float) -> tuple[dict, float]:
+    """The ring all-reduce terms from (tp, message bytes, seconds) measurements: the hop latency
+    (the smallest all-reduce over its 2(tp-1) hops) and the link bandwidth efficiency per size."""
     latency = min(t / (2 * (tp - 1)) for tp, _, t in found)
-    samples = [(msg, t - 2 * (tp - 1) * latency, 0.0, 2.0 * (tp - 1) / tp * msg / link) for tp, msg, t in found]
-    return _fit([s for s in samples if s[1] > 0], 0.5, floor=0.0), latency, sources
+    samples = [(msg, t - 2 * (tp - 1) * latency, 0.0, 2.0 * (tp - 1) / tp * msg / link_bytes_per_s)
+               for tp, msg, t in found]
+    return _fit([s for s in samples if s[1] > 0], 0.5, floor=0.0), latency
 
 
 def fit_profile(folder: Path) -> dict:

@@ -50,17 +50,20 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_hardware(args: argparse.Namespace) -> None:
+    from kvsim.cost.calibration import find_calibration
     from kvsim.spec.hardware import hardware_names, load_hardware
 
     rows = []
     for name in hardware_names():
         hw = load_hardware(name)
+        cal = find_calibration(hw, engine=args.engine)
         rows.append({"name": name, "display_name": hw.display_name, "memory_gib": round(hw.memory_bytes / GIB, 2),
                      "hbm_tb_per_s": hw.hbm_bandwidth_bytes_per_s / 1e12,
                      "bf16_tflops": (hw.peak_flops_per_s.get("bf16") or 0) / 1e12,
                      "fp8_tflops": (hw.peak_flops_per_s.get("fp8") or 0) / 1e12,
                      "nvlink_gb_per_s": hw.nvlink_bandwidth_bytes_per_s / 1e9,
-                     "price_usd_per_hour": hw.price_per_gpu_hour_usd})
+                     "price_usd_per_hour": hw.price_per_gpu_hour_usd,
+                     f"calibration ({args.engine})": cal.label})
     _table(rows, args.json, list(rows[0]))
 
 
@@ -202,7 +205,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
                      args.tp, args.calibration)
     cal = points[0]["calibration"]
     note = f": {cal['note']}" if cal["note"] else ""
-    meta = f"calibration {cal['kind']} ({cal['gpu']}, {cal['engine']}){note}"
+    meta = f"calibration {cal['label']}{note}"
     if args.json:
         print(json.dumps(points, indent=2))
         print(meta, file=sys.stderr)
@@ -321,6 +324,24 @@ def cmd_sweep(args: argparse.Namespace) -> None:
           f"{outcome.failed} failed; wrote {out / 'results.csv'}")
 
 
+def _prices(items: list[str]) -> dict[str, float]:
+    """``--price GPU=USD`` (per GPU-hour), repeatable."""
+    from kvsim.spec.hardware import hardware_names
+
+    out = {}
+    for item in items:
+        gpu, _, usd = item.partition("=")
+        try:
+            value = float(usd)
+        except ValueError:
+            value = float("nan")
+        if gpu not in hardware_names() or not 0 < value < float("inf"):
+            raise KvsimError("expected GPU=USD with a catalogue GPU and a positive price per GPU-hour",
+                             field="--price", value=item)
+        out[gpu] = value
+    return out
+
+
 def cmd_search(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
@@ -345,7 +366,7 @@ def cmd_search(args: argparse.Namespace) -> None:
               "a short burst, not a sustained load; give duration_s instead", file=sys.stderr)
     bar = Progress(len(points), "search", not args.quiet)
     results = run_search(plan, args.target_rate, args.jobs, args.backend, args.address, points,
-                         on_done=lambda done, total: bar.update(done, 0))
+                         on_done=lambda done, total: bar.update(done, 0), prices=_prices(args.price or []))
     bar.close()
     target = args.target_rate or plan.search.target_rate
     doc = {"scenario": args.scenario, "target_rate": target,
@@ -365,7 +386,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     rows = [{"rank": r.rank or "-", "config": r.label, "GPUs": r.gpus_per_replica,
              "$/GPU-h": f"{r.price_per_gpu_hour_usd:.2f}" if r.price_per_gpu_hour_usd else "-",
              f"max rate ({unit})": f"{r.max_rate:.3g}", "replicas": r.replicas or "-",
-             "$/h": f"{r.cost_usd_per_hour:.2f}" if r.cost_usd_per_hour else "-"} for r in results]
+             "$/h": f"{r.cost_usd_per_hour:.2f}" if r.cost_usd_per_hour else "-",
+             "calibration": r.calibration or "-"} for r in results]
     _table(rows, False, list(rows[0]))
     print("\nwhy:")
     for r in results:
@@ -408,8 +430,21 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
+    if args.source is not None:
+        from kvsim.cost.calibration import user_calibration_dir
+        from kvsim.importers.aiconfigurator import import_profile, parse_engine, write_profile
+
+        if args.source != "aiconfigurator" or args.system is None:
+            raise KvsimError("imports need --from aiconfigurator --system SYSTEM", field="--from", value=args.source)
+        engine, version = parse_engine(args.engine)
+        profile = import_profile(args.system, engine, version, args.gpu,
+                                 Path(args.database) if args.database else None)
+        print(f"wrote {write_profile(profile, Path(args.out) if args.out else user_calibration_dir())}")
+        return
     from kvsim.calibrate import calibrate
 
+    if not args.gpu:
+        raise KvsimError("needs --gpu (a validation/results folder) or --from aiconfigurator", field="--gpu")
     out = calibrate(args.gpu, Path(args.results) if args.results else None)
     print(f"wrote {out}")
 
@@ -421,7 +456,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
         raise KvsimError("give exactly one of --gpu and --serving", field="kvsim validate",
                          value=[a for a in ("gpu", "serving") if getattr(args, a) is not None])
     if args.serving is not None:
-        _validate_serving(Path(args.serving), args.json)
+        from kvsim.judge_serving import find_silicon_sample
+
+        _validate_serving(find_silicon_sample() if args.serving == "aiconfigurator" else Path(args.serving), args.json,
+                          args.calibration)
         return
 
     report, summary = validate(args.gpu, args.calibration_from, Path(args.results) if args.results else None)
@@ -435,10 +473,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
     print(f"wrote {report}")
 
 
-def _validate_serving(path: Path, as_json: bool) -> None:
+def _validate_serving(path: Path, as_json: bool, calibration: str | None) -> None:
     from kvsim.judge_serving import error_table, judge
 
-    judged, skipped = judge(path)
+    judged, skipped = judge(path, calibration)
     table = error_table(judged) if judged else []
     if as_json:
         print(json.dumps({"file": str(path), "groups": table, "not_expressible": dict(skipped),
@@ -447,13 +485,13 @@ def _validate_serving(path: Path, as_json: bool) -> None:
                                     "predicted_ttft_ms": j.ttft_ms, "tpot_ms": j.row.tpot_ms,
                                     "predicted_tpot_ms": j.tpot_ms} for j in judged]}, indent=2))
         return
-    print(f"{'gpu':<10} {'engine':<13} {'model':<12} {'prec':<5} {'tp':>3} {'rows':>5}   "
-          f"{'TTFT median':>11} {'p90':>7} {'worst':>7}   {'TPOT median':>11} {'p90':>7} {'worst':>7}")
+    print(f"{'gpu':<13} {'engine':<16} {'model':<18} {'prec':<11} {'tp':>3} {'rows':>5}   "
+          f"{'TTFT median':>11} {'p90':>7} {'worst':>7}   {'TPOT median':>11} {'p90':>7} {'worst':>7}   calibration")
     for g in table:
-        print(f"{g['gpu']:<10} {g['engine']:<13} {g['model']:<12} {g['precision']:<5} {g['tp'] or '':>3} "
+        print(f"{g['gpu']:<13} {g['engine']:<16} {g['model']:<18} {g['precision']:<11} {g['tp'] or '':>3} "
               f"{g['rows']:>5}   {g['ttft_median_abs_err']:11.1%} {g['ttft_p90_abs_err']:7.1%} "
               f"{g['ttft_max_abs_err']:7.1%}   {g['tpot_median_abs_err']:11.1%} {g['tpot_p90_abs_err']:7.1%} "
-              f"{g['tpot_max_abs_err']:7.1%}")
+              f"{g['tpot_max_abs_err']:7.1%}   {g['calibration']}")
     for why, n in sorted(skipped.items()):
         print(f"not expressible ({n} rows): {why}")
 
@@ -504,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
                                ("methods", cmd_methods, "list KV methods and their parameters")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        if name == "hardware":
+            p.add_argument("--engine", default="vllm", choices=["vllm", "sglang", "trtllm"],
+                           help="engine kind whose imported profiles to show (default: vllm)")
         p.set_defaults(func=fn)
 
     p = sub.add_parser("memory", help="memory plan: weights, activations, KV blocks, capacity")
@@ -574,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="highest rate each configuration sustains within its SLOs; cheapest one")
     sweep_args(p)
     p.add_argument("--target-rate", type=float, help="requests per second to serve (a trace's too)")
+    p.add_argument("--price", action="append", metavar="GPU=USD",
+                   help="price per GPU-hour replacing the catalogue's (repeatable; also sweep.search.prices)")
     p.add_argument("--configs", nargs="+", metavar="SEL", help="only these points: indices and/or PATH=VALUE")
     p.add_argument("--out", help="folder for search.json (read by kvsim report)")
     p.add_argument("--force", action="store_true", help="replace an earlier search.json in --out")
@@ -589,16 +632,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("calibrate", help="fit a calibration profile from a GPU's kernel measurements")
-    p.add_argument("--gpu", required=True, help="folder name under validation/results, e.g. h100-sxm")
+    p.add_argument("--gpu", help="folder name under validation/results, e.g. h100-sxm (with --from: the catalogue "
+                                 "GPU the profile is for; default: the system's)")
     p.add_argument("--results", help="results root (default: validation/results of this checkout)")
+    p.add_argument("--from", dest="source", choices=["aiconfigurator"],
+                   help="import from a kernel database instead (needs kvsim[aic]): aiconfigurator")
+    p.add_argument("--system", help="with --from: the database's system, e.g. h200_sxm")
+    p.add_argument("--database", help="with --from: the database's systems/data folder (default: the installed "
+                                      "aiconfigurator-core's)")
+    p.add_argument("--engine", default="vllm", help="with --from: vllm, sglang or trtllm, optionally ==VERSION")
+    p.add_argument("--out", help="with --from: folder to write GPU.ENGINE.yaml into (default: "
+                                 "$KVSIM_CALIBRATION_DIR, else ~/.local/share/kvsim/calibration)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("validate", help="judge predictions on end-to-end measurements not used in fitting")
     p.add_argument("--gpu", help="reference-engine results folder under validation/results, e.g. h100-sxm")
     p.add_argument("--serving", metavar="CSV",
                    help="judge closed-loop serving on real engine measurements (aiconfigurator silicon-sample "
-                        "format, e.g. ../shared/data/measured/vllm_h100_qwen3-32b_closed_loop.csv)")
-    p.add_argument("--calibration-from", help="GPU whose fitted profile to use (default: the same GPU)")
+                        "format, e.g. ../shared/data/measured/vllm_h100_qwen3-32b_closed_loop.csv); "
+                        "'aiconfigurator': the installed package's systems/silicon_sample.csv")
+    p.add_argument("--calibration-from", help="GPU whose fitted profile to use (default: the same GPU), or "
+                                              "'imported': the GPU's profile imported from a kernel database")
+    p.add_argument("--calibration", help="with --serving: 'imported' (the imported profile even where kvsim "
+                                         "measured the GPU), 'none' or a profile path (default: each row's GPU)")
     p.add_argument("--results", help="results root (default: validation/results of this checkout)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_validate)

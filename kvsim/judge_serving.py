@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import csv
 import math
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from kvsim.errors import KvsimError
 
@@ -26,6 +28,13 @@ from kvsim.errors import KvsimError
 COLUMNS = ("backend", "backend_version", "model_path", "system", "precision", "gemm_quant_mode", "moe_quant_mode",
            "isl", "osl", "batch_size", "tp_size", "pp_size", "attention_dp_size", "moe_ep_size",
            "silicon_ttft_ms", "silicon_tpot_ms")
+# Precision columns of an unquantized run (bf16 or fp16 weights and KV, no quantization mode).
+UNQUANTIZED = ("", "bf16", "fp16")
+# FP8 weights with per-tensor scales on every linear (gemm_quant_mode fp8; moe_quant_mode fp8, or
+# none for a dense model). The rows do not say how the KV cache was stored: the engines' default
+# (kv_cache_dtype auto: the activations' bf16) is assumed, and the table groups these rows apart.
+FP8_WEIGHTS = ("fp8+fp8+fp8", "fp8+fp8")
+FP8_BITS_PER_WEIGHT = 8.0  # one byte a weight; the per-tensor scales are a few floats per matrix
 # Requests each closed-loop client sends. The public tables do not say how many prompts each run
 # sent; vLLM's benchmark sends --num-prompts in total (its default is 1,000). A fixed multiple of the
 # concurrency keeps every run past its first wave of simultaneous prompts by the same share.
@@ -58,6 +67,7 @@ class Judged:
     hardware: str
     ttft_ms: float
     tpot_ms: float
+    calibration: str  # where the GPU's profile came from (Calibration.label)
 
     @property
     def ttft_error(self) -> float:
@@ -80,15 +90,23 @@ def read_rows(path: Path) -> list[Row]:
         raise KvsimError(f"not a serving-measurement file: missing columns {', '.join(missing)}", file=str(path))
     rows = []
     for i, r in enumerate(reader, start=2):
+        # a disaggregated run (mode=disagg) has separate prefill and decode workers and no
+        # aggregated batch_size or tp_size (1 stands in): it is read, and counted as not expressible
+        disagg = r.get("mode") == "disagg"
         try:
             row = Row(i, r["backend"], r["backend_version"], r["model_path"], r["system"],
                       "+".join(v for v in (r["precision"], r["gemm_quant_mode"], r["moe_quant_mode"]) if v),
-                      int(r["isl"]), int(r["osl"]), int(r["batch_size"]), int(r["tp_size"]),
+                      int(r["isl"]), int(r["osl"]), 1 if disagg else int(r["batch_size"]),
+                      1 if disagg else int(r["tp_size"]),
                       float(r["silicon_ttft_ms"]), float(r["silicon_tpot_ms"]),
+                      "disaggregated prefill and decode workers (mode=disagg)" if disagg else
+                      # empty: not used. 0 is not read as "not used": the public gb200 rows with
+                      # attention_dp_size=0 run more clients than batch_size says (their ids), so
+                      # their parallelism is unknown and they are counted as not expressible
                       ", ".join(f"{k}={r[k]}" for k in ("pp_size", "attention_dp_size", "moe_ep_size")
                                 if r[k] not in ("", "1")))
-        except (TypeError, ValueError) as err:
-            raise KvsimError(f"line {i}: malformed value ({err})", file=str(path)) from None
+        except (TypeError, ValueError, KeyError) as err:
+            raise KvsimError(f"line {i}: malformed value ({type(err).__name__}: {err})", file=str(path)) from None
         if min(row.isl, row.osl, row.concurrency, row.tp) < 1 or not (0 < row.ttft_ms < math.inf
                                                                      and 0 < row.tpot_ms < math.inf):
             raise KvsimError(f"line {i}: lengths, concurrency and TP must be >= 1, times finite and > 0",
@@ -105,32 +123,62 @@ def _catalogue_models() -> dict[str, str]:
 
     out = {}
     for name in model_names():
-        out[load_model(name).source.split(" ")[0].lower()] = name
+        repo = load_model(name).source.split(" ")[0].lower()
+        out[repo] = name
+        # an -Instruct or -FP8 release has its base model's architecture (the same config.json
+        # shapes); only the weights' values (and, for -FP8, their precision: the row's) differ
+        out.setdefault(f"{repo}-instruct", name)
+        out.setdefault(f"{repo}-fp8", name)
     return out
+
+
+def find_silicon_sample() -> Path:
+    """The silicon-sample file shipped in the installed ``aiconfigurator-core`` (``--serving aiconfigurator``)."""
+    try:
+        import aiconfigurator_core  # noqa: PLC0415 - optional dependency (kvsim[aic])
+    except ImportError:
+        raise KvsimError("needs the aiconfigurator-core package: pip install 'kvsim[aic]'", field="--serving",
+                         value="aiconfigurator") from None
+    path = Path(aiconfigurator_core.__file__).parent / "systems" / "silicon_sample.csv"
+    if not path.is_file():
+        raise KvsimError("the installed package has no systems/silicon_sample.csv", field="--serving",
+                         value="aiconfigurator", file=str(path))
+    return path
+
+
+def _gpu(system: str) -> str:
+    """The catalogue name of a silicon-sample ``system`` (the importer's mapping, else the same name)."""
+    from kvsim.importers.aiconfigurator import SYSTEMS
+
+    return SYSTEMS.get(system, system.replace("_", "-"))
 
 
 def _why_not(row: Row, models: dict[str, str], gpus: set[str]) -> str | None:
     """Why kvsim cannot express ``row`` yet (None: it can)."""
+    from kvsim.cost.calibration import ENGINE_KINDS
+
     if row.other_parallelism:
         return f"parallelism kvsim does not model yet ({row.other_parallelism})"
-    if row.backend != "vllm":
-        return f"engine {row.backend} (kvsim's scheduler is vLLM's)"
-    if row.precision:
-        return f"quantized weights or KV ({row.precision}): weight precision is not modelled yet"
+    if row.backend not in ENGINE_KINDS:
+        return f"engine {row.backend} (kvsim imports kernels of {', '.join(ENGINE_KINDS)})"
+    if row.precision not in UNQUANTIZED + FP8_WEIGHTS:
+        return f"quantized weights or KV ({row.precision}): only bf16 and per-tensor FP8 weights are modelled"
     if row.model.lower() not in models:
         return f"model {row.model} not in the catalogue"
-    if row.system.replace("_", "-") not in gpus:
+    if _gpu(row.system) not in gpus:
         return f"GPU {row.system} not in the catalogue"
     return None
 
 
-def _scenario(row: Row, model: str, hardware: str):  # noqa: ANN202 - a Scenario
+def _scenario(row: Row, model: str, hardware: str, calibration: str | None):  # noqa: ANN202 - a Scenario
     from kvsim.scenario import scenario_from_dict
 
-    raw = {"name": f"line{row.line}", "model": model, "hardware": hardware, "tp": row.tp,
+    raw = {"name": f"line{row.line}", "model": model, "hardware": hardware, "tp": row.tp, "calibration": calibration,
            # the closed loop's SLOs are not judged; any positive targets will do
            "slo": {"ttft_s": 1.0, "tpot_s": 1.0},
-           "engine": {"max_model_len": row.isl + row.osl},
+           # the row's engine picks the kernel database of the GPU's imported profile (the
+           # scheduler stays vLLM-like for every engine)
+           "engine": {"kind": row.backend, "max_model_len": row.isl + row.osl},
            "workload": {"closed_loop": {"concurrency": row.concurrency,
                                         "num_requests": REQUESTS_PER_CLIENT * row.concurrency,
                                         "input": {"kind": "fixed", "tokens": row.isl},
@@ -138,28 +186,59 @@ def _scenario(row: Row, model: str, hardware: str):  # noqa: ANN202 - a Scenario
     return scenario_from_dict(raw, f"{row.model} line {row.line}")
 
 
-def judge(path: Path) -> tuple[list[Judged], Counter[str]]:
-    """Predict every expressible row; count the others by reason."""
-    from kvsim.scenario import run_scenario
+def _fp8_variant(name: str, folder: Path) -> str:
+    """A model YAML (in ``folder``) of catalogue model ``name`` with FP8 weights on every linear."""
+    from kvsim.spec.model import catalogue_dir, read_yaml
+
+    path = folder / f"{name}-fp8.yaml"
+    if not path.is_file():
+        raw = read_yaml(catalogue_dir() / f"{name}.yaml")
+        raw["name"] = f"{name}-fp8"
+        raw["weight_quantization"] = {"modules": "linear", "bits_per_weight": FP8_BITS_PER_WEIGHT,
+                                      "source": "silicon-sample row: gemm_quant_mode fp8 (per-tensor scales)"}
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+def judge(path: Path, calibration: str | None = None) -> tuple[list[Judged], Counter[str]]:
+    """Predict every expressible row; count the others by reason. ``calibration``: as a scenario's
+    (None: each row's GPU profile for the row's engine; 'imported': the imported one even where kvsim
+    measured the GPU)."""
     from kvsim.spec.hardware import hardware_names
 
     rows = read_rows(path)
     models, gpus = _catalogue_models(), set(hardware_names())
     judged: list[Judged] = []
     skipped: Counter[str] = Counter()
-    for row in rows:
-        why = _why_not(row, models, gpus)
-        if why is not None:
-            skipped[why] += 1
-            continue
-        model, hardware = models[row.model.lower()], row.system.replace("_", "-")
-        s = run_scenario(_scenario(row, model, hardware), record_steps=False).summary
-        if s["completed"] != REQUESTS_PER_CLIENT * row.concurrency:
-            reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)
-            skipped[f"kvsim rejects the requests: {reasons}"] += 1
-            continue
-        judged.append(Judged(row, model, hardware, s["ttft_s"]["mean"] * 1e3, s["tpot_s"]["mean"] * 1e3))
+    variants = tempfile.TemporaryDirectory(prefix="kvsim-judge-")  # FP8 model YAMLs for the run's scenarios
+    with variants:
+        for row in rows:
+            why = _why_not(row, models, gpus)
+            if why is not None:
+                skipped[why] += 1
+                continue
+            _judge_row(row, models[row.model.lower()], calibration, Path(variants.name), judged, skipped)
     return judged, skipped
+
+
+def _judge_row(row: Row, model: str, calibration: str | None, variants: Path, judged: list[Judged],
+               skipped: Counter[str]) -> None:
+    from kvsim.scenario import run_scenario
+
+    hardware = _gpu(row.system)
+    spec = _fp8_variant(model, variants) if row.precision in FP8_WEIGHTS else model
+    try:
+        s = run_scenario(_scenario(row, spec, hardware, calibration), record_steps=False).summary
+    except KvsimError as err:  # e.g. the model does not fit this GPU at this TP
+        text = str(err).replace(f"{variants}/", "")  # name the FP8 variant, not its scratch path
+        skipped[f"kvsim cannot run it: {text.split(': ', 1)[-1][:90]}"] += 1
+        return
+    if s["completed"] != REQUESTS_PER_CLIENT * row.concurrency:
+        reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)
+        skipped[f"kvsim rejects the requests: {reasons}"] += 1
+        return
+    judged.append(Judged(row, model, hardware, s["ttft_s"]["mean"] * 1e3, s["tpot_s"]["mean"] * 1e3,
+                         s["scenario"]["calibration"]["label"]))
 
 
 def error_table(judged: list[Judged]) -> list[dict]:
@@ -168,13 +247,13 @@ def error_table(judged: list[Judged]) -> list[dict]:
     groups: dict[tuple, list[Judged]] = {}
     for j in judged:
         key = (j.hardware, f"{j.row.backend} {j.row.version}", j.catalogue_model, j.row.precision or "bf16",
-               j.row.tp)
+               j.row.tp, j.calibration)
         groups.setdefault(key, []).append(j)
-        groups.setdefault(("all", "", "", "", 0), []).append(j)
+        groups.setdefault(("all", "", "", "", 0, ""), []).append(j)
     out = []
     for key in sorted(groups, key=lambda k: (k[0] == "all", k)):
         js = groups[key]
-        entry = dict(zip(("gpu", "engine", "model", "precision", "tp"), key, strict=True))
+        entry = dict(zip(("gpu", "engine", "model", "precision", "tp", "calibration"), key, strict=True))
         entry["rows"] = len(js)
         for metric in ("ttft", "tpot"):
             errs = np.abs([getattr(j, f"{metric}_error") for j in js])

@@ -30,6 +30,9 @@ from kvsim.sweep import Point, SearchConfig, SweepPlan, point_key
 TRACE_RATE = "workload.rate"  # a trace's offered requests/s (kvsim.scenario.run.workload rescales the trace)
 
 # What stops a configuration from going faster (the SLO it misses first, or why it cannot run).
+# Calibration kinds measured on the GPU itself (by kvsim, or imported from a kernel database); a
+# borrowed profile, the prior or the bare roofline ranks after them.
+CALIBRATED = ("measured", "imported")
 LIMITS = {"memory": "does not fit in memory", "ttft": "TTFT SLO", "tpot": "TPOT SLO",
           "error": "simulation error", "rate_max": "none up to rate_max"}
 
@@ -201,7 +204,24 @@ def search_config(raw: Mapping[str, Any], file: str, cfg: Mapping[str, Any]) -> 
     except Exception as err:  # noqa: BLE001 - one broken configuration must not stop the search
         text = str(err) if isinstance(err, KvsimError) else f"{type(err).__name__}: {err}"
         found = RateSearch(0.0, None, "error", text, ())
-    return {"rate_path": path, **asdict(found)}
+    return {"rate_path": path, **asdict(found), **provenance(raw, file)}
+
+
+def provenance(raw: Mapping[str, Any], file: str) -> dict:
+    """Where a configuration's speed comes from (its GPU's calibration) and the KV methods its
+    engine does not ship: a ranking shows both."""
+    from kvsim.engines import unshipped
+    from kvsim.scenario import scenario_from_dict
+    from kvsim.scenario.run import deployment
+
+    try:
+        scenario = scenario_from_dict(dict(raw), file)
+        dep = deployment(scenario)
+    except KvsimError:
+        return {"calibration": "", "calibrated": False, "unshipped": []}
+    cal = dep.cost.cal
+    return {"calibration": cal.label, "calibrated": cal.kind in CALIBRATED,
+            "unshipped": unshipped(scenario.spec.engine.kind, dep.layout.methods)}
 
 
 # ---------------------------------------------------------------- ranking by cost
@@ -211,8 +231,9 @@ def gpus_per_replica(raw: Mapping[str, Any]) -> int:
     return int(raw.get("tp", 1)) * int(raw.get("replicas", 1))
 
 
-def price_per_gpu_hour(raw: Mapping[str, Any], file: str) -> float | None:
-    """The scenario GPU's catalogue price (a GPU YAML path is read relative to the scenario file)."""
+def price_per_gpu_hour(raw: Mapping[str, Any], file: str, prices: Mapping[str, float] | None = None) -> float | None:
+    """The scenario GPU's price: ``prices`` (``sweep.search.prices`` or ``--price``) by GPU name,
+    else the catalogue's (a GPU YAML path is read relative to the scenario file)."""
     from kvsim.scenario import scenario_from_dict
     from kvsim.scenario.load import resolve_path
     from kvsim.spec.hardware import load_hardware
@@ -220,7 +241,8 @@ def price_per_gpu_hour(raw: Mapping[str, Any], file: str) -> float | None:
     name = str(raw["hardware"])
     if "/" in name or name.endswith((".yaml", ".yml")):
         name = str(resolve_path(name, scenario_from_dict(dict(raw), file)))
-    return load_hardware(name).price_per_gpu_hour_usd
+    hw = load_hardware(name)
+    return (prices or {}).get(hw.name, hw.price_per_gpu_hour_usd)
 
 
 @dataclass(frozen=True)
@@ -240,6 +262,9 @@ class ConfigResult:
     usd_per_hour_per_rate: float | None  # GPUs x price / max_rate
     rank: int | None = None
     verdict: str = ""
+    calibration: str = ""  # where the GPU's speed figures come from (Calibration.label)
+    calibrated: bool = True  # measured or imported on this GPU (else ranked after those that are)
+    unshipped: tuple[str, ...] = ()  # KV methods the engine does not ship (flagged)
 
 
 def _cost(r: ConfigResult, target: float | None) -> ConfigResult:
@@ -258,12 +283,18 @@ def rank(results: Sequence[ConfigResult], target: float | None) -> list[ConfigRe
     viable = [r for r in costed if r.cost_usd_per_hour is not None]
     key = (lambda r: (r.cost_usd_per_hour, -r.max_rate)) if target else \
         (lambda r: (r.usd_per_hour_per_rate, -r.max_rate))
-    viable.sort(key=key)
+    # configurations on GPUs without their own calibration rank after all calibrated ones
+    viable.sort(key=lambda r: (not r.calibrated, *key(r)))
     out = []
     best = viable[0] if viable else None
     for i, r in enumerate(viable):
         limit = (f"meets the SLOs up to rate_max={r.max_rate:.3g}" if r.limit == "rate_max" else
                  f"{LIMITS.get(r.limit, r.limit)} limits it above {r.max_rate:.3g}")
+        flags = ([] if r.calibrated else [f"UNCALIBRATED GPU ({r.calibration or 'unknown'}): ranked after "
+                                          "calibrated ones"])
+        if r.unshipped:
+            flags.append(f"{', '.join(r.unshipped)} not shipped by the engine (what-if)")
+        limit = limit + "".join(f"; {f}" for f in flags)
         if i == 0:
             verdict = f"cheapest ({limit})"
         elif math.isclose(key(r)[0], key(best)[0], rel_tol=1e-9):
@@ -299,8 +330,10 @@ def check_search_folder(out: Path, force: bool) -> None:
 def run_search(plan: SweepPlan, target_rate: float | None = None, jobs: int | None = None,
                backend: Backend = "local", address: str | None = None,
                points: Sequence[Point] | None = None,
-               on_done: Callable[[int, int], None] | None = None) -> list[ConfigResult]:
-    """Search every configuration (point) of ``plan``, in parallel, and rank them by cost."""
+               on_done: Callable[[int, int], None] | None = None,
+               prices: Mapping[str, float] | None = None) -> list[ConfigResult]:
+    """Search every configuration (point) of ``plan``, in parallel, and rank them by cost
+    (``prices``: USD per GPU-hour by GPU name, over the scenario's and the catalogue's)."""
     chosen = distinct_configs(plan, points if points is not None else plan.points)
     cfg = plan.search.model_dump()
     tasks = [(dict(p.raw), plan.file, cfg) for p in chosen]
@@ -310,11 +343,12 @@ def run_search(plan: SweepPlan, target_rate: float | None = None, jobs: int | No
         results[i] = ConfigResult(
             point=p.index, label=p.label(exclude=found["rate_path"]), hardware=str(p.raw.get("hardware", "")),
             gpus_per_replica=gpus_per_replica(p.raw),
-            price_per_gpu_hour_usd=price_per_gpu_hour(p.raw, plan.file),
+            price_per_gpu_hour_usd=price_per_gpu_hour(p.raw, plan.file, {**plan.search.prices, **(prices or {})}),
             rate_path=found["rate_path"], max_rate=found["rate"], limit=found["limit"],
             limit_detail=found["detail"], probes=tuple((p["rate"], p["goodput"]) for p in found["probes"]),
             replicas=None, cost_usd_per_hour=None,
-            usd_per_hour_per_rate=None)
+            usd_per_hour_per_rate=None, calibration=found["calibration"], calibrated=found["calibrated"],
+            unshipped=tuple(found["unshipped"]))
         if on_done:
             on_done(len(results), len(chosen))
     return rank([results[i] for i in sorted(results)], target_rate or plan.search.target_rate)

@@ -76,6 +76,8 @@ class SearchConfig(BaseModel):
     # requests: at low rates a short stream is a handful of requests, and one long prompt decides.
     min_requests: int = Field(default=200, gt=0)
     target_rate: float | None = Field(default=None, gt=0)
+    # USD per GPU-hour by catalogue GPU name, replacing the catalogue's price (kvsim search --price)
+    prices: dict[str, float] = Field(default_factory=dict)
 
 
 class _PlanPoint(BaseModel):

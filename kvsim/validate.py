@@ -18,7 +18,7 @@ import numpy as np
 
 from kvsim import measured
 from kvsim.cost import Batch, CostModel
-from kvsim.cost.calibration import Calibration, borrow_profile, calibration_from_dict, results_dir
+from kvsim.cost.calibration import Calibration, borrow_profile, calibration_from_dict, find_calibration, results_dir
 from kvsim.errors import KvsimError
 from kvsim.fileio import read_yaml_file, write_atomic
 from kvsim.kv import layout_for
@@ -179,21 +179,30 @@ def validate(gpu: str, calibration_from: str | None = None, results: Path | None
     root = results or results_dir()
     folder = root / gpu
     donor = calibration_from or gpu
-    profile_path = root / donor / "calibration_reference.yaml"
-    if not profile_path.is_file():
-        raise KvsimError("no fitted profile: run `kvsim calibrate --gpu` first", field="calibration_from",
-                         value=donor, file=str(profile_path))
-    donor_hw, gpu_hw = load_hardware(measured.base_gpu(donor)), load_hardware(measured.base_gpu(gpu))
-    cal = calibration_from_dict(read_yaml_file(profile_path, "a calibration profile"), donor_hw, str(profile_path))
-    if donor_hw.name != gpu_hw.name:  # another GPU's efficiencies, this GPU's datasheet ratios
-        cal = borrow_profile(cal, donor_hw, gpu_hw)
+    gpu_hw = load_hardware(measured.base_gpu(gpu))
+    if donor == "imported":  # the GPU's profile imported from a kernel database (kvsim/data/calibration)
+        cal = find_calibration(gpu_hw, "imported")
+        profile_name = cal.label
+    else:
+        profile_path = root / donor / "calibration_reference.yaml"
+        if not profile_path.is_file():
+            raise KvsimError("no fitted profile: run `kvsim calibrate --gpu` first", field="calibration_from",
+                             value=donor, file=str(profile_path))
+        donor_hw = load_hardware(measured.base_gpu(donor))
+        cal = calibration_from_dict(read_yaml_file(profile_path, "a calibration profile"), donor_hw,
+                                    str(profile_path))
+        if donor_hw.name != gpu_hw.name:  # another GPU's efficiencies, this GPU's datasheet ratios
+            cal = borrow_profile(cal, donor_hw, gpu_hw)
+        profile_name = f"`{profile_path.relative_to(root.parent.parent)}` ({cal.kind})"
     points = engine_points(folder, gpu, cal) + speedup_points(folder, gpu, cal)
     if not points:
         raise KvsimError("no engine or kernel measurements to validate", field="gpu", value=gpu, file=str(folder))
     summary = _summary(points)
     suffix = "" if donor == gpu else f"_from_{donor}"
-    lines = [f"# Validation on {gpu}{' with the profile fitted on ' + donor if donor != gpu else ''}", "",
-             f"Profile: `{profile_path.relative_to(root.parent.parent)}` ({cal.kind}). Measurements judged: "
+    title = "" if donor == gpu else " with its imported profile" if donor == "imported" else \
+        f" with the profile fitted on {donor}"
+    lines = [f"# Validation on {gpu}{title}", "",
+             f"Profile: {profile_name}. Measurements judged: "
              "reference-engine decode steps and prefills, allocated KV bytes, and each method kernel's "
              "decode-attention speed-up over bf16; none of them was used in fitting.", "",
              "| what | model | n | median abs error | p90 | worst |", "|---|---|---|---|---|---|"]

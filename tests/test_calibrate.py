@@ -73,9 +73,11 @@ def test_cli_calibrate_and_validate(results, capsys) -> None:
 def test_profile_lookup_by_gpu_name(calibrated_root, monkeypatch) -> None:
     monkeypatch.setattr("kvsim.cost.calibration.results_dir", lambda: calibrated_root)
     assert find_calibration(load_hardware("h100-sxm")).kind == "measured"
-    borrowed = find_calibration(load_hardware("h200-sxm"))  # same family: borrows, scaled
-    assert borrowed.kind == "borrowed" and "h100-sxm" in borrowed.note
-    assert find_calibration(load_hardware("a100-sxm-80gb")).kind == "prior"
+    assert find_calibration(load_hardware("h200-sxm")).kind == "imported"  # shipped, from the database
+    borrowed = find_calibration(load_hardware("h100-pcie"))  # no profile of its own: same family, scaled
+    assert borrowed.kind == "borrowed" and "h100-sxm (measured" in borrowed.note
+    assert find_calibration(load_hardware("a30")).note.startswith("borrowed from a100-sxm-80gb (imported")
+    assert find_calibration(load_hardware("mi300x")).kind == "prior"
 
 
 def test_decode_family_names_the_kernel_a_layout_needs() -> None:

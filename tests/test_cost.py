@@ -153,7 +153,10 @@ def test_calibration_lookup_and_override(tmp_path) -> None:
     assert cal.kind in ("measured", "prior", "borrowed")
     assert find_calibration(H100, "none").kind == "roofline"
     l40s = find_calibration(load_hardware("l40s"))
-    assert l40s.kind in ("prior", "borrowed") and l40s.note
+    assert l40s.kind == "imported" and l40s.engine == "vllm" and l40s.engine_version
+    rtx = find_calibration(load_hardware("rtx-4090"))  # no profile of its own: its family's, labelled
+    assert rtx.kind == "borrowed" and rtx.note.startswith("borrowed from l40s")
+    assert find_calibration(load_hardware("mi300x")).kind == "prior"
     bad = tmp_path / "cal.yaml"
     bad.write_text(yaml.safe_dump({"gpu": "h100-sxm", "ops": {}, "colour": 1}))
     with pytest.raises(KvsimError, match="colour"):

@@ -19,6 +19,11 @@ ROWS = [
          precision="fp8", isl=512, osl=32, batch_size=4, tp_size=1, silicon_ttft_ms=40.0, silicon_tpot_ms=7.0),
     dict(backend="sglang", backend_version="0.5.0", model_path="meta-llama/Llama-3.1-8B", system="h100_sxm",
          isl=512, osl=32, batch_size=4, tp_size=1, silicon_ttft_ms=40.0, silicon_tpot_ms=7.0),
+    dict(backend="vllm", backend_version="0.12.0", model_path="meta-llama/Llama-3.1-8B",
+         system="h200_sxm", precision="fp8", gemm_quant_mode="fp8", isl=512, osl=32, batch_size=4, tp_size=1,
+         silicon_ttft_ms=40.0, silicon_tpot_ms=7.0),
+    dict(backend="tgi", backend_version="3.0", model_path="meta-llama/Llama-3.1-8B", system="h100_sxm",
+         isl=512, osl=32, batch_size=4, tp_size=1, silicon_ttft_ms=40.0, silicon_tpot_ms=7.0),
     dict(backend="vllm", backend_version="0.12.0", model_path="org/unknown-model", system="h100_sxm",
          isl=512, osl=32, batch_size=4, tp_size=1, silicon_ttft_ms=40.0, silicon_tpot_ms=7.0),
     dict(backend="vllm", backend_version="0.12.0", model_path="meta-llama/Llama-3.1-8B", system="h100_sxm",
@@ -34,18 +39,22 @@ def write(path: Path, rows: list[dict]) -> Path:
 
 def test_every_row_is_judged_or_counted_with_its_reason(tmp_path: Path) -> None:
     judged, skipped = judge(write(tmp_path / "m.csv", ROWS))
-    assert len(judged) == 1
+    # bf16 vLLM, bf16 SGLang (its kernels, vLLM's scheduler) and per-tensor FP8 weights on an H200
+    assert [(j.row.backend, j.hardware, j.row.precision) for j in judged] == [
+        ("vllm", "h100-sxm", ""), ("sglang", "h100-sxm", ""), ("vllm", "h200-sxm", "fp8+fp8")]
     j = judged[0]
     assert (j.catalogue_model, j.hardware, j.row.tp) == ("llama-3.1-8b", "h100-sxm", 1)
     assert 0 < j.ttft_ms and 0 < j.tpot_ms
     assert j.tpot_error == pytest.approx(j.tpot_ms / 7.0 - 1)
+    assert judged[1].calibration == "measured (h100-sxm, kvsim validation runs)"
+    assert judged[2].calibration.startswith("imported (aiconfigurator-core")
+    assert judged[2].tpot_ms < judged[0].tpot_ms  # FP8 weights on a faster-memory GPU: fewer bytes per step
     assert sum(skipped.values()) == 4
     reasons = " | ".join(skipped)
-    for word in ("fp8", "sglang", "org/unknown-model", "pp_size=2"):
+    for word in ("fp8)", "tgi", "org/unknown-model", "pp_size=2"):
         assert word in reasons
     table = error_table(judged)
-    assert table[-1]["gpu"] == "all" and table[-1]["rows"] == 1
-    assert table[-1]["tpot_median_abs_err"] == pytest.approx(abs(j.tpot_error))
+    assert table[-1]["gpu"] == "all" and table[-1]["rows"] == 3
 
 
 @pytest.mark.parametrize("text", ["", "backend,isl\nvllm,1\n", ",".join(COLUMNS) + "\n",

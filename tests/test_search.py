@@ -4,6 +4,8 @@ with loser reasons, and the price catalogue it reads."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from importlib import resources
 
 import pytest
 from conftest import examples
@@ -11,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvsim.errors import KvsimError
-from kvsim.search import ConfigResult, Probe, bisect_rate, judge, rank
+from kvsim.search import ConfigResult, Probe, bisect_rate, judge, price_per_gpu_hour, rank
 from kvsim.spec.hardware import hardware_names, load_hardware
 
 
@@ -114,10 +116,31 @@ def test_rank_without_target_is_per_unit_of_rate():
 
 
 @pytest.mark.parametrize("name", hardware_names())
-def test_every_gpu_has_a_cited_price(name: str):
+def test_every_gpu_price_is_cited_or_left_out_on_purpose(name: str):
     hw = load_hardware(name)
-    assert hw.price_per_gpu_hour_usd is not None and 0.1 < hw.price_per_gpu_hour_usd < 20
+    if hw.price_per_gpu_hour_usd is None:  # search says "no price" and takes --price GPU=USD
+        text = (resources.files("kvsim") / "data" / "hardware" / f"{name}.yaml").read_text()
+        assert "price_per_gpu_hour_usd: null" in text and "no price" in text
+        return
+    assert 0.1 < hw.price_per_gpu_hour_usd < 20
     assert any("USD" in s.note for s in hw.sources), "the price needs a source entry"
+
+
+def test_price_override_replaces_the_catalogue_price(tmp_path):
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("model: llama-3-8b\nhardware: a30\n")
+    raw = {"model": "llama-3-8b", "hardware": "a30"}
+    assert price_per_gpu_hour(raw, str(scenario)) is None
+    assert price_per_gpu_hour(raw, str(scenario), {"a30": 0.9}) == 0.9
+
+
+def test_uncalibrated_configurations_rank_last_and_are_flagged():
+    calibrated = _config(0, "h100-sxm", 8, 2.95, 10.0)
+    borrowed = replace(_config(1, "h100-pcie", 1, 0.5, 10.0), calibrated=False,
+                       calibration="borrowed from h100-sxm (measured)", unshipped=("kivi",))
+    ranked = rank([borrowed, calibrated], target=None)
+    assert [r.point for r in ranked] == [0, 1]  # cheaper per rate, but uncalibrated
+    assert "UNCALIBRATED GPU" in ranked[1].verdict and "kivi not shipped" in ranked[1].verdict
 
 
 # ---------------------------------------------------------------- on the real simulator

@@ -4,8 +4,10 @@ File format (YAML or JSON), documented in docs/calibration.md:
 
     gpu: h100-sxm                 # catalogue name
     engine: reference             # reference (validation/engine.py) or vllm
-    kind: measured                # measured | prior | borrowed
+    kind: measured                # measured | imported | borrowed | prior
     source: validation/results/h100-sxm/... (what it was fitted on)
+    engine_version: "0.24.0"      # imported profiles: the serving engine's version the kernels ran in
+    imported: {...}               # imported profiles: database, package version, system, tables used
     ceilings:                     # measured on the same machine; missing ones fall back to datasheet
       copy_bytes_per_s: 3.0e12
       bf16_flops_per_s: 7.9e14
@@ -16,6 +18,7 @@ File format (YAML or JSON), documented in docs/calibration.md:
     ops:                          # efficiency vs log2(size), relative to the ceilings above
       gemm:              {size: [1, 16, 4096], size2: [1.0e+6, 1.0e+8],   # tokens x weight bytes
                           compute: [[...], [...]], memory: [[...], [...]], floor_s: 0.0}
+      gemm.fp8:          {...}    # optional: GEMMs of FP8 weights (else ``gemm``), same axes
       attention_decode:  {...}    # size: KV bytes read by one kernel (the dense bf16/fp16 kernel),
                                   # size2: query heads per KV head (GQA group; MLA: all heads)
       attention_decode.kivi.k2v2: {...}  # optional, per decode kernel (kvsim.cost.model.decode_family):
@@ -34,18 +37,30 @@ File format (YAML or JSON), documented in docs/calibration.md:
     # weight matrix (a 1 MB router streams far below HBM bandwidth; a 100 MB projection near it).
     step_overhead_s: 2.0e-5       # per engine step (scheduling, launch of the step's graph)
 
-Looked up by GPU name in ``validation/results/<gpu>/calibration_<engine>.yaml`` (an installed wheel
-carries a copy of each under ``kvsim/_catalog/calibration/``, found first); a GPU without one borrows
-the profile of a calibrated GPU of the same family (ceilings scaled by datasheet ratios); with
-none at all the shipped prior (kvsim/data/calibration_prior.yaml) is used and labelled so.
+Looked up by GPU name, in this order (docs/calibration.md):
+
+1. measured: ``validation/results/<gpu>/calibration_reference.yaml`` (kvsim's own kernel runs);
+2. imported for the scenario's engine kind: ``kvsim/data/calibration/<gpu>.<engine>.yaml`` (shipped),
+   then ``<gpu>.<engine>.yaml`` in the user directory (``$KVSIM_CALIBRATION_DIR``, default
+   ``$XDG_DATA_HOME/kvsim/calibration``), where ``kvsim calibrate --from aiconfigurator`` writes;
+3. borrowed: the profile of a measured (else imported) GPU of the same family, ceilings scaled by
+   datasheet ratios;
+4. the shipped prior (kvsim/data/calibration_prior.yaml), labelled so.
+
+An imported profile has no curve for kvsim's KV-method kernels (KIVI, eviction, sharing...): each is
+derived from the measured profile (:func:`_derived_method_curves`) and labelled so.
+
+An installed wheel carries a copy of each measured profile under ``kvsim/_catalog/calibration/``,
+found first.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
@@ -162,6 +177,21 @@ class Calibration:
     ops: MappingProxyType  # op kind -> Curve
     step_overhead_s: float
     note: str = ""
+    engine_version: str = ""  # imported: the engine version the database's kernels ran in
+    # op curve -> how it was derived (not fitted): an imported profile's KV-method kernels
+    derived: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    database: str = ""  # imported: the database and its package version
+
+    @property
+    def label(self) -> str:
+        """Where the numbers come from, in a few words (summaries, sweep rows, search rankings)."""
+        if self.kind == "measured":
+            return f"measured ({self.gpu}, kvsim validation runs)"
+        if self.kind == "imported":
+            return f"imported ({self.database}, {self.engine} {self.engine_version})"
+        if self.kind == "borrowed":
+            return self.note.split(";")[0]
+        return self.kind
 
 
 def _curve(data: dict, where: str) -> Curve:
@@ -198,7 +228,8 @@ def _curve(data: dict, where: str) -> Curve:
 
 
 def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibration:
-    known = {"gpu", "engine", "kind", "source", "ceilings", "ops", "step_overhead_s", "note", "fit"}
+    known = {"gpu", "engine", "kind", "source", "ceilings", "ops", "step_overhead_s", "note", "fit",
+             "engine_version", "imported"}
     for key in data:
         if key not in known:
             raise KvsimError("unknown key", field=key, value=data[key], file=file)
@@ -254,7 +285,17 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
     return Calibration(str(data.get("gpu", hw.name)), str(data.get("engine", "reference")),
                        str(data.get("kind", "measured")), str(data.get("source", file)), ceilings,
                        MappingProxyType(curves), float(overhead),
-                       str(data.get("note", "")))
+                       str(data.get("note", "")), str(data.get("engine_version", "")),
+                       database=_database(data.get("imported"), file))
+
+
+def _database(imported: object, file: str) -> str:
+    if imported is None:
+        return ""
+    if not isinstance(imported, dict) or not {"database", "package_version"} <= set(imported):
+        raise KvsimError("expected a mapping with database and package_version", field="imported", value=imported,
+                         file=file)
+    return f"{imported['database']} {imported['package_version']}"
 
 
 def _read(path: Path) -> dict:
@@ -266,6 +307,9 @@ def _read(path: Path) -> dict:
 _CHECKOUT_RESULTS = Path(__file__).resolve().parents[2] / "validation" / "results"
 # Fitted profiles copied into an installed wheel (pyproject.toml force-include); absent in a checkout.
 _PACKAGED_PROFILES = Path(__file__).resolve().parents[1] / "_catalog" / "calibration"
+# Engine kinds whose kernel databases a profile can be imported from (``engine.kind``).
+ENGINE_KINDS = ("vllm", "sglang", "trtllm")
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "data" / "calibration"
 
 
 def results_dir() -> Path:
@@ -284,6 +328,25 @@ def profile_path(gpu: str, engine: str) -> Path | None:
     checkout's (where `kvsim calibrate` writes it); None when neither exists."""
     for root in (_PACKAGED_PROFILES, _CHECKOUT_RESULTS):
         path = root / gpu / f"calibration_{engine}.yaml"
+        if path.is_file():
+            return path
+    return None
+
+
+def user_calibration_dir() -> Path:
+    """Where imported profiles are written and looked up after the shipped ones:
+    ``$KVSIM_CALIBRATION_DIR``, else ``$XDG_DATA_HOME/kvsim/calibration`` (``~/.local/share``)."""
+    explicit = os.environ.get("KVSIM_CALIBRATION_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home).expanduser() / "kvsim" / "calibration"
+
+
+def imported_profile_path(gpu: str, engine: str) -> Path | None:
+    """The imported profile of ``gpu`` for engine kind ``engine``: shipped first, then the user's."""
+    for root in (SHIPPED_DIR, user_calibration_dir()):
+        path = root / f"{gpu}.{engine}.yaml"
         if path.is_file():
             return path
     return None
@@ -314,29 +377,123 @@ def borrow_profile(cal: Calibration, donor: HardwareSpec, hw: HardwareSpec) -> C
                         c.h2d_bytes_per_s * ratio(hw.pcie_bandwidth_bytes_per_s, donor.pcie_bandwidth_bytes_per_s),
                         hw.host.nvme_read_bytes_per_s,
                         c.link_latency_s * ratio(hw.interconnect_latency_s, donor.interconnect_latency_s))
+    what = f"{cal.kind}, {cal.engine} {cal.engine_version}".strip()
     return replace(cal, gpu=hw.name, kind="borrowed", ceilings=ceilings,
-                   note=f"borrowed from {donor.name} ({cal.kind}), ceilings scaled by datasheet ratios")
+                   note=f"borrowed from {donor.name} ({what}); ceilings scaled by datasheet ratios")
 
 
-def find_calibration(hw: HardwareSpec, spec: str | None = None, engine: str = "reference") -> Calibration:
-    """``spec``: None (look up by GPU), 'none' (pure roofline), or a profile path."""
+def _measured(gpu: str) -> Calibration | None:
+    path = profile_path(gpu, "reference")
+    return _load_measured(path, gpu) if path is not None else None
+
+
+@cache
+def _load_measured(path: Path, gpu: str) -> Calibration:
+    return calibration_from_dict(_read(path), load_hardware(gpu), str(path))
+
+
+def _measured_gpus() -> list[str]:
+    return [name for name in hardware_names() if profile_path(name, "reference") is not None]
+
+
+def _derived_method_curves(cal: Calibration) -> Calibration:
+    """An imported profile's KV-method decode kernels (the databases have none): each method kernel's
+    measured efficiency relative to the bf16 decode kernel, on a GPU where kvsim measured both,
+    applied point by point to the imported bf16 decode curve (same sizes, same GQA rows)."""
+    donors = [c for c in map(_measured, _measured_gpus()) if c is not None]
+    if not donors:
+        return cal
+    donor = donors[0]
+    dense, base = cal.ops["attention_decode"], donor.ops["attention_decode"]
+    xs = np.exp2(np.asarray(dense.log2_size))
+    ys = np.exp2(np.asarray(dense.log2_size2)) if dense.log2_size2 else np.array([1.0])
+    gx, gy = np.meshgrid(xs, ys)
+    ops, derived = dict(cal.ops), dict(cal.derived)
+    for key, curve in donor.ops.items():
+        if not key.startswith("attention_decode.") or key in ops:
+            continue
+        mc, mm = (np.asarray(v).reshape(gx.shape) for v in curve.eff_many(gx.ravel(), gy.ravel()))
+        bc, bm = (np.asarray(v).reshape(gx.shape) for v in base.eff_many(gx.ravel(), gy.ravel()))
+        ic, im = (np.asarray(v).reshape(gx.shape) for v in dense.eff_many(gx.ravel(), gy.ravel()))
+        comp = np.clip(ic * mc / bc, 1e-4, 1.5)
+        mem = np.clip(im * mm / bm, 1e-4, 1.5)
+        rows = lambda t: tuple(tuple(float(v) for v in r) for r in t)  # noqa: E731
+        ops[key] = Curve(dense.log2_size, rows(comp) if dense.log2_size2 else tuple(float(v) for v in comp[0]),
+                         rows(mem) if dense.log2_size2 else tuple(float(v) for v in mem[0]),
+                         dense.floor_s + max(0.0, curve.floor_s - base.floor_s), dense.log2_size2)
+        derived[key] = (f"{key.split('.', 1)[1]} kernel: its efficiency relative to bf16 decode attention as "
+                        f"measured on {donor.gpu} (kvsim's Triton kernels), applied to the imported bf16 "
+                        f"decode curve")
+    return replace(cal, ops=MappingProxyType(ops), derived=MappingProxyType(derived))
+
+
+def _imported(hw: HardwareSpec, engine: str) -> Calibration | None:
+    """The imported profile of a catalogue GPU (moved to ``hw``'s numbers if they differ)."""
+    path = imported_profile_path(hw.name, engine)
+    if path is None:
+        return None
+    if hw.name not in hardware_names():  # a user's GPU with its own imported profile
+        return _derived_method_curves(calibration_from_dict(_read(path), hw, str(path)))
+    stock = load_hardware(hw.name)
+    cal = _load_imported(path, path.stat().st_mtime_ns, hw.name)
+    return cal if stock == hw else borrow_profile(cal, stock, hw)
+
+
+@cache
+def _load_imported(path: Path, mtime_ns: int, gpu: str) -> Calibration:
+    """A catalogue GPU's imported profile with its derived method curves, parsed once per file
+    version (a sweep or the judge builds thousands of cost models on the same few profiles)."""
+    return _derived_method_curves(calibration_from_dict(_read(path), load_hardware(gpu), str(path)))
+
+
+def calibration_sources(engine: str = "vllm") -> dict[str, str]:
+    """Catalogue GPU -> where its calibration comes from (``kvsim hardware``)."""
+    out = {}
+    for name in hardware_names():
+        cal = find_calibration(load_hardware(name), engine=engine)
+        origin = cal.source if cal.kind != "borrowed" else cal.note
+        out[name] = f"{cal.kind}: {origin}"
+    return out
+
+
+def find_calibration(hw: HardwareSpec, spec: str | None = None, engine: str = "vllm") -> Calibration:
+    """``spec``: None (look up by GPU: measured, imported for ``engine``, borrowed, prior), 'none'
+    (pure roofline), 'imported' (the imported profile even where a measured one exists), or a path."""
+    if engine not in ENGINE_KINDS:
+        raise KvsimError(f"unknown engine kind (known: {', '.join(ENGINE_KINDS)})", field="engine.kind",
+                         value=engine)
     if spec is not None:
         if spec.lower() == "none":
             return roofline(hw)
-        return calibration_from_dict(_read(Path(spec)), hw, spec)
-    own = profile_path(hw.name, engine)
+        if spec.lower() == "imported":
+            cal = _imported(hw, engine)
+            if cal is None:
+                have = sorted(p.name for p in (*SHIPPED_DIR.glob("*.yaml"), *user_calibration_dir().glob("*.yaml")))
+                raise KvsimError(f"no imported profile for {hw.name} and engine {engine} (have: {', '.join(have)})",
+                                 field="calibration", value=spec)
+            return cal
+        cal = calibration_from_dict(_read(Path(spec)), hw, spec)
+        return _derived_method_curves(cal) if cal.kind == "imported" else cal
+    own = profile_path(hw.name, "reference")
     if own is not None:
         stock = load_hardware(hw.name) if hw.name in hardware_names() else hw
         cal = calibration_from_dict(_read(own), stock, str(own))
         # A user's GPU YAML that keeps a catalogue name but changes its numbers is a different GPU:
         # its own numbers win, so the measured profile is moved to it like any borrowed one.
         return cal if stock == hw else borrow_profile(cal, stock, hw)
+    imported = _imported(hw, engine)
+    if imported is not None:
+        return imported
+    for name in _measured_gpus():
+        donor = load_hardware(name)
+        if donor.family == hw.family:
+            return borrow_profile(_measured(name), donor, hw)
     for name in hardware_names():
-        path = profile_path(name, engine)
-        donor = load_hardware(name) if path is not None else None
-        if donor is not None and donor.family == hw.family:
-            return borrow_profile(calibration_from_dict(_read(path), donor, str(path)), donor, hw)
+        donor = load_hardware(name)
+        cal = _imported(donor, engine) if donor.family == hw.family and name != hw.name else None
+        if cal is not None:
+            return borrow_profile(cal, donor, hw)
     prior = calibration_from_dict(_prior_data(), hw, "kvsim/data/calibration_prior.yaml")
     return replace(prior, gpu=hw.name, kind="prior",
-                   note="PRIOR: no measured profile for this GPU family yet; efficiencies are a labelled "
-                        "prior, not a measurement")
+                   note="PRIOR: no measured or imported profile for this GPU family yet; efficiencies are a "
+                        "labelled prior, not a measurement")

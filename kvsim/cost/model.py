@@ -711,3 +711,13 @@ class CostModel:
         """NVMe read then host-to-GPU copy, pipelined: the slower link sets the pace (MatKV)."""
         c = self.cal.ceilings
         return nbytes / min(c.disk_read_bytes_per_s, c.h2d_bytes_per_s)
+
+
+def calibration_summary(cost: CostModel) -> dict:
+    """Where a cost model's numbers come from (a scenario summary's ``calibration`` block)."""
+    cal = cost.cal
+    key = f"attention_decode.{cost.decode_family}"
+    decode = cal.derived.get(key) or (f"fitted ({key})" if key in cal.ops else "fitted (attention_decode)")
+    return {"kind": cal.kind, "label": cal.label, "gpu": cal.gpu, "engine": cal.engine,
+            "engine_version": cal.engine_version, "source": cal.source, "decode_kernel": decode, "note": cal.note}
+

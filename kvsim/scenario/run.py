@@ -55,6 +55,7 @@ def _catalogue_arg(text: str, scenario: Scenario) -> str:
 
 def deployment(scenario: Scenario) -> Deployment:
     """Model, KV layout, memory plan and cost model of one replica."""
+    from kvsim.cost.calibration import find_calibration
     from kvsim.cost.execution import vllm_execution
     from kvsim.cost.model import CostModel
     from kvsim.kv import layout_for
@@ -81,9 +82,9 @@ def deployment(scenario: Scenario) -> Deployment:
         raise _with_file(err, file, f"engine.{err.field}" if engine_key else None) from None
     cal = spec.calibration
     try:
-        if cal is not None and cal.lower() != "none":
+        if cal is not None and cal.lower() not in ("none", "imported"):
             cal = str(resolve_path(cal, scenario))
-        cost = CostModel(model, hardware, layout, spec.tp, cal,
+        cost = CostModel(model, hardware, layout, spec.tp, find_calibration(hardware, cal, e.kind),
                          vllm_execution(hardware, spec.tp, e.max_num_seqs, e.max_num_batched_tokens))
     except KvsimError as err:
         raise _with_file(err, file, "calibration") from None
@@ -313,6 +314,9 @@ def _goodput(slo: SLOSpec | None, ttft: np.ndarray, tpot: np.ndarray, arrived: i
 
 def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dict:
     """The run's summary (JSON-able; the same scenario and seed give the same numbers)."""
+    from kvsim.cost.model import calibration_summary
+    from kvsim.engines import unshipped
+
     spec, cfg, dep = scenario.spec, sim.cfg, sim.dep
     cols = sim.recorder.arrays()
     status = cols["status"]
@@ -337,8 +341,7 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
                      "tp": spec.tp, "replicas": spec.replicas, "router": spec.router, "seed": spec.seed,
                      "weights": (wq.precision if (wq := dep.plan.model.weight_quant) else dep.plan.model.dtype),
                      "memory_rule": dep.plan.rule.label,
-                     "calibration": {"kind": cal.kind, "gpu": cal.gpu, "source": cal.source,
-                                     "note": cal.note, "decode_kernel": dep.cost.decode_kernel.as_dict()}},
+                     "calibration": calibration_summary(dep.cost)},
         "requests": sim.arrived,
         "completed": int(done.sum()),
         "rejected": {"total": sum(rejected.values()), "by_reason": rejected},
@@ -387,7 +390,7 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
                      f"{cfg.max_num_batched_tokens:,} tokens (longer prompts are rejected, outputs stop there)")
     if spec.tp > 1:
         notes.append(f"all-reduce: {dep.cost.allreduce.source}")
-    if cal.kind == "prior":
+    if cal.kind in ("prior", "borrowed"):
         notes.append(cal.note)
     notes.extend(dep.cost.notes)
     notes += [n for n in dep.cost.cost_notes if not n.startswith("decode attention:")]  # that one has its own line
@@ -400,6 +403,10 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         notes.append(NO_SLO_NOTE)
     if summary["overload"] and summary["overload"]["overloaded"]:
         notes.append(overload_note(summary["overload"], read_stats.rate_scale if spec.workload.trace else None))
+    missing = unshipped(spec.engine.kind, dep.layout.methods)
+    if missing:
+        notes.append(f"KV method {', '.join(missing)} is not a feature {spec.engine.kind} ships: the run prices it "
+                     f"on {spec.engine.kind}'s kernels as a what-if")
     if notes:
         summary["notes"] = notes
     return summary

@@ -100,6 +100,9 @@ class WorkloadSpec(_Strict):
 
 class EngineSpec(_Strict):
     # Defaults are vLLM's (v1 engine, `vllm serve` on a >= 70 GiB GPU; see kvsim/memory.py).
+    # kind: whose kernel database an imported calibration profile comes from; the scheduler is
+    # vLLM-like for every kind (docs/calibration.md).
+    kind: Literal["vllm", "sglang", "trtllm"] = "vllm"
     max_num_seqs: int = Field(default=256, gt=0)
     max_num_batched_tokens: int = Field(default=8192, gt=0)
     block_size: int = Field(default=16, gt=0)
