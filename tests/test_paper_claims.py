@@ -32,13 +32,13 @@ _spec.loader.exec_module(pc)
 EXACT, PRICED = 1e-9, 0.05
 KNOWN = {
     "kivi-batch": (928 / 232, EXACT),  # largest batch of 499-token sequences: KIVI-2 R=32 vs fp16
-    "kivi-throughput": (1.656, PRICED),
+    "kivi-throughput": (0.998, PRICED),
     "deepseek-kv": (100.0 * (1.0 - 25_920 / 389_120), EXACT),  # 60 x 576 x 6/8 B vs 95 x 2 x 8 x 128 x 2 B
     "deepseek-throughput": (1.915, PRICED),
     "cla-capacity": (56_812 / 28_406, EXACT),  # KV pages with and without CLA (bytes per token halve)
     "shadowkv-batch": (31 / 7, EXACT),  # host-bound: 125 GB per GPU / (60,128 x 64 KiB of values)
-    "shadowkv-throughput": (7.790, PRICED),
-    "snapkv-speed": (1.800, PRICED),
+    "shadowkv-throughput": (3.270, PRICED),
+    "snapkv-speed": (1.781, PRICED),
     "snapkv-memory": (116_272 / 58_656, EXACT),  # longest prompt at batch 2: SnapKV vs fp16
     "safekv-ttft": (42.17, PRICED),
     "matkv-ttft": (1.098, PRICED),
