@@ -72,7 +72,8 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     cost = CostModel(m, hw, layout, tp, calibration, vllm_execution(hw, tp, engine.max_num_seqs,
                                                                     engine.max_num_batched_tokens))
     mem = plan(m, hw, layout, tp, engine)
-    label = {"kind": cost.cal.kind, "gpu": cost.cal.gpu, "engine": cost.cal.engine, "note": cost.cal.note,
+    label = {"kind": cost.cal.kind, "label": cost.cal.label, "gpu": cost.cal.gpu, "engine": cost.cal.engine,
+             "note": cost.cal.note,
              "allreduce": cost.allreduce.source, "decode_kernel": cost.decode_kernel.as_dict(),
              "cost_notes": list(cost.cost_notes)}
     points = []

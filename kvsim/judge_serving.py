@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import csv
 import math
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from kvsim.errors import KvsimError
 
@@ -34,7 +32,6 @@ UNQUANTIZED = ("", "bf16", "fp16")
 # none for a dense model). The rows do not say how the KV cache was stored: the engines' default
 # (kv_cache_dtype auto: the activations' bf16) is assumed, and the table groups these rows apart.
 FP8_WEIGHTS = ("fp8+fp8+fp8", "fp8+fp8")
-FP8_BITS_PER_WEIGHT = 8.0  # one byte a weight; the per-tensor scales are a few floats per matrix
 # Requests each closed-loop client sends. The public tables do not say how many prompts each run
 # sent; vLLM's benchmark sends --num-prompts in total (its default is 1,000). A fixed multiple of the
 # concurrency keeps every run past its first wave of simultaneous prompts by the same share.
@@ -179,25 +176,12 @@ def _scenario(row: Row, model: str, hardware: str, calibration: str | None):  # 
            # the row's engine picks the kernel database of the GPU's imported profile (the
            # scheduler stays vLLM-like for every engine)
            "engine": {"kind": row.backend, "max_model_len": row.isl + row.osl},
+           "weights": "fp8" if row.precision in FP8_WEIGHTS else "bf16",
            "workload": {"closed_loop": {"concurrency": row.concurrency,
                                         "num_requests": REQUESTS_PER_CLIENT * row.concurrency,
                                         "input": {"kind": "fixed", "tokens": row.isl},
                                         "output": {"kind": "fixed", "tokens": row.osl}}}}
     return scenario_from_dict(raw, f"{row.model} line {row.line}")
-
-
-def _fp8_variant(name: str, folder: Path) -> str:
-    """A model YAML (in ``folder``) of catalogue model ``name`` with FP8 weights on every linear."""
-    from kvsim.spec.model import catalogue_dir, read_yaml
-
-    path = folder / f"{name}-fp8.yaml"
-    if not path.is_file():
-        raw = read_yaml(catalogue_dir() / f"{name}.yaml")
-        raw["name"] = f"{name}-fp8"
-        raw["weight_quantization"] = {"modules": "linear", "bits_per_weight": FP8_BITS_PER_WEIGHT,
-                                      "source": "silicon-sample row: gemm_quant_mode fp8 (per-tensor scales)"}
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return str(path)
 
 
 def judge(path: Path, calibration: str | None = None) -> tuple[list[Judged], Counter[str]]:
@@ -210,28 +194,24 @@ def judge(path: Path, calibration: str | None = None) -> tuple[list[Judged], Cou
     models, gpus = _catalogue_models(), set(hardware_names())
     judged: list[Judged] = []
     skipped: Counter[str] = Counter()
-    variants = tempfile.TemporaryDirectory(prefix="kvsim-judge-")  # FP8 model YAMLs for the run's scenarios
-    with variants:
-        for row in rows:
-            why = _why_not(row, models, gpus)
-            if why is not None:
-                skipped[why] += 1
-                continue
-            _judge_row(row, models[row.model.lower()], calibration, Path(variants.name), judged, skipped)
+    for row in rows:
+        why = _why_not(row, models, gpus)
+        if why is not None:
+            skipped[why] += 1
+            continue
+        _judge_row(row, models[row.model.lower()], calibration, judged, skipped)
     return judged, skipped
 
 
-def _judge_row(row: Row, model: str, calibration: str | None, variants: Path, judged: list[Judged],
+def _judge_row(row: Row, model: str, calibration: str | None, judged: list[Judged],
                skipped: Counter[str]) -> None:
     from kvsim.scenario import run_scenario
 
     hardware = _gpu(row.system)
-    spec = _fp8_variant(model, variants) if row.precision in FP8_WEIGHTS else model
     try:
-        s = run_scenario(_scenario(row, spec, hardware, calibration), record_steps=False).summary
+        s = run_scenario(_scenario(row, model, hardware, calibration), record_steps=False).summary
     except KvsimError as err:  # e.g. the model does not fit this GPU at this TP
-        text = str(err).replace(f"{variants}/", "")  # name the FP8 variant, not its scratch path
-        skipped[f"kvsim cannot run it: {text.split(': ', 1)[-1][:90]}"] += 1
+        skipped[f"kvsim cannot run it: {str(err).split(': ', 1)[-1][:90]}"] += 1
         return
     if s["completed"] != REQUESTS_PER_CLIENT * row.concurrency:
         reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)

@@ -719,5 +719,6 @@ def calibration_summary(cost: CostModel) -> dict:
     key = f"attention_decode.{cost.decode_family}"
     decode = cal.derived.get(key) or (f"fitted ({key})" if key in cal.ops else "fitted (attention_decode)")
     return {"kind": cal.kind, "label": cal.label, "gpu": cal.gpu, "engine": cal.engine,
-            "engine_version": cal.engine_version, "source": cal.source, "decode_kernel": decode, "note": cal.note}
+            "engine_version": cal.engine_version, "source": cal.source,
+            "decode_kernel": cost.decode_kernel.as_dict(), "decode_curve": decode, "note": cal.note}
 
