@@ -91,8 +91,11 @@ def decode_kernel(family: str, cal: Calibration) -> tuple[Curve, KernelSource]:
     """The curve that prices decode attention of kernel ``family`` in ``cal``, and its provenance."""
     if cal.kind in ("prior", "roofline"):
         return cal.ops[DENSE], KernelSource(family, DENSE, cal.kind)  # type: ignore[arg-type]
-    if f"{DENSE}.{family}" in cal.ops and family.split(".")[0] not in BORROWED_KERNEL:
-        return cal.ops[f"{DENSE}.{family}"], KernelSource(family, f"{DENSE}.{family}", "measured")
+    own = f"{DENSE}.{family}"
+    if own in cal.ops and family.split(".")[0] not in BORROWED_KERNEL:
+        # an imported profile's method curves are derived from a GPU where kvsim measured both kernels
+        derived = cal.derived.get(own)
+        return cal.ops[own], KernelSource(family, own, "derived" if derived else "measured", derived or "")
     widths = _widths(family)
     if widths is None:
         if family == "dense":
