@@ -7,9 +7,10 @@ cost model prices those fetches from ``Runtime.host_fetch_tokens`` / ``host_fetc
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import cast
 
 from kvsim.errors import KvsimError
-from kvsim.kv.layout import KVLayout, Quant, Stream, min_cap
+from kvsim.kv.layout import KVLayout, PrefixSharing, Quant, Stream, min_cap
 from kvsim.kv.method import Method, Param, Params, Stage
 from kvsim.kv.precision import FP16_SCALE_ZERO_BITS, KEY_PARTS, VALUE_PARTS
 
@@ -109,7 +110,7 @@ def _matkv(layout: KVLayout, p: Params) -> KVLayout:
 def _safekv(layout: KVLayout, p: Params) -> KVLayout:
     # SafeKV (arXiv 2508.08438): who may hit whose cached prefix: everyone (global), the same user
     # only (isolation), or only blocks not flagged private (selective).
-    return layout.with_runtime(prefix_sharing=str(p["policy"]))
+    return layout.with_runtime(prefix_sharing=cast(PrefixSharing, str(p["policy"])))  # Param choices admit only these
 
 
 METHODS = (
