@@ -27,7 +27,7 @@ from kvsim import measured
 from kvsim.cost.calibration import OP_KINDS, calibration_from_dict, results_dir
 from kvsim.cost.model import CostModel, decode_family
 from kvsim.errors import KvsimError
-from kvsim.fileio import load_yaml, write_atomic
+from kvsim.fileio import load_data_yaml, write_atomic
 from kvsim.spec.hardware import HardwareSpec, load_hardware
 
 Sample = tuple[float, float, float, float]  # size, time_s, t_compute, t_memory
@@ -193,7 +193,7 @@ def fit_profile(folder: Path) -> dict:
         used[f"gemm.csv ({name.split('.')[1]})"] = len(samples)
         if samples:
             ops[name] = _fit_table(samples, 0.8)
-    prior = load_yaml((Path(__file__).parent / "data" / "calibration_prior.yaml").read_text())
+    prior = load_data_yaml((Path(__file__).parent / "data" / "calibration_prior.yaml").read_text())
     allreduce, latency, sources = _allreduce_fit(folder, hw)
     ops["allreduce"] = allreduce or prior["ops"]["allreduce"]
     if latency is not None:

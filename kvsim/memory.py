@@ -22,7 +22,7 @@ from importlib import resources
 import numpy as np
 
 from kvsim.errors import KvsimError
-from kvsim.fileio import load_yaml
+from kvsim.fileio import load_data_yaml
 from kvsim.kv.layout import KVLayout
 from kvsim.spec.hardware import HardwareSpec
 from kvsim.spec.linears import check_tp, head_linears, layer_linears, norm_params
@@ -60,7 +60,7 @@ class VllmMemoryRule:
 
 @cache
 def _rules() -> tuple[str, tuple[VllmMemoryRule, ...]]:
-    data = load_yaml((resources.files("kvsim") / "data" / "vllm_memory.yaml").read_text())
+    data = load_data_yaml((resources.files("kvsim") / "data" / "vllm_memory.yaml").read_text())
     fields = ("label", "source", "non_torch_bytes", "non_torch_extra_bytes", "sampler_bytes_per_logit",
               "sampler_holds_dtype_logits", "cuda_graphs_charged")
     rules = tuple(VllmMemoryRule(parse_version(r["first"]), parse_version(r["until"]), *(r[f] for f in fields))

@@ -69,7 +69,7 @@ from types import MappingProxyType
 import numpy as np
 
 from kvsim.errors import KvsimError
-from kvsim.fileio import load_yaml, read_yaml_file
+from kvsim.fileio import load_data_yaml, read_yaml_file
 from kvsim.spec.hardware import HardwareSpec, hardware_names, load_hardware
 
 OP_KINDS = ("gemm", "attention_decode", "attention_prefill", "elementwise", "allreduce")
@@ -362,7 +362,7 @@ def roofline(hw: HardwareSpec) -> Calibration:
 
 @cache
 def _prior_data() -> dict:
-    return load_yaml((resources.files("kvsim") / "data" / "calibration_prior.yaml").read_text())
+    return load_data_yaml((resources.files("kvsim") / "data" / "calibration_prior.yaml").read_text())
 
 
 def borrow_profile(cal: Calibration, donor: HardwareSpec, hw: HardwareSpec) -> Calibration:
