@@ -23,7 +23,7 @@ import numpy as np
 
 from kvsim.errors import KvsimError
 from kvsim.fileio import load_data_yaml
-from kvsim.kv.layout import KVLayout
+from kvsim.kv.layout import KVLayout, Tier
 from kvsim.spec.hardware import HardwareSpec
 from kvsim.spec.linears import check_tp, head_linears, layer_linears, norm_params
 from kvsim.spec.model import ModelSpec
@@ -181,7 +181,7 @@ def activation_peak_bytes(model: ModelSpec, tp: int, cfg: EngineMemoryConfig) ->
     ``max_num_batched_tokens`` tokens and the dummy sampler run over ``min(max_num_seqs, tokens)`` rows
     (gpu_model_runner ``profile_run`` / ``_dummy_sampler_run``), which also holds the run's hidden states."""
     n, e, h = cfg.max_num_batched_tokens, model.dtype_bytes, model.hidden_size
-    widest = 0
+    widest: float = 0
     for layer in {(layer.moe,): layer for layer in model.layers}.values():
         lins = layer_linears(model, layer, tp)
         attn = sum(lin.out_features for lin in lins if lin.role == "attention")
@@ -291,7 +291,7 @@ class MemoryPlan:
         return np.ceil(b / self.block_bytes - 1e-9).astype(np.int64)
 
     @property
-    def offload_budget_bytes(self) -> dict[str, float | None]:
+    def offload_budget_bytes(self) -> dict[Tier, float | None]:
         """Host memory and NVMe one GPU may fill with offloaded KV: the machine description's host,
         shared evenly by the node's ``max_gpus_per_node`` GPUs (None: the disk size is not given)."""
         host, n = self.hardware.host, self.hardware.max_gpus_per_node

@@ -396,6 +396,7 @@ class _ServeGenClient:
         nearest non-empty block, earlier on ties (many 6-hour blocks are empty in the release)."""
         if self._blocks is None:
             self._load_dataset()
+        assert self._blocks is not None  # set by _load_dataset
         if not self._pmfs:
             return None
         holding = max((b for b in self._blocks if b <= ts), default=None)

@@ -282,7 +282,7 @@ def model_from_hf_config(full: dict, *, name: str, config_file: str, hf_repo: st
     vocab = cfg.get("vocab_size") or (262400 if mtype.startswith("gemma3n") else None)
     if vocab is None:
         raise KvsimError("missing from config.json", field="vocab_size", value=None, file=config_file)
-    out = {
+    out: dict[str, Any] = {
         "name": name,
         "source": {"config": config_file, "hf_repo": hf_repo},
         "dtype": _SERVING_DTYPE.get(dtype, "bfloat16"),
