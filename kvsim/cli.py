@@ -159,7 +159,7 @@ def memory_report(args: argparse.Namespace) -> dict:
             "fits" if concurrency >= args.batch else
             f"{args.batch} sequences of {ctx} tokens need more than the {plan.num_gpu_blocks} KV blocks"
             if binding == "gpu" else
-            f"{args.batch} sequences of {ctx} tokens need more than this GPU's {budgets[binding] / GIB:.0f} GiB "
+            f"{args.batch} sequences of {ctx} tokens need more than this GPU's {(budgets[binding] or 0) / GIB:.0f} GiB "
             f"share of {binding} memory (holds {concurrency})"),
         "max_model_len": model.max_position_embeddings,
     }

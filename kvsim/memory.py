@@ -297,10 +297,11 @@ class MemoryPlan:
         host, n = self.hardware.host, self.hardware.max_gpus_per_node
         return {"host": host.memory_bytes / n, "ssd": None if host.nvme_bytes is None else host.nvme_bytes / n}
 
-    def _sequences_by_tier(self, ctx: np.ndarray, blocks: int) -> dict[str, np.ndarray]:
+    def _sequences_by_tier(self, ctx: np.ndarray, blocks: int) -> dict[Tier, np.ndarray]:
         """Sequences of ``ctx`` tokens each tier holds, unrounded: ``blocks`` GPU blocks and, for a
         layout that offloads, this GPU's share of host memory and NVMe."""
-        out = {"gpu": blocks / np.maximum(self.blocks_for(ctx), 1) if self.fits else np.zeros(np.shape(ctx))}
+        out: dict[Tier, np.ndarray] = {
+            "gpu": blocks / np.maximum(self.blocks_for(ctx), 1) if self.fits else np.zeros(np.shape(ctx))}
         tiers = self.layout.bytes_by_tier(ctx, self.tp)
         for tier, budget in self.offload_budget_bytes.items():
             need = tiers[tier]
@@ -312,7 +313,7 @@ class MemoryPlan:
             out[tier] = np.where(need > 0, budget / np.maximum(need, 1.0), np.inf)
         return out
 
-    def concurrency_by_tier(self, context: np.ndarray | int) -> dict[str, np.ndarray]:
+    def concurrency_by_tier(self, context: np.ndarray | int) -> dict[Tier, np.ndarray]:
         """Most sequences of ``context`` tokens each tier holds: the GPU's KV blocks and, for a
         layout that offloads, this GPU's share of host memory and NVMe."""
         fill = self._sequences_by_tier(np.atleast_1d(context), self.num_gpu_blocks)
@@ -322,7 +323,7 @@ class MemoryPlan:
         """Most sequences of ``context`` tokens the KV cache holds at once (the binding tier's)."""
         return np.minimum.reduce(list(self.concurrency_by_tier(context).values()))
 
-    def binding_tier(self, context: int) -> str:
+    def binding_tier(self, context: int) -> Tier:
         """The tier that bounds ``max_concurrency(context)`` (gpu, host or ssd)."""
         by_tier = self.concurrency_by_tier(context)
         return min(by_tier, key=lambda t: (int(by_tier[t][0]), t != "gpu"))
