@@ -254,7 +254,7 @@ def expand(raw: Mapping[str, Any], file: str) -> SweepPlan:
     grid_rows = list(itertools.product(*grid.values())) if grid else [()]
     zip_rows = list(zip(*zipped.values(), strict=True)) if zipped else [()]
     variants: list[_Variant | None] = list(sweep.variants) if sweep.variants else [None]
-    points = []
+    points: list[Point] = []
     checked: dict[str, None] = {}
     for variant, g, z in itertools.product(variants, grid_rows, zip_rows):
         values = dict(zip(paths, g + z, strict=True))

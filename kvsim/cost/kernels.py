@@ -104,7 +104,7 @@ def decode_kernel(family: str, cal: Calibration) -> tuple[Curve, KernelSource]:
             family, f"{DENSE}.{method}", "derived", f"no quantized {method.upper()} kernel is measured; the 16-bit "
             "kernel's efficiency on this layout's bytes and dequantization work is a lower bound on its time")
     kernel, why = (OWN_KERNEL[method], "") if method in OWN_KERNEL else BORROWED_KERNEL.get(method, (method, ""))
-    measured = sorted((_widths(key[len(DENSE) + 1:]), key) for key in cal.ops if key.startswith(DENSE + ".")
+    measured = sorted((w, key) for key in cal.ops if key.startswith(DENSE + ".")
                       and (w := _widths(key[len(DENSE) + 1:])) is not None and OWN_KERNEL.get(w[0]) == kernel)
     if not measured:
         known = sorted(k[len(DENSE) + 1:] for k in cal.ops if k.startswith(DENSE + ".") and _widths(k[len(DENSE) + 1:]))
