@@ -442,7 +442,8 @@ def read_plan(folder: Path) -> dict:
         _PlanFile.model_validate(doc)
     except ValidationError as err:
         raise schema_error(err, str(path), what="a sweep's sweep.json") from None
-    return doc  # type: ignore[return-value]
+    assert isinstance(doc, dict)  # validated as _PlanFile, a JSON object
+    return doc
 
 
 def swept_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:

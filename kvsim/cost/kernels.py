@@ -90,7 +90,7 @@ def _widths(family: str) -> tuple[str, float, float] | None:
 def decode_kernel(family: str, cal: Calibration) -> tuple[Curve, KernelSource]:
     """The curve that prices decode attention of kernel ``family`` in ``cal``, and its provenance."""
     if cal.kind in ("prior", "roofline"):
-        return cal.ops[DENSE], KernelSource(family, DENSE, cal.kind)  # type: ignore[arg-type]
+        return cal.ops[DENSE], KernelSource(family, DENSE, "prior" if cal.kind == "prior" else "roofline")
     if f"{DENSE}.{family}" in cal.ops and family.split(".")[0] not in BORROWED_KERNEL:
         return cal.ops[f"{DENSE}.{family}"], KernelSource(family, f"{DENSE}.{family}", "measured")
     widths = _widths(family)

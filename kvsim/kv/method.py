@@ -77,18 +77,19 @@ def _convert(method: Method, param: Param, raw: str, file: str | None) -> ParamV
             value: ParamValue = raw.lower() in ("true", "1")
         else:
             value = param.kind(raw)
-            if param.kind is float and not math.isfinite(value):  # type: ignore[arg-type]
+            if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError  # nan slips past every bound check, inf past a missing maximum
-            if param.kind is int and not -(2**63) < value < 2**63:  # type: ignore[operator]
+            if isinstance(value, int) and not -(2**63) < value < 2**63:
                 raise ValueError  # token counts become int64 arrays
     except ValueError:
         kind = {float: "float (finite)", int: "int (64-bit)"}.get(param.kind, param.kind.__name__)
         raise KvsimError(f"expected {kind}", field=field, value=raw, file=file) from None
     if param.choices and value not in param.choices:
         raise KvsimError(f"must be one of {', '.join(param.choices)}", field=field, value=raw, file=file)
-    if param.minimum is not None and value < param.minimum:  # type: ignore[operator]
+    # minimum and maximum bound int and float parameters
+    if param.minimum is not None and isinstance(value, (int, float)) and value < param.minimum:
         raise KvsimError(f"must be >= {param.minimum}", field=field, value=raw, file=file)
-    if param.maximum is not None and value > param.maximum:  # type: ignore[operator]
+    if param.maximum is not None and isinstance(value, (int, float)) and value > param.maximum:
         raise KvsimError(f"must be <= {param.maximum}", field=field, value=raw, file=file)
     return value
 
