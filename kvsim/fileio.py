@@ -65,7 +65,7 @@ def check_writable(path: Path, field: str, folder: bool) -> None:
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class _UniqueKeyLoader(_SAFE_LOADER):  # type: ignore[misc, valid-type]
+class _UniqueKeyLoader(_SAFE_LOADER):  # type: ignore[misc, valid-type]  # a base class picked at runtime
     """The safe loader, refusing a key written twice in one mapping (PyYAML keeps the last one
     silently, so a user's first value would be ignored)."""
 
