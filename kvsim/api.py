@@ -72,6 +72,7 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     cost = CostModel(m, hw, layout, tp, calibration, vllm_execution(hw, tp, engine.max_num_seqs,
                                                                     engine.max_num_batched_tokens))
     mem = plan(m, hw, layout, tp, engine)
+    assert cost.allreduce is not None  # vllm_execution prices the all-reduce
     label = {"kind": cost.cal.kind, "label": cost.cal.label, "gpu": cost.cal.gpu, "engine": cost.cal.engine,
              "note": cost.cal.note,
              "allreduce": cost.allreduce.source, "decode_kernel": cost.decode_kernel.as_dict(),
@@ -80,6 +81,7 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     for b in batches:
         for c in contexts:
             held = c if c is not None else prompt  # tokens each sequence holds in the KV cache
+            assert held is not None  # a prompt is given where a context is not (checked above)
             fits = mem.fits and int(mem.max_concurrency(held)[0]) >= b
             point: dict = {"batch": b, "context": c, "fits": fits}
             if c is not None:

@@ -24,10 +24,10 @@ import numpy as np
 import yaml
 
 from kvsim import measured
-from kvsim.cost.calibration import OP_KINDS, calibration_from_dict, results_dir
+from kvsim.cost.calibration import OP_KINDS, Calibration, calibration_from_dict, results_dir
 from kvsim.cost.model import CostModel, decode_family
 from kvsim.errors import KvsimError
-from kvsim.fileio import load_yaml, write_atomic
+from kvsim.fileio import load_data_yaml, write_atomic
 from kvsim.spec.hardware import HardwareSpec, load_hardware
 
 Sample = tuple[float, float, float, float]  # size, time_s, t_compute, t_memory
@@ -86,7 +86,7 @@ def _fit_table(samples: list[tuple[float, float, float, float, float]], default:
             "memory": [on_grid(r, "memory") for r in fitted.values()], "floor_s": float(f"{floor:.3g}")}
 
 
-def unit_calibration(hw: HardwareSpec, ceil: dict) -> object:
+def unit_calibration(hw: HardwareSpec, ceil: dict) -> Calibration:
     """The measured ceilings at efficiency 1 and no floors: prices a kernel's roofline terms."""
     one = {"size": [1], "compute": [1.0], "memory": [1.0], "floor_s": 0.0}
     return calibration_from_dict({"gpu": hw.name, "kind": "roofline", "ceilings": ceil,
@@ -193,7 +193,7 @@ def fit_profile(folder: Path) -> dict:
         used[f"gemm.csv ({name.split('.')[1]})"] = len(samples)
         if samples:
             ops[name] = _fit_table(samples, 0.8)
-    prior = load_yaml((Path(__file__).parent / "data" / "calibration_prior.yaml").read_text())
+    prior = load_data_yaml((Path(__file__).parent / "data" / "calibration_prior.yaml").read_text())
     allreduce, latency, sources = _allreduce_fit(folder, hw)
     ops["allreduce"] = allreduce or prior["ops"]["allreduce"]
     if latency is not None:

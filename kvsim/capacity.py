@@ -44,7 +44,8 @@ class CapacityGrid:
 
 
 def capacity_grid(models: Sequence[ModelSpec], methods: Sequence[str], gpus: Sequence[HardwareSpec],
-                  contexts: Sequence[int], tp: int = 1, engine: EngineMemoryConfig | None = None) -> CapacityGrid:
+                  contexts: Sequence[int] | np.ndarray, tp: int = 1,
+                  engine: EngineMemoryConfig | None = None) -> CapacityGrid:
     """Every point is ``MemoryPlan.max_concurrency`` of the one planner (``kvsim.memory.plan_memory``):
     the plan is sized once per (model, method) and moved to each GPU, so every engine setting
     (non-torch memory, CUDA graphs, ...) counts here exactly as it does in ``kvsim memory``."""

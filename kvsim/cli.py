@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from kvsim.errors import KvsimError
 
@@ -159,7 +160,7 @@ def memory_report(args: argparse.Namespace) -> dict:
             "fits" if concurrency >= args.batch else
             f"{args.batch} sequences of {ctx} tokens need more than the {plan.num_gpu_blocks} KV blocks"
             if binding == "gpu" else
-            f"{args.batch} sequences of {ctx} tokens need more than this GPU's {budgets[binding] / GIB:.0f} GiB "
+            f"{args.batch} sequences of {ctx} tokens need more than this GPU's {(budgets[binding] or 0) / GIB:.0f} GiB "
             f"share of {binding} memory (holds {concurrency})"),
         "max_model_len": model.max_position_embeddings,
     }
@@ -522,9 +523,9 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 class _DefaultsParser(argparse.ArgumentParser):
     """A subcommand parser whose help shows every option's default."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # ArgumentParser's own
         kwargs.setdefault("formatter_class", _DefaultsFormatter)
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -536,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvsim {__version__}")
     # every subcommand's help shows each option's default
     sub = parser.add_subparsers(dest="command", required=True,
-                                parser_class=_DefaultsParser)  # type: ignore[arg-type]
+                                parser_class=_DefaultsParser)
     for name, fn, helptext in (("models", cmd_models, "list the model catalogue"),
                                ("hardware", cmd_hardware, "list the GPU catalogue"),
                                ("methods", cmd_methods, "list KV methods and their parameters")):

@@ -9,6 +9,7 @@ import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -64,7 +65,7 @@ def check_writable(path: Path, field: str, folder: bool) -> None:
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class _UniqueKeyLoader(_SAFE_LOADER):  # type: ignore[misc, valid-type]
+class _UniqueKeyLoader(_SAFE_LOADER):  # type: ignore[misc, valid-type]  # a base class picked at runtime
     """The safe loader, refusing a key written twice in one mapping (PyYAML keeps the last one
     silently, so a user's first value would be ignored)."""
 
@@ -96,6 +97,14 @@ def load_yaml(text: str) -> object:
     """``yaml.safe_load``, with the C loader when available, YAML 1.2 exponent floats; a key given
     twice is an error."""
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader
+
+
+def load_data_yaml(text: str) -> dict[str, Any]:
+    """One of kvsim's own data files (kvsim/data/...): a YAML mapping at the top level."""
+    data = load_yaml(text)
+    if not isinstance(data, dict):
+        raise TypeError(f"kvsim data file: expected a mapping at the top level, not {type(data).__name__}")
+    return data
 
 
 def read_yaml_file(path: Path, what: str) -> dict:

@@ -62,7 +62,8 @@ def ceilings(folder: Path) -> dict:
 def attention_model(q_heads: int, kv_heads: int, head_dim: int, layers: int = 1, mla: bool = False) -> ModelSpec:
     """A model with only the attention shape of a kernel benchmark (validation/kernels/layout_step.py
     builds the same one), ``layers`` identical layers."""
-    attention = {"num_heads": q_heads, "num_kv_heads": kv_heads, "head_dim": head_dim, "v_head_dim": head_dim}
+    attention: dict[str, object] = {"num_heads": q_heads, "num_kv_heads": kv_heads, "head_dim": head_dim,
+                                    "v_head_dim": head_dim}
     if mla:  # the kernels' latent (512) + RoPE key (64): DeepSeek-V2/V3 shapes (config.json kv_lora_rank)
         attention.update(head_dim=192, v_head_dim=128, num_kv_heads=q_heads,
                          mla={"kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,

@@ -22,8 +22,8 @@ from importlib import resources
 import numpy as np
 
 from kvsim.errors import KvsimError
-from kvsim.fileio import load_yaml
-from kvsim.kv.layout import KVLayout
+from kvsim.fileio import load_data_yaml
+from kvsim.kv.layout import KVLayout, Tier
 from kvsim.spec.hardware import HardwareSpec
 from kvsim.spec.linears import check_tp, head_linears, layer_linears, norm_params
 from kvsim.spec.model import ModelSpec
@@ -60,7 +60,7 @@ class VllmMemoryRule:
 
 @cache
 def _rules() -> tuple[str, tuple[VllmMemoryRule, ...]]:
-    data = load_yaml((resources.files("kvsim") / "data" / "vllm_memory.yaml").read_text())
+    data = load_data_yaml((resources.files("kvsim") / "data" / "vllm_memory.yaml").read_text())
     fields = ("label", "source", "non_torch_bytes", "non_torch_extra_bytes", "sampler_bytes_per_logit",
               "sampler_holds_dtype_logits", "cuda_graphs_charged")
     rules = tuple(VllmMemoryRule(parse_version(r["first"]), parse_version(r["until"]), *(r[f] for f in fields))
@@ -181,7 +181,7 @@ def activation_peak_bytes(model: ModelSpec, tp: int, cfg: EngineMemoryConfig) ->
     ``max_num_batched_tokens`` tokens and the dummy sampler run over ``min(max_num_seqs, tokens)`` rows
     (gpu_model_runner ``profile_run`` / ``_dummy_sampler_run``), which also holds the run's hidden states."""
     n, e, h = cfg.max_num_batched_tokens, model.dtype_bytes, model.hidden_size
-    widest = 0
+    widest: float = 0
     for layer in {(layer.moe,): layer for layer in model.layers}.values():
         lins = layer_linears(model, layer, tp)
         attn = sum(lin.out_features for lin in lins if lin.role == "attention")
@@ -291,16 +291,17 @@ class MemoryPlan:
         return np.ceil(b / self.block_bytes - 1e-9).astype(np.int64)
 
     @property
-    def offload_budget_bytes(self) -> dict[str, float | None]:
+    def offload_budget_bytes(self) -> dict[Tier, float | None]:
         """Host memory and NVMe one GPU may fill with offloaded KV: the machine description's host,
         shared evenly by the node's ``max_gpus_per_node`` GPUs (None: the disk size is not given)."""
         host, n = self.hardware.host, self.hardware.max_gpus_per_node
         return {"host": host.memory_bytes / n, "ssd": None if host.nvme_bytes is None else host.nvme_bytes / n}
 
-    def _sequences_by_tier(self, ctx: np.ndarray, blocks: int) -> dict[str, np.ndarray]:
+    def _sequences_by_tier(self, ctx: np.ndarray, blocks: int) -> dict[Tier, np.ndarray]:
         """Sequences of ``ctx`` tokens each tier holds, unrounded: ``blocks`` GPU blocks and, for a
         layout that offloads, this GPU's share of host memory and NVMe."""
-        out = {"gpu": blocks / np.maximum(self.blocks_for(ctx), 1) if self.fits else np.zeros(np.shape(ctx))}
+        out: dict[Tier, np.ndarray] = {
+            "gpu": blocks / np.maximum(self.blocks_for(ctx), 1) if self.fits else np.zeros(np.shape(ctx))}
         tiers = self.layout.bytes_by_tier(ctx, self.tp)
         for tier, budget in self.offload_budget_bytes.items():
             need = tiers[tier]
@@ -312,7 +313,7 @@ class MemoryPlan:
             out[tier] = np.where(need > 0, budget / np.maximum(need, 1.0), np.inf)
         return out
 
-    def concurrency_by_tier(self, context: np.ndarray | int) -> dict[str, np.ndarray]:
+    def concurrency_by_tier(self, context: np.ndarray | int) -> dict[Tier, np.ndarray]:
         """Most sequences of ``context`` tokens each tier holds: the GPU's KV blocks and, for a
         layout that offloads, this GPU's share of host memory and NVMe."""
         fill = self._sequences_by_tier(np.atleast_1d(context), self.num_gpu_blocks)
@@ -322,7 +323,7 @@ class MemoryPlan:
         """Most sequences of ``context`` tokens the KV cache holds at once (the binding tier's)."""
         return np.minimum.reduce(list(self.concurrency_by_tier(context).values()))
 
-    def binding_tier(self, context: int) -> str:
+    def binding_tier(self, context: int) -> Tier:
         """The tier that bounds ``max_concurrency(context)`` (gpu, host or ssd)."""
         by_tier = self.concurrency_by_tier(context)
         return min(by_tier, key=lambda t: (int(by_tier[t][0]), t != "gpu"))

@@ -64,7 +64,7 @@ def capacity(model_name: str, hardware_name: str, methods: Sequence[str], tp: in
     ctx = np.asarray(contexts if contexts else default_contexts(model.max_position_embeddings), dtype=np.int64)
     fig, (ax_cap, ax_bpt, ax_bar) = plt.subplots(1, 3, figsize=(17, 6),
                                                  gridspec_kw={"width_ratios": [1.2, 1.2, 1]})
-    parts = {"weights": [], "activations": [], "non-torch": [], "KV cache": []}
+    parts: dict[str, list[float]] = {"weights": [], "activations": [], "non-torch": [], "KV cache": []}
     styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ("-", "v"), ("--", "x")]
     for i, spec in enumerate(methods):
         line, marker = styles[i % len(styles)]
@@ -159,7 +159,7 @@ def capacity_curves(grid: CapacityGrid, tp: int) -> plt.Figure:
     fig, axes = plt.subplots(n_models, n_gpus, figsize=(4.6 * n_gpus + 0.5, 3.6 * n_models + 0.6),
                              squeeze=False, sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    lines = {}
+    lines: dict[str, matplotlib.lines.Line2D] = {}
     for i, model in enumerate(grid.models):
         for g, gpu in enumerate(grid.gpus):
             ax = axes[i][g]
@@ -228,7 +228,7 @@ def goodput_rate(rows: Sequence[Mapping], rate_col: str, series_by: Sequence[str
     handles, labels = [], []
     for k, (label, pts) in enumerate(groups.items()):
         pts = sorted((r for r in pts if isinstance(r.get(rate_col), (int, float))), key=lambda r: r[rate_col])
-        y = [r.get(goodput_col) if isinstance(r.get(goodput_col), (int, float)) else np.nan for r in pts]
+        y = [v if isinstance(v := r.get(goodput_col), (int, float)) else np.nan for r in pts]
         line, = ax.plot([r[rate_col] for r in pts], y, color=colors[k], **_distinct_style(k))
         handles.append(line)
         labels.append(label)

@@ -209,7 +209,8 @@ def read_search(path: Path) -> dict:
         _SearchFile.model_validate(doc)
     except ValidationError as err:
         raise schema_error(err, str(path), what="a search.json (kvsim search --out)") from None
-    return doc  # type: ignore[return-value]
+    assert isinstance(doc, dict)  # validated as _SearchFile, a JSON object
+    return doc
 
 
 def build_report(folder: Path, validation: Path | None = None) -> str:

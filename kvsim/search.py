@@ -81,11 +81,13 @@ def bisect_rate(evaluate: Callable[[float], Probe], rate_start: float, rate_min:
     ok: Probe | None = first if first.passes else None
     failing: Probe | None = None if first.passes else first
     while ok is None:  # halve until a rate passes
+        assert failing is not None  # one of ok and failing is set
         if failing.rate <= rate_min:
             return RateSearch(0.0, failing.rate, failing.limit, failing.detail, tuple(probes))
         p = run(max(failing.rate / 2, rate_min))
         ok, failing = (p, failing) if p.passes else (None, p)
     while failing is None:  # double until a rate fails
+        assert ok is not None
         if ok.rate >= rate_max:
             return RateSearch(ok.rate, None, "rate_max", f"meets the SLOs up to rate_max={rate_max:g}",
                               tuple(probes))
@@ -126,6 +128,9 @@ def start_rate(raw: Mapping[str, Any], path: str, cfg: SearchConfig, file: str =
 
         scenario = scenario_from_dict(dict(raw), file)
         w = scenario.spec.workload
+        if w.trace is None:  # a closed loop: neither a rate nor a trace to start from
+            raise KvsimError("no rate to start the search from: give sweep.search.rate_start",
+                             field="sweep.search.rate_start", value=None, file=file or None)
         value = trace_rate_per_s(scenario, resolve_path(w.trace, scenario)) * w.rate_scale
     else:
         value = 1.0
@@ -286,8 +291,8 @@ def rank(results: Sequence[ConfigResult], target: float | None) -> list[ConfigRe
     # configurations on GPUs without their own calibration rank after all calibrated ones
     viable.sort(key=lambda r: (not r.calibrated, *key(r)))
     out = []
-    best = viable[0] if viable else None
     for i, r in enumerate(viable):
+        best = viable[0]
         limit = (f"meets the SLOs up to rate_max={r.max_rate:.3g}" if r.limit == "rate_max" else
                  f"{LIMITS.get(r.limit, r.limit)} limits it above {r.max_rate:.3g}")
         flags = ([] if r.calibrated else [f"UNCALIBRATED GPU ({r.calibration or 'unknown'}): ranked after "

@@ -254,7 +254,7 @@ def expand(raw: Mapping[str, Any], file: str) -> SweepPlan:
     grid_rows = list(itertools.product(*grid.values())) if grid else [()]
     zip_rows = list(zip(*zipped.values(), strict=True)) if zipped else [()]
     variants: list[_Variant | None] = list(sweep.variants) if sweep.variants else [None]
-    points = []
+    points: list[Point] = []
     checked: dict[str, None] = {}
     for variant, g, z in itertools.product(variants, grid_rows, zip_rows):
         values = dict(zip(paths, g + z, strict=True))
@@ -442,7 +442,8 @@ def read_plan(folder: Path) -> dict:
         _PlanFile.model_validate(doc)
     except ValidationError as err:
         raise schema_error(err, str(path), what="a sweep's sweep.json") from None
-    return doc  # type: ignore[return-value]
+    assert isinstance(doc, dict)  # validated as _PlanFile, a JSON object
+    return doc
 
 
 def swept_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:

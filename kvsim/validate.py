@@ -138,7 +138,7 @@ def _plot(points: list[Point], title: str) -> bytes:
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(18, 7.5))
-    colors = plt.get_cmap("tab20").colors
+    colors = matplotlib.color_sequences["tab20"]  # the tab20 colormap's colors
     for ax, kind in zip(axes, ("decode", "prefill", "speedup"), strict=True):
         sel = [p for p in points if p.kind.split()[0] == kind]
         scale = 1.0 if kind == "speedup" else 1e3  # seconds -> ms on the time panels

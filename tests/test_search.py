@@ -184,3 +184,19 @@ def test_search_on_a_tiny_real_scenario(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["search", str(path), "--configs", "hardware=tpu-v5"])
     assert stop.value.code == 2 and "no configuration matches" in capsys.readouterr().err
+
+
+def test_closed_loop_search_without_a_start_rate_is_one_error():
+    from kvsim.search import TRACE_RATE, rate_path, start_rate
+    from kvsim.sweep import SearchConfig
+
+    raw = {"model": "llama-3-8b", "hardware": "h100-sxm",
+           "workload": {"closed_loop": {"concurrency": 4, "num_requests": 24,
+                                        "input": {"kind": "fixed", "tokens": 1024},
+                                        "output": {"kind": "fixed", "tokens": 64}}},
+           "slo": {"ttft_s": 0.5, "tpot_s": 0.05}}
+    cfg = SearchConfig()
+    assert rate_path(raw, cfg) == TRACE_RATE
+    with pytest.raises(KvsimError, match="rate_start"):
+        start_rate(raw, TRACE_RATE, cfg, "closed.yaml")
+    assert start_rate(raw, TRACE_RATE, SearchConfig(rate_start=2.0)) == 2.0

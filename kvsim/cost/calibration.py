@@ -65,11 +65,12 @@ from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
+from typing import overload
 
 import numpy as np
 
 from kvsim.errors import KvsimError
-from kvsim.fileio import load_yaml, read_yaml_file
+from kvsim.fileio import load_data_yaml, read_yaml_file
 from kvsim.spec.hardware import HardwareSpec, hardware_names, load_hardware
 
 OP_KINDS = ("gemm", "attention_decode", "attention_prefill", "elementwise", "allreduce")
@@ -90,7 +91,12 @@ class Curve:
     floor_s: float
     log2_size2: tuple[float, ...] = ()
 
-    def eff(self, size: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    @overload
+    def eff(self, size: float) -> tuple[float, float]: ...
+    @overload
+    def eff(self, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...  # (a 0-d array gives floats)
+
+    def eff(self, size: float | np.ndarray) -> tuple[float, float] | tuple[np.ndarray, np.ndarray]:
         """Efficiencies of a 1-D curve (a table is read with ``eff_many`` or sliced with ``at``)."""
         if np.ndim(size) == 0:  # the simulator's common case: plain floats, no numpy round trip
             return self._eff_scalar(float(size))
@@ -198,15 +204,14 @@ def _curve(data: dict, where: str) -> Curve:
     try:
         size = [float(v) for v in data["size"]]
         size2 = [float(v) for v in data.get("size2", [])]
-        if size2:
-            comp = [[float(v) for v in row] for row in data["compute"]]
-            mem = [[float(v) for v in row] for row in data["memory"]]
+        if size2:  # one row per size2 value
+            rows_c = [[float(v) for v in row] for row in data["compute"]]
+            rows_m = [[float(v) for v in row] for row in data["memory"]]
         else:
-            comp, mem = [float(v) for v in data["compute"]], [float(v) for v in data["memory"]]
+            rows_c, rows_m = [[float(v) for v in data["compute"]]], [[float(v) for v in data["memory"]]]
         floor = float(data.get("floor_s", 0.0))
     except (KeyError, TypeError, ValueError) as err:
         raise KvsimError(f"needs size, compute, memory lists ({err})", field=where, value=data) from None
-    rows_c, rows_m = (comp, mem) if size2 else ([comp], [mem])
     if (not size or len(rows_c) != max(1, len(size2)) or len(rows_m) != len(rows_c)
             or any(len(r) != len(size) for r in rows_c + rows_m)):
         raise KvsimError("compute and memory need one value per size (one row per size2)", field=where,
@@ -362,7 +367,7 @@ def roofline(hw: HardwareSpec) -> Calibration:
 
 @cache
 def _prior_data() -> dict:
-    return load_yaml((resources.files("kvsim") / "data" / "calibration_prior.yaml").read_text())
+    return load_data_yaml((resources.files("kvsim") / "data" / "calibration_prior.yaml").read_text())
 
 
 def borrow_profile(cal: Calibration, donor: HardwareSpec, hw: HardwareSpec) -> Calibration:
@@ -487,7 +492,9 @@ def find_calibration(hw: HardwareSpec, spec: str | None = None, engine: str = "v
     for name in _measured_gpus():
         donor = load_hardware(name)
         if donor.family == hw.family:
-            return borrow_profile(_measured(name), donor, hw)
+            measured = _measured(name)
+            assert measured is not None  # _measured_gpus lists the GPUs with a measured profile
+            return borrow_profile(measured, donor, hw)
     for name in hardware_names():
         donor = load_hardware(name)
         cal = _imported(donor, engine) if donor.family == hw.family and name != hw.name else None

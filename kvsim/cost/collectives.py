@@ -26,7 +26,7 @@ from types import MappingProxyType
 import numpy as np
 
 from kvsim.errors import KvsimError
-from kvsim.fileio import load_yaml
+from kvsim.fileio import load_data_yaml
 from kvsim.spec.hardware import HardwareSpec
 
 # vllm/distributed/device_communicators/custom_all_reduce.py: _SUPPORTED_WORLD_SIZES and the
@@ -95,7 +95,7 @@ def load_collectives(gpu: str) -> Collectives | None:
     if not entry.is_file():
         return None
     where = f"kvsim/data/collectives/{gpu}.yaml"
-    data = load_yaml(entry.read_text())
+    data = load_data_yaml(entry.read_text())
     tables = {}
     for key in ("custom_allreduce", "nccl_allreduce"):
         part = data.get(key) or {}

@@ -90,7 +90,7 @@ def _widths(family: str) -> tuple[str, float, float] | None:
 def decode_kernel(family: str, cal: Calibration) -> tuple[Curve, KernelSource]:
     """The curve that prices decode attention of kernel ``family`` in ``cal``, and its provenance."""
     if cal.kind in ("prior", "roofline"):
-        return cal.ops[DENSE], KernelSource(family, DENSE, cal.kind)  # type: ignore[arg-type]
+        return cal.ops[DENSE], KernelSource(family, DENSE, "prior" if cal.kind == "prior" else "roofline")
     own = f"{DENSE}.{family}"
     if own in cal.ops and family.split(".")[0] not in BORROWED_KERNEL:
         # an imported profile's method curves are derived from a GPU where kvsim measured both kernels
@@ -107,7 +107,7 @@ def decode_kernel(family: str, cal: Calibration) -> tuple[Curve, KernelSource]:
             family, f"{DENSE}.{method}", "derived", f"no quantized {method.upper()} kernel is measured; the 16-bit "
             "kernel's efficiency on this layout's bytes and dequantization work is a lower bound on its time")
     kernel, why = (OWN_KERNEL[method], "") if method in OWN_KERNEL else BORROWED_KERNEL.get(method, (method, ""))
-    measured = sorted((_widths(key[len(DENSE) + 1:]), key) for key in cal.ops if key.startswith(DENSE + ".")
+    measured = sorted((w, key) for key in cal.ops if key.startswith(DENSE + ".")
                       and (w := _widths(key[len(DENSE) + 1:])) is not None and OWN_KERNEL.get(w[0]) == kernel)
     if not measured:
         known = sorted(k[len(DENSE) + 1:] for k in cal.ops if k.startswith(DENSE + ".") and _widths(k[len(DENSE) + 1:]))

@@ -46,6 +46,7 @@ MOE_ROUTING_KERNELS_PER_LAYER = 4
 # the same few thousand counts again and again); larger or fractional counts are priced on demand
 # with the same vectorized arithmetic, so a value never depends on which path produced it.
 FIXED_TABLE_MAX_TOKENS = 1 << 15
+_NO_TOKENS = np.zeros(0)  # a step without prefill: no prompt chunks (never written)
 DRIVERS = ("tokens", "sampled", "new_tokens")  # the count each token-only op depends on
 
 
@@ -264,6 +265,7 @@ class CostModel:
                              (lin.in_features + lin.out_features) * e, 1, 1, c.flops_per_s["bf16"], True, "gemm", 0.0))
         if k_.path != "bf16":
             wq = self.model.weight_quant
+            assert wq is not None  # weight_kernel gives the bf16 path to a model without weight quantization
             self.notes = (f"weights {wq.precision} ({wq.bits_per_weight:g} bits, {wq.modules}): {k_.note}",)
             if prior:
                 self.notes += (f"PRIOR: profile {self.cal.gpu} has no {k_.curve} curve: {k_.path} GEMMs use the bf16 "
@@ -274,8 +276,9 @@ class CostModel:
         names = list(dict.fromkeys(r[0] for r in rows))
         curve_names = tuple(dict.fromkeys(r[9] for r in rows))
         col = list(zip(*rows, strict=True))
+        n_layers, w_bytes, flops, act_bytes, experts, top_ks, peaks = (np.array(v, dtype=float) for v in col[1:8])
         return _Gemms(tuple(names), np.array([names.index(n) for n in col[0]]),
-                      *(np.array(v, dtype=float) for v in col[1:8]), np.array(col[8], dtype=bool),
+                      n_layers, w_bytes, flops, act_bytes, experts, top_ks, peaks, np.array(col[8], dtype=bool),
                       curve_names, np.array([curve_names.index(n) for n in col[9]]), np.array(col[10], dtype=float))
 
     def _build_decode_terms(self) -> _Terms:
@@ -384,7 +387,8 @@ class CostModel:
         rows = [("kv_write", kv_write, L), ("norm", norm, NORMS_PER_LAYER * L + 1), ("rope", rope, L),
                 ("activation", act, L)]
         moe_layers = sum(1 for layer in m.layers if layer.moe) if m.moe else 0
-        if moe_layers:  # permute: read h, write k copies; un-permute: read k copies, write h (+ shared out)
+        # permute: read h, write k copies; un-permute: read k copies, write h (+ shared out)
+        if moe_layers and m.moe is not None:
             rows.append(("moe_routing", (3 * m.moe.top_k + 2) * h * e * moe_layers,
                          MOE_ROUTING_KERNELS_PER_LAYER * moe_layers))
         # sampler (vLLM; validation/engine_model.py sample): logits bf16 -> fp32 (read 2, write 4 B),
@@ -527,20 +531,24 @@ class CostModel:
             total: np.ndarray | float = 0.0
             for j, coef in self._coefs.get(kind, ()):
                 total = total + coef * sums[j]
-            return total + const[kind] * active if kind in const else total
+            return total + const[kind] * active if kind in const and active is not None else total
 
         return sums, term
 
     def _price(self, n_decode: int, ctx: np.ndarray | None, prefill: Batch | None, breakdown: bool = True,
-               sums: np.ndarray | None = None) -> list[Op | tuple]:
+               sums: np.ndarray | None = None) -> list[tuple]:
         """Ops of ``steps`` steps (rows of ctx) sharing one prefill part; values are (steps,) arrays.
         Without ``breakdown`` the token-count ops come as one summed op (totals need no more)."""
         c, rt, L = self.cal.ceilings, self.layout.runtime, self.model.num_layers
-        sums, term = self._terms(ctx) if sums is None else (sums, None)
+        if sums is None:
+            assert ctx is not None  # the contexts, or their cap sums
+            sums, term = self._terms(ctx)
+        else:
+            term = None
 
         p_scale = rt.prefill_passes * rt.prefill_layer_fraction
         if prefill is None:
-            p_tok = p_ctx = ()
+            p_tok = p_ctx = _NO_TOKENS
             tokens = sampled = new_tokens = float(n_decode)
         else:
             p_tok, p_ctx = prefill.prefill_tokens.astype(float), prefill.prefill_context.astype(float)
@@ -568,7 +576,7 @@ class CostModel:
             t = np.maximum(t_c, t_m) + curve.floor_s * L
             bound = ("compute" if np.ravel(t_c)[0] >= np.ravel(t_m)[0] else "memory") if breakdown else ""
             ops.append(("attention.decode", flops, nbytes, t, bound))
-        if len(p_tok):
+        if prefill is not None and len(p_tok):
             pf, pb = 0.0, 0.0
             for layers, fpt, kvb, qob, cap in self._prefill_groups:
                 pf += layers * fpt * float(sum_min_range(p_ctx, p_tok, cap).sum())
@@ -582,6 +590,7 @@ class CostModel:
             ops.append(("attention.prefill", pf, pb, float(t), "compute" if compute else "memory"))
             ops += self._prefill_extras(p_tok, p_ctx, prefill.merged_tokens)
         if n_decode and (rt.host_fetch_all or rt.host_fetch_tokens):
+            assert term is not None  # offloading layouts are priced from contexts, not cap sums
             fetch = term("host_fetch")
             ops.append(("host_transfer", 0.0, fetch, fetch / c.h2d_bytes_per_s,
                         "link" if rt.host_fetch_all else "overlapped"))

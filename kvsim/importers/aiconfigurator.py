@@ -30,11 +30,12 @@ import importlib.metadata
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from kvsim.errors import KvsimError
-from kvsim.fileio import load_yaml, write_atomic
+from kvsim.fileio import load_data_yaml, write_atomic
 
 PACKAGE = "aiconfigurator-core"
 MS = 1e-3  # the database's latencies are in milliseconds
@@ -135,7 +136,7 @@ def _rows(path: Path) -> list[dict]:
         raise KvsimError(f"malformed table ({err})", file=str(path)) from None
 
 
-def _col(r: dict, key: str, path: Path) -> object:
+def _col(r: dict, key: str, path: Path) -> Any:  # a table cell
     try:
         return r[key]
     except KeyError:
@@ -185,7 +186,7 @@ def import_profile(system: str, engine: str = "vllm", version: str | None = None
 
 def _import(system: str, engine: str, version: str | None, gpu: str | None, root: Path) -> dict:
     from kvsim.calibrate import _fit, _fit_table, ring_fit  # noqa: PLC0415 - the fitting code (numpy) on demand
-    from kvsim.spec.hardware import hardware_names, load_hardware  # noqa: PLC0415
+    from kvsim.spec.hardware import hardware_names, load_hardware, peak_flops  # noqa: PLC0415
 
     have = sorted(p.name for p in root.iterdir() if p.is_dir() and any(q.is_dir() for q in p.iterdir())) \
         if root.is_dir() else []
@@ -213,7 +214,7 @@ def _import(system: str, engine: str, version: str | None, gpu: str | None, root
                          f"{', '.join(hardware_names())})", field="--system", value=system)
     hw = load_hardware(gpu)
     bw = hw.hbm_bandwidth_bytes_per_s
-    bf16 = hw.peak_flops_per_s["bf16"]
+    bf16 = peak_flops(hw, "bf16")
     fp8 = hw.peak_flops_per_s.get("fp8") or bf16
     tables: dict[str, dict] = {}
 
@@ -239,7 +240,7 @@ def _import(system: str, engine: str, version: str | None, gpu: str | None, root
         samples = []
         for r in sel:
             m, n, k, t = int(r["m"]), int(r["n"]), int(r["k"]), float(r["latency"]) * MS
-            nbytes = n * k * wbytes + (m * k + m * n) * BF16_BYTES
+            nbytes: float = n * k * wbytes + (m * k + m * n) * BF16_BYTES
             samples.append((float(m), float(n * k * wbytes), t, 2.0 * m * n * k / peak, nbytes / bw))
         if samples:
             gemm_ops[key] = _fit_table(samples, 0.8)
@@ -330,7 +331,7 @@ def _import(system: str, engine: str, version: str | None, gpu: str | None, root
             record("gemm_grouped", path, kernel, moe, rows_per_expert=_span([m[0] for m in moe]),
                    expert_bytes=_span([m[1] for m in moe]))
 
-    prior = load_yaml((Path(__file__).resolve().parents[1] / "data" / "calibration_prior.yaml").read_text())
+    prior = load_data_yaml((Path(__file__).resolve().parents[1] / "data" / "calibration_prior.yaml").read_text())
     ops["elementwise"] = prior["ops"]["elementwise"]
     ceilings = {"copy_bytes_per_s": bw, "bf16_flops_per_s": bf16, "fp8_flops_per_s": fp8}
     nccl_versions = _versions(root / system / "comm" / "nccl")

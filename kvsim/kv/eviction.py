@@ -7,12 +7,12 @@ prompt has been prefilled, so the full prompt exists during prefill: these metho
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 from kvsim.errors import KvsimError
 from kvsim.kv.layout import KVLayout, Quant, Stream, min_cap
-from kvsim.kv.method import Method, Param, Stage
+from kvsim.kv.method import Method, Param, Params, Stage
 from kvsim.kv.precision import FP16_SCALE_ZERO_BITS, set_precision
 
 
@@ -48,11 +48,11 @@ def pyramid_budgets(n_layers: int, mean_budget: int, beta: float) -> list[int]:
     return [max(1, round(bottom - (bottom - top) * i / (n_layers - 1))) for i in range(n_layers)]
 
 
-def _uniform(layout: KVLayout, p: Mapping[str, object], extra: tuple[Stream, ...] = ()) -> KVLayout:
+def _uniform(layout: KVLayout, p: Params, extra: tuple[Stream, ...] = ()) -> KVLayout:
     return cap_layers(layout, [int(p["budget"])] * _owner_count(layout), extra)
 
 
-def _snapkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _snapkv(layout: KVLayout, p: Params) -> KVLayout:
     # SnapKV (arXiv 2404.14469): one selection at the end of prefill from the last `window` queries
     # (which are kept within the budget); decode then reads only the budget.
     if int(p["window"]) > int(p["budget"]):
@@ -61,19 +61,19 @@ def _snapkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     return _uniform(layout, p).with_runtime(prefill_scoring_window=int(p["window"]))
 
 
-def _h2o(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _h2o(layout: KVLayout, p: Params) -> KVLayout:
     # H2O (arXiv 2306.14048): heavy hitters + recent tokens; every step accumulates attention
     # probabilities into a per-token, per-head score (fp32, counted as a stream).
     score = Stream("score", 1, 1, 4.0)
     return _uniform(layout, p, (score,)).with_runtime(per_step_scoring=True, prefill_scores_all_queries=True)
 
 
-def _streaming(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _streaming(layout: KVLayout, p: Params) -> KVLayout:
     # StreamingLLM (arXiv 2309.17453): attention sinks + a recent window, constant size.
     return cap_layers(layout, [int(p["sinks"]) + int(p["window"])] * _owner_count(layout))
 
 
-def _pyramid(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _pyramid(layout: KVLayout, p: Params) -> KVLayout:
     budgets = pyramid_budgets(_owner_count(layout), int(p["budget"]), float(p["beta"]))
     return cap_layers(layout, budgets).with_runtime(prefill_scoring_window=int(p["window"]))
 
@@ -88,12 +88,12 @@ def _depth_budgets(n: int, mean_budget: int, min_ratio: float) -> list[int]:
     return [max(1, round(w * scale)) for w in weights]
 
 
-def _depthkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _depthkv(layout: KVLayout, p: Params) -> KVLayout:
     budgets = _depth_budgets(_owner_count(layout), int(p["budget"]), float(p["min_ratio"]))
     return cap_layers(layout, budgets).with_runtime(prefill_scoring_window=int(p["window"]))
 
 
-def _xkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _xkv(layout: KVLayout, p: Params) -> KVLayout:
     # XKV (arXiv 2412.05896): per-layer budgets from an optimisation over a short profiling
     # "mini-prefill"; modelled as the sensitivity split above plus that extra prefill pass fraction.
     budgets = _depth_budgets(_owner_count(layout), int(p["budget"]), float(p["min_ratio"]))
@@ -101,7 +101,7 @@ def _xkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     return cap_layers(layout, budgets).with_runtime(prefill_passes=passes, prefill_scoring_window=32)
 
 
-def _keepkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _keepkv(layout: KVLayout, p: Params) -> KVLayout:
     # KeepKV (arXiv 2504.09936): evicted tokens are merged into kept ones; each kept entry carries
     # a vote count and an accumulated score (fp16 each: 4 bytes per head per token, inferred).
     merge_state = Stream("merge_state", 1, 2, 2.0)
@@ -111,7 +111,7 @@ def _keepkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
                           merge_ops_per_token=4.0 * head_dim))
 
 
-def _minikv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _minikv(layout: KVLayout, p: Params) -> KVLayout:
     # MiniKV (arXiv 2411.18077): pyramid heavy+recent selection, then 2-bit KIVI-style quantization
     # with group 16 and a 128-token fp16 residual.
     budgets = pyramid_budgets(_owner_count(layout), int(p["budget"]), 20.0)
@@ -119,7 +119,7 @@ def _minikv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     return set_precision(cap_layers(layout, budgets), q, q).with_runtime(prefill_scoring_window=32)
 
 
-def _lightkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _lightkv(layout: KVLayout, p: Params) -> KVLayout:
     # LightKV (arXiv 2605.00789): vision tokens are merged during prefill, keeping a fraction.
     if layout.model.vision is None:
         raise KvsimError(f"{layout.model.name} has no vision tower, so there are no image tokens to merge",

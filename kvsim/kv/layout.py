@@ -13,7 +13,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 
 import numpy as np
 
@@ -113,6 +113,9 @@ class LayerKV:
         return self.source == self.index
 
 
+PrefixSharing = Literal["global", "user", "selective"]  # SafeKV policy: who may hit whose cached prefix
+
+
 @dataclass(frozen=True)
 class Runtime:
     """What a method changes in how a step runs; read by the cost model and the simulator."""
@@ -129,10 +132,31 @@ class Runtime:
     host_fetch_reuse: float = 0.0  # ShadowKV: fraction of fetched tokens still on the GPU from the last step
     host_fetch_tokens: int = 0  # ShadowKV/TTKV: tokens fetched from host per layer per step
     host_fetch_all: bool = False  # plain offload: every offloaded token is fetched each step
-    prefix_sharing: Literal["global", "user", "selective"] = "global"  # SafeKV policy
+    prefix_sharing: PrefixSharing = "global"  # SafeKV policy
     image_token_keep: float = 1.0  # LightKV: fraction of vision tokens kept after prefill
     doc_kv_from_ssd: bool = False  # MatKV: document KV is loaded from NVMe instead of prefilled
     notes: tuple[str, ...] = ()
+
+
+class RuntimeChanges(TypedDict, total=False):
+    """Keyword arguments of KVLayout.with_runtime: any subset of Runtime's fields."""
+
+    per_step_scoring: bool
+    prefill_scoring_window: int
+    prefill_scores_all_queries: bool
+    prefill_passes: float
+    prefill_layer_fraction: float
+    reconstruct_rank: int
+    rebuild_lowrank_keys: bool
+    merge_ops_per_token: float
+    prefill_svd_rank: int
+    host_fetch_reuse: float
+    host_fetch_tokens: int
+    host_fetch_all: bool
+    prefix_sharing: PrefixSharing
+    image_token_keep: float
+    doc_kv_from_ssd: bool
+    notes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -146,7 +170,7 @@ class KVLayout:
     def with_layers(self, layers: list[LayerKV] | tuple[LayerKV, ...]) -> KVLayout:
         return replace(self, layers=tuple(layers))
 
-    def with_runtime(self, **changes: object) -> KVLayout:
+    def with_runtime(self, **changes: Unpack[RuntimeChanges]) -> KVLayout:
         return replace(self, runtime=replace(self.runtime, **changes))
 
     @cached_property
@@ -222,8 +246,8 @@ def baseline_layout(model: ModelSpec) -> KVLayout:
             assert m is not None  # validated by the model loader
             # DeepSeek-V2 eq. 10-11: the latent c_kv and the decoupled RoPE key are cached, shared by
             # all heads; vLLM keeps them whole on every TP rank.
-            streams = (Stream("latent", 1, m.kv_lora_rank, e, split_by_tp=False),
-                       Stream("k_rope", 1, m.qk_rope_head_dim, e, split_by_tp=False))
+            streams: tuple[Stream, ...] = (Stream("latent", 1, m.kv_lora_rank, e, split_by_tp=False),
+                                           Stream("k_rope", 1, m.qk_rope_head_dim, e, split_by_tp=False))
             if m.index_head_dim:
                 streams += (Stream("index_k", 1, _indexer_bytes(m.index_head_dim), 1, split_by_tp=False),)
             layer = LayerKV(spec.index, "mla", spec.kv_source, streams if spec.owns_kv else (),

@@ -18,6 +18,10 @@ from kvsim.errors import KvsimError, unknown_name
 from kvsim.kv.layout import KVLayout, baseline_layout
 from kvsim.spec.model import ModelSpec
 
+# A parsed method parameter: Param.kind converts the raw text to one of these.
+ParamValue = int | float | str | bool
+Params = Mapping[str, ParamValue]
+
 
 class Stage(IntEnum):
     """Order in which stacked methods apply; each stage admits one method, except structure."""
@@ -33,7 +37,7 @@ class Stage(IntEnum):
 class Param:
     name: str
     kind: type  # int, float, str or bool
-    default: object = None  # None: required
+    default: ParamValue | None = None  # None: required
     choices: tuple[str, ...] = ()
     minimum: float | None = None  # inclusive
     maximum: float | None = None  # inclusive
@@ -47,7 +51,7 @@ class Method:
     summary: str
     source: str  # arXiv id or engine documentation
     params: tuple[Param, ...]
-    apply: Callable[[KVLayout, Mapping[str, object]], KVLayout]
+    apply: Callable[[KVLayout, Params], KVLayout]
     example: str  # a spec that exercises the method (used by docs and tests)
     compresses_after_prefill: bool = False  # eviction: the full prompt exists during prefill
     alias_of: str = ""  # another method under other parameters, where kvsim does not model what differs
@@ -56,7 +60,7 @@ class Method:
 @dataclass(frozen=True)
 class MethodCall:
     method: Method
-    params: Mapping[str, object]
+    params: Params
 
     @property
     def spec(self) -> str:
@@ -64,27 +68,28 @@ class MethodCall:
         return f"{self.method.name}:{args}" if args else self.method.name
 
 
-def _convert(method: Method, param: Param, raw: str, file: str | None) -> object:
+def _convert(method: Method, param: Param, raw: str, file: str | None) -> ParamValue:
     field = f"method.{method.name}.{param.name}"
     try:
         if param.kind is bool:
             if raw.lower() not in ("true", "false", "1", "0"):
                 raise ValueError
-            value: object = raw.lower() in ("true", "1")
+            value: ParamValue = raw.lower() in ("true", "1")
         else:
             value = param.kind(raw)
-            if param.kind is float and not math.isfinite(value):  # type: ignore[arg-type]
+            if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError  # nan slips past every bound check, inf past a missing maximum
-            if param.kind is int and not -(2**63) < value < 2**63:  # type: ignore[operator]
+            if isinstance(value, int) and not -(2**63) < value < 2**63:
                 raise ValueError  # token counts become int64 arrays
     except ValueError:
         kind = {float: "float (finite)", int: "int (64-bit)"}.get(param.kind, param.kind.__name__)
         raise KvsimError(f"expected {kind}", field=field, value=raw, file=file) from None
     if param.choices and value not in param.choices:
         raise KvsimError(f"must be one of {', '.join(param.choices)}", field=field, value=raw, file=file)
-    if param.minimum is not None and value < param.minimum:  # type: ignore[operator]
+    # minimum and maximum bound int and float parameters
+    if param.minimum is not None and isinstance(value, (int, float)) and value < param.minimum:
         raise KvsimError(f"must be >= {param.minimum}", field=field, value=raw, file=file)
-    if param.maximum is not None and value > param.maximum:  # type: ignore[operator]
+    if param.maximum is not None and isinstance(value, (int, float)) and value > param.maximum:
         raise KvsimError(f"must be <= {param.maximum}", field=field, value=raw, file=file)
     return value
 
@@ -96,7 +101,7 @@ def parse_one(text: str, registry: Mapping[str, Method], file: str | None = None
         raise unknown_name("KV method", name, registry, field="method", file=file)
     method = registry[name]
     known = {p.name: p for p in method.params}
-    values: dict[str, object] = {}
+    values: dict[str, ParamValue] = {}
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, raw = item.partition("=")
         key = key.strip()

@@ -6,12 +6,12 @@ cost model prices those fetches from ``Runtime.host_fetch_tokens`` / ``host_fetc
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import replace
+from typing import cast
 
 from kvsim.errors import KvsimError
-from kvsim.kv.layout import KVLayout, Quant, Stream, min_cap
-from kvsim.kv.method import Method, Param, Stage
+from kvsim.kv.layout import KVLayout, PrefixSharing, Quant, Stream, min_cap
+from kvsim.kv.method import Method, Param, Params, Stage
 from kvsim.kv.precision import FP16_SCALE_ZERO_BITS, KEY_PARTS, VALUE_PARTS
 
 
@@ -21,7 +21,7 @@ def _dense_only(layout: KVLayout, method: str) -> None:
                          field=f"method.{method}", value=layout.model.name)
 
 
-def _shadowkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _shadowkv(layout: KVLayout, p: Params) -> KVLayout:
     # ShadowKV (arXiv 2410.21465): on the GPU, the rank-r SVD factor of the pre-RoPE keys (plus its
     # r x (Hkv*d) basis per sequence), one landmark (mean key) per chunk and a few outlier chunks
     # kept whole; all values go to host memory. Each decode step selects the top chunks within the
@@ -59,7 +59,7 @@ def _tiered(layout: KVLayout, recent: int, key: Quant | None, value: Quant | Non
                                for layer in layout.layers])
 
 
-def _ttkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _ttkv(layout: KVLayout, p: Params) -> KVLayout:
     # TTKV (arXiv 2604.19769): recent blocks in HBM at full precision; older blocks in host DRAM,
     # quantized with more bits for keys than values; each step streams the top-k older tokens over
     # PCIe, overlapped with compute.
@@ -72,13 +72,13 @@ def _ttkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
             .with_runtime(host_fetch_tokens=topk))
 
 
-def _offload(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _offload(layout: KVLayout, p: Params) -> KVLayout:
     # Plain CPU offload (e.g. vLLM's cpu_offload of KV / LMCache): tokens older than the GPU window
     # live in host memory and every decode step reads all of them back over PCIe.
     return _tiered(layout, int(p["gpu_tokens"]), None, None).with_runtime(host_fetch_all=True)
 
 
-def _mka(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _mka(layout: KVLayout, p: Params) -> KVLayout:
     # MKA (arXiv 2603.20586): local memory (recent tokens, full KV on GPU), session memory (pooled
     # keys/values, one entry per `stride` tokens, on GPU) and long-term memory (full KV in host
     # memory, routed: top-k tokens fetched per step). Tier sizes are parameters (inferred model).
@@ -101,16 +101,16 @@ def _mka(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     return layout.with_layers(out).with_runtime(host_fetch_tokens=topk)
 
 
-def _matkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _matkv(layout: KVLayout, p: Params) -> KVLayout:
     # MatKV (arXiv 2512.22195): KV of RAG document chunks precomputed on NVMe and loaded instead of
     # prefilled; the GPU layout is unchanged.
     return layout.with_runtime(doc_kv_from_ssd=True)
 
 
-def _safekv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _safekv(layout: KVLayout, p: Params) -> KVLayout:
     # SafeKV (arXiv 2508.08438): who may hit whose cached prefix: everyone (global), the same user
     # only (isolation), or only blocks not flagged private (selective).
-    return layout.with_runtime(prefix_sharing=str(p["policy"]))
+    return layout.with_runtime(prefix_sharing=cast(PrefixSharing, str(p["policy"])))  # Param choices admit only these
 
 
 METHODS = (

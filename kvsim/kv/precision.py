@@ -8,11 +8,10 @@ counts) stay as they are.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import replace
 
 from kvsim.kv.layout import KVLayout, Quant, Stream
-from kvsim.kv.method import Method, Param, Stage
+from kvsim.kv.method import Method, Param, Params, Stage
 
 # Streams that hold cached keys/values (or their latent/low-rank forms) and so get quantized.
 KEY_PARTS = frozenset({"k", "k_rope", "k_shared", "k_res", "k_lowrank", "latent", "outlier_kv"})
@@ -36,24 +35,24 @@ def set_precision(layout: KVLayout, key: Quant | float, value: Quant | float) ->
                                for layer in layout.layers])
 
 
-def _sixteen_bit(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _sixteen_bit(layout: KVLayout, p: Params) -> KVLayout:
     return set_precision(layout, 2.0, 2.0)
 
 
-def _fp8(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _fp8(layout: KVLayout, p: Params) -> KVLayout:
     # vLLM fp8_e4m3/e5m2 KV: one byte per element; the per-tensor or per-head scales are a few
     # floats per layer, not per token, so they add nothing per token.
     return set_precision(layout, 1.0, 1.0)
 
 
-def _kivi(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _kivi(layout: KVLayout, p: Params) -> KVLayout:
     # Keys per channel and values per token, both in groups of G with fp16 scale + zero point,
     # and the most recent R tokens in fp16 (KIVI arXiv 2402.02750, sections 3.2-3.3).
     q = Quant(float(p["bits"]), int(p["group"]), FP16_SCALE_ZERO_BITS, int(p["residual"]))
     return set_precision(layout, q, q)
 
 
-def _asym(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _asym(layout: KVLayout, p: Params) -> KVLayout:
     # "Quantize what counts" (arXiv 2502.15075): keys need more bits than values (e.g. K4V2);
     # KIVI-style grouping and residual window, at the paper's G = 128 and R = 64.
     g, r = int(p["group"]), int(p["residual"])
@@ -61,14 +60,14 @@ def _asym(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
                          Quant(float(p["v_bits"]), g, FP16_SCALE_ZERO_BITS, r))
 
 
-def _intkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _intkv(layout: KVLayout, p: Params) -> KVLayout:
     # Plain per-token group quantization (e.g. the INT8/INT4 KV of LMDeploy and TensorRT-LLM),
     # no full-precision window.
     q = Quant(float(p["bits"]), int(p["group"]), FP16_SCALE_ZERO_BITS)
     return set_precision(layout, q, q)
 
 
-def _skvq(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _skvq(layout: KVLayout, p: Params) -> KVLayout:
     # SKVQ (arXiv 2405.06219): group-wise quantization with clipping (keys ~2 bits, values ~1.5 bits
     # by mixing group widths) and a full-precision sliding window of recent tokens.
     g, w = int(p["group"]), int(p["window"])
@@ -76,7 +75,7 @@ def _skvq(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
                          Quant(float(p["v_bits"]), g, FP16_SCALE_ZERO_BITS, w))
 
 
-def _kvquant(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _kvquant(layout: KVLayout, p: Params) -> KVLayout:
     # KVQuant (arXiv 2401.18079): non-uniform per-channel keys / per-token values, with a fraction
     # of dense-and-sparse outliers kept as an fp16 value and a 16-bit position (CSR; the per-vector
     # row pointers add under 0.01 bit per element). 3 bits with 1% outliers is then 3.32 bits per
@@ -85,7 +84,7 @@ def _kvquant(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     return set_precision(layout, q, q)
 
 
-def _packkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _packkv(layout: KVLayout, p: Params) -> KVLayout:
     # PackKV (arXiv 2512.24449): lossy quantization then data-dependent repacking; the stored size
     # is a distribution, modelled by its mean bits per element (a user-set parameter) plus the
     # per-group headers of the packed format (fp16 scale + zero + a 16-bit length per group).

@@ -6,12 +6,12 @@ another layer's cache still reads all of it every step (MLKV arXiv 2406.09297, s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 from kvsim.errors import KvsimError
 from kvsim.kv.layout import KVLayout, Stream
-from kvsim.kv.method import Method, Param, Stage
+from kvsim.kv.method import Method, Param, Params, Stage
 
 # LCKV encodes a prompt iteratively, about 9 passes (arXiv 2405.10637; docs/kv-methods.md). The
 # unified study (arXiv 2410.14442) prefills its top and middle targets with the same iterative
@@ -63,7 +63,7 @@ def _groups(indices: Sequence[int], n_groups: int) -> list[list[int]]:
     return out
 
 
-def _cla(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _cla(layout: KVLayout, p: Params) -> KVLayout:
     # CLA (arXiv 2405.12981): every `factor` adjacent layers share the first one's KV. Layers are
     # grouped within each attention kind, so hybrid models pair sliding with sliding.
     _require_unshared(layout, "cla")
@@ -80,7 +80,7 @@ def _cla(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     return share(layout, owner_of)
 
 
-def _mlkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _mlkv(layout: KVLayout, p: Params) -> KVLayout:
     # MLKV (arXiv 2406.09297): m layers own KV with g KV heads each; every layer of a contiguous
     # group reads its group's owner: 2*m*g*d*e bytes per token.
     _require_unshared(layout, "mlkv")
@@ -104,7 +104,7 @@ def _mlkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
         for layer in shared.layers])
 
 
-def _lckv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _lckv(layout: KVLayout, p: Params) -> KVLayout:
     # LCKV (arXiv 2405.10637): all layers attend to the top layer's KV except w warm-up layers
     # (split between bottom and top) that keep their own; about 2*max(w,1)*Hkv*d*e bytes per token.
     # The prompt is encoded iteratively (about 9 passes in the paper, see docs/kv-methods.md).
@@ -118,7 +118,7 @@ def _lckv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     return share(layout, owner_of).with_runtime(prefill_passes=float(p["iterations"]))
 
 
-def _yoco(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _yoco(layout: KVLayout, p: Params) -> KVLayout:
     # YOCO (arXiv 2405.05254): the lower half (self-decoder) uses constant-memory sliding-window
     # attention; the upper half (cross-decoder) reads one global KV made once; prefill of the
     # cross-decoder is skipped for all but the last prompt token (early exit).
@@ -137,7 +137,7 @@ def _yoco(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     return layout.with_layers(out).with_runtime(prefill_layer_fraction=0.5)
 
 
-def _xlayer(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _xlayer(layout: KVLayout, p: Params) -> KVLayout:
     # Unified cross-layer sharing (arXiv 2410.14442): l_kv contiguous groups, the KV of each group
     # made by its bottom, middle or top layer; top and middle targets need iterative prefill.
     _require_unshared(layout, "xlayer")
@@ -156,7 +156,7 @@ def _xlayer(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     return share(layout, owner_of).with_runtime(prefill_passes=passes)
 
 
-def _kv_latent(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _kv_latent(layout: KVLayout, p: Params) -> KVLayout:
     # KV-Latent (arXiv 2507.11273): K and V down-sampled to smaller head dims d_qk, d_vo:
     # L*Hkv*(d_qk + d_vo)*e bytes per token; attention runs over the smaller dims.
     _require_dense_kv(layout, "kv-latent")
@@ -173,7 +173,7 @@ def _kv_latent(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
         for layer in layout.layers])
 
 
-def _lrkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _lrkv(layout: KVLayout, p: Params) -> KVLayout:
     # LRKV (arXiv 2601.11471): one shared full-rank K/V head per layer plus per-head rank-r
     # residuals: about 2*(d + Hkv*r)*e bytes per layer per token (inferred in docs/kv-methods.md).
     # Without a rank, the one whose cache is `share` of the model's own.
@@ -193,7 +193,7 @@ def _lrkv(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     return layout.with_layers(out).with_runtime(reconstruct_rank=r)
 
 
-def _lorc(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _lorc(layout: KVLayout, p: Params) -> KVLayout:
     # LoRC (arXiv 2410.03111): truncated SVD of W_K and W_V per layer; the cache holds rank-r
     # projections ((rK_l + rV_l)*e bytes per layer per token) and the up-projections are absorbed
     # into Q and O, so attention runs over the ranks like MLA. Progressive: shallow layers keep
@@ -217,7 +217,7 @@ def _lorc(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
     return layout.with_layers(out).with_runtime(rebuild_lowrank_keys=True)
 
 
-def _mtla(layout: KVLayout, p: Mapping[str, object]) -> KVLayout:
+def _mtla(layout: KVLayout, p: Params) -> KVLayout:
     # MTLA (arXiv 2505.13544): MLA's latent merged over time with stride s: about (r + dR)*L/s
     # elements per token, attention work O(T/s).
     if any(layer.kind != "mla" for layer in layout.layers):

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from kvsim.errors import KvsimError, schema_error
 from kvsim.fileio import load_yaml, read_yaml_file
-from kvsim.scenario.schema import MAX_REQUESTS, ScenarioSpec, WorkloadSpec
+from kvsim.scenario.schema import MAX_REQUESTS, LengthSpec, ScenarioSpec, WorkloadSpec
 
 SWEEP_KEY = "sweep"  # read by `kvsim sweep`; kept aside here
 
@@ -106,8 +106,8 @@ def _check(spec: ScenarioSpec, file: str) -> None:
                                  field="workload.synthetic.sessions.follow_up", value=None, file=file)
 
 
-def _check_length(spec: object, where: str, file: str) -> None:
-    kind = spec.kind  # type: ignore[attr-defined]
+def _check_length(spec: LengthSpec, where: str, file: str) -> None:
+    kind = spec.kind
     given = {k for k in ("tokens", "mean", "sigma", "p50", "p90", "trace")
              if getattr(spec, k) is not None}
     allowed = {"fixed": [{"tokens"}], "lognormal": [{"mean", "sigma"}, {"p50", "p90"}],
@@ -115,8 +115,8 @@ def _check_length(spec: object, where: str, file: str) -> None:
     if given not in allowed:
         want = " or ".join("+".join(sorted(a)) for a in allowed)
         raise KvsimError(f"a {kind} length needs {want}", field=where, value=sorted(given), file=file)
-    if kind == "lognormal" and spec.p50 is not None and spec.p90 < spec.p50:  # type: ignore[attr-defined]
-        raise KvsimError("must be >= p50", field=f"{where}.p90", value=spec.p90, file=file)  # type: ignore
+    if kind == "lognormal" and spec.p50 is not None and spec.p90 is not None and spec.p90 < spec.p50:
+        raise KvsimError("must be >= p50", field=f"{where}.p90", value=spec.p90, file=file)
 
 
 def load_raw(path: str | Path, sets: Sequence[str] = ()) -> dict:

@@ -172,6 +172,7 @@ def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
 
     w, file = scenario.spec.workload, scenario.file
     trace = None
+    stream: Iterator[Request]  # a closed loop, a trace or the synthetic generator
     try:
         if w.closed_loop is not None:
             c = w.closed_loop
@@ -183,7 +184,7 @@ def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
                 raise KvsimError("no such trace file or folder", field="workload.trace", value=str(trace),
                                  file=file)
             stats.rate_scale = w.rate_scale if w.rate is None else w.rate / trace_rate_per_s(scenario, trace)
-            stream: Iterator[Request] = read_trace(
+            stream = read_trace(
                 trace, w.format, prefix_block_tokens=w.prefix_block_tokens, skip_bad_rows=skip_bad_rows,
                 stats=stats, seed=scenario.spec.seed, rate_scale=stats.rate_scale, start_s=w.start_s,
                 end_s=w.end_s, max_requests=w.max_requests)
@@ -388,7 +389,7 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         notes.append(f"chunked prefill is off and max_num_batched_tokens ({cfg.max_num_batched_tokens:,}) is below "
                      f"max_model_len ({dep.max_model_len:,}): as in vLLM, no sequence grows past "
                      f"{cfg.max_num_batched_tokens:,} tokens (longer prompts are rejected, outputs stop there)")
-    if spec.tp > 1:
+    if spec.tp > 1 and dep.cost.allreduce is not None:  # vllm_execution prices the all-reduce
         notes.append(f"all-reduce: {dep.cost.allreduce.source}")
     if cal.kind in ("prior", "borrowed"):
         notes.append(cal.note)

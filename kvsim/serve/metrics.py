@@ -8,10 +8,14 @@ megabytes, not a million Python objects.
 from __future__ import annotations
 
 from array import array
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kvsim.serve.sequence import Seq
+
+if TYPE_CHECKING:  # for annotations only: the replica calls observe, this module needs none of its code
+    from kvsim.serve.replica import Replica, Work
 
 COMPLETED = "completed"
 # Rejection reasons (the status column of requests.csv and the keys of summary["rejected"]).
@@ -73,36 +77,36 @@ class Recorder:
         self.users.append(r.user_id)
         self.sessions.append(r.session_id)
 
-    def observe(self, replica: object, work: object) -> None:
+    def observe(self, replica: Replica, work: Work) -> None:
         """Called by a replica after planning ``work`` (see :class:`kvsim.serve.replica.Replica`)."""
-        idx = replica.index  # type: ignore[attr-defined]
-        now = work.start_s  # type: ignore[attr-defined]
+        idx = replica.index
+        now = work.start_s
         if now >= self.next_sample_s[idx]:
             self.next_sample_s[idx] = now + self.interval_s
-            bm = replica.bm  # type: ignore[attr-defined]
+            bm = replica.bm
             s = self.series
             s["time_s"].append(now)
             s["replica"].append(idx)
             s["blocks_used"].append(bm.num_used)
             s["blocks_cached_free"].append(bm.evictable)
             s["blocks_free"].append(bm.free_uncached)
-            s["running"].append(len(replica.running))  # type: ignore[attr-defined]
-            s["waiting"].append(len(replica.waiting))  # type: ignore[attr-defined]
-        n_dec = len(work.decodes)  # type: ignore[attr-defined]
+            s["running"].append(len(replica.running))
+            s["waiting"].append(len(replica.waiting))
+        n_dec = len(work.decodes)
         if n_dec:
-            steps = work.steps  # type: ignore[attr-defined]
-            self.itl_s.append((work.end_s - now) / steps)  # type: ignore[attr-defined]
+            steps = work.steps
+            self.itl_s.append((work.end_s - now) / steps)
             self.itl_weight.append(n_dec * steps)
         if self.record_steps:
             st = self.steps
-            prefills = work.prefills  # type: ignore[attr-defined]
+            prefills = work.prefills
             st["replica"].append(idx)
             st["start_s"].append(now)
-            st["end_s"].append(work.end_s)  # type: ignore[attr-defined]
-            st["steps"].append(work.steps)  # type: ignore[attr-defined]
+            st["end_s"].append(work.end_s)
+            st["steps"].append(work.steps)
             st["prefill_tokens"].append(sum(p.scheduled for p in prefills))
             st["prefill_seqs"].append(len(prefills))
-            st["decode_seqs"].append(len(work.decodes))  # type: ignore[attr-defined]
+            st["decode_seqs"].append(len(work.decodes))
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Request columns as numpy arrays, in request-id order."""

@@ -174,7 +174,7 @@ def synthetic_requests(arrivals: ArrivalProcess, input_len: LengthDist | None = 
                        output_len: LengthDist | None = None, *, seed: int = 0, n: int | None = None,
                        duration_s: float | None = None, sessions: SessionSpec | None = None,
                        shared_prefix: SharedPrefix | None = None, block_tokens: int = 16,
-                       paired_lengths: tuple[Sequence[int], Sequence[int]] | None = None
+                       paired_lengths: tuple[Sequence[int] | np.ndarray, Sequence[int] | np.ndarray] | None = None
                        ) -> Iterator[Request]:
     """Generate a seeded synthetic stream (first request at t=0, ids 0, 1, ...).
 
@@ -233,12 +233,13 @@ def synthetic_requests(arrivals: ArrivalProcess, input_len: LengthDist | None = 
         users = (rng.integers(0, shared_prefix.num_users, _CHUNK) if shared_prefix
                  else np.zeros(_CHUNK, np.int64))
         total = int(turns.sum())
-        if pair_in is not None:
+        if pair_in is not None and pair_out is not None:  # set together
             idx = rng.integers(0, len(pair_in), total)
             first_in, outs = pair_in[idx], pair_out[idx]
         else:
+            assert input_len is not None and output_len is not None  # checked on entry
             first_in, outs = input_len.sample(rng, total), output_len.sample(rng, total)
-        extra = follow.sample(rng, total) if sessions else None
+        extra = follow.sample(rng, total) if follow is not None else None  # follow is set with sessions
         thinks = think.gaps(rng, total) if think else None
         k = 0
         for c in range(_CHUNK):
@@ -259,7 +260,8 @@ def synthetic_requests(arrivals: ArrivalProcess, input_len: LengthDist | None = 
             ssalt = chain_hash(chain_hash(salt, grp), -(sid + 1))
             t, inp = t_start, k_pre + int(first_in[k])
             for j in range(int(turns[c])):
-                if j:
+                if j:  # a follow-up turn: only with sessions
+                    assert thinks is not None and extra is not None
                     t += float(thinks[k + j])
                     inp += int(outs[k + j - 1]) + int(extra[k + j])
                 if t >= end or (sessions and inp > sessions.max_input_tokens):

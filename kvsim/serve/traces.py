@@ -33,6 +33,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -46,6 +47,9 @@ from kvsim.serve.workload import (
     scale_rate,
     time_window,
 )
+
+if TYPE_CHECKING:
+    from _csv import Reader as CsvReader  # what csv.reader returns
 
 FORMATS = ("csv", "azure", "mooncake", "servegen")
 # Mooncake FAST'25 traces hash prompts in 512-token blocks (Mooncake README / trace docs).
@@ -212,7 +216,7 @@ def read_csv(path: str | Path, *, prefix_block_tokens: int = MOONCAKE_BLOCK_TOKE
     rows.finish()
 
 
-def _csv_rows(rows: _Rows, reader: Iterator[list[str]]) -> Iterator[tuple[int, list[str]]]:
+def _csv_rows(rows: _Rows, reader: CsvReader) -> Iterator[tuple[int, list[str]]]:
     """``(line, row)`` of a csv reader; a row the csv module cannot parse (a NUL byte, an open
     quote at the end of the file) is a bad row like any other."""
     while True:
@@ -221,9 +225,9 @@ def _csv_rows(rows: _Rows, reader: Iterator[list[str]]) -> Iterator[tuple[int, l
         except StopIteration:
             return
         except csv.Error as err:
-            rows.handle(rows.error(reader.line_num, None, None, f"not a CSV row ({err})"))  # type: ignore[attr-defined]
+            rows.handle(rows.error(reader.line_num, None, None, f"not a CSV row ({err})"))
             continue
-        yield reader.line_num, row  # type: ignore[attr-defined]
+        yield reader.line_num, row
 
 
 def _azure_seconds(ts: str, days: dict[str, int]) -> float:
@@ -396,6 +400,7 @@ class _ServeGenClient:
         nearest non-empty block, earlier on ties (many 6-hour blocks are empty in the release)."""
         if self._blocks is None:
             self._load_dataset()
+        assert self._blocks is not None  # set by _load_dataset
         if not self._pmfs:
             return None
         holding = max((b for b in self._blocks if b <= ts), default=None)

@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvsim.errors import KvsimError, schema_error, unknown_name
-from kvsim.fileio import load_yaml, read_yaml_file
+from kvsim.fileio import load_data_yaml, read_yaml_file
 
 # Architecture families: a GPU without its own kernel calibration borrows its family's.
 Family = Literal["ampere", "hopper", "ada", "blackwell", "cdna3"]
@@ -163,7 +163,7 @@ def load_hardware(name_or_path: str) -> HardwareSpec:
     if name_or_path not in hardware_names():
         raise unknown_name("GPU", name_or_path, hardware_names(), field="hardware")
     entry = _catalogue_dir() / f"{name_or_path}.yaml"
-    return _parse(load_yaml(entry.read_text(encoding="utf-8")), str(entry))  # type: ignore[arg-type]
+    return _parse(load_data_yaml(entry.read_text(encoding="utf-8")), str(entry))
 
 
 def peak_flops(hw: HardwareSpec, dtype: str) -> float:

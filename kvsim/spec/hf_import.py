@@ -8,6 +8,7 @@ mapping in the ``models/*.yaml`` schema, validated by ``kvsim.spec.model.model_f
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 from kvsim.errors import KvsimError
 from kvsim.spec.quant import quant_from_hf
@@ -20,7 +21,7 @@ _SERVING_DTYPE = {"float32": "bfloat16", "bfloat16": "bfloat16", "float16": "flo
 _TIED_BY_DEFAULT = {"gemma2", "gemma3n_text", "gemma3n"}
 
 
-def _need(cfg: dict, key: str, file: str) -> object:
+def _need(cfg: dict, key: str, file: str) -> Any:  # a JSON value
     if key not in cfg or cfg[key] is None:
         raise KvsimError("missing from config.json", field=key, value=None, file=file)
     return cfg[key]
@@ -61,7 +62,7 @@ _LAYER_TYPES = {"full_attention": "full", "attention": "full", "sliding_attentio
 
 
 def _int(cfg: dict, key: str, file: str) -> int:
-    return int(_need(cfg, key, file))  # type: ignore[call-overload]
+    return int(_need(cfg, key, file))
 
 
 def _from_layer_types(cfg: dict, n: int, file: str) -> list[str]:
@@ -120,8 +121,8 @@ def _layer_kinds(cfg: dict, mtype: str, n: int, file: str) -> tuple[list[str], s
         raise KvsimError(f"{mtype} mixes sliding and global layers, but config.json has neither layer_types nor "
                          "sliding_window_pattern", field="layer_types", value=None, file=file)
     if mtype == "gemma2":  # modeling_gemma2: layer_idx % 2 == 0 is sliding
-        window = _int(cfg, "sliding_window", file)
-        return [f"sliding:{window}" if i % 2 == 0 else "full" for i in range(n)], "gemma2 alternation"
+        size = _int(cfg, "sliding_window", file)
+        return [f"sliding:{size}" if i % 2 == 0 else "full" for i in range(n)], "gemma2 alternation"
     if "attention_chunk_size" in cfg and cfg["attention_chunk_size"]:
         # configuration_llama4: no_rope_layers[i] == 1 uses RoPE and chunked attention, 0 is a global NoPE
         # layer; absent, every no_rope_layer_interval-th (default 4) layer is NoPE.
@@ -259,9 +260,9 @@ def model_from_hf_config(full: dict, *, name: str, config_file: str, hf_repo: st
     cfg = full.get("text_config", full)
     mtype = cfg.get("model_type", full.get("model_type", ""))
     _check_representable(cfg, config_file)
-    n = int(_need(cfg, "num_hidden_layers", config_file))
-    heads = int(_need(cfg, "num_attention_heads", config_file))
-    hidden = int(_need(cfg, "hidden_size", config_file))
+    n = _int(cfg, "num_hidden_layers", config_file)
+    heads = _int(cfg, "num_attention_heads", config_file)
+    hidden = _int(cfg, "hidden_size", config_file)
     moe, moe_layers = _moe(cfg, mtype, n)
     attention: dict = {"num_heads": heads, "num_kv_heads": cfg.get("num_key_value_heads") or heads}
     if mtype in _MLA_TYPES:
@@ -281,7 +282,7 @@ def model_from_hf_config(full: dict, *, name: str, config_file: str, hf_repo: st
     vocab = cfg.get("vocab_size") or (262400 if mtype.startswith("gemma3n") else None)
     if vocab is None:
         raise KvsimError("missing from config.json", field="vocab_size", value=None, file=config_file)
-    out = {
+    out: dict[str, Any] = {
         "name": name,
         "source": {"config": config_file, "hf_repo": hf_repo},
         "dtype": _SERVING_DTYPE.get(dtype, "bfloat16"),

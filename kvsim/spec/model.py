@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -272,7 +272,7 @@ def _parse_layer(token: str, index: int, file: str | None) -> LayerSpec:
             raise KvsimError("layer options are 'moe', 'nomlp' and 'kv=J'", field=field, value=token, file=file)
     if source != index and kind in ("state", "none"):
         raise KvsimError(f"a {kind} layer has no KV to share", field=field, value=token, file=file)
-    return LayerSpec(index, kind, window_tokens, source, moe, mlp)  # type: ignore[arg-type]
+    return LayerSpec(index, cast(AttentionKind, kind), window_tokens, source, moe, mlp)  # kind checked above
 
 
 def _expand_layers(groups: list[_LayerGroup], file: str | None) -> tuple[LayerSpec, ...]:

@@ -10,7 +10,7 @@ the weights; the source of each layout is beside it.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 from kvsim.errors import KvsimError
 from kvsim.spec.hardware import HardwareSpec
@@ -57,7 +57,8 @@ def with_weights(model: ModelSpec, weights: str, file: str | None = None) -> Mod
     if c.modules == "experts" and model.moe is None:
         raise KvsimError(f"vLLM's MXFP4 method quantizes MoE experts only and {model.name} has none",
                          field="weights", value=weights, file=file)
-    return replace(model, weight_quant=WeightQuantSpec(c.modules, c.bits, weights, c.weight_only))  # type: ignore[arg-type]
+    precision = cast(WeightPrecision, weights)  # one of WEIGHTS_CHOICES (checked above), not "bf16"
+    return replace(model, weight_quant=WeightQuantSpec(c.modules, c.bits, precision, c.weight_only))
 
 
 GemmPath = Literal["bf16", "fp8", "int8", "w8a16", "w4a16"]
