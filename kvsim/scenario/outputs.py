@@ -174,6 +174,12 @@ def text_summary(summary: dict) -> str:
         f"{summary['kv_peak_used_fraction']:.0%} used; {summary['preemptions']:,} preemptions; prefix hit "
         f"rate {summary['prefix_hit_rate']:.1%}",
     ]
+    dis = summary.get("disaggregation")
+    if dis:
+        pre, dec = dis["prefill"], dis["decode"]
+        lines.append(f"  disaggregated: {pre['replicas']} prefill x TP {pre['tp']} ({pre['hardware']}), {dec['replicas']} "
+                     f"decode x TP {dec['tp']} ({dec['hardware']}); KV transfer {_ms(dis['kv_transfer_s'])}, "
+                     f"{dis['kv_transfer_bytes'] / 2**30:,.1f} GiB moved, link {dis['link_utilisation']:.0%} busy")
     side = summary.get("side_channel")
     if side and side["auc"] is not None:
         lines.append(f"  side channel ({side['policy']} sharing): {side['cross_user_hit_requests']:,} "
