@@ -73,7 +73,7 @@ def test_a_lone_request_is_prefilled_sent_and_decoded() -> None:
     assert a["first_token_s"][0] == t
     assert a["finish_s"][0] == pytest.approx(end, rel=1e-12)
     assert a["replica"][0] == 1  # the decode instance (prefill instances are numbered first)
-    assert sim.transfer_s == [pytest.approx(landed - t, rel=1e-12)]
+    assert sim.transfer_s == sim.wire_s == [pytest.approx(landed - t, rel=1e-12)]
     s = summarize(sim_scenario := scenario(), sim, ReadStats())["disaggregation"]
     assert s["transfers"] == 1 and s["link_utilisation"] == pytest.approx((landed - t) / end, rel=1e-9)
     assert sim_scenario.spec.disaggregation is not None
@@ -198,8 +198,24 @@ def test_fast_forward_equals_step_by_step(name: str, seed: int) -> None:
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert fast.transfer_s == slow.transfer_s
+    assert all(t >= w for t, w in zip(fast.transfer_s, fast.wire_s, strict=True))
     assert fast.steps == slow.steps
     assert len(fast.recorder.steps["steps"]) < len(slow.recorder.steps["steps"])  # it did fast-forward
+
+
+def test_a_closed_loop_feeds_back_from_decode_completions() -> None:
+    """Clients send their next request when the decode instance finishes the previous one; a slow
+    link makes transfers wait for it (transfer time above wire time); fast-forward stays exact."""
+    loop = {"concurrency": 12, "num_requests": 80, "input": {"kind": "fixed", "tokens": 2048},
+            "output": {"kind": "fixed", "tokens": 64}}
+    over = {"workload": {"closed_loop": loop}, "disaggregation__link__bandwidth_gbps": 10,
+            "disaggregation__decode__replicas": 2}
+    fast = simulate(scenario(**over))
+    slow = simulate(scenario(**over, engine__fast_forward=False))
+    _check_invariants(fast, 80)
+    for key, value in timings(fast).items():
+        np.testing.assert_array_equal(value, timings(slow)[key], err_msg=key)
+    assert max(t - w for t, w in zip(fast.transfer_s, fast.wire_s, strict=True)) > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def _check(spec: ScenarioSpec, file: str) -> None:
     if w.end_s is not None and w.end_s <= w.start_s:
         raise KvsimError(f"must be greater than workload.start_s={w.start_s}", field="workload.end_s",
                          value=w.end_s, file=file)
-    if spec.disaggregation is not None and "replicas" in spec.model_fields_set:
+    if spec.disaggregation is not None and spec.replicas != 1:
         raise KvsimError("a disaggregated deployment's instances are disaggregation.prefill.replicas and "
                          "disaggregation.decode.replicas", field="replicas", value=spec.replicas, file=file)
     if e.max_num_batched_tokens < e.max_num_seqs:

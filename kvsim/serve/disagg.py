@@ -75,6 +75,7 @@ class _Transfer:
     seq: Seq
     source: Replica
     parked: _Parked
+    queued_s: float  # the prompt's first token: the transfer may start from then
     dest: Replica | None = None
     start_s: float = 0.0
     end_s: float = 0.0
@@ -114,7 +115,8 @@ class DisaggSimulation:
         self.reserved = [0] * len(self.replicas)  # decode instances: peak blocks of their sequences
         self.queue: deque[_Transfer] = deque()  # prefilled, waiting for the link or for room
         self.inflight: deque[_Transfer] = deque()  # on the link (FIFO: at most one)
-        self.transfer_s: list[float] = []
+        self.transfer_s: list[float] = []  # first token -> KV landed (waits for the link and for room included)
+        self.wire_s: list[float] = []  # on the link
         self.transfer_bytes = 0.0
         self.link_busy_s = 0.0
         self.arrived = 0
@@ -145,7 +147,7 @@ class DisaggSimulation:
         seq.held, seq.block_keys, seq.registered = 0, [], 0
         source.parked.append(parked)
         self.router.done(seq)
-        self.queue.append(_Transfer(seq, source, parked))
+        self.queue.append(_Transfer(seq, source, parked, seq.first_token_s))
 
     def _peak(self, seq: Seq) -> int:
         return self.decode_tables.decode[seq.prompt + seq.out - 1 - seq.dropped]
@@ -184,7 +186,8 @@ class DisaggSimulation:
         dest.parked.remove(seq)
         seq.replica = dest.index
         dest.running.append(seq)
-        self.transfer_s.append(tr.end_s - tr.start_s)
+        self.transfer_s.append(tr.end_s - tr.queued_s)
+        self.wire_s.append(tr.end_s - tr.start_s)
 
     # ------------------------------------------------------------------ the event loop
     def run(self, stream: Iterable[Request],
@@ -296,6 +299,7 @@ class DisaggSimulation:
     def transfer_summary(self, duration_s: float) -> dict:
         from kvsim.serve.metrics import stats
 
-        return {"kv_transfer_s": stats(np.array(self.transfer_s)), "transfers": len(self.transfer_s),
+        return {"kv_transfer_s": stats(np.array(self.transfer_s)), "kv_wire_s": stats(np.array(self.wire_s)),
+                "transfers": len(self.transfer_s),
                 "kv_transfer_bytes": self.transfer_bytes,
                 "link_utilisation": self.link_busy_s / duration_s if duration_s else 0.0}
