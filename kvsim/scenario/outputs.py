@@ -177,8 +177,9 @@ def text_summary(summary: dict) -> str:
     dis = summary.get("disaggregation")
     if dis:
         pre, dec = dis["prefill"], dis["decode"]
-        lines.append(f"  disaggregated: {pre['replicas']} prefill x TP {pre['tp']} ({pre['hardware']}), {dec['replicas']} "
-                     f"decode x TP {dec['tp']} ({dec['hardware']}); KV transfer {_ms(dis['kv_transfer_s'])}, "
+        lines.append(f"  disaggregated: {pre['replicas']} prefill x TP {pre['tp']} ({pre['hardware']}), "
+                     f"{dec['replicas']} decode x TP {dec['tp']} ({dec['hardware']}); "
+                     f"KV transfer {_ms(dis['kv_transfer_s'])}, "
                      f"{dis['kv_transfer_bytes'] / 2**30:,.1f} GiB moved, link {dis['link_utilisation']:.0%} busy")
     side = summary.get("side_channel")
     if side and side["auc"] is not None:

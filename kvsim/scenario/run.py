@@ -270,14 +270,15 @@ def _disaggregated(scenario: Scenario, check: bool, record_steps: bool) -> Disag
         # (vllm/v1/core/kv_cache_utils.py, check_enough_kv_cache_memory); a decode instance must.
         raise KvsimError(f"a decode instance's KV cache holds {dec.num_gpu_blocks:,} blocks, fewer than the "
                          f"{need:,} one request of max_model_len ({dec.max_model_len:,} tokens) needs; raise its tp "
-                         "or lower engine.max_model_len", field="disaggregation.decode.tp", value=d.decode.tp or spec.tp,
-                         file=scenario.file)
+                         "or lower engine.max_model_len", field="disaggregation.decode.tp",
+                         value=d.decode.tp or spec.tp, file=scenario.file)
     dec_cfg = replace(engine_config(scenario, dec, dec_tables, check), prefix_caching=False, doc_kv_from_ssd=False)
     # gigabits per second (NIC ratings) -> bytes per second
     link = Link(d.link.bandwidth_gbps * 1e9 / 8, d.link.latency_us * 1e-6)
     return DisaggSimulation(pre, dec, engine_config(scenario, pre, pre_tables, check), dec_cfg, d.prefill.replicas,
-                            d.decode.replicas, link, spec.router, timeseries_interval_s=spec.output.timeseries_interval_s,
-                            record_steps=record_steps, prefill_tables=pre_tables, decode_tables=dec_tables)
+                            d.decode.replicas, link, spec.router,
+                            timeseries_interval_s=spec.output.timeseries_interval_s, record_steps=record_steps,
+                            prefill_tables=pre_tables, decode_tables=dec_tables)
 
 
 def run_scenario(scenario: Scenario, progress: bool = False, skip_bad_rows: bool = False, *,
