@@ -332,11 +332,11 @@ class Replica:
             self.running = [s for s in self.running if id(s) not in finished]
             for s in done:
                 self.on_finish(s)
-        if handed:
+        if handed and self.handoff is not None:
             gone = set(map(id, handed))
             self.running = [s for s in self.running if id(s) not in gone]
             for s in handed:
-                self.handoff(s)  # type: ignore[misc]  # handed is empty without a handoff
+                self.handoff(s)
         if self.cfg.check:
             self.bm.check([*self.running, *self.parked])
         return done
