@@ -255,3 +255,14 @@ def _fails(capsys: pytest.CaptureFixture[str], argv: list[str], *named: str) -> 
     assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("kvsim: error: "), err
     for text in named:
         assert text in err, err
+
+
+def test_a_search_counts_the_gpus_of_both_sides_and_prices_one_gpu() -> None:
+    from kvsim.errors import KvsimError
+    from kvsim.search import gpus_per_replica, price_per_gpu_hour
+
+    raw = {**BASE, "tp": 4, "disaggregation": {**DISAGG, "decode": {"replicas": 2, "tp": 2}}}
+    assert gpus_per_replica(raw) == 1 * 4 + 2 * 2
+    other = {**raw, "disaggregation": {**DISAGG, "decode": {"replicas": 1, "hardware": "a100-sxm-40gb"}}}
+    with pytest.raises(KvsimError, match="disaggregation.decode.hardware='a100-sxm-40gb'"):
+        price_per_gpu_hour(other, "s.yaml")
