@@ -97,6 +97,19 @@ def test_the_kv_bytes_as_stored_are_what_crosses_the_link(method: str, ratio: fl
     assert max(other.transfer_s) < max(bf16.transfer_s)
 
 
+def test_a_decode_instance_without_room_holds_the_transfer_until_a_sequence_finishes() -> None:
+    """200 blocks a side; each request needs 119 on the decode side at its last token (1,500 + 399
+    tokens of 16), so the second transfer starts when the first request finishes decoding, and
+    until then its prompt's blocks stay on the prefill instance."""
+    sc = scenario(engine__num_gpu_blocks_override=200, engine__max_model_len=2048)
+    sim = simulate(sc, [Request(0, 0.0, 1500, 400), Request(1, 0.0, 1500, 400)])
+    a = sim.recorder.arrays()
+    assert a["first_token_s"][0] == a["first_token_s"][1]  # prefilled in one step
+    waited = sim.transfer_s[1] - sim.wire_s[1]
+    assert a["first_token_s"][1] + waited == pytest.approx(a["finish_s"][0], rel=1e-12)
+    assert a["finish_s"][1] > a["finish_s"][0] + 399 * min(sim.recorder.itl_s)
+
+
 def test_tp_on_the_prefill_side_sends_every_rank_s_share() -> None:
     """TP 2 on the prefill side: each rank holds half of every block and sends it, so the bytes
     are the same as TP 1's (llama-3-8b's 8 KV heads split without replication)."""
