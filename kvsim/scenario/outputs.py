@@ -154,8 +154,11 @@ def text_summary(summary: dict) -> str:
     """The summary as a few lines for a terminal (what ``kvsim run`` prints without --json)."""
     sc, rej = summary["scenario"], summary["rejected"]
     reasons = ", ".join(f"{k} {v:,}" for k, v in rej["by_reason"].items() if v)
+    dis = summary.get("disaggregation")
+    replicas = (f"{dis['prefill']['replicas']} prefill + {dis['decode']['replicas']} decode instance(s)" if dis
+                else f"{sc['replicas']} replica(s)")
     lines = [
-        f"{sc['name']}: {sc['model']} on {sc['hardware']} (TP {sc['tp']}) x {sc['replicas']} replica(s), "
+        f"{sc['name']}: {sc['model']} on {sc['hardware']} (TP {sc['tp']}) x {replicas}, "
         f"KV {sc['method']}; calibration {sc['calibration']['kind']} ({sc['calibration']['gpu']})",
         f"  decode attention: {sc['calibration']['decode_kernel']['label']}",
         f"  requests {summary['requests']:,}: completed {summary['completed']:,}, rejected {rej['total']:,}"
@@ -174,7 +177,6 @@ def text_summary(summary: dict) -> str:
         f"{summary['kv_peak_used_fraction']:.0%} used; {summary['preemptions']:,} preemptions; prefix hit "
         f"rate {summary['prefix_hit_rate']:.1%}",
     ]
-    dis = summary.get("disaggregation")
     if dis:
         pre, dec = dis["prefill"], dis["decode"]
         lines.append(f"  disaggregated: {pre['replicas']} prefill x TP {pre['tp']} ({pre['hardware']}), "
