@@ -232,8 +232,13 @@ def provenance(raw: Mapping[str, Any], file: str) -> dict:
 # ---------------------------------------------------------------- ranking by cost
 
 def gpus_per_replica(raw: Mapping[str, Any]) -> int:
-    """GPUs one copy of a scenario's deployment occupies: TP degree x the scenario's replicas."""
-    return int(raw.get("tp", 1)) * int(raw.get("replicas", 1))
+    """GPUs one copy of a scenario's deployment occupies: TP degree x the scenario's replicas (for
+    a disaggregated one, each side's instances x their TP degree)."""
+    tp = int(raw.get("tp", 1))
+    d = raw.get("disaggregation")
+    if d:
+        return sum(int(d[side]["replicas"]) * int(d[side].get("tp") or tp) for side in ("prefill", "decode"))
+    return tp * int(raw.get("replicas", 1))
 
 
 def price_per_gpu_hour(raw: Mapping[str, Any], file: str, prices: Mapping[str, float] | None = None) -> float | None:
@@ -244,6 +249,11 @@ def price_per_gpu_hour(raw: Mapping[str, Any], file: str, prices: Mapping[str, f
     from kvsim.spec.hardware import load_hardware
 
     name = str(raw["hardware"])
+    for side in ("prefill", "decode"):
+        other = ((raw.get("disaggregation") or {}).get(side) or {}).get("hardware")
+        if other is not None and other != name:
+            raise KvsimError("a search prices one GPU per configuration: give both sides the scenario's hardware",
+                             field=f"disaggregation.{side}.hardware", value=other, file=file)
     if "/" in name or name.endswith((".yaml", ".yml")):
         name = str(resolve_path(name, scenario_from_dict(dict(raw), file)))
     hw = load_hardware(name)

@@ -77,6 +77,9 @@ def _check(spec: ScenarioSpec, file: str) -> None:
     if w.end_s is not None and w.end_s <= w.start_s:
         raise KvsimError(f"must be greater than workload.start_s={w.start_s}", field="workload.end_s",
                          value=w.end_s, file=file)
+    if spec.disaggregation is not None and spec.replicas != 1:
+        raise KvsimError("a disaggregated deployment's instances are disaggregation.prefill.replicas and "
+                         "disaggregation.decode.replicas", field="replicas", value=spec.replicas, file=file)
     if e.max_num_batched_tokens < e.max_num_seqs:
         # vLLM refuses this too: every running sequence must be able to decode in one step.
         raise KvsimError(f"must be >= engine.max_num_seqs={e.max_num_seqs}",

@@ -154,8 +154,11 @@ def text_summary(summary: dict) -> str:
     """The summary as a few lines for a terminal (what ``kvsim run`` prints without --json)."""
     sc, rej = summary["scenario"], summary["rejected"]
     reasons = ", ".join(f"{k} {v:,}" for k, v in rej["by_reason"].items() if v)
+    dis = summary.get("disaggregation")
+    replicas = (f"{dis['prefill']['replicas']} prefill + {dis['decode']['replicas']} decode instance(s)" if dis
+                else f"{sc['replicas']} replica(s)")
     lines = [
-        f"{sc['name']}: {sc['model']} on {sc['hardware']} (TP {sc['tp']}) x {sc['replicas']} replica(s), "
+        f"{sc['name']}: {sc['model']} on {sc['hardware']} (TP {sc['tp']}) x {replicas}, "
         f"KV {sc['method']}; calibration {sc['calibration']['kind']} ({sc['calibration']['gpu']})",
         f"  decode attention: {sc['calibration']['decode_kernel']['label']}",
         f"  requests {summary['requests']:,}: completed {summary['completed']:,}, rejected {rej['total']:,}"
@@ -174,6 +177,12 @@ def text_summary(summary: dict) -> str:
         f"{summary['kv_peak_used_fraction']:.0%} used; {summary['preemptions']:,} preemptions; prefix hit "
         f"rate {summary['prefix_hit_rate']:.1%}",
     ]
+    if dis:
+        pre, dec = dis["prefill"], dis["decode"]
+        lines.append(f"  disaggregated: {pre['replicas']} prefill x TP {pre['tp']} ({pre['hardware']}), "
+                     f"{dec['replicas']} decode x TP {dec['tp']} ({dec['hardware']}); "
+                     f"KV transfer {_ms(dis['kv_transfer_s'])}, "
+                     f"{dis['kv_transfer_bytes'] / 2**30:,.1f} GiB moved, link {dis['link_utilisation']:.0%} busy")
     side = summary.get("side_channel")
     if side and side["auc"] is not None:
         lines.append(f"  side channel ({side['policy']} sharing): {side['cross_user_hit_requests']:,} "

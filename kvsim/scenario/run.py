@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,9 @@ from kvsim.scenario.overload import overload, overload_note
 from kvsim.scenario.schema import SLOSpec
 from kvsim.serve import metrics
 from kvsim.serve.closed_loop import ClosedLoop
+from kvsim.serve.disagg import DisaggSimulation, Link
 from kvsim.serve.engine import Deployment, Simulation
-from kvsim.serve.replica import EngineConfig
+from kvsim.serve.replica import EngineConfig, Replica
 from kvsim.serve.sequence import BlockTables
 from kvsim.serve.workload import ReadStats, Request, limit, mean_rate_per_s, renumber, scale_rate, time_window
 
@@ -32,7 +33,7 @@ class RunResult:
 
     scenario: Scenario
     summary: dict
-    simulation: Simulation
+    simulation: Simulation | DisaggSimulation
 
 
 def _with_file(err: KvsimError, file: str, field: str | None = None) -> KvsimError:
@@ -53,8 +54,9 @@ def _catalogue_arg(text: str, scenario: Scenario) -> str:
     return text
 
 
-def deployment(scenario: Scenario) -> Deployment:
-    """Model, KV layout, memory plan and cost model of one replica."""
+def deployment(scenario: Scenario, side: str | None = None) -> Deployment:
+    """Model, KV layout, memory plan and cost model of one replica; ``side`` ("prefill", "decode"):
+    an instance of that side of the scenario's disaggregation (its tp and hardware)."""
     from kvsim.cost.calibration import find_calibration
     from kvsim.cost.execution import vllm_execution
     from kvsim.cost.model import CostModel
@@ -66,29 +68,38 @@ def deployment(scenario: Scenario) -> Deployment:
 
     spec, file = scenario.spec, scenario.file
     e = spec.engine
+    tp, gpu = spec.tp, spec.hardware
+    if side is not None:
+        assert spec.disaggregation is not None
+        s = getattr(spec.disaggregation, side)
+        tp, gpu = s.tp or tp, s.hardware or gpu
     try:
         model = load_model(_catalogue_arg(spec.model, scenario))
         if spec.weights is not None:
             model = with_weights(model, spec.weights, file)
-        hardware = load_hardware(_catalogue_arg(spec.hardware, scenario))
+        hardware = load_hardware(_catalogue_arg(gpu, scenario))
         weight_kernel(model, hardware, file)
         layout = layout_for(model, spec.method, file)
         memory = EngineMemoryConfig(e.gpu_memory_utilization, e.block_size, e.max_num_batched_tokens,
                                     e.max_num_seqs, e.vllm_version or "", e.enforce_eager,
                                     None if e.cuda_graph_gib is None else e.cuda_graph_gib * GIB)
-        plan = plan_memory(model, hardware, layout, spec.tp, memory)
+        plan = plan_memory(model, hardware, layout, tp, memory)
     except KvsimError as err:
         engine_key = err.field in ("vllm_version", "cuda_graph_gib", "gpu_memory_utilization")
-        raise _with_file(err, file, f"engine.{err.field}" if engine_key else None) from None
+        side_key = f"disaggregation.{side}.{err.field}" if side and err.field in ("hardware", "tp") else None
+        raise _with_file(err, file, f"engine.{err.field}" if engine_key else side_key) from None
     cal = spec.calibration
     try:
         if cal is not None and cal.lower() not in ("none", "imported"):
             cal = str(resolve_path(cal, scenario))
-        cost = CostModel(model, hardware, layout, spec.tp, find_calibration(hardware, cal, e.kind),
-                         vllm_execution(hardware, spec.tp, e.max_num_seqs, e.max_num_batched_tokens))
+        cost = CostModel(model, hardware, layout, tp, find_calibration(hardware, cal, e.kind),
+                         vllm_execution(hardware, tp, e.max_num_seqs, e.max_num_batched_tokens))
     except KvsimError as err:
         raise _with_file(err, file, "calibration") from None
     if not plan.fits and e.num_gpu_blocks_override is None:
+        if side is not None:
+            raise DoesNotFit(f"{side} instance {plan.reason}", field=f"disaggregation.{side}.tp", value=tp,
+                             file=file)
         raise DoesNotFit(plan.reason, field="model", value=spec.model, file=file)
     max_len = e.max_model_len or model.max_position_embeddings
     if max_len > model.max_position_embeddings:
@@ -113,7 +124,6 @@ def _length(spec, scenario: Scenario):  # noqa: ANN001, ANN202 - LengthSpec -> L
     else:
         dist = LengthDist.lognormal(spec.mean, spec.sigma)
     if spec.max_tokens is not None:
-        from dataclasses import replace
         dist = replace(dist, max_tokens=spec.max_tokens)
     return dist
 
@@ -234,15 +244,42 @@ def _progress_bar() -> Callable[[float, int], None]:
     return show
 
 
-def simulation(scenario: Scenario, *, check: bool = False, record_steps: bool = True) -> Simulation:
+def simulation(scenario: Scenario, *, check: bool = False,
+               record_steps: bool = True) -> Simulation | DisaggSimulation:
     """The scenario's replicas and router, ready to :meth:`~Simulation.run` a stream."""
     spec = scenario.spec
+    if spec.disaggregation is not None:
+        return _disaggregated(scenario, check, record_steps)
     dep = deployment(scenario)
     tables = BlockTables(dep.plan)
     cfg = engine_config(scenario, dep, tables, check)
     return Simulation(dep, cfg, spec.replicas, spec.router,
                       timeseries_interval_s=spec.output.timeseries_interval_s, record_steps=record_steps,
                       tables=tables)
+
+
+def _disaggregated(scenario: Scenario, check: bool, record_steps: bool) -> DisaggSimulation:
+    """Prefill and decode instances, each side with its own tp, hardware, memory plan and cost model."""
+    spec = scenario.spec
+    d = spec.disaggregation
+    assert d is not None
+    pre, dec = deployment(scenario, "prefill"), deployment(scenario, "decode")
+    pre_tables, dec_tables = BlockTables(pre.plan), BlockTables(dec.plan)
+    need = int(dec.plan.blocks_for(dec.max_model_len)[0])
+    if dec.num_gpu_blocks < need:
+        # vLLM refuses to start an engine whose KV cache cannot hold one max_model_len request
+        # (vllm/v1/core/kv_cache_utils.py, check_enough_kv_cache_memory); a decode instance must.
+        raise KvsimError(f"a decode instance's KV cache holds {dec.num_gpu_blocks:,} blocks, fewer than the "
+                         f"{need:,} one request of max_model_len ({dec.max_model_len:,} tokens) needs; raise its tp "
+                         "or lower engine.max_model_len", field="disaggregation.decode.tp",
+                         value=d.decode.tp or spec.tp, file=scenario.file)
+    dec_cfg = replace(engine_config(scenario, dec, dec_tables, check), prefix_caching=False, doc_kv_from_ssd=False)
+    # gigabits per second (NIC ratings) -> bytes per second
+    link = Link(d.link.bandwidth_gbps * 1e9 / 8, d.link.latency_us * 1e-6)
+    return DisaggSimulation(pre, dec, engine_config(scenario, pre, pre_tables, check), dec_cfg, d.prefill.replicas,
+                            d.decode.replicas, link, spec.router,
+                            timeseries_interval_s=spec.output.timeseries_interval_s, record_steps=record_steps,
+                            prefill_tables=pre_tables, decode_tables=dec_tables)
 
 
 def run_scenario(scenario: Scenario, progress: bool = False, skip_bad_rows: bool = False, *,
@@ -313,7 +350,33 @@ def _goodput(slo: SLOSpec | None, ttft: np.ndarray, tpot: np.ndarray, arrived: i
                                "both": _share(ok_ttft & ok_tpot, arrived)}}
 
 
-def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dict:
+DISAGG_NOTE = ("disaggregated: TTFT is the prefill instance's first token; vLLM's own P/D proxy streams from the "
+               "decode instance, whose first token also waits for the KV transfer (disaggregation.kv_transfer_s); "
+               "the KV keys (num_gpu_blocks, kv_capacity_tokens, kv_peak_used_fraction) are the decode instances'")
+
+
+def _peak_used(replicas: list[Replica], blocks: int) -> float:
+    return max(r.peak_used_blocks for r in replicas) / blocks
+
+
+def _disagg_summary(scenario: Scenario, sim: DisaggSimulation, duration: float) -> dict:
+    spec = scenario.spec
+    d = spec.disaggregation
+    assert d is not None
+
+    def side(name: str, dep: Deployment, reps: list[Replica]) -> dict:
+        s = getattr(d, name)
+        return {"replicas": s.replicas, "tp": s.tp or spec.tp, "hardware": s.hardware or spec.hardware,
+                "num_gpu_blocks": dep.num_gpu_blocks, "kv_peak_used_fraction": _peak_used(reps, dep.num_gpu_blocks),
+                "engine_steps": sum(r.steps for r in reps), "preemptions": sum(r.preemptions for r in reps)}
+
+    return {"prefill": side("prefill", sim.prefill, sim.prefill_replicas),
+            "decode": side("decode", sim.decode, sim.decode_replicas),
+            "link": {"bandwidth_gbps": d.link.bandwidth_gbps, "latency_us": d.link.latency_us},
+            **sim.transfer_summary(duration)}
+
+
+def summarize(scenario: Scenario, sim: Simulation | DisaggSimulation, read_stats: ReadStats) -> dict:
     """The run's summary (JSON-able; the same scenario and seed give the same numbers)."""
     from kvsim.cost.model import calibration_summary
     from kvsim.engines import unshipped
@@ -365,8 +428,11 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         "prefix_hit_rate": float(hits.sum() / prompts.sum()) if prompts.sum() else 0.0,
         **_goodput(spec.slo, ttft, tpot_all, sim.arrived, duration),
         "engine_steps": sim.steps,
-        "kv_peak_used_fraction": max(r.peak_used_blocks for r in sim.replicas) / dep.num_gpu_blocks,
+        "kv_peak_used_fraction": _peak_used(sim.replicas, dep.num_gpu_blocks),
     }
+    if isinstance(sim, DisaggSimulation):
+        summary["kv_peak_used_fraction"] = _peak_used(sim.decode_replicas, dep.num_gpu_blocks)
+        summary["disaggregation"] = _disagg_summary(scenario, sim, duration)
     if cfg.doc_kv_from_ssd:
         summary["doc_ssd_tokens"] = int(cols["doc_ssd_tokens"][done].sum())
     if spec.replicas > 1:
@@ -400,6 +466,8 @@ def summarize(scenario: Scenario, sim: Simulation, read_stats: ReadStats) -> dic
         notes.append(f"{binding} memory binds: this GPU's share holds {held:,} sequences of max_model_len "
                      f"({dep.max_model_len:,} tokens); the simulator admits by GPU blocks, so more concurrent long "
                      f"sequences than that are not checked against {binding} memory")
+    if isinstance(sim, DisaggSimulation):
+        notes.append(DISAGG_NOTE)
     if spec.slo is None:
         notes.append(NO_SLO_NOTE)
     if summary["overload"] and summary["overload"]["overloaded"]:

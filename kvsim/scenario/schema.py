@@ -129,6 +129,28 @@ class OutputSpec(_Strict):
     timeseries_interval_s: float = Field(default=1.0, gt=0)
 
 
+class DisaggSideSpec(_Strict):
+    """One side of a disaggregated deployment: its instances, their TP and (default: the
+    scenario's) GPU."""
+
+    replicas: int = Field(gt=0)
+    tp: int | None = Field(default=None, gt=0)  # default: the scenario's tp
+    hardware: StrictStr | None = None  # default: the scenario's hardware
+
+
+class LinkSpec(_Strict):
+    bandwidth_gbps: float = Field(gt=0)  # gigabits per second, as NICs are rated
+    latency_us: float = Field(default=0.0, ge=0)
+
+
+class DisaggregationSpec(_Strict):
+    """Prefill instances send each prompt's KV over ``link`` to decode instances (kvsim.serve.disagg)."""
+
+    prefill: DisaggSideSpec
+    decode: DisaggSideSpec
+    link: LinkSpec
+
+
 class ScenarioSpec(_Strict):
     name: StrictStr | None = None
     description: StrictStr | None = None
@@ -145,3 +167,4 @@ class ScenarioSpec(_Strict):
     slo: SLOSpec | None = None  # without it the summary has no goodput (and says so)
     seed: int = Field(default=0, ge=0)
     output: OutputSpec = OutputSpec()
+    disaggregation: DisaggregationSpec | None = None  # None: every replica prefills and decodes

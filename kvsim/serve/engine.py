@@ -50,9 +50,12 @@ class Admission:
     """Turns an arriving request into a sequence, or names why it can never be served."""
 
     def __init__(self, dep: Deployment, cfg: EngineConfig, tables: BlockTables,
-                 sharing: SharingPolicy | None) -> None:
+                 sharing: SharingPolicy | None, decode_side: tuple[BlockTables, int] | None = None) -> None:
         self.dep, self.cfg, self.tables = dep, cfg, tables
         self.sharing = sharing  # None: no request needs cache keys
+        # disaggregated serving: the decode instances' block tables and blocks. The prefill side then
+        # holds only the prompt; the decode side holds the sequence to its last token.
+        self.decode_side = decode_side
         self.truncated = 0
 
     def __call__(self, req: Request) -> Seq | str:
@@ -76,9 +79,14 @@ class Admission:
             dropped = prompt - int(dep.layout.stored_tokens(_one(prompt), req.image_tokens)[0])
         t = self.tables
         t.ensure(prompt + out)
-        peak = max(t.prefill[prompt], t.decode[prompt + out - 1 - dropped])
-        if peak > dep.num_gpu_blocks:
-            return REJECT_KV
+        if self.decode_side is None:
+            if max(t.prefill[prompt], t.decode[prompt + out - 1 - dropped]) > dep.num_gpu_blocks:
+                return REJECT_KV
+        else:
+            dt, blocks = self.decode_side
+            dt.ensure(prompt + out)
+            if t.prefill[prompt] > dep.num_gpu_blocks or dt.decode[prompt + out - 1 - dropped] > blocks:
+                return REJECT_KV
         if out < req.output_tokens:
             self.truncated += 1
         keys: tuple[int, ...] = ()

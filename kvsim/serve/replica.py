@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from kvsim.cost.model import Batch, CostModel
-from kvsim.serve.blocks import BlockManager
+from kvsim.serve.blocks import BlockManager, HoldsBlocks
 from kvsim.serve.policy import DEFAULT_POLICY, PolicyName, make_policy
 from kvsim.serve.sequence import BlockTables, Seq
 
@@ -72,7 +72,8 @@ class Replica:
 
     def __init__(self, index: int, cfg: EngineConfig, num_blocks: int, block_bytes: float, cost: CostModel,
                  tables: BlockTables, on_finish: Callable[[Seq], None],
-                 observe: Callable[..., None] | None = None) -> None:
+                 observe: Callable[..., None] | None = None,
+                 handoff: Callable[[Seq], None] | None = None) -> None:
         self.index = index
         self.cfg = cfg
         self.policy = make_policy(cfg.scheduling_policy)
@@ -83,6 +84,10 @@ class Replica:
         self.tables = tables
         self.on_finish = on_finish
         self.observe = observe  # (replica, work) after each plan, for time series and traces
+        # A prefill instance of a disaggregated deployment (kvsim.serve.disagg): a sequence whose
+        # prompt is done leaves the running batch, holding its blocks, and is handed to this.
+        self.handoff = handoff
+        self.parked: list[HoldsBlocks] = []  # blocks held outside the running batch (KV in transfer)
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []  # admission order, document loads included
         self.work: Work | None = None
@@ -298,6 +303,7 @@ class Replica:
         self.work = None
         end, k = w.end_s, w.steps
         done: list[Seq] = []
+        handed: list[Seq] = []
         for s in w.decodes:
             s.computed += k
             s.generated += k
@@ -316,6 +322,8 @@ class Replica:
                     self.bm.shrink(s, s.held - target)
                 if s.generated == s.out:
                     done.append(s)
+                elif self.handoff is not None:
+                    handed.append(s)
         if done:
             for s in done:
                 s.finish_s = end
@@ -324,8 +332,13 @@ class Replica:
             self.running = [s for s in self.running if id(s) not in finished]
             for s in done:
                 self.on_finish(s)
+        if handed and self.handoff is not None:
+            gone = set(map(id, handed))
+            self.running = [s for s in self.running if id(s) not in gone]
+            for s in handed:
+                self.handoff(s)
         if self.cfg.check:
-            self.bm.check(self.running)
+            self.bm.check([*self.running, *self.parked])
         return done
 
     def _register(self, s: Seq) -> None:
