@@ -24,7 +24,7 @@ Policies only order and select: they never name a KV method (those act through t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -103,23 +103,30 @@ class VllmFcfs:
                     budget -= n_new
         return StepPlan(decodes, prefills, transfer_s, preempted)
 
-    def admission_order(self, rep: Replica) -> Iterable[Seq]:
-        """Waiting sequences in the order they are offered a place (a snapshot: admission changes
-        the queue)."""
-        return list(rep.waiting)
+    def admission_order(self, rep: Replica) -> Iterator[Seq]:
+        """Waiting sequences in the order they are offered a place. FCFS offers the head of the
+        queue again and again: an admitted sequence leaves it, and the first refusal ends the
+        admission (no copy of the queue each step)."""
+        waiting = rep.waiting
+        while waiting:
+            yield waiting[0]
 
 
 class LongestPrefixFirst(VllmFcfs):
     """SGLang's ``lpm`` order of the waiting queue (see the module docstring)."""
 
-    def admission_order(self, rep: Replica) -> Iterable[Seq]:
+    def admission_order(self, rep: Replica) -> Iterator[Seq]:
         waiting = list(rep.waiting)
         if len(waiting) > LPM_MAX_QUEUE or not rep.cfg.prefix_caching:
-            return waiting
+            yield from waiting
+            return
         bm, bs = rep.bm, rep.block_size
         # swapped-out sequences keep the front (they hold no cached prefix to match); the rest by
         # cached prefix length, longest first, FCFS among equals (a stable sort)
-        return sorted(waiting, key=lambda s: -math.inf if s.swapped_blocks else -bm.match(s.keys, (s.total - 1) // bs))
+        def cached_first(s: Seq) -> float:
+            return -math.inf if s.swapped_blocks else -bm.match(s.keys, (s.total - 1) // bs)
+
+        yield from sorted(waiting, key=cached_first)
 
 
 def make_policy(name: PolicyName) -> Policy:
