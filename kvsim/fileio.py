@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
-from kvsim.errors import KvsimError
+from kvsim.errors import KvsimError, schema_error
 
 
 def umask() -> int:
@@ -151,6 +152,18 @@ def read_csv_rows(path: Path, what: str, required: Sequence[str] = ()) -> list[d
             raise KvsimError(f"row has {'more' if None in row else 'fewer'} cells than the header ({what})",
                              field=f"row {i + 2}", value=None, file=str(path))
     return rows
+
+
+def read_checked_json(path: Path, what: str, schema: type[BaseModel]) -> dict:
+    """A JSON object file checked against ``schema`` (a damaged file is one error naming the file
+    and what kind of file was expected); the document as read."""
+    doc = read_json_file(path, what)
+    try:
+        schema.model_validate(doc)
+    except ValidationError as err:
+        raise schema_error(err, str(path), what=what) from None
+    assert isinstance(doc, dict)  # validated as a pydantic model: a JSON object
+    return doc
 
 
 def read_json_file(path: Path, what: str) -> object:

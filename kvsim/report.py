@@ -18,11 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 import kvsim
-from kvsim.errors import KvsimError, schema_error
-from kvsim.fileio import read_json_file, write_atomic
+from kvsim.errors import KvsimError
+from kvsim.fileio import read_checked_json, write_atomic
 from kvsim.sweep import read_plan, read_results, swept_columns
 
 # Columns shown in the points table (when present), after the swept paths.
@@ -204,13 +204,7 @@ class _SearchFile(BaseModel):
 
 def read_search(path: Path) -> dict:
     """A ``kvsim search --out`` folder's ``search.json``."""
-    doc = read_json_file(path, "a search.json (kvsim search --out)")
-    try:
-        _SearchFile.model_validate(doc)
-    except ValidationError as err:
-        raise schema_error(err, str(path), what="a search.json (kvsim search --out)") from None
-    assert isinstance(doc, dict)  # validated as _SearchFile, a JSON object
-    return doc
+    return read_checked_json(path, "a search.json (kvsim search --out)", _SearchFile)
 
 
 def build_report(folder: Path, validation: Path | None = None) -> str:

@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import kvsim
 from kvsim.backends import Backend, execute
 from kvsim.errors import DoesNotFit, KvsimError, schema_error
-from kvsim.fileio import check_writable, read_csv_rows, read_json_file, write_atomic
+from kvsim.fileio import check_writable, read_checked_json, read_csv_rows, write_atomic
 
 SWEEP_KEY = "sweep"
 # Leading columns of the results table; the swept paths follow `point`, the metrics follow `key`.
@@ -437,13 +437,7 @@ def read_plan(folder: Path) -> dict:
     if not path.is_file():
         raise KvsimError("no sweep.json: not a sweep folder (run `kvsim sweep ... --out DIR`)",
                          field="results", value=str(folder), file=str(path))
-    doc = read_json_file(path, "a sweep's sweep.json")
-    try:
-        _PlanFile.model_validate(doc)
-    except ValidationError as err:
-        raise schema_error(err, str(path), what="a sweep's sweep.json") from None
-    assert isinstance(doc, dict)  # validated as _PlanFile, a JSON object
-    return doc
+    return read_checked_json(path, "a sweep's sweep.json", _PlanFile)
 
 
 def swept_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:

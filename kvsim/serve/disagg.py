@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvsim.serve.closed_loop import ClosedLoop
-from kvsim.serve.engine import Admission, Deployment
+from kvsim.serve.engine import Admission, Deployment, admit_and_route
 from kvsim.serve.metrics import COMPLETED, UNFINISHED, Recorder
 from kvsim.serve.replica import INF, EngineConfig, Replica
 from kvsim.serve.router import Router
@@ -270,15 +270,7 @@ class DisaggSimulation:
 
     def _arrive(self, req: Request) -> int | None:
         self.arrived += 1
-        seq = self.admission(req)
-        if isinstance(seq, str):
-            self.recorder.request(Seq(req, req.input_tokens + req.image_tokens, 0, 0, ()), seq)
-            if self.loop is not None:
-                self.loop.request_done(req.arrival_s)
-            return None
-        r = self.router.pick(seq)
-        self.prefill_replicas[r].enqueue(seq)
-        return r
+        return admit_and_route(req, self.admission, self.recorder, self.loop, self.router, self.prefill_replicas)
 
     def _report_unfinished(self) -> None:
         for tr in [*self.queue, *self.inflight]:

@@ -100,6 +100,21 @@ def _one(n: int) -> np.ndarray:
     return np.array([n], dtype=np.int64)
 
 
+def admit_and_route(req: Request, admission: Admission, recorder: Recorder, loop: ClosedLoop | None,
+                    router: Router, replicas: list[Replica]) -> int | None:
+    """Turn an arrival into a sequence on the replica the router picks (its index), or record why
+    it can never be served (None; a closed loop's client then sends its next request)."""
+    seq = admission(req)
+    if isinstance(seq, str):
+        recorder.request(Seq(req, req.input_tokens + req.image_tokens, 0, 0, ()), seq)
+        if loop is not None:
+            loop.request_done(req.arrival_s)
+        return None
+    r = router.pick(seq)
+    replicas[r].enqueue(seq)
+    return r
+
+
 class _Urgent(simpy.Event):
     """A timeout scheduled with SimPy's URGENT priority (ahead of normal events at the same time),
     built the way ``simpy.Timeout`` is."""
@@ -201,15 +216,7 @@ class Simulation:
     def _arrive(self, req: Request) -> int | None:
         """Admit and route one arrival; the replica it went to, or None if rejected."""
         self.arrived += 1
-        seq = self.admission(req)
-        if isinstance(seq, str):
-            self.recorder.request(Seq(req, req.input_tokens + req.image_tokens, 0, 0, ()), seq)
-            if self.loop is not None:
-                self.loop.request_done(req.arrival_s)
-            return None
-        r = self.router.pick(seq)
-        self.replicas[r].enqueue(seq)
-        return r
+        return admit_and_route(req, self.admission, self.recorder, self.loop, self.router, self.replicas)
 
     def run_simpy(self, stream: Iterable[Request]) -> Simulation:
         """The same simulation as :meth:`run`, as SimPy processes: one arrival process and one
