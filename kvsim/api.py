@@ -53,7 +53,7 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     from kvsim.cost.execution import vllm_execution
     from kvsim.errors import KvsimError
     from kvsim.kv import layout_for
-    from kvsim.memory import EngineMemoryConfig
+    from kvsim.memory import VLLM_DEFAULTS
     from kvsim.memory import plan_memory as plan
 
     batches = [batch] if isinstance(batch, int) else list(batch)
@@ -68,7 +68,7 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     if prompt is not None:
         check_context(m, prompt, "--prompt")
     layout = layout_for(m, method)
-    engine = EngineMemoryConfig()  # vLLM's defaults
+    engine = VLLM_DEFAULTS
     cost = CostModel(m, hw, layout, tp, calibration, vllm_execution(hw, tp, engine.max_num_seqs,
                                                                     engine.max_num_batched_tokens))
     mem = plan(m, hw, layout, tp, engine)

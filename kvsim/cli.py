@@ -530,7 +530,7 @@ class _DefaultsParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from kvsim import __version__
-    from kvsim.memory import default_vllm_version
+    from kvsim.memory import VLLM_DEFAULTS, default_vllm_version
     from kvsim.spec.quant import WEIGHTS_CHOICES
 
     parser = argparse.ArgumentParser(prog="kvsim", description="KV-cache memory and serving-speed planner")
@@ -552,12 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
     _deployment_args(p, WEIGHTS_CHOICES)
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=1, help="concurrent sequences")
-    # vLLM's defaults, as for a scenario's engine: section (kvsim/scenario/schema.py EngineSpec)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+    # vLLM's defaults, as for a scenario's engine: section (kvsim.memory.VLLM_DEFAULTS)
+    p.add_argument("--gpu-memory-utilization", type=float, default=VLLM_DEFAULTS.gpu_memory_utilization,
                    help="fraction of GPU memory the engine may use")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per engine step")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences per engine step")
+    p.add_argument("--block-size", type=int, default=VLLM_DEFAULTS.block_size, help="tokens per KV block")
+    p.add_argument("--max-num-batched-tokens", type=int, default=VLLM_DEFAULTS.max_num_batched_tokens,
+                   help="tokens per engine step")
+    p.add_argument("--max-num-seqs", type=int, default=VLLM_DEFAULTS.max_num_seqs, help="sequences per engine step")
     p.add_argument("--vllm-version", default=None,
                    help="size memory by this vLLM version's rule (kvsim/data/vllm_memory.yaml; default: "
                         f"{default_vllm_version()})")

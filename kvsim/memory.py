@@ -126,6 +126,9 @@ class EngineMemoryConfig:
         return float(self.cuda_graph_bytes)
 
 
+VLLM_DEFAULTS = EngineMemoryConfig()  # the one place vLLM's engine defaults live (scenario schema, CLI)
+
+
 @dataclass(frozen=True)
 class WeightBytes:
     """Weight bytes on one GPU, by role."""

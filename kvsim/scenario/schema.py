@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationInfo, field_validator
 
+from kvsim.memory import VLLM_DEFAULTS
 from kvsim.serve.policy import DEFAULT_POLICY, POLICIES
 from kvsim.serve.router import ROUTERS
 
@@ -99,14 +100,14 @@ class WorkloadSpec(_Strict):
 
 
 class EngineSpec(_Strict):
-    # Defaults are vLLM's (v1 engine, `vllm serve` on a >= 70 GiB GPU; see kvsim/memory.py).
+    # Defaults are vLLM's, kept in one place: kvsim.memory.EngineMemoryConfig (VLLM_DEFAULTS).
     # kind: whose kernel database an imported calibration profile comes from; the scheduler is
     # vLLM-like for every kind (docs/calibration.md).
     kind: Literal["vllm", "sglang", "trtllm"] = "vllm"
-    max_num_seqs: int = Field(default=256, gt=0)
-    max_num_batched_tokens: int = Field(default=8192, gt=0)
-    block_size: int = Field(default=16, gt=0)
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    max_num_seqs: int = Field(default=VLLM_DEFAULTS.max_num_seqs, gt=0)
+    max_num_batched_tokens: int = Field(default=VLLM_DEFAULTS.max_num_batched_tokens, gt=0)
+    block_size: int = Field(default=VLLM_DEFAULTS.block_size, gt=0)
+    gpu_memory_utilization: float = Field(default=VLLM_DEFAULTS.gpu_memory_utilization, gt=0, le=1)
     enable_chunked_prefill: StrictBool = True
     enable_prefix_caching: StrictBool = True
     preemption: Literal["recompute", "swap"] = "recompute"
