@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvsim.serve.closed_loop import ClosedLoop
-from kvsim.serve.engine import Admission, Deployment, admit_and_route
+from kvsim.serve.engine import Admission, Deployment, ReplicaTotals, admit_and_route
 from kvsim.serve.metrics import COMPLETED, UNFINISHED, Recorder
 from kvsim.serve.replica import INF, EngineConfig, Replica
 from kvsim.serve.router import Router
@@ -81,7 +81,7 @@ class _Transfer:
     end_s: float = 0.0
 
 
-class DisaggSimulation:
+class DisaggSimulation(ReplicaTotals):
     """Prefill instances behind a router, a link, and decode instances. Build, then :meth:`run`.
 
     Replica indices (``Seq.replica``, the recorder's rows) are global: prefill instances first."""
@@ -280,13 +280,6 @@ class DisaggSimulation:
                 self.recorder.request(seq, UNFINISHED)
 
     # ------------------------------------------------------------------ results
-    @property
-    def steps(self) -> int:
-        return sum(r.steps for r in self.replicas)
-
-    @property
-    def preemptions(self) -> int:
-        return sum(r.preemptions for r in self.replicas)
 
     def transfer_summary(self, duration_s: float) -> dict:
         from kvsim.serve.metrics import stats

@@ -126,7 +126,21 @@ class _Urgent(simpy.Event):
         env.schedule(self, URGENT, delay)
 
 
-class Simulation:
+class ReplicaTotals:
+    """Engine steps and preemptions summed over a simulation's ``replicas``."""
+
+    replicas: list[Replica]
+
+    @property
+    def steps(self) -> int:
+        return sum(r.steps for r in self.replicas)
+
+    @property
+    def preemptions(self) -> int:
+        return sum(r.preemptions for r in self.replicas)
+
+
+class Simulation(ReplicaTotals):
     """Replicas behind a router, fed by a request stream. Build, then :meth:`run` once."""
 
     def __init__(self, dep: Deployment, cfg: EngineConfig, replicas: int = 1, router: str = "round_robin", *,
@@ -265,12 +279,4 @@ class Simulation:
         self._report_unfinished()
         return self
 
-    # ------------------------------------------------------------------ results
-    @property
-    def steps(self) -> int:
-        return sum(r.steps for r in self.replicas)
-
-    @property
-    def preemptions(self) -> int:
-        return sum(r.preemptions for r in self.replicas)
 
