@@ -90,6 +90,52 @@ def copy_bw(sizes_gib=(1.0, 2.0, 4.0, 8.0)):
     return dict(bw_Bps=per[best], best_gib=float(best), by_size_Bps=per, note="read+write, best median over sizes")
 
 
+def stream_bw(sizes_gib=(1.0, 4.0, 8.0)):
+    """Read-only and write-only ceilings (validation/kernels/stream.py), each the best median over
+    sizes far above L2 and over a few launch shapes; torch's own sum (read) and fill_ (write) are
+    timed too and the better one kept, with which one in `impl`. Reads are checked against a float64
+    sum; writes by reading back."""
+    import torch
+
+    from validation.kernels.stream import stream_read, stream_write
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    res = {"read": {}, "write": {}}
+    for gib in sizes_gib:
+        n = int(gib * 2**30) // 2
+        x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        part = torch.empty(64 * sms, device="cuda", dtype=torch.float32)
+        ref = x.double().sum().item() if gib <= 1.0 else None
+        for progs, block, warps in ((4 * sms, 4096, 8), (8 * sms, 2048, 8), (16 * sms, 2048, 4), (32 * sms, 1024, 4)):
+            part.fill_(float("nan"))
+            g = stream_read(x, part, progs, block, warps)
+            torch.cuda.synchronize()
+            got = part[:g].double().sum().item()
+            if ref is not None:
+                assert abs(got - ref) <= 1e-3 * max(1.0, abs(ref)) + 1e-2 * (n ** 0.5), (got, ref)
+            med, _, _ = bench(lambda: stream_read(x, part, progs, block, warps), rep_ms=100)
+            res["read"][f"{gib}GiB triton p{progs} b{block} w{warps}"] = n * 2 / med
+        med, _, _ = bench(lambda: x.sum(dtype=torch.float32), rep_ms=100)
+        res["read"][f"{gib}GiB torch.sum"] = n * 2 / med
+        for progs, block, warps in ((4 * sms, 4096, 8), (16 * sms, 2048, 4)):
+            x.fill_(0.0)
+            stream_write(x, 1.5, progs, block, warps)
+            torch.cuda.synchronize()
+            assert bool((x == 1.5).all()), "stream_write left elements unwritten"
+            med, _, _ = bench(lambda: stream_write(x, 2.5, progs, block, warps), rep_ms=100)
+            res["write"][f"{gib}GiB triton p{progs} b{block} w{warps}"] = n * 2 / med
+        med, _, _ = bench(lambda: x.fill_(3.5), rep_ms=100)
+        res["write"][f"{gib}GiB torch.fill_"] = n * 2 / med
+        del x, part
+        torch.cuda.empty_cache()
+    out = {}
+    for kind, d in res.items():
+        best = max(d, key=d.get)
+        out[kind] = dict(bw_Bps=d[best], impl=best, by_variant_Bps=d,
+                         note=f"{kind}-only bytes, best median over sizes and launch shapes")
+    return out
+
+
 def gemm_rate(dtype: str, n: int = 8192):
     import torch
 
@@ -262,6 +308,9 @@ def main():
         guarded("warm-up", warm_up, 0.5)
         c["copy_end"] = guarded("copy_end", copy_bw, (0.5,) if q else (1.0, 4.0))
         log("copy_end", c["copy_end"])
+        st = guarded("stream_end", stream_bw, (0.25,) if q else (4.0,)) or {}
+        c["read_end"], c["write_end"] = st.get("read"), st.get("write")
+        log("read_end", c["read_end"])
         write_json(path, c)
         return
     meta = guarded("metadata", metadata) or {}
@@ -271,6 +320,10 @@ def main():
     log("warm-up", c["warm_up"])
     c["copy"] = guarded("copy", copy_bw, (0.25, 0.5) if q else (1.0, 2.0, 4.0, 8.0))
     log("copy", c["copy"])
+    st = guarded("stream", stream_bw, (0.25,) if q else (1.0, 4.0, 8.0)) or {}
+    c["read"], c["write"] = st.get("read"), st.get("write")
+    log("read", c["read"])
+    log("write", c["write"])
     c["gemm_bf16"] = guarded("gemm_bf16", gemm_rate, "bf16", 2048 if q else 8192)
     log("gemm_bf16", c["gemm_bf16"])
     c["gemm_fp8"] = guarded("gemm_fp8", gemm_rate, "fp8", 2048 if q else 8192)
@@ -289,7 +342,9 @@ def main():
     cp = (c.get("copy") or {}).get("bw_Bps", 0)
     g = (c.get("gemm_bf16") or {}).get("rate_flops", 0)
     g8 = (c.get("gemm_fp8") or {}).get("rate_flops", 0)
-    log(f"CEILINGS copy {cp/1e12:.3f} TB/s  bf16 {g/1e12:.0f} TF/s  fp8 {g8/1e12:.0f} TF/s")
+    rd = (c.get("read") or {}).get("bw_Bps", 0)
+    wr = (c.get("write") or {}).get("bw_Bps", 0)
+    log(f"CEILINGS copy {cp/1e12:.3f} TB/s  read {rd/1e12:.3f}  write {wr/1e12:.3f}  bf16 {g/1e12:.0f} TF/s  fp8 {g8/1e12:.0f} TF/s")
 
 
 def write_json(path: str, obj: dict):

@@ -108,6 +108,10 @@ def summary(out):
             c = json.load(f)
         cps = [x["bw_Bps"] for x in (c.get("copy"), c.get("copy_end")) if x]
         cp = max(cps)
+        rds = [x["bw_Bps"] for x in (c.get("read"), c.get("read_end")) if x]
+        rd = max(rds) if rds else float("nan")
+        print("read " + " / ".join(f"{x/1e12:.3f}" for x in rds) + " TB/s (start / end)  write "
+              f"{(c.get('write') or {}).get('bw_Bps', float('nan'))/1e12:.3f} TB/s")
         print("copy " + " / ".join(f"{x/1e12:.3f}" for x in cps) + " TB/s (start / end)  "
               f"bf16 {c['gemm_bf16']['rate_flops']/1e12:.0f} TF/s  fp8 {c['gemm_fp8']['rate_flops']/1e12:.0f} TF/s  "
               f"h2d {c['host']['h2d_pinned_Bps']/1e9:.1f} GB/s")
@@ -128,9 +132,9 @@ def summary(out):
                 errs[key] = max(errs.get(key, 0), float(r["rel_error"]))
             except ValueError:
                 pass
-    print(f"{'method kvsim_spec':60s} {'best TB/s':>9s} {'% copy':>7s} {'max rel err':>11s}")
+    print(f"{'method kvsim_spec':60s} {'best TB/s':>9s} {'% read':>7s} {'% copy':>7s} {'max rel err':>11s}")
     for k, v in sorted(best.items()):
-        print(f"{k:60s} {v/1e12:9.3f} {100*v/cp:6.1f}% {errs.get(k, float('nan')):11.2e}")
+        print(f"{k:60s} {v/1e12:9.3f} {100*v/rd:6.1f}% {100*v/cp:6.1f}% {errs.get(k, float('nan')):11.2e}")
 
 
 if __name__ == "__main__":
