@@ -26,7 +26,7 @@ def _read_kernel(x_ptr, part_ptr, n, per_prog, BLOCK: tl.constexpr):
 def _write_kernel(y_ptr, n, per_prog, value, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     start = pid * per_prog
-    v = tl.full([BLOCK], value, dtype=y_ptr.dtype.element_ty)
+    v = (tl.zeros([BLOCK], dtype=tl.float32) + value).to(y_ptr.dtype.element_ty)
     for off in range(0, per_prog, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         tl.store(y_ptr + idx, v, mask=idx < n)
