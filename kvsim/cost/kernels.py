@@ -7,7 +7,7 @@ A calibration profile holds one efficiency curve per measured decode kernel
   that runs the very same kernel: KIVI and the asymmetric-bit method share ``triton_kivi``);
 * **derived**: the nearest measured neighbour's efficiency is applied to this layout's own roofline
   terms, so the time scales with the bytes it reads and the dequantization work it does; a method
-  without a kernel of its own (MiniKV, PackKV, KVQuant, LRKV, MKA, plain offload) is priced this way
+  without a kernel of its own (MiniKV, PackKV, KVQuant, plain offload) is priced this way
   with the kernel named below;
 * **refused**: a quantized layout whose kernel has no measured curve at any width in a measured
   profile (the message names the measured combinations);

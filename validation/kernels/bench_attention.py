@@ -5,7 +5,7 @@ fault in one path does not lose the others.
 
   bf16, fp8   dense paths (+ torch SDPA baselines)     quant     KIVI, asymmetric, INT-n, SKVQ, PackKV
   evict       eviction/merging/per-layer budgets      struct    MLA, MTLA, low-rank, cross-layer sharing
-  offload     ShadowKV, TTKV, MatKV                   prefill   causal SDPA over prompt lengths
+  offload     ShadowKV, TTKV, MKA, MatKV              prefill   causal SDPA over prompt lengths
 """
 from __future__ import annotations
 
