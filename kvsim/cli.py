@@ -451,7 +451,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from kvsim.validate import validate
+    from kvsim.validate import decode_target, validate
 
     if (args.gpu is None) == (args.serving is None):
         raise KvsimError("give exactly one of --gpu and --serving", field="kvsim validate",
@@ -487,6 +487,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=2))
         return
     _print_summary(summary)
+    target = decode_target(summary, args.gpu, args.calibration_from or args.gpu)
+    if target is not None:
+        print(target)
     print(f"wrote {report}")
 
 
