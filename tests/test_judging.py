@@ -11,7 +11,6 @@ import pytest
 from conftest import FITTED, ROOT
 
 from kvsim import measured
-from kvsim.calibrate import calibrate
 from kvsim.cli import main
 from kvsim.cost.calibration import find_calibration
 from kvsim.lomo import leave_one_model_out, leave_out, model_shapes
