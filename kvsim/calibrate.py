@@ -93,11 +93,12 @@ def unit_calibration(hw: HardwareSpec, ceil: dict) -> Calibration:
                                   "ops": dict.fromkeys(OP_KINDS, one)}, hw, "<unit>")
 
 
-def _decode_samples(folder: Path, hw: HardwareSpec, ceil: dict) -> tuple[dict[str, list[tuple]], int]:
+def _decode_samples(folder: Path, hw: HardwareSpec, ceil: dict,
+                    keep: measured.RowFilter) -> tuple[dict[str, list[tuple]], int]:
     """Roofline samples (bytes per layer, query heads per KV head, time, t_c, t_m) per decode-kernel
     family, from the calibration half of the shapes."""
     unit = unit_calibration(hw, ceil)
-    kernel_rows = measured.decode_rows(folder)
+    kernel_rows = measured.decode_rows(folder, keep)
     held = measured.held_out_rows(kernel_rows)
     samples: dict[str, list[tuple]] = defaultdict(list)
     used = 0
@@ -140,8 +141,12 @@ def ring_fit(found: list[tuple[int, float, float]], link_bytes_per_s: float) -> 
     return _fit([s for s in samples if s[1] > 0], 0.5, floor=0.0), latency
 
 
-def fit_profile(folder: Path) -> dict:
-    """Calibration mapping fitted from one GPU's kernel measurements."""
+def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> dict:
+    """Calibration mapping fitted from one GPU's kernel measurements (the rows ``keep`` keeps)."""
+
+    def rows(name: str) -> list[dict]:
+        return measured.rows(folder / name, keep)
+
     hw = load_hardware(measured.base_gpu(folder.name))
     ceil = measured.ceilings(folder)
     bw, bf16 = ceil["copy_bytes_per_s"], ceil["bf16_flops_per_s"]
@@ -149,7 +154,7 @@ def fit_profile(folder: Path) -> dict:
 
     # bf16 GEMMs; the weight matrix is n x k (its bytes are the table's second axis)
     gemm = [(float(r["m"]), float(r["n"]) * float(r["k"]) * 2, float(r["time_s"]), float(r["flops"]) / bf16,
-             float(r["bytes"]) / bw) for r in measured.rows(folder / "gemm.csv") if r["dtype"] == "bf16"]
+             float(r["bytes"]) / bw) for r in rows("gemm.csv") if r["dtype"] == "bf16"]
     used["gemm.csv (bf16)"] = len(gemm)
     # quantized-weight GEMM paths (kvsim.spec.quant.weight_kernel): fp8 W8A8 against the FP8 ceiling, W4A16
     # (4-bit weights, dequantized in the kernel) against the bf16 one; weight bytes as stored
@@ -157,26 +162,26 @@ def fit_profile(folder: Path) -> dict:
     quantized = {
         "gemm.fp8": [(float(r["m"]), float(r["n"]) * float(r["k"]), float(r["time_s"]), float(r["flops"]) / fp8,
                       float(r["bytes"]) / bw)
-                     for r in measured.rows(folder / "gemm.csv") if r["dtype"] == "fp8" and fp8],
+                     for r in rows("gemm.csv") if r["dtype"] == "fp8" and fp8],
         "gemm.w4a16": [(float(r["m"]), float(r["n"]) * float(r["k"]) * W4A16_BYTES_PER_WEIGHT, float(r["time_s"]),
                         float(r["flops"]) / bf16, float(r["bytes"]) / bw)
-                       for r in measured.rows(folder / "gemm.csv") if r["dtype"] == "w4a16"],
+                       for r in rows("gemm.csv") if r["dtype"] == "w4a16"],
     }
 
     # routed experts: rows per touched expert x the touched experts' weight bytes
     grouped = [(float(r["tokens"]) * float(r["top_k"]) / float(r["active_experts"]),
                 float(r["active_experts"]) * float(r["n"]) * float(r["k"]) * 2, float(r["time_s"]),
-                float(r["flops"]) / bf16, float(r["bytes"]) / bw) for r in measured.rows(folder / "gemm_grouped.csv")]
+                float(r["flops"]) / bf16, float(r["bytes"]) / bw) for r in rows("gemm_grouped.csv")]
     used["gemm_grouped.csv"] = len(grouped)
 
-    decode, used["attention_decode.csv (calibration shapes)"] = _decode_samples(folder, hw, ceil)
+    decode, used["attention_decode.csv (calibration shapes)"] = _decode_samples(folder, hw, ceil, keep)
 
     prefill = [(float(r["prompt"]), float(r["time_s"]), float(r["flops"]) / bf16, 0.0)
-               for r in measured.rows(folder / "attention_prefill.csv")]
+               for r in rows("attention_prefill.csv")]
     used["attention_prefill.csv"] = len(prefill)
 
     ew_best: dict[tuple, tuple[float, float]] = {}
-    for r in measured.rows(folder / "elementwise.csv"):
+    for r in rows("elementwise.csv"):
         key = (r["op"], r["tokens"], r["hidden"])
         t = float(r["time_s"])
         if key not in ew_best or t < ew_best[key][0]:

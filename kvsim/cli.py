@@ -451,27 +451,54 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from kvsim.validate import validate
+    from kvsim.validate import decode_target, validate
 
     if (args.gpu is None) == (args.serving is None):
         raise KvsimError("give exactly one of --gpu and --serving", field="kvsim validate",
                          value=[a for a in ("gpu", "serving") if getattr(args, a) is not None])
     if args.serving is not None:
+        if args.leave_one_model_out:
+            raise KvsimError("--leave-one-model-out judges a reference-engine folder: use it with --gpu",
+                             field="--leave-one-model-out", value=True)
         from kvsim.judge_serving import find_silicon_sample
 
         _validate_serving(find_silicon_sample() if args.serving == "aiconfigurator" else Path(args.serving), args.json,
                           args.calibration)
         return
 
-    report, summary = validate(args.gpu, args.calibration_from, Path(args.results) if args.results else None)
+    results = Path(args.results) if args.results else None
+    if args.leave_one_model_out:
+        if args.calibration_from is not None:
+            raise KvsimError("--leave-one-model-out refits on the GPU's own kernel rows; drop --calibration-from",
+                             field="--calibration-from", value=args.calibration_from)
+        from kvsim.lomo import leave_one_model_out
+
+        report, tables = leave_one_model_out(args.gpu, results)
+        if args.json:
+            print(json.dumps(tables, indent=2))
+            return
+        for name, rows in tables.items():
+            print(f"{name}:")
+            _print_summary(rows)
+        print(f"wrote {report}")
+        return
+    report, summary = validate(args.gpu, args.calibration_from, results)
     if args.json:
         print(json.dumps(summary, indent=2))
         return
-    print(f"{'what':<9} {'model':<18} {'n':>4} {'median':>8} {'p90':>8} {'worst':>8}")
-    for s in summary:
-        print(f"{s['kind']:<9} {s['model']:<18} {s['n']:>4} {s['median_abs_err']:8.1%} {s['p90_abs_err']:8.1%} "
-              f"{s['max_abs_err']:8.1%}")
+    _print_summary(summary)
+    target = decode_target(summary, args.gpu, args.calibration_from or args.gpu)
+    if target is not None:
+        print(target)
     print(f"wrote {report}")
+
+
+def _print_summary(rows: list[dict]) -> None:
+    """kvsim validate's table: errors over distinct configurations (``configs``) of ``points`` rows."""
+    print(f"{'what':<13} {'model':<18} {'points':>6} {'configs':>7} {'median':>8} {'p90':>8} {'worst':>8}")
+    for s in rows:
+        print(f"{s['kind']:<13} {s['model']:<18} {s['points']:>6} {s['configs']:>7} {s['median_abs_err']:8.1%} "
+              f"{s['p90_abs_err']:8.1%} {s['max_abs_err']:8.1%}")
 
 
 def _validate_serving(path: Path, as_json: bool, calibration: str | None) -> None:
@@ -655,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'aiconfigurator': the installed package's systems/silicon_sample.csv")
     p.add_argument("--calibration-from", help="GPU whose fitted profile to use (default: the same GPU), or "
                                               "'imported': the GPU's profile imported from a kernel database")
+    p.add_argument("--leave-one-model-out", action="store_true",
+                   help="with --gpu: refit without each engine model's kernel shapes and judge that model "
+                        "(writes report_lomo.md)")
     p.add_argument("--calibration", help="with --serving: 'imported' (the imported profile even where kvsim "
                                          "measured the GPU), 'none' or a profile path (default: each row's GPU)")
     p.add_argument("--results", help="results root (default: validation/results of this checkout)")

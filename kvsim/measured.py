@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +24,22 @@ from kvsim.spec.model import ModelSpec, model_from_dict
 # Decode rows that are tuning probes or alternative baselines, not a method's production kernel.
 NOT_A_PATH = ("sdpa_gqa", "sdpa_fold")
 MLA_KERNELS = ("triton_mla_absorbed", "triton_mtla_absorbed")
+# Which measured rows a fit may read: (file name, CSV row) -> keep it. kvsim.lomo leaves out one
+# model's shapes with it; every row is kept otherwise.
+RowFilter = Callable[[str, dict], bool]
 
 
-def rows(path: Path) -> list[dict]:
-    """Rows of a result CSV that carry a time (failed points are recorded with an empty time)."""
+def keep_all(_file: str, _row: dict) -> bool:
+    return True
+
+
+def rows(path: Path, keep: RowFilter = keep_all) -> list[dict]:
+    """Rows of a result CSV that carry a time (failed points are recorded with an empty time) and
+    that ``keep`` keeps."""
     if not path.is_file():
         return []
     with path.open(encoding="utf-8") as f:
-        return [r for r in csv.DictReader(f) if r.get("time_s") not in (None, "", "nan")]
+        return [r for r in csv.DictReader(f) if r.get("time_s") not in (None, "", "nan") and keep(path.name, r)]
 
 
 def base_gpu(folder_name: str) -> str:
@@ -88,12 +97,13 @@ class KernelRow:
     shape: tuple[int, int, int]  # q_heads, kv_heads, head_dim
     mla: bool
     time_s: float
+    call: str  # the measuring call: the row's ``run`` column, else its file (no run id recorded)
 
     @property
     def group(self) -> tuple:
-        """Rows comparable with each other: the same kernel harness and attention shape."""
+        """Rows comparable with each other: the same kernel harness, attention shape and call."""
         harness = "mla" if self.mla else ("layout_step" if self.method == "layout_step" else "single")
-        return harness, self.shape, self.layers
+        return harness, self.shape, self.layers, self.call
 
     @property
     def key(self) -> tuple[int, int]:
@@ -107,38 +117,53 @@ class KernelRow:
         return layout_for(self.model(), self.spec)
 
 
-def decode_rows(folder: Path) -> list[KernelRow]:
+def decode_rows(folder: Path, keep: RowFilter = keep_all) -> list[KernelRow]:
     """The decode-attention rows that measure a method's kernel (tuning probes and SDPA variants out)."""
     out = []
-    for r in rows(folder / "attention_decode.csv"):
+    path = folder / "attention_decode.csv"
+    for r in rows(path, keep):
         spec = r.get("kvsim_spec", "")
         if r.get("phase", "decode") != "decode" or not spec or r["method"] in NOT_A_PATH:
             continue
         out.append(KernelRow(r["method"], spec, int(r["batch"]), int(r["context"]), int(r.get("layers") or 1),
                              (int(r["q_heads"]), int(r["kv_heads"]), int(r["head_dim"])),
-                             r["method"] in MLA_KERNELS, float(r["time_s"])))
+                             r["method"] in MLA_KERNELS, float(r["time_s"]), r.get("run") or path.name))
     return out
 
 
 def held_out_rows(kernel_rows: list[KernelRow]) -> set[KernelRow]:
-    """For each kernel and method, every other (batch, context) shape it was measured at, in sorted
-    order: ``kvsim calibrate`` fits kernel efficiencies on the rest, and ``kvsim validate`` judges
-    method speed-ups on these, so each method has shapes on both sides."""
+    """For each single-layer kernel and method, every other (batch, context) shape it was measured
+    at, in sorted order: ``kvsim calibrate`` fits kernel efficiencies on the rest, and ``kvsim
+    validate`` judges method speed-ups on these, so each method has shapes on both sides. Multi-layer
+    steps (``layers`` > 1) are all held out: calibration never reads them."""
     shapes: dict[tuple, set[tuple[int, int]]] = {}
     for r in kernel_rows:
         shapes.setdefault((r.group, r.method, r.spec), set()).add(r.key)
     held = {g: {k for i, k in enumerate(sorted(keys)) if i % 2 == 1} for g, keys in shapes.items()}
-    return {r for r in kernel_rows if r.key in held[(r.group, r.method, r.spec)]}
+    return {r for r in kernel_rows if r.layers != 1 or r.key in held[(r.group, r.method, r.spec)]}
 
 
 def baseline_row(row: KernelRow, by_group: dict) -> KernelRow | None:
-    """The bf16 row measured by the same harness at the same shape (the dense production kernel for
-    single-layer rows)."""
+    """The bf16 row measured by the same harness, in the same call, at the same shape (the dense
+    production kernel for single-layer rows)."""
     for other in by_group.get(row.group, ()):
         production = row.group[0] != "single" or other.method == "triton_bf16"
         if other.key == row.key and other.spec == "bf16" and production:
             return other
     return None
+
+
+def judged_rows(kernel_rows: list[KernelRow]) -> list[tuple[KernelRow, KernelRow]]:
+    """(method row, its bf16 baseline) for every non-bf16 row calibration held out that has a
+    same-call baseline: the rows ``kvsim validate`` judges speed-ups on."""
+    by_group = group_rows(kernel_rows)
+    held = held_out_rows(kernel_rows)
+    out = []
+    for r in kernel_rows:
+        base = baseline_row(r, by_group) if r.spec != "bf16" and r in held else None
+        if base is not None:
+            out.append((r, base))
+    return out
 
 
 def group_rows(kernel_rows: list[KernelRow]) -> dict:

@@ -22,6 +22,7 @@ from kvsim.cost.calibration import Calibration, borrow_profile, calibration_from
 from kvsim.errors import KvsimError
 from kvsim.fileio import read_yaml_file, write_atomic
 from kvsim.kv import layout_for
+from kvsim.method_coverage import coverage_lines
 from kvsim.spec.hardware import load_hardware
 from kvsim.spec.model import ModelSpec, load_model
 
@@ -38,10 +39,52 @@ class Point:
     detail: str
     measured: float
     predicted: float
+    # Every input the prediction depends on: points of one kind with equal configs are one
+    # configuration (a paged and a contiguous decode step of the same model, layers, TP, batch and
+    # context are priced alike) and count once in the error statistics.
+    config: tuple
 
     @property
     def error(self) -> float:
         return (self.predicted - self.measured) / self.measured
+
+
+@dataclass(frozen=True)
+class Config:
+    """One distinct configuration: its points' mean measurement against their common prediction."""
+
+    kind: str
+    model: str
+    points: int
+    measured: float  # mean over the points
+    spread: float  # largest / smallest measurement - 1 (0 for a single point)
+    predicted: float
+
+    @property
+    def error(self) -> float:
+        return (self.predicted - self.measured) / self.measured
+
+
+def distinct(points: list[Point]) -> list[Config]:
+    """The distinct configurations among ``points`` (kind, model and config equal), in first-seen
+    order; measurements of one configuration are averaged."""
+    groups: dict[tuple, list[Point]] = {}
+    for p in points:
+        groups.setdefault((p.kind, p.model, p.config), []).append(p)
+    out = []
+    for (kind, model, config), sel in groups.items():
+        predicted = {p.predicted for p in sel}
+        assert len(predicted) == 1, f"{kind} {model} {config}: one configuration priced {len(predicted)} ways"
+        times = [p.measured for p in sel]
+        out.append(Config(kind, model, len(sel), float(np.mean(times)), max(times) / min(times) - 1,
+                          predicted.pop()))
+    return out
+
+
+# Issue 15's decode targets on measurements never used in fitting (median, worst abs error over
+# distinct configurations): with the GPU's own profile, and with another GPU's (item 5: calibrate on
+# H100, predict H200).
+DECODE_TARGETS = {"own profile": (0.05, 0.15), "another GPU's profile": (0.10, 0.25)}
 
 
 def engine_model(name: str, layers: int) -> ModelSpec:
@@ -51,9 +94,10 @@ def engine_model(name: str, layers: int) -> ModelSpec:
     return replace(model, layers=model.layers[:layers])
 
 
-def engine_points(folder: Path, gpu: str, cal: Calibration) -> list[Point]:
-    """The reference engine's decode steps, prefills and KV bytes, each predicted for the model,
-    layer count and TP degree it ran (TP rows are judged as their own kind, ``decode tp=N``)."""
+def engine_points(folder: Path, gpu: str, cal: Calibration, model: str | None = None) -> list[Point]:
+    """The reference engine's decode steps, prefills and KV bytes (of one ``model``, else all), each
+    predicted for the model, layer count and TP degree it ran (TP rows are judged as their own kind,
+    ``decode tp=N``)."""
     hw = load_hardware(measured.base_gpu(gpu))
     points: list[Point] = []
     cache: dict[tuple[str, int, int], tuple[ModelSpec, CostModel]] = {}
@@ -66,26 +110,32 @@ def engine_points(folder: Path, gpu: str, cal: Calibration) -> list[Point]:
             cache[key] = (m, CostModel(m, hw, layout_for(m), tp, cal))
         return (*cache[key], tp)
 
-    for r in measured.rows(folder / "engine_decode.csv"):
+    def mine(_file: str, r: dict) -> bool:
+        return model in (None, r["model"])
+
+    for r in measured.rows(folder / "engine_decode.csv", mine):
         m, cost, tp = model_cost(r)
         b, c = int(r["batch"]), int(r["context"])
         cache_kind = r.get("cache") or "contiguous"
         label = f"b={b} ctx={c} L={r['layers']} {cache_kind}"
         kind = "decode" if tp == 1 else f"decode tp={tp}"
+        config = (r["layers"], tp, b, c)  # the cache kind changes the KV bytes, not the step's price
         points.append(Point(kind, r["model"], label, float(r["time_s"]),
-                            cost.step_time_s(Batch(decode_context=np.full(b, c)))))
+                            cost.step_time_s(Batch(decode_context=np.full(b, c))), config))
         if r.get("kv_bytes") and tp == 1:
             # the cache holds context + 1 tokens per sequence (the step writes one): whole 16-token
             # pages when paged (vLLM's block size), exact slots (capped by a window) when contiguous
             pages = 16 if cache_kind == "paged" else 1
             points.append(Point("kv_bytes", r["model"], label, float(r["kv_bytes"]),
-                                float(b * layout_for(m).gpu_bytes(c + 1, block_size=pages)[0])))
-    for r in measured.rows(folder / "engine_prefill.csv"):
+                                float(b * layout_for(m).gpu_bytes(c + 1, block_size=pages)[0]),
+                                (*config, cache_kind)))
+    for r in measured.rows(folder / "engine_prefill.csv", mine):
         _, cost, tp = model_cost(r)
         b, p = int(r["batch"]), int(r["prompt"])
         points.append(Point("prefill" if tp == 1 else f"prefill tp={tp}", r["model"],
                             f"b={b} prompt={p} L={r['layers']}", float(r["time_s"]),
-                            cost.step_time_s(Batch(prefill_tokens=np.full(b, p), prefill_context=np.zeros(b)))))
+                            cost.step_time_s(Batch(prefill_tokens=np.full(b, p), prefill_context=np.zeros(b))),
+                            (r["layers"], tp, b, p)))
     return points
 
 
@@ -93,36 +143,68 @@ def speedup_points(folder: Path, gpu: str, cal: Calibration) -> list[Point]:
     """Each method kernel's decode-attention speed-up over the bf16 kernel of the same harness and
     shape, on the shapes ``kvsim calibrate`` held out."""
     hw = load_hardware(measured.base_gpu(gpu))
-    kernel_rows = measured.decode_rows(folder)
-    by_group = measured.group_rows(kernel_rows)
-    held = measured.held_out_rows(kernel_rows)
     points = []
-    for r in kernel_rows:
-        base = measured.baseline_row(r, by_group)
-        if r.spec == "bf16" or r not in held or base is None:
-            continue
+    for r, base in measured.judged_rows(measured.decode_rows(folder)):
         model, batch = r.model(), Batch(decode_context=np.full(r.batch, r.context))
 
         def attn_s(spec: str, model: ModelSpec = model, batch: Batch = batch) -> float:
             step = CostModel(model, hw, layout_for(model, spec), 1, cal).step(batch)
             return next(o.seconds for o in step.ops if o.name == "attention.decode")
 
+        # kernels implementing one spec at one shape (a compacting and a gathering eviction) are priced alike
         points.append(Point("speedup", r.spec, f"b={r.batch} ctx={r.context} L={r.layers} {r.method}",
-                            base.time_s / r.time_s, attn_s("bf16") / attn_s(r.spec)))
+                            base.time_s / r.time_s, attn_s("bf16") / attn_s(r.spec),
+                            (r.shape, r.mla, r.layers, r.batch, r.context)))
     return points
 
 
-def _summary(points: list[Point]) -> list[dict]:
+def summary(points: list[Point]) -> list[dict]:
+    """Error statistics per kind and model (and over all models), over distinct configurations:
+    ``points`` measured, ``configs`` distinct, ``averaged`` configurations measured more than once
+    (their mean is judged; ``max_spread``: the largest relative spread among their measurements)."""
+    configs = distinct(points)
     out = []
-    kinds = sorted({p.kind for p in points}, key=lambda k: (KIND_ORDER.index(k.split()[0]), k))
+    kinds = sorted({c.kind for c in configs}, key=lambda k: (KIND_ORDER.index(k.split()[0]), k))
     for kind in kinds:
-        sel = [p for p in points if p.kind == kind]
-        for model in sorted({p.model for p in sel}) + ["all"]:
-            errs = np.abs([p.error for p in sel if model in ("all", p.model)])
-            if len(errs):
-                out.append({"kind": kind, "model": model, "n": len(errs), "median_abs_err": float(np.median(errs)),
-                            "p90_abs_err": float(np.percentile(errs, 90)), "max_abs_err": float(errs.max())})
+        sel = [c for c in configs if c.kind == kind]
+        for model in sorted({c.model for c in sel}) + ["all"]:
+            mine = [c for c in sel if model in ("all", c.model)]
+            errs = np.abs([c.error for c in mine])
+            out.append({"kind": kind, "model": model, "points": sum(c.points for c in mine), "configs": len(mine),
+                        "averaged": sum(c.points > 1 for c in mine), "max_spread": max(c.spread for c in mine),
+                        "median_abs_err": float(np.median(errs)), "p90_abs_err": float(np.percentile(errs, 90)),
+                        "max_abs_err": float(errs.max())})
     return out
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """The summary as a markdown table, with what was averaged."""
+    lines = ["| what | model | points | distinct configurations | median abs error | p90 | worst |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {s['kind']} | {s['model']} | {s['points']} | {s['configs']} | {s['median_abs_err']:.1%} | "
+              f"{s['p90_abs_err']:.1%} | {s['max_abs_err']:.1%} |" for s in rows]
+    lines += ["", "Errors are over distinct configurations: points kvsim prices from the same inputs count once "
+              "(decode: a paged and a contiguous cache of the same model, layers, TP, batch and context; "
+              "speed-up: kernels implementing one method at one shape), judged against their mean measurement."]
+    lines += [f"- {s['kind']}: {s['averaged']} configurations measured more than once, averaged (largest "
+              f"spread between their measurements {s['max_spread']:.1%})" for s in rows
+              if s["model"] == "all" and s["averaged"]]
+    return lines
+
+
+def decode_target(rows: list[dict], gpu: str, donor: str) -> str | None:
+    """Issue 15's decode target line for a summary's single-GPU decode rows: the own-profile target,
+    or the cross-GPU one when ``donor`` is another GPU's fitted profile. None without decode rows, or
+    for an imported profile (fitted on another engine's kernels: the targets do not cover it)."""
+    decode = next((s for s in rows if s["kind"] == "decode" and s["model"] == "all"), None)
+    if decode is None or donor == "imported":
+        return None
+    which = "another GPU's profile" if measured.base_gpu(donor) != measured.base_gpu(gpu) else "own profile"
+    median, worst = DECODE_TARGETS[which]
+    ok = decode["median_abs_err"] <= median and decode["max_abs_err"] <= worst
+    return (f"Decode target ({which}, issue 15): median <= {median:.0%} and worst <= {worst:.0%} over "
+            f"{decode['configs']} distinct configurations: median {decode['median_abs_err']:.1%}, worst "
+            f"{decode['max_abs_err']:.1%}: {'PASS' if ok else 'FAIL'}")
 
 
 def _series(p: Point) -> str:
@@ -197,17 +279,20 @@ def validate(gpu: str, calibration_from: str | None = None, results: Path | None
     points = engine_points(folder, gpu, cal) + speedup_points(folder, gpu, cal)
     if not points:
         raise KvsimError("no engine or kernel measurements to validate", field="gpu", value=gpu, file=str(folder))
-    summary = _summary(points)
+    rows = summary(points)
     suffix = "" if donor == gpu else f"_from_{donor}"
     title = "" if donor == gpu else " with its imported profile" if donor == "imported" else \
         f" with the profile fitted on {donor}"
     lines = [f"# Validation on {gpu}{title}", "",
              f"Profile: {profile_name}. Measurements judged: "
              "reference-engine decode steps and prefills, allocated KV bytes, and each method kernel's "
-             "decode-attention speed-up over bf16; none of them was used in fitting.", "",
-             "| what | model | n | median abs error | p90 | worst |", "|---|---|---|---|---|---|"]
-    lines += [f"| {s['kind']} | {s['model']} | {s['n']} | {s['median_abs_err']:.1%} | {s['p90_abs_err']:.1%} | "
-              f"{s['max_abs_err']:.1%} |" for s in summary]
+             "decode-attention speed-up over bf16; none of them was used in fitting.", ""]
+    lines += summary_lines(rows)
+    target = decode_target(rows, gpu, donor)
+    if target is not None:
+        lines += ["", target]
+    if (folder / "attention_decode.csv").is_file():
+        lines += ["", *coverage_lines(folder)]
     lines += ["", f"![predicted vs measured](predicted_vs_measured{suffix}.png)", "",
               f"Regenerate: `kvsim validate --gpu {gpu}" + (f" --calibration-from {donor}`" if donor != gpu else "`")]
     buf = io.StringIO()
@@ -219,4 +304,4 @@ def validate(gpu: str, calibration_from: str | None = None, results: Path | None
     write_atomic(folder / f"predicted_vs_measured{suffix}.png", _plot(points, f"{gpu}: predicted vs measured"))
     report = folder / f"report{suffix}.md"
     write_atomic(report, "\n".join(lines) + "\n")
-    return report, summary
+    return report, rows
