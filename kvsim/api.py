@@ -70,7 +70,7 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     layout = layout_for(m, method)
     engine = VLLM_DEFAULTS
     cost = CostModel(m, hw, layout, tp, calibration, vllm_execution(hw, tp, engine.max_num_seqs,
-                                                                    engine.max_num_batched_tokens))
+                                                                    engine.max_num_batched_tokens, engine.vllm_version))
     mem = plan(m, hw, layout, tp, engine)
     assert cost.allreduce is not None  # vllm_execution prices the all-reduce
     label = {"kind": cost.cal.kind, "label": cost.cal.label, "gpu": cost.cal.gpu, "engine": cost.cal.engine,

@@ -175,7 +175,9 @@ def _scenario(row: Row, model: str, hardware: str, calibration: str | None):  # 
            "slo": {"ttft_s": 1.0, "tpot_s": 1.0},
            # the row's engine picks the kernel database of the GPU's imported profile (the
            # scheduler stays vLLM-like for every engine)
-           "engine": {"kind": row.backend, "max_model_len": row.isl + row.osl},
+           "engine": {"kind": row.backend, "max_model_len": row.isl + row.osl,
+                      # a vLLM row's version keys the memory rule and the engine step's host time
+                      **({"vllm_version": row.version} if row.backend == "vllm" else {})},
            "weights": "fp8" if row.precision in FP8_WEIGHTS else "bf16",
            "workload": {"closed_loop": {"concurrency": row.concurrency,
                                         "num_requests": REQUESTS_PER_CLIENT * row.concurrency,

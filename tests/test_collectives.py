@@ -61,7 +61,7 @@ def test_a_qwen3_32b_decode_step_gets_faster_from_tp4_to_tp8_on_h100() -> None:
     model, hw = load_model("qwen3-32b"), load_hardware("h100-sxm")
     steps = {}
     for tp in (4, 8):
-        cost = CostModel(model, hw, layout_for(model), tp, None, vllm_execution(hw, tp, 256, 8192))
+        cost = CostModel(model, hw, layout_for(model), tp, None, vllm_execution(hw, tp, 256, 8192, ""))
         steps[tp] = cost.step(Batch(decode_context=np.full(8, 1536, dtype=np.int64)))
     assert steps[8].total_s < 0.85 * steps[4].total_s
     ring = CostModel(model, hw, layout_for(model), 8).step(Batch(decode_context=np.full(8, 1536, dtype=np.int64)))
@@ -74,7 +74,7 @@ def test_vllm_pads_a_step_to_its_captured_cuda_graph_size() -> None:
     assert vllm_graph_sizes(256, 8192)[:5] == (1, 2, 4, 8, 16) and vllm_graph_sizes(256, 8192)[-1] == 512
     assert vllm_graph_sizes(8, 8192)[-1] == 16 and vllm_graph_sizes(256, 64)[-1] == 64
     model, hw = load_model("llama-3-8b"), load_hardware("h100-sxm")
-    vllm = CostModel(model, hw, layout_for(model), 1, None, vllm_execution(hw, 1, 256, 8192))
+    vllm = CostModel(model, hw, layout_for(model), 1, None, vllm_execution(hw, 1, 256, 8192, ""))
     exact = CostModel(model, hw, layout_for(model), 1)
 
     def gemm_s(cost: CostModel, batch: int) -> float:
@@ -85,3 +85,22 @@ def test_vllm_pads_a_step_to_its_captured_cuda_graph_size() -> None:
     kv_write = [c.step(Batch(decode_context=np.full(9, 1000, dtype=np.int64))).breakdown["kv_write"]
                 for c in (vllm, exact)]
     assert kv_write[0] == kv_write[1]  # the padding rows write no KV
+
+
+def test_host_step_adds_without_async_scheduling_and_hides_with_it() -> None:
+    """vLLM 0.12 (no async scheduling by default) adds the engine loop's CPU time to the GPU's; 0.19
+    (async scheduling) hides it behind a longer GPU step; 0.13 is not modelled."""
+    from kvsim.cost.execution import HOST_FIXED_S, HOST_PER_SEQUENCE_S, vllm_host_step
+    from kvsim.errors import KvsimError
+
+    model, hw = load_model("qwen3-32b"), load_hardware("h100-sxm")
+    batch = Batch(decode_context=np.full(64, 1000, dtype=np.int64))
+    old = CostModel(model, hw, layout_for(model), 2, None, vllm_execution(hw, 2, 256, 8192, "0.12.0")).step(batch)
+    new = CostModel(model, hw, layout_for(model), 2, None, vllm_execution(hw, 2, 256, 8192, "0.19")).step(batch)
+    host = HOST_FIXED_S + 64 * HOST_PER_SEQUENCE_S
+    assert old.breakdown["host.step"] == pytest.approx(host) == new.breakdown["host.step"]
+    kernels = sum(o.seconds for o in old.ops if o.name != "host.step")
+    assert old.total_s == pytest.approx(kernels + host, rel=1e-12)  # sync: after the GPU step
+    assert new.total_s == pytest.approx(max(kernels, host), rel=1e-12) == pytest.approx(kernels)  # async: hidden
+    with pytest.raises(KvsimError, match="0.13"):
+        vllm_host_step("0.13.0")

@@ -1,5 +1,5 @@
-"""How an engine executes a priced step, beyond its kernels: which all-reduce it runs, and the CUDA
-graph sizes a step's token count is padded to.
+"""How an engine executes a priced step, beyond its kernels: which all-reduce it runs, the CUDA
+graph sizes a step's token count is padded to, and the host (CPU) time of each engine step.
 
 vLLM (``vllm/config/vllm.py``, ``VllmConfig._set_cudagraph_sizes``, v0.10-v0.12) captures CUDA graphs
 for token counts ``[1, 2, 4] + range(8, 256, 8) + range(256, max_graph_size + 1, 16)`` with
@@ -7,6 +7,16 @@ for token counts ``[1, 2, 4] + range(8, 256, 8) + range(256, max_graph_size + 1,
 step of at most the largest size runs the graph of the next captured size up: the model's
 token-count work (GEMMs, norms, rotary, activations, all-reduce) is done for the padded count, while
 KV writes and sampling touch only the real tokens. Larger steps run without a captured graph.
+
+Host time per step (:class:`HostStep`): vLLM's V1 engine core runs, for every step, the scheduler
+(``Scheduler.schedule``), the input preparation of the model runner, the copy of the sampled token ids
+to the host and ``Scheduler.update_from_output``; detokenization and streaming run in the separate
+front-end process and overlap. Without async scheduling these run between GPU steps (a step takes
+GPU + host time); with it, the scheduler works one step ahead of the GPU (vLLM PR #19970, after
+NanoFlow, arXiv 2408.12757) and a step takes the longer of the two. Async scheduling is off by default
+up to vLLM 0.12 (``vllm/config/scheduler.py``: ``async_scheduling: bool = False``, commit
+01230b40128e) and on by default from 0.14 (vLLM issue #27679 "Async Scheduling Plan", PR #27614;
+PR #31998 of 2026-01-08 extends the default to speculative decoding); 0.13 is not modelled.
 
 The reference engine of ``validation/`` captures a graph at each exact size and all-reduces with
 NCCL: a cost model built without an :class:`Execution` prices it that way.
@@ -18,15 +28,59 @@ import bisect
 from dataclasses import dataclass
 
 from kvsim.cost.collectives import AllReducePricing, vllm_allreduce
+from kvsim.errors import KvsimError
 from kvsim.spec.hardware import HardwareSpec
+
+# PRIOR (not measured by kvsim, not fitted to any serving result): the engine loop's CPU time per
+# step, as a fixed part plus a part per scheduled sequence.
+#  - per sequence: 12.7 us, the V1 scheduler's all-decode cost per running request at the batch cap
+#    (openfabric-systems/simllm PR #204, a cProfile of vLLM 0.27.1's engine loop; a CPU build, and the
+#    study marks its absolute figures uncertified: run-to-run drift 29.5%).
+#  - fixed: the whole loop measured with a no-op model (tenstorrent/vllm PR #305: 0.62 ms per step at
+#    32 sequences, a vLLM V1 fork with its own model runner) less 32 x the per-sequence part.
+# Both are host-CPU figures of other machines; the real figure depends on the host CPU and TP.
+HOST_PER_SEQUENCE_S = 12.7e-6
+HOST_FIXED_S = 0.62e-3 - 32 * HOST_PER_SEQUENCE_S
+HOST_SOURCE = ("prior: engine-loop CPU time 0.21 ms + 12.7 us per sequence (no-op-model loop, tenstorrent/vllm "
+               "PR #305; V1 scheduler cost per request, openfabric-systems/simllm PR #204)")
+SYNC_UNTIL = (0, 13, 0)  # async scheduling off by default before this version
+ASYNC_FROM = (0, 14, 0)  # on by default from this one
+
+
+@dataclass(frozen=True)
+class HostStep:
+    """The engine loop's CPU time per step and whether it overlaps the GPU (async scheduling)."""
+
+    fixed_s: float
+    per_sequence_s: float
+    overlapped: bool
+    source: str
+
+    def seconds(self, sequences: float) -> float:
+        return self.fixed_s + self.per_sequence_s * sequences
+
+
+def vllm_host_step(vllm_version: str) -> HostStep:
+    """The host time of a vLLM version's engine step, with its default scheduling mode."""
+    from kvsim.memory import default_vllm_version, parse_version
+
+    version = vllm_version or default_vllm_version()
+    v = parse_version(version)
+    if SYNC_UNTIL <= v < ASYNC_FROM:
+        raise KvsimError("whether async scheduling is on by default in vLLM 0.13 is not modelled (off up to 0.12, "
+                         "on from 0.14; kvsim/cost/execution.py)", field="vllm_version", value=version)
+    overlapped = v >= ASYNC_FROM
+    mode = "async scheduling: overlaps the GPU" if overlapped else "no async scheduling: adds to the GPU time"
+    return HostStep(HOST_FIXED_S, HOST_PER_SEQUENCE_S, overlapped, f"{HOST_SOURCE}; vLLM {version}, {mode}")
 
 
 @dataclass(frozen=True)
 class Execution:
-    """An engine's all-reduce and CUDA-graph padding."""
+    """An engine's all-reduce, CUDA-graph padding and per-step host time."""
 
     allreduce: AllReducePricing
     cuda_graph_sizes: tuple[int, ...]  # ascending; empty: every step runs at its own size
+    host: HostStep
 
     def padded_tokens(self, tokens: float) -> float:
         """The token count a step of ``tokens`` runs at (its captured graph's size)."""
@@ -42,6 +96,9 @@ def vllm_graph_sizes(max_num_seqs: int, max_num_batched_tokens: int) -> tuple[in
     return tuple(s for s in sizes if s <= min(largest, max_num_batched_tokens))
 
 
-def vllm_execution(hw: HardwareSpec, tp: int, max_num_seqs: int, max_num_batched_tokens: int) -> Execution:
-    """vLLM's execution of a TP group of ``hw`` GPUs with these scheduler limits."""
-    return Execution(vllm_allreduce(hw, tp), vllm_graph_sizes(max_num_seqs, max_num_batched_tokens))
+def vllm_execution(hw: HardwareSpec, tp: int, max_num_seqs: int, max_num_batched_tokens: int,
+                   vllm_version: str) -> Execution:
+    """vLLM's execution of a TP group of ``hw`` GPUs with these scheduler limits (``vllm_version``
+    "": the default modelled version)."""
+    return Execution(vllm_allreduce(hw, tp), vllm_graph_sizes(max_num_seqs, max_num_batched_tokens),
+                     vllm_host_step(vllm_version))

@@ -68,7 +68,7 @@ class Op:
     flops: float
     bytes: float
     seconds: float
-    bound: str  # compute | memory | floor | link | overlapped
+    bound: str  # compute | memory | floor | link | host | overlapped
 
 
 @dataclass(frozen=True)
@@ -595,6 +595,10 @@ class CostModel:
             ops.append(("host_transfer", 0.0, fetch, fetch / c.h2d_bytes_per_s,
                         "link" if rt.host_fetch_all else "overlapped"))
         ops.append(("overhead", 0.0, 0.0, self.cal.step_overhead_s, "floor"))
+        if self.execution is not None:  # the engine loop's CPU time: after the GPU's, or hidden behind it
+            host = self.execution.host
+            ops.append(("host.step", 0.0, 0.0, host.seconds(n_decode + len(p_tok)),
+                        "overlapped" if host.overlapped else "host"))
         return ops
 
     def _prefill_extras(self, p_tok: np.ndarray, p_ctx: np.ndarray, merged: int) -> list[tuple]:
@@ -670,12 +674,13 @@ class CostModel:
 
     @staticmethod
     def _total(ops: list, steps: int) -> np.ndarray:
-        """Kernels run one after another; an overlapped transfer hides behind them. Scalars (the
-        token-count ops) are added first, then the per-step arrays, in op order on every path."""
+        """Kernels (and the host time of an engine without async scheduling) run one after another;
+        an overlapped transfer, or the host time under async scheduling, hides behind them. Scalars
+        (the token-count ops) are added first, then the per-step arrays, in op order on every path."""
         scalar, arrays, overlapped = 0.0, [], None
         for op in ops:
             if op[4] == "overlapped":
-                overlapped = op[3]
+                overlapped = op[3] if overlapped is None else np.maximum(overlapped, op[3])
             elif isinstance(op[3], float):
                 scalar += op[3]
             else:

@@ -84,6 +84,7 @@ def deployment(scenario: Scenario, side: str | None = None) -> Deployment:
                                     e.max_num_seqs, e.vllm_version or "", e.enforce_eager,
                                     None if e.cuda_graph_gib is None else e.cuda_graph_gib * GIB)
         plan = plan_memory(model, hardware, layout, tp, memory)
+        execution = vllm_execution(hardware, tp, e.max_num_seqs, e.max_num_batched_tokens, e.vllm_version or "")
     except KvsimError as err:
         engine_key = err.field in ("vllm_version", "cuda_graph_gib", "gpu_memory_utilization")
         side_key = f"disaggregation.{side}.{err.field}" if side and err.field in ("hardware", "tp") else None
@@ -92,8 +93,7 @@ def deployment(scenario: Scenario, side: str | None = None) -> Deployment:
     try:
         if cal is not None and cal.lower() not in ("none", "imported"):
             cal = str(resolve_path(cal, scenario))
-        cost = CostModel(model, hardware, layout, tp, find_calibration(hardware, cal, e.kind),
-                         vllm_execution(hardware, tp, e.max_num_seqs, e.max_num_batched_tokens))
+        cost = CostModel(model, hardware, layout, tp, find_calibration(hardware, cal, e.kind), execution)
     except KvsimError as err:
         raise _with_file(err, file, "calibration") from None
     if not plan.fits and e.num_gpu_blocks_override is None:
