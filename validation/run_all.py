@@ -43,6 +43,8 @@ def run_parts(out: str, budget_s: float, quick: bool, parts: list[tuple[str, flo
     t0 = time.time()
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                **(env_extra or {}))
+    # the device call's id on every CSV row (validation/common.py CsvOut): a UTC start time
+    env.setdefault("KVSIM_RUN_ID", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0)))
     status = []
     for i, (name, weight, argv) in enumerate(parts):
         left = budget_s - (time.time() - t0)
