@@ -106,32 +106,42 @@ def _v_field(vw, vsb, vzb, vs, vz, ssr, s0, end,
 
 
 @triton.jit
-def _tile(f0, f1, f2, f3, f4, f5, f6, f7, NF: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
+def _tile(f0, f1, f2, f3, f4, f5, f6, f7, NF: tl.constexpr, NG: tl.constexpr, W: tl.constexpr, D: tl.constexpr):
     """The NF fields [NG, TG, W] as one [BN, D] tile for a single dot (per-field dots would be N = W
-    = 16 wide at 2 bits, too narrow to spread over the warps). tl.join nests the fields innermost,
-    so tile column t holds channel _tile_channels(t): a fixed permutation the query and the output
-    follow."""
+    = 16 wide at 2 bits, too narrow to spread over the warps). Each field is split into word pairs
+    (the two halves of one asm output register) and tl.join nests the fields inside the pair index,
+    which is then moved innermost again: every 32-bit register keeps its pair, so the join costs no
+    data movement. Tile column t then holds channel _tile_channels(t), a fixed permutation the query
+    and the output follow."""
+    H: tl.constexpr = W // 2
+    g0 = tl.reshape(f0, (NG, 32, H, 2))
+    g1 = tl.reshape(f1, (NG, 32, H, 2))
     if NF == 2:
-        t = tl.join(f0, f1)
+        t = tl.permute(tl.join(g0, g1), (0, 1, 2, 4, 3))
     elif NF == 4:
-        t = tl.join(tl.join(f0, f1), tl.join(f2, f3))
+        t = tl.join(tl.join(g0, g1), tl.join(tl.reshape(f2, (NG, 32, H, 2)), tl.reshape(f3, (NG, 32, H, 2))))
+        t = tl.permute(t, (0, 1, 2, 4, 5, 3))
     else:
-        t = tl.join(tl.join(tl.join(f0, f1), tl.join(f2, f3)), tl.join(tl.join(f4, f5), tl.join(f6, f7)))
-    return tl.reshape(t, (BN, D))
+        t = tl.join(tl.join(tl.join(g0, g1), tl.join(tl.reshape(f2, (NG, 32, H, 2)), tl.reshape(f3, (NG, 32, H, 2)))),
+                    tl.join(tl.join(tl.reshape(f4, (NG, 32, H, 2)), tl.reshape(f5, (NG, 32, H, 2))),
+                            tl.join(tl.reshape(f6, (NG, 32, H, 2)), tl.reshape(f7, (NG, 32, H, 2)))))
+        t = tl.permute(t, (0, 1, 2, 4, 5, 6, 3))
+    return tl.reshape(t, (NG * 32, D))
 
 
 @triton.jit
 def _tile_channels(NF: tl.constexpr, D: tl.constexpr):
-    """Channel of each tile column t: field j = bit-reversed t % NF (the join nesting), word t // NF."""
+    """Channel of each tile column t = ((pair * NF) + r) * 2 + half: field j = bit-reversed r (the
+    join nesting), word 2 * pair + half."""
     t = tl.arange(0, D)
-    r = t % NF
+    r = (t // 2) % NF
     if NF == 8:
         j = ((r & 1) << 2) | (r & 2) | (r >> 2)
     elif NF == 4:
         j = ((r & 1) << 1) | (r >> 1)
     else:
         j = r
-    return j * (D // NF) + t // NF
+    return j * (D // NF) + (t // (2 * NF)) * 2 + t % 2
 
 
 @triton.jit
@@ -192,7 +202,7 @@ def _qdecode_kernel(Q, KW, KS, KZ, VW, VS, VZ, OP, LP,
         k5, ks, kz = _k_field(kw, ksb, kzb, ks, kz, sksr, s, end, grp3, gm3, 5, NFK, WK, KBITS, K_PER_TOKEN, GK, NG, ASM)
         k6, ks, kz = _k_field(kw, ksb, kzb, ks, kz, sksr, s, end, grp3, gm3, 6, NFK, WK, KBITS, K_PER_TOKEN, GK, NG, ASM)
         k7, ks, kz = _k_field(kw, ksb, kzb, ks, kz, sksr, s, end, grp3, gm3, 7, NFK, WK, KBITS, K_PER_TOKEN, GK, NG, ASM)
-        kt = _tile(k0, k1, k2, k3, k4, k5, k6, k7, NFK, BN, D)
+        kt = _tile(k0, k1, k2, k3, k4, k5, k6, k7, NFK, NG, WK, D)
         sc = tl.dot(q, tl.trans(kt)) * qk_scale
         sc = tl.where((s + offs_n < end)[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
@@ -209,7 +219,7 @@ def _qdecode_kernel(Q, KW, KS, KZ, VW, VS, VZ, OP, LP,
         v5, vs, vz = _v_field(vw, vsb, vzb, vs, vz, svsr, s, end, 5, NFV, WV, VBITS, GV, NG, ASM)
         v6, vs, vz = _v_field(vw, vsb, vzb, vs, vz, svsr, s, end, 6, NFV, WV, VBITS, GV, NG, ASM)
         v7, vs, vz = _v_field(vw, vsb, vzb, vs, vz, svsr, s, end, 7, NFV, WV, VBITS, GV, NG, ASM)
-        vt = _tile(v0, v1, v2, v3, v4, v5, v6, v7, NFV, BN, D)
+        vt = _tile(v0, v1, v2, v3, v4, v5, v6, v7, NFV, NG, WV, D)
         acc = tl.dot(p.to(tl.float16), vt, acc * alpha[:, None])
         m_i = m_new
     l_tot = tl.where(l_i > 0, l_i, 1.0)
