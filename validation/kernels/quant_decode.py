@@ -334,14 +334,28 @@ class QuantCache:
         return k, v
 
 
-def quant_config(kbits: int, vbits: int, BN=None, num_warps=4, num_stages=4, waves=8.0) -> dict:
-    """Launch config. BN grows as the words shrink (128 tokens at 4+ bits, 256 at 2 bits) so an
-    iteration moves a few KB per tile; num_stages=4 keeps three iterations of cp.async loads in
-    flight per program (all loads are >= 16-byte vectors feeding a dot, so Triton pipelines them);
-    waves=8 programs per SM (splits) so several CTAs per SM hide each other's barriers.
-    tune_quant.py sweeps these; defaults are its choice on the H200 (validation/README.md)."""
-    return dict(BN=BN or (256 if min(kbits, vbits) <= 2 else 128), num_warps=num_warps, num_stages=num_stages,
-                waves=waves)
+def quant_config(kbits: int, vbits: int) -> dict:
+    """Default launch config. BN = 128 tokens per iteration (64 at 8 bits, whose tiles are 4x the
+    2-bit bytes): the [BN, 128] fp16 tiles the fields are dequantized into stay in registers (about
+    170 registers a thread at 4 warps, no spills: ptxas sm_90, Triton 3.6), and num_stages=3 keeps
+    two iterations of cp.async loads in flight in 57-106 KB of shared memory, so 2-3 programs fit
+    an SM; waves=8 programs per SM (splits) so they hide each other's barriers and tails.
+    tune_quant.py sweeps quant_grid; the H200 result is in validation/README.md."""
+    return dict(BN=64 if min(kbits, vbits) >= 8 else 128, num_warps=4, num_stages=3, waves=8.0)
+
+
+def quant_grid(kbits: int, vbits: int) -> list[dict]:
+    """The default first, then one knob at a time: splits (waves), cp.async depth (stages), tokens
+    per iteration (BN), warps, and the pure-Triton dequantization instead of the PTX (asm=0)."""
+    d = quant_config(kbits, vbits)
+    grid = [d, dict(d, waves=16.0), dict(d, waves=4.0), dict(d, num_stages=2), dict(d, num_stages=4),
+            dict(d, BN=d["BN"] // 2), dict(d, BN=2 * d["BN"], num_warps=8), dict(d, num_warps=8),
+            dict(d, BN=2 * d["BN"], num_stages=2), dict(d, BN=d["BN"] // 2, num_stages=4, waves=16.0), dict(d, asm=0)]
+    out = []
+    for c in grid:
+        if c not in out and c["BN"] >= 32:
+            out.append(c)
+    return out
 
 
 def quant_attention(q, cache: QuantCache, sm_scale=None, cfg=None, out=None, asm=None):
