@@ -7,18 +7,18 @@ PackKV's in-kernel bit unpacking (arXiv 2512.24449). Layout per (batch, kv head)
 
   codes  int16 words [S_q, D*bits/16], "blocked": bit field j (bits [j*b, (j+1)*b)) of word c holds
          channel j*W + c (W = words per token), so field j of a tile is a contiguous channel slice
-  keys   per channel: scale/zero fp16 [S_q/32, D]     per token: scale/zero fp16 [S_q, D/GK]
-  values per token:   scale/zero fp16 [S_q, D/GV]
+  keys   per channel (KIVI): scale/zero fp16 [S_q/32, D]
+  keys   per token: scale/zero stored [D/GK, S_q]; values [D/GV, S_q] (tokens contiguous)
   fp16 residual / window [n_res, D] (the newest tokens) attended by the dense kernel into the last
   split slot, then one reduce over splits.
 
-Why it is fast (the old KIVI kernel read 8-12% of the copy ceiling): a program owns (batch, kv
-head, split) and the whole query group, reads BN tokens per iteration as 16-byte loads of packed
-words, never converts integers with I2F: OR-ing a code into the mantissa of fp16 1024.0 (0x6400)
-gives 1024 + code exactly, two codes per 32-bit LOP3 (the FasterTransformer/Marlin trick). The
-fp16 codes go straight into the tensor-core dot; scales are folded into the query (keys, per
-channel) or the probabilities (values, per token), and the 1024 offset and zero points become
-per-row corrections computed from the same fp16-rounded operands, so they cancel exactly.
+How it works (why, with instruction counts: validation/kernels/NOTES-quant.md): a program owns
+(batch, kv head, split) and the whole query group, loads BN tokens of code words per iteration as
+16-byte vectors (pipelined by Triton with cp.async), and dequantizes each bit field to fp16 in
+registers without I2F: OR-ing a code into the mantissa of fp16 1024.0 (0x6400) gives 1024 + code
+exactly, two codes per 32-bit LOP3 (the FasterTransformer/Marlin trick), then sub.f16x2 and one
+fma.rn.f16x2 apply the scale and zero point. The fields are joined into one [BN, D] tile, so K and
+V are one tensor-core dot each with the bf16 kernel's online softmax around them.
 """
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def _dq(x, s, z, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
 @triton.jit
 def _tok_scale(sb, zb, CG: tl.constexpr, ssr, s0, end, NG: tl.constexpr):
     """Per-token scale and zero of channel group CG for the BN tokens from s0, as [NG, TG, 1]; the
-    layout [.., groups, tokens] makes this a contiguous (16-byte vector, pipelined) load."""
+    layout [.., groups, tokens] makes this one contiguous load (at BN <= 128 threads it is still
+    2 bytes a thread, below the 4 Triton pipelines: NOTES-quant.md)."""
     tok = s0 + tl.arange(0, NG * 32)
     s = tl.load(sb + CG * ssr + tok, mask=tok < end, other=0.0)
     z = tl.load(zb + CG * ssr + tok, mask=tok < end, other=0.0)
