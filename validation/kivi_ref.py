@@ -1,16 +1,15 @@
 """Pure-numpy reference of the packed layout that validation/kernels/quant_decode.py reads (no
 torch): asymmetric min/max group quantization, "blocked" int16 packing, and an emulator of the
-kernel's PTX unpack (lop3 / shr on two 16-bit words per 32-bit register), so the CPU tests can check
-the asm strings bit for bit without a GPU.
+kernel's PTX dequantization (shr / lop3 / f16x2 sub and fma on two 16-bit words per 32-bit
+register), so the CPU tests can check the asm strings bit for bit without a GPU.
 
 Packing: with per = 16 // bits fields per 16-bit word and W = D // per words per token, bit field j
 (bits [j*bits, (j+1)*bits)) of word c holds channel j*W + c. Unpacking field j of a tile yields the
 contiguous channel slice [j*W, (j+1)*W). The kernel turns field j into the fp16 number
-1024 + code * 2**(bits * (j % (8 // bits))) by OR-ing it into the mantissa of 1024.0 (0x6400).
+1024 + code * 2**(bits * (j % (8 // bits))) by OR-ing it into the mantissa of 1024.0 (0x6400), then
+subtracts 1024 and applies scale and zero point in one fp16 fma.
 """
 from __future__ import annotations
-
-import re
 
 import numpy as np
 
@@ -65,37 +64,62 @@ def field_fp16(words: np.ndarray, bits: int, j: int) -> np.ndarray:
     return (((w >> (8 * (j // per_byte))) & mask) | MAGIC).astype(np.uint16).view(np.float16)
 
 
-def unpack_ptx(bits: int) -> str:
-    """The kernel's PTX: register $n holds two 16-bit words; outputs $0..$(n-1) are fields 0..n-1 of
-    both words as fp16 pairs. Fields in the low byte of each half come straight from lop3 ((a & mask)
-    | 0x64006400: immLut 0xEA); the high byte's fields after one shr.b32 by 8 (each half's high byte
-    lands in its low byte; bits crossing from the upper half stay outside every mask)."""
-    per_byte, n = 8 // bits, 16 // bits
-    lines = ["{", ".reg .b32 t;"]
-    for j in range(n):
-        if j == per_byte:
-            lines.append(f"shr.b32 t, ${n}, 8;")
-        field = ((1 << bits) - 1) << (bits * (j % per_byte))
-        lines.append(f"lop3.b32 ${j}, {f'${n}' if j < per_byte else 't'}, 0x{field | field << 16:08X}, 0x64006400, 0xEA;")
-    lines.append("}")
+def dequant_ptx(high: bool) -> str:
+    """The kernel's PTX for one field of two 16-bit words: $1 holds the words, $4 the field mask in
+    both halves, $2/$3 the fp16 scale/zero pairs (the scale already times 2**-off); $0 gets the fp16
+    pair code * scale + zero. lop3 ((a & mask) | 0x64006400: immLut 0xEA) gives 1024 + code * 2**off
+    exactly, sub.f16x2 removes the 1024 exactly, fma.rn.f16x2 rounds once. A field in the high byte
+    of its word first moves down by shr.b32 8 (each half's high byte lands in its low byte; bits
+    crossing from the upper half stay outside every mask). Four instructions per two values, no I2F."""
+    src = "t" if high else "$1"
+    lines = ["{", ".reg .b32 t, m;"]
+    if high:
+        lines.append("shr.b32 t, $1, 8;")
+    lines += [f"lop3.b32 t, {src}, $4, 0x64006400, 0xEA;", "mov.b32 m, 0x64006400;", "sub.f16x2 t, t, m;",
+              "fma.rn.f16x2 $0, t, $2, $3;", "}"]
     return "\n".join(lines)
 
 
-def run_ptx(asm: str, word_pairs: np.ndarray) -> list[np.ndarray]:
-    """Emulate the kernel's unpack PTX (only lop3.b32 with immLut 0xEA and shr.b32) on 32-bit
-    registers holding two 16-bit words each; returns the output registers as fp16 pairs."""
-    regs = {}
-    n_out = len(re.findall(r"lop3\.b32 \$\d+", asm))
-    src = np.asarray(word_pairs, dtype=np.uint32)
-    regs[f"${n_out}"] = src
-    regs["t"] = np.zeros_like(src)
+def field_mask(bits: int, j: int) -> int:
+    """Field j's mask within its byte (the kernel passes it in both 16-bit halves)."""
+    return ((1 << bits) - 1) << (bits * (j % (8 // bits)))
+
+
+def _f16x2(r: np.ndarray) -> np.ndarray:
+    return np.asarray(r, dtype=np.uint32).view(np.uint16).view(np.float16).astype(np.float64).reshape(-1, 2)
+
+
+def _pack_f16x2(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).reshape(-1).view(np.uint16).view(np.uint32)
+
+
+def run_ptx(asm: str, regs_in: dict[str, np.ndarray]) -> np.ndarray:
+    """Emulate the kernel's PTX (shr.b32, lop3.b32 with immLut 0xEA, mov.b32, sub.f16x2, fma.rn.f16x2)
+    on arrays of 32-bit registers; regs_in maps "$1".. to uint32 arrays; returns $0. f16x2 results
+    are computed exactly in float64 and rounded once to fp16 (products of fp16 values are exact)."""
+    regs = {k: np.asarray(v, dtype=np.uint32) for k, v in regs_in.items()}
+    n = len(next(iter(regs.values())))
+
+    def val(t: str) -> np.ndarray:
+        return regs[t] if t in regs else np.full(n, int(t, 16), dtype=np.uint32)
+
     for line in asm.splitlines():
         line = line.strip().rstrip(";")
-        if line.startswith("shr.b32"):
-            dst, a, k = [t.strip() for t in line[len("shr.b32"):].split(",")]
-            regs[dst] = regs[a] >> np.uint32(int(k))
-        elif line.startswith("lop3.b32"):
-            dst, a, b, c, lut = [t.strip() for t in line[len("lop3.b32"):].split(",")]
-            assert lut == "0xEA", lut  # (a & b) | c
-            regs[dst] = (regs[a] & np.uint32(int(b, 16))) | np.uint32(int(c, 16))
-    return [regs[f"${i}"].astype(np.uint32).view(np.uint16).view(np.float16) for i in range(n_out)]
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        a = [t.strip() for t in rest.split(",")]
+        if op == "shr.b32":
+            regs[a[0]] = val(a[1]) >> np.uint32(int(a[2]))
+        elif op == "lop3.b32":
+            assert a[4] == "0xEA", a  # (a & b) | c
+            regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
+        elif op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "sub.f16x2":
+            regs[a[0]] = _pack_f16x2(_f16x2(val(a[1])) - _f16x2(val(a[2])))
+        elif op == "fma.rn.f16x2":
+            regs[a[0]] = _pack_f16x2(_f16x2(val(a[1])) * _f16x2(val(a[2])) + _f16x2(val(a[3])))
+        else:
+            raise ValueError(f"unknown instruction {line!r}")
+    return regs["$0"]

@@ -1,5 +1,6 @@
 """Group-quantized KV decode (quant_decode.py): KIVI, asymmetric K/V bits, per-token INT8/4/2, SKVQ and
-PackKV's bit unpacking. Each (layout, bits) pair is autotuned on one shape that fills the GPU; each
+PackKV's bit unpacking. Each (layout, bits) pair is autotuned (the default config and the first
+entries of quant_decode.quant_grid; tune_quant.py sweeps the whole grid) on one shape that fills the GPU; each
 point is checked against a float64 reference over the dequantized cache (kernel error) and
 against the unquantized cache (quantization error, reported as qerr in params)."""
 from __future__ import annotations
@@ -47,17 +48,14 @@ def run(args, csv, budget):
     batches = [4] if q_ else [1, 8, 32, 128]
     contexts = [2048] if q_ else [2048, 8192, 32768, 131072]
     heads = [LLAMA3] if q_ else [LLAMA3, (32, 32, 128)]
-    configs = qd.QUANT_CONFIGS[1:2] if q_ else qd.QUANT_CONFIGS
-    ranked = None  # configs ordered by the first (int2 KIVI) tuning, reused to shorten later tunings
     for method, spec, kw in variants(q_):
         if not budget.ok(10):
             log("quant: budget spent")
             return
-        cfg = guarded(f"tune {spec}", tune_one, method, spec, kw, configs if ranked is None else ranked[:3], csv, q_)
+        grid = qd.quant_grid(kw["kbits"], kw["vbits"])
+        cfg = guarded(f"tune {spec}", tune_one, method, spec, kw, grid[:1] if q_ else grid[:3], csv, q_)
         if cfg is None:
             continue
-        if ranked is None:
-            ranked = [cfg] + [c for c in configs if c != cfg]
         for (B, Hq, Hkv, D, S) in points(heads, batches, contexts, lambda d: 4 * d, cap=MAX_BYTES // 2):
             if not budget.ok(5):
                 log("quant: budget spent")
@@ -79,7 +77,7 @@ def tune_one(method, spec, kw, configs, csv, quick):
     base = dict(batch=B, q_heads=Hq, kv_heads=Hkv, head_dim=D, context=S, bytes_read=cache.nbytes(),
                 flops=4 * B * Hq * S * D, kvsim_spec=spec, layers=1)
     check = lambda fn: checked(lambda out: fn(out), (B, Hq, D), torch.float16, ref, rows)  # noqa: E731
-    tried = [dict(c, asm=1) for c in configs] + [dict(configs[0], asm=0)]  # asm=0: pure-Triton unpack
+    tried = [dict(c, asm=1) for c in configs]
 
     def make(c):
         return lambda out=None: qd.quant_attention(q, cache, cfg=c, out=out, asm=bool(c["asm"]))

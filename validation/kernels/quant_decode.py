@@ -7,18 +7,18 @@ PackKV's in-kernel bit unpacking (arXiv 2512.24449). Layout per (batch, kv head)
 
   codes  int16 words [S_q, D*bits/16], "blocked": bit field j (bits [j*b, (j+1)*b)) of word c holds
          channel j*W + c (W = words per token), so field j of a tile is a contiguous channel slice
-  keys   per channel: scale/zero fp16 [S_q/32, D]     per token: scale/zero fp16 [S_q, D/GK]
-  values per token:   scale/zero fp16 [S_q, D/GV]
+  keys   per channel (KIVI): scale/zero fp16 [S_q/32, D]
+  keys   per token: scale/zero stored [D/GK, S_q]; values [D/GV, S_q] (tokens contiguous)
   fp16 residual / window [n_res, D] (the newest tokens) attended by the dense kernel into the last
   split slot, then one reduce over splits.
 
-Why it is fast (the old KIVI kernel read 8-12% of the copy ceiling): a program owns (batch, kv
-head, split) and the whole query group, reads BN tokens per iteration as 16-byte loads of packed
-words, never converts integers with I2F: OR-ing a code into the mantissa of fp16 1024.0 (0x6400)
-gives 1024 + code exactly, two codes per 32-bit LOP3 (the FasterTransformer/Marlin trick). The
-fp16 codes go straight into the tensor-core dot; scales are folded into the query (keys, per
-channel) or the probabilities (values, per token), and the 1024 offset and zero points become
-per-row corrections computed from the same fp16-rounded operands, so they cancel exactly.
+How it works (why, with instruction counts: validation/kernels/NOTES-quant.md): a program owns
+(batch, kv head, split) and the whole query group, loads BN tokens of code words per iteration as
+16-byte vectors (pipelined by Triton with cp.async), and dequantizes each bit field to fp16 in
+registers without I2F: OR-ing a code into the mantissa of fp16 1024.0 (0x6400) gives 1024 + code
+exactly, two codes per 32-bit LOP3 (the FasterTransformer/Marlin trick), then sub.f16x2 and one
+fma.rn.f16x2 apply the scale and zero point. The fields are joined into one [BN, D] tile, so K and
+V are one tensor-core dot each with the bf16 kernel's online softmax around them.
 """
 from __future__ import annotations
 
@@ -30,121 +30,134 @@ import triton
 import triton.language as tl
 
 from validation.kernels.triton_decode import LOG2E, _decode_kernel, _g_pad, alloc_partials, pick_splits, reduce_partials
-from validation.kivi_ref import unpack_ptx
+from validation.kivi_ref import dequant_ptx
 
-TG = 32  # tokens per slab: the KIVI key group, and the leading dim of every 3-D tile
+TG = 32  # tokens per slab: the KIVI key group, and the middle dim of every 3-D tile
 
 # tl.constexpr: a @triton.jit function may read a module global only when it is a constexpr
-ASM2, ASM4, ASM8 = (tl.constexpr(unpack_ptx(b)) for b in (2, 4, 8))
+DQ_LO, DQ_HI = (tl.constexpr(dequant_ptx(h)) for h in (False, True))
 USE_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"  # the interpreter cannot run PTX
 
 
 @triton.jit
-def _field(xi, J: tl.constexpr, BITS: tl.constexpr):
-    """Pure-Triton twin of the asm: fp16 (1024 + code_J * 2**(BITS * (J % (8 // BITS))))."""
+def _dq(x, s, z, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """int16 words [NG, TG, W] -> fp16 code_J * s + z, s already times 2**-off_J (off_J: the field's
+    bit offset in its byte), s and z broadcast against x. ASM: kivi_ref.dequant_ptx, four
+    instructions per two values; otherwise the same arithmetic in Triton (the interpreter's path)."""
     F: tl.constexpr = 8 // BITS
-    SH: tl.constexpr = 8 * (J // F)
     MASK: tl.constexpr = ((1 << BITS) - 1) << (BITS * (J % F))
-    return (((xi >> SH) & MASK) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def _unpack(x, BITS: tl.constexpr, ASM: tl.constexpr):
-    """int16 words -> 8 fp16 field tensors (only the first 16 // BITS are meaningful)."""
     if ASM:
-        if BITS == 2:
-            f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
-                ASM2, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x], dtype=(tl.float16,) * 8, is_pure=True, pack=2)
-        elif BITS == 4:
-            f0, f1, f2, f3 = tl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [x], dtype=(tl.float16,) * 4,
-                                                       is_pure=True, pack=2)
-            f4, f5, f6, f7 = f0, f0, f0, f0
+        m = tl.full([1, 1, 1], MASK, tl.int16)  # a register operand: one asm string serves every field
+        if J >= F:
+            out = tl.inline_asm_elementwise(DQ_HI, "=r,r,r,r,r", [x, s, z, m], dtype=tl.float16, is_pure=True, pack=2)
         else:
-            f0, f1 = tl.inline_asm_elementwise(ASM8, "=r,=r,r", [x], dtype=(tl.float16,) * 2, is_pure=True, pack=2)
-            f2, f3, f4, f5, f6, f7 = f0, f0, f0, f0, f0, f0
+            out = tl.inline_asm_elementwise(DQ_LO, "=r,r,r,r,r", [x, s, z, m], dtype=tl.float16, is_pure=True, pack=2)
     else:
-        xi = x.to(tl.int32) & 0xFFFF
-        f0 = _field(xi, 0, BITS)
-        f1 = _field(xi, 1, BITS)
-        f2, f3, f4, f5, f6, f7 = f0, f0, f0, f0, f0, f0
-        if BITS <= 4:
-            f2 = _field(xi, 2, BITS)
-            f3 = _field(xi, 3, BITS)
-        if BITS == 2:
-            f4 = _field(xi, 4, BITS)
-            f5 = _field(xi, 5, BITS)
-            f6 = _field(xi, 6, BITS)
-            f7 = _field(xi, 7, BITS)
-    return f0, f1, f2, f3, f4, f5, f6, f7
+        SH: tl.constexpr = 8 * (J // F)
+        f = ((((x.to(tl.int32) & 0xFFFF) >> SH) & MASK) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        out = tl.fma(f - 1024.0, s, z)
+    return out
 
 
 @triton.jit
-def _k_field(sc, zb, qj, mj, ksb, kzb, tok, tmask, grp, gm,
-             J: tl.constexpr, NF: tl.constexpr, W: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-             PER_TOKEN: tl.constexpr, GK: tl.constexpr, NG: tl.constexpr, G_PAD: tl.constexpr):
-    """Add key field J's scores to sc [NG, G_PAD, TG] (zb: per-row corrections, [NG, G_PAD, TG])."""
+def _tok_scale(sb, zb, CG: tl.constexpr, ssr, s0, end, NG: tl.constexpr):
+    """Per-token scale and zero of channel group CG for the BN tokens from s0, as [NG, TG, 1]; the
+    layout [.., groups, tokens] makes this one contiguous load (at BN <= 128 threads it is still
+    2 bytes a thread, below the 4 Triton pipelines: NOTES-quant.md)."""
+    tok = s0 + tl.arange(0, NG * 32)
+    s = tl.load(sb + CG * ssr + tok, mask=tok < end, other=0.0)
+    z = tl.load(zb + CG * ssr + tok, mask=tok < end, other=0.0)
+    return tl.reshape(s, (NG, 32))[:, :, None], tl.reshape(z, (NG, 32))[:, :, None]
+
+
+@triton.jit
+def _k_field(kw, ksb, kzb, ks, kz, ssr, s0, end, grp3, gm3,
+             J: tl.constexpr, NF: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr, PER_TOKEN: tl.constexpr,
+             GK: tl.constexpr, NG: tl.constexpr, ASM: tl.constexpr):
+    """Dequantized key field J, fp16 [NG, TG, W] (a placeholder when J >= NF); ks/kz carry a
+    per-token group's scales between the fields of that group (loaded once, at its first field)."""
+    k = kw.to(tl.float16)
     if J < NF:
         INV: tl.constexpr = 1.0 / (1 << (BITS * (J % (8 // BITS))))
-        mt = tl.permute(mj, (0, 2, 1))  # [NG, W, TG]
-        if PER_TOKEN:  # scale per (token, channel group): applied to the dot's columns
-            CG: tl.constexpr = (J * W) // GK
-            ks = tl.load(ksb + tok * (D // GK) + CG, mask=tmask, other=0.0).to(tl.float32)  # [NG, TG]
-            kz = tl.load(kzb + tok * (D // GK) + CG, mask=tmask, other=0.0).to(tl.float32)
-            q16 = qj.to(tl.float16)
-            d = tl.dot(tl.broadcast_to(q16[None, :, :], (NG, G_PAD, W)), mt)
-            qoff = 1024.0 * tl.sum(q16.to(tl.float32), 1)  # [G_PAD]
-            qsum = tl.sum(qj, 1)
-            sc += (d - qoff[None, :, None]) * (ks * INV)[:, None, :] + qsum[None, :, None] * kz[:, None, :]
-        else:  # scale per (32-token group, channel): folded into the query
+        if PER_TOKEN:
+            if (J * W) % GK == 0:
+                ks, kz = _tok_scale(ksb, kzb, (J * W) // GK, ssr, s0, end, NG)
+            s = ks
+            z = kz
+        else:  # per (32-token group, channel): [NG, 1, W], contiguous channels
             offs = J * W + tl.arange(0, W)
-            ks = tl.load(ksb + grp[:, None] * D + offs[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
-            kz = tl.load(kzb + grp[:, None] * D + offs[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
-            qs = (qj[None, :, :] * (ks * INV)[:, None, :]).to(tl.float16)  # [NG, G_PAD, W]
-            sc = tl.dot(qs, mt, sc)
-            corr = tl.sum(qj[None, :, :] * kz[:, None, :], 2) - 1024.0 * tl.sum(qs.to(tl.float32), 2)
-            zb += corr[:, :, None]
-    return sc, zb
+            s = tl.load(ksb + grp3 * ssr + offs[None, None, :], mask=gm3, other=0.0)
+            z = tl.load(kzb + grp3 * ssr + offs[None, None, :], mask=gm3, other=0.0)
+        k = _dq(kw, (s.to(tl.float32) * INV).to(tl.float16), z, J, BITS, ASM)
+    return k, ks, kz
 
 
 @triton.jit
-def _v_field(acc, alpha, p, mj, vsb, vzb, tok, tmask,
-             J: tl.constexpr, NF: tl.constexpr, W: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-             GV: tl.constexpr):
-    """acc [NG, G_PAD, W] <- acc * alpha + P @ dequant(V field J); per-token scale folded into P."""
+def _v_field(vw, vsb, vzb, vs, vz, ssr, s0, end,
+             J: tl.constexpr, NF: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr, GV: tl.constexpr,
+             NG: tl.constexpr, ASM: tl.constexpr):
+    """Dequantized value field J (per-token scales, carried as for keys)."""
+    v = vw.to(tl.float16)
     if J < NF:
         INV: tl.constexpr = 1.0 / (1 << (BITS * (J % (8 // BITS))))
-        CG: tl.constexpr = (J * W) // GV
-        vs = tl.load(vsb + tok * (D // GV) + CG, mask=tmask, other=0.0).to(tl.float32)  # [NG, TG]
-        vz = tl.load(vzb + tok * (D // GV) + CG, mask=tmask, other=0.0).to(tl.float32)
-        ps = (p * vs[:, None, :]).to(tl.float16)  # [NG, G_PAD, TG]
-        d = tl.dot(ps, mj)  # [NG, G_PAD, W]
-        corr = -1024.0 * tl.sum(ps.to(tl.float32), 2)
-        zt = tl.sum(p * vz[:, None, :], 2)
-        acc = acc * alpha[None, :, None] + (d + corr[:, :, None]) * INV + zt[:, :, None]
-    return acc
+        if (J * W) % GV == 0:
+            vs, vz = _tok_scale(vsb, vzb, (J * W) // GV, ssr, s0, end, NG)
+        v = _dq(vw, (vs.to(tl.float32) * INV).to(tl.float16), vz, J, BITS, ASM)
+    return v, vs, vz
 
 
 @triton.jit
-def _q_field(qb, gmask, J: tl.constexpr, NF: tl.constexpr, W: tl.constexpr):
-    offs = (J % NF) * W + tl.arange(0, W)
-    return tl.load(qb + offs[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+def _tile(f0, f1, f2, f3, f4, f5, f6, f7, NF: tl.constexpr, NG: tl.constexpr, W: tl.constexpr, D: tl.constexpr):
+    """The NF fields [NG, TG, W] as one [BN, D] tile for a single dot (per-field dots would be N = W
+    = 16 wide at 2 bits, too narrow to spread over the warps). Each field is split into word pairs
+    (the two halves of one asm output register) and tl.join nests the fields inside the pair index,
+    which is then moved innermost again: every 32-bit register keeps its pair, so the join costs no
+    data movement. Tile column t then holds channel _tile_channels(t), a fixed permutation the query
+    and the output follow."""
+    H: tl.constexpr = W // 2
+    g0 = tl.reshape(f0, (NG, 32, H, 2))
+    g1 = tl.reshape(f1, (NG, 32, H, 2))
+    if NF == 2:
+        t = tl.permute(tl.join(g0, g1), (0, 1, 2, 4, 3))
+    elif NF == 4:
+        t = tl.join(tl.join(g0, g1), tl.join(tl.reshape(f2, (NG, 32, H, 2)), tl.reshape(f3, (NG, 32, H, 2))))
+        t = tl.permute(t, (0, 1, 2, 4, 5, 3))
+    else:
+        t = tl.join(tl.join(tl.join(g0, g1), tl.join(tl.reshape(f2, (NG, 32, H, 2)), tl.reshape(f3, (NG, 32, H, 2)))),
+                    tl.join(tl.join(tl.reshape(f4, (NG, 32, H, 2)), tl.reshape(f5, (NG, 32, H, 2))),
+                            tl.join(tl.reshape(f6, (NG, 32, H, 2)), tl.reshape(f7, (NG, 32, H, 2)))))
+        t = tl.permute(t, (0, 1, 2, 4, 5, 6, 3))
+    return tl.reshape(t, (NG * 32, D))
 
 
 @triton.jit
-def _store_field(acc, l_i, ob, gmask, J: tl.constexpr, NF: tl.constexpr, W: tl.constexpr):
-    if J < NF:
-        o = tl.sum(acc, 0) / l_i[:, None]
-        tl.store(ob + (J * W + tl.arange(0, W))[None, :], o, mask=gmask[:, None])
+def _tile_channels(NF: tl.constexpr, D: tl.constexpr):
+    """Channel of each tile column t = ((pair * NF) + r) * 2 + half: field j = bit-reversed r (the
+    join nesting), word 2 * pair + half."""
+    t = tl.arange(0, D)
+    r = (t // 2) % NF
+    if NF == 8:
+        j = ((r & 1) << 2) | (r & 2) | (r >> 2)
+    elif NF == 4:
+        j = ((r & 1) << 1) | (r >> 1)
+    else:
+        j = r
+    return j * (D // NF) + (t // (2 * NF)) * 2 + t % 2
 
 
 @triton.jit
 def _qdecode_kernel(Q, KW, KS, KZ, VW, VS, VZ, OP, LP,
-                    sqb, sqh, skwb, skwh, sksb, sksh, svwb, svwh, svsb, svsh,
+                    sqb, sqh, skwb, skwh, sksb, sksh, sksr, svwb, svwh, svsb, svsh, svsr,
                     sob, soh, sos, slb, slh,
                     seq_q, tps, qk_scale,
                     GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
                     KBITS: tl.constexpr, VBITS: tl.constexpr, K_PER_TOKEN: tl.constexpr,
                     GK: tl.constexpr, GV: tl.constexpr, ASM: tl.constexpr):
+    """One program per (batch, kv head, split), the whole query group as the rows of every dot.
+    Each iteration loads BN tokens of K and V words as [NG, TG, W] tiles (16-byte vectors, pipelined
+    by Triton into shared memory), dequantizes them field by field to fp16 in registers (KIVI key
+    scales broadcast over each 32-token slab, per-token scales over the channels), joins the fields
+    into [BN, D] tiles and runs the bf16 kernel's online softmax on two plain dots."""
     NG: tl.constexpr = BN // 32
     NFK: tl.constexpr = 16 // KBITS
     NFV: tl.constexpr = 16 // VBITS
@@ -156,15 +169,7 @@ def _qdecode_kernel(Q, KW, KS, KZ, VW, VS, VZ, OP, LP,
     offs_g = tl.arange(0, G_PAD)
     gmask = offs_g < GROUP
     hq = hk * GROUP + offs_g
-    qb = Q + b * sqb + hq[:, None] * sqh
-    q0 = _q_field(qb, gmask, 0, NFK, WK)
-    q1 = _q_field(qb, gmask, 1, NFK, WK)
-    q2 = _q_field(qb, gmask, 2, NFK, WK)
-    q3 = _q_field(qb, gmask, 3, NFK, WK)
-    q4 = _q_field(qb, gmask, 4, NFK, WK)
-    q5 = _q_field(qb, gmask, 5, NFK, WK)
-    q6 = _q_field(qb, gmask, 6, NFK, WK)
-    q7 = _q_field(qb, gmask, 7, NFK, WK)
+    q = tl.load(Q + b * sqb + hq[:, None] * sqh + _tile_channels(NFK, D)[None, :], mask=gmask[:, None], other=0.0)
     kwb = KW + b * skwb + hk * skwh
     ksb = KS + b * sksb + hk * sksh
     kzb = KZ + b * sksb + hk * sksh
@@ -175,61 +180,52 @@ def _qdecode_kernel(Q, KW, KS, KZ, VW, VS, VZ, OP, LP,
     offs_t = tl.arange(0, 32)
     offs_wk = tl.arange(0, WK)
     offs_wv = tl.arange(0, WV)
+    offs_n = tl.arange(0, BN)
     start = sp * tps
     end = tl.minimum(start + tps, seq_q)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    a0 = tl.zeros([NG, G_PAD, WV], tl.float32)
-    a1 = a0
-    a2 = a0
-    a3 = a0
-    a4 = a0
-    a5 = a0
-    a6 = a0
-    a7 = a0
+    acc = tl.zeros([G_PAD, D], tl.float32)
     for s in range(start, end, BN):
-        tok = s + offs_ng[:, None] * 32 + offs_t[None, :]  # [NG, 32]
-        tmask = tok < end
-        grp = s // 32 + offs_ng
-        gm = grp * 32 < end
-        kw = tl.load(kwb + tok[:, :, None] * WK + offs_wk[None, None, :], mask=tmask[:, :, None], other=0)
-        vw = tl.load(vwb + tok[:, :, None] * WV + offs_wv[None, None, :], mask=tmask[:, :, None], other=0)
-        m0, m1, m2, m3, m4, m5, m6, m7 = _unpack(kw, KBITS, ASM)
-        sc = tl.zeros([NG, G_PAD, 32], tl.float32)
-        zb = tl.zeros([NG, G_PAD, 32], tl.float32)
-        sc, zb = _k_field(sc, zb, q0, m0, ksb, kzb, tok, tmask, grp, gm, 0, NFK, WK, D, KBITS, K_PER_TOKEN, GK, NG, G_PAD)
-        sc, zb = _k_field(sc, zb, q1, m1, ksb, kzb, tok, tmask, grp, gm, 1, NFK, WK, D, KBITS, K_PER_TOKEN, GK, NG, G_PAD)
-        sc, zb = _k_field(sc, zb, q2, m2, ksb, kzb, tok, tmask, grp, gm, 2, NFK, WK, D, KBITS, K_PER_TOKEN, GK, NG, G_PAD)
-        sc, zb = _k_field(sc, zb, q3, m3, ksb, kzb, tok, tmask, grp, gm, 3, NFK, WK, D, KBITS, K_PER_TOKEN, GK, NG, G_PAD)
-        sc, zb = _k_field(sc, zb, q4, m4, ksb, kzb, tok, tmask, grp, gm, 4, NFK, WK, D, KBITS, K_PER_TOKEN, GK, NG, G_PAD)
-        sc, zb = _k_field(sc, zb, q5, m5, ksb, kzb, tok, tmask, grp, gm, 5, NFK, WK, D, KBITS, K_PER_TOKEN, GK, NG, G_PAD)
-        sc, zb = _k_field(sc, zb, q6, m6, ksb, kzb, tok, tmask, grp, gm, 6, NFK, WK, D, KBITS, K_PER_TOKEN, GK, NG, G_PAD)
-        sc, zb = _k_field(sc, zb, q7, m7, ksb, kzb, tok, tmask, grp, gm, 7, NFK, WK, D, KBITS, K_PER_TOKEN, GK, NG, G_PAD)
-        sc = tl.where(tmask[:, None, :], (sc + zb) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(tl.max(sc, 2), 0))
+        tok3 = s + offs_ng[:, None, None] * 32 + offs_t[None, :, None]  # [NG, TG, 1]
+        tm3 = tok3 < end
+        grp3 = s // 32 + offs_ng[:, None, None]
+        gm3 = grp3 * 32 < end
+        kw = tl.load(kwb + tok3 * WK + offs_wk[None, None, :], mask=tm3, other=0)
+        vw = tl.load(vwb + tok3 * WV + offs_wv[None, None, :], mask=tm3, other=0)
+        ks = tl.zeros([NG, 32, 1], tl.float16)
+        kz = ks
+        k0, ks, kz = _k_field(kw, ksb, kzb, ks, kz, sksr, s, end, grp3, gm3, 0, NFK, WK, KBITS, K_PER_TOKEN, GK, NG, ASM)
+        k1, ks, kz = _k_field(kw, ksb, kzb, ks, kz, sksr, s, end, grp3, gm3, 1, NFK, WK, KBITS, K_PER_TOKEN, GK, NG, ASM)
+        k2, ks, kz = _k_field(kw, ksb, kzb, ks, kz, sksr, s, end, grp3, gm3, 2, NFK, WK, KBITS, K_PER_TOKEN, GK, NG, ASM)
+        k3, ks, kz = _k_field(kw, ksb, kzb, ks, kz, sksr, s, end, grp3, gm3, 3, NFK, WK, KBITS, K_PER_TOKEN, GK, NG, ASM)
+        k4, ks, kz = _k_field(kw, ksb, kzb, ks, kz, sksr, s, end, grp3, gm3, 4, NFK, WK, KBITS, K_PER_TOKEN, GK, NG, ASM)
+        k5, ks, kz = _k_field(kw, ksb, kzb, ks, kz, sksr, s, end, grp3, gm3, 5, NFK, WK, KBITS, K_PER_TOKEN, GK, NG, ASM)
+        k6, ks, kz = _k_field(kw, ksb, kzb, ks, kz, sksr, s, end, grp3, gm3, 6, NFK, WK, KBITS, K_PER_TOKEN, GK, NG, ASM)
+        k7, ks, kz = _k_field(kw, ksb, kzb, ks, kz, sksr, s, end, grp3, gm3, 7, NFK, WK, KBITS, K_PER_TOKEN, GK, NG, ASM)
+        kt = _tile(k0, k1, k2, k3, k4, k5, k6, k7, NFK, NG, WK, D)
+        sc = tl.dot(q, tl.trans(kt)) * qk_scale
+        sc = tl.where((s + offs_n < end)[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(sc - m_new[None, :, None])
-        l_i = l_i * alpha + tl.sum(tl.sum(p, 2), 0)
-        n0, n1, n2, n3, n4, n5, n6, n7 = _unpack(vw, VBITS, ASM)
-        a0 = _v_field(a0, alpha, p, n0, vsb, vzb, tok, tmask, 0, NFV, WV, D, VBITS, GV)
-        a1 = _v_field(a1, alpha, p, n1, vsb, vzb, tok, tmask, 1, NFV, WV, D, VBITS, GV)
-        a2 = _v_field(a2, alpha, p, n2, vsb, vzb, tok, tmask, 2, NFV, WV, D, VBITS, GV)
-        a3 = _v_field(a3, alpha, p, n3, vsb, vzb, tok, tmask, 3, NFV, WV, D, VBITS, GV)
-        a4 = _v_field(a4, alpha, p, n4, vsb, vzb, tok, tmask, 4, NFV, WV, D, VBITS, GV)
-        a5 = _v_field(a5, alpha, p, n5, vsb, vzb, tok, tmask, 5, NFV, WV, D, VBITS, GV)
-        a6 = _v_field(a6, alpha, p, n6, vsb, vzb, tok, tmask, 6, NFV, WV, D, VBITS, GV)
-        a7 = _v_field(a7, alpha, p, n7, vsb, vzb, tok, tmask, 7, NFV, WV, D, VBITS, GV)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vs = tl.zeros([NG, 32, 1], tl.float16)
+        vz = vs
+        v0, vs, vz = _v_field(vw, vsb, vzb, vs, vz, svsr, s, end, 0, NFV, WV, VBITS, GV, NG, ASM)
+        v1, vs, vz = _v_field(vw, vsb, vzb, vs, vz, svsr, s, end, 1, NFV, WV, VBITS, GV, NG, ASM)
+        v2, vs, vz = _v_field(vw, vsb, vzb, vs, vz, svsr, s, end, 2, NFV, WV, VBITS, GV, NG, ASM)
+        v3, vs, vz = _v_field(vw, vsb, vzb, vs, vz, svsr, s, end, 3, NFV, WV, VBITS, GV, NG, ASM)
+        v4, vs, vz = _v_field(vw, vsb, vzb, vs, vz, svsr, s, end, 4, NFV, WV, VBITS, GV, NG, ASM)
+        v5, vs, vz = _v_field(vw, vsb, vzb, vs, vz, svsr, s, end, 5, NFV, WV, VBITS, GV, NG, ASM)
+        v6, vs, vz = _v_field(vw, vsb, vzb, vs, vz, svsr, s, end, 6, NFV, WV, VBITS, GV, NG, ASM)
+        v7, vs, vz = _v_field(vw, vsb, vzb, vs, vz, svsr, s, end, 7, NFV, WV, VBITS, GV, NG, ASM)
+        vt = _tile(v0, v1, v2, v3, v4, v5, v6, v7, NFV, NG, WV, D)
+        acc = tl.dot(p.to(tl.float16), vt, acc * alpha[:, None])
         m_i = m_new
     l_tot = tl.where(l_i > 0, l_i, 1.0)
     ob = OP + b * sob + hq[:, None] * soh + sp * sos
-    _store_field(a0, l_tot, ob, gmask, 0, NFV, WV)
-    _store_field(a1, l_tot, ob, gmask, 1, NFV, WV)
-    _store_field(a2, l_tot, ob, gmask, 2, NFV, WV)
-    _store_field(a3, l_tot, ob, gmask, 3, NFV, WV)
-    _store_field(a4, l_tot, ob, gmask, 4, NFV, WV)
-    _store_field(a5, l_tot, ob, gmask, 5, NFV, WV)
-    _store_field(a6, l_tot, ob, gmask, 6, NFV, WV)
-    _store_field(a7, l_tot, ob, gmask, 7, NFV, WV)
+    tl.store(ob + _tile_channels(NFV, D)[None, :], acc / l_tot[:, None], mask=gmask[:, None])
     tl.store(LP + b * slb + hq * slh + sp, m_i + tl.log2(l_tot), mask=gmask)
 
 
@@ -285,14 +281,18 @@ class QuantCache:
     """A quantized KV cache built from K/V [B, H, S, D] (fp16/bf16).
 
     key_mode "channel" (KIVI: groups of 32 tokens per channel) or "token" (groups of ``k_group``
-    channels per token); values are always per token in groups of ``v_group`` channels.
+    channels per token); values are always per token in groups of ``v_group`` channels. Per-token
+    scales and zero points are stored [B, H, D/group, S_q] (tokens contiguous) so the kernel reads a
+    group's BN scales as one 16-byte-vector load that Triton can pipeline; per-channel key scales are
+    [B, H, S_q/32, D] (channels contiguous, the same reason).
     ``perm`` (SKVQ) reorders channels before grouping: the query is permuted the same way and the
     output permuted back."""
 
     def __init__(self, k, v, kbits, vbits, key_mode="channel", k_group=32, v_group=32, residual=128, clip=1.0,
                  perm: torch.Tensor | None = None):
         B, H, S, D = k.shape
-        assert D % 32 == 0 and D * kbits // 16 >= 16 and D * vbits // 16 <= v_group, (D, kbits, vbits, v_group)
+        # a field (D * bits / 16 channels) is one dot operand (>= 16 wide) inside one scale group
+        assert D % 32 == 0 and min(D * kbits, D * vbits) // 16 >= 16 and D * vbits // 16 <= v_group, (D, kbits, vbits)
         assert key_mode == "channel" or D * kbits // 16 <= k_group
         self.kbits, self.vbits, self.key_mode = kbits, vbits, key_mode
         self.k_group, self.v_group, self.clip, self.perm = k_group, v_group, clip, perm
@@ -305,8 +305,9 @@ class QuantCache:
         kc, ks, kz = quantize_groups(k[:, :, :sq], kbits, kgs, kd, clip)
         vc, vs, vz = quantize_groups(v[:, :, :sq], vbits, v_group, 3, clip)
         self.k_words, self.v_words = pack16(kc, kbits).contiguous(), pack16(vc, vbits).contiguous()
-        self.k_scale, self.k_zero = ks.contiguous(), kz.contiguous()
-        self.v_scale, self.v_zero = vs.contiguous(), vz.contiguous()
+        tmaj = lambda t: t.transpose(-1, -2).contiguous()  # noqa: E731  [.., S_q, groups] -> [.., groups, S_q]
+        self.k_scale, self.k_zero = (ks.contiguous(), kz.contiguous()) if key_mode == "channel" else (tmaj(ks), tmaj(kz))
+        self.v_scale, self.v_zero = tmaj(vs), tmaj(vz)
         self.inv_perm = torch.argsort(perm) if perm is not None else None
         self.k_res = k[:, :, sq:].half().contiguous()
         self.v_res = v[:, :, sq:].half().contiguous()
@@ -322,8 +323,10 @@ class QuantCache:
         sel = (lambda t: t) if rows is None else (lambda t: t[rows])
         kd_ = 2 if self.key_mode == "channel" else 3
         kgs = TG if self.key_mode == "channel" else self.k_group
-        kd = dequantize_groups(unpack16(sel(self.k_words), self.kbits), sel(self.k_scale), sel(self.k_zero), kgs, kd_)
-        vd = dequantize_groups(unpack16(sel(self.v_words), self.vbits), sel(self.v_scale), sel(self.v_zero),
+        tmaj = lambda t: sel(t).transpose(-1, -2)  # noqa: E731  back to [.., S_q, groups]
+        ks, kz = (sel(self.k_scale), sel(self.k_zero)) if self.key_mode == "channel" else (tmaj(self.k_scale), tmaj(self.k_zero))
+        kd = dequantize_groups(unpack16(sel(self.k_words), self.kbits), ks, kz, kgs, kd_)
+        vd = dequantize_groups(unpack16(sel(self.v_words), self.vbits), tmaj(self.v_scale), tmaj(self.v_zero),
                                self.v_group, 3)
         k = torch.cat([kd, sel(self.k_res).float()], 2)
         v = torch.cat([vd, sel(self.v_res).float()], 2)
@@ -332,16 +335,33 @@ class QuantCache:
         return k, v
 
 
-QUANT_CONFIGS = [dict(BN=64, num_warps=4, num_stages=2, waves=4), dict(BN=128, num_warps=4, num_stages=2, waves=4),
-                 dict(BN=128, num_warps=8, num_stages=2, waves=4), dict(BN=128, num_warps=4, num_stages=3, waves=8),
-                 dict(BN=256, num_warps=8, num_stages=2, waves=4), dict(BN=64, num_warps=4, num_stages=3, waves=8),
-                 dict(BN=32, num_warps=4, num_stages=3, waves=8), dict(BN=128, num_warps=8, num_stages=1, waves=8)]
-QUANT_DEFAULT = QUANT_CONFIGS[1]
+def quant_config(kbits: int, vbits: int) -> dict:
+    """Default launch config. BN = 128 tokens per iteration (64 at 8 bits, whose tiles are 4x the
+    2-bit bytes): the [BN, 128] fp16 tiles the fields are dequantized into stay in registers (about
+    170 registers a thread at 4 warps, no spills: ptxas sm_90, Triton 3.6), and num_stages=3 keeps
+    two iterations of cp.async loads in flight in 57-106 KB of shared memory, so 2-3 programs fit
+    an SM; waves=8 programs per SM (splits) so they hide each other's barriers and tails.
+    tune_quant.py sweeps quant_grid; the H200 result is in validation/README.md."""
+    return dict(BN=64 if min(kbits, vbits) >= 8 else 128, num_warps=4, num_stages=3, waves=8.0)
+
+
+def quant_grid(kbits: int, vbits: int) -> list[dict]:
+    """The default first, then one knob at a time: splits (waves), cp.async depth (stages), tokens
+    per iteration (BN), warps, and the pure-Triton dequantization instead of the PTX (asm=0)."""
+    d = quant_config(kbits, vbits)
+    grid = [d, dict(d, waves=16.0), dict(d, waves=4.0), dict(d, num_stages=2), dict(d, num_stages=4),
+            dict(d, BN=d["BN"] // 2), dict(d, BN=2 * d["BN"], num_warps=8), dict(d, num_warps=8),
+            dict(d, BN=2 * d["BN"], num_stages=2), dict(d, BN=d["BN"] // 2, num_stages=4, waves=16.0), dict(d, asm=0)]
+    out = []
+    for c in grid:
+        if c not in out and c["BN"] >= 32:
+            out.append(c)
+    return out
 
 
 def quant_attention(q, cache: QuantCache, sm_scale=None, cfg=None, out=None, asm=None):
     """q [B, Hq, D] -> out [B, Hq, D] fp16: fused dequantized attention + fp16 residual + reduce."""
-    cfg = cfg or QUANT_DEFAULT
+    cfg = cfg or quant_config(cache.kbits, cache.vbits)
     asm = USE_ASM if asm is None else asm
     B, Hq, D = q.shape
     Hkv = cache.k_words.shape[1]
@@ -352,7 +372,7 @@ def quant_attention(q, cache: QuantCache, sm_scale=None, cfg=None, out=None, asm
     q = q.half().contiguous() if q.dtype != torch.float16 else q
     bn = cfg["BN"]
     sq = cache.seq_q
-    nq, tps = pick_splits(B * Hkv, sq, bn, waves=cfg.get("waves", 2.0)) if sq else (0, bn)
+    nq, tps = pick_splits(B * Hkv, sq, bn, waves=cfg["waves"]) if sq else (0, bn)
     n_tot = nq + (1 if cache.n_res else 0)
     op, lp = alloc_partials(B, Hq, n_tot, D, q.device)
     c = cache
@@ -360,7 +380,8 @@ def quant_attention(q, cache: QuantCache, sm_scale=None, cfg=None, out=None, asm
         _qdecode_kernel[(B, Hkv, nq)](
             q, c.k_words, c.k_scale, c.k_zero, c.v_words, c.v_scale, c.v_zero, op, lp,
             q.stride(0), q.stride(1), c.k_words.stride(0), c.k_words.stride(1), c.k_scale.stride(0),
-            c.k_scale.stride(1), c.v_words.stride(0), c.v_words.stride(1), c.v_scale.stride(0), c.v_scale.stride(1),
+            c.k_scale.stride(1), c.k_scale.stride(2), c.v_words.stride(0), c.v_words.stride(1), c.v_scale.stride(0),
+            c.v_scale.stride(1), c.v_scale.stride(2),
             op.stride(0), op.stride(1), op.stride(2), lp.stride(0), lp.stride(1),
             sq, tps, sm_scale * LOG2E,
             GROUP=group, G_PAD=_g_pad(group), D=D, BN=bn, KBITS=c.kbits, VBITS=c.vbits,

@@ -175,8 +175,8 @@ def decode_attention(q, k, v, sm_scale=None, k_scale=1.0, v_scale=1.0, idx=None,
     group = Hq // Hkv
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     bn = cfg["BLOCK_N"]
-    if splits is None:
-        n_splits, tps = pick_splits(B * Hkv, S, bn)
+    if splits is None:  # cfg "waves": programs per SM the split count aims at (tune_quant.py sweeps it)
+        n_splits, tps = pick_splits(B * Hkv, S, bn, waves=cfg.get("waves", 2.0))
     else:
         tps = triton.cdiv(triton.cdiv(S, splits), bn) * bn
         n_splits = triton.cdiv(S, tps)

@@ -24,16 +24,29 @@ def test_pack_layout_int4():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.sampled_from([2, 4, 8]), st.lists(st.integers(0, 0xFFFF), min_size=2, max_size=64).filter(lambda x: len(x) % 2 == 0))
-def test_ptx_matches_field_semantics(bits, raw):
-    """The unpack PTX gives, for every field of every word, fp16 1024 + code * 2**off exactly."""
+@given(st.sampled_from([2, 4, 8]), st.lists(st.integers(0, 0xFFFF), min_size=2, max_size=64).filter(lambda x: len(x) % 2 == 0),
+       st.data())
+def test_ptx_matches_field_semantics(bits, raw, data):
+    """The dequant PTX gives, for every field of every word, fp16(code * scale + zero) rounded once,
+    with the scale passed pre-multiplied by 2**-off (as the kernel does); lop3 alone gives the
+    1024 + code * 2**off of field_fp16."""
     words = np.array(raw, dtype=np.uint16)
-    outs = kr.run_ptx(kr.unpack_ptx(bits), words.view(np.uint32))
+    n = len(raw)
+    fp16 = st.floats(-8, 8, width=16, allow_nan=False, allow_subnormal=False)
+    scale = np.array(data.draw(st.lists(fp16, min_size=n, max_size=n)), dtype=np.float16)
+    zero = np.array(data.draw(st.lists(fp16, min_size=n, max_size=n)), dtype=np.float16)
     codes = kr.unpack16(words[:, None], bits)
     for j in range(16 // bits):
-        assert np.array_equal(outs[j].view(np.uint16), kr.field_fp16(words, bits, j).view(np.uint16))
         off = bits * (j % (8 // bits))
-        assert np.array_equal((outs[j].astype(np.float32) - 1024) / 2**off, codes[:, j].astype(np.float32))
+        high = j >= 8 // bits
+        assert np.array_equal(((kr.field_fp16(words, bits, j).astype(np.float32) - 1024) / 2**off), codes[:, j])
+        s_in = (scale.astype(np.float32) / 2**off).astype(np.float16)  # exact unless subnormal
+        mask = np.full(n, kr.field_mask(bits, j), dtype=np.uint16)
+        regs = {"$1": words.view(np.uint32), "$2": s_in.view(np.uint32), "$3": zero.view(np.uint32),
+                "$4": mask.view(np.uint32)}
+        got = kr.run_ptx(kr.dequant_ptx(high), regs).view(np.float16)
+        want = (codes[:, j].astype(np.float64) * 2**off * s_in.astype(np.float64) + zero).astype(np.float16)
+        assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), (bits, j)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
