@@ -262,8 +262,8 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("shadowkv-throughput", "ShadowKV: decode throughput at 122K, each at its largest batch",
           "ICML'25 version, sec. 5.2, Table 3, p. 8", "245.90 vs 80.78 tok/s (3.04x)", 3.04, "paper-shadowkv",
           _shadowkv_throughput, "x", (0.85, 1.2),
-          "both bound by bytes: HBM for full attention, PCIe value fetches (60% reused, as in the paper) for "
-          "ShadowKV, on the A100's imported vLLM kernels"),
+          "both bound by bytes: HBM for full attention; for ShadowKV, PCIe value fetches (60% reused, as in the "
+          "paper) and HBM reads of every chunk landmark, scored each step, on the A100's imported vLLM kernels"),
     Claim("snapkv-speed", "SnapKV: decode speed at 16k input, batch 2, A100-80GB (arXiv 2404.14469)",
           "sec. 5.1.2, Fig. 7, pp. 7-8", "3.6x faster decoding", 3.6, "paper-snapkv",
           _snapkv_speed, "x", (0.4, 0.65),

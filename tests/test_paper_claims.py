@@ -37,7 +37,7 @@ KNOWN = {
     "deepseek-throughput": (1.915, PRICED),
     "cla-capacity": (56_812 / 28_406, EXACT),  # KV pages with and without CLA (bytes per token halve)
     "shadowkv-batch": (31 / 7, EXACT),  # host-bound: 125 GB per GPU / (60,128 x 64 KiB of values)
-    "shadowkv-throughput": (3.270, PRICED),
+    "shadowkv-throughput": (2.729, PRICED),
     "snapkv-speed": (1.781, PRICED),
     "snapkv-memory": (116_272 / 58_656, EXACT),  # longest prompt at batch 2: SnapKV vs fp16
     "safekv-ttft": (42.17, PRICED),

@@ -27,6 +27,7 @@ PARTS = {
     "evict": (35, ["validation/kernels/bench_attention.py", "--path", "evict"]),
     "struct": (40, ["validation/kernels/bench_attention.py", "--path", "struct"]),
     "offload": (20, ["validation/kernels/bench_attention.py", "--path", "offload"]),
+    "methods": (80, ["validation/kernels/bench_attention.py", "--path", "methods"]),  # ~60 s of a 500 s run
     "prefill": (15, ["validation/kernels/bench_attention.py", "--path", "prefill"]),
     "gemm": (80, ["validation/gemm.py", "--part", "gemm"]),  # bf16, fp8 (W8A8) and W4A16 over 31 layer shapes
     "grouped": (25, ["validation/gemm.py", "--part", "grouped"]),  # routed-expert grouped GEMMs, 6 shapes x 14

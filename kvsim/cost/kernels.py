@@ -7,8 +7,8 @@ A calibration profile holds one efficiency curve per measured decode kernel
   that runs the very same kernel: KIVI and the asymmetric-bit method share ``triton_kivi``);
 * **derived**: the nearest measured neighbour's efficiency is applied to this layout's own roofline
   terms, so the time scales with the bytes it reads and the dequantization work it does; a method
-  without a kernel of its own (MiniKV, PackKV, KVQuant, plain offload) is priced this way
-  with the kernel named below;
+  without a kernel of its own (PackKV, plain offload), or whose kernel the profile lacks (KVQuant
+  in a profile measured before its kernel existed), is priced this way with the kernel named below;
 * **refused**: a quantized layout whose kernel has no measured curve at any width in a measured
   profile (the message names the measured combinations);
 * **prior** / **roofline**: the profile itself is a labelled prior or the pure roofline, and its
@@ -27,18 +27,25 @@ from kvsim.errors import KvsimError
 DENSE = "attention_decode"
 
 # The quantized-decode kernel that runs each method's layout (validation/kernels/bench_quant.py
-# ``variants``): triton_kivi runs KIVI and asymmetric K/V widths alike (keys per channel, values
-# per token, fp16 residual), triton_intkv the per-token groups, triton_skvq SKVQ's clipped groups;
-# TTKV's host tier is measured by validation/kernels/bench_offload.py ``ttkv_point``.
-OWN_KERNEL = {"kivi": "kivi", "asymkv": "kivi", "intkv": "intkv", "skvq": "skvq", "ttkv": "ttkv"}
+# ``variants`` at 2/4/8 bits, validation/kernels/bench_methods.py ``variants`` at the other widths on
+# the bit-plane kernel): triton_kivi runs KIVI and asymmetric K/V widths alike (keys per channel,
+# values per token, fp16 residual), triton_intkv the per-token groups, triton_skvq SKVQ's clipped
+# groups, triton_minikv MiniKV's kept tokens (KIVI-style groups of 16), triton_kvquant KVQuant's
+# per-channel tables and sparse outliers; TTKV's host tier is measured by
+# validation/kernels/bench_offload.py ``ttkv_point``.
+OWN_KERNEL = {"kivi": "kivi", "asymkv": "kivi", "intkv": "intkv", "skvq": "skvq", "ttkv": "ttkv", "minikv": "minikv",
+              "kvquant": "kvquant"}
 # Methods with no kernel of their own, priced with another method's measured kernel (why).
 BORROWED_KERNEL = {
-    "minikv": ("kivi", "MiniKV has no kernel of its own; it quantizes as KIVI does (arXiv 2411.18077: "
-                       "group 16, residual 128)"),
     "packkv": ("intkv", "PackKV's data-dependent unpacking is not measured; bench_quant runs its fixed-width "
                         "path, which is the per-token int kernel"),
-    "kvquant": ("intkv", "KVQuant's non-uniform codebook kernel is not measured; priced as the uniform "
-                         "per-token int kernel"),
+}
+# Kernels a profile may lack (measured before they existed): priced with this kernel instead (why).
+FALLBACK_KERNEL = {
+    "minikv": ("kivi", "the profile has no rows of MiniKV's kernel (validation/kernels/bench_methods.py); it "
+                       "quantizes as KIVI does (arXiv 2411.18077: group 16, residual 128)"),
+    "kvquant": ("intkv", "the profile has no rows of KVQuant's lookup-table kernel (validation/kernels/"
+                         "bench_methods.py); priced as the uniform per-token int kernel"),
 }
 # Kernels measured at 16 bits only: a narrower cache is priced on the 16-bit curve with its own
 # (fewer) bytes and dequantization work, labelled as a lower bound (no quantized MLA kernel exists
@@ -107,8 +114,14 @@ def decode_kernel(family: str, cal: Calibration) -> tuple[Curve, KernelSource]:
             family, f"{DENSE}.{method}", "derived", f"no quantized {method.upper()} kernel is measured; the 16-bit "
             "kernel's efficiency on this layout's bytes and dequantization work is a lower bound on its time")
     kernel, why = (OWN_KERNEL[method], "") if method in OWN_KERNEL else BORROWED_KERNEL.get(method, (method, ""))
-    measured = sorted((w, key) for key in cal.ops if key.startswith(DENSE + ".")
+
+    def measured_widths(kernel: str) -> list[tuple[tuple[str, float, float], str]]:
+        return sorted((w, key) for key in cal.ops if key.startswith(DENSE + ".")
                       and (w := _widths(key[len(DENSE) + 1:])) is not None and OWN_KERNEL.get(w[0]) == kernel)
+    measured = measured_widths(kernel)
+    if not measured and method in FALLBACK_KERNEL:
+        kernel, why = FALLBACK_KERNEL[method]
+        measured = measured_widths(kernel)
     if not measured:
         known = sorted(k[len(DENSE) + 1:] for k in cal.ops if k.startswith(DENSE + ".") and _widths(k[len(DENSE) + 1:]))
         raise KvsimError(f"no measured decode kernel for {family} in the {cal.gpu} profile ({cal.source}), and no "

@@ -316,11 +316,12 @@ class CostModel:
 
     def _add_stream(self, terms: _Terms, s: Stream, read_cap: int | None) -> None:
         """Bytes one decode step reads (HBM) or fetches (host link) of stream ``s``."""
-        width = s.heads_per_rank(self.tp) * s.dim / s.tokens_per_entry
+        readers = kv_heads_per_rank(self.model, self.tp) if s.gathered_per_kv_head else 1
+        width = readers * s.heads_per_rank(self.tp) * s.dim / s.tokens_per_entry
         full = width * s.elem_bytes
         q = width * s.quant.bits_per_element / 8 if s.quant else full
         r = s.quant.residual_tokens if s.quant else 0
-        cap = _cap(s.token_cap, read_cap)
+        cap = s.token_cap if s.scored_whole else _cap(s.token_cap, read_cap)
         if s.const_entries:
             terms.const["hbm_read"] += s.const_entries * s.heads_per_rank(self.tp) * s.dim * s.elem_bytes
         if s.token_cap == 0:

@@ -56,6 +56,10 @@ class Stream:
     tier: Tier = "gpu"
     gpu_recent_tokens: int = 0  # with tier != gpu: entries of the most recent tokens kept on GPU
     split_by_tp: bool = True  # False: every rank holds the whole stream (MLA latent)
+    scored_whole: bool = False  # read in full every decode step to choose what to read (ShadowKV landmarks,
+    # MKA session memory): the layer's read_cap does not cap it
+    gathered_per_kv_head: bool = False  # shared by the KV heads (heads 1) but each KV head reads the rows of
+    # its own selection (ShadowKV's low-rank key factor)
 
     def heads_per_rank(self, tp: int) -> int:
         return max(1, self.heads // tp) if self.split_by_tp else self.heads

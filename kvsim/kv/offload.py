@@ -35,11 +35,14 @@ def _shadowkv(layout: KVLayout, p: Params) -> KVLayout:
         if layer.owns_kv:
             k, v = layer.streams[0], layer.streams[1]
             width = k.heads * k.dim
+            # each KV head selects its own chunks, so it gathers its own rows of the shared factor, and
+            # every step scores all S/chunk landmarks to select them (arXiv 2410.21465: approximate scores
+            # against the chunk landmarks, then the top-k chunks per KV head)
             streams = (
-                replace(k, part="k_lowrank", heads=1, dim=rank, split_by_tp=False),
+                replace(k, part="k_lowrank", heads=1, dim=rank, split_by_tp=False, gathered_per_kv_head=True),
                 replace(k, part="k_basis", heads=1, dim=width, token_cap=0, const_entries=rank,
                         split_by_tp=False),
-                replace(k, part="landmarks", tokens_per_entry=chunk),
+                replace(k, part="landmarks", tokens_per_entry=chunk, scored_whole=True),
                 replace(k, part="outlier_kv", dim=k.dim + v.dim, token_cap=min_cap(k.token_cap, outlier_tokens)),
                 replace(v, tier="host", gpu_recent_tokens=0),
             )
@@ -93,8 +96,10 @@ def _mka(layout: KVLayout, p: Params) -> KVLayout:
             k, v = layer.streams[0], layer.streams[1]
             streams = (replace(k, token_cap=min_cap(k.token_cap, local)),
                        replace(v, token_cap=min_cap(v.token_cap, local)),
-                       replace(k, part="k_session", tokens_per_entry=stride),
-                       replace(v, part="v_session", tokens_per_entry=stride),
+                       # session memory is routed over and attended in full every step (FastMKA fuses
+                       # local, session and fetched long-term entries into one attention)
+                       replace(k, part="k_session", tokens_per_entry=stride, scored_whole=True),
+                       replace(v, part="v_session", tokens_per_entry=stride, scored_whole=True),
                        replace(k, part="k_longterm", tier="host"),
                        replace(v, part="v_longterm", tier="host"))
         out.append(replace(layer, streams=streams, read_cap=min_cap(layer.read_cap, local + topk)))

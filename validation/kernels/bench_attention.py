@@ -6,6 +6,7 @@ fault in one path does not lose the others.
   bf16, fp8   dense paths (+ torch SDPA baselines)     quant     KIVI, asymmetric, INT-n, SKVQ, PackKV
   evict       eviction/merging/per-layer budgets      struct    MLA, MTLA, low-rank, cross-layer sharing
   offload     ShadowKV, TTKV, MKA, MatKV              prefill   causal SDPA over prompt lengths
+  methods     KVQuant (2-8 bits), MiniKV, KIVI and INT-n at 1/3/5/6/7 bits (bit-plane kernel)
 """
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def prefill_point(Hq, Hkv, D, P, csv, B=1):
     log(f"prefill {Hq}/{Hkv}/{D} P{P}: {t*1e3:.3f} ms {fl/t/1e12:.0f} TF/s")
 
 
-PATHS = ("bf16", "fp8", "quant", "evict", "struct", "offload", "prefill")
+PATHS = ("bf16", "fp8", "quant", "evict", "struct", "offload", "methods", "prefill")
 
 
 def main():
@@ -166,6 +167,9 @@ def main():
     elif a.path == "struct":
         from validation.kernels import bench_struct
         bench_struct.run(a, csv, budget)
+    elif a.path == "methods":
+        from validation.kernels import bench_methods
+        bench_methods.run(a, csv, budget)
     else:
         from validation.kernels import bench_offload
         bench_offload.run(a, csv, budget)

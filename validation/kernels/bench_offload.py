@@ -15,9 +15,9 @@ share (layers = 1, step_layers in params), the unit kvsim prices.
 
 bytes_read is what kvsim's cost model counts for the row's spec (attention.decode bytes of a
 1-layer model; tested in validation/tests/test_offload.py); params carry what the kernels read from
-GPU memory (hbm_bytes: kvsim caps landmark/session reads at the layer's read budget and counts
-ShadowKV's shared low-rank rows once, while each KV head gathers its own) and what crossed PCIe
-(pcie_bytes, equal to kvsim's host_transfer bytes)."""
+GPU memory (hbm_bytes: the same for ShadowKV and MKA; for TTKV it adds the block means used for
+selection, which are not in kvsim's layout) and what crossed PCIe (pcie_bytes, equal to kvsim's
+host_transfer bytes)."""
 from __future__ import annotations
 
 import math
@@ -212,14 +212,14 @@ class Shadowkv(Pipeline):
 
 def shadowkv_bytes(B, Hkv, D, S, rank, chunk, outlier_chunks, budget):
     """Per layer: (kvsim's attention.decode bytes, bytes the kernels read from GPU memory, PCIe bytes).
-    kvsim (kvsim/kv/offload.py _shadowkv): every stream capped at the budget, the low-rank factor
-    one head wide, the basis once per sequence."""
+    kvsim (kvsim/kv/offload.py _shadowkv): the basis once per sequence, the outlier chunks, every
+    landmark (scored to select), each KV head's own rows of the low-rank factor and the fetched
+    values, all read from HBM: what the kernels read."""
     sel, out = min(S, budget), min(S, outlier_chunks * chunk, budget)
     v_fetch = B * Hkv * sel * D * BF16
-    common = B * rank * Hkv * D * BF16 + B * Hkv * out * 2 * D * BF16 + v_fetch  # basis, outliers, fetched V
-    kvsim = common + B * sel * rank * BF16 + B * Hkv * D * BF16 * sel / chunk
-    hbm = common + B * Hkv * sel * rank * BF16 + B * Hkv * (S // chunk) * D * BF16
-    return int(kvsim), int(hbm), int(v_fetch)
+    hbm = (B * rank * Hkv * D * BF16 + B * Hkv * out * 2 * D * BF16 + v_fetch
+           + B * Hkv * sel * rank * BF16 + B * Hkv * (S // chunk) * D * BF16)
+    return int(hbm), int(hbm), int(v_fetch)
 
 
 # ----------------------------------------------------------------------------- TTKV
@@ -365,13 +365,14 @@ class Mka(Pipeline):
 
 
 def mka_bytes(B, Hkv, D, S, local, stride, topk):
-    """Per layer: (kvsim bytes, GPU-memory bytes, PCIe bytes). kvsim (_mka): local K/V, session
-    entries capped at (local + topk) / stride, the fetched long-term tokens read from HBM."""
+    """Per layer: (kvsim bytes, GPU-memory bytes, PCIe bytes). kvsim (_mka): local K/V, every
+    session entry (routed over and attended), the fetched long-term tokens read from HBM: what the
+    kernels read."""
     tok = Hkv * 2 * D * BF16  # K and V of one token (or one session entry)
     fetched = min(S, topk)
     pcie = B * fetched * tok
-    common = B * min(S, local) * tok + pcie
-    return (int(common + B * tok * min(S, local + topk) / stride), int(common + B * tok * (S // stride)), int(pcie))
+    hbm = B * min(S, local) * tok + pcie + B * tok * (S // stride)
+    return int(hbm), int(hbm), int(pcie)
 
 
 # ----------------------------------------------------------------------------- one row per (method, shape)

@@ -63,7 +63,7 @@ def test_bytes_equal_cost_model(name, batch, context):
     ops = {op.name: op for op in step.ops}
     assert kvsim == pytest.approx(ops["attention.decode"].bytes, rel=1e-9)
     assert pcie == pytest.approx(ops["host_transfer"].bytes, rel=1e-9)
-    assert hbm >= kvsim  # the kernels read at least what kvsim counts
+    assert hbm == kvsim if name != "ttkv" else hbm > kvsim  # TTKV: + its block means, not in kvsim's layout
 
 
 def test_poison_catches_a_missing_fetch(seed):
