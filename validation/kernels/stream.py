@@ -14,7 +14,7 @@ import triton.language as tl
 @triton.jit
 def _read_kernel(x_ptr, part_ptr, n, per_prog, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    start = pid * per_prog
+    start = pid.to(tl.int64) * per_prog  # 64-bit: 8 GiB of bf16 is 2**32 elements (int32 overflowed on the H200)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for off in range(0, per_prog, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
@@ -25,7 +25,7 @@ def _read_kernel(x_ptr, part_ptr, n, per_prog, BLOCK: tl.constexpr):
 @triton.jit
 def _write_kernel(y_ptr, n, per_prog, value, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    start = pid * per_prog
+    start = pid.to(tl.int64) * per_prog
     v = (tl.zeros([BLOCK], dtype=tl.float32) + value).to(y_ptr.dtype.element_ty)
     for off in range(0, per_prog, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
