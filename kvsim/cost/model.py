@@ -311,8 +311,8 @@ class CostModel:
         n_layers, w_bytes, flops, act_bytes, experts, top_ks, peaks = (np.array(v, dtype=float) for v in col[1:8])
         return _Gemms(tuple(names), np.array([names.index(n) for n in col[0]]),
                       n_layers, w_bytes, flops, act_bytes, experts, top_ks,
-                      np.array(col[11], dtype=bool), *(np.array(v, dtype=float) for v in col[12:15]),
-                      peaks, np.array(col[8], dtype=bool),
+                      np.array(col[11], dtype=bool), np.array(col[12], dtype=float), np.array(col[13], dtype=float),
+                      np.array(col[14], dtype=float), peaks, np.array(col[8], dtype=bool),
                       curve_names, np.array([curve_names.index(n) for n in col[9]]), np.array(col[10], dtype=float))
 
     def _build_decode_terms(self) -> _Terms:

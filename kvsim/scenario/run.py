@@ -445,7 +445,7 @@ def summarize(scenario: Scenario, sim: Simulation | DisaggSimulation, read_stats
         summary["disaggregation"] = _disagg_summary(scenario, sim, duration)
     if cfg.doc_kv_from_ssd:
         summary["doc_ssd_tokens"] = int(cols["doc_ssd_tokens"][done].sum())
-    if len(sim.replicas) > 1:  # replicas, or the DP ranks of each
+    if spec.replicas * spec.engine.data_parallel_size > 1:  # replicas, or the DP ranks of each
         summary["per_replica"] = [
             {"completed": int((cols["replica"][done] == r.index).sum()), "preemptions": r.preemptions,
              "engine_steps": r.steps, "kv_peak_used_blocks": r.peak_used_blocks} for r in sim.replicas]

@@ -28,9 +28,9 @@ from kvsim.cost.model import CostModel
 from kvsim.kv.layout import KVLayout
 from kvsim.memory import MemoryPlan
 from kvsim.serve.closed_loop import ClosedLoop
+from kvsim.serve.dp import DPGroup
 from kvsim.serve.metrics import COMPLETED, REJECT_BATCH, REJECT_CONTEXT, REJECT_KV, UNFINISHED, Recorder
 from kvsim.serve.replica import INF, EngineConfig, Replica
-from kvsim.serve.dp import DPGroup
 from kvsim.serve.router import Router, dp_rank
 from kvsim.serve.sequence import BlockTables, Seq, SharingPolicy, reusable
 from kvsim.serve.workload import Request
