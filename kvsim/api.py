@@ -40,7 +40,8 @@ def plan_memory(model: str | ModelSpec, hardware: str | HardwareSpec, method: st
 
 def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | Sequence[int],
             context: int | Sequence[int] | None = None, prompt: int | None = None, method: str = "bf16",
-            tp: int = 1, calibration: str | None = None) -> list[dict]:
+            tp: int = 1, calibration: str | None = None, data_parallel_size: int = 1,
+            expert_parallel: bool = False) -> list[dict]:
     """Step times from the calibrated roofline (``kvsim predict``): one dict per (batch, context)
     with ``decode_step_s``, ``tokens_per_s``, ``breakdown`` (seconds per term) and ``fits``;
     with ``prompt``, also ``prefill_s`` for prefilling ``batch`` prompts of that length. Without
@@ -48,13 +49,17 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     profile), ``"none"`` (pure roofline) or a profile path; each point names the profile used in
     ``calibration``, with ``decode_kernel``: whether decode attention is priced from this method's
     measured kernel, derived from a measured neighbour (by the rule it names), or from a prior, and
-    ``cost_notes``: every other term priced by a rule rather than a measured kernel."""
+    ``cost_notes``: every other term priced by a rule rather than a measured kernel.
+    ``data_parallel_size`` and ``expert_parallel``: vLLM's ``--data-parallel-size`` and
+    ``--enable-expert-parallel`` (kvsim.spec.parallel); a point is then one DP rank's step, every rank
+    carrying ``batch`` sequences."""
     from kvsim.cost import Batch, CostModel
     from kvsim.cost.execution import vllm_execution
     from kvsim.errors import KvsimError
     from kvsim.kv import layout_for
     from kvsim.memory import VLLM_DEFAULTS
     from kvsim.memory import plan_memory as plan
+    from kvsim.spec.parallel import Parallel
 
     batches = [batch] if isinstance(batch, int) else list(batch)
     contexts = [context] if context is None or isinstance(context, int) else list(context)
@@ -69,9 +74,11 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
         check_context(m, prompt, "--prompt")
     layout = layout_for(m, method)
     engine = VLLM_DEFAULTS
+    par = Parallel(data_parallel_size, expert_parallel)
+    mem = plan(m, hw, layout, tp, engine, par)
     cost = CostModel(m, hw, layout, tp, calibration, vllm_execution(hw, tp, engine.max_num_seqs,
-                                                                    engine.max_num_batched_tokens, engine.vllm_version))
-    mem = plan(m, hw, layout, tp, engine)
+                                                                    engine.max_num_batched_tokens, engine.vllm_version),
+                     par)
     assert cost.allreduce is not None  # vllm_execution prices the all-reduce
     label = {"kind": cost.cal.kind, "label": cost.cal.label, "gpu": cost.cal.gpu, "engine": cost.cal.engine,
              "note": cost.cal.note,

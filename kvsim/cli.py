@@ -112,9 +112,22 @@ def _deployment(args: argparse.Namespace):
     return model, hardware, layout
 
 
+def _parallel(args: argparse.Namespace):  # noqa: ANN202 - kvsim.spec.parallel.Parallel
+    from kvsim.spec.parallel import Parallel
+
+    return Parallel(args.data_parallel_size, args.enable_expert_parallel)
+
+
+def _parallel_label(r: dict) -> str:
+    """``TP 2`` or ``TP 2, DP 4, expert parallel`` for a report header."""
+    dp = r.get("data_parallel_size")
+    return f"TP {r['tp']}" + (f", DP {dp}" + (", expert parallel" if r["expert_parallel"] else "") if dp else "")
+
+
 def memory_report(args: argparse.Namespace) -> dict:
     from kvsim.memory import EngineMemoryConfig, plan_memory
     from kvsim.spec.model import check_context
+    from kvsim.spec.parallel import Parallel
 
     for field in ("context", "batch", "block_size", "max_num_batched_tokens", "max_num_seqs"):
         _positive(getattr(args, field), f"--{field.replace('_', '-')}")
@@ -123,7 +136,8 @@ def memory_report(args: argparse.Namespace) -> dict:
     engine = EngineMemoryConfig(args.gpu_memory_utilization, args.block_size, args.max_num_batched_tokens,
                                 args.max_num_seqs, args.vllm_version or "", args.enforce_eager,
                                 None if args.cuda_graph_gib is None else args.cuda_graph_gib * GIB)
-    plan = plan_memory(model, hardware, layout, args.tp, engine)
+    par = _parallel(args)
+    plan = plan_memory(model, hardware, layout, args.tp, engine, par)
     ctx = args.context
     tiers = layout.bytes_by_tier(ctx, args.tp)
     concurrency, binding = int(plan.max_concurrency(ctx)[0]), plan.binding_tier(ctx)
@@ -131,6 +145,7 @@ def memory_report(args: argparse.Namespace) -> dict:
     all_ranks = args.tp  # every rank holds its share (or a replica) of the KV heads
     return {
         "model": model.name, "hardware": hardware.name, "method": "+".join(layout.methods), "tp": args.tp,
+        **({"data_parallel_size": par.dp, "expert_parallel": par.expert_parallel} if par != Parallel() else {}),
         "weights": model.weight_quant.precision if model.weight_quant else model.dtype,
         "vllm_rule": plan.rule.label, "vllm_rule_source": plan.rule.source,
         "context": ctx, "batch": args.batch,
@@ -172,7 +187,7 @@ def cmd_memory(args: argparse.Namespace) -> None:
         print(json.dumps(r, indent=2))
         return
     g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
-    print(f"{r['model']} on {r['hardware']} (TP {r['tp']}), weights {r['weights']}, KV method {r['method']}")
+    print(f"{r['model']} on {r['hardware']} ({_parallel_label(r)}), weights {r['weights']}, KV method {r['method']}")
     print(f"  memory rule             {r['vllm_rule']}")
     print(f"  KV bytes per token      {r['kv_bytes_per_token']:12,.0f} B  (all ranks, at {r['context']} tokens;"
           f" GPU {r['kv_gpu_bytes_per_token']:,.0f}, host {r['kv_host_bytes_per_token']:,.0f})")
@@ -201,9 +216,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.context is None and args.prompt is None:
         raise KvsimError("give --context (price decode steps) and/or --prompt (price the prefill)", field="--context")
     model, hardware, layout = _deployment(args)
+    par = _parallel(args)
     points = predict(model, hardware, _ints(args.batch, "--batch"),
                      _ints(args.context, "--context") if args.context else None, args.prompt, args.method,
-                     args.tp, args.calibration)
+                     args.tp, args.calibration, par.dp, par.expert_parallel)
     cal = points[0]["calibration"]
     note = f": {cal['note']}" if cal["note"] else ""
     meta = f"calibration {cal['label']}{note}"
@@ -211,7 +227,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(json.dumps(points, indent=2))
         print(meta, file=sys.stderr)
         return
-    print(f"{model.name} on {hardware.name} (TP {args.tp}), KV method {'+'.join(layout.methods)}; {meta}")
+    label = _parallel_label({"tp": args.tp, "data_parallel_size": par.dp if par.dp > 1 or par.expert_parallel else None,
+                             "expert_parallel": par.expert_parallel})
+    print(f"{model.name} on {hardware.name} ({label}), KV method {'+'.join(layout.methods)}; {meta}")
     print(f"decode attention: {cal['decode_kernel']['label']}")
     for note in cal["cost_notes"][1 if cal["decode_kernel"]["status"] != "measured" else 0:]:
         print(f"note: {note}")
@@ -531,6 +549,11 @@ def _deployment_args(p: argparse.ArgumentParser, weights_choices: Sequence[str])
     p.add_argument("--hardware", required=True, help="GPU catalogue name or YAML")
     p.add_argument("--method", default="bf16", help="KV method spec, e.g. snapkv:budget=2048+kivi:bits=2")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--data-parallel-size", "--dp", type=int, default=1,
+                   help="vLLM --data-parallel-size: ranks of --tp GPUs, each with its own batch and KV cache; a MoE "
+                        "model's experts spread over all of them")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="vLLM --enable-expert-parallel: whole experts per GPU over data-parallel-size x tp GPUs")
     p.add_argument("--weights", choices=weights_choices, default=None,
                    help="serve the weights in this precision (default: as the checkpoint stores them)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -27,6 +27,7 @@ from kvsim.kv.layout import KVLayout, Tier
 from kvsim.spec.hardware import HardwareSpec
 from kvsim.spec.linears import check_tp, head_linears, layer_linears, norm_params
 from kvsim.spec.model import ModelSpec
+from kvsim.spec.parallel import SINGLE, Parallel, check_parallel
 
 GIB = 2**30
 _RULES_FILE = "kvsim/data/vllm_memory.yaml"
@@ -161,11 +162,13 @@ def rotary_cache_bytes(model: ModelSpec) -> float:
     return float(model.max_position_embeddings * rotary_dim * model.dtype_bytes)
 
 
-def weight_bytes(model: ModelSpec, tp: int) -> WeightBytes:
-    """Weights one rank holds: all MoE experts (TP splits each expert), embeddings, LM head, buffers."""
+def weight_bytes(model: ModelSpec, tp: int, par: Parallel = SINGLE) -> WeightBytes:
+    """Weights one GPU holds: its share of the routed experts (``par``: TP-sharded, or whole experts
+    under expert parallelism), the attention, dense and shared parts of its DP rank (TP-sharded),
+    embeddings, LM head, buffers."""
     by_role: dict[str, float] = {}
     for layer in model.layers:
-        for lin in layer_linears(model, layer, tp):
+        for lin in layer_linears(model, layer, tp, par):
             by_role[lin.role] = by_role.get(lin.role, 0.0) + lin.bytes
     for lin in head_linears(model, tp):
         by_role[lin.role] = by_role.get(lin.role, 0.0) + lin.bytes
@@ -179,18 +182,20 @@ def weight_bytes(model: ModelSpec, tp: int) -> WeightBytes:
         buffers=rotary_cache_bytes(model))
 
 
-def activation_peak_bytes(model: ModelSpec, tp: int, cfg: EngineMemoryConfig) -> float:
+def activation_peak_bytes(model: ModelSpec, tp: int, cfg: EngineMemoryConfig, par: Parallel = SINGLE) -> float:
     """Peak torch memory of vLLM's profiling run above the weights: the larger of the forward pass over
     ``max_num_batched_tokens`` tokens and the dummy sampler run over ``min(max_num_seqs, tokens)`` rows
-    (gpu_model_runner ``profile_run`` / ``_dummy_sampler_run``), which also holds the run's hidden states."""
+    (gpu_model_runner ``profile_run`` / ``_dummy_sampler_run``), which also holds the run's hidden states.
+    With data parallelism a MoE layer runs on every DP rank's tokens, all-gathered (kvsim.spec.parallel)."""
     n, e, h = cfg.max_num_batched_tokens, model.dtype_bytes, model.hidden_size
     widest: float = 0
     for layer in {(layer.moe,): layer for layer in model.layers}.values():
-        lins = layer_linears(model, layer, tp)
+        lins = layer_linears(model, layer, tp, par)
         attn = sum(lin.out_features for lin in lins if lin.role == "attention")
         mlp = max((lin.out_features * 1.5 for lin in lins if lin.name.endswith("gate_up")), default=0)
         if layer.moe and model.moe is not None:
-            mlp *= model.moe.top_k  # fused-MoE intermediate cache holds top_k rows per token
+            # fused-MoE intermediate cache holds top_k rows per token, of every DP rank's tokens
+            mlp *= model.moe.top_k * par.dp
         widest = max(widest, attn, mlp)
     forward = n * e * (2 * h + widest)  # residual + normed hidden + the widest layer transient
     rule = cfg.rule
@@ -210,8 +215,8 @@ class Overheads:
     cuda_graph_bytes: float
 
 
-def engine_overheads(model: ModelSpec, tp: int, engine: EngineMemoryConfig) -> Overheads:
-    return Overheads(activation_peak_bytes(model, tp, engine), engine.rule.non_torch(tp), engine.graph_bytes())
+def engine_overheads(model: ModelSpec, tp: int, engine: EngineMemoryConfig, par: Parallel = SINGLE) -> Overheads:
+    return Overheads(activation_peak_bytes(model, tp, engine, par), engine.rule.non_torch(tp), engine.graph_bytes())
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,7 @@ class MemoryPlan:
     activation_peak_bytes: float
     non_torch_bytes: float
     cuda_graph_bytes: float
+    parallel: Parallel = SINGLE  # data parallelism and expert parallelism (a plan is one GPU of one DP rank)
 
     @property
     def rule(self) -> VllmMemoryRule:
@@ -351,10 +357,13 @@ class MemoryPlan:
 
 
 def plan_memory(model: ModelSpec, hardware: HardwareSpec, layout: KVLayout, tp: int = 1,
-                engine: EngineMemoryConfig | None = None) -> MemoryPlan:
-    """Size one replica's memory the way the engine's vLLM version does."""
+                engine: EngineMemoryConfig | None = None, par: Parallel = SINGLE) -> MemoryPlan:
+    """Size one GPU's memory the way the engine's vLLM version does. With data parallelism (``par``)
+    each DP rank is a TP group with its own KV cache of its own sequences, sized the same way: the
+    plan is one GPU of one rank (the one holding the most experts)."""
     engine = engine or EngineMemoryConfig()
     check_tp(model, tp)
-    o = engine_overheads(model, tp, engine)
-    return MemoryPlan(model, hardware, layout, tp, engine, weight_bytes(model, tp), o.activation_peak_bytes,
-                      o.non_torch_bytes, o.cuda_graph_bytes)
+    check_parallel(model, tp, par, hardware.max_gpus_per_node)
+    o = engine_overheads(model, tp, engine, par)
+    return MemoryPlan(model, hardware, layout, tp, engine, weight_bytes(model, tp, par), o.activation_peak_bytes,
+                      o.non_torch_bytes, o.cuda_graph_bytes, par)

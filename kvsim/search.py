@@ -232,13 +232,14 @@ def provenance(raw: Mapping[str, Any], file: str) -> dict:
 # ---------------------------------------------------------------- ranking by cost
 
 def gpus_per_replica(raw: Mapping[str, Any]) -> int:
-    """GPUs one copy of a scenario's deployment occupies: TP degree x the scenario's replicas (for
-    a disaggregated one, each side's instances x their TP degree)."""
+    """GPUs one copy of a scenario's deployment occupies: TP degree x DP ranks x the scenario's
+    replicas (for a disaggregated one, each side's instances x their TP degree)."""
     tp = int(raw.get("tp", 1))
     d = raw.get("disaggregation")
     if d:
         return sum(int(d[side]["replicas"]) * int(d[side].get("tp") or tp) for side in ("prefill", "decode"))
-    return tp * int(raw.get("replicas", 1))
+    dp = int((raw.get("engine") or {}).get("data_parallel_size", 1))
+    return tp * dp * int(raw.get("replicas", 1))
 
 
 def price_per_gpu_hour(raw: Mapping[str, Any], file: str, prices: Mapping[str, float] | None = None) -> float | None:

@@ -26,6 +26,7 @@ from kvsim.kv.layout import KVLayout, Stream
 from kvsim.spec.hardware import HardwareSpec
 from kvsim.spec.linears import check_tp, head_linears, kv_heads_per_rank, layer_linears
 from kvsim.spec.model import ModelSpec
+from kvsim.spec.parallel import SINGLE, Parallel, expert_shard, gathers_tokens, max_rank_load
 from kvsim.spec.quant import weight_kernel
 
 NO_CAP = -1  # cap key meaning "the whole context"
@@ -91,8 +92,12 @@ class _Gemms:
     weight_bytes: np.ndarray  # per layer, all experts
     flops_per_token: np.ndarray  # top_k experts included
     act_bytes_per_token: np.ndarray
-    experts: np.ndarray
+    experts: np.ndarray  # experts this GPU holds
     top_k: np.ndarray
+    routed: np.ndarray  # a routed-expert linear (a token uses top_k of the model's experts)
+    pick: np.ndarray  # chance that one token picks one given expert: top_k / the model's experts
+    token_scale: np.ndarray  # tokens it runs on per token of this rank: every DP rank's, gathered
+    share: np.ndarray  # share of the routed token-expert pairs this GPU computes (its experts / all)
     peak: np.ndarray  # FLOP/s of the dtype the GEMM runs in
     per_sampled: np.ndarray  # the output head runs on sampled rows, not on every token
     curve_names: tuple[str, ...]  # calibration curves the GEMMs use
@@ -168,18 +173,26 @@ class CostModel:
     """Step times of one replica (model, KV layout, GPU, TP degree, calibration profile)."""
 
     def __init__(self, model: ModelSpec, hardware: HardwareSpec, layout: KVLayout, tp: int = 1,
-                 calibration: Calibration | str | None = None, execution: Execution | None = None) -> None:
+                 calibration: Calibration | str | None = None, execution: Execution | None = None,
+                 parallel: Parallel = SINGLE) -> None:
         """``execution``: the engine's all-reduce and CUDA-graph padding (``vllm_execution(...)`` for
         vLLM); None prices the reference engine (a graph at every exact size, every all-reduce
-        with the calibrated ring model of its graph-captured NCCL)."""
+        with the calibrated ring model of its graph-captured NCCL). ``parallel``: data-parallel
+        attention and expert parallelism (kvsim.spec.parallel); a step is then one DP rank's, with
+        every DP rank carrying as many tokens (vLLM pads them all to the busiest rank's count under
+        CUDA graphs: ``coordinate_batch_across_dp`` in vllm/v1/worker/dp_utils.py)."""
         check_tp(model, tp)
         self.model, self.hw, self.layout, self.tp = model, hardware, layout, tp
+        self.parallel = parallel
+        self.ep = parallel.ep_size(tp)
         self.cal = calibration if isinstance(calibration, Calibration) else find_calibration(hardware, calibration)
         self.execution = execution
         self.allreduce = execution.allreduce if execution is not None else None
         self.weight_kernel = weight_kernel(model, hardware)
         self.notes: tuple[str, ...] = ()  # how quantized weights are priced (labels priors), set by _build_gemms
         self._gemms = self._build_gemms()
+        if gathers_tokens(model, parallel):
+            self.notes += (self._parallel_note(),)
         self._fixed_cache: dict[tuple[float, float, float], list] = {}
         self._table: list[tuple] = []  # (name, driver index, flops, bytes, seconds, bound) arrays
         self._table_sums: list[list[float]] = []  # per driver: seconds of its ops, by count
@@ -208,6 +221,18 @@ class CostModel:
         self._prefill_groups = self._build_prefill_groups()
         self._elementwise = self._build_elementwise()
         self.cost_notes: tuple[str, ...] = self._cost_notes()
+
+    def _parallel_note(self) -> str:
+        """How a DP rank's MoE layers are priced (kvsim.spec.parallel), one line."""
+        held, split = expert_shard(self.model, self.tp, self.parallel)
+        dp = self.parallel.dp
+        where = (f"expert parallel over {self.ep} GPUs ({held} experts on the fullest), load of the busiest EP rank "
+                 "under uniform routing (balls into bins)" if self.ep > 1 else
+                 f"every expert on every GPU, split {split} ways (TP over data_parallel_size x tp)")
+        return (f"MoE over {dp} DP ranks: {where}; each MoE layer all-gathers every rank's tokens (moe.dispatch) and "
+                "reduce-scatters the outputs (moe.combine), vLLM's allgather_reducescatter backend priced as NCCL "
+                "rings on the calibrated link; every rank is assumed to carry this rank's tokens (vLLM pads them "
+                "to the busiest rank's)")
 
     def _cost_notes(self) -> tuple[str, ...]:
         """What this layout's price rests on besides measured kernels, one line each."""
@@ -243,26 +268,33 @@ class CostModel:
         for layer in self.model.layers:  # layers with the same weights: mixer kind, MLP, MoE
             key = (layer.attention if layer.attention in ("state", "none") else "attention", layer.mlp, layer.moe)
             kinds.setdefault(key, [layer, 0])[1] += 1
-        top_k = self.model.moe.top_k if self.model.moe else 1
+        moe = self.model.moe
+        top_k = moe.top_k if moe else 1
+        dp = self.parallel.dp if gathers_tokens(self.model, self.parallel) else 1
         grouped = "gemm_grouped" if "gemm_grouped" in self.cal.ops else "gemm"
         prior = k_.path != "bf16" and k_.curve not in self.cal.ops
         for layer, count in kinds.values():
-            for lin in layer_linears(self.model, layer, self.tp):
-                k = top_k if lin.experts > 1 else 1
+            for lin in layer_linears(self.model, layer, self.tp, self.parallel):
+                routed = lin.role == "experts"
+                k = top_k if routed else 1
                 quantized = lin.bits != native_bits
                 if quantized:
                     peak = c.flops_per_s.get(k_.peak_dtype) or self.hw.peak_flops_per_s[k_.peak_dtype]
-                    curve = k_.curve if not prior else (grouped if lin.experts > 1 else "gemm")
+                    curve = k_.curve if not prior else (grouped if routed else "gemm")
                     # a measured curve of the path already holds its dequantization; the prior adds it
                     dq = DEQUANT_FLOPS_PER_ELEMENT * 8 / lin.bits if k_.dequant and prior else 0.0
                 else:
-                    peak, curve, dq = c.flops_per_s["bf16"], grouped if lin.experts > 1 else "gemm", 0.0
+                    peak, curve, dq = c.flops_per_s["bf16"], grouped if routed else "gemm", 0.0
+                n_all = moe.num_experts if routed and moe else 1
                 rows.append((f"gemm.{lin.role}", count, lin.bytes, 2.0 * lin.in_features * lin.out_features * k,
-                             (lin.in_features + lin.out_features) * e * k, lin.experts, k, peak, False, curve, dq))
+                             (lin.in_features + lin.out_features) * e * k, lin.experts, k, peak, False, curve, dq,
+                             routed, k / n_all if routed else 1.0, dp if routed else 1,
+                             lin.experts / n_all if routed else 1.0))
         for lin in head_linears(self.model, self.tp):
             if lin.role == "lm_head" or self.model.tie_word_embeddings:  # runs on sampled rows only
                 rows.append(("gemm.lm_head", 1, lin.bytes, 2.0 * lin.params,
-                             (lin.in_features + lin.out_features) * e, 1, 1, c.flops_per_s["bf16"], True, "gemm", 0.0))
+                             (lin.in_features + lin.out_features) * e, 1, 1, c.flops_per_s["bf16"], True, "gemm", 0.0,
+                             False, 1.0, 1, 1.0))
         if k_.path != "bf16":
             wq = self.model.weight_quant
             assert wq is not None  # weight_kernel gives the bf16 path to a model without weight quantization
@@ -278,7 +310,9 @@ class CostModel:
         col = list(zip(*rows, strict=True))
         n_layers, w_bytes, flops, act_bytes, experts, top_ks, peaks = (np.array(v, dtype=float) for v in col[1:8])
         return _Gemms(tuple(names), np.array([names.index(n) for n in col[0]]),
-                      n_layers, w_bytes, flops, act_bytes, experts, top_ks, peaks, np.array(col[8], dtype=bool),
+                      n_layers, w_bytes, flops, act_bytes, experts, top_ks,
+                      np.array(col[11], dtype=bool), np.array(col[12], dtype=float), np.array(col[13], dtype=float),
+                      np.array(col[14], dtype=float), peaks, np.array(col[8], dtype=bool),
                       curve_names, np.array([curve_names.index(n) for n in col[9]]), np.array(col[10], dtype=float))
 
     def _build_decode_terms(self) -> _Terms:
@@ -388,9 +422,12 @@ class CostModel:
         rows = [("kv_write", kv_write, L), ("norm", norm, NORMS_PER_LAYER * L + 1), ("rope", rope, L),
                 ("activation", act, L)]
         moe_layers = sum(1 for layer in m.layers if layer.moe) if m.moe else 0
-        # permute: read h, write k copies; un-permute: read k copies, write h (+ shared out)
+        # permute: read h, write k copies; un-permute: read k copies, write h (+ shared out); with data
+        # parallelism over every DP rank's tokens (gathered), of which this GPU's experts get their share
         if moe_layers and m.moe is not None:
-            rows.append(("moe_routing", (3 * m.moe.top_k + 2) * h * e * moe_layers,
+            dp = self.parallel.dp if gathers_tokens(m, self.parallel) else 1
+            held = expert_shard(m, tp, self.parallel)[0]
+            rows.append(("moe_routing", (3 * m.moe.top_k * (held / m.moe.num_experts) + 2) * dp * h * e * moe_layers,
                          MOE_ROUTING_KERNELS_PER_LAYER * moe_layers))
         # sampler (vLLM; validation/engine_model.py sample): logits bf16 -> fp32 (read 2, write 4 B),
         # softmax (read 4, write 4), pick (read 4): 18 bytes per vocabulary entry, 3 kernels
@@ -470,6 +507,8 @@ class CostModel:
             rows.append((name, d, np.zeros_like(nbytes), nbytes, t, np.full(t.shape, "memory")))
         if self.tp > 1:
             rows.append(self._allreduce(tokens))
+        if gathers_tokens(self.model, self.parallel):
+            rows += self._dispatch_combine(tokens)
         return [(name, d, f.tolist(), b.tolist(), t.tolist(), bound.tolist()) for name, d, f, b, t, bound in rows]
 
     def _gemm_rows(self, tokens: np.ndarray, sampled: np.ndarray) -> list[tuple]:
@@ -477,12 +516,20 @@ class CostModel:
         g, c = self._gemms, self.cal.ceilings
         col = lambda v: v[:, None]  # noqa: E731 - per-linear values broadcast over the counts
         m = np.where(col(g.per_sampled), sampled[None, :], tokens[None, :])
-        routed = col(g.experts > 1)
-        # expected experts touched by `tokens` tokens each choosing top_k of them
-        active = np.where(routed, col(g.experts) * (1.0 - (1.0 - col(g.top_k / g.experts)) ** m), 1.0)
+        routed = col(g.routed)
+        m_all = m * col(g.token_scale)  # routed experts run on every DP rank's tokens, gathered
+        # expected experts of this GPU touched by those tokens, each choosing top_k of all experts
+        active = np.where(routed, col(g.experts) * (1.0 - (1.0 - col(g.pick)) ** m_all), 1.0)
         wbytes = col(g.weight_bytes) * np.where(routed, active / col(g.experts), 1.0)
-        m_eff = np.where(routed, m * col(g.top_k) / np.maximum(active, 1e-9), m)
-        flops, nbytes = col(g.flops_per_token) * m, wbytes + col(g.act_bytes_per_token) * m
+        load = col(g.share)  # this GPU's share of the token-expert pairs (1: it holds every expert)
+        if self.ep > 1:  # the most loaded EP rank sets the pace (kvsim.spec.parallel.max_rank_load)
+            mean = m_all * col(g.top_k) * load
+            most = m_all * np.minimum(col(g.top_k), col(g.experts))
+            load = np.where(routed, max_rank_load(mean, self.ep, most) / np.maximum(m_all * col(g.top_k), 1e-9),
+                            load)
+        m_eff = np.where(routed, m_all * col(g.top_k) * load / np.maximum(active, 1e-9), m)
+        flops = col(g.flops_per_token) * m_all * load
+        nbytes = wbytes + col(g.act_bytes_per_token) * m_all * load
         ce, me, floor = np.empty(m.shape), np.empty(m.shape), np.empty(m.shape)
         sizes = np.maximum(m_eff, 1.0)
         for ci, name in enumerate(g.curve_names):  # each linear's own curve (bf16, grouped, quantized path)
@@ -672,6 +719,30 @@ class CostModel:
             per_call = self.allreduce.seconds(msg, per_call)
         calls = 2 * self.model.num_layers + 1
         return ("allreduce", 0, np.zeros_like(msg), msg * calls, per_call * calls, np.full(msg.shape, "link"))
+
+    def _dispatch_combine(self, tokens: np.ndarray) -> list[tuple]:
+        """Each MoE layer's token dispatch and combine over the DP group, as vLLM's default single-node
+        all-to-all backend runs them (``allgather_reducescatter``: ``all_gatherv`` of every rank's hidden
+        states, top-k weights and ids, then ``reduce_scatterv`` of the expert outputs; NCCL rings,
+        vllm/distributed/device_communicators/all2all.py ``AgRsAll2AllManager``), every DP rank carrying
+        ``tokens``. A ring over p ranks moves (p-1)/p of the gathered message through each link in
+        p-1 hops, priced with the calibrated link terms of the all-reduce ring (``_allreduce``)."""
+        dp, h, e = self.parallel.dp, self.model.hidden_size, self.model.dtype_bytes
+        assert self.model.moe is not None  # gathers_tokens: a MoE model
+        layers = sum(1 for layer in self.model.layers if layer.moe)
+        link = self.hw.nvlink_bandwidth_bytes_per_s or self.hw.pcie_bandwidth_bytes_per_s
+        curve = self.cal.ops["allreduce"]
+        # dispatch: bf16 hidden states + fp32 top-k weights + int32 top-k ids per token; combine: hidden states
+        k = self.model.moe.top_k
+        rows = []
+        for name, per_token in (("moe.dispatch", h * e + k * (4 + 4)), ("moe.combine", h * e)):
+            gathered = tokens * per_token * dp
+            _, me = curve.eff(np.maximum(gathered, 1.0))
+            per_call = ((dp - 1) / dp * gathered / (link * me) + (dp - 1) * self.cal.ceilings.link_latency_s
+                        + curve.floor_s)
+            t = np.where(tokens > 0, per_call * layers, 0.0)
+            rows.append((name, 0, np.zeros_like(gathered), gathered * layers, t, np.full(gathered.shape, "link")))
+        return rows
 
     @staticmethod
     def _total(ops: list, steps: int) -> np.ndarray:

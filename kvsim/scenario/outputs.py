@@ -157,6 +157,9 @@ def text_summary(summary: dict) -> str:
     dis = summary.get("disaggregation")
     replicas = (f"{dis['prefill']['replicas']} prefill + {dis['decode']['replicas']} decode instance(s)" if dis
                 else f"{sc['replicas']} replica(s)")
+    if sc.get("data_parallel_size"):
+        replicas += (f" of {sc['data_parallel_size']} DP ranks"
+                     + (", expert parallel" if sc["expert_parallel"] else ""))
     lines = [
         f"{sc['name']}: {sc['model']} on {sc['hardware']} (TP {sc['tp']}) x {replicas}, "
         f"KV {sc['method']}; calibration {sc['calibration']['kind']} ({sc['calibration']['gpu']})",

@@ -64,6 +64,7 @@ def deployment(scenario: Scenario, side: str | None = None) -> Deployment:
     from kvsim.memory import GIB, EngineMemoryConfig, plan_memory
     from kvsim.spec.hardware import load_hardware
     from kvsim.spec.model import load_model
+    from kvsim.spec.parallel import Parallel
     from kvsim.spec.quant import weight_kernel, with_weights
 
     spec, file = scenario.spec, scenario.file
@@ -83,17 +84,22 @@ def deployment(scenario: Scenario, side: str | None = None) -> Deployment:
         memory = EngineMemoryConfig(e.gpu_memory_utilization, e.block_size, e.max_num_batched_tokens,
                                     e.max_num_seqs, e.vllm_version or "", e.enforce_eager,
                                     None if e.cuda_graph_gib is None else e.cuda_graph_gib * GIB)
-        plan = plan_memory(model, hardware, layout, tp, memory)
+        par = Parallel(e.data_parallel_size, e.expert_parallel)
+        if side is not None and par != Parallel():
+            raise KvsimError("data parallelism and expert parallelism are not modelled with disaggregation",
+                             field="engine.data_parallel_size", value=e.data_parallel_size, file=file)
+        plan = plan_memory(model, hardware, layout, tp, memory, par)
         execution = vllm_execution(hardware, tp, e.max_num_seqs, e.max_num_batched_tokens, e.vllm_version or "")
     except KvsimError as err:
-        engine_key = err.field in ("vllm_version", "cuda_graph_gib", "gpu_memory_utilization")
+        engine_key = err.field in ("vllm_version", "cuda_graph_gib", "gpu_memory_utilization", "data_parallel_size",
+                                   "expert_parallel")
         side_key = f"disaggregation.{side}.{err.field}" if side and err.field in ("hardware", "tp") else None
         raise _with_file(err, file, f"engine.{err.field}" if engine_key else side_key) from None
     cal = spec.calibration
     try:
         if cal is not None and cal.lower() not in ("none", "imported"):
             cal = str(resolve_path(cal, scenario))
-        cost = CostModel(model, hardware, layout, tp, find_calibration(hardware, cal, e.kind), execution)
+        cost = CostModel(model, hardware, layout, tp, find_calibration(hardware, cal, e.kind), execution, par)
     except KvsimError as err:
         raise _with_file(err, file, "calibration") from None
     if not plan.fits and e.num_gpu_blocks_override is None:
@@ -380,6 +386,7 @@ def summarize(scenario: Scenario, sim: Simulation | DisaggSimulation, read_stats
     """The run's summary (JSON-able; the same scenario and seed give the same numbers)."""
     from kvsim.cost.model import calibration_summary
     from kvsim.engines import unshipped
+    from kvsim.spec.parallel import Parallel
 
     spec, cfg, dep = scenario.spec, sim.cfg, sim.dep
     cols = sim.recorder.arrays()
@@ -404,6 +411,9 @@ def summarize(scenario: Scenario, sim: Simulation | DisaggSimulation, read_stats
                      "hardware": spec.hardware, "method": "+".join(dep.layout.methods) or spec.method,
                      "tp": spec.tp, "replicas": spec.replicas, "router": spec.router, "seed": spec.seed,
                      "weights": (wq.precision if (wq := dep.plan.model.weight_quant) else dep.plan.model.dtype),
+                     **({"data_parallel_size": spec.engine.data_parallel_size,
+                         "expert_parallel": spec.engine.expert_parallel}
+                        if dep.plan.parallel != Parallel() else {}),
                      "memory_rule": dep.plan.rule.label,
                      "calibration": calibration_summary(dep.cost)},
         "requests": sim.arrived,
@@ -435,7 +445,7 @@ def summarize(scenario: Scenario, sim: Simulation | DisaggSimulation, read_stats
         summary["disaggregation"] = _disagg_summary(scenario, sim, duration)
     if cfg.doc_kv_from_ssd:
         summary["doc_ssd_tokens"] = int(cols["doc_ssd_tokens"][done].sum())
-    if spec.replicas > 1:
+    if spec.replicas * spec.engine.data_parallel_size > 1:  # replicas, or the DP ranks of each
         summary["per_replica"] = [
             {"completed": int((cols["replica"][done] == r.index).sum()), "preemptions": r.preemptions,
              "engine_steps": r.steps, "kv_peak_used_blocks": r.peak_used_blocks} for r in sim.replicas]

@@ -119,6 +119,10 @@ class EngineSpec(_Strict):
     cuda_graph_gib: float | None = Field(default=None, ge=0)  # vLLM >= 0.20's measured CUDA-graph estimate
     fast_forward: StrictBool = True
     scheduling_policy: Literal[POLICIES] = DEFAULT_POLICY  # type: ignore[valid-type]  # kvsim.serve.policy
+    # vLLM --data-parallel-size and --enable-expert-parallel (kvsim.spec.parallel): DP ranks of tp GPUs
+    # each behind one endpoint; a MoE model's ranks step in lockstep
+    data_parallel_size: int = Field(default=1, gt=0)
+    expert_parallel: StrictBool = False
 
 
 class SLOSpec(_Strict):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import simpy
@@ -28,11 +28,13 @@ from kvsim.cost.model import CostModel
 from kvsim.kv.layout import KVLayout
 from kvsim.memory import MemoryPlan
 from kvsim.serve.closed_loop import ClosedLoop
+from kvsim.serve.dp import DPGroup
 from kvsim.serve.metrics import COMPLETED, REJECT_BATCH, REJECT_CONTEXT, REJECT_KV, UNFINISHED, Recorder
 from kvsim.serve.replica import INF, EngineConfig, Replica
-from kvsim.serve.router import Router
+from kvsim.serve.router import Router, dp_rank
 from kvsim.serve.sequence import BlockTables, Seq, SharingPolicy, reusable
 from kvsim.serve.workload import Request
+from kvsim.spec.parallel import gathers_tokens
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,9 @@ def admit_and_route(req: Request, admission: Admission, recorder: Recorder, loop
             loop.request_done(req.arrival_s)
         return None
     r = router.pick(seq)
+    if router.dp > 1:  # the replica's DP ranks: vLLM's front end picks one
+        r *= router.dp
+        r += dp_rank(replicas[r:r + router.dp])
     replicas[r].enqueue(seq)
     return r
 
@@ -149,15 +154,26 @@ class Simulation(ReplicaTotals):
         self.dep, self.cfg = dep, cfg
         self.tables = tables or BlockTables(dep.plan)
         bs = dep.plan.engine.block_size
+        par = dep.plan.parallel
+        ranks = replicas * par.dp  # every DP rank of every replica: its own scheduler and KV cache
         sharing = None
         if cfg.prefix_caching or cfg.doc_kv_from_ssd or router == "prefix_affinity":
             # the first-sender table remembers as many blocks as all replicas can cache
-            sharing = SharingPolicy(dep.layout.runtime.prefix_sharing, bs, replicas * dep.num_gpu_blocks)
+            sharing = SharingPolicy(dep.layout.runtime.prefix_sharing, bs, ranks * dep.num_gpu_blocks)
         self.admission = Admission(dep, cfg, self.tables, sharing)
-        self.router = Router(router, replicas, bs, dep.num_gpu_blocks)
-        self.recorder = Recorder(replicas, timeseries_interval_s, record_steps)
-        self.replicas = [Replica(i, cfg, dep.num_gpu_blocks, dep.plan.block_bytes, dep.cost, self.tables,
-                                 self._finished, self.recorder.observe) for i in range(replicas)]
+        self.router = Router(router, replicas, bs, par.dp * dep.num_gpu_blocks, par.dp)
+        self.recorder = Recorder(ranks, timeseries_interval_s, record_steps)
+        # a MoE model's DP ranks step together (kvsim.serve.dp): one event-loop unit per replica
+        coupled = gathers_tokens(dep.plan.model, par)
+        rank_cfg = replace(cfg, fast_forward=False) if coupled else cfg
+        self.replicas = [Replica(i, rank_cfg, dep.num_gpu_blocks, dep.plan.block_bytes, dep.cost, self.tables,
+                                 self._finished, None if coupled else self.recorder.observe) for i in range(ranks)]
+        self.units: list[Replica] | list[DPGroup] = self.replicas
+        self._unit_of = list(range(ranks))  # rank -> the event-loop unit that steps it
+        if coupled:
+            self.units = [DPGroup(g, self.replicas[g * par.dp:(g + 1) * par.dp], self.recorder.observe)
+                          for g in range(replicas)]
+            self._unit_of = [i // par.dp for i in range(ranks)]
         self.arrived = 0
         self.end_s = 0.0
         self.loop: ClosedLoop | None = None  # a closed-loop stream, told when each request ends
@@ -173,9 +189,10 @@ class Simulation(ReplicaTotals):
     def run(self, stream: Iterable[Request],
             progress: Callable[[float, int], None] | None = None) -> Simulation:
         """Simulate until every request of ``stream`` has finished or been rejected."""
-        heap: list[tuple[float, int, int, int]] = []  # (time, order, replica, version)
-        version = [0] * len(self.replicas)
-        pending = [INF] * len(self.replicas)  # time of each replica's live event
+        heap: list[tuple[float, int, int, int]] = []  # (time, order, unit, version)
+        units, unit_of = self.units, self._unit_of
+        version = [0] * len(units)
+        pending = [INF] * len(units)  # time of each unit's live event
         order = 0
         it: Iterator[Request] = iter(stream)
         self.loop = stream if isinstance(stream, ClosedLoop) else None
@@ -189,7 +206,9 @@ class Simulation(ReplicaTotals):
                 now = nxt.arrival_s
                 r = self._arrive(nxt)
                 nxt = next(it, None)
-                if r is not None and not self.replicas[r].busy and pending[r] > now:  # idle: wake it now
+                if r is not None:
+                    r = unit_of[r]
+                if r is not None and not units[r].busy and pending[r] > now:  # idle: wake it now
                     version[r] += 1
                     pending[r] = now
                     heapq.heappush(heap, (now, order, r, version[r]))
@@ -199,7 +218,7 @@ class Simulation(ReplicaTotals):
             if ver != version[r]:
                 continue  # superseded by an earlier wake-up
             pending[r] = INF
-            wake = self._boundary(self.replicas[r], now, nxt.arrival_s if nxt is not None else INF)
+            wake = self._boundary(units[r], now, nxt.arrival_s if nxt is not None else INF)
             if nxt is None and self.loop is not None:  # a request ended: its client sent the next
                 nxt = next(it, None)
             if wake < INF:
@@ -217,7 +236,7 @@ class Simulation(ReplicaTotals):
             for seq in [*rep.running, *rep.waiting]:
                 self.recorder.request(seq, UNFINISHED)
 
-    def _boundary(self, rep: Replica, now: float, next_arrival_s: float) -> float:
+    def _boundary(self, rep: Replica | DPGroup, now: float, next_arrival_s: float) -> float:
         """A step boundary of ``rep`` at ``now``: finish the step that ends, plan the next one;
         return when ``rep`` needs to act again (infinity: when a request reaches it)."""
         if rep.busy:
@@ -241,6 +260,8 @@ class Simulation(ReplicaTotals):
 
         if isinstance(stream, ClosedLoop):
             raise NotImplementedError("closed-loop streams run in Simulation.run")
+        if self.units is not self.replicas:
+            raise NotImplementedError("lockstep data-parallel ranks run in Simulation.run")
         env = simpy.Environment()
         it: Iterator[Request] = iter(stream)
         peek: list[Request | None] = [next(it, None)]

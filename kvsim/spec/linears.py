@@ -14,6 +14,7 @@ from typing import Literal
 
 from kvsim.errors import KvsimError
 from kvsim.spec.model import LayerSpec, ModelSpec
+from kvsim.spec.parallel import SINGLE, Parallel, expert_shard
 
 Role = Literal["embedding", "lm_head", "attention", "mlp", "router", "experts", "shared_experts"]
 
@@ -105,15 +106,18 @@ def _mixer(model: ModelSpec, layer: LayerSpec, tp: int) -> list[Linear]:
     return _attention(model, tp)
 
 
-def layer_linears(model: ModelSpec, layer: LayerSpec, tp: int = 1) -> tuple[Linear, ...]:
-    """Weight matrices of one decoder layer on one rank."""
+def layer_linears(model: ModelSpec, layer: LayerSpec, tp: int = 1, par: Parallel = SINGLE) -> tuple[Linear, ...]:
+    """Weight matrices of one decoder layer on one rank; the routed experts as ``par`` spreads them
+    (kvsim.spec.parallel.expert_shard: whole experts under expert parallelism, else TP-sharded over
+    every DP x TP rank), on the GPU that holds the most."""
     out = _mixer(model, layer, tp)
     if not layer.mlp:
         return tuple(out)
     if layer.moe and model.moe is not None:
         moe = model.moe
         out.append(Linear("router", "router", model.hidden_size, moe.num_experts, _bits(model, "router")))
-        out += _mlp(model, moe.expert_intermediate_size, "experts", tp, moe.num_experts)
+        held, split = expert_shard(model, tp, par)
+        out += _mlp(model, moe.expert_intermediate_size, "experts", split, held)
         if moe.num_shared_experts:
             out += _mlp(model, moe.shared_intermediate_size, "shared_experts", tp)
     else:
