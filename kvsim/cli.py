@@ -64,6 +64,7 @@ def cmd_hardware(args: argparse.Namespace) -> None:
                      "fp8_tflops": (hw.peak_flops_per_s.get("fp8") or 0) / 1e12,
                      "nvlink_gb_per_s": hw.nvlink_bandwidth_bytes_per_s / 1e9,
                      "price_usd_per_hour": hw.price_per_gpu_hour_usd,
+                     "price_read_on": hw.price_source.read_on if hw.price_source else None,
                      f"calibration ({args.engine})": cal.label})
     _table(rows, args.json, list(rows[0]))
 
@@ -347,7 +348,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from kvsim.fileio import write_atomic
-    from kvsim.search import check_search_folder, rate_path, run_search, select_points
+    from kvsim.search import candidates, check_search_folder, rate_path, rate_unit, run_search, select_points
     from kvsim.sweep import Progress
 
     _positive(args.jobs, "--jobs")
@@ -357,6 +358,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         check_search_folder(Path(args.out), args.force)
     plan = _plan(args)
     points = select_points(plan, args.configs) if args.configs else list(plan.points)
+    configs = len(candidates(plan, points))  # a bad sweep.search.space stops here, before any output
     if args.target_rate is not None and rate_path(points[0].raw, plan.search).endswith("rate_scale"):
         raise KvsimError("is requests per second, but sweep.search.rate_path is workload.rate_scale (a multiple of "
                          "the trace's rate): search workload.rate instead", field="--target-rate",
@@ -365,7 +367,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     if synthetic.get("num_requests") and not synthetic.get("duration_s"):
         print("kvsim: note: workload.synthetic.num_requests fixes the number of requests, so a high rate is "
               "a short burst, not a sustained load; give duration_s instead", file=sys.stderr)
-    bar = Progress(len(points), "search", not args.quiet)
+    bar = Progress(configs, "search", not args.quiet)
     results = run_search(plan, args.target_rate, args.jobs, args.backend, args.address, points,
                          on_done=lambda done, total: bar.update(done, 0), prices=_prices(args.price or []))
     bar.close()
@@ -379,14 +381,15 @@ def cmd_search(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(doc, indent=2))
         return
-    unit = "x trace rate" if doc["rate_path"].endswith("rate_scale") else "req/s"
-    print(f"capacity search: {len(results)} configurations, goodput >= {plan.search.min_goodput:.0%} of "
-          f"requests within both SLOs, rate knob {doc['rate_path']} ({unit}), "
-          f"tolerance {plan.search.tolerance:.0%}"
-          + (f", target {target:g} {unit}" if target else ""))
-    rows = [{"rank": r.rank or "-", "config": r.label, "GPUs": r.gpus_per_replica,
+    unit = rate_unit(doc["rate_path"])
+    disagg = sum(r.disaggregated for r in results)
+    print(f"capacity search: {len(results)} configurations tried ({len(results) - disagg} aggregated, {disagg} "
+          f"disaggregated), {sum(len(r.probes) for r in results)} simulations; goodput >= "
+          f"{plan.search.min_goodput:.0%} of requests within both SLOs, rate knob {doc['rate_path']} ({unit}), "
+          f"tolerance {plan.search.tolerance:.0%}" + (f", target {target:g} {unit}" if target else ""))
+    rows = [{"rank": r.rank or "-", "config": r.label, "GPUs/copy": r.gpus_per_replica,
              "$/GPU-h": f"{r.price_per_gpu_hour_usd:.2f}" if r.price_per_gpu_hour_usd else "-",
-             f"max rate ({unit})": f"{r.max_rate:.3g}", "replicas": r.replicas or "-",
+             f"max rate ({unit})": f"{r.max_rate:.3g}", "copies": r.replicas or "-",
              "$/h": f"{r.cost_usd_per_hour:.2f}" if r.cost_usd_per_hour else "-",
              "calibration": r.calibration or "-"} for r in results]
     _table(rows, False, list(rows[0]))

@@ -39,12 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import kvsim
 from kvsim.backends import Backend, execute
 from kvsim.errors import DoesNotFit, KvsimError, schema_error
 from kvsim.fileio import check_writable, read_checked_json, read_csv_rows, write_atomic
+from kvsim.scenario.schema import LinkSpec
 
 SWEEP_KEY = "sweep"
 # Leading columns of the results table; the swept paths follow `point`, the metrics follow `key`.
@@ -60,6 +61,38 @@ class _Variant(BaseModel):
     model_config = _STRICT
     name: str = Field(min_length=1)
     set: dict[str, Any]
+
+
+class SearchSpace(BaseModel):
+    """``sweep.search.space``: the deployments ``kvsim search`` tries for every configuration of the
+    sweep (docs/sweep.md). A candidate is one copy of a deployment; the search finds the rate one
+    copy sustains and serves a target rate with whole copies. Aggregated: one replica of each ``tp``.
+    Disaggregated: ``prefill_replicas`` x ``prefill_tp`` prefill instances and ``decode_replicas`` x
+    ``decode_tp`` decode instances, every combination whose instance counts are coprime (2P:2D is two
+    copies of 1P:1D) and whose GPUs fit in ``max_gpus``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tp: list[int] = Field(default_factory=list)  # aggregated candidates' TP degrees (none: no aggregated one)
+    prefill_tp: list[int] = Field(default_factory=list)  # disaggregated: each side's TP degrees
+    decode_tp: list[int] = Field(default_factory=list)
+    prefill_replicas: list[int] = Field(default_factory=lambda: [1])
+    decode_replicas: list[int] = Field(default_factory=lambda: [1])
+    link: LinkSpec | None = None  # default: the scenario's disaggregation.link
+    max_gpus: int = Field(default=16, gt=0)  # GPUs of one copy at most
+
+    @field_validator("tp", "prefill_tp", "decode_tp", "prefill_replicas", "decode_replicas")
+    @classmethod
+    def _positive(cls, values: list[int]) -> list[int]:
+        if any(v <= 0 for v in values):
+            raise ValueError(f"every value must be a positive integer (got {values})")
+        return values
+
+    @model_validator(mode="after")
+    def _some_candidate(self) -> SearchSpace:
+        if not self.tp and not (self.prefill_tp and self.decode_tp):
+            raise ValueError("give tp (aggregated candidates) and/or both prefill_tp and decode_tp "
+                             "(disaggregated candidates)")
+        return self
 
 
 class SearchConfig(BaseModel):
@@ -78,6 +111,7 @@ class SearchConfig(BaseModel):
     target_rate: float | None = Field(default=None, gt=0)
     # USD per GPU-hour by catalogue GPU name, replacing the catalogue's price (kvsim search --price)
     prices: dict[str, float] = Field(default_factory=dict)
+    space: SearchSpace | None = None  # None: each sweep point is one configuration, as written
 
 
 class _PlanPoint(BaseModel):
