@@ -285,6 +285,14 @@ def cmd_plot(args: argparse.Namespace) -> None:
                                  value=folder)
             runs[Path(folder).name] = path
         plots.save(plots.kv_usage(runs), Path(args.out))
+    elif args.what == "search":
+        from kvsim.report import read_search
+
+        _required(args, "results")
+        path = Path(args.results) / "search.json"
+        if not path.is_file():
+            raise KvsimError("no search.json (a `kvsim search --out` folder)", field="--results", value=args.results)
+        plots.save(plots.search_costs(read_search(path)), Path(args.out))
     elif args.what == "validation":
         from kvsim.cost.calibration import results_dir
 
@@ -583,15 +591,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="capacity: one model on one GPU (also KV bytes and memory breakdown); "
                        "capacity-grid: models x GPUs panels, a line per method; latency, goodput: from a "
                        "sweep folder (--results); kv-usage: from `kvsim run --out` folders (--results A,B); "
+                       "search: the cost of each configuration from a `kvsim search --out` folder (--results); "
                        "validation: predicted vs measured for --gpu")
-    p.add_argument("what", choices=["capacity", "capacity-grid", "latency", "goodput", "kv-usage",
+    p.add_argument("what", choices=["capacity", "capacity-grid", "latency", "goodput", "kv-usage", "search",
                                     "validation"])
     p.add_argument("--model", help="catalogue name (capacity-grid: comma-separated)")
     p.add_argument("--hardware", help="GPU name (capacity-grid: comma-separated)")
     p.add_argument("--methods", default="bf16,fp8,kivi:bits=2,snapkv:budget=2048", help="comma-separated KV methods")
     p.add_argument("--contexts", help="comma-separated context lengths (default: 512..max, log-spaced)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    p.add_argument("--results", help="sweep folder (latency, goodput) or run folders (kv-usage)")
+    p.add_argument("--results", help="sweep folder (latency, goodput), run folders (kv-usage) or search folder")
     p.add_argument("--x", help="goodput: the swept column on the x axis (default: the swept rate)")
     p.add_argument("--gpu", help="validation: folder under validation/results")
     p.add_argument("--validation-results", help="validation results root (default: validation/results)")

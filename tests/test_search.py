@@ -297,3 +297,18 @@ def test_a_bad_space_is_one_line_naming_the_field(tmp_path, capsys, space, named
     assert str(path) in err
     for text in named:
         assert text in err, err
+
+
+def test_the_search_cli_counts_what_it_tried_and_plots_the_ranking(tmp_path, capsys):
+    from kvsim.cli import main
+
+    plan = _space_scenario(tmp_path, 0.1)
+    main(["search", plan.file, "--jobs", "2", "--target-rate", "20", "--quiet", "--out", str(tmp_path / "s")])
+    out = capsys.readouterr().out
+    assert "2 configurations tried (1 aggregated, 1 disaggregated)" in out and " simulations;" in out
+    assert "aggregated TP1: cheapest: 3 x 1 h100-sxm at $3.99" in out
+    main(["plot", "search", "--results", str(tmp_path / "s"), "--out", str(tmp_path / "costs.png")])
+    assert (tmp_path / "costs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as stop:
+        main(["plot", "search", "--results", str(tmp_path), "--out", str(tmp_path / "x.png")])
+    assert stop.value.code == 2 and "no search.json" in capsys.readouterr().err
