@@ -356,8 +356,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from kvsim.fileio import write_atomic
+    from kvsim.progress import Progress
     from kvsim.search import candidates, check_search_folder, rate_path, rate_unit, run_search, select_points
-    from kvsim.sweep import Progress
 
     _positive(args.jobs, "--jobs")
     if args.target_rate is not None and not 0 < args.target_rate < float("inf"):
@@ -375,7 +375,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     if synthetic.get("num_requests") and not synthetic.get("duration_s"):
         print("kvsim: note: workload.synthetic.num_requests fixes the number of requests, so a high rate is "
               "a short burst, not a sustained load; give duration_s instead", file=sys.stderr)
-    bar = Progress(configs, "search", not args.quiet)
+    bar = Progress("search", not args.quiet, total=configs)
     results = run_search(plan, args.target_rate, args.jobs, args.backend, args.address, points,
                          on_done=lambda done, total: bar.update(done, 0), prices=_prices(args.price or []))
     bar.close()

@@ -29,10 +29,8 @@ import hashlib
 import io
 import itertools
 import json
-import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +43,7 @@ import kvsim
 from kvsim.backends import Backend, execute
 from kvsim.errors import DoesNotFit, KvsimError, schema_error
 from kvsim.fileio import check_writable, read_checked_json, read_csv_rows, write_atomic
+from kvsim.progress import Progress
 from kvsim.scenario.schema import LinkSpec
 
 SWEEP_KEY = "sweep"
@@ -491,43 +490,7 @@ def _number(text: str) -> Any:
     return None if text == "" else text
 
 
-# ---------------------------------------------------------------- progress and the sweep
-
-class Progress:
-    """Progress of ``kvsim sweep`` and ``kvsim search`` on stderr: a redrawn bar on a terminal, else
-    one line when the work starts and one per finished item, so a piped or logged run still shows
-    it advancing (a 42-configuration search otherwise says nothing for minutes). ``enabled=False``
-    (``--quiet``) silences it."""
-
-    def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled = total, label, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.t0 = time.perf_counter()
-        self.shown = -1  # items finished at the last line written (off a terminal)
-        if enabled and not self.tty:
-            sys.stderr.write(f"{label}: {total} to run\n")
-            sys.stderr.flush()
-
-    def update(self, done: int, errors: int) -> None:
-        if not self.enabled or (not self.tty and done in (self.shown, 0)):  # a log gets news only
-            return
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / done * (self.total - done) if done else math.nan
-        tail = (f"{f'  {errors} failed' if errors else ''}  {elapsed:.0f} s"
-                f"{f'  ETA {eta:.0f} s' if done < self.total and done else ''}")
-        if self.tty:
-            width = 30
-            bar = "#" * int(width * done / max(self.total, 1))
-            sys.stderr.write(f"\r{self.label} [{bar:<{width}}] {done}/{self.total}{tail}   ")
-        else:
-            self.shown = done
-            sys.stderr.write(f"{self.label}: {done}/{self.total} done{tail}\n")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-
+# ---------------------------------------------------------------- the sweep
 
 @dataclass(frozen=True)
 class SweepOutcome:
@@ -579,7 +542,7 @@ def run_sweep(plan: SweepPlan, out: Path, jobs: int | None = None, backend: Back
     store.write_plan()
     todo = [p for p in plan.points if not store.finished(p, retry_errors)]
     tasks = [(dict(p.raw), plan.file, str(out / "runs" / p.key) if keep_runs else None) for p in todo]
-    bar = Progress(len(plan.points), "sweep", progress)
+    bar = Progress("sweep", progress, total=len(plan.points))
     done = len(plan.points) - len(todo)
     bar.update(done, 0)
     last_write = time.perf_counter()
