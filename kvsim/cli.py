@@ -64,6 +64,7 @@ def cmd_hardware(args: argparse.Namespace) -> None:
                      "fp8_tflops": (hw.peak_flops_per_s.get("fp8") or 0) / 1e12,
                      "nvlink_gb_per_s": hw.nvlink_bandwidth_bytes_per_s / 1e9,
                      "price_usd_per_hour": hw.price_per_gpu_hour_usd,
+                     "price_read_on": hw.price_source.read_on if hw.price_source else None,
                      f"calibration ({args.engine})": cal.label})
     _table(rows, args.json, list(rows[0]))
 
@@ -302,6 +303,14 @@ def cmd_plot(args: argparse.Namespace) -> None:
                                  value=folder)
             runs[Path(folder).name] = path
         plots.save(plots.kv_usage(runs), Path(args.out))
+    elif args.what == "search":
+        from kvsim.report import read_search
+
+        _required(args, "results")
+        path = Path(args.results) / "search.json"
+        if not path.is_file():
+            raise KvsimError("no search.json (a `kvsim search --out` folder)", field="--results", value=args.results)
+        plots.save(plots.search_costs(read_search(path)), Path(args.out))
     elif args.what == "validation":
         from kvsim.cost.calibration import results_dir
 
@@ -365,8 +374,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from kvsim.fileio import write_atomic
-    from kvsim.search import check_search_folder, rate_path, run_search, select_points
-    from kvsim.sweep import Progress
+    from kvsim.progress import Progress
+    from kvsim.search import candidates, check_search_folder, rate_path, rate_unit, run_search, select_points
 
     _positive(args.jobs, "--jobs")
     if args.target_rate is not None and not 0 < args.target_rate < float("inf"):
@@ -375,6 +384,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         check_search_folder(Path(args.out), args.force)
     plan = _plan(args)
     points = select_points(plan, args.configs) if args.configs else list(plan.points)
+    configs = len(candidates(plan, points))  # a bad sweep.search.space stops here, before any output
     if args.target_rate is not None and rate_path(points[0].raw, plan.search).endswith("rate_scale"):
         raise KvsimError("is requests per second, but sweep.search.rate_path is workload.rate_scale (a multiple of "
                          "the trace's rate): search workload.rate instead", field="--target-rate",
@@ -383,7 +393,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     if synthetic.get("num_requests") and not synthetic.get("duration_s"):
         print("kvsim: note: workload.synthetic.num_requests fixes the number of requests, so a high rate is "
               "a short burst, not a sustained load; give duration_s instead", file=sys.stderr)
-    bar = Progress(len(points), "search", not args.quiet)
+    bar = Progress("search", not args.quiet, total=configs)
     results = run_search(plan, args.target_rate, args.jobs, args.backend, args.address, points,
                          on_done=lambda done, total: bar.update(done, 0), prices=_prices(args.price or []))
     bar.close()
@@ -397,14 +407,15 @@ def cmd_search(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(doc, indent=2))
         return
-    unit = "x trace rate" if doc["rate_path"].endswith("rate_scale") else "req/s"
-    print(f"capacity search: {len(results)} configurations, goodput >= {plan.search.min_goodput:.0%} of "
-          f"requests within both SLOs, rate knob {doc['rate_path']} ({unit}), "
-          f"tolerance {plan.search.tolerance:.0%}"
-          + (f", target {target:g} {unit}" if target else ""))
-    rows = [{"rank": r.rank or "-", "config": r.label, "GPUs": r.gpus_per_replica,
+    unit = rate_unit(doc["rate_path"])
+    disagg = sum(r.disaggregated for r in results)
+    print(f"capacity search: {len(results)} configurations tried ({len(results) - disagg} aggregated, {disagg} "
+          f"disaggregated), {sum(len(r.probes) for r in results)} simulations; goodput >= "
+          f"{plan.search.min_goodput:.0%} of requests within both SLOs, rate knob {doc['rate_path']} ({unit}), "
+          f"tolerance {plan.search.tolerance:.0%}" + (f", target {target:g} {unit}" if target else ""))
+    rows = [{"rank": r.rank or "-", "config": r.label, "GPUs/copy": r.gpus_per_replica,
              "$/GPU-h": f"{r.price_per_gpu_hour_usd:.2f}" if r.price_per_gpu_hour_usd else "-",
-             f"max rate ({unit})": f"{r.max_rate:.3g}", "replicas": r.replicas or "-",
+             f"max rate ({unit})": f"{r.max_rate:.3g}", "copies": r.replicas or "-",
              "$/h": f"{r.cost_usd_per_hour:.2f}" if r.cost_usd_per_hour else "-",
              "calibration": r.calibration or "-"} for r in results]
     _table(rows, False, list(rows[0]))
@@ -630,15 +641,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="capacity: one model on one GPU (also KV bytes and memory breakdown); "
                        "capacity-grid: models x GPUs panels, a line per method; latency, goodput: from a "
                        "sweep folder (--results); kv-usage: from `kvsim run --out` folders (--results A,B); "
+                       "search: the cost of each configuration from a `kvsim search --out` folder (--results); "
                        "validation: predicted vs measured for --gpu")
-    p.add_argument("what", choices=["capacity", "capacity-grid", "latency", "goodput", "kv-usage",
+    p.add_argument("what", choices=["capacity", "capacity-grid", "latency", "goodput", "kv-usage", "search",
                                     "validation"])
     p.add_argument("--model", help="catalogue name (capacity-grid: comma-separated)")
     p.add_argument("--hardware", help="GPU name (capacity-grid: comma-separated)")
     p.add_argument("--methods", default="bf16,fp8,kivi:bits=2,snapkv:budget=2048", help="comma-separated KV methods")
     p.add_argument("--contexts", help="comma-separated context lengths (default: 512..max, log-spaced)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    p.add_argument("--results", help="sweep folder (latency, goodput) or run folders (kv-usage)")
+    p.add_argument("--results", help="sweep folder (latency, goodput), run folders (kv-usage) or search folder")
     p.add_argument("--x", help="goodput: the swept column on the x axis (default: the swept rate)")
     p.add_argument("--gpu", help="validation: folder under validation/results")
     p.add_argument("--validation-results", help="validation results root (default: validation/results)")

@@ -10,6 +10,7 @@ from pathlib import Path
 import matplotlib
 import matplotlib.axis
 import matplotlib.lines
+import matplotlib.patches
 import matplotlib.ticker
 
 matplotlib.use("Agg")
@@ -243,6 +244,50 @@ def goodput_rate(rows: Sequence[Mapping], rate_col: str, series_by: Sequence[str
     ax.set_title("Goodput against offered load")
     fig.tight_layout()
     _legend_below(fig, handles, labels, legend_title)
+    return fig
+
+
+def search_costs(search: Mapping) -> plt.Figure:
+    """A capacity search's ranking (``search.json``): the cost of serving the target rate (else the
+    cost per unit of rate) per configuration, cheapest at the top, a colour per kind of deployment
+    and swept configuration, each bar labelled with its copies x GPUs and what limits one copy.
+    Configurations without a cost (do not fit, no price) are listed with their reason."""
+    configs = list(search["configs"])
+    target = search.get("target_rate")
+    key = "cost_usd_per_hour" if target else "usd_per_hour_per_rate"
+    ranked = [c for c in configs if c.get(key) is not None]
+    unranked = [c for c in configs if c.get(key) is None]
+
+    def group(c: Mapping) -> str:
+        base = c["label"].removesuffix(c.get("deployment", "")).rstrip(", ")
+        kind = ("disaggregated" if c.get("disaggregated") else "aggregated") if c.get("deployment") else ""
+        return ", ".join(part for part in (kind, base) if part) or "configuration"
+
+    groups = list(dict.fromkeys(group(c) for c in ranked))
+    colors = dict(zip(groups, _colors(len(groups)), strict=True))
+    rows = len(ranked) + len(unranked)
+    fig, ax = plt.subplots(figsize=(11, 1.4 + 0.27 * rows))
+    y = np.arange(len(ranked))
+    ax.barh(y, [c[key] for c in ranked], color=[colors[group(c)] for c in ranked])
+    unit = "x trace rate" if str(search.get("rate_path")).endswith("rate_scale") else "req/s"
+    for i, c in enumerate(ranked):
+        copies = f"{c['replicas']} x {c['gpus_per_replica']} GPUs, " if target else ""
+        ax.annotate(f"  {copies}{c['max_rate']:.3g} {unit} per copy ({c['limit']})", (c[key], i),
+                    va="center", fontsize=7)
+    for j, c in enumerate(unranked):
+        ax.annotate(f"{c['label']}: {c['verdict'][:90]}", (0, len(ranked) + j), va="center", fontsize=7,
+                    color="0.4")
+    ax.set_yticks(list(y) + list(range(len(ranked), rows)),
+                  [f"#{c['rank']} {c.get('deployment') or c['label']}" for c in ranked] + [""] * len(unranked),
+                  fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.45 * max((c[key] for c in ranked), default=1.0))
+    ax.set_xlabel(f"USD per hour for {target:g} {unit}" if target else f"USD per hour per {unit}")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title(f"kvsim search: {search.get('scenario', '')}, {len(configs)} configurations")
+    handles = [matplotlib.patches.Patch(color=colors[g]) for g in groups]
+    fig.tight_layout()
+    _legend_below(fig, handles, groups, "deployment, configuration")
     return fig
 
 

@@ -194,6 +194,17 @@ def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
 class _Probed(BaseModel):
     label: str
     probes: list[tuple[float, float | None]]
+    # read by kvsim plot search (kvsim.plots.search_costs)
+    rank: int | None
+    verdict: str
+    max_rate: float
+    limit: str
+    replicas: int | None
+    gpus_per_replica: int
+    cost_usd_per_hour: float | None
+    usd_per_hour_per_rate: float | None
+    deployment: str = ""  # written since sweep.search.space
+    disaggregated: bool = False
 
 
 class _SearchFile(BaseModel):

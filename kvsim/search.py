@@ -16,6 +16,7 @@ replica sustains; for a target rate, replicas = ceil(target / rate per replica).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from typing import Any
 from kvsim.backends import Backend, execute
 from kvsim.errors import DoesNotFit, KvsimError
 from kvsim.fileio import check_writable
-from kvsim.sweep import Point, SearchConfig, SweepPlan, point_key
+from kvsim.sweep import Point, SearchConfig, SearchSpace, SweepPlan, point_key
 
 TRACE_RATE = "workload.rate"  # a trace's offered requests/s (kvsim.scenario.run.workload rescales the trace)
 
@@ -33,7 +34,7 @@ TRACE_RATE = "workload.rate"  # a trace's offered requests/s (kvsim.scenario.run
 # Calibration kinds measured on the GPU itself (by kvsim, or imported from a kernel database); a
 # borrowed profile, the prior or the bare roofline ranks after them.
 CALIBRATED = ("measured", "imported")
-LIMITS = {"memory": "does not fit in memory", "ttft": "TTFT SLO", "tpot": "TPOT SLO",
+LIMITS = {"memory": "KV-cache memory", "ttft": "TTFT SLO", "tpot": "TPOT SLO",
           "error": "simulation error", "rate_max": "none up to rate_max"}
 
 
@@ -158,14 +159,23 @@ def judge(summary: Mapping[str, Any], min_goodput: float) -> tuple[bool, float |
     attain = summary.get("slo_attainment") or {}
     ttft, tpot = attain.get("ttft"), attain.get("tpot")
     limit = "ttft" if ttft is not None and (tpot is None or ttft <= tpot) else "tpot"
-    parts = [f"goodput {goodput:.1%} < {min_goodput:.0%}"]
-    for name, value in (("TTFT", ttft), ("TPOT", tpot)):
-        if value is not None:
-            parts.append(f"{name} SLO met by {value:.1%}")
-    if isinstance(summary.get("ttft_s"), Mapping) and isinstance(summary.get("tpot_s"), Mapping):
-        parts.append(f"p90 TTFT {summary['ttft_s'].get('p90', math.nan) * 1e3:.0f} ms, "
-                     f"p90 TPOT {summary['tpot_s'].get('p90', math.nan) * 1e3:.1f} ms")
-    return False, float(goodput), limit, "; ".join(parts)
+    return False, float(goodput), limit, f"{slo_miss(summary, limit)}; goodput {goodput:.1%} < {min_goodput:.0%}"
+
+
+def slo_miss(summary: Mapping[str, Any], limit: str) -> str:
+    """``TTFT p90 612 ms > SLO 500 ms (met by 81.0%)``: the limiting SLO's p90 against its target
+    and the share of requests within it (the p90 is the percentile the default min_goodput of 90%
+    asks for; a run can miss the goodput with both p90s inside their SLOs, when different requests
+    miss each one)."""
+    name, digits = ("TTFT", 0) if limit == "ttft" else ("TPOT", 1)
+    p90 = (summary.get(f"{limit}_s") or {}).get("p90")
+    target = (summary.get("slo") or {}).get(f"{limit}_s")
+    met = (summary.get("slo_attainment") or {}).get(limit)
+    if not isinstance(p90, (int, float)) or not isinstance(target, (int, float)):
+        return f"{name} SLO met by {met:.1%}" if isinstance(met, (int, float)) else f"{name} SLO"
+    sign = ">" if p90 > target else "<="
+    return (f"{name} p90 {p90 * 1e3:.{digits}f} ms {sign} SLO {target * 1e3:.{digits}f} ms"
+            + (f" (met by {met:.1%})" if isinstance(met, (int, float)) else ""))
 
 
 def at_rate(raw: Mapping[str, Any], path: str, rate: float, min_requests: int) -> dict:
@@ -190,8 +200,9 @@ def evaluate_rate(raw: Mapping[str, Any], file: str, path: str, rate: float, min
 
     try:
         result = run_scenario(scenario_from_dict(at_rate(raw, path, rate, min_requests), file))
-    except KvsimError as err:
-        return Probe(rate, False, None, "memory" if isinstance(err, DoesNotFit) else "error", str(err))
+    except KvsimError as err:  # the file is the search's own scenario: its name adds nothing here
+        text = str(err).removeprefix(f"{err.file}: ") if err.file else str(err)
+        return Probe(rate, False, None, "memory" if isinstance(err, DoesNotFit) else "error", text)
     passes, goodput, limit, detail = judge(result.summary, min_goodput)
     return Probe(rate, passes, goodput, limit, detail)
 
@@ -227,6 +238,108 @@ def provenance(raw: Mapping[str, Any], file: str) -> dict:
     cal = dep.cost.cal
     return {"calibration": cal.label, "calibrated": cal.kind in CALIBRATED,
             "unshipped": unshipped(scenario.spec.engine.kind, dep.layout.methods)}
+
+
+# ---------------------------------------------------------------- the deployments a search tries
+
+MAX_CONFIGS = 256  # configurations x deployments one search simulates at most (about 10 runs each)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One deployment of ``sweep.search.space``: an aggregated replica (``prefill`` is None) or a
+    disaggregated unit of prefill and decode instances, each side ``(instances, TP)``."""
+
+    tp: int  # the aggregated replica's TP degree (0 when disaggregated)
+    prefill: tuple[int, int] | None = None
+    decode: tuple[int, int] | None = None
+
+    @property
+    def gpus(self) -> int:
+        if self.prefill is None or self.decode is None:
+            return self.tp
+        return self.prefill[0] * self.prefill[1] + self.decode[0] * self.decode[1]
+
+    @property
+    def label(self) -> str:
+        if self.prefill is None or self.decode is None:
+            return f"aggregated TP{self.tp}"
+        (p, p_tp), (d, d_tp) = self.prefill, self.decode
+        return f"disaggregated {p}P TP{p_tp} : {d}D TP{d_tp} ({p * p_tp}:{d * d_tp} GPUs)"
+
+    def apply(self, raw: Mapping[str, Any], link: Mapping[str, Any] | None) -> dict:
+        """``raw`` deployed as this layout (one copy: ``replicas: 1``)."""
+        out = {k: v for k, v in raw.items() if k != "disaggregation"}
+        out["replicas"] = 1
+        if self.prefill is None or self.decode is None:
+            out["tp"] = self.tp
+            return out
+        out["disaggregation"] = {"prefill": {"replicas": self.prefill[0], "tp": self.prefill[1]},
+                                 "decode": {"replicas": self.decode[0], "tp": self.decode[1]},
+                                 "link": dict(link or {})}
+        return out
+
+
+def layouts(space: SearchSpace) -> list[Layout]:
+    """Every deployment of ``space`` within its GPU cap, aggregated ones first."""
+    out = [Layout(tp) for tp in sorted(set(space.tp)) if tp <= space.max_gpus]
+    for p, d in itertools.product(sorted(set(space.prefill_replicas)), sorted(set(space.decode_replicas))):
+        if math.gcd(p, d) != 1:  # a multiple of a smaller unit: the target is met with more copies of that
+            continue
+        for p_tp, d_tp in itertools.product(sorted(set(space.prefill_tp)), sorted(set(space.decode_tp))):
+            layout = Layout(0, (p, p_tp), (d, d_tp))
+            if layout.gpus <= space.max_gpus:
+                out.append(layout)
+    return out
+
+
+def space_link(space: SearchSpace, raw: Mapping[str, Any], file: str) -> dict | None:
+    """The link of the disaggregated candidates: the space's, else the scenario's own; an error
+    naming ``sweep.search.space.link`` when there are disaggregated candidates and neither gives one."""
+    if space.link is not None:
+        return space.link.model_dump()
+    own = (raw.get("disaggregation") or {}).get("link")
+    if own is None and space.prefill_tp and space.decode_tp:
+        raise KvsimError("disaggregated candidates need a link between prefill and decode: give "
+                         "sweep.search.space.link {bandwidth_gbps, latency_us} or a disaggregation.link",
+                         field="sweep.search.space.link", value=None, file=file)
+    return dict(own) if own is not None else None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration the search bisects: a sweep point, deployed as ``layout`` (None: as written)."""
+
+    point: Point
+    layout: Layout | None
+    raw: Mapping[str, Any]
+
+    def label(self, rate_path: str) -> str:
+        """The point's swept values (but the searched rate) and the layout."""
+        base = self.point.label(exclude=rate_path)
+        if self.layout is None:
+            return base
+        return self.layout.label if base == "base scenario" else f"{base}, {self.layout.label}"
+
+
+def candidates(plan: SweepPlan, points: Sequence[Point]) -> list[Candidate]:
+    """The configurations a search bisects: each distinct point, crossed with the space's layouts."""
+    chosen = distinct_configs(plan, points)
+    space = plan.search.space
+    if space is None:
+        return [Candidate(p, None, p.raw) for p in chosen]
+    out = []
+    for p in chosen:
+        link = space_link(space, p.raw, plan.file)
+        out += [Candidate(p, layout, layout.apply(p.raw, link)) for layout in layouts(space)]
+    if not out:
+        raise KvsimError(f"no deployment within max_gpus={space.max_gpus}", field="sweep.search.space",
+                         value=space.model_dump(exclude_none=True), file=plan.file)
+    if len(out) > MAX_CONFIGS:
+        raise KvsimError(f"{len(out)} configurations to search, more than {MAX_CONFIGS}: narrow the sweep or "
+                         "sweep.search.space (fewer TP degrees, instance counts or a lower max_gpus)",
+                         field="sweep.search.space", value=space.model_dump(exclude_none=True), file=plan.file)
+    return out
 
 
 # ---------------------------------------------------------------- ranking by cost
@@ -266,21 +379,23 @@ class ConfigResult:
     point: int
     label: str
     hardware: str
-    gpus_per_replica: int
+    gpus_per_replica: int  # GPUs of one copy (a disaggregated copy: both sides)
     price_per_gpu_hour_usd: float | None
     rate_path: str
     max_rate: float  # highest rate verified to meet the SLOs (0: none)
     limit: str  # what fails above max_rate
     limit_detail: str
     probes: tuple[tuple[float, float | None], ...]  # (rate, goodput) of every simulated probe
-    replicas: int | None  # for the target rate
-    cost_usd_per_hour: float | None  # replicas x GPUs x price (for the target) or one replica
+    replicas: int | None  # copies for the target rate
+    cost_usd_per_hour: float | None  # copies x GPUs x price (for the target) or one copy
     usd_per_hour_per_rate: float | None  # GPUs x price / max_rate
     rank: int | None = None
     verdict: str = ""
     calibration: str = ""  # where the GPU's speed figures come from (Calibration.label)
     calibrated: bool = True  # measured or imported on this GPU (else ranked after those that are)
     unshipped: tuple[str, ...] = ()  # KV methods the engine does not ship (flagged)
+    deployment: str = ""  # the sweep.search.space layout (Layout.label); "" for a point as written
+    disaggregated: bool = False
 
 
 def _cost(r: ConfigResult, target: float | None) -> ConfigResult:
@@ -292,9 +407,27 @@ def _cost(r: ConfigResult, target: float | None) -> ConfigResult:
                            "usd_per_hour_per_rate": per_replica / r.max_rate})
 
 
+def rate_unit(path: str) -> str:
+    return "x trace rate" if path.endswith("rate_scale") else "req/s"
+
+
+def _limit(r: ConfigResult) -> str:
+    """What stops one copy from going faster, in words."""
+    if r.limit == "rate_max":
+        return f"meets the SLOs up to rate_max={r.max_rate:.3g} {rate_unit(r.rate_path)}"
+    return (f"limited by the {LIMITS.get(r.limit, r.limit)} above {r.max_rate:.3g} {rate_unit(r.rate_path)}: "
+            f"{r.limit_detail}")
+
+
+def _gpus(r: ConfigResult) -> str:
+    return f"{r.replicas} x {r.gpus_per_replica} {r.hardware} at ${r.price_per_gpu_hour_usd:.2f}"
+
+
 def rank(results: Sequence[ConfigResult], target: float | None) -> list[ConfigResult]:
     """Ranked configurations, cheapest first (for the target rate, else per unit of rate), each
     loser with the reason it lost."""
+    from kvsim.spec.hardware import PRICE_SOURCE
+
     costed = [_cost(r, target) for r in results]
     viable = [r for r in costed if r.cost_usd_per_hour is not None]
     key = (lambda r: (r.cost_usd_per_hour, -r.max_rate)) if target else \
@@ -304,32 +437,37 @@ def rank(results: Sequence[ConfigResult], target: float | None) -> list[ConfigRe
     out = []
     for i, r in enumerate(viable):
         best = viable[0]
-        limit = (f"meets the SLOs up to rate_max={r.max_rate:.3g}" if r.limit == "rate_max" else
-                 f"{LIMITS.get(r.limit, r.limit)} limits it above {r.max_rate:.3g}")
+        limit = _limit(r)
         flags = ([] if r.calibrated else [f"UNCALIBRATED GPU ({r.calibration or 'unknown'}): ranked after "
                                           "calibrated ones"])
         if r.unshipped:
             flags.append(f"{', '.join(r.unshipped)} not shipped by the engine (what-if)")
         limit = limit + "".join(f"; {f}" for f in flags)
         if i == 0:
-            verdict = f"cheapest ({limit})"
+            verdict = (f"cheapest: {_gpus(r)} = ${r.cost_usd_per_hour:.2f}/h; {limit}"
+                       if target else f"cheapest per unit of rate; {limit}")
         elif math.isclose(key(r)[0], key(best)[0], rel_tol=1e-9):
             lower = "lower" if r.max_rate < best.max_rate else "equal"
-            verdict = f"ties with #1 on cost; {lower} rate per replica ({limit})"
+            verdict = f"ties with #1 on cost; {lower} rate per copy; {limit}"
         elif target:
-            verdict = (f"more expensive: {r.replicas} x {r.gpus_per_replica} GPU = "
-                       f"${r.cost_usd_per_hour:.2f}/h vs ${best.cost_usd_per_hour:.2f}/h ({limit})")
+            verdict = (f"costs {_gpus(r)} (${r.cost_usd_per_hour:.2f}/h) vs {_gpus(best)} "
+                       f"(${best.cost_usd_per_hour:.2f}/h); {limit}")
         else:
-            verdict = (f"more expensive: ${r.usd_per_hour_per_rate:.3f}/h per unit of rate vs "
-                       f"${best.usd_per_hour_per_rate:.3f} ({limit})")
+            verdict = (f"costs ${r.usd_per_hour_per_rate:.3f}/h per unit of rate vs "
+                       f"${best.usd_per_hour_per_rate:.3f}: {limit}")
         out.append(ConfigResult(**{**asdict(r), "rank": i + 1, "verdict": verdict}))
     for r in costed:
         if r.cost_usd_per_hour is not None:
             continue
-        if r.max_rate <= 0:
-            verdict = f"{LIMITS.get(r.limit, r.limit)} even at the lowest rate: {r.limit_detail}"
+        if r.limit == "memory":
+            verdict = r.limit_detail if "does not fit" in r.limit_detail else f"does not fit: {r.limit_detail}"
+        elif r.limit == "error":
+            verdict = f"cannot run: {r.limit_detail}"
+        elif r.max_rate <= 0:
+            verdict = f"misses the SLOs even at the lowest rate (rate_min): {r.limit_detail}"
         else:
-            verdict = f"no price per GPU-hour for {r.hardware} in the hardware catalogue"
+            verdict = (f"no price per GPU-hour for {r.hardware}: the catalogue's one source ({PRICE_SOURCE}) "
+                       f"lists none; give --price {r.hardware}=USD")
         out.append(ConfigResult(**{**asdict(r), "verdict": verdict}))
     return out
 
@@ -348,23 +486,26 @@ def run_search(plan: SweepPlan, target_rate: float | None = None, jobs: int | No
                points: Sequence[Point] | None = None,
                on_done: Callable[[int, int], None] | None = None,
                prices: Mapping[str, float] | None = None) -> list[ConfigResult]:
-    """Search every configuration (point) of ``plan``, in parallel, and rank them by cost
-    (``prices``: USD per GPU-hour by GPU name, over the scenario's and the catalogue's)."""
-    chosen = distinct_configs(plan, points if points is not None else plan.points)
+    """Search every configuration of ``plan`` (each point, or each point x ``sweep.search.space``
+    deployment), in parallel, and rank them by cost (``prices``: USD per GPU-hour by GPU name, over
+    the scenario's and the catalogue's)."""
+    chosen = candidates(plan, points if points is not None else plan.points)
     cfg = plan.search.model_dump()
-    tasks = [(dict(p.raw), plan.file, cfg) for p in chosen]
+    all_prices = {**plan.search.prices, **(prices or {})}
+    tasks = [(dict(c.raw), plan.file, cfg) for c in chosen]
     results: dict[int, ConfigResult] = {}
     for i, found in execute(search_config, tasks, backend, jobs, address):
-        p = chosen[i]
+        c = chosen[i]
         results[i] = ConfigResult(
-            point=p.index, label=p.label(exclude=found["rate_path"]), hardware=str(p.raw.get("hardware", "")),
-            gpus_per_replica=gpus_per_replica(p.raw),
-            price_per_gpu_hour_usd=price_per_gpu_hour(p.raw, plan.file, {**plan.search.prices, **(prices or {})}),
+            point=c.point.index, label=c.label(found["rate_path"]), hardware=str(c.raw.get("hardware", "")),
+            gpus_per_replica=gpus_per_replica(c.raw),
+            price_per_gpu_hour_usd=price_per_gpu_hour(c.raw, plan.file, all_prices),
             rate_path=found["rate_path"], max_rate=found["rate"], limit=found["limit"],
             limit_detail=found["detail"], probes=tuple((p["rate"], p["goodput"]) for p in found["probes"]),
             replicas=None, cost_usd_per_hour=None,
             usd_per_hour_per_rate=None, calibration=found["calibration"], calibrated=found["calibrated"],
-            unshipped=tuple(found["unshipped"]))
+            unshipped=tuple(found["unshipped"]), deployment=c.layout.label if c.layout else "",
+            disaggregated=bool(c.raw.get("disaggregation")))
         if on_done:
             on_done(len(results), len(chosen))
     return rank([results[i] for i in sorted(results)], target_rate or plan.search.target_rate)

@@ -29,22 +29,22 @@ import hashlib
 import io
 import itertools
 import json
-import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import kvsim
 from kvsim.backends import Backend, execute
 from kvsim.errors import DoesNotFit, KvsimError, schema_error
 from kvsim.fileio import check_writable, read_checked_json, read_csv_rows, write_atomic
+from kvsim.progress import Progress
+from kvsim.scenario.schema import LinkSpec
 
 SWEEP_KEY = "sweep"
 # Leading columns of the results table; the swept paths follow `point`, the metrics follow `key`.
@@ -60,6 +60,38 @@ class _Variant(BaseModel):
     model_config = _STRICT
     name: str = Field(min_length=1)
     set: dict[str, Any]
+
+
+class SearchSpace(BaseModel):
+    """``sweep.search.space``: the deployments ``kvsim search`` tries for every configuration of the
+    sweep (docs/sweep.md). A candidate is one copy of a deployment; the search finds the rate one
+    copy sustains and serves a target rate with whole copies. Aggregated: one replica of each ``tp``.
+    Disaggregated: ``prefill_replicas`` x ``prefill_tp`` prefill instances and ``decode_replicas`` x
+    ``decode_tp`` decode instances, every combination whose instance counts are coprime (2P:2D is two
+    copies of 1P:1D) and whose GPUs fit in ``max_gpus``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tp: list[int] = Field(default_factory=list)  # aggregated candidates' TP degrees (none: no aggregated one)
+    prefill_tp: list[int] = Field(default_factory=list)  # disaggregated: each side's TP degrees
+    decode_tp: list[int] = Field(default_factory=list)
+    prefill_replicas: list[int] = Field(default_factory=lambda: [1])
+    decode_replicas: list[int] = Field(default_factory=lambda: [1])
+    link: LinkSpec | None = None  # default: the scenario's disaggregation.link
+    max_gpus: int = Field(default=16, gt=0)  # GPUs of one copy at most
+
+    @field_validator("tp", "prefill_tp", "decode_tp", "prefill_replicas", "decode_replicas")
+    @classmethod
+    def _positive(cls, values: list[int]) -> list[int]:
+        if any(v <= 0 for v in values):
+            raise ValueError(f"every value must be a positive integer (got {values})")
+        return values
+
+    @model_validator(mode="after")
+    def _some_candidate(self) -> SearchSpace:
+        if not self.tp and not (self.prefill_tp and self.decode_tp):
+            raise ValueError("give tp (aggregated candidates) and/or both prefill_tp and decode_tp "
+                             "(disaggregated candidates)")
+        return self
 
 
 class SearchConfig(BaseModel):
@@ -78,6 +110,7 @@ class SearchConfig(BaseModel):
     target_rate: float | None = Field(default=None, gt=0)
     # USD per GPU-hour by catalogue GPU name, replacing the catalogue's price (kvsim search --price)
     prices: dict[str, float] = Field(default_factory=dict)
+    space: SearchSpace | None = None  # None: each sweep point is one configuration, as written
 
 
 class _PlanPoint(BaseModel):
@@ -457,43 +490,7 @@ def _number(text: str) -> Any:
     return None if text == "" else text
 
 
-# ---------------------------------------------------------------- progress and the sweep
-
-class Progress:
-    """Progress of ``kvsim sweep`` and ``kvsim search`` on stderr: a redrawn bar on a terminal, else
-    one line when the work starts and one per finished item, so a piped or logged run still shows
-    it advancing (a 42-configuration search otherwise says nothing for minutes). ``enabled=False``
-    (``--quiet``) silences it."""
-
-    def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled = total, label, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.t0 = time.perf_counter()
-        self.shown = -1  # items finished at the last line written (off a terminal)
-        if enabled and not self.tty:
-            sys.stderr.write(f"{label}: {total} to run\n")
-            sys.stderr.flush()
-
-    def update(self, done: int, errors: int) -> None:
-        if not self.enabled or (not self.tty and done in (self.shown, 0)):  # a log gets news only
-            return
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / done * (self.total - done) if done else math.nan
-        tail = (f"{f'  {errors} failed' if errors else ''}  {elapsed:.0f} s"
-                f"{f'  ETA {eta:.0f} s' if done < self.total and done else ''}")
-        if self.tty:
-            width = 30
-            bar = "#" * int(width * done / max(self.total, 1))
-            sys.stderr.write(f"\r{self.label} [{bar:<{width}}] {done}/{self.total}{tail}   ")
-        else:
-            self.shown = done
-            sys.stderr.write(f"{self.label}: {done}/{self.total} done{tail}\n")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-
+# ---------------------------------------------------------------- the sweep
 
 @dataclass(frozen=True)
 class SweepOutcome:
@@ -545,7 +542,7 @@ def run_sweep(plan: SweepPlan, out: Path, jobs: int | None = None, backend: Back
     store.write_plan()
     todo = [p for p in plan.points if not store.finished(p, retry_errors)]
     tasks = [(dict(p.raw), plan.file, str(out / "runs" / p.key) if keep_runs else None) for p in todo]
-    bar = Progress(len(plan.points), "sweep", progress)
+    bar = Progress("sweep", progress, total=len(plan.points))
     done = len(plan.points) - len(todo)
     bar.update(done, 0)
     last_write = time.perf_counter()

@@ -43,6 +43,7 @@ KNOWN = {
     "safekv-ttft": (42.17, PRICED),
     "matkv-ttft": (1.098, PRICED),
     "lightkv-vision-kv": (317 / 576, EXACT),  # floor(0.45 x 576) = 259 of 576 vision tokens merged away
+    "distserve-goodput": (1.112, PRICED),  # (22.03 / 3) / 6.60 requests/s per GPU at 90% goodput
 }
 
 

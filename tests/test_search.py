@@ -3,6 +3,7 @@ with loser reasons, and the price catalogue it reads."""
 
 from __future__ import annotations
 
+import datetime
 import math
 from dataclasses import replace
 from importlib import resources
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from kvsim.errors import KvsimError
 from kvsim.search import ConfigResult, Probe, bisect_rate, judge, price_per_gpu_hour, rank
-from kvsim.spec.hardware import hardware_names, load_hardware
+from kvsim.spec.hardware import PRICE_SOURCE_URL, hardware_names, load_hardware
 
 
 def threshold_probe(threshold: float, calls: list[float] | None = None):
@@ -102,10 +103,12 @@ def test_rank_cheapest_for_a_target_and_why_losers_lost():
     assert by_point[1].replicas == 5 and by_point[1].cost_usd_per_hour == pytest.approx(11.25)
     assert by_point[2].replicas == 2 and by_point[2].cost_usd_per_hour == pytest.approx(11.80)
     assert by_point[1].verdict.startswith("cheapest")
-    assert "more expensive" in by_point[0].verdict and "TTFT SLO" in by_point[0].verdict
+    assert by_point[0].verdict.startswith("costs 5 x 1 h100-sxm at $2.95 ($14.75/h) vs 5 x 1 h200-sxm at $2.25 "
+                                          "($11.25/h); limited by the TTFT SLO above 10 req/s")
     assert "TPOT SLO" in by_point[2].verdict
-    assert by_point[3].rank is None and "does not fit in memory" in by_point[3].verdict
-    assert by_point[4].rank is None and "no price" in by_point[4].verdict
+    assert by_point[3].rank is None and by_point[3].verdict.startswith("does not fit")
+    assert by_point[4].rank is None and "no price per GPU-hour for custom" in by_point[4].verdict
+    assert "--price custom=USD" in by_point[4].verdict
     assert by_point[0].usd_per_hour_per_rate == pytest.approx(2.95 / 10)
 
 
@@ -116,14 +119,27 @@ def test_rank_without_target_is_per_unit_of_rate():
 
 
 @pytest.mark.parametrize("name", hardware_names())
-def test_every_gpu_price_is_cited_or_left_out_on_purpose(name: str):
+def test_every_gpu_price_comes_from_the_one_source_with_a_date(name: str):
+    """Issue 12: one kind of source for every price (mixing a median with a lowest advertised rate
+    made an H200 cheaper than an H100); a GPU that source does not list is unpriced."""
     hw = load_hardware(name)
     if hw.price_per_gpu_hour_usd is None:  # search says "no price" and takes --price GPU=USD
         text = (resources.files("kvsim") / "data" / "hardware" / f"{name}.yaml").read_text()
-        assert "price_per_gpu_hour_usd: null" in text and "no price" in text
+        assert "price_per_gpu_hour_usd: null" in text and "no price" in text and hw.price_source is None
         return
-    assert 0.1 < hw.price_per_gpu_hour_usd < 20
-    assert any("USD" in s.note for s in hw.sources), "the price needs a source entry"
+    src = hw.price_source
+    assert src is not None, "a catalogue price names its source, date and offer (price_source)"
+    assert src.url == PRICE_SOURCE_URL
+    assert datetime.date.fromisoformat(src.read_on) <= datetime.date.today()
+    assert f"{hw.price_per_gpu_hour_usd:.2f} USD per GPU-hour" in src.offer  # the offer quotes the price
+    assert any(s.url == PRICE_SOURCE_URL and src.read_on in s.note for s in hw.sources)
+
+
+def test_prices_are_read_on_one_date_and_order_like_the_hardware():
+    priced = {n: load_hardware(n) for n in hardware_names() if load_hardware(n).price_per_gpu_hour_usd}
+    assert len({hw.price_source.read_on for hw in priced.values() if hw.price_source}) == 1
+    price = {n: hw.price_per_gpu_hour_usd for n, hw in priced.items()}
+    assert price["a100-sxm-40gb"] < price["a100-sxm-80gb"] < price["h100-sxm"] < price["b200"]
 
 
 def test_price_override_replaces_the_catalogue_price(tmp_path):
@@ -156,7 +172,7 @@ def test_search_on_a_tiny_real_scenario(tmp_path, capsys):
 
     sweep = {"zip": {"model": ["llama-3-8b", "llama-3-8b", "llama-2-13b"],
                      "hardware": ["h100-sxm", "l40s", "rtx-4090"]},
-             "search": {"rate_max": 256.0, "tolerance": 0.1}}
+             "search": {"rate_max": 256.0, "tolerance": 0.1, "prices": {"l40s": 1.0}}}
     # a sustained load: the number of requests grows with the rate (a fixed count would be a burst)
     workload = {"synthetic": {"rate": 1.0, "duration_s": 8.0, "input": {"kind": "fixed", "tokens": 512},
                               "output": {"kind": "fixed", "tokens": 64}}}
@@ -164,7 +180,7 @@ def test_search_on_a_tiny_real_scenario(tmp_path, capsys):
     plan = expand(load_raw(path), str(path))
     results = {r.hardware: r for r in run_search(plan, target_rate=40.0, jobs=2)}
     h100, l40s, rtx = results["h100-sxm"], results["l40s"], results["rtx-4090"]
-    assert rtx.rank is None and rtx.max_rate == 0 and "does not fit in memory" in rtx.verdict
+    assert rtx.rank is None and rtx.max_rate == 0 and rtx.verdict.startswith("model='llama-2-13b': does not fit")
     for r in (h100, l40s):  # the bracket holds when re-simulated
         assert r.max_rate > 0 and r.limit in ("ttft", "tpot")
         raw = plan.points[r.point].raw
@@ -200,3 +216,99 @@ def test_closed_loop_search_without_a_start_rate_is_one_error():
     with pytest.raises(KvsimError, match="rate_start"):
         start_rate(raw, TRACE_RATE, cfg, "closed.yaml")
     assert start_rate(raw, TRACE_RATE, SearchConfig(rate_start=2.0)) == 2.0
+
+
+# ---------------------------------------------------------------- aggregated and disaggregated deployments
+
+def test_the_space_lists_coprime_units_within_the_gpu_cap():
+    from kvsim.search import Layout, layouts
+    from kvsim.sweep import SearchSpace
+
+    space = SearchSpace(tp=[8, 4, 16], prefill_tp=[4], decode_tp=[4, 8], prefill_replicas=[1, 2],
+                        decode_replicas=[1, 2, 3], max_gpus=12)
+    found = layouts(space)
+    assert found[:2] == [Layout(4), Layout(8)]  # TP 16 is over the cap
+    units = {(lay.prefill, lay.decode) for lay in found[2:]}
+    assert ((2, 4), (2, 4)) not in units  # 2P:2D is two copies of 1P:1D
+    assert ((1, 4), (2, 4)) in units and ((2, 4), (1, 4)) in units and ((1, 4), (1, 8)) in units
+    assert all(lay.gpus <= 12 for lay in found) and ((1, 4), (3, 4)) not in units  # 16 GPUs
+    assert Layout(0, (1, 4), (2, 8)).label == "disaggregated 1P TP4 : 2D TP8 (4:16 GPUs)"
+    raw = {"model": "m", "tp": 2, "replicas": 3, "disaggregation": {"link": {}}}
+    assert Layout(4).apply(raw, None) == {"model": "m", "tp": 4, "replicas": 1}
+    unit = Layout(0, (1, 4), (2, 8)).apply(raw, {"bandwidth_gbps": 400})
+    assert unit["disaggregation"] == {"prefill": {"replicas": 1, "tp": 4}, "decode": {"replicas": 2, "tp": 8},
+                                      "link": {"bandwidth_gbps": 400}}
+
+
+def _space_scenario(tmp_path, tpot_s: float):
+    """Llama-3-8B on H100s, 4,096-token prompts and 128-token outputs: an aggregated replica mixes
+    prefill chunks into its decode steps, which stretches the time per output token."""
+    from sweep_scenario import write_scenario
+
+    from kvsim.sweep import expand, load_raw
+
+    space = {"tp": [1], "prefill_tp": [1], "decode_tp": [1], "link": {"bandwidth_gbps": 400, "latency_us": 10}}
+    workload = {"synthetic": {"rate": 1.0, "duration_s": 20, "input": {"kind": "fixed", "tokens": 4096},
+                              "output": {"kind": "fixed", "tokens": 128}}}
+    path = write_scenario(tmp_path, {"search": {"tolerance": 0.1, "space": space}}, workload=workload,
+                          slo={"ttft_s": 0.5, "tpot_s": tpot_s})
+    return expand(load_raw(path), str(path))
+
+
+def test_disaggregation_wins_when_prefill_interference_breaks_the_tpot_slo(tmp_path):
+    from kvsim.search import run_search
+
+    results = {r.disaggregated: r for r in run_search(_space_scenario(tmp_path, 0.012), target_rate=20.0, jobs=2)}
+    agg, dis = results[False], results[True]
+    assert dis.rank == 1 and dis.gpus_per_replica == 2 and dis.deployment.startswith("disaggregated 1P TP1")
+    # per GPU the disaggregated pair sustains more: the aggregated replica's TPOT fails first
+    assert dis.max_rate / 2 > agg.max_rate and agg.limit == "tpot"
+    assert agg.verdict.startswith(f"costs {agg.replicas} x 1 h100-sxm at $3.99")
+    assert "limited by the TPOT SLO above" in agg.verdict and "TPOT p90" in agg.verdict and "> SLO 12.0 ms" in \
+        agg.verdict
+
+
+def test_aggregation_wins_when_the_tpot_slo_is_loose(tmp_path):
+    from kvsim.search import run_search
+
+    results = {r.disaggregated: r for r in run_search(_space_scenario(tmp_path, 0.1), target_rate=20.0, jobs=2)}
+    agg, dis = results[False], results[True]
+    assert agg.rank == 1 and dis.rank == 2 and agg.limit == "ttft"
+    assert dis.cost_usd_per_hour > agg.cost_usd_per_hour and dis.verdict.startswith("costs ")
+
+
+@pytest.mark.parametrize(("space", "named"), [
+    ({"prefill_tp": [1], "decode_tp": [1]}, ["sweep.search.space.link: ", "a link"]),
+    ({"tp": [0]}, ["sweep.search.space.tp", "positive"]),
+    ({"prefill_tp": [1]}, ["sweep.search.space", "decode_tp"]),
+    ({"tp": [4], "max_gpus": 2}, ["sweep.search.space=", "no deployment within max_gpus=2"]),
+    ({"tp": [1], "sizes": [1]}, ["sweep.search.space.sizes"]),
+])
+def test_a_bad_space_is_one_line_naming_the_field(tmp_path, capsys, space, named):
+    from sweep_scenario import write_scenario
+
+    from kvsim.cli import main
+
+    path = write_scenario(tmp_path, {"search": {"space": space}})
+    with pytest.raises(SystemExit) as stop:
+        main(["search", str(path), "--quiet"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    assert str(path) in err
+    for text in named:
+        assert text in err, err
+
+
+def test_the_search_cli_counts_what_it_tried_and_plots_the_ranking(tmp_path, capsys):
+    from kvsim.cli import main
+
+    plan = _space_scenario(tmp_path, 0.1)
+    main(["search", plan.file, "--jobs", "2", "--target-rate", "20", "--quiet", "--out", str(tmp_path / "s")])
+    out = capsys.readouterr().out
+    assert "2 configurations tried (1 aggregated, 1 disaggregated)" in out and " simulations;" in out
+    assert "aggregated TP1: cheapest: 3 x 1 h100-sxm at $3.99" in out
+    main(["plot", "search", "--results", str(tmp_path / "s"), "--out", str(tmp_path / "costs.png")])
+    assert (tmp_path / "costs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as stop:
+        main(["plot", "search", "--results", str(tmp_path), "--out", str(tmp_path / "x.png")])
+    assert stop.value.code == 2 and "no search.json" in capsys.readouterr().err

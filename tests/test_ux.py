@@ -108,3 +108,20 @@ def test_sweep_and_search_show_progress_when_piped_and_quiet_silences_it(tmp_pat
     assert json.loads(captured.out)["configs"]
     main(["search", str(path), "--jobs", "1", "--configs", "0", "--quiet"])
     assert "search:" not in capsys.readouterr().err  # notes about the scenario still show; progress does not
+
+
+def test_run_progress_is_the_same_helper_and_logs_sparsely_when_piped(monkeypatch, capsys):
+    """kvsim run's simulated-time display is kvsim.progress.Progress, like sweep's and search's:
+    off a terminal it writes at most one status line per LOG_S, each ending in a newline."""
+    from kvsim import progress
+
+    bar = progress.Progress("kvsim run", True)
+    clock = iter([1.0, 2.0, progress.LOG_S + 1.5])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    bar.t0 = 0.0
+    for sim_s in (1.0, 2.0, 3.0):
+        bar.status(f"{sim_s:.1f} s simulated, 10 requests")
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["kvsim run: 1.0 s simulated, 10 requests, 1.0 s wall",
+                     f"kvsim run: 3.0 s simulated, 10 requests, {progress.LOG_S + 1.5:.1f} s wall"]

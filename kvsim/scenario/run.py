@@ -4,15 +4,14 @@ the workload as a lazy stream, simulate, and summarise."""
 from __future__ import annotations
 
 import math
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from kvsim.errors import DoesNotFit, KvsimError
+from kvsim.progress import Progress
 from kvsim.scenario.load import Scenario, resolve_path
 from kvsim.scenario.overload import overload, overload_note
 from kvsim.scenario.schema import SLOSpec
@@ -236,20 +235,6 @@ def engine_config(scenario: Scenario, dep: Deployment, tables: BlockTables,
         scheduling_policy=e.scheduling_policy)
 
 
-def _progress_bar() -> Callable[[float, int], None]:
-    t0 = time.perf_counter()
-    last = [0.0]
-
-    def show(sim_s: float, arrived: int) -> None:
-        wall = time.perf_counter() - t0
-        if wall - last[0] >= 0.25:
-            last[0] = wall
-            print(f"\rkvsim run: {sim_s:,.1f} s simulated, {arrived:,} requests, {wall:.1f} s wall",
-                  end="", file=sys.stderr, flush=True)
-
-    return show
-
-
 def simulation(scenario: Scenario, *, check: bool = False,
                record_steps: bool = True) -> Simulation | DisaggSimulation:
     """The scenario's replicas and router, ready to :meth:`~Simulation.run` a stream."""
@@ -296,16 +281,16 @@ def run_scenario(scenario: Scenario, progress: bool = False, skip_bad_rows: bool
     sim = simulation(scenario, check=check, record_steps=record_steps)
     stats = ReadStats()
     stream, trace = workload(scenario, sim.dep, skip_bad_rows, stats)
-    bar = _progress_bar() if progress else None
+    bar = Progress("kvsim run", progress)
     try:
-        sim.run(stream, bar)
+        sim.run(stream, (lambda sim_s, arrived: bar.status(f"{sim_s:,.1f} s simulated, {arrived:,} requests"))
+                if progress else None)
     except KvsimError as err:
         if trace is None or err.file is None or not err.file.startswith(str(trace)):
             raise
         raise _bad_rows(scenario, trace) from None
     finally:
-        if bar is not None:
-            print(file=sys.stderr)
+        bar.close()
     return RunResult(scenario, summarize(scenario, sim, stats), sim)
 
 

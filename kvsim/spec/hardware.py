@@ -11,6 +11,7 @@ Users bring their own GPU with a YAML file of the same schema: ``load_hardware("
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.resources import files
@@ -23,6 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvsim.errors import KvsimError, schema_error, unknown_name
 from kvsim.fileio import load_data_yaml, read_yaml_file
+
+# GPU prices (``price_per_gpu_hour_usd``) come from ONE kind of source, so a ranking by cost compares
+# like with like (issue 12): Lambda's on-demand list price per GPU-hour, from its public instance
+# page, for the 8-GPU instance where Lambda offers one (an HGX node, what a TP 8 deployment rents),
+# else its only instance of that GPU. Each priced YAML names the instance and the date it was read
+# (``price_source``). A GPU Lambda does not list carries no price: kvsim search says so and takes
+# --price GPU=USD or sweep.search.prices, rather than mixing in another kind of source.
+PRICE_SOURCE_URL = "https://lambda.ai/instances"
+PRICE_SOURCE = f"Lambda on-demand list price per GPU-hour, {PRICE_SOURCE_URL}"
 
 # Architecture families: a GPU without its own kernel calibration borrows its family's.
 Family = Literal["ampere", "hopper", "ada", "blackwell", "cdna3"]
@@ -48,6 +58,15 @@ class Source:
 
 
 @dataclass(frozen=True)
+class PriceSource:
+    """Where a GPU's price per GPU-hour was read: the page, the date (ISO) and the offer."""
+
+    url: str
+    read_on: str
+    offer: str
+
+
+@dataclass(frozen=True)
 class HardwareSpec:
     """One GPU model: capacity, bandwidths, dense peaks and a default host."""
 
@@ -65,6 +84,7 @@ class HardwareSpec:
     price_per_gpu_hour_usd: float | None
     sources: tuple[Source, ...]
     host: HostSpec
+    price_source: PriceSource | None = None  # None: unpriced, or a user YAML that gives no source
 
 
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
@@ -95,6 +115,13 @@ class _Source(BaseModel):
     note: str
 
 
+class _PriceSource(BaseModel):
+    model_config = _STRICT
+    url: str = Field(min_length=1)
+    read_on: datetime.date = Field(strict=False)  # ISO date; YAML reads 2026-09-20 as a date
+    offer: str = Field(min_length=1)
+
+
 class _Hardware(BaseModel):
     """The YAML schema; validated strictly (no unknown keys, no string-to-number coercion)."""
 
@@ -111,6 +138,7 @@ class _Hardware(BaseModel):
     interconnect_latency_s: float = Field(gt=0)
     max_gpus_per_node: int = Field(gt=0)
     price_per_gpu_hour_usd: float | None = Field(gt=0)
+    price_source: _PriceSource | None = None
     sources: list[_Source] = Field(min_length=1)
     host: _Host
 
@@ -146,6 +174,8 @@ def _parse(raw: dict, file: str) -> HardwareSpec:
         price_per_gpu_hour_usd=hw.price_per_gpu_hour_usd,
         sources=tuple(Source(s.url, s.note) for s in hw.sources),
         host=HostSpec(**hw.host.model_dump()),
+        price_source=None if hw.price_source is None else
+        PriceSource(hw.price_source.url, hw.price_source.read_on.isoformat(), hw.price_source.offer),
     )
 
 
