@@ -266,7 +266,7 @@ def _rd_qk_tok(sc, raw, qb, gmask, kwT, ksb, kzb, ssr, tok, tmask, qk_scale, J: 
             ks = tl.load(ksb + CG * ssr + tok, mask=tmask, other=0.0).to(tl.float32) * qk_scale
             kz = tl.load(kzb + CG * ssr + tok, mask=tmask, other=0.0).to(tl.float32) * qk_scale
             qg = tl.load(qb + CG * GK + tl.arange(0, GK)[None, :], mask=gmask[:, None], other=0.0)
-            sc += raw * ks[None, :] + tl.sum(qg.to(tl.float32), 1)[:, None] * kz[None, :]
+            sc = tl.fma(raw, ks[None, :], tl.fma(tl.sum(qg.to(tl.float32), 1)[:, None], kz[None, :], sc))
             raw = tl.zeros_like(raw)
     return sc, raw
 
@@ -278,12 +278,13 @@ def _rd_qk_ch(sc, bacc, qb, gmask, kwT, ksb, kzb, srow, J: tl.constexpr, NF: tl.
     the query (q_J * s_J in fp16, one rounding), its zero points into one bias per query row."""
     if J < NF:
         offs_w = tl.arange(0, W)
-        qj = tl.load(qb + J * W + offs_w[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        qj = tl.load(qb + J * W + offs_w[None, :], mask=gmask[:, None], other=0.0)
         off = srow + J * W + offs_w[None, :] + 0 * tl.arange(0, G_PAD)[:, None]  # [G, W]: 8-16 B a thread, pipelined
-        ksj = tl.load(ksb + off).to(tl.float32)
-        kzj = tl.load(kzb + off).to(tl.float32)
-        sc = tl.dot((qj * ksj).to(tl.float16), _code(kwT, J, BITS, ASM), sc)
-        bacc += qj * kzj
+        ksj = tl.load(ksb + off)
+        kzj = tl.load(kzb + off)
+        # fp16 x fp16 rounded to fp16 == the exact product rounded once; keeps q in fp16 registers
+        sc = tl.dot(qj * ksj, _code(kwT, J, BITS, ASM), sc)
+        bacc = tl.fma(qj.to(tl.float32), kzj.to(tl.float32), bacc)
     return sc, bacc
 
 
@@ -374,8 +375,8 @@ def _qdecode_rd_kernel(Q, KW, KS, KZ, VW, VS, VZ, OP, LP,
             sc, raw = _rd_qk_tok(sc, raw, qb, gmask, kwT, ksb, kzb, sksr, tok, tmask, qk_scale, 6, NFK, WK, KBITS, GK, ASM)
             sc, raw = _rd_qk_tok(sc, raw, qb, gmask, kwT, ksb, kzb, sksr, tok, tmask, qk_scale, 7, NFK, WK, KBITS, GK, ASM)
         else:  # KIVI: BN == 32, the iteration is one key group
-            tl.static_assert(BN == TG)
-            srow = (s // TG) * sksr
+            tl.static_assert(BN == 32)
+            srow = (s // 32) * sksr
             bacc = tl.zeros([G_PAD, WK], tl.float32)
             sc, bacc = _rd_qk_ch(sc, bacc, qb, gmask, kwT, ksb, kzb, srow, 0, NFK, WK, KBITS, G_PAD, ASM)
             sc, bacc = _rd_qk_ch(sc, bacc, qb, gmask, kwT, ksb, kzb, srow, 1, NFK, WK, KBITS, G_PAD, ASM)
@@ -521,23 +522,38 @@ class QuantCache:
         return k, v
 
 
-def quant_config(kbits: int, vbits: int) -> dict:
-    """Default launch config. BN = 128 tokens per iteration (64 at 8 bits, whose tiles are 4x the
-    2-bit bytes): the [BN, 128] fp16 tiles the fields are dequantized into stay in registers (about
-    170 registers a thread at 4 warps, no spills: ptxas sm_90, Triton 3.6), and num_stages=3 keeps
-    two iterations of cp.async loads in flight in 57-106 KB of shared memory, so 2-3 programs fit
-    an SM; waves=8 programs per SM (splits) so they hide each other's barriers and tails.
-    tune_quant.py sweeps quant_grid; the H200 result is in validation/README.md."""
-    return dict(BN=64 if min(kbits, vbits) >= 8 else 128, num_warps=4, num_stages=3, waves=8.0)
+def tile_config(kbits: int, vbits: int) -> dict:
+    """The joined-tile kernel's (_qdecode_kernel) config: BN = 128 tokens per iteration (64 at 8 bits),
+    4 warps, 3 cp.async stages, waves=8 programs per SM. On the H200 it ran at 7 % (2 bits) to 57 %
+    (8 bits) of the read rate: its dequantized [BN, 128] fp16 tiles go to shared memory 8-way (2 bits),
+    4-way (4) or 2-way (8) bank-conflicted (NOTES-quant.md). Kept so tuning compares both kernels."""
+    return dict(kern="tile", BN=64 if min(kbits, vbits) >= 8 else 128, num_warps=4, num_stages=3, waves=8.0)
 
 
-def quant_grid(kbits: int, vbits: int) -> list[dict]:
-    """The default first, then one knob at a time: splits (waves), cp.async depth (stages), tokens
-    per iteration (BN), warps, and the pure-Triton dequantization instead of the PTX (asm=0)."""
-    d = quant_config(kbits, vbits)
-    grid = [d, dict(d, waves=16.0), dict(d, waves=4.0), dict(d, num_stages=2), dict(d, num_stages=4),
-            dict(d, BN=d["BN"] // 2), dict(d, BN=2 * d["BN"], num_warps=8), dict(d, num_warps=8),
-            dict(d, BN=2 * d["BN"], num_stages=2), dict(d, BN=d["BN"] // 2, num_stages=4, waves=16.0), dict(d, asm=0)]
+def rd_config(kbits: int, vbits: int, key_mode: str = "channel") -> dict:
+    """The register-dequant kernel's (_qdecode_rd_kernel) config: one warp a program (its per-field
+    value dots are [16, D*bits/16] wide: at 2 bits 16 columns, which more warps would only replicate),
+    BN 64 tokens (32 for KIVI keys: one key group per iteration), 3 cp.async stages; about 250
+    registers, 8 programs per SM (ptxas sm_90, Triton 3.6), waves=16 so each SM sees two rounds."""
+    return dict(kern="rd", BN=32 if key_mode == "channel" else 64, num_warps=1, num_stages=3, waves=16.0)
+
+
+def quant_config(kbits: int, vbits: int, key_mode: str = "channel") -> dict:
+    """Default launch config: the register-dequant kernel (tune_quant.py compares it with the tile one)."""
+    return rd_config(kbits, vbits, key_mode)
+
+
+def quant_grid(kbits: int, vbits: int, key_mode: str = "channel") -> list[dict]:
+    """Variants to tune, most promising first: the register-dequant default, the old tile default
+    (both always run in tune_quant.py), then one knob at a time: splits (waves), cp.async depth,
+    tokens per iteration, warps; then the tile kernel's knobs and the pure-Triton dequantization."""
+    r = rd_config(kbits, vbits, key_mode)
+    d = tile_config(kbits, vbits)
+    grid = [r, d, dict(r, waves=8.0), dict(r, num_stages=4), dict(r, waves=32.0)]
+    if key_mode == "token":
+        grid += [dict(r, BN=32), dict(r, BN=32, num_stages=5)]
+    grid += [dict(r, num_warps=2), dict(r, asm=0),
+             dict(d, waves=16.0), dict(d, num_stages=4), dict(d, BN=d["BN"] // 2), dict(d, num_warps=8), dict(d, asm=0)]
     out = []
     for c in grid:
         if c not in out and c["BN"] >= 32:
@@ -547,7 +563,7 @@ def quant_grid(kbits: int, vbits: int) -> list[dict]:
 
 def quant_attention(q, cache: QuantCache, sm_scale=None, cfg=None, out=None, asm=None):
     """q [B, Hq, D] -> out [B, Hq, D] fp16: fused dequantized attention + fp16 residual + reduce."""
-    cfg = cfg or quant_config(cache.kbits, cache.vbits)
+    cfg = cfg or quant_config(cache.kbits, cache.vbits, cache.key_mode)
     asm = USE_ASM if asm is None else asm
     B, Hq, D = q.shape
     Hkv = cache.k_words.shape[1]
