@@ -80,6 +80,28 @@ def dequant_ptx(high: bool) -> str:
     return "\n".join(lines)
 
 
+def code_ptx(bits: int, j: int) -> str:
+    """PTX of the register-dequant kernel (quant_decode._qdecode_rd_kernel): field j of the two 16-bit
+    words in $1 -> the fp16 pair of its exact codes (0 .. 2**bits - 1). lop3 ((w & mask) | 0x6400)
+    gives 1024 + code * 2**off exactly; one fma.rn.f16x2 by 2**-off and -1024 * 2**-off (both powers
+    of two, so every step is exact) leaves the code. A field in the high byte first moves down by
+    shr.b32 8. Scale and zero point are applied outside, to the query / scores / probabilities, so
+    this is the only per-element work: two instructions per two values (three in the high byte)."""
+    per_byte = 8 // bits
+    off = bits * (j % per_byte)
+    mask = ((1 << bits) - 1) << off
+    a = (15 - off) << 10  # fp16 2**-off
+    c = 0x8000 | ((25 - off) << 10)  # fp16 -(2**(10 - off))
+    src = "$1"
+    lines = ["{", ".reg .b32 t, a, c;"]
+    if j >= per_byte:
+        lines.append("shr.b32 t, $1, 8;")
+        src = "t"
+    lines += [f"lop3.b32 t, {src}, 0x{mask * 0x10001:08x}, 0x64006400, 0xEA;", f"mov.b32 a, 0x{a * 0x10001:08x};",
+              f"mov.b32 c, 0x{c * 0x10001:08x};", "fma.rn.f16x2 $0, t, a, c;", "}"]
+    return "\n".join(lines)
+
+
 def field_mask(bits: int, j: int) -> int:
     """Field j's mask within its byte (the kernel passes it in both 16-bit halves)."""
     return ((1 << bits) - 1) << (bits * (j % (8 // bits)))

@@ -95,7 +95,8 @@ def tune(name, make_fn, configs, csv, base_row, check=None):
                     raise RuntimeError(f"config {c} failed the check: rel error {err:.2e}")
             return bench(fn)[0]
         r = guarded(f"tune {name} {c}", one)
-        if r is None:
+        if r is None:  # failed (check or launch): recorded, never dropped silently
+            csv.row(**base_row, method=f"{name}_tune", params=cfg_str(c) + ";status=FAIL", time_s="", phase="tune_fail")
             continue
         csv.row(**base_row, method=f"{name}_tune", params=cfg_str(c), time_s=r, phase="tune")
         log(f"  tune {name} {cfg_str(c)} {r*1e6:.1f} us {base_row['bytes_read']/r/1e12:.2f} TB/s")

@@ -52,7 +52,7 @@ def run(args, csv, budget):
         if not budget.ok(10):
             log("quant: budget spent")
             return
-        grid = qd.quant_grid(kw["kbits"], kw["vbits"])
+        grid = qd.quant_grid(kw["kbits"], kw["vbits"], kw["key_mode"])  # [0] register dequant, [1] old tile
         cfg = guarded(f"tune {spec}", tune_one, method, spec, kw, grid[:1] if q_ else grid[:3], csv, q_)
         if cfg is None:
             continue

@@ -30,12 +30,14 @@ import triton
 import triton.language as tl
 
 from validation.kernels.triton_decode import LOG2E, _decode_kernel, _g_pad, alloc_partials, pick_splits, reduce_partials
-from validation.kivi_ref import dequant_ptx
+from validation.kivi_ref import code_ptx, dequant_ptx
 
 TG = 32  # tokens per slab: the KIVI key group, and the middle dim of every 3-D tile
 
 # tl.constexpr: a @triton.jit function may read a module global only when it is a constexpr
 DQ_LO, DQ_HI = (tl.constexpr(dequant_ptx(h)) for h in (False, True))
+# register-dequant kernel: field j of int16 words -> fp16 exact code, per bit width (unused j: "")
+CODE2, CODE4, CODE8 = (tl.constexpr(tuple(code_ptx(b, j) if j < 16 // b else "" for j in range(8))) for b in (2, 4, 8))
 USE_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"  # the interpreter cannot run PTX
 
 
@@ -229,6 +231,191 @@ def _qdecode_kernel(Q, KW, KS, KZ, VW, VS, VZ, OP, LP,
     tl.store(LP + b * slb + hq * slh + sp, m_i + tl.log2(l_tot), mask=gmask)
 
 
+# ----------------------------------------------------------------------------- register-dequant kernel
+@triton.jit
+def _code(x, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """int16 words (any shape, any layout) -> fp16 exact code of bit field J. Elementwise and unary,
+    so Triton's dot-operand hoisting keeps the words (not fp16 values) on the shared-memory path and
+    applies this in the dot-operand registers (kivi_ref.code_ptx: 2 instructions per 2 values)."""
+    if ASM:
+        if BITS == 2:
+            out = tl.inline_asm_elementwise(CODE2[J], "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
+        elif BITS == 4:
+            out = tl.inline_asm_elementwise(CODE4[J], "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            out = tl.inline_asm_elementwise(CODE8[J], "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        F: tl.constexpr = 8 // BITS
+        SH: tl.constexpr = 8 * (J // F) + BITS * (J % F)
+        f = ((((x.to(tl.int32) & 0xFFFF) >> SH) & ((1 << BITS) - 1)) | 0x6400).to(tl.int16)
+        out = f.to(tl.float16, bitcast=True) - 1024.0
+    return out
+
+
+@triton.jit
+def _rd_qk_tok(sc, raw, qb, gmask, kwT, ksb, kzb, ssr, tok, tmask, qk_scale, J: tl.constexpr, NF: tl.constexpr,
+               W: tl.constexpr, BITS: tl.constexpr, GK: tl.constexpr, ASM: tl.constexpr):
+    """Per-token keys: raw += q_J . code_J (one dot, K = W channels); at the last field of a scale group
+    the group's per-token scale and zero apply to the [G, BN] scores: sc += raw * s + sum(q_group) * z."""
+    if J < NF:
+        offs_w = tl.arange(0, W)
+        qj = tl.load(qb + J * W + offs_w[None, :], mask=gmask[:, None], other=0.0)
+        raw = tl.dot(qj, _code(kwT, J, BITS, ASM), raw)
+        if ((J + 1) * W) % GK == 0:
+            CG: tl.constexpr = (J * W) // GK
+            ks = tl.load(ksb + CG * ssr + tok, mask=tmask, other=0.0).to(tl.float32) * qk_scale
+            kz = tl.load(kzb + CG * ssr + tok, mask=tmask, other=0.0).to(tl.float32) * qk_scale
+            qg = tl.load(qb + CG * GK + tl.arange(0, GK)[None, :], mask=gmask[:, None], other=0.0)
+            sc = tl.fma(raw, ks[None, :], tl.fma(tl.sum(qg.to(tl.float32), 1)[:, None], kz[None, :], sc))
+            raw = tl.zeros_like(raw)
+    return sc, raw
+
+
+@triton.jit
+def _rd_qk_ch(sc, bacc, qb, gmask, kwT, ksb, kzb, srow, J: tl.constexpr, NF: tl.constexpr, W: tl.constexpr,
+              BITS: tl.constexpr, G_PAD: tl.constexpr, ASM: tl.constexpr):
+    """Per-channel keys (KIVI, one 32-token group per iteration): the group's channel scales fold into
+    the query (q_J * s_J in fp16, one rounding), its zero points into one bias per query row."""
+    if J < NF:
+        offs_w = tl.arange(0, W)
+        qj = tl.load(qb + J * W + offs_w[None, :], mask=gmask[:, None], other=0.0)
+        off = srow + J * W + offs_w[None, :] + 0 * tl.arange(0, G_PAD)[:, None]  # [G, W]: 8-16 B a thread, pipelined
+        ksj = tl.load(ksb + off)
+        kzj = tl.load(kzb + off)
+        # fp16 x fp16 rounded to fp16 == the exact product rounded once; keeps q in fp16 registers
+        sc = tl.dot(qj * ksj, _code(kwT, J, BITS, ASM), sc)
+        bacc = tl.fma(qj.to(tl.float32), kzj.to(tl.float32), bacc)
+    return sc, bacc
+
+
+@triton.jit
+def _rd_pv(acc, alpha, p, ps, pz, vw, vsb, vzb, ssr, tok, tmask, J: tl.constexpr, NF: tl.constexpr,
+           W: tl.constexpr, BITS: tl.constexpr, GV: tl.constexpr, ASM: tl.constexpr):
+    """acc_J [G, W] = acc_J * alpha + (p * s) . code_J + sum(p * z): the per-token value scale folds
+    into the probabilities (once per scale group: ps / pz carry between its fields), the zero point
+    into one [G] term."""
+    if J < NF:
+        if (J * W) % GV == 0:
+            CG: tl.constexpr = (J * W) // GV
+            vs = tl.load(vsb + CG * ssr + tok, mask=tmask, other=0.0).to(tl.float32)
+            vz = tl.load(vzb + CG * ssr + tok, mask=tmask, other=0.0).to(tl.float32)
+            ps = (p * vs[None, :]).to(tl.float16)
+            pz = tl.sum(p * vz[None, :], 1)
+        acc = tl.dot(ps, _code(vw, J, BITS, ASM), acc * alpha[:, None]) + pz[:, None]
+    return acc, ps, pz
+
+
+@triton.jit
+def _rd_store(ob, acc, l_tot, gmask, J: tl.constexpr, NF: tl.constexpr, W: tl.constexpr):
+    if J < NF:
+        tl.store(ob + J * W + tl.arange(0, W)[None, :], acc / l_tot[:, None], mask=gmask[:, None])
+
+
+@triton.jit
+def _qdecode_rd_kernel(Q, KW, KS, KZ, VW, VS, VZ, OP, LP,
+                       sqb, sqh, skwb, skwh, sksb, sksh, sksr, svwb, svwh, svsb, svsh, svsr,
+                       sob, soh, sos, slb, slh,
+                       seq_q, tps, qk_scale,
+                       GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+                       KBITS: tl.constexpr, VBITS: tl.constexpr, K_PER_TOKEN: tl.constexpr,
+                       GK: tl.constexpr, GV: tl.constexpr, ASM: tl.constexpr):
+    """Register dequantization: the same cache layout and grid as _qdecode_kernel, but no fp16 tile is
+    ever built. Each bit field J is its own dot: keys q_J [G, W] x code_J^T [W, BN], values
+    (p * s) [G, BN] x code_J [BN, W] into acc_J [G, W]; the codes enter the dot as exact small fp16
+    integers made from the int16 words in the dot-operand registers (_code), scales and zero points
+    are applied to q / scores / p instead. Shared memory carries only the packed words (cp.async),
+    read once into the dot-operand layout: bits/16 of the old kernel's dequantized-tile traffic, and
+    none of its bank conflicts (NOTES-quant.md)."""
+    NFK: tl.constexpr = 16 // KBITS
+    NFV: tl.constexpr = 16 // VBITS
+    WK: tl.constexpr = D // NFK
+    WV: tl.constexpr = D // NFV
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
+    sp = tl.program_id(2)
+    offs_g = tl.arange(0, G_PAD)
+    gmask = offs_g < GROUP
+    hq = hk * GROUP + offs_g
+    qb = Q + b * sqb + hq[:, None] * sqh
+    kwb = KW + b * skwb + hk * skwh
+    ksb = KS + b * sksb + hk * sksh
+    kzb = KZ + b * sksb + hk * sksh
+    vwb = VW + b * svwb + hk * svwh
+    vsb = VS + b * svsb + hk * svsh
+    vzb = VZ + b * svsb + hk * svsh
+    offs_wk = tl.arange(0, WK)
+    offs_wv = tl.arange(0, WV)
+    offs_n = tl.arange(0, BN)
+    start = sp * tps
+    end = tl.minimum(start + tps, seq_q)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    a0 = tl.zeros([G_PAD, WV], tl.float32)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    a4 = a0
+    a5 = a0
+    a6 = a0
+    a7 = a0
+    for s in range(start, end, BN):
+        tok = s + offs_n
+        tmask = tok < end
+        kwT = tl.load(kwb + tok[None, :] * WK + offs_wk[:, None], mask=tmask[None, :], other=0)  # [WK, BN]
+        vw = tl.load(vwb + tok[:, None] * WV + offs_wv[None, :], mask=tmask[:, None], other=0)  # [BN, WV]
+        sc = tl.zeros([G_PAD, BN], tl.float32)
+        if K_PER_TOKEN:
+            raw = tl.zeros([G_PAD, BN], tl.float32)
+            sc, raw = _rd_qk_tok(sc, raw, qb, gmask, kwT, ksb, kzb, sksr, tok, tmask, qk_scale, 0, NFK, WK, KBITS, GK, ASM)
+            sc, raw = _rd_qk_tok(sc, raw, qb, gmask, kwT, ksb, kzb, sksr, tok, tmask, qk_scale, 1, NFK, WK, KBITS, GK, ASM)
+            sc, raw = _rd_qk_tok(sc, raw, qb, gmask, kwT, ksb, kzb, sksr, tok, tmask, qk_scale, 2, NFK, WK, KBITS, GK, ASM)
+            sc, raw = _rd_qk_tok(sc, raw, qb, gmask, kwT, ksb, kzb, sksr, tok, tmask, qk_scale, 3, NFK, WK, KBITS, GK, ASM)
+            sc, raw = _rd_qk_tok(sc, raw, qb, gmask, kwT, ksb, kzb, sksr, tok, tmask, qk_scale, 4, NFK, WK, KBITS, GK, ASM)
+            sc, raw = _rd_qk_tok(sc, raw, qb, gmask, kwT, ksb, kzb, sksr, tok, tmask, qk_scale, 5, NFK, WK, KBITS, GK, ASM)
+            sc, raw = _rd_qk_tok(sc, raw, qb, gmask, kwT, ksb, kzb, sksr, tok, tmask, qk_scale, 6, NFK, WK, KBITS, GK, ASM)
+            sc, raw = _rd_qk_tok(sc, raw, qb, gmask, kwT, ksb, kzb, sksr, tok, tmask, qk_scale, 7, NFK, WK, KBITS, GK, ASM)
+        else:  # KIVI: BN == 32, the iteration is one key group
+            tl.static_assert(BN == 32)
+            srow = (s // 32) * sksr
+            bacc = tl.zeros([G_PAD, WK], tl.float32)
+            sc, bacc = _rd_qk_ch(sc, bacc, qb, gmask, kwT, ksb, kzb, srow, 0, NFK, WK, KBITS, G_PAD, ASM)
+            sc, bacc = _rd_qk_ch(sc, bacc, qb, gmask, kwT, ksb, kzb, srow, 1, NFK, WK, KBITS, G_PAD, ASM)
+            sc, bacc = _rd_qk_ch(sc, bacc, qb, gmask, kwT, ksb, kzb, srow, 2, NFK, WK, KBITS, G_PAD, ASM)
+            sc, bacc = _rd_qk_ch(sc, bacc, qb, gmask, kwT, ksb, kzb, srow, 3, NFK, WK, KBITS, G_PAD, ASM)
+            sc, bacc = _rd_qk_ch(sc, bacc, qb, gmask, kwT, ksb, kzb, srow, 4, NFK, WK, KBITS, G_PAD, ASM)
+            sc, bacc = _rd_qk_ch(sc, bacc, qb, gmask, kwT, ksb, kzb, srow, 5, NFK, WK, KBITS, G_PAD, ASM)
+            sc, bacc = _rd_qk_ch(sc, bacc, qb, gmask, kwT, ksb, kzb, srow, 6, NFK, WK, KBITS, G_PAD, ASM)
+            sc, bacc = _rd_qk_ch(sc, bacc, qb, gmask, kwT, ksb, kzb, srow, 7, NFK, WK, KBITS, G_PAD, ASM)
+            sc = (sc + tl.sum(bacc, 1)[:, None]) * qk_scale
+        sc = tl.where(tmask[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        ps = tl.zeros([G_PAD, BN], tl.float16)
+        pz = tl.zeros([G_PAD], tl.float32)
+        a0, ps, pz = _rd_pv(a0, alpha, p, ps, pz, vw, vsb, vzb, svsr, tok, tmask, 0, NFV, WV, VBITS, GV, ASM)
+        a1, ps, pz = _rd_pv(a1, alpha, p, ps, pz, vw, vsb, vzb, svsr, tok, tmask, 1, NFV, WV, VBITS, GV, ASM)
+        a2, ps, pz = _rd_pv(a2, alpha, p, ps, pz, vw, vsb, vzb, svsr, tok, tmask, 2, NFV, WV, VBITS, GV, ASM)
+        a3, ps, pz = _rd_pv(a3, alpha, p, ps, pz, vw, vsb, vzb, svsr, tok, tmask, 3, NFV, WV, VBITS, GV, ASM)
+        a4, ps, pz = _rd_pv(a4, alpha, p, ps, pz, vw, vsb, vzb, svsr, tok, tmask, 4, NFV, WV, VBITS, GV, ASM)
+        a5, ps, pz = _rd_pv(a5, alpha, p, ps, pz, vw, vsb, vzb, svsr, tok, tmask, 5, NFV, WV, VBITS, GV, ASM)
+        a6, ps, pz = _rd_pv(a6, alpha, p, ps, pz, vw, vsb, vzb, svsr, tok, tmask, 6, NFV, WV, VBITS, GV, ASM)
+        a7, ps, pz = _rd_pv(a7, alpha, p, ps, pz, vw, vsb, vzb, svsr, tok, tmask, 7, NFV, WV, VBITS, GV, ASM)
+        m_i = m_new
+    l_tot = tl.where(l_i > 0, l_i, 1.0)
+    ob = OP + b * sob + hq[:, None] * soh + sp * sos
+    _rd_store(ob, a0, l_tot, gmask, 0, NFV, WV)
+    _rd_store(ob, a1, l_tot, gmask, 1, NFV, WV)
+    _rd_store(ob, a2, l_tot, gmask, 2, NFV, WV)
+    _rd_store(ob, a3, l_tot, gmask, 3, NFV, WV)
+    _rd_store(ob, a4, l_tot, gmask, 4, NFV, WV)
+    _rd_store(ob, a5, l_tot, gmask, 5, NFV, WV)
+    _rd_store(ob, a6, l_tot, gmask, 6, NFV, WV)
+    _rd_store(ob, a7, l_tot, gmask, 7, NFV, WV)
+    tl.store(LP + b * slb + hq * slh + sp, m_i + tl.log2(l_tot), mask=gmask)
+
+
 # ----------------------------------------------------------------------------- host side
 def pack16(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [..., D] -> int16 words [..., D*bits/16], blocked (see module doc)."""
@@ -335,23 +522,38 @@ class QuantCache:
         return k, v
 
 
-def quant_config(kbits: int, vbits: int) -> dict:
-    """Default launch config. BN = 128 tokens per iteration (64 at 8 bits, whose tiles are 4x the
-    2-bit bytes): the [BN, 128] fp16 tiles the fields are dequantized into stay in registers (about
-    170 registers a thread at 4 warps, no spills: ptxas sm_90, Triton 3.6), and num_stages=3 keeps
-    two iterations of cp.async loads in flight in 57-106 KB of shared memory, so 2-3 programs fit
-    an SM; waves=8 programs per SM (splits) so they hide each other's barriers and tails.
-    tune_quant.py sweeps quant_grid; the H200 result is in validation/README.md."""
-    return dict(BN=64 if min(kbits, vbits) >= 8 else 128, num_warps=4, num_stages=3, waves=8.0)
+def tile_config(kbits: int, vbits: int) -> dict:
+    """The joined-tile kernel's (_qdecode_kernel) config: BN = 128 tokens per iteration (64 at 8 bits),
+    4 warps, 3 cp.async stages, waves=8 programs per SM. On the H200 it ran at 7 % (2 bits) to 57 %
+    (8 bits) of the read rate: its dequantized [BN, 128] fp16 tiles go to shared memory 8-way (2 bits),
+    4-way (4) or 2-way (8) bank-conflicted (NOTES-quant.md). Kept so tuning compares both kernels."""
+    return dict(kern="tile", BN=64 if min(kbits, vbits) >= 8 else 128, num_warps=4, num_stages=3, waves=8.0)
 
 
-def quant_grid(kbits: int, vbits: int) -> list[dict]:
-    """The default first, then one knob at a time: splits (waves), cp.async depth (stages), tokens
-    per iteration (BN), warps, and the pure-Triton dequantization instead of the PTX (asm=0)."""
-    d = quant_config(kbits, vbits)
-    grid = [d, dict(d, waves=16.0), dict(d, waves=4.0), dict(d, num_stages=2), dict(d, num_stages=4),
-            dict(d, BN=d["BN"] // 2), dict(d, BN=2 * d["BN"], num_warps=8), dict(d, num_warps=8),
-            dict(d, BN=2 * d["BN"], num_stages=2), dict(d, BN=d["BN"] // 2, num_stages=4, waves=16.0), dict(d, asm=0)]
+def rd_config(kbits: int, vbits: int, key_mode: str = "channel") -> dict:
+    """The register-dequant kernel's (_qdecode_rd_kernel) config: one warp a program (its per-field
+    value dots are [16, D*bits/16] wide: at 2 bits 16 columns, which more warps would only replicate),
+    BN 64 tokens (32 for KIVI keys: one key group per iteration), 3 cp.async stages; about 250
+    registers, 8 programs per SM (ptxas sm_90, Triton 3.6), waves=16 so each SM sees two rounds."""
+    return dict(kern="rd", BN=32 if key_mode == "channel" else 64, num_warps=1, num_stages=3, waves=16.0)
+
+
+def quant_config(kbits: int, vbits: int, key_mode: str = "channel") -> dict:
+    """Default launch config: the register-dequant kernel (tune_quant.py compares it with the tile one)."""
+    return rd_config(kbits, vbits, key_mode)
+
+
+def quant_grid(kbits: int, vbits: int, key_mode: str = "channel") -> list[dict]:
+    """Variants to tune, most promising first: the register-dequant default, the old tile default
+    (both always run in tune_quant.py), then one knob at a time: splits (waves), cp.async depth,
+    tokens per iteration, warps; then the tile kernel's knobs and the pure-Triton dequantization."""
+    r = rd_config(kbits, vbits, key_mode)
+    d = tile_config(kbits, vbits)
+    grid = [r, d, dict(r, waves=8.0), dict(r, num_stages=4), dict(r, waves=32.0)]
+    if key_mode == "token":
+        grid += [dict(r, BN=32), dict(r, BN=32, num_stages=5)]
+    grid += [dict(r, num_warps=2), dict(r, asm=0),
+             dict(d, waves=16.0), dict(d, num_stages=4), dict(d, BN=d["BN"] // 2), dict(d, num_warps=8), dict(d, asm=0)]
     out = []
     for c in grid:
         if c not in out and c["BN"] >= 32:
@@ -361,7 +563,7 @@ def quant_grid(kbits: int, vbits: int) -> list[dict]:
 
 def quant_attention(q, cache: QuantCache, sm_scale=None, cfg=None, out=None, asm=None):
     """q [B, Hq, D] -> out [B, Hq, D] fp16: fused dequantized attention + fp16 residual + reduce."""
-    cfg = cfg or quant_config(cache.kbits, cache.vbits)
+    cfg = cfg or quant_config(cache.kbits, cache.vbits, cache.key_mode)
     asm = USE_ASM if asm is None else asm
     B, Hq, D = q.shape
     Hkv = cache.k_words.shape[1]
@@ -376,8 +578,10 @@ def quant_attention(q, cache: QuantCache, sm_scale=None, cfg=None, out=None, asm
     n_tot = nq + (1 if cache.n_res else 0)
     op, lp = alloc_partials(B, Hq, n_tot, D, q.device)
     c = cache
+    rd = cfg.get("kern", "tile") == "rd"
+    assert not rd or c.key_mode == "token" or bn == TG, "register-dequant KIVI keys: one 32-token group per iteration"
     if nq:
-        _qdecode_kernel[(B, Hkv, nq)](
+        (_qdecode_rd_kernel if rd else _qdecode_kernel)[(B, Hkv, nq)](
             q, c.k_words, c.k_scale, c.k_zero, c.v_words, c.v_scale, c.v_zero, op, lp,
             q.stride(0), q.stride(1), c.k_words.stride(0), c.k_words.stride(1), c.k_scale.stride(0),
             c.k_scale.stride(1), c.k_scale.stride(2), c.v_words.stride(0), c.v_words.stride(1), c.v_scale.stride(0),

@@ -69,9 +69,14 @@ def dense_variants(quick):
     return out[:2] if quick else out
 
 
-def quant_variants(kbits, vbits, quick):
-    g = qd.quant_grid(kbits, vbits)
-    return [dict(g[0], asm=0), dict(g[0], BN=32, asm=0)] if quick else g
+def quant_variants(kind, quick):
+    """quant_decode.quant_grid: the register-dequant default, then the old tile default (both always
+    run: MUST_RUN), then the knobs while the spec's share lasts."""
+    g = qd.quant_grid(kind["kbits"], kind["vbits"], kind["key_mode"])
+    return [dict(g[0], asm=0), dict(g[1], BN=32, asm=0)] if quick else g
+
+
+MUST_RUN = 2  # variants of a spec that run whatever its share: the new default and the old one
 
 
 def read_ceiling(quick):
@@ -143,7 +148,7 @@ def sweep(spec, kind, shape, variants, csv, ceil, deadline, results):
     log(f"{spec} B{B} {Hq}/{Hkv}/{D} S{S}: {nbytes/2**30:.2f} GiB, inputs {time.time()-t0:.1f} s")
     thresh = THRESH[kind] if isinstance(kind, str) else QTHRESH
     for i, c in enumerate(variants):
-        if i > 0 and time.time() > deadline:
+        if i >= (1 if isinstance(kind, str) else MUST_RUN) and time.time() > deadline:
             log(f"  {spec}: share spent after {i} variants")
             break
         row = dict(variant=cfg_name(c), spec=spec, batch=B, q_heads=Hq, kv_heads=Hkv, head_dim=D, context=S,
@@ -198,7 +203,7 @@ def main():
         if kind in ("bf16", "fp8"):
             variants = dense_variants(a.quick)
         else:
-            variants = quant_variants(kind["kbits"], kind["vbits"], a.quick)
+            variants = quant_variants(kind, a.quick)
         try:
             sweep(spec, kind, shape, variants, csv, ceil, time.time() + share, results)
         except Exception as e:  # noqa: BLE001  (input construction failed: the next spec still runs)

@@ -113,6 +113,27 @@ def test_quant_attention(kw, gen):
     assert torch.equal(kd[:, :, cache.seq_q:], k[:, :, cache.seq_q:].float())  # residual kept exactly
 
 
+@pytest.mark.parametrize("kw", LAYOUTS, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+def test_quant_attention_register_dequant(kw, gen):
+    """The register-dequant kernel (kern "rd": per-field dots, scales folded into q / scores / p) ==
+    float64 attention over the dequantized cache, at every BN it accepts, several splits."""
+    kw = dict(kw)
+    B, Hq, Hkv, D, S = 2, 8, 2, 128, 300
+    q = torch.randn(B, Hq, D, generator=gen).half()
+    k, v = torch.randn(B, Hkv, S, D, generator=gen).half(), torch.randn(B, Hkv, S, D, generator=gen).half()
+    if kw.pop("perm", False):
+        kw["perm"] = torch.randperm(D, generator=gen)
+    cache = qd.QuantCache(k, v, residual=kw.pop("residual", 64), **kw)
+    kd, vd = cache.dequant()
+    want = ref(q, kd, vd, D ** -0.5)
+    bns = (32, 64) if cache.key_mode == "token" else (32,)
+    for bn in bns:
+        for waves in (1, 64):
+            o = qd.quant_attention(q, cache, cfg=dict(kern="rd", BN=bn, num_warps=2, num_stages=1, waves=waves),
+                                   asm=False)
+            assert rel(o, want) < 2e-3, (bn, waves)
+
+
 def test_quant_words_match_numpy_reference(gen):
     from validation import kivi_ref as kr
 

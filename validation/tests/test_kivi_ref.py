@@ -66,3 +66,14 @@ def test_clip_shrinks_range():
     _, s1, _ = kr.quantize_groups(x, 2, 64, 1)
     _, s2, _ = kr.quantize_groups(x, 2, 64, 1, clip=0.9)
     assert np.isclose(float(s2[0, 0]), 0.9 * float(s1[0, 0]), rtol=1e-3)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_code_ptx_exact(bits):
+    """The register-dequant kernel's PTX (code_ptx) gives every field's exact code as fp16, for
+    every 16-bit word value, in both halves of the 32-bit register."""
+    words = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    codes = kr.unpack16(words[:, None], bits)
+    for j in range(16 // bits):
+        got = kr.run_ptx(kr.code_ptx(bits, j), {"$1": words.view(np.uint32)}).view(np.float16)
+        assert np.array_equal(got.astype(np.float32), codes[:, j].astype(np.float32)), (bits, j)
