@@ -1,4 +1,5 @@
-"""Figures. Nothing imports this module but the CLI; matplotlib renders off-screen (Agg)."""
+"""Figures. Imported only where a figure is drawn (the CLI, ``kvsim report``, ``kvsim validate``), as
+matplotlib is slow to import; it renders off-screen (Agg)."""
 
 from __future__ import annotations
 
@@ -291,34 +292,50 @@ def search_costs(search: Mapping) -> plt.Figure:
     return fig
 
 
+PredictedMeasured = tuple[str, str, float, float]  # kind, model, measured, predicted (kvsim.validate.Point)
+
+
 def predicted_measured(folder: Path) -> plt.Figure:
-    """Predicted against measured from a GPU's ``validation*.csv`` (written by ``kvsim validate``):
-    decode step, prefill, KV bytes and per-method decode-attention speed-up, with y = x and +-25%."""
+    """Predicted against measured from a GPU's ``validation*.csv`` (written by ``kvsim validate``),
+    one marker per profile: :func:`predicted_measured_figure`."""
     files = sorted(folder.glob("validation*.csv"))
     if not files:
         raise KvsimError("no validation*.csv: run `kvsim validate --gpu` first", field="gpu",
                          value=folder.name, file=str(folder))
+    profiles = {}
+    for path in files:
+        rows = read_csv_rows(path, "a validation CSV (kvsim validate)", ("kind", "model", "measured", "predicted"))
+        profile = path.stem.removeprefix("validation").removeprefix("_from_") or "own profile"
+        profiles[profile] = [(r["kind"], r["model"], _positive_number(r["measured"], "measured", path),
+                              _positive_number(r["predicted"], "predicted", path)) for r in rows]
+    return predicted_measured_figure(profiles, f"{folder.name}: predicted against measured")
+
+
+def predicted_measured_figure(profiles: Mapping[str, Sequence[PredictedMeasured]], title: str) -> plt.Figure:
+    """Predicted against measured, points not used in fitting: decode step, prefill, KV bytes and
+    per-method decode-attention speed-up, with y = x and +-25%. One marker per profile (named in the
+    legend when there are several), one colour per model (or method); tensor-parallel runs (kind
+    ``decode tp=N``) share their kind's panel as series of their own. ``kvsim validate`` draws its
+    points with one profile; ``kvsim plot validation`` overlays every profile of a GPU."""
     panels = (("decode", "decode step (ms)", 1e3, "Decode step (reference engine)"),
               ("prefill", "prefill (ms)", 1e3, "Prefill (reference engine)"),
               ("kv_bytes", "allocated KV (GiB)", 1 / 2**30, "Allocated KV cache"),
               ("speedup", "attention speed-up over bf16 (x)", 1.0, "Decode-attention speed-up per method"))
     fig, axes = plt.subplots(2, 2, figsize=(12, 10))
     markers = "osD^v"
-    for ax, (kind, label, scale, title) in zip(axes.flat, panels, strict=True):
+    for ax, (kind, label, scale, panel_title) in zip(axes.flat, panels, strict=True):
         values = []
-        for f_i, path in enumerate(files):
-            profile = path.stem.removeprefix("validation").removeprefix("_from_") or "own profile"
-            rows = read_csv_rows(path, "a validation CSV (kvsim validate)",
-                                 ("kind", "model", "measured", "predicted"))
-            sel = [r for r in rows if r["kind"] == kind]
-            models = sorted({r["model"] for r in sel})
-            for model, color in zip(models, _colors(len(models)), strict=True):
-                m = [(_positive_number(r["measured"], "measured", path) * scale,
-                      _positive_number(r["predicted"], "predicted", path) * scale)
-                     for r in sel if r["model"] == model]
-                ax.scatter(*zip(*m, strict=True), s=18, marker=markers[f_i % len(markers)], color=color,
-                           label=model if len(files) == 1 else f"{model} ({profile})")
-                values += [v for pair in m for v in pair]
+        for f_i, (profile, points) in enumerate(profiles.items()):
+            series: dict[str, list[tuple[float, float]]] = {}
+            for k, model, meas, pred in points:
+                if k.split()[0] == kind:  # "decode tp=2" -> the decode panel, series "model (tp=2)"
+                    name = model + (f" ({k.split()[1]})" if " " in k else "")
+                    series.setdefault(name, []).append((meas * scale, pred * scale))
+            names = sorted(series)
+            for name, color in zip(names, _colors(len(names)), strict=True):
+                ax.scatter(*zip(*series[name], strict=True), s=18, marker=markers[f_i % len(markers)], color=color,
+                           label=name if len(profiles) == 1 else f"{name} ({profile})")
+                values += [v for pair in series[name] for v in pair]
         if values:
             lo, hi = min(values) * 0.8, max(values) * 1.25
             ref = np.geomspace(lo, hi, 50)
@@ -331,9 +348,9 @@ def predicted_measured(folder: Path) -> plt.Figure:
             ax.legend(fontsize=6 if kind == "speedup" else 7, loc="lower right" if kind == "speedup" else "upper left")
         ax.set_xlabel(f"measured {label}")
         ax.set_ylabel(f"predicted {label}")
-        ax.set_title(title)
+        ax.set_title(panel_title)
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"{folder.name}: predicted against measured (points not used in fitting)")
+    fig.suptitle(f"{title} (points not used in fitting)")
     fig.tight_layout()
     return fig
 

@@ -4,7 +4,9 @@ End to end: the reference engine's decode steps and prefills (``engine_decode.cs
 ``engine_prefill.csv``, single-GPU and tensor-parallel) and its allocated KV bytes, none of which
 calibration reads. Per method: each decode-attention kernel's speed-up over the bf16 kernel of the
 same harness and shape, on the half of the shapes calibration held out (kvsim.measured). Writes
-``report.md``, ``validation.csv`` and ``predicted_vs_measured.png`` into ``validation/results/<gpu>/``.
+``report.md``, ``validation.csv`` and ``predicted_vs_measured.png`` (drawn by
+:func:`kvsim.plots.predicted_measured_figure`, as ``kvsim plot validation`` draws it) into
+``validation/results/<gpu>/``.
 """
 
 from __future__ import annotations
@@ -207,54 +209,6 @@ def decode_target(rows: list[dict], gpu: str, donor: str) -> str | None:
             f"{decode['max_abs_err']:.1%}: {'PASS' if ok else 'FAIL'}")
 
 
-def _series(p: Point) -> str:
-    """Legend entry: the model (or method), with the TP degree of tensor-parallel runs."""
-    return p.model + (f" ({p.kind.split()[1]})" if " " in p.kind else "")
-
-
-def _plot(points: list[Point], title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator
-
-    fig, axes = plt.subplots(1, 3, figsize=(18, 7.5))
-    colors = matplotlib.color_sequences["tab20"]  # the tab20 colormap's colors
-    for ax, kind in zip(axes, ("decode", "prefill", "speedup"), strict=True):
-        sel = [p for p in points if p.kind.split()[0] == kind]
-        scale = 1.0 if kind == "speedup" else 1e3  # seconds -> ms on the time panels
-        for i, label in enumerate(sorted({_series(p) for p in sel})):
-            xs = [p.measured * scale for p in sel if _series(p) == label]
-            ys = [p.predicted * scale for p in sel if _series(p) == label]
-            ax.scatter(xs, ys, s=12, label=label, color=colors[i % len(colors)],
-                       marker="o" if i < len(colors) else "^")
-        if sel:
-            lo = min(min(p.measured, p.predicted) for p in sel) * scale
-            hi = max(max(p.measured, p.predicted) for p in sel) * scale
-            ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
-            if kind != "speedup":
-                ax.set_xscale("log")
-                ax.set_yscale("log")
-                for axis in (ax.xaxis, ax.yaxis):  # plain numbers, a few ticks per decade
-                    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-                    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                    axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
-        unit = "x" if kind == "speedup" else "ms"
-        ax.set_xlabel(f"measured ({unit})")
-        ax.set_ylabel(f"predicted ({unit})")
-        ax.set_title({"decode": "decode step (every engine run)", "prefill": "prefill",
-                      "speedup": "decode-attention speed-up over bf16 (held-out shapes)"}[kind])
-        ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def validate(gpu: str, calibration_from: str | None = None, results: Path | None = None) -> tuple[Path, list[dict]]:
     """Predict ``gpu``'s measurements with the profile fitted on ``calibration_from`` (default: the
     same GPU); write the report. Returns its path and the summary rows."""
@@ -301,7 +255,11 @@ def validate(gpu: str, calibration_from: str | None = None, results: Path | None
     for p in points:
         w.writerow([p.kind, p.model, p.detail, f"{p.measured:.6g}", f"{p.predicted:.6g}", f"{p.error:.4f}"])
     write_atomic(folder / f"validation{suffix}.csv", buf.getvalue())
-    write_atomic(folder / f"predicted_vs_measured{suffix}.png", _plot(points, f"{gpu}: predicted vs measured"))
+    from kvsim import plots  # matplotlib: imported only when a figure is drawn
+
+    fig = plots.predicted_measured_figure({profile_name: [(p.kind, p.model, p.measured, p.predicted) for p in points]},
+                                          f"{gpu}: predicted against measured{title}")
+    write_atomic(folder / f"predicted_vs_measured{suffix}.png", plots.render(fig))
     report = folder / f"report{suffix}.md"
     write_atomic(report, "\n".join(lines) + "\n")
     return report, rows

@@ -49,10 +49,48 @@ def test_predicted_measured_reads_validation_csv(validation_root: Path):
     decode_rows = 0
     for path in (validation_root / "h100-sxm").glob("validation*.csv"):  # one series per profile
         with path.open() as f:
-            decode_rows += sum(1 for r in csv.DictReader(f) if r["kind"] == "decode")
+            decode_rows += sum(1 for r in csv.DictReader(f) if r["kind"].split()[0] == "decode")
     assert decode_rows > 500
     assert sum(len(c.get_offsets()) for c in fig.axes[0].collections if c.get_label() != "within 25%") == decode_rows
     plots.render(fig)
+
+
+def test_predicted_measured_draws_tensor_parallel_rows_in_their_kinds_panel(validation_root: Path):
+    """TP rows (kind ``decode tp=2``) are series of the decode panel, not dropped."""
+    folder = validation_root / "h100-sxm-x2"
+    with (folder / "validation_from_h100-sxm.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["kind"].split()[0] == "decode"]
+    assert any(r["kind"] == "decode tp=2" for r in rows)
+    fig = plots.predicted_measured(folder)
+    drawn = [c for c in fig.axes[0].collections if c.get_label() != "within 25%"]
+    assert sum(len(c.get_offsets()) for c in drawn) == len(rows)
+    assert any(c.get_label().endswith("(tp=2)") for c in drawn)
+
+
+def test_validate_draws_its_figure_with_the_plot_command_function(tmp_path: Path, validation_root: Path,
+                                                                    monkeypatch):
+    """One predicted-vs-measured figure: ``kvsim validate`` draws its PNG with the same function as
+    ``kvsim plot validation``, with the same panels."""
+    import shutil
+
+    from kvsim.validate import validate
+
+    for name in ("h100-sxm", "h100-sxm-x2"):  # the donor's profile and the judged runs, in a scratch root
+        shutil.copytree(validation_root / name, tmp_path / name)
+    drawn = []
+    real = plots.predicted_measured_figure
+
+    def spy(profiles, title):
+        fig = real(profiles, title)
+        drawn.append([ax.get_title() for ax in fig.axes])
+        return fig
+
+    monkeypatch.setattr(plots, "predicted_measured_figure", spy)
+    validate("h100-sxm-x2", "h100-sxm", tmp_path)
+    assert len(drawn) == 1
+    assert drawn[0] == [ax.get_title() for ax in plots.predicted_measured(tmp_path / "h100-sxm-x2").axes]
+    assert (tmp_path / "h100-sxm-x2" / "predicted_vs_measured_from_h100-sxm.png").read_bytes().startswith(
+        PNG_MAGIC)
 
 
 def test_predicted_measured_without_results_names_the_folder(tmp_path: Path):
