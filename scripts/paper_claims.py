@@ -257,6 +257,29 @@ def _distserve_per_gpu(ex: Example) -> float:
     return per_gpu("2p1d") / per_gpu("colocated")
 
 
+# Splitwise (arXiv 2311.18677v2, sec. 6.1, Fig. 14). Llama-2-70B's KV: 80 layers x 8 KV heads x 128 x
+# 2 (K, V) x 2 bytes = 320 KiB per token (models/llama-2-70b.yaml); BLOOM-176B's, the paper's other
+# model: 70 layers x hidden 14,336 x 2 x 2 bytes (its config.json: n_layer 70, n_head 112, no GQA).
+def _splitwise_points(ex: Example, variant: str) -> list[dict]:
+    """Summaries of one Splitwise setup, one per prompt size of the grid."""
+    return [ex.summary(label) for label, p in ex.points.items() if p.variant == variant]
+
+
+def _splitwise_transfer_share(ex: Example) -> float:
+    """Largest serialized KV transfer time (on the link) as a % of the prompt's computation time
+    (its TTFT: one request at a time, no queueing), over both setups and every prompt size."""
+    return 100.0 * max(s["disaggregation"]["kv_wire_s"]["mean"] / s["ttft_s"]["mean"]
+                       for v in ("dgx-h100", "dgx-a100") for s in _splitwise_points(ex, v))
+
+
+def _splitwise_bandwidth(ex: Example) -> float:
+    """Serialized transfer time of the longest prompt, DGX-A100 setup over DGX-H100 setup."""
+    label = "workload.synthetic.input.tokens=4080"
+    a100, h100 = (ex.summary(f"variant={v}, {label}")["disaggregation"]["kv_wire_s"]["mean"]
+                  for v in ("dgx-a100", "dgx-h100"))
+    return a100 / h100
+
+
 CLAIMS: tuple[Claim, ...] = (
     Claim("kivi-batch", "KIVI 2-bit: larger batch, Llama-2-7B, A100-80GB (arXiv 2402.02750)",
           "ICML'24 version, sec. 4.2.4, Fig. 5, p. 8", "up to 4x larger batch", 4.0, "paper-kivi",
@@ -318,6 +341,17 @@ CLAIMS: tuple[Claim, ...] = (
           "kvsim's A100 (imported vLLM 0.14 kernels) prefills 512 tokens in ~61 ms, so the colocated GPU "
           "sustains 6.6 req/s (paper: 1.6) and interference costs little; 2P1D is then bound by its one decode "
           "GPU's TPOT (22 req/s, paper: 10)"),
+    Claim("splitwise-transfer-share", "Splitwise: serialized KV transfer vs prompt computation time, "
+          "Llama-2-70B TP 8, DGX-H100/A100 (arXiv 2311.18677)",
+          "v2, sec. 6.1, Fig. 14", "overhead < 7% of the prompt computation time", 7.0, "paper-splitwise",
+          _splitwise_transfer_share, "%", (0.1, 1.0),
+          "a bound, and kvsim stays under it: Llama-2-70B's GQA KV (320 KiB per token) over 8 x 400 Gb/s moves "
+          "at full rate, without the paper's block-by-block puts and semaphores; the paper does not name the "
+          "figure's model (BLOOM-176B holds 12x the bytes per token for 2.5x the FLOPs)"),
+    Claim("splitwise-bandwidth", "Splitwise: KV transfer time, DGX-A100 (200 Gb/s) over DGX-H100 (400 Gb/s)",
+          "v2, sec. 6.1, Fig. 14", "H100 transfers about twice as fast (2x)", 2.0, "paper-splitwise",
+          _splitwise_bandwidth, "x", (0.95, 1.05),
+          "bytes over bandwidth: the same KV at half the rate, plus a 10 us link latency"),
 )
 
 

@@ -44,6 +44,8 @@ KNOWN = {
     "matkv-ttft": (1.098, PRICED),
     "lightkv-vision-kv": (317 / 576, EXACT),  # floor(0.45 x 576) = 259 of 576 vision tokens merged away
     "distserve-goodput": (1.112, PRICED),  # (22.03 / 3) / 6.60 requests/s per GPU at 90% goodput
+    "splitwise-transfer-share": (1.380, PRICED),  # 3.35 ms on the link / 242.9 ms prefill, 4,080 tokens, H100
+    "splitwise-bandwidth": (1.997, 1e-3),  # (10 us + B / 1,600 Gb/s) / (10 us + B / 3,200 Gb/s)
 }
 
 
@@ -109,6 +111,21 @@ def test_matkv_loads_exactly_the_documents() -> None:
     ex = pc.Example("paper-matkv", golden=True)
     s = ex.summary("method=matkv")
     assert s["doc_ssd_tokens"] == 2048 * s["completed"]
+
+
+def test_splitwise_transfers_each_prompts_kv_once_at_the_link_rate() -> None:
+    """Every request's whole KV crosses the link once (serialized), 320 KiB per Llama-2-70B token
+    (80 layers x 8 KV heads x 128 x 2 x 2 bytes) in whole 16-token blocks, in latency + bytes / bandwidth."""
+    ex = pc.Example("paper-splitwise", golden=True)
+    for label in ex.points:
+        raw, d = ex.raw(label), ex.summary(label)["disaggregation"]
+        link = raw["disaggregation"]["link"]
+        assert d["transfers"] == ex.summary(label)["completed"] > 0
+        nbytes = d["kv_transfer_bytes"] / d["transfers"]
+        tokens = pc.fixed_tokens(raw, "input")
+        assert nbytes == math.ceil(tokens / 16) * 16 * 80 * 8 * 128 * 2 * 2, label
+        wire = link["latency_us"] * 1e-6 + nbytes * 8 / (link["bandwidth_gbps"] * 1e9)
+        assert math.isclose(d["kv_wire_s"]["mean"], wire, rel_tol=1e-9), label
 
 
 _SNAPKV = pc.Example("paper-snapkv", golden=True)
