@@ -171,8 +171,12 @@ def test_kv_method_kernels_on_an_imported_gpu_are_derived_and_labelled(profile: 
 
 
 def test_engine_kind_picks_the_engines_profile() -> None:
-    assert find_calibration(GPU, engine="sglang").engine == "sglang"
-    assert find_calibration(GPU, engine="trtllm").engine == "trtllm"
+    # the H200 has a measured profile (found first for every engine kind); 'imported' asks per engine
+    assert find_calibration(GPU, "imported", engine="sglang").engine == "sglang"
+    assert find_calibration(GPU, "imported", engine="trtllm").engine == "trtllm"
+    b200 = load_hardware("b200")  # no measured profile: the lookup picks the engine's imported one
+    assert find_calibration(b200, engine="sglang").engine == "sglang"
+    assert find_calibration(b200, engine="trtllm").engine == "trtllm"
     with pytest.raises(KvsimError, match="unknown engine kind"):
         find_calibration(GPU, engine="tgi")
 

@@ -73,7 +73,8 @@ def test_cli_calibrate_and_validate(results, capsys) -> None:
 def test_profile_lookup_by_gpu_name(calibrated_root, monkeypatch) -> None:
     monkeypatch.setattr("kvsim.cost.calibration.results_dir", lambda: calibrated_root)
     assert find_calibration(load_hardware("h100-sxm")).kind == "measured"
-    assert find_calibration(load_hardware("h200-sxm")).kind == "imported"  # shipped, from the database
+    assert find_calibration(load_hardware("h200-sxm")).kind == "measured"  # validation/results/h200-sxm
+    assert find_calibration(load_hardware("b200")).kind == "imported"  # shipped, from the database
     borrowed = find_calibration(load_hardware("h100-pcie"))  # no profile of its own: same family, scaled
     assert borrowed.kind == "borrowed" and "h100-sxm (measured" in borrowed.note
     assert find_calibration(load_hardware("a30")).note.startswith("borrowed from a100-sxm-80gb (imported")
