@@ -24,7 +24,7 @@ from kvsim.errors import KvsimError
 
 # Columns the judge reads (the silicon-sample header; extra columns are ignored).
 COLUMNS = ("backend", "backend_version", "model_path", "system", "precision", "gemm_quant_mode", "moe_quant_mode",
-           "isl", "osl", "batch_size", "tp_size", "pp_size", "attention_dp_size", "moe_ep_size",
+           "isl", "osl", "batch_size", "tp_size", "pp_size", "attention_dp_size", "moe_tp_size", "moe_ep_size",
            "silicon_ttft_ms", "silicon_tpot_ms")
 # Precision columns of an unquantized run (bf16 or fp16 weights and KV, no quantization mode).
 UNQUANTIZED = ("", "bf16", "fp16")
@@ -50,11 +50,22 @@ class Row:
     precision: str
     isl: int
     osl: int
-    concurrency: int
+    concurrency: int  # clients of the closed loop: batch_size x attention_dp_size
     tp: int
     ttft_ms: float
     tpot_ms: float
-    other_parallelism: str  # pipeline, attention-DP or expert parallelism ("" when none)
+    other_parallelism: str  # pipeline or unknown parallelism, disaggregation ("" when none)
+    # Attention-DP ranks and the MoE layout (aiconfigurator's ModelConfig, aiconfigurator_core
+    # sdk/config.py lines 26-28 and 84-144: tp_size x attention_dp_size = moe_tp_size x moe_ep_size,
+    # the attention width equal to the experts' width for a MoE model); 0: the column is empty or 0
+    dp: int = 1
+    moe_tp: int = 0
+    moe_ep: int = 0
+
+    @property
+    def layout(self) -> str:
+        """The row's TP, DP and MoE columns as the file gives them."""
+        return f"tp_size={self.tp}, attention_dp_size={self.dp}, moe_tp_size={self.moe_tp}, moe_ep_size={self.moe_ep}"
 
 
 @dataclass(frozen=True)
@@ -91,17 +102,24 @@ def read_rows(path: Path) -> list[Row]:
         # aggregated batch_size or tp_size (1 stands in): it is read, and counted as not expressible
         disagg = r.get("mode") == "disagg"
         try:
+            # attention_dp_size empty: not used. 0 is not read as "not used": the public gb200 rows
+            # with attention_dp_size=0 run more clients than batch_size says (their ids), so their
+            # parallelism is unknown and they are counted as not expressible
+            dp = 1 if disagg or r["attention_dp_size"] == "" else int(r["attention_dp_size"])
+            moe_tp, moe_ep = (0, 0) if disagg else (int(r["moe_tp_size"] or 0), int(r["moe_ep_size"] or 0))
+            unknown = ([f"pp_size={r['pp_size']}"] if r["pp_size"] not in ("", "1") else []) + (
+                ["attention_dp_size=0"] if dp == 0 else [])
             row = Row(i, r["backend"], r["backend_version"], r["model_path"], r["system"],
                       "+".join(v for v in (r["precision"], r["gemm_quant_mode"], r["moe_quant_mode"]) if v),
-                      int(r["isl"]), int(r["osl"]), 1 if disagg else int(r["batch_size"]),
+                      int(r["isl"]), int(r["osl"]),
+                      # batch_size is per attention-DP rank: the vLLM rows' ids name the client's
+                      # concurrency, batch_size x attention_dp_size (e.g. minimaxm2_5_b300_vllm_fp8_agg_
+                      # 1024x1024_c512_cfg734: batch_size 128, attention_dp_size 4)
+                      1 if disagg else int(r["batch_size"]) * max(dp, 1),
                       1 if disagg else int(r["tp_size"]),
                       float(r["silicon_ttft_ms"]), float(r["silicon_tpot_ms"]),
-                      "disaggregated prefill and decode workers (mode=disagg)" if disagg else
-                      # empty: not used. 0 is not read as "not used": the public gb200 rows with
-                      # attention_dp_size=0 run more clients than batch_size says (their ids), so
-                      # their parallelism is unknown and they are counted as not expressible
-                      ", ".join(f"{k}={r[k]}" for k in ("pp_size", "attention_dp_size", "moe_ep_size")
-                                if r[k] not in ("", "1")))
+                      "disaggregated prefill and decode workers (mode=disagg)" if disagg else ", ".join(unknown),
+                      max(dp, 1), moe_tp, moe_ep)
         except (TypeError, ValueError, KeyError) as err:
             raise KvsimError(f"line {i}: malformed value ({type(err).__name__}: {err})", file=str(path)) from None
         if min(row.isl, row.osl, row.concurrency, row.tp) < 1 or not (0 < row.ttft_ms < math.inf
@@ -156,6 +174,9 @@ def _why_not(row: Row, models: dict[str, str], gpus: set[str]) -> str | None:
 
     if row.other_parallelism:
         return f"parallelism kvsim does not model yet ({row.other_parallelism})"
+    if (row.dp > 1 or row.moe_ep > 1) and row.backend != "vllm":
+        # SGLang's and TensorRT-LLM's DP attention and EP are their own layouts (and schedulers)
+        return f"attention-DP or expert-parallel layout on {row.backend} ({row.layout}): kvsim models vLLM's"
     if row.backend not in ENGINE_KINDS:
         return f"engine {row.backend} (kvsim imports kernels of {', '.join(ENGINE_KINDS)})"
     if row.precision not in UNQUANTIZED + FP8_WEIGHTS:
@@ -164,6 +185,42 @@ def _why_not(row: Row, models: dict[str, str], gpus: set[str]) -> str | None:
         return f"model {row.model} not in the catalogue"
     if _gpu(row.system) not in gpus:
         return f"GPU {row.system} not in the catalogue"
+    return _why_not_layout(row, models[row.model.lower()])
+
+
+def _why_not_layout(row: Row, model: str) -> str | None:
+    """Why kvsim cannot express the row's attention-DP and MoE layout (None: it can).
+
+    aiconfigurator's columns (aiconfigurator_core sdk/config.py: ``ModelConfig`` lines 16-28,
+    ``resolve_moe_parallelism`` lines 84-144): ``tp_size`` is the attention's TP degree,
+    ``attention_dp_size`` the attention-DP ranks, and for a MoE model the experts are laid out over
+    the same GPUs, ``tp_size x attention_dp_size = moe_tp_size x moe_ep_size``. vLLM's experts span
+    all ``tp x dp`` GPUs either as whole experts (``--enable-expert-parallel``: EP size = tp x dp,
+    so moe_tp_size 1) or TP-sharded (the default: moe_tp_size = tp x dp, moe_ep_size 1)
+    (kvsim.spec.parallel). Those two layouts are expressed; every other is refused with its reason.
+    A dense model has no experts: its MoE columns describe nothing and are not read.
+    """
+    from kvsim.spec.hardware import load_hardware
+    from kvsim.spec.model import load_model
+
+    moe = load_model(model).moe is not None
+    if not moe and row.moe_ep > 1:
+        return f"moe_ep_size={row.moe_ep} on dense model {row.model}"
+    if moe and (row.moe_tp, row.moe_ep) == (0, 0):
+        if row.dp > 1:  # vLLM's default would TP-shard the experts; the row does not say it ran so
+            return f"MoE layout not stated with attention-DP ({row.layout})"
+    elif moe and 0 in (row.moe_tp, row.moe_ep):
+        return f"MoE layout not stated whole ({row.layout})"
+    elif moe and row.tp * row.dp != row.moe_tp * row.moe_ep:
+        # aiconfigurator refuses such a configuration (resolve_moe_parallelism, sdk/config.py 133-140)
+        return (f"inconsistent row: tp_size x attention_dp_size = {row.tp * row.dp} but moe_tp_size x moe_ep_size "
+                f"= {row.moe_tp * row.moe_ep} (aiconfigurator requires them equal)")
+    elif moe and row.moe_tp > 1 and row.moe_ep > 1:
+        return f"MoE layout moe_tp_size={row.moe_tp} x moe_ep_size={row.moe_ep}: vLLM shards experts all-TP or all-EP"
+    node = load_hardware(_gpu(row.system)).max_gpus_per_node
+    if row.tp * row.dp > node:
+        return (f"multi-node: tp_size x attention_dp_size = {row.tp * row.dp} GPUs, more than one {row.system} "
+                f"node's {node} (kvsim models single-node DP and EP)")
     return None
 
 
@@ -176,6 +233,12 @@ def _scenario(row: Row, model: str, hardware: str, calibration: str | None):  # 
            # the row's engine picks the kernel database of the GPU's imported profile (the
            # scheduler stays vLLM-like for every engine)
            "engine": {"kind": row.backend, "max_model_len": row.isl + row.osl,
+                      # vLLM's --data-parallel-size and --enable-expert-parallel (EP size = tp x dp):
+                      # moe_ep_size = tp_size x attention_dp_size (moe_tp_size 1) is expert
+                      # parallelism, moe_tp_size = tp_size x attention_dp_size the default TP-sharded
+                      # experts (_why_not refuses every other layout)
+                      **({"data_parallel_size": row.dp} if row.dp > 1 else {}),
+                      **({"expert_parallel": True} if row.moe_ep > 1 else {}),
                       # a vLLM row's version keys the memory rule and the engine step's host time
                       **({"vllm_version": row.version} if row.backend == "vllm" else {})},
            "weights": "fp8" if row.precision in FP8_WEIGHTS else "bf16",

@@ -79,3 +79,43 @@ def test_the_vllm_development_set_is_judged_whole() -> None:
     judged, skipped = judge(shared_file("measured", "vllm_h100_qwen3-32b_closed_loop.csv"))
     assert len(judged) == 90 and not skipped
     assert {j.row.tp for j in judged} == {2, 4, 8}
+
+
+def _moe(**kw: object) -> dict:
+    """A vLLM qwen3-30b-a3b row on H100 (values made up), with the given parallelism columns."""
+    return dict(backend="vllm", backend_version="0.12.0", model_path="Qwen/Qwen3-30B-A3B", system="h100_sxm",
+                isl=256, osl=16, batch_size=2, tp_size=1, silicon_ttft_ms=40.0, silicon_tpot_ms=7.0) | kw
+
+
+def test_vllm_expert_and_data_parallel_rows_are_judged_and_other_layouts_counted(tmp_path: Path) -> None:
+    """aiconfigurator's tp_size x attention_dp_size = moe_tp_size x moe_ep_size: the two vLLM layouts
+    (whole experts over tp x dp GPUs, or experts TP-sharded over them) are judged, every other is
+    counted with its reason."""
+    rows = [
+        _moe(tp_size=2, moe_tp_size=1, moe_ep_size=2),  # --enable-expert-parallel, TP 2
+        _moe(attention_dp_size=2, moe_tp_size=1, moe_ep_size=2),  # DP 2 + EP: 2 x 2 clients
+        _moe(attention_dp_size=2, moe_tp_size=2, moe_ep_size=1),  # DP 2, experts TP-sharded
+        _moe(tp_size=2, moe_tp_size=2, moe_ep_size=1),  # plain TP 2
+        dict(_moe(), model_path="Qwen/Qwen3-8B", tp_size=2, moe_tp_size=0, moe_ep_size=0),  # dense: 0 = no MoE
+        # counted, not judged
+        _moe(tp_size=2, moe_tp_size=2, moe_ep_size=2),
+        _moe(tp_size=4, moe_tp_size=2, moe_ep_size=2),
+        _moe(tp_size=4, attention_dp_size=4, moe_tp_size=1, moe_ep_size=16),
+        dict(_moe(tp_size=2, moe_tp_size=1, moe_ep_size=2), backend="sglang"),
+        _moe(attention_dp_size=2),
+        _moe(moe_tp_size=1),
+        dict(_moe(tp_size=2, moe_tp_size=1, moe_ep_size=2), model_path="Qwen/Qwen3-8B"),
+    ]
+    judged, skipped = judge(write(tmp_path / "ep.csv", rows))
+    assert [(j.row.tp, j.row.dp, j.row.moe_tp, j.row.moe_ep, j.row.concurrency) for j in judged] == [
+        (2, 1, 1, 2, 2), (1, 2, 1, 2, 4), (1, 2, 2, 1, 4), (2, 1, 2, 1, 2), (2, 1, 0, 0, 2)]
+    assert all(0 < j.ttft_ms and 0 < j.tpot_ms for j in judged)
+    assert [j.catalogue_model for j in judged] == ["qwen3-30b-a3b"] * 4 + ["qwen3-8b"]
+    assert sum(skipped.values()) == 7, skipped
+    reasons = " | ".join(skipped)
+    for words in ("inconsistent row: tp_size x attention_dp_size = 2 but moe_tp_size x moe_ep_size = 4",
+                  "moe_tp_size=2 x moe_ep_size=2: vLLM shards experts all-TP or all-EP",
+                  "multi-node: tp_size x attention_dp_size = 16 GPUs",
+                  "expert-parallel layout on sglang", "MoE layout not stated with attention-DP",
+                  "MoE layout not stated whole", "moe_ep_size=2 on dense model Qwen/Qwen3-8B"):
+        assert words in reasons
