@@ -37,7 +37,14 @@ import torch
 import triton
 import triton.language as tl
 
-from validation.kernels.triton_decode import LOG2E, _decode_kernel, _g_pad, alloc_partials, pick_splits, reduce_partials
+from validation.kernels.triton_decode import (
+    LOG2E,
+    _g_pad,
+    alloc_partials,
+    attend_residual,
+    pick_splits,
+    reduce_partials,
+)
 
 RB = 16  # tokens per outlier row block (and the granularity of the quantized length)
 MODES = {"lut": 0, "channel": 1, "token": 2}
@@ -363,13 +370,5 @@ def plane_attention(q, cache: PlaneCache, sm_scale=None, cfg=None, out=None):
             NS=max(16, triton.next_power_of_2(bn // RB * cache.nnz)), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
     if cache.n_res:
-        kr, vr = cache.k_res, cache.v_res
-        _decode_kernel[(B, Hkv, 1)](
-            q, kr, vr, q, q, q, op, lp,
-            q.stride(0), q.stride(1), kr.stride(0), kr.stride(1), kr.stride(2), vr.stride(0), vr.stride(1), vr.stride(2),
-            0, 0, 0, 0, 0,
-            op.stride(0), op.stride(1), op.stride(2), lp.stride(0), lp.stride(1),
-            cache.n_res, cache.n_res + 64, sm_scale * LOG2E, nq,
-            GROUP=group, G_PAD=_g_pad(group), D=D, DV=D, BLOCK_N=64, HAS_IDX=False, FP8=False, HAS_BIAS=False,
-            PAGE=0, D_PAD=D, DV_PAD=D, num_warps=4, num_stages=2)
+        attend_residual(q, cache.k_res, cache.v_res, op, lp, cache.n_res, nq, sm_scale, group)
     return reduce_partials(op, lp, n_tot, torch.float16, out=out)[0]

@@ -29,7 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
-from validation.kernels.triton_decode import LOG2E, _decode_kernel, _g_pad, alloc_partials, pick_splits, reduce_partials
+from validation.kernels.triton_decode import (
+    LOG2E,
+    _g_pad,
+    alloc_partials,
+    attend_residual,
+    pick_splits,
+    reduce_partials,
+)
 from validation.kivi_ref import code_ptx, dequant_ptx
 
 TG = 32  # tokens per slab: the KIVI key group, and the middle dim of every 3-D tile
@@ -592,15 +599,7 @@ def quant_attention(q, cache: QuantCache, sm_scale=None, cfg=None, out=None, asm
             K_PER_TOKEN=c.key_mode == "token", GK=c.k_group, GV=c.v_group, ASM=asm,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if c.n_res:
-        kr, vr = c.k_res, c.v_res
-        _decode_kernel[(B, Hkv, 1)](
-            q, kr, vr, q, q, q, op, lp,
-            q.stride(0), q.stride(1), kr.stride(0), kr.stride(1), kr.stride(2), vr.stride(0), vr.stride(1), vr.stride(2),
-            0, 0, 0, 0, 0,
-            op.stride(0), op.stride(1), op.stride(2), lp.stride(0), lp.stride(1),
-            c.n_res, c.n_res + 64, sm_scale * LOG2E, nq,
-            GROUP=group, G_PAD=_g_pad(group), D=D, DV=D, BLOCK_N=64, HAS_IDX=False, FP8=False, HAS_BIAS=False,
-            PAGE=0, D_PAD=D, DV_PAD=D, num_warps=4, num_stages=2)
+        attend_residual(q, c.k_res, c.v_res, op, lp, c.n_res, nq, sm_scale, group)
     o, _ = reduce_partials(op, lp, n_tot, torch.float16, out=None if cache.perm is not None else out)
     if cache.perm is not None:
         o = o[..., cache.inv_perm]

@@ -149,6 +149,21 @@ def alloc_partials(B, Hq, splits, D, device):
     return op, lp
 
 
+def attend_residual(q, kr, vr, op, lp, n_res, slot, sm_scale, group):
+    """The full-precision residual window of a quantized cache ([B, Hkv, n_res, D] fp16, the newest
+    tokens) attended by the dense kernel into split slot ``slot`` of the partials, so one reduce
+    merges it with the quantized splits (quant_decode.py, plane_decode.py)."""
+    B, Hkv, D = kr.shape[0], kr.shape[1], kr.shape[-1]
+    _decode_kernel[(B, Hkv, 1)](
+        q, kr, vr, q, q, q, op, lp,
+        q.stride(0), q.stride(1), kr.stride(0), kr.stride(1), kr.stride(2), vr.stride(0), vr.stride(1), vr.stride(2),
+        0, 0, 0, 0, 0,
+        op.stride(0), op.stride(1), op.stride(2), lp.stride(0), lp.stride(1),
+        n_res, n_res + 64, sm_scale * LOG2E, slot,
+        GROUP=group, G_PAD=_g_pad(group), D=D, DV=D, BLOCK_N=64, HAS_IDX=False, FP8=False, HAS_BIAS=False,
+        PAGE=0, D_PAD=D, DV_PAD=D, num_warps=4, num_stages=2)
+
+
 def reduce_partials(op, lp, n_splits, out_dtype, out_scale=1.0, out=None):
     B, Hq, S, D = op.shape
     o = out if out is not None else torch.empty(B, Hq, D, device=op.device, dtype=out_dtype)
