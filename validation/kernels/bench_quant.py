@@ -86,19 +86,23 @@ def tune_one(method, spec, kw, configs, csv, quick):
     return best
 
 
+def build_checked(q, k, v, kw, scale, rows):
+    """The cache of (k, v), the float64 reference over its dequantized values on batch rows `rows`, and
+    the quantization error (that reference against attention over the original k, v)."""
+    cache = build(k, v, kw)
+    kd, vd = cache.dequant(rows)
+    ref = ref_decode(q[rows], kd, vd, scale)
+    return cache, ref, rel_error(ref, ref_decode(q, k, v, scale, rows))
+
+
 def point(method, spec, kw, B, Hq, Hkv, D, S, cfg, csv):
     scale = 1.0 / math.sqrt(D)
     q = torch.randn(B, Hq, D, device="cuda", dtype=torch.float16)
     k = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
     rows = check_rows(B)
-    cache = build(k, v, kw)
-    ref_orig = ref_decode(q, k, v, scale, rows)
+    cache, ref, qerr = build_checked(q, k, v, kw, scale, rows)
     del k, v
-    kd, vd = cache.dequant(rows)
-    ref = ref_decode(q[rows], kd, vd, scale)
-    del kd, vd
-    qerr = rel_error(ref, ref_orig)
     fn = lambda out=None: qd.quant_attention(q, cache, sm_scale=scale, cfg=cfg, out=out, asm=bool(cfg["asm"]))  # noqa: E731
     err = checked(fn, (B, Hq, D), torch.float16, ref, rows)
     t = bench(fn)[0]

@@ -38,7 +38,7 @@ from validation.common import CsvOut, bench, log, rel_error  # noqa: E402
 from validation.kernels import quant_decode as qd  # noqa: E402
 from validation.kernels import triton_decode as td  # noqa: E402
 from validation.kernels.bench_common import ref_decode  # noqa: E402
-from validation.kernels.bench_quant import build  # noqa: E402
+from validation.kernels.bench_quant import build_checked  # noqa: E402
 
 COLS = ["variant", "spec", "batch", "q_heads", "kv_heads", "head_dim", "context", "time_s", "bytes_read",
         "read_ceiling_Bps", "pct_of_read_ceiling", "rel_error", "qerr", "status"]
@@ -110,14 +110,10 @@ def make_inputs(spec, kind, B, Hq, Hkv, D, S):
         del k, v
         return (lambda c, out: td.decode_attention(q, k8, v8, sm_scale=scale, k_scale=ks, v_scale=vs, cfg=c, out=out)), \
             rows, ref, 2 * k8.numel(), qerr, torch.bfloat16
-    cache = build(k, v, kind)
-    ref_orig = ref_decode(q, k, v, scale, rows)
+    cache, ref, qerr = build_checked(q, k, v, kind, scale, rows)
     del k, v
-    kd, vd = cache.dequant(rows)
-    ref = ref_decode(q[rows], kd, vd, scale)
-    del kd, vd
     fn = lambda c, out: qd.quant_attention(q, cache, sm_scale=scale, cfg=c, out=out, asm=bool(c.get("asm", qd.USE_ASM)))  # noqa: E731
-    return fn, rows, ref, cache.nbytes(), rel_error(ref, ref_orig), torch.float16
+    return fn, rows, ref, cache.nbytes(), qerr, torch.float16
 
 
 def run_variant(fn, c, shape, rows, ref, thresh, out_dtype):

@@ -90,18 +90,24 @@ LAYOUTS = [dict(kbits=2, vbits=2), dict(kbits=4, vbits=4), dict(kbits=4, vbits=2
            dict(kbits=2, vbits=2, key_mode="token", k_group=64, v_group=64, residual=32, clip=0.95, perm=True)]
 
 
-@pytest.mark.parametrize("kw", LAYOUTS, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
-def test_quant_attention(kw, gen):
-    """Fused dequant attention (pure-Triton unpack) == float64 attention over the dequantized cache;
-    the cache dequantizes to the input within half a quantization step."""
+def _quant_case(kw, gen, S, B=2, Hq=8, Hkv=2, D=128):
+    """Fresh random q, k, v (fp16), their QuantCache for the layout `kw` and its dequantized K, V."""
     kw = dict(kw)
-    B, Hq, Hkv, D, S = 2, 8, 2, 128, 200
     q = torch.randn(B, Hq, D, generator=gen).half()
     k, v = torch.randn(B, Hkv, S, D, generator=gen).half(), torch.randn(B, Hkv, S, D, generator=gen).half()
     if kw.pop("perm", False):
         kw["perm"] = torch.randperm(D, generator=gen)
     cache = qd.QuantCache(k, v, residual=kw.pop("residual", 64), **kw)
     kd, vd = cache.dequant()
+    return q, k, cache, kd, vd
+
+
+@pytest.mark.parametrize("kw", LAYOUTS, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+def test_quant_attention(kw, gen):
+    """Fused dequant attention (pure-Triton unpack) == float64 attention over the dequantized cache;
+    the cache dequantizes to the input within half a quantization step."""
+    D, S = 128, 200
+    q, k, cache, kd, vd = _quant_case(kw, gen, S)
     for bn in (32, 64):  # one and two 32-token slabs per iteration (3-D tiles)
         o = qd.quant_attention(q, cache, cfg=dict(BN=bn, num_warps=4, num_stages=1, waves=1), asm=False)
         assert rel(o, ref(q, kd, vd, D ** -0.5)) < 2e-3
@@ -117,14 +123,8 @@ def test_quant_attention(kw, gen):
 def test_quant_attention_register_dequant(kw, gen):
     """The register-dequant kernel (kern "rd": per-field dots, scales folded into q / scores / p) ==
     float64 attention over the dequantized cache, at every BN it accepts, several splits."""
-    kw = dict(kw)
-    B, Hq, Hkv, D, S = 2, 8, 2, 128, 300
-    q = torch.randn(B, Hq, D, generator=gen).half()
-    k, v = torch.randn(B, Hkv, S, D, generator=gen).half(), torch.randn(B, Hkv, S, D, generator=gen).half()
-    if kw.pop("perm", False):
-        kw["perm"] = torch.randperm(D, generator=gen)
-    cache = qd.QuantCache(k, v, residual=kw.pop("residual", 64), **kw)
-    kd, vd = cache.dequant()
+    D = 128
+    q, k, cache, kd, vd = _quant_case(kw, gen, 300)
     want = ref(q, kd, vd, D ** -0.5)
     bns = (32, 64) if cache.key_mode == "token" else (32,)
     for bn in bns:
