@@ -492,8 +492,11 @@ def cmd_validate(args: argparse.Namespace) -> None:
         from kvsim.judge_serving import find_silicon_sample
 
         _validate_serving(find_silicon_sample() if args.serving == "aiconfigurator" else Path(args.serving), args.json,
-                          args.calibration)
+                          args.calibration, args.set or [])
         return
+    if args.set:
+        raise KvsimError("--set overrides the scenarios of --serving rows; a reference-engine folder has none",
+                         field="--set", value=args.set)
 
     results = Path(args.results) if args.results else None
     if args.leave_one_model_out:
@@ -530,13 +533,13 @@ def _print_summary(rows: list[dict]) -> None:
               f"{s['p90_abs_err']:8.1%} {s['max_abs_err']:8.1%}")
 
 
-def _validate_serving(path: Path, as_json: bool, calibration: str | None) -> None:
+def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: list[str]) -> None:
     from kvsim.judge_serving import error_table, judge
 
-    judged, skipped = judge(path, calibration)
+    judged, skipped = judge(path, calibration, sets)
     table = error_table(judged) if judged else []
     if as_json:
-        print(json.dumps({"file": str(path), "groups": table, "not_expressible": dict(skipped),
+        print(json.dumps({"file": str(path), "overrides": sets, "groups": table, "not_expressible": dict(skipped),
                           "rows": [{"line": j.row.line, "tp": j.row.tp, "isl": j.row.isl, "osl": j.row.osl,
                                     "concurrency": j.row.concurrency, "ttft_ms": j.row.ttft_ms,
                                     "predicted_ttft_ms": j.ttft_ms, "tpot_ms": j.row.tpot_ms,
@@ -551,6 +554,9 @@ def _validate_serving(path: Path, as_json: bool, calibration: str | None) -> Non
               f"{g['tpot_max_abs_err']:7.1%}   {g['calibration']}")
     for why, n in sorted(skipped.items()):
         print(f"not expressible ({n} rows): {why}")
+    if sets:
+        print(f"every row ran with --set {' '.join(sets)} (an assumption about the measured servers, not their "
+              "recorded settings)")
 
 
 # ---------------------------------------------------------------- parser
@@ -723,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="with --serving: 'imported' (the imported profile even where kvsim "
                                          "measured the GPU), 'none' or a profile path (default: each row's GPU)")
     p.add_argument("--results", help="results root (default: validation/results of this checkout)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="with --serving: override a field of every row's scenario, e.g. "
+                        "engine.max_num_batched_tokens=2048 (a hypothesis about how the servers ran)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_validate)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,8 +225,10 @@ def _why_not_layout(row: Row, model: str) -> str | None:
     return None
 
 
-def _scenario(row: Row, model: str, hardware: str, calibration: str | None):  # noqa: ANN202 - a Scenario
+def _scenario(row: Row, model: str, hardware: str, calibration: str | None,  # noqa: ANN202 - a Scenario
+              sets: Sequence[str] = ()):
     from kvsim.scenario import scenario_from_dict
+    from kvsim.scenario.load import apply_sets
 
     raw = {"name": f"line{row.line}", "model": model, "hardware": hardware, "tp": row.tp, "calibration": calibration,
            # the closed loop's SLOs are not judged; any positive targets will do
@@ -246,35 +249,42 @@ def _scenario(row: Row, model: str, hardware: str, calibration: str | None):  # 
                                         "num_requests": REQUESTS_PER_CLIENT * row.concurrency,
                                         "input": {"kind": "fixed", "tokens": row.isl},
                                         "output": {"kind": "fixed", "tokens": row.osl}}}}
-    return scenario_from_dict(raw, f"{row.model} line {row.line}")
+    # --set overrides: a hypothesis about how the measured servers ran (e.g. a smaller token budget),
+    # applied to every row after the defaults above
+    return scenario_from_dict(apply_sets(raw, sets, "--set"), f"{row.model} line {row.line}")
 
 
-def judge(path: Path, calibration: str | None = None) -> tuple[list[Judged], Counter[str]]:
+def judge(path: Path, calibration: str | None = None, sets: Sequence[str] = ()) -> tuple[list[Judged], Counter[str]]:
     """Predict every expressible row; count the others by reason. ``calibration``: as a scenario's
     (None: each row's GPU profile for the row's engine; 'imported': the imported one even where kvsim
-    measured the GPU)."""
+    measured the GPU). ``sets``: ``KEY=VALUE`` scenario overrides for every row (a malformed one is
+    an error, not a row kvsim cannot run)."""
     from kvsim.spec.hardware import hardware_names
 
     rows = read_rows(path)
     models, gpus = _catalogue_models(), set(hardware_names())
     judged: list[Judged] = []
     skipped: Counter[str] = Counter()
+    checked = not sets
     for row in rows:
         why = _why_not(row, models, gpus)
         if why is not None:
             skipped[why] += 1
             continue
-        _judge_row(row, models[row.model.lower()], calibration, judged, skipped)
+        if not checked:  # the first expressible row: a bad override raises here, once
+            _scenario(row, models[row.model.lower()], _gpu(row.system), calibration, sets)
+            checked = True
+        _judge_row(row, models[row.model.lower()], calibration, sets, judged, skipped)
     return judged, skipped
 
 
-def _judge_row(row: Row, model: str, calibration: str | None, judged: list[Judged],
+def _judge_row(row: Row, model: str, calibration: str | None, sets: Sequence[str], judged: list[Judged],
                skipped: Counter[str]) -> None:
     from kvsim.scenario import run_scenario
 
     hardware = _gpu(row.system)
     try:
-        s = run_scenario(_scenario(row, model, hardware, calibration), record_steps=False).summary
+        s = run_scenario(_scenario(row, model, hardware, calibration, sets), record_steps=False).summary
     except KvsimError as err:  # e.g. the model does not fit this GPU at this TP
         skipped[f"kvsim cannot run it: {str(err).split(': ', 1)[-1][:90]}"] += 1
         return

@@ -35,6 +35,29 @@ def test_measured_points_are_returned_exactly_and_interpolated_between() -> None
     assert big[1] == pytest.approx(2 * big[0])
 
 
+def test_database_message_sizes_are_element_counts_of_two_bytes() -> None:
+    """aiconfigurator logs all-reduce sizes in 16-bit elements (its collectors and its SDK's
+    ``CustomAllReduce.query``: "count, not size in bytes"); kvsim's tables hold bytes."""
+    from kvsim.importers.aiconfigurator import _by_tp
+
+    rows = {"num_gpus": [2, 2, 4], "message_size": [1024, 4096, 1024], "latency": [0.01, 0.02, 0.03],
+            "op_name": ["all_reduce"] * 3, "nccl_dtype": ["half"] * 3}
+    got = _by_tp(rows, {"op_name": "all_reduce", "nccl_dtype": "half"}, ROOT / "nccl_perf.parquet")
+    assert got == {2: {"bytes": [2048, 8192], "seconds": [1e-5, 2e-5]}, 4: {"bytes": [2048], "seconds": [3e-5]}}
+
+
+@pytest.mark.parametrize("gpu", ["a100-sxm-80gb", "b200", "b300", "gb200", "h100-sxm", "h200-sxm"])
+def test_largest_nccl_all_reduce_moves_near_the_nvlink_rate(gpu: str) -> None:
+    """Bus bandwidth (algorithm bandwidth x 2(n-1)/n, as nccl-tests report it) of the largest
+    measured NCCL all-reduce: 0.5-1.1x the per-direction NVLink bandwidth (NVLink SHARP reduces in the
+    switch, so TP 8 can reach the link rate). Reading the sizes as bytes gave 0.3-0.5x."""
+    link = load_hardware(gpu).nvlink_bandwidth_bytes_per_s
+    data = yaml.safe_load((ROOT / "kvsim" / "data" / "collectives" / f"{gpu}.yaml").read_text())
+    for tp, t in data["nccl_allreduce"]["tp"].items():
+        bus = t["bytes"][-1] / t["seconds"][-1] * 2 * (tp - 1) / tp
+        assert 0.5 * link <= bus <= 1.1 * link, (gpu, tp, bus / link)
+
+
 def test_vllm_uses_its_custom_all_reduce_on_nvlink_up_to_8_mib() -> None:
     hw = load_hardware("h100-sxm")
     ar = vllm_allreduce(hw, 8)

@@ -119,3 +119,23 @@ def test_vllm_expert_and_data_parallel_rows_are_judged_and_other_layouts_counted
                   "expert-parallel layout on sglang", "MoE layout not stated with attention-DP",
                   "MoE layout not stated whole", "moe_ep_size=2 on dense model Qwen/Qwen3-8B"):
         assert words in reasons
+
+
+def test_overrides_apply_to_every_row_and_a_bad_one_is_one_line(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """``--set`` tries a hypothesis about the measured servers on every row (here: a token budget
+    of half a prompt, so the one client's prompt is prefilled in two steps and its first token comes
+    later); a malformed override stops the judge with one line, it does not skip the rows."""
+    path = write(tmp_path / "m.csv", [ROWS[0] | {"batch_size": 1}])
+    (base,), _ = judge(path)
+    (chunked,), _ = judge(path, sets=["engine.max_num_batched_tokens=256"])
+    assert chunked.ttft_ms > base.ttft_ms
+    for bad, word in (("engine.no_such=1", "no such field"), ("engine.max_num_batched_tokens=0", "greater than 0"),
+                      ("nothing", "key=value")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["validate", "--serving", str(path), "--set", bad])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert word in err and len(err.strip().splitlines()) == 1
+    main(["validate", "--serving", str(path), "--set", "engine.max_num_batched_tokens=256"])
+    assert "every row ran with --set engine.max_num_batched_tokens=256" in capsys.readouterr().out

@@ -40,11 +40,11 @@ KNOWN = {
     "shadowkv-throughput": (2.729, PRICED),
     "snapkv-speed": (1.781, PRICED),
     "snapkv-memory": (116_272 / 58_656, EXACT),  # longest prompt at batch 2: SnapKV vs fp16
-    "safekv-ttft": (42.17, PRICED),
+    "safekv-ttft": (35.46, PRICED),
     "matkv-ttft": (1.098, PRICED),
     "lightkv-vision-kv": (317 / 576, EXACT),  # floor(0.45 x 576) = 259 of 576 vision tokens merged away
     "distserve-goodput": (1.112, PRICED),  # (22.03 / 3) / 6.60 requests/s per GPU at 90% goodput
-    "splitwise-transfer-share": (1.380, PRICED),  # 3.35 ms on the link / 242.9 ms prefill, 4,080 tokens, H100
+    "splitwise-transfer-share": (1.736, PRICED),  # 3.35 ms on the link / 193.1 ms prefill, 4,080 tokens, H100
     "splitwise-bandwidth": (1.997, 1e-3),  # (10 us + B / 1,600 Gb/s) / (10 us + B / 3,200 Gb/s)
 }
 

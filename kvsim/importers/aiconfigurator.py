@@ -80,6 +80,15 @@ def _table(path: Path) -> dict[str, list]:
         raise KvsimError(f"not a readable parquet table ({err})", file=str(path)) from None
 
 
+# The all-reduce tables' ``message_size`` counts ELEMENTS, not bytes: the NCCL collector logs
+# ``size // bytes_per_element`` of nccl-tests' byte size (collector/network/collect_nccl.py), the
+# custom all-reduce collector reduces tensors of ``message_size`` elements
+# (collector/network/collect_all_reduce.py, get_input_shape_and_comm_size), and the SDK queries both
+# with tokens x hidden ("count, not size in bytes", src/aiconfigurator/sdk/operations.py,
+# CustomAllReduce.query, commit e9a5452ee). Both tables are 16-bit (bfloat16 / half).
+ALLREDUCE_BYTES_PER_ELEMENT = BF16_BYTES
+
+
 def _by_tp(rows: dict[str, list], match: dict[str, str], path: Path) -> dict[int, dict[str, list[float]]]:
     """Rows whose columns equal ``match``: TP degree -> message bytes and seconds, by size."""
     try:
@@ -87,7 +96,8 @@ def _by_tp(rows: dict[str, list], match: dict[str, str], path: Path) -> dict[int
         for i in range(len(rows["latency"])):
             if all(rows[col][i] == want for col, want in match.items()):
                 by_size = out.setdefault(int(rows["num_gpus"][i]), {})
-                by_size[int(rows["message_size"][i])] = float(rows["latency"][i]) * MS
+                msg_bytes = int(rows["message_size"][i]) * ALLREDUCE_BYTES_PER_ELEMENT
+                by_size[msg_bytes] = float(rows["latency"][i]) * MS
     except KeyError as err:
         raise KvsimError(f"missing column {err}", file=str(path)) from None
     if not out:
