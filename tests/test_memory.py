@@ -32,7 +32,9 @@ def _log_plan(p: dict):
     if "weight_block" in p:  # block-scaled FP8 checkpoint: one fp32 scale per block
         rows, cols = p["weight_block"]
         m = replace(m, weight_quant=WeightQuantSpec("linear", 8 + 32 / (rows * cols), "fp8"))
-    hw = replace(load_hardware(p["hardware"]), memory_bytes=round(p["total_gib"] * GIB))
+    hw = load_hardware(p["hardware"])
+    if p["total_gib"] is not None:  # the total the log printed; else the catalogue's
+        hw = replace(hw, memory_bytes=round(p["total_gib"] * GIB))
     engine = EngineMemoryConfig(p["gpu_memory_utilization"], 16, p["max_num_batched_tokens"], p["max_num_seqs"],
                                 vllm_version=p["vllm_version"], enforce_eager=p["enforce_eager"])
     return plan_memory(m, hw, layout_for(m, "bf16"), p["tp"], engine)
@@ -47,6 +49,8 @@ def test_reproduces_public_vllm_memory_logs(p: dict) -> None:
                         (plan.non_torch_bytes, p["non_torch_gib"]), (plan.kv_cache_bytes, p["kv_cache_gib"])):
         if logged is not None:
             assert got / GIB == pytest.approx(logged, rel=0.01, abs=0.005)
+    if p.get("kv_cache_tokens") is not None:
+        assert plan.kv_capacity_tokens(p["max_model_len"]) == pytest.approx(p["kv_cache_tokens"], rel=0.01)
 
 
 def test_public_log_kv_tokens() -> None:
