@@ -4,7 +4,8 @@ vLLM's worker (``determine_available_memory``) lets the instance use ``gpu_memor
 total device memory`` (the total CUDA reports); from that come the weights, the peak torch memory of
 a profiling run (a forward pass over ``max_num_batched_tokens`` tokens, then the sampler over
 ``min(max_num_seqs, max_num_batched_tokens)`` rows), the memory outside torch's allocator that grew
-after the worker's baseline snapshot, and, from vLLM 0.20 on, the CUDA-graph estimate; the rest
+after the worker's baseline snapshot, and, from vLLM 0.20 on, the CUDA-graph estimate of the model
+runner vLLM picks for the model (its V2 runner's is 0 up to 0.28); the rest
 becomes KV pages of ``block_size`` tokens. Where the baseline is taken, what the sampler holds and
 whether graphs are charged depend on the vLLM version: one rule per version range, read from that
 version's source, in kvsim/data/vllm_memory.yaml.
@@ -42,6 +43,29 @@ def parse_version(text: str) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
+class ModelRunnerV2:
+    """Which models a vLLM range runs on its V2 model runner by default, whose CUDA-graph estimate is 0
+    in that range (kvsim/data/vllm_memory.yaml says where each range comes from)."""
+
+    default_for: str  # "dense": models without experts or recurrent state, plus ``architectures``; "listed"
+    unless_quantized: bool  # a checkpoint with a quantization_config stays on the V1 runner
+    architectures: frozenset[str]  # HF model classes that run V2 by default
+
+    def runs(self, model: ModelSpec) -> bool:
+        """Whether vLLM runs ``model`` on the V2 runner by default."""
+        dense = model.moe is None and model.state is None
+        if self.unless_quantized and model.weight_quant is not None and model.weight_quant.from_checkpoint:
+            return False
+        if self.default_for == "dense" and dense:
+            return True
+        if model.architecture is None:
+            raise KvsimError("unknown: this vLLM version picks its model runner, and so whether it charges CUDA-graph "
+                             "memory, by the HF architecture (config.json 'architectures'); add `architecture:` to "
+                             "the model YAML", field="architecture", value=None, file=model.name)
+        return model.architecture in self.architectures
+
+
+@dataclass(frozen=True)
 class VllmMemoryRule:
     """How one range of vLLM versions sizes its KV cache (kvsim/data/vllm_memory.yaml cites each field)."""
 
@@ -53,7 +77,12 @@ class VllmMemoryRule:
     non_torch_extra_bytes: float  # added when TP > 1
     sampler_bytes_per_logit: float  # per (sampled row x vocabulary entry) at the sampler's peak
     sampler_holds_dtype_logits: bool  # the model-dtype logits stay alive beside them
-    cuda_graphs_charged: bool
+    cuda_graphs_charged: bool  # by the V1 model runner
+    runner_v2: ModelRunnerV2 | None = None  # models on the V2 runner are not charged (None: every model runs V1)
+
+    def charges_graphs(self, model: ModelSpec) -> bool:
+        """Whether this range subtracts ``model``'s CUDA-graph estimate from the KV budget."""
+        return self.cuda_graphs_charged and not (self.runner_v2 is not None and self.runner_v2.runs(model))
 
     def non_torch(self, tp: int) -> float:
         return self.non_torch_bytes + (self.non_torch_extra_bytes if tp > 1 else 0.0)
@@ -64,9 +93,16 @@ def _rules() -> tuple[str, tuple[VllmMemoryRule, ...]]:
     data = load_data_yaml((resources.files("kvsim") / "data" / "vllm_memory.yaml").read_text())
     fields = ("label", "source", "non_torch_bytes", "non_torch_extra_bytes", "sampler_bytes_per_logit",
               "sampler_holds_dtype_logits", "cuda_graphs_charged")
-    rules = tuple(VllmMemoryRule(parse_version(r["first"]), parse_version(r["until"]), *(r[f] for f in fields))
+    rules = tuple(VllmMemoryRule(first=parse_version(r["first"]), until=parse_version(r["until"]),
+                                 **{f: r[f] for f in fields}, runner_v2=_runner_v2(r.get("model_runner_v2")))
                   for r in data["rules"])
     return str(data["default_version"]), rules
+
+
+def _runner_v2(data: dict | None) -> ModelRunnerV2 | None:
+    if data is None:
+        return None
+    return ModelRunnerV2(str(data["default_for"]), bool(data["unless_quantized"]), frozenset(data["architectures"]))
 
 
 def default_vllm_version() -> str:
@@ -115,12 +151,13 @@ class EngineMemoryConfig:
     def rule(self) -> VllmMemoryRule:
         return vllm_rule(self.vllm_version or default_vllm_version())
 
-    def graph_bytes(self) -> float:
-        """CUDA-graph memory the version charges against the KV budget."""
-        if not self.rule.cuda_graphs_charged or self.enforce_eager:
+    def graph_bytes(self, model: ModelSpec) -> float:
+        """CUDA-graph memory the version charges against ``model``'s KV budget."""
+        if self.enforce_eager or not self.rule.charges_graphs(model):
             return 0.0
         if self.cuda_graph_bytes is None:
-            raise KvsimError(f"{self.rule.label} charges the CUDA-graph memory it measures at start-up; give "
+            raise KvsimError(f"{self.rule.label} charges the CUDA-graph memory it measures at start-up for "
+                             f"{model.name}; give "
                              "engine.cuda_graph_gib (the 'Estimated CUDA graph memory' of its log) or "
                              "engine.enforce_eager: true", field="vllm_version",
                              value=self.vllm_version or default_vllm_version())
@@ -216,7 +253,8 @@ class Overheads:
 
 
 def engine_overheads(model: ModelSpec, tp: int, engine: EngineMemoryConfig, par: Parallel = SINGLE) -> Overheads:
-    return Overheads(activation_peak_bytes(model, tp, engine, par), engine.rule.non_torch(tp), engine.graph_bytes())
+    return Overheads(activation_peak_bytes(model, tp, engine, par), engine.rule.non_torch(tp),
+                     engine.graph_bytes(model))
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,8 @@ def test_kv_tokens_from_kv_bytes_match_vllm() -> None:
 
 
 @pytest.mark.parametrize("version,label", [("0.6.6", "0.6.5-0.6.x"), ("0.11.0", "0.11-0.16"), ("0.16.1", "0.11-0.16"),
-                                           ("0.19", "0.17-0.19"), ("v0.19.1rc1", "0.17-0.19"), ("0.33.0", "0.20-0.33")])
+                                           ("0.19", "0.17-0.19"), ("v0.19.1rc1", "0.17-0.19"), ("0.20.1", "0.20-0.21"),
+                                           ("0.27.1", "0.27"), ("0.33.0", "0.29-0.33")])
 def test_version_picks_its_rule(version: str, label: str) -> None:
     assert label in vllm_rule(version).label
 
@@ -87,6 +88,48 @@ def test_sampler_peak_by_version() -> None:
     rows_vocab, hidden = 256 * 151_936, 2048 * 4096 * 2
     assert _plan("qwen3-8b", vllm_version="0.11", **base).activation_peak_bytes == rows_vocab * 38 + hidden
     assert _plan("qwen3-8b", vllm_version="0.19", **base).activation_peak_bytes == rows_vocab * 14 + hidden
+
+
+@pytest.mark.parametrize("version,model,charged", [
+    ("0.21.0", "llama-3.1-8b", True),       # every model on the V1 runner
+    ("0.22.0", "llama-3.1-8b", False),      # dense, unquantized: V2, whose estimate is 0
+    ("0.22.0", "qwen3-30b-a3b", True),      # MoE: V1
+    ("0.24.0", "llama-3.1-8b", False),      # LlamaForCausalLM is on 0.24's V2 list
+    ("0.24.0", "qwen2.5-7b", True),         # Qwen2ForCausalLM is not
+    ("0.24.0", "deepseek-v2-lite", False),  # a listed MoE architecture
+    ("0.27.1", "qwen2.5-7b", False),        # dense: V2
+    ("0.27.1", "qwen3-30b-a3b", True),      # Qwen3MoeForCausalLM is not listed: V1
+    ("0.27.1", "deepseek-v2-lite", False),
+    ("0.29.0", "llama-3.1-8b", True),       # the V2 runner measures its graphs too
+])
+def test_graph_charge_follows_the_model_runner_vllm_picks(version: str, model: str, charged: bool) -> None:
+    """From 0.20 vLLM subtracts its model runner's CUDA-graph estimate; the V2 runner's is 0 up to 0.28,
+    and which models run V2 by default changed release by release (kvsim/data/vllm_memory.yaml)."""
+    plan = _plan(model, vllm_version=version, cuda_graph_bytes=GIB, max_num_seqs=64)
+    assert plan.cuda_graph_bytes == (GIB if charged else 0)
+    if not charged:  # nothing measured is needed
+        assert _plan(model, vllm_version=version, max_num_seqs=64).cuda_graph_bytes == 0
+
+
+def test_quantized_checkpoints_run_v1_in_0_22_but_load_time_quantization_does_not() -> None:
+    """0.22-0.23 keep a checkpoint with a quantization_config on the V1 runner (ModelConfig.is_quantized);
+    a bf16 checkpoint quantized as it loads has none."""
+    engine = EngineMemoryConfig(vllm_version="0.22.0", cuda_graph_bytes=GIB)
+    m = load_model("llama-3.1-8b")
+    online = with_weights(m, "fp8")
+    checkpoint = replace(m, weight_quant=WeightQuantSpec("linear", 8.0, "fp8"))
+    assert engine.graph_bytes(online) == 0 and engine.graph_bytes(checkpoint) == GIB
+    assert engine.graph_bytes(with_weights(checkpoint, "int4")) == GIB  # still a quantized checkpoint
+
+
+def test_a_model_without_its_architecture_is_an_error_where_the_runner_depends_on_it() -> None:
+    m = replace(load_model("llama-3.1-8b"), architecture=None)
+    with pytest.raises(KvsimError, match="architecture"):
+        EngineMemoryConfig(vllm_version="0.24.0", cuda_graph_bytes=GIB).graph_bytes(m)
+    assert EngineMemoryConfig(vllm_version="0.25.0").graph_bytes(m) == 0  # dense: V2 whatever its class
+    moe = replace(load_model("qwen3-30b-a3b"), architecture=None)
+    with pytest.raises(KvsimError, match="architecture"):
+        EngineMemoryConfig(vllm_version="0.25.0", cuda_graph_bytes=GIB).graph_bytes(moe)
 
 
 def test_graphs_charged_from_0_20() -> None:

@@ -282,9 +282,12 @@ def model_from_hf_config(full: dict, *, name: str, config_file: str, hf_repo: st
     vocab = cfg.get("vocab_size") or (262400 if mtype.startswith("gemma3n") else None)
     if vocab is None:
         raise KvsimError("missing from config.json", field="vocab_size", value=None, file=config_file)
+    architectures = full.get("architectures") or cfg.get("architectures")
     out: dict[str, Any] = {
         "name": name,
         "source": {"config": config_file, "hf_repo": hf_repo},
+        # the HF model class; vLLM picks its model runner by it (kvsim/data/vllm_memory.yaml)
+        **({"architecture": str(architectures[0])} if architectures else {}),
         "dtype": _SERVING_DTYPE.get(dtype, "bfloat16"),
         "hidden_size": hidden,
         "vocab_size": int(vocab),

@@ -111,6 +111,9 @@ class WeightQuantSpec:
     precision: WeightPrecision
     weight_only: bool = False  # W8A16 / W4A16: dequantized to the activation dtype inside the GEMM
     needs_native_fp8: bool = False  # the method has no weight-only fallback (ModelOpt FP8: compute capability 8.9)
+    # the checkpoint carries a quantization_config (vLLM's ModelConfig.is_quantized), as opposed to
+    # a bf16 checkpoint quantized when it loads (a ``weights:`` choice)
+    from_checkpoint: bool = True
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,7 @@ class ModelSpec:
     weight_quant: WeightQuantSpec | None
     vision: VisionSpec | None
     state: StateSpec | None = None
+    architecture: str | None = None  # the HF model class (config.json "architectures"); None: not given
 
     @property
     def num_layers(self) -> int:
@@ -230,6 +234,7 @@ class _Source(_Strict):
 class _ModelFile(_Strict):
     name: str
     source: _Source
+    architecture: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"]
     hidden_size: int = Field(gt=0)
     vocab_size: int = Field(gt=0)
@@ -327,6 +332,7 @@ def model_from_dict(data: dict, file: str | None = None) -> ModelSpec:
                       if m.weight_quantization else None),
         vision=VisionSpec(m.vision.params, m.vision.image_tokens) if m.vision else None,
         state=StateSpec(**m.state.model_dump(exclude={"source"})) if m.state else None,
+        architecture=m.architecture,
     )
 
 

@@ -58,7 +58,10 @@ def with_weights(model: ModelSpec, weights: str, file: str | None = None) -> Mod
         raise KvsimError(f"vLLM's MXFP4 method quantizes MoE experts only and {model.name} has none",
                          field="weights", value=weights, file=file)
     precision = cast(WeightPrecision, weights)  # one of WEIGHTS_CHOICES (checked above), not "bf16"
-    return replace(model, weight_quant=WeightQuantSpec(c.modules, c.bits, precision, c.weight_only))
+    # a quantized checkpoint stays one in vLLM's eyes whatever precision it is served at
+    checkpoint = model.weight_quant is not None and model.weight_quant.from_checkpoint
+    return replace(model, weight_quant=WeightQuantSpec(c.modules, c.bits, precision, c.weight_only,
+                                                       from_checkpoint=checkpoint))
 
 
 GemmPath = Literal["bf16", "fp8", "int8", "w8a16", "w4a16"]
