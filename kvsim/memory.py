@@ -229,10 +229,16 @@ def activation_peak_bytes(model: ModelSpec, tp: int, cfg: EngineMemoryConfig, pa
     for layer in {(layer.moe,): layer for layer in model.layers}.values():
         lins = layer_linears(model, layer, tp, par)
         attn = sum(lin.out_features for lin in lins if lin.role == "attention")
+        # a dense MLP: the gate_up output and the activation's half of it
         mlp = max((lin.out_features * 1.5 for lin in lins if lin.name.endswith("gate_up")), default=0)
         if layer.moe and model.moe is not None:
-            # fused-MoE intermediate cache holds top_k rows per token, of every DP rank's tokens
-            mlp *= model.moe.top_k * par.dp
+            # vLLM's Triton fused MoE (fused_experts_impl, vllm/model_executor/layers/fused_moe/fused_moe.py
+            # v0.19.0): cache13 of M x top_k x max(N, K) elements (the gate_up output, reused for the
+            # experts' down outputs before the top-k sum) and cache2 of M x top_k x N/2 (the activation),
+            # N the routed experts' gate_up width on this rank, K the hidden size; M is every DP rank's
+            # tokens. Fine-grained experts (K > N) hold K, not N, per routed token.
+            width = max(lin.out_features for lin in lins if lin.name == "experts.gate_up")
+            mlp = max(mlp, model.moe.top_k * par.dp * (max(width, h) + width / 2))
         widest = max(widest, attn, mlp)
     forward = n * e * (2 * h + widest)  # residual + normed hidden + the widest layer transient
     rule = cfg.rule

@@ -236,3 +236,15 @@ def test_capacity_plot(tmp_path) -> None:
           "--contexts", "512,4096,32768", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".cap.png.*")), "no temporary file left behind"
+
+
+def test_fine_grained_moe_profiling_peak_holds_the_hidden_width_per_routed_token() -> None:
+    """vLLM's fused MoE keeps M x top_k x max(N, K) + M x top_k x N/2 elements (fused_experts_impl): for
+    Qwen3-235B at TP 4 (N = 2 x 1536 / 4 = 768 < K = 4096) that is 8 x (4096 + 384) per token, beside the
+    residual and normed hidden states. (A public vLLM 0.27.1 log of this model at TP 4 printed a 0.76 GiB
+    peak; kvsim's gate_up-only cache gave 0.27.)"""
+    plan = _plan("qwen3-235b-a22b", tp=4, max_num_batched_tokens=8192, max_num_seqs=32)
+    assert plan.activation_peak_bytes == 8192 * 2 * (2 * 4096 + 8 * (4096 + 384))
+    # coarse experts (N > K) keep the gate_up width: Mixtral's 1.5 x N per routed token
+    mixtral = _plan("mixtral-8x7b", tp=2, max_num_batched_tokens=8192, max_num_seqs=32)
+    assert mixtral.activation_peak_bytes == 8192 * 2 * (2 * 4096 + 2 * 1.5 * 14336)
