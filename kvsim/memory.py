@@ -31,6 +31,8 @@ from kvsim.spec.model import ModelSpec
 from kvsim.spec.parallel import SINGLE, Parallel, check_parallel
 
 GIB = 2**30
+# vllm/v1/sample/ops/topk_topp_sampler.py v0.19.0: the Triton kernel serves batches of at least 8 rows
+TRITON_SAMPLER_MIN_ROWS = 8
 _RULES_FILE = "kvsim/data/vllm_memory.yaml"
 
 
@@ -75,9 +77,11 @@ class VllmMemoryRule:
     source: str
     non_torch_bytes: float  # non-torch growth after the worker's baseline snapshot, TP 1
     non_torch_extra_bytes: float  # added when TP > 1
+    non_torch_extra_per_rank_bytes: float  # and this much per rank when TP > 1
     sampler_bytes_per_logit: float  # per (sampled row x vocabulary entry) at the sampler's peak
     sampler_holds_dtype_logits: bool  # the model-dtype logits stay alive beside them
     cuda_graphs_charged: bool  # by the V1 model runner
+    triton_sampler_buffer: bool  # the sampler's Triton top-k/top-p kernel caches a per-SM row buffer
     runner_v2: ModelRunnerV2 | None = None  # models on the V2 runner are not charged (None: every model runs V1)
 
     def charges_graphs(self, model: ModelSpec) -> bool:
@@ -85,7 +89,8 @@ class VllmMemoryRule:
         return self.cuda_graphs_charged and not (self.runner_v2 is not None and self.runner_v2.runs(model))
 
     def non_torch(self, tp: int) -> float:
-        return self.non_torch_bytes + (self.non_torch_extra_bytes if tp > 1 else 0.0)
+        extra = self.non_torch_extra_bytes + self.non_torch_extra_per_rank_bytes * tp if tp > 1 else 0.0
+        return self.non_torch_bytes + extra
 
 
 @cache
@@ -94,7 +99,10 @@ def _rules() -> tuple[str, tuple[VllmMemoryRule, ...]]:
     fields = ("label", "source", "non_torch_bytes", "non_torch_extra_bytes", "sampler_bytes_per_logit",
               "sampler_holds_dtype_logits", "cuda_graphs_charged")
     rules = tuple(VllmMemoryRule(first=parse_version(r["first"]), until=parse_version(r["until"]),
-                                 **{f: r[f] for f in fields}, runner_v2=_runner_v2(r.get("model_runner_v2")))
+                                 **{f: r[f] for f in fields},
+                                 non_torch_extra_per_rank_bytes=float(r.get("non_torch_extra_per_rank_bytes", 0)),
+                                 triton_sampler_buffer=bool(r.get("triton_sampler_buffer", False)),
+                                 runner_v2=_runner_v2(r.get("model_runner_v2")))
                   for r in data["rules"])
     return str(data["default_version"]), rules
 
@@ -219,11 +227,27 @@ def weight_bytes(model: ModelSpec, tp: int, par: Parallel = SINGLE) -> WeightByt
         buffers=rotary_cache_bytes(model))
 
 
-def activation_peak_bytes(model: ModelSpec, tp: int, cfg: EngineMemoryConfig, par: Parallel = SINGLE) -> float:
+# PyTorch's cuBLAS workspace, taken from its caching allocator by the profiling run's first GEMM:
+# ":4096:2:16:8 default, 32MiB for Hopper" (aten/src/ATen/cuda/CublasHandlePool.cpp,
+# parseChosenWorkspaceSize: 4096 x 8 KiB on compute capability 9.0, else 4096 x 2 + 16 x 8 KiB)
+CUBLAS_WORKSPACE_BYTES = {"hopper": 4096 * 8 * 1024}
+CUBLAS_WORKSPACE_DEFAULT_BYTES = 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+def _triton_sampler_buffer_bytes(hw: HardwareSpec, rows: int, vocab: int) -> int:
+    """The per-program fp32 row buffer vLLM's Triton top-k/top-p kernel caches (vllm/v1/sample/ops/
+    topk_topp_triton.py v0.19.0: min(next_power_of_2(min(SMs, rows)), SMs) rows of the vocabulary)."""
+    programs = min(hw.sm_count, rows)
+    return min(1 << (programs - 1).bit_length(), hw.sm_count) * vocab * 4
+
+
+def activation_peak_bytes(model: ModelSpec, hw: HardwareSpec, tp: int, cfg: EngineMemoryConfig,
+                          par: Parallel = SINGLE) -> float:
     """Peak torch memory of vLLM's profiling run above the weights: the larger of the forward pass over
     ``max_num_batched_tokens`` tokens and the dummy sampler run over ``min(max_num_seqs, tokens)`` rows
-    (gpu_model_runner ``profile_run`` / ``_dummy_sampler_run``), which also holds the run's hidden states.
-    With data parallelism a MoE layer runs on every DP rank's tokens, all-gathered (kvsim.spec.parallel)."""
+    (gpu_model_runner ``profile_run`` / ``_dummy_sampler_run``), which also holds the run's hidden states,
+    plus PyTorch's cuBLAS workspace. With data parallelism a MoE layer runs on every DP rank's tokens,
+    all-gathered (kvsim.spec.parallel)."""
     n, e, h = cfg.max_num_batched_tokens, model.dtype_bytes, model.hidden_size
     widest: float = 0
     for layer in {(layer.moe,): layer for layer in model.layers}.values():
@@ -244,8 +268,13 @@ def activation_peak_bytes(model: ModelSpec, tp: int, cfg: EngineMemoryConfig, pa
     rule = cfg.rule
     per_logit = rule.sampler_bytes_per_logit + (e if rule.sampler_holds_dtype_logits else 0)
     rows = min(cfg.max_num_seqs, n)
-    sampler = rows * model.vocab_size * per_logit + n * h * e
-    return float(max(forward, sampler))
+    # the run's hidden states stay alive, with the sampled rows' (a gathered copy) and the random
+    # stand-in _dummy_sampler_run makes of them (torch.rand_like)
+    sampler = rows * model.vocab_size * per_logit + n * h * e + 2 * rows * h * e
+    if rule.triton_sampler_buffer and rows >= TRITON_SAMPLER_MIN_ROWS:
+        sampler += _triton_sampler_buffer_bytes(hw, rows, model.vocab_size)
+    workspace = CUBLAS_WORKSPACE_BYTES.get(hw.family, CUBLAS_WORKSPACE_DEFAULT_BYTES)
+    return float(max(forward, sampler) + workspace)
 
 
 @dataclass(frozen=True)
@@ -258,8 +287,9 @@ class Overheads:
     cuda_graph_bytes: float
 
 
-def engine_overheads(model: ModelSpec, tp: int, engine: EngineMemoryConfig, par: Parallel = SINGLE) -> Overheads:
-    return Overheads(activation_peak_bytes(model, tp, engine, par), engine.rule.non_torch(tp),
+def engine_overheads(model: ModelSpec, hw: HardwareSpec, tp: int, engine: EngineMemoryConfig,
+                     par: Parallel = SINGLE) -> Overheads:
+    return Overheads(activation_peak_bytes(model, hw, tp, engine, par), engine.rule.non_torch(tp),
                      engine.graph_bytes(model))
 
 
@@ -408,6 +438,6 @@ def plan_memory(model: ModelSpec, hardware: HardwareSpec, layout: KVLayout, tp: 
     engine = engine or EngineMemoryConfig()
     check_tp(model, tp)
     check_parallel(model, tp, par, hardware.max_gpus_per_node)
-    o = engine_overheads(model, tp, engine, par)
+    o = engine_overheads(model, hardware, tp, engine, par)
     return MemoryPlan(model, hardware, layout, tp, engine, weight_bytes(model, tp, par), o.activation_peak_bytes,
                       o.non_torch_bytes, o.cuda_graph_bytes, par)

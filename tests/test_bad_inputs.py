@@ -98,7 +98,7 @@ def _file_cases(d: Path) -> list[list[str]]:
     # GPU YAML variants
     gpu = yaml.safe_load(H100)
     variants = [H100 + "name: other\n", "[]\n", "a: [\n", "", H100.replace("name: h100-sxm", "name: 7")]
-    for key in ("name", "memory_bytes", "hbm_bandwidth_bytes_per_s", "family", "host", "peak_flops_per_s"):
+    for key in ("name", "memory_bytes", "sm_count", "hbm_bandwidth_bytes_per_s", "family", "host", "peak_flops_per_s"):
         variants.append(yaml.safe_dump({k: v for k, v in gpu.items() if k != key}))
     for key in ("memory_bytes", "hbm_bandwidth_bytes_per_s", "max_gpus_per_node", "interconnect_latency_s"):
         for value in (".nan", ".inf", "-1", "0", "true", "abc"):

@@ -75,6 +75,7 @@ class HardwareSpec:
     vendor: str
     family: Family
     memory_bytes: int
+    sm_count: int  # streaming multiprocessors (AMD: compute units), as CUDA/ROCm report multiProcessorCount
     hbm_bandwidth_bytes_per_s: float
     peak_flops_per_s: Mapping[str, float | None]
     pcie_bandwidth_bytes_per_s: float
@@ -131,6 +132,7 @@ class _Hardware(BaseModel):
     vendor: str = Field(min_length=1)
     family: Family
     memory_bytes: int = Field(gt=0)
+    sm_count: int = Field(gt=0)
     hbm_bandwidth_bytes_per_s: float = Field(gt=0)
     peak_flops_per_s: _Peaks
     pcie_bandwidth_bytes_per_s: float = Field(gt=0)
@@ -165,6 +167,7 @@ def _parse(raw: dict, file: str) -> HardwareSpec:
         vendor=hw.vendor,
         family=hw.family,
         memory_bytes=hw.memory_bytes,
+        sm_count=hw.sm_count,
         hbm_bandwidth_bytes_per_s=hw.hbm_bandwidth_bytes_per_s,
         peak_flops_per_s=MappingProxyType(hw.peak_flops_per_s.model_dump()),
         pcie_bandwidth_bytes_per_s=hw.pcie_bandwidth_bytes_per_s,
