@@ -13,7 +13,7 @@ from kvsim.errors import KvsimError
 from kvsim.scenario import apply_override, run_scenario, scenario_from_dict
 from kvsim.serve.closed_loop import ClosedLoop
 from kvsim.serve.metrics import COMPLETED, STATUSES
-from kvsim.serve.synthetic import LengthDist
+from kvsim.serve.synthetic import ArrivalProcess, LengthDist
 
 BASE = {"model": "llama-3-8b", "hardware": "h100-sxm",
         "workload": {"closed_loop": {"concurrency": 4, "num_requests": 24,
@@ -64,7 +64,29 @@ def test_random_range_ratio_draws_lengths_around_the_given_ones() -> None:
     assert abs(np.mean(loop.inputs) - 1000) < 20
 
 
-@pytest.mark.parametrize(("key", "value"), [("concurrency", 0), ("num_requests", 0), ("random_range_ratio", 1.0)])
+def test_a_request_rate_schedules_the_sends_and_the_clients_cap_them() -> None:
+    """vllm bench serve --request-rate R --max-concurrency N: request i is scheduled at the sum of i
+    Gamma gaps (the first at once) and sent when a client is free; with more clients than requests the
+    sends are the schedule itself, here Poisson at 4 requests/s (mean gap 0.25 s)."""
+    open_loop = ClosedLoop(5000, 5000, LengthDist.fixed(100), LengthDist.fixed(10), seed=7,
+                           schedule=ArrivalProcess.poisson(4.0))
+    sent = np.array([r.arrival_s for r in open_loop])
+    assert sent[0] == 0.0 and (np.diff(sent) > 0).all()
+    assert np.mean(np.diff(sent)) == pytest.approx(0.25, rel=0.05)
+    # the same lengths as without a rate: the schedule is drawn after them
+    plain = ClosedLoop(5000, 5000, LengthDist.fixed(100), LengthDist.fixed(10), seed=7)
+    assert plain.inputs == open_loop.inputs and plain.outputs == open_loop.outputs
+    # two clients: the third request waits for the first to end even though its time has come
+    capped = ClosedLoop(2, 3, LengthDist.fixed(100), LengthDist.fixed(10), seed=7,
+                        schedule=ArrivalProcess.poisson(1000.0))
+    first_two = [r.arrival_s for r in capped]
+    assert len(first_two) == 2
+    capped.request_done(5.0)
+    assert [r.arrival_s for r in capped] == [5.0]
+
+
+@pytest.mark.parametrize(("key", "value"), [("concurrency", 0), ("num_requests", 0), ("random_range_ratio", 1.0),
+                                            ("request_rate", 0), ("burstiness", -1)])
 def test_bad_closed_loops_are_refused(key: str, value: object) -> None:
     with pytest.raises(KvsimError, match=f"workload.closed_loop.{key}"):
         scenario(**{f"workload__closed_loop__{key}": value})
@@ -78,12 +100,14 @@ def test_a_closed_loop_has_no_arrival_times_to_rescale() -> None:
 @settings(max_examples=examples(15))
 @given(seed=st.integers(0, 1000), concurrency=st.integers(1, 24), requests=st.integers(1, 60),
        ratio=st.sampled_from([0.0, 0.3, 0.9]), seqs=st.integers(1, 16), blocks=st.integers(200, 2000),
-       chunked=st.booleans())
+       chunked=st.booleans(), rate=st.sampled_from([None, 0.5, 5.0, 200.0]),
+       burstiness=st.sampled_from([0.3, 1.0, 4.0]))
 def test_closed_loops_lose_nothing_and_fast_forward_changes_nothing(seed, concurrency, requests, ratio, seqs,
-                                                                    blocks, chunked) -> None:
+                                                                    blocks, chunked, rate, burstiness) -> None:
     sc = scenario(seed=seed, workload__closed_loop__concurrency=concurrency,
                   workload__closed_loop__num_requests=requests, workload__closed_loop__random_range_ratio=ratio,
                   workload__closed_loop__input={"kind": "lognormal", "p50": 600, "p90": 2500, "max_tokens": 6000},
+                  workload__closed_loop__request_rate=rate, workload__closed_loop__burstiness=burstiness,
                   engine__max_num_seqs=seqs, engine__num_gpu_blocks_override=blocks,
                   engine__enable_chunked_prefill=chunked)
     fast = run_scenario(sc, check=True)
@@ -97,6 +121,12 @@ def test_closed_loops_lose_nothing_and_fast_forward_changes_nothing(seed, concur
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     done = a["status"] == STATUSES.index(COMPLETED)
     assert (a["first_token_s"][done] >= a["scheduled_s"][done]).all()
+    # never more than `concurrency` requests in flight: request i is sent no earlier than the end of
+    # the i - concurrency-th end (the slot it takes); sends stay in request order
+    assert (np.diff(a["arrival_s"]) >= 0).all()
+    ends = np.sort(np.where(done, a["finish_s"], a["arrival_s"]))  # a rejected request ends as it arrives
+    queued = max(requests - concurrency, 0)
+    assert (a["arrival_s"][concurrency:] >= ends[:queued] - 1e-12).all()
 
 
 def test_itl_percentiles_weight_each_step_by_its_decoding_sequences() -> None:

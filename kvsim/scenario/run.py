@@ -183,6 +183,7 @@ def trace_rate_per_s(scenario: Scenario, trace: Path) -> float:
 def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
              stats: ReadStats) -> tuple[Iterator[Request], Path | None]:
     """The request stream (lazy) and the trace path it reads, if any."""
+    from kvsim.serve.synthetic import ArrivalProcess
     from kvsim.serve.traces import read_trace
 
     w, file = scenario.spec.workload, scenario.file
@@ -191,8 +192,11 @@ def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
     try:
         if w.closed_loop is not None:
             c = w.closed_loop
+            # vllm bench serve --burstiness b: Gamma gaps of shape b, i.e. coefficient of variation 1/sqrt(b)
+            schedule = (None if c.request_rate is None
+                        else ArrivalProcess.gamma(c.request_rate, 1.0 / math.sqrt(c.burstiness)))
             stream = ClosedLoop(c.concurrency, c.num_requests, _length(c.input, scenario), _length(c.output, scenario),
-                                random_range_ratio=c.random_range_ratio, seed=scenario.spec.seed)
+                                random_range_ratio=c.random_range_ratio, seed=scenario.spec.seed, schedule=schedule)
         elif w.trace is not None:
             trace = resolve_path(w.trace, scenario)
             if not trace.exists():

@@ -76,13 +76,17 @@ class SyntheticSpec(_Strict):
 
 class ClosedLoopSpec(_Strict):
     """``concurrency`` clients, each sending its next request when the previous one ends
-    (``vllm bench serve --max-concurrency``); lengths as vLLM's random dataset."""
+    (``vllm bench serve --max-concurrency``); lengths as vLLM's random dataset. With ``request_rate``
+    the requests are also scheduled at that mean rate (``--request-rate``, Gamma gaps of shape
+    ``burstiness``, ``--burstiness``) and each is sent when both its time has come and a client is free."""
 
     concurrency: int = Field(gt=0, le=MAX_REQUESTS)
     num_requests: int = Field(gt=0, le=MAX_REQUESTS)
     input: LengthSpec
     output: LengthSpec
     random_range_ratio: float = Field(default=0.0, ge=0, lt=1)
+    request_rate: float | None = Field(default=None, gt=0)  # requests/s; None: all at once (inf)
+    burstiness: float = Field(default=1.0, gt=0)  # Gamma shape of the gaps: 1 Poisson, < 1 burstier
 
 
 class WorkloadSpec(_Strict):

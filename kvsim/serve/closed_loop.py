@@ -7,6 +7,13 @@ in flight at t=0 and each completion releases the next) and the closed-loop tabl
 TTFT/TPOT figures come from. A request's ``arrival_s`` is the time its client sends it, so TTFT is
 measured from sending, as the client measures it.
 
+With a finite ``--request-rate R`` (and ``--burstiness b``) the benchmark schedules request i at the
+sum of i gaps of a Gamma process of mean 1/R and shape b (``get_request``: the first at once, then
+``np.random.gamma(shape=b, scale=1/(R b))`` between them) and each scheduled request still waits for a
+slot of the semaphore, which FIFO waiters take in order: request i is sent at the later of its
+scheduled time and the end of request i - N's slot holder. Sends stay in request order, so an arrival
+released later is never earlier than one released before.
+
 Lengths follow vLLM's ``random`` dataset: with ``random_range_ratio`` r, each request's input and
 output lengths are drawn uniformly from ``[floor(L * (1 - r)), ceil(L * (1 + r))]`` (at least 1),
 where L is the length distribution's draw (``fixed`` for the benchmark's ``--random-input-len``).
@@ -25,7 +32,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from kvsim.errors import KvsimError
-from kvsim.serve.synthetic import LengthDist
+from kvsim.serve.synthetic import ArrivalProcess, LengthDist
 from kvsim.serve.workload import Request
 
 INF = float("inf")
@@ -46,7 +53,7 @@ class ClosedLoop:
     (more are released by :meth:`request_done`)."""
 
     def __init__(self, concurrency: int, num_requests: int, input_len: LengthDist, output_len: LengthDist, *,
-                 random_range_ratio: float = 0.0, seed: int = 0) -> None:
+                 random_range_ratio: float = 0.0, seed: int = 0, schedule: ArrivalProcess | None = None) -> None:
         if concurrency < 1:
             raise KvsimError("must be at least 1", field="concurrency", value=concurrency)
         if num_requests < 1:
@@ -56,6 +63,11 @@ class ClosedLoop:
         rng = np.random.default_rng(seed)
         self.inputs = _ranged(input_len.sample(rng, num_requests), random_range_ratio, rng).tolist()
         self.outputs = _ranged(output_len.sample(rng, num_requests), random_range_ratio, rng).tolist()
+        # scheduled sending times (None: every request at once, --request-rate inf); drawn after the
+        # lengths, so a rate does not change them
+        self.scheduled_s: list[float] | None = None
+        if schedule is not None:
+            self.scheduled_s = np.concatenate([[0.0], np.cumsum(schedule.gaps(rng, num_requests - 1))]).tolist()
         self.concurrency = concurrency
         self.num_requests = num_requests
         self._sent = 0
@@ -63,9 +75,12 @@ class ClosedLoop:
         for _ in range(min(concurrency, num_requests)):
             self._release(0.0)
 
-    def _release(self, time_s: float) -> None:
+    def _release(self, slot_free_s: float) -> None:
+        """The next request takes a slot that is free from ``slot_free_s``; it is sent then or at its
+        scheduled time, whichever is later."""
         i = self._sent
-        self._pending.append(Request(i, time_s, self.inputs[i], self.outputs[i]))
+        sent_s = slot_free_s if self.scheduled_s is None else max(slot_free_s, self.scheduled_s[i])
+        self._pending.append(Request(i, sent_s, self.inputs[i], self.outputs[i]))
         self._sent += 1
 
     def __iter__(self) -> Iterator[Request]:
