@@ -14,7 +14,7 @@ import numpy as np
 
 from kvsim.errors import KvsimError
 from kvsim.kv import layout_for
-from kvsim.memory import EngineMemoryConfig, plan_memory
+from kvsim.memory import EngineMemoryConfig, activation_peak_bytes, plan_memory
 from kvsim.spec.hardware import HardwareSpec
 from kvsim.spec.model import ModelSpec
 
@@ -47,8 +47,9 @@ def capacity_grid(models: Sequence[ModelSpec], methods: Sequence[str], gpus: Seq
                   contexts: Sequence[int] | np.ndarray, tp: int = 1,
                   engine: EngineMemoryConfig | None = None) -> CapacityGrid:
     """Every point is ``MemoryPlan.max_concurrency`` of the one planner (``kvsim.memory.plan_memory``):
-    the plan is sized once per (model, method) and moved to each GPU, so every engine setting
-    (non-torch memory, CUDA graphs, ...) counts here exactly as it does in ``kvsim memory``."""
+    the plan is sized once per (model, GPU) (the profiling peak depends on the GPU: its SM count and
+    cuBLAS workspace) and given each method's layout, so every engine setting (non-torch memory, CUDA
+    graphs, ...) counts here exactly as it does in ``kvsim memory``."""
     ctx = np.asarray(contexts, dtype=np.int64)
     if ctx.size == 0 or np.any(ctx <= 0):
         raise KvsimError("contexts must be positive", field="contexts", value=list(contexts))
@@ -56,14 +57,21 @@ def capacity_grid(models: Sequence[ModelSpec], methods: Sequence[str], gpus: Seq
     per_token = np.full((len(models), len(methods), ctx.size), np.nan)
     kv_cache = np.zeros((len(models), len(gpus)))
     for i, model in enumerate(models):
-        base = plan_memory(model, gpus[0], layout_for(model), tp, engine)
-        kv_cache[i] = [replace(base, hardware=g).kv_cache_bytes for g in gpus]
+        first = plan_memory(model, gpus[0], layout_for(model), tp, engine)
+        peaks: dict[tuple[int, str], float] = {}  # the peak's GPU terms depend on SMs and family only
+        bases = []
+        for g in gpus:
+            key = (g.sm_count, g.family)
+            if key not in peaks:
+                peaks[key] = activation_peak_bytes(model, g, tp, first.engine, first.parallel)
+            bases.append(replace(first, hardware=g, activation_peak_bytes=peaks[key]))
+        kv_cache[i] = [b.kv_cache_bytes for b in bases]
         for j, spec in enumerate(methods):
             try:
                 layout = layout_for(model, spec)
             except KvsimError:
                 continue  # the method does not apply to this model (stays -1)
-            plan = replace(base, layout=layout)
+            plan = replace(bases[0], layout=layout)
             seq = np.maximum(plan.blocks_for(ctx), 1)
             # MemoryPlan.num_gpu_blocks on each GPU (the page size does not depend on the GPU)
             blocks = (np.where(kv_cache[i] > 0, kv_cache[i] // plan.block_bytes, 0) if plan.block_bytes > 0
@@ -71,7 +79,7 @@ def capacity_grid(models: Sequence[ModelSpec], methods: Sequence[str], gpus: Seq
             conc[i, j] = blocks[:, None] // seq[None, :]
             tiers = layout.bytes_by_tier(ctx, tp)
             if any(np.any(b > 0) for tier, b in tiers.items() if tier != "gpu"):  # host/NVMe bound it too
-                conc[i, j] = [replace(plan, hardware=gpu).max_concurrency(ctx) for gpu in gpus]
+                conc[i, j] = [replace(b, layout=layout).max_concurrency(ctx) for b in bases]
             per_token[i, j] = sum(tiers.values()) * tp / ctx
     return CapacityGrid(tuple(m.name for m in models), tuple(methods), tuple(g.name for g in gpus), ctx, conc,
                         per_token, kv_cache)

@@ -34,6 +34,18 @@ def test_engine_overheads_count_in_the_grid() -> None:
     assert got[0] < got[2] and got[1] < got[2]  # 1.79 GiB of non-torch, 2 GiB of graphs: fewer sequences
 
 
+def test_each_gpu_of_one_grid_gets_its_own_profiling_peak() -> None:
+    """The profiling peak depends on the GPU (the Triton sampler buffer's SMs, the cuBLAS workspace):
+    a grid over every catalogue GPU agrees with plan_memory on each of them."""
+    m = load_model("llama-3.1-8b")
+    gpus = [load_hardware(n) for n in hardware_names()]
+    grid = capacity_grid([m], ["bf16", "kivi:bits=2"], gpus, CONTEXTS)
+    for j, method in enumerate(("bf16", "kivi:bits=2")):
+        for g, hw in enumerate(gpus):
+            plan = plan_memory(m, hw, layout_for(m, method), 1, None)
+            assert np.array_equal(grid.max_concurrency[0, j, g], plan.max_concurrency(np.array(CONTEXTS))), hw.name
+
+
 @settings(max_examples=examples(40))
 @given(model=st.sampled_from(model_names()), method=st.sampled_from([m.example for m in METHODS.values()]),
        gpu=st.sampled_from(hardware_names()), tp=st.sampled_from([1, 2, 4, 8]),
