@@ -82,6 +82,7 @@ class VllmMemoryRule:
     sampler_holds_dtype_logits: bool  # the model-dtype logits stay alive beside them
     cuda_graphs_charged: bool  # by the V1 model runner
     triton_sampler_buffer: bool  # the sampler's Triton top-k/top-p kernel caches a per-SM row buffer
+    moe_workspace_persistent: bool  # unquantized MoE workspaces stay allocated after the forward pass
     runner_v2: ModelRunnerV2 | None = None  # models on the V2 runner are not charged (None: every model runs V1)
 
     def charges_graphs(self, model: ModelSpec) -> bool:
@@ -102,6 +103,7 @@ def _rules() -> tuple[str, tuple[VllmMemoryRule, ...]]:
                                  **{f: r[f] for f in fields},
                                  non_torch_extra_per_rank_bytes=float(r.get("non_torch_extra_per_rank_bytes", 0)),
                                  triton_sampler_buffer=bool(r.get("triton_sampler_buffer", False)),
+                                 moe_workspace_persistent=bool(r.get("moe_workspace_persistent", False)),
                                  runner_v2=_runner_v2(r.get("model_runner_v2")))
                   for r in data["rules"])
     return str(data["default_version"]), rules
@@ -249,7 +251,10 @@ def activation_peak_bytes(model: ModelSpec, hw: HardwareSpec, tp: int, cfg: Engi
     plus PyTorch's cuBLAS workspace. With data parallelism a MoE layer runs on every DP rank's tokens,
     all-gathered (kvsim.spec.parallel)."""
     n, e, h = cfg.max_num_batched_tokens, model.dtype_bytes, model.hidden_size
+    rule = cfg.rule
     widest: float = 0
+    persistent: float = 0  # bytes of MoE workspace that outlive the forward pass
+    quantized_experts = model.weight_quant is not None and model.weight_quant.modules in ("linear", "mlp", "experts")
     for layer in {(layer.moe,): layer for layer in model.layers}.values():
         lins = layer_linears(model, layer, tp, par)
         attn = sum(lin.out_features for lin in lins if lin.role == "attention")
@@ -262,10 +267,17 @@ def activation_peak_bytes(model: ModelSpec, hw: HardwareSpec, tp: int, cfg: Engi
             # N the routed experts' gate_up width on this rank, K the hidden size; M is every DP rank's
             # tokens. Fine-grained experts (K > N) hold K, not N, per routed token.
             width = max(lin.out_features for lin in lins if lin.name == "experts.gate_up")
-            mlp = max(mlp, model.moe.top_k * par.dp * (max(width, h) + width / 2))
+            rows_routed = n * model.moe.top_k * par.dp
+            if rule.moe_workspace_persistent and not quantized_experts:
+                # the modular kernel's TritonExperts take workspace13 of M x top_k x max(N/2, K) and
+                # workspace2 of M x top_k x max(N, K) from vLLM's WorkspaceManager (modular_kernel.py
+                # _allocate_buffers, fused_moe.py TritonExperts.workspace_shapes, vllm/v1/worker/workspace.py,
+                # v0.17.0-v0.19.0), which keeps them after the layer: they are live in the sampler run too
+                persistent = max(persistent, rows_routed * e * (max(width / 2, h) + max(width, h)))
+            else:
+                mlp = max(mlp, model.moe.top_k * par.dp * (max(width, h) + width / 2))
         widest = max(widest, attn, mlp)
     forward = n * e * (2 * h + widest)  # residual + normed hidden + the widest layer transient
-    rule = cfg.rule
     per_logit = rule.sampler_bytes_per_logit + (e if rule.sampler_holds_dtype_logits else 0)
     rows = min(cfg.max_num_seqs, n)
     # the run's hidden states stay alive, with the sampled rows' (a gathered copy) and the random
@@ -274,7 +286,7 @@ def activation_peak_bytes(model: ModelSpec, hw: HardwareSpec, tp: int, cfg: Engi
     if rule.triton_sampler_buffer and rows >= TRITON_SAMPLER_MIN_ROWS:
         sampler += _triton_sampler_buffer_bytes(hw, rows, model.vocab_size)
     workspace = CUBLAS_WORKSPACE_BYTES.get(hw.family, CUBLAS_WORKSPACE_DEFAULT_BYTES)
-    return float(max(forward, sampler) + workspace)
+    return float(persistent + max(forward, sampler) + workspace)
 
 
 @dataclass(frozen=True)

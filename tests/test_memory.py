@@ -250,8 +250,24 @@ def test_fine_grained_moe_profiling_peak_holds_the_hidden_width_per_routed_token
     residual and normed hidden states. (A public vLLM 0.27.1 log of this model at TP 4 printed a 0.76 GiB
     peak; kvsim's gate_up-only cache gave 0.27.)"""
     workspace = 32 * 2**20  # PyTorch's Hopper cuBLAS workspace
-    plan = _plan("qwen3-235b-a22b", tp=4, max_num_batched_tokens=8192, max_num_seqs=32)
+    old = dict(max_num_batched_tokens=8192, max_num_seqs=32, vllm_version="0.16.0")  # before the workspace manager
+    plan = _plan("qwen3-235b-a22b", tp=4, **old)
     assert plan.activation_peak_bytes == 8192 * 2 * (2 * 4096 + 8 * (4096 + 384)) + workspace
     # coarse experts (N > K) keep the gate_up width: Mixtral's 1.5 x N per routed token
-    mixtral = _plan("mixtral-8x7b", tp=2, max_num_batched_tokens=8192, max_num_seqs=32)
+    mixtral = _plan("mixtral-8x7b", tp=2, **old)
     assert mixtral.activation_peak_bytes == 8192 * 2 * (2 * 4096 + 2 * 1.5 * 14336) + workspace
+
+
+def test_vllm_0_19_keeps_the_moe_workspace_through_the_sampler_run() -> None:
+    """0.17-0.19 run unquantized MoE on the modular kernel, whose workspaces (M x top_k x max(N/2, K) and
+    M x top_k x max(N, K)) vLLM's WorkspaceManager keeps: the peak is them plus the larger of the rest of
+    the forward pass and the sampler run. Qwen3-235B at TP 4, 32 sequences: 1 GiB of workspace + the
+    forward's residual, normed hidden and attention outputs (2,304 + 4,096 wide) + the cuBLAS workspace.
+    A quantized checkpoint keeps the freed caches."""
+    plan = _plan("qwen3-235b-a22b", tp=4, max_num_batched_tokens=8192, max_num_seqs=32, vllm_version="0.19")
+    assert plan.activation_peak_bytes == 8192 * 8 * 2 * (4096 + 4096) + 8192 * 2 * (2 * 4096 + 2304 + 4096) \
+        + 32 * 2**20
+    m = replace(load_model("qwen3-235b-a22b"), weight_quant=WeightQuantSpec("linear", 8.0, "fp8"))
+    fp8 = plan_memory(m, load_hardware("h100-sxm"), layout_for(m), 4,
+                      EngineMemoryConfig(max_num_batched_tokens=8192, max_num_seqs=32, vllm_version="0.19"))
+    assert fp8.activation_peak_bytes == 8192 * 2 * (2 * 4096 + 8 * (4096 + 384)) + 32 * 2**20
