@@ -58,13 +58,8 @@ def capacity_grid(models: Sequence[ModelSpec], methods: Sequence[str], gpus: Seq
     kv_cache = np.zeros((len(models), len(gpus)))
     for i, model in enumerate(models):
         first = plan_memory(model, gpus[0], layout_for(model), tp, engine)
-        peaks: dict[tuple[int, str], float] = {}  # the peak's GPU terms depend on SMs and family only
-        bases = []
-        for g in gpus:
-            key = (g.sm_count, g.family)
-            if key not in peaks:
-                peaks[key] = activation_peak_bytes(model, g, tp, first.engine, first.parallel)
-            bases.append(replace(first, hardware=g, activation_peak_bytes=peaks[key]))
+        bases = [replace(first, hardware=g, activation_peak_bytes=activation_peak_bytes(
+            model, g, tp, first.engine, first.parallel)) for g in gpus]
         kv_cache[i] = [b.kv_cache_bytes for b in bases]
         for j, spec in enumerate(methods):
             try:

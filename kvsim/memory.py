@@ -254,7 +254,7 @@ def activation_peak_bytes(model: ModelSpec, hw: HardwareSpec, tp: int, cfg: Engi
     rule = cfg.rule
     widest: float = 0
     persistent: float = 0  # bytes of MoE workspace that outlive the forward pass
-    quantized_experts = model.weight_quant is not None and model.weight_quant.modules in ("linear", "mlp", "experts")
+    quantized_experts = model.weight_quant is not None  # every QuantModules choice covers the routed experts
     for layer in {(layer.moe,): layer for layer in model.layers}.values():
         lins = layer_linears(model, layer, tp, par)
         attn = sum(lin.out_features for lin in lins if lin.role == "attention")
