@@ -492,8 +492,11 @@ def cmd_validate(args: argparse.Namespace) -> None:
         from kvsim.judge_serving import find_silicon_sample
 
         _validate_serving(find_silicon_sample() if args.serving == "aiconfigurator" else Path(args.serving), args.json,
-                          args.calibration, args.set or [])
+                          args.calibration, args.set or [], args.deployment)
         return
+    if args.deployment is not None:
+        raise KvsimError("--deployment says how the --serving rows' servers ran; a reference-engine folder has none",
+                         field="--deployment", value=args.deployment)
     if args.set:
         raise KvsimError("--set overrides the scenarios of --serving rows; a reference-engine folder has none",
                          field="--set", value=args.set)
@@ -533,13 +536,17 @@ def _print_summary(rows: list[dict]) -> None:
               f"{s['p90_abs_err']:8.1%} {s['max_abs_err']:8.1%}")
 
 
-def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: list[str]) -> None:
-    from kvsim.judge_serving import error_table, judge
+def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: list[str],
+                      deployment: str | None) -> None:
+    from kvsim.judge_serving import DEFAULT_DEPLOYMENT, DEPLOYMENTS, error_table, judge
 
-    judged, skipped = judge(path, calibration, sets)
+    deployment = deployment or DEFAULT_DEPLOYMENT
+    judged, skipped = judge(path, calibration, sets, deployment)
     table = error_table(judged) if judged else []
+    dep = DEPLOYMENTS[deployment]
     if as_json:
-        print(json.dumps({"file": str(path), "overrides": sets, "groups": table, "not_expressible": dict(skipped),
+        print(json.dumps({"file": str(path), "deployment": {"name": dep.name, "assumed": dep.source},
+                          "overrides": sets, "groups": table, "not_expressible": dict(skipped),
                           "rows": [{"line": j.row.line, "tp": j.row.tp, "isl": j.row.isl, "osl": j.row.osl,
                                     "concurrency": j.row.concurrency, "ttft_ms": j.row.ttft_ms,
                                     "predicted_ttft_ms": j.ttft_ms, "tpot_ms": j.row.tpot_ms,
@@ -554,6 +561,7 @@ def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: 
               f"{g['tpot_max_abs_err']:7.1%}   {g['calibration']}")
     for why, n in sorted(skipped.items()):
         print(f"not expressible ({n} rows): {why}")
+    print(f"deployment {dep.name} (assumed, the rows do not record it): {dep.source}")
     if sets:
         print(f"every row ran with --set {' '.join(sets)} (an assumption about the measured servers, not their "
               "recorded settings)")
@@ -597,6 +605,7 @@ class _DefaultsParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from kvsim import __version__
+    from kvsim.judge_serving import DEPLOYMENTS
     from kvsim.memory import VLLM_DEFAULTS, default_vllm_version
     from kvsim.spec.quant import WEIGHTS_CHOICES
 
@@ -726,6 +735,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leave-one-model-out", action="store_true",
                    help="with --gpu: refit without each engine model's kernel shapes and judge that model "
                         "(writes report_lomo.md)")
+    p.add_argument("--deployment", choices=list(DEPLOYMENTS),
+                   help="with --serving: how the measured servers ran (default aiconfigurator: the engine flags and "
+                        "request count of aiconfigurator's generated benchmarks; engine-defaults: each engine's "
+                        "default flags); docs/vllm-bench.md")
     p.add_argument("--calibration", help="with --serving: 'imported' (the imported profile even where kvsim "
                                          "measured the GPU), 'none' or a profile path (default: each row's GPU)")
     p.add_argument("--results", help="results root (default: validation/results of this checkout)")

@@ -4,10 +4,11 @@ The file is in the format of NVIDIA aiconfigurator's public silicon samples (one
 benchmark run: backend and version, HF model id, system, precision, input and output lengths,
 concurrency ``batch_size``, parallelism, and the client's mean TTFT and TPOT in ms); see
 ``../shared/data/measured/README.md``. Each row kvsim can express is simulated as the benchmark ran
-it: ``batch_size`` clients in a closed loop (:mod:`kvsim.serve.closed_loop`), fixed lengths, the
-engine's defaults; the mean TTFT and TPOT are compared with the measured ones. Rows kvsim cannot
-express yet are counted with the reason, never dropped in silence. Nothing here is fitted: the file
-is only ever read to judge.
+it: ``batch_size`` clients in a closed loop (:mod:`kvsim.serve.closed_loop`), fixed lengths, and the
+engine settings and request count of a :class:`Deployment` (by default the one aiconfigurator's own
+generator writes for its benchmarks); the mean TTFT and TPOT are compared with the measured ones.
+Rows kvsim cannot express yet are counted with the reason, never dropped in silence. Nothing here is
+fitted: the file is only ever read to judge.
 """
 
 from __future__ import annotations
@@ -33,10 +34,66 @@ UNQUANTIZED = ("", "bf16", "fp16")
 # none for a dense model). The rows do not say how the KV cache was stored: the engines' default
 # (kv_cache_dtype auto: the activations' bf16) is assumed, and the table groups these rows apart.
 FP8_WEIGHTS = ("fp8+fp8+fp8", "fp8+fp8")
-# Requests each closed-loop client sends. The public tables do not say how many prompts each run
-# sent; vLLM's benchmark sends --num-prompts in total (its default is 1,000). A fixed multiple of the
-# concurrency keeps every run past its first wave of simultaneous prompts by the same share.
-REQUESTS_PER_CLIENT = 10
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How the measured servers were started and driven. The rows record neither the engines' flags
+    nor how many requests the client sent, so this is an assumption, named in every report."""
+
+    name: str
+    requests_per_client: int  # closed-loop requests each client sends (all of them measured)
+    # the token budget the engine's flags set: None for the engine's default, else
+    # isl + headroom (+ max_batch_size where the engine's flag leaves the decode rows out of it),
+    # rounded up to the engine's granule
+    budget_headroom_tokens: int | None
+    budget_adds_batch: dict[str, bool]  # engine -> whether its budget flag adds max_batch_size
+    budget_granule_tokens: dict[str, int]  # engine -> the granule its budget is rounded up to
+    model_len_headroom_tokens: int  # max_model_len = isl + osl + this
+    source: str
+
+    def engine(self, row: Row) -> dict:
+        """The scenario's ``engine`` settings this deployment gives ``row``'s server."""
+        if self.budget_headroom_tokens is None:
+            return {"max_model_len": row.isl + row.osl + self.model_len_headroom_tokens}
+        per_rank = row.concurrency // row.dp  # aiconfigurator's batch_size: one attention-DP rank's
+        budget = row.isl + self.budget_headroom_tokens + (per_rank if self.budget_adds_batch[row.backend] else 0)
+        granule = self.budget_granule_tokens.get(row.backend, 1)
+        return {"max_num_batched_tokens": -(-budget // granule) * granule, "max_num_seqs": per_rank,
+                "max_model_len": row.isl + row.osl + self.model_len_headroom_tokens}
+
+
+DEPLOYMENTS = {
+    # The deployment aiconfigurator's generator writes for a benchmark, and its benchmark client
+    # (ai-dynamo/aiconfigurator @095f58a, src/aiconfigurator/generator/rule_plugin/benchmark/*.rule; the
+    # vLLM rule's budget is the same in the generator's first vLLM rule, 95ddf241a of 2025-12-04):
+    # - token budget max_batch_size + isl + 1500: vLLM --max-num-batched-tokens (vllm.rule "agg
+    #   max_num_tokens"), TensorRT-LLM max_num_tokens rounded up to tokens_per_block (32, trtllm.rule);
+    #   SGLang --max-prefill-tokens isl + 1500 with --enable-mixed-chunk (sglang.rule), whose decode
+    #   rows count against it (PrefillAdder: rem_input_tokens - mixed_with_decode_tokens, SGLang
+    #   managers/schedule_policy.py); kvsim's scheduler chunks the last prompt where SGLang waits;
+    # - --max-num-seqs / max_batch_size = batch_size; max_model_len = isl + osl + 1500;
+    # - client (backend_templates/benchmark/bench_run.sh.j2): aiperf --concurrency c --num-requests
+    #   c x 20 (BENCH_MULTI_ROUND, 50 before 2026-03-17) after c x 2 warm-up requests. aiperf waits for
+    #   every warm-up response before profiling (its docs/tutorials/warmup.md), so the measured
+    #   requests start as c simultaneous sends, as kvsim's closed loop does; the warm server matters
+    #   to a GPU, not to kvsim.
+    # The silicon rows are aiconfigurator's benchmark database; that they ran this generator's output
+    # is an inference (its silicon-alignment guide: "AIC-generated deploys pass an explicit list"),
+    # not recorded in the rows.
+    "aiconfigurator": Deployment(
+        "aiconfigurator", 20, 1500, {"vllm": True, "trtllm": True, "sglang": False}, {"trtllm": 32}, 1500,
+        "aiconfigurator's generated benchmark deployment: token budget batch_size + isl + 1500 (SGLang: "
+        "isl + 1500), max_num_seqs batch_size, max_model_len isl + osl + 1500, 20 requests per client"),
+    # Each engine's defaults (vLLM 8,192 tokens per step on an H100), the longest request's length as
+    # max_model_len, and 10 requests per client (vLLM's benchmark sends --num-prompts, 1,000 by
+    # default: a fixed multiple of the concurrency keeps every run past its first wave of
+    # simultaneous prompts by the same share).
+    "engine-defaults": Deployment(
+        "engine-defaults", 10, None, {}, {}, 0,
+        "the engines' default flags, max_model_len isl + osl, 10 requests per client"),
+}
+DEFAULT_DEPLOYMENT = "aiconfigurator"
 
 
 @dataclass(frozen=True)
@@ -226,7 +283,7 @@ def _why_not_layout(row: Row, model: str) -> str | None:
 
 
 def _scenario(row: Row, model: str, hardware: str, calibration: str | None,  # noqa: ANN202 - a Scenario
-              sets: Sequence[str] = ()):
+              deployment: Deployment, sets: Sequence[str] = ()):
     from kvsim.scenario import scenario_from_dict
     from kvsim.scenario.load import apply_sets
 
@@ -235,7 +292,7 @@ def _scenario(row: Row, model: str, hardware: str, calibration: str | None,  # n
            "slo": {"ttft_s": 1.0, "tpot_s": 1.0},
            # the row's engine picks the kernel database of the GPU's imported profile (the
            # scheduler stays vLLM-like for every engine)
-           "engine": {"kind": row.backend, "max_model_len": row.isl + row.osl,
+           "engine": {"kind": row.backend, **deployment.engine(row),
                       # vLLM's --data-parallel-size and --enable-expert-parallel (EP size = tp x dp):
                       # moe_ep_size = tp_size x attention_dp_size (moe_tp_size 1) is expert
                       # parallelism, moe_tp_size = tp_size x attention_dp_size the default TP-sharded
@@ -246,7 +303,7 @@ def _scenario(row: Row, model: str, hardware: str, calibration: str | None,  # n
                       **({"vllm_version": row.version} if row.backend == "vllm" else {})},
            "weights": "fp8" if row.precision in FP8_WEIGHTS else "bf16",
            "workload": {"closed_loop": {"concurrency": row.concurrency,
-                                        "num_requests": REQUESTS_PER_CLIENT * row.concurrency,
+                                        "num_requests": deployment.requests_per_client * row.concurrency,
                                         "input": {"kind": "fixed", "tokens": row.isl},
                                         "output": {"kind": "fixed", "tokens": row.osl}}}}
     # --set overrides: a hypothesis about how the measured servers ran (e.g. a smaller token budget),
@@ -254,11 +311,15 @@ def _scenario(row: Row, model: str, hardware: str, calibration: str | None,  # n
     return scenario_from_dict(apply_sets(raw, sets, "--set"), f"{row.model} line {row.line}")
 
 
-def judge(path: Path, calibration: str | None = None, sets: Sequence[str] = ()) -> tuple[list[Judged], Counter[str]]:
+def judge(path: Path, calibration: str | None = None, sets: Sequence[str] = (),
+          deployment: str = DEFAULT_DEPLOYMENT) -> tuple[list[Judged], Counter[str]]:
     """Predict every expressible row; count the others by reason. ``calibration``: as a scenario's
     (None: each row's GPU profile for the row's engine; 'imported': the imported one even where kvsim
-    measured the GPU). ``sets``: ``KEY=VALUE`` scenario overrides for every row (a malformed one is
-    an error, not a row kvsim cannot run)."""
+    measured the GPU). ``sets``: ``KEY=VALUE`` scenario overrides for every row, after the
+    ``deployment``'s settings (a malformed one is an error, not a row kvsim cannot run)."""
+    if deployment not in DEPLOYMENTS:
+        raise KvsimError(f"must be one of {', '.join(DEPLOYMENTS)}", field="--deployment", value=deployment)
+    dep = DEPLOYMENTS[deployment]
     from kvsim.spec.hardware import hardware_names
 
     rows = read_rows(path)
@@ -272,23 +333,23 @@ def judge(path: Path, calibration: str | None = None, sets: Sequence[str] = ()) 
             skipped[why] += 1
             continue
         if not checked:  # the first expressible row: a bad override raises here, once
-            _scenario(row, models[row.model.lower()], _gpu(row.system), calibration, sets)
+            _scenario(row, models[row.model.lower()], _gpu(row.system), calibration, dep, sets)
             checked = True
-        _judge_row(row, models[row.model.lower()], calibration, sets, judged, skipped)
+        _judge_row(row, models[row.model.lower()], calibration, dep, sets, judged, skipped)
     return judged, skipped
 
 
-def _judge_row(row: Row, model: str, calibration: str | None, sets: Sequence[str], judged: list[Judged],
-               skipped: Counter[str]) -> None:
+def _judge_row(row: Row, model: str, calibration: str | None, deployment: Deployment, sets: Sequence[str],
+               judged: list[Judged], skipped: Counter[str]) -> None:
     from kvsim.scenario import run_scenario
 
     hardware = _gpu(row.system)
     try:
-        s = run_scenario(_scenario(row, model, hardware, calibration, sets), record_steps=False).summary
+        s = run_scenario(_scenario(row, model, hardware, calibration, deployment, sets), record_steps=False).summary
     except KvsimError as err:  # e.g. the model does not fit this GPU at this TP
         skipped[f"kvsim cannot run it: {str(err).split(': ', 1)[-1][:90]}"] += 1
         return
-    if s["completed"] != REQUESTS_PER_CLIENT * row.concurrency:
+    if s["completed"] != deployment.requests_per_client * row.concurrency:
         reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)
         skipped[f"kvsim rejects the requests: {reasons}"] += 1
         return

@@ -9,7 +9,7 @@ from conftest import shared_file
 
 from kvsim.cli import main
 from kvsim.errors import KvsimError
-from kvsim.judge_serving import COLUMNS, error_table, judge, read_rows
+from kvsim.judge_serving import COLUMNS, DEPLOYMENTS, Row, error_table, judge, read_rows
 
 # Rows in the silicon-sample format (values made up for the test, not measurements).
 ROWS = [
@@ -139,3 +139,40 @@ def test_overrides_apply_to_every_row_and_a_bad_one_is_one_line(tmp_path: Path,
         assert word in err and len(err.strip().splitlines()) == 1
     main(["validate", "--serving", str(path), "--set", "engine.max_num_batched_tokens=256"])
     assert "every row ran with --set engine.max_num_batched_tokens=256" in capsys.readouterr().out
+
+
+def _row(backend: str, batch: int, isl: int, osl: int, dp: int = 1) -> Row:
+    return Row(2, backend, "", "meta-llama/Llama-3.1-8B", "h100_sxm", "", isl, osl, batch * dp, 1, 40.0, 7.0, "", dp)
+
+
+def test_the_aiconfigurator_deployment_is_its_generators_benchmark_rule() -> None:
+    """Known answers from aiconfigurator's rule plugins: budget batch_size + isl + 1500 (TensorRT-LLM's
+    rounded up to its 32-token blocks; SGLang's isl + 1500 prefill tokens, which its mixed decode rows
+    count against), max_num_seqs batch_size per attention-DP rank, max_model_len
+    isl + osl + 1500; the engines' defaults leave the budget alone."""
+    aic, defaults = DEPLOYMENTS["aiconfigurator"], DEPLOYMENTS["engine-defaults"]
+    assert aic.engine(_row("vllm", 5, 512, 32)) == {"max_num_batched_tokens": 2017, "max_num_seqs": 5,
+                                                   "max_model_len": 2044}
+    assert aic.engine(_row("trtllm", 5, 512, 32))["max_num_batched_tokens"] == 2048
+    assert aic.engine(_row("sglang", 5, 512, 32))["max_num_batched_tokens"] == 2012  # decode rows count in it
+    assert aic.engine(_row("vllm", 8, 1024, 128, dp=4))["max_num_batched_tokens"] == 8 + 1024 + 1500
+    assert defaults.engine(_row("vllm", 5, 512, 32)) == {"max_model_len": 544}
+    assert (aic.requests_per_client, defaults.requests_per_client) == (20, 10)
+
+
+def test_the_deployment_changes_the_prediction_and_is_named(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Eight clients with 1,024-token prompts: the engine defaults' 8,192-token budget prefills all eight in
+    one step, the generated deployment's 2,532 about two and a half a step, so the first tokens come
+    sooner on average; every report names the deployment it assumed; a bad name is exit 2."""
+    path = write(tmp_path / "m.csv", [ROWS[0] | {"batch_size": 8, "isl": 1024, "osl": 16}])
+    (aic,), _ = judge(path)
+    (defaults,), _ = judge(path, deployment="engine-defaults")
+    assert aic.ttft_ms < defaults.ttft_ms
+    main(["validate", "--serving", str(path), "--deployment", "engine-defaults"])
+    assert "deployment engine-defaults (assumed" in capsys.readouterr().out
+    with pytest.raises(KvsimError, match="--deployment"):
+        judge(path, deployment="nope")
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", "--gpu", "h100-sxm", "--deployment", "aiconfigurator"])
+    assert exit_.value.code == 2
