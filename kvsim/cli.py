@@ -492,11 +492,12 @@ def cmd_validate(args: argparse.Namespace) -> None:
         from kvsim.judge_serving import find_silicon_sample
 
         _validate_serving(find_silicon_sample() if args.serving == "aiconfigurator" else Path(args.serving), args.json,
-                          args.calibration, args.set or [], args.deployment)
+                          args.calibration, args.set or [], args.deployment, args.requests_per_client)
         return
-    if args.deployment is not None:
-        raise KvsimError("--deployment says how the --serving rows' servers ran; a reference-engine folder has none",
-                         field="--deployment", value=args.deployment)
+    for flag, value in (("--deployment", args.deployment), ("--requests-per-client", args.requests_per_client)):
+        if value is not None:
+            raise KvsimError("says how the --serving rows' servers ran; a reference-engine folder has none",
+                             field=flag, value=value)
     if args.set:
         raise KvsimError("--set overrides the scenarios of --serving rows; a reference-engine folder has none",
                          field="--set", value=args.set)
@@ -537,15 +538,16 @@ def _print_summary(rows: list[dict]) -> None:
 
 
 def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: list[str],
-                      deployment: str | None) -> None:
-    from kvsim.judge_serving import DEFAULT_DEPLOYMENT, DEPLOYMENTS, error_table, judge
+                      deployment: str | None, requests_per_client: int | None) -> None:
+    from kvsim.judge_serving import DEFAULT_DEPLOYMENT, deployment_named, error_table, judge
 
     deployment = deployment or DEFAULT_DEPLOYMENT
-    judged, skipped = judge(path, calibration, sets, deployment)
+    dep = deployment_named(deployment, requests_per_client)
+    judged, skipped = judge(path, calibration, sets, deployment, requests_per_client)
     table = error_table(judged) if judged else []
-    dep = DEPLOYMENTS[deployment]
     if as_json:
-        print(json.dumps({"file": str(path), "deployment": {"name": dep.name, "assumed": dep.source},
+        print(json.dumps({"file": str(path), "deployment": {"name": dep.name, "assumed": dep.source,
+                                                            "requests_per_client": dep.requests_per_client},
                           "overrides": sets, "groups": table, "not_expressible": dict(skipped),
                           "rows": [{"line": j.row.line, "tp": j.row.tp, "isl": j.row.isl, "osl": j.row.osl,
                                     "concurrency": j.row.concurrency, "ttft_ms": j.row.ttft_ms,
@@ -739,6 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --serving: how the measured servers ran (default aiconfigurator: the engine flags and "
                         "request count of aiconfigurator's generated benchmarks; engine-defaults: each engine's "
                         "default flags); docs/vllm-bench.md")
+    p.add_argument("--requests-per-client", type=int,
+                   help="with --serving: the closed-loop run's length (default: the deployment's; the rows do "
+                        "not record it)")
     p.add_argument("--calibration", help="with --serving: 'imported' (the imported profile even where kvsim "
                                          "measured the GPU), 'none' or a profile path (default: each row's GPU)")
     p.add_argument("--results", help="results root (default: validation/results of this checkout)")

@@ -17,7 +17,7 @@ import csv
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +31,8 @@ COLUMNS = ("backend", "backend_version", "model_path", "system", "precision", "g
 # Precision columns of an unquantized run (bf16 or fp16 weights and KV, no quantization mode).
 UNQUANTIZED = ("", "bf16", "fp16")
 # FP8 weights with per-tensor scales on every linear (gemm_quant_mode fp8; moe_quant_mode fp8, or
-# none for a dense model). The rows do not say how the KV cache was stored: the engines' default
-# (kv_cache_dtype auto: the activations' bf16) is assumed, and the table groups these rows apart.
+# none for a dense model). The rows do not say how the KV cache was stored: that is the
+# deployment's (Deployment.fp8_checkpoint_kv), and the table groups these rows apart.
 FP8_WEIGHTS = ("fp8+fp8+fp8", "fp8+fp8")
 
 
@@ -50,6 +50,7 @@ class Deployment:
     budget_adds_batch: dict[str, bool]  # engine -> whether its budget flag adds max_batch_size
     budget_granule_tokens: dict[str, int]  # engine -> the granule its budget is rounded up to
     model_len_headroom_tokens: int  # max_model_len = isl + osl + this
+    fp8_checkpoint_kv: str  # the KV method (kvsim.kv) an FP8-weight row's server stored its cache with
     source: str
 
     def engine(self, row: Row) -> dict:
@@ -60,6 +61,7 @@ class Deployment:
         budget = row.isl + self.budget_headroom_tokens + (per_rank if self.budget_adds_batch[row.backend] else 0)
         granule = self.budget_granule_tokens.get(row.backend, 1)
         return {"max_num_batched_tokens": -(-budget // granule) * granule, "max_num_seqs": per_rank,
+                "cudagraph_capture_sizes": list(range(1, per_rank + 1)),
                 "max_model_len": row.isl + row.osl + self.model_len_headroom_tokens}
 
 
@@ -72,7 +74,11 @@ DEPLOYMENTS = {
     #   SGLang --max-prefill-tokens isl + 1500 with --enable-mixed-chunk (sglang.rule), whose decode
     #   rows count against it (PrefillAdder: rem_input_tokens - mixed_with_decode_tokens, SGLang
     #   managers/schedule_policy.py); kvsim's scheduler chunks the last prompt where SGLang waits;
-    # - --max-num-seqs / max_batch_size = batch_size; max_model_len = isl + osl + 1500;
+    # - --max-num-seqs / max_batch_size = batch_size; max_model_len = isl + osl + 1500; CUDA graphs
+    #   captured at every batch size 1..batch_size (cuda_graph_batch_sizes, vLLM --cudagraph-capture-sizes);
+    # - an FP8 checkpoint's KV cache in FP8: aiconfigurator infers kvcache_quant_mode fp8 from an fp8
+    #   quant_algo (aic-core sdk/models/helpers.py, _infer_quant_modes_from_raw_config) and the
+    #   generator passes it on as --kv-cache-dtype (generator/module_bridge.py, kv_cache_dtype);
     # - client (backend_templates/benchmark/bench_run.sh.j2): aiperf --concurrency c --num-requests
     #   c x 20 (BENCH_MULTI_ROUND, 50 before 2026-03-17) after c x 2 warm-up requests. aiperf waits for
     #   every warm-up response before profiling (its docs/tutorials/warmup.md), so the measured
@@ -82,18 +88,32 @@ DEPLOYMENTS = {
     # is an inference (its silicon-alignment guide: "AIC-generated deploys pass an explicit list"),
     # not recorded in the rows.
     "aiconfigurator": Deployment(
-        "aiconfigurator", 20, 1500, {"vllm": True, "trtllm": True, "sglang": False}, {"trtllm": 32}, 1500,
+        "aiconfigurator", 20, 1500, {"vllm": True, "trtllm": True, "sglang": False}, {"trtllm": 32}, 1500, "fp8",
         "aiconfigurator's generated benchmark deployment: token budget batch_size + isl + 1500 (SGLang: "
-        "isl + 1500), max_num_seqs batch_size, max_model_len isl + osl + 1500, 20 requests per client"),
-    # Each engine's defaults (vLLM 8,192 tokens per step on an H100), the longest request's length as
-    # max_model_len, and 10 requests per client (vLLM's benchmark sends --num-prompts, 1,000 by
-    # default: a fixed multiple of the concurrency keeps every run past its first wave of
-    # simultaneous prompts by the same share).
+        "isl + 1500), max_num_seqs batch_size, CUDA graphs at batch sizes 1..batch_size, max_model_len "
+        "isl + osl + 1500, FP8 checkpoints with an FP8 KV cache, 20 requests per client"),
+    # Each engine's defaults (vLLM 8,192 tokens per step on an H100; kv_cache_dtype auto, the
+    # activations' bf16), the longest request's length as max_model_len, and 10 requests per client
+    # (vLLM's benchmark sends --num-prompts, 1,000 by default: a fixed multiple of the concurrency
+    # keeps every run past its first wave of simultaneous prompts by the same share).
     "engine-defaults": Deployment(
-        "engine-defaults", 10, None, {}, {}, 0,
-        "the engines' default flags, max_model_len isl + osl, 10 requests per client"),
+        "engine-defaults", 10, None, {}, {}, 0, "bf16",
+        "the engines' default flags (a bf16 KV cache), max_model_len isl + osl, 10 requests per client"),
 }
 DEFAULT_DEPLOYMENT = "aiconfigurator"
+
+
+def deployment_named(name: str, requests_per_client: int | None = None) -> Deployment:
+    """The deployment ``name``, run for ``requests_per_client`` requests per client if given."""
+    if name not in DEPLOYMENTS:
+        raise KvsimError(f"must be one of {', '.join(DEPLOYMENTS)}", field="--deployment", value=name)
+    if requests_per_client is None:
+        return DEPLOYMENTS[name]
+    if requests_per_client < 1:
+        raise KvsimError("must be at least 1", field="--requests-per-client", value=requests_per_client)
+    dep = DEPLOYMENTS[name]
+    return replace(dep, requests_per_client=requests_per_client,
+                   source=f"{dep.source.rsplit(', ', 1)[0]}, {requests_per_client} requests per client")
 
 
 @dataclass(frozen=True)
@@ -302,6 +322,7 @@ def _scenario(row: Row, model: str, hardware: str, calibration: str | None,  # n
                       # a vLLM row's version keys the memory rule and the engine step's host time
                       **({"vllm_version": row.version} if row.backend == "vllm" else {})},
            "weights": "fp8" if row.precision in FP8_WEIGHTS else "bf16",
+           **({"method": deployment.fp8_checkpoint_kv} if row.precision in FP8_WEIGHTS else {}),
            "workload": {"closed_loop": {"concurrency": row.concurrency,
                                         "num_requests": deployment.requests_per_client * row.concurrency,
                                         "input": {"kind": "fixed", "tokens": row.isl},
@@ -312,14 +333,14 @@ def _scenario(row: Row, model: str, hardware: str, calibration: str | None,  # n
 
 
 def judge(path: Path, calibration: str | None = None, sets: Sequence[str] = (),
-          deployment: str = DEFAULT_DEPLOYMENT) -> tuple[list[Judged], Counter[str]]:
+          deployment: str = DEFAULT_DEPLOYMENT,
+          requests_per_client: int | None = None) -> tuple[list[Judged], Counter[str]]:
     """Predict every expressible row; count the others by reason. ``calibration``: as a scenario's
     (None: each row's GPU profile for the row's engine; 'imported': the imported one even where kvsim
     measured the GPU). ``sets``: ``KEY=VALUE`` scenario overrides for every row, after the
-    ``deployment``'s settings (a malformed one is an error, not a row kvsim cannot run)."""
-    if deployment not in DEPLOYMENTS:
-        raise KvsimError(f"must be one of {', '.join(DEPLOYMENTS)}", field="--deployment", value=deployment)
-    dep = DEPLOYMENTS[deployment]
+    ``deployment``'s settings (a malformed one is an error, not a row kvsim cannot run).
+    ``requests_per_client``: the run's length instead of the deployment's."""
+    dep = deployment_named(deployment, requests_per_client)
     from kvsim.spec.hardware import hardware_names
 
     rows = read_rows(path)

@@ -108,6 +108,12 @@ def test_vllm_pads_a_step_to_its_captured_cuda_graph_size() -> None:
     kv_write = [c.step(Batch(decode_context=np.full(9, 1000, dtype=np.int64))).breakdown["kv_write"]
                 for c in (vllm, exact)]
     assert kv_write[0] == kv_write[1]  # the padding rows write no KV
+    # --cudagraph-capture-sizes 1..16 (as aiconfigurator's generated deployments pass them): every batch
+    # up to 16 has its own graph, so 9 runs at 9; sizes above the token budget are dropped
+    assert vllm_graph_sizes(256, 8192, [16, *range(1, 17)]) == tuple(range(1, 17))
+    assert vllm_graph_sizes(8, 12, range(1, 17)) == tuple(range(1, 13))
+    listed = CostModel(model, hw, layout_for(model), 1, None, vllm_execution(hw, 1, 16, 8192, "", range(1, 17)))
+    assert gemm_s(listed, 9) == gemm_s(exact, 9) and gemm_s(listed, 17) == gemm_s(exact, 17)
 
 
 def test_host_step_adds_without_async_scheduling_and_hides_with_it() -> None:

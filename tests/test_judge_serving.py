@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from conftest import shared_file
 
 from kvsim.cli import main
 from kvsim.errors import KvsimError
-from kvsim.judge_serving import COLUMNS, DEPLOYMENTS, Row, error_table, judge, read_rows
+from kvsim.judge_serving import COLUMNS, DEPLOYMENTS, Row, _scenario, error_table, judge, read_rows
 
 # Rows in the silicon-sample format (values made up for the test, not measurements).
 ROWS = [
@@ -152,12 +153,19 @@ def test_the_aiconfigurator_deployment_is_its_generators_benchmark_rule() -> Non
     isl + osl + 1500; the engines' defaults leave the budget alone."""
     aic, defaults = DEPLOYMENTS["aiconfigurator"], DEPLOYMENTS["engine-defaults"]
     assert aic.engine(_row("vllm", 5, 512, 32)) == {"max_num_batched_tokens": 2017, "max_num_seqs": 5,
+                                                   "cudagraph_capture_sizes": [1, 2, 3, 4, 5],
                                                    "max_model_len": 2044}
     assert aic.engine(_row("trtllm", 5, 512, 32))["max_num_batched_tokens"] == 2048
     assert aic.engine(_row("sglang", 5, 512, 32))["max_num_batched_tokens"] == 2012  # decode rows count in it
     assert aic.engine(_row("vllm", 8, 1024, 128, dp=4))["max_num_batched_tokens"] == 8 + 1024 + 1500
     assert defaults.engine(_row("vllm", 5, 512, 32)) == {"max_model_len": 544}
     assert (aic.requests_per_client, defaults.requests_per_client) == (20, 10)
+    # an FP8 checkpoint's server stores its KV cache in FP8 in the generated deployment (aiconfigurator
+    # infers it from the checkpoint), in the activations' bf16 with the engines' defaults
+    fp8_row = replace(_row("vllm", 4, 512, 32), precision="fp8+fp8")
+    assert _scenario(fp8_row, "llama-3.1-8b", "h100-sxm", None, aic).spec.method == "fp8"
+    assert _scenario(fp8_row, "llama-3.1-8b", "h100-sxm", None, defaults).spec.method == "bf16"
+    assert _scenario(_row("vllm", 4, 512, 32), "llama-3.1-8b", "h100-sxm", None, aic).spec.method == "bf16"
 
 
 def test_the_deployment_changes_the_prediction_and_is_named(tmp_path: Path,
@@ -176,3 +184,19 @@ def test_the_deployment_changes_the_prediction_and_is_named(tmp_path: Path,
     with pytest.raises(SystemExit) as exit_:
         main(["validate", "--gpu", "h100-sxm", "--deployment", "aiconfigurator"])
     assert exit_.value.code == 2
+
+
+def test_the_run_length_can_be_chosen_and_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--requests-per-client`` replaces the deployment's run length (the rows do not record it): every
+    requested request completes and the report says how many ran; 0 is one line and exit 2."""
+    path = write(tmp_path / "m.csv", [ROWS[0] | {"batch_size": 2}])
+    (short,), _ = judge(path, requests_per_client=1)
+    assert short.ttft_ms > 0
+    main(["validate", "--serving", str(path), "--requests-per-client", "3"])
+    assert "aiconfigurator's generated benchmark deployment" in (out := capsys.readouterr().out)
+    assert "3 requests per client" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", "--serving", str(path), "--requests-per-client", "0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--requests-per-client" in err and len(err.strip().splitlines()) == 1

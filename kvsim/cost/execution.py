@@ -25,6 +25,7 @@ NCCL: a cost model built without an :class:`Execution` prices it that way.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvsim.cost.collectives import AllReducePricing, vllm_allreduce
@@ -90,15 +91,21 @@ class Execution:
         return float(sizes[bisect.bisect_left(sizes, int(tokens))])
 
 
-def vllm_graph_sizes(max_num_seqs: int, max_num_batched_tokens: int) -> tuple[int, ...]:
+def vllm_graph_sizes(max_num_seqs: int, max_num_batched_tokens: int,
+                     capture_sizes: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The token counts vLLM captures graphs for: its default list, or ``--cudagraph-capture-sizes``
+    (sorted, without repeats), keeping those at most ``max_num_batched_tokens``."""
+    if capture_sizes is not None:
+        return tuple(s for s in sorted(set(capture_sizes)) if s <= max_num_batched_tokens)
     largest = min(max_num_seqs * 2, 512)
     sizes = [1, 2, 4, *range(8, 256, 8), *range(256, largest + 1, 16)]
     return tuple(s for s in sizes if s <= min(largest, max_num_batched_tokens))
 
 
 def vllm_execution(hw: HardwareSpec, tp: int, max_num_seqs: int, max_num_batched_tokens: int,
-                   vllm_version: str) -> Execution:
+                   vllm_version: str, capture_sizes: Sequence[int] | None = None) -> Execution:
     """vLLM's execution of a TP group of ``hw`` GPUs with these scheduler limits (``vllm_version``
-    "": the default modelled version)."""
-    return Execution(vllm_allreduce(hw, tp), vllm_graph_sizes(max_num_seqs, max_num_batched_tokens),
+    "": the default modelled version; ``capture_sizes``: ``--cudagraph-capture-sizes``, None for
+    vLLM's default list)."""
+    return Execution(vllm_allreduce(hw, tp), vllm_graph_sizes(max_num_seqs, max_num_batched_tokens, capture_sizes),
                      vllm_host_step(vllm_version))

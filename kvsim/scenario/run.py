@@ -88,7 +88,8 @@ def deployment(scenario: Scenario, side: str | None = None) -> Deployment:
             raise KvsimError("data parallelism and expert parallelism are not modelled with disaggregation",
                              field="engine.data_parallel_size", value=e.data_parallel_size, file=file)
         plan = plan_memory(model, hardware, layout, tp, memory, par)
-        execution = vllm_execution(hardware, tp, e.max_num_seqs, e.max_num_batched_tokens, e.vllm_version or "")
+        execution = vllm_execution(hardware, tp, e.max_num_seqs, e.max_num_batched_tokens, e.vllm_version or "",
+                                   e.cudagraph_capture_sizes)
     except KvsimError as err:
         engine_key = err.field in ("vllm_version", "cuda_graph_gib", "gpu_memory_utilization", "data_parallel_size",
                                    "expert_parallel")

@@ -4,7 +4,7 @@ workload. Documented key by key in docs/scenario.md."""
 from __future__ import annotations
 
 import typing
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationInfo, field_validator
 
@@ -120,6 +120,9 @@ class EngineSpec(_Strict):
     num_gpu_blocks_override: int | None = Field(default=None, gt=0)  # vLLM's, "for testing preemption"
     vllm_version: StrictStr | None = None  # memory rule (kvsim/data/vllm_memory.yaml); None: its default_version
     enforce_eager: StrictBool = False  # no CUDA graphs: nothing charged for them (vLLM >= 0.20)
+    # vLLM --cudagraph-capture-sizes: the decode token counts with a captured graph (a smaller step is
+    # padded to the next one); None: vLLM's default list (kvsim.cost.execution.vllm_graph_sizes)
+    cudagraph_capture_sizes: list[Annotated[int, Field(gt=0)]] | None = Field(default=None, min_length=1)
     cuda_graph_gib: float | None = Field(default=None, ge=0)  # vLLM >= 0.20's measured CUDA-graph estimate
     fast_forward: StrictBool = True
     scheduling_policy: Literal[POLICIES] = DEFAULT_POLICY  # type: ignore[valid-type]  # kvsim.serve.policy
