@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, examples
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvsim.cost import Batch, CostModel
 from kvsim.cost.collectives import CUSTOM_MAX_BYTES, load_collectives, vllm_allreduce
@@ -114,6 +116,31 @@ def test_vllm_pads_a_step_to_its_captured_cuda_graph_size() -> None:
     assert vllm_graph_sizes(8, 12, range(1, 17)) == tuple(range(1, 13))
     listed = CostModel(model, hw, layout_for(model), 1, None, vllm_execution(hw, 1, 16, 8192, "", range(1, 17)))
     assert gemm_s(listed, 9) == gemm_s(exact, 9) and gemm_s(listed, 17) == gemm_s(exact, 17)
+
+
+_PAD_MODEL = load_model("llama-3-8b")
+_PAD_HW = load_hardware("h100-sxm")
+_PAD_EXACT = CostModel(_PAD_MODEL, _PAD_HW, layout_for(_PAD_MODEL), 1)
+
+
+@settings(max_examples=examples(25))
+@given(sizes=st.lists(st.integers(1, 96), min_size=1, max_size=12), budget=st.integers(1, 128),
+       batch=st.integers(1, 128))
+def test_any_capture_list_pads_a_step_to_the_next_listed_size(sizes: list[int], budget: int, batch: int) -> None:
+    """For any --cudagraph-capture-sizes and token budget: the graph sizes are the listed ones within
+    the budget, ascending and distinct; a decode batch is priced at the smallest listed size that
+    holds it (its model work exactly that size's), or at its own size above the largest."""
+    graphs = vllm_graph_sizes(256, budget, sizes)
+    assert list(graphs) == sorted({s for s in sizes if s <= budget})
+    listed = CostModel(_PAD_MODEL, _PAD_HW, layout_for(_PAD_MODEL), 1, None,
+                       vllm_execution(_PAD_HW, 1, 256, budget, "0.19.0", sizes))
+    runs_at = next((g for g in graphs if g >= batch), batch)
+
+    def gemm_s(cost: CostModel, rows: int) -> float:
+        return cost.step(Batch(decode_context=np.full(rows, 1000, dtype=np.int64))).breakdown["gemm.mlp"]
+
+    # (not >= the unpadded time: measured GEMM curves are not monotone row by row)
+    assert gemm_s(listed, batch) == gemm_s(_PAD_EXACT, runs_at)
 
 
 def test_host_step_adds_without_async_scheduling_and_hides_with_it() -> None:
