@@ -57,8 +57,10 @@ def execute(fn: Callable[..., Any], tasks: Sequence[tuple], backend: Backend = "
         lifeline, keep_alive = context.Pipe(duplex=False)  # only this process holds keep_alive
         with keep_alive, ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context,
                                              initializer=_die_with_parent, initargs=(lifeline,)) as pool:
-            futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
             try:
+                # submitting starts the workers: a Ctrl-C among the submits must stop them too (the
+                # pool's own exit would wait for their running points)
+                futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
                 for fut in as_completed(futures):
                     yield futures[fut], fut.result()
             except BrokenProcessPool:
