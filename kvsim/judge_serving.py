@@ -51,7 +51,12 @@ class Deployment:
     budget_granule_tokens: dict[str, int]  # engine -> the granule its budget is rounded up to
     model_len_headroom_tokens: int  # max_model_len = isl + osl + this
     fp8_checkpoint_kv: str  # the KV method (kvsim.kv) an FP8-weight row's server stored its cache with
-    source: str
+    settings: str  # the engine settings above, in words
+
+    @property
+    def source(self) -> str:
+        """What every report says the rows were assumed to run with."""
+        return f"{self.settings}, {self.requests_per_client} requests per client"
 
     def engine(self, row: Row) -> dict:
         """The scenario's ``engine`` settings this deployment gives ``row``'s server."""
@@ -91,14 +96,14 @@ DEPLOYMENTS = {
         "aiconfigurator", 20, 1500, {"vllm": True, "trtllm": True, "sglang": False}, {"trtllm": 32}, 1500, "fp8",
         "aiconfigurator's generated benchmark deployment: token budget batch_size + isl + 1500 (SGLang: "
         "isl + 1500), max_num_seqs batch_size, CUDA graphs at batch sizes 1..batch_size, max_model_len "
-        "isl + osl + 1500, FP8 checkpoints with an FP8 KV cache, 20 requests per client"),
+        "isl + osl + 1500, FP8 checkpoints with an FP8 KV cache"),
     # Each engine's defaults (vLLM 8,192 tokens per step on an H100; kv_cache_dtype auto, the
     # activations' bf16), the longest request's length as max_model_len, and 10 requests per client
     # (vLLM's benchmark sends --num-prompts, 1,000 by default: a fixed multiple of the concurrency
     # keeps every run past its first wave of simultaneous prompts by the same share).
     "engine-defaults": Deployment(
         "engine-defaults", 10, None, {}, {}, 0, "bf16",
-        "the engines' default flags (a bf16 KV cache), max_model_len isl + osl, 10 requests per client"),
+        "the engines' default flags (a bf16 KV cache), max_model_len isl + osl"),
 }
 DEFAULT_DEPLOYMENT = "aiconfigurator"
 
@@ -111,9 +116,7 @@ def deployment_named(name: str, requests_per_client: int | None = None) -> Deplo
         return DEPLOYMENTS[name]
     if requests_per_client < 1:
         raise KvsimError("must be at least 1", field="--requests-per-client", value=requests_per_client)
-    dep = DEPLOYMENTS[name]
-    return replace(dep, requests_per_client=requests_per_client,
-                   source=f"{dep.source.rsplit(', ', 1)[0]}, {requests_per_client} requests per client")
+    return replace(DEPLOYMENTS[name], requests_per_client=requests_per_client)
 
 
 @dataclass(frozen=True)

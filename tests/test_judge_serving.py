@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT, shared_file
 
 from kvsim.cli import main
+from kvsim.cost.calibration import ENGINE_KINDS
 from kvsim.errors import KvsimError
 from kvsim.judge_serving import COLUMNS, DEPLOYMENTS, Row, _scenario, error_table, judge, read_rows
 
@@ -171,6 +172,7 @@ def test_the_aiconfigurator_deployment_is_its_generators_benchmark_rule() -> Non
     assert aic.engine(_row("vllm", 8, 1024, 128, dp=4))["max_num_batched_tokens"] == 8 + 1024 + 1500
     assert defaults.engine(_row("vllm", 5, 512, 32)) == {"max_model_len": 544}
     assert (aic.requests_per_client, defaults.requests_per_client) == (20, 10)
+    assert set(aic.budget_adds_batch) == set(ENGINE_KINDS)  # every engine kind a row can name
     # an FP8 checkpoint's server stores its KV cache in FP8 in the generated deployment (aiconfigurator
     # infers it from the checkpoint), in the activations' bf16 with the engines' defaults
     fp8_row = replace(_row("vllm", 4, 512, 32), precision="fp8+fp8")
