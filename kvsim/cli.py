@@ -539,7 +539,8 @@ def _print_summary(rows: list[dict]) -> None:
 
 def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: list[str],
                       deployment: str | None, requests_per_client: int | None) -> None:
-    from kvsim.judge_serving import DEFAULT_DEPLOYMENT, deployment_named, error_table, judge
+    from kvsim.judge_serving import DEFAULT_DEPLOYMENT, UNRECORDED, deployment_named, error_table, judge
+    from kvsim.memory import default_vllm_version
 
     deployment = deployment or DEFAULT_DEPLOYMENT
     dep = deployment_named(deployment, requests_per_client)
@@ -564,6 +565,9 @@ def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: 
     for why, n in sorted(skipped.items()):
         print(f"not expressible ({n} rows): {why}")
     print(f"deployment {dep.name} (assumed, the rows do not record it): {dep.source}")
+    if any(not j.row.version for j in judged):
+        print(f"engine version {UNRECORDED}: the row records none; it ran with vLLM {default_vllm_version()}'s memory "
+              "rule and engine-step host time (kvsim's default version)")
     if sets:
         print(f"every row ran with --set {' '.join(sets)} (an assumption about the measured servers, not their "
               "recorded settings)")

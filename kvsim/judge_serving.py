@@ -106,6 +106,9 @@ DEPLOYMENTS = {
         "the engines' default flags (a bf16 KV cache), max_model_len isl + osl"),
 }
 DEFAULT_DEPLOYMENT = "aiconfigurator"
+# The engine column of a row that records no backend_version (the scenario then runs with kvsim's
+# default vLLM version's rules, which every report names).
+UNRECORDED = "?"
 
 
 def deployment_named(name: str, requests_per_client: int | None = None) -> Deployment:
@@ -386,8 +389,8 @@ def error_table(judged: list[Judged]) -> list[dict]:
     then over all rows."""
     groups: dict[tuple, list[Judged]] = {}
     for j in judged:
-        key = (j.hardware, f"{j.row.backend} {j.row.version}", j.catalogue_model, j.row.precision or "bf16",
-               j.row.tp, j.calibration)
+        key = (j.hardware, f"{j.row.backend} {j.row.version or UNRECORDED}", j.catalogue_model,
+               j.row.precision or "bf16", j.row.tp, j.calibration)
         groups.setdefault(key, []).append(j)
         groups.setdefault(("all", "", "", "", 0, ""), []).append(j)
     out = []

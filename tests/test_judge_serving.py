@@ -191,7 +191,12 @@ def test_the_deployment_changes_the_prediction_and_is_named(tmp_path: Path,
     (defaults,), _ = judge(path, deployment="engine-defaults")
     assert aic.ttft_ms < defaults.ttft_ms
     main(["validate", "--serving", str(path), "--deployment", "engine-defaults"])
-    assert "deployment engine-defaults (assumed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "deployment engine-defaults (assumed" in out and "engine version ?" not in out
+    # a row that records no engine version is labelled so, and the report names the version it ran as
+    main(["validate", "--serving", str(write(tmp_path / "nov.csv", [ROWS[0] | {"backend_version": ""}]))])
+    out = capsys.readouterr().out
+    assert "vllm ?" in out and "engine version ?: the row records none; it ran with vLLM" in out
     with pytest.raises(KvsimError, match="--deployment"):
         judge(path, deployment="nope")
     with pytest.raises(SystemExit) as exit_:
