@@ -86,28 +86,31 @@ def test_chunked_prefill_splits_a_prompt_by_the_token_budget() -> None:
 @settings(max_examples=examples(25))
 # an eviction mid-prefix let a waiting prompt in (fast-forward ran past the step that admitted it)
 @example(seed=90, seqs=4, extra_tokens=7, block=8, chunked=True, caching=True, preemption="swap", blocks=765,
-         replicas=2, router="least_outstanding_tokens", policy="fcfs")
+         replicas=2, router="least_outstanding_tokens", policy="fcfs", graphs=None)
 # recompute of prompt + output past the token budget (the request and those behind it were lost)
 @example(seed=8072, seqs=10, extra_tokens=1196, block=16, chunked=False, caching=False, preemption="recompute",
-         blocks=288, replicas=1, router="round_robin", policy="fcfs")
+         blocks=288, replicas=1, router="round_robin", policy="fcfs", graphs=None)
 @given(seed=st.integers(0, 10_000), seqs=st.integers(1, 12), extra_tokens=st.integers(0, 1500),
        block=st.sampled_from([8, 16, 32]), chunked=st.booleans(), caching=st.booleans(),
        preemption=st.sampled_from(["recompute", "swap"]), blocks=st.integers(150, 1200),
        replicas=st.integers(1, 3), router=st.sampled_from(["round_robin", "least_outstanding_tokens",
                                                              "prefix_affinity"]),
-       policy=st.sampled_from(["fcfs", "lpm"]))
+       policy=st.sampled_from(["fcfs", "lpm"]),
+       graphs=st.one_of(st.none(), st.lists(st.integers(1, 16), min_size=1, max_size=6)))
 def test_invariants_hold_for_random_workloads_and_limits(seed, seqs, extra_tokens, block, chunked, caching,
-                                                         preemption, blocks, replicas, router, policy) -> None:
+                                                         preemption, blocks, replicas, router, policy,
+                                                         graphs) -> None:
     """check=True asserts after every step that used + cached-free + free == total blocks, that
     reference counts match the sequences, and that no step exceeds max_num_seqs or
     max_num_batched_tokens; here every request must also end completed or rejected, and
-    step-by-step simulation must give the same times as fast-forward."""
+    step-by-step simulation must give the same times as fast-forward (also with any CUDA-graph
+    capture list: ``graphs``, None for vLLM's)."""
     sc = scenario(seed=seed, replicas=replicas, router=router, engine__max_num_seqs=seqs,
                   engine__max_num_batched_tokens=seqs + 64 + extra_tokens, engine__block_size=block,
                   engine__enable_chunked_prefill=chunked, engine__enable_prefix_caching=caching,
                   engine__preemption=preemption, engine__swap_space_gib=0.5,
                   engine__num_gpu_blocks_override=blocks, engine__scheduling_policy=policy,
-                  workload__synthetic__num_requests=30)
+                  engine__cudagraph_capture_sizes=graphs, workload__synthetic__num_requests=30)
     sim = simulate(sc)
     a = sim.recorder.arrays()
     assert len(a["request_id"]) == sim.arrived == 30
