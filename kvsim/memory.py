@@ -16,9 +16,11 @@ Everything is per GPU (one tensor-parallel rank) unless a name says otherwise.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cache, cached_property
 from importlib import resources
+from types import MappingProxyType
 
 import numpy as np
 
@@ -82,8 +84,21 @@ class VllmMemoryRule:
     sampler_holds_dtype_logits: bool  # the model-dtype logits stay alive beside them
     cuda_graphs_charged: bool  # by the V1 model runner
     triton_sampler_buffer: bool  # the sampler's Triton top-k/top-p kernel caches a per-SM row buffer
-    moe_workspace_persistent: bool  # unquantized MoE workspaces stay allocated after the forward pass
+    # the experts kernel whose workspace vLLM's WorkspaceManager keeps after the forward pass, per experts
+    # precision ("bf16", "fp8" dynamic or block scales, "fp8_static"), on Hopper and on other GPUs
+    # ("triton" or "flashinfer"; absent: fused_experts_impl's caches, freed after the layer)
+    moe_experts_hopper: Mapping[str, str] = field(default_factory=dict)
+    moe_experts_other: Mapping[str, str] = field(default_factory=dict)
     runner_v2: ModelRunnerV2 | None = None  # models on the V2 runner are not charged (None: every model runs V1)
+
+    def moe_experts_kernel(self, model: ModelSpec, hw: HardwareSpec) -> str | None:
+        """The experts kernel that holds ``model``'s MoE workspace through the profiling run on ``hw``
+        (None: the workspace is freed after each layer)."""
+        wq = model.weight_quant
+        kind = "bf16" if wq is None else (
+            ("fp8_static" if wq.needs_native_fp8 else "fp8") if wq.precision == "fp8" and not wq.weight_only else None)
+        table = self.moe_experts_hopper if hw.family == "hopper" else self.moe_experts_other
+        return table.get(kind) if kind is not None else None
 
     def charges_graphs(self, model: ModelSpec) -> bool:
         """Whether this range subtracts ``model``'s CUDA-graph estimate from the KV budget."""
@@ -103,7 +118,8 @@ def _rules() -> tuple[str, tuple[VllmMemoryRule, ...]]:
                                  **{f: r[f] for f in fields},
                                  non_torch_extra_per_rank_bytes=float(r.get("non_torch_extra_per_rank_bytes", 0)),
                                  triton_sampler_buffer=bool(r.get("triton_sampler_buffer", False)),
-                                 moe_workspace_persistent=bool(r.get("moe_workspace_persistent", False)),
+                                 moe_experts_hopper=MappingProxyType(dict(r.get("moe_experts_hopper", {}))),
+                                 moe_experts_other=MappingProxyType(dict(r.get("moe_experts_other", {}))),
                                  runner_v2=_runner_v2(r.get("model_runner_v2")))
                   for r in data["rules"])
     return str(data["default_version"]), rules
@@ -254,7 +270,7 @@ def activation_peak_bytes(model: ModelSpec, hw: HardwareSpec, tp: int, cfg: Engi
     rule = cfg.rule
     widest: float = 0
     persistent: float = 0  # bytes of MoE workspace that outlive the forward pass
-    quantized_experts = model.weight_quant is not None  # every QuantModules choice covers the routed experts
+    kernel = rule.moe_experts_kernel(model, hw)
     for layer in {(layer.moe,): layer for layer in model.layers}.values():
         lins = layer_linears(model, layer, tp, par)
         attn = sum(lin.out_features for lin in lins if lin.role == "attention")
@@ -268,12 +284,17 @@ def activation_peak_bytes(model: ModelSpec, hw: HardwareSpec, tp: int, cfg: Engi
             # tokens. Fine-grained experts (K > N) hold K, not N, per routed token.
             width = max(lin.out_features for lin in lins if lin.name == "experts.gate_up")
             rows_routed = n * model.moe.top_k * par.dp
-            if rule.moe_workspace_persistent and not quantized_experts:
+            if kernel == "triton":
                 # the modular kernel's TritonExperts take workspace13 of M x top_k x max(N/2, K) and
-                # workspace2 of M x top_k x max(N, K) from vLLM's WorkspaceManager (modular_kernel.py
-                # _allocate_buffers, fused_moe.py TritonExperts.workspace_shapes, vllm/v1/worker/workspace.py,
-                # v0.17.0-v0.19.0), which keeps them after the layer: they are live in the sampler run too
+                # workspace2 of M x top_k x max(N, K), in the activation dtype, from vLLM's
+                # WorkspaceManager (modular_kernel.py _allocate_buffers, TritonExperts.workspace_shapes,
+                # vllm/v1/worker/workspace.py), which keeps them after the layer: they are live in the
+                # sampler run too
                 persistent = max(persistent, rows_routed * e * (max(width / 2, h) + max(width, h)))
+            elif kernel == "flashinfer":
+                # FlashInferExperts (FlashInfer CUTLASS) take workspace1 of M x K from the same manager;
+                # the CUTLASS kernel's own per-call workspace is not modelled
+                persistent = max(persistent, n * par.dp * h * e)
             else:
                 mlp = max(mlp, model.moe.top_k * par.dp * (max(width, h) + width / 2))
         widest = max(widest, attn, mlp)

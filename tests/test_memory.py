@@ -259,15 +259,25 @@ def test_fine_grained_moe_profiling_peak_holds_the_hidden_width_per_routed_token
 
 
 def test_vllm_0_19_keeps_the_moe_workspace_through_the_sampler_run() -> None:
-    """0.17-0.19 run unquantized MoE on the modular kernel, whose workspaces (M x top_k x max(N/2, K) and
-    M x top_k x max(N, K)) vLLM's WorkspaceManager keeps: the peak is them plus the larger of the rest of
-    the forward pass and the sampler run. Qwen3-235B at TP 4, 32 sequences: 1 GiB of workspace + the
-    forward's residual, normed hidden and attention outputs (2,304 + 4,096 wide) + the cuBLAS workspace.
-    A quantized checkpoint keeps the freed caches."""
-    plan = _plan("qwen3-235b-a22b", tp=4, max_num_batched_tokens=8192, max_num_seqs=32, vllm_version="0.19")
-    assert plan.activation_peak_bytes == 8192 * 8 * 2 * (4096 + 4096) + 8192 * 2 * (2 * 4096 + 2304 + 4096) \
-        + 32 * 2**20
-    m = replace(load_model("qwen3-235b-a22b"), weight_quant=WeightQuantSpec("linear", 8.0, "fp8"))
-    fp8 = plan_memory(m, load_hardware("h100-sxm"), layout_for(m), 4,
-                      EngineMemoryConfig(max_num_batched_tokens=8192, max_num_seqs=32, vllm_version="0.19"))
-    assert fp8.activation_peak_bytes == 8192 * 2 * (2 * 4096 + 8 * (4096 + 384)) + 32 * 2**20
+    """0.17-0.19 run bf16 and FP8 MoE on the modular kernel, whose workspaces vLLM's WorkspaceManager
+    keeps: the peak is them plus the larger of the rest of the forward pass and the sampler run.
+    Qwen3-235B at TP 4, 32 sequences: TritonExperts' M x top_k x (max(N/2, K) + max(N, K)) = 1 GiB + the
+    forward's residual, normed hidden and attention outputs (2,304 + 4,096 wide) + the cuBLAS workspace,
+    for bf16 and for dynamic or block FP8 experts on Hopper; ModelOpt's static FP8 experts run
+    FlashInferExperts (M x K); weight-only experts, and FP8 experts on a GPU whose FP8 path was not
+    read, free fused_experts_impl's caches after each layer (beside the residual and normed hidden)."""
+    cfg = EngineMemoryConfig(max_num_batched_tokens=8192, max_num_seqs=32, vllm_version="0.19")
+    rest = 8192 * 2 * (2 * 4096 + 2304 + 4096) + 32 * 2**20
+    triton = 8192 * 8 * 2 * (4096 + 4096)
+    base = load_model("qwen3-235b-a22b")
+
+    def peak(weight_quant: WeightQuantSpec | None, gpu: str = "h100-sxm") -> float:
+        m = replace(base, weight_quant=weight_quant)
+        return plan_memory(m, load_hardware(gpu), layout_for(m), 4, cfg).activation_peak_bytes
+
+    assert peak(None) == triton + rest
+    assert peak(WeightQuantSpec("linear", 8.0, "fp8")) == triton + rest
+    assert peak(WeightQuantSpec("linear", 8.0, "fp8", needs_native_fp8=True)) == 8192 * 4096 * 2 + rest
+    freed = 8192 * 2 * (2 * 4096 + 8 * (4096 + 384)) + 32 * 2**20
+    assert peak(WeightQuantSpec("linear", 4.25, "int4", weight_only=True)) == freed
+    assert peak(WeightQuantSpec("linear", 8.0, "fp8"), "a100-sxm-80gb") < triton < peak(None, "a100-sxm-80gb")
