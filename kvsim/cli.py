@@ -565,7 +565,7 @@ def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: 
     for why, n in sorted(skipped.items()):
         print(f"not expressible ({n} rows): {why}")
     print(f"deployment {dep.name} (assumed, the rows do not record it): {dep.source}")
-    if any(not j.row.version for j in judged):
+    if any(not j.row.version for j in judged) and not any(s.startswith("engine.vllm_version=") for s in sets):
         print(f"engine version {UNRECORDED}: the row records none; it ran with vLLM {default_vllm_version()}'s memory "
               "rule and engine-step host time (kvsim's default version)")
     if sets:

@@ -197,6 +197,8 @@ def test_the_deployment_changes_the_prediction_and_is_named(tmp_path: Path,
     main(["validate", "--serving", str(write(tmp_path / "nov.csv", [ROWS[0] | {"backend_version": ""}]))])
     out = capsys.readouterr().out
     assert "vllm ?" in out and "engine version ?: the row records none; it ran with vLLM" in out
+    main(["validate", "--serving", str(tmp_path / "nov.csv"), "--set", "engine.vllm_version=0.11.0"])
+    assert "engine version ?" not in capsys.readouterr().out  # the override, not the default, ran
     with pytest.raises(KvsimError, match="--deployment"):
         judge(path, deployment="nope")
     with pytest.raises(SystemExit) as exit_:
