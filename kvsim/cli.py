@@ -126,7 +126,7 @@ def _parallel_label(r: dict) -> str:
 
 
 def memory_report(args: argparse.Namespace) -> dict:
-    from kvsim.memory import EngineMemoryConfig, plan_memory
+    from kvsim.memory import EngineMemoryConfig, moe_workspace, plan_memory
     from kvsim.spec.model import check_context
     from kvsim.spec.parallel import Parallel
 
@@ -139,6 +139,7 @@ def memory_report(args: argparse.Namespace) -> dict:
                                 None if args.cuda_graph_gib is None else args.cuda_graph_gib * GIB)
     par = _parallel(args)
     plan = plan_memory(model, hardware, layout, args.tp, engine, par)
+    moe_kernel, moe_bytes = moe_workspace(model, hardware, args.tp, engine, par)
     ctx = args.context
     tiers = layout.bytes_by_tier(ctx, args.tp)
     concurrency, binding = int(plan.max_concurrency(ctx)[0]), plan.binding_tier(ctx)
@@ -159,6 +160,8 @@ def memory_report(args: argparse.Namespace) -> dict:
         "weight_bytes": plan.weights.total,
         "weight_breakdown_bytes": {k: v for k, v in vars(plan.weights).items()},
         "activation_peak_bytes": plan.activation_peak_bytes,
+        # the part of the peak a MoE kernel's workspace holds through the sampler run, and the kernel
+        "moe_workspace_bytes": moe_bytes, "moe_experts_kernel": moe_kernel,
         "non_torch_bytes": plan.non_torch_bytes,
         "cuda_graph_bytes": plan.cuda_graph_bytes,
         "kv_cache_bytes": max(plan.kv_cache_bytes, 0.0),
@@ -194,7 +197,9 @@ def cmd_memory(args: argparse.Namespace) -> None:
           f" GPU {r['kv_gpu_bytes_per_token']:,.0f}, host {r['kv_host_bytes_per_token']:,.0f})")
     print(f"  budget                  {g(r['budget_bytes'])}  per GPU")
     print(f"  weights                 {g(r['weight_bytes'])}")
-    print(f"  activation peak         {g(r['activation_peak_bytes'])}")
+    kept = (f"  (of which {r['moe_workspace_bytes'] / GIB:.2f} GiB the {r['moe_experts_kernel']} MoE experts' "
+            "workspace, kept through the sampler run)") if r["moe_workspace_bytes"] else ""
+    print(f"  activation peak         {g(r['activation_peak_bytes'])}{kept}")
     print(f"  non-torch + CUDA graphs {g(r['non_torch_bytes'] + r['cuda_graph_bytes'])}")
     print(f"  KV cache                {g(r['kv_cache_bytes'])}  = {r['num_gpu_blocks']:,} blocks of "
           f"{r['block_size']} tokens ({r['kv_capacity_tokens']:,} tokens at {r['context']:,}-token context)")

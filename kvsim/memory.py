@@ -259,44 +259,51 @@ def _triton_sampler_buffer_bytes(hw: HardwareSpec, rows: int, vocab: int) -> int
     return min(1 << (programs - 1).bit_length(), hw.sm_count) * vocab * 4
 
 
+def moe_workspace(model: ModelSpec, hw: HardwareSpec, tp: int, cfg: EngineMemoryConfig,
+                  par: Parallel = SINGLE) -> tuple[str | None, float]:
+    """The experts kernel whose MoE workspace vLLM's WorkspaceManager keeps through the profiling run
+    (``VllmMemoryRule.moe_experts_kernel``) and its bytes: the largest MoE layer's request, the
+    manager's one buffer only growing (vllm/v1/worker/workspace.py). (None, 0): none is kept."""
+    kernel = cfg.rule.moe_experts_kernel(model, hw) if model.moe is not None else None
+    if kernel is None or model.moe is None:
+        return None, 0.0
+    n, e, h = cfg.max_num_batched_tokens, model.dtype_bytes, model.hidden_size
+    if kernel == "flashinfer":
+        # FlashInferExperts (FlashInfer CUTLASS) take workspace1 of M x K; the CUTLASS kernel's own
+        # per-call workspace is not modelled
+        return kernel, float(n * par.dp * h * e)
+    # the modular kernel's TritonExperts take workspace13 of M x top_k x max(N/2, K) and workspace2 of
+    # M x top_k x max(N, K), in the activation dtype (modular_kernel.py _allocate_buffers,
+    # TritonExperts.workspace_shapes); M is every DP rank's tokens, N the experts' gate_up width per rank
+    widest = max(lin.out_features for layer in model.layers if layer.moe
+                 for lin in layer_linears(model, layer, tp, par) if lin.name == "experts.gate_up")
+    return kernel, float(n * model.moe.top_k * par.dp * e * (max(widest / 2, h) + max(widest, h)))
+
+
 def activation_peak_bytes(model: ModelSpec, hw: HardwareSpec, tp: int, cfg: EngineMemoryConfig,
                           par: Parallel = SINGLE) -> float:
     """Peak torch memory of vLLM's profiling run above the weights: the larger of the forward pass over
     ``max_num_batched_tokens`` tokens and the dummy sampler run over ``min(max_num_seqs, tokens)`` rows
     (gpu_model_runner ``profile_run`` / ``_dummy_sampler_run``), which also holds the run's hidden states,
-    plus PyTorch's cuBLAS workspace. With data parallelism a MoE layer runs on every DP rank's tokens,
-    all-gathered (kvsim.spec.parallel)."""
+    plus PyTorch's cuBLAS workspace and a MoE workspace the engine keeps through both (:func:`moe_workspace`).
+    With data parallelism a MoE layer runs on every DP rank's tokens, all-gathered (kvsim.spec.parallel)."""
     n, e, h = cfg.max_num_batched_tokens, model.dtype_bytes, model.hidden_size
     rule = cfg.rule
     widest: float = 0
-    persistent: float = 0  # bytes of MoE workspace that outlive the forward pass
-    kernel = rule.moe_experts_kernel(model, hw)
+    kernel, persistent = moe_workspace(model, hw, tp, cfg, par)
     for layer in {(layer.moe,): layer for layer in model.layers}.values():
         lins = layer_linears(model, layer, tp, par)
         attn = sum(lin.out_features for lin in lins if lin.role == "attention")
         # a dense MLP: the gate_up output and the activation's half of it
         mlp = max((lin.out_features * 1.5 for lin in lins if lin.name.endswith("gate_up")), default=0)
-        if layer.moe and model.moe is not None:
+        if layer.moe and model.moe is not None and kernel is None:
             # vLLM's Triton fused MoE (fused_experts_impl, vllm/model_executor/layers/fused_moe/fused_moe.py
-            # v0.19.0): cache13 of M x top_k x max(N, K) elements (the gate_up output, reused for the
-            # experts' down outputs before the top-k sum) and cache2 of M x top_k x N/2 (the activation),
-            # N the routed experts' gate_up width on this rank, K the hidden size; M is every DP rank's
-            # tokens. Fine-grained experts (K > N) hold K, not N, per routed token.
+            # v0.19.0), freed after the layer: cache13 of M x top_k x max(N, K) elements (the gate_up
+            # output, reused for the experts' down outputs before the top-k sum) and cache2 of
+            # M x top_k x N/2 (the activation), N the routed experts' gate_up width on this rank, K the
+            # hidden size; M is every DP rank's tokens. Fine-grained experts (K > N) hold K per routed token.
             width = max(lin.out_features for lin in lins if lin.name == "experts.gate_up")
-            rows_routed = n * model.moe.top_k * par.dp
-            if kernel == "triton":
-                # the modular kernel's TritonExperts take workspace13 of M x top_k x max(N/2, K) and
-                # workspace2 of M x top_k x max(N, K), in the activation dtype, from vLLM's
-                # WorkspaceManager (modular_kernel.py _allocate_buffers, TritonExperts.workspace_shapes,
-                # vllm/v1/worker/workspace.py), which keeps them after the layer: they are live in the
-                # sampler run too
-                persistent = max(persistent, rows_routed * e * (max(width / 2, h) + max(width, h)))
-            elif kernel == "flashinfer":
-                # FlashInferExperts (FlashInfer CUTLASS) take workspace1 of M x K from the same manager;
-                # the CUTLASS kernel's own per-call workspace is not modelled
-                persistent = max(persistent, n * par.dp * h * e)
-            else:
-                mlp = max(mlp, model.moe.top_k * par.dp * (max(width, h) + width / 2))
+            mlp = max(mlp, model.moe.top_k * par.dp * (max(width, h) + width / 2))
         widest = max(widest, attn, mlp)
     forward = n * e * (2 * h + widest)  # residual + normed hidden + the widest layer transient
     per_logit = rule.sampler_bytes_per_logit + (e if rule.sampler_holds_dtype_logits else 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -281,3 +282,15 @@ def test_vllm_0_19_keeps_the_moe_workspace_through_the_sampler_run() -> None:
     freed = 8192 * 2 * (2 * 4096 + 8 * (4096 + 384)) + 32 * 2**20
     assert peak(WeightQuantSpec("linear", 4.25, "int4", weight_only=True)) == freed
     assert peak(WeightQuantSpec("linear", 8.0, "fp8"), "a100-sxm-80gb") < triton < peak(None, "a100-sxm-80gb")
+
+
+def test_kvsim_memory_names_the_moe_workspace_it_keeps(capsys: pytest.CaptureFixture[str]) -> None:
+    """``kvsim memory`` says how much of the activation peak a MoE kernel's workspace holds, and which
+    kernel: Qwen3-235B FP8 at TP 4 on H100 keeps TritonExperts' 1 GiB; a dense model keeps none."""
+    main(["memory", "--model", "qwen3-235b-a22b", "--hardware", "h100-sxm", "--tp", "4", "--weights", "fp8",
+          "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert (r["moe_experts_kernel"], r["moe_workspace_bytes"]) == ("triton", 8192 * 8 * 2 * (4096 + 4096))
+    assert r["moe_workspace_bytes"] < r["activation_peak_bytes"]
+    main(["memory", "--model", "llama-3-8b", "--hardware", "h100-sxm"])
+    assert "MoE experts' workspace" not in capsys.readouterr().out
