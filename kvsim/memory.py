@@ -95,10 +95,13 @@ class VllmMemoryRule:
         """The experts kernel that holds ``model``'s MoE workspace through the profiling run on ``hw``
         (None: the workspace is freed after each layer)."""
         wq = model.weight_quant
-        kind = "bf16" if wq is None else (
-            ("fp8_static" if wq.needs_native_fp8 else "fp8") if wq.precision == "fp8" and not wq.weight_only else None)
-        table = self.moe_experts_hopper if hw.family == "hopper" else self.moe_experts_other
-        return table.get(kind) if kind is not None else None
+        if wq is None:
+            kind = "bf16"
+        elif wq.precision == "fp8" and not wq.weight_only:
+            kind = "fp8_static" if wq.needs_native_fp8 else "fp8"
+        else:
+            return None  # weight-only and other quantized experts keep fused_experts_impl's freed caches
+        return (self.moe_experts_hopper if hw.family == "hopper" else self.moe_experts_other).get(kind)
 
     def charges_graphs(self, model: ModelSpec) -> bool:
         """Whether this range subtracts ``model``'s CUDA-graph estimate from the KV budget."""
@@ -264,8 +267,10 @@ def moe_workspace(model: ModelSpec, hw: HardwareSpec, tp: int, cfg: EngineMemory
     """The experts kernel whose MoE workspace vLLM's WorkspaceManager keeps through the profiling run
     (``VllmMemoryRule.moe_experts_kernel``) and its bytes: the largest MoE layer's request, the
     manager's one buffer only growing (vllm/v1/worker/workspace.py). (None, 0): none is kept."""
-    kernel = cfg.rule.moe_experts_kernel(model, hw) if model.moe is not None else None
-    if kernel is None or model.moe is None:
+    if model.moe is None:
+        return None, 0.0
+    kernel = cfg.rule.moe_experts_kernel(model, hw)
+    if kernel is None:
         return None, 0.0
     n, e, h = cfg.max_num_batched_tokens, model.dtype_bytes, model.hidden_size
     if kernel == "flashinfer":
@@ -275,8 +280,8 @@ def moe_workspace(model: ModelSpec, hw: HardwareSpec, tp: int, cfg: EngineMemory
     # the modular kernel's TritonExperts take workspace13 of M x top_k x max(N/2, K) and workspace2 of
     # M x top_k x max(N, K), in the activation dtype (modular_kernel.py _allocate_buffers,
     # TritonExperts.workspace_shapes); M is every DP rank's tokens, N the experts' gate_up width per rank
-    widest = max(lin.out_features for layer in model.layers if layer.moe
-                 for lin in layer_linears(model, layer, tp, par) if lin.name == "experts.gate_up")
+    moe_layer = next(layer for layer in model.layers if layer.moe)  # every MoE layer has the same experts
+    widest = max(lin.out_features for lin in layer_linears(model, moe_layer, tp, par) if lin.name == "experts.gate_up")
     return kernel, float(n * model.moe.top_k * par.dp * e * (max(widest / 2, h) + max(widest, h)))
 
 
