@@ -173,6 +173,13 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
                 float(r["active_experts"]) * float(r["n"]) * float(r["k"]) * 2, float(r["time_s"]),
                 float(r["flops"]) / bf16, float(r["bytes"]) / bw) for r in rows("gemm_grouped.csv")]
     used["gemm_grouped.csv"] = len(grouped)
+    # FP8 routed experts through the fused-MoE kernel (fused_moe.csv): the same axes, weight bytes as stored
+    # (scales included), against the FP8 ceiling
+    grouped_fp8 = {f"gemm_grouped.{mode}": [
+        (float(r["tokens"]) * float(r["top_k"]) / float(r["active_experts"]),
+         float(r["active_experts"]) * float(r["n"]) * float(r["k"]), float(r["time_s"]), float(r["flops"]) / fp8,
+         float(r["bytes"]) / bw) for r in rows("fused_moe.csv") if r["mode"] == mode and fp8]
+        for mode in ("fp8", "fp8_block")}
 
     decode, used["attention_decode.csv (calibration shapes)"] = _decode_samples(folder, hw, ceil, keep)
 
@@ -196,6 +203,10 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
         ops["gemm_grouped"] = _fit_table(grouped, 0.8)
     for name, samples in quantized.items():
         used[f"gemm.csv ({name.split('.')[1]})"] = len(samples)
+        if samples:
+            ops[name] = _fit_table(samples, 0.8)
+    for name, samples in grouped_fp8.items():
+        used[f"fused_moe.csv ({name.split('.')[1]})"] = len(samples)
         if samples:
             ops[name] = _fit_table(samples, 0.8)
     prior = load_data_yaml((Path(__file__).parent / "data" / "calibration_prior.yaml").read_text())

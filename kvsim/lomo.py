@@ -9,7 +9,7 @@ A kernel row is the model's (measured at its shapes) when, at TP 1:
 
 - gemm.csv: its weight matrix (n, k) is one of the model's dense weights, output x input features
   (kvsim.spec.linears: attention, MLP, shared experts, router) or its LM head (vocabulary x hidden);
-- gemm_grouped.csv: (n, k) is one of its routed experts' weights;
+- gemm_grouped.csv, fused_moe.csv: (n, k) is one of its routed experts' weights;
 - attention_decode.csv, attention_prefill.csv: (q_heads, kv_heads, head_dim) is its attention shape
   as the kernel benchmarks write it (MLA: heads, 1, latent + RoPE dims);
 - elementwise.csv: its params name the model, or a model whose element-wise ops have the same
@@ -84,7 +84,7 @@ class LeaveOut:
         s = self.shapes
         if file == "gemm.csv":
             return (int(row["n"]), int(row["k"])) not in s.gemm_nk
-        if file == "gemm_grouped.csv":
+        if file in ("gemm_grouped.csv", "fused_moe.csv"):
             return (int(row["n"]), int(row["k"])) not in s.grouped_nk
         if file in ("attention_decode.csv", "attention_prefill.csv"):
             return (int(row["q_heads"]), int(row["kv_heads"]), int(row["head_dim"])) != s.attention
@@ -102,7 +102,8 @@ def leave_out(folder: Path, m: ModelSpec) -> LeaveOut:
 
 
 def _left_out(folder: Path, keep: LeaveOut) -> dict[str, int]:
-    files = ("gemm.csv", "gemm_grouped.csv", "attention_decode.csv", "attention_prefill.csv", "elementwise.csv")
+    files = ("gemm.csv", "gemm_grouped.csv", "fused_moe.csv", "attention_decode.csv", "attention_prefill.csv",
+             "elementwise.csv")
     return {f: len(measured.rows(folder / f)) - len(measured.rows(folder / f, keep)) for f in files}
 
 
@@ -156,7 +157,8 @@ def _lines(gpu: str, refits: list[ModelRefit], out: dict[str, list[dict]]) -> li
              "every kernel row, judged on the same rows. Errors: median / p90 / worst abs error (distinct "
              "configurations).", "",
              "| model | decode, headline | decode, model left out | prefill, headline | prefill, model left out "
-             "| kernel rows left out (gemm, grouped, decode attn, prefill attn, element-wise) | fits left empty |",
+             "| kernel rows left out (gemm, grouped, fused MoE, decode attn, prefill attn, element-wise) "
+             "| fits left empty |",
              "|---|---|---|---|---|---|---|"]
     def cells(model: str) -> str:
         return " | ".join(stat(out[which], kind, model)

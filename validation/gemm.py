@@ -211,6 +211,93 @@ def run_grouped(args, out, budget):
         torch.cuda.empty_cache()
 
 
+# Routed experts through the vLLM-style Triton fused-MoE kernel (kernels/fused_moe.py) in bf16, FP8
+# per-tensor and FP8 128x128 blocks, at the per-rank shards the served MoE models run: (experts, top_k,
+# N, K, label), N and K from each config.json (hidden_size, moe_intermediate_size / tp; gate_up fused).
+FUSED_MOE = [
+    (128, 8, 1536, 4096, "qwen3-235b.tp2.w13"), (128, 8, 4096, 768, "qwen3-235b.tp2.w2"),
+    (128, 8, 768, 4096, "qwen3-235b.tp4.w13"), (128, 8, 4096, 384, "qwen3-235b.tp4.w2"),
+    (128, 8, 1536, 2048, "qwen3-30b-a3b.w13"), (128, 8, 2048, 768, "qwen3-30b-a3b.w2"),
+    (256, 8, 512, 7168, "deepseek-v3.tp8.w13"), (256, 8, 7168, 256, "deepseek-v3.tp8.w2"),
+    (128, 8, 384, 4096, "qwen3-235b.tp8.w13"), (128, 8, 4096, 192, "qwen3-235b.tp8.w2"),
+    (8, 2, 28672, 4096, "mixtral-8x7b.w13"), (8, 2, 4096, 14336, "mixtral-8x7b.w2"),  # beside the _grouped_mm rows
+]
+# Candidate tilings, the kind vLLM's tuned configs hold for these shapes on Hopper (e.g. configs/E=128,N=768,
+# device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json: BLOCK_SIZE_M 16 up to 128 rows, 64 above;
+# BLOCK_SIZE_N 128; BLOCK_SIZE_K 128; 4 warps; 3-5 stages); each point keeps the fastest (a tuned engine).
+MOE_CONFIGS = [
+    dict(BM=16, BN=64, BK=128, GROUP_M=1, warps=4, stages=3),
+    dict(BM=16, BN=128, BK=128, GROUP_M=16, warps=4, stages=3),
+    dict(BM=16, BN=128, BK=128, GROUP_M=1, warps=4, stages=5),
+    dict(BM=32, BN=128, BK=128, GROUP_M=16, warps=4, stages=3),
+    dict(BM=64, BN=128, BK=128, GROUP_M=16, warps=4, stages=4),
+    dict(BM=128, BN=128, BK=128, GROUP_M=16, warps=8, stages=3),
+    dict(BM=64, BN=256, BK=64, GROUP_M=16, warps=8, stages=3),  # bf16 / fp8 only (block scales need BK 128)
+]
+ELEM = {"bf16": 2, "fp8": 1, "fp8_block": 1}
+
+
+def fused_moe_point(E, top_k, n, kk, tokens, wq, sb, wr, mode, label, csv, gen):
+    """tokens each pick top_k distinct experts at random; every candidate tiling timed (CUDA graph, L2
+    flushed: the next layer's experts are elsewhere), the fastest checked against the dequantized float
+    reference on a poisoned output and recorded. bytes = touched experts' weights and scales + rows in/out."""
+    from validation.common import bench, params_str, rel_error
+    from validation.kernels import fused_moe as fm
+
+    ids = torch.rand(tokens, E, generator=gen, device="cuda").topk(top_k, dim=1).indices.to(torch.int32)
+    xq, sa = fm.quantize_acts(torch.randn(tokens, kk, device="cuda", dtype=torch.bfloat16), mode)
+    best = None
+    for cfg in MOE_CONFIGS:
+        if mode == "fp8_block" and cfg["BK"] != fm.GROUP:
+            continue
+        t = guarded(f"fused_moe {label} {mode} T{tokens} {cfg}", lambda c=cfg: bench(fm.moe_gemm(xq, wq, sa, sb, ids,
+                                                                                                 mode, c), rep_ms=10)[0])
+        if t is not None and (best is None or t < best[0]):
+            best = (t, cfg)
+    if best is None:
+        return None
+    t, cfg = best
+    launch = fm.moe_gemm(xq, wq, sa, sb, ids, mode, cfg)
+    launch().fill_(float("nan"))  # poison, then the checked run must overwrite every row
+    err = rel_error(launch().float(), fm.reference(fm.dequantized_acts(xq, sa, mode), wr, ids))
+    active = int(torch.unique(ids).numel())
+    scale_bytes = {"bf16": 0, "fp8": 4, "fp8_block": 4 * -(-n // fm.GROUP) * -(-kk // fm.GROUP)}[mode]
+    rows = tokens * top_k
+    byts = active * (n * kk * ELEM[mode] + scale_bytes) + tokens * kk * ELEM[mode] + rows * n * 2
+    csv.row(mode=mode, experts=E, top_k=top_k, tokens=tokens, active_experts=active, n=n, k=kk, time_s=t,
+            flops=2 * rows * n * kk, bytes=byts, rel_error=f"{err:.2e}", layer=label, params=params_str(**cfg))
+    return t, byts, err
+
+
+def run_fused_moe(args, out, budget):
+    from validation.kernels import fused_moe as fm
+
+    csv = CsvOut(os.path.join(out, "fused_moe.csv"),
+                 ["mode", "experts", "top_k", "tokens", "active_experts", "n", "k", "time_s", "flops", "bytes",
+                  "rel_error", "layer", "params"])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = FUSED_MOE[:1] if args.quick else FUSED_MOE
+    for (E, k, n, kk, label) in shapes:
+        w = torch.randn(E, n, kk, device="cuda", dtype=torch.bfloat16) / kk ** 0.5
+        for mode in fm.MODES:
+            if not budget.ok(5):
+                log("fused_moe: budget spent")
+                return
+            wq, sb = fm.quantize_weights(w, mode)
+            wr = fm.dequantized_weights(wq, sb, mode)  # the reference's weights, once per shape
+            for tokens in ([1, 64] if args.quick else GROUPED_TOKENS):
+                if not budget.ok(3):
+                    break
+                r = guarded(f"fused_moe {label} {mode} T{tokens}", fused_moe_point, E, k, n, kk, tokens, wq, sb,
+                            wr, mode, label, csv, gen)
+                if r is not None and tokens in (1, 16, 1024):
+                    log(f"fused_moe {label} {mode} T{tokens}: {r[0]*1e6:.1f} us {r[1]/r[0]/1e12:.2f} TB/s "
+                        f"err {r[2]:.1e}")
+            del wq, sb, wr
+        del w
+        torch.cuda.empty_cache()
+
+
 def run_elementwise(args, out, budget):
     from validation import elementwise  # the engine's own kernels (kernels/engine_ops.py)
 
@@ -222,12 +309,12 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=120)
-    ap.add_argument("--part", default="gemm", choices=["gemm", "grouped", "elementwise"])
+    ap.add_argument("--part", default="gemm", choices=["gemm", "grouped", "fused_moe", "elementwise"])
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     b = Budget(a.budget_s)
     torch.manual_seed(0)
-    {"gemm": run_gemm, "grouped": run_grouped, "elementwise": run_elementwise}[a.part](a, a.out, b)
+    {"gemm": run_gemm, "grouped": run_grouped, "fused_moe": run_fused_moe, "elementwise": run_elementwise}[a.part](a, a.out, b)
 
 
 if __name__ == "__main__":

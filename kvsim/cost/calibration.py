@@ -28,6 +28,9 @@ File format (YAML or JSON), documented in docs/calibration.md:
       allreduce:         {...}    # size: message bytes (memory = fraction of link bandwidth)
       gemm_grouped:      {...}    # optional: routed experts' grouped GEMM, size = rows per touched
                                   # expert, size2 = touched experts' weight bytes (else ``gemm``)
+      gemm_grouped.fp8_block: {...}  # optional: the same for FP8 experts in vLLM's fused-MoE kernel,
+                                  # gemm_grouped.fp8 (per-tensor scales) or .fp8_block (128x128 blocks);
+                                  # without one, FP8 experts use gemm.fp8 and the run says so
       gemm.fp8:          {...}    # optional, per quantized-weight GEMM path (kvsim.spec.quant.weight_kernel):
                                   # gemm.fp8, gemm.int8 (W8A8 at that peak), gemm.w8a16, gemm.w4a16
                                   # (dequantizing kernels at the bf16 peak); without one, the bf16 curve
@@ -268,10 +271,10 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
     if missing:
         raise KvsimError(f"missing op curves: {', '.join(missing)}", field="ops", value=sorted(ops), file=file)
     from kvsim.kv import METHODS  # noqa: PLC0415 - kvsim.kv imports nothing from here; avoids a cycle at load
-    from kvsim.spec.quant import GEMM_PATH_CURVES  # noqa: PLC0415 - with the import above
+    from kvsim.spec.quant import GEMM_PATH_CURVES, GROUPED_PATH_CURVES  # noqa: PLC0415 - with the import above
 
     known_ops = (set(OP_KINDS) | {f"attention_decode.{f}" for f in (*METHODS, "mla")} | {"gemm_grouped"}
-                 | set(GEMM_PATH_CURVES))
+                 | set(GEMM_PATH_CURVES) | set(GROUPED_PATH_CURVES))
     for key in ops:
         if key not in known_ops and re.sub(r"\.k[\d.]+v[\d.]+$", "", key) not in known_ops:
             raise KvsimError(f"unknown op curve (known: {', '.join(sorted(known_ops))})", field=f"ops.{key}",

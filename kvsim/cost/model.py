@@ -273,6 +273,8 @@ class CostModel:
         dp = self.parallel.dp if gathers_tokens(self.model, self.parallel) else 1
         grouped = "gemm_grouped" if "gemm_grouped" in self.cal.ops else "gemm"
         prior = k_.path != "bf16" and k_.curve not in self.cal.ops
+        # quantized routed experts on their own fused-MoE curve where the profile measured it
+        experts_curve = k_.grouped_curve if k_.grouped_curve in self.cal.ops else ""
         for layer, count in kinds.values():
             for lin in layer_linears(self.model, layer, self.tp, self.parallel):
                 routed = lin.role == "experts"
@@ -280,7 +282,8 @@ class CostModel:
                 quantized = lin.bits != native_bits
                 if quantized:
                     peak = c.flops_per_s.get(k_.peak_dtype) or self.hw.peak_flops_per_s[k_.peak_dtype]
-                    curve = k_.curve if not prior else (grouped if routed else "gemm")
+                    curve = (experts_curve if routed and experts_curve else k_.curve if not prior
+                             else grouped if routed else "gemm")
                     # a measured curve of the path already holds its dequantization; the prior adds it
                     dq = DEQUANT_FLOPS_PER_ELEMENT * 8 / lin.bits if k_.dequant and prior else 0.0
                 else:
@@ -299,6 +302,10 @@ class CostModel:
             wq = self.model.weight_quant
             assert wq is not None  # weight_kernel gives the bf16 path to a model without weight quantization
             self.notes = (f"weights {wq.precision} ({wq.bits_per_weight:g} bits, {wq.modules}): {k_.note}",)
+            if moe and k_.grouped_curve:
+                self.notes += ((f"routed experts on the measured {experts_curve} curve (fused-MoE kernel)"
+                                if experts_curve else f"profile {self.cal.gpu} has no {k_.grouped_curve} curve (the "
+                                "fused-MoE kernel unmeasured): routed experts priced as the other FP8 GEMMs"),)
             if prior:
                 self.notes += (f"PRIOR: profile {self.cal.gpu} has no {k_.curve} curve: {k_.path} GEMMs use the bf16 "
                                "GEMM efficiency curve at the " + k_.peak_dtype + " peak"

@@ -111,6 +111,9 @@ class WeightQuantSpec:
     precision: WeightPrecision
     weight_only: bool = False  # W8A16 / W4A16: dequantized to the activation dtype inside the GEMM
     needs_native_fp8: bool = False  # the method has no weight-only fallback (ModelOpt FP8: compute capability 8.9)
+    # FP8 with 128x128 weight blocks and 1x128 activation groups (DeepSeek-V3, Qwen3-FP8), not per-tensor scales:
+    # vLLM's fused-MoE kernel applies the scales at every K step (its routed experts price on their own curve)
+    block_scaled: bool = False
     # the checkpoint carries a quantization_config (vLLM's ModelConfig.is_quantized), as opposed to
     # a bf16 checkpoint quantized when it loads (a ``weights:`` choice)
     from_checkpoint: bool = True
@@ -205,6 +208,7 @@ class _WeightQuant(_Strict):
     precision: Literal["fp8", "int8", "int4", "mxfp4", "nvfp4"]
     weight_only: bool = False
     needs_native_fp8: bool = False
+    block_scaled: bool = False
     source: str
 
 

@@ -60,13 +60,19 @@ def with_weights(model: ModelSpec, weights: str, file: str | None = None) -> Mod
     precision = cast(WeightPrecision, weights)  # one of WEIGHTS_CHOICES (checked above), not "bf16"
     # a quantized checkpoint stays one in vLLM's eyes whatever precision it is served at
     checkpoint = model.weight_quant is not None and model.weight_quant.from_checkpoint
+    # the checkpoint's own scales where it already holds this precision (a block-FP8 release stays one)
+    blocks = checkpoint and model.weight_quant is not None and model.weight_quant.precision == precision \
+        and model.weight_quant.block_scaled
     return replace(model, weight_quant=WeightQuantSpec(c.modules, c.bits, precision, c.weight_only,
-                                                       from_checkpoint=checkpoint))
+                                                       block_scaled=blocks, from_checkpoint=checkpoint))
 
 
 GemmPath = Literal["bf16", "fp8", "int8", "w8a16", "w4a16"]
-# The calibration curve of each quantized path (a profile may carry them; kvsim/cost/calibration.py).
+# The calibration curve of each quantized path (a profile may carry them; kvsim/cost/calibration.py), and
+# of the routed experts' grouped GEMM where it has its own kernel (vLLM's fused-MoE with FP8 scales per
+# tensor or per 128x128 block: validation/kernels/fused_moe.py measures both).
 GEMM_PATH_CURVES = ("gemm.fp8", "gemm.int8", "gemm.w8a16", "gemm.w4a16")
+GROUPED_PATH_CURVES = ("gemm_grouped.fp8", "gemm_grouped.fp8_block")
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class WeightKernel:
     dequant: bool  # weights are unpacked to the activation dtype in the kernel (W8A16 / W4A16)
     curve: str  # calibration op name of the GEMM efficiency curve for this path
     note: str
+    grouped_curve: str = ""  # the routed experts' own curve on this path ("": the path's GEMM curve)
 
 
 def weight_kernel(model: ModelSpec, hw: HardwareSpec, file: str | None = None) -> WeightKernel:
@@ -90,7 +97,8 @@ def weight_kernel(model: ModelSpec, hw: HardwareSpec, file: str | None = None) -
     p: WeightPrecision = wq.precision
     if p == "fp8" and not wq.weight_only:
         if peaks.get("fp8"):
-            return WeightKernel("fp8", "fp8", False, "gemm.fp8", "FP8 W8A8 at the FP8 peak")
+            return WeightKernel("fp8", "fp8", False, "gemm.fp8", "FP8 W8A8 at the FP8 peak",
+                                "gemm_grouped.fp8_block" if wq.block_scaled else "gemm_grouped.fp8")
         if wq.needs_native_fp8:
             raise KvsimError(f"{hw.display_name} has no FP8 tensor cores and this checkpoint's method (ModelOpt "
                              "FP8) has no weight-only fallback in vLLM (modelopt.py: compute capability >= 8.9)",
@@ -139,9 +147,10 @@ def quant_from_hf(full: dict, file: str) -> dict | None:
     field = "quantization_config.quant_method"
 
     def spec(precision: str, bits: float, source: str, modules: str = "linear", weight_only: bool = False,
-             needs_native_fp8: bool = False) -> dict:
+             needs_native_fp8: bool = False, block_scaled: bool = False) -> dict:
         return {"modules": modules, "bits_per_weight": float(bits), "precision": precision,
-                "weight_only": weight_only, "needs_native_fp8": needs_native_fp8, "source": source}
+                "weight_only": weight_only, "needs_native_fp8": needs_native_fp8,
+                **({"block_scaled": True} if block_scaled else {}), "source": source}
 
     if method == "mxfp4":  # gpt-oss: MoE experts only (vLLM quantization/mxfp4.py)
         return spec("mxfp4", MXFP4_BITS, "quantization_config mxfp4 (OCP Microscaling v1.0)", modules="experts")
@@ -150,7 +159,8 @@ def quant_from_hf(full: dict, file: str) -> dict | None:
         if block:
             rows, cols = block
             return spec("fp8", 8 + 32 / (rows * cols), f"quantization_config fp8 blocks {rows}x{cols}",
-                        modules="mlp" if _ignored_attention(q.get("modules_to_not_convert")) else "linear")
+                        modules="mlp" if _ignored_attention(q.get("modules_to_not_convert")) else "linear",
+                        block_scaled=True)
         return spec("fp8", 8, "quantization_config fp8 (per-tensor scales)",
                     modules="mlp" if _ignored_attention(q.get("modules_to_not_convert")) else "linear")
     if method == "modelopt":
@@ -200,9 +210,10 @@ def _compressed_tensors(q: dict, file: str) -> dict:
     where = f"quantization_config compressed-tensors {kind}{bits} {strategy}"
     base = {"modules": modules, "needs_native_fp8": False, "source": where}
     if kind == "float" and bits == 8:
-        block = w.get("block_structure")
-        extra = 32 / (block[0] * block[1]) if strategy == "block" and block else 0.0
-        return {**base, "precision": "fp8", "bits_per_weight": 8 + extra, "weight_only": a is None}
+        block = w.get("block_structure") if strategy == "block" else None
+        extra = 32 / (block[0] * block[1]) if block else 0.0
+        return {**base, "precision": "fp8", "bits_per_weight": 8 + extra, "weight_only": a is None,
+                **({"block_scaled": True} if block else {})}
     if kind == "float" and bits == 4:  # nvfp4-pack-quantized: group 16 with E4M3 scales
         return {**base, "precision": "nvfp4", "bits_per_weight": NVFP4_BITS, "weight_only": a is None}
     if kind == "int" and bits == 8:
