@@ -42,6 +42,16 @@ def test_calibrate_fits_a_loadable_profile_from_kernels_only(calibrated_root) ->
     assert cal.ceilings.copy_bytes_per_s == ceilings["copy"]["bw_Bps"]
 
 
+def test_the_committed_profile_is_what_its_measurements_fit(calibrated_root) -> None:
+    """validation/results/h100-sxm/calibration_reference.yaml is regenerated whenever its CSVs or the fit
+    change (it once lacked the gemm.fp8 curve its gemm.csv rows held); FP8 experts get their fused-MoE curves."""
+    fresh = yaml.safe_load((calibrated_root / "h100-sxm" / "calibration_reference.yaml").read_text())
+    committed = yaml.safe_load((MEASURED / "calibration_reference.yaml").read_text())
+    assert fresh["ops"] == committed["ops"] and fresh["ceilings"] == committed["ceilings"]
+    assert {"gemm.fp8", "gemm_grouped", "gemm_grouped.fp8", "gemm_grouped.fp8_block"} <= set(fresh["ops"])
+    assert fresh["fit"]["rows_used"]["fused_moe.csv (fp8_block)"] == 168  # 12 expert shapes x 14 token counts
+
+
 def test_validate_reports_errors_and_exact_kv_bytes(calibrated_root) -> None:
     results = calibrated_root
     report, summary = validate("h100-sxm", results=results)

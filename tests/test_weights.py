@@ -146,6 +146,42 @@ def test_fp8_gemms_run_at_the_fp8_peak_and_say_the_curve_is_a_prior() -> None:
     assert any("PRIOR" in n and "gemm.fp8" in n for n in cm.notes)
 
 
+@pytest.mark.parametrize("q,block_scaled", [
+    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, True),
+    ({"quant_method": "fp8"}, False),
+    (ct({**CT_W, "strategy": "block", "block_structure": [128, 128]}, {**CT_A, "strategy": "group",
+                                                                      "group_size": 128}), True),
+    (ct(CT_W, CT_A), False),
+])
+def test_block_scaled_fp8_checkpoints_say_so(q: dict, block_scaled: bool) -> None:
+    wq = quant_from_hf({"quantization_config": q}, "config.json")
+    assert wq.get("block_scaled", False) is block_scaled
+    assert wq["bits_per_weight"] == pytest.approx(8 + 32 / 128**2 if block_scaled else 8)
+
+
+def test_fp8_routed_experts_run_on_the_fused_moe_curve_of_their_scales() -> None:
+    """DeepSeek-V3's checkpoint (128x128 blocks) prices its experts on gemm_grouped.fp8_block, a
+    per-tensor FP8 choice on gemm_grouped.fp8; the H100 profile measured both (fused_moe.csv), and a
+    profile without them (the pure roofline) says the experts fall back to the FP8 GEMM curve."""
+    h = load_hardware("h100-sxm")
+    v3 = load_model("deepseek-v3")
+    assert v3.weight_quant.block_scaled
+    assert weight_kernel(v3, h).grouped_curve == "gemm_grouped.fp8_block"
+    assert with_weights(v3, "fp8").weight_quant.block_scaled  # the checkpoint's own scales stay
+    per_tensor = with_weights(load_model("qwen3-30b-a3b"), "fp8")
+    assert weight_kernel(per_tensor, h).grouped_curve == "gemm_grouped.fp8"
+    assert weight_kernel(load_model("qwen3-30b-a3b"), h).grouped_curve == ""  # bf16: gemm_grouped
+    for model, curve in ((v3, "gemm_grouped.fp8_block"), (per_tensor, "gemm_grouped.fp8")):
+        cm = CostModel(model, h, layout_for(model, "bf16"))
+        assert curve in cm.cal.ops
+        g = cm._gemms
+        experts = g.names.index("gemm.experts")
+        assert {g.curve_names[c] for c, n in zip(g.curve, g.role, strict=True) if n == experts} == {curve}
+        assert any(f"measured {curve} curve" in n for n in cm.notes)
+    bare = CostModel(per_tensor, h, layout_for(per_tensor, "bf16"), calibration="none")
+    assert any("no gemm_grouped.fp8 curve" in n for n in bare.notes)
+
+
 def test_w4a16_decode_reads_a_quarter_and_prefill_pays_dequantization() -> None:
     base, q = load_model("llama-3.1-8b"), with_weights(load_model("llama-3.1-8b"), "int4")
     d16, _ = _gemm_s(base, "h100-sxm", 1)

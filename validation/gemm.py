@@ -233,6 +233,10 @@ MOE_CONFIGS = [
     dict(BM=64, BN=128, BK=128, GROUP_M=16, warps=4, stages=4),
     dict(BM=128, BN=128, BK=128, GROUP_M=16, warps=8, stages=3),
     dict(BM=64, BN=256, BK=64, GROUP_M=16, warps=8, stages=3),  # bf16 / fp8 only (block scales need BK 128)
+    # large token counts (prefill chunks): wider row blocks, more column blocks sharing each in L2
+    dict(BM=128, BN=128, BK=128, GROUP_M=32, warps=4, stages=3),
+    dict(BM=64, BN=128, BK=128, GROUP_M=32, warps=4, stages=3),
+    dict(BM=128, BN=64, BK=128, GROUP_M=16, warps=4, stages=4),
 ]
 ELEM = {"bf16": 2, "fp8": 1, "fp8_block": 1}
 
