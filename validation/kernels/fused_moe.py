@@ -1,5 +1,6 @@
-"""Routed-expert GEMMs the way vLLM's Triton fused-MoE path runs them on Hopper (the path vLLM 0.12
-takes for bf16 experts and, below DeepGEMM's 128-row minimum, for FP8 experts): the (token, expert)
+"""Routed-expert GEMMs the way vLLM's Triton fused-MoE path runs them on Hopper (the kernel NVIDIA
+aiconfigurator's database records for vLLM 0.19's bf16, FP8 and block-FP8 MoE layers on H200,
+kernel_source vllm_fused_moe; for 0.24 it also records a FlashInfer CUTLASS path): the (token, expert)
 pairs sorted by expert and each expert's pairs padded to a multiple of BLOCK_M (vLLM's
 moe_align_block_size), then one Triton program per (BLOCK_M rows of one expert, BLOCK_N output
 columns) over weights stored [E, N, K]. Written for kvsim from the algorithm's description in vLLM
