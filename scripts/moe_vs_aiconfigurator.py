@@ -27,18 +27,13 @@ DTYPES = (("bf16", "bfloat16", False), ("fp8", "fp8", False), ("fp8", "fp8_block
 TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--system", default="h100_sxm")
-    ap.add_argument("--version", default="0.24.0")
-    a = ap.parse_args()
-    gpu = {"h100_sxm": "h100-sxm", "h200_sxm": "h200-sxm"}[a.system]
-    path = _data_root() / a.system / "moe" / "vllm" / a.version / "moe_perf.parquet"
+def compare(system: str, version: str) -> list[tuple[str, int, str, list[float]]]:
+    """(model, tp, database dtype, kvsim / measured time of one MoE layer at each of TOKENS present)."""
+    gpu = {"h100_sxm": "h100-sxm", "h200_sxm": "h200-sxm"}[system]
+    path = _data_root() / system / "moe" / "vllm" / version / "moe_perf.parquet"
     rows = [r for r in pq.read_table(path).to_pylist() if "triton" in r["kernel_source"] or
             r["kernel_source"] == "vllm_fused_moe"]
-    print(f"kvsim ({gpu} profile) / vLLM {a.version} fused-MoE ({path.name}, {a.system}): ratio of one MoE layer's "
-          "time, tokens " + ", ".join(map(str, TOKENS)))
-    ratios = []
+    out = []
     for name, tps in MODELS:
         base = load_model(name)
         moe = base.moe
@@ -55,19 +50,36 @@ def main() -> None:
                        and r["num_experts"] == moe.num_experts and r["distribution"] == "balanced"
                        and r["moe_ep_size"] == 1 and r["moe_tp_size"] == tp and r["moe_dtype"] == dtype}
                 got = []
-                for t in TOKENS:
-                    if t not in tab:
-                        continue
+                for t in (t for t in TOKENS if t in tab):
                     b = predict(m, gpu, t, 16, tp=tp)[0]["breakdown"]
-                    ours = (b["gemm.experts"] + b["moe_routing"] + b["activation"]) / layers
-                    got.append(ours / tab[t])
+                    got.append((b["gemm.experts"] + b["moe_routing"] + b["activation"]) / layers / tab[t])
                 if got:
-                    ratios += [(dtype, r) for r in got]
-                    print(f"  {name} TP {tp} {dtype:9s} " + " ".join(f"{r:.2f}" for r in got))
+                    out.append((name, tp, dtype, got))
+    return out
+
+
+def summary(found: list[tuple[str, int, str, list[float]]]) -> dict[str, tuple[float, float, int]]:
+    """Per database dtype: (median, worst absolute error, points)."""
+    out = {}
     for dtype in ("bfloat16", "fp8", "fp8_block"):
-        err = [abs(r - 1) for d, r in ratios if d == dtype]
+        err = [abs(r - 1) for _, _, d, rs in found if d == dtype for r in rs]
         if err:
-            print(f"{dtype}: median |error| {statistics.median(err):.1%}, worst {max(err):.1%} ({len(err)} points)")
+            out[dtype] = (statistics.median(err), max(err), len(err))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--system", default="h100_sxm")
+    ap.add_argument("--version", default="0.24.0")
+    a = ap.parse_args()
+    found = compare(a.system, a.version)
+    print(f"kvsim / vLLM {a.version} fused-MoE ({a.system}, aiconfigurator moe_perf): one MoE layer's time, "
+          "tokens " + ", ".join(map(str, TOKENS)))
+    for name, tp, dtype, got in found:
+        print(f"  {name} TP {tp} {dtype:9s} " + " ".join(f"{r:.2f}" for r in got))
+    for dtype, (med, worst, n) in summary(found).items():
+        print(f"{dtype}: median |error| {med:.1%}, worst {worst:.1%} ({n} points)")
 
 
 if __name__ == "__main__":
