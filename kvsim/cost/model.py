@@ -305,7 +305,8 @@ class CostModel:
             if moe and k_.grouped_curve:
                 self.notes += ((f"routed experts on the measured {experts_curve} curve (fused-MoE kernel)"
                                 if experts_curve else f"profile {self.cal.gpu} has no {k_.grouped_curve} curve (the "
-                                "fused-MoE kernel unmeasured): routed experts priced as the other FP8 GEMMs"),)
+                                f"fused-MoE kernel unmeasured): routed experts priced on the "
+                                f"{grouped if prior else k_.curve} curve"),)
             if prior:
                 self.notes += (f"PRIOR: profile {self.cal.gpu} has no {k_.curve} curve: {k_.path} GEMMs use the bf16 "
                                "GEMM efficiency curve at the " + k_.peak_dtype + " peak"
