@@ -77,6 +77,14 @@ def record_run(out: str, key: str, quick: bool, status, total_s):
         with open(mp) as f:
             meta = json.load(f)
     meta[key] = dict(argv=sys.argv[1:], quick=quick, parts=status, total_s=total_s)
+    if "gpu_name" not in meta:  # the ceilings part describes the machine; a run without it must too
+        sys.path.insert(0, REPO)
+        try:
+            from validation.ceilings import metadata
+
+            meta.update(metadata())
+        except Exception as e:  # noqa: BLE001 - no GPU or no torch: say so rather than fail the record
+            meta["gpu_name"] = f"unknown ({type(e).__name__}: {e})"
     meta["command"] = " ".join(["python3"] + sys.argv)
     with open(mp + ".tmp", "w") as f:
         json.dump(meta, f, indent=1)
