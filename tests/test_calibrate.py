@@ -52,6 +52,16 @@ def test_the_committed_profile_is_what_its_measurements_fit(calibrated_root) -> 
     assert fresh["fit"]["rows_used"]["fused_moe.csv (fp8_block)"] == 168  # 12 expert shapes x 14 token counts
 
 
+def test_the_committed_h200_profile_is_what_its_measurements_fit(tmp_path) -> None:
+    folder = ROOT / "validation" / "results" / "h200-sxm"
+    shutil.copytree(folder, tmp_path / "h200-sxm")
+    calibrate("h200-sxm", tmp_path)
+    fresh = yaml.safe_load((tmp_path / "h200-sxm" / "calibration_reference.yaml").read_text())
+    committed = yaml.safe_load((folder / "calibration_reference.yaml").read_text())
+    assert fresh["ops"] == committed["ops"] and fresh["ceilings"] == committed["ceilings"]
+    assert {"gemm_grouped.fp8", "gemm_grouped.fp8_block"} <= set(fresh["ops"])
+
+
 def test_validate_reports_errors_and_exact_kv_bytes(calibrated_root) -> None:
     results = calibrated_root
     report, summary = validate("h100-sxm", results=results)
