@@ -1,6 +1,8 @@
 """GEMM times over LLM layer shapes (bf16, fp8 via torch._scaled_mm, and W4A16: 4-bit weights in groups
-of 128 dequantized inside torch's tinygemm kernel, torch._weight_int4pack_mm) and, with --part
-elementwise, the reference engine's element-wise and MoE-routing kernels (elementwise.py).
+of 128 dequantized inside torch's tinygemm kernel, torch._weight_int4pack_mm); with --part grouped and
+--part fused_moe, routed experts (torch._grouped_mm; the vLLM-style Triton fused-MoE kernel in bf16, FP8
+and block FP8, writing fused_moe.csv); with --part elementwise, the reference engine's element-wise and
+MoE-routing kernels (elementwise.py).
 y[M,N] = x[M,K] @ W[N,K]^T.  Writes gemm.csv (dtype,m,n,k,time_s,flops,bytes,layer) and
 elementwise.csv (op,tokens,hidden,time_s,bytes,impl,rel_error,params,kernels)."""
 from __future__ import annotations
