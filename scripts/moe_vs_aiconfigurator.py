@@ -18,7 +18,7 @@ from dataclasses import replace
 import pyarrow.parquet as pq
 
 from kvsim.api import predict
-from kvsim.importers.aiconfigurator import _data_root
+from kvsim.importers.aiconfigurator import data_root
 from kvsim.spec.model import load_model
 from kvsim.spec.quant import with_weights
 
@@ -30,7 +30,7 @@ TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 def compare(system: str, version: str) -> list[tuple[str, int, str, list[float]]]:
     """(model, tp, database dtype, kvsim / measured time of one MoE layer at each of TOKENS present)."""
     gpu = {"h100_sxm": "h100-sxm", "h200_sxm": "h200-sxm"}[system]
-    path = _data_root() / system / "moe" / "vllm" / version / "moe_perf.parquet"
+    path = data_root() / system / "moe" / "vllm" / version / "moe_perf.parquet"
     rows = [r for r in pq.read_table(path).to_pylist() if "triton" in r["kernel_source"] or
             r["kernel_source"] == "vllm_fused_moe"]
     out = []

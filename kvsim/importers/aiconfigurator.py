@@ -51,7 +51,7 @@ HEAD_DIM = 128  # attention rows imported: head_dim 128 (the catalogue's common 
 MLA_QK_DIM, MLA_VO_DIM = 512 + 64, 512
 
 
-def _data_root() -> Path:
+def data_root() -> Path:
     try:
         import aiconfigurator_core  # noqa: PLC0415 - optional dependency (kvsim[aic])
     except ImportError:
@@ -109,7 +109,7 @@ def collectives(system: str, vllm_version: str | None = None, nccl_version: str 
                 root: Path | None = None) -> dict:
     """The database's vLLM custom all-reduce (graph mode, bf16) and NCCL all-reduce (fp16) tables for
     ``system``; the newest version of each unless one is named."""
-    root = root or _data_root()
+    root = root or data_root()
     comm = root / system / "comm"
     if not comm.is_dir():
         known = sorted(p.name for p in root.iterdir() if (p / "comm").is_dir())
@@ -186,7 +186,7 @@ def import_profile(system: str, engine: str = "vllm", version: str | None = None
     ``root`` (the database's ``systems/data``; default: the installed package's). ``version``: the
     engine version (default: the newest that has both GEMM and attention tables). A table with a
     missing column or a malformed value is one error naming its file."""
-    root = root or _data_root()
+    root = root or data_root()
     try:
         return _import(system, engine, version, gpu, root)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
