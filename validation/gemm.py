@@ -283,6 +283,12 @@ def run_fused_moe(args, out, budget):
                   "rel_error", "layer", "params"])
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = FUSED_MOE[:1] if args.quick else FUSED_MOE
+    if args.layers:  # a call that completes an earlier one measures only the shapes it lacks
+        wanted = args.layers.split(",")
+        unknown = sorted(set(wanted) - {s[4] for s in FUSED_MOE})
+        if unknown:
+            raise SystemExit(f"--layers: unknown fused-MoE layer(s) {unknown}")
+        shapes = [s for s in FUSED_MOE if s[4] in wanted]
     for (E, k, n, kk, label) in shapes:
         w = torch.randn(E, n, kk, device="cuda", dtype=torch.bfloat16) / kk ** 0.5
         for mode in fm.MODES:
@@ -316,6 +322,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=120)
     ap.add_argument("--part", default="gemm", choices=["gemm", "grouped", "fused_moe", "elementwise"])
+    ap.add_argument("--layers", default="", help="fused_moe: comma-separated FUSED_MOE labels, only these")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     b = Budget(a.budget_s)

@@ -99,6 +99,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=500)
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--weights", default="", help="override part weights, e.g. engine=400,gemm=50")
+    ap.add_argument("--part-args", action="append", default=[], metavar="PART=ARGS",
+                    help="extra arguments for one part, e.g. 'fused_moe=--layers mixtral-8x7b.w13'")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     names = [p for p in a.parts.split(",") if p]
@@ -106,7 +108,14 @@ def main():
     for kv in filter(None, a.weights.split(",")):
         k, v = kv.split("=")
         w[k] = float(v)
-    status, total = run_parts(a.out, a.budget_s, a.quick, [(p, w[p], PARTS[p][1]) for p in names])
+    extra: dict[str, list[str]] = {}
+    for pa in a.part_args:
+        k, _, v = pa.partition("=")
+        if k not in names:
+            ap.error(f"--part-args: part {k!r} is not among --parts")
+        extra[k] = extra.get(k, []) + v.split()
+    status, total = run_parts(a.out, a.budget_s, a.quick,
+                              [(p, w[p], PARTS[p][1] + extra.get(p, [])) for p in names])
     record_run(a.out, "run_all", a.quick, status, total)
     summary(a.out)
 
