@@ -244,6 +244,30 @@ def test_aliases_are_what_they_say() -> None:
         assert METHODS[name].alias_of
 
 
+def test_extra_prefill_passes_add_time_never_tokens() -> None:
+    """LCKV's iterations and XKV's profiling pass run the model again over the prompt chunk alone;
+    YOCO's prompt leaves after half the layers while decode rows go through all. Each is priced as
+    passes whose times add. They were priced as one pass over more (or fewer) tokens, which made
+    XKV's 123-token prefill of Qwen3-235B 0.015% cheaper than no method at all: the grouped GEMM's
+    efficiency rises with its rows faster than its time there (hypothesis seed 505, long profile)."""
+    qwen = load_model("qwen3-235b-a22b")
+
+    def gemms(method: str | None, batch: Batch) -> float:
+        layout = layout_for(qwen, method) if method else layout_for(qwen)
+        return CostModel(qwen, H100, layout, 1, CAL).step(batch).breakdown["gemm.experts"]
+
+    prompt = Batch(prefill_tokens=np.array([123]), prefill_context=np.array([0]))
+    base = gemms(None, prompt)
+    assert gemms("xkv:budget=1024", prompt) == pytest.approx(1.1 * base, rel=1e-12)  # one pass + 0.1 profiling
+    lckv = layout_for(qwen, "lckv:warmup=2").runtime.prefill_passes
+    assert gemms("lckv:warmup=2", prompt) == pytest.approx(lckv * base, rel=1e-12)
+    assert gemms("yoco", prompt) == pytest.approx(0.5 * base, rel=1e-12)
+    # with 8 decode rows beside the chunk: YOCO's decode rows pass every layer, the chunk half of them
+    mixed = Batch(prefill_tokens=np.array([123]), prefill_context=np.array([0]), decode_context=np.full(8, 1000))
+    decode = Batch(decode_context=np.full(8, 1000))
+    assert gemms("yoco", mixed) == pytest.approx(0.5 * gemms(None, mixed) + 0.5 * gemms(None, decode), rel=1e-12)
+
+
 # ------------------------------------------------------------------ invariants over every method and model
 
 CAL = find_calibration(H100)

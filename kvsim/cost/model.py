@@ -49,6 +49,7 @@ MOE_ROUTING_KERNELS_PER_LAYER = 4
 FIXED_TABLE_MAX_TOKENS = 1 << 15
 _NO_TOKENS = np.zeros(0)  # a step without prefill: no prompt chunks (never written)
 DRIVERS = ("tokens", "sampled", "new_tokens")  # the count each token-only op depends on
+Passes = tuple[tuple[float, float], ...]  # (weight, token count) passes of the model over a step's rows
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ class CostModel:
         self._gemms = self._build_gemms()
         if gathers_tokens(model, parallel):
             self.notes += (self._parallel_note(),)
-        self._fixed_cache: dict[tuple[float, float, float], list] = {}
+        self._fixed_cache: dict[tuple[Passes, float, float], list] = {}
         self._table: list[tuple] = []  # (name, driver index, flops, bytes, seconds, bound) arrays
         self._table_sums: list[list[float]] = []  # per driver: seconds of its ops, by count
         self._table_n = 0
@@ -452,22 +453,37 @@ class CostModel:
         t_m = np.asarray(nbytes) / (bandwidth * me)
         return np.maximum(t_c, t_m) + curve.floor_s * kernels, t_c >= t_m
 
-    def _fixed_ops(self, tokens: float, sampled: float, new_tokens: float) -> list[tuple]:
+    def _fixed_ops(self, passes: Passes, sampled: float, new_tokens: float) -> list[tuple]:
         """Ops that depend only on token counts (GEMMs, KV writes, element-wise, sampling,
-        all-reduce), each on one count (its driver): looked up in tables priced ahead."""
-        counts = (tokens, sampled, new_tokens)
-        if self._in_table(tokens, sampled, new_tokens):
-            idx = [int(x) for x in counts]
-            return [(name, f[idx[d]], b[idx[d]], t[idx[d]], bound[idx[d]])
-                    for name, d, f, b, t, bound in self._table]
-        key = counts
+        all-reduce), each on one count (its driver): looked up in tables priced ahead. ``passes``
+        are the (weight, token count) passes of the model over the step's rows (``_passes``): an
+        op driven by tokens sums its weighted passes; sampling and the KV write happen once."""
+        counts = [n for _, n in passes]
+        if all(self._in_table(n, sampled, new_tokens) for n in counts):
+            at = [int(n) for n in counts]
+            once = (0, int(sampled), int(new_tokens))
+            ops = []
+            for name, d, f, b, t, bound in self._table:
+                if d:
+                    ops.append((name, f[once[d]], b[once[d]], t[once[d]], bound[once[d]]))
+                else:
+                    ops.append((name, sum(w * f[i] for (w, _), i in zip(passes, at, strict=True)),
+                                sum(w * b[i] for (w, _), i in zip(passes, at, strict=True)),
+                                sum(w * t[i] for (w, _), i in zip(passes, at, strict=True)), bound[at[0]]))
+            return ops
+        key = (passes, sampled, new_tokens)
         hit = self._fixed_cache.get(key)
         if hit is None:
             if len(self._fixed_cache) > 4096:
                 self._fixed_cache.clear()
-            one = [np.array([x], dtype=float) for x in counts]
-            hit = self._fixed_cache[key] = [(name, f[0], b[0], t[0], bound[0])
-                                            for name, _, f, b, t, bound in self._fixed_rows(*one)]
+            k = len(passes)
+            rows = self._fixed_rows(np.array(counts, dtype=float), np.full(k, float(sampled)),
+                                    np.full(k, float(new_tokens)))
+            w = [x for x, _ in passes]
+            hit = self._fixed_cache[key] = [
+                (name, f[0], b[0], t[0], bound[0]) if d else
+                (name, float(np.dot(w, f)), float(np.dot(w, b)), float(np.dot(w, t)), bound[0])
+                for name, d, f, b, t, bound in rows]
         return hit
 
     def _in_table(self, tokens: float, sampled: float, new_tokens: float) -> bool:
@@ -491,15 +507,36 @@ class CostModel:
         self._table_sums = [v.tolist() for v in sums]
         self._table_n = n
 
-    def _fixed_total_s(self, tokens: float, sampled: float, new_tokens: float) -> float:
+    def _fixed_total_s(self, passes: Passes, sampled: float, new_tokens: float) -> float:
         """Seconds of the token-count ops of a step (the fast path of step_time_s and decode runs)."""
-        if self._in_table(tokens, sampled, new_tokens):
+        if len(passes) == 1:  # the simulator's hot path: one whole pass
+            (w, c), = passes
+            if self._in_table(c, sampled, new_tokens):
+                t, s, n = self._table_sums
+                return w * t[int(c)] + s[int(sampled)] + n[int(new_tokens)]
+        elif all(self._in_table(c, sampled, new_tokens) for _, c in passes):
             t, s, n = self._table_sums
-            return t[int(tokens)] + s[int(sampled)] + n[int(new_tokens)]
+            return sum(w * t[int(c)] for w, c in passes) + s[int(sampled)] + n[int(new_tokens)]
         total = 0.0
-        for op in self._fixed_ops(tokens, sampled, new_tokens):
+        for op in self._fixed_ops(passes, sampled, new_tokens):
             total += op[3]
         return total
+
+    def _passes(self, n_decode: int, chunk: float, pad: float) -> Passes:
+        """(weight, token count) passes of the model over one step's rows. One pass over the decode
+        rows, the prompt chunk and the captured graph's padding, unless the layout runs the chunk
+        otherwise: its extra passes (LCKV's iterations, XKV's profiling pass) run the model again
+        over the chunk alone, and YOCO's prompt leaves after a fraction f of the layers while the
+        decode rows go through all (f of a pass over every row, 1 - f over the decode rows). Priced
+        as passes whose times add, never as a longer chunk in one pass: a kernel's efficiency can
+        rise with its rows faster than its time, which would price more work cheaper."""
+        rt = self.layout.runtime
+        whole = ((1.0, n_decode + chunk + pad),)
+        if not chunk or (rt.prefill_passes == 1.0 and rt.prefill_layer_fraction == 1.0):
+            return whole
+        f = rt.prefill_layer_fraction
+        passes = ((f, n_decode + chunk + pad), (1.0 - f, float(n_decode)), ((rt.prefill_passes - 1.0) * f, chunk))
+        return tuple((w, n) for w, n in passes if w and n)
 
     def _fixed_rows(self, tokens: np.ndarray, sampled: np.ndarray, new_tokens: np.ndarray) -> list[tuple]:
         """(name, driver index, flops, bytes, seconds, bound) per op, elementwise over the counts."""
@@ -605,16 +642,17 @@ class CostModel:
         p_scale = rt.prefill_passes * rt.prefill_layer_fraction
         if prefill is None:
             p_tok = p_ctx = _NO_TOKENS
-            tokens = sampled = new_tokens = float(n_decode)
+            chunk, sampled = 0.0, float(n_decode)
         else:
             p_tok, p_ctx = prefill.prefill_tokens.astype(float), prefill.prefill_context.astype(float)
             chunk = float(p_tok.sum())
-            tokens, new_tokens = n_decode + chunk * p_scale, n_decode + chunk
             sampled = n_decode + (len(p_tok) if prefill.prefill_samples is None else prefill.prefill_samples)
-        if self.execution is not None:  # the model runs the captured graph's padded token count
-            tokens += self.execution.padded_tokens(new_tokens) - new_tokens
-        ops: list = (list(self._fixed_ops(tokens, sampled, new_tokens)) if breakdown else
-                     [("token_ops", 0.0, 0.0, self._fixed_total_s(tokens, sampled, new_tokens), "memory")])
+        new_tokens = n_decode + chunk
+        # the model runs the captured graph's padded token count
+        pad = 0.0 if self.execution is None else self.execution.padded_tokens(new_tokens) - new_tokens
+        passes = self._passes(n_decode, chunk, pad)
+        ops: list = (list(self._fixed_ops(passes, sampled, new_tokens)) if breakdown else
+                     [("token_ops", 0.0, 0.0, self._fixed_total_s(passes, sampled, new_tokens), "memory")])
 
         # decode attention (+ fused dequantization and low-rank reconstruction)
         if n_decode:
