@@ -239,6 +239,11 @@ MOE_CONFIGS = [
     dict(BM=128, BN=128, BK=128, GROUP_M=32, warps=4, stages=3),
     dict(BM=64, BN=128, BK=128, GROUP_M=32, warps=4, stages=3),
     dict(BM=128, BN=64, BK=128, GROUP_M=16, warps=4, stages=4),
+    # vLLM's tuned 16-bit tilings for 512-4,096 tokens on the H100 (configs/E=128,N=768,device_name=
+    # NVIDIA_H100_80GB_HBM3.json): BK 64, wide column blocks, 8 warps, deep pipelines (bf16 / fp8 only)
+    dict(BM=128, BN=256, BK=64, GROUP_M=1, warps=8, stages=4),
+    dict(BM=64, BN=256, BK=64, GROUP_M=1, warps=8, stages=5),
+    dict(BM=64, BN=128, BK=64, GROUP_M=1, warps=4, stages=3),
 ]
 ELEM = {"bf16": 2, "fp8": 1, "fp8_block": 1}
 

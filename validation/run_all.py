@@ -31,7 +31,7 @@ PARTS = {
     "prefill": (15, ["validation/kernels/bench_attention.py", "--path", "prefill"]),
     "gemm": (80, ["validation/gemm.py", "--part", "gemm"]),  # bf16, fp8 (W8A8) and W4A16 over 31 layer shapes
     "grouped": (25, ["validation/gemm.py", "--part", "grouped"]),  # routed-expert grouped GEMMs, 6 shapes x 14
-    # vLLM-style Triton fused-MoE GEMMs, bf16 / FP8 / FP8 blocks, 12 shapes x 14 token counts x 10 tilings
+    # vLLM-style Triton fused-MoE GEMMs, bf16 / FP8 / FP8 blocks, 12 shapes x 14 token counts x 13 tilings
     "fused_moe": (60, ["validation/gemm.py", "--part", "fused_moe"]),
     "elementwise": (30, ["validation/gemm.py", "--part", "elementwise"]),  # ~280 points of 9 engine kernels
     "engine": (230, ["validation/engine.py"]),  # 10 models: 5 prompts + ~45 decode points each, ~20 s a model
