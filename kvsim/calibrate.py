@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from kvsim import measured
-from kvsim.cost.calibration import OP_KINDS, Calibration, calibration_from_dict, results_dir
+from kvsim.cost.calibration import GROUPED_MM_CURVE, OP_KINDS, Calibration, calibration_from_dict, results_dir
 from kvsim.cost.model import CostModel, decode_family
 from kvsim.errors import KvsimError
 from kvsim.fileio import load_data_yaml, write_atomic
@@ -168,18 +168,20 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
                        for r in rows("gemm.csv") if r["dtype"] == "w4a16"],
     }
 
-    # routed experts: rows per touched expert x the touched experts' weight bytes
-    grouped = [(float(r["tokens"]) * float(r["top_k"]) / float(r["active_experts"]),
-                float(r["active_experts"]) * float(r["n"]) * float(r["k"]) * 2, float(r["time_s"]),
-                float(r["flops"]) / bf16, float(r["bytes"]) / bw) for r in rows("gemm_grouped.csv")]
-    used["gemm_grouped.csv"] = len(grouped)
-    # FP8 routed experts through the fused-MoE kernel (fused_moe.csv): the same axes, weight bytes as stored
-    # (scales included), against the FP8 ceiling
-    grouped_fp8 = {f"gemm_grouped.{mode}": [
-        (float(r["tokens"]) * float(r["top_k"]) / float(r["active_experts"]),
-         float(r["active_experts"]) * float(r["n"]) * float(r["k"]), float(r["time_s"]), float(r["flops"]) / fp8,
-         float(r["bytes"]) / bw) for r in rows("fused_moe.csv") if r["mode"] == mode and fp8]
-        for mode in ("fp8", "fp8_block")}
+    # routed experts: rows per touched expert x the touched experts' weight bytes as stored (scales
+    # included). 16-bit: the fused-MoE kernel vLLM runs (fused_moe.csv) and torch._grouped_mm, which the
+    # reference engine runs (gemm_grouped.csv), against the bf16 ceiling; FP8 per-tensor and 128x128
+    # blocks through the fused-MoE kernel against the FP8 ceiling.
+    def experts(r: dict, elem_bytes: int, peak: float) -> tuple[float, float, float, float, float]:
+        return (float(r["tokens"]) * float(r["top_k"]) / float(r["active_experts"]),
+                float(r["active_experts"]) * float(r["n"]) * float(r["k"]) * elem_bytes, float(r["time_s"]),
+                float(r["flops"]) / peak, float(r["bytes"]) / bw)
+
+    grouped_mm = [experts(r, 2, bf16) for r in rows("gemm_grouped.csv")]
+    used["gemm_grouped.csv"] = len(grouped_mm)
+    grouped = {"gemm_grouped": [experts(r, 2, bf16) for r in rows("fused_moe.csv") if r["mode"] == "bf16"]}
+    grouped.update({f"gemm_grouped.{mode}": [experts(r, 1, fp8) for r in rows("fused_moe.csv") if r["mode"] == mode]
+                    if fp8 else [] for mode in ("fp8", "fp8_block")})
 
     decode, used["attention_decode.csv (calibration shapes)"] = _decode_samples(folder, hw, ceil, keep)
 
@@ -199,14 +201,14 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
     ops = {"gemm": _fit_table(gemm, 0.8), "attention_decode": _fit_table(decode.pop("dense", []), 0.8),
            "attention_prefill": _fit(prefill, 0.6), "elementwise": _fit(elementwise, 0.7)}
     ops.update({f"attention_decode.{family}": _fit_table(s, 0.8) for family, s in sorted(decode.items())})
-    if grouped:
-        ops["gemm_grouped"] = _fit_table(grouped, 0.8)
+    if grouped_mm:
+        ops[GROUPED_MM_CURVE] = _fit_table(grouped_mm, 0.8)
     for name, samples in quantized.items():
         used[f"gemm.csv ({name.split('.')[1]})"] = len(samples)
         if samples:
             ops[name] = _fit_table(samples, 0.8)
-    for name, samples in grouped_fp8.items():
-        used[f"fused_moe.csv ({name.split('.')[1]})"] = len(samples)
+    for name, samples in grouped.items():
+        used[f"fused_moe.csv ({name.split('.')[1] if '.' in name else 'bf16'})"] = len(samples)
         if samples:
             ops[name] = _fit_table(samples, 0.8)
     prior = load_data_yaml((Path(__file__).parent / "data" / "calibration_prior.yaml").read_text())

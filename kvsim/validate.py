@@ -101,6 +101,7 @@ def engine_points(folder: Path, gpu: str, cal: Calibration, model: str | None = 
     predicted for the model, layer count and TP degree it ran (TP rows are judged as their own kind,
     ``decode tp=N``)."""
     hw = load_hardware(measured.base_gpu(gpu))
+    cal = cal.for_reference_engine()  # its 16-bit experts run torch._grouped_mm, not vLLM's fused-MoE kernel
     points: list[Point] = []
     cache: dict[tuple[str, int, int], tuple[ModelSpec, CostModel]] = {}
 

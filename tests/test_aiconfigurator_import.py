@@ -75,12 +75,15 @@ def make_database(root: Path, system: str = "h200_sxm", version: str = "0.24.0")
     _write(data / system / "attention" / "vllm" / version / "generation_attention_perf.parquet", gen)
     _write(data / system / "attention" / "vllm" / version / "context_attention_perf.parquet", ctxt)
     moe = []
-    for tok in (1, 16, 256, 2048):
-        active = 128 * (1 - (1 - 8 / 128) ** tok)
-        moe.append({**base, "op_name": "moe", "kernel_source": "vllm_unquantizedfusedmoe_triton_tritonexperts",
-                    "moe_dtype": "bfloat16", "num_tokens": tok, "hidden_size": 4096, "inter_size": 1536, "topk": 8,
-                    "num_experts": 128, "moe_tp_size": 1, "moe_ep_size": 1, "distribution": "balanced",
-                    "latency": _ms(2.0 * tok * 8 * 3 * 4096 * 1536, active * 3 * 4096 * 1536 * 2)})
+    for dtype, kernel, wb, peak in (("bfloat16", "vllm_unquantizedfusedmoe_triton_tritonexperts", 2, PEAK),
+                                    ("fp8_block", "vllm_fp8moe_triton_tritonexperts", 1, GPU.peak_flops_per_s["fp8"])):
+        for tok in (1, 16, 256, 2048):
+            active = 128 * (1 - (1 - 8 / 128) ** tok)
+            moe.append({**base, "op_name": "moe", "kernel_source": kernel,
+                        "moe_dtype": dtype, "num_tokens": tok, "hidden_size": 4096, "inter_size": 1536, "topk": 8,
+                        "num_experts": 128, "moe_tp_size": 1, "moe_ep_size": 1, "distribution": "balanced",
+                        "latency": _ms(2.0 * tok * 8 * 3 * 4096 * 1536,
+                                       active * 3 * 4096 * 1536 * wb + tok * 8 * (2 * 4096 + 3 * 1536) * 2, peak)})
     _write(data / system / "moe" / "vllm" / version / "moe_perf.parquet", moe)
     link = GPU.nvlink_bandwidth_bytes_per_s * 0.5  # half the link's bandwidth, 4 us a ring hop
     nccl = [{"op_name": "all_reduce", "nccl_dtype": "half", "num_gpus": tp, "message_size": size,
@@ -120,8 +123,20 @@ def test_the_fit_reproduces_the_database_latencies(profile: dict, database: Path
         ce, me = (float(v[0]) for v in decode.eff_many([float(nbytes)], [float(h // kvh)]))
         t = max(b * ctx * 2.0 * h * 2 * HD / (PEAK * ce), nbytes / (BW * me)) + decode.floor_s
         assert t * 1e3 == pytest.approx(r["latency"], rel=0.03), (b, h, kvh, ctx)
+    fp8 = GPU.peak_flops_per_s["fp8"]
+    for r in pq.read_table(database / "h200_sxm" / "moe" / "vllm" / "0.24.0" / "moe_perf.parquet").to_pylist():
+        # the whole routed-expert layer: per touched expert, its rows; the touched experts' bytes per linear
+        tok, wb = r["num_tokens"], 2 if r["moe_dtype"] == "bfloat16" else 1
+        curve = cal.ops["gemm_grouped" if wb == 2 else "gemm_grouped.fp8_block"]
+        active = 128 * (1 - (1 - 8 / 128) ** tok)
+        nbytes = active * 3 * 4096 * 1536 * wb + tok * 8 * (2 * 4096 + 3 * 1536) * 2
+        ce, me = (float(v[0]) for v in curve.eff_many([tok * 8 / active], [active * 3 * 4096 * 1536 * wb / 2]))
+        t = max(2.0 * tok * 8 * 3 * 4096 * 1536 / ((PEAK if wb == 2 else fp8) * ce), nbytes / (BW * me)) + curve.floor_s
+        assert t * 1e3 == pytest.approx(r["latency"], rel=0.03), (r["moe_dtype"], tok)
     ops = profile["ops"]
     assert "gemm_grouped" in ops and "gemm.fp8" in ops and ops["attention_decode"]["size2"] == [4.0, 8.0]
+    assert "gemm_grouped.fp8" not in ops  # the database has no per-tensor FP8 MoE table: nothing invented
+    assert profile["imported"]["tables"]["gemm_grouped.fp8_block"]["kernel"] == "vllm_fp8moe_triton_tritonexperts"
     assert math.isclose(profile["ceilings"]["link_latency_s"], 4e-6, rel_tol=0.01)
 
 
@@ -144,6 +159,17 @@ def test_imported_profile_prices_a_step_like_the_database(profile: dict) -> None
     # the floor of each kernel (qkv and o projections, or q, k, v and o: at most 4 a layer)
     streamed = op.bytes / (BW * EFF_M)
     assert streamed < op.seconds <= streamed * 1.001 + FLOOR_S * 4 * model.num_layers
+
+
+def test_block_fp8_experts_price_on_the_imported_moe_table(profile: dict) -> None:
+    """A block-FP8 MoE checkpoint on an imported profile prices its routed experts on the database's
+    own block-FP8 MoE table, and the run says which curve and which profile."""
+    cal = calibration_from_dict(profile, GPU, "<test>")
+    model = load_model("deepseek-v3")
+    assert model.weight_quant is not None and model.weight_quant.block_scaled
+    cost = CostModel(model, GPU, layout_for(model, "bf16"), 8, cal)
+    assert any("gemm_grouped.fp8_block curve (fused-MoE kernel; imported (aiconfigurator-core" in n
+               for n in cost.notes), cost.notes
 
 
 def test_user_directory_profile_is_found_after_the_shipped_ones(profile: dict, tmp_path: Path,

@@ -9,12 +9,15 @@ bitsandbytes ``load_in_4bit``, DeepSeek-V3's fp8 ``weight_block_size`` and gpt-o
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from types import MappingProxyType
 
 import numpy as np
 import pytest
 
 from kvsim.cli import main
 from kvsim.cost import Batch, CostModel
+from kvsim.cost.calibration import GROUPED_MM_CURVE, find_calibration
 from kvsim.errors import KvsimError
 from kvsim.kv import layout_for
 from kvsim.memory import GIB, EngineMemoryConfig, plan_memory, rotary_cache_bytes
@@ -177,9 +180,30 @@ def test_fp8_routed_experts_run_on_the_fused_moe_curve_of_their_scales() -> None
         g = cm._gemms
         experts = g.names.index("gemm.experts")
         assert {g.curve_names[c] for c, n in zip(g.curve, g.role, strict=True) if n == experts} == {curve}
-        assert any(f"measured {curve} curve" in n for n in cm.notes)
+        assert any(f"on the {curve} curve (fused-MoE kernel; measured" in n for n in cm.notes)
     bare = CostModel(per_tensor, h, layout_for(per_tensor, "bf16"), calibration="none")
     assert any("no gemm_grouped.fp8 curve" in n for n in bare.notes)
+
+
+def test_16_bit_experts_run_vllms_fused_moe_kernel_and_the_reference_engine_its_own() -> None:
+    """vLLM runs 16-bit routed experts through its Triton fused-MoE kernel (gemm_grouped, fitted on
+    fused_moe.csv's bf16 rows); the reference engine runs torch._grouped_mm (gemm_grouped.grouped_mm,
+    gemm_grouped.csv), and is judged on that."""
+    h = load_hardware("h100-sxm")
+    cal = find_calibration(h)
+    assert {"gemm_grouped", GROUPED_MM_CURVE} <= set(cal.ops) and cal.ops["gemm_grouped"] != cal.ops[GROUPED_MM_CURVE]
+    ref = cal.for_reference_engine()
+    assert ref.ops["gemm_grouped"] is cal.ops[GROUPED_MM_CURVE] and ref.ops["gemm"] is cal.ops["gemm"]
+    model = load_model("qwen3-30b-a3b")
+    batch = Batch(decode_context=np.full(64, 1024))
+    vllm, reference = (CostModel(model, h, layout_for(model, "bf16"), 1, c).step(batch).breakdown["gemm.experts"]
+                       for c in (cal, ref))
+    assert vllm != reference
+    dense = {k: v for k, v in cal.ops.items() if k not in ("gemm_grouped", GROUPED_MM_CURVE)}
+    only_mm = replace(cal, ops=MappingProxyType({**dense, GROUPED_MM_CURVE: cal.ops[GROUPED_MM_CURVE]}))
+    fallback = CostModel(model, h, layout_for(model, "bf16"), 1, only_mm)
+    assert fallback.step(batch).breakdown["gemm.experts"] == reference  # the other measured grouped kernel
+    assert any("no gemm_grouped curve" in n and GROUPED_MM_CURVE in n for n in fallback.notes)
 
 
 def test_w4a16_decode_reads_a_quarter_and_prefill_pays_dequantization() -> None:

@@ -77,6 +77,11 @@ from kvsim.fileio import load_data_yaml, read_yaml_file
 from kvsim.spec.hardware import HardwareSpec, hardware_names, load_hardware
 
 OP_KINDS = ("gemm", "attention_decode", "attention_prefill", "elementwise", "allreduce")
+# Routed experts in 16 bits: ``gemm_grouped`` is the kernel vLLM runs (its Triton fused-MoE algorithm,
+# validation/kernels/fused_moe.py, fused_moe.csv); torch._grouped_mm, which the reference engine runs
+# (validation/engine_model.py _moe; gemm_grouped.csv), is its own curve, priced only when judging that
+# engine (Calibration.for_reference_engine).
+GROUPED_MM_CURVE = "gemm_grouped.grouped_mm"
 # Curves the cost model reads as tables over a second axis (weight bytes; query heads per KV head).
 TABLE_OPS = ("gemm", "attention_decode")
 # A profile may calibrate each decode-attention kernel separately, keyed by the method that decides it
@@ -191,6 +196,13 @@ class Calibration:
     derived: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
     database: str = ""  # imported: the database and its package version
 
+    def for_reference_engine(self) -> Calibration:
+        """This profile as the reference engine runs its kernels: 16-bit routed experts on
+        torch._grouped_mm where the profile measured it (else unchanged)."""
+        if GROUPED_MM_CURVE not in self.ops:
+            return self
+        return replace(self, ops=MappingProxyType({**self.ops, "gemm_grouped": self.ops[GROUPED_MM_CURVE]}))
+
     @property
     def label(self) -> str:
         """Where the numbers come from, in a few words (summaries, sweep rows, search rankings)."""
@@ -273,8 +285,8 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
     from kvsim.kv import METHODS  # noqa: PLC0415 - kvsim.kv imports nothing from here; avoids a cycle at load
     from kvsim.spec.quant import GEMM_PATH_CURVES, GROUPED_PATH_CURVES  # noqa: PLC0415 - with the import above
 
-    known_ops = (set(OP_KINDS) | {f"attention_decode.{f}" for f in (*METHODS, "mla")} | {"gemm_grouped"}
-                 | set(GEMM_PATH_CURVES) | set(GROUPED_PATH_CURVES))
+    known_ops = (set(OP_KINDS) | {f"attention_decode.{f}" for f in (*METHODS, "mla")}
+                 | {"gemm_grouped", GROUPED_MM_CURVE} | set(GEMM_PATH_CURVES) | set(GROUPED_PATH_CURVES))
     for key in ops:
         if key not in known_ops and re.sub(r"\.k[\d.]+v[\d.]+$", "", key) not in known_ops:
             raise KvsimError(f"unknown op curve (known: {', '.join(sorted(known_ops))})", field=f"ops.{key}",

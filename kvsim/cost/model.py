@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvsim.cost.calibration import Calibration, find_calibration
+from kvsim.cost.calibration import GROUPED_MM_CURVE, Calibration, find_calibration
 from kvsim.cost.execution import Execution
 from kvsim.cost.kernels import KernelSource, decode_kernel
 from kvsim.kv import METHODS
@@ -190,7 +190,7 @@ class CostModel:
         self.execution = execution
         self.allreduce = execution.allreduce if execution is not None else None
         self.weight_kernel = weight_kernel(model, hardware)
-        self.notes: tuple[str, ...] = ()  # how quantized weights are priced (labels priors), set by _build_gemms
+        self.notes: tuple[str, ...] = ()  # how weights and experts are priced (labels priors), set by _build_gemms
         self._gemms = self._build_gemms()
         if gathers_tokens(model, parallel):
             self.notes += (self._parallel_note(),)
@@ -272,7 +272,8 @@ class CostModel:
         moe = self.model.moe
         top_k = moe.top_k if moe else 1
         dp = self.parallel.dp if gathers_tokens(self.model, self.parallel) else 1
-        grouped = "gemm_grouped" if "gemm_grouped" in self.cal.ops else "gemm"
+        # 16-bit routed experts: the fused-MoE kernel vLLM runs, else the other measured grouped kernel
+        grouped = next((g for g in ("gemm_grouped", GROUPED_MM_CURVE) if g in self.cal.ops), "gemm")
         prior = k_.path != "bf16" and k_.curve not in self.cal.ops
         # quantized routed experts on their own fused-MoE curve where the profile measured it
         experts_curve = k_.grouped_curve if k_.grouped_curve in self.cal.ops else ""
@@ -299,12 +300,15 @@ class CostModel:
                 rows.append(("gemm.lm_head", 1, lin.bytes, 2.0 * lin.params,
                              (lin.in_features + lin.out_features) * e, 1, 1, c.flops_per_s["bf16"], True, "gemm", 0.0,
                              False, 1.0, 1, 1.0))
+        if moe and grouped != "gemm_grouped" and (k_.path == "bf16" or prior):
+            self.notes += (f"profile {self.cal.gpu} has no gemm_grouped curve (vLLM's fused-MoE kernel unmeasured): "
+                           f"16-bit routed experts priced on the {grouped} curve",)
         if k_.path != "bf16":
             wq = self.model.weight_quant
             assert wq is not None  # weight_kernel gives the bf16 path to a model without weight quantization
-            self.notes = (f"weights {wq.precision} ({wq.bits_per_weight:g} bits, {wq.modules}): {k_.note}",)
+            self.notes += (f"weights {wq.precision} ({wq.bits_per_weight:g} bits, {wq.modules}): {k_.note}",)
             if moe and k_.grouped_curve:
-                self.notes += ((f"routed experts on the measured {experts_curve} curve (fused-MoE kernel)"
+                self.notes += ((f"routed experts on the {experts_curve} curve (fused-MoE kernel; {self.cal.label})"
                                 if experts_curve else f"profile {self.cal.gpu} has no {k_.grouped_curve} curve (the "
                                 f"fused-MoE kernel unmeasured): routed experts priced on the "
                                 f"{grouped if prior else k_.curve} curve"),)

@@ -317,29 +317,35 @@ def _import(system: str, engine: str, version: str | None, gpu: str | None, root
             record("attention_decode.mla", path, kernel, mla, kv_bytes=_span([m[0] for m in mla]),
                    query_heads=_span([m[1] for m in mla]))
 
-    # MoE: the whole routed-expert layer (gate/up and down GEMMs, activation, routing) of bf16 weights,
-    # balanced routing, no expert or tensor split; size = rows per touched expert, size2 = the touched
-    # experts' bytes of one linear (the mean of gate/up and down), as the cost model looks them up
+    # MoE: the whole routed-expert layer (gate/up and down GEMMs, activation, routing), balanced
+    # routing, no expert or tensor split, per weight format: 16-bit, FP8 per tensor, FP8 128x128 blocks
+    # (each table holds the kernel vLLM's MoE oracle chose in that version, named in kernel_source:
+    # e.g. H100 0.24, FlashInfer CUTLASS for ModelOpt FP8 and Triton for block FP8); size = rows per
+    # touched expert, size2 = the touched experts' bytes of one linear (the mean of gate/up and down) as
+    # stored, as the cost model looks them up; FP8 tables against the FP8 peak
     got = table("moe", "moe_perf.parquet", version) or table("moe", "moe_perf.parquet", None)
     if got is not None:
         path, rows = got
-        sel = [r for r in rows if _col(r, "moe_dtype", path) == "bfloat16" and r["distribution"] == "balanced"
-               and int(r["moe_tp_size"]) == 1 and int(r["moe_ep_size"]) == 1]
-        kernel, sel = _pick_kernel(sel, path, avoid="nongated")
-        moe = []
-        for r in sel:
-            tok, hid, inter = int(r["num_tokens"]), int(r["hidden_size"]), int(r["inter_size"])
-            topk, experts = int(r["topk"]), int(r["num_experts"])
-            active = experts * (1.0 - (1.0 - topk / experts) ** tok)
-            expert_bytes = 3 * hid * inter * BF16_BYTES
-            nbytes = active * expert_bytes + tok * topk * (2 * hid + 3 * inter) * BF16_BYTES
-            flops = 2.0 * tok * topk * 3 * hid * inter
-            moe.append((tok * topk / active, active * expert_bytes / 2, float(r["latency"]) * MS, flops / bf16,
-                        nbytes / bw))
-        if moe:
-            ops["gemm_grouped"] = _fit_table(moe, 0.8)
-            record("gemm_grouped", path, kernel, moe, rows_per_expert=_span([m[0] for m in moe]),
-                   expert_bytes=_span([m[1] for m in moe]))
+        for dtype, key, weight_bytes, peak in (("bfloat16", "gemm_grouped", BF16_BYTES, bf16),
+                                               ("fp8", "gemm_grouped.fp8", 1, fp8),
+                                               ("fp8_block", "gemm_grouped.fp8_block", 1, fp8)):
+            sel = [r for r in rows if _col(r, "moe_dtype", path) == dtype and r["distribution"] == "balanced"
+                   and int(r["moe_tp_size"]) == 1 and int(r["moe_ep_size"]) == 1]
+            kernel, sel = _pick_kernel(sel, path, avoid="nongated")
+            moe = []
+            for r in sel:
+                tok, hid, inter = int(r["num_tokens"]), int(r["hidden_size"]), int(r["inter_size"])
+                topk, experts = int(r["topk"]), int(r["num_experts"])
+                active = experts * (1.0 - (1.0 - topk / experts) ** tok)
+                expert_bytes = 3 * hid * inter * weight_bytes
+                nbytes = active * expert_bytes + tok * topk * (2 * hid + 3 * inter) * BF16_BYTES
+                flops = 2.0 * tok * topk * 3 * hid * inter
+                moe.append((tok * topk / active, active * expert_bytes / 2, float(r["latency"]) * MS, flops / peak,
+                            nbytes / bw))
+            if moe:
+                ops[key] = _fit_table(moe, 0.8)
+                record(key, path, kernel, moe, rows_per_expert=_span([m[0] for m in moe]),
+                       expert_bytes=_span([m[1] for m in moe]))
 
     prior = load_data_yaml((Path(__file__).resolve().parents[1] / "data" / "calibration_prior.yaml").read_text())
     ops["elementwise"] = prior["ops"]["elementwise"]
