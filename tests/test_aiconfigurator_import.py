@@ -172,6 +172,17 @@ def test_block_fp8_experts_price_on_the_imported_moe_table(profile: dict) -> Non
                for n in cost.notes), cost.notes
 
 
+def test_fp8_moe_tables_are_imported_for_vllm_only() -> None:
+    """vLLM's FP8 MoE tables hold the kernel its oracle chose (H100 0.24: Triton for blocks); TRT-LLM's
+    most-rows block kernel (DeepGEMM on B200) priced DeepSeek-R1 decode 2-5x slower than its public runs."""
+    shipped = Path(__file__).resolve().parents[1] / "kvsim" / "data" / "calibration"
+    vllm = read_yaml_file(shipped / "h100-sxm.vllm.yaml", "profile")
+    assert vllm["imported"]["tables"]["gemm_grouped.fp8_block"]["kernel"] == "vllm_fp8moe_triton_tritonexperts"
+    for name in ("b200.trtllm.yaml", "h100-sxm.sglang.yaml"):
+        ops = read_yaml_file(shipped / name, "profile")["ops"]
+        assert "gemm_grouped" in ops and not {"gemm_grouped.fp8", "gemm_grouped.fp8_block"} & set(ops), name
+
+
 def test_user_directory_profile_is_found_after_the_shipped_ones(profile: dict, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     mine = dict(profile, gpu="rtx-4090")  # a GPU with no shipped imported profile

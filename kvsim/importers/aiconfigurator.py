@@ -318,17 +318,21 @@ def _import(system: str, engine: str, version: str | None, gpu: str | None, root
                    query_heads=_span([m[1] for m in mla]))
 
     # MoE: the whole routed-expert layer (gate/up and down GEMMs, activation, routing), balanced
-    # routing, no expert or tensor split, per weight format: 16-bit, FP8 per tensor, FP8 128x128 blocks
-    # (each table holds the kernel vLLM's MoE oracle chose in that version, named in kernel_source:
-    # e.g. H100 0.24, FlashInfer CUTLASS for ModelOpt FP8 and Triton for block FP8); size = rows per
-    # touched expert, size2 = the touched experts' bytes of one linear (the mean of gate/up and down) as
-    # stored, as the cost model looks them up; FP8 tables against the FP8 peak
+    # routing, no expert or tensor split; size = rows per touched expert, size2 = the touched experts'
+    # bytes of one linear (the mean of gate/up and down) as stored, as the cost model looks them up.
+    # 16-bit for every engine; for vLLM also FP8 per tensor and FP8 128x128 blocks against the FP8 peak,
+    # each table holding the kernel vLLM's MoE oracle chose in that version (kernel_source: H100 0.24,
+    # FlashInfer CUTLASS for ModelOpt FP8 and Triton for block FP8, the algorithm kvsim's own fused-MoE
+    # rows measure). Not for TensorRT-LLM or SGLang: their tables' most-rows FP8 kernel need not be the
+    # one they decode with (TRT-LLM 1.3 on B200: DeepGEMM for blocks, whose priced DeepSeek-R1 decode
+    # steps came out 2-5x slower than the public TRT-LLM runs; decided after seeing those rows).
     got = table("moe", "moe_perf.parquet", version) or table("moe", "moe_perf.parquet", None)
     if got is not None:
         path, rows = got
-        for dtype, key, weight_bytes, peak in (("bfloat16", "gemm_grouped", BF16_BYTES, bf16),
-                                               ("fp8", "gemm_grouped.fp8", 1, fp8),
-                                               ("fp8_block", "gemm_grouped.fp8_block", 1, fp8)):
+        formats = [("bfloat16", "gemm_grouped", BF16_BYTES, bf16)]
+        if engine == "vllm":
+            formats += [("fp8", "gemm_grouped.fp8", 1, fp8), ("fp8_block", "gemm_grouped.fp8_block", 1, fp8)]
+        for dtype, key, weight_bytes, peak in formats:
             sel = [r for r in rows if _col(r, "moe_dtype", path) == dtype and r["distribution"] == "balanced"
                    and int(r["moe_tp_size"]) == 1 and int(r["moe_ep_size"]) == 1]
             kernel, sel = _pick_kernel(sel, path, avoid="nongated")
