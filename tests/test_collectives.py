@@ -144,19 +144,23 @@ def test_any_capture_list_pads_a_step_to_the_next_listed_size(sizes: list[int], 
 
 
 def test_host_step_adds_without_async_scheduling_and_hides_with_it() -> None:
-    """vLLM 0.12 (no async scheduling by default) adds the engine loop's CPU time to the GPU's; 0.19
-    (async scheduling) hides it behind a longer GPU step; 0.13 is not modelled."""
-    from kvsim.cost.execution import HOST_FIXED_S, HOST_PER_SEQUENCE_S, vllm_host_step
+    """vLLM 0.12 (no async scheduling by default) adds the time between GPU steps, fitted on real
+    vLLM 0.12 runs, to the GPU's; 0.19 (async scheduling) hides the engine loop's prior CPU time
+    behind a longer GPU step; 0.13 is not modelled."""
+    from kvsim.cost.execution import HOST_FIXED_S, HOST_PER_SEQUENCE_S, sync_host_fit, vllm_host_step
     from kvsim.errors import KvsimError
 
     model, hw = load_model("qwen3-32b"), load_hardware("h100-sxm")
     batch = Batch(decode_context=np.full(64, 1000, dtype=np.int64))
     old = CostModel(model, hw, layout_for(model), 2, None, vllm_execution(hw, 2, 256, 8192, "0.12.0")).step(batch)
     new = CostModel(model, hw, layout_for(model), 2, None, vllm_execution(hw, 2, 256, 8192, "0.19")).step(batch)
-    host = HOST_FIXED_S + 64 * HOST_PER_SEQUENCE_S
-    assert old.breakdown["host.step"] == pytest.approx(host) == new.breakdown["host.step"]
+    fit = sync_host_fit()
+    assert fit is not None and fit.source.startswith("fitted on real vLLM runs")
+    assert vllm_host_step("0.12.0").source.startswith(fit.source) and "prior" in vllm_host_step("0.19").source
+    assert old.breakdown["host.step"] == pytest.approx(fit.fixed_s + 64 * fit.per_sequence_s)
+    assert new.breakdown["host.step"] == pytest.approx(HOST_FIXED_S + 64 * HOST_PER_SEQUENCE_S)
     kernels = sum(o.seconds for o in old.ops if o.name != "host.step")
-    assert old.total_s == pytest.approx(kernels + host, rel=1e-12)  # sync: after the GPU step
-    assert new.total_s == pytest.approx(max(kernels, host), rel=1e-12) == pytest.approx(kernels)  # async: hidden
+    assert old.total_s == pytest.approx(kernels + old.breakdown["host.step"], rel=1e-12)  # sync: after the GPU
+    assert new.total_s == pytest.approx(max(kernels, new.breakdown["host.step"]), rel=1e-12) == pytest.approx(kernels)
     with pytest.raises(KvsimError, match="0.13"):
         vllm_host_step("0.13.0")

@@ -12,6 +12,7 @@ from conftest import ROOT, shared_file
 from kvsim.cli import main
 from kvsim.cost.calibration import ENGINE_KINDS
 from kvsim.errors import KvsimError
+from kvsim.fileio import load_data_yaml
 from kvsim.judge_serving import COLUMNS, DEPLOYMENTS, Row, _scenario, error_table, judge, read_rows
 
 # Rows in the silicon-sample format (values made up for the test, not measurements).
@@ -252,3 +253,15 @@ def test_readme_moe_layer_figures_are_current() -> None:
     assert f"Block-FP8 experts: median {med:.1%}, worst {worst:.1%} ({n} points;" in readme
     med, worst, n = got["bfloat16"]
     assert f"on the fused-MoE rows: median {med:.1%}, worst {worst:.1%} ({n} points)" in readme
+
+
+def test_the_shipped_host_step_is_a_fresh_fit_of_the_development_set() -> None:
+    """kvsim/data/vllm_host_step.yaml is what scripts/fit_host_step.py fits from the measured file now
+    (nothing measured typed in by hand)."""
+    spec = importlib.util.spec_from_file_location("fit_host_step", ROOT / "scripts" / "fit_host_step.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shipped = load_data_yaml((ROOT / "kvsim" / "data" / "vllm_host_step.yaml").read_text())
+    assert mod.fit(shared_file("measured", "vllm_h100_qwen3-32b_closed_loop.csv")) == shipped
+    assert 0 < shipped["sync"]["fixed_s"] < 5e-3 and 0 < shipped["sync"]["per_sequence_s"] < 1e-4  # host-CPU sizes

@@ -25,15 +25,18 @@ NCCL: a cost model built without an :class:`Execution` prices it that way.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from importlib import resources
 
 from kvsim.cost.collectives import AllReducePricing, vllm_allreduce
 from kvsim.errors import KvsimError
 from kvsim.spec.hardware import HardwareSpec
 
 # PRIOR (not measured by kvsim, not fitted to any serving result): the engine loop's CPU time per
-# step, as a fixed part plus a part per scheduled sequence.
+# step, as a fixed part plus a part per scheduled sequence, for versions whose host time kvsim has not
+# fitted (async scheduling, 0.14+: it counts only where it outlasts the GPU's step).
 #  - per sequence: 12.7 us, the V1 scheduler's all-decode cost per running request at the batch cap
 #    (openfabric-systems/simllm PR #204, a cProfile of vLLM 0.27.1's engine loop; a CPU build, and the
 #    study marks its absolute figures uncertified: run-to-run drift 29.5%).
@@ -46,6 +49,9 @@ HOST_SOURCE = ("prior: engine-loop CPU time 0.21 ms + 12.7 us per sequence (no-o
                "PR #305; V1 scheduler cost per request, openfabric-systems/simllm PR #204)")
 SYNC_UNTIL = (0, 13, 0)  # async scheduling off by default before this version
 ASYNC_FROM = (0, 14, 0)  # on by default from this one
+# Versions without async scheduling: the time between GPU steps fitted on real vLLM 0.12 runs
+# (scripts/fit_host_step.py writes it, with its source; tests check it is a fresh fit).
+HOST_FIT_FILE = "kvsim/data/vllm_host_step.yaml"
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,23 @@ def vllm_host_step(vllm_version: str) -> HostStep:
                          "on from 0.14; kvsim/cost/execution.py)", field="vllm_version", value=version)
     overlapped = v >= ASYNC_FROM
     mode = "async scheduling: overlaps the GPU" if overlapped else "no async scheduling: adds to the GPU time"
-    return HostStep(HOST_FIXED_S, HOST_PER_SEQUENCE_S, overlapped, f"{HOST_SOURCE}; vLLM {version}, {mode}")
+    fit = None if overlapped else sync_host_fit()
+    if fit is None:
+        return HostStep(HOST_FIXED_S, HOST_PER_SEQUENCE_S, overlapped, f"{HOST_SOURCE}; vLLM {version}, {mode}")
+    return replace(fit, source=f"{fit.source}; vLLM {version}, {mode}")
+
+
+@functools.cache
+def sync_host_fit() -> HostStep | None:
+    """The fitted host time of vLLM without async scheduling (kvsim/data/vllm_host_step.yaml), or None
+    before one is fitted (scripts/fit_host_step.py fits it against the prior)."""
+    from kvsim.fileio import load_data_yaml
+
+    entry = resources.files("kvsim") / "data" / "vllm_host_step.yaml"
+    if not entry.is_file():
+        return None
+    data = load_data_yaml(entry.read_text())["sync"]
+    return HostStep(float(data["fixed_s"]), float(data["per_sequence_s"]), False, str(data["source"]))
 
 
 @dataclass(frozen=True)
