@@ -86,11 +86,11 @@ def vllm_host_step(vllm_version: str) -> HostStep:
 
 @functools.cache
 def sync_host_fit() -> HostStep | None:
-    """The fitted host time of vLLM without async scheduling (kvsim/data/vllm_host_step.yaml), or None
-    before one is fitted (scripts/fit_host_step.py fits it against the prior)."""
+    """The fitted host time of vLLM without async scheduling (HOST_FIT_FILE), or None before one is
+    fitted (scripts/fit_host_step.py fits it against the prior)."""
     from kvsim.fileio import load_data_yaml
 
-    entry = resources.files("kvsim") / "data" / "vllm_host_step.yaml"
+    entry = resources.files("kvsim").joinpath(*HOST_FIT_FILE.split("/")[1:])
     if not entry.is_file():
         return None
     data = load_data_yaml(entry.read_text())["sync"]
