@@ -47,7 +47,7 @@ def fit(measured: Path) -> dict:
     a = np.stack([np.ones_like(clients), clients], axis=1) / measured_s[:, None]
     (alpha, beta), *_ = np.linalg.lstsq(a, gap_s / measured_s, rcond=None)
     fixed, per_seq = (float(f"{v:.4g}") for v in (execution.HOST_FIXED_S + alpha, execution.HOST_PER_SEQUENCE_S + beta))
-    shown = f"../{measured.relative_to(ROOT.parent)}" if measured.is_relative_to(ROOT.parent) else str(measured)
+    shown = measured.name  # the file's name only: the fit must not depend on where the data folder is
     tps = sorted({j.row.tp for j in rows})
     return {"sync": {
         "fixed_s": fixed, "per_sequence_s": per_seq,
