@@ -464,17 +464,15 @@ class CostModel:
         op driven by tokens sums its weighted passes; sampling and the KV write happen once."""
         counts = [n for _, n in passes]
         if all(self._in_table(n, sampled, new_tokens) for n in counts):
-            at = [int(n) for n in counts]
+            weighted = [(w, int(n)) for w, n in passes]
             once = (0, int(sampled), int(new_tokens))
-            ops = []
-            for name, d, f, b, t, bound in self._table:
-                if d:
-                    ops.append((name, f[once[d]], b[once[d]], t[once[d]], bound[once[d]]))
-                else:
-                    ops.append((name, sum(w * f[i] for (w, _), i in zip(passes, at, strict=True)),
-                                sum(w * b[i] for (w, _), i in zip(passes, at, strict=True)),
-                                sum(w * t[i] for (w, _), i in zip(passes, at, strict=True)), bound[at[0]]))
-            return ops
+
+            def over_passes(v: list) -> float:
+                return sum(w * v[i] for w, i in weighted)
+
+            return [(name, f[once[d]], b[once[d]], t[once[d]], bound[once[d]]) if d else
+                    (name, over_passes(f), over_passes(b), over_passes(t), bound[weighted[0][1]])
+                    for name, d, f, b, t, bound in self._table]
         key = (passes, sampled, new_tokens)
         hit = self._fixed_cache.get(key)
         if hit is None:
