@@ -265,3 +265,11 @@ def test_the_shipped_host_step_is_a_fresh_fit_of_the_development_set() -> None:
     shipped = load_data_yaml((ROOT / "kvsim" / "data" / "vllm_host_step.yaml").read_text())
     assert mod.fit(shared_file("measured", "vllm_h100_qwen3-32b_closed_loop.csv")) == shipped
     assert 0 < shipped["sync"]["fixed_s"] < 5e-3 and 0 < shipped["sync"]["per_sequence_s"] < 1e-4  # host-CPU sizes
+
+
+def test_the_docs_quote_the_shipped_host_step() -> None:
+    """README and docs/scenario.md quote the fitted host step; they must say what the shipped file holds."""
+    fit = load_data_yaml((ROOT / "kvsim" / "data" / "vllm_host_step.yaml").read_text())["sync"]
+    quoted = f"{fit['fixed_s'] * 1e3:.3g} ms + {fit['per_sequence_s'] * 1e6:.3g} us per"
+    for doc in ("README.md", "docs/scenario.md"):
+        assert quoted in " ".join((ROOT / doc).read_text().split()), (doc, quoted)
