@@ -350,6 +350,13 @@ DISAGG_NOTE = ("disaggregated: TTFT is the prefill instance's first token; vLLM'
                "decode instance, whose first token also waits for the KV transfer (disaggregation.kv_transfer_s); "
                "the KV keys (num_gpu_blocks, kv_capacity_tokens, kv_peak_used_fraction) are the decode instances'")
 
+# Engine kinds other than vLLM take their kernel times from that engine's imported profile, but
+# everything around the kernels stays vLLM's (kvsim.scenario.schema.EngineSpec.kind).
+OTHER_ENGINE_NOTE = ("engine kind {kind}: kernel times from {kind}'s imported profile where the calibration has "
+                     "them; the scheduler, memory planner and time between steps are vLLM's ({kind}'s own "
+                     "admission and batching are not modelled: judged against public {kind} runs, TTFT can be "
+                     "far off, README 'Accuracy against real vLLM')")
+
 
 def _peak_used(replicas: list[Replica], blocks: int) -> float:
     return max(r.peak_used_blocks for r in replicas) / blocks
@@ -472,6 +479,8 @@ def summarize(scenario: Scenario, sim: Simulation | DisaggSimulation, read_stats
         notes.append(NO_SLO_NOTE)
     if summary["overload"] and summary["overload"]["overloaded"]:
         notes.append(overload_note(summary["overload"], read_stats.rate_scale if spec.workload.trace else None))
+    if spec.engine.kind != "vllm":
+        notes.append(OTHER_ENGINE_NOTE.format(kind=spec.engine.kind))
     missing = unshipped(spec.engine.kind, dep.layout.methods)
     if missing:
         notes.append(f"KV method {', '.join(missing)} is not a feature {spec.engine.kind} ships: the run prices it "
