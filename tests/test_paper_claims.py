@@ -40,7 +40,7 @@ KNOWN = {
     "shadowkv-throughput": (2.729, PRICED),
     "snapkv-speed": (1.781, PRICED),
     "snapkv-memory": (115_792 / 58_416, EXACT),  # longest prompt at batch 2: SnapKV vs fp16
-    "safekv-ttft": (54.21, PRICED),
+    "safekv-ttft": (52.07, PRICED),
     "matkv-ttft": (1.098, PRICED),
     "lightkv-vision-kv": (317 / 576, EXACT),  # floor(0.45 x 576) = 259 of 576 vision tokens merged away
     "distserve-goodput": (1.112, PRICED),  # (22.03 / 3) / 6.60 requests/s per GPU at 90% goodput
