@@ -1,0 +1,137 @@
+"""Probe hypotheses about the closed-loop TTFT kvsim misses on real vLLM runs, outside kvsim's model.
+
+kvsim's first tokens on the development set (../shared/data/measured/, vLLM 0.12 Qwen3-32B on H100) come
+too soon while its TPOT agrees within 5%. Each probe changes one thing for the duration of a judge run
+and reports TTFT and TPOT error per TP; none of them is part of kvsim (README, "TTFT: what the
+development set rules out"):
+
+  baseline        kvsim as it ships
+  prefill-x1.3    every engine step that holds a prefill takes 30% longer (is it the prefill's GPU time?)
+  prompt+13       every prompt 13 tokens longer (aiperf's chat template over the nominal length)
+  rtt-exp-M       a client round trip: each request reaches the engine a random time after its client
+                  sent it (exponential, mean M ms; no earlier than the request sent before it), and
+                  the client's TTFT includes the mean round trip
+  rtt-uni-M       the same, uniform on [0, 2M] ms
+
+    .venv/bin/python scripts/ttft_probes.py [--measured FILE|aiconfigurator] [--only BACKEND:MODEL]
+                                            [--probes NAME,...]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from kvsim import judge_serving
+from kvsim.serve import closed_loop, replica
+from kvsim.serve.workload import Request
+
+ROOT = Path(__file__).resolve().parents[1]
+DEV_SET = ROOT.parent / "shared" / "data" / "measured" / "vllm_h100_qwen3-32b_closed_loop.csv"
+PROBES = ("baseline", "prefill-x1.3", "prompt+13", "rtt-exp-10", "rtt-exp-15", "rtt-uni-15", "rtt-uni-20")
+SEED = 7  # the round-trip draws; any seed gives the same picture
+
+
+@contextlib.contextmanager
+def _patched(obj: object, name: str, value: object) -> Iterator[None]:
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
+
+
+def _prefill_stretch(factor: float) -> contextlib.AbstractContextManager[None]:
+    original = replica.Replica._step_s
+
+    def step_s(self: replica.Replica, decodes: list, prefills: list) -> float:
+        t = original(self, decodes, prefills)
+        return t * factor if prefills else t
+    return _patched(replica.Replica, "_step_s", step_s)
+
+
+def _longer_prompts(tokens: int) -> contextlib.AbstractContextManager[None]:
+    original = closed_loop.ClosedLoop.__init__
+
+    def init(self: closed_loop.ClosedLoop, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        self.inputs = [n + tokens for n in self.inputs]
+        self._pending = type(self._pending)(dataclasses.replace(r, input_tokens=r.input_tokens + tokens)
+                                            for r in self._pending)
+    return _patched(closed_loop.ClosedLoop, "__init__", init)
+
+
+def _round_trip(draw: Callable[[], float]) -> contextlib.AbstractContextManager[None]:
+    last = [0.0]
+
+    def release(self: closed_loop.ClosedLoop, slot_free_s: float) -> None:
+        i = self._sent
+        if i < self.concurrency:  # the first wave: every client sends at once
+            last[0] = reach_s = slot_free_s
+        else:  # the engine sees requests in sending order (the simulator takes arrivals in order)
+            last[0] = reach_s = max(slot_free_s + draw(), last[0])
+        self._pending.append(Request(i, reach_s, self.inputs[i], self.outputs[i]))
+        self._sent += 1
+    return _patched(closed_loop.ClosedLoop, "_release", release)
+
+
+def _probe(name: str) -> tuple[contextlib.AbstractContextManager[None], float]:
+    """The patch a probe applies and the TTFT (ms) its client adds to every request."""
+    if name == "baseline":
+        return contextlib.nullcontext(), 0.0
+    if name == "prefill-x1.3":
+        return _prefill_stretch(1.3), 0.0
+    if name == "prompt+13":
+        return _longer_prompts(13), 0.0
+    m = re.fullmatch(r"rtt-(exp|uni)-(\d+(?:\.\d+)?)", name)
+    if m is None:
+        raise SystemExit(f"--probes: unknown probe {name!r} (known: {', '.join(PROBES)})")
+    mean_s = float(m.group(2)) / 1e3
+    rng = np.random.default_rng(SEED)
+    draw = (lambda: float(rng.exponential(mean_s))) if m.group(1) == "exp" else (
+        lambda: float(rng.uniform(0, 2 * mean_s)))
+    return _round_trip(draw), mean_s * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--measured", default=str(DEV_SET), help="a silicon-sample CSV, or 'aiconfigurator'")
+    ap.add_argument("--only", default=None, help="BACKEND:MODEL, e.g. trtllm:Qwen/Qwen3-32B")
+    ap.add_argument("--probes", default=",".join(PROBES))
+    args = ap.parse_args()
+    path = judge_serving.find_silicon_sample() if args.measured == "aiconfigurator" else Path(args.measured)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.only is not None:  # judge a filtered copy: the judge reads whole files
+            backend, model = args.only.split(":", 1)
+            lines = path.read_text().splitlines(keepends=True)
+            path = Path(tmp) / "rows.csv"
+            path.write_text("".join([lines[0]] + [x for x in lines[1:] if f",{backend}," in x and f",{model}," in x]))
+        _report(path, args.probes.split(","))
+
+
+def _report(path: Path, probes: list[str]) -> None:
+    print(f"{'probe':14} {'tp':>3} {'rows':>5} {'TTFT median':>12} {'p90':>7} {'signed':>8} "
+          f"{'TPOT median':>12} {'worst':>7}")
+    for name in probes:
+        patch, client_ms = _probe(name)
+        with patch:
+            judged, _ = judge_serving.judge(path)
+        judged = [dataclasses.replace(j, ttft_ms=j.ttft_ms + client_ms) for j in judged]
+        for tp in sorted({j.row.tp for j in judged}):
+            js = [j for j in judged if j.row.tp == tp]
+            ttft = np.array([j.ttft_error for j in js])
+            tpot = np.abs([j.tpot_error for j in js])
+            print(f"{name:14} {tp:3} {len(js):5} {100 * np.median(np.abs(ttft)):11.1f}% "
+                  f"{100 * np.percentile(np.abs(ttft), 90):6.1f}% {100 * np.median(ttft):+7.1f}% "
+                  f"{100 * np.median(tpot):11.1f}% {100 * tpot.max():6.1f}%")
+
+
+if __name__ == "__main__":
+    main()
