@@ -8,9 +8,9 @@ development set rules out"):
   baseline        kvsim as it ships
   prefill-x1.3    every engine step that holds a prefill takes 30% longer (is it the prefill's GPU time?)
   prompt+13       every prompt 13 tokens longer (aiperf's chat template over the nominal length)
-  rtt-exp-M       a client round trip: each request reaches the engine a random time after its client
-                  sent it (exponential, mean M ms; no earlier than the request sent before it), and
-                  the client's TTFT includes the mean round trip
+  rtt-exp-M       a client round trip (kvsim's workload.closed_loop.round_trip_ms, off by default): each
+                  request reaches the engine a random time after its client sent it (exponential, mean
+                  M ms, in sending order), and its TTFT counts from sending
   rtt-uni-M       the same, uniform on [0, 2M] ms
 
     .venv/bin/python scripts/ttft_probes.py [--measured FILE|aiconfigurator] [--only BACKEND:MODEL]
@@ -23,19 +23,17 @@ import contextlib
 import dataclasses
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from kvsim import judge_serving
 from kvsim.serve import closed_loop, replica
-from kvsim.serve.workload import Request
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV_SET = ROOT.parent / "shared" / "data" / "measured" / "vllm_h100_qwen3-32b_closed_loop.csv"
 PROBES = ("baseline", "prefill-x1.3", "prompt+13", "rtt-exp-10", "rtt-exp-15", "rtt-uni-15", "rtt-uni-20")
-SEED = 7  # the round-trip draws; any seed gives the same picture
 
 
 @contextlib.contextmanager
@@ -68,36 +66,20 @@ def _longer_prompts(tokens: int) -> contextlib.AbstractContextManager[None]:
     return _patched(closed_loop.ClosedLoop, "__init__", init)
 
 
-def _round_trip(draw: Callable[[], float]) -> contextlib.AbstractContextManager[None]:
-    last = [0.0]
-
-    def release(self: closed_loop.ClosedLoop, slot_free_s: float) -> None:
-        i = self._sent
-        if i < self.concurrency:  # the first wave: every client sends at once
-            last[0] = reach_s = slot_free_s
-        else:  # the engine sees requests in sending order (the simulator takes arrivals in order)
-            last[0] = reach_s = max(slot_free_s + draw(), last[0])
-        self._pending.append(Request(i, reach_s, self.inputs[i], self.outputs[i]))
-        self._sent += 1
-    return _patched(closed_loop.ClosedLoop, "_release", release)
-
-
-def _probe(name: str) -> tuple[contextlib.AbstractContextManager[None], float]:
-    """The patch a probe applies and the TTFT (ms) its client adds to every request."""
+def _probe(name: str) -> tuple[contextlib.AbstractContextManager[None], list[str]]:
+    """The patch a probe applies and the scenario settings it adds to every row."""
     if name == "baseline":
-        return contextlib.nullcontext(), 0.0
+        return contextlib.nullcontext(), []
     if name == "prefill-x1.3":
-        return _prefill_stretch(1.3), 0.0
+        return _prefill_stretch(1.3), []
     if name == "prompt+13":
-        return _longer_prompts(13), 0.0
+        return _longer_prompts(13), []
     m = re.fullmatch(r"rtt-(exp|uni)-(\d+(?:\.\d+)?)", name)
     if m is None:
         raise SystemExit(f"--probes: unknown probe {name!r} (known: {', '.join(PROBES)})")
-    mean_s = float(m.group(2)) / 1e3
-    rng = np.random.default_rng(SEED)
-    draw = (lambda: float(rng.exponential(mean_s))) if m.group(1) == "exp" else (
-        lambda: float(rng.uniform(0, 2 * mean_s)))
-    return _round_trip(draw), mean_s * 1e3
+    return contextlib.nullcontext(), [f"workload.closed_loop.round_trip_ms={m.group(2)}",
+                                      "workload.closed_loop.round_trip_distribution="
+                                      + {"exp": "exponential", "uni": "uniform"}[m.group(1)]]
 
 
 def main() -> None:
@@ -120,10 +102,9 @@ def _report(path: Path, probes: list[str]) -> None:
     print(f"{'probe':14} {'tp':>3} {'rows':>5} {'TTFT median':>12} {'p90':>7} {'signed':>8} "
           f"{'TPOT median':>12} {'worst':>7}")
     for name in probes:
-        patch, client_ms = _probe(name)
+        patch, sets = _probe(name)
         with patch:
-            judged, _ = judge_serving.judge(path)
-        judged = [dataclasses.replace(j, ttft_ms=j.ttft_ms + client_ms) for j in judged]
+            judged, _ = judge_serving.judge(path, sets=sets)
         for tp in sorted({j.row.tp for j in judged}):
             js = [j for j in judged if j.row.tp == tp]
             ttft = np.array([j.ttft_error for j in js])

@@ -85,8 +85,37 @@ def test_a_request_rate_schedules_the_sends_and_the_clients_cap_them() -> None:
     assert [r.arrival_s for r in capped] == [5.0]
 
 
+def test_a_client_round_trip_adds_to_ttft_and_delays_what_the_engine_sees() -> None:
+    """One client, a fixed 20 ms round trip: the engine does exactly what it did without one, 20 ms
+    later per request, so each TTFT and latency grow by 20 ms and TPOT not at all; the next request
+    is still sent when the previous one finishes."""
+    plain = columns(scenario(workload__closed_loop__concurrency=1, workload__closed_loop__num_requests=5))
+    rt = columns(scenario(workload__closed_loop__concurrency=1, workload__closed_loop__num_requests=5,
+                          workload__closed_loop__round_trip_ms=20.0))
+    ttft0, ttft = plain["first_token_s"] - plain["arrival_s"], rt["first_token_s"] - rt["arrival_s"]
+    np.testing.assert_allclose(ttft, ttft0 + 0.020, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(rt["finish_s"] - rt["first_token_s"], plain["finish_s"] - plain["first_token_s"],
+                               rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(rt["arrival_s"][1:], rt["finish_s"][:-1])
+    assert (rt["scheduled_s"] >= rt["arrival_s"] + 0.020 - 1e-12).all()
+
+
+@pytest.mark.parametrize("kind", ["exponential", "uniform"])
+def test_random_round_trips_keep_sending_order_and_their_mean(kind: str) -> None:
+    loop = ClosedLoop(5000, 5000, LengthDist.fixed(100), LengthDist.fixed(10), seed=4, round_trip_s=0.015,
+                      round_trip=kind)
+    assert np.mean(loop.round_trips_s) == pytest.approx(0.015, rel=0.05)
+    reqs = list(loop)  # all 5000 sent at once: the front end passes them on in sending order
+    reach = np.array([r.arrival_s for r in reqs])
+    assert (np.diff(reach) >= 0).all() and all(r.front_end_s == r.arrival_s for r in reqs)
+    assert reach[0] == loop.round_trips_s[0] and (reach >= np.array(loop.round_trips_s)).all()
+    plain = ClosedLoop(5000, 5000, LengthDist.fixed(100), LengthDist.fixed(10), seed=4)
+    assert plain.inputs == loop.inputs and plain.outputs == loop.outputs  # drawn after the lengths
+
+
 @pytest.mark.parametrize(("key", "value"), [("concurrency", 0), ("num_requests", 0), ("random_range_ratio", 1.0),
-                                            ("request_rate", 0), ("burstiness", -1)])
+                                            ("request_rate", 0), ("burstiness", -1), ("round_trip_ms", -1),
+                                            ("round_trip_ms", float("nan")), ("round_trip_distribution", "gamma")])
 def test_bad_closed_loops_are_refused(key: str, value: object) -> None:
     with pytest.raises(KvsimError, match=f"workload.closed_loop.{key}"):
         scenario(**{f"workload__closed_loop__{key}": value})
@@ -101,13 +130,17 @@ def test_a_closed_loop_has_no_arrival_times_to_rescale() -> None:
 @given(seed=st.integers(0, 1000), concurrency=st.integers(1, 24), requests=st.integers(1, 60),
        ratio=st.sampled_from([0.0, 0.3, 0.9]), seqs=st.integers(1, 16), blocks=st.integers(200, 2000),
        chunked=st.booleans(), rate=st.sampled_from([None, 0.5, 5.0, 200.0]),
-       burstiness=st.sampled_from([0.3, 1.0, 4.0]))
+       burstiness=st.sampled_from([0.3, 1.0, 4.0]),
+       round_trip=st.sampled_from([(0.0, "fixed"), (10.0, "fixed"), (5.0, "exponential"), (20.0, "uniform")]))
 def test_closed_loops_lose_nothing_and_fast_forward_changes_nothing(seed, concurrency, requests, ratio, seqs,
-                                                                    blocks, chunked, rate, burstiness) -> None:
+                                                                    blocks, chunked, rate, burstiness,
+                                                                    round_trip) -> None:
     sc = scenario(seed=seed, workload__closed_loop__concurrency=concurrency,
                   workload__closed_loop__num_requests=requests, workload__closed_loop__random_range_ratio=ratio,
                   workload__closed_loop__input={"kind": "lognormal", "p50": 600, "p90": 2500, "max_tokens": 6000},
                   workload__closed_loop__request_rate=rate, workload__closed_loop__burstiness=burstiness,
+                  workload__closed_loop__round_trip_ms=round_trip[0],
+                  workload__closed_loop__round_trip_distribution=round_trip[1],
                   engine__max_num_seqs=seqs, engine__num_gpu_blocks_override=blocks,
                   engine__enable_chunked_prefill=chunked)
     fast = run_scenario(sc, check=True)

@@ -162,7 +162,7 @@ def _synthetic(scenario: Scenario, max_model_len: int) -> Iterator[Request]:
 def _with_images(stream: Iterator[Request], image_tokens: int) -> Iterator[Request]:
     for r in stream:
         yield Request(r.request_id, r.arrival_s, r.input_tokens, r.output_tokens, r.prefix_hashes,
-                      r.prefix_block_tokens, r.user_id, r.image_tokens + image_tokens, r.session_id)
+                      r.prefix_block_tokens, r.user_id, r.image_tokens + image_tokens, r.session_id, r.front_end_s)
 
 
 def trace_rate_per_s(scenario: Scenario, trace: Path) -> float:
@@ -197,7 +197,8 @@ def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
             schedule = (None if c.request_rate is None
                         else ArrivalProcess.gamma(c.request_rate, 1.0 / math.sqrt(c.burstiness)))
             stream = ClosedLoop(c.concurrency, c.num_requests, _length(c.input, scenario), _length(c.output, scenario),
-                                random_range_ratio=c.random_range_ratio, seed=scenario.spec.seed, schedule=schedule)
+                                random_range_ratio=c.random_range_ratio, seed=scenario.spec.seed, schedule=schedule,
+                                round_trip_s=c.round_trip_ms / 1e3, round_trip=c.round_trip_distribution)
         elif w.trace is not None:
             trace = resolve_path(w.trace, scenario)
             if not trace.exists():

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationInfo, field_validator
 
 from kvsim.memory import VLLM_DEFAULTS
+from kvsim.serve.closed_loop import ROUND_TRIPS
 from kvsim.serve.policy import DEFAULT_POLICY, POLICIES
 from kvsim.serve.router import ROUTERS
 
@@ -87,6 +88,10 @@ class ClosedLoopSpec(_Strict):
     random_range_ratio: float = Field(default=0.0, ge=0, lt=1)
     request_rate: float | None = Field(default=None, gt=0)  # requests/s; None: all at once (inf)
     burstiness: float = Field(default=1.0, gt=0)  # Gamma shape of the gaps: 1 Poisson, < 1 burstier
+    # the client round trip (kvsim.serve.closed_loop): mean time from sending to the engine receiving,
+    # with the previous response's way back; 0: none (the engine receives what a client sends at once)
+    round_trip_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    round_trip_distribution: Literal[ROUND_TRIPS] = "fixed"  # type: ignore[valid-type]
 
 
 class WorkloadSpec(_Strict):

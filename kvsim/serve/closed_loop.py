@@ -4,8 +4,8 @@ next request when its previous one has finished (or was rejected).
 This is ``vllm bench serve --max-concurrency N --request-rate inf`` (vLLM's
 ``benchmarks/serve.py``: every request is sent at once through an ``asyncio.Semaphore(N)``, so N are
 in flight at t=0 and each completion releases the next) and the closed-loop tables that public
-TTFT/TPOT figures come from. A request's ``arrival_s`` is the time its client sends it, so TTFT is
-measured from sending, as the client measures it.
+TTFT/TPOT figures come from. Without a client round trip (below), a request's ``arrival_s`` is the
+time its client sends it, so TTFT is measured from sending, as the client measures it.
 
 With a finite ``--request-rate R`` (and ``--burstiness b``) the benchmark schedules request i at the
 sum of i gaps of a Gamma process of mean 1/R and shape b (``get_request``: the first at once, then
@@ -18,10 +18,18 @@ Lengths follow vLLM's ``random`` dataset: with ``random_range_ratio`` r, each re
 output lengths are drawn uniformly from ``[floor(L * (1 - r)), ceil(L * (1 + r))]`` (at least 1),
 where L is the length distribution's draw (``fixed`` for the benchmark's ``--random-input-len``).
 
+A client round trip (``round_trip_s``, default none) puts time between a client sending a request and
+the engine receiving it: the HTTP front end, tokenization and the way back of the previous response,
+all of which a benchmark client's TTFT includes. Each request draws its own (``fixed``, ``exponential``
+or ``uniform`` on [0, 2 x mean]) and the front end passes requests on in the order they were sent (a
+request never reaches the engine before one sent earlier). Its ``arrival_s`` is when the engine
+receives it and ``front_end_s`` how long after sending, so the recorded TTFT counts from sending. When
+the round trip exceeds a decode step, requests that finish a step apart reach the engine together.
+
 The simulator asks :meth:`ClosedLoop.next_arrival_s` for the horizon of a fast-forwarded run and
 calls :meth:`ClosedLoop.request_done` when a request completes or is rejected; requests released by
-a completion at time t arrive at t, after the step that starts at t was planned (the client receives
-the last token after that step's output is processed).
+a completion at time t arrive at t (plus their round trip), after the step that starts at t was planned
+(the client receives the last token after that step's output is processed).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from kvsim.serve.synthetic import ArrivalProcess, LengthDist
 from kvsim.serve.workload import Request
 
 INF = float("inf")
+ROUND_TRIPS = ("fixed", "exponential", "uniform")  # how each request's client round trip is drawn
 
 
 def _ranged(base: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
@@ -53,13 +62,19 @@ class ClosedLoop:
     (more are released by :meth:`request_done`)."""
 
     def __init__(self, concurrency: int, num_requests: int, input_len: LengthDist, output_len: LengthDist, *,
-                 random_range_ratio: float = 0.0, seed: int = 0, schedule: ArrivalProcess | None = None) -> None:
+                 random_range_ratio: float = 0.0, seed: int = 0, schedule: ArrivalProcess | None = None,
+                 round_trip_s: float = 0.0, round_trip: str = "fixed") -> None:
         if concurrency < 1:
             raise KvsimError("must be at least 1", field="concurrency", value=concurrency)
         if num_requests < 1:
             raise KvsimError("must be at least 1", field="num_requests", value=num_requests)
         if not 0 <= random_range_ratio < 1:
             raise KvsimError("must be in [0, 1)", field="random_range_ratio", value=random_range_ratio)
+        if not round_trip_s >= 0:  # NaN included
+            raise KvsimError("must be at least 0", field="round_trip_ms", value=round_trip_s * 1e3)
+        if round_trip not in ROUND_TRIPS:
+            raise KvsimError(f"must be one of {', '.join(ROUND_TRIPS)}", field="round_trip_distribution",
+                             value=round_trip)
         rng = np.random.default_rng(seed)
         self.inputs = _ranged(input_len.sample(rng, num_requests), random_range_ratio, rng).tolist()
         self.outputs = _ranged(output_len.sample(rng, num_requests), random_range_ratio, rng).tolist()
@@ -68,6 +83,14 @@ class ClosedLoop:
         self.scheduled_s: list[float] | None = None
         if schedule is not None:
             self.scheduled_s = np.concatenate([[0.0], np.cumsum(schedule.gaps(rng, num_requests - 1))]).tolist()
+        # each request's client round trip, drawn last so that it changes neither lengths nor schedule
+        if round_trip == "fixed" or round_trip_s == 0:
+            self.round_trips_s = [round_trip_s] * num_requests
+        elif round_trip == "exponential":
+            self.round_trips_s = rng.exponential(round_trip_s, num_requests).tolist()
+        else:
+            self.round_trips_s = rng.uniform(0.0, 2 * round_trip_s, num_requests).tolist()
+        self._last_reach_s = 0.0  # the front end keeps sending order
         self.concurrency = concurrency
         self.num_requests = num_requests
         self._sent = 0
@@ -80,7 +103,8 @@ class ClosedLoop:
         scheduled time, whichever is later."""
         i = self._sent
         sent_s = slot_free_s if self.scheduled_s is None else max(slot_free_s, self.scheduled_s[i])
-        self._pending.append(Request(i, sent_s, self.inputs[i], self.outputs[i]))
+        reach_s = self._last_reach_s = max(sent_s + self.round_trips_s[i], self._last_reach_s)
+        self._pending.append(Request(i, reach_s, self.inputs[i], self.outputs[i], front_end_s=reach_s - sent_s))
         self._sent += 1
 
     def __iter__(self) -> Iterator[Request]:
@@ -92,7 +116,7 @@ class ClosedLoop:
         return self._pending.popleft()
 
     def next_arrival_s(self) -> float:
-        """Sending time of the next released request not yet taken (infinity: none)."""
+        """When the engine receives the next released request not yet taken (infinity: none)."""
         return self._pending[0].arrival_s if self._pending else INF
 
     def request_done(self, time_s: float) -> None:

@@ -66,6 +66,9 @@ class Request:
     user_id: str | None = None
     image_tokens: int = 0
     session_id: int | None = None
+    # A closed loop's client round trip (kvsim.serve.closed_loop): the request reached the engine at
+    # ``arrival_s``, this long after its client sent it; TTFT and latency count from sending.
+    front_end_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -185,7 +188,7 @@ def _with(r: Request, *, request_id: int | None = None, arrival_s: float | None 
     return Request(r.request_id if request_id is None else request_id,
                    r.arrival_s if arrival_s is None else arrival_s,
                    r.input_tokens, r.output_tokens, r.prefix_hashes, r.prefix_block_tokens,
-                   r.user_id, r.image_tokens, r.session_id)
+                   r.user_id, r.image_tokens, r.session_id, r.front_end_s)
 
 
 def scale_rate(stream: Iterable[Request], factor: float) -> Iterator[Request]:
