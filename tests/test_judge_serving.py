@@ -96,6 +96,18 @@ def test_the_vllm_development_set_is_judged_whole() -> None:
             assert shown == pytest.approx(got, abs=0.051), (g["tp"], metric, shown, got)
 
 
+def test_the_readme_round_trip_figures_are_what_the_judge_gives() -> None:
+    """README's TTFT paragraph quotes the development set judged with a uniform 20 ms client round trip
+    (an option, off by default): the figures fail here if a change moves them."""
+    sets = ["workload.closed_loop.round_trip_ms=20", "workload.closed_loop.round_trip_distribution=uniform"]
+    judged, skipped = judge(shared_file("measured", "vllm_h100_qwen3-32b_closed_loop.csv"), sets=sets)
+    assert len(judged) == 90 and not skipped
+    got = {g["tp"]: 100 * g["ttft_median_abs_err"] for g in error_table(judged) if g["gpu"] != "all"}
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    shown = readme.split("(best: ", 1)[1].split("% at a uniform 20 ms", 1)[0]
+    assert [float(v) for v in shown.split("/")] == pytest.approx([got[2], got[4], got[8]], abs=0.051)
+
+
 def _moe(**kw: object) -> dict:
     """A vLLM qwen3-30b-a3b row on H100 (values made up), with the given parallelism columns."""
     return dict(backend="vllm", backend_version="0.12.0", model_path="Qwen/Qwen3-30B-A3B", system="h100_sxm",
