@@ -1,9 +1,9 @@
-"""Probe hypotheses about the closed-loop TTFT kvsim misses on real vLLM runs, outside kvsim's model.
+"""Probe hypotheses about the closed-loop TTFT kvsim misses on real vLLM runs.
 
 kvsim's first tokens on the development set (../shared/data/measured/, vLLM 0.12 Qwen3-32B on H100) come
 too soon while its TPOT agrees within 5%. Each probe changes one thing for the duration of a judge run
-and reports TTFT and TPOT error per TP; none of them is part of kvsim (README, "TTFT: what the
-development set rules out"):
+and reports TTFT and TPOT error per TP; the first three patch kvsim for the run, the round trips are
+kvsim's own option, which is off by default (README, "TTFT: what the development set rules out"):
 
   baseline        kvsim as it ships
   prefill-x1.3    every engine step that holds a prefill takes 30% longer (is it the prefill's GPU time?)
