@@ -7,7 +7,8 @@ kvsim's own option, which is off by default (README, "TTFT: what the development
 
   baseline        kvsim as it ships
   prefill-x1.3    every engine step that holds a prefill takes 30% longer (is it the prefill's GPU time?)
-  prompt+13       every prompt 13 tokens longer (aiperf's chat template over the nominal length)
+  prompt+13       every prompt 13 tokens longer (aiperf's chat-templated prompts run about 13 tokens over
+                  the nominal length: tenstorrent/tt-inference-server issue 4179, 4096 -> 4109)
   rtt-exp-M       a client round trip (kvsim's workload.closed_loop.round_trip_ms, off by default): each
                   request reaches the engine a random time after its client sent it (exponential, mean
                   M ms, in sending order), and its TTFT counts from sending
@@ -27,12 +28,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from fit_host_step import DEV_SET  # the development set's one path (this script's folder is on sys.path)
 
 from kvsim import judge_serving
 from kvsim.serve import closed_loop, replica
 
-ROOT = Path(__file__).resolve().parents[1]
-DEV_SET = ROOT.parent / "shared" / "data" / "measured" / "vllm_h100_qwen3-32b_closed_loop.csv"
 PROBES = ("baseline", "prefill-x1.3", "prompt+13", "rtt-exp-10", "rtt-exp-15", "rtt-uni-15", "rtt-uni-20")
 
 
