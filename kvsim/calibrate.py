@@ -163,9 +163,16 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
         "gemm.fp8": [(float(r["m"]), float(r["n"]) * float(r["k"]), float(r["time_s"]), float(r["flops"]) / fp8,
                       float(r["bytes"]) / bw)
                      for r in rows("gemm.csv") if r["dtype"] == "fp8" and fp8],
+        # W4A16 from the Triton kernel that dequantizes 4-bit weights in registers before a bf16 tensor-core
+        # MMA (dtype w4a16_dq), the design of the kernels vLLM runs for 4-bit weights on Hopper (Marlin and
+        # Machete for GPTQ/AWQ, triton_kernels' matmul_ogs for gpt-oss's MXFP4). Rows of dtype w4a16 time
+        # torch's tinygemm (torch._weight_int4pack_mm), which vLLM never runs: it levels off at 29.5 TFLOP/s
+        # on an H200 (validation/results/h200-sxm/gemm.csv), 20x slower than bf16 at prefill sizes, so
+        # pricing vLLM with it made gpt-oss-120b's 1k-token prefill 259 ms on an H200 (30 ms on an H100,
+        # whose profile had no such rows). They stay in the file as measurements and are not fitted.
         "gemm.w4a16": [(float(r["m"]), float(r["n"]) * float(r["k"]) * W4A16_BYTES_PER_WEIGHT, float(r["time_s"]),
                         float(r["flops"]) / bf16, float(r["bytes"]) / bw)
-                       for r in rows("gemm.csv") if r["dtype"] == "w4a16"],
+                       for r in rows("gemm.csv") if r["dtype"] == "w4a16_dq"],
     }
 
     # routed experts: rows per touched expert x the touched experts' weight bytes as stored (scales

@@ -34,6 +34,14 @@ UNQUANTIZED = ("", "bf16", "fp16")
 # none for a dense model). The rows do not say how the KV cache was stored: that is the
 # deployment's (Deployment.fp8_checkpoint_kv), and the table groups these rows apart.
 FP8_WEIGHTS = ("fp8+fp8+fp8", "fp8+fp8")
+# A 4-bit floating-point label (precision fp4, gemm and MoE modes nvfp4). On a model whose only
+# release is an MXFP4 checkpoint (gpt-oss: openai/gpt-oss-*'s config.json quantization_config
+# quant_method mxfp4) the row ran that checkpoint: aiconfigurator's own model of gpt-oss is its
+# "native data format" w4a16_mxfp4 (aic-core sdk/common.py, MoEQuantMode; sdk/models/helpers.py maps
+# quant_algo mxfp4 to it), and vLLM on Hopper has no NVFP4 kernel to run. Such rows run with the
+# checkpoint's own weights; on any other model the label names an NVFP4 quantization the rows do not
+# identify, and they are counted as not expressible.
+FP4_LABEL = "fp4+nvfp4+nvfp4"
 
 
 @dataclass(frozen=True)
@@ -228,7 +236,22 @@ def _catalogue_models() -> dict[str, str]:
         # shapes); only the weights' values (and, for -FP8, their precision: the row's) differ
         out.setdefault(f"{repo}-instruct", name)
         out.setdefault(f"{repo}-fp8", name)
+        # NVIDIA's ModelOpt FP8 releases of a model (e.g. nvidia/Llama-3.1-8B-Instruct-FP8: the same
+        # config.json shapes plus a quantization_config)
+        base = repo.split("/", 1)[-1]
+        out.setdefault(f"nvidia/{base}-fp8", name)
+        out.setdefault(f"nvidia/{base}-instruct-fp8", name)
     return out
+
+
+def _native_mxfp4(row: Row, models: dict[str, str]) -> bool:
+    """Whether ``row`` is an FP4-labelled run of a model whose checkpoint is MXFP4 (FP4_LABEL)."""
+    from kvsim.spec.model import load_model
+
+    if row.precision != FP4_LABEL or row.model.lower() not in models:
+        return False
+    wq = load_model(models[row.model.lower()]).weight_quant
+    return wq is not None and wq.precision == "mxfp4"
 
 
 def find_silicon_sample() -> Path:
@@ -263,8 +286,9 @@ def _why_not(row: Row, models: dict[str, str], gpus: set[str]) -> str | None:
         return f"attention-DP or expert-parallel layout on {row.backend} ({row.layout}): kvsim models vLLM's"
     if row.backend not in ENGINE_KINDS:
         return f"engine {row.backend} (kvsim imports kernels of {', '.join(ENGINE_KINDS)})"
-    if row.precision not in UNQUANTIZED + FP8_WEIGHTS:
-        return f"quantized weights or KV ({row.precision}): only bf16 and per-tensor FP8 weights are modelled"
+    if row.precision not in UNQUANTIZED + FP8_WEIGHTS and not _native_mxfp4(row, models):
+        return (f"quantized weights or KV ({row.precision}): only bf16, per-tensor FP8 and native MXFP4 "
+                "(gpt-oss) checkpoints are modelled")
     if row.model.lower() not in models:
         return f"model {row.model} not in the catalogue"
     if _gpu(row.system) not in gpus:
@@ -327,7 +351,8 @@ def _scenario(row: Row, model: str, hardware: str, calibration: str | None,  # n
                       **({"expert_parallel": True} if row.moe_ep > 1 else {}),
                       # a vLLM row's version keys the memory rule and the engine step's host time
                       **({"vllm_version": row.version} if row.backend == "vllm" else {})},
-           "weights": "fp8" if row.precision in FP8_WEIGHTS else "bf16",
+           # FP4_LABEL rows reach here only on a native MXFP4 checkpoint (_why_not): its own weights
+           **({} if row.precision == FP4_LABEL else {"weights": "fp8" if row.precision in FP8_WEIGHTS else "bf16"}),
            **({"method": deployment.fp8_checkpoint_kv} if row.precision in FP8_WEIGHTS else {}),
            "workload": {"closed_loop": {"concurrency": row.concurrency,
                                         "num_requests": deployment.requests_per_client * row.concurrency,

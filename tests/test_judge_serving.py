@@ -62,6 +62,26 @@ def test_every_row_is_judged_or_counted_with_its_reason(tmp_path: Path) -> None:
     assert table[-1]["gpu"] == "all" and table[-1]["rows"] == 3
 
 
+def test_fp4_labelled_rows_run_only_a_native_mxfp4_checkpoint_and_nvidia_fp8_releases_are_known(
+        tmp_path: Path) -> None:
+    """gpt-oss's only release is MXFP4: an FP4-labelled row of it runs that checkpoint (not bf16, not
+    NVFP4); the same label on another model names a quantization the row does not identify. NVIDIA's
+    -FP8 release of a catalogue model has the base model's shapes."""
+    fp4 = dict(backend="vllm", backend_version="0.18.0", system="h100_sxm", precision="fp4", gemm_quant_mode="nvfp4",
+               moe_quant_mode="nvfp4", isl=256, osl=16, batch_size=2, tp_size=2, silicon_ttft_ms=40.0,
+               silicon_tpot_ms=7.0)
+    rows = [fp4 | dict(model_path="openai/gpt-oss-120b"), fp4 | dict(model_path="meta-llama/Llama-3.1-8B"),
+            dict(ROWS[1], model_path="nvidia/Llama-3.1-8B-Instruct-FP8", gemm_quant_mode="fp8", moe_quant_mode="fp8")]
+    judged, skipped = judge(write(tmp_path / "m.csv", rows))
+    assert [(j.catalogue_model, j.row.precision) for j in judged] == [
+        ("gpt-oss-120b", "fp4+nvfp4+nvfp4"), ("llama-3.1-8b", "fp8+fp8+fp8")]
+    assert list(skipped) == ["quantized weights or KV (fp4+nvfp4+nvfp4): only bf16, per-tensor FP8 and native "
+                             "MXFP4 (gpt-oss) checkpoints are modelled"]
+    gpt_oss = _scenario(read_rows(tmp_path / "m.csv")[0], "gpt-oss-120b", "h100-sxm", None,
+                        DEPLOYMENTS["aiconfigurator"])
+    assert gpt_oss.spec.weights is None  # the checkpoint's own (MXFP4 experts)
+
+
 @pytest.mark.parametrize("text", ["", "backend,isl\nvllm,1\n", ",".join(COLUMNS) + "\n",
                                   ",".join(COLUMNS) + "\n" + ",".join(["x"] * len(COLUMNS)) + "\n"])
 def test_malformed_files_are_one_clear_error(tmp_path: Path, text: str) -> None:
