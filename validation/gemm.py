@@ -1,5 +1,7 @@
 """GEMM times over LLM layer shapes (bf16, fp8 via torch._scaled_mm, and W4A16: 4-bit weights in groups
-of 128 dequantized inside torch's tinygemm kernel, torch._weight_int4pack_mm); with --part grouped and
+of 128 dequantized inside torch's tinygemm kernel, torch._weight_int4pack_mm); with --part w4a16, 4-bit
+weights dequantized in registers before a bf16 MMA (kernels/w4a16.py, the design of the kernels vLLM runs
+for 4-bit weights; gemm.csv dtype w4a16_dq, the rows kvsim calibrate fits); with --part grouped and
 --part fused_moe, routed experts (torch._grouped_mm; the vLLM-style Triton fused-MoE kernel in bf16, FP8
 and block FP8, writing fused_moe.csv); with --part elementwise, the reference engine's element-wise and
 MoE-routing kernels (elementwise.py).
@@ -155,6 +157,61 @@ def run_gemm(args, out, budget):
             if t is not None and m in (1, 16, 256, 4096):
                 log(f"gemm {label} w4a16 m{m}: {t*1e6:.1f} us {2*m*n*k/t/1e12:.1f} TF/s")
         del q4
+        torch.cuda.empty_cache()
+
+
+W4A16_MS = [1, 16, 64, 256, 1024, 4096, 16384, 4, 32, 128, 512, 2048, 8192]  # the first seven first
+
+
+def w4a16_dq_point(m, n, k, label, csv, w):
+    """The fastest tiling of kernels/w4a16.py for one shape (checked against x @ W); bytes = packed weights +
+    one bf16 scale per group + rows in and out."""
+    from validation.common import bench
+    from validation.kernels import w4a16 as wk
+
+    packed, scales, ref_w = w
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    ref = x[: min(m, 4)].float() @ ref_w.float()
+    fl = 2 * m * n * k
+    byts = n * k // 2 + (k // wk.GROUP) * n * 2 + m * k * 2 + m * n * 2
+    best = None
+    for tiling in wk.TILINGS_N:
+        out = guarded(f"w4a16_dq {m}x{n}x{k} {tiling}", wk.matmul, x, packed, scales, tiling, c)
+        if out is None:
+            continue
+        err = ((out[: min(m, 4)].float() - ref).norm() / ref.norm()).item()
+        if not err < 2e-2:
+            log(f"[WARN] w4a16_dq {m}x{n}x{k} {tiling} rel error {err:.2e}: not timed")
+            continue
+        t = bench(lambda t_=tiling: wk.matmul(x, packed, scales, t_, c), flush=False,
+                  rep_ms=max(6.0, min(40.0, (max(fl / 600e12, byts / 2.5e12) + 5e-6) * 1e4)))[0]
+        if best is None or t < best[0]:
+            best = (t, tiling)
+    if best is None:
+        return None
+    csv.row(dtype="w4a16_dq", m=m, n=n, k=k, time_s=best[0], flops=fl, bytes=byts, layer=label)
+    return best
+
+
+def run_w4a16(args, out, budget):
+    from validation.kernels import w4a16 as wk
+
+    csv = CsvOut(os.path.join(out, "gemm.csv"), ["dtype", "m", "n", "k", "time_s", "flops", "bytes", "layer"])
+    shapes = [s for s in SHAPES if s[1] % wk.GROUP == 0]
+    ms = MS_QUICK if args.quick else W4A16_MS
+    for (n, k, label) in shapes[:3] if args.quick else shapes:
+        if not budget.ok(4):
+            log("w4a16: budget spent")
+            return
+        w = guarded("w4a16_dq weights", wk.make_weights, n, k)
+        for m in ms if w is not None else ():
+            if not budget.ok(2):
+                break
+            r = guarded(f"gemm w4a16_dq {m}x{n}x{k}", w4a16_dq_point, m, n, k, label, csv, w)
+            if r is not None and m in (1, 16, 256, 4096, 16384):
+                log(f"gemm {label} w4a16_dq m{m}: {r[0]*1e6:.1f} us {2*m*n*k/r[0]/1e12:.1f} TF/s tiling {r[1]}")
+        del w
         torch.cuda.empty_cache()
 
 
@@ -326,13 +383,13 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=120)
-    ap.add_argument("--part", default="gemm", choices=["gemm", "grouped", "fused_moe", "elementwise"])
+    ap.add_argument("--part", default="gemm", choices=["gemm", "w4a16", "grouped", "fused_moe", "elementwise"])
     ap.add_argument("--layers", default="", help="fused_moe: comma-separated FUSED_MOE labels, only these")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     b = Budget(a.budget_s)
     torch.manual_seed(0)
-    {"gemm": run_gemm, "grouped": run_grouped, "fused_moe": run_fused_moe, "elementwise": run_elementwise}[a.part](a, a.out, b)
+    {"gemm": run_gemm, "w4a16": run_w4a16, "grouped": run_grouped, "fused_moe": run_fused_moe, "elementwise": run_elementwise}[a.part](a, a.out, b)
 
 
 if __name__ == "__main__":
