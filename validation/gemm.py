@@ -176,7 +176,7 @@ def w4a16_dq_point(m, n, k, label, csv, w):
     fl = 2 * m * n * k
     byts = n * k // 2 + (k // wk.GROUP) * n * 2 + m * k * 2 + m * n * 2
     best = None
-    for tiling in wk.TILINGS_N:
+    for tiling in [t for t in wk.TILINGS_N if t[3] == 1 or m <= wk.SPLIT_MAX_M]:
         out = guarded(f"w4a16_dq {m}x{n}x{k} {tiling}", wk.matmul, x, packed, scales, tiling, c)
         if out is None:
             continue

@@ -18,8 +18,12 @@ import triton.language as tl
 
 GROUP = 128  # weights per scale along K (GPTQ's group size; MXFP4's is 32 with a shared exponent)
 HALF = GROUP // 2
-# (BLOCK_M, BLOCK_N, warps, stages): tried per (M, N, K), the fastest kept; BLOCK_M follows M
-TILINGS_N = [(64, 4, 3), (128, 4, 3), (128, 8, 4), (256, 8, 3)]
+# (BLOCK_N, warps, stages, split_k): tried per (M, N, K), the fastest kept; BLOCK_M follows M. Split-K
+# (each program one K slice, fp32 partials summed after) keeps the SMs busy when few rows leave few
+# output tiles, as vLLM's small-batch 4-bit kernels do (Marlin's and matmul_ogs's split-K).
+TILINGS_N = [(64, 4, 3, 1), (128, 4, 3, 1), (128, 8, 4, 1), (256, 8, 3, 1), (64, 4, 4, 4), (64, 4, 4, 8),
+             (128, 4, 4, 16)]
+SPLIT_MAX_M = 64  # split-K tilings are tried only up to this many rows
 
 
 def block_m(m: int) -> int:
@@ -27,9 +31,11 @@ def block_m(m: int) -> int:
 
 
 @triton.jit
-def _w4a16(a_ptr, b_ptr, s_ptr, c_ptr, M, N, K, stride_am, stride_bk, stride_sg, stride_cm,
-           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _w4a16(a_ptr, b_ptr, s_ptr, c_ptr, M, N, K, stride_am, stride_bk, stride_sg, stride_cm, stride_cs,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF_K: tl.constexpr, GROUP_M: tl.constexpr,
+           SPLIT_K: tl.constexpr):
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     width = GROUP_M * num_n  # grouped launch order: neighbouring programs share weight tiles in L2
@@ -43,7 +49,8 @@ def _w4a16(a_ptr, b_ptr, s_ptr, c_ptr, M, N, K, stride_am, stride_bk, stride_sg,
     m_ok = rm[:, None] < M
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(0, K // (2 * HALF_K)):
+    groups = K // (2 * HALF_K)
+    for g in range(split * groups // SPLIT_K, (split + 1) * groups // SPLIT_K):
         k0 = g * 2 * HALF_K
         a_lo = tl.load(a_ptr + rm[:, None] * stride_am + (k0 + rh)[None, :], mask=m_ok, other=0.0)
         a_hi = tl.load(a_ptr + rm[:, None] * stride_am + (k0 + HALF_K + rh)[None, :], mask=m_ok, other=0.0)
@@ -55,7 +62,9 @@ def _w4a16(a_ptr, b_ptr, s_ptr, c_ptr, M, N, K, stride_am, stride_bk, stride_sg,
         w_hi = (((p >> 4).to(tl.float32) - 8.0) * s[None, :]).to(a_ptr.dtype.element_ty)
         acc = tl.dot(a_lo, w_lo, acc)
         acc = tl.dot(a_hi, w_hi, acc)
-    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=m_ok & n_ok[None, :])
+    # split-K: slice `split`'s fp32 partial sums (stride_cs apart); else the result in the output's type
+    tl.store(c_ptr + split * stride_cs + rm[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=m_ok & n_ok[None, :])
 
 
 def make_weights(n: int, k: int, device: str = "cuda", generator: torch.Generator | None = None):
@@ -73,14 +82,18 @@ def pack(q: torch.Tensor) -> torch.Tensor:
     return (tiles[:, 0] | (tiles[:, 1] << 4)).reshape(k // 2, n).contiguous()
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, tiling: tuple[int, int, int],
+def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, tiling: tuple[int, int, int, int],
            out: torch.Tensor | None = None) -> torch.Tensor:
     m, k = x.shape
     n = packed.shape[1]
-    bn, warps, stages = tiling
+    bn, warps, stages, split = tiling
     bm = block_m(m)
     c = out if out is not None else torch.empty(m, n, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _w4a16[grid](x, packed, scales, c, m, n, k, x.stride(0), packed.stride(0), scales.stride(0), c.stride(0),
-                 BLOCK_M=bm, BLOCK_N=bn, HALF_K=HALF, GROUP_M=8, num_warps=warps, num_stages=stages)
+    dst = c if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+    _w4a16[grid](x, packed, scales, dst, m, n, k, x.stride(0), packed.stride(0), scales.stride(0), dst.stride(-2),
+                 dst.stride(0) if split > 1 else 0, BLOCK_M=bm, BLOCK_N=bn, HALF_K=HALF, GROUP_M=8, SPLIT_K=split,
+                 num_warps=warps, num_stages=stages)
+    if split > 1:
+        torch.sum(dst, dim=0, out=c) if c.dtype == torch.float32 else c.copy_(dst.sum(dim=0))
     return c

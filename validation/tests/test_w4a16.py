@@ -17,13 +17,13 @@ def test_pack_puts_rows_j_and_j_plus_half_group_in_one_byte():
     assert int((p != 0).sum()) == 2
 
 
-@pytest.mark.parametrize("m,n", [(3, 72), (20, 130)])
-def test_kernel_matches_the_dequantized_reference(m, n):
+@pytest.mark.parametrize("m,n,split", [(3, 72, 1), (20, 130, 1), (5, 72, 2), (5, 72, 4)])
+def test_kernel_matches_the_dequantized_reference(m, n, split):
     g = torch.Generator().manual_seed(0)
-    k = 2 * wk.GROUP
+    k = 4 * wk.GROUP
     packed, scales, w = wk.make_weights(n, k, device="cpu", generator=g)
     x = torch.randn(m, k, generator=g)  # fp32 operands: the interpreter has no bf16 dot
     out = torch.full((m + 1, n), 7.0)  # one row past the result: must stay as it was
-    wk.matmul(x, packed, scales, wk.TILINGS_N[0], out[:m])
+    wk.matmul(x, packed, scales, (64, 4, 3, split), out[:m])
     assert torch.allclose(out[:m], x @ w, rtol=1e-4, atol=1e-4)
     assert (out[m] == 7.0).all()
