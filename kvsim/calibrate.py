@@ -31,8 +31,6 @@ from kvsim.fileio import load_data_yaml, write_atomic
 from kvsim.spec.hardware import HardwareSpec, load_hardware
 
 Sample = tuple[float, float, float, float]  # size, time_s, t_compute, t_memory
-# validation/gemm.py's W4A16 points (torch tinygemm): 4-bit weights + a bf16 scale and zero per 128
-W4A16_BYTES_PER_WEIGHT = (4 + 2 * 16 / 128) / 8
 MIN_EFFICIENCY = 1e-4  # a kernel whose time is all floor; keeps the curve strictly positive
 
 
@@ -156,23 +154,21 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
     gemm = [(float(r["m"]), float(r["n"]) * float(r["k"]) * 2, float(r["time_s"]), float(r["flops"]) / bf16,
              float(r["bytes"]) / bw) for r in rows("gemm.csv") if r["dtype"] == "bf16"]
     used["gemm.csv (bf16)"] = len(gemm)
-    # quantized-weight GEMM paths (kvsim.spec.quant.weight_kernel): fp8 W8A8 against the FP8 ceiling, W4A16
-    # (4-bit weights, dequantized in the kernel) against the bf16 one; weight bytes as stored
+    # quantized-weight GEMM paths (kvsim.spec.quant.weight_kernel): fp8 W8A8 against the FP8 ceiling; weight
+    # bytes as stored
     fp8 = ceil.get("fp8_flops_per_s")
     quantized = {
         "gemm.fp8": [(float(r["m"]), float(r["n"]) * float(r["k"]), float(r["time_s"]), float(r["flops"]) / fp8,
                       float(r["bytes"]) / bw)
                      for r in rows("gemm.csv") if r["dtype"] == "fp8" and fp8],
-        # W4A16 from the Triton kernel that dequantizes 4-bit weights in registers before a bf16 tensor-core
-        # MMA (dtype w4a16_dq), the design of the kernels vLLM runs for 4-bit weights on Hopper (Marlin and
-        # Machete for GPTQ/AWQ, triton_kernels' matmul_ogs for gpt-oss's MXFP4). Rows of dtype w4a16 time
-        # torch's tinygemm (torch._weight_int4pack_mm), which vLLM never runs: it levels off at 29.5 TFLOP/s
-        # on an H200 (validation/results/h200-sxm/gemm.csv), 20x slower than bf16 at prefill sizes, so
-        # pricing vLLM with it made gpt-oss-120b's 1k-token prefill 259 ms on an H200 (30 ms on an H100,
-        # whose profile had no such rows). They stay in the file as measurements and are not fitted.
-        "gemm.w4a16": [(float(r["m"]), float(r["n"]) * float(r["k"]) * W4A16_BYTES_PER_WEIGHT, float(r["time_s"]),
-                        float(r["flops"]) / bf16, float(r["bytes"]) / bw)
-                       for r in rows("gemm.csv") if r["dtype"] == "w4a16_dq"],
+        # No W4A16 curve is fitted: 4-bit weights keep the labelled prior (kvsim/cost/model.py). gemm.csv
+        # times two W4A16 kernels, neither of them what vLLM runs: torch's tinygemm (dtype w4a16,
+        # torch._weight_int4pack_mm) levels off at 29.5 TFLOP/s on an H200, so a 1k-token gpt-oss-120b
+        # prefill cost 259 ms there when it was fitted; kvsim's Triton stand-in (dtype w4a16_dq,
+        # validation/kernels/w4a16.py: dequantized in registers before a bf16 MMA, Marlin's design) streams
+        # the weights at 35-45% of the H100's read ceiling at 1-16 rows (run h100-call8), where Marlin
+        # reports close to the ideal 4x over fp16 up to 16-32 rows (Frantar et al., arXiv 2408.11743), and
+        # reaches 315 TFLOP/s at 4k+ rows. Fitting either would price vLLM's kernels by slower ones.
     }
 
     # routed experts: rows per touched expert x the touched experts' weight bytes as stored (scales

@@ -317,7 +317,9 @@ class CostModel:
                                "GEMM efficiency curve at the " + k_.peak_dtype + " peak"
                                + (f", plus {DEQUANT_FLOPS_PER_ELEMENT} dequantization FLOPs per weight per "
                                   f"{DEQUANT_ROWS_PER_PASS} rows at the FP32 rate" if k_.dequant else "")
-                               + " (a labelled prior, not a measurement; validation/gemm.py measures it)",)
+                               + (" (a labelled prior: the W4A16 kernels validation/gemm.py times are slower than"
+                                  " vLLM's and not fitted, kvsim/calibrate.py)" if k_.curve == "gemm.w4a16" else
+                                  " (a labelled prior, not a measurement; validation/gemm.py measures it)"),)
         names = list(dict.fromkeys(r[0] for r in rows))
         curve_names = tuple(dict.fromkeys(r[9] for r in rows))
         col = list(zip(*rows, strict=True))
