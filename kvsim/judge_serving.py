@@ -42,6 +42,12 @@ FP8_WEIGHTS = ("fp8+fp8+fp8", "fp8+fp8")
 # checkpoint's own weights; on any other model the label names an NVFP4 quantization the rows do not
 # identify, and they are counted as not expressible.
 FP4_LABEL = "fp4+nvfp4+nvfp4"
+# FP8 labels whose gemm or MoE mode is 128x128 blocks. Such a row, and an FP8_WEIGHTS one, runs its
+# checkpoint as stored where that checkpoint is a block-FP8 release whose config.json aiconfigurator-core
+# ships (model_configs/<org>--<name>_config.json: e.g. Qwen/Qwen3-235B-A22B-FP8, quantization_config fp8
+# with weight_block_size [128, 128], which vLLM serves with block-scaled kernels whatever the row's label);
+# an FP8_WEIGHTS row of a 16-bit checkpoint is FP8 quantized on load (per-tensor scales).
+FP8_BLOCK_LABELS = ("fp8+fp8_block+fp8_block", "fp8+fp8+fp8_block")
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,26 @@ def _catalogue_models() -> dict[str, str]:
     return out
 
 
+def _block_fp8_checkpoint(row: Row) -> str | None:
+    """The config.json of ``row``'s checkpoint where it is a block-FP8 release with an FP8 label and
+    aiconfigurator-core ships its config (FP8_BLOCK_LABELS), else None."""
+    if row.precision not in FP8_WEIGHTS + FP8_BLOCK_LABELS or "/" not in row.model:
+        return None
+    try:
+        import aiconfigurator_core  # noqa: PLC0415 - optional dependency (kvsim[aic])
+    except ImportError:
+        return None
+    from kvsim.fileio import read_json_file
+    from kvsim.spec.quant import quant_from_hf
+
+    path = Path(aiconfigurator_core.__file__).parent / "model_configs" / f"{row.model.replace('/', '--')}_config.json"
+    if not path.is_file():
+        return None
+    config = read_json_file(path, "a Hugging Face config.json")
+    wq = quant_from_hf(config, str(path)) if isinstance(config, dict) else None
+    return str(path) if wq is not None and wq["precision"] == "fp8" and wq.get("block_scaled") else None
+
+
 def _native_mxfp4(row: Row, models: dict[str, str]) -> bool:
     """Whether ``row`` is an FP4-labelled run of a model whose checkpoint is MXFP4 (FP4_LABEL)."""
     from kvsim.spec.model import load_model
@@ -286,9 +312,10 @@ def _why_not(row: Row, models: dict[str, str], gpus: set[str]) -> str | None:
         return f"attention-DP or expert-parallel layout on {row.backend} ({row.layout}): kvsim models vLLM's"
     if row.backend not in ENGINE_KINDS:
         return f"engine {row.backend} (kvsim imports kernels of {', '.join(ENGINE_KINDS)})"
-    if row.precision not in UNQUANTIZED + FP8_WEIGHTS and not _native_mxfp4(row, models):
-        return (f"quantized weights or KV ({row.precision}): only bf16, per-tensor FP8 and native MXFP4 "
-                "(gpt-oss) checkpoints are modelled")
+    if (row.precision not in UNQUANTIZED + FP8_WEIGHTS and not _native_mxfp4(row, models)
+            and _block_fp8_checkpoint(row) is None):
+        return (f"quantized weights or KV ({row.precision}): only bf16, per-tensor FP8, native MXFP4 (gpt-oss) and "
+                "block-FP8 releases whose config.json aiconfigurator-core ships are modelled")
     if row.model.lower() not in models:
         return f"model {row.model} not in the catalogue"
     if _gpu(row.system) not in gpus:
@@ -337,7 +364,9 @@ def _scenario(row: Row, model: str, hardware: str, calibration: str | None,  # n
     from kvsim.scenario import scenario_from_dict
     from kvsim.scenario.load import apply_sets
 
-    raw = {"name": f"line{row.line}", "model": model, "hardware": hardware, "tp": row.tp, "calibration": calibration,
+    checkpoint = _block_fp8_checkpoint(row)  # a block-FP8 release: its own config.json and scales
+    raw = {"name": f"line{row.line}", "model": checkpoint or model, "hardware": hardware, "tp": row.tp,
+           "calibration": calibration,
            # the closed loop's SLOs are not judged; any positive targets will do
            "slo": {"ttft_s": 1.0, "tpot_s": 1.0},
            # the row's engine picks the kernel database of the GPU's imported profile (the
@@ -351,9 +380,11 @@ def _scenario(row: Row, model: str, hardware: str, calibration: str | None,  # n
                       **({"expert_parallel": True} if row.moe_ep > 1 else {}),
                       # a vLLM row's version keys the memory rule and the engine step's host time
                       **({"vllm_version": row.version} if row.backend == "vllm" else {})},
-           # FP4_LABEL rows reach here only on a native MXFP4 checkpoint (_why_not): its own weights
-           **({} if row.precision == FP4_LABEL else {"weights": "fp8" if row.precision in FP8_WEIGHTS else "bf16"}),
-           **({"method": deployment.fp8_checkpoint_kv} if row.precision in FP8_WEIGHTS else {}),
+           # FP4_LABEL rows reach here only on a native MXFP4 checkpoint (_why_not), block-FP8 labels only on
+           # a block-FP8 release: their own weights
+           **({} if row.precision == FP4_LABEL or checkpoint else
+              {"weights": "fp8" if row.precision in FP8_WEIGHTS else "bf16"}),
+           **({"method": deployment.fp8_checkpoint_kv} if row.precision in FP8_WEIGHTS + FP8_BLOCK_LABELS else {}),
            "workload": {"closed_loop": {"concurrency": row.concurrency,
                                         "num_requests": deployment.requests_per_client * row.concurrency,
                                         "input": {"kind": "fixed", "tokens": row.isl},
@@ -399,7 +430,11 @@ def _judge_row(row: Row, model: str, calibration: str | None, deployment: Deploy
     try:
         s = run_scenario(_scenario(row, model, hardware, calibration, deployment, sets), record_steps=False).summary
     except KvsimError as err:  # e.g. the model does not fit this GPU at this TP
-        skipped[f"kvsim cannot run it: {str(err).split(': ', 1)[-1][:90]}"] += 1
+        why = str(err).split(": ", 1)[-1]
+        checkpoint = _block_fp8_checkpoint(row)
+        if checkpoint:  # the shipped config.json's file name, not its install path
+            why = why.replace(checkpoint, Path(checkpoint).name)
+        skipped[f"kvsim cannot run it: {why[:90]}"] += 1
         return
     if s["completed"] != deployment.requests_per_client * row.concurrency:
         reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)

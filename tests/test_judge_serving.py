@@ -75,11 +75,35 @@ def test_fp4_labelled_rows_run_only_a_native_mxfp4_checkpoint_and_nvidia_fp8_rel
     judged, skipped = judge(write(tmp_path / "m.csv", rows))
     assert [(j.catalogue_model, j.row.precision) for j in judged] == [
         ("gpt-oss-120b", "fp4+nvfp4+nvfp4"), ("llama-3.1-8b", "fp8+fp8+fp8")]
-    assert list(skipped) == ["quantized weights or KV (fp4+nvfp4+nvfp4): only bf16, per-tensor FP8 and native "
-                             "MXFP4 (gpt-oss) checkpoints are modelled"]
+    assert [k.split(":")[0] for k in skipped] == ["quantized weights or KV (fp4+nvfp4+nvfp4)"]
     gpt_oss = _scenario(read_rows(tmp_path / "m.csv")[0], "gpt-oss-120b", "h100-sxm", None,
                         DEPLOYMENTS["aiconfigurator"])
     assert gpt_oss.spec.weights is None  # the checkpoint's own (MXFP4 experts)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("aiconfigurator_core") is None, reason="needs kvsim[aic]")
+def test_a_block_fp8_release_runs_its_own_config_and_scales(tmp_path: Path) -> None:
+    """Qwen/Qwen3-235B-A22B-FP8 is a 128x128-block FP8 release (its config.json, as aiconfigurator-core
+    ships it): whatever the row's FP8 label, it runs that config with block scales and an FP8 KV cache; a
+    block label on a 16-bit checkpoint names a quantization the row does not identify."""
+    base = dict(backend="vllm", backend_version="0.12.0", system="h200_sxm", precision="fp8", gemm_quant_mode="fp8",
+                moe_quant_mode="fp8", isl=256, osl=16, batch_size=2, tp_size=4, silicon_ttft_ms=40.0,
+                silicon_tpot_ms=7.0)
+    rows = [base | dict(model_path="Qwen/Qwen3-235B-A22B-FP8"),
+            base | dict(model_path="Qwen/Qwen3-235B-A22B-FP8", gemm_quant_mode="fp8_block", moe_quant_mode="fp8_block"),
+            base | dict(model_path="meta-llama/Llama-3.1-8B", gemm_quant_mode="fp8_block", moe_quant_mode="fp8_block")]
+    path = write(tmp_path / "m.csv", rows)
+    parsed = read_rows(path)
+    for row in parsed[:2]:
+        sc = _scenario(row, "qwen3-235b-a22b", "h200-sxm", None, DEPLOYMENTS["aiconfigurator"])
+        assert sc.spec.model.endswith("Qwen--Qwen3-235B-A22B-FP8_config.json") and sc.spec.weights is None
+        assert sc.spec.method == "fp8"
+    from kvsim.judge_serving import _why_not
+    from kvsim.spec.hardware import hardware_names
+    from kvsim.spec.model import load_model
+    assert load_model(sc.spec.model).weight_quant.block_scaled
+    why = _why_not(parsed[2], {"meta-llama/llama-3.1-8b": "llama-3.1-8b"}, set(hardware_names()))
+    assert why is not None and "fp8+fp8_block+fp8_block" in why
 
 
 @pytest.mark.parametrize("text", ["", "backend,isl\nvllm,1\n", ",".join(COLUMNS) + "\n",
