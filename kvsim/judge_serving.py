@@ -14,6 +14,7 @@ fitted: the file is only ever read to judge.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -250,24 +251,62 @@ def _catalogue_models() -> dict[str, str]:
     return out
 
 
-def _block_fp8_checkpoint(row: Row) -> str | None:
-    """The config.json of ``row``'s checkpoint where it is a block-FP8 release with an FP8 label and
-    aiconfigurator-core ships its config (FP8_BLOCK_LABELS), else None."""
-    if row.precision not in FP8_WEIGHTS + FP8_BLOCK_LABELS or "/" not in row.model:
+def _shipped_config(row: Row) -> Path | None:
+    """The config.json of ``row``'s checkpoint where aiconfigurator-core ships it
+    (model_configs/<org>--<name>_config.json, the HF file of that release), else None."""
+    if "/" not in row.model:
         return None
     try:
         import aiconfigurator_core  # noqa: PLC0415 - optional dependency (kvsim[aic])
     except ImportError:
         return None
+    path = Path(aiconfigurator_core.__file__).parent / "model_configs" / f"{row.model.replace('/', '--')}_config.json"
+    return path if path.is_file() else None
+
+
+def _shipped_quant(path: Path) -> dict | None:
+    """kvsim's weight_quantization mapping of a shipped config.json (None: a 16-bit checkpoint)."""
     from kvsim.fileio import read_json_file
     from kvsim.spec.quant import quant_from_hf
 
-    path = Path(aiconfigurator_core.__file__).parent / "model_configs" / f"{row.model.replace('/', '--')}_config.json"
-    if not path.is_file():
-        return None
     config = read_json_file(path, "a Hugging Face config.json")
-    wq = quant_from_hf(config, str(path)) if isinstance(config, dict) else None
+    return quant_from_hf(config, str(path)) if isinstance(config, dict) else None
+
+
+def _block_fp8_checkpoint(row: Row) -> str | None:
+    """The config.json of ``row``'s checkpoint where it is a block-FP8 release with an FP8 label and
+    aiconfigurator-core ships its config (FP8_BLOCK_LABELS), else None."""
+    path = _shipped_config(row) if row.precision in FP8_WEIGHTS + FP8_BLOCK_LABELS else None
+    wq = _shipped_quant(path) if path else None
     return str(path) if wq is not None and wq["precision"] == "fp8" and wq.get("block_scaled") else None
+
+
+@functools.cache
+def _uncatalogued(row: Row) -> tuple[str | None, str]:
+    """(config.json to run, "") for a model outside the catalogue whose checkpoint's config
+    aiconfigurator-core ships, kvsim models whole (no assumed layer type) and whose quantization the
+    row's label agrees with (16-bit labels: a 16-bit checkpoint; FP8 labels: an FP8 or 16-bit one);
+    else (None, why not)."""
+    import warnings
+
+    from kvsim.spec.model import load_model
+
+    path = _shipped_config(row)
+    if path is None:
+        return None, f"model {row.model} not in the catalogue"
+    wq = _shipped_quant(path)
+    fp8_label = row.precision in FP8_WEIGHTS + FP8_BLOCK_LABELS
+    if not ((wq is None and (row.precision in UNQUANTIZED or row.precision in FP8_WEIGHTS))
+            or (wq is not None and fp8_label and wq["precision"] == "fp8")):
+        return None, (f"model {row.model} not in the catalogue; its config.json ({path.name}) holds "
+                      f"{wq['precision'] if wq else '16-bit'} weights, the row's label {row.precision or 'bf16'}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an assumed layer type is not a model kvsim can stand behind
+            load_model(str(path))
+    except (KvsimError, UserWarning) as err:
+        return None, f"model {row.model} not in the catalogue; its config.json: {str(err).split(': ', 1)[-1][:80]}"
+    return str(path), ""
 
 
 def _native_mxfp4(row: Row, models: dict[str, str]) -> bool:
@@ -316,11 +355,14 @@ def _why_not(row: Row, models: dict[str, str], gpus: set[str]) -> str | None:
             and _block_fp8_checkpoint(row) is None):
         return (f"quantized weights or KV ({row.precision}): only bf16, per-tensor FP8, native MXFP4 (gpt-oss) and "
                 "block-FP8 releases whose config.json aiconfigurator-core ships are modelled")
-    if row.model.lower() not in models:
-        return f"model {row.model} not in the catalogue"
+    model = models.get(row.model.lower())
+    if model is None:
+        model, why = _uncatalogued(row)
+        if model is None:
+            return why
     if _gpu(row.system) not in gpus:
         return f"GPU {row.system} not in the catalogue"
-    return _why_not_layout(row, models[row.model.lower()])
+    return _why_not_layout(row, model)
 
 
 def _why_not_layout(row: Row, model: str) -> str | None:
@@ -415,10 +457,13 @@ def judge(path: Path, calibration: str | None = None, sets: Sequence[str] = (),
         if why is not None:
             skipped[why] += 1
             continue
+        # a catalogue model, or the shipped config.json of one outside it (_uncatalogued)
+        model = models.get(row.model.lower()) or _uncatalogued(row)[0]
+        assert model is not None  # _why_not refused the row otherwise
         if not checked:  # the first expressible row: a bad override raises here, once
-            _scenario(row, models[row.model.lower()], _gpu(row.system), calibration, dep, sets)
+            _scenario(row, model, _gpu(row.system), calibration, dep, sets)
             checked = True
-        _judge_row(row, models[row.model.lower()], calibration, dep, sets, judged, skipped)
+        _judge_row(row, model, calibration, dep, sets, judged, skipped)
     return judged, skipped
 
 
@@ -431,16 +476,17 @@ def _judge_row(row: Row, model: str, calibration: str | None, deployment: Deploy
         s = run_scenario(_scenario(row, model, hardware, calibration, deployment, sets), record_steps=False).summary
     except KvsimError as err:  # e.g. the model does not fit this GPU at this TP
         why = str(err).split(": ", 1)[-1]
-        checkpoint = _block_fp8_checkpoint(row)
-        if checkpoint:  # the shipped config.json's file name, not its install path
-            why = why.replace(checkpoint, Path(checkpoint).name)
+        for shipped in filter(None, (_block_fp8_checkpoint(row), model if model.endswith(".json") else None)):
+            why = why.replace(shipped, Path(shipped).name)  # the shipped config.json's name, not its install path
         skipped[f"kvsim cannot run it: {why[:90]}"] += 1
         return
     if s["completed"] != deployment.requests_per_client * row.concurrency:
         reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)
         skipped[f"kvsim rejects the requests: {reasons}"] += 1
         return
-    judged.append(Judged(row, model, hardware, s["ttft_s"]["mean"] * 1e3, s["tpot_s"]["mean"] * 1e3,
+    # a shipped config.json (a model outside the catalogue) is named by its release
+    name = row.model.split("/")[-1].lower() if model.endswith(".json") else model
+    judged.append(Judged(row, name, hardware, s["ttft_s"]["mean"] * 1e3, s["tpot_s"]["mean"] * 1e3,
                          s["scenario"]["calibration"]["label"]))
 
 

@@ -106,6 +106,24 @@ def test_a_block_fp8_release_runs_its_own_config_and_scales(tmp_path: Path) -> N
     assert why is not None and "fp8+fp8_block+fp8_block" in why
 
 
+@pytest.mark.skipif(importlib.util.find_spec("aiconfigurator_core") is None, reason="needs kvsim[aic]")
+def test_a_model_outside_the_catalogue_runs_its_shipped_config_when_kvsim_models_it_whole(tmp_path: Path) -> None:
+    """MiniMax-M2.5 is not in the catalogue; aiconfigurator-core ships its release's config.json (block FP8):
+    its FP8 rows run that config. A 16-bit label on that FP8-only release, and a release kvsim cannot
+    model whole (Qwen3.5's config), are counted with the reason."""
+    base = dict(backend="vllm", backend_version="0.19.0", system="b200_sxm", precision="fp8", gemm_quant_mode="fp8",
+                moe_quant_mode="fp8", isl=256, osl=16, batch_size=2, tp_size=4, silicon_ttft_ms=40.0,
+                silicon_tpot_ms=7.0)
+    rows = [base | dict(model_path="MiniMaxAI/MiniMax-M2.5"),
+            base | dict(model_path="MiniMaxAI/MiniMax-M2.5", precision="", gemm_quant_mode="", moe_quant_mode=""),
+            base | dict(model_path="Qwen/Qwen3.5-397B-A17B", precision="", gemm_quant_mode="", moe_quant_mode="")]
+    judged, skipped = judge(write(tmp_path / "m.csv", rows))
+    assert [(j.catalogue_model, j.row.line) for j in judged] == [("minimax-m2.5", 2)]
+    reasons = sorted(skipped)
+    assert len(reasons) == 2 and "holds fp8 weights, the row's label bf16" in reasons[0]
+    assert "Qwen3.5-397B-A17B not in the catalogue; its config.json" in reasons[1]
+
+
 @pytest.mark.parametrize("text", ["", "backend,isl\nvllm,1\n", ",".join(COLUMNS) + "\n",
                                   ",".join(COLUMNS) + "\n" + ",".join(["x"] * len(COLUMNS)) + "\n"])
 def test_malformed_files_are_one_clear_error(tmp_path: Path, text: str) -> None:

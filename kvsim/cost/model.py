@@ -312,6 +312,11 @@ class CostModel:
                                 if experts_curve else f"profile {self.cal.gpu} has no {k_.grouped_curve} curve (the "
                                 f"fused-MoE kernel unmeasured): routed experts priced on the "
                                 f"{grouped if prior else k_.curve} curve"),)
+                if self.cal.kind == "measured":
+                    self.notes += (f"quantized routed experts on kvsim's own {self.cal.gpu} profile (its stand-in "
+                                   "kernels): judged on held-out vLLM runs on H100 and H200 it prices their decode "
+                                   "too fast, where the imported profile of vLLM's own kernels was closer "
+                                   "(README, 'Which profile prices Hopper's quantized MoE'; --calibration imported)",)
             if prior:
                 self.notes += (f"PRIOR: profile {self.cal.gpu} has no {k_.curve} curve: {k_.path} GEMMs use the bf16 "
                                "GEMM efficiency curve at the " + k_.peak_dtype + " peak"
