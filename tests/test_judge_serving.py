@@ -81,47 +81,72 @@ def test_fp4_labelled_rows_run_only_a_native_mxfp4_checkpoint_and_nvidia_fp8_rel
     assert gpt_oss.spec.weights is None  # the checkpoint's own (MXFP4 experts)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("aiconfigurator_core") is None, reason="needs kvsim[aic]")
-def test_a_block_fp8_release_runs_its_own_config_and_scales(tmp_path: Path) -> None:
-    """Qwen/Qwen3-235B-A22B-FP8 is a 128x128-block FP8 release (its config.json, as aiconfigurator-core
-    ships it): whatever the row's FP8 label, it runs that config with block scales and an FP8 KV cache; a
-    block label on a 16-bit checkpoint names a quantization the row does not identify."""
-    base = dict(backend="vllm", backend_version="0.12.0", system="h200_sxm", precision="fp8", gemm_quant_mode="fp8",
-                moe_quant_mode="fp8", isl=256, osl=16, batch_size=2, tp_size=4, silicon_ttft_ms=40.0,
-                silicon_tpot_ms=7.0)
-    rows = [base | dict(model_path="Qwen/Qwen3-235B-A22B-FP8"),
-            base | dict(model_path="Qwen/Qwen3-235B-A22B-FP8", gemm_quant_mode="fp8_block", moe_quant_mode="fp8_block"),
-            base | dict(model_path="meta-llama/Llama-3.1-8B", gemm_quant_mode="fp8_block", moe_quant_mode="fp8_block")]
-    path = write(tmp_path / "m.csv", rows)
-    parsed = read_rows(path)
-    for row in parsed[:2]:
-        sc = _scenario(row, "qwen3-235b-a22b", "h200-sxm", None, DEPLOYMENTS["aiconfigurator"])
-        assert sc.spec.model.endswith("Qwen--Qwen3-235B-A22B-FP8_config.json") and sc.spec.weights is None
-        assert sc.spec.method == "fp8"
+@pytest.fixture()
+def shipped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Path]:
+    """Stand-in for the config.json files aiconfigurator-core ships (model id -> file): real HF configs from
+    ../shared/data/model_configs (DeepSeek-V3's is a 128x128-block FP8 release) and one whose model_type
+    kvsim does not know."""
+    import json
+
+    import kvsim.judge_serving as js
+
+    block_fp8 = shared_file("model_configs", "DeepSeek-V3.json")
+    mystery = tmp_path / "mystery_config.json"
+    mystery.write_text(json.dumps(json.loads(shared_file("model_configs", "Qwen3-8B.json").read_text())
+                                  | {"model_type": "mystery", "architectures": ["MysteryForCausalLM"]}))
+    files = {"deepseek-ai/DeepSeek-V3": block_fp8, "org/Uncatalogued-FP8": block_fp8, "org/Mystery": mystery}
+    monkeypatch.setattr(js, "_shipped_config", lambda row: files.get(row.model))
+    js._uncatalogued.cache_clear()
+    yield files
+    js._uncatalogued.cache_clear()
+
+
+def test_a_block_fp8_release_runs_its_own_config_and_scales(tmp_path: Path, shipped: dict[str, Path]) -> None:
+    """A block-FP8 release whose config.json is shipped runs that config with its block scales and an FP8
+    KV cache, whatever its FP8 label; a block label on a 16-bit checkpoint names a quantization the row
+    does not identify."""
     from kvsim.judge_serving import _why_not
     from kvsim.spec.hardware import hardware_names
     from kvsim.spec.model import load_model
+
+    base = dict(backend="vllm", backend_version="0.12.0", system="h200_sxm", precision="fp8", gemm_quant_mode="fp8",
+                moe_quant_mode="fp8", isl=256, osl=16, batch_size=2, tp_size=8, silicon_ttft_ms=40.0,
+                silicon_tpot_ms=7.0)
+    rows = read_rows(write(tmp_path / "m.csv", [
+        base | dict(model_path="deepseek-ai/DeepSeek-V3"),
+        base | dict(model_path="deepseek-ai/DeepSeek-V3", gemm_quant_mode="fp8_block", moe_quant_mode="fp8_block"),
+        base | dict(model_path="meta-llama/Llama-3.1-8B", gemm_quant_mode="fp8_block", moe_quant_mode="fp8_block")]))
+    for row in rows[:2]:
+        sc = _scenario(row, "deepseek-v3", "h200-sxm", None, DEPLOYMENTS["aiconfigurator"])
+        assert sc.spec.model == str(shipped["deepseek-ai/DeepSeek-V3"]) and sc.spec.weights is None
+        assert sc.spec.method == "fp8"
     assert load_model(sc.spec.model).weight_quant.block_scaled
-    why = _why_not(parsed[2], {"meta-llama/llama-3.1-8b": "llama-3.1-8b"}, set(hardware_names()))
+    why = _why_not(rows[2], {"meta-llama/llama-3.1-8b": "llama-3.1-8b"}, set(hardware_names()))
     assert why is not None and "fp8+fp8_block+fp8_block" in why
 
 
-@pytest.mark.skipif(importlib.util.find_spec("aiconfigurator_core") is None, reason="needs kvsim[aic]")
-def test_a_model_outside_the_catalogue_runs_its_shipped_config_when_kvsim_models_it_whole(tmp_path: Path) -> None:
-    """MiniMax-M2.5 is not in the catalogue; aiconfigurator-core ships its release's config.json (block FP8):
-    its FP8 rows run that config. A 16-bit label on that FP8-only release, and a release kvsim cannot
-    model whole (Qwen3.5's config), are counted with the reason."""
+def test_a_model_outside_the_catalogue_runs_its_shipped_config_when_kvsim_models_it_whole(
+        tmp_path: Path, shipped: dict[str, Path]) -> None:
+    """A model outside the catalogue whose release's config.json is shipped runs that config when the row's
+    label agrees with its quantization and kvsim models every layer without assuming one; else the row is
+    counted with the reason."""
+    from kvsim.judge_serving import _uncatalogued, _why_not
+    from kvsim.spec.hardware import hardware_names
+
     base = dict(backend="vllm", backend_version="0.19.0", system="b200_sxm", precision="fp8", gemm_quant_mode="fp8",
-                moe_quant_mode="fp8", isl=256, osl=16, batch_size=2, tp_size=4, silicon_ttft_ms=40.0,
+                moe_quant_mode="fp8", isl=256, osl=16, batch_size=2, tp_size=8, silicon_ttft_ms=40.0,
                 silicon_tpot_ms=7.0)
-    rows = [base | dict(model_path="MiniMaxAI/MiniMax-M2.5"),
-            base | dict(model_path="MiniMaxAI/MiniMax-M2.5", precision="", gemm_quant_mode="", moe_quant_mode=""),
-            base | dict(model_path="Qwen/Qwen3.5-397B-A17B", precision="", gemm_quant_mode="", moe_quant_mode="")]
-    judged, skipped = judge(write(tmp_path / "m.csv", rows))
-    assert [(j.catalogue_model, j.row.line) for j in judged] == [("minimax-m2.5", 2)]
-    reasons = sorted(skipped)
-    assert len(reasons) == 2 and "holds fp8 weights, the row's label bf16" in reasons[0]
-    assert "Qwen3.5-397B-A17B not in the catalogue; its config.json" in reasons[1]
+    bf16 = dict(precision="", gemm_quant_mode="", moe_quant_mode="")
+    rows = read_rows(write(tmp_path / "m.csv", [
+        base | dict(model_path="org/Uncatalogued-FP8"), base | dict(model_path="org/Uncatalogued-FP8") | bf16,
+        base | dict(model_path="org/Mystery") | bf16, base | dict(model_path="org/Absent") | bf16]))
+    gpus = set(hardware_names())
+    assert _why_not(rows[0], {}, gpus) is None and _uncatalogued(rows[0])[0] == str(shipped["org/Uncatalogued-FP8"])
+    sc = _scenario(rows[0], _uncatalogued(rows[0])[0], "b200", None, DEPLOYMENTS["aiconfigurator"])
+    assert sc.spec.weights is None and sc.spec.method == "fp8"  # the release's block FP8, an FP8 cache
+    assert "holds fp8 weights, the row's label bf16" in _why_not(rows[1], {}, gpus)
+    assert "org/Mystery not in the catalogue; its config.json" in _why_not(rows[2], {}, gpus)
+    assert _why_not(rows[3], {}, gpus) == "model org/Absent not in the catalogue"
 
 
 @pytest.mark.parametrize("text", ["", "backend,isl\nvllm,1\n", ",".join(COLUMNS) + "\n",
