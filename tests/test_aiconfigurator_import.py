@@ -78,7 +78,7 @@ def make_database(root: Path, system: str = "h200_sxm", version: str = "0.24.0")
     for dtype, kernel, wb, peak in (("bfloat16", "vllm_unquantizedfusedmoe_triton_tritonexperts", 2, PEAK),
                                     ("fp8_block", "vllm_fp8moe_triton_tritonexperts", 1, GPU.peak_flops_per_s["fp8"])):
         for tok in (1, 16, 256, 2048):
-            active = 128 * (1 - (1 - 8 / 128) ** tok)
+            active = min(128, tok * 8)  # balanced routing: every pick its own expert until all are touched
             moe.append({**base, "op_name": "moe", "kernel_source": kernel,
                         "moe_dtype": dtype, "num_tokens": tok, "hidden_size": 4096, "inter_size": 1536, "topk": 8,
                         "num_experts": 128, "moe_tp_size": 1, "moe_ep_size": 1, "distribution": "balanced",
@@ -128,7 +128,7 @@ def test_the_fit_reproduces_the_database_latencies(profile: dict, database: Path
         # the whole routed-expert layer: per touched expert, its rows; the touched experts' bytes per linear
         tok, wb = r["num_tokens"], 2 if r["moe_dtype"] == "bfloat16" else 1
         curve = cal.ops["gemm_grouped" if wb == 2 else "gemm_grouped.fp8_block"]
-        active = 128 * (1 - (1 - 8 / 128) ** tok)
+        active = min(128, tok * 8)  # balanced routing: every pick its own expert until all are touched
         nbytes = active * 3 * 4096 * 1536 * wb + tok * 8 * (2 * 4096 + 3 * 1536) * 2
         ce, me = (float(v[0]) for v in curve.eff_many([tok * 8 / active], [active * 3 * 4096 * 1536 * wb / 2]))
         t = max(2.0 * tok * 8 * 3 * 4096 * 1536 / ((PEAK if wb == 2 else fp8) * ce), nbytes / (BW * me)) + curve.floor_s
