@@ -273,6 +273,7 @@ def _shipped_quant(path: Path) -> dict | None:
     return quant_from_hf(config, str(path)) if isinstance(config, dict) else None
 
 
+@functools.cache  # asked for each row by _why_not, _scenario and _judge_row: read its config once
 def _block_fp8_checkpoint(row: Row) -> str | None:
     """The config.json of ``row``'s checkpoint where it is a block-FP8 release with an FP8 label and
     aiconfigurator-core ships its config (FP8_BLOCK_LABELS), else None."""

@@ -97,8 +97,10 @@ def shipped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Path]:
     files = {"deepseek-ai/DeepSeek-V3": block_fp8, "org/Uncatalogued-FP8": block_fp8, "org/Mystery": mystery}
     monkeypatch.setattr(js, "_shipped_config", lambda row: files.get(row.model))
     js._uncatalogued.cache_clear()
+    js._block_fp8_checkpoint.cache_clear()
     yield files
     js._uncatalogued.cache_clear()
+    js._block_fp8_checkpoint.cache_clear()
 
 
 def test_a_block_fp8_release_runs_its_own_config_and_scales(tmp_path: Path, shipped: dict[str, Path]) -> None:

@@ -161,8 +161,7 @@ def _synthetic(scenario: Scenario, max_model_len: int) -> Iterator[Request]:
 
 def _with_images(stream: Iterator[Request], image_tokens: int) -> Iterator[Request]:
     for r in stream:
-        yield Request(r.request_id, r.arrival_s, r.input_tokens, r.output_tokens, r.prefix_hashes,
-                      r.prefix_block_tokens, r.user_id, r.image_tokens + image_tokens, r.session_id, r.front_end_s)
+        yield replace(r, image_tokens=r.image_tokens + image_tokens)
 
 
 def trace_rate_per_s(scenario: Scenario, trace: Path) -> float:
