@@ -10,6 +10,7 @@ elementwise.csv (op,tokens,hidden,time_s,bytes,impl,rel_error,params,kernels).""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -305,45 +306,107 @@ MOE_CONFIGS = [
 ELEM = {"bf16": 2, "fp8": 1, "fp8_block": 1}
 
 
-def fused_moe_point(E, top_k, n, kk, tokens, wq, sb, wr, mode, label, csv, gen):
-    """tokens each pick top_k distinct experts at random; every candidate tiling timed (CUDA graph, L2
-    flushed: the next layer's experts are elsewhere), the fastest checked against the dequantized float
-    reference on a poisoned output and recorded. bytes = touched experts' weights and scales + rows in/out."""
-    from validation.common import bench, params_str, rel_error
+def moe_inputs(E, top_k, kk, tokens, mode, gen):
+    """Routing (tokens each pick top_k distinct experts at random) and quantized activations of one point."""
     from validation.kernels import fused_moe as fm
 
     ids = torch.rand(tokens, E, generator=gen, device="cuda").topk(top_k, dim=1).indices.to(torch.int32)
     xq, sa = fm.quantize_acts(torch.randn(tokens, kk, device="cuda", dtype=torch.bfloat16), mode)
+    return ids, xq, sa
+
+
+def time_moe(xq, wq, sa, sb, ids, mode, cfg, what):
+    """One tiling's time (CUDA graph, L2 flushed: the next layer's experts are elsewhere); None if it failed."""
+    from validation.common import bench
+    from validation.kernels import fused_moe as fm
+
+    return guarded(f"{what} {cfg}", lambda: bench(fm.moe_gemm(xq, wq, sa, sb, ids, mode, cfg), rep_ms=10)[0])
+
+
+def best_moe_tiling(xq, wq, sa, sb, ids, mode, what):
+    """(time, tiling) of the fastest of MOE_CONFIGS (BK 128 alone for block scales), or None."""
+    from validation.kernels import fused_moe as fm
+
     best = None
     for cfg in MOE_CONFIGS:
         if mode == "fp8_block" and cfg["BK"] != fm.GROUP:
             continue
-        t = guarded(f"fused_moe {label} {mode} T{tokens} {cfg}", lambda c=cfg: bench(fm.moe_gemm(xq, wq, sa, sb, ids,
-                                                                                                 mode, c), rep_ms=10)[0])
+        t = time_moe(xq, wq, sa, sb, ids, mode, cfg, what)
         if t is not None and (best is None or t < best[0]):
             best = (t, cfg)
-    if best is None:
-        return None
-    t, cfg = best
+    return best
+
+
+def record_moe(E, top_k, n, kk, tokens, xq, wq, sa, sb, ids, mode, cfg, t, ref, label, csv, src=""):
+    """Check one tiling against the float reference on a poisoned output and write its row (params led by
+    src=SOURCE when given). bytes = touched experts' weights and scales + rows in/out. Returns (bytes, error)."""
+    from validation.common import params_str, rel_error
+    from validation.kernels import fused_moe as fm
+
     launch = fm.moe_gemm(xq, wq, sa, sb, ids, mode, cfg)
     launch().fill_(float("nan"))  # poison, then the checked run must overwrite every row
-    err = rel_error(launch().float(), fm.reference(fm.dequantized_acts(xq, sa, mode), wr, ids))
+    err = rel_error(launch().float(), ref)
     active = int(torch.unique(ids).numel())
     scale_bytes = {"bf16": 0, "fp8": 4, "fp8_block": 4 * -(-n // fm.GROUP) * -(-kk // fm.GROUP)}[mode]
     rows = tokens * top_k
     byts = active * (n * kk * ELEM[mode] + scale_bytes) + tokens * kk * ELEM[mode] + rows * n * 2
+    params = params_str(**({"src": src} if src else {}), **cfg)
     csv.row(mode=mode, experts=E, top_k=top_k, tokens=tokens, active_experts=active, n=n, k=kk, time_s=t,
-            flops=2 * rows * n * kk, bytes=byts, rel_error=f"{err:.2e}", layer=label, params=params_str(**cfg))
+            flops=2 * rows * n * kk, bytes=byts, rel_error=f"{err:.2e}", layer=label, params=params)
+    return byts, err
+
+
+def fused_moe_point(E, top_k, n, kk, tokens, wq, sb, wr, mode, label, csv, gen):
+    """Every candidate tiling timed, the fastest checked and recorded (a tuned engine)."""
+    from validation.kernels import fused_moe as fm
+
+    ids, xq, sa = moe_inputs(E, top_k, kk, tokens, mode, gen)
+    best = best_moe_tiling(xq, wq, sa, sb, ids, mode, f"fused_moe {label} {mode} T{tokens}")
+    if best is None:
+        return None
+    t, cfg = best
+    ref = fm.reference(fm.dequantized_acts(xq, sa, mode), wr, ids)
+    byts, err = record_moe(E, top_k, n, kk, tokens, xq, wq, sa, sb, ids, mode, cfg, t, ref, label, csv)
     return t, byts, err
 
 
-def run_fused_moe(args, out, budget):
+def fused_moe_vllm_point(E, top_k, n, kk, tokens, wq, sb, wr, mode, label, csv, gen, table, gpu):
+    """vLLM's own tilings (0.12 and 0.19, kernels/vllm_tilings.py) beside the best of MOE_CONFIGS, timed in the
+    same call on the same routing; a row for each (params src=best-of-13, src=vllm-<version>-<config|default>, the
+    versions joined by '+' where they launch the same tiling: kvsim calibrate fits none of these rows).
+    Returns {source: time}."""
     from validation.kernels import fused_moe as fm
+    from validation.kernels import vllm_tilings as vt
+
+    ids, xq, sa = moe_inputs(E, top_k, kk, tokens, mode, gen)
+    what = f"fused_moe {label} {mode} T{tokens}"
+    inter = vt.intermediate_size(n, kk, label)
+    chosen: dict[vt.Tiling, list[str]] = {}  # a tiling -> the versions that launch it, timed once
+    for version in vt.DEFAULT_RULES:
+        tiling = vt.vllm_tiling(table, version, gpu, E, inter, mode, tokens)
+        chosen.setdefault(dataclasses.replace(tiling, source=""), []).append(f"vllm-{version}-{tiling.source}")
+    ref = fm.reference(fm.dequantized_acts(xq, sa, mode), wr, ids)
+    times = {}
+    best = best_moe_tiling(xq, wq, sa, sb, ids, mode, what)
+    if best is not None:
+        record_moe(E, top_k, n, kk, tokens, xq, wq, sa, sb, ids, mode, best[1], best[0], ref, label, csv,
+                   src="best-of-13")
+        times["best-of-13"] = best[0]
+    for tiling, sources in chosen.items():
+        t = time_moe(xq, wq, sa, sb, ids, mode, tiling.cfg(), what)
+        if t is not None:
+            src = "+".join(sources)
+            record_moe(E, top_k, n, kk, tokens, xq, wq, sa, sb, ids, mode, tiling.cfg(), t, ref, label, csv, src=src)
+            times[src] = t
+    return times
+
+
+def run_fused_moe(args, out, budget):
+    from validation.kernels import vllm_tilings as vt
 
     csv = CsvOut(os.path.join(out, "fused_moe.csv"),
                  ["mode", "experts", "top_k", "tokens", "active_experts", "n", "k", "time_s", "flops", "bytes",
                   "rel_error", "layer", "params"])
-    gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = FUSED_MOE[:1] if args.quick else FUSED_MOE
     if args.layers:  # a call that completes an earlier one measures only the shapes it lacks
         wanted = args.layers.split(",")
@@ -351,6 +414,19 @@ def run_fused_moe(args, out, budget):
         if unknown:
             raise SystemExit(f"--layers: unknown fused-MoE layer(s) {unknown}")
         shapes = [s for s in FUSED_MOE if s[4] in wanted]
+    table = vt.load_table() if args.tilings == "vllm" else None
+    measure_fused_moe(shapes, [1, 64] if args.quick else GROUPED_TOKENS, csv, budget, table)
+    if table is not None:
+        log(vt.summary(os.path.join(out, "fused_moe.csv")))
+
+
+def measure_fused_moe(shapes, token_counts, csv, budget, table):
+    """Every shape x mode x token count: the best of MOE_CONFIGS, or with a vLLM tiling table
+    (kernels/vllm_tilings.py) that beside vLLM's own choice."""
+    from validation.kernels import fused_moe as fm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    gpu = torch.cuda.get_device_name(0)
     for (E, k, n, kk, label) in shapes:
         w = torch.randn(E, n, kk, device="cuda", dtype=torch.bfloat16) / kk ** 0.5
         for mode in fm.MODES:
@@ -359,9 +435,17 @@ def run_fused_moe(args, out, budget):
                 return
             wq, sb = fm.quantize_weights(w, mode)
             wr = fm.dequantized_weights(wq, sb, mode)  # the reference's weights, once per shape
-            for tokens in ([1, 64] if args.quick else GROUPED_TOKENS):
+            for tokens in token_counts:
                 if not budget.ok(3):
                     break
+                if table is not None:
+                    r = guarded(f"fused_moe {label} {mode} T{tokens} vllm tilings", fused_moe_vllm_point, E, k, n,
+                                kk, tokens, wq, sb, wr, mode, label, csv, gen, table, gpu)
+                    base = (r or {}).get("best-of-13")
+                    log(f"fused_moe {label} {mode} T{tokens}: " + "  ".join(
+                        f"{src} {t*1e6:.1f} us" + (f" x{t/base:.3f}" if base and src != "best-of-13" else "")
+                        for src, t in (r or {}).items()))
+                    continue
                 r = guarded(f"fused_moe {label} {mode} T{tokens}", fused_moe_point, E, k, n, kk, tokens, wq, sb,
                             wr, mode, label, csv, gen)
                 if r is not None and tokens in (1, 16, 1024):
@@ -385,6 +469,9 @@ def main():
     ap.add_argument("--budget-s", type=float, default=120)
     ap.add_argument("--part", default="gemm", choices=["gemm", "w4a16", "grouped", "fused_moe", "elementwise"])
     ap.add_argument("--layers", default="", help="fused_moe: comma-separated FUSED_MOE labels, only these")
+    ap.add_argument("--tilings", default="best", choices=["best", "vllm"],
+                    help="fused_moe: the fastest of MOE_CONFIGS (best), or that beside vLLM's own choice (vllm: "
+                         "kernels/vllm_tilings.py; rows marked src=, which kvsim calibrate does not fit)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     b = Budget(a.budget_s)
