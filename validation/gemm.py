@@ -297,8 +297,9 @@ MOE_CONFIGS = [
     dict(BM=128, BN=128, BK=128, GROUP_M=32, warps=4, stages=3),
     dict(BM=64, BN=128, BK=128, GROUP_M=32, warps=4, stages=3),
     dict(BM=128, BN=64, BK=128, GROUP_M=16, warps=4, stages=4),
-    # vLLM's tuned 16-bit tilings for 512-4,096 tokens on the H100 (configs/E=128,N=768,device_name=
-    # NVIDIA_H100_80GB_HBM3.json): BK 64, wide column blocks, 8 warps, deep pipelines (bf16 / fp8 only)
+    # the kind of vLLM's tuned 16-bit tilings for 2,048-4,096 tokens on the H100 (vLLM 0.12 configs/E=128,N=192,
+    # device_name=NVIDIA_H100_80GB_HBM3.json at 2,048 and E=128,N=1856,... at 4,096: BM 128, BN 256, BK 64, 8 warps,
+    # 4 stages): BK 64, wide column blocks, 8 warps, deep pipelines (bf16 / fp8 only)
     dict(BM=128, BN=256, BK=64, GROUP_M=1, warps=8, stages=4),
     dict(BM=64, BN=256, BK=64, GROUP_M=1, warps=8, stages=5),
     dict(BM=64, BN=128, BK=64, GROUP_M=1, warps=4, stages=3),
