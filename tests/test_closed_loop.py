@@ -113,9 +113,52 @@ def test_random_round_trips_keep_sending_order_and_their_mean(kind: str) -> None
     assert plain.inputs == loop.inputs and plain.outputs == loop.outputs  # drawn after the lengths
 
 
+@pytest.mark.parametrize("sampling", ["shuffle", "sequential", "random"])
+def test_a_prompt_dataset_repeats_its_prompts_as_aiperf_samples_them(sampling: str) -> None:
+    """aiperf --num-dataset-entries 7 --dataset-sampling-strategy S: each request sends one of 7 prompts,
+    which keeps its lengths and its content hash; shuffle sends every prompt once per pass of 7,
+    sequential in order; without a dataset no request carries a hash (every prompt new)."""
+    loop = ClosedLoop(30, 30, LengthDist.fixed(1000), LengthDist.fixed(100), random_range_ratio=0.5, seed=5,
+                      dataset_entries=7, dataset_sampling=sampling)
+    reqs = list(loop)
+    assert len(loop.inputs) == len(loop.outputs) == 7
+    by_hash: dict[tuple[int, ...], set[tuple[int, int]]] = {}
+    for r in reqs:
+        assert len(r.prefix_hashes) == 1 and r.prefix_block_tokens == r.input_tokens
+        by_hash.setdefault(r.prefix_hashes, set()).add((r.input_tokens, r.output_tokens))
+    assert all(len(lengths) == 1 for lengths in by_hash.values())  # a prompt keeps its lengths
+    assert len(by_hash) <= 7
+    entries = loop.entries
+    assert entries is not None and len(entries) == 30
+    if sampling == "shuffle":
+        for start in range(0, 28, 7):
+            assert sorted(entries[start:start + 7]) == list(range(7))
+    if sampling == "sequential":
+        assert entries == [i % 7 for i in range(30)]
+    assert not any(r.prefix_hashes for r in ClosedLoop(30, 30, LengthDist.fixed(1000), LengthDist.fixed(100)))
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache() -> None:
+    """One client sending one dataset prompt over and over: from the second request on, vLLM's prefix
+    cache holds all of the prompt's full blocks but the last (the engine recomputes at least one token),
+    so those requests prefill one block and reach their first token sooner; without prefix caching
+    every request prefills the whole prompt."""
+    one = dict(workload__closed_loop__concurrency=1, workload__closed_loop__num_requests=4,
+               workload__closed_loop__dataset_entries=1)
+    cached = columns(scenario(**one))
+    block = 16  # vLLM's default block size, kvsim's default
+    assert cached["prefix_hit_tokens"][0] == 0
+    assert (cached["prefix_hit_tokens"][1:] >= 1024 - block).all()
+    ttft = cached["first_token_s"] - cached["arrival_s"]
+    assert (ttft[1:] < 0.5 * ttft[0]).all()
+    plain = columns(scenario(engine__enable_prefix_caching=False, **one))
+    assert (plain["prefix_hit_tokens"] == 0).all()
+
+
 @pytest.mark.parametrize(("key", "value"), [("concurrency", 0), ("num_requests", 0), ("random_range_ratio", 1.0),
                                             ("request_rate", 0), ("burstiness", -1), ("round_trip_ms", -1),
-                                            ("round_trip_ms", float("nan")), ("round_trip_distribution", "gamma")])
+                                            ("round_trip_ms", float("nan")), ("round_trip_distribution", "gamma"),
+                                            ("dataset_entries", 0), ("dataset_sampling", "lottery")])
 def test_bad_closed_loops_are_refused(key: str, value: object) -> None:
     with pytest.raises(KvsimError, match=f"workload.closed_loop.{key}"):
         scenario(**{f"workload__closed_loop__{key}": value})
@@ -131,16 +174,19 @@ def test_a_closed_loop_has_no_arrival_times_to_rescale() -> None:
        ratio=st.sampled_from([0.0, 0.3, 0.9]), seqs=st.integers(1, 16), blocks=st.integers(200, 2000),
        chunked=st.booleans(), rate=st.sampled_from([None, 0.5, 5.0, 200.0]),
        burstiness=st.sampled_from([0.3, 1.0, 4.0]),
-       round_trip=st.sampled_from([(0.0, "fixed"), (10.0, "fixed"), (5.0, "exponential"), (20.0, "uniform")]))
+       round_trip=st.sampled_from([(0.0, "fixed"), (10.0, "fixed"), (5.0, "exponential"), (20.0, "uniform")]),
+       dataset=st.sampled_from([None, (1, "shuffle"), (5, "random"), (40, "sequential")]))
 def test_closed_loops_lose_nothing_and_fast_forward_changes_nothing(seed, concurrency, requests, ratio, seqs,
                                                                     blocks, chunked, rate, burstiness,
-                                                                    round_trip) -> None:
+                                                                    round_trip, dataset) -> None:
     sc = scenario(seed=seed, workload__closed_loop__concurrency=concurrency,
                   workload__closed_loop__num_requests=requests, workload__closed_loop__random_range_ratio=ratio,
                   workload__closed_loop__input={"kind": "lognormal", "p50": 600, "p90": 2500, "max_tokens": 6000},
                   workload__closed_loop__request_rate=rate, workload__closed_loop__burstiness=burstiness,
                   workload__closed_loop__round_trip_ms=round_trip[0],
                   workload__closed_loop__round_trip_distribution=round_trip[1],
+                  **({} if dataset is None else {"workload__closed_loop__dataset_entries": dataset[0],
+                                                 "workload__closed_loop__dataset_sampling": dataset[1]}),
                   engine__max_num_seqs=seqs, engine__num_gpu_blocks_override=blocks,
                   engine__enable_chunked_prefill=chunked)
     fast = run_scenario(sc, check=True)

@@ -26,6 +26,15 @@ request never reaches the engine before one sent earlier). Its ``arrival_s`` is 
 receives it and ``front_end_s`` how long after sending, so the recorded TTFT counts from sending. When
 the round trip exceeds a decode step, requests that finish a step apart reach the engine together.
 
+A prompt dataset (``dataset_entries`` N, default none: every prompt is new, as vLLM's ``random``
+dataset draws fresh tokens for each request) is how aiperf and genai-perf run: N prompts are made
+once (``--num-dataset-entries``, 100 by default: aiperf ``InputDefaults.NUM_DATASET_ENTRIES``,
+ai-dynamo/aiperf src/aiperf/common/config/config_defaults.py) and each request takes one by
+``--dataset-sampling-strategy`` (aiperf ``dataset_samplers.py``): ``shuffle`` (its default: every
+prompt once in a random order, then a new order), ``sequential`` (0, 1, ..., N - 1, 0, ...) or
+``random`` (with replacement). A prompt keeps its lengths, and a request that repeats it carries the
+same content hash, so an engine with prefix caching (vLLM's default) reuses what it still caches.
+
 The simulator asks :meth:`ClosedLoop.next_arrival_s` for the horizon of a fast-forwarded run and
 calls :meth:`ClosedLoop.request_done` when a request completes or is rejected; requests released by
 a completion at time t arrive at t (plus their round trip), after the step that starts at t was planned
@@ -41,10 +50,21 @@ import numpy as np
 
 from kvsim.errors import KvsimError
 from kvsim.serve.synthetic import ArrivalProcess, LengthDist
-from kvsim.serve.workload import Request
+from kvsim.serve.workload import Request, chain_hash
 
 INF = float("inf")
 ROUND_TRIPS = ("fixed", "exponential", "uniform")  # how each request's client round trip is drawn
+SAMPLINGS = ("shuffle", "sequential", "random")  # how each request picks a prompt of the dataset (aiperf's)
+
+
+def _entries(sampling: str, entries: int, num_requests: int, rng: np.random.Generator) -> list[int]:
+    """The dataset prompt each request sends, as aiperf's samplers pick them."""
+    if sampling == "sequential":
+        return [i % entries for i in range(num_requests)]
+    if sampling == "random":
+        return rng.integers(0, entries, num_requests).tolist()
+    passes = -(-num_requests // entries)  # shuffle: each pass a new order of every prompt
+    return np.concatenate([rng.permutation(entries) for _ in range(passes)])[:num_requests].tolist()
 
 
 def _ranged(base: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
@@ -63,7 +83,8 @@ class ClosedLoop:
 
     def __init__(self, concurrency: int, num_requests: int, input_len: LengthDist, output_len: LengthDist, *,
                  random_range_ratio: float = 0.0, seed: int = 0, schedule: ArrivalProcess | None = None,
-                 round_trip_s: float = 0.0, round_trip: str = "fixed") -> None:
+                 round_trip_s: float = 0.0, round_trip: str = "fixed", dataset_entries: int | None = None,
+                 dataset_sampling: str = "shuffle") -> None:
         if concurrency < 1:
             raise KvsimError("must be at least 1", field="concurrency", value=concurrency)
         if num_requests < 1:
@@ -75,9 +96,15 @@ class ClosedLoop:
         if round_trip not in ROUND_TRIPS:
             raise KvsimError(f"must be one of {', '.join(ROUND_TRIPS)}", field="round_trip_distribution",
                              value=round_trip)
+        if dataset_entries is not None and dataset_entries < 1:
+            raise KvsimError("must be at least 1", field="dataset_entries", value=dataset_entries)
+        if dataset_sampling not in SAMPLINGS:
+            raise KvsimError(f"must be one of {', '.join(SAMPLINGS)}", field="dataset_sampling", value=dataset_sampling)
         rng = np.random.default_rng(seed)
-        self.inputs = _ranged(input_len.sample(rng, num_requests), random_range_ratio, rng).tolist()
-        self.outputs = _ranged(output_len.sample(rng, num_requests), random_range_ratio, rng).tolist()
+        # the lengths of each prompt: one per request, or one per dataset prompt
+        prompts = num_requests if dataset_entries is None else dataset_entries
+        self.inputs = _ranged(input_len.sample(rng, prompts), random_range_ratio, rng).tolist()
+        self.outputs = _ranged(output_len.sample(rng, prompts), random_range_ratio, rng).tolist()
         # scheduled sending times (None: every request at once, --request-rate inf); drawn after the
         # lengths, so a rate does not change them
         self.scheduled_s: list[float] | None = None
@@ -90,6 +117,10 @@ class ClosedLoop:
             self.round_trips_s = rng.exponential(round_trip_s, num_requests).tolist()
         else:
             self.round_trips_s = rng.uniform(0.0, 2 * round_trip_s, num_requests).tolist()
+        # the dataset prompt of each request (None: its own), drawn last: no dataset changes nothing above
+        self.entries = None if dataset_entries is None else _entries(dataset_sampling, dataset_entries,
+                                                                     num_requests, rng)
+        self._salt = seed  # a dataset prompt's content hash: one run's prompts, distinct per seed
         self._last_reach_s = 0.0  # the front end keeps sending order
         self.concurrency = concurrency
         self.num_requests = num_requests
@@ -104,7 +135,13 @@ class ClosedLoop:
         i = self._sent
         sent_s = slot_free_s if self.scheduled_s is None else max(slot_free_s, self.scheduled_s[i])
         reach_s = self._last_reach_s = max(sent_s + self.round_trips_s[i], self._last_reach_s)
-        self._pending.append(Request(i, reach_s, self.inputs[i], self.outputs[i], front_end_s=reach_s - sent_s))
+        if self.entries is None:
+            request = Request(i, reach_s, self.inputs[i], self.outputs[i], front_end_s=reach_s - sent_s)
+        else:  # a dataset prompt: its lengths, and one content hash over the whole prompt
+            e = self.entries[i]
+            request = Request(i, reach_s, self.inputs[e], self.outputs[e], (chain_hash(self._salt, e),),
+                              self.inputs[e], front_end_s=reach_s - sent_s)
+        self._pending.append(request)
         self._sent += 1
 
     def __iter__(self) -> Iterator[Request]:
