@@ -182,9 +182,7 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
 
     grouped_mm = [experts(r, 2, bf16) for r in rows("gemm_grouped.csv")]
     used["gemm_grouped.csv"] = len(grouped_mm)
-    # rows whose params start src= time named tilings (validation/gemm.py --part fused_moe --tilings vllm: vLLM's
-    # own choice beside a same-call best of 13), a comparison the curves do not fit
-    moe = [r for r in rows("fused_moe.csv") if not r.get("params", "").startswith("src=")]
+    moe = rows("fused_moe.csv")  # tiling comparisons (params src=...) are not read (measured.rows)
     grouped = {"gemm_grouped": [experts(r, 2, bf16) for r in moe if r["mode"] == "bf16"]}
     grouped.update({f"gemm_grouped.{mode}": [experts(r, 1, fp8) for r in moe if r["mode"] == mode]
                     if fp8 else [] for mode in ("fp8", "fp8_block")})

@@ -34,12 +34,15 @@ def keep_all(_file: str, _row: dict) -> bool:
 
 
 def rows(path: Path, keep: RowFilter = keep_all) -> list[dict]:
-    """Rows of a result CSV that carry a time (failed points are recorded with an empty time) and
-    that ``keep`` keeps."""
+    """Rows of a result CSV that carry a time (failed points are recorded with an empty time), are not
+    tiling comparisons and that ``keep`` keeps. A row whose params start ``src=`` times a named tiling
+    (validation/gemm.py --part fused_moe --tilings vllm: vLLM's own choice beside the same call's best
+    of 13), not the tuned kernel the curves price."""
     if not path.is_file():
         return []
     with path.open(encoding="utf-8") as f:
-        return [r for r in csv.DictReader(f) if r.get("time_s") not in (None, "", "nan") and keep(path.name, r)]
+        return [r for r in csv.DictReader(f) if r.get("time_s") not in (None, "", "nan")
+                and not (r.get("params") or "").startswith("src=") and keep(path.name, r)]
 
 
 def base_gpu(folder_name: str) -> str:

@@ -66,6 +66,30 @@ def test_the_committed_h200_profile_is_what_its_measurements_fit(tmp_path) -> No
     assert "gemm.w4a16" not in fresh["ops"]
 
 
+def test_tiling_comparison_rows_are_not_fitted(tmp_path) -> None:
+    """fused_moe.csv rows of `--tilings vllm` (params src=...) time vLLM's own tiling beside the same
+    call's best of 13: a comparison, not the tuned kernel, so appending them (here at 10x the recorded
+    times) changes neither the fit nor its row counts."""
+    folder = tmp_path / "h200-sxm"
+    shutil.copytree(ROOT / "validation" / "results" / "h200-sxm", folder)
+    moe = folder / "fused_moe.csv"
+    lines = moe.read_text().splitlines()
+    head = lines[0].split(",")
+    t, params = head.index("time_s"), head.index("params")
+    extra = []
+    for line in lines[1:40]:
+        cells = line.split(",")
+        cells[t] = str(10 * float(cells[t]))
+        cells[params] = "src=vllm-0.12-default;" + cells[params]
+        extra.append(",".join(cells))
+    moe.write_text("\n".join(lines + extra) + "\n")
+    calibrate("h200-sxm", tmp_path)
+    fresh = yaml.safe_load((folder / "calibration_reference.yaml").read_text())
+    committed = yaml.safe_load((ROOT / "validation" / "results" / "h200-sxm" / "calibration_reference.yaml")
+                               .read_text())
+    assert fresh["ops"] == committed["ops"] and fresh["fit"]["rows_used"] == committed["fit"]["rows_used"]
+
+
 def test_validate_reports_errors_and_exact_kv_bytes(calibrated_root) -> None:
     results = calibrated_root
     report, summary = validate("h100-sxm", results=results)
