@@ -231,6 +231,7 @@ def read_rows(path: Path) -> list[Row]:
     return rows
 
 
+@functools.cache
 def _catalogue_models() -> dict[str, str]:
     """HF repository id (lower case) -> catalogue name."""
     from kvsim.spec.model import load_model, model_names
@@ -273,7 +274,6 @@ def _shipped_quant(path: Path) -> dict | None:
     return quant_from_hf(config, str(path)) if isinstance(config, dict) else None
 
 
-@functools.cache  # asked for each row by _why_not, _scenario and _judge_row: read its config once
 def _block_fp8_checkpoint(row: Row) -> str | None:
     """The config.json of ``row``'s checkpoint where it is a block-FP8 release with an FP8 label and
     aiconfigurator-core ships its config (FP8_BLOCK_LABELS), else None."""
@@ -282,7 +282,6 @@ def _block_fp8_checkpoint(row: Row) -> str | None:
     return str(path) if wq is not None and wq["precision"] == "fp8" and wq.get("block_scaled") else None
 
 
-@functools.cache
 def _uncatalogued(row: Row) -> tuple[str | None, str]:
     """(config.json to run, "") for a model outside the catalogue whose checkpoint's config
     aiconfigurator-core ships, kvsim models whole (no assumed layer type) and whose quantization the
@@ -310,14 +309,53 @@ def _uncatalogued(row: Row) -> tuple[str | None, str]:
     return str(path), ""
 
 
-def _native_mxfp4(row: Row, models: dict[str, str]) -> bool:
-    """Whether ``row`` is an FP4-labelled run of a model whose checkpoint is MXFP4 (FP4_LABEL)."""
+def _native_mxfp4(name: str) -> bool:
+    """Whether the catalogue model ``name``'s checkpoint is MXFP4 (FP4_LABEL)."""
     from kvsim.spec.model import load_model
 
-    if row.precision != FP4_LABEL or row.model.lower() not in models:
-        return False
-    wq = load_model(models[row.model.lower()]).weight_quant
+    wq = load_model(name).weight_quant
     return wq is not None and wq.precision == "mxfp4"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The checkpoint a row ran, as kvsim runs it."""
+
+    model: str  # a catalogue name, or the path of the release's shipped config.json
+    name: str  # what the tables call it: the catalogue name, else the release's name
+    weights: str | None  # the scenario's weights (bf16, fp8); None: the checkpoint's own, as stored
+
+
+@functools.cache  # asked for each row by _why_not and judge: its shipped config is read once
+def _checkpoint(row: Row) -> Checkpoint | str:
+    """The checkpoint ``row`` ran, else why kvsim cannot run it. In this order:
+    - an FP8 label on a block-FP8 release whose config.json aiconfigurator-core ships: that config,
+      with its 128x128-block weights (FP8_BLOCK_LABELS);
+    - the FP4 label on a catalogue model whose only release is MXFP4: its own weights (FP4_LABEL);
+    - any other quantized label: not expressible;
+    - a catalogue model (or its -Instruct / -FP8 / NVIDIA FP8 release): bf16 weights, or FP8 with
+      per-tensor scales for an FP8 label (FP8_WEIGHTS: quantized on load if the checkpoint is 16-bit);
+    - a model outside the catalogue whose config.json is shipped, modelled whole and agreeing with the
+      label (_uncatalogued): that config, with the label's weights."""
+    name = _catalogue_models().get(row.model.lower())
+    block = _block_fp8_checkpoint(row)
+    release = row.model.split("/")[-1].lower()  # how the tables name a model outside the catalogue
+    if block is not None:
+        if name is None:  # outside the catalogue: only a release kvsim models whole
+            path, why = _uncatalogued(row)
+            if path is None:
+                return why
+        return Checkpoint(block, name or release, None)
+    if row.precision == FP4_LABEL and name is not None and _native_mxfp4(name):
+        return Checkpoint(name, name, None)
+    if row.precision not in UNQUANTIZED + FP8_WEIGHTS:
+        return (f"quantized weights or KV ({row.precision}): only bf16, per-tensor FP8, native MXFP4 (gpt-oss) and "
+                "block-FP8 releases whose config.json aiconfigurator-core ships are modelled")
+    weights = "fp8" if row.precision in FP8_WEIGHTS else "bf16"
+    if name is not None:
+        return Checkpoint(name, name, weights)
+    path, why = _uncatalogued(row)
+    return why if path is None else Checkpoint(path, release, weights)
 
 
 def find_silicon_sample() -> Path:
@@ -341,7 +379,7 @@ def _gpu(system: str) -> str:
     return SYSTEMS.get(system, system.replace("_", "-"))
 
 
-def _why_not(row: Row, models: dict[str, str], gpus: set[str]) -> str | None:
+def _why_not(row: Row, gpus: set[str]) -> str | None:
     """Why kvsim cannot express ``row`` yet (None: it can)."""
     from kvsim.cost.calibration import ENGINE_KINDS
 
@@ -352,18 +390,12 @@ def _why_not(row: Row, models: dict[str, str], gpus: set[str]) -> str | None:
         return f"attention-DP or expert-parallel layout on {row.backend} ({row.layout}): kvsim models vLLM's"
     if row.backend not in ENGINE_KINDS:
         return f"engine {row.backend} (kvsim imports kernels of {', '.join(ENGINE_KINDS)})"
-    if (row.precision not in UNQUANTIZED + FP8_WEIGHTS and not _native_mxfp4(row, models)
-            and _block_fp8_checkpoint(row) is None):
-        return (f"quantized weights or KV ({row.precision}): only bf16, per-tensor FP8, native MXFP4 (gpt-oss) and "
-                "block-FP8 releases whose config.json aiconfigurator-core ships are modelled")
-    model = models.get(row.model.lower())
-    if model is None:
-        model, why = _uncatalogued(row)
-        if model is None:
-            return why
+    checkpoint = _checkpoint(row)
+    if isinstance(checkpoint, str):
+        return checkpoint
     if _gpu(row.system) not in gpus:
         return f"GPU {row.system} not in the catalogue"
-    return _why_not_layout(row, model)
+    return _why_not_layout(row, checkpoint.model)
 
 
 def _why_not_layout(row: Row, model: str) -> str | None:
@@ -402,13 +434,12 @@ def _why_not_layout(row: Row, model: str) -> str | None:
     return None
 
 
-def _scenario(row: Row, model: str, hardware: str, calibration: str | None,  # noqa: ANN202 - a Scenario
+def _scenario(row: Row, checkpoint: Checkpoint, hardware: str, calibration: str | None,  # noqa: ANN202 - a Scenario
               deployment: Deployment, sets: Sequence[str] = ()):
     from kvsim.scenario import scenario_from_dict
     from kvsim.scenario.load import apply_sets
 
-    checkpoint = _block_fp8_checkpoint(row)  # a block-FP8 release: its own config.json and scales
-    raw = {"name": f"line{row.line}", "model": checkpoint or model, "hardware": hardware, "tp": row.tp,
+    raw = {"name": f"line{row.line}", "model": checkpoint.model, "hardware": hardware, "tp": row.tp,
            "calibration": calibration,
            # the closed loop's SLOs are not judged; any positive targets will do
            "slo": {"ttft_s": 1.0, "tpot_s": 1.0},
@@ -423,10 +454,7 @@ def _scenario(row: Row, model: str, hardware: str, calibration: str | None,  # n
                       **({"expert_parallel": True} if row.moe_ep > 1 else {}),
                       # a vLLM row's version keys the memory rule and the engine step's host time
                       **({"vllm_version": row.version} if row.backend == "vllm" else {})},
-           # FP4_LABEL rows reach here only on a native MXFP4 checkpoint (_why_not), block-FP8 labels only on
-           # a block-FP8 release: their own weights
-           **({} if row.precision == FP4_LABEL or checkpoint else
-              {"weights": "fp8" if row.precision in FP8_WEIGHTS else "bf16"}),
+           **({} if checkpoint.weights is None else {"weights": checkpoint.weights}),
            **({"method": deployment.fp8_checkpoint_kv} if row.precision in FP8_WEIGHTS + FP8_BLOCK_LABELS else {}),
            "workload": {"closed_loop": {"concurrency": row.concurrency,
                                         "num_requests": deployment.requests_per_client * row.concurrency,
@@ -449,45 +477,43 @@ def judge(path: Path, calibration: str | None = None, sets: Sequence[str] = (),
     from kvsim.spec.hardware import hardware_names
 
     rows = read_rows(path)
-    models, gpus = _catalogue_models(), set(hardware_names())
+    gpus = set(hardware_names())
     judged: list[Judged] = []
     skipped: Counter[str] = Counter()
     checked = not sets
     for row in rows:
-        why = _why_not(row, models, gpus)
+        why = _why_not(row, gpus)
         if why is not None:
             skipped[why] += 1
             continue
-        # a catalogue model, or the shipped config.json of one outside it (_uncatalogued)
-        model = models.get(row.model.lower()) or _uncatalogued(row)[0]
-        assert model is not None  # _why_not refused the row otherwise
+        checkpoint = _checkpoint(row)
+        assert isinstance(checkpoint, Checkpoint)  # _why_not refused the row otherwise
         if not checked:  # the first expressible row: a bad override raises here, once
-            _scenario(row, model, _gpu(row.system), calibration, dep, sets)
+            _scenario(row, checkpoint, _gpu(row.system), calibration, dep, sets)
             checked = True
-        _judge_row(row, model, calibration, dep, sets, judged, skipped)
+        _judge_row(row, checkpoint, calibration, dep, sets, judged, skipped)
     return judged, skipped
 
 
-def _judge_row(row: Row, model: str, calibration: str | None, deployment: Deployment, sets: Sequence[str],
-               judged: list[Judged], skipped: Counter[str]) -> None:
+def _judge_row(row: Row, checkpoint: Checkpoint, calibration: str | None, deployment: Deployment,
+               sets: Sequence[str], judged: list[Judged], skipped: Counter[str]) -> None:
     from kvsim.scenario import run_scenario
 
     hardware = _gpu(row.system)
     try:
-        s = run_scenario(_scenario(row, model, hardware, calibration, deployment, sets), record_steps=False).summary
+        s = run_scenario(_scenario(row, checkpoint, hardware, calibration, deployment, sets),
+                         record_steps=False).summary
     except KvsimError as err:  # e.g. the model does not fit this GPU at this TP
         why = str(err).split(": ", 1)[-1]
-        for shipped in filter(None, (_block_fp8_checkpoint(row), model if model.endswith(".json") else None)):
-            why = why.replace(shipped, Path(shipped).name)  # the shipped config.json's name, not its install path
+        if checkpoint.model.endswith(".json"):  # the shipped config.json's name, not its install path
+            why = why.replace(checkpoint.model, Path(checkpoint.model).name)
         skipped[f"kvsim cannot run it: {why[:90]}"] += 1
         return
     if s["completed"] != deployment.requests_per_client * row.concurrency:
         reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)
         skipped[f"kvsim rejects the requests: {reasons}"] += 1
         return
-    # a shipped config.json (a model outside the catalogue) is named by its release
-    name = row.model.split("/")[-1].lower() if model.endswith(".json") else model
-    judged.append(Judged(row, name, hardware, s["ttft_s"]["mean"] * 1e3, s["tpot_s"]["mean"] * 1e3,
+    judged.append(Judged(row, checkpoint.name, hardware, s["ttft_s"]["mean"] * 1e3, s["tpot_s"]["mean"] * 1e3,
                          s["scenario"]["calibration"]["label"]))
 
 

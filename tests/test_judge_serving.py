@@ -13,7 +13,18 @@ from kvsim.cli import main
 from kvsim.cost.calibration import ENGINE_KINDS
 from kvsim.errors import KvsimError
 from kvsim.fileio import load_data_yaml
-from kvsim.judge_serving import COLUMNS, DEPLOYMENTS, Row, _scenario, error_table, judge, read_rows
+from kvsim.judge_serving import (
+    COLUMNS,
+    DEPLOYMENTS,
+    Checkpoint,
+    Row,
+    _checkpoint,
+    _scenario,
+    _why_not,
+    error_table,
+    judge,
+    read_rows,
+)
 
 # Rows in the silicon-sample format (values made up for the test, not measurements).
 ROWS = [
@@ -76,9 +87,9 @@ def test_fp4_labelled_rows_run_only_a_native_mxfp4_checkpoint_and_nvidia_fp8_rel
     assert [(j.catalogue_model, j.row.precision) for j in judged] == [
         ("gpt-oss-120b", "fp4+nvfp4+nvfp4"), ("llama-3.1-8b", "fp8+fp8+fp8")]
     assert [k.split(":")[0] for k in skipped] == ["quantized weights or KV (fp4+nvfp4+nvfp4)"]
-    gpt_oss = _scenario(read_rows(tmp_path / "m.csv")[0], "gpt-oss-120b", "h100-sxm", None,
-                        DEPLOYMENTS["aiconfigurator"])
-    assert gpt_oss.spec.weights is None  # the checkpoint's own (MXFP4 experts)
+    row = read_rows(tmp_path / "m.csv")[0]
+    gpt_oss = _scenario(row, _checkpoint(row), "h100-sxm", None, DEPLOYMENTS["aiconfigurator"])
+    assert gpt_oss.spec.model == "gpt-oss-120b" and gpt_oss.spec.weights is None  # its own (MXFP4 experts)
 
 
 @pytest.fixture()
@@ -96,18 +107,15 @@ def shipped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Path]:
                                   | {"model_type": "mystery", "architectures": ["MysteryForCausalLM"]}))
     files = {"deepseek-ai/DeepSeek-V3": block_fp8, "org/Uncatalogued-FP8": block_fp8, "org/Mystery": mystery}
     monkeypatch.setattr(js, "_shipped_config", lambda row: files.get(row.model))
-    js._uncatalogued.cache_clear()
-    js._block_fp8_checkpoint.cache_clear()
+    js._checkpoint.cache_clear()
     yield files
-    js._uncatalogued.cache_clear()
-    js._block_fp8_checkpoint.cache_clear()
+    js._checkpoint.cache_clear()
 
 
 def test_a_block_fp8_release_runs_its_own_config_and_scales(tmp_path: Path, shipped: dict[str, Path]) -> None:
     """A block-FP8 release whose config.json is shipped runs that config with its block scales and an FP8
     KV cache, whatever its FP8 label; a block label on a 16-bit checkpoint names a quantization the row
     does not identify."""
-    from kvsim.judge_serving import _why_not
     from kvsim.spec.hardware import hardware_names
     from kvsim.spec.model import load_model
 
@@ -119,11 +127,13 @@ def test_a_block_fp8_release_runs_its_own_config_and_scales(tmp_path: Path, ship
         base | dict(model_path="deepseek-ai/DeepSeek-V3", gemm_quant_mode="fp8_block", moe_quant_mode="fp8_block"),
         base | dict(model_path="meta-llama/Llama-3.1-8B", gemm_quant_mode="fp8_block", moe_quant_mode="fp8_block")]))
     for row in rows[:2]:
-        sc = _scenario(row, "deepseek-v3", "h200-sxm", None, DEPLOYMENTS["aiconfigurator"])
+        checkpoint = _checkpoint(row)
+        assert isinstance(checkpoint, Checkpoint) and checkpoint.name == "deepseek-v3"  # the catalogue's name
+        sc = _scenario(row, checkpoint, "h200-sxm", None, DEPLOYMENTS["aiconfigurator"])
         assert sc.spec.model == str(shipped["deepseek-ai/DeepSeek-V3"]) and sc.spec.weights is None
         assert sc.spec.method == "fp8"
     assert load_model(sc.spec.model).weight_quant.block_scaled
-    why = _why_not(rows[2], {"meta-llama/llama-3.1-8b": "llama-3.1-8b"}, set(hardware_names()))
+    why = _why_not(rows[2], set(hardware_names()))
     assert why is not None and "fp8+fp8_block+fp8_block" in why
 
 
@@ -132,7 +142,6 @@ def test_a_model_outside_the_catalogue_runs_its_shipped_config_when_kvsim_models
     """A model outside the catalogue whose release's config.json is shipped runs that config when the row's
     label agrees with its quantization and kvsim models every layer without assuming one; else the row is
     counted with the reason."""
-    from kvsim.judge_serving import _uncatalogued, _why_not
     from kvsim.spec.hardware import hardware_names
 
     base = dict(backend="vllm", backend_version="0.19.0", system="b200_sxm", precision="fp8", gemm_quant_mode="fp8",
@@ -143,12 +152,14 @@ def test_a_model_outside_the_catalogue_runs_its_shipped_config_when_kvsim_models
         base | dict(model_path="org/Uncatalogued-FP8"), base | dict(model_path="org/Uncatalogued-FP8") | bf16,
         base | dict(model_path="org/Mystery") | bf16, base | dict(model_path="org/Absent") | bf16]))
     gpus = set(hardware_names())
-    assert _why_not(rows[0], {}, gpus) is None and _uncatalogued(rows[0])[0] == str(shipped["org/Uncatalogued-FP8"])
-    sc = _scenario(rows[0], _uncatalogued(rows[0])[0], "b200", None, DEPLOYMENTS["aiconfigurator"])
+    checkpoint = _checkpoint(rows[0])
+    assert _why_not(rows[0], gpus) is None and checkpoint == Checkpoint(str(shipped["org/Uncatalogued-FP8"]),
+                                                                        "uncatalogued-fp8", None)
+    sc = _scenario(rows[0], checkpoint, "b200", None, DEPLOYMENTS["aiconfigurator"])
     assert sc.spec.weights is None and sc.spec.method == "fp8"  # the release's block FP8, an FP8 cache
-    assert "holds fp8 weights, the row's label bf16" in _why_not(rows[1], {}, gpus)
-    assert "org/Mystery not in the catalogue; its config.json" in _why_not(rows[2], {}, gpus)
-    assert _why_not(rows[3], {}, gpus) == "model org/Absent not in the catalogue"
+    assert "holds fp8 weights, the row's label bf16" in _why_not(rows[1], gpus)
+    assert "org/Mystery not in the catalogue; its config.json" in _why_not(rows[2], gpus)
+    assert _why_not(rows[3], gpus) == "model org/Absent not in the catalogue"
 
 
 @pytest.mark.parametrize("text", ["", "backend,isl\nvllm,1\n", ",".join(COLUMNS) + "\n",
@@ -279,9 +290,10 @@ def test_the_aiconfigurator_deployment_is_its_generators_benchmark_rule() -> Non
     # an FP8 checkpoint's server stores its KV cache in FP8 in the generated deployment (aiconfigurator
     # infers it from the checkpoint), in the activations' bf16 with the engines' defaults
     fp8_row = replace(_row("vllm", 4, 512, 32), precision="fp8+fp8")
-    assert _scenario(fp8_row, "llama-3.1-8b", "h100-sxm", None, aic).spec.method == "fp8"
-    assert _scenario(fp8_row, "llama-3.1-8b", "h100-sxm", None, defaults).spec.method == "bf16"
-    assert _scenario(_row("vllm", 4, 512, 32), "llama-3.1-8b", "h100-sxm", None, aic).spec.method == "bf16"
+    fp8, bf16 = Checkpoint("llama-3.1-8b", "llama-3.1-8b", "fp8"), Checkpoint("llama-3.1-8b", "llama-3.1-8b", "bf16")
+    assert _scenario(fp8_row, fp8, "h100-sxm", None, aic).spec.method == "fp8"
+    assert _scenario(fp8_row, fp8, "h100-sxm", None, defaults).spec.method == "bf16"
+    assert _scenario(_row("vllm", 4, 512, 32), bf16, "h100-sxm", None, aic).spec.method == "bf16"
 
 
 def test_the_deployment_changes_the_prediction_and_is_named(tmp_path: Path,
