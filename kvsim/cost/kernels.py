@@ -10,7 +10,8 @@ A calibration profile holds one efficiency curve per measured decode kernel
   without a kernel of its own (PackKV, plain offload), or whose kernel the profile lacks (KVQuant
   in a profile measured before its kernel existed), is priced this way with the kernel named below;
 * **refused**: a quantized layout whose kernel has no measured curve at any width in a measured
-  profile (the message names the measured combinations);
+  profile (the message names the measured combinations); a quantized MLA or MTLA cache is priced as
+  the profile prices its 16-bit layout instead (those kernels are measured at 16 bits only);
 * **prior** / **roofline**: the profile itself is a labelled prior or the pure roofline, and its
   dense curve prices every kernel (the dequantization work stays on the roofline).
 """
@@ -113,6 +114,10 @@ def decode_kernel(family: str, cal: Calibration) -> tuple[Curve, KernelSource]:
         return cal.ops[f"{DENSE}.{method}"], KernelSource(
             family, f"{DENSE}.{method}", "derived", f"no quantized {method.upper()} kernel is measured; the 16-bit "
             "kernel's efficiency on this layout's bytes and dequantization work is a lower bound on its time")
+    if method in SIXTEEN_BIT_ONLY:  # as this profile prices the 16-bit layout (family without widths, above)
+        return cal.ops[DENSE], KernelSource(
+            family, DENSE, "derived", f"no {method.upper()} kernel is measured in this profile at any width: priced "
+            f"as its 16-bit {method.upper()} layout, on the dense kernel's efficiency")
     kernel, why = (OWN_KERNEL[method], "") if method in OWN_KERNEL else BORROWED_KERNEL.get(method, (method, ""))
 
     def measured_widths(kernel: str) -> list[tuple[tuple[str, float, float], str]]:
