@@ -100,6 +100,36 @@ def test_a_client_round_trip_adds_to_ttft_and_delays_what_the_engine_sees() -> N
     assert (rt["scheduled_s"] >= rt["arrival_s"] + 0.020 - 1e-12).all()
 
 
+def test_a_think_time_delays_the_next_send_and_stays_outside_ttft() -> None:
+    """One client thinking 30 ms after each answer: each request is sent 30 ms after the previous one
+    ended; the engine does the same work, so every TTFT and TPOT is unchanged (the client had not sent
+    during its think time), unlike a round trip, which TTFT counts."""
+    plain = columns(scenario(workload__closed_loop__concurrency=1, workload__closed_loop__num_requests=5))
+    thinking = columns(scenario(workload__closed_loop__concurrency=1, workload__closed_loop__num_requests=5,
+                                workload__closed_loop__think_ms=30.0))
+    np.testing.assert_allclose(thinking["arrival_s"][1:], thinking["finish_s"][:-1] + 0.030, rtol=0, atol=1e-9)
+    assert thinking["arrival_s"][0] == 0.0
+    for a, b in ((plain, thinking),):
+        np.testing.assert_allclose(b["first_token_s"] - b["arrival_s"], a["first_token_s"] - a["arrival_s"],
+                                   rtol=0, atol=1e-9)
+        np.testing.assert_allclose(b["finish_s"] - b["first_token_s"], a["finish_s"] - a["first_token_s"],
+                                   rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["exponential", "uniform"])
+def test_random_think_times_have_their_mean_and_change_nothing_else(kind: str) -> None:
+    loop = ClosedLoop(4, 5000, LengthDist.fixed(100), LengthDist.fixed(10), seed=4, round_trip_s=0.01,
+                      round_trip="uniform", think_s=0.02, think=kind)
+    assert np.mean(loop.thinks_s) == pytest.approx(0.02, rel=0.05) and min(loop.thinks_s) >= 0
+    plain = ClosedLoop(4, 5000, LengthDist.fixed(100), LengthDist.fixed(10), seed=4, round_trip_s=0.01,
+                       round_trip="uniform")
+    assert (plain.inputs, plain.outputs, plain.round_trips_s) == (loop.inputs, loop.outputs, loop.round_trips_s)
+    assert [r.arrival_s for r in loop] == [r.arrival_s for r in plain]  # the first sends do not think
+    loop.request_done(1.0)
+    (nxt,) = list(loop)
+    assert nxt.arrival_s == pytest.approx(1.0 + loop.thinks_s[4] + loop.round_trips_s[4])
+
+
 @pytest.mark.parametrize("kind", ["exponential", "uniform"])
 def test_random_round_trips_keep_sending_order_and_their_mean(kind: str) -> None:
     loop = ClosedLoop(5000, 5000, LengthDist.fixed(100), LengthDist.fixed(10), seed=4, round_trip_s=0.015,
@@ -158,7 +188,9 @@ def test_a_repeated_prompt_is_served_from_the_prefix_cache() -> None:
 @pytest.mark.parametrize(("key", "value"), [("concurrency", 0), ("num_requests", 0), ("random_range_ratio", 1.0),
                                             ("request_rate", 0), ("burstiness", -1), ("round_trip_ms", -1),
                                             ("round_trip_ms", float("nan")), ("round_trip_distribution", "gamma"),
-                                            ("dataset_entries", 0), ("dataset_sampling", "lottery")])
+                                            ("dataset_entries", 0), ("dataset_sampling", "lottery"),
+                                            ("think_ms", -1), ("think_ms", float("inf")),
+                                            ("think_distribution", "gamma")])
 def test_bad_closed_loops_are_refused(key: str, value: object) -> None:
     with pytest.raises(KvsimError, match=f"workload.closed_loop.{key}"):
         scenario(**{f"workload__closed_loop__{key}": value})
@@ -175,16 +207,18 @@ def test_a_closed_loop_has_no_arrival_times_to_rescale() -> None:
        chunked=st.booleans(), rate=st.sampled_from([None, 0.5, 5.0, 200.0]),
        burstiness=st.sampled_from([0.3, 1.0, 4.0]),
        round_trip=st.sampled_from([(0.0, "fixed"), (10.0, "fixed"), (5.0, "exponential"), (20.0, "uniform")]),
-       dataset=st.sampled_from([None, (1, "shuffle"), (5, "random"), (40, "sequential")]))
+       dataset=st.sampled_from([None, (1, "shuffle"), (5, "random"), (40, "sequential")]),
+       think=st.sampled_from([(0.0, "fixed"), (15.0, "exponential"), (30.0, "uniform")]))
 def test_closed_loops_lose_nothing_and_fast_forward_changes_nothing(seed, concurrency, requests, ratio, seqs,
                                                                     blocks, chunked, rate, burstiness,
-                                                                    round_trip, dataset) -> None:
+                                                                    round_trip, dataset, think) -> None:
     sc = scenario(seed=seed, workload__closed_loop__concurrency=concurrency,
                   workload__closed_loop__num_requests=requests, workload__closed_loop__random_range_ratio=ratio,
                   workload__closed_loop__input={"kind": "lognormal", "p50": 600, "p90": 2500, "max_tokens": 6000},
                   workload__closed_loop__request_rate=rate, workload__closed_loop__burstiness=burstiness,
                   workload__closed_loop__round_trip_ms=round_trip[0],
                   workload__closed_loop__round_trip_distribution=round_trip[1],
+                  workload__closed_loop__think_ms=think[0], workload__closed_loop__think_distribution=think[1],
                   **({} if dataset is None else {"workload__closed_loop__dataset_entries": dataset[0],
                                                  "workload__closed_loop__dataset_sampling": dataset[1]}),
                   engine__max_num_seqs=seqs, engine__num_gpu_blocks_override=blocks,

@@ -198,7 +198,8 @@ def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
             stream = ClosedLoop(c.concurrency, c.num_requests, _length(c.input, scenario), _length(c.output, scenario),
                                 random_range_ratio=c.random_range_ratio, seed=scenario.spec.seed, schedule=schedule,
                                 round_trip_s=c.round_trip_ms / 1e3, round_trip=c.round_trip_distribution,
-                                dataset_entries=c.dataset_entries, dataset_sampling=c.dataset_sampling)
+                                dataset_entries=c.dataset_entries, dataset_sampling=c.dataset_sampling,
+                                think_s=c.think_ms / 1e3, think=c.think_distribution)
         elif w.trace is not None:
             trace = resolve_path(w.trace, scenario)
             if not trace.exists():

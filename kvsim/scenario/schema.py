@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationInfo, field_validator
 
 from kvsim.memory import VLLM_DEFAULTS
-from kvsim.serve.closed_loop import ROUND_TRIPS, SAMPLINGS
+from kvsim.serve.closed_loop import DELAYS, SAMPLINGS
 from kvsim.serve.policy import DEFAULT_POLICY, POLICIES
 from kvsim.serve.router import ROUTERS
 
@@ -91,7 +91,10 @@ class ClosedLoopSpec(_Strict):
     # the client round trip (kvsim.serve.closed_loop): mean time from sending to the engine receiving,
     # with the previous response's way back; 0: none (the engine receives what a client sends at once)
     round_trip_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    round_trip_distribution: Literal[ROUND_TRIPS] = "fixed"  # type: ignore[valid-type]
+    round_trip_distribution: Literal[DELAYS] = "fixed"  # type: ignore[valid-type]
+    # a client's think time between a request's end and its next send (outside TTFT); 0: none
+    think_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    think_distribution: Literal[DELAYS] = "fixed"  # type: ignore[valid-type]
     # a prompt dataset as aiperf's (--num-dataset-entries, --dataset-sampling-strategy): requests repeat its
     # prompts, which prefix caching reuses; None: every prompt new (vLLM's random dataset)
     dataset_entries: int | None = Field(default=None, gt=0, le=MAX_REQUESTS)

@@ -26,6 +26,14 @@ request never reaches the engine before one sent earlier). Its ``arrival_s`` is 
 receives it and ``front_end_s`` how long after sending, so the recorded TTFT counts from sending. When
 the round trip exceeds a decode step, requests that finish a step apart reach the engine together.
 
+A think time (``think_s``, default none) is the time between a request ending and its client
+sending the next one: a benchmark client's own loop (aiperf's processes pass each completion back
+before the next send) or a user reading the answer. It is drawn per request like the round trip and,
+unlike it, is outside TTFT (the client has not sent yet); the first ``concurrency`` requests go at once.
+Sends keep request order, as one client loop hands them out: a request whose think time ends before
+that of the request released ahead of it waits for that one (with widely spread think times of
+independent users, an approximation).
+
 A prompt dataset (``dataset_entries`` N, default none: every prompt is new, as vLLM's ``random``
 dataset draws fresh tokens for each request) is how aiperf and genai-perf run: N prompts are made
 once (``--num-dataset-entries``, 100 by default: aiperf ``InputDefaults.NUM_DATASET_ENTRIES``,
@@ -53,7 +61,7 @@ from kvsim.serve.synthetic import ArrivalProcess, LengthDist
 from kvsim.serve.workload import Request, chain_hash
 
 INF = float("inf")
-ROUND_TRIPS = ("fixed", "exponential", "uniform")  # how each request's client round trip is drawn
+DELAYS = ("fixed", "exponential", "uniform")  # how each request's round trip and think time are drawn
 SAMPLINGS = ("shuffle", "sequential", "random")  # how each request picks a prompt of the dataset (aiperf's)
 
 
@@ -65,6 +73,16 @@ def _entries(sampling: str, entries: int, num_requests: int, rng: np.random.Gene
         return rng.integers(0, entries, num_requests).tolist()
     passes = -(-num_requests // entries)  # shuffle: each pass a new order of every prompt
     return np.concatenate([rng.permutation(entries) for _ in range(passes)])[:num_requests].tolist()
+
+
+def _delays(kind: str, mean_s: float, n: int, rng: np.random.Generator) -> list[float]:
+    """``n`` delays of mean ``mean_s``: all equal (``fixed``), ``exponential``, or ``uniform`` on [0, 2 x mean]
+    (no draw when the mean is 0)."""
+    if kind == "fixed" or mean_s == 0:
+        return [mean_s] * n
+    if kind == "exponential":
+        return rng.exponential(mean_s, n).tolist()
+    return rng.uniform(0.0, 2 * mean_s, n).tolist()
 
 
 def _ranged(base: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
@@ -84,7 +102,7 @@ class ClosedLoop:
     def __init__(self, concurrency: int, num_requests: int, input_len: LengthDist, output_len: LengthDist, *,
                  random_range_ratio: float = 0.0, seed: int = 0, schedule: ArrivalProcess | None = None,
                  round_trip_s: float = 0.0, round_trip: str = "fixed", dataset_entries: int | None = None,
-                 dataset_sampling: str = "shuffle") -> None:
+                 dataset_sampling: str = "shuffle", think_s: float = 0.0, think: str = "fixed") -> None:
         if concurrency < 1:
             raise KvsimError("must be at least 1", field="concurrency", value=concurrency)
         if num_requests < 1:
@@ -93,9 +111,12 @@ class ClosedLoop:
             raise KvsimError("must be in [0, 1)", field="random_range_ratio", value=random_range_ratio)
         if not round_trip_s >= 0:  # NaN included
             raise KvsimError("must be at least 0", field="round_trip_ms", value=round_trip_s * 1e3)
-        if round_trip not in ROUND_TRIPS:
-            raise KvsimError(f"must be one of {', '.join(ROUND_TRIPS)}", field="round_trip_distribution",
-                             value=round_trip)
+        if round_trip not in DELAYS:
+            raise KvsimError(f"must be one of {', '.join(DELAYS)}", field="round_trip_distribution", value=round_trip)
+        if not think_s >= 0:  # NaN included
+            raise KvsimError("must be at least 0", field="think_ms", value=think_s * 1e3)
+        if think not in DELAYS:
+            raise KvsimError(f"must be one of {', '.join(DELAYS)}", field="think_distribution", value=think)
         if dataset_entries is not None and dataset_entries < 1:
             raise KvsimError("must be at least 1", field="dataset_entries", value=dataset_entries)
         if dataset_sampling not in SAMPLINGS:
@@ -111,29 +132,30 @@ class ClosedLoop:
         if schedule is not None:
             self.scheduled_s = np.concatenate([[0.0], np.cumsum(schedule.gaps(rng, num_requests - 1))]).tolist()
         # each request's client round trip, drawn last so that it changes neither lengths nor schedule
-        if round_trip == "fixed" or round_trip_s == 0:
-            self.round_trips_s = [round_trip_s] * num_requests
-        elif round_trip == "exponential":
-            self.round_trips_s = rng.exponential(round_trip_s, num_requests).tolist()
-        else:
-            self.round_trips_s = rng.uniform(0.0, 2 * round_trip_s, num_requests).tolist()
+        self.round_trips_s = _delays(round_trip, round_trip_s, num_requests, rng)
         # the dataset prompt of each request (None: its own), drawn last: no dataset changes nothing above
         self.entries = None if dataset_entries is None else _entries(dataset_sampling, dataset_entries,
                                                                      num_requests, rng)
+        # each client's think time before sending request i, drawn last of all
+        self.thinks_s = _delays(think, think_s, num_requests, rng)
         self._salt = seed  # a dataset prompt's content hash: one run's prompts, distinct per seed
+        self._last_sent_s = 0.0  # the client's loop sends in request order
         self._last_reach_s = 0.0  # the front end keeps sending order
         self.concurrency = concurrency
         self.num_requests = num_requests
         self._sent = 0
         self._pending: deque[Request] = deque()
         for _ in range(min(concurrency, num_requests)):
-            self._release(0.0)
+            self._release(0.0, after=False)
 
-    def _release(self, slot_free_s: float) -> None:
-        """The next request takes a slot that is free from ``slot_free_s``; it is sent then or at its
-        scheduled time, whichever is later."""
+    def _release(self, slot_free_s: float, after: bool = True) -> None:
+        """The next request takes a slot that is free from ``slot_free_s`` (``after`` a request of its
+        client ended: plus the think time); it is sent then or at its scheduled time, whichever is later."""
         i = self._sent
-        sent_s = slot_free_s if self.scheduled_s is None else max(slot_free_s, self.scheduled_s[i])
+        ready_s = slot_free_s + (self.thinks_s[i] if after else 0.0)
+        if self.scheduled_s is not None:
+            ready_s = max(ready_s, self.scheduled_s[i])
+        sent_s = self._last_sent_s = max(ready_s, self._last_sent_s)  # sends leave in request order
         reach_s = self._last_reach_s = max(sent_s + self.round_trips_s[i], self._last_reach_s)
         if self.entries is None:
             request = Request(i, reach_s, self.inputs[i], self.outputs[i], front_end_s=reach_s - sent_s)
