@@ -109,11 +109,10 @@ def test_a_think_time_delays_the_next_send_and_stays_outside_ttft() -> None:
                                 workload__closed_loop__think_ms=30.0))
     np.testing.assert_allclose(thinking["arrival_s"][1:], thinking["finish_s"][:-1] + 0.030, rtol=0, atol=1e-9)
     assert thinking["arrival_s"][0] == 0.0
-    for a, b in ((plain, thinking),):
-        np.testing.assert_allclose(b["first_token_s"] - b["arrival_s"], a["first_token_s"] - a["arrival_s"],
-                                   rtol=0, atol=1e-9)
-        np.testing.assert_allclose(b["finish_s"] - b["first_token_s"], a["finish_s"] - a["first_token_s"],
-                                   rtol=0, atol=1e-9)
+    np.testing.assert_allclose(thinking["first_token_s"] - thinking["arrival_s"],
+                               plain["first_token_s"] - plain["arrival_s"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(thinking["finish_s"] - thinking["first_token_s"],
+                               plain["finish_s"] - plain["first_token_s"], rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("kind", ["exponential", "uniform"])

@@ -110,11 +110,13 @@ def decode_kernel(family: str, cal: Calibration) -> tuple[Curve, KernelSource]:
             return cal.ops[DENSE], KernelSource(family, DENSE, "measured")
         return cal.ops[DENSE], KernelSource(family, DENSE, "derived", f"{family} has no measured kernel")
     method, k_bits, v_bits = widths
-    if method in SIXTEEN_BIT_ONLY and f"{DENSE}.{method}" in cal.ops:
-        return cal.ops[f"{DENSE}.{method}"], KernelSource(
-            family, f"{DENSE}.{method}", "derived", f"no quantized {method.upper()} kernel is measured; the 16-bit "
-            "kernel's efficiency on this layout's bytes and dequantization work is a lower bound on its time")
-    if method in SIXTEEN_BIT_ONLY:  # as this profile prices the 16-bit layout (family without widths, above)
+    if method in SIXTEEN_BIT_ONLY:
+        if f"{DENSE}.{method}" in cal.ops:
+            return cal.ops[f"{DENSE}.{method}"], KernelSource(
+                family, f"{DENSE}.{method}", "derived", f"no quantized {method.upper()} kernel is measured; the "
+                "16-bit kernel's efficiency on this layout's bytes and dequantization work is a lower bound on its "
+                "time")
+        # as this profile prices the 16-bit layout (a family without widths, above)
         return cal.ops[DENSE], KernelSource(
             family, DENSE, "derived", f"no {method.upper()} kernel is measured in this profile at any width: priced "
             f"as its 16-bit {method.upper()} layout, on the dense kernel's efficiency")

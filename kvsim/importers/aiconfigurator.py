@@ -323,8 +323,8 @@ def _import(system: str, engine: str, version: str | None, gpu: str | None, root
     # Balanced routing spreads the tokens' top-k picks evenly, so tokens x top_k picks touch that many
     # experts (all of them once there are enough): at 16 tokens x top-8 every one of 128 experts, which
     # is why the rows take as long at 16 tokens as at 32 and 64 (H100 vLLM 0.24 bf16 Qwen3-235B TP 4:
-    # 0.444 / 0.436 / 0.435 ms). Counting them as uniform-random routing would (82 of 128) charged
-    # the time of 128 experts to 82's bytes, pricing small decode batches up to 1.56x slow.
+    # 0.444 / 0.436 / 0.435 ms). Counting them as uniform-random routing (82 of 128 touched) charged
+    # the time of 128 experts to 82's bytes and priced small decode batches up to 1.56x slow.
     # 16-bit for every engine; for vLLM also FP8 per tensor and FP8 128x128 blocks against the FP8 peak,
     # each table holding the kernel vLLM's MoE oracle chose in that version (kernel_source: H100 0.24,
     # FlashInfer CUTLASS for ModelOpt FP8 and Triton for block FP8, the algorithm kvsim's own fused-MoE
