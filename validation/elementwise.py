@@ -18,6 +18,12 @@ cursors the permute consumes; the permute alone is that row minus the moe_align 
   moe_align           E                    4 T k + 8 E
   moe_align_permute   k x H                2 T k H e + 12 T k + 8 E
   moe_unpermute       k x H                T k H e + T H e (+ T H e shared) + 8 T k
+  fp8_group_quant     W                    T W e + T W + 4 T ceil(W / 128)   (fp8 out, fp32 scales)
+
+fp8_group_quant rows (params src=act-quant, which kvsim calibrate does not fit) check kvsim's pricing of
+the activation quantization vLLM's fused MoE runs before each block-FP8 expert GEMM, on the widths
+it quantizes: the hidden size (gate/up input) and the expert intermediate size at TP 1, 4 and 8
+(down input, T x top_k rows).
 """
 from __future__ import annotations
 
@@ -65,6 +71,9 @@ def shapes(cfgs):
                       ("moe_unpermute", k * H, dict(mp, shared=bool(c.shared_intermediate)),
                        lambda *a, ne=ne, k=k, H=H, s=bool(c.shared_intermediate): unpermute_case(*a, ne, k, H, s))]
         items += [("silu_and_mul", i, {}, lambda *a, i=i: silu_case(*a, i)) for i in inters]
+        if c.moe_experts:
+            widths = [c.hidden] + [c.moe_intermediate // tp for tp in (1, 4, 8) if c.moe_intermediate // tp >= 128]
+            items += [("fp8_group_quant", w, {"src": "act-quant"}, lambda *a, w=w: quant_case(*a, w)) for w in widths]
         for op, hidden, params, setup in items:
             if (op, hidden) not in seen:
                 seen.add((op, hidden))
@@ -135,6 +144,18 @@ def silu_case(T, g, inter):
     return (lambda: eo.silu_and_mul(gu)), rel_error(eo.silu_and_mul(gu), ref), 3 * T * inter * g.e
 
 
+def quant_case(T, g, width):
+    x = g.randn(T, width) * 4
+    q, scales = eo.fp8_group_quant(x)
+    groups = scales.shape[1]
+    pad = groups * eo.QUANT_GROUP - width
+    xg = torch.nn.functional.pad(x.double(), (0, pad)).view(T, groups, eo.QUANT_GROUP)
+    ref_s = xg.abs().amax(-1).clamp_min(1e-10) / eo.FP8_MAX
+    ref_q = (xg / ref_s[..., None]).clamp(-eo.FP8_MAX, eo.FP8_MAX).float().to(q.dtype).double().view(T, -1)
+    err = max(rel_error(scales, ref_s), rel_error(q.double(), ref_q[:, :width]))  # a value off by a rounding tie
+    return (lambda: eo.fp8_group_quant(x)), err, T * width * g.e + T * width + 4 * T * groups
+
+
 def topk_case(T, g, ne, k):
     logits = g.randn(T, ne)
     w, _ = eo.moe_topk_softmax(logits, k)
@@ -186,7 +207,10 @@ def run(args, out, budget):
     names = QUICK_MODELS if args.quick else MODELS + EXTRA_MODELS
     cfgs = [c for c in (guarded(f"config {n}", get_config, n, log) for n in names) if c is not None]
     swept = set()
+    only = set(filter(None, getattr(args, "ops", "").split(",")))
     for op, hidden, params, setup in shapes(cfgs):
+        if only and op not in only:
+            continue
         tokens = QUICK_TOKENS if args.quick else TOKENS_EXTRA if op in swept else TOKENS
         swept.add(op)
         for T in tokens:

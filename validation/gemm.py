@@ -470,6 +470,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=120)
     ap.add_argument("--part", default="gemm", choices=["gemm", "w4a16", "grouped", "fused_moe", "elementwise"])
     ap.add_argument("--layers", default="", help="fused_moe: comma-separated FUSED_MOE labels, only these")
+    ap.add_argument("--ops", default="", help="elementwise: comma-separated ops, only these (e.g. fp8_group_quant)")
     ap.add_argument("--tilings", default="best", choices=["best", "vllm"],
                     help="fused_moe: the fastest of MOE_CONFIGS (best), or that beside vLLM's own choice (vllm: "
                          "kernels/vllm_tilings.py; rows marked src=, which kvsim calibrate does not fit)")

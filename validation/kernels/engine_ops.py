@@ -11,6 +11,8 @@ cache_kernels.cu, activation_kernels.cu, csrc/moe/):
   moe_align           per-expert counts -> group ends (grouped GEMM offsets) and start cursors
   moe_permute         each (token, choice) row copied to its expert's group (atomic cursor; after align)
   moe_unpermute       out[t] = sum_j w[t, j] * rows[t, j] (+ the shared experts' output)
+  fp8_group_quant     FP8 activations with one fp32 scale per 1 x 128 group (vLLM's
+                      per_token_group_quant_fp8, before each block-FP8 expert GEMM)
 
 Everything reads and writes through explicit strides (q, k, v are views of the fused QKV output;
 MLA's latent and RoPE key are views of one row), so no copies are needed around them. Kernels
@@ -158,6 +160,39 @@ def silu_and_mul(gu: torch.Tensor) -> torch.Tensor:
     blk = 1024
     _silu_mul_kernel[(T, triton.cdiv(inter, blk))](gu, y, gu.stride(0), y.stride(0), inter, BLOCK=blk, num_warps=4)
     return y
+
+
+# ----------------------------------------------------------------------------- FP8 activations
+FP8_MAX = 448.0  # largest float8_e4m3fn value
+QUANT_GROUP = 128  # the block-FP8 checkpoints' activation group (weight_block_size[1])
+
+
+@triton.jit
+def _group_quant_kernel(X, Q, S, s_x, s_q, rows, width, groups, G: tl.constexpr, ROWS: tl.constexpr,
+                        FMAX: tl.constexpr):
+    # one program per (ROWS rows, one 128-wide group): a tile of whole groups, each scaled by its own max
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    g = tl.program_id(1)
+    offs = g * G + tl.arange(0, G)
+    m = (r < rows)[:, None] & (offs < width)[None, :]
+    r64 = r.to(tl.int64)[:, None]
+    x = tl.load(X + r64 * s_x + offs[None, :], mask=m, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-10) / FMAX
+    tl.store(Q + r64 * s_q + offs[None, :], tl.clamp(x / scale[:, None], -FMAX, FMAX).to(Q.dtype.element_ty), mask=m)
+    tl.store(S + r.to(tl.int64) * groups + g, scale, mask=r < rows)
+
+
+def fp8_group_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, W] -> (float8_e4m3fn [R, W], fp32 scales [R, ceil(W / 128)]): each 1 x 128 group divided by
+    its absolute maximum / 448 (vLLM's per_token_group_quant_fp8)."""
+    R, W = x.shape
+    groups = triton.cdiv(W, QUANT_GROUP)
+    q = torch.empty(R, W, device=x.device, dtype=torch.float8_e4m3fn)
+    scales = torch.empty(R, groups, device=x.device, dtype=torch.float32)
+    rows = 16 if R >= 16 else _pad(R)
+    _group_quant_kernel[(triton.cdiv(R, rows), groups)](x, q, scales, x.stride(0), q.stride(0), R, W, groups,
+                                                        G=QUANT_GROUP, ROWS=rows, FMAX=FP8_MAX, num_warps=4)
+    return q, scales
 
 
 # ----------------------------------------------------------------------------- MoE routing
