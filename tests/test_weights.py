@@ -206,6 +206,32 @@ def test_16_bit_experts_run_vllms_fused_moe_kernel_and_the_reference_engine_its_
     assert any("no gemm_grouped curve" in n and GROUPED_MM_CURVE in n for n in fallback.notes)
 
 
+def test_w8a8_experts_pay_their_input_quantization_and_an_imported_moe_table_holds_its_layer() -> None:
+    """vLLM's fused MoE quantizes each W8A8 expert GEMM's input in a kernel of its own: DeepSeek-V3 (block
+    FP8, 58 MoE layers of 3 dense) at TP 8 reads 16-bit and writes 8-bit hidden states once per token
+    (7,168 wide, 56 fp32 group scales) and top-8 rows of the 256-wide intermediate shard (2 scales),
+    two kernels a layer; 16-bit experts quantize nothing. An imported profile's MoE table times the
+    whole routed-expert layer, so there neither routing, nor the routed activation, nor the
+    quantization is priced again: the activation row keeps the dense MLPs and the shared expert."""
+    v3, h100, b200 = load_model("deepseek-v3"), load_hardware("h100-sxm"), load_hardware("b200")
+    names, per_token, kernels = CostModel(v3, h100, layout_for(v3, "bf16"), 8)._elementwise
+    per_layer = (7168 * 3 + 4 * 56) + 8 * (256 * 3 + 4 * 2)
+    assert per_token[names.index("moe_act_quant")] == pytest.approx(58 * per_layer)
+    assert kernels[names.index("moe_act_quant")] == 2 * 58
+    assert kernels[names.index("moe_routing")] == 4 * 58
+    assert "moe_act_quant" not in CostModel(load_model("qwen3-30b-a3b"), h100,
+                                            layout_for(load_model("qwen3-30b-a3b"), "bf16"))._elementwise[0]
+    imported = CostModel(v3, b200, layout_for(v3, "bf16"), 8)
+    assert imported.cal.kind == "imported"
+    names, per_token, kernels = imported._elementwise
+    assert "moe_routing" not in names and "moe_act_quant" not in names
+    activation = names.index("activation")
+    assert per_token[activation] == 3 * (3 * 18432 // 8 * 2) + 58 * (3 * 2048 // 8 * 2)
+    assert kernels[activation] == 61
+    step = imported.step(Batch(decode_context=np.full(32, 1024)))
+    assert "moe_routing" not in step.breakdown and step.breakdown["gemm.experts"] > 0
+
+
 def test_w4a16_decode_reads_a_quarter_and_prefill_pays_dequantization() -> None:
     base, q = load_model("llama-3.1-8b"), with_weights(load_model("llama-3.1-8b"), "int4")
     d16, _ = _gemm_s(base, "h100-sxm", 1)

@@ -43,6 +43,11 @@ NORMS_PER_LAYER = 2
 # order (vLLM moe_align_block_size + gather) and the weighted un-permute/sum (moe_sum): four
 # kernels that move each routed token's hidden state (vLLM fused_moe, layer/fused_moe/fused_moe.py).
 MOE_ROUTING_KERNELS_PER_LAYER = 4
+# W8A8 routed experts: vLLM's fused MoE quantizes each expert GEMM's input in its own kernel, two per
+# layer (fused_experts_impl: moe_kernel_quantize_input before each invoke_fused_moe_kernel); block-FP8
+# checkpoints group the activations 1 x 128 (per_token_group_quant_fp8; weight_block_size [128, 128])
+MOE_QUANT_KERNELS_PER_LAYER = 2
+QUANT_GROUP = 128
 # Token counts up to this are priced ahead, all at once, into per-op tables (a simulation asks for
 # the same few thousand counts again and again); larger or fractional counts are priced on demand
 # with the same vectorized arithmetic, so a value never depends on which path produced it.
@@ -325,6 +330,12 @@ class CostModel:
                                + (" (a labelled prior: the W4A16 kernels validation/gemm.py times are slower than"
                                   " vLLM's and not fitted, kvsim/calibrate.py)" if k_.curve == "gemm.w4a16" else
                                   " (a labelled prior, not a measurement; validation/gemm.py measures it)"),)
+        routed_curves = {r[9] for r in rows if r[11]}
+        # an imported MoE table times vLLM's whole routed-expert layer (top-k, alignment, activation
+        # quantization, both GEMMs, activation, weighted sum: kvsim/importers/aiconfigurator.py), so
+        # _build_elementwise adds none of those kernels again
+        self._moe_in_table = (bool(routed_curves) and self.cal.kind == "imported"
+                              and all(cv.startswith("gemm_grouped") for cv in routed_curves))
         names = list(dict.fromkeys(r[0] for r in rows))
         curve_names = tuple(dict.fromkeys(r[9] for r in rows))
         col = list(zip(*rows, strict=True))
@@ -432,28 +443,52 @@ class CostModel:
             rope = 2 * (a.num_heads // tp + 1) * a.mla.qk_rope_head_dim * e * L
         else:
             rope = 2 * (a.num_heads // tp + kv_heads_per_rank(m, tp)) * a.head_dim * e * L
-        act = 0.0
+        act, act_kernels = 0.0, 0
         for layer in m.layers:
             if layer.moe and m.moe:  # shared_intermediate_size is the shared experts' total width
-                inter = m.moe.expert_intermediate_size * m.moe.top_k + (m.moe.shared_intermediate_size or 0)
+                routed = 0 if self._moe_in_table else m.moe.expert_intermediate_size * m.moe.top_k
+                inter = routed + (m.moe.shared_intermediate_size or 0)
             else:
                 inter = m.intermediate_size
             act += 3 * inter // tp * e  # read gate and up, write their product
+            act_kernels += inter > 0
         rows = [("kv_write", kv_write, L), ("norm", norm, NORMS_PER_LAYER * L + 1), ("rope", rope, L),
-                ("activation", act, L)]
+                ("activation", act, act_kernels)]
         moe_layers = sum(1 for layer in m.layers if layer.moe) if m.moe else 0
         # permute: read h, write k copies; un-permute: read k copies, write h (+ shared out); with data
         # parallelism over every DP rank's tokens (gathered), of which this GPU's experts get their share
-        if moe_layers and m.moe is not None:
+        if moe_layers and m.moe is not None and not self._moe_in_table:
             dp = self.parallel.dp if gathers_tokens(m, self.parallel) else 1
-            held = expert_shard(m, tp, self.parallel)[0]
-            rows.append(("moe_routing", (3 * m.moe.top_k * (held / m.moe.num_experts) + 2) * dp * h * e * moe_layers,
+            share = expert_shard(m, tp, self.parallel)[0] / m.moe.num_experts
+            rows.append(("moe_routing", (3 * m.moe.top_k * share + 2) * dp * h * e * moe_layers,
                          MOE_ROUTING_KERNELS_PER_LAYER * moe_layers))
+            quant = self._moe_input_quant(share)
+            if quant:
+                rows.append(("moe_act_quant", quant * dp * moe_layers, MOE_QUANT_KERNELS_PER_LAYER * moe_layers))
         # sampler (vLLM; validation/engine_model.py sample): logits bf16 -> fp32 (read 2, write 4 B),
         # softmax (read 4, write 4), pick (read 4): 18 bytes per vocabulary entry, 3 kernels
         rows.append(("sampling", m.vocab_size * 18, 3))  # every rank samples the gathered logits
         names, per_token, kernels = zip(*rows, strict=True)
         return tuple(names), np.array(per_token, dtype=float), np.array(kernels, dtype=float)
+
+    def _moe_input_quant(self, share: float) -> float:
+        """Bytes per token of the activation quantization before W8A8 routed-expert GEMMs (0: none):
+        vLLM's fused MoE quantizes the hidden states once per token before gate/up and the activated
+        intermediate, top_k rows per token, before down (fused_experts_impl: moe_kernel_quantize_input),
+        reading 16-bit values and writing 8-bit ones plus fp32 scales (one per 128-wide group for block
+        scales, one per row otherwise). ``share``: this GPU's share of the experts."""
+        m, wq, e = self.model, self.model.weight_quant, self.model.dtype_bytes
+        if m.moe is None or wq is None or self.weight_kernel.path not in ("fp8", "int8"):
+            return 0.0
+        layer = next(layer for layer in m.layers if layer.moe)
+        total = 0.0
+        for lin in layer_linears(m, layer, self.tp, self.parallel):
+            if lin.role != "experts" or lin.bits == 8 * e:
+                continue
+            rows = 1.0 if lin.in_features == m.hidden_size else m.moe.top_k * share  # gate/up: each token once
+            scales = 4 * (-(-lin.in_features // QUANT_GROUP) if wq.block_scaled else 1)
+            total += rows * (lin.in_features * (e + 1) + scales)
+        return total
 
     # ---------------------------------------------------------------- pricing
     def _roof(self, kind: str, flops: np.ndarray | float, nbytes: np.ndarray | float, size: np.ndarray | float,
