@@ -230,6 +230,13 @@ def test_w8a8_experts_pay_their_input_quantization_and_an_imported_moe_table_hol
     assert kernels[activation] == 61
     step = imported.step(Batch(decode_context=np.full(32, 1024)))
     assert "moe_routing" not in step.breakdown and step.breakdown["gemm.experts"] > 0
+    # every MLP routed, no shared expert (MiniMax-M2.5's layout): no activation kernel at all, not one of
+    # zero launches (a 0 / 0 size)
+    moe_only = replace(v3, layers=tuple(replace(layer, moe=True) for layer in v3.layers),
+                       moe=replace(v3.moe, num_shared_experts=0, shared_intermediate_size=None))
+    with np.errstate(all="raise"):
+        step = CostModel(moe_only, b200, layout_for(moe_only, "bf16"), 8).step(Batch(decode_context=np.full(8, 512)))
+    assert "activation" not in step.breakdown and step.total_s == pytest.approx(sum(step.breakdown.values()))
 
 
 def test_w4a16_decode_reads_a_quarter_and_prefill_pays_dequantization() -> None:

@@ -452,8 +452,9 @@ class CostModel:
                 inter = m.intermediate_size
             act += 3 * inter // tp * e  # read gate and up, write their product
             act_kernels += inter > 0
-        rows = [("kv_write", kv_write, L), ("norm", norm, NORMS_PER_LAYER * L + 1), ("rope", rope, L),
-                ("activation", act, act_kernels)]
+        rows = [("kv_write", kv_write, L), ("norm", norm, NORMS_PER_LAYER * L + 1), ("rope", rope, L)]
+        if act_kernels:  # none where every MLP is a routed-expert layer an imported MoE table holds
+            rows.append(("activation", act, act_kernels))
         moe_layers = sum(1 for layer in m.layers if layer.moe) if m.moe else 0
         # permute: read h, write k copies; un-permute: read k copies, write h (+ shared out); with data
         # parallelism over every DP rank's tokens (gathered), of which this GPU's experts get their share
