@@ -2,10 +2,11 @@
 (aiconfigurator-core's systems/data/<system>/moe/vllm/<version>/moe_perf.parquet, Triton kernel
 sources only), for Qwen3-235B-A22B and Qwen3-30B-A3B shards at TP 1-8 in bf16, FP8 and FP8 blocks.
 
-kvsim's side: the decode step's gemm.experts + moe_routing + activation terms divided by the MoE
-layers (every layer of these models is one). The database routes 'balanced' (every expert gets the same
-count), kvsim a random router's expected touched experts: the two agree once every expert is touched, so
-only token counts >= 64 (64 x top-8 pairs over 128 experts) are compared. Needs kvsim[aic].
+kvsim's side: the decode step's gemm.experts + moe_routing + activation (+ moe_act_quant for FP8 experts)
+terms divided by the MoE layers (every layer of these models is one), as the database times the whole
+layer. The database routes 'balanced' (every expert gets the same count), kvsim a random router's
+expected touched experts: the two agree once every expert is touched, so only token
+counts >= 64 (64 x top-8 pairs over 128 experts) are compared. Needs kvsim[aic].
 
     .venv/bin/python scripts/moe_vs_aiconfigurator.py [--system h100_sxm] [--version 0.24.0]
 """
@@ -56,7 +57,8 @@ def compare(system: str, version: str) -> list[tuple[str, int, str, list[float]]
                 got = []
                 for t in (t for t in TOKENS if t in tab):
                     b = predict(m, gpu, t, 16, tp=tp)[0]["breakdown"]
-                    got.append((b["gemm.experts"] + b["moe_routing"] + b["activation"]) / layers / tab[t])
+                    got.append((b["gemm.experts"] + b["moe_routing"] + b["activation"] + b.get("moe_act_quant", 0.0))
+                               / layers / tab[t])
                 if got:
                     out.append((name, tp, dtype, got))
     return out
