@@ -266,7 +266,8 @@ class CostModel:
         """Every linear of the model (per layer kind) and the output head, as arrays. Quantized linears
         run on their weight kernel's path (kvsim.spec.quant.weight_kernel): its peak, its efficiency
         curve when the profile has one (else the bf16 curve, labelled a prior in ``notes``), and for
-        weight-only paths the in-kernel dequantization."""
+        weight-only paths the in-kernel dequantization. Sets ``_moe_in_table``: whether the routed experts
+        are priced on an imported table of the whole MoE layer (read by ``_build_elementwise``)."""
         e, c, k_ = self.model.dtype_bytes, self.cal.ceilings, self.weight_kernel
         native_bits = 8 * e
         rows: list[tuple] = []
@@ -484,7 +485,7 @@ class CostModel:
         layer = next(layer for layer in m.layers if layer.moe)
         total = 0.0
         for lin in layer_linears(m, layer, self.tp, self.parallel):
-            if lin.role != "experts" or lin.bits == 8 * e:
+            if lin.role != "experts" or lin.bits == 8 * e:  # 16-bit experts quantize nothing
                 continue
             rows = 1.0 if lin.in_features == m.hidden_size else m.moe.top_k * share  # gate/up: each token once
             scales = 4 * (-(-lin.in_features // QUANT_GROUP) if wq.block_scaled else 1)
