@@ -49,7 +49,8 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     profile), ``"none"`` (pure roofline) or a profile path; each point names the profile used in
     ``calibration``, with ``decode_kernel``: whether decode attention is priced from this method's
     measured kernel, derived from a measured neighbour (by the rule it names), or from a prior, and
-    ``cost_notes``: every other term priced by a rule rather than a measured kernel.
+    ``cost_notes``: every other term priced by a rule rather than a measured kernel, and how quantized
+    weights and routed experts are priced (a prior says PRIOR).
     ``data_parallel_size`` and ``expert_parallel``: vLLM's ``--data-parallel-size`` and
     ``--enable-expert-parallel`` (kvsim.spec.parallel); a point is then one DP rank's step, every rank
     carrying ``batch`` sequences."""
@@ -83,7 +84,8 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     label = {"kind": cost.cal.kind, "label": cost.cal.label, "gpu": cost.cal.gpu, "engine": cost.cal.engine,
              "note": cost.cal.note,
              "allreduce": cost.allreduce.source, "decode_kernel": cost.decode_kernel.as_dict(),
-             "cost_notes": list(cost.cost_notes)}
+             # the method's rules, then how weights and experts are priced (priors labelled PRIOR)
+             "cost_notes": list(cost.cost_notes) + list(cost.notes)}
     points = []
     for b in batches:
         for c in contexts:

@@ -225,6 +225,8 @@ def test_w8a8_experts_pay_their_input_quantization_and_an_imported_moe_table_hol
     assert imported.cal.kind == "imported"
     names, per_token, kernels = imported._elementwise
     assert "moe_routing" not in names and "moe_act_quant" not in names
+    assert any("which times the engine's whole MoE layer" in n for n in imported.notes)
+    assert not any("whole MoE layer" in n for n in CostModel(v3, h100, layout_for(v3, "bf16"), 8).notes)
     activation = names.index("activation")
     assert per_token[activation] == 3 * (3 * 18432 // 8 * 2) + 58 * (3 * 2048 // 8 * 2)
     assert kernels[activation] == 61
@@ -256,6 +258,17 @@ def test_cli_weights_and_version(capsys) -> None:
     r = json.loads(capsys.readouterr().out)
     assert r["weights"] == "fp8" and "0.11-0.16" in r["vllm_rule"]
     assert r["weight_bytes"] / GIB == pytest.approx(8.46 + 0.03, abs=0.01)
+
+
+def test_predict_labels_a_weights_prior(capsys) -> None:
+    """`kvsim predict` says how quantized weights are priced, and labels a prior as one (it printed only
+    the method's notes before, so a W4A16 price on the bf16 curve came with no label)."""
+    main(["predict", "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--weights", "int4", "--batch", "8",
+          "--context", "1024"])
+    out = capsys.readouterr().out
+    assert "note: weights int4" in out and "note: PRIOR: profile h100-sxm has no gemm.w4a16 curve" in out
+    main(["predict", "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--batch", "8", "--context", "1024"])
+    assert "note:" not in capsys.readouterr().out  # 16-bit weights on measured kernels: nothing to label
 
 
 @pytest.mark.parametrize("argv,match", [

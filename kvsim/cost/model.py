@@ -337,6 +337,10 @@ class CostModel:
         # _build_elementwise adds none of those kernels again
         self._moe_in_table = (bool(routed_curves) and self.cal.kind == "imported"
                               and all(cv.startswith("gemm_grouped") for cv in routed_curves))
+        if self._moe_in_table:
+            self.notes += (f"routed experts on {self.cal.label}'s MoE table ({', '.join(sorted(routed_curves))}), "
+                           "which times the engine's whole MoE layer: top-k, alignment, activation quantization, "
+                           "activation and weighted sum are inside gemm.experts, not priced apart",)
         names = list(dict.fromkeys(r[0] for r in rows))
         curve_names = tuple(dict.fromkeys(r[9] for r in rows))
         col = list(zip(*rows, strict=True))
