@@ -2,19 +2,20 @@
 bytes and rows per expert: the imported curve is aiconfigurator's timing of vLLM's whole FusedMoE layer
 (routing, quantization and both GEMMs; balanced routing), fitted per byte, so the ratio says how much
 slower (> 1) or faster vLLM's layer is than kvsim's stand-in kernel at equal work, by token band.
-Rows with params src=... (tiling comparisons) are left out, as calibration leaves them out.
+Rows with params src=... (tiling comparisons) are left out, as calibration leaves them out
+(kvsim.measured.rows).
 
     .venv/bin/python scripts/moe_kernel_vs_imported.py [--gpu h200-sxm] [--mode fp8_block]
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 from pathlib import Path
 
 import numpy as np
 
+from kvsim import measured
 from kvsim.cost.calibration import find_calibration
 from kvsim.spec.hardware import load_hardware
 
@@ -43,8 +44,7 @@ def main() -> None:
     hw = load_hardware(a.gpu)
     own, imported = find_calibration(hw), find_calibration(hw, "imported")
     path = Path(__file__).resolve().parents[1] / "validation" / "results" / a.gpu / "fused_moe.csv"
-    with path.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["mode"] == a.mode and not r["params"].startswith("src=")]
+    rows = [r for r in measured.rows(path) if r["mode"] == a.mode]  # as calibration reads them: no src= rows
     bands: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         band = next(name for top, name in BANDS if int(r["tokens"]) <= top)

@@ -27,7 +27,7 @@ from kvsim.spec.hardware import HardwareSpec
 from kvsim.spec.linears import check_tp, head_linears, kv_heads_per_rank, layer_linears
 from kvsim.spec.model import ModelSpec
 from kvsim.spec.parallel import SINGLE, Parallel, expert_shard, gathers_tokens, max_rank_load
-from kvsim.spec.quant import weight_kernel
+from kvsim.spec.quant import FP8_ACTIVATION_GROUP, weight_kernel
 
 NO_CAP = -1  # cap key meaning "the whole context"
 DEQUANT_FLOPS_PER_ELEMENT = 4  # unpack, convert, multiply by scale, add zero point
@@ -44,10 +44,8 @@ NORMS_PER_LAYER = 2
 # kernels that move each routed token's hidden state (vLLM fused_moe, layer/fused_moe/fused_moe.py).
 MOE_ROUTING_KERNELS_PER_LAYER = 4
 # W8A8 routed experts: vLLM's fused MoE quantizes each expert GEMM's input in its own kernel, two per
-# layer (fused_experts_impl: moe_kernel_quantize_input before each invoke_fused_moe_kernel); block-FP8
-# checkpoints group the activations 1 x 128 (per_token_group_quant_fp8; weight_block_size [128, 128])
+# layer (fused_experts_impl: moe_kernel_quantize_input before each invoke_fused_moe_kernel)
 MOE_QUANT_KERNELS_PER_LAYER = 2
-QUANT_GROUP = 128
 # Token counts up to this are priced ahead, all at once, into per-op tables (a simulation asks for
 # the same few thousand counts again and again); larger or fractional counts are priced on demand
 # with the same vectorized arithmetic, so a value never depends on which path produced it.
@@ -492,7 +490,7 @@ class CostModel:
             if lin.role != "experts" or lin.bits == 8 * e:  # 16-bit experts quantize nothing
                 continue
             rows = 1.0 if lin.in_features == m.hidden_size else m.moe.top_k * share  # gate/up: each token once
-            scales = 4 * (-(-lin.in_features // QUANT_GROUP) if wq.block_scaled else 1)
+            scales = 4 * (-(-lin.in_features // FP8_ACTIVATION_GROUP) if wq.block_scaled else 1)
             total += rows * (lin.in_features * (e + 1) + scales)
         return total
 

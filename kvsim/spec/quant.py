@@ -72,6 +72,9 @@ GemmPath = Literal["bf16", "fp8", "int8", "w8a16", "w4a16"]
 # of the routed experts' grouped GEMM where it has its own kernel (vLLM's fused-MoE with FP8 scales per
 # tensor or per 128x128 block: validation/kernels/fused_moe.py measures both).
 GEMM_PATH_CURVES = ("gemm.fp8", "gemm.int8", "gemm.w8a16", "gemm.w4a16")
+# Block-FP8 checkpoints (DeepSeek-V3, Qwen3-FP8, MiniMax-M2.5: weight_block_size [128, 128]) scale their
+# activations per 1 x 128 group along K, the weight block's width (vLLM per_token_group_quant_fp8)
+FP8_ACTIVATION_GROUP = 128
 GROUPED_PATH_CURVES = ("gemm_grouped.fp8", "gemm_grouped.fp8_block")
 
 
