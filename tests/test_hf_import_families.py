@@ -181,7 +181,7 @@ GLM45 = {"model_type": "glm4_moe", "head_dim": 128, "hidden_size": 5120, "interm
 MINIMAX_M25 = {"model_type": "minimax_m2", "num_hidden_layers": 62, "hidden_size": 3072, "num_attention_heads": 48,
                "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 1536, "vocab_size": 200064,
                "num_experts_per_tok": 8, "num_local_experts": 256, "torch_dtype": "bfloat16",
-               "max_position_embeddings": 196608}
+               "max_position_embeddings": 196608, "use_qk_norm": True, "qk_norm_type": "per_layer"}
 
 # MLC "phi-4" (microsoft/Phi-4-mini-instruct): a 262,144-token window, longer than any context here.
 PHI4_MINI = {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24,

@@ -600,6 +600,8 @@ class CostModel:
             rows.append((name, d, np.zeros_like(nbytes), nbytes, t, np.full(t.shape, "memory")))
         if self.tp > 1:
             rows.append(self._allreduce(tokens))
+            if self.model.attention.qk_norm_across_heads:
+                rows += self._qk_norm_allreduce(tokens)
         if gathers_tokens(self.model, self.parallel):
             rows += self._dispatch_combine(tokens)
         return [(name, d, f.tolist(), b.tolist(), t.tolist(), bound.tolist()) for name, d, f, b, t, bound in rows]
@@ -803,16 +805,41 @@ class CostModel:
     def _allreduce(self, tokens: np.ndarray) -> tuple:
         """Two all-reduces per layer of the hidden states (Megatron TP), and one of the logits: the
         engine's measured tables where it has them (``self.allreduce``), else a calibrated ring."""
-        link = self.hw.nvlink_bandwidth_bytes_per_s or self.hw.pcie_bandwidth_bytes_per_s
         msg = tokens * self.model.hidden_size * self.model.dtype_bytes
-        curve = self.cal.ops["allreduce"]
-        _, me = curve.eff(np.maximum(msg, 1.0))
-        per_call = (2.0 * (self.tp - 1) / self.tp * msg / (link * me)
-                    + 2 * (self.tp - 1) * self.cal.ceilings.link_latency_s + curve.floor_s)
-        if self.allreduce is not None:
-            per_call = self.allreduce.seconds(msg, per_call)
+        per_call = self._allreduce_call_s(msg)
         calls = 2 * self.model.num_layers + 1
         return ("allreduce", 0, np.zeros_like(msg), msg * calls, per_call * calls, np.full(msg.shape, "link"))
+
+    def _allreduce_call_s(self, msg: np.ndarray) -> np.ndarray:
+        """One TP all-reduce of ``msg`` bytes: the engine's measured tables where it has them
+        (``self.allreduce``), else a calibrated ring of 2(tp-1) hops."""
+        link = self.hw.nvlink_bandwidth_bytes_per_s or self.hw.pcie_bandwidth_bytes_per_s
+        curve = self.cal.ops["allreduce"]
+        _, me = curve.eff(np.maximum(msg, 1.0))
+        ring = (2.0 * (self.tp - 1) / self.tp * msg / (link * me)
+                + 2 * (self.tp - 1) * self.cal.ceilings.link_latency_s + curve.floor_s)
+        return ring if self.allreduce is None else self.allreduce.seconds(msg, ring)
+
+    def _qk_norm_allreduce(self, tokens: np.ndarray) -> list[tuple]:
+        """A query/key norm over all heads (``AttentionSpec.qk_norm_across_heads``) under TP: each
+        attention layer sums the squares of its slice of every token's Q and K, all-reduces the two fp32
+        sums per token, then normalizes (vLLM MiniMaxText01RMSNormTP.forward_qk: one all-reduce of the
+        concatenated q and k sums; releases before it ran one per norm). Priced: the all-reduce, and the
+        reduction pass over the Q and K slices that must finish before it (the normalization after it
+        joins the rotary embedding's kernel in the compiled graph, like a per-head QK norm, which kvsim
+        does not price apart)."""
+        m, a, e = self.model, self.model.attention, self.model.dtype_bytes
+        layers = sum(1 for layer in m.layers if layer.attention not in ("state", "none"))
+        msg = tokens * 2 * 4.0  # q and k sums of squares, fp32
+        per_call = self._allreduce_call_s(msg)
+        t_ar = np.where(tokens > 0, per_call * layers, 0.0)
+        qk_bytes = tokens * (a.num_heads // self.tp + kv_heads_per_rank(m, self.tp)) * a.head_dim * e * layers
+        curve = self.cal.ops["elementwise"]
+        _, me = curve.eff(np.maximum(qk_bytes / layers, 1.0))
+        t_sum = np.where(tokens > 0, qk_bytes / (self.cal.ceilings.copy_bytes_per_s * me) + curve.floor_s * layers,
+                         0.0)
+        return [("qk_norm", 0, np.zeros_like(qk_bytes), qk_bytes, t_sum, np.full(t_sum.shape, "memory")),
+                ("allreduce.qk_norm", 0, np.zeros_like(msg), msg * layers, t_ar, np.full(msg.shape, "link"))]
 
     def _dispatch_combine(self, tokens: np.ndarray) -> list[tuple]:
         """Each MoE layer's token dispatch and combine over the DP group, as vLLM's default single-node

@@ -155,6 +155,23 @@ def _check_representable(cfg: dict, file: str) -> None:
                              field=key, value=shown, file=file)
 
 
+# MiniMax configs' qk_norm_type (read when use_qk_norm is set): "per_layer" normalizes the queries
+# (keys) of a token over all heads together, "per_head" each head alone (vLLM minimax_m2.py
+# MiniMaxText01RMSNormTP; minimax_m3 qk_norm_type == "per_head"). Other families' use_qk_norm is a
+# per-head norm (Llama-4: an L2 norm of each head, modeling_llama4 Llama4TextL2Norm).
+_QK_NORM_TYPES = {"per_layer": True, "per_head": False}
+
+
+def _qk_norm_across_heads(cfg: dict, mtype: str, file: str) -> bool:
+    """Whether the config normalizes Q and K across all heads (priced apart under tensor parallelism)."""
+    if not cfg.get("use_qk_norm") or not mtype.startswith("minimax"):
+        return False
+    kind = _need(cfg, "qk_norm_type", file)  # which of the two it is changes the price: never assumed
+    if kind not in _QK_NORM_TYPES:
+        raise KvsimError(f"must be one of {', '.join(_QK_NORM_TYPES)}", field="qk_norm_type", value=kind, file=file)
+    return _QK_NORM_TYPES[kind]
+
+
 def _layer_tokens(cfg: dict, mtype: str, n: int, moe_layers: list[bool], file: str) -> list[str]:
     """Per-layer pattern tokens (attention kind, MoE flag, shared-KV source)."""
     kinds, rule = _layer_kinds(cfg, mtype, n, file)
@@ -276,6 +293,8 @@ def model_from_hf_config(full: dict, *, name: str, config_file: str, hf_repo: st
         head_dim = cfg.get("head_dim") or cfg.get("attention_head_dim") or hidden // heads
         attention["head_dim"] = attention["v_head_dim"] = head_dim
     attention["bias"] = bool(cfg.get("attention_bias", mtype == "qwen2"))
+    if _qk_norm_across_heads(cfg, mtype, config_file):
+        attention["qk_norm_across_heads"] = True
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or full.get("torch_dtype") or full.get("dtype") or "bfloat16"
     tied = cfg.get("tie_word_embeddings", full.get("tie_word_embeddings", mtype in _TIED_BY_DEFAULT))
     # Gemma3nTextConfig default vocab (the partial config omits it).

@@ -55,6 +55,11 @@ class AttentionSpec:
     v_head_dim: int
     bias: bool
     mla: MLASpec | None
+    # RMSNorm of the queries and keys over all heads at once (MiniMax-M2: HF use_qk_norm with
+    # qk_norm_type "per_layer"), not per head as Qwen3's: under tensor parallelism each rank holds a
+    # slice of the heads, so vLLM all-reduces every token's sums of squares before normalizing
+    # (MiniMaxText01RMSNormTP, vllm/model_executor/layers/mamba/linear_attn.py)
+    qk_norm_across_heads: bool = False
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,7 @@ class _Attention(_Strict):
     v_head_dim: int = Field(gt=0)
     bias: bool = False
     mla: _MLA | None = None
+    qk_norm_across_heads: bool = False
 
 
 class _MLP(_Strict):
@@ -327,7 +333,8 @@ def model_from_dict(data: dict, file: str | None = None) -> ModelSpec:
         vocab_size=m.vocab_size,
         tie_word_embeddings=m.tie_word_embeddings,
         max_position_embeddings=m.max_position_embeddings,
-        attention=AttentionSpec(a.num_heads, a.num_kv_heads, a.head_dim, a.v_head_dim, a.bias, mla),
+        attention=AttentionSpec(a.num_heads, a.num_kv_heads, a.head_dim, a.v_head_dim, a.bias, mla,
+                                a.qk_norm_across_heads),
         intermediate_size=m.mlp.intermediate_size,
         mlp_gated=m.mlp.gated,
         moe=MoESpec(**m.moe.model_dump()) if m.moe else None,
