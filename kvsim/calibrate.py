@@ -24,7 +24,14 @@ import numpy as np
 import yaml
 
 from kvsim import measured
-from kvsim.cost.calibration import GROUPED_MM_CURVE, OP_KINDS, Calibration, calibration_from_dict, results_dir
+from kvsim.cost.calibration import (
+    FP32_GEMM_CURVE,
+    GROUPED_MM_CURVE,
+    OP_KINDS,
+    Calibration,
+    calibration_from_dict,
+    results_dir,
+)
 from kvsim.cost.model import CostModel, decode_family
 from kvsim.errors import KvsimError
 from kvsim.fileio import load_data_yaml, write_atomic
@@ -161,6 +168,11 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
         "gemm.fp8": [(float(r["m"]), float(r["n"]) * float(r["k"]), float(r["time_s"]), float(r["flops"]) / fp8,
                       float(r["bytes"]) / bw)
                      for r in rows("gemm.csv") if r["dtype"] == "fp8" and fp8],
+        # fp32 GEMMs (routers vLLM runs in fp32, validation/gemm.py --part fp32_router) against the datasheet
+        # FP32 peak (no fp32 ceiling is measured; the cost model prices them at the same peak)
+        FP32_GEMM_CURVE: [(float(r["m"]), float(r["n"]) * float(r["k"]) * 4, float(r["time_s"]),
+                       float(r["flops"]) / hw.peak_flops_per_s["fp32"], float(r["bytes"]) / bw)
+                      for r in rows("gemm.csv") if r["dtype"] == "fp32"],
         # No W4A16 curve is fitted: 4-bit weights keep the labelled prior (kvsim/cost/model.py). gemm.csv
         # times two W4A16 kernels, neither of them what vLLM runs: torch's tinygemm (dtype w4a16,
         # torch._weight_int4pack_mm) levels off at 29.5 TFLOP/s on an H200, so a 1k-token gpt-oss-120b
@@ -208,7 +220,8 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
     if grouped_mm:
         ops[GROUPED_MM_CURVE] = _fit_table(grouped_mm, 0.8)
     for name, samples in quantized.items():
-        used[f"gemm.csv ({name.split('.')[1]})"] = len(samples)
+        if samples or name != FP32_GEMM_CURVE:  # fp32 rows only where a run measured routers
+            used[f"gemm.csv ({name.split('.')[1]})"] = len(samples)
         if samples:
             ops[name] = _fit_table(samples, 0.8)
     for name, samples in grouped.items():

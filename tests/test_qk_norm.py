@@ -70,3 +70,27 @@ def test_tensor_parallel_adds_one_small_all_reduce_per_layer() -> None:
 def test_one_gpu_has_nothing_to_reduce() -> None:
     _, parts, _ = _step(load(MINIMAX_M25), 1, 16)
     assert "allreduce.qk_norm" not in parts and "qk_norm" not in parts
+
+
+def test_minimax_routes_in_fp32_at_the_fp32_peak() -> None:
+    """vLLM's MiniMax-M2 gate holds fp32 weights and runs on hidden states cast to fp32 (minimax_m2.py):
+    twice the router's weight bytes, and a prefill-sized router GEMM priced at the FP32 peak (a
+    labelled prior on the bf16 efficiency curve), several times the bf16 one."""
+    from kvsim.spec.linears import layer_linears
+
+    model = load(MINIMAX_M25)
+    plain = replace(model, moe=replace(model.moe, router_fp32=False))
+    assert model.moe.router_fp32 and not load({**MINIMAX_M25, "model_type": "qwen3_moe"}).moe.router_fp32
+    router = next(lin for lin in layer_linears(model, model.layers[0], 4) if lin.role == "router")
+    assert router.bits == 32 and router.bytes == 3072 * 256 * 4
+    hw = load_hardware("h100-sxm")
+    times = {}
+    for name, m in (("fp32", model), ("bf16", plain)):
+        cm = CostModel(m, hw, layout_for(m, "bf16"), 4)
+        step = cm.step(Batch(prefill_tokens=np.array([4096]), prefill_context=np.array([0])))
+        times[name] = step.breakdown["gemm.router"]
+        assert any(n.startswith("PRIOR: the router runs in fp32") for n in cm.notes) == (name == "fp32")
+    flops = 62 * 2 * 4096 * 3072 * 256  # every layer's router over the 4,096 prompt tokens
+    assert times["fp32"] >= flops / cm.cal.ceilings.flops_per_s["fp32"]  # never faster than the FP32 peak
+    assert times["bf16"] < flops / cm.cal.ceilings.flops_per_s["fp32"]  # which a bf16 GEMM beats
+    assert times["fp32"] > 3 * times["bf16"]

@@ -4,7 +4,7 @@ weights dequantized in registers before a bf16 MMA (kernels/w4a16.py, the design
 for 4-bit weights; gemm.csv dtype w4a16_dq, the rows kvsim calibrate fits); with --part grouped and
 --part fused_moe, routed experts (torch._grouped_mm; the vLLM-style Triton fused-MoE kernel in bf16, FP8
 and block FP8, writing fused_moe.csv); with --part elementwise, the reference engine's element-wise and
-MoE-routing kernels (elementwise.py).
+MoE-routing kernels (elementwise.py); with --part fp32_router, routers vLLM runs in fp32 (MiniMax-M2's gate).
 y[M,N] = x[M,K] @ W[N,K]^T.  Writes gemm.csv (dtype,m,n,k,time_s,flops,bytes,layer) and
 elementwise.csv (op,tokens,hidden,time_s,bytes,impl,rel_error,params,kernels)."""
 from __future__ import annotations
@@ -35,6 +35,11 @@ SHAPES = [
     (576, 7168, "deepseek-v3.kv_a"), (24576, 1536, "deepseek-v3.q_b"),
     (4672, 4544, "falcon-7b.qkv"), (18176, 4544, "falcon-7b.up"), (4544, 18176, "falcon-7b.down"),
 ]
+# Routers that vLLM runs in fp32 (N = experts, K = hidden): MiniMax-M2's gate is a ReplicatedLinear with
+# params_dtype float32 on hidden states cast to fp32 (vllm/model_executor/models/minimax_m2.py); the other
+# shapes widen the curve (Qwen3-235B / Qwen3-30B: 128 x 4096 and 128 x 2048, DeepSeek-V3: 256 x 7168)
+ROUTER_SHAPES = [(256, 3072, "minimax-m2.router"), (128, 4096, "qwen3-235b.router"),
+                 (128, 2048, "qwen3-30b.router"), (256, 7168, "deepseek-v3.router")]
 MS_FULL = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 3, 24, 48, 96, 100, 192, 384, 768,
            1000, 1536, 3000, 6144, 12288]
 MS_QUICK = [1, 16, 128, 1024]
@@ -123,6 +128,45 @@ def gemm_point(dtype, m, n, k, label, csv, ws):
     t = bench(fn, rep_ms=max(6.0, min(60.0, est * 3e3 * 5)), flush=False, indexed=True)[0]
     csv.row(dtype=dtype, m=m, n=n, k=k, time_s=t, flops=fl, bytes=byts, layer=label)
     return t
+
+
+def fp32_point(m, n, k, label, csv, ws):
+    """An fp32 GEMM as torch runs one by default (no TF32: torch.backends.cuda.matmul.allow_tf32 False,
+    which vLLM leaves as it is), weights rotated past the L2 like the 16-bit points."""
+    from validation.common import bench
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.float32)
+    nw = len(ws)
+
+    def fn(i):
+        return x @ ws[i % nw].t()
+    ref = x[: min(m, 4)].double() @ ws[0].double().t()
+    err = ((fn(0)[: min(m, 4)].double() - ref).norm() / ref.norm()).item()
+    if not err < 1e-5:  # a TF32 product would be ~1e-3 off
+        log(f"[WARN] gemm fp32 {m}x{n}x{k} rel error {err:.2e} (TF32 on?)")
+    fl = 2 * m * n * k
+    byts = (m * k + n * k + m * n) * 4
+    t = bench(fn, rep_ms=max(6.0, min(60.0, (max(fl / 50e12, byts / 2.5e12) + 5e-6) * 1.5e4)), flush=False,
+              indexed=True)[0]
+    csv.row(dtype="fp32", m=m, n=n, k=k, time_s=t, flops=fl, bytes=byts, layer=label)
+    return t
+
+
+def run_fp32_router(args, out, budget):
+    """fp32 router GEMMs (ROUTER_SHAPES) into gemm.csv, dtype fp32: kvsim calibrate fits gemm.fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = False  # torch's default, stated: the kernel vLLM's fp32 gate runs
+    csv = CsvOut(os.path.join(out, "gemm.csv"), ["dtype", "m", "n", "k", "time_s", "flops", "bytes", "layer"])
+    for (n, k, label) in ROUTER_SHAPES[:1] if args.quick else ROUTER_SHAPES:
+        nw = int(min(8, max(1, (256 * 2**20) // (n * k * 4))))
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.float32) for _ in range(nw)]
+        for m in MS_QUICK if args.quick else MS_FULL:
+            if not budget.ok(2):
+                log("fp32_router: budget spent")
+                return
+            t = guarded(f"gemm fp32 {m}x{n}x{k}", fp32_point, m, n, k, label, csv, ws)
+            if t is not None and m in (1, 256, 4096, 16384):
+                log(f"gemm {label} fp32 m{m}: {t*1e6:.1f} us {2*m*n*k/t/1e12:.1f} TF/s")
+        del ws
 
 
 def run_gemm(args, out, budget):
@@ -468,7 +512,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=120)
-    ap.add_argument("--part", default="gemm", choices=["gemm", "w4a16", "grouped", "fused_moe", "elementwise"])
+    ap.add_argument("--part", default="gemm",
+                    choices=["gemm", "w4a16", "grouped", "fused_moe", "elementwise", "fp32_router"])
     ap.add_argument("--layers", default="", help="fused_moe: comma-separated FUSED_MOE labels, only these")
     ap.add_argument("--ops", default="", help="elementwise: comma-separated ops, only these (e.g. fp8_group_quant)")
     ap.add_argument("--tilings", default="best", choices=["best", "vllm"],
@@ -478,7 +523,8 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     b = Budget(a.budget_s)
     torch.manual_seed(0)
-    {"gemm": run_gemm, "w4a16": run_w4a16, "grouped": run_grouped, "fused_moe": run_fused_moe, "elementwise": run_elementwise}[a.part](a, a.out, b)
+    {"gemm": run_gemm, "w4a16": run_w4a16, "grouped": run_grouped, "fused_moe": run_fused_moe,
+     "elementwise": run_elementwise, "fp32_router": run_fp32_router}[a.part](a, a.out, b)
 
 
 if __name__ == "__main__":

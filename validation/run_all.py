@@ -35,6 +35,7 @@ PARTS = {
     # vLLM-style Triton fused-MoE GEMMs, bf16 / FP8 / FP8 blocks, 12 shapes x 14 token counts x 13 tilings
     "fused_moe": (60, ["validation/gemm.py", "--part", "fused_moe"]),
     "elementwise": (30, ["validation/gemm.py", "--part", "elementwise"]),  # ~280 points of 9 engine kernels
+    "fp32_router": (5, ["validation/gemm.py", "--part", "fp32_router"]),  # fp32 gates (MiniMax-M2), 4 x 28 points
     "engine": (230, ["validation/engine.py"]),  # 10 models: 5 prompts + ~45 decode points each, ~20 s a model
     "ceilings_end": (6, ["validation/ceilings.py", "--end"]),
 }

@@ -82,6 +82,8 @@ OP_KINDS = ("gemm", "attention_decode", "attention_prefill", "elementwise", "all
 # (validation/engine_model.py _moe; gemm_grouped.csv), is its own curve, priced only when judging that
 # engine (Calibration.for_reference_engine).
 GROUPED_MM_CURVE = "gemm_grouped.grouped_mm"
+# fp32 GEMMs (the routers vLLM runs in fp32), at the FP32 peak: validation/gemm.py --part fp32_router
+FP32_GEMM_CURVE = "gemm.fp32"
 # Curves the cost model reads as tables over a second axis (weight bytes; query heads per KV head).
 TABLE_OPS = ("gemm", "attention_decode")
 # A profile may calibrate each decode-attention kernel separately, keyed by the method that decides it

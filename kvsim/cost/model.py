@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvsim.cost.calibration import GROUPED_MM_CURVE, Calibration, find_calibration
+from kvsim.cost.calibration import FP32_GEMM_CURVE, GROUPED_MM_CURVE, Calibration, find_calibration
 from kvsim.cost.execution import Execution
 from kvsim.cost.kernels import KernelSource, decode_kernel
 from kvsim.kv import METHODS
@@ -270,6 +270,7 @@ class CostModel:
         native_bits = 8 * e
         rows: list[tuple] = []
         kinds: dict[tuple, list] = {}
+        fp32_router = False
         for layer in self.model.layers:  # layers with the same weights: mixer kind, MLP, MoE
             key = (layer.attention if layer.attention in ("state", "none") else "attention", layer.mlp, layer.moe)
             kinds.setdefault(key, [layer, 0])[1] += 1
@@ -285,8 +286,15 @@ class CostModel:
             for lin in layer_linears(self.model, layer, self.tp, self.parallel):
                 routed = lin.role == "experts"
                 k = top_k if routed else 1
-                quantized = lin.bits != native_bits
-                if quantized:
+                quantized = lin.bits < native_bits
+                if lin.bits > native_bits:  # an fp32 router: vLLM runs it as an fp32 GEMM (no tensor cores)
+                    fp32_router, dq = True, 0.0
+                    if FP32_GEMM_CURVE in self.cal.ops:
+                        peak, curve = c.flops_per_s["fp32"], FP32_GEMM_CURVE
+                    else:  # prior: the share of the datasheet peak a bf16 GEMM of the shape reaches
+                        peak = c.flops_per_s["fp32"] * c.flops_per_s["bf16"] / self.hw.peak_flops_per_s["bf16"]
+                        curve = "gemm"
+                elif quantized:
                     peak = c.flops_per_s.get(k_.peak_dtype) or self.hw.peak_flops_per_s[k_.peak_dtype]
                     curve = (experts_curve if routed and experts_curve else k_.curve if not prior
                              else grouped if routed else "gemm")
@@ -295,8 +303,9 @@ class CostModel:
                 else:
                     peak, curve, dq = c.flops_per_s["bf16"], grouped if routed else "gemm", 0.0
                 n_all = moe.num_experts if routed and moe else 1
+                act_e = max(e, lin.bits / 8)  # an fp32 GEMM reads and writes fp32 rows
                 rows.append((f"gemm.{lin.role}", count, lin.bytes, 2.0 * lin.in_features * lin.out_features * k,
-                             (lin.in_features + lin.out_features) * e * k, lin.experts, k, peak, False, curve, dq,
+                             (lin.in_features + lin.out_features) * act_e * k, lin.experts, k, peak, False, curve, dq,
                              routed, k / n_all if routed else 1.0, dp if routed else 1,
                              lin.experts / n_all if routed else 1.0))
         for lin in head_linears(self.model, self.tp):
@@ -307,6 +316,12 @@ class CostModel:
         if moe and grouped != "gemm_grouped" and (k_.path == "bf16" or prior):
             self.notes += (f"profile {self.cal.gpu} has no gemm_grouped curve (vLLM's fused-MoE kernel unmeasured): "
                            f"16-bit routed experts priced on the {grouped} curve",)
+        if fp32_router:
+            self.notes += ((f"the router runs in fp32 (vLLM's MiniMax-M2 gate): {FP32_GEMM_CURVE} curve, "
+                            f"{self.cal.label}") if FP32_GEMM_CURVE in self.cal.ops else
+                           (f"PRIOR: the router runs in fp32 (vLLM's MiniMax-M2 gate); profile {self.cal.gpu} has "
+                            f"no {FP32_GEMM_CURVE} curve: priced at the share of the FP32 datasheet peak a bf16 GEMM "
+                            "of its shape reaches of the bf16 one"),)
         if k_.path != "bf16":
             wq = self.model.weight_quant
             assert wq is not None  # weight_kernel gives the bf16 path to a model without weight quantization

@@ -254,7 +254,10 @@ def _moe(cfg: dict, mtype: str, n: int) -> tuple[dict | None, list[bool]]:
         layers = [i % period == offset for i in range(n)]
     else:
         layers = [True] * n
-    return {"num_experts": experts, "top_k": top_k, "expert_intermediate_size": size}, layers
+    moe = {"num_experts": experts, "top_k": top_k, "expert_intermediate_size": size}
+    if mtype == "minimax_m2":  # vLLM minimax_m2.py MiniMaxM2MoE: gate = ReplicatedLinear(params_dtype=float32)
+        moe["router_fp32"] = True
+    return moe, layers
 
 
 def _vision(full: dict) -> dict | None:

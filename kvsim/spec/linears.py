@@ -59,6 +59,8 @@ def kv_heads_per_rank(model: ModelSpec, tp: int) -> int:
 def _bits(model: ModelSpec, role: Role) -> float:
     wq = model.weight_quant
     native = 8 * model.dtype_bytes
+    if role == "router" and model.moe is not None and model.moe.router_fp32:
+        return 32
     if wq is None or role in ("embedding", "lm_head", "router"):
         return native
     quantized = {"experts": ("experts",), "mlp": ("mlp", "experts", "shared_experts"),

@@ -69,6 +69,10 @@ class MoESpec:
     expert_intermediate_size: int
     num_shared_experts: int
     shared_intermediate_size: int
+    # the router's weights held and run in fp32 (vLLM's MiniMax-M2: ReplicatedLinear(params_dtype=
+    # torch.float32) on hidden states cast to fp32, vllm/model_executor/models/minimax_m2.py), else in
+    # the model's dtype
+    router_fp32: bool = False
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,7 @@ class _MoE(_Strict):
     expert_intermediate_size: int = Field(gt=0)
     num_shared_experts: int = Field(default=0, ge=0)
     shared_intermediate_size: int = Field(default=0, ge=0)
+    router_fp32: bool = False
 
 
 class _LayerGroup(_Strict):
