@@ -288,7 +288,8 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
     from kvsim.spec.quant import GEMM_PATH_CURVES, GROUPED_PATH_CURVES  # noqa: PLC0415 - with the import above
 
     known_ops = (set(OP_KINDS) | {f"attention_decode.{f}" for f in (*METHODS, "mla")}
-                 | {"gemm_grouped", GROUPED_MM_CURVE, FP32_GEMM_CURVE} | set(GEMM_PATH_CURVES) | set(GROUPED_PATH_CURVES))
+                 | {"gemm_grouped", GROUPED_MM_CURVE, FP32_GEMM_CURVE} | set(GEMM_PATH_CURVES)
+                 | set(GROUPED_PATH_CURVES))
     for key in ops:
         if key not in known_ops and re.sub(r"\.k[\d.]+v[\d.]+$", "", key) not in known_ops:
             raise KvsimError(f"unknown op curve (known: {', '.join(sorted(known_ops))})", field=f"ops.{key}",
