@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import examples
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kvsim.errors import KvsimError
@@ -208,6 +208,10 @@ def test_a_closed_loop_has_no_arrival_times_to_rescale() -> None:
        round_trip=st.sampled_from([(0.0, "fixed"), (10.0, "fixed"), (5.0, "exponential"), (20.0, "uniform")]),
        dataset=st.sampled_from([None, (1, "shuffle"), (5, "random"), (40, "sequential")]),
        think=st.sampled_from([(0.0, "fixed"), (15.0, "exponential"), (30.0, "uniform")]))
+# found by the long search (seed 3838): sent times recorded as arrival - (arrival - sent), one of them
+# rounded 1.7e-18 s below its predecessor's; the send time is now kept as it was
+@example(seed=30, concurrency=8, requests=18, ratio=0.3, seqs=1, blocks=200, chunked=False, rate=None,
+         burstiness=0.3, round_trip=(5.0, "exponential"), dataset=(1, "shuffle"), think=(0.0, "fixed"))
 def test_closed_loops_lose_nothing_and_fast_forward_changes_nothing(seed, concurrency, requests, ratio, seqs,
                                                                     blocks, chunked, rate, burstiness,
                                                                     round_trip, dataset, think) -> None:

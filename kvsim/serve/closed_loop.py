@@ -23,7 +23,7 @@ the engine receiving it: the HTTP front end, tokenization and the way back of th
 all of which a benchmark client's TTFT includes. Each request draws its own (``fixed``, ``exponential``
 or ``uniform`` on [0, 2 x mean]) and the front end passes requests on in the order they were sent (a
 request never reaches the engine before one sent earlier). Its ``arrival_s`` is when the engine
-receives it and ``front_end_s`` how long after sending, so the recorded TTFT counts from sending. When
+receives it and ``sent_s`` when its client sent it, so the recorded TTFT counts from sending. When
 the round trip exceeds a decode step, requests that finish a step apart reach the engine together.
 
 A think time (``think_s``, default none) is the time between a request ending and its client
@@ -158,11 +158,11 @@ class ClosedLoop:
         sent_s = self._last_sent_s = max(ready_s, self._last_sent_s)  # sends leave in request order
         reach_s = self._last_reach_s = max(sent_s + self.round_trips_s[i], self._last_reach_s)
         if self.entries is None:
-            request = Request(i, reach_s, self.inputs[i], self.outputs[i], front_end_s=reach_s - sent_s)
+            request = Request(i, reach_s, self.inputs[i], self.outputs[i], sent_s=sent_s)
         else:  # a dataset prompt: its lengths, and one content hash over the whole prompt
             e = self.entries[i]
             request = Request(i, reach_s, self.inputs[e], self.outputs[e], (chain_hash(self._salt, e),),
-                              self.inputs[e], front_end_s=reach_s - sent_s)
+                              self.inputs[e], sent_s=sent_s)
         self._pending.append(request)
         self._sent += 1
 

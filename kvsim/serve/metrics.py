@@ -60,7 +60,7 @@ class Recorder:
     def request(self, seq: Seq, status: str) -> None:
         r, c = seq.req, self.requests
         c["request_id"].append(r.request_id)
-        c["arrival_s"].append(r.arrival_s - r.front_end_s)  # when it was sent: TTFT counts from there
+        c["arrival_s"].append(r.arrival_s if r.sent_s is None else r.sent_s)  # when it was sent: TTFT counts from there
         c["input_tokens"].append(r.input_tokens)
         c["output_tokens"].append(r.output_tokens)
         c["generated_tokens"].append(seq.generated)

@@ -67,8 +67,15 @@ class Request:
     image_tokens: int = 0
     session_id: int | None = None
     # A closed loop's client round trip (kvsim.serve.closed_loop): the request reached the engine at
-    # ``arrival_s``, this long after its client sent it; TTFT and latency count from sending.
-    front_end_s: float = 0.0
+    # ``arrival_s`` and its client sent it at ``sent_s`` (None: as it arrived); TTFT and latency count
+    # from sending. The send time is kept, not the round trip: arrival - (arrival - sent) can round
+    # below an earlier request's send time.
+    sent_s: float | None = None
+
+    @property
+    def front_end_s(self) -> float:
+        """How long after its client sent it the request reached the engine."""
+        return 0.0 if self.sent_s is None else self.arrival_s - self.sent_s
 
 
 @dataclass(slots=True)
@@ -184,11 +191,13 @@ def content_block_hashes(salt: int, start_block: int, n_blocks: int) -> list[int
 # ---------------------------------------------------------------------------------------------
 
 def _with(r: Request, *, request_id: int | None = None, arrival_s: float | None = None) -> Request:
-    # Direct construction is ~3x faster than dataclasses.replace on slotted classes.
-    return Request(r.request_id if request_id is None else request_id,
-                   r.arrival_s if arrival_s is None else arrival_s,
+    # Direct construction is ~3x faster than dataclasses.replace on slotted classes. A moved arrival
+    # keeps its round trip: the send moves with it.
+    arrival = r.arrival_s if arrival_s is None else arrival_s
+    sent = None if r.sent_s is None else (r.sent_s if arrival_s is None else arrival - r.front_end_s)
+    return Request(r.request_id if request_id is None else request_id, arrival,
                    r.input_tokens, r.output_tokens, r.prefix_hashes, r.prefix_block_tokens,
-                   r.user_id, r.image_tokens, r.session_id, r.front_end_s)
+                   r.user_id, r.image_tokens, r.session_id, sent)
 
 
 def scale_rate(stream: Iterable[Request], factor: float) -> Iterator[Request]:
