@@ -164,6 +164,7 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
     # quantized-weight GEMM paths (kvsim.spec.quant.weight_kernel): fp8 W8A8 against the FP8 ceiling; weight
     # bytes as stored
     fp8 = ceil.get("fp8_flops_per_s")
+    fp32 = hw.peak_flops_per_s.get("fp32")  # datasheet: no fp32 ceiling is measured
     quantized = {
         "gemm.fp8": [(float(r["m"]), float(r["n"]) * float(r["k"]), float(r["time_s"]), float(r["flops"]) / fp8,
                       float(r["bytes"]) / bw)
@@ -171,8 +172,8 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
         # fp32 GEMMs (routers vLLM runs in fp32, validation/gemm.py --part fp32_router) against the datasheet
         # FP32 peak (no fp32 ceiling is measured; the cost model prices them at the same peak)
         FP32_GEMM_CURVE: [(float(r["m"]), float(r["n"]) * float(r["k"]) * 4, float(r["time_s"]),
-                       float(r["flops"]) / hw.peak_flops_per_s["fp32"], float(r["bytes"]) / bw)
-                      for r in rows("gemm.csv") if r["dtype"] == "fp32"],
+                           float(r["flops"]) / fp32, float(r["bytes"]) / bw)
+                          for r in rows("gemm.csv") if r["dtype"] == "fp32" and fp32],
         # No W4A16 curve is fitted: 4-bit weights keep the labelled prior (kvsim/cost/model.py). gemm.csv
         # times two W4A16 kernels, neither of them what vLLM runs: torch's tinygemm (dtype w4a16,
         # torch._weight_int4pack_mm) levels off at 29.5 TFLOP/s on an H200, so a 1k-token gpt-oss-120b
