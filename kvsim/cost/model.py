@@ -471,6 +471,12 @@ class CostModel:
             act += 3 * inter // tp * e  # read gate and up, write their product
             act_kernels += inter > 0
         rows = [("kv_write", kv_write, L), ("norm", norm, NORMS_PER_LAYER * L + 1), ("rope", rope, L)]
+        if a.qk_norm_across_heads and tp > 1:
+            # the sums of squares of this rank's Q and K slices, a pass that must finish before their
+            # all-reduce (_qk_norm_allreduce); the normalization after it joins the rotary embedding's
+            # kernel in the compiled graph, like a per-head QK norm, which kvsim does not price apart
+            attn = sum(1 for layer in m.layers if layer.attention not in ("state", "none"))
+            rows.append(("qk_norm", (a.num_heads // tp + kv_heads_per_rank(m, tp)) * a.head_dim * e * attn, attn))
         if act_kernels:  # none where every MLP is a routed-expert layer an imported MoE table holds
             rows.append(("activation", act, act_kernels))
         moe_layers = sum(1 for layer in m.layers if layer.moe) if m.moe else 0
@@ -616,7 +622,7 @@ class CostModel:
         if self.tp > 1:
             rows.append(self._allreduce(tokens))
             if self.model.attention.qk_norm_across_heads:
-                rows += self._qk_norm_allreduce(tokens)
+                rows.append(self._qk_norm_allreduce(tokens))
         if gathers_tokens(self.model, self.parallel):
             rows += self._dispatch_combine(tokens)
         return [(name, d, f.tolist(), b.tolist(), t.tolist(), bound.tolist()) for name, d, f, b, t, bound in rows]
@@ -835,26 +841,15 @@ class CostModel:
                 + 2 * (self.tp - 1) * self.cal.ceilings.link_latency_s + curve.floor_s)
         return ring if self.allreduce is None else self.allreduce.seconds(msg, ring)
 
-    def _qk_norm_allreduce(self, tokens: np.ndarray) -> list[tuple]:
+    def _qk_norm_allreduce(self, tokens: np.ndarray) -> tuple:
         """A query/key norm over all heads (``AttentionSpec.qk_norm_across_heads``) under TP: each
-        attention layer sums the squares of its slice of every token's Q and K, all-reduces the two fp32
-        sums per token, then normalizes (vLLM MiniMaxText01RMSNormTP.forward_qk: one all-reduce of the
-        concatenated q and k sums; releases before it ran one per norm). Priced: the all-reduce, and the
-        reduction pass over the Q and K slices that must finish before it (the normalization after it
-        joins the rotary embedding's kernel in the compiled graph, like a per-head QK norm, which kvsim
-        does not price apart)."""
-        m, a, e = self.model, self.model.attention, self.model.dtype_bytes
-        layers = sum(1 for layer in m.layers if layer.attention not in ("state", "none"))
+        attention layer all-reduces the two fp32 sums of squares per token of its Q and K slices (vLLM
+        MiniMaxText01RMSNormTP.forward_qk: one all-reduce of the concatenated q and k sums; releases
+        before it ran one per norm). The reduction pass before it is the element-wise ``qk_norm``."""
+        layers = sum(1 for layer in self.model.layers if layer.attention not in ("state", "none"))
         msg = tokens * 2 * 4.0  # q and k sums of squares, fp32
-        per_call = self._allreduce_call_s(msg)
-        t_ar = np.where(tokens > 0, per_call * layers, 0.0)
-        qk_bytes = tokens * (a.num_heads // self.tp + kv_heads_per_rank(m, self.tp)) * a.head_dim * e * layers
-        curve = self.cal.ops["elementwise"]
-        _, me = curve.eff(np.maximum(qk_bytes / layers, 1.0))
-        t_sum = np.where(tokens > 0, qk_bytes / (self.cal.ceilings.copy_bytes_per_s * me) + curve.floor_s * layers,
-                         0.0)
-        return [("qk_norm", 0, np.zeros_like(qk_bytes), qk_bytes, t_sum, np.full(t_sum.shape, "memory")),
-                ("allreduce.qk_norm", 0, np.zeros_like(msg), msg * layers, t_ar, np.full(msg.shape, "link"))]
+        t = np.where(tokens > 0, self._allreduce_call_s(msg) * layers, 0.0)
+        return ("allreduce.qk_norm", 0, np.zeros_like(msg), msg * layers, t, np.full(msg.shape, "link"))
 
     def _dispatch_combine(self, tokens: np.ndarray) -> list[tuple]:
         """Each MoE layer's token dispatch and combine over the DP group, as vLLM's default single-node
