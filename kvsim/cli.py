@@ -544,7 +544,16 @@ def _print_summary(rows: list[dict]) -> None:
 
 def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: list[str],
                       deployment: str | None, requests_per_client: int | None) -> None:
-    from kvsim.judge_serving import DEFAULT_DEPLOYMENT, UNRECORDED, deployment_named, error_table, judge
+    from kvsim.judge_serving import (
+        DATED,
+        DEFAULT_DEPLOYMENT,
+        RELEASES_FILE,
+        SOURCE_COLUMN,
+        UNRECORDED,
+        deployment_named,
+        error_table,
+        judge,
+    )
     from kvsim.memory import default_vllm_version
 
     deployment = deployment or DEFAULT_DEPLOYMENT
@@ -570,9 +579,14 @@ def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: 
     for why, n in sorted(skipped.items()):
         print(f"not expressible ({n} rows): {why}")
     print(f"deployment {dep.name} (assumed, the rows do not record it): {dep.source}")
-    if any(not j.row.version for j in judged) and not any(s.startswith("engine.vllm_version=") for s in sets):
-        print(f"engine version {UNRECORDED}: the row records none; it ran with vLLM {default_vllm_version()}'s memory "
-              "rule and engine-step host time (kvsim's default version)")
+    if not any(s.startswith("engine.vllm_version=") for s in sets):
+        if any(j.row.dated_version for j in judged):
+            print(f"engine version {DATED}X: the row records no release (no version, or a nightly build) but the day "
+                  f"it was measured ({SOURCE_COLUMN} measured=); it ran as X, the newest vLLM release published by "
+                  f"then (PyPI release dates, {RELEASES_FILE}), an inference: the run may have used an older release")
+        if any(not j.row.engine_version for j in judged):
+            print(f"engine version {UNRECORDED}: the row records none; it ran with vLLM {default_vllm_version()}'s "
+                  "memory rule and engine-step host time (kvsim's default version)")
     if sets:
         print(f"every row ran with --set {' '.join(sets)} (an assumption about the measured servers, not their "
               "recorded settings)")

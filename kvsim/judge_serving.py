@@ -14,8 +14,10 @@ fitted: the file is only ever read to judge.
 from __future__ import annotations
 
 import csv
+import datetime
 import functools
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -121,9 +123,41 @@ DEPLOYMENTS = {
         "the engines' default flags (a bf16 KV cache), max_model_len isl + osl"),
 }
 DEFAULT_DEPLOYMENT = "aiconfigurator"
-# The engine column of a row that records no backend_version (the scenario then runs with kvsim's
-# default vLLM version's rules, which every report names).
+# The engine column of a row that records no backend_version and no measurement date (the scenario
+# then runs with kvsim's default vLLM version's rules, which every report names).
 UNRECORDED = "?"
+# The engine column's mark of a version inferred from the measurement date (Row.engine_version).
+DATED = "~"
+# The public silicon samples name each row's upstream file in a column the judge does not otherwise
+# read; many give the day it was measured there as "measured=YYYY-MM-DD..." (aiconfigurator-core
+# systems/silicon_sample.csv, column silicon_data_source).
+SOURCE_COLUMN = "silicon_data_source"
+_MEASURED = re.compile(r"(?:^|[;\s])measured=([^;\sT]+)")
+RELEASES_FILE = "kvsim/data/vllm_releases.yaml"
+
+
+@functools.cache
+def _vllm_releases() -> tuple[tuple[str, str], ...]:
+    """(publication date, version) of every vLLM release RELEASES_FILE lists, oldest first."""
+    from importlib import resources
+
+    from kvsim.fileio import load_data_yaml
+
+    data = load_data_yaml(resources.files("kvsim").joinpath(*RELEASES_FILE.split("/")[1:]).read_text())
+    # by day, then by version where one day saw two releases (0.10.1 and 0.10.1.1 were a day apart)
+    return tuple(sorted(((str(d), str(v)) for v, d in data["released"].items()),
+                        key=lambda dv: (dv[0], tuple(int(p) for p in dv[1].split(".")))))
+
+
+def _is_release(version: str) -> bool:
+    """Whether ``version`` names a release (digits and dots: 0.19.0), not a build (nightly-5b8c30d6...)."""
+    return bool(version) and all(part.isdigit() for part in version.split("."))
+
+
+def vllm_release_on(day: datetime.date) -> str | None:
+    """The newest vLLM release published on or before ``day`` (RELEASES_FILE), None before the first."""
+    published = [v for d, v in _vllm_releases() if d <= day.isoformat()]
+    return published[-1] if published else None
 
 
 def deployment_named(name: str, requests_per_client: int | None = None) -> Deployment:
@@ -160,6 +194,28 @@ class Row:
     dp: int = 1
     moe_tp: int = 0
     moe_ep: int = 0
+    measured_on: datetime.date | None = None  # the day the row was measured, where its source column says
+
+    @property
+    def dated_version(self) -> str | None:
+        """For a vLLM row that records no release version (none, or a nightly build's name) but its
+        measurement day: the newest vLLM release published by then (an inference: the run may have used
+        an older release; a nightly holds that release's code and later commits); else None."""
+        if self.backend != "vllm" or _is_release(self.version) or self.measured_on is None:
+            return None
+        return vllm_release_on(self.measured_on)
+
+    @property
+    def engine_version(self) -> str:
+        """The version the row is run as: the recorded release, else the dated one, else what it records
+        ("": kvsim's default version; a build name kvsim cannot key a rule by is refused)."""
+        return self.dated_version or self.version
+
+    @property
+    def engine_label(self) -> str:
+        """The report's engine column: the recorded version, ~ the dated one, or UNRECORDED."""
+        dated = self.dated_version
+        return f"{self.backend} {DATED + dated if dated else self.version or UNRECORDED}"
 
     @property
     def layout(self) -> str:
@@ -208,6 +264,7 @@ def read_rows(path: Path) -> list[Row]:
             moe_tp, moe_ep = (0, 0) if disagg else (int(r["moe_tp_size"] or 0), int(r["moe_ep_size"] or 0))
             unknown = ([f"pp_size={r['pp_size']}"] if r["pp_size"] not in ("", "1") else []) + (
                 ["attention_dp_size=0"] if dp == 0 else [])
+            measured = _MEASURED.search(r.get(SOURCE_COLUMN) or "")
             row = Row(i, r["backend"], r["backend_version"], r["model_path"], r["system"],
                       "+".join(v for v in (r["precision"], r["gemm_quant_mode"], r["moe_quant_mode"]) if v),
                       int(r["isl"]), int(r["osl"]),
@@ -218,7 +275,8 @@ def read_rows(path: Path) -> list[Row]:
                       1 if disagg else int(r["tp_size"]),
                       float(r["silicon_ttft_ms"]), float(r["silicon_tpot_ms"]),
                       "disaggregated prefill and decode workers (mode=disagg)" if disagg else ", ".join(unknown),
-                      max(dp, 1), moe_tp, moe_ep)
+                      max(dp, 1), moe_tp, moe_ep,
+                      _measured_day(measured.group(1), i, path) if measured else None)
         except (TypeError, ValueError, KeyError) as err:
             raise KvsimError(f"line {i}: malformed value ({type(err).__name__}: {err})", file=str(path)) from None
         if min(row.isl, row.osl, row.concurrency, row.tp) < 1 or not (0 < row.ttft_ms < math.inf
@@ -229,6 +287,14 @@ def read_rows(path: Path) -> list[Row]:
     if not rows:
         raise KvsimError("no measurement rows", file=str(path))
     return rows
+
+
+def _measured_day(text: str, line: int, path: Path) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise KvsimError(f"line {line}: measured= must be a date YYYY-MM-DD", field=SOURCE_COLUMN, value=text,
+                         file=str(path)) from None
 
 
 @functools.cache
@@ -453,7 +519,7 @@ def _scenario(row: Row, checkpoint: Checkpoint, hardware: str, calibration: str 
                       **({"data_parallel_size": row.dp} if row.dp > 1 else {}),
                       **({"expert_parallel": True} if row.moe_ep > 1 else {}),
                       # a vLLM row's version keys the memory rule and the engine step's host time
-                      **({"vllm_version": row.version} if row.backend == "vllm" else {})},
+                      **({"vllm_version": row.engine_version} if row.backend == "vllm" else {})},
            **({} if checkpoint.weights is None else {"weights": checkpoint.weights}),
            **({"method": deployment.fp8_checkpoint_kv} if row.precision in FP8_WEIGHTS + FP8_BLOCK_LABELS else {}),
            "workload": {"closed_loop": {"concurrency": row.concurrency,
@@ -522,7 +588,7 @@ def error_table(judged: list[Judged]) -> list[dict]:
     then over all rows."""
     groups: dict[tuple, list[Judged]] = {}
     for j in judged:
-        key = (j.hardware, f"{j.row.backend} {j.row.version or UNRECORDED}", j.catalogue_model,
+        key = (j.hardware, j.row.engine_label, j.catalogue_model,
                j.row.precision or "bf16", j.row.tp, j.calibration)
         groups.setdefault(key, []).append(j)
         groups.setdefault(("all", "", "", "", 0, ""), []).append(j)

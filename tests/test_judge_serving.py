@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from kvsim.fileio import load_data_yaml
 from kvsim.judge_serving import (
     COLUMNS,
     DEPLOYMENTS,
+    SOURCE_COLUMN,
     Checkpoint,
     Row,
     _checkpoint,
@@ -24,6 +26,7 @@ from kvsim.judge_serving import (
     error_table,
     judge,
     read_rows,
+    vllm_release_on,
 )
 
 # Rows in the silicon-sample format (values made up for the test, not measurements).
@@ -319,6 +322,48 @@ def test_the_deployment_changes_the_prediction_and_is_named(tmp_path: Path,
     with pytest.raises(SystemExit) as exit_:
         main(["validate", "--gpu", "h100-sxm", "--deployment", "aiconfigurator"])
     assert exit_.value.code == 2
+
+
+def test_a_dated_row_without_a_version_runs_the_vllm_release_of_its_day(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A vLLM row that records no version but the day it was measured (the silicon samples'
+    silicon_data_source "measured=") runs as the newest release published by then: 2025-10-29 falls
+    between 0.11.0 (PyPI, 2025-10-04) and 0.11.1 (2025-11-19), so without async scheduling (vLLM <= 0.12),
+    whose host time lengthens every step; the report marks the version inferred. A malformed day is one
+    line naming the column; a row of another engine keeps no version."""
+    cols = [*COLUMNS, SOURCE_COLUMN]
+
+    def write_src(path: Path, rows: list[dict]) -> Path:
+        path.write_text("\n".join([",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]) + "\n")
+        return path
+
+    day = "source_file=2026-04-06.csv; model=x; silicon_concurrency=4; measured=2025-10-29T00:00:00.000Z; wip=False"
+    row = ROWS[0] | {"backend_version": ""}
+    path = write_src(tmp_path / "dated.csv", [row | {SOURCE_COLUMN: day}, row, ROWS[2] | {"backend_version": "",
+                                                                                    SOURCE_COLUMN: day}])
+    dated, undated, sglang = read_rows(path)
+    assert dated.measured_on == datetime.date(2025, 10, 29) and undated.measured_on is None
+    assert (dated.engine_version, dated.engine_label) == ("0.11.0", "vllm ~0.11.0")
+    assert (undated.engine_version, undated.engine_label) == ("", "vllm ?")
+    assert (sglang.engine_version, sglang.engine_label) == ("", "sglang ?")
+    # a nightly build names no release: with its day, the release it was built after; without, refused
+    nightly = replace(dated, version="nightly-5b8c30d62b754b57", measured_on=datetime.date(2026, 4, 3))
+    assert (nightly.engine_version, nightly.engine_label) == ("0.19.0", "vllm ~0.19.0")
+    assert replace(nightly, measured_on=None).engine_version == "nightly-5b8c30d62b754b57"
+    assert vllm_release_on(datetime.date(2025, 11, 19)) == "0.11.1"
+    assert vllm_release_on(datetime.date(2024, 1, 1)) is None
+    (j_dated, j_undated), _ = judge(write_src(tmp_path / "two.csv", [row | {SOURCE_COLUMN: day}, row]))
+    assert j_dated.tpot_ms > j_undated.tpot_ms  # 0.11's host time adds to each step; 0.19 overlaps it
+    main(["validate", "--serving", str(tmp_path / "two.csv")])
+    out = capsys.readouterr().out
+    assert "vllm ~0.11.0" in out and "engine version ~X: the row records no release (no version, or a" in out
+    assert "engine version ?:" in out
+    write_src(tmp_path / "bad.csv", [row | {SOURCE_COLUMN: "measured=2025-13-45"}])
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", "--serving", str(tmp_path / "bad.csv")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and SOURCE_COLUMN in err and "2025-13-45" in err and "bad.csv" in err
 
 
 def test_the_run_length_can_be_chosen_and_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
