@@ -564,7 +564,8 @@ def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: 
         print(json.dumps({"file": str(path), "deployment": {"name": dep.name, "assumed": dep.source,
                                                             "requests_per_client": dep.requests_per_client},
                           "overrides": sets, "groups": table, "not_expressible": dict(skipped),
-                          "rows": [{"line": j.row.line, "tp": j.row.tp, "isl": j.row.isl, "osl": j.row.osl,
+                          "rows": [{"line": j.row.line, "engine": j.row.engine_label, "tp": j.row.tp,
+                                    "isl": j.row.isl, "osl": j.row.osl,
                                     "concurrency": j.row.concurrency, "ttft_ms": j.row.ttft_ms,
                                     "predicted_ttft_ms": j.ttft_ms, "tpot_ms": j.row.tpot_ms,
                                     "predicted_tpot_ms": j.tpot_ms} for j in judged]}, indent=2))

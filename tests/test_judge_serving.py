@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -358,6 +359,8 @@ def test_a_dated_row_without_a_version_runs_the_vllm_release_of_its_day(tmp_path
     out = capsys.readouterr().out
     assert "vllm ~0.11.0" in out and "engine version ~X: the row records no release (no version, or a" in out
     assert "engine version ?:" in out
+    main(["validate", "--serving", str(tmp_path / "two.csv"), "--json"])
+    assert [r["engine"] for r in json.loads(capsys.readouterr().out)["rows"]] == ["vllm ~0.11.0", "vllm ?"]
     write_src(tmp_path / "bad.csv", [row | {SOURCE_COLUMN: "measured=2025-13-45"}])
     with pytest.raises(SystemExit) as exit_:
         main(["validate", "--serving", str(tmp_path / "bad.csv")])
