@@ -329,9 +329,9 @@ def test_a_dated_row_without_a_version_runs_the_vllm_release_of_its_day(tmp_path
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """A vLLM row that records no version but the day it was measured (the silicon samples'
     silicon_data_source "measured=") runs as the newest release published by then: 2025-10-29 falls
-    between 0.11.0 (PyPI, 2025-10-04) and 0.11.1 (2025-11-19), so without async scheduling (vLLM <= 0.12),
-    whose host time lengthens every step; the report marks the version inferred. A malformed day is one
-    line naming the column; a row of another engine keeps no version."""
+    between 0.11.0 (PyPI, 2025-10-04) and 0.11.1 (2025-11-19), so it runs without async scheduling (off up
+    to vLLM 0.12) and the host time lengthens every step; the report marks the version inferred. A
+    malformed day is one line naming the column; a row of another engine keeps no version."""
     cols = [*COLUMNS, SOURCE_COLUMN]
 
     def write_src(path: Path, rows: list[dict]) -> Path:
