@@ -221,7 +221,7 @@ def rotary_cache_bytes(model: ModelSpec) -> float:
     """vLLM's RotaryEmbedding registers a (max_position x rotary_dim) cos/sin cache in the model dtype as
     a non-persistent buffer, one instance shared by every layer (get_rope caches by its arguments;
     vllm/model_executor/layers/rotary_embedding/base.py v0.19.0): it counts in "model loading took"."""
-    if not any(layer.attention not in ("state", "none") for layer in model.layers):
+    if not model.attention_layers:
         return 0.0
     mla = model.attention.mla
     rotary_dim = mla.qk_rope_head_dim if mla is not None else model.attention.head_dim

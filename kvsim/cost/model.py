@@ -475,7 +475,7 @@ class CostModel:
             # the sums of squares of this rank's Q and K slices, a pass that must finish before their
             # all-reduce (_qk_norm_allreduce); the normalization after it joins the rotary embedding's
             # kernel in the compiled graph, like a per-head QK norm, which kvsim does not price apart
-            attn = sum(1 for layer in m.layers if layer.attention not in ("state", "none"))
+            attn = m.attention_layers
             rows.append(("qk_norm", (a.num_heads // tp + kv_heads_per_rank(m, tp)) * a.head_dim * e * attn, attn))
         if act_kernels:  # none where every MLP is a routed-expert layer an imported MoE table holds
             rows.append(("activation", act, act_kernels))
@@ -846,7 +846,7 @@ class CostModel:
         attention layer all-reduces the two fp32 sums of squares per token of its Q and K slices (vLLM
         MiniMaxText01RMSNormTP.forward_qk: one all-reduce of the concatenated q and k sums; releases
         before it ran one per norm). The reduction pass before it is the element-wise ``qk_norm``."""
-        layers = sum(1 for layer in self.model.layers if layer.attention not in ("state", "none"))
+        layers = self.model.attention_layers
         msg = tokens * 2 * 4.0  # q and k sums of squares, fp32
         t = np.where(tokens > 0, self._allreduce_call_s(msg) * layers, 0.0)
         return ("allreduce.qk_norm", 0, np.zeros_like(msg), msg * layers, t, np.full(msg.shape, "link"))

@@ -194,7 +194,7 @@ def _with(r: Request, *, request_id: int | None = None, arrival_s: float | None 
     # Direct construction is ~3x faster than dataclasses.replace on slotted classes. A moved arrival
     # keeps its round trip: the send moves with it.
     arrival = r.arrival_s if arrival_s is None else arrival_s
-    sent = None if r.sent_s is None else (r.sent_s if arrival_s is None else arrival - r.front_end_s)
+    sent = r.sent_s if r.sent_s is None or arrival_s is None else arrival_s - r.front_end_s
     return Request(r.request_id if request_id is None else request_id, arrival,
                    r.input_tokens, r.output_tokens, r.prefix_hashes, r.prefix_block_tokens,
                    r.user_id, r.image_tokens, r.session_id, sent)

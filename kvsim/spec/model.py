@@ -164,6 +164,11 @@ class ModelSpec:
         return DTYPE_BYTES[self.dtype]
 
     @property
+    def attention_layers(self) -> int:
+        """Layers that run attention over tokens (neither a recurrent state nor no mixer)."""
+        return sum(1 for layer in self.layers if layer.attention not in ("state", "none"))
+
+    @property
     def kv_layers(self) -> tuple[LayerSpec, ...]:
         """Layers that own a KV cache."""
         return tuple(layer for layer in self.layers if layer.owns_kv)
