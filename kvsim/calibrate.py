@@ -28,13 +28,14 @@ from kvsim.cost.calibration import (
     FP32_GEMM_CURVE,
     GROUPED_MM_CURVE,
     OP_KINDS,
+    PRIOR_FILE,
     Calibration,
     calibration_from_dict,
     results_dir,
 )
 from kvsim.cost.model import CostModel, decode_family
 from kvsim.errors import KvsimError
-from kvsim.fileio import load_data_yaml, write_atomic
+from kvsim.fileio import load_data_file, write_atomic
 from kvsim.spec.hardware import HardwareSpec, load_hardware
 
 Sample = tuple[float, float, float, float]  # size, time_s, t_compute, t_memory
@@ -229,7 +230,7 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
         used[f"fused_moe.csv ({name.split('.')[1] if '.' in name else 'bf16'})"] = len(samples)
         if samples:
             ops[name] = _fit_table(samples, 0.8)
-    prior = load_data_yaml((Path(__file__).parent / "data" / "calibration_prior.yaml").read_text())
+    prior = load_data_file(PRIOR_FILE)
     allreduce, latency, sources = _allreduce_fit(folder, hw)
     ops["allreduce"] = allreduce or prior["ops"]["allreduce"]
     if latency is not None:

@@ -8,6 +8,7 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,22 @@ def load_data_yaml(text: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TypeError(f"kvsim data file: expected a mapping at the top level, not {type(data).__name__}")
     return data
+
+
+def data_file(path: str) -> Traversable:
+    """kvsim's own data file ``path``, named as code, reports and comments cite it (``kvsim/data/...``),
+    read from the installed package (a wheel or a checkout alike)."""
+    from importlib import resources
+
+    package, _, inside = path.partition("/")
+    if package != "kvsim" or not inside.startswith("data/"):
+        raise ValueError(f"not one of kvsim's data files: {path}")
+    return resources.files("kvsim").joinpath(*inside.split("/"))
+
+
+def load_data_file(path: str) -> dict[str, Any]:
+    """The top-level mapping of kvsim's own data file ``path`` (``kvsim/data/...``)."""
+    return load_data_yaml(data_file(path).read_text(encoding="utf-8"))
 
 
 def read_yaml_file(path: Path, what: str) -> dict:

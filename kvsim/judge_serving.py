@@ -139,11 +139,9 @@ RELEASES_FILE = "kvsim/data/vllm_releases.yaml"
 @functools.cache
 def _vllm_releases() -> tuple[tuple[str, str], ...]:
     """(publication date, version) of every vLLM release RELEASES_FILE lists, oldest first."""
-    from importlib import resources
+    from kvsim.fileio import load_data_file
 
-    from kvsim.fileio import load_data_yaml
-
-    data = load_data_yaml(resources.files("kvsim").joinpath(*RELEASES_FILE.split("/")[1:]).read_text())
+    data = load_data_file(RELEASES_FILE)
     # by day, then by version where one day saw two releases (0.10.1 and 0.10.1.1 were a day apart)
     return tuple(sorted(((str(d), str(v)) for v, d in data["released"].items()),
                         key=lambda dv: (dv[0], tuple(int(p) for p in dv[1].split(".")))))

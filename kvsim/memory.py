@@ -19,13 +19,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache, cached_property
-from importlib import resources
 from types import MappingProxyType
 
 import numpy as np
 
 from kvsim.errors import KvsimError
-from kvsim.fileio import load_data_yaml
+from kvsim.fileio import load_data_file
 from kvsim.kv.layout import KVLayout, Tier
 from kvsim.spec.hardware import HardwareSpec
 from kvsim.spec.linears import check_tp, head_linears, layer_linears, norm_params
@@ -114,7 +113,7 @@ class VllmMemoryRule:
 
 @cache
 def _rules() -> tuple[str, tuple[VllmMemoryRule, ...]]:
-    data = load_data_yaml((resources.files("kvsim") / "data" / "vllm_memory.yaml").read_text())
+    data = load_data_file(_RULES_FILE)
     fields = ("label", "source", "non_torch_bytes", "non_torch_extra_bytes", "sampler_bytes_per_logit",
               "sampler_holds_dtype_logits", "cuda_graphs_charged")
     rules = tuple(VllmMemoryRule(first=parse_version(r["first"]), until=parse_version(r["until"]),

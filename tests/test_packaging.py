@@ -80,3 +80,22 @@ def test_installed_wheel_gives_the_checkouts_numbers(tmp_path):
                              text=True, timeout=60)
         assert out.returncode == 2 and "needs a checkout's validation/results" in out.stderr, argv
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_every_data_file_the_code_names_is_in_the_package():
+    """Code names its data files as the repository paths reports cite (kvsim/data/...); each must be
+    a file of the package, read the one way kvsim.fileio.data_file reads it."""
+    import re
+
+    from kvsim.fileio import data_file, load_data_file
+
+    named = set()
+    for source in (ROOT / "kvsim").rglob("*.py"):
+        named.update(re.findall(r'"(kvsim/data/[\w./-]+\.yaml)"', source.read_text()))
+    assert {"kvsim/data/vllm_memory.yaml", "kvsim/data/vllm_releases.yaml", "kvsim/data/calibration_prior.yaml",
+            "kvsim/data/vllm_host_step.yaml"} <= named
+    for path in sorted(named):
+        assert data_file(path).is_file(), path
+        assert isinstance(load_data_file(path), dict), path
+    with pytest.raises(ValueError, match="not one of kvsim's data files"):
+        data_file("validation/results/h100-sxm/gemm.csv")

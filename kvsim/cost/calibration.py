@@ -65,7 +65,6 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from functools import cache, cached_property
-from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import overload
@@ -73,9 +72,10 @@ from typing import overload
 import numpy as np
 
 from kvsim.errors import KvsimError
-from kvsim.fileio import load_data_yaml, read_yaml_file
+from kvsim.fileio import load_data_file, read_yaml_file
 from kvsim.spec.hardware import HardwareSpec, hardware_names, load_hardware
 
+PRIOR_FILE = "kvsim/data/calibration_prior.yaml"  # the prior every curve falls back to
 OP_KINDS = ("gemm", "attention_decode", "attention_prefill", "elementwise", "allreduce")
 # Routed experts in 16 bits: ``gemm_grouped`` is the kernel vLLM runs (its Triton fused-MoE algorithm,
 # validation/kernels/fused_moe.py, fused_moe.csv); torch._grouped_mm, which the reference engine runs
@@ -385,7 +385,7 @@ def roofline(hw: HardwareSpec) -> Calibration:
 
 @cache
 def _prior_data() -> dict:
-    return load_data_yaml((resources.files("kvsim") / "data" / "calibration_prior.yaml").read_text())
+    return load_data_file(PRIOR_FILE)
 
 
 def borrow_profile(cal: Calibration, donor: HardwareSpec, hw: HardwareSpec) -> Calibration:
@@ -518,7 +518,7 @@ def find_calibration(hw: HardwareSpec, spec: str | None = None, engine: str = "v
         cal = _imported(donor, engine) if donor.family == hw.family and name != hw.name else None
         if cal is not None:
             return borrow_profile(cal, donor, hw)
-    prior = calibration_from_dict(_prior_data(), hw, "kvsim/data/calibration_prior.yaml")
+    prior = calibration_from_dict(_prior_data(), hw, PRIOR_FILE)
     return replace(prior, gpu=hw.name, kind="prior",
                    note="PRIOR: no measured or imported profile for this GPU family yet; efficiencies are a "
                         "labelled prior, not a measurement")

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from types import MappingProxyType
 
 import numpy as np
 
 from kvsim.errors import KvsimError
-from kvsim.fileio import load_data_yaml
+from kvsim.fileio import data_file, load_data_file
 from kvsim.spec.hardware import HardwareSpec
 
 # vllm/distributed/device_communicators/custom_all_reduce.py: _SUPPORTED_WORLD_SIZES and the
@@ -91,11 +90,10 @@ def _table(data: dict, where: str) -> LatencyTable:
 @cache
 def load_collectives(gpu: str) -> Collectives | None:
     """The shipped tables of catalogue GPU ``gpu`` (None: none imported)."""
-    entry = resources.files("kvsim") / "data" / "collectives" / f"{gpu}.yaml"
-    if not entry.is_file():
-        return None
     where = f"kvsim/data/collectives/{gpu}.yaml"
-    data = load_data_yaml(entry.read_text())
+    if not data_file(where).is_file():
+        return None
+    data = load_data_file(where)
     tables = {}
     for key in ("custom_allreduce", "nccl_allreduce"):
         part = data.get(key) or {}

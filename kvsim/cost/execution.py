@@ -28,7 +28,6 @@ import bisect
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from importlib import resources
 
 from kvsim.cost.collectives import AllReducePricing, vllm_allreduce
 from kvsim.errors import KvsimError
@@ -88,12 +87,11 @@ def vllm_host_step(vllm_version: str) -> HostStep:
 def sync_host_fit() -> HostStep | None:
     """The fitted host time of vLLM without async scheduling (HOST_FIT_FILE), or None before one is
     fitted (scripts/fit_host_step.py fits it against the prior)."""
-    from kvsim.fileio import load_data_yaml
+    from kvsim.fileio import data_file, load_data_file
 
-    entry = resources.files("kvsim").joinpath(*HOST_FIT_FILE.split("/")[1:])
-    if not entry.is_file():
+    if not data_file(HOST_FIT_FILE).is_file():
         return None
-    data = load_data_yaml(entry.read_text())["sync"]
+    data = load_data_file(HOST_FIT_FILE)["sync"]
     return HostStep(float(data["fixed_s"]), float(data["per_sequence_s"]), False, str(data["source"]))
 
 

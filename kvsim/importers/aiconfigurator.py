@@ -34,8 +34,9 @@ from typing import Any
 
 import yaml
 
+from kvsim.cost.calibration import PRIOR_FILE
 from kvsim.errors import KvsimError
-from kvsim.fileio import load_data_yaml, write_atomic
+from kvsim.fileio import load_data_file, write_atomic
 
 PACKAGE = "aiconfigurator-core"
 MS = 1e-3  # the database's latencies are in milliseconds
@@ -356,7 +357,7 @@ def _import(system: str, engine: str, version: str | None, gpu: str | None, root
                 record(key, path, kernel, moe, rows_per_expert=_span([m[0] for m in moe]),
                        expert_bytes=_span([m[1] for m in moe]))
 
-    prior = load_data_yaml((Path(__file__).resolve().parents[1] / "data" / "calibration_prior.yaml").read_text())
+    prior = load_data_file(PRIOR_FILE)
     ops["elementwise"] = prior["ops"]["elementwise"]
     ceilings = {"copy_bytes_per_s": bw, "bf16_flops_per_s": bf16, "fp8_flops_per_s": fp8}
     nccl_versions = _versions(root / system / "comm" / "nccl")
