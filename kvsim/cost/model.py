@@ -479,7 +479,7 @@ class CostModel:
             rows.append(("qk_norm", (a.num_heads // tp + kv_heads_per_rank(m, tp)) * a.head_dim * e * attn, attn))
         if act_kernels:  # none where every MLP is a routed-expert layer an imported MoE table holds
             rows.append(("activation", act, act_kernels))
-        moe_layers = sum(1 for layer in m.layers if layer.moe) if m.moe else 0
+        moe_layers = m.moe_layers if m.moe else 0
         # permute: read h, write k copies; un-permute: read k copies, write h (+ shared out); with data
         # parallelism over every DP rank's tokens (gathered), of which this GPU's experts get their share
         if moe_layers and m.moe is not None and not self._moe_in_table:
@@ -834,12 +834,19 @@ class CostModel:
     def _allreduce_call_s(self, msg: np.ndarray) -> np.ndarray:
         """One TP all-reduce of ``msg`` bytes: the engine's measured tables where it has them
         (``self.allreduce``), else a calibrated ring of 2(tp-1) hops."""
+        ring = self._ring_s(msg, self.tp, 2)
+        return ring if self.allreduce is None else self.allreduce.seconds(msg, ring)
+
+    def _ring_s(self, msg: np.ndarray, ranks: int, passes: int) -> np.ndarray:
+        """One NCCL ring collective of ``msg`` bytes over ``ranks`` GPUs, priced with the calibrated link
+        terms: each of ``passes`` passes (an all-reduce is a reduce-scatter and an all-gather, 2; an
+        all-gather or a reduce-scatter alone, 1) moves (ranks - 1) / ranks of the message through
+        each link in ranks - 1 hops."""
         link = self.hw.nvlink_bandwidth_bytes_per_s or self.hw.pcie_bandwidth_bytes_per_s
         curve = self.cal.ops["allreduce"]
         _, me = curve.eff(np.maximum(msg, 1.0))
-        ring = (2.0 * (self.tp - 1) / self.tp * msg / (link * me)
-                + 2 * (self.tp - 1) * self.cal.ceilings.link_latency_s + curve.floor_s)
-        return ring if self.allreduce is None else self.allreduce.seconds(msg, ring)
+        hops = passes * (ranks - 1)
+        return hops / ranks * msg / (link * me) + hops * self.cal.ceilings.link_latency_s + curve.floor_s
 
     def _qk_norm_allreduce(self, tokens: np.ndarray) -> tuple:
         """A query/key norm over all heads (``AttentionSpec.qk_norm_across_heads``) under TP: each
@@ -856,22 +863,16 @@ class CostModel:
         all-to-all backend runs them (``allgather_reducescatter``: ``all_gatherv`` of every rank's hidden
         states, top-k weights and ids, then ``reduce_scatterv`` of the expert outputs; NCCL rings,
         vllm/distributed/device_communicators/all2all.py ``AgRsAll2AllManager``), every DP rank carrying
-        ``tokens``. A ring over p ranks moves (p-1)/p of the gathered message through each link in
-        p-1 hops, priced with the calibrated link terms of the all-reduce ring (``_allreduce``)."""
+        ``tokens``: each one ring pass (``_ring_s``) of the gathered message."""
         dp, h, e = self.parallel.dp, self.model.hidden_size, self.model.dtype_bytes
         assert self.model.moe is not None  # gathers_tokens: a MoE model
-        layers = sum(1 for layer in self.model.layers if layer.moe)
-        link = self.hw.nvlink_bandwidth_bytes_per_s or self.hw.pcie_bandwidth_bytes_per_s
-        curve = self.cal.ops["allreduce"]
+        layers = self.model.moe_layers
         # dispatch: bf16 hidden states + fp32 top-k weights + int32 top-k ids per token; combine: hidden states
         k = self.model.moe.top_k
         rows = []
         for name, per_token in (("moe.dispatch", h * e + k * (4 + 4)), ("moe.combine", h * e)):
             gathered = tokens * per_token * dp
-            _, me = curve.eff(np.maximum(gathered, 1.0))
-            per_call = ((dp - 1) / dp * gathered / (link * me) + (dp - 1) * self.cal.ceilings.link_latency_s
-                        + curve.floor_s)
-            t = np.where(tokens > 0, per_call * layers, 0.0)
+            t = np.where(tokens > 0, self._ring_s(gathered, dp, 1) * layers, 0.0)
             rows.append((name, 0, np.zeros_like(gathered), gathered * layers, t, np.full(gathered.shape, "link")))
         return rows
 

@@ -169,6 +169,11 @@ class ModelSpec:
         return sum(1 for layer in self.layers if layer.attention not in ("state", "none"))
 
     @property
+    def moe_layers(self) -> int:
+        """Layers whose MLP is routed experts."""
+        return sum(1 for layer in self.layers if layer.moe)
+
+    @property
     def kv_layers(self) -> tuple[LayerSpec, ...]:
         """Layers that own a KV cache."""
         return tuple(layer for layer in self.layers if layer.owns_kv)
