@@ -45,22 +45,6 @@ MS_FULL = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
 MS_QUICK = [1, 16, 128, 1024]
 
 
-def time_fn(fn, est_s):
-    """Median of per-call CUDA-event times; reps sized to ~15 ms of work (3..50 reps)."""
-    reps = int(min(50, max(3, 0.015 / max(est_s, 1e-7))))
-    for _ in range(2):
-        fn(0)
-    torch.cuda.synchronize()
-    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for i, (s, e) in enumerate(evs):
-        s.record()
-        fn(i)
-        e.record()
-    torch.cuda.synchronize()
-    ts = sorted(s.elapsed_time(e) / 1e3 for s, e in evs)
-    return ts[len(ts) // 2]
-
-
 def make_weights(n, k):
     wbytes = n * k * 2
     nw = int(min(8, max(1, (256 * 2**20) // max(wbytes, 1))))  # rotate weights past the L2
@@ -101,10 +85,20 @@ def w4a16_point(m, n, k, label, csv, w):
     return t
 
 
+# dtype -> (bytes per input element, bytes per output element, a peak (flop/s) that sizes the timing run,
+# the relative error a correct product stays under). fp32 is a GEMM as torch runs one by default (no TF32:
+# torch.backends.cuda.matmul.allow_tf32 False, which vLLM leaves as it is), checked against float64: a TF32
+# product would be ~1e-3 off.
+GEMM_DTYPES = {"bf16": (2, 2, 600e12, 2e-2), "fp8": (1, 2, 600e12, 2e-2), "fp32": (4, 4, 50e12, 1e-5)}
+
+
 def gemm_point(dtype, m, n, k, label, csv, ws):
-    eb = 1 if dtype == "fp8" else 2
+    """One GEMM of m rows against the weights ``ws`` (rotated past the L2), checked, timed, one gemm.csv row."""
+    from validation.common import bench
+
+    eb, ob, peak, tol = GEMM_DTYPES[dtype]
     nw = len(ws)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
     if dtype == "fp8":
         x = x.to(torch.float8_e4m3fn)
         one = torch.ones((), device="cuda", dtype=torch.float32)
@@ -114,41 +108,16 @@ def gemm_point(dtype, m, n, k, label, csv, ws):
     else:
         def fn(i):
             return x @ ws[i % nw].t()
-    if m <= 64:
-        ref = x[: min(m, 4)].float() @ ws[0].float().t()
-        out = fn(0)[: min(m, 4)].float()
-        err = ((out - ref).norm() / ref.norm()).item()
-        if not err < 2e-2:
-            log(f"[WARN] gemm {dtype} {m}x{n}x{k} rel error {err:.2e}")
+    exact = torch.float64 if dtype == "fp32" else torch.float32
+    ref = x[: min(m, 4)].to(exact) @ ws[0].to(exact).t()
+    err = ((fn(0)[: min(m, 4)].to(exact) - ref).norm() / ref.norm()).item()
+    if not err < tol:
+        log(f"[WARN] gemm {dtype} {m}x{n}x{k} rel error {err:.2e}" + (" (TF32 on?)" if dtype == "fp32" else ""))
     fl = 2 * m * n * k
-    byts = (m * k + n * k) * eb + m * n * 2
-    est = max(fl / 600e12, byts / 2.5e12) + 5e-6
-    from validation.common import bench
-
-    t = bench(fn, rep_ms=max(6.0, min(60.0, est * 3e3 * 5)), flush=False, indexed=True)[0]
+    byts = (m * k + n * k) * eb + m * n * ob
+    est = max(fl / peak, byts / 2.5e12) + 5e-6
+    t = bench(fn, rep_ms=max(6.0, min(60.0, est * 1.5e4)), flush=False, indexed=True)[0]
     csv.row(dtype=dtype, m=m, n=n, k=k, time_s=t, flops=fl, bytes=byts, layer=label)
-    return t
-
-
-def fp32_point(m, n, k, label, csv, ws):
-    """An fp32 GEMM as torch runs one by default (no TF32: torch.backends.cuda.matmul.allow_tf32 False,
-    which vLLM leaves as it is), weights rotated past the L2 like the 16-bit points."""
-    from validation.common import bench
-
-    x = torch.randn(m, k, device="cuda", dtype=torch.float32)
-    nw = len(ws)
-
-    def fn(i):
-        return x @ ws[i % nw].t()
-    ref = x[: min(m, 4)].double() @ ws[0].double().t()
-    err = ((fn(0)[: min(m, 4)].double() - ref).norm() / ref.norm()).item()
-    if not err < 1e-5:  # a TF32 product would be ~1e-3 off
-        log(f"[WARN] gemm fp32 {m}x{n}x{k} rel error {err:.2e} (TF32 on?)")
-    fl = 2 * m * n * k
-    byts = (m * k + n * k + m * n) * 4
-    t = bench(fn, rep_ms=max(6.0, min(60.0, (max(fl / 50e12, byts / 2.5e12) + 5e-6) * 1.5e4)), flush=False,
-              indexed=True)[0]
-    csv.row(dtype="fp32", m=m, n=n, k=k, time_s=t, flops=fl, bytes=byts, layer=label)
     return t
 
 
@@ -163,7 +132,7 @@ def run_fp32_router(args, out, budget):
             if not budget.ok(2):
                 log("fp32_router: budget spent")
                 return
-            t = guarded(f"gemm fp32 {m}x{n}x{k}", fp32_point, m, n, k, label, csv, ws)
+            t = guarded(f"gemm fp32 {m}x{n}x{k}", gemm_point, "fp32", m, n, k, label, csv, ws)
             if t is not None and m in (1, 256, 4096, 16384):
                 log(f"gemm {label} fp32 m{m}: {t*1e6:.1f} us {2*m*n*k/t/1e12:.1f} TF/s")
         del ws
