@@ -116,6 +116,11 @@ def test_vllm_pads_a_step_to_its_captured_cuda_graph_size() -> None:
     assert vllm_graph_sizes(8, 12, range(1, 17)) == tuple(range(1, 13))
     listed = CostModel(model, hw, layout_for(model), 1, None, vllm_execution(hw, 1, 16, 8192, "", range(1, 17)))
     assert gemm_s(listed, 9) == gemm_s(exact, 9) and gemm_s(listed, 17) == gemm_s(exact, 17)
+    # --enforce-eager captures no graph: nothing is padded, and the run says its steps are a lower bound
+    eager = CostModel(model, hw, layout_for(model), 1, None, vllm_execution(hw, 1, 256, 8192, "", enforce_eager=True))
+    assert gemm_s(eager, 9) == gemm_s(exact, 9) != gemm_s(vllm, 9)
+    assert any(n.startswith("PRIOR: engine.enforce_eager") for n in eager.notes)
+    assert not any("enforce_eager" in n for n in vllm.notes)
 
 
 _PAD_MODEL = load_model("llama-3-8b")

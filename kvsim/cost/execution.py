@@ -102,6 +102,7 @@ class Execution:
     allreduce: AllReducePricing
     cuda_graph_sizes: tuple[int, ...]  # ascending; empty: every step runs at its own size
     host: HostStep
+    eager: bool = False  # --enforce-eager: no CUDA graphs, every kernel launched from the CPU
 
     def padded_tokens(self, tokens: float) -> float:
         """The token count a step of ``tokens`` runs at (its captured graph's size)."""
@@ -123,9 +124,11 @@ def vllm_graph_sizes(max_num_seqs: int, max_num_batched_tokens: int,
 
 
 def vllm_execution(hw: HardwareSpec, tp: int, max_num_seqs: int, max_num_batched_tokens: int,
-                   vllm_version: str, capture_sizes: Sequence[int] | None = None) -> Execution:
+                   vllm_version: str, capture_sizes: Sequence[int] | None = None,
+                   enforce_eager: bool = False) -> Execution:
     """vLLM's execution of a TP group of ``hw`` GPUs with these scheduler limits (``vllm_version``
     "": the default modelled version; ``capture_sizes``: ``--cudagraph-capture-sizes``, None for
-    vLLM's default list)."""
-    return Execution(vllm_allreduce(hw, tp), vllm_graph_sizes(max_num_seqs, max_num_batched_tokens, capture_sizes),
-                     vllm_host_step(vllm_version))
+    vLLM's default list; ``enforce_eager``: ``--enforce-eager``, which captures no graph, so no step is
+    padded)."""
+    sizes = () if enforce_eager else vllm_graph_sizes(max_num_seqs, max_num_batched_tokens, capture_sizes)
+    return Execution(vllm_allreduce(hw, tp), sizes, vllm_host_step(vllm_version), enforce_eager)

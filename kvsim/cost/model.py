@@ -34,6 +34,12 @@ DEQUANT_FLOPS_PER_ELEMENT = 4  # unpack, convert, multiply by scale, add zero po
 # A weight-only (W8A16 / W4A16) GEMM dequantizes each weight it reads once per slice of this many rows:
 # vLLM's Marlin kernels work on at most 4 thread M-blocks of 16 rows (csrc/quantization/gptq_marlin).
 DEQUANT_ROWS_PER_PASS = 64
+# vLLM --enforce-eager captures no CUDA graph: every kernel of a step is launched from the CPU, which
+# small decode steps then wait on. kvsim prices the kernels alone (labelled in every such run's notes).
+EAGER_NOTE = ("PRIOR: engine.enforce_eager (no CUDA graphs): steps are priced at their kernels' GPU time, without "
+              "the CPU time of launching each kernel, which small decode batches wait on, so eager decode steps are a "
+              "lower bound (public runs measured TPOT 1.7-4.3x a CUDA-graph run's: Qwen2.5-Omni 3B and 7B on H200 "
+              "and A800, vllm-project/vllm-omni issue 7960)")
 # Element-wise kernels of one decoder layer as vLLM runs them (and validation/engine.py mirrors):
 # fused_add_rms_norm before attention and before the MLP (read x and the residual, write both),
 # rotary_embedding in place on q and k, silu_and_mul on the gate/up output. The KV-cache write
@@ -197,6 +203,8 @@ class CostModel:
         self._gemms = self._build_gemms()
         if gathers_tokens(model, parallel):
             self.notes += (self._parallel_note(),)
+        if execution is not None and execution.eager:
+            self.notes += (EAGER_NOTE,)
         self._fixed_cache: dict[tuple[Passes, float, float], list] = {}
         self._table: list[tuple] = []  # (name, driver index, flops, bytes, seconds, bound) arrays
         self._table_sums: list[list[float]] = []  # per driver: seconds of its ops, by count

@@ -89,7 +89,7 @@ def deployment(scenario: Scenario, side: str | None = None) -> Deployment:
                              field="engine.data_parallel_size", value=e.data_parallel_size, file=file)
         plan = plan_memory(model, hardware, layout, tp, memory, par)
         execution = vllm_execution(hardware, tp, e.max_num_seqs, e.max_num_batched_tokens, e.vllm_version or "",
-                                   e.cudagraph_capture_sizes)
+                                   e.cudagraph_capture_sizes, e.enforce_eager)
     except KvsimError as err:
         engine_key = err.field in ("vllm_version", "cuda_graph_gib", "gpu_memory_utilization", "data_parallel_size",
                                    "expert_parallel")

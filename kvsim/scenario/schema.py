@@ -131,7 +131,8 @@ class EngineSpec(_Strict):
     max_model_len: int | None = Field(default=None, gt=0)  # default: the model's context length
     num_gpu_blocks_override: int | None = Field(default=None, gt=0)  # vLLM's, "for testing preemption"
     vllm_version: StrictStr | None = None  # memory rule (kvsim/data/vllm_memory.yaml); None: its default_version
-    enforce_eager: StrictBool = False  # no CUDA graphs: nothing charged for them (vLLM >= 0.20)
+    # no CUDA graphs: none charged (vLLM >= 0.20), no step padded; step times a labelled lower bound
+    enforce_eager: StrictBool = False
     # vLLM --cudagraph-capture-sizes: the decode token counts with a captured graph (a smaller step is
     # padded to the next one); None: vLLM's default list (kvsim.cost.execution.vllm_graph_sizes)
     cudagraph_capture_sizes: list[Annotated[int, Field(gt=0)]] | None = Field(default=None, min_length=1)
