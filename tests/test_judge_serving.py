@@ -434,3 +434,22 @@ def test_the_docs_quote_the_shipped_host_step() -> None:
     quoted = f"{fit['fixed_s'] * 1e3:.3g} ms + {fit['per_sequence_s'] * 1e6:.3g} us per"
     for doc in ("README.md", "docs/scenario.md"):
         assert quoted in " ".join((ROOT / doc).read_text().split()), (doc, quoted)
+
+
+def test_the_closed_loop_example_predicts_the_development_set_row_it_mirrors():
+    """examples/vllm-bench-closed-loop.yaml writes out by hand what the judge derives for one measured row
+    (TP 4, 1,024 in, 512 out, 32 clients, the aiconfigurator deployment): it must predict what
+    ``kvsim validate --serving`` predicts for that row."""
+    from kvsim.api import run_scenario as run_file
+    from kvsim.scenario import run_scenario
+
+    rows = [r for r in read_rows(shared_file("measured", "vllm_h100_qwen3-32b_closed_loop.csv"))
+            if (r.tp, r.isl, r.osl, r.concurrency) == (4, 1024, 512, 32)]
+    assert len(rows) == 1
+    row = rows[0]
+    judged = run_scenario(_scenario(row, _checkpoint(row), "h100-sxm", None, DEPLOYMENTS["aiconfigurator"]),
+                          record_steps=False).summary
+    example = run_file(ROOT / "examples" / "vllm-bench-closed-loop.yaml").summary
+    assert example["completed"] == judged["completed"] == 640
+    for metric in ("ttft_s", "tpot_s"):
+        assert example[metric]["mean"] == judged[metric]["mean"]
