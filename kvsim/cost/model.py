@@ -39,7 +39,8 @@ DEQUANT_ROWS_PER_PASS = 64
 EAGER_NOTE = ("PRIOR: engine.enforce_eager (no CUDA graphs): steps are priced at their kernels' GPU time, without "
               "the CPU time of launching each kernel, which small decode batches wait on, so eager decode steps are a "
               "lower bound (public runs measured TPOT 1.7-4.3x a CUDA-graph run's: Qwen2.5-Omni 3B and 7B on H200 "
-              "and A800, vllm-project/vllm-omni issue 7960)")
+              "and A800, vllm-project/vllm-omni issue 7960; kvsim's reference engine eager beside its graph: "
+              "validation/results/h100-sxm/engine_decode_eager.csv)")
 # Element-wise kernels of one decoder layer as vLLM runs them (and validation/engine.py mirrors):
 # fused_add_rms_norm before attention and before the MLP (read x and the residual, write both),
 # rotary_embedding in place on q and k, silu_and_mul on the gate/up output. The KV-cache write
