@@ -3,7 +3,6 @@ disk read (page cache dropped + O_DIRECT), KV-blob file->GPU load (MatKV-style),
 and metadata.  Writes meta.json and ceilings.json into --out."""
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import mmap
@@ -14,7 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from validation.common import bench, bench_events, guarded, load_ceilings, log  # noqa: E402
+from validation.common import bench, bench_events, guarded, load_ceilings, log, part_args  # noqa: E402
 
 
 def sh(cmd: str) -> str:
@@ -294,10 +293,7 @@ def disk_bw(gib: float = 3.0, dirpath: str | None = None):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=60)
+    ap = part_args(60)
     ap.add_argument("--end", action="store_true", help="re-measure the copy only, recorded as copy_end")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)

@@ -28,6 +28,18 @@ class Budget:
         return self.left() > need
 
 
+def part_args(budget_s: float):
+    """The command line every run part takes (run_all.py runs each as ``argv --out OUT --budget-s SHARE
+    [--quick]``); a part adds its own options to the parser."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=budget_s)
+    return ap
+
+
 RUN_ID = os.environ.get("KVSIM_RUN_ID", "")  # one device call: run_all/run_tp set it for every part
 
 

@@ -12,13 +12,13 @@ eager over EAGER_ITERS steps after one warm-up), eager_p10_s, eager_p90_s.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from validation.common import part_args  # noqa: E402
 from validation.engine import fit_layers, time_eager, time_graph  # noqa: E402
 from validation.engine_model import Decoder, get_config  # noqa: E402
 
@@ -50,16 +50,13 @@ def point(model, name, batch, csv):
 
 
 def main():
+    ap = part_args(120)
+    ap.add_argument("--models", default="")
+    a = ap.parse_args()
     import torch
 
     from validation.common import Budget, CsvOut, guarded, log
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=120)
-    ap.add_argument("--models", default="")
-    a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(0)
     budget = Budget(a.budget_s)

@@ -10,7 +10,6 @@ engine_decode.csv and engine_prefill.csv (tp = 1).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -19,6 +18,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from validation.common import part_args  # noqa: E402
 from validation.engine_model import Decoder, get_config  # noqa: E402
 
 # Columns are only ever appended (kvsim validate reads these files by name).
@@ -234,10 +234,7 @@ def run(args):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=200)
+    ap = part_args(200)
     ap.add_argument("--models", default="")
     ap.add_argument("--grid", choices=["full", "tp"], default="full", help="tp: the tensor-parallel runs' points")
     a = ap.parse_args()

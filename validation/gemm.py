@@ -9,7 +9,6 @@ y[M,N] = x[M,K] @ W[N,K]^T.  Writes gemm.csv (dtype,m,n,k,time_s,flops,bytes,lay
 elementwise.csv (op,tokens,hidden,time_s,bytes,impl,rel_error,params,kernels)."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -17,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-from validation.common import Budget, CsvOut, guarded, log  # noqa: E402
+from validation.common import Budget, CsvOut, guarded, log, part_args  # noqa: E402
 
 # (N, K, label) from real layers (HF config.json of each model; fused qkv and gate_up as serving engines do)
 SHAPES = [
@@ -477,10 +476,7 @@ def run_elementwise(args, out, budget):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=120)
+    ap = part_args(120)
     ap.add_argument("--part", default="gemm",
                     choices=["gemm", "w4a16", "grouped", "fused_moe", "elementwise", "fp32_router"])
     ap.add_argument("--layers", default="", help="fused_moe: comma-separated FUSED_MOE labels, only these")
