@@ -469,16 +469,6 @@ def _load_imported(path: Path, mtime_ns: int, gpu: str) -> Calibration:
     return _derived_method_curves(calibration_from_dict(_read(path), load_hardware(gpu), str(path)))
 
 
-def calibration_sources(engine: str = "vllm") -> dict[str, str]:
-    """Catalogue GPU -> where its calibration comes from (``kvsim hardware``)."""
-    out = {}
-    for name in hardware_names():
-        cal = find_calibration(load_hardware(name), engine=engine)
-        origin = cal.source if cal.kind != "borrowed" else cal.note
-        out[name] = f"{cal.kind}: {origin}"
-    return out
-
-
 def find_calibration(hw: HardwareSpec, spec: str | None = None, engine: str = "vllm") -> Calibration:
     """``spec``: None (look up by GPU: measured, imported for ``engine``, borrowed, prior), 'none'
     (pure roofline), 'imported' (the imported profile even where a measured one exists), or a path."""

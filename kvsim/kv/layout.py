@@ -9,7 +9,6 @@ read only the fields defined here, so a new method needs no change anywhere else
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -274,7 +273,3 @@ def min_cap(a: int | None, b: int | None) -> int | None:
     if a is None:
         return b
     return a if b is None else min(a, b)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)
