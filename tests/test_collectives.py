@@ -72,12 +72,26 @@ def test_vllm_uses_its_custom_all_reduce_on_nvlink_up_to_8_mib() -> None:
 
 
 def test_pcie_groups_and_odd_degrees_use_nccl_or_the_ring_model() -> None:
-    assert vllm_allreduce(load_hardware("h100-pcie"), 2).custom is None  # no NVLink in the catalogue entry
+    pcie = vllm_allreduce(load_hardware("h100-pcie"), 4)  # no NVLink in the catalogue entry: no custom kernel
+    assert pcie.custom is None and "custom" not in pcie.source
     assert vllm_allreduce(load_hardware("h100-sxm"), 3).custom is None  # not a custom-kernel world size
     plain = vllm_allreduce(load_hardware("rtx-4090"), 2)  # no imported tables at all
     assert plain.custom is None and plain.nccl is None and "ring model" in plain.source
     ring = np.array([3e-5])
     assert plain.seconds(np.array([1e5]), ring)[0] == ring[0]
+
+
+def test_a_gpu_without_tables_borrows_those_of_its_nvlink_twin() -> None:
+    """The A100 SXM4 40 GB sits on the same HGX A100 NVLink fabric as the 80 GB one, whose tables were imported:
+    it prices vLLM's all-reduce on them, labelled, where it had the ring model (2 x 7 hops at TP 8). A PCIe GPU
+    (peer-to-peer access not in the catalogue) and an NVLink GPU without a twin (MI300X) borrow nothing."""
+    twin = vllm_allreduce(load_hardware("a100-sxm-80gb"), 8)
+    a40 = vllm_allreduce(load_hardware("a100-sxm-40gb"), 8)
+    assert load_collectives("a100-sxm-40gb") is None and a40.custom is twin.custom and a40.nccl is twin.nccl
+    assert a40.source.endswith("borrowed from a100-sxm-80gb (same family and NVLink)")
+    assert "borrowed" not in twin.source
+    for gpu in ("l4", "rtx-4090", "mi300x"):
+        assert "borrowed" not in vllm_allreduce(load_hardware(gpu), 4).source
 
 
 def test_a_qwen3_32b_decode_step_gets_faster_from_tp4_to_tp8_on_h100() -> None:

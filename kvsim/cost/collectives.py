@@ -12,13 +12,14 @@ Latencies come from ``kvsim/data/collectives/<gpu>.yaml``, written by
 :mod:`kvsim.importers.aiconfigurator` from NVIDIA aiconfigurator's public database (vLLM's custom
 kernel captured in a CUDA graph, as vLLM runs decode, and NCCL). Between measured sizes the time is
 interpolated in log-log; above the largest, it grows in proportion to the bytes (bandwidth-bound).
-A GPU or TP degree without a table is priced by the calibrated ring model instead, and the cost
-model says so (:attr:`AllReducePricing.source`).
+A GPU without tables of its own borrows those of a catalogue GPU on the same NVLink fabric
+(:func:`borrowed_collectives`); a GPU or TP degree without any table is priced by the calibrated ring model
+instead, and the cost model says so (:attr:`AllReducePricing.source`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from types import MappingProxyType
 
@@ -104,11 +105,30 @@ def load_collectives(gpu: str) -> Collectives | None:
                        f"{data.get('source', where)}: {data.get('system', gpu)} ({versions})")
 
 
+def _interconnect(hw: HardwareSpec) -> tuple:
+    return hw.family, hw.nvlink_bandwidth_bytes_per_s, hw.pcie_bandwidth_bytes_per_s, hw.max_gpus_per_node
+
+
+def borrowed_collectives(hw: HardwareSpec) -> Collectives | None:
+    """The tables of another catalogue GPU on the same NVLink fabric (same family, NVLink and PCIe bandwidth and
+    GPUs per node: the A100 SXM4 40 GB and 80 GB share the HGX A100 board), labelled so; None for a PCIe-only
+    GPU, whose peer-to-peer access (which decides how NCCL moves data) the catalogue does not record."""
+    from kvsim.spec.hardware import hardware_names, load_hardware
+
+    if hw.nvlink_bandwidth_bytes_per_s <= 0:
+        return None
+    for name in hardware_names():
+        tables = load_collectives(name) if name != hw.name else None
+        if tables is not None and _interconnect(load_hardware(name)) == _interconnect(hw):
+            return replace(tables, source=f"{tables.source}, borrowed from {name} (same family and NVLink)")
+    return None
+
+
 def vllm_allreduce(hw: HardwareSpec, tp: int) -> AllReducePricing:
     """vLLM's all-reduce for a TP group of ``hw`` GPUs (see the module docstring)."""
     if tp == 1:
         return AllReducePricing(None, None, "no all-reduce at TP 1")
-    tables = load_collectives(hw.name)
+    tables = load_collectives(hw.name) or borrowed_collectives(hw)
     # NVLink (nvlink_bandwidth_bytes_per_s > 0) connects every GPU of the catalogue's NVLink systems.
     # A PCIe pair with peer-to-peer access would also qualify; the catalogue does not record P2P, so
     # PCIe groups are priced as NCCL (and labelled so).
