@@ -3,6 +3,8 @@ from the imported measured tables (kvsim/data/collectives)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import yaml
@@ -11,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvsim.cost import Batch, CostModel
-from kvsim.cost.collectives import CUSTOM_MAX_BYTES, load_collectives, vllm_allreduce
+from kvsim.cost.collectives import CUSTOM_MAX_BYTES, custom_one_stage, load_collectives, vllm_allreduce
 from kvsim.cost.execution import vllm_execution, vllm_graph_sizes
 from kvsim.kv import layout_for
-from kvsim.spec.hardware import load_hardware
+from kvsim.spec.hardware import hardware_names, load_hardware
 from kvsim.spec.model import load_model
 
 
@@ -92,6 +94,46 @@ def test_a_gpu_without_tables_borrows_those_of_its_nvlink_twin() -> None:
     assert "borrowed" not in twin.source
     for gpu in ("l4", "rtx-4090", "mi300x"):
         assert "borrowed" not in vllm_allreduce(load_hardware(gpu), 4).source
+
+
+def test_vllm_picks_its_custom_kernel_stage_by_group_size_and_bytes() -> None:
+    """csrc/custom_all_reduce.cuh: 2 GPUs always one stage; below 512 KiB at 4 GPUs, 256 KiB at 6-8."""
+    sizes = np.array([1024.0, 255 * 1024, 256 * 1024, 511 * 1024, 512 * 1024, 8 * 2**20])
+    assert custom_one_stage(2, sizes).all()
+    assert custom_one_stage(4, sizes).tolist() == [True, True, True, True, False, False]
+    assert custom_one_stage(6, sizes).tolist() == custom_one_stage(8, sizes).tolist() == [True, True, False, False,
+                                                                                          False, False]
+
+
+def _without_custom_table(hw_name: str, tp: int) -> CostModel:
+    hw, model = load_hardware(hw_name), load_model("llama-3-8b")
+    ex = vllm_execution(hw, tp, 256, 8192, "")
+    return CostModel(model, hw, layout_for(model), tp, None, replace(ex, allreduce=replace(ex.allreduce, custom=None)))
+
+
+def test_the_custom_kernel_without_a_table_is_not_a_ring() -> None:
+    """A group that runs vLLM's custom all-reduce with no measured table (MI300X; any GPU at TP 6) prices its
+    one- and two-stage kernels on the calibrated link: a decode-sized call barely grows from TP 2 to TP 8,
+    where the 2(tp-1)-hop ring grew sevenfold. Over the 17 measured custom tables of the six NVLink GPUs
+    (each priced as if it had none) the model is closer than the ring: median |log2(model / measured)| 0.64
+    against 1.15 (README)."""
+    mi = {tp: _without_custom_table("mi300x", tp) for tp in (2, 8)}
+    assert "one-/two-stage kernels" in vllm_allreduce(load_hardware("mi300x"), 8).source
+    msg = np.array([8 * 4096 * 2.0])  # 8 tokens of Llama-3-8B's hidden state
+    assert mi[8]._allreduce_call_s(msg)[0] < 1.5 * mi[2]._allreduce_call_s(msg)[0]
+    assert mi[8]._ring_s(msg, 8, 2)[0] > 4 * mi[2]._ring_s(msg, 2, 2)[0]
+    model_err, ring_err = [], []
+    for name in hardware_names():
+        tables, hw = load_collectives(name), load_hardware(name)
+        if tables is None or hw.nvlink_bandwidth_bytes_per_s <= 0:
+            continue
+        for tp, table in tables.custom.items():
+            cost = _without_custom_table(name, tp)
+            b, s = np.exp2(table.log2_bytes), np.exp2(table.log2_seconds)
+            b, s = b[b <= CUSTOM_MAX_BYTES], s[b <= CUSTOM_MAX_BYTES]
+            model_err += list(np.abs(np.log2(cost._allreduce_call_s(b) / s)))
+            ring_err += list(np.abs(np.log2(cost._ring_s(b, tp, 2) / s)))
+    assert len(model_err) > 200 and np.median(model_err) < 0.8 < np.median(ring_err)
 
 
 def test_a_qwen3_32b_decode_step_gets_faster_from_tp4_to_tp8_on_h100() -> None:

@@ -33,6 +33,18 @@ from kvsim.spec.hardware import HardwareSpec
 # default max_size (8192 * 1024 bytes).
 CUSTOM_WORLD_SIZES = (2, 4, 6, 8)
 CUSTOM_MAX_BYTES = 8 * 2**20
+# csrc/custom_all_reduce.cuh (REDUCE_CASE): two GPUs always run the one-stage kernel (each reads every peer's
+# whole buffer and reduces); a fully connected group runs it below 512 KiB at up to 4 GPUs and below 256 KiB
+# at up to 8, else the two-stage kernel (reduce-scatter, then all-gather)
+ONE_STAGE_BELOW_BYTES = ((4, 512 * 2**10), (8, 256 * 2**10))
+
+
+def custom_one_stage(tp: int, msg_bytes: np.ndarray) -> np.ndarray:
+    """Whether vLLM's custom all-reduce runs its one-stage kernel for each message of a TP group."""
+    if tp == 2:
+        return np.ones(np.shape(msg_bytes), dtype=bool)
+    limit = next((below for size, below in ONE_STAGE_BELOW_BYTES if tp <= size), 0)
+    return np.asarray(msg_bytes) < limit
 
 
 @dataclass(frozen=True)
@@ -67,13 +79,15 @@ class AllReducePricing:
     custom: LatencyTable | None  # used for messages up to CUSTOM_MAX_BYTES
     nccl: LatencyTable | None  # used above (None: the calibrated ring model)
     source: str
+    custom_ok: bool = False  # the group runs vLLM's custom kernel up to CUSTOM_MAX_BYTES, with a table or not
 
-    def seconds(self, msg_bytes: np.ndarray, ring_s: np.ndarray) -> np.ndarray:
-        """Per-call seconds; ``ring_s`` is the calibrated ring model's time, used where no table applies."""
+    def seconds(self, msg_bytes: np.ndarray, ring_s: np.ndarray, custom_s: np.ndarray | None = None) -> np.ndarray:
+        """Per-call seconds; ``ring_s`` is the calibrated ring model's time, used where no table applies, and
+        ``custom_s`` the model of vLLM's custom kernel (:func:`custom_one_stage`'s stages on the calibrated link),
+        used where the group runs that kernel and has no table of it."""
         big = ring_s if self.nccl is None else self.nccl.seconds(msg_bytes)
-        if self.custom is None:
-            return big
-        return np.where(msg_bytes <= CUSTOM_MAX_BYTES, self.custom.seconds(msg_bytes), big)
+        small = self.custom.seconds(msg_bytes) if self.custom is not None else custom_s if self.custom_ok else None
+        return big if small is None else np.where(msg_bytes <= CUSTOM_MAX_BYTES, small, big)
 
 
 def _table(data: dict, where: str) -> LatencyTable:
@@ -137,8 +151,9 @@ def vllm_allreduce(hw: HardwareSpec, tp: int) -> AllReducePricing:
     nccl = tables.nccl.get(tp) if tables is not None else None
     parts = []
     if custom_ok:
-        parts.append("vLLM custom all-reduce " + ("(measured table)" if custom else "(no table: ring model)")
+        parts.append("vLLM custom all-reduce " + ("(measured table)" if custom else
+                                                  "(no table: its one-/two-stage kernels on the calibrated link)")
                      + f" up to {CUSTOM_MAX_BYTES // 2**20} MiB")
     parts.append("NCCL " + ("(measured table)" if nccl else "(ring model fitted on kvsim's NCCL runs)"))
     src = "; ".join(parts) + (f"; tables: {tables.source}" if tables is not None and (custom or nccl) else "")
-    return AllReducePricing(custom, nccl, src)
+    return AllReducePricing(custom, nccl, src, custom_ok)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvsim.cost.calibration import FP32_GEMM_CURVE, GROUPED_MM_CURVE, Calibration, find_calibration
+from kvsim.cost.collectives import custom_one_stage
 from kvsim.cost.execution import Execution
 from kvsim.cost.kernels import KernelSource, decode_kernel
 from kvsim.kv import METHODS
@@ -842,9 +843,26 @@ class CostModel:
 
     def _allreduce_call_s(self, msg: np.ndarray) -> np.ndarray:
         """One TP all-reduce of ``msg`` bytes: the engine's measured tables where it has them
-        (``self.allreduce``), else a calibrated ring of 2(tp-1) hops."""
+        (``self.allreduce``), else vLLM's custom kernel modelled on the calibrated link where the group runs
+        it, else a calibrated ring of 2(tp-1) hops."""
         ring = self._ring_s(msg, self.tp, 2)
-        return ring if self.allreduce is None else self.allreduce.seconds(msg, ring)
+        if self.allreduce is None:
+            return ring
+        custom = self._custom_allreduce_s(msg) if self.allreduce.custom_ok and self.allreduce.custom is None else None
+        return self.allreduce.seconds(msg, ring, custom)
+
+    def _custom_allreduce_s(self, msg: np.ndarray) -> np.ndarray:
+        """vLLM's custom all-reduce without a measured table: its one-stage kernel reads every peer's whole
+        message over the GPU's link in one round, its two-stage kernel moves (tp-1)/tp of it twice in two
+        rounds (kvsim.cost.collectives.custom_one_stage picks as vLLM does); the calibrated link terms of the
+        ring. Judged against the measured custom tables of six NVLink GPUs (README)."""
+        link = self.hw.nvlink_bandwidth_bytes_per_s or self.hw.pcie_bandwidth_bytes_per_s
+        curve, tp = self.cal.ops["allreduce"], self.tp
+        _, me = curve.eff(np.maximum(msg, 1.0))
+        lat = self.cal.ceilings.link_latency_s
+        one = (tp - 1) * msg / (link * me) + lat + curve.floor_s
+        two = 2 * (tp - 1) / tp * msg / (link * me) + 2 * lat + curve.floor_s
+        return np.where(custom_one_stage(tp, msg), one, two)
 
     def _ring_s(self, msg: np.ndarray, ranks: int, passes: int) -> np.ndarray:
         """One NCCL ring collective of ``msg`` bytes over ``ranks`` GPUs, priced with the calibrated link
