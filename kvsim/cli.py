@@ -237,7 +237,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
                              "expert_parallel": par.expert_parallel})
     print(f"{model.name} on {hardware.name} ({label}), KV method {'+'.join(layout.methods)}; {meta}")
     print(f"decode attention: {cal['decode_kernel']['label']}")
-    if args.tp > 1:  # as `kvsim run` says it: which all-reduce, and whether a table or the ring model prices it
+    if args.tp > 1:  # as `kvsim run` says it: which all-reduce, and whether a table or a model prices it
         print(f"note: all-reduce: {cal['allreduce']}")
     for note in cal["cost_notes"][1 if cal["decode_kernel"]["status"] != "measured" else 0:]:
         print(f"note: {note}")
