@@ -856,12 +856,8 @@ class CostModel:
         message over the GPU's link in one round, its two-stage kernel moves (tp-1)/tp of it twice in two
         rounds (kvsim.cost.collectives.custom_one_stage picks as vLLM does); the calibrated link terms of the
         ring. Judged against the measured custom tables of six NVLink GPUs (README)."""
-        link = self.hw.nvlink_bandwidth_bytes_per_s or self.hw.pcie_bandwidth_bytes_per_s
-        curve, tp = self.cal.ops["allreduce"], self.tp
-        _, me = curve.eff(np.maximum(msg, 1.0))
-        lat = self.cal.ceilings.link_latency_s
-        one = (tp - 1) * msg / (link * me) + lat + curve.floor_s
-        two = 2 * (tp - 1) / tp * msg / (link * me) + 2 * lat + curve.floor_s
+        tp = self.tp
+        one, two = self._link_s(msg, tp - 1, 1), self._link_s(msg, 2 * (tp - 1) / tp, 2)
         return np.where(custom_one_stage(tp, msg), one, two)
 
     def _ring_s(self, msg: np.ndarray, ranks: int, passes: int) -> np.ndarray:
@@ -869,11 +865,16 @@ class CostModel:
         terms: each of ``passes`` passes (an all-reduce is a reduce-scatter and an all-gather, 2; an
         all-gather or a reduce-scatter alone, 1) moves (ranks - 1) / ranks of the message through
         each link in ranks - 1 hops."""
+        hops = passes * (ranks - 1)
+        return self._link_s(msg, hops / ranks, hops)
+
+    def _link_s(self, msg: np.ndarray, messages: float, rounds: int) -> np.ndarray:
+        """A collective that moves ``messages`` times ``msg`` bytes through each GPU's link in ``rounds``
+        dependent rounds, on the calibrated link terms (efficiency by size, latency per round, floor)."""
         link = self.hw.nvlink_bandwidth_bytes_per_s or self.hw.pcie_bandwidth_bytes_per_s
         curve = self.cal.ops["allreduce"]
         _, me = curve.eff(np.maximum(msg, 1.0))
-        hops = passes * (ranks - 1)
-        return hops / ranks * msg / (link * me) + hops * self.cal.ceilings.link_latency_s + curve.floor_s
+        return messages * msg / (link * me) + rounds * self.cal.ceilings.link_latency_s + curve.floor_s
 
     def _qk_norm_allreduce(self, tokens: np.ndarray) -> tuple:
         """A query/key norm over all heads (``AttentionSpec.qk_norm_across_heads``) under TP: each
