@@ -36,6 +36,8 @@ PARTS = {
     "fused_moe": (60, ["validation/gemm.py", "--part", "fused_moe"]),
     "elementwise": (30, ["validation/gemm.py", "--part", "elementwise"]),  # ~280 points of 9 engine kernels
     "fp32_router": (5, ["validation/gemm.py", "--part", "fp32_router"]),  # fp32 gates (MiniMax-M2), 4 x 28 points
+    # vLLM's MXFP4 MoE on Hopper: OpenAI's Triton matmul_ogs (needs validation/vendor: fetch_triton_kernels.py)
+    "oai_moe": (20, ["validation/oai_moe.py"]),
     # decode steps launched kernel by kernel beside their CUDA graph (--enforce-eager's cost; not fitted)
     "eager": (10, ["validation/eager.py"]),
     "engine": (230, ["validation/engine.py"]),  # 10 models: 5 prompts + ~45 decode points each, ~20 s a model
