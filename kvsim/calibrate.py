@@ -37,6 +37,7 @@ from kvsim.cost.model import CostModel, decode_family
 from kvsim.errors import KvsimError
 from kvsim.fileio import load_data_file, write_atomic
 from kvsim.spec.hardware import HardwareSpec, load_hardware
+from kvsim.spec.quant import EXPERT_GEMMS, MXFP4_BITS, MXFP4_HOPPER_CURVE
 
 Sample = tuple[float, float, float, float]  # size, time_s, t_compute, t_memory
 MIN_EFFICIENCY = 1e-4  # a kernel whose time is all floor; keeps the curve strictly positive
@@ -189,7 +190,7 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
     # included). 16-bit: the fused-MoE kernel vLLM runs (fused_moe.csv) and torch._grouped_mm, which the
     # reference engine runs (gemm_grouped.csv), against the bf16 ceiling; FP8 per-tensor and 128x128
     # blocks through the fused-MoE kernel against the FP8 ceiling.
-    def experts(r: dict, elem_bytes: int, peak: float) -> tuple[float, float, float, float, float]:
+    def experts(r: dict, elem_bytes: float, peak: float) -> tuple[float, float, float, float, float]:
         return (float(r["tokens"]) * float(r["top_k"]) / float(r["active_experts"]),
                 float(r["active_experts"]) * float(r["n"]) * float(r["k"]) * elem_bytes, float(r["time_s"]),
                 float(r["flops"]) / peak, float(r["bytes"]) / bw)
@@ -200,6 +201,12 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
     grouped = {"gemm_grouped": [experts(r, 2, bf16) for r in moe if r["mode"] == "bf16"]}
     grouped.update({f"gemm_grouped.{mode}": [experts(r, 1, fp8) for r in moe if r["mode"] == mode]
                     if fp8 else [] for mode in ("fp8", "fp8_block")})
+    # MXFP4 experts in vLLM's own Hopper kernel (validation/oai_moe.py: triton_kernels matmul_ogs, weights
+    # upcast to bf16 in the kernel) against the bf16 ceiling, weights at MXFP4's bits with their scales;
+    # gate/up (layer .w13) and down (.w2) apart
+    for expert_gemm, label in zip(EXPERT_GEMMS, (".w13", ".w2"), strict=True):
+        grouped[f"{MXFP4_HOPPER_CURVE}.{expert_gemm}"] = [experts(r, MXFP4_BITS / 8, bf16) for r in moe
+                                                    if r["mode"] == "mxfp4" and r["layer"].endswith(label)]
 
     decode, used["attention_decode.csv (calibration shapes)"] = _decode_samples(folder, hw, ceil, keep)
 
@@ -227,7 +234,7 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
         if samples:
             ops[name] = _fit_table(samples, 0.8)
     for name, samples in grouped.items():
-        used[f"fused_moe.csv ({name.split('.')[1] if '.' in name else 'bf16'})"] = len(samples)
+        used[f"fused_moe.csv ({name.split('.', 1)[1] if '.' in name else 'bf16'})"] = len(samples)
         if samples:
             ops[name] = _fit_table(samples, 0.8)
     prior = load_data_file(PRIOR_FILE)

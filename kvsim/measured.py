@@ -37,7 +37,7 @@ def rows(path: Path, keep: RowFilter = keep_all) -> list[dict]:
     """Rows of a result CSV that carry a time (failed points are recorded with an empty time), are not
     tiling comparisons and that ``keep`` keeps. A row whose params start ``src=`` times a named tiling
     (validation/gemm.py --part fused_moe --tilings vllm: vLLM's own choice beside the same call's best
-    of 13), not the tuned kernel the curves price."""
+    of 13; validation/oai_moe.py: the same kernel timed with the L2 flushed), not the timing the curves price."""
     if not path.is_file():
         return []
     with path.open(encoding="utf-8") as f:

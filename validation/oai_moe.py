@@ -37,6 +37,7 @@ SHAPES = [(128, 1, "gpt-oss-120b.tp1"), (128, 2, "gpt-oss-120b.tp2"), (128, 4, "
           (128, 8, "gpt-oss-120b.tp8"), (32, 1, "gpt-oss-20b.tp1"), (32, 2, "gpt-oss-20b.tp2")]
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 MXFP4_BLOCK = 32  # elements per e8m0 scale
+MXFP4_BITS_PER_WEIGHT = 4 + 8 / MXFP4_BLOCK
 
 
 def _kernels():
@@ -102,12 +103,15 @@ def reference(x, sparse, deq13, b13, deq2, b2):
     return out
 
 
-def point(E, inter, tokens, experts, label, csv, gen, k):
-    """Both GEMMs of one layer at one token count, timed apart (CUDA graph, L2 flushed) and checked together."""
+def point(E, inter, tokens, copies, label, csv, gen, k):
+    """Both GEMMs of one layer at one token count, checked together against the float reference, then each
+    timed in a CUDA graph two ways: calling the copies of the layer's weights in turn (as the engine streams
+    one layer after another: weights cold, routing and activations where the previous kernel left them;
+    the fitted rows) and on one copy with the L2 flushed before every call (a comparison row, params
+    src=l2-flush, not fitted)."""
     import torch
 
     mo, _, sw, _, _, _, _ = k
-    w13, pc13, deq13, b13, w2, pc2, deq2, b2 = experts
     x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=gen)
     logits = torch.randn(tokens, E, device="cuda", dtype=torch.bfloat16, generator=gen)
     rd, gather, scatter, sparse = routing(logits, E, k)
@@ -116,33 +120,46 @@ def point(E, inter, tokens, experts, label, csv, gen, k):
     mid = torch.empty(1, tokens * TOP_K, inter, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(1, tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
 
-    def gemm1():
+    def gemm1(i=0):
+        w13, pc13, _, b13 = copies[i % len(copies)][:4]
         mo.matmul_ogs(x, w13, b13, rd, gather_indx=gather, precision_config=pc13, fused_activation=act, y=mid)
 
-    def gemm2():
+    def gemm2(i=0):
+        w2, pc2, _, b2 = copies[i % len(copies)][4:]
         mo.matmul_ogs(mid.view(tokens * TOP_K, inter), w2, b2, rd, scatter_indx=scatter, precision_config=pc2,
                       gammas=rd.gate_scal, y=out)
 
     out.fill_(float("nan"))
     gemm1()
     gemm2()
+    _, _, deq13, b13, _, _, deq2, b2 = copies[0]
     err = rel_error(out.view(tokens, HIDDEN).float(), reference(x, sparse, deq13, b13, deq2, b2))
     active = int(torch.unique(sparse.indx).numel())
     rows = tokens * TOP_K
     # weights as stored: 4 bits a weight plus one e8m0 byte per 32 (scales), of the touched experts
     for gemm, n, kk, fn in (("w13", 2 * inter, HIDDEN, gemm1), ("w2", HIDDEN, inter, gemm2)):
-        t = bench(fn, rep_ms=10)[0]
         w_bytes = active * (n * kk // 2 + n * kk // MXFP4_BLOCK)
         in_bytes = (tokens if gemm == "w13" else rows) * kk * 2
         out_bytes = (rows * n // 2 if gemm == "w13" else tokens * n) * 2  # SwiGLU halves gate/up's columns
-        csv.row(mode="mxfp4", experts=E, top_k=TOP_K, tokens=tokens, active_experts=active, n=n, k=kk, time_s=t,
-                flops=2 * rows * n * kk, bytes=w_bytes + in_bytes + out_bytes, rel_error=f"{err:.2e}",
-                layer=f"{label}.{gemm}",
-                params=params_str(kernel="triton_kernels.matmul_ogs (vLLM 0.18.0 vllm/third_party)",
-                                  layout="hopper", warps=8, split_k=1))
-        if tokens in (1, 64, 1024):
-            log(f"oai_moe {label}.{gemm} T{tokens}: {t*1e6:.1f} us {(w_bytes + in_bytes + out_bytes)/t/1e12:.2f} TB/s "
-                f"err {err:.1e}")
+        byts = w_bytes + in_bytes + out_bytes
+        times = {}
+        for how, t in (("layers", bench(fn, rep_ms=10, flush=False, indexed=True)[0]),
+                       ("l2-flush", bench(fn, rep_ms=10)[0])):
+            times[how] = t
+            params = params_str(**({"src": how} if how == "l2-flush" else {}),
+                                kernel="triton_kernels.matmul_ogs (vLLM 0.18.0 vllm/third_party)", layout="hopper",
+                                warps=8, split_k=1, weight_copies=len(copies) if how == "layers" else 1)
+            csv.row(mode="mxfp4", experts=E, top_k=TOP_K, tokens=tokens, active_experts=active, n=n, k=kk, time_s=t,
+                    flops=2 * rows * n * kk, bytes=byts, rel_error=f"{err:.2e}", layer=f"{label}.{gemm}", params=params)
+        if tokens in (1, 16, 64, 1024):
+            log(f"oai_moe {label}.{gemm} T{tokens}: {times['layers']*1e6:.1f} us {byts/times['layers']/1e12:.2f} TB/s "
+                f"(L2 flushed: {times['l2-flush']*1e6:.1f} us) err {err:.1e}")
+
+
+# Weight copies a point rotates through: enough that the touched experts of one token (the smallest case)
+# over all copies pass twice the H100's 50 MB L2, at most COPY_BYTES of weights in all.
+COLD_BYTES = 100 * 2**20
+COPY_BYTES = 24 * 2**30
 
 
 def run(args, out, budget):
@@ -159,19 +176,27 @@ def run(args, out, budget):
             log("oai_moe: budget spent")
             return
         inter = -(-(HIDDEN // tp) // ALIGN) * ALIGN
-        w13 = torch.randn(E, 2 * inter, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=gen) / HIDDEN ** 0.5
-        w2 = torch.randn(E, HIDDEN, inter, device="cuda", dtype=torch.bfloat16, generator=gen) / inter ** 0.5
-        q13, pc13, deq13 = quantized_experts(w13, k)
-        q2, pc2, deq2 = quantized_experts(w2, k)
-        del w13, w2
-        b13 = torch.randn(E, 2 * inter, device="cuda", generator=gen) * 0.1  # gpt-oss's fp32 expert biases
-        b2 = torch.randn(E, HIDDEN, device="cuda", generator=gen) * 0.1
-        experts = (q13, pc13, deq13, b13, q2, pc2, deq2, b2)
+        layer_bytes = E * 3 * inter * HIDDEN * MXFP4_BITS_PER_WEIGHT / 8
+        touched_bytes = TOP_K * 3 * inter * HIDDEN * MXFP4_BITS_PER_WEIGHT / 8
+        n_copies = max(2, min(int(COPY_BYTES // layer_bytes), -(-COLD_BYTES // int(touched_bytes))))
+        copies = []
+        for c in range(n_copies):
+            w13 = torch.randn(E, 2 * inter, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=gen) / HIDDEN ** 0.5
+            w2 = torch.randn(E, HIDDEN, inter, device="cuda", dtype=torch.bfloat16, generator=gen) / inter ** 0.5
+            q13, pc13, deq13 = quantized_experts(w13, k)
+            q2, pc2, deq2 = quantized_experts(w2, k)
+            del w13, w2
+            if c:  # the reference needs the first copy's weights only
+                deq13 = deq2 = None
+            b13 = torch.randn(E, 2 * inter, device="cuda", generator=gen) * 0.1  # gpt-oss's fp32 expert biases
+            b2 = torch.randn(E, HIDDEN, device="cuda", generator=gen) * 0.1
+            copies.append((q13, pc13, deq13, b13, q2, pc2, deq2, b2))
+        log(f"oai_moe {label}: {n_copies} weight copies")
         for tokens in ([1, 64] if args.quick else TOKENS):
             if not budget.ok(3):
                 break
-            guarded(f"oai_moe {label} T{tokens}", point, E, inter, tokens, experts, label, csv, gen, k)
-        del experts, q13, q2, deq13, deq2
+            guarded(f"oai_moe {label} T{tokens}", point, E, inter, tokens, copies, label, csv, gen, k)
+        del copies
         torch.cuda.empty_cache()
 
 

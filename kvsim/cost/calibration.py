@@ -450,6 +450,41 @@ def _derived_method_curves(cal: Calibration) -> Calibration:
     return replace(cal, ops=MappingProxyType(ops), derived=MappingProxyType(derived))
 
 
+def _scaled(effs: tuple, factor: float) -> tuple:
+    """A curve's efficiencies (a row, or a table of rows) times ``factor``, within the curves' (0, 1.5]."""
+    return tuple(_scaled(v, factor) if isinstance(v, tuple) else min(float(v) * factor, 1.5) for v in effs)
+
+
+def _compute_twin_curves(cal: Calibration, hw: HardwareSpec) -> Calibration:
+    """A measured profile without the MXFP4 expert curves (kvsim.spec.quant.MXFP4_HOPPER_CURVE) takes
+    those of a measured GPU with the same compute (family, SM count and bf16 peak: the H200 is the
+    H100 SXM's GH100 with more and faster HBM), at the donor's kernel times: its efficiencies are
+    rescaled by the two GPUs' ceilings so a GEMM costs here what it cost there. The rule rests on the
+    kernel running far below HBM bandwidth wherever it was measured (validation/oai_moe.py on an H100:
+    0.1-2.7 TB/s of 3.2), which also holds on the H200's faster memory."""
+    from kvsim.spec.quant import EXPERT_GEMMS, MXFP4_HOPPER_CURVE  # noqa: PLC0415 - quant imports nothing here
+
+    keys = [f"{MXFP4_HOPPER_CURVE}.{g}" for g in EXPERT_GEMMS]
+    if all(k in cal.ops for k in keys):
+        return cal
+    for name in _measured_gpus():
+        donor, twin = _measured(name), load_hardware(name)
+        if (donor is None or name == hw.name or not all(k in donor.ops for k in keys)
+                or (twin.family, twin.sm_count, twin.peak_flops_per_s.get("bf16"))
+                != (hw.family, hw.sm_count, hw.peak_flops_per_s.get("bf16"))):
+            continue
+        mem = donor.ceilings.copy_bytes_per_s / cal.ceilings.copy_bytes_per_s
+        comp = donor.ceilings.flops_per_s["bf16"] / cal.ceilings.flops_per_s["bf16"]
+        ops, derived = dict(cal.ops), dict(cal.derived)
+        for k in keys:
+            c = donor.ops[k]
+            ops[k] = replace(c, compute=_scaled(c.compute, comp), memory=_scaled(c.memory, mem))
+            derived[k] = (f"{name}'s measured kernel times (same family, SM count and bf16 peak; the kernel runs "
+                          f"far below HBM bandwidth)")
+        return replace(cal, ops=MappingProxyType(ops), derived=MappingProxyType(derived))
+    return cal
+
+
 def _imported(hw: HardwareSpec, engine: str) -> Calibration | None:
     """The imported profile of a catalogue GPU (moved to ``hw``'s numbers if they differ)."""
     path = imported_profile_path(hw.name, engine)
@@ -490,7 +525,7 @@ def find_calibration(hw: HardwareSpec, spec: str | None = None, engine: str = "v
     own = profile_path(hw.name, "reference")
     if own is not None:
         stock = load_hardware(hw.name) if hw.name in hardware_names() else hw
-        cal = calibration_from_dict(_read(own), stock, str(own))
+        cal = _compute_twin_curves(calibration_from_dict(_read(own), stock, str(own)), stock)
         # A user's GPU YAML that keeps a catalogue name but changes its numbers is a different GPU:
         # its own numbers win, so the measured profile is moved to it like any borrowed one.
         return cal if stock == hw else borrow_profile(cal, stock, hw)

@@ -14,7 +14,7 @@ fast-forward and still equal step-by-step simulation exactly.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,10 +25,16 @@ from kvsim.cost.kernels import KernelSource, decode_kernel
 from kvsim.kv import METHODS
 from kvsim.kv.layout import KVLayout, Stream
 from kvsim.spec.hardware import HardwareSpec
-from kvsim.spec.linears import check_tp, head_linears, kv_heads_per_rank, layer_linears
+from kvsim.spec.linears import Linear, check_tp, head_linears, kv_heads_per_rank, layer_linears
 from kvsim.spec.model import ModelSpec
 from kvsim.spec.parallel import SINGLE, Parallel, expert_shard, gathers_tokens, max_rank_load
-from kvsim.spec.quant import FP8_ACTIVATION_GROUP, weight_kernel
+from kvsim.spec.quant import (
+    EXPERT_GEMMS,
+    FP8_ACTIVATION_GROUP,
+    MXFP4_HOPPER_CURVE,
+    MXFP4_TRITON_WIDTH_ALIGN,
+    weight_kernel,
+)
 
 NO_CAP = -1  # cap key meaning "the whole context"
 DEQUANT_FLOPS_PER_ELEMENT = 4  # unpack, convert, multiply by scale, add zero point
@@ -281,6 +287,7 @@ class CostModel:
         rows: list[tuple] = []
         kinds: dict[tuple, list] = {}
         fp32_router = False
+        on_prior = False  # a quantized linear priced on the bf16 curve (its path unmeasured)
         for layer in self.model.layers:  # layers with the same weights: mixer kind, MLP, MoE
             key = (layer.attention if layer.attention in ("state", "none") else "attention", layer.mlp, layer.moe)
             kinds.setdefault(key, [layer, 0])[1] += 1
@@ -290,11 +297,21 @@ class CostModel:
         # 16-bit routed experts: the fused-MoE kernel vLLM runs, else the other measured grouped kernel
         grouped = next((g for g in ("gemm_grouped", GROUPED_MM_CURVE) if g in self.cal.ops), "gemm")
         prior = k_.path != "bf16" and k_.curve not in self.cal.ops
-        # quantized routed experts on their own fused-MoE curve where the profile measured it
-        experts_curve = k_.grouped_curve if k_.grouped_curve in self.cal.ops else ""
+        # quantized routed experts on their own fused-MoE curve where the profile measured it; a kernel
+        # whose two expert GEMMs differ (MXFP4 on Hopper) has a curve per GEMM, named by the expert linear
+        split = {f"experts.{g}": f"{k_.grouped_curve}.{g}" for g in EXPERT_GEMMS}
+        if k_.grouped_curve == MXFP4_HOPPER_CURVE and all(cv in self.cal.ops for cv in split.values()):
+            experts_curve = k_.grouped_curve
+        else:
+            experts_curve, split = (k_.grouped_curve if k_.grouped_curve in self.cal.ops else ""), {}
+        # matmul_ogs gathers the rows, applies SwiGLU and sums each token's top-k outputs inside its two
+        # GEMMs (vLLM fused_moe/gpt_oss_triton_kernels_moe.py): _build_elementwise prices none of those apart
+        self._moe_fused = bool(split)
         for layer, count in kinds.values():
             for lin in layer_linears(self.model, layer, self.tp, self.parallel):
                 routed = lin.role == "experts"
+                if routed and split:  # matmul_ogs runs the padded expert width
+                    lin = _padded_expert(lin, MXFP4_TRITON_WIDTH_ALIGN)
                 k = top_k if routed else 1
                 quantized = lin.bits < native_bits
                 if lin.bits > native_bits:  # an fp32 router: vLLM runs it as an fp32 GEMM (no tensor cores)
@@ -306,10 +323,12 @@ class CostModel:
                         curve = "gemm"
                 elif quantized:
                     peak = c.flops_per_s.get(k_.peak_dtype) or self.hw.peak_flops_per_s[k_.peak_dtype]
-                    curve = (experts_curve if routed and experts_curve else k_.curve if not prior
+                    own = routed and bool(experts_curve)  # the experts' own measured kernel
+                    curve = (split.get(lin.name, experts_curve) if own else k_.curve if not prior
                              else grouped if routed else "gemm")
                     # a measured curve of the path already holds its dequantization; the prior adds it
-                    dq = DEQUANT_FLOPS_PER_ELEMENT * 8 / lin.bits if k_.dequant and prior else 0.0
+                    dq = DEQUANT_FLOPS_PER_ELEMENT * 8 / lin.bits if k_.dequant and prior and not own else 0.0
+                    on_prior = on_prior or (prior and not own)
                 else:
                     peak, curve, dq = c.flops_per_s["bf16"], grouped if routed else "gemm", 0.0
                 n_all = moe.num_experts if routed and moe else 1
@@ -337,16 +356,19 @@ class CostModel:
             assert wq is not None  # weight_kernel gives the bf16 path to a model without weight quantization
             self.notes += (f"weights {wq.precision} ({wq.bits_per_weight:g} bits, {wq.modules}): {k_.note}",)
             if moe and k_.grouped_curve:
-                self.notes += ((f"routed experts on the {experts_curve} curve (fused-MoE kernel; {self.cal.label})"
+                took = sorted({self.cal.derived[cv] for cv in split.values() if cv in self.cal.derived})
+                self.notes += ((f"routed experts on the {', '.join(split.values())} curves (vLLM's matmul_ogs kernel;"
+                                f" {'; '.join(took) or self.cal.label})" if split else
+                                f"routed experts on the {experts_curve} curve (fused-MoE kernel; {self.cal.label})"
                                 if experts_curve else f"profile {self.cal.gpu} has no {k_.grouped_curve} curve (the "
                                 f"fused-MoE kernel unmeasured): routed experts priced on the "
                                 f"{grouped if prior else k_.curve} curve"),)
-                if self.cal.kind == "measured":
+                if self.cal.kind == "measured" and k_.grouped_curve != MXFP4_HOPPER_CURVE:
                     self.notes += (f"quantized routed experts on kvsim's own {self.cal.gpu} profile (its stand-in "
                                    "kernels): judged on held-out vLLM runs on H100 and H200 it prices their decode "
                                    "too fast, where the imported profile of vLLM's own kernels was closer "
                                    "(README, 'Which profile prices Hopper's quantized MoE'; --calibration imported)",)
-            if prior:
+            if on_prior:
                 self.notes += (f"PRIOR: profile {self.cal.gpu} has no {k_.curve} curve: {k_.path} GEMMs use the bf16 "
                                "GEMM efficiency curve at the " + k_.peak_dtype + " peak"
                                + (f", plus {DEQUANT_FLOPS_PER_ELEMENT} dequantization FLOPs per weight per "
@@ -474,7 +496,7 @@ class CostModel:
         act, act_kernels = 0.0, 0
         for layer in m.layers:
             if layer.moe and m.moe:  # shared_intermediate_size is the shared experts' total width
-                routed = 0 if self._moe_in_table else m.moe.expert_intermediate_size * m.moe.top_k
+                routed = 0 if self._moe_in_table or self._moe_fused else m.moe.expert_intermediate_size * m.moe.top_k
                 inter = routed + (m.moe.shared_intermediate_size or 0)
             else:
                 inter = m.intermediate_size
@@ -495,8 +517,10 @@ class CostModel:
         if moe_layers and m.moe is not None and not self._moe_in_table:
             dp = self.parallel.dp if gathers_tokens(m, self.parallel) else 1
             share = expert_shard(m, tp, self.parallel)[0] / m.moe.num_experts
-            rows.append(("moe_routing", (3 * m.moe.top_k * share + 2) * dp * h * e * moe_layers,
-                         MOE_ROUTING_KERNELS_PER_LAYER * moe_layers))
+            # fused into matmul_ogs: only the routing is apart (top-k over the router's logits, read and
+            # about as much written, and the expert-order metadata: triton_kernels topk, make_ragged_tensor_metadata)
+            moved = m.moe.num_experts * 2 if self._moe_fused else (3 * m.moe.top_k * share + 2) * h
+            rows.append(("moe_routing", moved * dp * e * moe_layers, MOE_ROUTING_KERNELS_PER_LAYER * moe_layers))
             quant = self._moe_input_quant(share)
             if quant:
                 rows.append(("moe_act_quant", quant * dp * moe_layers, MOE_QUANT_KERNELS_PER_LAYER * moe_layers))
@@ -968,3 +992,11 @@ def calibration_summary(cost: CostModel) -> dict:
             "engine_version": cal.engine_version, "source": cal.source,
             "decode_kernel": cost.decode_kernel.as_dict(), "decode_curve": decode, "note": cal.note}
 
+
+def _padded_expert(lin: Linear, align: int) -> Linear:
+    """A routed expert's gate/up or down matrix with its width (the intermediate size on this rank) rounded
+    up to ``align``, as the engine allocates and multiplies it."""
+    pad = lambda n: -(-n // align) * align  # noqa: E731
+    if lin.name.endswith(".gate_up"):  # gate and up side by side: twice the width
+        return replace(lin, out_features=2 * pad(lin.out_features // 2))
+    return replace(lin, in_features=pad(lin.in_features))

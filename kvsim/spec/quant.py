@@ -75,7 +75,18 @@ GEMM_PATH_CURVES = ("gemm.fp8", "gemm.int8", "gemm.w8a16", "gemm.w4a16")
 # Block-FP8 checkpoints (DeepSeek-V3, Qwen3-FP8, MiniMax-M2.5: weight_block_size [128, 128]) scale their
 # activations per 1 x 128 group along K, the weight block's width (vLLM per_token_group_quant_fp8)
 FP8_ACTIVATION_GROUP = 128
-GROUPED_PATH_CURVES = ("gemm_grouped.fp8", "gemm_grouped.fp8_block")
+# MXFP4 experts on Hopper: vLLM's Mxfp4Backend.TRITON, OpenAI's triton_kernels matmul_ogs with the weights
+# upcast in the kernel (quantization/mxfp4.py get_mxfp4_backend: compute capability 9.x; validation/oai_moe.py).
+# Its two GEMMs are different kernels (gate/up gathers the token rows and applies SwiGLU in its epilogue;
+# down scatters the rows back and sums each token's top-k outputs with the router weights), so each has
+# its own curve, named by the expert linear (kvsim.spec.linears: experts.gate_up, experts.down).
+MXFP4_HOPPER_CURVE = "gemm_grouped.mxfp4"
+# ...whose expert width per rank vLLM pads to a multiple of 64 (mxfp4.py, create_weights: round_up(
+# intermediate_size_per_partition, 64) for the Triton backend): gpt-oss-120b's 2,880 at TP 8 runs as 384, not 360
+MXFP4_TRITON_WIDTH_ALIGN = 64
+EXPERT_GEMMS = ("gate_up", "down")
+GROUPED_PATH_CURVES = ("gemm_grouped.fp8", "gemm_grouped.fp8_block",
+                       *(f"{MXFP4_HOPPER_CURVE}.{gemm}" for gemm in EXPERT_GEMMS))
 
 
 @dataclass(frozen=True)
@@ -118,9 +129,13 @@ def weight_kernel(model: ModelSpec, hw: HardwareSpec, file: str | None = None) -
     if p in ("mxfp4", "nvfp4") and hw.family == "blackwell":
         note = (f"{p.upper()} on Blackwell runs on FP4 tensor cores, but the catalogue has no FP4 peak: priced as "
                 "the W4A16 path (an upper bound)")
+    elif p == "mxfp4" and hw.family == "hopper":
+        return WeightKernel("w4a16", "bf16", True, "gemm.w4a16", f"{hw.display_name} has no FP4 tensor cores: vLLM "
+                            "runs MXFP4 experts in OpenAI's Triton matmul_ogs, upcasting the weights to bf16 in the "
+                            "kernel (Mxfp4Backend.TRITON, quantization/mxfp4.py)", MXFP4_HOPPER_CURVE)
     elif p in ("mxfp4", "nvfp4"):
         note = (f"{hw.display_name} has no FP4 tensor cores: vLLM dequantizes {p.upper()} weights in a W4A16 kernel "
-                "(Marlin, quantization/utils/marlin_utils_fp4.py; gpt-oss MoE: triton matmul_ogs)")
+                "(Marlin, quantization/utils/marlin_utils_fp4.py)")
     else:
         note = "W4A16: 4-bit weights dequantized to bf16 in the GEMM (Marlin)"
     return WeightKernel("w4a16", "bf16", True, "gemm.w4a16", note)
