@@ -27,9 +27,10 @@ from kvsim.errors import KvsimError
 from kvsim.fileio import load_data_file
 from kvsim.kv.layout import KVLayout, Tier
 from kvsim.spec.hardware import HardwareSpec
-from kvsim.spec.linears import check_tp, head_linears, layer_linears, norm_params
+from kvsim.spec.linears import check_tp, head_linears, layer_linears, norm_params, padded_expert
 from kvsim.spec.model import ModelSpec
 from kvsim.spec.parallel import SINGLE, Parallel, check_parallel
+from kvsim.spec.quant import expert_width_align
 
 GIB = 2**30
 # vllm/v1/sample/ops/topk_topp_sampler.py v0.19.0: the Triton kernel serves batches of at least 8 rows
@@ -227,13 +228,14 @@ def rotary_cache_bytes(model: ModelSpec) -> float:
     return float(model.max_position_embeddings * rotary_dim * model.dtype_bytes)
 
 
-def weight_bytes(model: ModelSpec, tp: int, par: Parallel = SINGLE) -> WeightBytes:
+def weight_bytes(model: ModelSpec, tp: int, par: Parallel = SINGLE, expert_align: int = 1) -> WeightBytes:
     """Weights one GPU holds: its share of the routed experts (``par``: TP-sharded, or whole experts
-    under expert parallelism), the attention, dense and shared parts of its DP rank (TP-sharded),
-    embeddings, LM head, buffers."""
+    under expert parallelism; ``expert_align``: the multiple the engine pads their width to on this GPU,
+    kvsim.spec.quant.expert_width_align), the attention, dense and shared parts of its DP rank
+    (TP-sharded), embeddings, LM head, buffers."""
     by_role: dict[str, float] = {}
     for layer in model.layers:
-        for lin in layer_linears(model, layer, tp, par):
+        for lin in (padded_expert(x, expert_align) for x in layer_linears(model, layer, tp, par)):
             by_role[lin.role] = by_role.get(lin.role, 0.0) + lin.bytes
     for lin in head_linears(model, tp):
         by_role[lin.role] = by_role.get(lin.role, 0.0) + lin.bytes
@@ -483,5 +485,6 @@ def plan_memory(model: ModelSpec, hardware: HardwareSpec, layout: KVLayout, tp: 
     check_tp(model, tp)
     check_parallel(model, tp, par, hardware.max_gpus_per_node)
     o = engine_overheads(model, hardware, tp, engine, par)
-    return MemoryPlan(model, hardware, layout, tp, engine, weight_bytes(model, tp, par), o.activation_peak_bytes,
-                      o.non_torch_bytes, o.cuda_graph_bytes, par)
+    weights = weight_bytes(model, tp, par, expert_width_align(model, hardware))
+    return MemoryPlan(model, hardware, layout, tp, engine, weights, o.activation_peak_bytes, o.non_torch_bytes,
+                      o.cuda_graph_bytes, par)

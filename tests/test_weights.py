@@ -350,3 +350,17 @@ def test_h200_takes_the_h100s_mxfp4_kernel_times() -> None:
     assert priced["h200-sxm"] == pytest.approx(priced["h100-sxm"], rel=1e-6)
     # a GPU of another compute (the A100: Marlin, not matmul_ogs) keeps its own path and labels its prior
     assert weight_kernel(m, load_hardware("a100-sxm-80gb")).grouped_curve == ""
+
+
+def test_hopper_mxfp4_experts_hold_the_padded_width() -> None:
+    """vLLM pads each rank's MXFP4 expert width to a multiple of 64 for the Triton kernel it runs on Hopper
+    (quantization/mxfp4.py): gpt-oss-120b's 2,880 splits evenly at TP 1 (45 x 64) and becomes 1,472 / 768 /
+    384 at TP 2 / 4 / 8, so the experts hold 2.2% / 6.7% / 6.7% more than their checkpoint share; elsewhere
+    (the A100's Marlin path, not modelled) the planner keeps the checkpoint's width."""
+    m = load_model("gpt-oss-120b")
+    h100, a100 = load_hardware("h100-sxm"), load_hardware("a100-sxm-80gb")
+    whole = plan_memory(m, h100, layout_for(m, "bf16"), 1).weights.experts
+    for tp, width in ((2, 1472), (4, 768), (8, 384)):
+        share = plan_memory(m, h100, layout_for(m, "bf16"), tp).weights.experts
+        assert share == pytest.approx(whole / tp * width / (2880 / tp))
+        assert plan_memory(m, a100, layout_for(m, "bf16"), tp).weights.experts == pytest.approx(whole / tp)

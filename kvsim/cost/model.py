@@ -14,7 +14,7 @@ fast-forward and still equal step-by-step simulation exactly.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,16 +25,10 @@ from kvsim.cost.kernels import KernelSource, decode_kernel
 from kvsim.kv import METHODS
 from kvsim.kv.layout import KVLayout, Stream
 from kvsim.spec.hardware import HardwareSpec
-from kvsim.spec.linears import Linear, check_tp, head_linears, kv_heads_per_rank, layer_linears
+from kvsim.spec.linears import check_tp, head_linears, kv_heads_per_rank, layer_linears, padded_expert
 from kvsim.spec.model import ModelSpec
 from kvsim.spec.parallel import SINGLE, Parallel, expert_shard, gathers_tokens, max_rank_load
-from kvsim.spec.quant import (
-    EXPERT_GEMMS,
-    FP8_ACTIVATION_GROUP,
-    MXFP4_HOPPER_CURVE,
-    MXFP4_TRITON_WIDTH_ALIGN,
-    weight_kernel,
-)
+from kvsim.spec.quant import EXPERT_GEMMS, FP8_ACTIVATION_GROUP, MXFP4_HOPPER_CURVE, expert_width_align, weight_kernel
 
 NO_CAP = -1  # cap key meaning "the whole context"
 DEQUANT_FLOPS_PER_ELEMENT = 4  # unpack, convert, multiply by scale, add zero point
@@ -307,11 +301,11 @@ class CostModel:
         # matmul_ogs gathers the rows, applies SwiGLU and sums each token's top-k outputs inside its two
         # GEMMs (vLLM fused_moe/gpt_oss_triton_kernels_moe.py): _build_elementwise prices none of those apart
         self._moe_fused = bool(split)
+        align = expert_width_align(self.model, self.hw)
         for layer, count in kinds.values():
             for lin in layer_linears(self.model, layer, self.tp, self.parallel):
                 routed = lin.role == "experts"
-                if routed and split:  # matmul_ogs runs the padded expert width
-                    lin = _padded_expert(lin, MXFP4_TRITON_WIDTH_ALIGN)
+                lin = padded_expert(lin, align)  # the width the engine runs
                 k = top_k if routed else 1
                 quantized = lin.bits < native_bits
                 if lin.bits > native_bits:  # an fp32 router: vLLM runs it as an fp32 GEMM (no tensor cores)
@@ -991,12 +985,3 @@ def calibration_summary(cost: CostModel) -> dict:
     return {"kind": cal.kind, "label": cal.label, "gpu": cal.gpu, "engine": cal.engine,
             "engine_version": cal.engine_version, "source": cal.source,
             "decode_kernel": cost.decode_kernel.as_dict(), "decode_curve": decode, "note": cal.note}
-
-
-def _padded_expert(lin: Linear, align: int) -> Linear:
-    """A routed expert's gate/up or down matrix with its width (the intermediate size on this rank) rounded
-    up to ``align``, as the engine allocates and multiplies it."""
-    pad = lambda n: -(-n // align) * align  # noqa: E731
-    if lin.name.endswith(".gate_up"):  # gate and up side by side: twice the width
-        return replace(lin, out_features=2 * pad(lin.out_features // 2))
-    return replace(lin, in_features=pad(lin.in_features))

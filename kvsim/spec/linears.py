@@ -9,7 +9,7 @@ holds one KV head (vLLM ``QKVParallelLinear`` replicates them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from kvsim.errors import KvsimError
@@ -106,6 +106,17 @@ def _mixer(model: ModelSpec, layer: LayerSpec, tp: int) -> list[Linear]:
         return [Linear("in_proj", "attention", h, st.in_proj // tp, bits),
                 Linear("out_proj", "attention", st.out_proj // tp, h, bits)]
     return _attention(model, tp)
+
+
+def padded_expert(lin: Linear, align: int) -> Linear:
+    """A routed expert's gate/up or down matrix with its width on this rank (the intermediate size)
+    rounded up to ``align``, as the engine allocates and multiplies it (kvsim.spec.quant.expert_width_align)."""
+    if align <= 1 or lin.role != "experts":
+        return lin
+    pad = lambda n: -(-n // align) * align  # noqa: E731
+    if lin.name.endswith(".gate_up"):  # gate and up side by side: twice the width
+        return replace(lin, out_features=2 * pad(lin.out_features // 2))
+    return replace(lin, in_features=pad(lin.in_features))
 
 
 def layer_linears(model: ModelSpec, layer: LayerSpec, tp: int = 1, par: Parallel = SINGLE) -> tuple[Linear, ...]:

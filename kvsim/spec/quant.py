@@ -102,6 +102,17 @@ class WeightKernel:
     grouped_curve: str = ""  # the routed experts' own curve on this path ("": the path's GEMM curve)
 
 
+def expert_width_align(model: ModelSpec, hw: HardwareSpec) -> int:
+    """The multiple vLLM pads each rank's routed-expert width (intermediate size) to, for ``model``'s
+    weights on ``hw``: MXFP4 experts on Hopper (MXFP4_TRITON_WIDTH_ALIGN); 1 elsewhere. (vLLM also pads
+    MXFP4 for Marlin, to 128 with the hidden size to 256, and for Blackwell's FlashInfer kernels, to 256;
+    kvsim does not model those.)"""
+    wq = model.weight_quant
+    if model.moe is None or wq is None or wq.precision != "mxfp4" or hw.family != "hopper":
+        return 1
+    return MXFP4_TRITON_WIDTH_ALIGN
+
+
 def weight_kernel(model: ModelSpec, hw: HardwareSpec, file: str | None = None) -> WeightKernel:
     """The GEMM path vLLM takes for ``model``'s quantized linears on ``hw``; an error where it has none."""
     wq = model.weight_quant
