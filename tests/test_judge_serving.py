@@ -453,3 +453,15 @@ def test_the_closed_loop_example_predicts_the_development_set_row_it_mirrors():
     assert example["completed"] == judged["completed"] == 640
     for metric in ("ttft_s", "tpot_s"):
         assert example[metric]["mean"] == judged[metric]["mean"]
+
+
+def test_the_shipped_eager_launch_is_a_fresh_fit_of_its_measurements() -> None:
+    """kvsim/data/eager_launch.yaml is what scripts/fit_eager_launch.py fits from the committed eager
+    measurements now (nothing measured typed in by hand)."""
+    spec = importlib.util.spec_from_file_location("fit_eager_launch", ROOT / "scripts" / "fit_eager_launch.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shipped = load_data_yaml((ROOT / "kvsim" / "data" / "eager_launch.yaml").read_text())
+    assert mod.fit() == shipped
+    assert 1e-4 < shipped["eager"]["layer_s"] < 2e-3  # host-CPU sizes: tenths of a millisecond per layer

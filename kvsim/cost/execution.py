@@ -95,6 +95,20 @@ def sync_host_fit() -> HostStep | None:
     return HostStep(float(data["fixed_s"]), float(data["per_sequence_s"]), False, str(data["source"]))
 
 
+# vLLM --enforce-eager launches every kernel of a step from the CPU: the CPU time per decoder layer,
+# fitted by scripts/fit_eager_launch.py on kvsim's reference engine (a labelled prior for vLLM).
+EAGER_FIT_FILE = "kvsim/data/eager_launch.yaml"
+
+
+@functools.cache
+def eager_launch() -> tuple[float, str]:
+    """(seconds per decoder layer, source) of launching an eager step's kernels (EAGER_FIT_FILE)."""
+    from kvsim.fileio import load_data_file
+
+    data = load_data_file(EAGER_FIT_FILE)["eager"]
+    return float(data["layer_s"]), str(data["source"])
+
+
 @dataclass(frozen=True)
 class Execution:
     """An engine's all-reduce, CUDA-graph padding and per-step host time."""

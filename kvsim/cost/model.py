@@ -20,7 +20,7 @@ import numpy as np
 
 from kvsim.cost.calibration import FP32_GEMM_CURVE, GROUPED_MM_CURVE, Calibration, find_calibration
 from kvsim.cost.collectives import custom_one_stage
-from kvsim.cost.execution import Execution
+from kvsim.cost.execution import Execution, eager_launch
 from kvsim.cost.kernels import KernelSource, decode_kernel
 from kvsim.kv import METHODS
 from kvsim.kv.layout import KVLayout, Stream
@@ -36,12 +36,11 @@ DEQUANT_FLOPS_PER_ELEMENT = 4  # unpack, convert, multiply by scale, add zero po
 # vLLM's Marlin kernels work on at most 4 thread M-blocks of 16 rows (csrc/quantization/gptq_marlin).
 DEQUANT_ROWS_PER_PASS = 64
 # vLLM --enforce-eager captures no CUDA graph: every kernel of a step is launched from the CPU, which
-# small decode steps then wait on. kvsim prices the kernels alone (labelled in every such run's notes).
-EAGER_NOTE = ("PRIOR: engine.enforce_eager (no CUDA graphs): steps are priced at their kernels' GPU time, without "
-              "the CPU time of launching each kernel, which small decode batches wait on, so eager decode steps are a "
-              "lower bound (public runs measured TPOT 1.7-4.3x a CUDA-graph run's: Qwen2.5-Omni 3B and 7B on H200 "
-              "and A800, vllm-project/vllm-omni issue 7960; kvsim's reference engine eager beside its graph: "
-              "validation/results/h100-sxm/engine_decode_eager.csv)")
+# small decode steps then wait on (labelled in every such run's notes).
+EAGER_NOTE = ("PRIOR: engine.enforce_eager (no CUDA graphs): a step takes at least the CPU time of launching its "
+              "kernels one by one (host.eager_launch), as {source}; vLLM's own Python per layer is likely more "
+              "(public runs measured TPOT 1.7-4.3x a CUDA-graph run's: Qwen2.5-Omni 3B and 7B on H200 and A800, "
+              "vllm-project/vllm-omni issue 7960) and the host CPU sets it, so eager steps may be longer still")
 # Element-wise kernels of one decoder layer as vLLM runs them (and validation/engine.py mirrors):
 # fused_add_rms_norm before attention and before the MLP (read x and the residual, write both),
 # rotary_embedding in place on q and k, silu_and_mul on the gate/up output. The KV-cache write
@@ -205,8 +204,12 @@ class CostModel:
         self._gemms = self._build_gemms()
         if gathers_tokens(model, parallel):
             self.notes += (self._parallel_note(),)
+        # --enforce-eager: the CPU time of launching one step's kernels (the GPU's floor; 0 under CUDA graphs)
+        self._eager_launch_s = 0.0
         if execution is not None and execution.eager:
-            self.notes += (EAGER_NOTE,)
+            layer_s, launched = eager_launch()
+            self._eager_launch_s = layer_s * model.num_layers
+            self.notes += (EAGER_NOTE.format(source=launched),)
         self._fixed_cache: dict[tuple[Passes, float, float], list] = {}
         self._table: list[tuple] = []  # (name, driver index, flops, bytes, seconds, bound) arrays
         self._table_sums: list[list[float]] = []  # per driver: seconds of its ops, by count
@@ -788,6 +791,9 @@ class CostModel:
             ops.append(("host_transfer", 0.0, fetch, fetch / c.h2d_bytes_per_s,
                         "link" if rt.host_fetch_all else "overlapped"))
         ops.append(("overhead", 0.0, 0.0, self.cal.step_overhead_s, "floor"))
+        if self._eager_launch_s:  # eager: the GPU waits where launching the kernels takes longer than running them
+            kernels = sum((op[3] for op in ops if op[4] != "overlapped"), 0.0)
+            ops.append(("host.eager_launch", 0.0, 0.0, np.maximum(self._eager_launch_s - kernels, 0.0), "host"))
         if self.execution is not None:  # the engine loop's CPU time: after the GPU's, or hidden behind it
             host = self.execution.host
             ops.append(("host.step", 0.0, 0.0, host.seconds(n_decode + len(p_tok)),
