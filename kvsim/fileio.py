@@ -194,3 +194,18 @@ def read_json_file(path: Path, what: str) -> object:
     except json.JSONDecodeError as err:
         raise KvsimError(f"not valid JSON ({what}) at line {err.lineno}, column {err.colno}: {err.msg}",
                          file=str(path)) from None
+
+
+def write_or_check_fit(out: Path, header: str, data: dict, check: bool) -> None:
+    """The end of a fitting script: write the data file it fits (``header``: its comment lines, then
+    ``data`` as YAML, whole or not at all), or with ``check`` write nothing and exit 1 unless the
+    committed file equals ``data`` (tests and CI keep such files fresh). ``data`` holds one section
+    whose ``source`` says what was fitted."""
+    import sys
+
+    if check:
+        fresh = out.is_file() and load_data_yaml(out.read_text(encoding="utf-8")) == data
+        print("the committed fit is current" if fresh else f"{out} differs from a fresh fit")
+        sys.exit(0 if fresh else 1)
+    write_atomic(out, header + yaml.safe_dump(data, sort_keys=False, width=110))
+    print(f"wrote {out}: {next(iter(data.values()))['source']}")

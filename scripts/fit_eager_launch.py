@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from kvsim.cost.execution import EAGER_FIT_FILE
-from kvsim.fileio import load_data_yaml
+from kvsim.fileio import write_or_check_fit
 from kvsim.validate import engine_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,28 +50,15 @@ def fit() -> dict:
         "fit": {"launch_bound_ratio": LAUNCH_BOUND, "rows": len(per_layer)}}}
 
 
-def write(data: dict) -> None:
-    import yaml
-
-    text = ("# CPU time of launching an eager decode step's kernels, per decoder layer, fitted by\n"
-            "# scripts/fit_eager_launch.py on kvsim's reference engine; kvsim/cost/execution.py reads it.\n"
-            + yaml.safe_dump(data, sort_keys=False, width=110))
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(OUT)
+HEADER = ("# CPU time of launching an eager decode step's kernels, per decoder layer, fitted by\n"
+          "# scripts/fit_eager_launch.py on kvsim's reference engine; kvsim/cost/execution.py reads it.\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if the committed fit is not a fresh one")
     a = ap.parse_args()
-    data = fit()
-    if a.check:
-        same = OUT.is_file() and load_data_yaml(OUT.read_text()) == data
-        print("the committed fit is current" if same else f"{OUT} differs from a fresh fit")
-        sys.exit(0 if same else 1)
-    write(data)
-    print(f"wrote {OUT}: {data['eager']['source']}")
+    write_or_check_fit(OUT, HEADER, fit(), a.check)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ kvsim/data/vllm_host_step.yaml, which kvsim reads for vLLM < 0.13.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
 import kvsim.cost.execution as execution
 from kvsim import judge_serving
-from kvsim.fileio import load_data_yaml
+from kvsim.fileio import write_or_check_fit
 from kvsim.memory import parse_version
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,15 +60,8 @@ def fit(measured: Path) -> dict:
                 "added_fixed_s": float(f"{alpha:.4g}"), "added_per_sequence_s": float(f"{beta:.4g}")}}}
 
 
-def write(data: dict) -> None:
-    import yaml
-
-    text = ("# vLLM's time between GPU steps without async scheduling (vLLM < 0.13), fitted by\n"
-            "# scripts/fit_host_step.py on real vLLM measurements; kvsim/cost/execution.py reads it.\n"
-            + yaml.safe_dump(data, sort_keys=False, width=110))
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(OUT)
+HEADER = ("# vLLM's time between GPU steps without async scheduling (vLLM < 0.13), fitted by\n"
+          "# scripts/fit_host_step.py on real vLLM measurements; kvsim/cost/execution.py reads it.\n")
 
 
 def main() -> None:
@@ -77,13 +69,7 @@ def main() -> None:
     ap.add_argument("--measured", type=Path, default=DEV_SET)
     ap.add_argument("--check", action="store_true", help="exit 1 if the committed fit is not a fresh one")
     a = ap.parse_args()
-    data = fit(a.measured)
-    if a.check:
-        same = OUT.is_file() and load_data_yaml(OUT.read_text()) == data
-        print("the committed fit is current" if same else f"{OUT} differs from a fresh fit")
-        sys.exit(0 if same else 1)
-    write(data)
-    print(f"wrote {OUT}: {data['sync']['source']}")
+    write_or_check_fit(OUT, HEADER, fit(a.measured), a.check)
 
 
 if __name__ == "__main__":
