@@ -28,7 +28,7 @@ from kvsim.spec.hardware import HardwareSpec
 from kvsim.spec.linears import check_tp, head_linears, kv_heads_per_rank, layer_linears, padded_expert
 from kvsim.spec.model import ModelSpec
 from kvsim.spec.parallel import SINGLE, Parallel, expert_shard, gathers_tokens, max_rank_load
-from kvsim.spec.quant import EXPERT_GEMMS, FP8_ACTIVATION_GROUP, MXFP4_HOPPER_CURVE, expert_width_align, weight_kernel
+from kvsim.spec.quant import EXPERT_GEMMS, FP8_ACTIVATION_GROUP, expert_width_align, weight_kernel
 
 NO_CAP = -1  # cap key meaning "the whole context"
 DEQUANT_FLOPS_PER_ELEMENT = 4  # unpack, convert, multiply by scale, add zero point
@@ -294,16 +294,16 @@ class CostModel:
         # 16-bit routed experts: the fused-MoE kernel vLLM runs, else the other measured grouped kernel
         grouped = next((g for g in ("gemm_grouped", GROUPED_MM_CURVE) if g in self.cal.ops), "gemm")
         prior = k_.path != "bf16" and k_.curve not in self.cal.ops
-        # quantized routed experts on their own fused-MoE curve where the profile measured it; a kernel
-        # whose two expert GEMMs differ (MXFP4 on Hopper) has a curve per GEMM, named by the expert linear
+        # quantized routed experts on their own fused-MoE curve where the profile measured it, or on a curve
+        # per expert GEMM, named by the expert linear, where the kernel's two GEMMs differ (MXFP4 on Hopper)
         split = {f"experts.{g}": f"{k_.grouped_curve}.{g}" for g in EXPERT_GEMMS}
-        if k_.grouped_curve == MXFP4_HOPPER_CURVE and all(cv in self.cal.ops for cv in split.values()):
+        if k_.grouped_curve and all(cv in self.cal.ops for cv in split.values()):
             experts_curve = k_.grouped_curve
         else:
             experts_curve, split = (k_.grouped_curve if k_.grouped_curve in self.cal.ops else ""), {}
-        # matmul_ogs gathers the rows, applies SwiGLU and sums each token's top-k outputs inside its two
-        # GEMMs (vLLM fused_moe/gpt_oss_triton_kernels_moe.py): _build_elementwise prices none of those apart
-        self._moe_fused = bool(split)
+        # a kernel that gathers, activates and sums inside its GEMMs (vLLM fused_moe/gpt_oss_triton_kernels_moe.py):
+        # _build_elementwise prices none of those apart
+        self._moe_fused = k_.experts_fused
         align = expert_width_align(self.model, self.hw)
         for layer, count in kinds.values():
             for lin in layer_linears(self.model, layer, self.tp, self.parallel):
@@ -354,13 +354,13 @@ class CostModel:
             self.notes += (f"weights {wq.precision} ({wq.bits_per_weight:g} bits, {wq.modules}): {k_.note}",)
             if moe and k_.grouped_curve:
                 took = sorted({self.cal.derived[cv] for cv in split.values() if cv in self.cal.derived})
-                self.notes += ((f"routed experts on the {', '.join(split.values())} curves (vLLM's matmul_ogs kernel;"
+                self.notes += ((f"routed experts on the {', '.join(split.values())} curves (one per GEMM of the kernel vLLM runs;"
                                 f" {'; '.join(took) or self.cal.label})" if split else
                                 f"routed experts on the {experts_curve} curve (fused-MoE kernel; {self.cal.label})"
                                 if experts_curve else f"profile {self.cal.gpu} has no {k_.grouped_curve} curve (the "
                                 f"fused-MoE kernel unmeasured): routed experts priced on the "
                                 f"{grouped if prior else k_.curve} curve"),)
-                if self.cal.kind == "measured" and k_.grouped_curve != MXFP4_HOPPER_CURVE:
+                if self.cal.kind == "measured" and not split:  # (split curves: vLLM's own kernel, measured)
                     self.notes += (f"quantized routed experts on kvsim's own {self.cal.gpu} profile (its stand-in "
                                    "kernels): judged on held-out vLLM runs on H100 and H200 it prices their decode "
                                    "too fast, where the imported profile of vLLM's own kernels was closer "

@@ -100,6 +100,9 @@ class WeightKernel:
     curve: str  # calibration op name of the GEMM efficiency curve for this path
     note: str
     grouped_curve: str = ""  # the routed experts' own curve on this path ("": the path's GEMM curve)
+    # the experts' kernel gathers the token rows, applies the activation and sums each token's top-k
+    # outputs inside its GEMMs (OpenAI's matmul_ogs), so none of those is a kernel of its own
+    experts_fused: bool = False
 
 
 def expert_width_align(model: ModelSpec, hw: HardwareSpec) -> int:
@@ -143,7 +146,7 @@ def weight_kernel(model: ModelSpec, hw: HardwareSpec, file: str | None = None) -
     elif p == "mxfp4" and hw.family == "hopper":
         return WeightKernel("w4a16", "bf16", True, "gemm.w4a16", f"{hw.display_name} has no FP4 tensor cores: vLLM "
                             "runs MXFP4 experts in OpenAI's Triton matmul_ogs, upcasting the weights to bf16 in the "
-                            "kernel (Mxfp4Backend.TRITON, quantization/mxfp4.py)", MXFP4_HOPPER_CURVE)
+                            "kernel (Mxfp4Backend.TRITON, quantization/mxfp4.py)", MXFP4_HOPPER_CURVE, True)
     elif p in ("mxfp4", "nvfp4"):
         note = (f"{hw.display_name} has no FP4 tensor cores: vLLM dequantizes {p.upper()} weights in a W4A16 kernel "
                 "(Marlin, quantization/utils/marlin_utils_fp4.py)")
