@@ -74,12 +74,11 @@ def predict(model: str | ModelSpec, hardware: str | HardwareSpec, batch: int | S
     if prompt is not None:
         check_context(m, prompt, "--prompt")
     layout = layout_for(m, method)
-    engine = VLLM_DEFAULTS
+    engine = VLLM_DEFAULTS.resolved(m, hw)  # `vllm serve`'s step limits on this GPU
     par = Parallel(data_parallel_size, expert_parallel)
     mem = plan(m, hw, layout, tp, engine, par)
-    cost = CostModel(m, hw, layout, tp, calibration, vllm_execution(hw, tp, engine.max_num_seqs,
-                                                                    engine.max_num_batched_tokens, engine.vllm_version),
-                     par)
+    budget, seqs = engine.batch
+    cost = CostModel(m, hw, layout, tp, calibration, vllm_execution(hw, tp, seqs, budget, engine.vllm_version), par)
     assert cost.allreduce is not None  # vllm_execution prices the all-reduce
     label = {"kind": cost.cal.kind, "label": cost.cal.label, "gpu": cost.cal.gpu, "engine": cost.cal.engine,
              "note": cost.cal.note,

@@ -58,8 +58,10 @@ def capacity_grid(models: Sequence[ModelSpec], methods: Sequence[str], gpus: Seq
     kv_cache = np.zeros((len(models), len(gpus)))
     for i, model in enumerate(models):
         first = plan_memory(model, gpus[0], layout_for(model), tp, engine)
-        bases = [replace(first, hardware=g, activation_peak_bytes=activation_peak_bytes(
-            model, g, tp, first.engine, first.parallel)) for g in gpus]
+        # each GPU with its own step limits where the engine leaves them to vLLM's per-GPU defaults
+        engines = [(engine or EngineMemoryConfig()).resolved(model, g) for g in gpus]
+        bases = [replace(first, hardware=g, engine=e, activation_peak_bytes=activation_peak_bytes(
+            model, g, tp, e, first.parallel)) for g, e in zip(gpus, engines, strict=True)]
         kv_cache[i] = [b.kv_cache_bytes for b in bases]
         for j, spec in enumerate(methods):
             try:

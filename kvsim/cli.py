@@ -126,7 +126,7 @@ def _parallel_label(r: dict) -> str:
 
 
 def memory_report(args: argparse.Namespace) -> dict:
-    from kvsim.memory import EngineMemoryConfig, moe_workspace, plan_memory
+    from kvsim.memory import EngineMemoryConfig, moe_workspace, plan_memory, vllm_batch_limits
     from kvsim.spec.model import check_context
     from kvsim.spec.parallel import Parallel
 
@@ -134,8 +134,11 @@ def memory_report(args: argparse.Namespace) -> dict:
         _positive(getattr(args, field), f"--{field.replace('_', '-')}")
     model, hardware, layout = _deployment(args)
     check_context(model, args.context)
-    engine = EngineMemoryConfig(args.gpu_memory_utilization, args.block_size, args.max_num_batched_tokens,
-                                args.max_num_seqs, args.vllm_version or "", args.enforce_eager,
+    # what the user left unset, as `vllm serve` of the version sets it on this GPU (max_model_len: the model's)
+    limits = vllm_batch_limits(args.vllm_version or "", hardware, model, model.max_position_embeddings,
+                               args.max_num_batched_tokens, args.max_num_seqs)
+    engine = EngineMemoryConfig(args.gpu_memory_utilization, args.block_size, limits.max_num_batched_tokens,
+                                limits.max_num_seqs, args.vllm_version or "", args.enforce_eager,
                                 None if args.cuda_graph_gib is None else args.cuda_graph_gib * GIB)
     par = _parallel(args)
     plan = plan_memory(model, hardware, layout, args.tp, engine, par)
@@ -149,7 +152,7 @@ def memory_report(args: argparse.Namespace) -> dict:
         "model": model.name, "hardware": hardware.name, "method": "+".join(layout.methods), "tp": args.tp,
         **({"data_parallel_size": par.dp, "expert_parallel": par.expert_parallel} if par != Parallel() else {}),
         "weights": model.weight_quant.precision if model.weight_quant else model.dtype,
-        "vllm_rule": plan.rule.label, "vllm_rule_source": plan.rule.source,
+        "vllm_rule": plan.rule.label, "vllm_rule_source": plan.rule.source, "engine_limits": limits.as_dict(),
         "context": ctx, "batch": args.batch,
         "kv_bytes_per_token": float(sum(t[0] for t in tiers.values())) * all_ranks / ctx,
         "kv_gpu_bytes_per_token": float(tiers["gpu"][0]) * all_ranks / ctx,
@@ -193,6 +196,9 @@ def cmd_memory(args: argparse.Namespace) -> None:
     g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
     print(f"{r['model']} on {r['hardware']} ({_parallel_label(r)}), weights {r['weights']}, KV method {r['method']}")
     print(f"  memory rule             {r['vllm_rule']}")
+    lim = r["engine_limits"]
+    print(f"  engine step limits      {lim['max_num_batched_tokens']:,} tokens, {lim['max_num_seqs']:,} sequences "
+          f"({lim['source']})")
     print(f"  KV bytes per token      {r['kv_bytes_per_token']:12,.0f} B  (all ranks, at {r['context']} tokens;"
           f" GPU {r['kv_gpu_bytes_per_token']:,.0f}, host {r['kv_host_bytes_per_token']:,.0f})")
     print(f"  budget                  {g(r['budget_bytes'])}  per GPU")
@@ -660,9 +666,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=VLLM_DEFAULTS.gpu_memory_utilization,
                    help="fraction of GPU memory the engine may use")
     p.add_argument("--block-size", type=int, default=VLLM_DEFAULTS.block_size, help="tokens per KV block")
-    p.add_argument("--max-num-batched-tokens", type=int, default=VLLM_DEFAULTS.max_num_batched_tokens,
-                   help="tokens per engine step")
-    p.add_argument("--max-num-seqs", type=int, default=VLLM_DEFAULTS.max_num_seqs, help="sequences per engine step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per engine step (default: what `vllm serve` of the version uses on the GPU, "
+                        "kvsim/data/vllm_batch_defaults.yaml)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences per engine step (default: as --max-num-batched-tokens)")
     p.add_argument("--vllm-version", default=None,
                    help="size memory by this vLLM version's rule (kvsim/data/vllm_memory.yaml; default: "
                         f"{default_vllm_version()})")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache, cached_property
 from types import MappingProxyType
 
@@ -153,14 +153,86 @@ def _dotted(v: tuple[int, int, int]) -> str:
     return ".".join(map(str, v))
 
 
+_BATCH_FILE = "kvsim/data/vllm_batch_defaults.yaml"
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """The token budget, sequence limit and chunked prefill of one engine, and where they came from."""
+
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    enable_chunked_prefill: bool
+    source: str  # "given", or the vLLM default rule that set what was not given
+
+    def as_dict(self) -> dict:
+        return {"max_num_batched_tokens": self.max_num_batched_tokens, "max_num_seqs": self.max_num_seqs,
+                "enable_chunked_prefill": self.enable_chunked_prefill, "source": self.source}
+
+
+@cache
+def _batch_ranges() -> tuple[tuple[tuple[int, int, int], tuple[int, int, int], dict], ...]:
+    return tuple((parse_version(r["first"]), parse_version(r["until"]), r)
+                 for r in load_data_file(_BATCH_FILE)["ranges"])
+
+
+def vllm_batch_limits(version: str, hardware: HardwareSpec, model: ModelSpec, max_model_len: int,
+                      max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
+                      enable_chunked_prefill: bool | None = None) -> BatchLimits:
+    """What `vllm serve` of ``version`` runs with on ``hardware``: each value the user gave (not None),
+    the rest as vLLM's arg_utils defaults it (kvsim/data/vllm_batch_defaults.yaml). A budget below the
+    sequence limit is refused, as vLLM's SchedulerConfig refuses it."""
+    v = parse_version(version or default_vllm_version())
+    r = next((r for first, until, r in _batch_ranges() if first <= v < until), None)
+    if r is None:
+        raise KvsimError(f"no batch defaults for this vLLM version ({_BATCH_FILE})", field="vllm_version",
+                         value=version)
+    span = f"vLLM {version or default_vllm_version()}"
+    chunked, budget, seqs = enable_chunked_prefill, max_num_batched_tokens, max_num_seqs
+    if "v0" in r:
+        d = r["v0"]
+        if chunked is None:  # on by default only for long contexts of text models without a sliding window
+            chunked = (max_model_len > d["chunked_above_len"] and model.vision is None
+                       and not any(layer.attention == "sliding" for layer in model.layers))
+        if budget is None:
+            budget = d["chunked_budget"] if chunked else max(max_model_len, d["unchunked_floor"])
+        seqs = d["max_num_seqs"] if seqs is None else seqs
+        rule = f"{span} V0 defaults"
+    else:
+        chunked = True if chunked is None else chunked
+        gib = hardware.memory_bytes / GIB
+        tier = next(t for t in r["tiers"] if gib >= t["min_memory_gib"]
+                    and not ("not_named" in t and t["not_named"] in hardware.display_name.lower()))
+        seqs = tier["max_num_seqs"] if seqs is None else seqs  # set first: the budget's cap reads it
+        if budget is None:
+            budget = tier["max_num_batched_tokens"]
+            if not chunked:
+                budget = max_model_len if r["unchunked"] == "max_model_len" else max(max_model_len, budget)
+            if r["cap_by_len"]:
+                budget = min(seqs * max_model_len, budget)
+        if max_num_seqs is None:
+            seqs = min(seqs, budget)
+        rule = (f"{span} `vllm serve` defaults for a GPU of {gib:.0f} GiB"
+                f"{' (an A100)' if 'a100' in hardware.display_name.lower() else ''}")
+    given = [n for n, x in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs),
+                            ("enable_chunked_prefill", enable_chunked_prefill)) if x is not None]
+    source = "given" if len(given) == 3 else f"{rule}, {_BATCH_FILE}" + (f"; given: {', '.join(given)}"
+                                                                           if given else "")
+    if budget < seqs:
+        raise KvsimError(f"must be >= max_num_seqs ({seqs}; vLLM refuses a smaller budget)",
+                         field="max_num_batched_tokens", value=budget)
+    return BatchLimits(int(budget), int(seqs), bool(chunked), source)
+
+
 @dataclass(frozen=True)
 class EngineMemoryConfig:
     """The vLLM engine arguments that decide memory."""
 
     gpu_memory_utilization: float = 0.9  # vLLM default
     block_size: int = 16  # vLLM default for CUDA
-    max_num_batched_tokens: int = 8192  # vLLM `vllm serve` default on >= 70 GiB GPUs
-    max_num_seqs: int = 256
+    # None: what `vllm serve` of this version defaults to on the GPU (vllm_batch_limits), set by resolved()
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
     vllm_version: str = ""  # "": the newest modelled version needing no measured input (vllm_memory.yaml)
     enforce_eager: bool = False  # no CUDA graphs: nothing to charge
     cuda_graph_bytes: float | None = None  # measured graph estimate; required where the version charges it
@@ -170,7 +242,7 @@ class EngineMemoryConfig:
             raise KvsimError("must be in (0, 1]", field="gpu_memory_utilization",
                              value=self.gpu_memory_utilization)
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise KvsimError("must be a positive integer", field=name, value=getattr(self, name))
         if self.cuda_graph_bytes is not None and self.cuda_graph_bytes < 0:
             raise KvsimError("must be >= 0", field="cuda_graph_gib", value=self.cuda_graph_bytes / GIB)
@@ -179,6 +251,23 @@ class EngineMemoryConfig:
     @property
     def rule(self) -> VllmMemoryRule:
         return vllm_rule(self.vllm_version or default_vllm_version())
+
+    @property
+    def batch(self) -> tuple[int, int]:
+        """(max_num_batched_tokens, max_num_seqs) of a resolved config."""
+        if self.max_num_batched_tokens is None or self.max_num_seqs is None:
+            raise AssertionError("EngineMemoryConfig.resolved() first")  # a planner bug, not an input error
+        return self.max_num_batched_tokens, self.max_num_seqs
+
+    def resolved(self, model: ModelSpec, hardware: HardwareSpec,
+                 max_model_len: int | None = None) -> EngineMemoryConfig:
+        """This config with vLLM's defaults for what it leaves unset, on ``hardware`` and with the
+        model's context as max_model_len unless given (as `vllm serve` sizes them)."""
+        if self.max_num_batched_tokens is not None and self.max_num_seqs is not None:
+            return self
+        b = vllm_batch_limits(self.vllm_version, hardware, model, max_model_len or model.max_position_embeddings,
+                              self.max_num_batched_tokens, self.max_num_seqs)
+        return replace(self, max_num_batched_tokens=b.max_num_batched_tokens, max_num_seqs=b.max_num_seqs)
 
     def graph_bytes(self, model: ModelSpec) -> float:
         """CUDA-graph memory the version charges against ``model``'s KV budget."""
@@ -273,7 +362,7 @@ def moe_workspace(model: ModelSpec, hw: HardwareSpec, tp: int, cfg: EngineMemory
     kernel = cfg.rule.moe_experts_kernel(model, hw)
     if kernel is None:
         return None, 0.0
-    n, e, h = cfg.max_num_batched_tokens, model.dtype_bytes, model.hidden_size
+    n, e, h = cfg.resolved(model, hw).batch[0], model.dtype_bytes, model.hidden_size
     if kernel == "flashinfer":
         # FlashInferExperts (FlashInfer CUTLASS) take workspace1 of M x K; the CUTLASS kernel's own
         # per-call workspace is not modelled
@@ -293,7 +382,7 @@ def activation_peak_bytes(model: ModelSpec, hw: HardwareSpec, tp: int, cfg: Engi
     (gpu_model_runner ``profile_run`` / ``_dummy_sampler_run``), which also holds the run's hidden states,
     plus PyTorch's cuBLAS workspace and a MoE workspace the engine keeps through both (:func:`moe_workspace`).
     With data parallelism a MoE layer runs on every DP rank's tokens, all-gathered (kvsim.spec.parallel)."""
-    n, e, h = cfg.max_num_batched_tokens, model.dtype_bytes, model.hidden_size
+    (n, seqs), e, h = cfg.resolved(model, hw).batch, model.dtype_bytes, model.hidden_size
     rule = cfg.rule
     widest: float = 0
     kernel, persistent = moe_workspace(model, hw, tp, cfg, par)
@@ -313,7 +402,7 @@ def activation_peak_bytes(model: ModelSpec, hw: HardwareSpec, tp: int, cfg: Engi
         widest = max(widest, attn, mlp)
     forward = n * e * (2 * h + widest)  # residual + normed hidden + the widest layer transient
     per_logit = rule.sampler_bytes_per_logit + (e if rule.sampler_holds_dtype_logits else 0)
-    rows = min(cfg.max_num_seqs, n)
+    rows = min(seqs, n)
     # the run's hidden states stay alive, with the sampled rows' (a gathered copy) and the random
     # stand-in _dummy_sampler_run makes of them (torch.rand_like)
     sampler = rows * model.vocab_size * per_logit + n * h * e + 2 * rows * h * e
@@ -481,7 +570,7 @@ def plan_memory(model: ModelSpec, hardware: HardwareSpec, layout: KVLayout, tp: 
     """Size one GPU's memory the way the engine's vLLM version does. With data parallelism (``par``)
     each DP rank is a TP group with its own KV cache of its own sequences, sized the same way: the
     plan is one GPU of one rank (the one holding the most experts)."""
-    engine = engine or EngineMemoryConfig()
+    engine = (engine or EngineMemoryConfig()).resolved(model, hardware)
     check_tp(model, tp)
     check_parallel(model, tp, par, hardware.max_gpus_per_node)
     o = engine_overheads(model, hardware, tp, engine, par)

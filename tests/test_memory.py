@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from kvsim.cli import main
 from kvsim.errors import KvsimError
 from kvsim.kv import layout_for
-from kvsim.memory import GIB, EngineMemoryConfig, plan_memory, vllm_rule
+from kvsim.memory import GIB, EngineMemoryConfig, plan_memory, vllm_batch_limits, vllm_rule
 from kvsim.spec.hardware import load_hardware
 from kvsim.spec.model import WeightQuantSpec, load_model
 from kvsim.spec.quant import with_weights
@@ -36,9 +36,64 @@ def _log_plan(p: dict):
     hw = load_hardware(p["hardware"])
     if p["total_gib"] is not None:  # the total the log printed; else the catalogue's
         hw = replace(hw, memory_bytes=round(p["total_gib"] * GIB))
-    engine = EngineMemoryConfig(p["gpu_memory_utilization"], 16, p["max_num_batched_tokens"], p["max_num_seqs"],
+    # a log that does not print them ran `vllm serve`'s defaults for its version and GPU
+    limits = vllm_batch_limits(p["vllm_version"], hw, m, p["max_model_len"], p.get("max_num_batched_tokens"),
+                               p.get("max_num_seqs"))
+    engine = EngineMemoryConfig(p["gpu_memory_utilization"], 16, limits.max_num_batched_tokens, limits.max_num_seqs,
                                 vllm_version=p["vllm_version"], enforce_eager=p["enforce_eager"])
     return plan_memory(m, hw, layout_for(m, "bf16"), p["tp"], engine)
+
+
+@pytest.mark.parametrize(("version", "gpu", "model", "max_len", "given", "want"), [
+    # vllm/engine/arg_utils.py get_batch_defaults: >= 70 GiB and not an A100 -> 8,192 / 1,024, else 2,048 / 256
+    ("0.19", "h100-sxm", "qwen3-32b", 40960, {}, (8192, 1024, True)),
+    ("0.19", "h200-sxm", "qwen3-32b", 40960, {}, (8192, 1024, True)),
+    ("0.19", "a100-sxm-80gb", "qwen3-32b", 40960, {}, (2048, 256, True)),
+    ("0.19", "l40s", "qwen3-32b", 40960, {}, (2048, 256, True)),
+    ("0.19", "rtx-4090", "llama-3.1-8b", 8192, {}, (2048, 256, True)),
+    # from 0.28 a GPU of >= 160 GiB takes 16,384 tokens
+    ("0.27.0", "b200", "qwen3-32b", 40960, {}, (8192, 1024, True)),
+    ("0.28.0", "b200", "qwen3-32b", 40960, {}, (16384, 1024, True)),
+    ("0.33.0", "h100-sxm", "qwen3-32b", 40960, {}, (8192, 1024, True)),
+    # chunked prefill off: 0.11 takes max_model_len as the budget, 0.12+ the larger of it and the default
+    ("0.11.0", "h100-sxm", "llama-3.1-8b", 4096, {"enable_chunked_prefill": False}, (4096, 1024, False)),
+    ("0.12.0", "h100-sxm", "llama-3.1-8b", 4096, {"enable_chunked_prefill": False}, (8192, 1024, False)),
+    ("0.12.0", "h100-sxm", "llama-3.1-8b", 16384, {"enable_chunked_prefill": False}, (16384, 1024, False)),
+    # 0.12+: at most max_num_seqs x max_model_len, then the sequences at most the budget
+    ("0.19", "h100-sxm", "llama-3.1-8b", 4, {}, (4096, 1024, True)),
+    ("0.19", "l40s", "llama-3.1-8b", 4, {"max_num_seqs": 300}, (1200, 300, True)),
+    ("0.11.0", "rtx-4090", "llama-3.1-8b", 4096, {"max_num_batched_tokens": 128}, (128, 128, True)),
+    # a value given is kept
+    ("0.19", "l40s", "qwen3-32b", 40960, {"max_num_seqs": 512}, (2048, 512, True)),
+    ("0.19", "h100-sxm", "qwen3-32b", 40960, {"max_num_batched_tokens": 2048}, (2048, 1024, True)),
+    # 0.6.x (V0): chunked prefill only past 32K tokens of context, then 2,048 tokens; else max(context, 2,048)
+    ("0.6.5", "h100-sxm", "llama-3-8b", 8192, {}, (8192, 256, False)),
+    ("0.6.5", "h100-sxm", "llama-3-8b", 1024, {}, (2048, 256, False)),
+    ("0.6.5", "h100-sxm", "qwen3-32b", 40960, {}, (2048, 256, True)),
+])
+def test_vllm_batch_defaults_by_version_and_gpu(version, gpu, model, max_len, given, want) -> None:
+    got = vllm_batch_limits(version, load_hardware(gpu), load_model(model), max_len, **given)
+    assert (got.max_num_batched_tokens, got.max_num_seqs, got.enable_chunked_prefill) == want
+    assert f"vLLM {version} " in got.source and all(f in got.source for f in given)
+
+
+def test_batch_defaults_refuse_a_budget_below_the_sequences() -> None:
+    """vLLM's SchedulerConfig refuses max_num_batched_tokens < max_num_seqs; so does kvsim, naming the field."""
+    with pytest.raises(KvsimError) as err:
+        vllm_batch_limits("0.19", load_hardware("l40s"), load_model("qwen3-32b"), 40960, max_num_seqs=4096)
+    assert err.value.field == "max_num_batched_tokens" and err.value.value == 2048
+    with pytest.raises(KvsimError) as err:
+        vllm_batch_limits("0.9.0", load_hardware("h100-sxm"), load_model("qwen3-32b"), 40960)
+    assert err.value.field == "vllm_version"
+
+
+def test_plan_defaults_to_the_gpus_vllm_serve_limits() -> None:
+    """An engine config that leaves the step limits unset is planned with `vllm serve`'s for the GPU: on an
+    H100 the sampler's dummy run covers 1,024 rows, on an L40S 256 (a larger profiling peak on the H100)."""
+    h100 = _plan("qwen3-8b", "h100-sxm")
+    assert h100.engine.batch == (8192, 1024)
+    assert _plan("qwen3-8b", "l40s").engine.batch == (2048, 256)
+    assert h100.activation_peak_bytes > _plan("qwen3-8b", "h100-sxm", max_num_seqs=256).activation_peak_bytes
 
 
 @pytest.mark.parametrize("p", [p for p in PROFILES if "weights_gib" in p], ids=lambda p: p["id"])

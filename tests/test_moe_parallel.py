@@ -35,7 +35,8 @@ ALL_EXPERTS_BYTES = 128 * EXPERT_PARAMS * 48 * 2  # bf16: 57,982,058,496 B = 54.
 
 
 def plan(par: Parallel = SINGLE, tp: int = 1, model=QWEN):
-    return plan_memory(model, H100, layout_for(model), tp, EngineMemoryConfig(), par)
+    engine = EngineMemoryConfig(max_num_batched_tokens=8192, max_num_seqs=256)  # the figures below assume these
+    return plan_memory(model, H100, layout_for(model), tp, engine, par)
 
 
 # ---------------------------------------------------------------- memory

@@ -13,6 +13,7 @@ import yaml
 from kvsim.cli import main
 from kvsim.errors import KvsimError
 from kvsim.scenario import apply_override, load_scenario, run_scenario, scenario_from_dict, write_outputs
+from kvsim.scenario.run import deployment
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = str(ROOT / "traces" / "synthetic_sessions.csv")
@@ -28,10 +29,30 @@ def write(tmp_path: Path, data: dict, name: str = "s.yaml") -> Path:
 
 
 def test_defaults_are_vllm_engine_defaults() -> None:
-    e = scenario_from_dict(BASE, "x.yaml").spec.engine
-    assert (e.max_num_seqs, e.max_num_batched_tokens, e.block_size) == (256, 8192, 16)
+    """Unset step limits are `vllm serve`'s for the version and GPU (vLLM 0.19 on an H100: 1,024 sequences,
+    8,192 tokens; on an L40S 256 and 2,048), reported with their source in the summary."""
+    s = scenario_from_dict(BASE, "x.yaml")
+    e = s.spec.engine
+    assert (e.max_num_seqs, e.max_num_batched_tokens, e.enable_chunked_prefill, e.block_size) == (None, None, None, 16)
     assert e.gpu_memory_utilization == 0.9
-    assert e.enable_chunked_prefill and e.enable_prefix_caching and e.preemption == "recompute"
+    assert e.enable_prefix_caching and e.preemption == "recompute"
+    limits = deployment(s).limits
+    assert (limits.max_num_batched_tokens, limits.max_num_seqs, limits.enable_chunked_prefill) == (8192, 1024, True)
+    assert "vllm_batch_defaults.yaml" in limits.source
+    l40s = deployment(scenario_from_dict({**BASE, "hardware": "l40s"}, "x.yaml")).limits
+    assert (l40s.max_num_batched_tokens, l40s.max_num_seqs) == (2048, 256)
+    given = deployment(scenario_from_dict({**BASE, "engine": {"max_num_seqs": 64}}, "x.yaml")).limits
+    assert (given.max_num_batched_tokens, given.max_num_seqs) == (8192, 64) and "given: max_num_seqs" in given.source
+
+
+def test_a_default_budget_below_the_given_sequences_is_refused(tmp_path: Path) -> None:
+    """vLLM refuses a token budget below max_num_seqs, also when the budget is its default (2,048 on an
+    L40S): one line naming the field, the value and the file, exit 2."""
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({**BASE, "hardware": "l40s", "engine": {"max_num_seqs": 4096}}))
+    with pytest.raises(KvsimError) as err:
+        run_scenario(load_scenario(f, []))
+    assert (err.value.field, err.value.value, err.value.file) == ("engine.max_num_batched_tokens", 2048, str(f))
 
 
 @pytest.mark.parametrize("raw, field", [

@@ -354,8 +354,8 @@ class CostModel:
             self.notes += (f"weights {wq.precision} ({wq.bits_per_weight:g} bits, {wq.modules}): {k_.note}",)
             if moe and k_.grouped_curve:
                 took = sorted({self.cal.derived[cv] for cv in split.values() if cv in self.cal.derived})
-                self.notes += ((f"routed experts on the {', '.join(split.values())} curves (one per GEMM of the kernel vLLM runs;"
-                                f" {'; '.join(took) or self.cal.label})" if split else
+                self.notes += ((f"routed experts on the {', '.join(split.values())} curves (one per GEMM of the "
+                                f"kernel vLLM runs; {'; '.join(took) or self.cal.label})" if split else
                                 f"routed experts on the {experts_curve} curve (fused-MoE kernel; {self.cal.label})"
                                 if experts_curve else f"profile {self.cal.gpu} has no {k_.grouped_curve} curve (the "
                                 f"fused-MoE kernel unmeasured): routed experts priced on the "

@@ -80,7 +80,8 @@ def _check(spec: ScenarioSpec, file: str) -> None:
     if spec.disaggregation is not None and spec.replicas != 1:
         raise KvsimError("a disaggregated deployment's instances are disaggregation.prefill.replicas and "
                          "disaggregation.decode.replicas", field="replicas", value=spec.replicas, file=file)
-    if e.max_num_batched_tokens < e.max_num_seqs:
+    budget, seqs = e.max_num_batched_tokens, e.max_num_seqs
+    if budget is not None and seqs is not None and budget < seqs:
         # vLLM refuses this too: every running sequence must be able to decode in one step.
         raise KvsimError(f"must be >= engine.max_num_seqs={e.max_num_seqs}",
                          field="engine.max_num_batched_tokens", value=e.max_num_batched_tokens, file=file)

@@ -143,6 +143,11 @@ def _rate_line(summary: dict) -> str:
     return line
 
 
+def _limits_line(lim: dict) -> str:
+    return (f"  engine steps of at most {lim['max_num_batched_tokens']:,} tokens and {lim['max_num_seqs']:,} "
+            f"sequences, chunked prefill {'on' if lim['enable_chunked_prefill'] else 'off'} ({lim['source']})")
+
+
 def _goodput_line(summary: dict) -> str:
     if summary["slo"] is None:
         return "  goodput not computed: the scenario has no slo: section"
@@ -179,6 +184,7 @@ def text_summary(summary: dict) -> str:
         f"  KV {summary['num_gpu_blocks']:,} blocks of {summary['block_size']} tokens per replica, peak "
         f"{summary['kv_peak_used_fraction']:.0%} used; {summary['preemptions']:,} preemptions; prefix hit "
         f"rate {summary['prefix_hit_rate']:.1%}",
+        _limits_line(summary["scenario"]["engine_limits"]),
     ]
     if dis:
         pre, dec = dis["prefill"], dis["decode"]

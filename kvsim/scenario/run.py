@@ -60,7 +60,7 @@ def deployment(scenario: Scenario, side: str | None = None) -> Deployment:
     from kvsim.cost.execution import vllm_execution
     from kvsim.cost.model import CostModel
     from kvsim.kv import layout_for
-    from kvsim.memory import GIB, EngineMemoryConfig, plan_memory
+    from kvsim.memory import GIB, EngineMemoryConfig, plan_memory, vllm_batch_limits
     from kvsim.spec.hardware import load_hardware
     from kvsim.spec.model import load_model
     from kvsim.spec.parallel import Parallel
@@ -80,19 +80,25 @@ def deployment(scenario: Scenario, side: str | None = None) -> Deployment:
         hardware = load_hardware(_catalogue_arg(gpu, scenario))
         weight_kernel(model, hardware, file)
         layout = layout_for(model, spec.method, file)
-        memory = EngineMemoryConfig(e.gpu_memory_utilization, e.block_size, e.max_num_batched_tokens,
-                                    e.max_num_seqs, e.vllm_version or "", e.enforce_eager,
+        max_len = e.max_model_len or model.max_position_embeddings
+        if max_len > model.max_position_embeddings:
+            raise KvsimError(f"exceeds {model.name}'s context of {model.max_position_embeddings} tokens",
+                             field="max_model_len", value=max_len)
+        limits = vllm_batch_limits(e.vllm_version or "", hardware, model, max_len, e.max_num_batched_tokens,
+                                   e.max_num_seqs, e.enable_chunked_prefill)
+        memory = EngineMemoryConfig(e.gpu_memory_utilization, e.block_size, limits.max_num_batched_tokens,
+                                    limits.max_num_seqs, e.vllm_version or "", e.enforce_eager,
                                     None if e.cuda_graph_gib is None else e.cuda_graph_gib * GIB)
         par = Parallel(e.data_parallel_size, e.expert_parallel)
         if side is not None and par != Parallel():
             raise KvsimError("data parallelism and expert parallelism are not modelled with disaggregation",
                              field="engine.data_parallel_size", value=e.data_parallel_size, file=file)
         plan = plan_memory(model, hardware, layout, tp, memory, par)
-        execution = vllm_execution(hardware, tp, e.max_num_seqs, e.max_num_batched_tokens, e.vllm_version or "",
-                                   e.cudagraph_capture_sizes, e.enforce_eager)
+        execution = vllm_execution(hardware, tp, limits.max_num_seqs, limits.max_num_batched_tokens,
+                                   e.vllm_version or "", e.cudagraph_capture_sizes, e.enforce_eager)
     except KvsimError as err:
         engine_key = err.field in ("vllm_version", "cuda_graph_gib", "gpu_memory_utilization", "data_parallel_size",
-                                   "expert_parallel")
+                                   "expert_parallel", "max_model_len", "max_num_batched_tokens")
         side_key = f"disaggregation.{side}.{err.field}" if side and err.field in ("hardware", "tp") else None
         raise _with_file(err, file, f"engine.{err.field}" if engine_key else side_key) from None
     cal = spec.calibration
@@ -107,11 +113,7 @@ def deployment(scenario: Scenario, side: str | None = None) -> Deployment:
             raise DoesNotFit(f"{side} instance {plan.reason}", field=f"disaggregation.{side}.tp", value=tp,
                              file=file)
         raise DoesNotFit(plan.reason, field="model", value=spec.model, file=file)
-    max_len = e.max_model_len or model.max_position_embeddings
-    if max_len > model.max_position_embeddings:
-        raise KvsimError(f"exceeds {model.name}'s context of {model.max_position_embeddings} tokens",
-                         field="engine.max_model_len", value=max_len, file=file)
-    return Deployment(layout, plan, cost, max_len, e.num_gpu_blocks_override or plan.num_gpu_blocks)
+    return Deployment(layout, plan, cost, max_len, e.num_gpu_blocks_override or plan.num_gpu_blocks, limits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,8 +236,8 @@ def engine_config(scenario: Scenario, dep: Deployment, tables: BlockTables,
                   check: bool = False) -> EngineConfig:
     e = scenario.spec.engine
     return EngineConfig(
-        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-        enable_chunked_prefill=e.enable_chunked_prefill,
+        max_num_seqs=dep.limits.max_num_seqs, max_num_batched_tokens=dep.limits.max_num_batched_tokens,
+        enable_chunked_prefill=dep.limits.enable_chunked_prefill,
         prefix_caching=e.enable_prefix_caching and tables.token_paged,
         preemption=e.preemption, swap_space_bytes=e.swap_space_gib * GIB,
         doc_kv_from_ssd=dep.layout.runtime.doc_kv_from_ssd, fast_forward=e.fast_forward, check=check,
@@ -414,6 +416,7 @@ def summarize(scenario: Scenario, sim: Simulation | DisaggSimulation, read_stats
                          "expert_parallel": spec.engine.expert_parallel}
                         if dep.plan.parallel != Parallel() else {}),
                      "memory_rule": dep.plan.rule.label,
+                     "engine_limits": dep.limits.as_dict(),
                      "calibration": calibration_summary(dep.cost)},
         "requests": sim.arrived,
         "completed": int(done.sum()),

@@ -120,11 +120,14 @@ class EngineSpec(_Strict):
     # kind: whose kernel database an imported calibration profile comes from; the scheduler is
     # vLLM-like for every kind (docs/calibration.md).
     kind: Literal["vllm", "sglang", "trtllm"] = "vllm"
-    max_num_seqs: int = Field(default=VLLM_DEFAULTS.max_num_seqs, gt=0)
-    max_num_batched_tokens: int = Field(default=VLLM_DEFAULTS.max_num_batched_tokens, gt=0)
+    # None: what `vllm serve` of the engine's vLLM version uses on the GPU (kvsim.memory.vllm_batch_limits,
+    # kvsim/data/vllm_batch_defaults.yaml), reported in the summary's engine_limits
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    max_num_batched_tokens: int | None = Field(default=None, gt=0)
     block_size: int = Field(default=VLLM_DEFAULTS.block_size, gt=0)
     gpu_memory_utilization: float = Field(default=VLLM_DEFAULTS.gpu_memory_utilization, gt=0, le=1)
-    enable_chunked_prefill: StrictBool = True
+    # None: the version's default (on, except 0.6.x: kvsim.memory.vllm_batch_limits)
+    enable_chunked_prefill: bool | None = Field(default=None, strict=True)
     enable_prefix_caching: StrictBool = True
     preemption: Literal["recompute", "swap"] = "recompute"
     swap_space_gib: float = Field(default=4.0, ge=0)  # vLLM --swap-space default, GiB per GPU

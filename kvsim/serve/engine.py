@@ -26,7 +26,7 @@ from simpy.core import URGENT
 
 from kvsim.cost.model import CostModel
 from kvsim.kv.layout import KVLayout
-from kvsim.memory import MemoryPlan
+from kvsim.memory import BatchLimits, MemoryPlan
 from kvsim.serve.closed_loop import ClosedLoop
 from kvsim.serve.dp import DPGroup
 from kvsim.serve.metrics import COMPLETED, REJECT_BATCH, REJECT_CONTEXT, REJECT_KV, UNFINISHED, Recorder
@@ -46,6 +46,7 @@ class Deployment:
     cost: CostModel
     max_model_len: int
     num_gpu_blocks: int  # the plan's, unless overridden (vLLM --num-gpu-blocks-override)
+    limits: BatchLimits  # the engine's token budget, sequence limit and chunked prefill, given or vLLM's defaults
 
 
 class Admission:
