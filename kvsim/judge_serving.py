@@ -193,6 +193,13 @@ class Row:
     moe_tp: int = 0
     moe_ep: int = 0
     measured_on: datetime.date | None = None  # the day the row was measured, where its source column says
+    # requests the client sent, where the row records it (optional column num_requests, e.g. `vllm bench
+    # serve --num-prompts`); None: the deployment's requests per client x concurrency
+    num_requests: int | None = None
+
+    def requests(self, deployment: Deployment) -> int:
+        """Requests the run sends: the row's own count, else the deployment's."""
+        return self.num_requests or deployment.requests_per_client * self.concurrency
 
     @property
     def dated_version(self) -> str | None:
@@ -274,12 +281,13 @@ def read_rows(path: Path) -> list[Row]:
                       float(r["silicon_ttft_ms"]), float(r["silicon_tpot_ms"]),
                       "disaggregated prefill and decode workers (mode=disagg)" if disagg else ", ".join(unknown),
                       max(dp, 1), moe_tp, moe_ep,
-                      _measured_day(measured.group(1), i, path) if measured else None)
+                      _measured_day(measured.group(1), i, path) if measured else None,
+                      int(r["num_requests"]) if r.get("num_requests") else None)
         except (TypeError, ValueError, KeyError) as err:
             raise KvsimError(f"line {i}: malformed value ({type(err).__name__}: {err})", file=str(path)) from None
-        if min(row.isl, row.osl, row.concurrency, row.tp) < 1 or not (0 < row.ttft_ms < math.inf
+        if min(row.isl, row.osl, row.concurrency, row.tp, row.num_requests or 1) < 1 or not (0 < row.ttft_ms < math.inf
                                                                      and 0 < row.tpot_ms < math.inf):
-            raise KvsimError(f"line {i}: lengths, concurrency and TP must be >= 1, times finite and > 0",
+            raise KvsimError(f"line {i}: lengths, concurrency, TP and num_requests must be >= 1, times finite and > 0",
                              file=str(path))
         rows.append(row)
     if not rows:
@@ -395,7 +403,8 @@ def _checkpoint(row: Row) -> Checkpoint | str:
     """The checkpoint ``row`` ran, else why kvsim cannot run it. In this order:
     - an FP8 label on a block-FP8 release whose config.json aiconfigurator-core ships: that config,
       with its 128x128-block weights (FP8_BLOCK_LABELS);
-    - the FP4 label on a catalogue model whose only release is MXFP4: its own weights (FP4_LABEL);
+    - the FP4 label, or a 16-bit one, on a catalogue model whose only release is MXFP4: its own weights
+      (FP4_LABEL; vLLM loads that checkpoint as stored);
     - any other quantized label: not expressible;
     - a catalogue model (or its -Instruct / -FP8 / NVIDIA FP8 release): bf16 weights, or FP8 with
       per-tensor scales for an FP8 label (FP8_WEIGHTS: quantized on load if the checkpoint is 16-bit);
@@ -410,7 +419,8 @@ def _checkpoint(row: Row) -> Checkpoint | str:
             if path is None:
                 return why
         return Checkpoint(block, name or release, None)
-    if row.precision == FP4_LABEL and name is not None and _native_mxfp4(name):
+    if name is not None and _native_mxfp4(name) and row.precision in (FP4_LABEL, *UNQUANTIZED):
+        # its only release is MXFP4: a 16-bit label (e.g. a row that records no quantization) ran it too
         return Checkpoint(name, name, None)
     if row.precision not in UNQUANTIZED + FP8_WEIGHTS:
         return (f"quantized weights or KV ({row.precision}): only bf16, per-tensor FP8, native MXFP4 (gpt-oss) and "
@@ -521,7 +531,7 @@ def _scenario(row: Row, checkpoint: Checkpoint, hardware: str, calibration: str 
            **({} if checkpoint.weights is None else {"weights": checkpoint.weights}),
            **({"method": deployment.fp8_checkpoint_kv} if row.precision in FP8_WEIGHTS + FP8_BLOCK_LABELS else {}),
            "workload": {"closed_loop": {"concurrency": row.concurrency,
-                                        "num_requests": deployment.requests_per_client * row.concurrency,
+                                        "num_requests": row.requests(deployment),
                                         "input": {"kind": "fixed", "tokens": row.isl},
                                         "output": {"kind": "fixed", "tokens": row.osl}}}}
     # --set overrides: a hypothesis about how the measured servers ran (e.g. a smaller token budget),
@@ -573,7 +583,7 @@ def _judge_row(row: Row, checkpoint: Checkpoint, calibration: str | None, deploy
             why = why.replace(checkpoint.model, Path(checkpoint.model).name)
         skipped[f"kvsim cannot run it: {why[:90]}"] += 1
         return
-    if s["completed"] != deployment.requests_per_client * row.concurrency:
+    if s["completed"] != row.requests(deployment):
         reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)
         skipped[f"kvsim rejects the requests: {reasons}"] += 1
         return

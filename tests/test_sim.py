@@ -16,7 +16,8 @@ from kvsim.scenario import apply_override, load_scenario, run_scenario, scenario
 from kvsim.scenario.run import simulation, summarize, workload
 from kvsim.serve.engine import Simulation
 from kvsim.serve.metrics import COMPLETED, STATUSES, UNFINISHED, separability
-from kvsim.serve.sequence import SharingPolicy
+from kvsim.serve.replica import Replica
+from kvsim.serve.sequence import CacheKeys, SharingPolicy
 from kvsim.serve.workload import ReadStats, Request
 
 SESSIONS = {
@@ -339,6 +340,43 @@ def test_routers() -> None:
     aff = simulate(scenario(replicas=3, router="prefix_affinity"))
     assert _sessions_on_one_replica(aff) > _sessions_on_one_replica(rr)
     assert aff.recorder.arrays()["prefix_hit_tokens"].sum() > rr.recorder.arrays()["prefix_hit_tokens"].sum()
+
+
+def test_a_preempted_sequence_finds_its_own_blocks_still_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM caches every full block of a request, generated ones too, and a preempted request's freed
+    blocks stay cached until evicted (vllm/v1/core/kv_cache_manager.py, block_pool.py). Two 1,600-token
+    prompts with 400 output tokens share 230 blocks of 16 tokens: both prompts (100 blocks each) and 15
+    more blocks each fit, then the second is preempted at 1,841 tokens (115 full blocks), the first takes
+    10 of them (its 125th block is its last), evicting the freed tail first, and the second comes back
+    with its leading 105 blocks still cached: 161 tokens to recompute, not 1,841."""
+    readmitted: list[tuple[int, int, int]] = []
+    admit = Replica.admit
+
+    def recorded(self: Replica, s, now: float, budget: int):  # noqa: ANN001, ANN202
+        taken = admit(self, s, now, budget)
+        if taken is not None and s.preemptions:
+            readmitted.append((s.computed, s.total, taken[0]))
+        return taken
+
+    monkeypatch.setattr(Replica, "admit", recorded)
+    stream = [Request(0, 0.0, 1600, 400), Request(1, 0.0, 1600, 400)]
+    for caching, want in ((True, (1680, 1841, 161)), (False, (0, 1841, 1841))):
+        readmitted.clear()
+        sim = simulate(scenario(engine__num_gpu_blocks_override=230, engine__enable_prefix_caching=caching),
+                       stream=stream)
+        assert sim.preemptions == 1 and readmitted == [want], caching
+        assert (sim.recorder.arrays()["status"] == STATUSES.index(COMPLETED)).all()
+
+
+def test_cache_keys_are_the_content_keys_then_private_ones() -> None:
+    keys = CacheKeys((7, 8), request_id=3, n_blocks=5)
+    private = [(4 << 64) + i for i in (2, 3, 4)]
+    assert len(keys) == 5 and list(keys) == [7, 8, *private] and keys[-1] == private[-1]
+    assert keys[1:4] == (8, *private[:2]) and keys[:0] == () and keys[3:] == tuple(private[1:])
+    other = CacheKeys((), request_id=2, n_blocks=2**20)[:]  # another request's: none shared
+    assert not set(other) & set(keys) and min(*other, *private) >= 2**64  # above every 64-bit content hash
+    with pytest.raises(IndexError):
+        keys[5]
 
 
 def test_requests_that_can_never_run_are_rejected_with_a_reason() -> None:

@@ -32,7 +32,7 @@ from kvsim.serve.dp import DPGroup
 from kvsim.serve.metrics import COMPLETED, REJECT_BATCH, REJECT_CONTEXT, REJECT_KV, UNFINISHED, Recorder
 from kvsim.serve.replica import INF, EngineConfig, Replica
 from kvsim.serve.router import Router, dp_rank
-from kvsim.serve.sequence import BlockTables, Seq, SharingPolicy, reusable
+from kvsim.serve.sequence import BlockTables, CacheKeys, Seq, SharingPolicy, reusable
 from kvsim.serve.workload import Request
 from kvsim.spec.parallel import gathers_tokens
 
@@ -96,6 +96,11 @@ class Admission:
         shareable = not req.image_tokens or reusable(dep.layout, prompt, req.image_tokens)
         if self.sharing is not None and shareable:
             keys = self.sharing.keys(req)
+        if self.cfg.prefix_caching and shareable and not self.cfg.doc_kv_from_ssd:
+            # every full block is cached, the prompt's past its content keys and the generated ones too
+            # (MatKV's keys name documents to load, so they stay content only)
+            cache_keys = CacheKeys(keys, req.request_id, (prompt + out) // self.tables.block_size)
+            return Seq(req, prompt, out, dropped, keys, cache_keys)
         return Seq(req, prompt, out, dropped, keys)
 
 

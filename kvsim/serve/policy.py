@@ -124,7 +124,7 @@ class LongestPrefixFirst(VllmFcfs):
         # swapped-out sequences keep the front (they hold no cached prefix to match); the rest by
         # cached prefix length, longest first, FCFS among equals (a stable sort)
         def cached_first(s: Seq) -> float:
-            return -math.inf if s.swapped_blocks else -bm.match(s.keys, (s.total - 1) // bs)
+            return -math.inf if s.swapped_blocks else -bm.match(s.cache_keys, (s.total - 1) // bs)
 
         yield from sorted(waiting, key=cached_first)
 

@@ -21,7 +21,7 @@ time advances by the same float additions as step-by-step simulation, so results
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -177,8 +177,8 @@ class Replica:
             s.swapped_blocks = 0
         else:
             limit = (s.total - 1) // bs  # at least one token is computed to sample from
-            hits = bm.match(s.keys, limit) if cfg.prefix_caching else 0
-            hit_keys = s.keys[:hits]
+            hits = bm.match(s.cache_keys, limit) if cfg.prefix_caching else 0
+            hit_keys = s.cache_keys[:hits]
             computed = hits * bs
             doc_blocks = max(0, min(len(s.keys), limit) - hits) if cfg.doc_kv_from_ssd else 0
             n_new = min(s.total - computed - doc_blocks * bs, budget)
@@ -204,7 +204,7 @@ class Replica:
         s.scheduled = n_new
         return n_new, transfer_s
 
-    def _first_admission(self, s: Seq, now: float, hit_keys: tuple[int, ...], doc_blocks: int) -> None:
+    def _first_admission(self, s: Seq, now: float, hit_keys: Sequence[int], doc_blocks: int) -> None:
         if s.hit_tokens >= 0:
             return
         s.scheduled_s = now
@@ -304,14 +304,17 @@ class Replica:
         end, k = w.end_s, w.steps
         done: list[Seq] = []
         handed: list[Seq] = []
+        caching, bs = self.cfg.prefix_caching, self.block_size
         for s in w.decodes:
             s.computed += k
             s.generated += k
+            if caching and s.computed // bs > s.registered:  # a generated block filled: vLLM caches it too
+                self._register(s)
             if s.generated == s.out:
                 done.append(s)
         for s in w.prefills:
             s.computed += s.scheduled
-            if self.cfg.prefix_caching:
+            if caching:
                 self._register(s)
             if s.computed == s.total:
                 s.generated += 1
@@ -342,11 +345,11 @@ class Replica:
         return done
 
     def _register(self, s: Seq) -> None:
-        """Newly full prompt blocks become prefix-cached under their keys."""
-        n_full = min(s.computed // self.block_size, len(s.keys))
+        """Newly full blocks become prefix-cached under their keys."""
+        n_full = min(s.computed // self.block_size, len(s.cache_keys))
         if n_full <= s.registered:
             return
-        keys = s.keys[s.registered:n_full]
+        keys = s.cache_keys[s.registered:n_full]
         user = s.req.user_id
         for key in keys:
             if not self.bm.is_cached(key):

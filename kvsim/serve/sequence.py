@@ -21,24 +21,62 @@ from kvsim.memory import MemoryPlan
 from kvsim.serve.workload import Request, chain_hash, expand_block_hashes
 
 
+class CacheKeys(Sequence[int]):
+    """The prefix-cache key of every full block a sequence will hold: its prompt's content keys
+    (shareable, a SharingPolicy's), then keys private to the request for the rest of the prompt and
+    its generated tokens. vLLM hashes every full block of a request, generated tokens included
+    (vllm/v1/core/kv_cache_manager.py cache_blocks, on num_computed_tokens), and a preempted request's
+    freed blocks stay cached until evicted, so a sequence preempted by recompute finds its own blocks
+    again when it is admitted again. Private keys lie at and above 2**64 x (request id + 1), outside
+    every content key (64-bit hashes), so no other request can hit them. Built lazily: a 32k-token
+    prompt's 2,000 keys are not stored."""
+
+    __slots__ = ("content", "base", "n")
+
+    def __init__(self, content: tuple[int, ...], request_id: int, n_blocks: int) -> None:
+        self.content = content
+        self.base = (request_id + 1) << 64
+        self.n = max(n_blocks, len(content))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # noqa: ANN001, ANN204 - int -> int, slice -> tuple
+        c, base = self.content, self.base
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self.n)
+            if step != 1:
+                raise ValueError("CacheKeys slices are contiguous")
+            k = len(c)
+            return c[start:min(stop, k)] + tuple(range(base + max(start, k), base + stop))
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return c[i] if i < len(c) else base + i
+
+
 class Seq:
     """Mutable engine state of one request (plain slots class: the scheduler touches it every step)."""
 
-    __slots__ = ("req", "prompt", "out", "dropped", "keys", "computed", "generated", "held", "block_keys",
-                 "registered", "ready_s", "swapped_blocks", "first_token_s", "finish_s", "hit_tokens",
+    __slots__ = ("req", "prompt", "out", "dropped", "keys", "cache_keys", "computed", "generated", "held",
+                 "block_keys", "registered", "ready_s", "swapped_blocks", "first_token_s", "finish_s", "hit_tokens",
                  "cross_user_hit", "doc_tokens", "preemptions", "replica", "scheduled", "scheduled_s")
 
-    def __init__(self, req: Request, prompt: int, out: int, dropped: int, keys: tuple[int, ...]) -> None:
+    def __init__(self, req: Request, prompt: int, out: int, dropped: int, keys: tuple[int, ...],
+                 cache_keys: Sequence[int] | None = None) -> None:
         self.req = req
         self.prompt = prompt  # tokens to prefill: text + image tokens
         self.out = out  # output tokens to generate (clamped to the context)
         self.dropped = dropped  # prompt tokens merged away after prefill (LightKV vision tokens)
-        self.keys = keys  # prefix-cache keys of the prompt's full blocks (engine block size)
+        self.keys = keys  # prefix-cache content keys of the prompt's full blocks (engine block size)
+        # the keys its blocks are cached under (CacheKeys where prefix caching is on; else the content keys)
+        self.cache_keys: Sequence[int] = keys if cache_keys is None else cache_keys
         self.computed = 0  # tokens whose KV is in the cache
         self.generated = 0  # output tokens sampled
         self.held = 0  # blocks held (BlockManager protocol)
         self.block_keys: list[int] = []  # cached blocks held (BlockManager protocol)
-        self.registered = 0  # leading keys whose blocks this sequence holds as cached
+        self.registered = 0  # leading cache keys whose blocks this sequence holds as cached
         self.ready_s = 0.0  # MatKV: when the document KV has arrived from SSD
         self.swapped_blocks = 0  # blocks parked in host memory by a swap preemption
         self.first_token_s = -1.0
