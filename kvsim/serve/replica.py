@@ -223,10 +223,12 @@ class Replica:
         self.preemptions += 1
         t = 0.0
         held = s.held
+        swap = cfg.preemption == "swap" and (self.swap_used_blocks + held) * self.block_bytes <= cfg.swap_space_bytes
+        if cfg.prefix_caching and not swap:
+            self._register(s, private=True)  # freed, its blocks stay cached for its return (CacheKeys)
         self.bm.free(s)
         s.registered = 0
-        room = (self.swap_used_blocks + held) * self.block_bytes <= cfg.swap_space_bytes
-        if cfg.preemption == "swap" and room:
+        if swap:
             s.swapped_blocks = held
             self.swap_used_blocks += held
             t = self.cost.host_transfer_s(held * self.block_bytes)  # GPU -> host over the same link
@@ -304,17 +306,14 @@ class Replica:
         end, k = w.end_s, w.steps
         done: list[Seq] = []
         handed: list[Seq] = []
-        caching, bs = self.cfg.prefix_caching, self.block_size
         for s in w.decodes:
             s.computed += k
             s.generated += k
-            if caching and s.computed // bs > s.registered:  # a generated block filled: vLLM caches it too
-                self._register(s)
             if s.generated == s.out:
                 done.append(s)
         for s in w.prefills:
             s.computed += s.scheduled
-            if caching:
+            if self.cfg.prefix_caching:
                 self._register(s)
             if s.computed == s.total:
                 s.generated += 1
@@ -344,17 +343,20 @@ class Replica:
             self.bm.check([*self.running, *self.parked])
         return done
 
-    def _register(self, s: Seq) -> None:
-        """Newly full blocks become prefix-cached under their keys."""
-        n_full = min(s.computed // self.block_size, len(s.cache_keys))
+    def _register(self, s: Seq, private: bool = False) -> None:
+        """Newly full blocks become prefix-cached under their keys: those with content keys as they
+        fill, and with ``private`` the rest too (a sequence about to be preempted). vLLM caches every
+        full block as it fills, but a block under a key private to its request can only ever be hit by
+        that request again, i.e. after a preemption, so kvsim registers those then: the same hits, and
+        a finished sequence frees its private blocks in one run."""
+        n_full = min(s.computed // self.block_size, len(s.cache_keys if private else s.keys))
         if n_full <= s.registered:
             return
-        keys = s.cache_keys[s.registered:n_full]
         user = s.req.user_id
-        for key in keys:
+        for key in s.keys[s.registered:n_full]:  # who first cached a content block (the side channel)
             if not self.bm.is_cached(key):
                 self.owner[key] = user
-        self.bm.cache(s, keys)
+        self.bm.cache(s, s.cache_keys[s.registered:n_full])
         s.registered = n_full
         if len(self.owner) > 4 * self.bm.num_blocks:  # forget owners of evicted blocks
             self.owner = {k: u for k, u in self.owner.items() if self.bm.is_cached(k)}
