@@ -200,9 +200,10 @@ def vllm_batch_limits(version: str, hardware: HardwareSpec, model: ModelSpec, ma
         rule = f"{span} V0 defaults"
     else:
         chunked = True if chunked is None else chunked
-        gib = hardware.memory_bytes / GIB
-        tier = next(t for t in r["tiers"] if gib >= t["min_memory_gib"]
-                    and not ("not_named" in t and t["not_named"] in hardware.display_name.lower()))
+        gib, name = hardware.memory_bytes / GIB, hardware.display_name.lower()
+        excluded = [t["not_named"] for t in r["tiers"]  # a tier the GPU's size reaches but its name rules out
+                    if gib >= t["min_memory_gib"] and t.get("not_named", "\0") in name]
+        tier = next(t for t in r["tiers"] if gib >= t["min_memory_gib"] and t.get("not_named") not in excluded)
         seqs = tier["max_num_seqs"] if seqs is None else seqs  # set first: the budget's cap reads it
         if budget is None:
             budget = tier["max_num_batched_tokens"]
@@ -212,8 +213,8 @@ def vllm_batch_limits(version: str, hardware: HardwareSpec, model: ModelSpec, ma
                 budget = min(seqs * max_model_len, budget)
         if max_num_seqs is None:
             seqs = min(seqs, budget)
-        rule = (f"{span} `vllm serve` defaults for a GPU of {gib:.0f} GiB"
-                f"{' (an A100)' if 'a100' in hardware.display_name.lower() else ''}")
+        rule = f"{span} `vllm serve` defaults for a GPU of {gib:.0f} GiB" + "".join(
+            f" named {x.upper()} (kept off the larger tier)" for x in excluded)
     given = [n for n, x in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs),
                             ("enable_chunked_prefill", enable_chunked_prefill)) if x is not None]
     source = "given" if len(given) == 3 else f"{rule}, {_BATCH_FILE}" + (f"; given: {', '.join(given)}"
