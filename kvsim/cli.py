@@ -588,6 +588,8 @@ def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: 
     for why, n in sorted(skipped.items()):
         print(f"not expressible ({n} rows): {why}")
     print(f"deployment {dep.name} (assumed, the rows do not record it): {dep.source}")
+    if own := sum(1 for j in judged if j.row.num_requests):
+        print(f"{own} rows record their request count (column num_requests) and ran that many requests")
     if not any(s.startswith("engine.vllm_version=") for s in sets):
         if any(j.row.dated_version for j in judged):
             print(f"engine version {DATED}X: the row records no release (no version, or a nightly build) but the day "
