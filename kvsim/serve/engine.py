@@ -97,8 +97,8 @@ class Admission:
         if self.sharing is not None and shareable:
             keys = self.sharing.keys(req)
         if self.cfg.prefix_caching and shareable and not self.cfg.doc_kv_from_ssd:
-            # every full block is cached, the prompt's past its content keys and the generated ones too
-            # (MatKV's keys name documents to load, so they stay content only)
+            # every full block has a key, the prompt's past its content keys and the generated ones too,
+            # so a preempted sequence finds its own blocks (MatKV's keys name documents to load: content only)
             cache_keys = CacheKeys(keys, req.request_id, (prompt + out) // self.tables.block_size)
             return Seq(req, prompt, out, dropped, keys, cache_keys)
         return Seq(req, prompt, out, dropped, keys)
