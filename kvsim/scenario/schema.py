@@ -116,7 +116,8 @@ class WorkloadSpec(_Strict):
 
 
 class EngineSpec(_Strict):
-    # Defaults are vLLM's, kept in one place: kvsim.memory.EngineMemoryConfig (VLLM_DEFAULTS).
+    # Defaults are vLLM's, kept in one place: kvsim.memory.EngineMemoryConfig (VLLM_DEFAULTS); the step
+    # limits left unset below are vLLM's per GPU and version (kvsim/data/vllm_batch_defaults.yaml).
     # kind: whose kernel database an imported calibration profile comes from; the scheduler is
     # vLLM-like for every kind (docs/calibration.md).
     kind: Literal["vllm", "sglang", "trtllm"] = "vllm"
