@@ -321,6 +321,15 @@ def _catalogue_models() -> dict[str, str]:
         base = repo.split("/", 1)[-1]
         out.setdefault(f"nvidia/{base}-fp8", name)
         out.setdefault(f"nvidia/{base}-instruct-fp8", name)
+        # Qwen's 2507 releases of Qwen3 keep their base model's shapes and raise only the context
+        # (max_position_embeddings 262,144, rope_theta 5e6), which the judged rows' max_model_len
+        # never reaches: Qwen3-235B-A22B-Instruct-2507 has 94 layers, 64 query / 4 KV heads, 128
+        # experts with 8 active, 235B / 22B parameters, as Qwen3-235B-A22B (its model card, copied in
+        # akash-network/awesome-akash Qwen3-235B-A22B-Instruct-2507-FP8/README.md)
+        if repo.startswith("qwen/qwen3-"):
+            for release in ("instruct-2507", "thinking-2507"):
+                out.setdefault(f"{repo}-{release}", name)
+                out.setdefault(f"{repo}-{release}-fp8", name)
     return out
 
 

@@ -1,4 +1,5 @@
-"""Regenerate models/*.yaml from the real HF configs in ../shared/data/model_configs.
+"""Regenerate models/*.yaml from the real HF configs in ../shared/data/model_configs, or in
+models/configs/ for the few that ../shared does not hold (each cited in models/configs/README.md).
 
     python scripts/build_model_catalogue.py [--configs DIR]
 
@@ -18,7 +19,7 @@ from kvsim.spec.hf_import import model_from_hf_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# catalogue name -> (config file in ../shared/data/model_configs, HF repository it describes)
+# catalogue name -> (config file in models/configs/ or ../shared/data/model_configs, HF repository it describes)
 CATALOGUE = {
     "llama-2-7b": ("Llama-2-7b-hf.json", "meta-llama/Llama-2-7b-hf"),
     "llama-2-13b": ("Llama-2-13b-hf.json", "meta-llama/Llama-2-13b-hf"),
@@ -34,6 +35,7 @@ CATALOGUE = {
     "qwen2.5-7b": ("Qwen2.5-7B.json", "Qwen/Qwen2.5-7B"),
     "qwen2.5-72b": ("Qwen2.5-72B.json", "Qwen/Qwen2.5-72B"),
     "qwen3-8b": ("Qwen3-8B.json", "Qwen/Qwen3-8B"),
+    "qwen3-14b": ("Qwen3-14B.json", "Qwen/Qwen3-14B"),
     "qwen3-32b": ("Qwen3-32B.json", "Qwen/Qwen3-32B"),
     "qwen3-30b-a3b": ("Qwen3-30B-A3B.json", "Qwen/Qwen3-30B-A3B"),
     "qwen3-235b-a22b": ("Qwen3-235B-A22B.json", "Qwen/Qwen3-235B-A22B"),
@@ -81,9 +83,18 @@ def compress(tokens: list[str]) -> list[dict]:
     return groups
 
 
+VENDORED = ROOT / "models" / "configs"
+
+
+def config_path(file: str, configs: Path) -> Path:
+    """A config the project vendors (models/configs/) before one in ``configs``."""
+    vendored = VENDORED / file
+    return vendored if vendored.is_file() else configs / file
+
+
 def build(name: str, configs: Path) -> dict:
     file, repo = CATALOGUE[name]
-    spec = model_from_hf_config(json.loads((configs / file).read_text()), name=name,
+    spec = model_from_hf_config(json.loads(config_path(file, configs).read_text()), name=name,
                                 config_file=file, hf_repo=repo)
     spec["layers"] = compress(spec["layers"][0]["pattern"])
     if name in NOTES:
