@@ -6,7 +6,8 @@ and reports TTFT and TPOT error per TP; the first three patch kvsim for the run,
 kvsim's own option, which is off by default (README, "TTFT: what the development set rules out"):
 
   baseline        kvsim as it ships
-  prefill-x1.3    every engine step that holds a prefill takes 30% longer (is it the prefill's GPU time?)
+  prefill-x1.3    every engine step that holds a prefill takes 30% longer (is it the prefill's GPU time?);
+                  any factor: prefill-xF (prefill-x1.06: the H100's sustained GEMM rate, validation/sustained.py)
   prompt+13       every prompt 13 tokens longer (aiperf's chat-templated prompts run about 13 tokens over
                   the nominal length: tenstorrent/tt-inference-server issue 4179, 4096 -> 4109)
   rtt-exp-M       a client round trip (kvsim's workload.closed_loop.round_trip_ms, off by default): each
@@ -70,8 +71,9 @@ def _probe(name: str) -> tuple[contextlib.AbstractContextManager[None], list[str
     """The patch a probe applies and the scenario settings it adds to every row."""
     if name == "baseline":
         return contextlib.nullcontext(), []
-    if name == "prefill-x1.3":
-        return _prefill_stretch(1.3), []
+    stretch = re.fullmatch(r"prefill-x(\d+(?:\.\d+)?)", name)
+    if stretch is not None:
+        return _prefill_stretch(float(stretch.group(1))), []
     if name == "prompt+13":
         return _longer_prompts(13), []
     m = re.fullmatch(r"rtt-(exp|uni)-(\d+(?:\.\d+)?)", name)

@@ -40,6 +40,7 @@ PARTS = {
     "oai_moe": (20, ["validation/oai_moe.py"]),
     # decode steps launched kernel by kernel beside their CUDA graph (--enforce-eager's cost; not fitted)
     "eager": (10, ["validation/eager.py"]),
+    "sustained": (15, ["validation/sustained.py"]),  # a minute of prefill GEMMs against their short-burst rate
     "engine": (230, ["validation/engine.py"]),  # 10 models: 5 prompts + ~45 decode points each, ~20 s a model
     "ceilings_end": (6, ["validation/ceilings.py", "--end"]),
 }
