@@ -37,7 +37,7 @@ from kvsim.cost.model import CostModel, decode_family
 from kvsim.errors import KvsimError
 from kvsim.fileio import load_data_file, write_atomic
 from kvsim.spec.hardware import HardwareSpec, load_hardware
-from kvsim.spec.quant import EXPERT_GEMMS, MXFP4_BITS, MXFP4_HOPPER_CURVE
+from kvsim.spec.quant import EXPERT_GEMMS, MXFP4_BITS, MXFP4_HOPPER_CURVE, W4A16_CURVE
 
 Sample = tuple[float, float, float, float]  # size, time_s, t_compute, t_memory
 MIN_EFFICIENCY = 1e-4  # a kernel whose time is all floor; keeps the curve strictly positive
@@ -176,14 +176,18 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
         FP32_GEMM_CURVE: [(float(r["m"]), float(r["n"]) * float(r["k"]) * 4, float(r["time_s"]),
                            float(r["flops"]) / fp32, float(r["bytes"]) / bw)
                           for r in rows("gemm.csv") if r["dtype"] == "fp32" and fp32],
-        # No W4A16 curve is fitted: 4-bit weights keep the labelled prior (kvsim/cost/model.py). gemm.csv
-        # times two W4A16 kernels, neither of them what vLLM runs: torch's tinygemm (dtype w4a16,
-        # torch._weight_int4pack_mm) levels off at 29.5 TFLOP/s on an H200, so a 1k-token gpt-oss-120b
-        # prefill cost 259 ms there when it was fitted; kvsim's Triton stand-in (dtype w4a16_dq,
-        # validation/kernels/w4a16.py: dequantized in registers before a bf16 MMA, Marlin's design) streams
-        # the weights at 35-45% of the H100's read ceiling at 1-16 rows (run h100-call8), where Marlin
-        # reports close to the ideal 4x over fp16 up to 16-32 rows (Frantar et al., arXiv 2408.11743), and
-        # reaches 315 TFLOP/s at 4k+ rows. Fitting either would price vLLM's kernels by slower ones.
+        # W4A16 in Marlin (validation/gemm.py --part marlin: IST-DASLab's kernel, the design of vLLM's Marlin
+        # kernels, which run AWQ checkpoints on every GPU and GPTQ / compressed-tensors ones before Hopper)
+        # against the bf16 ceiling (its fp16 MMA has the same peak), weights as it stores them. gemm.csv's
+        # other W4A16 rows time kernels vLLM does not run and are not fitted: torch's tinygemm (dtype w4a16)
+        # levels off at 29.5 TFLOP/s on an H200, so a 1k-token gpt-oss-120b prefill cost 259 ms there when it
+        # was fitted; kvsim's Triton stand-in (dtype w4a16_dq, validation/kernels/w4a16.py) streams the weights
+        # at 35-45% of the H100's read ceiling at 1-16 rows (run h100-call8). A profile without Marlin rows
+        # keeps the labelled prior (kvsim/cost/model.py).
+        # (a row's bytes: the weights as stored, then the fp16 rows in and out)
+        W4A16_CURVE: [(float(r["m"]), float(r["bytes"]) - 2 * float(r["m"]) * (float(r["n"]) + float(r["k"])),
+                       float(r["time_s"]), float(r["flops"]) / bf16, float(r["bytes"]) / bw)
+                      for r in rows("gemm.csv") if r["dtype"] == "w4a16_marlin"],
     }
 
     # routed experts: rows per touched expert x the touched experts' weight bytes as stored (scales
@@ -229,7 +233,7 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
     if grouped_mm:
         ops[GROUPED_MM_CURVE] = _fit_table(grouped_mm, 0.8)
     for name, samples in quantized.items():
-        if samples or name != FP32_GEMM_CURVE:  # fp32 rows only where a run measured routers
+        if samples or name not in (FP32_GEMM_CURVE, W4A16_CURVE):  # only where a run measured them
             used[f"gemm.csv ({name.split('.')[1]})"] = len(samples)
         if samples:
             ops[name] = _fit_table(samples, 0.8)

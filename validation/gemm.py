@@ -228,6 +228,112 @@ def run_w4a16(args, out, budget):
         torch.cuda.empty_cache()
 
 
+MARLIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vendor", "marlin")
+MARLIN_GROUP = 128  # one fp16 scale per 128 weights along K, symmetric (Marlin's grouped format, GPTQ/AWQ's usual)
+MARLIN_BITS = 4 + 16 / MARLIN_GROUP  # storage bits per weight, scale included (kvsim.spec.quant._int_bits)
+MARLIN_CHECK_N = 512  # output columns of the checked slice of each shape
+
+
+def load_marlin():
+    """IST-DASLab's Marlin (validation/fetch_marlin.py unpacks it into validation/vendor/marlin), compiled here
+    for this GPU's architecture; returns its Python package."""
+    import importlib
+
+    from torch.utils.cpp_extension import load
+
+    src = os.path.join(MARLIN_DIR, "marlin")
+    if not os.path.isdir(src):
+        raise SystemExit("validation/vendor/marlin is missing: run python3 validation/fetch_marlin.py and carry "
+                         "validation/vendor")
+    major, minor = torch.cuda.get_device_capability()
+    sys.modules["marlin_cuda"] = load(
+        "marlin_cuda", [os.path.join(src, "marlin_cuda.cpp"), os.path.join(src, "marlin_cuda_kernel.cu")],
+        extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"])
+    sys.path.insert(0, MARLIN_DIR)
+    return importlib.import_module("marlin")
+
+
+def marlin_check(mar, k: int) -> float:
+    """Relative error of Marlin against x @ W on fake-quantized weights ([k, MARLIN_CHECK_N], packed by its own
+    Layer.pack), at 1, 64 and 1,000 rows: the compiled kernel is right on this GPU at this K."""
+    n = MARLIN_CHECK_N
+    q = torch.randint(0, 16, (k, n), device="cuda")
+    scale = torch.rand(k // MARLIN_GROUP, n, device="cuda", dtype=torch.half) * 0.02 + 0.001
+    w = ((q - 8).half() * scale.repeat_interleave(MARLIN_GROUP, dim=0))  # [k, n]: exactly representable
+    linear = torch.nn.Linear(k, n, bias=False).half().cuda()
+    linear.weight.data = w.t().contiguous()
+    layer = mar.Layer(k, n, groupsize=MARLIN_GROUP).cuda()
+    layer.pack(linear.cpu(), scale.t().cpu())
+    worst = 0.0
+    for m in (1, 64, 1000):
+        x = torch.randn(m, k, device="cuda", dtype=torch.half)
+        out = layer(x)
+        ref = x.double() @ w.double()
+        worst = max(worst, ((out.double() - ref).norm() / ref.norm()).item())
+    return worst
+
+
+def marlin_point(m, n, k, label, csv, mar, packs):
+    """One Marlin GEMM (fp16 activations x 4-bit weights), weights rotated past the L2 as the bf16 rows are;
+    bytes = packed weights + one fp16 scale per group + rows in and out."""
+    from validation.common import bench, bench_events
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.half)
+    c = torch.empty(m, n, device="cuda", dtype=torch.half)
+    ws = torch.zeros(n // 128 * 16, dtype=torch.int, device="cuda")
+    fl = 2 * m * n * k
+    byts = int(n * k * MARLIN_BITS / 8) + m * k * 2 + m * n * 2
+    def call(i):
+        mar.mul(x, packs[i % len(packs)][0], c, packs[i % len(packs)][1], ws)
+
+    try:  # CUDA-graph replays, as every GEMM here is timed
+        t = bench(call, indexed=True, flush=False,
+                  rep_ms=max(6.0, min(40.0, (max(fl / 600e12, byts / 2.5e12) + 5e-6) * 1e4)))[0]
+    except RuntimeError as err:  # Marlin's launcher sets kernel attributes per call; should capture refuse it
+        log(f"marlin {m}x{n}x{k}: no CUDA graph ({str(err)[:80]}); timed call by call with events")
+        state = {"i": 0}
+
+        def rotate():
+            call(state["i"])
+            state["i"] += 1
+        t = bench_events(rotate, iters=20)[0]
+    csv.row(dtype="w4a16_marlin", m=m, n=n, k=k, time_s=t, flops=fl, bytes=byts, layer=label)
+    return t
+
+
+def run_marlin(args, out, budget):
+    """W4A16 GEMMs in Marlin at every layer shape it takes (K a multiple of 128, N of 256): the rows kvsim
+    calibrate fits as gemm.w4a16."""
+    csv = CsvOut(os.path.join(out, "gemm.csv"), ["dtype", "m", "n", "k", "time_s", "flops", "bytes", "layer"])
+    mar = load_marlin()
+    log(f"marlin: compiled ({open(os.path.join(MARLIN_DIR, 'COMMIT')).read().strip()[:10]})")
+    shapes = [s for s in SHAPES if s[1] % MARLIN_GROUP == 0 and s[0] % 256 == 0]
+    ms = MS_QUICK if args.quick else W4A16_MS
+    checked: dict[int, float] = {}
+    for (n, k, label) in shapes[:3] if args.quick else shapes:
+        if not budget.ok(4):
+            log("marlin: budget spent")
+            return
+        if k not in checked:
+            checked[k] = guarded(f"marlin check k{k}", marlin_check, mar, k) or float("inf")
+            log(f"marlin check k{k}: rel error {checked[k]:.2e}")
+        if not checked[k] < 5e-3:  # fp16 output rounding is ~5e-4; a wrong layout gives ~1
+            log(f"[WARN] marlin {label}: the check at K {k} failed, not timed")
+            continue
+        copies = int(min(8, max(1, (256 * 2**20) // int(n * k * MARLIN_BITS / 8))))
+        packs = [(torch.randint(-2**31, 2**31 - 1, (k // 16, n * 16 // 8), dtype=torch.int, device="cuda"),
+                  torch.rand(k // MARLIN_GROUP, n, device="cuda", dtype=torch.half) * 0.02) for _ in range(copies)]
+        for m in ms:
+            if not budget.ok(2):
+                break
+            t = guarded(f"gemm marlin {m}x{n}x{k}", marlin_point, m, n, k, label, csv, mar, packs)
+            if t is not None and m in (1, 16, 256, 4096, 16384):
+                log(f"gemm {label} marlin m{m}: {t*1e6:.1f} us {2*m*n*k/t/1e12:.1f} TF/s "
+                    f"{(n*k*MARLIN_BITS/8 + m*k*2 + m*n*2)/t/1e12:.2f} TB/s")
+        del packs
+        torch.cuda.empty_cache()
+
+
 # Routed-expert GEMMs as the engine runs them (torch._grouped_mm over [E, K, N] weights, rows sorted by
 # expert): (experts, top_k, N, K, label) from each MoE model's config.json (gate_up fused, then down).
 GROUPED = [
@@ -478,7 +584,7 @@ def run_elementwise(args, out, budget):
 def main():
     ap = part_args(120)
     ap.add_argument("--part", default="gemm",
-                    choices=["gemm", "w4a16", "grouped", "fused_moe", "elementwise", "fp32_router"])
+                    choices=["gemm", "w4a16", "marlin", "grouped", "fused_moe", "elementwise", "fp32_router"])
     ap.add_argument("--layers", default="", help="fused_moe: comma-separated FUSED_MOE labels, only these")
     ap.add_argument("--ops", default="", help="elementwise: comma-separated ops, only these (e.g. fp8_group_quant)")
     ap.add_argument("--tilings", default="best", choices=["best", "vllm"],
@@ -488,7 +594,7 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     b = Budget(a.budget_s)
     torch.manual_seed(0)
-    {"gemm": run_gemm, "w4a16": run_w4a16, "grouped": run_grouped, "fused_moe": run_fused_moe,
+    {"gemm": run_gemm, "w4a16": run_w4a16, "marlin": run_marlin, "grouped": run_grouped, "fused_moe": run_fused_moe,
      "elementwise": run_elementwise, "fp32_router": run_fp32_router}[a.part](a, a.out, b)
 
 

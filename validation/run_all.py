@@ -31,6 +31,8 @@ PARTS = {
     "prefill": (15, ["validation/kernels/bench_attention.py", "--path", "prefill"]),
     "gemm": (80, ["validation/gemm.py", "--part", "gemm"]),  # bf16, fp8 (W8A8) and W4A16 over 31 layer shapes
     "w4a16": (40, ["validation/gemm.py", "--part", "w4a16"]),  # W4A16 dequantized in registers (kernels/w4a16.py)
+    # W4A16 in IST-DASLab's Marlin, compiled on the device (validation/fetch_marlin.py; carry validation/vendor)
+    "marlin": (30, ["validation/gemm.py", "--part", "marlin"]),
     "grouped": (25, ["validation/gemm.py", "--part", "grouped"]),  # routed-expert grouped GEMMs, 6 shapes x 14
     # vLLM-style Triton fused-MoE GEMMs, bf16 / FP8 / FP8 blocks, 12 shapes x 14 token counts x 13 tilings
     "fused_moe": (60, ["validation/gemm.py", "--part", "fused_moe"]),

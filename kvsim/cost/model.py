@@ -28,7 +28,7 @@ from kvsim.spec.hardware import HardwareSpec
 from kvsim.spec.linears import check_tp, head_linears, kv_heads_per_rank, layer_linears, padded_expert
 from kvsim.spec.model import ModelSpec
 from kvsim.spec.parallel import SINGLE, Parallel, expert_shard, gathers_tokens, max_rank_load
-from kvsim.spec.quant import EXPERT_GEMMS, FP8_ACTIVATION_GROUP, expert_width_align, weight_kernel
+from kvsim.spec.quant import EXPERT_GEMMS, FP8_ACTIVATION_GROUP, W4A16_CURVE, expert_width_align, weight_kernel
 
 NO_CAP = -1  # cap key meaning "the whole context"
 DEQUANT_FLOPS_PER_ELEMENT = 4  # unpack, convert, multiply by scale, add zero point
@@ -371,7 +371,7 @@ class CostModel:
                                + (f", plus {DEQUANT_FLOPS_PER_ELEMENT} dequantization FLOPs per weight per "
                                   f"{DEQUANT_ROWS_PER_PASS} rows at the FP32 rate" if k_.dequant else "")
                                + (" (a labelled prior: the W4A16 kernels validation/gemm.py times are slower than"
-                                  " vLLM's and not fitted, kvsim/calibrate.py)" if k_.curve == "gemm.w4a16" else
+                                  " vLLM's and not fitted, kvsim/calibrate.py)" if k_.curve == W4A16_CURVE else
                                   " (a labelled prior, not a measurement; validation/gemm.py measures it)"),)
         routed_curves = {r[9] for r in rows if r[11]}
         # an imported MoE table times vLLM's whole routed-expert layer (top-k, alignment, activation

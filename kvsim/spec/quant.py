@@ -71,7 +71,9 @@ GemmPath = Literal["bf16", "fp8", "int8", "w8a16", "w4a16"]
 # The calibration curve of each quantized path (a profile may carry them; kvsim/cost/calibration.py), and
 # of the routed experts' grouped GEMM where it has its own kernel (vLLM's fused-MoE with FP8 scales per
 # tensor or per 128x128 block: validation/kernels/fused_moe.py measures both).
-GEMM_PATH_CURVES = ("gemm.fp8", "gemm.int8", "gemm.w8a16", "gemm.w4a16")
+# W4A16 GEMMs (Marlin: validation/gemm.py --part marlin; kvsim/calibrate.py fits it)
+W4A16_CURVE = "gemm.w4a16"
+GEMM_PATH_CURVES = ("gemm.fp8", "gemm.int8", "gemm.w8a16", W4A16_CURVE)
 # Block-FP8 checkpoints (DeepSeek-V3, Qwen3-FP8, MiniMax-M2.5: weight_block_size [128, 128]) scale their
 # activations per 1 x 128 group along K, the weight block's width (vLLM per_token_group_quant_fp8)
 FP8_ACTIVATION_GROUP = 128
@@ -144,7 +146,7 @@ def weight_kernel(model: ModelSpec, hw: HardwareSpec, file: str | None = None) -
         note = (f"{p.upper()} on Blackwell runs on FP4 tensor cores, but the catalogue has no FP4 peak: priced as "
                 "the W4A16 path (an upper bound)")
     elif p == "mxfp4" and hw.family == "hopper":
-        return WeightKernel("w4a16", "bf16", True, "gemm.w4a16", f"{hw.display_name} has no FP4 tensor cores: vLLM "
+        return WeightKernel("w4a16", "bf16", True, W4A16_CURVE, f"{hw.display_name} has no FP4 tensor cores: vLLM "
                             "runs MXFP4 experts in OpenAI's Triton matmul_ogs, upcasting the weights to bf16 in the "
                             "kernel (Mxfp4Backend.TRITON, quantization/mxfp4.py)", MXFP4_HOPPER_CURVE, True)
     elif p in ("mxfp4", "nvfp4"):
@@ -152,7 +154,10 @@ def weight_kernel(model: ModelSpec, hw: HardwareSpec, file: str | None = None) -
                 "(Marlin, quantization/utils/marlin_utils_fp4.py)")
     else:
         note = "W4A16: 4-bit weights dequantized to bf16 in the GEMM (Marlin)"
-    return WeightKernel("w4a16", "bf16", True, "gemm.w4a16", note)
+        if hw.family == "hopper":  # vLLM 0.12 quantization/kernels/mixed_precision/__init__.py, machete.py
+            note += ("; on Hopper vLLM runs GPTQ and compressed-tensors checkpoints in Machete (CUTLASS; it precedes "
+                     "Marlin in vLLM's kernel choice) and AWQ ones in Marlin: both priced on Marlin's curve")
+    return WeightKernel("w4a16", "bf16", True, W4A16_CURVE, note)
 
 
 # ---------------------------------------------------------------- HF quantization_config
