@@ -21,6 +21,13 @@ COMMIT = "2f6d7c10e124b3c5fa29ff8d77d568bd7af3274c"  # the repository's head, 20
 URL = f"https://github.com/IST-DASLab/marlin/archive/{COMMIT}.tar.gz"
 FILES = ("LICENSE", "marlin/__init__.py", "marlin/marlin_cuda.cpp", "marlin/marlin_cuda_kernel.cu")
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vendor", "marlin")
+# CUDA 13's ptxas drops the createpolicy that Marlin's L2 evict-first hint on the weight loads needs and
+# the kernel traps with an illegal instruction on sm_90 (IST-DASLab/marlin issue 44; issue 40's fix, seen
+# here on an H100 with nvcc 13.0, run h100-call19): the weights are loaded with a plain cp.async.cg.
+HINTED = ('"   .reg .b64 p;\\n"\n'
+          '    "   createpolicy.fractional.L2::evict_first.b64 p, 1.0;"\n'
+          '    "   cp.async.cg.shared.global.L2::cache_hint [%0], [%1], %2, p;\\n"')
+PLAIN = '"   cp.async.cg.shared.global [%0], [%1], %2;\\n"'
 
 
 def main() -> None:
@@ -44,10 +51,16 @@ def main() -> None:
                     raise SystemExit(f"{prefix + name}: not in the archive")
                 dest = os.path.join(staged, name)
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
+                data = member.read()
+                if name.endswith(".cu"):
+                    text = data.decode()
+                    if text.count(HINTED) != 1:
+                        raise SystemExit(f"{name}: the hinted weight load to patch is not there once")
+                    data = text.replace(HINTED, PLAIN).encode()
                 with open(dest, "wb") as f:
-                    f.write(member.read())
+                    f.write(data)
         with open(os.path.join(staged, "COMMIT"), "w") as f:
-            f.write(COMMIT + "\n")
+            f.write(COMMIT + " (weight loads without the L2 hint: fetch_marlin.py)\n")
         shutil.rmtree(OUT, ignore_errors=True)
         shutil.move(staged, OUT)
     print(f"Marlin {COMMIT[:10]} -> {OUT}")
