@@ -318,7 +318,9 @@ def run_marlin(args, out, budget):
         if k not in checked:
             checked[k] = guarded(f"marlin check k{k}", marlin_check, mar, k) or float("inf")
             log(f"marlin check k{k}: rel error {checked[k]:.2e}")
-        if not checked[k] < 5e-3:  # fp16 output rounding is ~5e-4; a wrong layout gives ~1
+        # Marlin sums the thread blocks' partial results through C in fp16, so its error grows with K:
+        # 8e-4 at 4,096 to 1.6e-2 at 53,248 (run h100-call20); a wrong layout or tile gives ~1
+        if not checked[k] < 5e-2:
             log(f"[WARN] marlin {label}: the check at K {k} failed, not timed")
             continue
         copies = int(min(8, max(1, (256 * 2**20) // int(n * k * MARLIN_BITS / 8))))
