@@ -44,6 +44,15 @@ MS_FULL = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
 MS_QUICK = [1, 16, 128, 1024]
 
 
+LOGGED_MS = (1, 16, 256, 4096, 16384)  # the row counts a run prints (every row goes to the CSV)
+
+
+def log_gemm(label, what, m, n, k, t, nbytes):
+    """One printed line for a timed GEMM (t None: it failed, already logged)."""
+    if t is not None:
+        log(f"gemm {label} {what} m{m}: {t*1e6:.1f} us {2*m*n*k/t/1e12:.1f} TF/s {nbytes/t/1e12:.2f} TB/s")
+
+
 def make_weights(n, k):
     wbytes = n * k * 2
     nw = int(min(8, max(1, (256 * 2**20) // max(wbytes, 1))))  # rotate weights past the L2
@@ -158,9 +167,8 @@ def run_gemm(args, out, budget):
                     if mm in ms:
                         continue
                 t = guarded(f"gemm {dtype} {mm}x{n}x{k}", gemm_point, dtype, mm, n, k, label, csv, ws)
-                if t is not None and m in (1, 16, 256, 4096, 16384):
-                    log(f"gemm {label} {dtype} m{mm}: {t*1e6:.1f} us {2*mm*n*k/t/1e12:.1f} TF/s "
-                        f"{((mm*k+n*k)*(1 if dtype=='fp8' else 2)+mm*n*2)/t/1e12:.2f} TB/s")
+                if m in LOGGED_MS:
+                    log_gemm(label, dtype, mm, n, k, t, (mm * k + n * k) * (1 if dtype == "fp8" else 2) + mm * n * 2)
         del w
         q4 = guarded("w4a16 weights", make_w4a16, n, k) if k % (16 * W4A16_INNER_K_TILES) == 0 else None
         for m in ms if q4 is not None else ():
@@ -330,9 +338,8 @@ def run_marlin(args, out, budget):
             if not budget.ok(2):
                 break
             t = guarded(f"gemm marlin {m}x{n}x{k}", marlin_point, m, n, k, label, csv, mar, packs)
-            if t is not None and m in (1, 16, 256, 4096, 16384):
-                log(f"gemm {label} marlin m{m}: {t*1e6:.1f} us {2*m*n*k/t/1e12:.1f} TF/s "
-                    f"{(n*k*MARLIN_BITS/8 + m*k*2 + m*n*2)/t/1e12:.2f} TB/s")
+            if m in LOGGED_MS:
+                log_gemm(label, "marlin", m, n, k, t, n * k * MARLIN_BITS / 8 + m * k * 2 + m * n * 2)
         del packs
         torch.cuda.empty_cache()
 
