@@ -110,7 +110,8 @@ def sustain(kind: str, body, work: float, seconds: float, read, writer) -> None:
 def summarize(path: str) -> None:
     import statistics
 
-    rows = list(csv.DictReader(open(path)))
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
     print(f"{'kind':5} {'burst':>8} {'first':>8} {'2nd half':>8} {'min':>8} {'2nd/burst':>9} {'sm MHz (min/med)':>16} "
           f"{'power W':>8} {'temp C':>7}  events")
     for kind in dict.fromkeys(r["kind"] for r in rows):
