@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, shared_file
+from conftest import ROOT, SHARED_DATA, shared_file
 
 from kvsim.errors import KvsimError
 from kvsim.kv import layout_for
@@ -25,13 +25,24 @@ def test_catalogue_has_every_required_model() -> None:
     assert set(REQUIRED) <= set(model_names())
 
 
+def _builder():
+    """scripts/build_model_catalogue.py, whose config_path looks in models/configs/ before ../shared."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_model_catalogue",
+                                                  ROOT / "scripts" / "build_model_catalogue.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("name", model_names())
 def test_yaml_matches_its_config_json(name: str) -> None:
     """Each YAML cites a config.json; re-importing that config gives the same spec."""
     data = yaml.safe_load((ROOT / "models" / f"{name}.yaml").read_text())
-    vendored = ROOT / "models" / "configs" / data["source"]["config"]  # models/configs/README.md
-    path = vendored if vendored.is_file() else shared_file("model_configs", data["source"]["config"])
-    config = json.loads(path.read_text())
+    file = data["source"]["config"]
+    path = _builder().config_path(file, SHARED_DATA / "model_configs")
+    config = json.loads((path if path.is_file() else shared_file("model_configs", file)).read_text())  # skips
     fresh = model_from_hf_config(config, name=name, config_file=data["source"]["config"],
                                  hf_repo=data["source"]["hf_repo"])
     fresh["source"] = data["source"]

@@ -53,9 +53,14 @@ def log_gemm(label, what, m, n, k, t, nbytes):
         log(f"gemm {label} {what} m{m}: {t*1e6:.1f} us {2*m*n*k/t/1e12:.1f} TF/s {nbytes/t/1e12:.2f} TB/s")
 
 
+def weight_copies(wbytes) -> int:
+    """Copies of a weight matrix to call in turn so each call reads it from HBM, not the L2 (up to 8,
+    256 MiB in all)."""
+    return int(min(8, max(1, (256 * 2**20) // max(int(wbytes), 1))))
+
+
 def make_weights(n, k):
-    wbytes = n * k * 2
-    nw = int(min(8, max(1, (256 * 2**20) // max(wbytes, 1))))  # rotate weights past the L2
+    nw = weight_copies(n * k * 2)
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(nw)]
     return ws, [w.to(torch.float8_e4m3fn) for w in ws]
 
@@ -134,7 +139,7 @@ def run_fp32_router(args, out, budget):
     torch.backends.cuda.matmul.allow_tf32 = False  # torch's default, stated: the kernel vLLM's fp32 gate runs
     csv = CsvOut(os.path.join(out, "gemm.csv"), ["dtype", "m", "n", "k", "time_s", "flops", "bytes", "layer"])
     for (n, k, label) in ROUTER_SHAPES[:1] if args.quick else ROUTER_SHAPES:
-        nw = int(min(8, max(1, (256 * 2**20) // (n * k * 4))))
+        nw = weight_copies(n * k * 4)
         ws = [torch.randn(n, k, device="cuda", dtype=torch.float32) for _ in range(nw)]
         for m in MS_QUICK if args.quick else MS_FULL:
             if not budget.ok(2):
@@ -331,7 +336,7 @@ def run_marlin(args, out, budget):
         if not checked[k] < 5e-2:
             log(f"[WARN] marlin {label}: the check at K {k} failed, not timed")
             continue
-        copies = int(min(8, max(1, (256 * 2**20) // int(n * k * MARLIN_BITS / 8))))
+        copies = weight_copies(n * k * MARLIN_BITS / 8)
         packs = [(torch.randint(-2**31, 2**31 - 1, (k // 16, n * 16 // 8), dtype=torch.int, device="cuda"),
                   torch.rand(k // MARLIN_GROUP, n, device="cuda", dtype=torch.half) * 0.02) for _ in range(copies)]
         for m in ms:
