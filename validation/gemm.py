@@ -315,6 +315,17 @@ def marlin_point(m, n, k, label, csv, mar, packs):
     return t
 
 
+def only_layers(args, shapes: list, label_of) -> list:
+    """--layers: a call that completes an earlier one measures only the shapes it lacks."""
+    if not args.layers:
+        return shapes
+    wanted = args.layers.split(",")
+    unknown = sorted(set(wanted) - {label_of(s) for s in shapes})
+    if unknown:
+        raise SystemExit(f"--layers: unknown layer(s) {unknown} for --part {args.part}")
+    return [s for s in shapes if label_of(s) in wanted]
+
+
 def run_marlin(args, out, budget):
     """W4A16 GEMMs in Marlin at every layer shape it takes (K a multiple of 128, N of 256): the rows kvsim
     calibrate fits as gemm.w4a16."""
@@ -322,9 +333,10 @@ def run_marlin(args, out, budget):
     mar = load_marlin()
     log(f"marlin: compiled ({open(os.path.join(MARLIN_DIR, 'COMMIT')).read().strip()[:10]})")
     shapes = [s for s in SHAPES if s[1] % MARLIN_GROUP == 0 and s[0] % 256 == 0]
+    shapes = only_layers(args, shapes[:3] if args.quick else shapes, lambda s: s[2])
     ms = MS_QUICK if args.quick else W4A16_MS
     checked: dict[int, float] = {}
-    for (n, k, label) in shapes[:3] if args.quick else shapes:
+    for (n, k, label) in shapes:
         if not budget.ok(4):
             log("marlin: budget spent")
             return
@@ -541,13 +553,7 @@ def run_fused_moe(args, out, budget):
     csv = CsvOut(os.path.join(out, "fused_moe.csv"),
                  ["mode", "experts", "top_k", "tokens", "active_experts", "n", "k", "time_s", "flops", "bytes",
                   "rel_error", "layer", "params"])
-    shapes = FUSED_MOE[:1] if args.quick else FUSED_MOE
-    if args.layers:  # a call that completes an earlier one measures only the shapes it lacks
-        wanted = args.layers.split(",")
-        unknown = sorted(set(wanted) - {s[4] for s in FUSED_MOE})
-        if unknown:
-            raise SystemExit(f"--layers: unknown fused-MoE layer(s) {unknown}")
-        shapes = [s for s in FUSED_MOE if s[4] in wanted]
+    shapes = only_layers(args, FUSED_MOE[:1] if args.quick else FUSED_MOE, lambda s: s[4])
     table = vt.load_table() if args.tilings == "vllm" else None
     measure_fused_moe(shapes, [1, 64] if args.quick else GROUPED_TOKENS, csv, budget, table)
     if table is not None:
@@ -600,7 +606,7 @@ def main():
     ap = part_args(120)
     ap.add_argument("--part", default="gemm",
                     choices=["gemm", "w4a16", "marlin", "grouped", "fused_moe", "elementwise", "fp32_router"])
-    ap.add_argument("--layers", default="", help="fused_moe: comma-separated FUSED_MOE labels, only these")
+    ap.add_argument("--layers", default="", help="fused_moe, marlin: comma-separated layer labels, only these")
     ap.add_argument("--ops", default="", help="elementwise: comma-separated ops, only these (e.g. fp8_group_quant)")
     ap.add_argument("--tilings", default="best", choices=["best", "vllm"],
                     help="fused_moe: the fastest of MOE_CONFIGS (best), or that beside vLLM's own choice (vllm: "
