@@ -241,3 +241,23 @@ def test_host_step_adds_without_async_scheduling_and_hides_with_it() -> None:
     assert new.total_s == pytest.approx(max(kernels, new.breakdown["host.step"]), rel=1e-12) == pytest.approx(kernels)
     with pytest.raises(KvsimError, match="0.13"):
         vllm_host_step("0.13.0")
+
+
+def test_async_scheduling_as_set_overrides_the_versions_default() -> None:
+    """`--async-scheduling` on vLLM 0.12 hides the engine loop behind the GPU's step (its prior CPU time,
+    overlapped), off on 0.19 adds the fitted time between steps; 0.13 runs once the flag is given, and
+    the V0 engine of 0.6.x, which has no such flag, refuses it."""
+    from kvsim.cost.execution import HOST_FIXED_S, sync_host_fit, vllm_host_step
+    from kvsim.errors import KvsimError
+
+    fit = sync_host_fit()
+    assert fit is not None
+    on = vllm_host_step("0.12.0", True)
+    assert on.overlapped and on.fixed_s == HOST_FIXED_S and on.source.endswith("overlaps the GPU (as set)")
+    off = vllm_host_step("0.19", False)
+    assert not off.overlapped and off.fixed_s == fit.fixed_s and off.source.endswith("(as set)")
+    assert vllm_host_step("0.13.0", True).overlapped and not vllm_host_step("0.13.0", False).overlapped
+    assert not vllm_host_step("0.6.5", False).overlapped
+    with pytest.raises(KvsimError, match="no --async-scheduling") as err:
+        vllm_host_step("0.6.5", True)
+    assert err.value.field == "async_scheduling"

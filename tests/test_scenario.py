@@ -55,6 +55,18 @@ def test_a_default_budget_below_the_given_sequences_is_refused(tmp_path: Path) -
     assert (err.value.field, err.value.value, err.value.file) == ("engine.max_num_batched_tokens", 2048, str(f))
 
 
+def test_async_scheduling_on_an_engine_without_it_names_field_and_file(tmp_path: Path) -> None:
+    """engine.async_scheduling on vLLM 0.6.5 (the V0 engine, no --async-scheduling): one line naming the
+    field, the value and the file; on 0.12 it runs."""
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({**BASE, "engine": {"vllm_version": "0.6.5", "async_scheduling": True}}))
+    with pytest.raises(KvsimError) as err:
+        run_scenario(load_scenario(f, []))
+    assert (err.value.field, err.value.value, err.value.file) == ("engine.async_scheduling", True, str(f))
+    assert deployment(scenario_from_dict({**BASE, "engine": {"vllm_version": "0.12.0", "async_scheduling": True}},
+                                         "x.yaml")).cost.execution.host.overlapped
+
+
 @pytest.mark.parametrize("raw, field", [
     ({**BASE, "modle": "x"}, "modle"),
     ({**BASE, "engine": {"max_num_seq": 4}}, "engine.max_num_seq"),

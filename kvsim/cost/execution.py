@@ -66,17 +66,28 @@ class HostStep:
         return self.fixed_s + self.per_sequence_s * sequences
 
 
-def vllm_host_step(vllm_version: str) -> HostStep:
-    """The host time of a vLLM version's engine step, with its default scheduling mode."""
+# vLLM's V1 engine (0.11+ as kvsim models it; vllm/config/scheduler.py ``async_scheduling`` in the 0.11.0
+# and 0.12.0 wheels) takes ``--async-scheduling``; the V0 engine of 0.6.x has no such flag.
+ASYNC_FLAG_FROM = (0, 11, 0)
+
+
+def vllm_host_step(vllm_version: str, async_scheduling: bool | None = None) -> HostStep:
+    """The host time of a vLLM version's engine step: with ``--async-scheduling`` as given
+    (``async_scheduling``), else the version's default scheduling mode."""
     from kvsim.memory import default_vllm_version, parse_version
 
     version = vllm_version or default_vllm_version()
     v = parse_version(version)
-    if SYNC_UNTIL <= v < ASYNC_FROM:
+    if async_scheduling and v < ASYNC_FLAG_FROM:
+        raise KvsimError(f"vLLM {version} has no --async-scheduling (its V1 engine, 0.11+ in kvsim, has)",
+                         field="async_scheduling", value=async_scheduling)
+    if async_scheduling is None and SYNC_UNTIL <= v < ASYNC_FROM:
         raise KvsimError("whether async scheduling is on by default in vLLM 0.13 is not modelled (off up to 0.12, "
-                         "on from 0.14; kvsim/cost/execution.py)", field="vllm_version", value=version)
-    overlapped = v >= ASYNC_FROM
+                         "on from 0.14; kvsim/cost/execution.py): set engine.async_scheduling",
+                         field="vllm_version", value=version)
+    overlapped = v >= ASYNC_FROM if async_scheduling is None else async_scheduling
     mode = "async scheduling: overlaps the GPU" if overlapped else "no async scheduling: adds to the GPU time"
+    mode += "" if async_scheduling is None else " (as set)"
     fit = None if overlapped else sync_host_fit()
     if fit is None:
         return HostStep(HOST_FIXED_S, HOST_PER_SEQUENCE_S, overlapped, f"{HOST_SOURCE}; vLLM {version}, {mode}")
@@ -139,10 +150,10 @@ def vllm_graph_sizes(max_num_seqs: int, max_num_batched_tokens: int,
 
 def vllm_execution(hw: HardwareSpec, tp: int, max_num_seqs: int, max_num_batched_tokens: int,
                    vllm_version: str, capture_sizes: Sequence[int] | None = None,
-                   enforce_eager: bool = False) -> Execution:
+                   enforce_eager: bool = False, async_scheduling: bool | None = None) -> Execution:
     """vLLM's execution of a TP group of ``hw`` GPUs with these scheduler limits (``vllm_version``
     "": the default modelled version; ``capture_sizes``: ``--cudagraph-capture-sizes``, None for
     vLLM's default list; ``enforce_eager``: ``--enforce-eager``, which captures no graph, so no step is
-    padded)."""
+    padded; ``async_scheduling``: ``--async-scheduling`` on or off, None for the version's default)."""
     sizes = () if enforce_eager else vllm_graph_sizes(max_num_seqs, max_num_batched_tokens, capture_sizes)
-    return Execution(vllm_allreduce(hw, tp), sizes, vllm_host_step(vllm_version), enforce_eager)
+    return Execution(vllm_allreduce(hw, tp), sizes, vllm_host_step(vllm_version, async_scheduling), enforce_eager)

@@ -95,10 +95,11 @@ def deployment(scenario: Scenario, side: str | None = None) -> Deployment:
                              field="engine.data_parallel_size", value=e.data_parallel_size, file=file)
         plan = plan_memory(model, hardware, layout, tp, memory, par)
         execution = vllm_execution(hardware, tp, limits.max_num_seqs, limits.max_num_batched_tokens,
-                                   e.vllm_version or "", e.cudagraph_capture_sizes, e.enforce_eager)
+                                   e.vllm_version or "", e.cudagraph_capture_sizes, e.enforce_eager,
+                                   e.async_scheduling)
     except KvsimError as err:
         engine_key = err.field in ("vllm_version", "cuda_graph_gib", "gpu_memory_utilization", "data_parallel_size",
-                                   "expert_parallel", "max_model_len", "max_num_batched_tokens")
+                                   "expert_parallel", "max_model_len", "max_num_batched_tokens", "async_scheduling")
         side_key = f"disaggregation.{side}.{err.field}" if side and err.field in ("hardware", "tp") else None
         raise _with_file(err, file, f"engine.{err.field}" if engine_key else side_key) from None
     cal = spec.calibration
