@@ -50,7 +50,24 @@ FP4_LABEL = "fp4+nvfp4+nvfp4"
 # ships (model_configs/<org>--<name>_config.json: e.g. Qwen/Qwen3-235B-A22B-FP8, quantization_config fp8
 # with weight_block_size [128, 128], which vLLM serves with block-scaled kernels whatever the row's label);
 # an FP8_WEIGHTS row of a 16-bit checkpoint is FP8 quantized on load (per-tensor scales).
-FP8_BLOCK_LABELS = ("fp8+fp8_block+fp8_block", "fp8+fp8+fp8_block")
+FP8_BLOCK_LABELS = ("fp8+fp8_block+fp8_block", "fp8+fp8+fp8_block", "fp8+fp8_block")
+# 4-bit integer weights, 16-bit activations (aiconfigurator's GEMMQuantMode int4_wo, "w4a16": an AWQ or
+# GPTQ checkpoint of a dense model): the scenario's weights int4 (kvsim.spec.quant: vLLM's Marlin W4A16)
+INT4_LABEL = "int4+int4_wo"
+# Optional column: the run's `vllm serve` flags other than the model and its parallelism (tp_size,
+# moe_ep_size and attention_dp_size hold those), as the source printed them. Each flag kvsim models
+# becomes the scenario's engine setting of that name (value flags take the next word, parsed as the
+# type; switches set True), overriding the deployment's; a row with any other flag is counted as not
+# expressible, never run without it.
+SERVE_FLAGS_COLUMN = "serve_flags"
+SERVE_FLAGS: dict[str, tuple[str, type]] = {
+    "--async-scheduling": ("async_scheduling", bool),
+    "--enforce-eager": ("enforce_eager", bool),
+    "--max-num-batched-tokens": ("max_num_batched_tokens", int),
+    "--max-num-seqs": ("max_num_seqs", int),
+    "--max-model-len": ("max_model_len", int),
+    "--gpu-memory-utilization": ("gpu_memory_utilization", float),
+}
 
 
 @dataclass(frozen=True)
@@ -196,6 +213,14 @@ class Row:
     # requests the client sent, where the row records it (optional column num_requests, e.g. `vllm bench
     # serve --num-prompts`); None: the deployment's requests per client x concurrency
     num_requests: int | None = None
+    serve_flags: str = ""  # the run's `vllm serve` flags (SERVE_FLAGS_COLUMN), "" where not recorded
+
+    @property
+    def engine_flags(self) -> dict:
+        """The scenario engine settings of the row's serve flags (serve_flag_settings; {} where the
+        row records none)."""
+        settings = serve_flag_settings(self.serve_flags)
+        return settings if isinstance(settings, dict) else {}
 
     def requests(self, deployment: Deployment) -> int:
         """Requests the run sends: the row's own count, else the deployment's."""
@@ -282,7 +307,8 @@ def read_rows(path: Path) -> list[Row]:
                       "disaggregated prefill and decode workers (mode=disagg)" if disagg else ", ".join(unknown),
                       max(dp, 1), moe_tp, moe_ep,
                       _measured_day(measured.group(1), i, path) if measured else None,
-                      int(r["num_requests"]) if r.get("num_requests") else None)
+                      int(r["num_requests"]) if r.get("num_requests") else None,
+                      (r.get(SERVE_FLAGS_COLUMN) or "").strip())
         except (TypeError, ValueError, KeyError) as err:
             raise KvsimError(f"line {i}: malformed value ({type(err).__name__}: {err})", file=str(path)) from None
         if min(row.isl, row.osl, row.concurrency, row.tp, row.num_requests or 1) < 1 or not (0 < row.ttft_ms < math.inf
@@ -293,6 +319,30 @@ def read_rows(path: Path) -> list[Row]:
     if not rows:
         raise KvsimError("no measurement rows", file=str(path))
     return rows
+
+
+def serve_flag_settings(flags: str) -> dict | str:
+    """The engine settings of ``vllm serve`` flags (SERVE_FLAGS), or why kvsim cannot run them: a flag
+    it does not model, a value flag without its value, or a value of the wrong type."""
+    words = flags.split()
+    out: dict = {}
+    i = 0
+    while i < len(words):
+        flag, _, inline = words[i].partition("=")
+        if flag not in SERVE_FLAGS:
+            return f"serve flag {flag}: kvsim does not model it"
+        key, kind = SERVE_FLAGS[flag]
+        if kind is bool:
+            out[key] = True
+            i += 1
+            continue
+        value = inline or (words[i + 1] if i + 1 < len(words) else "")
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            return f"serve flag {flag}: value {value!r} is not a {kind.__name__}"
+        i += 1 if inline else 2
+    return out
 
 
 def _measured_day(text: str, line: int, path: Path) -> datetime.date:
@@ -312,10 +362,11 @@ def _catalogue_models() -> dict[str, str]:
     for name in model_names():
         repo = load_model(name).source.split(" ")[0].lower()
         out[repo] = name
-        # an -Instruct or -FP8 release has its base model's architecture (the same config.json
-        # shapes); only the weights' values (and, for -FP8, their precision: the row's) differ
+        # an -Instruct, -FP8 or -AWQ release has its base model's architecture (the same config.json
+        # shapes); only the weights' values (and, for -FP8 and -AWQ, their precision: the row's) differ
         out.setdefault(f"{repo}-instruct", name)
         out.setdefault(f"{repo}-fp8", name)
+        out.setdefault(f"{repo}-awq", name)
         # NVIDIA's ModelOpt FP8 releases of a model (e.g. nvidia/Llama-3.1-8B-Instruct-FP8: the same
         # config.json shapes plus a quantization_config)
         base = repo.split("/", 1)[-1]
@@ -330,20 +381,44 @@ def _catalogue_models() -> dict[str, str]:
             for release in ("instruct-2507", "thinking-2507"):
                 out.setdefault(f"{repo}-{release}", name)
                 out.setdefault(f"{repo}-{release}-fp8", name)
+        if repo == "deepseek-ai/deepseek-r1":  # its 0528 update (STAND_INS)
+            out.setdefault(f"{repo}-0528", name)
     return out
+
+
+# Releases whose config.json aiconfigurator-core does not ship, and the shipped release that stands for
+# it (same shapes and the same quantization):
+# - Qwen's 2507 releases of Qwen3 keep their base model's shapes (_catalogue_models); Qwen's FP8 releases
+#   of Qwen3 quantize in 128x128 blocks (the shipped Qwen3-235B-A22B-FP8 and Qwen3-32B-FP8 configs:
+#   quantization_config fp8, weight_block_size [128, 128]);
+# - DeepSeek-R1-0528 is "Incremental updated to DeepSeek-R1" (LM Studio's model page of its GGUF release,
+#   copied in JoseAdrianRodriguezGonzalez/Llm-Component en/lmstudio-community__DeepSeek-R1-0528-GGUF/
+#   README.md), the same 61-layer DeepseekV3ForCausalLM (Thireus' GGUF recipes of DeepSeek-R1-0528 name
+#   blocks 0-60), released in DeepSeek-R1's FP8 blocks.
+STAND_INS = (("-instruct-2507-fp8", "-fp8"), ("-thinking-2507-fp8", "-fp8"), ("deepseek-r1-0528", "deepseek-r1"))
 
 
 def _shipped_config(row: Row) -> Path | None:
     """The config.json of ``row``'s checkpoint where aiconfigurator-core ships it
-    (model_configs/<org>--<name>_config.json, the HF file of that release), else None."""
+    (model_configs/<org>--<name>_config.json, the HF file of that release, else that of its STAND_INS
+    release), else None."""
     if "/" not in row.model:
         return None
     try:
         import aiconfigurator_core  # noqa: PLC0415 - optional dependency (kvsim[aic])
     except ImportError:
         return None
-    path = Path(aiconfigurator_core.__file__).parent / "model_configs" / f"{row.model.replace('/', '--')}_config.json"
-    return path if path.is_file() else None
+    shipped = _shipped_configs(Path(aiconfigurator_core.__file__).parent / "model_configs")
+    model = row.model.lower()
+    names = [model] + [model[: -len(tail)] + stand_in for tail, stand_in in STAND_INS if model.endswith(tail)]
+    return next((shipped[n] for n in names if n in shipped), None)
+
+
+@functools.cache
+def _shipped_configs(folder: Path) -> dict[str, Path]:
+    """HF repository id (lower case) -> its config.json in aiconfigurator-core's model_configs."""
+    return {p.name.removesuffix("_config.json").replace("--", "/", 1).lower(): p
+            for p in folder.glob("*_config.json")}
 
 
 def _shipped_quant(path: Path) -> dict | None:
@@ -410,10 +485,11 @@ class Checkpoint:
 @functools.cache  # asked for each row by _why_not and judge: its shipped config is read once
 def _checkpoint(row: Row) -> Checkpoint | str:
     """The checkpoint ``row`` ran, else why kvsim cannot run it. In this order:
-    - an FP8 label on a block-FP8 release whose config.json aiconfigurator-core ships: that config,
-      with its 128x128-block weights (FP8_BLOCK_LABELS);
+    - an FP8 label on a block-FP8 release whose config.json aiconfigurator-core ships (or that of its
+      STAND_INS release): that config, with its 128x128-block weights (FP8_BLOCK_LABELS);
     - the FP4 label, or a 16-bit one, on a catalogue model whose only release is MXFP4: its own weights
       (FP4_LABEL; vLLM loads that checkpoint as stored);
+    - INT4_LABEL on a dense catalogue model (or its -AWQ release): int4 weights (W4A16);
     - any other quantized label: not expressible;
     - a catalogue model (or its -Instruct / -FP8 / NVIDIA FP8 release): bf16 weights, or FP8 with
       per-tensor scales for an FP8 label (FP8_WEIGHTS: quantized on load if the checkpoint is 16-bit);
@@ -431,9 +507,13 @@ def _checkpoint(row: Row) -> Checkpoint | str:
     if name is not None and _native_mxfp4(name) and row.precision in (FP4_LABEL, *UNQUANTIZED):
         # its only release is MXFP4: a 16-bit label (e.g. a row that records no quantization) ran it too
         return Checkpoint(name, name, None)
+    from kvsim.spec.model import load_model
+
+    if row.precision == INT4_LABEL and name is not None and load_model(name).moe is None:
+        return Checkpoint(name, name, "int4")
     if row.precision not in UNQUANTIZED + FP8_WEIGHTS:
-        return (f"quantized weights or KV ({row.precision}): only bf16, per-tensor FP8, native MXFP4 (gpt-oss) and "
-                "block-FP8 releases whose config.json aiconfigurator-core ships are modelled")
+        return (f"quantized weights or KV ({row.precision}): only bf16, per-tensor FP8, native MXFP4 (gpt-oss), "
+                "block-FP8 releases whose config.json aiconfigurator-core ships and W4A16 dense models are modelled")
     weights = "fp8" if row.precision in FP8_WEIGHTS else "bf16"
     if name is not None:
         return Checkpoint(name, name, weights)
@@ -468,6 +548,11 @@ def _why_not(row: Row, gpus: set[str]) -> str | None:
 
     if row.other_parallelism:
         return f"parallelism kvsim does not model yet ({row.other_parallelism})"
+    flags = serve_flag_settings(row.serve_flags)
+    if isinstance(flags, str):
+        return flags
+    if flags and row.backend != "vllm":
+        return f"serve flags on {row.backend}: the column holds `vllm serve` flags"
     if (row.dp > 1 or row.moe_ep > 1) and row.backend != "vllm":
         # SGLang's and TensorRT-LLM's DP attention and EP are their own layouts (and schedulers)
         return f"attention-DP or expert-parallel layout on {row.backend} ({row.layout}): kvsim models vLLM's"
@@ -536,7 +621,9 @@ def _scenario(row: Row, checkpoint: Checkpoint, hardware: str, calibration: str 
                       **({"data_parallel_size": row.dp} if row.dp > 1 else {}),
                       **({"expert_parallel": True} if row.moe_ep > 1 else {}),
                       # a vLLM row's version keys the memory rule and the engine step's host time
-                      **({"vllm_version": row.engine_version} if row.backend == "vllm" else {})},
+                      **({"vllm_version": row.engine_version} if row.backend == "vllm" else {}),
+                      # the row's own `vllm serve` flags, over the deployment's assumptions
+                      **row.engine_flags},
            **({} if checkpoint.weights is None else {"weights": checkpoint.weights}),
            **({"method": deployment.fp8_checkpoint_kv} if row.precision in FP8_WEIGHTS + FP8_BLOCK_LABELS else {}),
            "workload": {"closed_loop": {"concurrency": row.concurrency,
