@@ -202,10 +202,10 @@ def test_only_gemm_and_decode_curves_may_be_tables() -> None:
 
 
 def test_marlin_rows_are_the_w4a16_curve_and_lift_the_prior_label(tmp_path) -> None:
-    """The H100's Marlin rows (validation/gemm.py --part marlin, dtype w4a16_marlin; run h100-call20) are what
-    kvsim calibrate fits as gemm.w4a16, and the profile prices 4-bit weights on it without the PRIOR label;
-    fitted without them (tinygemm and the Triton stand-in rows are never fitted), the prior and its label
-    come back."""
+    """The H100's Marlin rows (validation/gemm.py --part marlin, dtype w4a16_marlin; run h100-call20, and
+    h100-call21 for the four down projections call20 skipped) are what kvsim calibrate fits as gemm.w4a16,
+    and the profile prices 4-bit weights on it without the PRIOR label; fitted without them (tinygemm and
+    the Triton stand-in rows are never fitted), the prior and its label come back."""
     import numpy as np
 
     from kvsim.cost.model import Batch, CostModel
@@ -214,7 +214,7 @@ def test_marlin_rows_are_the_w4a16_curve_and_lift_the_prior_label(tmp_path) -> N
     from kvsim.spec.quant import with_weights
 
     committed = yaml.safe_load((MEASURED / "calibration_reference.yaml").read_text())
-    assert "gemm.w4a16" in committed["ops"] and committed["fit"]["rows_used"]["gemm.csv (w4a16)"] == 299
+    assert "gemm.w4a16" in committed["ops"] and committed["fit"]["rows_used"]["gemm.csv (w4a16)"] == 299 + 52
     folder = tmp_path / "h100-sxm"
     shutil.copytree(MEASURED, folder)
     lines = (folder / "gemm.csv").read_text().splitlines(keepends=True)
