@@ -78,7 +78,7 @@ class VllmMemoryRule:
     label: str
     source: str
     non_torch_bytes: float  # non-torch growth after the worker's baseline snapshot, TP 1
-    non_torch_extra_bytes: float  # added when TP > 1
+    non_torch_extra_bytes: float | None  # added when TP > 1 (None: not measured, TP > 1 is refused)
     non_torch_extra_per_rank_bytes: float  # and this much per rank when TP > 1
     sampler_bytes_per_logit: float  # per (sampled row x vocabulary entry) at the sampler's peak
     sampler_holds_dtype_logits: bool  # the model-dtype logits stay alive beside them
@@ -108,7 +108,10 @@ class VllmMemoryRule:
         return self.cuda_graphs_charged and not (self.runner_v2 is not None and self.runner_v2.runs(model))
 
     def non_torch(self, tp: int) -> float:
-        extra = self.non_torch_extra_bytes + self.non_torch_extra_per_rank_bytes * tp if tp > 1 else 0.0
+        if tp > 1 and self.non_torch_extra_bytes is None:
+            raise KvsimError(f"{self.label}: memory at TP > 1 is not modelled (its growth over the baseline is not "
+                             f"measured; {_RULES_FILE})", field="vllm_version", value=_dotted(self.first))
+        extra = (self.non_torch_extra_bytes or 0.0) + self.non_torch_extra_per_rank_bytes * tp if tp > 1 else 0.0
         return self.non_torch_bytes + extra
 
 

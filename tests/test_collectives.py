@@ -153,6 +153,10 @@ def test_vllm_pads_a_step_to_its_captured_cuda_graph_size() -> None:
     """vllm/config/vllm.py _set_cudagraph_sizes: 1, 2, 4, multiples of 8 to 256, of 16 to
     min(2 x max_num_seqs, 512). A decode batch of 9 runs the graph of 16; past 512 nothing is padded."""
     assert vllm_graph_sizes(256, 8192)[:5] == (1, 2, 4, 8, 16) and vllm_graph_sizes(256, 8192)[-1] == 512
+    # past 256 tokens: every 16 from 0.12, every 8 in 0.10.2 and 0.11 (their _set_cudagraph_sizes)
+    assert vllm_graph_sizes(256, 8192, vllm_version="0.12.0")[34:36] == (256, 272)
+    assert vllm_graph_sizes(256, 8192, vllm_version="0.11.0")[34:36] == (256, 264)
+    assert len(vllm_graph_sizes(256, 8192, vllm_version="0.10.2")) == 3 + 64
     assert vllm_graph_sizes(8, 8192)[-1] == 16 and vllm_graph_sizes(256, 64)[-1] == 64
     model, hw = load_model("llama-3-8b"), load_hardware("h100-sxm")
     vllm = CostModel(model, hw, layout_for(model), 1, None, vllm_execution(hw, 1, 256, 8192, ""))

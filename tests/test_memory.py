@@ -70,6 +70,9 @@ def _log_plan(p: dict):
     ("0.6.5", "h100-sxm", "llama-3-8b", 8192, {}, (8192, 256, False)),
     ("0.6.5", "h100-sxm", "llama-3-8b", 1024, {}, (2048, 256, False)),
     ("0.6.5", "h100-sxm", "qwen3-32b", 40960, {}, (2048, 256, True)),
+    # 0.10.2's V1 defaults are 0.11's (its _set_default_args_v1)
+    ("0.10.2", "h100-sxm", "gpt-oss-120b", 32768, {}, (8192, 1024, True)),
+    ("0.10.2", "a100-sxm-80gb", "gpt-oss-120b", 32768, {}, (2048, 256, True)),
 ])
 def test_vllm_batch_defaults_by_version_and_gpu(version, gpu, model, max_len, given, want) -> None:
     got = vllm_batch_limits(version, load_hardware(gpu), load_model(model), max_len, **given)
@@ -124,14 +127,25 @@ def test_kv_tokens_from_kv_bytes_match_vllm() -> None:
     assert tokens == pytest.approx(p["kv_cache_tokens"], rel=0.02)
 
 
-@pytest.mark.parametrize("version,label", [("0.6.6", "0.6.5-0.6.x"), ("0.11.0", "0.11-0.16"), ("0.16.1", "0.11-0.16"),
+@pytest.mark.parametrize("version,label", [("0.6.6", "0.6.5-0.6.x"), ("0.10.2", "0.10.2"), ("0.11.0", "0.11-0.16"), ("0.16.1", "0.11-0.16"),
                                            ("0.19", "0.17-0.19"), ("v0.19.1rc1", "0.17-0.19"), ("0.20.1", "0.20-0.21"),
                                            ("0.27.1", "0.27"), ("0.33.0", "0.29-0.33")])
 def test_version_picks_its_rule(version: str, label: str) -> None:
     assert label in vllm_rule(version).label
 
 
-@pytest.mark.parametrize("version", ["0.8.5", "0.5.4", "1.0.0", "latest"])
+def test_vllm_0_10_2_plans_as_0_11_at_tp_1_and_refuses_more_ranks() -> None:
+    """0.10.2's memory code is 0.11.0's but for where it takes the baseline (before NCCL starts): the same
+    plan at TP 1; at TP 2 the growth over that baseline is unmeasured, so the plan is refused, naming the
+    version."""
+    old, new = _plan("llama-3-8b", vllm_version="0.10.2"), _plan("llama-3-8b", vllm_version="0.11.0")
+    assert (old.num_gpu_blocks, old.activation_peak_bytes) == (new.num_gpu_blocks, new.activation_peak_bytes)
+    with pytest.raises(KvsimError, match="TP > 1 is not modelled") as err:
+        _plan("llama-3-8b", vllm_version="0.10.2", tp=2)
+    assert (err.value.field, err.value.value) == ("vllm_version", "0.10.2")
+
+
+@pytest.mark.parametrize("version", ["0.8.5", "0.10.1", "0.5.4", "1.0.0", "latest"])
 def test_unmodelled_version_is_an_error(version: str) -> None:
     with pytest.raises(KvsimError, match="vllm_version"):
         EngineMemoryConfig(vllm_version=version)

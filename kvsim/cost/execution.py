@@ -1,9 +1,11 @@
 """How an engine executes a priced step, beyond its kernels: which all-reduce it runs, the CUDA
 graph sizes a step's token count is padded to, and the host (CPU) time of each engine step.
 
-vLLM (``vllm/config/vllm.py``, ``VllmConfig._set_cudagraph_sizes``, v0.10-v0.12) captures CUDA graphs
-for token counts ``[1, 2, 4] + range(8, 256, 8) + range(256, max_graph_size + 1, 16)`` with
-``max_graph_size = min(max_num_seqs * 2, 512)``, keeping those at most ``max_num_batched_tokens``. A
+vLLM (``VllmConfig._set_cudagraph_sizes``) captures CUDA graphs for token counts ``[1, 2, 4] +
+range(8, 256, 8) + range(256, max_graph_size + 1, 16)`` (0.12+: ``vllm/config/vllm.py`` of the 0.12.0,
+0.18.0 and 0.24.0 wheels; 0.10.2 and 0.11.0, ``vllm/config/__init__.py``: multiples of 8 all the way,
+``[1, 2, 4] + range(8, max_graph_size + 1, 8)``) with ``max_graph_size = min(max_num_seqs * 2, 512)``
+(SchedulerConfig's default ``cuda_graph_sizes``), keeping those at most ``max_num_batched_tokens``. A
 step of at most the largest size runs the graph of the next captured size up: the model's
 token-count work (GEMMs, norms, rotary, activations, all-reduce) is done for the padded count, while
 KV writes and sampling touch only the real tokens. Larger steps run without a captured graph.
@@ -66,9 +68,9 @@ class HostStep:
         return self.fixed_s + self.per_sequence_s * sequences
 
 
-# vLLM's V1 engine (0.11+ as kvsim models it; vllm/config/scheduler.py ``async_scheduling`` in the 0.11.0
-# and 0.12.0 wheels) takes ``--async-scheduling``; the V0 engine of 0.6.x has no such flag.
-ASYNC_FLAG_FROM = (0, 11, 0)
+# vLLM's V1 engine (0.10.2+ as kvsim models it; vllm/config/scheduler.py ``async_scheduling`` in the 0.10.2,
+# 0.11.0 and 0.12.0 wheels) takes ``--async-scheduling``; the V0 engine of 0.6.x has no such flag.
+ASYNC_FLAG_FROM = (0, 10, 2)
 
 
 def vllm_host_step(vllm_version: str, async_scheduling: bool | None = None) -> HostStep:
@@ -79,7 +81,7 @@ def vllm_host_step(vllm_version: str, async_scheduling: bool | None = None) -> H
     version = vllm_version or default_vllm_version()
     v = parse_version(version)
     if async_scheduling and v < ASYNC_FLAG_FROM:
-        raise KvsimError(f"vLLM {version} has no --async-scheduling (its V1 engine, 0.11+ in kvsim, has)",
+        raise KvsimError(f"vLLM {version} has no --async-scheduling (its V1 engine, 0.10.2+ in kvsim, has)",
                          field="async_scheduling", value=async_scheduling)
     if async_scheduling is None and SYNC_UNTIL <= v < ASYNC_FROM:
         raise KvsimError("whether async scheduling is on by default in vLLM 0.13 is not modelled (off up to 0.12, "
@@ -137,14 +139,21 @@ class Execution:
         return float(sizes[bisect.bisect_left(sizes, int(tokens))])
 
 
+STEP_16_FROM = (0, 12, 0)  # graphs every 16 tokens past 256 from this version (module docstring)
+
+
 def vllm_graph_sizes(max_num_seqs: int, max_num_batched_tokens: int,
-                     capture_sizes: Sequence[int] | None = None) -> tuple[int, ...]:
-    """The token counts vLLM captures graphs for: its default list, or ``--cudagraph-capture-sizes``
-    (sorted, without repeats), keeping those at most ``max_num_batched_tokens``."""
+                     capture_sizes: Sequence[int] | None = None, vllm_version: str = "") -> tuple[int, ...]:
+    """The token counts vLLM captures graphs for: its default list for ``vllm_version`` ("": kvsim's
+    default version), or ``--cudagraph-capture-sizes`` (sorted, without repeats), keeping those at most
+    ``max_num_batched_tokens``."""
+    from kvsim.memory import default_vllm_version, parse_version
+
     if capture_sizes is not None:
         return tuple(s for s in sorted(set(capture_sizes)) if s <= max_num_batched_tokens)
     largest = min(max_num_seqs * 2, 512)
-    sizes = [1, 2, 4, *range(8, 256, 8), *range(256, largest + 1, 16)]
+    past_256 = 16 if parse_version(vllm_version or default_vllm_version()) >= STEP_16_FROM else 8
+    sizes = [1, 2, 4, *range(8, 256, 8), *range(256, largest + 1, past_256)]
     return tuple(s for s in sizes if s <= min(largest, max_num_batched_tokens))
 
 
@@ -155,5 +164,6 @@ def vllm_execution(hw: HardwareSpec, tp: int, max_num_seqs: int, max_num_batched
     "": the default modelled version; ``capture_sizes``: ``--cudagraph-capture-sizes``, None for
     vLLM's default list; ``enforce_eager``: ``--enforce-eager``, which captures no graph, so no step is
     padded; ``async_scheduling``: ``--async-scheduling`` on or off, None for the version's default)."""
-    sizes = () if enforce_eager else vllm_graph_sizes(max_num_seqs, max_num_batched_tokens, capture_sizes)
+    sizes = () if enforce_eager else vllm_graph_sizes(max_num_seqs, max_num_batched_tokens, capture_sizes,
+                                                      vllm_version)
     return Execution(vllm_allreduce(hw, tp), sizes, vllm_host_step(vllm_version, async_scheduling), enforce_eager)

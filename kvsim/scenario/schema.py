@@ -137,7 +137,7 @@ class EngineSpec(_Strict):
     vllm_version: StrictStr | None = None  # memory rule (kvsim/data/vllm_memory.yaml); None: its default_version
     # no CUDA graphs: none charged (vLLM >= 0.20), no step padded; step times a labelled lower bound
     enforce_eager: StrictBool = False
-    # vLLM --async-scheduling (V1, 0.11+): the engine loop's CPU time overlaps the GPU's step; None: the
+    # vLLM --async-scheduling (V1, 0.10.2+): the engine loop's CPU time overlaps the GPU's step; None: the
     # version's default (off up to 0.12, on from 0.14; 0.13 must say: kvsim.cost.execution)
     async_scheduling: bool | None = Field(default=None, strict=True)
     # vLLM --cudagraph-capture-sizes: the decode token counts with a captured graph (a smaller step is
