@@ -9,7 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, shared_file
+from conftest import ROOT, examples, shared_file
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvsim.cli import main
 from kvsim.cost.calibration import ENGINE_KINDS
@@ -18,6 +20,7 @@ from kvsim.fileio import load_data_yaml
 from kvsim.judge_serving import (
     COLUMNS,
     DEPLOYMENTS,
+    SERVE_FLAGS,
     SOURCE_COLUMN,
     Checkpoint,
     Row,
@@ -116,6 +119,30 @@ def test_serve_flags_set_the_engine_and_any_other_flag_is_counted(tmp_path: Path
     assert (engine.async_scheduling, engine.max_num_batched_tokens, engine.max_model_len) == (True, 1024, 512 + 32)
     judged, skipped = judge(path, deployment="engine-defaults")
     assert len(judged) == 1 and skipped == {"serve flag --speculative-config: kvsim does not model it": 1}
+
+
+@settings(max_examples=examples(200))
+@given(st.lists(st.sampled_from(sorted(SERVE_FLAGS)), unique=True), st.integers(1, 10**6),
+       st.booleans(), st.sampled_from(["", "--kv-cache-dtype", "-O3", "--max-num-seq"]))
+def test_any_modelled_flags_parse_and_any_other_is_refused(flags: list[str], value: int, inline: bool,
+                                                           other: str) -> None:
+    """Property: any set of modelled flags, each value written as the next word or `=value`, parses to
+    exactly those engine settings; one flag kvsim does not model anywhere among them refuses the row."""
+    words, want = [], {}
+    for flag in flags:
+        key, kind = SERVE_FLAGS[flag]
+        if kind is bool:
+            words.append(flag)
+            want[key] = True
+            continue
+        v = kind(value / 10**6) if kind is float else value
+        words += [f"{flag}={v}"] if inline else [flag, str(v)]
+        want[key] = v
+    assert serve_flag_settings(" ".join(words)) == want
+    if other:
+        words.insert(len(words) // 2 if not inline else 0, other)
+        got = serve_flag_settings(" ".join(words))
+        assert isinstance(got, str) and other in got
 
 
 def test_an_int4_weight_only_row_runs_w4a16_on_a_dense_model_only(tmp_path: Path) -> None:
