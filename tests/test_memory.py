@@ -127,7 +127,8 @@ def test_kv_tokens_from_kv_bytes_match_vllm() -> None:
     assert tokens == pytest.approx(p["kv_cache_tokens"], rel=0.02)
 
 
-@pytest.mark.parametrize("version,label", [("0.6.6", "0.6.5-0.6.x"), ("0.10.2", "0.10.2"), ("0.11.0", "0.11-0.16"), ("0.16.1", "0.11-0.16"),
+@pytest.mark.parametrize("version,label", [("0.6.6", "0.6.5-0.6.x"), ("0.10.2", "0.10.2"), ("0.11.0", "0.11-0.16"),
+                                           ("0.16.1", "0.11-0.16"),
                                            ("0.19", "0.17-0.19"), ("v0.19.1rc1", "0.17-0.19"), ("0.20.1", "0.20-0.21"),
                                            ("0.27.1", "0.27"), ("0.33.0", "0.29-0.33")])
 def test_version_picks_its_rule(version: str, label: str) -> None:
