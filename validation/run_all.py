@@ -43,6 +43,7 @@ PARTS = {
     # decode steps launched kernel by kernel beside their CUDA graph (--enforce-eager's cost; not fitted)
     "eager": (10, ["validation/eager.py"]),
     "sustained": (15, ["validation/sustained.py"]),  # a minute of prefill GEMMs against their short-burst rate
+    "sampler": (3, ["validation/sampler_peak.py"]),  # memory peak of vLLM 0.10.2-0.16's native top-k/top-p sampler
     "engine": (230, ["validation/engine.py"]),  # 10 models: 5 prompts + ~45 decode points each, ~20 s a model
     "ceilings_end": (6, ["validation/ceilings.py", "--end"]),
 }
