@@ -333,6 +333,8 @@ def serve_flag_settings(flags: str) -> dict | str:
             return f"serve flag {flag}: kvsim does not model it"
         key, kind = SERVE_FLAGS[flag]
         if kind is bool:
+            if inline:  # a switch: `--flag=false` would be read as on
+                return f"serve flag {words[i]}: a switch takes no value"
             out[key] = True
             i += 1
             continue

@@ -109,6 +109,8 @@ def test_serve_flags_set_the_engine_and_any_other_flag_is_counted(tmp_path: Path
     assert serve_flag_settings("") == {}
     assert serve_flag_settings("--kv-cache-dtype fp8") == "serve flag --kv-cache-dtype: kvsim does not model it"
     assert serve_flag_settings("--max-num-seqs") == "serve flag --max-num-seqs: value '' is not a int"
+    assert serve_flag_settings("--async-scheduling=false") == (
+        "serve flag --async-scheduling=false: a switch takes no value")
     path = tmp_path / "m.csv"
     cols = list(COLUMNS) + ["serve_flags"]
     flagged = [ROWS[0] | {"serve_flags": f} for f in ("--async-scheduling --max-num-batched-tokens 1024",
