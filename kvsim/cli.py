@@ -139,7 +139,7 @@ def memory_report(args: argparse.Namespace) -> dict:
                                args.max_num_batched_tokens, args.max_num_seqs)
     engine = EngineMemoryConfig(args.gpu_memory_utilization, args.block_size, limits.max_num_batched_tokens,
                                 limits.max_num_seqs, args.vllm_version or "", args.enforce_eager,
-                                None if args.cuda_graph_gib is None else args.cuda_graph_gib * GIB)
+                                None if args.cuda_graph_gib is None else args.cuda_graph_gib * GIB, args.sampler)
     par = _parallel(args)
     plan = plan_memory(model, hardware, layout, args.tp, engine, par)
     moe_kernel, moe_bytes = moe_workspace(model, hardware, args.tp, engine, par)
@@ -152,7 +152,8 @@ def memory_report(args: argparse.Namespace) -> dict:
         "model": model.name, "hardware": hardware.name, "method": "+".join(layout.methods), "tp": args.tp,
         **({"data_parallel_size": par.dp, "expert_parallel": par.expert_parallel} if par != Parallel() else {}),
         "weights": model.weight_quant.precision if model.weight_quant else model.dtype,
-        "vllm_rule": plan.rule.label, "vllm_rule_source": plan.rule.source, "engine_limits": limits.as_dict(),
+        "vllm_rule": plan.rule.label, "vllm_rule_source": plan.rule.source, "sampler": engine.sampler,
+        "engine_limits": limits.as_dict(),
         "context": ctx, "batch": args.batch,
         "kv_bytes_per_token": float(sum(t[0] for t in tiers.values())) * all_ranks / ctx,
         "kv_gpu_bytes_per_token": float(tiers["gpu"][0]) * all_ranks / ctx,
@@ -195,7 +196,7 @@ def cmd_memory(args: argparse.Namespace) -> None:
         return
     g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
     print(f"{r['model']} on {r['hardware']} ({_parallel_label(r)}), weights {r['weights']}, KV method {r['method']}")
-    print(f"  memory rule             {r['vllm_rule']}")
+    print(f"  memory rule             {r['vllm_rule']}; {r['sampler']} sampler")
     lim = r["engine_limits"]
     print(f"  engine step limits      {lim['max_num_batched_tokens']:,} tokens, {lim['max_num_seqs']:,} sequences "
           f"({lim['source']})")
@@ -677,6 +678,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size memory by this vLLM version's rule (kvsim/data/vllm_memory.yaml; default: "
                         f"{default_vllm_version()})")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (nothing to charge for them)")
+    p.add_argument("--sampler", choices=["native", "flashinfer"], default="native",
+                   help="the sampler's top-k/top-p implementation: vLLM's own, or FlashInfer's (0.10.2-0.11 "
+                        "wherever FlashInfer is installed, as in vLLM's images; 0.12+ with "
+                        "VLLM_USE_FLASHINFER_SAMPLER=1)")
     p.add_argument("--cuda-graph-gib", type=float, default=None,
                    help="CUDA-graph memory vLLM >= 0.20 measures and charges (its 'Estimated CUDA graph memory')")
     p.set_defaults(func=cmd_memory)

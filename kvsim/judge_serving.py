@@ -60,6 +60,9 @@ INT4_LABEL = "int4+int4_wo"
 # type; switches set True), overriding the deployment's; a row with any other flag is counted as not
 # expressible, never run without it.
 SERVE_FLAGS_COLUMN = "serve_flags"
+# Optional column: the server's sampler (native or flashinfer: kvsim.memory SAMPLERS), where the source
+# shows which one ran (e.g. FlashInfer installed under vLLM 0.10.2-0.11); empty: native
+SAMPLER_COLUMN = "sampler"
 SERVE_FLAGS: dict[str, tuple[str, type]] = {
     "--async-scheduling": ("async_scheduling", bool),
     "--enforce-eager": ("enforce_eager", bool),
@@ -214,6 +217,7 @@ class Row:
     # serve --num-prompts`); None: the deployment's requests per client x concurrency
     num_requests: int | None = None
     serve_flags: str = ""  # the run's `vllm serve` flags (SERVE_FLAGS_COLUMN), "" where not recorded
+    sampler: str = ""  # SAMPLER_COLUMN: the server's sampler, "" where not recorded (native)
 
     @property
     def engine_flags(self) -> dict:
@@ -308,7 +312,7 @@ def read_rows(path: Path) -> list[Row]:
                       max(dp, 1), moe_tp, moe_ep,
                       _measured_day(measured.group(1), i, path) if measured else None,
                       int(r["num_requests"]) if r.get("num_requests") else None,
-                      (r.get(SERVE_FLAGS_COLUMN) or "").strip())
+                      (r.get(SERVE_FLAGS_COLUMN) or "").strip(), (r.get(SAMPLER_COLUMN) or "").strip())
         except (TypeError, ValueError, KeyError) as err:
             raise KvsimError(f"line {i}: malformed value ({type(err).__name__}: {err})", file=str(path)) from None
         if min(row.isl, row.osl, row.concurrency, row.tp, row.num_requests or 1) < 1 or not (0 < row.ttft_ms < math.inf
@@ -624,8 +628,8 @@ def _scenario(row: Row, checkpoint: Checkpoint, hardware: str, calibration: str 
                       **({"expert_parallel": True} if row.moe_ep > 1 else {}),
                       # a vLLM row's version keys the memory rule and the engine step's host time
                       **({"vllm_version": row.engine_version} if row.backend == "vllm" else {}),
-                      # the row's own `vllm serve` flags, over the deployment's assumptions
-                      **row.engine_flags},
+                      # the row's own `vllm serve` flags and sampler, over the deployment's assumptions
+                      **row.engine_flags, **({"sampler": row.sampler} if row.sampler else {})},
            **({} if checkpoint.weights is None else {"weights": checkpoint.weights}),
            **({"method": deployment.fp8_checkpoint_kv} if row.precision in FP8_WEIGHTS + FP8_BLOCK_LABELS else {}),
            "workload": {"closed_loop": {"concurrency": row.concurrency,

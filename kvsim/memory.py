@@ -228,6 +228,21 @@ def vllm_batch_limits(version: str, hardware: HardwareSpec, model: ModelSpec, ma
     return BatchLimits(int(budget), int(seqs), bool(chunked), source)
 
 
+# The sampler's top-k/top-p implementation (engine.sampler):
+# - "native": vLLM's own, the PyTorch sort up to 0.16 and its Triton kernel from 0.17 (each version
+#   rule's sampler_bytes_per_logit);
+# - "flashinfer": FlashInfer's top_k_top_p_sampling_from_logits, which vLLM's V1 sampler runs wherever
+#   FlashInfer is installed in 0.10.2 and 0.11 (vllm/v1/sample/ops/topk_topp_sampler.py: an unset
+#   VLLM_USE_FLASHINFER_SAMPLER means on; vLLM's container images install it) and only with
+#   VLLM_USE_FLASHINFER_SAMPLER=1 from 0.12. Its dummy-run peak, derived from flashinfer/sampling.py
+#   (v0.3.0 and v0.3.1, the versions vLLM 0.10.2 and 0.11.0 pin): the fp32 logits 4 B + the top-k mask's
+#   output (top_k_mask_logits: torch.empty_like(logits)) 4 B + the softmax probabilities 4 B per logit,
+#   the sampled ids [rows] aside; no row buffer. The model-dtype logits are held as in the rule.
+SAMPLERS = ("native", "flashinfer")
+FLASHINFER_SAMPLER_BYTES_PER_LOGIT = 12
+V1_FROM = (0, 10, 2)  # the oldest V1 engine kvsim models (0.6.x is V0)
+
+
 @dataclass(frozen=True)
 class EngineMemoryConfig:
     """The vLLM engine arguments that decide memory."""
@@ -240,6 +255,7 @@ class EngineMemoryConfig:
     vllm_version: str = ""  # "": the newest modelled version needing no measured input (vllm_memory.yaml)
     enforce_eager: bool = False  # no CUDA graphs: nothing to charge
     cuda_graph_bytes: float | None = None  # measured graph estimate; required where the version charges it
+    sampler: str = "native"  # SAMPLERS: which top-k/top-p implementation the server's sampler runs
 
     def __post_init__(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -250,7 +266,12 @@ class EngineMemoryConfig:
                 raise KvsimError("must be a positive integer", field=name, value=getattr(self, name))
         if self.cuda_graph_bytes is not None and self.cuda_graph_bytes < 0:
             raise KvsimError("must be >= 0", field="cuda_graph_gib", value=self.cuda_graph_bytes / GIB)
-        self.rule  # noqa: B018 - an unknown version fails here, where the engine is configured
+        if self.sampler not in SAMPLERS:
+            raise KvsimError(f"must be one of {', '.join(SAMPLERS)}", field="sampler", value=self.sampler)
+        rule = self.rule  # an unknown version fails here, where the engine is configured
+        if self.sampler == "flashinfer" and rule.first < V1_FROM:
+            raise KvsimError(f"{rule.label}: FlashInfer's sampler is modelled for the V1 engine (0.10.2+)",
+                             field="sampler", value=self.sampler)
 
     @property
     def rule(self) -> VllmMemoryRule:
@@ -405,12 +426,14 @@ def activation_peak_bytes(model: ModelSpec, hw: HardwareSpec, tp: int, cfg: Engi
             mlp = max(mlp, model.moe.top_k * par.dp * (max(width, h) + width / 2))
         widest = max(widest, attn, mlp)
     forward = n * e * (2 * h + widest)  # residual + normed hidden + the widest layer transient
-    per_logit = rule.sampler_bytes_per_logit + (e if rule.sampler_holds_dtype_logits else 0)
+    native = cfg.sampler == "native"
+    per_logit = (rule.sampler_bytes_per_logit if native else FLASHINFER_SAMPLER_BYTES_PER_LOGIT) + (
+        e if rule.sampler_holds_dtype_logits else 0)
     rows = min(seqs, n)
     # the run's hidden states stay alive, with the sampled rows' (a gathered copy) and the random
     # stand-in _dummy_sampler_run makes of them (torch.rand_like)
     sampler = rows * model.vocab_size * per_logit + n * h * e + 2 * rows * h * e
-    if rule.triton_sampler_buffer and rows >= TRITON_SAMPLER_MIN_ROWS:
+    if native and rule.triton_sampler_buffer and rows >= TRITON_SAMPLER_MIN_ROWS:
         sampler += _triton_sampler_buffer_bytes(hw, rows, model.vocab_size)
     workspace = CUBLAS_WORKSPACE_BYTES.get(hw.family, CUBLAS_WORKSPACE_DEFAULT_BYTES)
     return float(persistent + max(forward, sampler) + workspace)

@@ -165,6 +165,22 @@ def test_sampler_peak_by_version() -> None:
         rows_vocab * 14 + 132 * 151_936 * 4 + hidden + rows + workspace
 
 
+def test_flashinfer_sampler_holds_12_bytes_a_logit_and_no_triton_buffer() -> None:
+    """engine.sampler flashinfer (vLLM 0.10.2-0.11 wherever FlashInfer is installed, 0.12+ opted in):
+    FlashInfer's top-k/top-p dummy run holds 12 B per logit plus the bf16 logits, under 0.11 and 0.19
+    alike (no Triton row buffer); vLLM 0.6.x's V0 engine refuses it, naming the field."""
+    base = dict(max_num_batched_tokens=2048, max_num_seqs=256, sampler="flashinfer")
+    rows_vocab, hidden, rows, workspace = 256 * 151_936, 2048 * 4096 * 2, 2 * 256 * 4096 * 2, 32 * 2**20
+    for version in ("0.11", "0.19"):
+        assert _plan("qwen3-8b", vllm_version=version, **base).activation_peak_bytes == \
+            rows_vocab * 14 + hidden + rows + workspace
+    with pytest.raises(KvsimError, match="V1 engine") as err:
+        EngineMemoryConfig(vllm_version="0.6.5", sampler="flashinfer")
+    assert err.value.field == "sampler"
+    with pytest.raises(KvsimError, match="native, flashinfer"):
+        EngineMemoryConfig(sampler="triton")
+
+
 @pytest.mark.parametrize("version,model,charged", [
     ("0.21.0", "llama-3.1-8b", True),       # every model on the V1 runner
     ("0.22.0", "llama-3.1-8b", False),      # dense, unquantized: V2, whose estimate is 0
@@ -266,16 +282,22 @@ def test_sliding_window_pages() -> None:
 
 @settings(max_examples=examples(40))
 @given(util=st.floats(0.3, 1.0), bs=st.sampled_from([8, 16, 32]), ctx=st.integers(1, 8192),
-       method=st.sampled_from(["bf16", "fp8", "kivi:bits=2", "snapkv:budget=512", "cla:factor=2"]))
-def test_planner_properties(util: float, bs: int, ctx: int, method: str) -> None:
-    plan = _plan("llama-3-8b", method=method, gpu_memory_utilization=util, block_size=bs)
+       method=st.sampled_from(["bf16", "fp8", "kivi:bits=2", "snapkv:budget=512", "cla:factor=2"]),
+       version=st.sampled_from(["0.10.2", "0.11.0", "0.19"]), sampler=st.sampled_from(["native", "flashinfer"]))
+def test_planner_properties(util: float, bs: int, ctx: int, method: str, version: str, sampler: str) -> None:
+    engine = dict(gpu_memory_utilization=util, block_size=bs, vllm_version=version)
+    plan = _plan("llama-3-8b", method=method, sampler=sampler, **engine)
     used = plan.weights.total + plan.activation_peak_bytes + plan.non_torch_bytes + plan.kv_cache_bytes
     assert used == pytest.approx(plan.budget_bytes)
     n = int(plan.max_concurrency(ctx)[0])
     assert n * plan.blocks_for(ctx)[0] <= plan.num_gpu_blocks
     assert (n + 1) * plan.blocks_for(ctx)[0] > plan.num_gpu_blocks
-    more = _plan("llama-3-8b", method=method, gpu_memory_utilization=min(1.0, util + 0.05), block_size=bs)
+    more = _plan("llama-3-8b", method=method, sampler=sampler,
+                 **{**engine, "gpu_memory_utilization": min(1.0, util + 0.05)})
     assert more.num_gpu_blocks >= plan.num_gpu_blocks
+    # FlashInfer's sampler never holds more than the native one, so never leaves less KV cache
+    assert _plan("llama-3-8b", method=method, sampler="flashinfer", **engine).num_gpu_blocks >= \
+        _plan("llama-3-8b", method=method, **engine).num_gpu_blocks
 
 
 def test_cli_memory_json(capsys) -> None:

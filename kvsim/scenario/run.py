@@ -88,7 +88,7 @@ def deployment(scenario: Scenario, side: str | None = None) -> Deployment:
                                    e.max_num_seqs, e.enable_chunked_prefill)
         memory = EngineMemoryConfig(e.gpu_memory_utilization, e.block_size, limits.max_num_batched_tokens,
                                     limits.max_num_seqs, e.vllm_version or "", e.enforce_eager,
-                                    None if e.cuda_graph_gib is None else e.cuda_graph_gib * GIB)
+                                    None if e.cuda_graph_gib is None else e.cuda_graph_gib * GIB, e.sampler)
         par = Parallel(e.data_parallel_size, e.expert_parallel)
         if side is not None and par != Parallel():
             raise KvsimError("data parallelism and expert parallelism are not modelled with disaggregation",
@@ -99,7 +99,8 @@ def deployment(scenario: Scenario, side: str | None = None) -> Deployment:
                                    e.async_scheduling)
     except KvsimError as err:
         engine_key = err.field in ("vllm_version", "cuda_graph_gib", "gpu_memory_utilization", "data_parallel_size",
-                                   "expert_parallel", "max_model_len", "max_num_batched_tokens", "async_scheduling")
+                                   "expert_parallel", "max_model_len", "max_num_batched_tokens", "async_scheduling",
+                                   "sampler")
         side_key = f"disaggregation.{side}.{err.field}" if side and err.field in ("hardware", "tp") else None
         raise _with_file(err, file, f"engine.{err.field}" if engine_key else side_key) from None
     cal = spec.calibration

@@ -140,6 +140,10 @@ class EngineSpec(_Strict):
     # vLLM --async-scheduling (V1, 0.10.2+): the engine loop's CPU time overlaps the GPU's step; None: the
     # version's default (off up to 0.12, on from 0.14; 0.13 must say: kvsim.cost.execution)
     async_scheduling: bool | None = Field(default=None, strict=True)
+    # the sampler's top-k/top-p implementation, which sets the profiling run's memory peak (kvsim.memory
+    # SAMPLERS): native (vLLM's own) or flashinfer (0.10.2-0.11 wherever FlashInfer is installed, as in
+    # vLLM's images; 0.12+ with VLLM_USE_FLASHINFER_SAMPLER=1)
+    sampler: Literal["native", "flashinfer"] = "native"
     # vLLM --cudagraph-capture-sizes: the decode token counts with a captured graph (a smaller step is
     # padded to the next one); None: vLLM's default list (kvsim.cost.execution.vllm_graph_sizes)
     cudagraph_capture_sizes: list[Annotated[int, Field(gt=0)]] | None = Field(default=None, min_length=1)
