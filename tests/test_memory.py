@@ -165,6 +165,19 @@ def test_sampler_peak_by_version() -> None:
         rows_vocab * 14 + 132 * 151_936 * 4 + hidden + rows + workspace
 
 
+def test_the_native_sort_samplers_bytes_per_logit_are_measured() -> None:
+    """The 0.10.2-0.16 rules' 36 B per logit (derived from vLLM's sampler and torch's sort) is what the
+    sampler's dummy run holds on an H100 (validation/sampler_peak.py, run h100-call22: 256 and 1,024 rows
+    of three vocabularies, 36.02-36.06 B)."""
+    import csv
+
+    rows = list(csv.DictReader((ROOT / "validation/results/h100-sxm/sampler_peak.csv").read_text().splitlines()))
+    assert len(rows) == 6
+    for version in ("0.10.2", "0.11.0", "0.16.1"):
+        for r in rows:
+            assert float(r["per_logit"]) == pytest.approx(vllm_rule(version).sampler_bytes_per_logit, abs=0.1)
+
+
 def test_flashinfer_sampler_holds_12_bytes_a_logit_and_no_triton_buffer() -> None:
     """engine.sampler flashinfer (vLLM 0.10.2-0.11 wherever FlashInfer is installed, 0.12+ opted in):
     FlashInfer's top-k/top-p dummy run holds 12 B per logit plus the bf16 logits, under 0.11 and 0.19
