@@ -404,20 +404,30 @@ def _catalogue_models() -> dict[str, str]:
 STAND_INS = (("-instruct-2507-fp8", "-fp8"), ("-thinking-2507-fp8", "-fp8"), ("deepseek-r1-0528", "deepseek-r1"))
 
 
+# kvsim's own copies of the quantized releases' config.json files the public judged file needs (so it
+# judges the same without aiconfigurator-core; kvsim/data/checkpoints/README.md)
+CHECKPOINTS = "kvsim/data/checkpoints"
+
+
 def _shipped_config(row: Row) -> Path | None:
-    """The config.json of ``row``'s checkpoint where aiconfigurator-core ships it
-    (model_configs/<org>--<name>_config.json, the HF file of that release, else that of its STAND_INS
-    release), else None."""
+    """The config.json of ``row``'s checkpoint (<org>--<name>_config.json, the HF file of that release,
+    else that of its STAND_INS release) from kvsim's CHECKPOINTS, else where aiconfigurator-core ships it
+    (model_configs/), else None."""
     if "/" not in row.model:
         return None
+    from kvsim.fileio import data_file
+
+    folders = [Path(str(data_file(CHECKPOINTS)))]
     try:
         import aiconfigurator_core  # noqa: PLC0415 - optional dependency (kvsim[aic])
+
+        folders.append(Path(aiconfigurator_core.__file__).parent / "model_configs")
     except ImportError:
-        return None
-    shipped = _shipped_configs(Path(aiconfigurator_core.__file__).parent / "model_configs")
+        pass
     model = row.model.lower()
     names = [model] + [model[: -len(tail)] + stand_in for tail, stand_in in STAND_INS if model.endswith(tail)]
-    return next((shipped[n] for n in names if n in shipped), None)
+    return next((shipped[n] for n in names for folder in folders
+                 if n in (shipped := _shipped_configs(folder))), None)
 
 
 @functools.cache

@@ -162,10 +162,10 @@ def test_an_int4_weight_only_row_runs_w4a16_on_a_dense_model_only(tmp_path: Path
     assert why is not None and why.startswith("quantized weights or KV (int4+int4_wo)")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("aiconfigurator_core") is None, reason="needs kvsim[aic]")
 def test_releases_without_a_shipped_config_run_their_stand_in(tmp_path: Path) -> None:
-    """Qwen's -Instruct-2507-FP8 release runs the shipped config of Qwen3-235B-A22B-FP8 (its 128x128 FP8
-    blocks), DeepSeek-R1-0528 DeepSeek-R1's (STAND_INS); both keep their catalogue names."""
+    """Qwen's -Instruct-2507-FP8 release runs the config of Qwen3-235B-A22B-FP8 (its 128x128 FP8 blocks),
+    DeepSeek-R1-0528 DeepSeek-R1's (STAND_INS), from kvsim's own copies (kvsim/data/checkpoints: the same
+    with or without aiconfigurator-core); both keep their catalogue names."""
     fp8 = dict(ROWS[0], precision="fp8", gemm_quant_mode="fp8_block", moe_quant_mode="fp8_block", tp_size=8)
     rows = read_rows(write(tmp_path / "m.csv", [fp8 | dict(model_path="Qwen/Qwen3-235B-A22B-Instruct-2507-FP8"),
                                                 fp8 | dict(model_path="deepseek-ai/DeepSeek-R1-0528")]))
