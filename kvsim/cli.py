@@ -643,7 +643,7 @@ class _DefaultsParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from kvsim import __version__
     from kvsim.judge_serving import DEPLOYMENTS
-    from kvsim.memory import VLLM_DEFAULTS, default_vllm_version
+    from kvsim.memory import SAMPLERS, VLLM_DEFAULTS, default_vllm_version
     from kvsim.spec.quant import WEIGHTS_CHOICES
 
     parser = argparse.ArgumentParser(prog="kvsim", description="KV-cache memory and serving-speed planner")
@@ -678,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size memory by this vLLM version's rule (kvsim/data/vllm_memory.yaml; default: "
                         f"{default_vllm_version()})")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (nothing to charge for them)")
-    p.add_argument("--sampler", choices=["native", "flashinfer"], default="native",
+    p.add_argument("--sampler", choices=SAMPLERS, default="native",
                    help="the sampler's top-k/top-p implementation: vLLM's own, or FlashInfer's (0.10.2-0.11 "
                         "wherever FlashInfer is installed, as in vLLM's images; 0.12+ with "
                         "VLLM_USE_FLASHINFER_SAMPLER=1)")

@@ -68,19 +68,16 @@ class HostStep:
         return self.fixed_s + self.per_sequence_s * sequences
 
 
-# vLLM's V1 engine (0.10.2+ as kvsim models it; vllm/config/scheduler.py ``async_scheduling`` in the 0.10.2,
-# 0.11.0 and 0.12.0 wheels) takes ``--async-scheduling``; the V0 engine of 0.6.x has no such flag.
-ASYNC_FLAG_FROM = (0, 10, 2)
-
-
 def vllm_host_step(vllm_version: str, async_scheduling: bool | None = None) -> HostStep:
     """The host time of a vLLM version's engine step: with ``--async-scheduling`` as given
     (``async_scheduling``), else the version's default scheduling mode."""
-    from kvsim.memory import default_vllm_version, parse_version
+    from kvsim.memory import V1_FROM, default_vllm_version, parse_version
 
     version = vllm_version or default_vllm_version()
     v = parse_version(version)
-    if async_scheduling and v < ASYNC_FLAG_FROM:
+    # vLLM's V1 engine takes --async-scheduling (vllm/config/scheduler.py ``async_scheduling`` in the 0.10.2,
+    # 0.11.0 and 0.12.0 wheels); the V0 engine of 0.6.x has no such flag
+    if async_scheduling and v < V1_FROM:
         raise KvsimError(f"vLLM {version} has no --async-scheduling (its V1 engine, 0.10.2+ in kvsim, has)",
                          field="async_scheduling", value=async_scheduling)
     if async_scheduling is None and SYNC_UNTIL <= v < ASYNC_FROM:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationInfo, field_validator
 
-from kvsim.memory import VLLM_DEFAULTS
+from kvsim.memory import SAMPLERS, VLLM_DEFAULTS
 from kvsim.serve.closed_loop import DELAYS, SAMPLINGS
 from kvsim.serve.policy import DEFAULT_POLICY, POLICIES
 from kvsim.serve.router import ROUTERS
@@ -143,7 +143,7 @@ class EngineSpec(_Strict):
     # the sampler's top-k/top-p implementation, which sets the profiling run's memory peak (kvsim.memory
     # SAMPLERS): native (vLLM's own) or flashinfer (0.10.2-0.11 wherever FlashInfer is installed, as in
     # vLLM's images; 0.12+ with VLLM_USE_FLASHINFER_SAMPLER=1)
-    sampler: Literal["native", "flashinfer"] = "native"
+    sampler: Literal[SAMPLERS] = "native"  # type: ignore[valid-type]
     # vLLM --cudagraph-capture-sizes: the decode token counts with a captured graph (a smaller step is
     # padded to the next one); None: vLLM's default list (kvsim.cost.execution.vllm_graph_sizes)
     cudagraph_capture_sizes: list[Annotated[int, Field(gt=0)]] | None = Field(default=None, min_length=1)
