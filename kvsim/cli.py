@@ -565,7 +565,10 @@ def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: 
     )
     from kvsim.memory import default_vllm_version
 
-    deployment = deployment or DEFAULT_DEPLOYMENT
+    # `vllm bench serve` results are the user's own runs: the engine's defaults and the run's recorded
+    # flags, not aiconfigurator's generated deployment, unless asked
+    bench_results = path.is_dir() or path.suffix == ".json"
+    deployment = deployment or ("engine-defaults" if bench_results else DEFAULT_DEPLOYMENT)
     dep = deployment_named(deployment, requests_per_client)
     judged, skipped = judge(path, calibration, sets, deployment, requests_per_client)
     table = error_table(judged) if judged else []
@@ -769,10 +772,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="judge predictions on end-to-end measurements not used in fitting")
     p.add_argument("--gpu", help="reference-engine results folder under validation/results, e.g. h100-sxm")
-    p.add_argument("--serving", metavar="CSV",
+    p.add_argument("--serving", metavar="FILE",
                    help="judge closed-loop serving on real engine measurements (aiconfigurator silicon-sample "
-                        "format, e.g. ../shared/data/measured/vllm_h100_qwen3-32b_closed_loop.csv); "
-                        "'aiconfigurator': the installed package's systems/silicon_sample.csv")
+                        "format, e.g. ../shared/data/measured/vllm_h100_qwen3-32b_closed_loop.csv; or `vllm bench "
+                        "serve --save-result` JSON files, one or a folder, with --metadata gpu=... "
+                        "vllm_version=...: docs/vllm-bench.md); 'aiconfigurator': the installed package's "
+                        "systems/silicon_sample.csv")
     p.add_argument("--calibration-from", help="GPU whose fitted profile to use (default: the same GPU), or "
                                               "'imported': the GPU's profile imported from a kernel database")
     p.add_argument("--leave-one-model-out", action="store_true",
@@ -780,8 +785,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(writes report_lomo.md)")
     p.add_argument("--deployment", choices=list(DEPLOYMENTS),
                    help="with --serving: how the measured servers ran (default aiconfigurator: the engine flags and "
-                        "request count of aiconfigurator's generated benchmarks; engine-defaults: each engine's "
-                        "default flags); docs/vllm-bench.md")
+                        "request count of aiconfigurator's generated benchmarks; engine-defaults, the default for "
+                        "`vllm bench serve` results: each engine's default flags); docs/vllm-bench.md")
     p.add_argument("--requests-per-client", type=int,
                    help="with --serving: the closed-loop run's length (default: the deployment's; the rows do "
                         "not record it)")

@@ -218,6 +218,9 @@ class Row:
     num_requests: int | None = None
     serve_flags: str = ""  # the run's `vllm serve` flags (SERVE_FLAGS_COLUMN), "" where not recorded
     sampler: str = ""  # SAMPLER_COLUMN: the server's sampler, "" where not recorded (native)
+    # a `vllm bench serve` result's --request-rate (None: inf, every request at once) and --burstiness
+    request_rate: float | None = None
+    burstiness: float = 1.0
 
     @property
     def engine_flags(self) -> dict:
@@ -276,7 +279,10 @@ class Judged:
 
 
 def read_rows(path: Path) -> list[Row]:
-    """The file's rows; a missing column or a malformed value is one error naming file, line and field."""
+    """The file's rows (a silicon-sample CSV; a `vllm bench serve` result JSON, or a folder of them:
+    read_bench_results); a missing column or a malformed value is one error naming file, line and field."""
+    if path.is_dir() or path.suffix == ".json":
+        return read_bench_results(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -349,6 +355,58 @@ def serve_flag_settings(flags: str) -> dict | str:
             return f"serve flag {flag}: value {value!r} is not a {kind.__name__}"
         i += 1 if inline else 2
     return out
+
+
+# `vllm bench serve --save-result` writes one JSON per run (vllm/benchmarks/serve.py: the client's
+# settings, then the metrics). What the server was, it does not record: the run gives it as
+# `--metadata KEY=VALUE` entries, which the JSON keeps at its top level. Required: gpu (a catalogue name or
+# silicon-sample system), vllm_version; optional: tp (default 1), precision (a silicon-sample label,
+# default 16-bit: a quantized checkpoint must say it), serve_flags, sampler.
+BENCH_METADATA_REQUIRED = ("gpu", "vllm_version")
+
+
+def read_bench_results(path: Path) -> list[Row]:
+    """The runs of a `vllm bench serve --save-result` JSON, or of every *.json in a folder (sorted): one
+    row each, its lengths the run's means (total tokens over completed requests), its clients
+    --max-concurrency (else every request at once), with --request-rate and --burstiness as sent. A
+    missing or malformed field is one error naming the file and the field."""
+    import json
+
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    if not files:
+        raise KvsimError("no *.json `vllm bench serve` results in this folder", field="--serving", value=str(path))
+    rows = []
+    for i, f in enumerate(files, start=1):
+        try:
+            d = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise KvsimError(f"cannot read a `vllm bench serve` result: {err}", file=str(f)) from None
+        if not isinstance(d, dict):
+            raise KvsimError("not a `vllm bench serve` result (expected a JSON object)", file=str(f))
+        for key in ("model_id", "completed", "total_input_tokens", "total_output_tokens", "mean_ttft_ms",
+                    "mean_tpot_ms", *BENCH_METADATA_REQUIRED):
+            if d.get(key) in (None, ""):
+                hint = (" (record it with `vllm bench serve --metadata KEY=VALUE`)"
+                        if key in BENCH_METADATA_REQUIRED else "")
+                raise KvsimError(f"missing{hint}", field=key, value=None, file=str(f))
+        try:
+            done = int(d["completed"])
+            rate = d.get("request_rate", "inf")
+            rate = None if rate in ("inf", None) or float(rate) == math.inf else float(rate)
+            clients = int(d["max_concurrency"]) if d.get("max_concurrency") else done
+            row = Row(i, "vllm", str(d["vllm_version"]), str(d["model_id"]), str(d["gpu"]),
+                      str(d.get("precision", "")), round(int(d["total_input_tokens"]) / done),
+                      round(int(d["total_output_tokens"]) / done), clients, int(d.get("tp", 1)),
+                      float(d["mean_ttft_ms"]), float(d["mean_tpot_ms"]), "", num_requests=done,
+                      serve_flags=str(d.get("serve_flags", "")).strip(), sampler=str(d.get("sampler", "")).strip(),
+                      request_rate=rate, burstiness=float(d.get("burstiness", 1.0)))
+        except (TypeError, ValueError, ZeroDivisionError) as err:
+            raise KvsimError(f"malformed value ({type(err).__name__}: {err})", file=str(f)) from None
+        if min(row.isl, row.osl, row.concurrency, row.tp) < 1 or not (0 < row.ttft_ms < math.inf
+                                                                      and 0 < row.tpot_ms < math.inf):
+            raise KvsimError("lengths, concurrency and tp must be >= 1, times finite and > 0", file=str(f))
+        rows.append(row)
+    return rows
 
 
 def _measured_day(text: str, line: int, path: Path) -> datetime.date:
@@ -644,6 +702,8 @@ def _scenario(row: Row, checkpoint: Checkpoint, hardware: str, calibration: str 
            **({"method": deployment.fp8_checkpoint_kv} if row.precision in FP8_WEIGHTS + FP8_BLOCK_LABELS else {}),
            "workload": {"closed_loop": {"concurrency": row.concurrency,
                                         "num_requests": row.requests(deployment),
+                                        **({"request_rate": row.request_rate, "burstiness": row.burstiness}
+                                           if row.request_rate is not None else {}),
                                         "input": {"kind": "fixed", "tokens": row.isl},
                                         "output": {"kind": "fixed", "tokens": row.osl}}}}
     # --set overrides: a hypothesis about how the measured servers ran (e.g. a smaller token budget),

@@ -147,6 +147,63 @@ def test_any_modelled_flags_parse_and_any_other_is_refused(flags: list[str], val
         assert isinstance(got, str) and other in got
 
 
+def _bench_result(**over) -> dict:
+    """A `vllm bench serve --save-result` JSON's fields kvsim reads, with `--metadata gpu=... vllm_version=...`
+    (GPUStack's public Qwen3-8B run at 4 clients: docs/performance-lab/qwen3-8b/h100-latency.md)."""
+    return {"date": "20251015-120000", "backend": "openai-chat", "model_id": "Qwen/Qwen3-8B", "num_prompts": 100,
+            "request_rate": "inf", "burstiness": 1.0, "max_concurrency": 4, "completed": 100,
+            "total_input_tokens": 23260, "total_output_tokens": 22061, "mean_ttft_ms": 64.0, "mean_tpot_ms": 7.38,
+            "gpu": "h100-sxm", "vllm_version": "0.11.0", "tp": "1"} | over
+
+
+def test_vllm_bench_serve_results_are_judged_like_the_row_they_record(tmp_path: Path) -> None:
+    """A `vllm bench serve --save-result` JSON (or a folder of them) is judged as the silicon-sample row of
+    the same run: the public CSV's Qwen3-8B 4-client row and its JSON give the same prediction; a finite
+    --request-rate and --burstiness reach the closed loop; the CLI judges such files under the engine's
+    defaults unless told otherwise."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "c4.json").write_text(json.dumps(_bench_result(sampler="flashinfer")))
+    (tmp_path / "runs" / "rate.json").write_text(json.dumps(_bench_result(request_rate=2.5, burstiness=0.5)))
+    rows = read_rows(tmp_path / "runs")
+    assert [(r.concurrency, r.num_requests, r.isl, r.osl, r.request_rate) for r in rows] == [
+        (4, 100, 233, 221, None), (4, 100, 233, 221, 2.5)]
+    sc = _scenario(rows[1], _checkpoint(rows[1]), "h100-sxm", None, DEPLOYMENTS["engine-defaults"])
+    loop = sc.spec.workload.closed_loop
+    assert (loop.request_rate, loop.burstiness) == (2.5, 0.5)
+    judged, _ = judge(tmp_path / "runs" / "c4.json", deployment="engine-defaults")
+    public, _ = judge(ROOT / "validation" / "reference" / "public_vllm_serving.csv", deployment="engine-defaults")
+    (same,) = [j for j in public if j.row.model == "Qwen/Qwen3-8B" and j.row.concurrency == 4]
+    assert (judged[0].ttft_ms, judged[0].tpot_ms) == pytest.approx((same.ttft_ms, same.tpot_ms))
+    assert "deployment engine-defaults" in _cli_out(["validate", "--serving", str(tmp_path / "runs" / "c4.json")])
+
+
+def _cli_out(argv: list[str]) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(argv)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("change, field", [({"gpu": None}, "gpu"), ({"vllm_version": ""}, "vllm_version"),
+                                           ({"mean_tpot_ms": None}, "mean_tpot_ms")])
+def test_a_bench_result_without_what_kvsim_needs_is_one_error(tmp_path: Path, change: dict, field: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing field (the server's GPU or vLLM version, which only --metadata records) is one line naming
+    the field and the file, exit 2; so is a file that is not a result."""
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({k: v for k, v in (_bench_result() | change).items() if v is not None}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", "--serving", str(f)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and field in err and str(f) in err and len(err.strip().splitlines()) == 1
+    f.write_text("[1, 2]")
+    with pytest.raises(KvsimError, match="expected a JSON object"):
+        read_rows(f)
+
+
 def test_an_int4_weight_only_row_runs_w4a16_on_a_dense_model_only(tmp_path: Path) -> None:
     """aiconfigurator's weight-only int4 label (an AWQ or GPTQ release) runs a dense catalogue model
     (or its -AWQ release) with int4 weights; on a MoE model it is not expressible."""
