@@ -561,14 +561,14 @@ def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: 
         UNRECORDED,
         deployment_named,
         error_table,
+        is_bench_results,
         judge,
     )
     from kvsim.memory import default_vllm_version
 
     # `vllm bench serve` results are the user's own runs: the engine's defaults and the run's recorded
     # flags, not aiconfigurator's generated deployment, unless asked
-    bench_results = path.is_dir() or path.suffix == ".json"
-    deployment = deployment or ("engine-defaults" if bench_results else DEFAULT_DEPLOYMENT)
+    deployment = deployment or ("engine-defaults" if is_bench_results(path) else DEFAULT_DEPLOYMENT)
     dep = deployment_named(deployment, requests_per_client)
     judged, skipped = judge(path, calibration, sets, deployment, requests_per_client)
     table = error_table(judged) if judged else []

@@ -281,7 +281,7 @@ class Judged:
 def read_rows(path: Path) -> list[Row]:
     """The file's rows (a silicon-sample CSV; a `vllm bench serve` result JSON, or a folder of them:
     read_bench_results); a missing column or a malformed value is one error naming file, line and field."""
-    if path.is_dir() or path.suffix == ".json":
+    if is_bench_results(path):
         return read_bench_results(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -363,6 +363,11 @@ def serve_flag_settings(flags: str) -> dict | str:
 # silicon-sample system), vllm_version; optional: tp (default 1), precision (a silicon-sample label,
 # default 16-bit: a quantized checkpoint must say it), serve_flags, sampler.
 BENCH_METADATA_REQUIRED = ("gpu", "vllm_version")
+
+
+def is_bench_results(path: Path) -> bool:
+    """Whether ``path`` names `vllm bench serve` result JSONs (a .json file, or a folder of them)."""
+    return path.is_dir() or path.suffix == ".json"
 
 
 def read_bench_results(path: Path) -> list[Row]:

@@ -316,7 +316,8 @@ def marlin_point(m, n, k, label, csv, mar, packs):
 
 
 def only_layers(args, shapes: list, label_of) -> list:
-    """--layers: a call that completes an earlier one measures only the shapes it lacks."""
+    """--layers: a call that completes an earlier one measures only the shapes it lacks (checked against
+    every shape of the part, before --quick keeps the first few)."""
     if not args.layers:
         return shapes
     wanted = args.layers.split(",")
@@ -333,7 +334,7 @@ def run_marlin(args, out, budget):
     mar = load_marlin()
     log(f"marlin: compiled ({open(os.path.join(MARLIN_DIR, 'COMMIT')).read().strip()[:10]})")
     shapes = [s for s in SHAPES if s[1] % MARLIN_GROUP == 0 and s[0] % 256 == 0]
-    shapes = only_layers(args, shapes[:3] if args.quick else shapes, lambda s: s[2])
+    shapes = only_layers(args, shapes, lambda s: s[2])[:3 if args.quick else None]
     ms = MS_QUICK if args.quick else W4A16_MS
     checked: dict[int, float] = {}
     for (n, k, label) in shapes:
@@ -553,7 +554,7 @@ def run_fused_moe(args, out, budget):
     csv = CsvOut(os.path.join(out, "fused_moe.csv"),
                  ["mode", "experts", "top_k", "tokens", "active_experts", "n", "k", "time_s", "flops", "bytes",
                   "rel_error", "layer", "params"])
-    shapes = only_layers(args, FUSED_MOE[:1] if args.quick else FUSED_MOE, lambda s: s[4])
+    shapes = only_layers(args, FUSED_MOE, lambda s: s[4])[:1 if args.quick else None]
     table = vt.load_table() if args.tilings == "vllm" else None
     measure_fused_moe(shapes, [1, 64] if args.quick else GROUPED_TOKENS, csv, budget, table)
     if table is not None:
