@@ -80,6 +80,9 @@ class VllmMemoryRule:
     non_torch_bytes: float  # non-torch growth after the worker's baseline snapshot, TP 1
     non_torch_extra_bytes: float | None  # added when TP > 1 (None: not measured, TP > 1 is refused)
     non_torch_extra_per_rank_bytes: float  # and this much per rank when TP > 1
+    # added instead when TP > 1 on GPUs without NVLink, whose NCCL keeps its buffers elsewhere (None: the
+    # NVLink figures above hold for them too, as the rule file says where no PCIe growth was measured)
+    non_torch_extra_pcie_bytes: float | None
     sampler_bytes_per_logit: float  # per (sampled row x vocabulary entry) at the sampler's peak
     sampler_holds_dtype_logits: bool  # the model-dtype logits stay alive beside them
     cuda_graphs_charged: bool  # by the V1 model runner
@@ -107,12 +110,16 @@ class VllmMemoryRule:
         """Whether this range subtracts ``model``'s CUDA-graph estimate from the KV budget."""
         return self.cuda_graphs_charged and not (self.runner_v2 is not None and self.runner_v2.runs(model))
 
-    def non_torch(self, tp: int) -> float:
-        if tp > 1 and self.non_torch_extra_bytes is None:
+    def non_torch(self, tp: int, hw: HardwareSpec) -> float:
+        """Non-torch growth over the baseline on one GPU of a ``tp``-wide group of ``hw`` GPUs."""
+        if tp == 1:
+            return self.non_torch_bytes
+        if hw.nvlink_bandwidth_bytes_per_s == 0 and self.non_torch_extra_pcie_bytes is not None:
+            return self.non_torch_bytes + self.non_torch_extra_pcie_bytes
+        if self.non_torch_extra_bytes is None:
             raise KvsimError(f"{self.label}: memory at TP > 1 is not modelled (its growth over the baseline is not "
                              f"measured; {_RULES_FILE})", field="vllm_version", value=_dotted(self.first))
-        extra = (self.non_torch_extra_bytes or 0.0) + self.non_torch_extra_per_rank_bytes * tp if tp > 1 else 0.0
-        return self.non_torch_bytes + extra
+        return self.non_torch_bytes + self.non_torch_extra_bytes + self.non_torch_extra_per_rank_bytes * tp
 
 
 @cache
@@ -123,6 +130,7 @@ def _rules() -> tuple[str, tuple[VllmMemoryRule, ...]]:
     rules = tuple(VllmMemoryRule(first=parse_version(r["first"]), until=parse_version(r["until"]),
                                  **{f: r[f] for f in fields},
                                  non_torch_extra_per_rank_bytes=float(r.get("non_torch_extra_per_rank_bytes", 0)),
+                                 non_torch_extra_pcie_bytes=r.get("non_torch_extra_pcie_bytes"),
                                  triton_sampler_buffer=bool(r.get("triton_sampler_buffer", False)),
                                  moe_experts_hopper=MappingProxyType(dict(r.get("moe_experts_hopper", {}))),
                                  moe_experts_other=MappingProxyType(dict(r.get("moe_experts_other", {}))),
@@ -451,7 +459,7 @@ class Overheads:
 
 def engine_overheads(model: ModelSpec, hw: HardwareSpec, tp: int, engine: EngineMemoryConfig,
                      par: Parallel = SINGLE) -> Overheads:
-    return Overheads(activation_peak_bytes(model, hw, tp, engine, par), engine.rule.non_torch(tp),
+    return Overheads(activation_peak_bytes(model, hw, tp, engine, par), engine.rule.non_torch(tp, hw),
                      engine.graph_bytes(model))
 
 

@@ -17,6 +17,7 @@ from kvsim.kv import layout_for
 from kvsim.memory import GIB, EngineMemoryConfig, plan_memory, vllm_batch_limits, vllm_rule
 from kvsim.spec.hardware import load_hardware
 from kvsim.spec.model import WeightQuantSpec, load_model
+from kvsim.spec.parallel import Parallel
 from kvsim.spec.quant import with_weights
 
 PROFILES = yaml.safe_load((ROOT / "validation/reference/vllm_memory_profiles.yaml").read_text())["profiles"]
@@ -29,7 +30,7 @@ def _plan(model: str, hw: str = "h100-sxm", method: str = "bf16", tp: int = 1, *
 
 def _log_plan(p: dict):
     """The plan of a public log's deployment under its vLLM version's rule, on the total it printed."""
-    m = with_weights(load_model(p["model"]), p["weights"])
+    m = with_weights(load_model(str(ROOT / p["model"]) if p["model"].endswith(".json") else p["model"]), p["weights"])
     if "weight_block" in p:  # block-scaled FP8 checkpoint: one fp32 scale per block
         rows, cols = p["weight_block"]
         m = replace(m, weight_quant=WeightQuantSpec("linear", 8 + 32 / (rows * cols), "fp8"))
@@ -41,7 +42,8 @@ def _log_plan(p: dict):
                                p.get("max_num_seqs"))
     engine = EngineMemoryConfig(p["gpu_memory_utilization"], 16, limits.max_num_batched_tokens, limits.max_num_seqs,
                                 vllm_version=p["vllm_version"], enforce_eager=p["enforce_eager"])
-    return plan_memory(m, hw, layout_for(m, "bf16"), p["tp"], engine)
+    par = Parallel(expert_parallel=p.get("enable_expert_parallel", False))
+    return plan_memory(m, hw, layout_for(m, "bf16"), p["tp"], engine, par)
 
 
 @pytest.mark.parametrize(("version", "gpu", "model", "max_len", "given", "want"), [
@@ -135,14 +137,31 @@ def test_version_picks_its_rule(version: str, label: str) -> None:
     assert label in vllm_rule(version).label
 
 
-def test_vllm_0_10_2_plans_as_0_11_at_tp_1_and_refuses_more_ranks() -> None:
+def test_vllm_0_10_2_plans_as_0_11_at_tp_1_and_by_interconnect_past_it() -> None:
     """0.10.2's memory code is 0.11.0's but for where it takes the baseline (before NCCL starts): the same
-    plan at TP 1; at TP 2 the growth over that baseline is unmeasured, so the plan is refused, naming the
-    version."""
+    plan at TP 1; at TP > 1 NCCL's start-up memory falls inside the budget, as two public 0.10.2 logs measured
+    it: 1.38 GiB at TP 2 over NVLink (two H200s), 0.21 GiB at TP 8 over PCIe (eight L40S)."""
     old, new = _plan("llama-3-8b", vllm_version="0.10.2"), _plan("llama-3-8b", vllm_version="0.11.0")
     assert (old.num_gpu_blocks, old.activation_peak_bytes) == (new.num_gpu_blocks, new.activation_peak_bytes)
+    nvlink = next(p for p in PROFILES if p["id"] == "vllm0102-h200-qwen3-next-tp2")
+    pcie = next(p for p in PROFILES if p["id"] == "vllm0102-l40s-qwen3-235b-fp8-tp8-ep")
+    for p in (nvlink, pcie):
+        plan = _plan("qwen3-32b", p["hardware"], tp=p["tp"], vllm_version="0.10.2")
+        assert plan.non_torch_bytes / GIB == pytest.approx(p["non_torch_gib"], abs=0.005)
+    # NVLink grows by the per-rank part past TP 2 (borrowed from the 0.17 rule); PCIe does not
+    at = {(gpu, tp): _plan("qwen3-32b", gpu, tp=tp, vllm_version="0.10.2").non_torch_bytes
+          for gpu in ("h200-sxm", "l40s") for tp in (2, 8)}
+    assert at["h200-sxm", 8] - at["h200-sxm", 2] == pytest.approx(6 * vllm_rule("0.19").non_torch_extra_per_rank_bytes)
+    assert at["l40s", 8] == at["l40s", 2]
+
+
+def test_a_rule_without_measured_tp_growth_refuses_more_ranks() -> None:
+    """A version range whose growth over the baseline at TP > 1 is not measured plans TP 1 and refuses TP 2,
+    naming the version."""
+    rule = replace(vllm_rule("0.10.2"), non_torch_extra_bytes=None, non_torch_extra_pcie_bytes=None)
+    assert rule.non_torch(1, load_hardware("h100-sxm")) == vllm_rule("0.10.2").non_torch_bytes
     with pytest.raises(KvsimError, match="TP > 1 is not modelled") as err:
-        _plan("llama-3-8b", vllm_version="0.10.2", tp=2)
+        rule.non_torch(2, load_hardware("h100-sxm"))
     assert (err.value.field, err.value.value) == ("vllm_version", "0.10.2")
 
 
