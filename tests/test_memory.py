@@ -315,21 +315,25 @@ def test_sliding_window_pages() -> None:
 @settings(max_examples=examples(40))
 @given(util=st.floats(0.3, 1.0), bs=st.sampled_from([8, 16, 32]), ctx=st.integers(1, 8192),
        method=st.sampled_from(["bf16", "fp8", "kivi:bits=2", "snapkv:budget=512", "cla:factor=2"]),
-       version=st.sampled_from(["0.10.2", "0.11.0", "0.19"]), sampler=st.sampled_from(["native", "flashinfer"]))
-def test_planner_properties(util: float, bs: int, ctx: int, method: str, version: str, sampler: str) -> None:
+       version=st.sampled_from(["0.10.2", "0.11.0", "0.19"]), sampler=st.sampled_from(["native", "flashinfer"]),
+       tp=st.sampled_from([1, 2, 4, 8]), gpu=st.sampled_from(["h100-sxm", "l40s"]))
+def test_planner_properties(util: float, bs: int, ctx: int, method: str, version: str, sampler: str, tp: int,
+                            gpu: str) -> None:
     engine = dict(gpu_memory_utilization=util, block_size=bs, vllm_version=version)
-    plan = _plan("llama-3-8b", method=method, sampler=sampler, **engine)
+    plan = _plan("llama-3-8b", gpu, method=method, tp=tp, sampler=sampler, **engine)
+    # more ranks never shrink the memory outside torch (NCCL's buffers only add to it), over NVLink or PCIe
+    assert plan.non_torch_bytes >= _plan("llama-3-8b", gpu, tp=1, **engine).non_torch_bytes
     used = plan.weights.total + plan.activation_peak_bytes + plan.non_torch_bytes + plan.kv_cache_bytes
     assert used == pytest.approx(plan.budget_bytes)
     n = int(plan.max_concurrency(ctx)[0])
     assert n * plan.blocks_for(ctx)[0] <= plan.num_gpu_blocks
     assert (n + 1) * plan.blocks_for(ctx)[0] > plan.num_gpu_blocks
-    more = _plan("llama-3-8b", method=method, sampler=sampler,
+    more = _plan("llama-3-8b", gpu, method=method, tp=tp, sampler=sampler,
                  **{**engine, "gpu_memory_utilization": min(1.0, util + 0.05)})
     assert more.num_gpu_blocks >= plan.num_gpu_blocks
     # FlashInfer's sampler never holds more than the native one, so never leaves less KV cache
-    assert _plan("llama-3-8b", method=method, sampler="flashinfer", **engine).num_gpu_blocks >= \
-        _plan("llama-3-8b", method=method, **engine).num_gpu_blocks
+    assert _plan("llama-3-8b", gpu, method=method, tp=tp, sampler="flashinfer", **engine).num_gpu_blocks >= \
+        _plan("llama-3-8b", gpu, method=method, tp=tp, **engine).num_gpu_blocks
 
 
 def test_cli_memory_json(capsys) -> None:
