@@ -166,7 +166,7 @@ def memory_report(args: argparse.Namespace) -> dict:
         "activation_peak_bytes": plan.activation_peak_bytes,
         # the part of the peak a MoE kernel's workspace holds through the sampler run, and the kernel
         "moe_workspace_bytes": moe_bytes, "moe_experts_kernel": moe_kernel,
-        "non_torch_bytes": plan.non_torch_bytes,
+        "non_torch_bytes": plan.non_torch_bytes, "non_torch_basis": plan.rule.non_torch_basis(args.tp, hardware),
         "cuda_graph_bytes": plan.cuda_graph_bytes,
         "kv_cache_bytes": max(plan.kv_cache_bytes, 0.0),
         "block_size": engine.block_size,
@@ -207,7 +207,8 @@ def cmd_memory(args: argparse.Namespace) -> None:
     kept = (f"  (of which {r['moe_workspace_bytes'] / GIB:.2f} GiB the {r['moe_experts_kernel']} MoE experts' "
             "workspace, kept through the sampler run)") if r["moe_workspace_bytes"] else ""
     print(f"  activation peak         {g(r['activation_peak_bytes'])}{kept}")
-    print(f"  non-torch + CUDA graphs {g(r['non_torch_bytes'] + r['cuda_graph_bytes'])}")
+    print(f"  non-torch + CUDA graphs {g(r['non_torch_bytes'] + r['cuda_graph_bytes'])}  (non-torch: the rule's "
+          f"{r['non_torch_basis']})")
     print(f"  KV cache                {g(r['kv_cache_bytes'])}  = {r['num_gpu_blocks']:,} blocks of "
           f"{r['block_size']} tokens ({r['kv_capacity_tokens']:,} tokens at {r['context']:,}-token context)")
     host = r["kv_host_bytes_per_token"] * r["context"] / r["tp"]

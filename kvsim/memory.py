@@ -110,6 +110,16 @@ class VllmMemoryRule:
         """Whether this range subtracts ``model``'s CUDA-graph estimate from the KV budget."""
         return self.cuda_graphs_charged and not (self.runner_v2 is not None and self.runner_v2.runs(model))
 
+    def non_torch_basis(self, tp: int, hw: HardwareSpec) -> str:
+        """Which of the rule's measured growths :meth:`non_torch` uses for ``tp`` GPUs of ``hw``."""
+        if tp == 1:
+            return "TP 1 growth"
+        if hw.nvlink_bandwidth_bytes_per_s > 0:
+            return "growth at TP > 1 over NVLink"
+        if self.non_torch_extra_pcie_bytes is not None:
+            return "growth at TP > 1 over PCIe"
+        return "growth at TP > 1 measured over NVLink, not on PCIe (a PCIe group may hold less or more)"
+
     def non_torch(self, tp: int, hw: HardwareSpec) -> float:
         """Non-torch growth over the baseline on one GPU of a ``tp``-wide group of ``hw`` GPUs."""
         if tp == 1:

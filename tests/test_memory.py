@@ -336,6 +336,23 @@ def test_planner_properties(util: float, bs: int, ctx: int, method: str, version
         _plan("llama-3-8b", gpu, method=method, tp=tp, **engine).num_gpu_blocks
 
 
+@pytest.mark.parametrize(("gpu", "tp", "version", "basis"), [
+    ("h100-sxm", 1, "0.19", "TP 1 growth"),
+    ("h100-sxm", 2, "0.19", "growth at TP > 1 over NVLink"),
+    ("l40s", 4, "0.10.2", "growth at TP > 1 over PCIe"),  # the 0.10.2 rule measured PCIe (eight L40S)
+    ("l40s", 4, "0.11.0", "growth at TP > 1 measured over NVLink, not on PCIe"),  # the 0.11 rule did not
+])
+def test_memory_says_which_non_torch_growth_it_used(capsys, gpu: str, tp: int, version: str, basis: str) -> None:
+    """A figure measured over NVLink and applied to a PCIe group is labelled so, in the JSON and the table."""
+    import json
+
+    args = ["memory", "--model", "llama-3.1-8b", "--hardware", gpu, "--tp", str(tp), "--vllm-version", version]
+    main([*args, "--json"])
+    assert json.loads(capsys.readouterr().out)["non_torch_basis"].startswith(basis)
+    main(args)
+    assert f"(non-torch: the rule's {basis}" in capsys.readouterr().out
+
+
 def test_cli_memory_json(capsys) -> None:
     main(["memory", "--model", "llama-3-8b", "--hardware", "h100-sxm", "--context", "8192", "--batch", "32",
           "--json"])
