@@ -13,8 +13,18 @@ in for the sample. It records the allocator's peak above the model-dtype logits,
 charges as sampler_bytes_per_logit (without the model-dtype logits, which it adds apart). No vLLM code
 is copied.
 
-Rows go to sampler_peak.csv: rows, vocab, peak_bytes (above the bf16 logits), per_logit, sort_only
-(the same for torch.sort alone: values and indices), torch version in meta.
+With ``--sampler flashinfer`` it runs FlashInfer's sampler instead, as vLLM's V1 sampler calls it wherever
+FlashInfer is installed in 0.10.2-0.11 and with VLLM_USE_FLASHINFER_SAMPLER=1 from 0.12
+(ops/topk_topp_sampler.py ``flashinfer_sample``: the fp32 logits, temperature divided in place, then
+``flashinfer.sampling.top_k_top_p_sampling_from_logits(logits, k, p, deterministic=True)``): kvsim charges
+12 B per logit for it (kvsim/memory.py FLASHINFER_SAMPLER_BYTES_PER_LOGIT, derived from flashinfer's
+sampling.py). FlashInfer is not on the lent machines: carry its wheel and pure-Python dependencies
+(flashinfer-python, apache-tvm-ffi, ninja, einops, tabulate, click, tqdm, nvidia-ml-py, requests) and
+install them with --no-deps before the call; its sampling kernels compile on the device (nvcc).
+
+Rows go to sampler_peak.csv: sampler (native or flashinfer plus its version), rows, vocab, peak_bytes
+(above the bf16 logits), per_logit, sort_only (the same for torch.sort alone: values and indices; native
+only), torch version in meta.
 """
 from __future__ import annotations
 
@@ -49,6 +59,16 @@ def sample_native(logits_dtype, top_k, top_p):
     return probs.div_(q).argmax(dim=-1)
 
 
+def sample_flashinfer(logits_dtype, top_k, top_p):
+    """FlashInfer's path on the same metadata: vLLM's cast and in-place temperature, then FlashInfer."""
+    import flashinfer.sampling
+    import torch
+
+    logits = logits_dtype.to(torch.float32)
+    logits.div_(torch.full((logits.shape[0], 1), 1.0, device=logits.device))
+    return flashinfer.sampling.top_k_top_p_sampling_from_logits(logits, top_k, top_p, deterministic=True)
+
+
 def peak_above(fn) -> int:
     """Bytes the allocator's peak rises above what is allocated when ``fn`` starts."""
     import torch
@@ -64,28 +84,42 @@ def peak_above(fn) -> int:
 def main():
     import torch
 
-    a = part_args(60).parse_args()
+    ap = part_args(60)
+    ap.add_argument("--sampler", choices=("native", "flashinfer"), default="native")
+    a = ap.parse_args()
     budget = Budget(a.budget_s)
-    csv = CsvOut(os.path.join(a.out, "sampler_peak.csv"), ["rows", "vocab", "peak_bytes", "per_logit",
+    native = a.sampler == "native"
+    if native:
+        sample, name = sample_native, "native"
+    else:
+        import flashinfer
+
+        sample, name = sample_flashinfer, f"flashinfer {flashinfer.__version__}"
+    csv = CsvOut(os.path.join(a.out, "sampler_peak.csv"), ["sampler", "rows", "vocab", "peak_bytes", "per_logit",
                                                            "sort_peak_bytes", "sort_per_logit"])
     for rows, vocab in POINTS[:2] if a.quick else POINTS:
         if not budget.ok(5):
             break
         logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
-        k = torch.full((rows,), vocab - 1, device="cuda", dtype=torch.long)
+        # FlashInfer takes int32 top-k (its kernels' IdType); vLLM's native path int64
+        k = torch.full((rows,), vocab - 1, device="cuda", dtype=torch.long if native else torch.int32)
         p = torch.full((rows,), 0.99, device="cuda", dtype=torch.float32)
-        sample_native(logits, k, p)  # warm-up: cub's and the caching allocator's first-call state
+        ids = sample(logits, k, p)  # warm-up: compiles FlashInfer's kernels; cub's and the allocator's first call
+        assert ids.shape == (rows,) and int(ids.min()) >= 0 and int(ids.max()) < vocab, "sampled ids out of range"
         torch.cuda.empty_cache()
-        peak = peak_above(lambda: sample_native(logits, k, p))
-        fp32 = logits.float()
-        torch.cuda.empty_cache()
-        sort_peak = peak_above(lambda: fp32.sort(dim=-1))
+        peak = peak_above(lambda: sample(logits, k, p))
+        sort_peak = None
+        if native:
+            fp32 = logits.float()
+            torch.cuda.empty_cache()
+            sort_peak = peak_above(lambda: fp32.sort(dim=-1))
+            del fp32
         n = rows * vocab
-        csv.row(rows=rows, vocab=vocab, peak_bytes=peak, per_logit=peak / n, sort_peak_bytes=sort_peak,
-                sort_per_logit=sort_peak / n)
-        log(f"sampler rows {rows} vocab {vocab}: peak {peak / 2**30:.3f} GiB = {peak / n:.2f} B per logit "
-            f"(torch.sort of the fp32 logits alone: {sort_peak / n:.2f})")
-        del logits, fp32
+        csv.row(sampler=name, rows=rows, vocab=vocab, peak_bytes=peak, per_logit=peak / n,
+                sort_peak_bytes=sort_peak, sort_per_logit=None if sort_peak is None else sort_peak / n)
+        log(f"{name} sampler rows {rows} vocab {vocab}: peak {peak / 2**30:.3f} GiB = {peak / n:.2f} B per logit"
+            + ("" if sort_peak is None else f" (torch.sort of the fp32 logits alone: {sort_peak / n:.2f})"))
+        del logits
         torch.cuda.empty_cache()
 
 
