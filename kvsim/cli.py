@@ -166,7 +166,7 @@ def memory_report(args: argparse.Namespace) -> dict:
         "activation_peak_bytes": plan.activation_peak_bytes,
         # the part of the peak a MoE kernel's workspace holds through the sampler run, and the kernel
         "moe_workspace_bytes": moe_bytes, "moe_experts_kernel": moe_kernel,
-        "non_torch_bytes": plan.non_torch_bytes, "non_torch_basis": plan.rule.non_torch_basis(args.tp, hardware),
+        "non_torch_bytes": plan.non_torch_bytes, "non_torch_basis": plan.rule.non_torch_growth(args.tp, hardware)[1],
         "cuda_graph_bytes": plan.cuda_graph_bytes,
         "kv_cache_bytes": max(plan.kv_cache_bytes, 0.0),
         "block_size": engine.block_size,

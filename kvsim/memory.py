@@ -110,26 +110,23 @@ class VllmMemoryRule:
         """Whether this range subtracts ``model``'s CUDA-graph estimate from the KV budget."""
         return self.cuda_graphs_charged and not (self.runner_v2 is not None and self.runner_v2.runs(model))
 
-    def non_torch_basis(self, tp: int, hw: HardwareSpec) -> str:
-        """Which of the rule's measured growths :meth:`non_torch` uses for ``tp`` GPUs of ``hw``."""
+    def non_torch_growth(self, tp: int, hw: HardwareSpec) -> tuple[float, str]:
+        """Non-torch growth over the baseline on one GPU of a ``tp``-wide group of ``hw`` GPUs, and which
+        of the rule's measured growths it is."""
         if tp == 1:
-            return "TP 1 growth"
-        if hw.nvlink_bandwidth_bytes_per_s > 0:
-            return "growth at TP > 1 over NVLink"
-        if self.non_torch_extra_pcie_bytes is not None:
-            return "growth at TP > 1 over PCIe"
-        return "growth at TP > 1 measured over NVLink, not on PCIe (a PCIe group may hold less or more)"
-
-    def non_torch(self, tp: int, hw: HardwareSpec) -> float:
-        """Non-torch growth over the baseline on one GPU of a ``tp``-wide group of ``hw`` GPUs."""
-        if tp == 1:
-            return self.non_torch_bytes
-        if hw.nvlink_bandwidth_bytes_per_s == 0 and self.non_torch_extra_pcie_bytes is not None:
-            return self.non_torch_bytes + self.non_torch_extra_pcie_bytes
+            return self.non_torch_bytes, "TP 1 growth"
+        nvlink = hw.nvlink_bandwidth_bytes_per_s > 0
+        if not nvlink and self.non_torch_extra_pcie_bytes is not None:
+            return self.non_torch_bytes + self.non_torch_extra_pcie_bytes, "growth at TP > 1 over PCIe"
         if self.non_torch_extra_bytes is None:
             raise KvsimError(f"{self.label}: memory at TP > 1 is not modelled (its growth over the baseline is not "
                              f"measured; {_RULES_FILE})", field="vllm_version", value=_dotted(self.first))
-        return self.non_torch_bytes + self.non_torch_extra_bytes + self.non_torch_extra_per_rank_bytes * tp
+        return (self.non_torch_bytes + self.non_torch_extra_bytes + self.non_torch_extra_per_rank_bytes * tp,
+                "growth at TP > 1 over NVLink" if nvlink else
+                "growth at TP > 1 measured over NVLink, not on PCIe (a PCIe group may hold less or more)")
+
+    def non_torch(self, tp: int, hw: HardwareSpec) -> float:
+        return self.non_torch_growth(tp, hw)[0]
 
 
 @cache
