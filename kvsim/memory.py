@@ -252,7 +252,9 @@ def vllm_batch_limits(version: str, hardware: HardwareSpec, model: ModelSpec, ma
 #   VLLM_USE_FLASHINFER_SAMPLER=1 from 0.12. Its dummy-run peak, derived from flashinfer/sampling.py
 #   (v0.3.0 and v0.3.1, the versions vLLM 0.10.2 and 0.11.0 pin): the fp32 logits 4 B + the top-k mask's
 #   output (top_k_mask_logits: torch.empty_like(logits)) 4 B + the softmax probabilities 4 B per logit,
-#   the sampled ids [rows] aside; no row buffer. The model-dtype logits are held as in the rule.
+#   the sampled ids [rows] aside; no row buffer. The model-dtype logits are held as in the rule. Measured on an
+#   H100 with FlashInfer 0.5.3, whose sampling.py allocates the same (validation/sampler_peak.py --sampler
+#   flashinfer, run h100-call23; validation/results/h100-sxm/sampler_peak.csv): 12.00-12.07 B per logit.
 SAMPLERS = ("native", "flashinfer")
 FLASHINFER_SAMPLER_BYTES_PER_LOGIT = 12
 V1_FROM = (0, 10, 2)  # the oldest V1 engine kvsim models (0.6.x is V0)

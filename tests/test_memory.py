@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 from kvsim.cli import main
 from kvsim.errors import KvsimError
 from kvsim.kv import layout_for
-from kvsim.memory import GIB, EngineMemoryConfig, plan_memory, vllm_batch_limits, vllm_rule
+from kvsim.memory import (
+    FLASHINFER_SAMPLER_BYTES_PER_LOGIT,
+    GIB,
+    EngineMemoryConfig,
+    plan_memory,
+    vllm_batch_limits,
+    vllm_rule,
+)
 from kvsim.spec.hardware import load_hardware
 from kvsim.spec.model import WeightQuantSpec, load_model
 from kvsim.spec.parallel import Parallel
@@ -184,17 +191,32 @@ def test_sampler_peak_by_version() -> None:
         rows_vocab * 14 + 132 * 151_936 * 4 + hidden + rows + workspace
 
 
-def test_the_native_sort_samplers_bytes_per_logit_are_measured() -> None:
-    """The 0.10.2-0.16 rules' 36 B per logit (derived from vLLM's sampler and torch's sort) is what the
-    sampler's dummy run holds on an H100 (validation/sampler_peak.py, run h100-call22: 256 and 1,024 rows
-    of three vocabularies, 36.02-36.06 B)."""
+def _measured_sampler_rows(sampler: str) -> list[dict]:
     import csv
 
-    rows = list(csv.DictReader((ROOT / "validation/results/h100-sxm/sampler_peak.csv").read_text().splitlines()))
-    assert len(rows) == 6
+    rows = csv.DictReader((ROOT / "validation/results/h100-sxm/sampler_peak.csv").read_text().splitlines())
+    return [r for r in rows if r["sampler"].split()[0] == sampler]
+
+
+def test_the_native_sort_samplers_bytes_per_logit_are_measured() -> None:
+    """The 0.10.2-0.16 rules' 36 B per logit (derived from vLLM's sampler and torch's sort) is what the
+    sampler's dummy run holds on an H100 (validation/sampler_peak.py, runs h100-call22 and h100-call23 on two
+    cards: 256 and 1,024 rows of three vocabularies, 36.02-36.06 B, the same bytes on both)."""
+    rows = _measured_sampler_rows("native")
+    assert len(rows) == 12 and {r["run"] for r in rows} == {"h100-call22", "h100-call23"}
     for version in ("0.10.2", "0.11.0", "0.16.1"):
         for r in rows:
             assert float(r["per_logit"]) == pytest.approx(vllm_rule(version).sampler_bytes_per_logit, abs=0.1)
+
+
+def test_flashinfers_sampler_bytes_per_logit_are_measured() -> None:
+    """FlashInfer's 12 B per logit (derived from flashinfer/sampling.py) is what its top_k_top_p_sampling_from_logits
+    holds when called as vLLM's V1 sampler calls it (FlashInfer 0.5.3 on an H100, run h100-call23: 12.00-12.07 B at
+    the same 6 points)."""
+    rows = _measured_sampler_rows("flashinfer")
+    assert len(rows) == 6
+    for r in rows:
+        assert float(r["per_logit"]) == pytest.approx(FLASHINFER_SAMPLER_BYTES_PER_LOGIT, abs=0.1)
 
 
 def test_flashinfer_sampler_holds_12_bytes_a_logit_and_no_triton_buffer() -> None:
