@@ -489,8 +489,11 @@ def _shipped_config(row: Row) -> Path | None:
         pass
     model = row.model.lower()
     names = [model] + [model[: -len(tail)] + stand_in for tail, stand_in in STAND_INS if model.endswith(tail)]
-    return next((shipped[n] for n in names for folder in folders
-                 if n in (shipped := _shipped_configs(folder))), None)
+    for name in names:  # the release's own config first, then its stand-in's; kvsim's copy before the package's
+        for folder in folders:
+            if name in (shipped := _shipped_configs(folder)):
+                return shipped[name]
+    return None
 
 
 @functools.cache
