@@ -60,8 +60,8 @@ def schema_error(err: ValidationError, file: str | None, prefix: Sequence[str] =
             problems.append(KvsimError(e["msg"].removeprefix("Value error, "), field=field, value=e.get("input")))
     first = problems[0]
     if len(problems) == 1:
-        return KvsimError(str(first).removeprefix(f"{first.field}={first.value!r}: "), field=first.field,
-                          value=first.value, file=file)
+        named = f"{first.field}: " if first.value is None else f"{first.field}={first.value!r}: "
+        return KvsimError(str(first).removeprefix(named), field=first.field, value=first.value, file=file)
     more = len(problems) - SHOWN_ERRORS
     text = "; ".join(str(p) for p in problems[:SHOWN_ERRORS]) + (f"; and {more} more" if more > 0 else "")
     err_out = KvsimError(f"{len(problems)} problems: {text}", file=file)

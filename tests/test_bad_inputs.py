@@ -98,11 +98,15 @@ def _file_cases(d: Path) -> list[list[str]]:
     # GPU YAML variants
     gpu = yaml.safe_load(H100)
     variants = [H100 + "name: other\n", "[]\n", "a: [\n", "", H100.replace("name: h100-sxm", "name: 7")]
-    for key in ("name", "memory_bytes", "sm_count", "hbm_bandwidth_bytes_per_s", "family", "host", "peak_flops_per_s"):
+    for key in ("name", "memory_bytes", "sm_count", "hbm_bandwidth_bytes_per_s", "family", "host", "peak_flops_per_s",
+                "peer_to_peer"):
         variants.append(yaml.safe_dump({k: v for k, v in gpu.items() if k != key}))
     for key in ("memory_bytes", "hbm_bandwidth_bytes_per_s", "max_gpus_per_node", "interconnect_latency_s"):
         for value in (".nan", ".inf", "-1", "0", "true", "abc"):
             variants.append(H100.replace(f"\n{key}: ", f"\n{key}: {value} #"))
+    # an NVLink GPU always reaches its peers; peer access is a yes, a no or null (not known)
+    variants += [H100.replace("\npeer_to_peer: ", f"\npeer_to_peer: {value} #")
+                 for value in ("false", "null", "1", "yes x")]
     for i, text in enumerate(variants):
         path = _write(d, f"gpu{i}.yaml", text)
         cases.append(["memory", "--model", "llama-3-8b", "--hardware", path])

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvsim.cost import Batch, CostModel
-from kvsim.cost.collectives import CUSTOM_MAX_BYTES, custom_one_stage, load_collectives, vllm_allreduce
+from kvsim.cost.collectives import CUSTOM_MAX_BYTES, custom_one_stage, host_staging, load_collectives, vllm_allreduce
 from kvsim.cost.execution import eager_launch, vllm_execution, vllm_graph_sizes
 from kvsim.kv import layout_for
 from kvsim.spec.hardware import hardware_names, load_hardware
@@ -77,10 +77,78 @@ def test_pcie_groups_and_odd_degrees_use_nccl_or_the_ring_model() -> None:
     pcie = vllm_allreduce(load_hardware("h100-pcie"), 4)  # no NVLink in the catalogue entry: no custom kernel
     assert pcie.custom is None and "custom" not in pcie.source
     assert vllm_allreduce(load_hardware("h100-sxm"), 3).custom is None  # not a custom-kernel world size
-    plain = vllm_allreduce(load_hardware("rtx-4090"), 2)  # no imported tables at all
-    assert plain.custom is None and plain.nccl is None and "ring model" in plain.source
+    plain = vllm_allreduce(replace(load_hardware("rtx-4090"), peer_to_peer=True), 4)  # no imported tables at all
+    assert plain.custom is None and plain.nccl is None and plain.staging is None and "ring model" in plain.source
     ring = np.array([3e-5])
     assert plain.seconds(np.array([1e5]), ring)[0] == ring[0]
+
+
+def test_over_pcie_vllm_runs_its_custom_kernel_only_on_two_gpus_with_peer_access() -> None:
+    """CustomAllreduce.__init__: "not supported on more than two PCIe-only GPUs", and off without P2P (_can_p2p).
+    The RTX PRO 6000 Server Edition has peer access (vllm-project/vllm issue 56128): its measured custom table at
+    TP 2, NCCL's at TP 4 (aiconfigurator's TP 4 custom table was collected by forcing the kernel on). An L40S's
+    peer access is not recorded: NCCL's measured table, no custom kernel, and the label says why."""
+    pro = load_hardware("rtx-pro-6000")
+    assert pro.peer_to_peer is True and load_hardware("l40s").peer_to_peer is None
+    two, four = vllm_allreduce(pro, 2), vllm_allreduce(pro, 4)
+    assert two.custom is load_collectives("rtx-pro-6000").custom[2] and "two PCIe GPUs with peer access" in two.source
+    assert four.custom is None and not four.custom_ok and four.nccl is not None and four.staging is None
+    l40s = vllm_allreduce(load_hardware("l40s"), 2)
+    assert l40s.custom is None and l40s.nccl is not None and "peer-to-peer access not recorded" in l40s.source
+
+
+def test_without_peer_access_nccl_stages_through_host_memory_as_measured_on_one_host() -> None:
+    """8 x RTX 4090 on one host (blog.chlc.cc), nccl-tests with the stock driver (SHM) and a patched one (P2P):
+    small messages take the same 39 us, 128 MiB 16,253 us against 11,382 (1.43x). Stock GeForce Ada has no peer
+    access (sglang issue 4814), so its TP 2 group runs NCCL, not the custom kernel, priced staged: a 64 KiB decode
+    all-reduce no slower than with peer access, a 128 MiB one 1.43x slower."""
+    staging = host_staging()
+    assert staging.slowdown(np.array([8.0]))[0] == pytest.approx(38.83 / 38.82, rel=1e-3)
+    assert staging.slowdown(np.array([2.0**27, 2.0**30]))[0] == pytest.approx(16253 / 11382, rel=1e-3)
+    hw = load_hardware("rtx-4090")
+    assert hw.peer_to_peer is False
+    stock, patched = vllm_allreduce(hw, 2), vllm_allreduce(replace(hw, peer_to_peer=True), 2)
+    assert stock.staging is staging and not stock.custom_ok and "no peer-to-peer access" in stock.source
+    assert patched.staging is None and patched.custom_ok  # two PCIe GPUs with peer access: vLLM's custom kernel
+    assert vllm_allreduce(replace(hw, peer_to_peer=True), 4).custom_ok is False
+    unknown = vllm_allreduce(load_hardware("l4"), 2)
+    assert unknown.staging is staging and "not recorded" in unknown.source
+    model = load_model("llama-3-8b")
+    cost = {p2p: CostModel(model, replace(hw, peer_to_peer=p2p), layout_for(model), 4, None,
+                           vllm_execution(replace(hw, peer_to_peer=p2p), 4, 256, 8192, "")) for p2p in (False, True)}
+    small, big = np.array([65536.0]), np.array([2.0**27])
+    assert cost[False]._allreduce_call_s(small)[0] == pytest.approx(cost[True]._allreduce_call_s(small)[0], rel=0.05)
+    assert cost[False]._allreduce_call_s(big)[0] == pytest.approx(1.428 * cost[True]._allreduce_call_s(big)[0],
+                                                                  rel=0.01)
+
+
+def test_public_pcie_all_reduce_sweeps_as_kvsim_prices_them() -> None:
+    """kvsim's NCCL over PCIe (RTX 4090, no tables of its own: the ring on the Ada link terms, staged without peer
+    access) against every public nccl-tests sweep of RTX 4090 hosts (validation/reference/public_allreduce_pcie.csv;
+    README): at decode sizes (4 KiB-512 KiB) kvsim is 2-2.6x too fast on every host without peer access, and the
+    bandwidth-bound sizes (>= 4 MiB) spread with the host (busbw 2.2-15 GB/s on the same GPUs): kvsim 0.6-1.0x
+    of the two kalavai hosts, 4x of the dual-EPYC one. Figures are held here so a change to them is reviewed."""
+    import csv
+    from collections import defaultdict
+
+    rows = list(csv.DictReader((ROOT / "validation" / "reference" / "public_allreduce_pcie.csv").open()))
+    sweeps: dict = defaultdict(list)
+    for r in rows:
+        sweeps[(r["host"], int(r["gpus"]), r["peer_to_peer"] == "true")].append((float(r["bytes"]),
+                                                                                  float(r["time_us"]) * 1e-6))
+    model, got = load_model("llama-3-8b"), {}
+    for (host, gpus, p2p), points in sweeps.items():
+        hw = replace(load_hardware("rtx-4090"), peer_to_peer=p2p)
+        cost = CostModel(model, hw, layout_for(model), gpus, None, vllm_execution(hw, gpus, 256, 8192, ""))
+        b, s = np.array(points).T
+        ratio = cost._allreduce_call_s(b) / s
+        got[(host[:14], gpus, p2p)] = (round(float(np.median(ratio[(b >= 4096) & (b <= 2**19)])), 2),
+                                       round(float(np.median(ratio[b >= 2**22])), 2))
+    assert len(rows) == 166 and len(got) == 6
+    assert got == {("kalavai docker", 2, False): (0.39, 0.6), ("kalavai docker", 4, False): (0.52, 0.7),
+                   ("kalavai Kubern", 2, False): (0.47, 1.02),
+                   ("kalavai Kubern", 4, False): (0.52, 0.71),
+                   ("2 x EPYC 7542,", 8, False): (0.92, 3.95), ("2 x EPYC 7542,", 8, True): (0.92, 3.95)}
 
 
 def test_a_gpu_without_tables_borrows_those_of_its_nvlink_twin() -> None:

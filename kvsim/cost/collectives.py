@@ -5,8 +5,10 @@ with NCCL otherwise (``vllm/distributed/device_communicators/cuda_communicator.p
 ``CustomAllreduce.should_custom_ar`` in ``custom_all_reduce.py``): the group size must be one the
 kernel supports (2, 4, 6 or 8), the GPUs must be fully connected by NVLink (two GPUs may also use
 PCIe peer-to-peer; custom all-reduce is disabled without P2P access), and the message must be at
-most ``max_size`` (8 MiB by default). The custom kernel chooses one-shot or two-shot by size itself,
-so its measured latency per (TP, bytes) already includes that choice.
+most ``max_size`` (8 MiB by default). Whether a PCIe GPU has peer access is the catalogue's
+``peer_to_peer``; without it NCCL stages every hop through host memory (:func:`host_staging`). The
+custom kernel chooses one-shot or two-shot by size itself, so its measured latency per (TP, bytes)
+already includes that choice.
 
 Latencies come from ``kvsim/data/collectives/<gpu>.yaml``, written by
 :mod:`kvsim.importers.aiconfigurator` from NVIDIA aiconfigurator's public database (vLLM's custom
@@ -73,6 +75,31 @@ class Collectives:
 
 
 @dataclass(frozen=True)
+class HostStaging:
+    """NCCL's all-reduce on one PCIe host without peer access (every hop staged through host memory, its SHM
+    transport) and with it, same GPUs, same sizes: ``kvsim/data/collectives/host_staged_pcie.yaml``."""
+
+    staged: LatencyTable
+    direct: LatencyTable
+    source: str
+
+    def slowdown(self, msg_bytes: np.ndarray) -> np.ndarray:
+        """How much longer a call of each size takes staged than direct (about 1 for latency-bound messages,
+        1.43 for bandwidth-bound ones on that host)."""
+        return self.staged.seconds(msg_bytes) / self.direct.seconds(msg_bytes)
+
+
+@cache
+def host_staging() -> HostStaging:
+    """The shipped measurement of NCCL with and without peer access on one PCIe host."""
+    where = "kvsim/data/collectives/host_staged_pcie.yaml"
+    data = load_data_file(where)
+    return HostStaging(_table(data.get("host_staged") or {}, f"{where}: host_staged"),
+                       _table(data.get("peer_to_peer") or {}, f"{where}: peer_to_peer"),
+                       f"{data.get('source', where)} ({data.get('system', '')})")
+
+
+@dataclass(frozen=True)
 class AllReducePricing:
     """How a cost model prices one all-reduce call of a TP group."""
 
@@ -80,12 +107,17 @@ class AllReducePricing:
     nccl: LatencyTable | None  # used above (None: the calibrated ring model)
     source: str
     custom_ok: bool = False  # the group runs vLLM's custom kernel up to CUSTOM_MAX_BYTES, with a table or not
+    staging: HostStaging | None = None  # PCIe without peer access: the ring model's NCCL runs staged
 
     def seconds(self, msg_bytes: np.ndarray, ring_s: np.ndarray, custom_s: np.ndarray | None = None) -> np.ndarray:
-        """Per-call seconds; ``ring_s`` is the calibrated ring model's time, used where no table applies, and
-        ``custom_s`` the model of vLLM's custom kernel (:func:`custom_one_stage`'s stages on the calibrated link),
-        used where the group runs that kernel and has no table of it."""
-        big = ring_s if self.nccl is None else self.nccl.seconds(msg_bytes)
+        """Per-call seconds; ``ring_s`` is the calibrated ring model's time, used where no table applies (slowed
+        as measured where NCCL stages through host memory), and ``custom_s`` the model of vLLM's custom kernel
+        (:func:`custom_one_stage`'s stages on the calibrated link), used where the group runs that kernel and has
+        no table of it."""
+        if self.nccl is not None:
+            big = self.nccl.seconds(msg_bytes)
+        else:
+            big = ring_s if self.staging is None else ring_s * self.staging.slowdown(msg_bytes)
         small = self.custom.seconds(msg_bytes) if self.custom is not None else custom_s if self.custom_ok else None
         return big if small is None else np.where(msg_bytes <= CUSTOM_MAX_BYTES, small, big)
 
@@ -143,17 +175,30 @@ def vllm_allreduce(hw: HardwareSpec, tp: int) -> AllReducePricing:
     if tp == 1:
         return AllReducePricing(None, None, "no all-reduce at TP 1")
     tables = load_collectives(hw.name) or borrowed_collectives(hw)
-    # NVLink (nvlink_bandwidth_bytes_per_s > 0) connects every GPU of the catalogue's NVLink systems.
-    # A PCIe pair with peer-to-peer access would also qualify; the catalogue does not record P2P, so
-    # PCIe groups are priced as NCCL (and labelled so).
-    custom_ok = tp in CUSTOM_WORLD_SIZES and hw.nvlink_bandwidth_bytes_per_s > 0
+    # NVLink (nvlink_bandwidth_bytes_per_s > 0) connects every GPU of the catalogue's NVLink systems; over PCIe
+    # vLLM runs its custom kernel on two GPUs with peer access only (CustomAllreduce.__init__: "not supported on
+    # more than two PCIe-only GPUs", and _can_p2p)
+    pcie = hw.nvlink_bandwidth_bytes_per_s <= 0
+    custom_ok = tp in CUSTOM_WORLD_SIZES and (not pcie or (tp == 2 and hw.peer_to_peer is True))
     custom = tables.custom.get(tp) if tables is not None and custom_ok else None
     nccl = tables.nccl.get(tp) if tables is not None else None
+    staging = host_staging() if pcie and hw.peer_to_peer is not True and nccl is None else None
     parts = []
     if custom_ok:
         parts.append("vLLM custom all-reduce " + ("(measured table)" if custom else
                                                   "(no table: its one-/two-stage kernels on the calibrated link)")
-                     + f" up to {CUSTOM_MAX_BYTES // 2**20} MiB")
-    parts.append("NCCL " + ("(measured table)" if nccl else "(ring model fitted on kvsim's NCCL runs)"))
+                     + f" up to {CUSTOM_MAX_BYTES // 2**20} MiB"
+                     + (" (two PCIe GPUs with peer access)" if pcie else ""))
+    if nccl:
+        parts.append("NCCL (measured table)")
+    elif staging is None:
+        parts.append("NCCL (ring model fitted on kvsim's NCCL runs)")
+    else:
+        why = ("no peer-to-peer access on this GPU" if hw.peer_to_peer is False else
+               "peer-to-peer access not recorded for this GPU (catalogue peer_to_peer: null), so priced without it")
+        parts.append(f"NCCL through host memory ({why}): the ring model slowed as one host measured it staged "
+                     f"against direct, {staging.source}")
+    if pcie and hw.peer_to_peer is None and nccl:
+        parts.append("peer-to-peer access not recorded for this GPU: no custom kernel assumed")
     src = "; ".join(parts) + (f"; tables: {tables.source}" if tables is not None and (custom or nccl) else "")
-    return AllReducePricing(custom, nccl, src, custom_ok)
+    return AllReducePricing(custom, nccl, src, custom_ok, staging)

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvsim.errors import KvsimError, schema_error, unknown_name
 from kvsim.fileio import load_data_yaml, read_yaml_file
@@ -80,6 +80,11 @@ class HardwareSpec:
     peak_flops_per_s: Mapping[str, float | None]
     pcie_bandwidth_bytes_per_s: float
     nvlink_bandwidth_bytes_per_s: float
+    # Whether a node's GPUs can address each other's memory (CUDA peer access): over NVLink where the GPU
+    # has it, else over PCIe, which the driver grants on data-center boards and refuses on GeForce ones.
+    # vLLM's custom all-reduce needs it, and NCCL without it stages every hop through host memory (its SHM
+    # transport). None: not recorded, so a PCIe group's all-reduce is priced without it and labelled so.
+    peer_to_peer: bool | None
     interconnect_latency_s: float
     max_gpus_per_node: int
     price_per_gpu_hour_usd: float | None
@@ -137,12 +142,20 @@ class _Hardware(BaseModel):
     peak_flops_per_s: _Peaks
     pcie_bandwidth_bytes_per_s: float = Field(gt=0)
     nvlink_bandwidth_bytes_per_s: float = Field(ge=0)
+    peer_to_peer: bool | None  # a required key; null says "not known"
     interconnect_latency_s: float = Field(gt=0)
     max_gpus_per_node: int = Field(gt=0)
     price_per_gpu_hour_usd: float | None = Field(gt=0)
     price_source: _PriceSource | None = None
     sources: list[_Source] = Field(min_length=1)
     host: _Host
+
+    @field_validator("peer_to_peer")
+    @classmethod
+    def _nvlink_reaches_its_peers(cls, value: bool | None, info) -> bool | None:
+        if info.data.get("nvlink_bandwidth_bytes_per_s", 0) > 0 and value is not True:
+            raise ValueError("an NVLink GPU reaches its peers' memory over NVLink: must be true")
+        return value
 
 
 def _catalogue_dir() -> Traversable:
@@ -172,6 +185,7 @@ def _parse(raw: dict, file: str) -> HardwareSpec:
         peak_flops_per_s=MappingProxyType(hw.peak_flops_per_s.model_dump()),
         pcie_bandwidth_bytes_per_s=hw.pcie_bandwidth_bytes_per_s,
         nvlink_bandwidth_bytes_per_s=hw.nvlink_bandwidth_bytes_per_s,
+        peer_to_peer=hw.peer_to_peer,
         interconnect_latency_s=hw.interconnect_latency_s,
         max_gpus_per_node=hw.max_gpus_per_node,
         price_per_gpu_hour_usd=hw.price_per_gpu_hour_usd,
