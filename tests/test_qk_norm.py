@@ -82,8 +82,8 @@ def _router_s(model: ModelSpec, gpu: str) -> tuple[float, tuple[str, ...]]:
 def test_minimax_routes_in_fp32_at_the_fp32_peak() -> None:
     """vLLM's MiniMax-M2 gate holds fp32 weights and runs on hidden states cast to fp32 (minimax_m2.py):
     twice the router's weight bytes, and a prefill-sized router GEMM at the FP32 peak, several times the
-    bf16 one: on the measured gemm.fp32 curve of the H100 profile (run h100-call12), on a labelled prior
-    where a profile has none."""
+    bf16 one: on the measured gemm.fp32 curve of the H100 profile (run h100-call12) and the H200's
+    (h200-call7), on a labelled prior where a profile has none."""
     from kvsim.spec.linears import layer_linears
 
     model = load(MINIMAX_M25)
@@ -92,7 +92,8 @@ def test_minimax_routes_in_fp32_at_the_fp32_peak() -> None:
     router = next(lin for lin in layer_linears(model, model.layers[0], 4) if lin.role == "router")
     assert router.bits == 32 and router.bytes == 3072 * 256 * 4
     flops = 62 * 2 * 4096 * 3072 * 256  # every layer's router over the 4,096 prompt tokens
-    for gpu, label in (("h100-sxm", "gemm.fp32 curve"), ("h200-sxm", "PRIOR: the router runs in fp32")):
+    for gpu, label in (("h100-sxm", "gemm.fp32 curve"), ("h200-sxm", "gemm.fp32 curve, measured (h200-sxm"),
+                       ("b200", "PRIOR: the router runs in fp32")):
         fp32, notes = _router_s(model, gpu)
         bf16, plain_notes = _router_s(plain, gpu)
         assert any(label in n for n in notes) and not any("runs in fp32" in n for n in plain_notes)
