@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from kvsim.errors import KvsimError, schema_error, unknown_name
 from kvsim.fileio import load_data_yaml, read_yaml_file
@@ -152,7 +152,7 @@ class _Hardware(BaseModel):
 
     @field_validator("peer_to_peer")
     @classmethod
-    def _nvlink_reaches_its_peers(cls, value: bool | None, info) -> bool | None:
+    def _nvlink_reaches_its_peers(cls, value: bool | None, info: ValidationInfo) -> bool | None:
         if info.data.get("nvlink_bandwidth_bytes_per_s", 0) > 0 and value is not True:
             raise ValueError("an NVLink GPU reaches its peers' memory over NVLink: must be true")
         return value
