@@ -63,6 +63,7 @@ def cmd_hardware(args: argparse.Namespace) -> None:
                      "bf16_tflops": (hw.peak_flops_per_s.get("bf16") or 0) / 1e12,
                      "fp8_tflops": (hw.peak_flops_per_s.get("fp8") or 0) / 1e12,
                      "nvlink_gb_per_s": hw.nvlink_bandwidth_bytes_per_s / 1e9,
+                     "peer_to_peer": {True: "yes", False: "no", None: "not known"}[hw.peer_to_peer],
                      "price_usd_per_hour": hw.price_per_gpu_hour_usd,
                      "price_read_on": hw.price_source.read_on if hw.price_source else None,
                      f"calibration ({args.engine})": cal.label})

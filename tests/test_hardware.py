@@ -115,3 +115,16 @@ def test_missing_field(tmp_path):
 def test_missing_file():
     with pytest.raises(KvsimError, match="no such hardware file"):
         load_hardware("does/not/exist.yaml")
+
+
+def test_kvsim_hardware_says_which_gpus_reach_their_peers(capsys) -> None:
+    """`kvsim hardware` shows the catalogue's peer_to_peer: every NVLink GPU yes; over PCIe as cited in each
+    YAML (the RTX PRO 6000 Server Edition yes, a stock RTX 4090 no, the L40S not known)."""
+    import json
+
+    from kvsim.cli import main
+
+    assert main(["hardware", "--json"]) in (0, None)
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert all(r["peer_to_peer"] == "yes" for r in rows.values() if r["nvlink_gb_per_s"] > 0)
+    assert [rows[g]["peer_to_peer"] for g in ("rtx-pro-6000", "rtx-4090", "l40s")] == ["yes", "no", "not known"]
