@@ -3,6 +3,8 @@ from the imported measured tables (kvsim/data/collectives)."""
 
 from __future__ import annotations
 
+import csv
+from collections import defaultdict
 from dataclasses import replace
 
 import numpy as np
@@ -128,9 +130,6 @@ def test_public_pcie_all_reduce_sweeps_as_kvsim_prices_them() -> None:
     README): at decode sizes (4 KiB-512 KiB) kvsim is 2-2.6x too fast on every host without peer access, and the
     bandwidth-bound sizes (>= 4 MiB) spread with the host (busbw 2.2-15 GB/s on the same GPUs): kvsim 0.6-1.0x
     of the two kalavai hosts, 4x of the dual-EPYC one. Figures are held here so a change to them is reviewed."""
-    import csv
-    from collections import defaultdict
-
     rows = list(csv.DictReader((ROOT / "validation" / "reference" / "public_allreduce_pcie.csv").open()))
     sweeps: dict = defaultdict(list)
     for r in rows:
