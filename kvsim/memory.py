@@ -121,15 +121,15 @@ class VllmMemoryRule:
         if self.non_torch_extra_bytes is None:
             raise KvsimError(f"{self.label}: memory at TP > 1 is not modelled (its growth over the baseline is not "
                              f"measured; {_RULES_FILE})", field="vllm_version", value=_dotted(self.first))
-        # NCCL's P2P transport keeps its buffers in GPU memory; its SHM transport (no peer access) in host memory
-        pcie_hint = {True: "this GPU has peer access, so NCCL's buffers sit in GPU memory as over NVLink: an RTX PRO "
-                           "6000 log of vLLM 0.27.1 held more",
-                     False: "without peer access NCCL keeps its buffers in host memory, so likely less: eight L40S "
-                            "under vLLM 0.10.2, custom all-reduce off, held 0.21 GiB",
-                     None: "a PCIe group may hold less or more"}[hw.peer_to_peer]
-        return (self.non_torch_bytes + self.non_torch_extra_bytes + self.non_torch_extra_per_rank_bytes * tp,
-                "growth at TP > 1 over NVLink" if nvlink else
-                f"growth at TP > 1 measured over NVLink, not on PCIe ({pcie_hint})")
+        growth = self.non_torch_bytes + self.non_torch_extra_bytes + self.non_torch_extra_per_rank_bytes * tp
+        if nvlink:
+            return growth, "growth at TP > 1 over NVLink"
+        # NCCL's P2P transport keeps its buffers in GPU memory, its SHM transport (no peer access) in host memory;
+        # the two PCIe logs that bear on it are cited at the 0.10.2 rule in kvsim/data/vllm_memory.yaml
+        hint = {True: "with peer access NCCL's buffers sit in GPU memory as over NVLink: an RTX PRO 6000 log held more",
+                False: "without peer access NCCL keeps its buffers in host memory: an L40S log held less",
+                None: "a PCIe group may hold less or more"}[hw.peer_to_peer]
+        return growth, f"growth at TP > 1 measured over NVLink, not on PCIe ({hint}; {_RULES_FILE})"
 
     def non_torch(self, tp: int, hw: HardwareSpec) -> float:
         return self.non_torch_growth(tp, hw)[0]

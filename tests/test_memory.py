@@ -364,7 +364,7 @@ def test_planner_properties(util: float, bs: int, ctx: int, method: str, version
     ("l40s", 4, "0.10.2", "growth at TP > 1 over PCIe"),  # the 0.10.2 rule measured PCIe (eight L40S)
     ("l40s", 4, "0.11.0", "growth at TP > 1 measured over NVLink, not on PCIe (a PCIe group may hold less or"),
     ("rtx-4090", 2, "0.19", "growth at TP > 1 measured over NVLink, not on PCIe (without peer access NCCL keeps"),
-    ("rtx-pro-6000", 2, "0.19", "growth at TP > 1 measured over NVLink, not on PCIe (this GPU has peer access"),
+    ("rtx-pro-6000", 2, "0.19", "growth at TP > 1 measured over NVLink, not on PCIe (with peer access NCCL's buffers"),
 ])
 def test_memory_says_which_non_torch_growth_it_used(capsys, gpu: str, tp: int, version: str, basis: str) -> None:
     """A figure measured over NVLink and applied to a PCIe group is labelled so, in the JSON and the table, with
