@@ -198,7 +198,7 @@ def vllm_allreduce(hw: HardwareSpec, tp: int) -> AllReducePricing:
                "peer-to-peer access not recorded for this GPU (catalogue peer_to_peer: null), so priced without it")
         parts.append(f"NCCL through host memory ({why}): the ring model slowed as one host measured it staged "
                      f"against direct, {staging.source}")
-    if pcie and tp == 2 and hw.peer_to_peer is None:
+    if pcie and tp == 2 and hw.peer_to_peer is None and staging is None:  # else the staging label says it
         parts.append("peer-to-peer access not recorded for this GPU: no custom kernel assumed")
     src = "; ".join(parts) + (f"; tables: {tables.source}" if tables is not None and (custom or nccl) else "")
     return AllReducePricing(custom, nccl, src, custom_ok, staging)
