@@ -29,6 +29,7 @@ from kvsim.cost.calibration import (
     GROUPED_MM_CURVE,
     OP_KINDS,
     PRIOR_FILE,
+    REFERENCE_SUFFIX,
     Calibration,
     calibration_from_dict,
     results_dir,
@@ -108,6 +109,7 @@ def _decode_samples(folder: Path, hw: HardwareSpec, ceil: dict,
     kernel_rows = measured.decode_rows(folder, keep)
     held = measured.held_out_rows(kernel_rows)
     samples: dict[str, list[tuple]] = defaultdict(list)
+    engine: dict[str, list[tuple]] = defaultdict(list)  # vLLM's own kernels (measured.VLLM_DECODE_KERNELS)
     used = 0
     for r in kernel_rows:
         if r.layers != 1 or r in held:
@@ -115,8 +117,15 @@ def _decode_samples(folder: Path, hw: HardwareSpec, ceil: dict,
         layout = r.layout()
         cost = CostModel(r.model(), hw, layout, 1, unit)
         t_c, t_m, nbytes = cost.decode_attention_roofline(np.full(r.batch, r.context))
-        samples[decode_family(layout)].append((nbytes, cost.query_group, r.time_s, t_c, t_m))
+        into = engine if r.method in measured.VLLM_DECODE_KERNELS else samples
+        into[decode_family(layout)].append((nbytes, cost.query_group, r.time_s, t_c, t_m))
         used += 1
+    # a family vLLM's own kernel was measured for is priced on it; kvsim's stand-in keeps its own curve,
+    # which the reference engine runs (Calibration.for_reference_engine)
+    for family, own in engine.items():
+        if family in samples:
+            samples[family + REFERENCE_SUFFIX] = samples.pop(family)
+        samples[family] = own
     return samples, used
 
 

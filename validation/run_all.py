@@ -40,6 +40,8 @@ PARTS = {
     "fp32_router": (5, ["validation/gemm.py", "--part", "fp32_router"]),  # fp32 gates (MiniMax-M2), 4 x 28 points
     # vLLM's MXFP4 MoE on Hopper: OpenAI's Triton matmul_ogs (needs validation/vendor: fetch_triton_kernels.py)
     "oai_moe": (20, ["validation/oai_moe.py"]),
+    # vLLM's own FlashMLA decode kernels from its 0.24.0 wheel (needs validation/vendor: fetch_vllm_kernels.py)
+    "flashmla": (30, ["validation/flashmla.py"]),
     # decode steps launched kernel by kernel beside their CUDA graph (--enforce-eager's cost; not fitted)
     "eager": (10, ["validation/eager.py"]),
     "sustained": (15, ["validation/sustained.py"]),  # a minute of prefill GEMMs against their short-burst rate

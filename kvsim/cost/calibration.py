@@ -82,6 +82,11 @@ OP_KINDS = ("gemm", "attention_decode", "attention_prefill", "elementwise", "all
 # (validation/engine_model.py _moe; gemm_grouped.csv), is its own curve, priced only when judging that
 # engine (Calibration.for_reference_engine).
 GROUPED_MM_CURVE = "gemm_grouped.grouped_mm"
+# A decode-attention curve fitted from kvsim's stand-in kernel where the profile also measured vLLM's own
+# kernel of the family (kvsim.measured.VLLM_DECODE_KERNELS): ``attention_decode.mla`` prices vLLM's
+# FlashMLA, ``attention_decode.mla.reference`` the reference engine's Triton kernel
+# (Calibration.for_reference_engine).
+REFERENCE_SUFFIX = ".reference"
 # fp32 GEMMs (the routers vLLM runs in fp32), at the FP32 peak: validation/gemm.py --part fp32_router
 FP32_GEMM_CURVE = "gemm.fp32"
 # Curves the cost model reads as tables over a second axis (weight bytes; query heads per KV head).
@@ -200,10 +205,12 @@ class Calibration:
 
     def for_reference_engine(self) -> Calibration:
         """This profile as the reference engine runs its kernels: 16-bit routed experts on
-        torch._grouped_mm where the profile measured it (else unchanged)."""
-        if GROUPED_MM_CURVE not in self.ops:
-            return self
-        return replace(self, ops=MappingProxyType({**self.ops, "gemm_grouped": self.ops[GROUPED_MM_CURVE]}))
+        torch._grouped_mm and decode attention on kvsim's stand-in kernels (``*.reference`` curves) where
+        the profile measured them (else unchanged)."""
+        swaps = {k.removesuffix(REFERENCE_SUFFIX): c for k, c in self.ops.items() if k.endswith(REFERENCE_SUFFIX)}
+        if GROUPED_MM_CURVE in self.ops:
+            swaps["gemm_grouped"] = self.ops[GROUPED_MM_CURVE]
+        return replace(self, ops=MappingProxyType({**self.ops, **swaps})) if swaps else self
 
     @property
     def label(self) -> str:
@@ -291,7 +298,8 @@ def calibration_from_dict(data: dict, hw: HardwareSpec, file: str) -> Calibratio
                  | {"gemm_grouped", GROUPED_MM_CURVE, FP32_GEMM_CURVE} | set(GEMM_PATH_CURVES)
                  | set(GROUPED_PATH_CURVES))
     for key in ops:
-        if key not in known_ops and re.sub(r"\.k[\d.]+v[\d.]+$", "", key) not in known_ops:
+        base = key.removesuffix(REFERENCE_SUFFIX)
+        if base not in known_ops and re.sub(r"\.k[\d.]+v[\d.]+$", "", base) not in known_ops:
             raise KvsimError(f"unknown op curve (known: {', '.join(sorted(known_ops))})", field=f"ops.{key}",
                              value=key, file=file)
     for key, curve in ops.items():
