@@ -236,3 +236,48 @@ def test_marlin_rows_are_the_w4a16_curve_and_lift_the_prior_label(tmp_path) -> N
     assert any(n.startswith("PRIOR") and "gemm.w4a16" in n for n in prior.notes)
     assert any("Machete" in n for n in measured.notes)  # vLLM's Hopper kernel for GPTQ, named
     assert measured.step(batch).total_s != prior.step(batch).total_s
+
+
+def test_vllm_decode_kernel_rows_price_the_family_and_the_stand_in_stays_for_the_reference_engine(tmp_path) -> None:
+    """Rows of vLLM's own FlashMLA (validation/flashmla.py, methods vllm_flashmla*) are what kvsim calibrate
+    fits as attention_decode.mla; kvsim's Triton stand-in (triton_mla_absorbed), which the reference engine
+    runs, becomes attention_decode.mla.reference, and the reference engine's profile prices on it exactly as
+    before. Here the FlashMLA rows are the stand-in's shapes at half its time."""
+    import numpy as np
+
+    from kvsim.cost.model import Batch, CostModel
+    from kvsim.kv import layout_for
+    from kvsim.spec.model import load_model
+
+    folder = tmp_path / "h100-sxm"
+    shutil.copytree(MEASURED, folder)
+    path = folder / "attention_decode.csv"
+    lines = path.read_text().splitlines()
+    head = lines[0].split(",")
+    method, t = head.index("method"), head.index("time_s")
+    extra = []
+    for line in lines[1:]:
+        cells = line.split(",")
+        if cells[method] == "triton_mla_absorbed" and cells[t]:
+            cells[method], cells[t] = "vllm_flashmla", str(float(cells[t]) / 2)
+            extra.append(",".join(cells))
+    assert len(extra) >= 8
+    path.write_text("\n".join(lines + extra) + "\n")
+    calibrate("h100-sxm", tmp_path)
+    fresh = yaml.safe_load((folder / "calibration_reference.yaml").read_text())
+    committed = yaml.safe_load((MEASURED / "calibration_reference.yaml").read_text())
+    stand_in = committed["ops"].get("attention_decode.mla.reference", committed["ops"]["attention_decode.mla"])
+    assert fresh["ops"]["attention_decode.mla.reference"] == stand_in
+    assert fresh["ops"]["attention_decode.mla"] != stand_in
+    hw = load_hardware("h100-sxm")
+    vllm = calibration_from_dict(fresh, hw, "fresh.yaml")
+    before = calibration_from_dict({**fresh, "ops": {**fresh["ops"], "attention_decode.mla": stand_in}}, hw, "b.yaml")
+    model = load_model("deepseek-v2-lite")
+    batch = Batch(decode_context=np.full(32, 4096))
+
+    def attention(cal) -> float:
+        step = CostModel(model, hw, layout_for(model, "bf16"), calibration=cal).step(batch)
+        return next(o.seconds for o in step.ops if o.name == "attention.decode")
+
+    assert attention(vllm.for_reference_engine()) == pytest.approx(attention(before.for_reference_engine()))
+    assert attention(vllm) < 0.75 * attention(before)

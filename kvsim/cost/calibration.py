@@ -463,34 +463,54 @@ def _scaled(effs: tuple, factor: float) -> tuple:
     return tuple(_scaled(v, factor) if isinstance(v, tuple) else min(float(v) * factor, 1.5) for v in effs)
 
 
-def _compute_twin_curves(cal: Calibration, hw: HardwareSpec) -> Calibration:
-    """A measured profile without the MXFP4 expert curves (kvsim.spec.quant.MXFP4_HOPPER_CURVE) takes
-    those of a measured GPU with the same compute (family, SM count and bf16 peak: the H200 is the
-    H100 SXM's GH100 with more and faster HBM), at the donor's kernel times: its efficiencies are
-    rescaled by the two GPUs' ceilings so a GEMM costs here what it cost there. The rule rests on the
-    kernel running far below HBM bandwidth wherever it was measured (validation/oai_moe.py on an H100:
-    0.1-2.7 TB/s of 3.2), which also holds on the H200's faster memory."""
-    from kvsim.spec.quant import EXPERT_GEMMS, MXFP4_HOPPER_CURVE  # noqa: PLC0415 - quant imports nothing here
-
-    keys = [f"{MXFP4_HOPPER_CURVE}.{g}" for g in EXPERT_GEMMS]
-    if all(k in cal.ops for k in keys):
-        return cal
+def _twins(hw: HardwareSpec) -> list[tuple[str, Calibration]]:
+    """Measured profiles of other GPUs with ``hw``'s compute (family, SM count and bf16 peak: the H200 is
+    the H100 SXM's GH100 with more and faster HBM)."""
+    out = []
     for name in _measured_gpus():
         donor, twin = _measured(name), load_hardware(name)
-        if (donor is None or name == hw.name or not all(k in donor.ops for k in keys)
-                or (twin.family, twin.sm_count, twin.peak_flops_per_s.get("bf16"))
-                != (hw.family, hw.sm_count, hw.peak_flops_per_s.get("bf16"))):
-            continue
-        mem = donor.ceilings.copy_bytes_per_s / cal.ceilings.copy_bytes_per_s
-        comp = donor.ceilings.flops_per_s["bf16"] / cal.ceilings.flops_per_s["bf16"]
-        ops, derived = dict(cal.ops), dict(cal.derived)
-        for k in keys:
-            c = donor.ops[k]
-            ops[k] = replace(c, compute=_scaled(c.compute, comp), memory=_scaled(c.memory, mem))
-            derived[k] = (f"{name}'s measured kernel times (same family, SM count and bf16 peak; the kernel runs "
-                          f"far below HBM bandwidth)")
-        return replace(cal, ops=MappingProxyType(ops), derived=MappingProxyType(derived))
-    return cal
+        if (donor is not None and name != hw.name and (twin.family, twin.sm_count, twin.peak_flops_per_s.get("bf16"))
+                == (hw.family, hw.sm_count, hw.peak_flops_per_s.get("bf16"))):
+            out.append((name, donor))
+    return out
+
+
+def _compute_twin_curves(cal: Calibration, hw: HardwareSpec) -> Calibration:
+    """What a measured profile lacks and a measured twin GPU (``_twins``) measured:
+
+    * the MXFP4 expert curves (kvsim.spec.quant.MXFP4_HOPPER_CURVE), at the donor's kernel times: its
+      efficiencies are rescaled by the two GPUs' ceilings so a GEMM costs here what it cost there. The
+      rule rests on the kernel running far below HBM bandwidth wherever it was measured
+      (validation/oai_moe.py on an H100: 0.1-2.7 TB/s of 3.2), which also holds on the H200's faster memory;
+    * vLLM's own decode kernel of a family (a donor curve whose stand-in is kept as ``*.reference``:
+      FlashMLA, validation/flashmla.py), at the donor's efficiencies against this GPU's ceilings (the
+      kernel reads the cache at a share of HBM bandwidth), this GPU's stand-in kept for the reference engine."""
+    from kvsim.spec.quant import EXPERT_GEMMS, MXFP4_HOPPER_CURVE  # noqa: PLC0415 - quant imports nothing here
+
+    ops, derived = dict(cal.ops), dict(cal.derived)
+    keys = [f"{MXFP4_HOPPER_CURVE}.{g}" for g in EXPERT_GEMMS]
+    twins = _twins(hw)
+    if not all(k in ops for k in keys):
+        for name, donor in twins:
+            if not all(k in donor.ops for k in keys):
+                continue
+            mem = donor.ceilings.copy_bytes_per_s / cal.ceilings.copy_bytes_per_s
+            comp = donor.ceilings.flops_per_s["bf16"] / cal.ceilings.flops_per_s["bf16"]
+            for k in keys:
+                c = donor.ops[k]
+                ops[k] = replace(c, compute=_scaled(c.compute, comp), memory=_scaled(c.memory, mem))
+                derived[k] = (f"{name}'s measured kernel times (same family, SM count and bf16 peak; the kernel runs "
+                              f"far below HBM bandwidth)")
+            break
+    for name, donor in twins:
+        for ref in (k for k in donor.ops if k.endswith(REFERENCE_SUFFIX) and k not in ops):
+            key = ref.removesuffix(REFERENCE_SUFFIX)
+            if key in ops:
+                ops[ref] = ops[key]
+            ops[key] = donor.ops[key]
+            derived[key] = (f"vLLM's own kernel as measured on {name} (same family, SM count and bf16 peak), at "
+                            f"its efficiencies against this GPU's ceilings")
+    return replace(cal, ops=MappingProxyType(ops), derived=MappingProxyType(derived))
 
 
 def _imported(hw: HardwareSpec, engine: str) -> Calibration | None:
