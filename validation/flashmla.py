@@ -37,7 +37,8 @@ SCALE = 1.0 / math.sqrt(128 + ROPE)  # qk_nope_head_dim 128 + RoPE: the softmax 
 BLOCK = 64  # FlashMLA's page size (FlashMLABackend.get_supported_kernel_block_sizes)
 HEADS = [16, 128, 32, 64]  # query heads per rank: DeepSeek-V3 at TP 8, 1, 4, 2
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-CONTEXTS = [512, 2048, 8192, 32768, 131072]
+# KV lengths, in the order they are run: a short budget still spans small and large caches
+CONTEXTS = [2048, 32768, 512, 8192, 131072]
 MAX_BYTES = 8 * 2**30  # largest cache one point allocates
 FP8_MAX = 448.0  # largest float8_e4m3fn value
 
