@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvsim.cost.calibration import FP32_GEMM_CURVE, GROUPED_MM_CURVE, Calibration, find_calibration
+from kvsim.cost.calibration import FP32_GEMM_CURVE, GROUPED_MM_CURVE, REFERENCE_SUFFIX, Calibration, find_calibration
 from kvsim.cost.collectives import custom_one_stage
 from kvsim.cost.execution import Execution, eager_launch
 from kvsim.cost.kernels import KernelSource, decode_kernel
@@ -255,6 +255,18 @@ class CostModel:
         """What this layout's price rests on besides measured kernels, one line each."""
         rt = self.layout.runtime
         notes = [] if self.decode_kernel.status == "measured" else [f"decode attention: {self.decode_kernel.label}"]
+        if self.decode_family.startswith("mla") and self.cal.kind == "measured":
+            # vLLM's FlashMLA (validation/flashmla.py) where this profile has it, else kvsim's stand-in; either
+            # way the rest of vLLM's MLA module is kvsim's own kernels (README, 'MLA decode on vLLM's FlashMLA')
+            curve = self.decode_kernel.curve
+            notes.append(f"MLA decode attention on vLLM's FlashMLA ({curve}); the rest of vLLM's MLA module on "
+                         "kvsim's kernel curves: at a few sequences vLLM's whole module, as aiconfigurator measured "
+                         "it, takes longer than kvsim's parts (scripts/mla_vs_aiconfigurator.py)"
+                         if curve + REFERENCE_SUFFIX in self.cal.ops else
+                         f"MLA decode attention on kvsim's Triton stand-in kernel ({curve}), not vLLM's FlashMLA "
+                         "(unmeasured on this GPU): against vLLM's whole MLA module as aiconfigurator measured it, "
+                         "kvsim's is too fast at a few sequences and too slow at many long ones "
+                         "(scripts/mla_vs_aiconfigurator.py)")
         rule = "cost from the roofline on the prefill-attention curve, not measured"
         if rt.prefill_scoring_window or rt.prefill_scores_all_queries:
             notes.append(f"prefill.scoring (the method's scoring pass): {rule}")
