@@ -138,6 +138,18 @@ def test_tp_splits_weights_and_adds_allreduce() -> None:
     assert "allreduce" not in one.breakdown
 
 
+@pytest.mark.parametrize(("model", "tp", "group"), [
+    ("deepseek-r1", 1, 128), ("deepseek-r1", 8, 16),  # 128 heads over one latent: 16 per rank at TP 8
+    ("qwen3-32b", 8, 8),  # 64 / 8 heads: 8 and 1 per rank
+    ("qwen3-235b-a22b", 4, 16), ("qwen3-235b-a22b", 8, 8),  # 64 / 4: at TP 8 each rank's 8 share a replicated one
+])
+def test_decode_kernel_rows_are_the_query_heads_one_rank_runs_per_kv_head(model: str, tp: int, group: int) -> None:
+    """The decode curve's second axis is what one rank's kernel sees: its query heads per KV head it reads.
+    DeepSeek-V3's 128 heads at TP 8 were priced as 128 per latent (the MLA kernel's slowest rows), 2-3x
+    over vLLM's measured MLA module at large caches (scripts/mla_vs_aiconfigurator.py)."""
+    assert cost(model, tp=tp).query_group == group
+
+
 def test_fast_forward_equals_step_by_step() -> None:
     rng = np.random.default_rng(1)
     for method in ("bf16", "kivi:bits=2", "snapkv:budget=512", "shadowkv", "offload:gpu_tokens=2000"):

@@ -216,8 +216,11 @@ class CostModel:
         self._table_n = 0
         self._decode = self._build_decode_terms()
         self.decode_family = decode_family(layout)
-        # query heads sharing one KV head: the decode kernel's rows per KV read (its second axis)
-        self.query_group = float(max(lay.q_heads // max(lay.kv_heads, 1) for lay in layout.layers))
+        # query heads sharing one KV head on one rank: the decode kernel's rows per KV read (its second axis).
+        # A rank holds q_heads / tp query heads and kv_heads / tp KV heads, or one replicated KV head where
+        # there are fewer KV heads than ranks (kv_heads_per_rank), as an MLA latent always is: DeepSeek-V3's
+        # 128 heads at TP 8 are 16 per rank over one latent (once priced as 128, on the kernel's slower rows)
+        self.query_group = float(max(max(lay.q_heads // tp, 1) // max(lay.kv_heads // tp, 1) for lay in layout.layers))
         decode_curve, source = decode_kernel(self.decode_family, self.cal)
         self.decode_kernel: KernelSource = source  # measured, derived (by which rule), prior or roofline
         self._decode_curve = decode_curve.at(self.query_group)
