@@ -152,8 +152,8 @@ def run(args, out_dir, budget):
                  ["method", "batch", "q_heads", "kv_heads", "head_dim", "context", "params", "time_s", "bytes_read",
                   "flops", "rel_error", "kvsim_spec", "phase", "layers"])
     gen = torch.Generator(device="cuda").manual_seed(0)
-    heads = HEADS[:1] if args.quick else HEADS
-    batches = [1, 4] if args.quick else BATCHES
+    heads = [int(h) for h in args.heads.split(",")] if args.heads else HEADS[:1] if args.quick else HEADS
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else [1, 4] if args.quick else BATCHES
     contexts = [2048] if args.quick else CONTEXTS
     # every head count at each (context, batch) before the next, bf16 then FP8, so a short budget still
     # spans the shapes
@@ -171,7 +171,10 @@ def run(args, out_dir, budget):
 
 
 def main():
-    args = part_args(120).parse_args()
+    ap = part_args(120)
+    ap.add_argument("--heads", help="comma-separated query heads per rank (default: all of HEADS)")
+    ap.add_argument("--batches", help="comma-separated batch sizes (default: all of BATCHES)")
+    args = ap.parse_args()
     run(args, args.out, Budget(args.budget_s))
 
 
