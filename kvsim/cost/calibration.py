@@ -502,9 +502,11 @@ def _compute_twin_curves(cal: Calibration, hw: HardwareSpec) -> Calibration:
                 derived[k] = (f"{name}'s measured kernel times (same family, SM count and bf16 peak; the kernel runs "
                               f"far below HBM bandwidth)")
             break
-    for name, donor in twins:
+    for name, donor in twins:  # the first twin that measured vLLM's kernel of a family gives it
         for ref in (k for k in donor.ops if k.endswith(REFERENCE_SUFFIX) and k not in ops):
             key = ref.removesuffix(REFERENCE_SUFFIX)
+            if key in derived:
+                continue
             if key in ops:
                 ops[ref] = ops[key]
             ops[key] = donor.ops[key]

@@ -260,7 +260,7 @@ class CostModel:
         notes = [] if self.decode_kernel.status == "measured" else [f"decode attention: {self.decode_kernel.label}"]
         if self.decode_family.startswith("mla") and self.cal.kind == "measured":
             # vLLM's FlashMLA (validation/flashmla.py) where this profile has it, else kvsim's stand-in; either
-            # way the rest of vLLM's MLA module is kvsim's own kernels (README, 'MLA decode on vLLM's FlashMLA')
+            # way the rest of vLLM's MLA module is kvsim's own kernels (README, 'MLA decode')
             curve = self.decode_kernel.curve
             notes.append(f"MLA decode attention on vLLM's FlashMLA ({curve}); the rest of vLLM's MLA module on "
                          "kvsim's kernel curves: at a few sequences vLLM's whole module, as aiconfigurator measured "
@@ -268,8 +268,8 @@ class CostModel:
                          if curve + REFERENCE_SUFFIX in self.cal.ops else
                          f"MLA decode attention on kvsim's Triton stand-in kernel ({curve}), not vLLM's FlashMLA "
                          "(unmeasured on this GPU): against vLLM's whole MLA module as aiconfigurator measured it, "
-                         "kvsim's is too fast at a few sequences and too slow at many long ones "
-                         "(scripts/mla_vs_aiconfigurator.py)")
+                         "kvsim's is too fast at a few sequences, and too slow at many long ones with many heads "
+                         "per rank (TP 1-2; scripts/mla_vs_aiconfigurator.py)")
         rule = "cost from the roofline on the prefill-attention curve, not measured"
         if rt.prefill_scoring_window or rt.prefill_scores_all_queries:
             notes.append(f"prefill.scoring (the method's scoring pass): {rule}")
