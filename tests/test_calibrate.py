@@ -281,3 +281,26 @@ def test_vllm_decode_kernel_rows_price_the_family_and_the_stand_in_stays_for_the
 
     assert attention(vllm.for_reference_engine()) == pytest.approx(attention(before.for_reference_engine()))
     assert attention(vllm) < 0.75 * attention(before)
+
+
+def test_a_twin_gpu_borrows_vllms_own_decode_kernel_and_keeps_its_stand_in(monkeypatch) -> None:
+    """Where a twin GPU (same family, SM count and bf16 peak: the H100 for the H200) measured vLLM's own MLA
+    kernel (its profile keeps the stand-in as attention_decode.mla.reference), a profile without it prices
+    MLA decode on the twin's curve, labelled derived, and keeps its own stand-in for the reference engine."""
+    from dataclasses import replace
+    from types import MappingProxyType
+
+    from kvsim.cost import calibration as calmod
+
+    h100, h200 = load_hardware("h100-sxm"), load_hardware("h200-sxm")
+    donor = find_calibration(h100)
+    own = find_calibration(h200)
+    faster = replace(donor.ops["attention_decode.mla"], floor_s=0.0)
+    donor = replace(donor, ops=MappingProxyType({**donor.ops, "attention_decode.mla.reference": donor.ops[
+        "attention_decode.mla"], "attention_decode.mla": faster}))
+    monkeypatch.setattr(calmod, "_twins", lambda hw: [("h100-sxm", donor)] if hw.name == "h200-sxm" else [])
+    got = calmod._compute_twin_curves(own, h200)
+    assert got.ops["attention_decode.mla"] == faster
+    assert got.ops["attention_decode.mla.reference"] == own.ops["attention_decode.mla"]
+    assert "h100-sxm" in got.derived["attention_decode.mla"]
+    assert got.for_reference_engine().ops["attention_decode.mla"] == own.ops["attention_decode.mla"]
