@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 
 from kvsim.api import predict
 from kvsim.importers.aiconfigurator import SYSTEMS, data_root
+from kvsim.spec.model import load_model
 
-MODEL = "deepseek-r1"
-HEADS = 128  # DeepSeek-V3 / R1 num_attention_heads (config.json)
+MODEL = "deepseek-r1"  # DeepSeek-V3's shapes, which the database's MLA module rows time
 TERMS = ("gemm.attention", "attention.decode", "kv_write", "rope")
 KV = (("bf16", "bfloat16", "FLASH_ATTN_MLA"), ("fp8", "fp8", "FLASHMLA"))
 BATCHES = (1, 4, 16, 64, 256)
@@ -37,17 +37,31 @@ def compare(system: str, version: str, calibration: str | None) -> list[tuple[in
     path = data_root() / system / "mla" / "vllm" / version / "mla_generation_module_perf.parquet"
     table = {(r["num_heads"], r["kv_cache_dtype"], r["kernel_source"], r["batch_size"], r["step"]): r["latency"] * 1e-3
              for r in pq.read_table(path).to_pylist() if r["gemm_type"] == "fp8_block"}
+    spec = load_model(MODEL)
+    heads, layers = spec.attention.num_heads, spec.num_layers  # every layer of DeepSeek-V3 is an MLA layer
     out = []
     for tp in (1, 2, 4, 8):
         for method, kv, source in KV:
             for ctx in CONTEXTS:
-                have = [b for b in BATCHES if (HEADS // tp, kv, source, b, ctx) in table]
+                have = [b for b in BATCHES if (heads // tp, kv, source, b, ctx) in table]
                 if not have:
                     continue
                 for r in predict(MODEL, SYSTEMS[system], have, ctx, method=method, tp=tp, calibration=calibration):
-                    layers = 61  # DeepSeek-V3 num_hidden_layers
                     mine = sum(r["breakdown"].get(t, 0.0) for t in TERMS) / layers
-                    out.append((tp, method, r["batch"], ctx, mine / table[(HEADS // tp, kv, source, r["batch"], ctx)]))
+                    out.append((tp, method, r["batch"], ctx, mine / table[(heads // tp, kv, source, r["batch"], ctx)]))
+    return out
+
+
+GROUPS = (("batch <= 16", lambda b: b <= 16), ("batch >= 64", lambda b: b >= 64))
+
+
+def summary(found: list[tuple[int, str, int, int, float]]) -> dict[str, tuple[float, float, float, int]]:
+    """Per batch group (GROUPS): (median, lowest, highest ratio, points)."""
+    out = {}
+    for label, sel in GROUPS:
+        ratios = [r for _, _, b, _, r in found if sel(b)]
+        if ratios:
+            out[label] = (statistics.median(ratios), min(ratios), max(ratios), len(ratios))
     return out
 
 
@@ -66,11 +80,8 @@ def main() -> None:
                 got = [f"{r:.2f}" for t, m, _, c, r in found if (t, m, c) == (tp, method, ctx)]
                 if got:
                     print(f"  TP {tp} {method:4s} KV {ctx:6d}: " + " ".join(got))
-    for label, sel in (("batch <= 16", lambda b: b <= 16), ("batch >= 64", lambda b: b >= 64)):
-        ratios = [r for _, _, b, _, r in found if sel(b)]
-        if ratios:
-            print(f"{label}: median ratio {statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f} "
-                  f"({len(ratios)} points)")
+    for label, (med, lo, hi, n) in summary(found).items():
+        print(f"{label}: median ratio {med:.2f}, range {lo:.2f}-{hi:.2f} ({n} points)")
 
 
 if __name__ == "__main__":

@@ -569,6 +569,21 @@ def test_readme_moe_layer_figures_are_current() -> None:
     assert f"on the fused-MoE rows: median {med:.1%}, worst {worst:.1%} ({n} points)" in readme
 
 
+@pytest.mark.skipif(importlib.util.find_spec("aiconfigurator_core") is None, reason="needs kvsim[aic]")
+def test_readme_mla_module_figures_are_current() -> None:
+    """kvsim's MLA attention block against vLLM's whole MLA module as NVIDIA's database measured it (H100 and
+    H200, vLLM 0.24): the README's figures are what scripts/mla_vs_aiconfigurator.py gives from this checkout."""
+    spec = importlib.util.spec_from_file_location("mla_vs_aic", ROOT / "scripts" / "mla_vs_aiconfigurator.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for system, sep in (("h200_sxm", " and "), ("h100_sxm", " / ")):
+        got = mod.summary(mod.compare(system, "0.24.0", None))
+        few, many = (f"{m:.2f} ({lo:.2f}-{hi:.2f})" for m, lo, hi, _ in (got["batch <= 16"], got["batch >= 64"]))
+        assert f"{few}{sep}{many} after" in readme, (system, few, many)
+
+
 def test_the_shipped_host_step_is_a_fresh_fit_of_the_development_set() -> None:
     """kvsim/data/vllm_host_step.yaml is what scripts/fit_host_step.py fits from the measured file now
     (nothing measured typed in by hand)."""
