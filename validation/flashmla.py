@@ -28,6 +28,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from validation.common import Budget, CsvOut, bench, guarded, log, params_str, part_args, rel_error  # noqa: E402
+from validation.kernels.bench_common import MAX_BYTES  # noqa: E402 - largest cache one point allocates
+from validation.kernels.engine_ops import FP8_MAX  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENDOR = os.path.join(HERE, "vendor", "vllm")
@@ -39,8 +41,6 @@ HEADS = [16, 128, 32, 64]  # query heads per rank: DeepSeek-V3 at TP 8, 1, 4, 2
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 # KV lengths, in the order they are run: a short budget still spans small and large caches
 CONTEXTS = [2048, 32768, 512, 8192, 131072]
-MAX_BYTES = 8 * 2**30  # largest cache one point allocates
-FP8_MAX = 448.0  # largest float8_e4m3fn value
 
 
 def load_ops():
