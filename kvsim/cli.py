@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from kvsim.errors import KvsimError
 
@@ -133,6 +133,8 @@ def memory_report(args: argparse.Namespace) -> dict:
 
     for field in ("context", "batch", "block_size", "max_num_batched_tokens", "max_num_seqs"):
         _positive(getattr(args, field), f"--{field.replace('_', '-')}")
+    if args.vllm_version is not None and not args.vllm_version.strip():  # unset is None; empty is a mistake
+        raise KvsimError("expected a vLLM release, e.g. 0.12.0", field="--vllm-version", value=args.vllm_version)
     model, hardware, layout = _deployment(args)
     check_context(model, args.context)
     # what the user left unset, as `vllm serve` of the version sets it on this GPU (max_model_len: the model's)
@@ -637,7 +639,15 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return f"{text} (default: {shown})".lstrip()
 
 
-class _DefaultsParser(argparse.ArgumentParser):
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad arguments get one line and exit 2, as every other bad input does (argparse's own error
+    prints the whole usage block first); the line names the command whose --help lists the options."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"kvsim: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _DefaultsParser(_OneLineParser):
     """A subcommand parser whose help shows every option's default."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # ArgumentParser's own
@@ -651,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kvsim.memory import SAMPLERS, VLLM_DEFAULTS, default_vllm_version
     from kvsim.spec.quant import WEIGHTS_CHOICES
 
-    parser = argparse.ArgumentParser(prog="kvsim", description="KV-cache memory and serving-speed planner")
+    parser = _OneLineParser(prog="kvsim", description="KV-cache memory and serving-speed planner")
     parser.add_argument("--version", action="version", version=f"kvsim {__version__}")
     # every subcommand's help shows each option's default
     sub = parser.add_subparsers(dest="command", required=True,

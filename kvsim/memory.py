@@ -209,8 +209,9 @@ def vllm_batch_limits(version: str, hardware: HardwareSpec, model: ModelSpec, ma
     v = parse_version(version or default_vllm_version())
     r = next((r for first, until, r in _batch_ranges() if first <= v < until), None)
     if r is None:
-        raise KvsimError(f"no batch defaults for this vLLM version ({_BATCH_FILE})", field="vllm_version",
-                         value=version)
+        ranges = ", ".join(f"{_dotted(first)}-<{_dotted(until)}" for first, until, _ in _batch_ranges())
+        raise KvsimError(f"no batch defaults for this vLLM version (modelled: {ranges}; {_BATCH_FILE})",
+                         field="vllm_version", value=version)
     span = f"vLLM {version or default_vllm_version()}"
     chunked, budget, seqs = enable_chunked_prefill, max_num_batched_tokens, max_num_seqs
     if "v0" in r:

@@ -236,6 +236,11 @@ def _file_cases(d: Path) -> list[list[str]]:
                          ("--block-size", ["0"]), ("--max-num-seqs", ["0"]), ("--max-num-batched-tokens", ["0"]),
                          ("--gpu-memory-utilization", ["nan", "inf", "0", "-1", "2"])):
         cases += [["memory", *DEPLOY, flag, v] for v in values]
+    # vLLM releases kvsim has no memory or batch rule for (before, between and after the modelled ranges)
+    cases += [["memory", *DEPLOY, "--vllm-version", v] for v in ("0.5.0", "0.8.0", "99.0.0", "x", "", " ")]
+    # what argparse itself refuses: an unknown command or option, a bad choice or type, a missing argument
+    cases += [[], ["nope"], ["memory", *DEPLOY, "--bogus", "1"], ["memory", *DEPLOY, "--weights", "fp4"],
+              ["memory", *DEPLOY, "--tp", "x"], ["memory", "--hardware", "h100-sxm"], ["predict", *DEPLOY]]
     for flag, values in (("--batch", ["0", "x", "nan", "", "1e400"]), ("--context", ["0", "nan", "1e400", "100000"]),
                          ("--prompt", ["0", "-1", "100000"]), ("--calibration", [str(d / "nope.yaml"), sc, afile]),
                          ("--tp", ["0", "3"])):
@@ -403,3 +408,10 @@ def test_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
     while _processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _processes_with(marker)
+
+
+def test_an_unmodelled_vllm_version_names_the_modelled_ranges(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["memory", *DEPLOY, "--vllm-version", "0.5.0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "vllm_version='0.5.0'" in err and "modelled: " in err and "0.12.0-<" in err, err

@@ -134,7 +134,8 @@ class EngineSpec(_Strict):
     swap_space_gib: float = Field(default=4.0, ge=0)  # vLLM --swap-space default, GiB per GPU
     max_model_len: int | None = Field(default=None, gt=0)  # default: the model's context length
     num_gpu_blocks_override: int | None = Field(default=None, gt=0)  # vLLM's, "for testing preemption"
-    vllm_version: StrictStr | None = None  # memory rule (kvsim/data/vllm_memory.yaml); None: its default_version
+    # memory rule (kvsim/data/vllm_memory.yaml); None: its default_version (an empty string is a mistake)
+    vllm_version: StrictStr | None = Field(default=None, min_length=1)
     # no CUDA graphs: none charged (vLLM >= 0.20), no step padded; step times a labelled lower bound
     enforce_eager: StrictBool = False
     # vLLM --async-scheduling (V1, 0.10.2+): the engine loop's CPU time overlaps the GPU's step; None: the
