@@ -14,9 +14,20 @@ kvsim's own option, which is off by default (README, "TTFT: what the development
                   request reaches the engine a random time after its client sent it (exponential, mean
                   M ms, in sending order), and its TTFT counts from sending
   rtt-uni-M       the same, uniform on [0, 2M] ms
+  sglang-whole    SGLang rows admit whole prompts only, as SGLang's PrefillAdder.add_one_req does
+                  (python/sglang/srt/managers/schedule_policy.py: a prompt that does not fit what is left of
+                  --max-prefill-tokens waits for the next batch unless the batch is empty; aiconfigurator's
+                  deployment sets it to isl + 1500 with --enable-mixed-chunk, the decode rows counting
+                  against it): the step budget becomes the decodes plus the whole prompts that fit, where
+                  kvsim's vLLM-like scheduler would chunk the next prompt into what is left
+
+Each line also gives the closed-loop cycle, TTFT + (output - 1) x TPOT, against the measured one: a cycle
+that agrees while TTFT misses says the time is right and its split between waiting and decoding is not.
+``--group engine`` reports per serving engine instead of per TP (with ``--measured aiconfigurator``: vLLM,
+SGLang and TensorRT-LLM rows measured through the same benchmark client).
 
     .venv/bin/python scripts/ttft_probes.py [--measured FILE|aiconfigurator] [--only BACKEND:MODEL]
-                                            [--probes NAME,...]
+                                            [--probes NAME,...] [--group tp|engine]
 """
 from __future__ import annotations
 
@@ -34,7 +45,8 @@ from fit_host_step import DEV_SET  # the development set's one path (this script
 from kvsim import judge_serving
 from kvsim.serve import closed_loop, replica
 
-PROBES = ("baseline", "prefill-x1.3", "prompt+13", "rtt-exp-10", "rtt-exp-15", "rtt-uni-15", "rtt-uni-20")
+PROBES = ("baseline", "prefill-x1.3", "prompt+13", "rtt-exp-10", "rtt-exp-15", "rtt-uni-15", "rtt-uni-20",
+          "sglang-whole")
 
 
 @contextlib.contextmanager
@@ -67,6 +79,21 @@ def _longer_prompts(tokens: int) -> contextlib.AbstractContextManager[None]:
     return _patched(closed_loop.ClosedLoop, "__init__", init)
 
 
+def _sglang_whole_prompts() -> contextlib.AbstractContextManager[None]:
+    original = judge_serving.Deployment.engine
+
+    def engine(self: judge_serving.Deployment, row: judge_serving.Row) -> dict:
+        settings = original(self, row)
+        if row.backend != "sglang" or self.budget_headroom_tokens is None:
+            return settings
+        decodes = row.concurrency // row.dp
+        left, prompts = row.isl + self.budget_headroom_tokens - decodes - row.isl, 1  # the first always fits
+        while row.isl < left:  # add_one_req: input_tokens >= rem_input_tokens -> wait for the next batch
+            left, prompts = left - row.isl, prompts + 1
+        return {**settings, "max_num_batched_tokens": decodes + prompts * row.isl}
+    return _patched(judge_serving.Deployment, "engine", engine)
+
+
 def _probe(name: str) -> tuple[contextlib.AbstractContextManager[None], list[str]]:
     """The patch a probe applies and the scenario settings it adds to every row."""
     if name == "baseline":
@@ -76,6 +103,8 @@ def _probe(name: str) -> tuple[contextlib.AbstractContextManager[None], list[str
         return _prefill_stretch(float(stretch.group(1))), []
     if name == "prompt+13":
         return _longer_prompts(13), []
+    if name == "sglang-whole":
+        return _sglang_whole_prompts(), []
     m = re.fullmatch(r"rtt-(exp|uni)-(\d+(?:\.\d+)?)", name)
     if m is None:
         raise SystemExit(f"--probes: unknown probe {name!r} (known: {', '.join(PROBES)})")
@@ -89,6 +118,7 @@ def main() -> None:
     ap.add_argument("--measured", default=str(DEV_SET), help="a silicon-sample CSV, or 'aiconfigurator'")
     ap.add_argument("--only", default=None, help="BACKEND:MODEL, e.g. trtllm:Qwen/Qwen3-32B")
     ap.add_argument("--probes", default=",".join(PROBES))
+    ap.add_argument("--group", choices=("tp", "engine"), default="tp")
     args = ap.parse_args()
     path = judge_serving.find_silicon_sample() if args.measured == "aiconfigurator" else Path(args.measured)
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,23 +127,33 @@ def main() -> None:
             lines = path.read_text().splitlines(keepends=True)
             path = Path(tmp) / "rows.csv"
             path.write_text("".join([lines[0]] + [x for x in lines[1:] if f",{backend}," in x and f",{model}," in x]))
-        _report(path, args.probes.split(","))
+        _report(path, args.probes.split(","), args.group)
 
 
-def _report(path: Path, probes: list[str]) -> None:
-    print(f"{'probe':14} {'tp':>3} {'rows':>5} {'TTFT median':>12} {'p90':>7} {'signed':>8} "
-          f"{'TPOT median':>12} {'worst':>7}")
+def _cycle_error(j: judge_serving.Judged) -> float:
+    """kvsim's closed-loop cycle (TTFT + (output - 1) x TPOT) against the measured one, signed."""
+    r = j.row
+    return (j.ttft_ms + (r.osl - 1) * j.tpot_ms) / (r.ttft_ms + (r.osl - 1) * r.tpot_ms) - 1
+
+
+def _report(path: Path, probes: list[str], group: str) -> None:
+    print(f"{'probe':14} {group:>7} {'rows':>5} {'TTFT median':>12} {'p90':>7} {'signed':>8} "
+          f"{'TPOT median':>12} {'worst':>7} {'signed':>8} {'cycle median':>13} {'signed':>8}")
+    key = (lambda j: j.row.tp) if group == "tp" else (lambda j: j.row.backend)
     for name in probes:
         patch, sets = _probe(name)
         with patch:
             judged, _ = judge_serving.judge(path, sets=sets)
-        for tp in sorted({j.row.tp for j in judged}):
-            js = [j for j in judged if j.row.tp == tp]
+        for k in sorted({key(j) for j in judged}):
+            js = [j for j in judged if key(j) == k]
             ttft = np.array([j.ttft_error for j in js])
-            tpot = np.abs([j.tpot_error for j in js])
-            print(f"{name:14} {tp:3} {len(js):5} {100 * np.median(np.abs(ttft)):11.1f}% "
+            tpot = np.array([j.tpot_error for j in js])
+            cycle = np.array([_cycle_error(j) for j in js])
+            print(f"{name:14} {k:>7} {len(js):5} {100 * np.median(np.abs(ttft)):11.1f}% "
                   f"{100 * np.percentile(np.abs(ttft), 90):6.1f}% {100 * np.median(ttft):+7.1f}% "
-                  f"{100 * np.median(tpot):11.1f}% {100 * tpot.max():6.1f}%")
+                  f"{100 * np.median(np.abs(tpot)):11.1f}% {100 * np.abs(tpot).max():6.1f}% "
+                  f"{100 * np.median(tpot):+7.1f}% {100 * np.median(np.abs(cycle)):12.1f}% "
+                  f"{100 * np.median(cycle):+7.1f}%")
 
 
 if __name__ == "__main__":
