@@ -702,8 +702,10 @@ def _scenario(row: Row, checkpoint: Checkpoint, hardware: str, calibration: str 
                       # experts (_why_not refuses every other layout)
                       **({"data_parallel_size": row.dp} if row.dp > 1 else {}),
                       **({"expert_parallel": True} if row.moe_ep > 1 else {}),
-                      # a vLLM row's version keys the memory rule and the engine step's host time
-                      **({"vllm_version": row.engine_version} if row.backend == "vllm" else {}),
+                      # a vLLM row's version keys the memory rule and the engine step's host time (a row
+                      # that records none runs as kvsim's default version, which the report names)
+                      **({"vllm_version": row.engine_version} if row.backend == "vllm" and row.engine_version
+                         else {}),
                       # the row's own `vllm serve` flags and sampler, over the deployment's assumptions
                       **row.engine_flags, **({"sampler": row.sampler} if row.sampler else {})},
            **({} if checkpoint.weights is None else {"weights": checkpoint.weights}),
