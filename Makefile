@@ -26,12 +26,13 @@ setup: $(TEST_STAMP)
 
 # The main job: Llama-3-8B on one H100 SXM serving the real Azure 2023 conversation trace (read in
 # place from ../shared/data); without that folder, the same deployment on the repo's own fixture.
+# --force: out/ is this target's own folder, replaced by every `make run`.
 run: $(RUN_STAMP)
 	$(BIN)/kvsim memory --model llama-3-8b --hardware h100-sxm --context 8192 --batch 32
 	@if $(BIN)/python -c "import sys; from kvsim.serve.traces import shared_traces_dir; sys.exit(shared_traces_dir() is None)"; \
-	then $(BIN)/kvsim run examples/azure-conv.yaml --out out/azure-conv; \
+	then $(BIN)/kvsim run examples/azure-conv.yaml --out out/azure-conv --force; \
 	else echo "(../shared/data not found: running the fixture scenario instead)"; \
-	     $(BIN)/kvsim run examples/fixture-sessions.yaml --out out/fixture-sessions; fi
+	     $(BIN)/kvsim run examples/fixture-sessions.yaml --out out/fixture-sessions --force; fi
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
