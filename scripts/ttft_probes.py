@@ -87,7 +87,8 @@ def _sglang_whole_prompts() -> contextlib.AbstractContextManager[None]:
         if row.backend != "sglang" or self.budget_headroom_tokens is None:
             return settings
         decodes = row.concurrency // row.dp
-        left, prompts = row.isl + self.budget_headroom_tokens - decodes - row.isl, 1  # the first always fits
+        # --max-prefill-tokens isl + headroom, less the decode rows and the first prompt (which always joins)
+        left, prompts = self.budget_headroom_tokens - decodes, 1
         while row.isl < left:  # add_one_req: input_tokens >= rem_input_tokens -> wait for the next batch
             left, prompts = left - row.isl, prompts + 1
         return {**settings, "max_num_batched_tokens": decodes + prompts * row.isl}
