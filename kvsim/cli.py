@@ -560,6 +560,7 @@ def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: 
     from kvsim.judge_serving import (
         DATED,
         DEFAULT_DEPLOYMENT,
+        DUPLICATE_ROWS,
         RELEASES_FILE,
         SOURCE_COLUMN,
         UNRECORDED,
@@ -567,6 +568,7 @@ def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: 
         error_table,
         is_bench_results,
         judge,
+        repeat_spread,
     )
     from kvsim.memory import default_vllm_version
 
@@ -576,25 +578,36 @@ def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: 
     dep = deployment_named(deployment, requests_per_client)
     judged, skipped = judge(path, calibration, sets, deployment, requests_per_client)
     table = error_table(judged) if judged else []
+    repeats = repeat_spread(judged)
+    duplicates = skipped.pop(DUPLICATE_ROWS, 0)
     if as_json:
         print(json.dumps({"file": str(path), "deployment": {"name": dep.name, "assumed": dep.source,
                                                             "requests_per_client": dep.requests_per_client},
-                          "overrides": sets, "groups": table, "not_expressible": dict(skipped),
+                          "overrides": sets, "groups": table, "repeats": repeats, "duplicate_rows": duplicates,
+                          "not_expressible": dict(skipped),
                           "rows": [{"line": j.row.line, "engine": j.row.engine_label, "tp": j.row.tp,
                                     "isl": j.row.isl, "osl": j.row.osl,
                                     "concurrency": j.row.concurrency, "ttft_ms": j.row.ttft_ms,
                                     "predicted_ttft_ms": j.ttft_ms, "tpot_ms": j.row.tpot_ms,
                                     "predicted_tpot_ms": j.tpot_ms} for j in judged]}, indent=2))
         return
-    print(f"{'gpu':<13} {'engine':<16} {'model':<18} {'prec':<11} {'tp':>3} {'rows':>5}   "
+    print(f"{'gpu':<13} {'engine':<16} {'model':<18} {'prec':<11} {'tp':>3} {'rows':>5} {'configs':>7}   "
           f"{'TTFT median':>11} {'p90':>7} {'worst':>7}   {'TPOT median':>11} {'p90':>7} {'worst':>7}   calibration")
     for g in table:
         print(f"{g['gpu']:<13} {g['engine']:<16} {g['model']:<18} {g['precision']:<11} {g['tp'] or '':>3} "
-              f"{g['rows']:>5}   {g['ttft_median_abs_err']:11.1%} {g['ttft_p90_abs_err']:7.1%} "
-              f"{g['ttft_max_abs_err']:7.1%}   {g['tpot_median_abs_err']:11.1%} {g['tpot_p90_abs_err']:7.1%} "
-              f"{g['tpot_max_abs_err']:7.1%}   {g['calibration']}")
+              f"{g['rows']:>5} {g['configurations']:>7}   {g['ttft_median_abs_err']:11.1%} "
+              f"{g['ttft_p90_abs_err']:7.1%} {g['ttft_max_abs_err']:7.1%}   {g['tpot_median_abs_err']:11.1%} "
+              f"{g['tpot_p90_abs_err']:7.1%} {g['tpot_max_abs_err']:7.1%}   {g['calibration']}")
     for why, n in sorted(skipped.items()):
         print(f"not expressible ({n} rows): {why}")
+    if duplicates:
+        print(f"{duplicates} rows repeat an earlier row whole, results included: each run is judged once")
+    if repeats:
+        print(f"{repeats['configurations']} configurations are measured more than once with different results; "
+              f"the measurements of one configuration differ by a median {repeats['ttft_median_spread']:.1%} in TTFT "
+              f"(p90 {repeats['ttft_p90_spread']:.1%}, largest {repeats['ttft_max_spread']:.1%}) and "
+              f"{repeats['tpot_median_spread']:.1%} in TPOT (p90 {repeats['tpot_p90_spread']:.1%}, largest "
+              f"{repeats['tpot_max_spread']:.1%}): no prediction can be expected to agree with the file more closely")
     print(f"deployment {dep.name} (assumed, the rows do not record it): {dep.source}")
     if own := sum(1 for j in judged if j.row.num_requests):
         print(f"{own} rows record their request count (column num_requests) and ran that many requests")

@@ -63,6 +63,9 @@ SERVE_FLAGS_COLUMN = "serve_flags"
 # Optional column: the server's sampler (native or flashinfer: kvsim.memory SAMPLERS), where the source
 # shows which one ran (e.g. FlashInfer installed under vLLM 0.10.2-0.11); empty: native
 SAMPLER_COLUMN = "sampler"
+# The reason counted for a row that repeats an earlier one whole, results included (the public sample lists
+# some runs in two of its source files): judged once, not twice.
+DUPLICATE_ROWS = "the same run listed again (every column alike, results included): judged once"
 SERVE_FLAGS: dict[str, tuple[str, type]] = {
     "--async-scheduling": ("async_scheduling", bool),
     "--enforce-eager": ("enforce_eager", bool),
@@ -737,22 +740,38 @@ def judge(path: Path, calibration: str | None = None, sets: Sequence[str] = (),
     judged: list[Judged] = []
     skipped: Counter[str] = Counter()
     checked = not sets
+    # one simulation per configuration: its first row's prediction (or why kvsim cannot run it) serves
+    # every other measurement of it; a row listed again whole (e.g. in two source files) is judged once
+    outcome: dict[Row, Judged | str] = {}
+    seen: set[Row] = set()
     for row in rows:
+        if replace(row, line=0) in seen:
+            skipped[DUPLICATE_ROWS] += 1
+            continue
+        seen.add(replace(row, line=0))
         why = _why_not(row, gpus)
         if why is not None:
             skipped[why] += 1
             continue
-        checkpoint = _checkpoint(row)
-        assert isinstance(checkpoint, Checkpoint)  # _why_not refused the row otherwise
-        if not checked:  # the first expressible row: a bad override raises here, once
-            _scenario(row, checkpoint, _gpu(row.system), calibration, dep, sets)
-            checked = True
-        _judge_row(row, checkpoint, calibration, dep, sets, judged, skipped)
+        config = configuration(row)
+        if config not in outcome:
+            checkpoint = _checkpoint(row)
+            assert isinstance(checkpoint, Checkpoint)  # _why_not refused the row otherwise
+            if not checked:  # the first expressible row: a bad override raises here, once
+                _scenario(row, checkpoint, _gpu(row.system), calibration, dep, sets)
+                checked = True
+            outcome[config] = _judge_row(row, checkpoint, calibration, dep, sets)
+        first = outcome[config]
+        if isinstance(first, str):
+            skipped[first] += 1
+        else:
+            judged.append(replace(first, row=row))
     return judged, skipped
 
 
 def _judge_row(row: Row, checkpoint: Checkpoint, calibration: str | None, deployment: Deployment,
-               sets: Sequence[str], judged: list[Judged], skipped: Counter[str]) -> None:
+               sets: Sequence[str]) -> Judged | str:
+    """kvsim's prediction of the row, or why kvsim cannot run it."""
     from kvsim.scenario import run_scenario
 
     hardware = _gpu(row.system)
@@ -763,14 +782,38 @@ def _judge_row(row: Row, checkpoint: Checkpoint, calibration: str | None, deploy
         why = str(err).split(": ", 1)[-1]
         if checkpoint.model.endswith(".json"):  # the shipped config.json's name, not its install path
             why = why.replace(checkpoint.model, Path(checkpoint.model).name)
-        skipped[f"kvsim cannot run it: {why[:90]}"] += 1
-        return
+        return f"kvsim cannot run it: {why[:90]}"
     if s["completed"] != row.requests(deployment):
         reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)
-        skipped[f"kvsim rejects the requests: {reasons}"] += 1
-        return
-    judged.append(Judged(row, checkpoint.name, hardware, s["ttft_s"]["mean"] * 1e3, s["tpot_s"]["mean"] * 1e3,
-                         s["scenario"]["calibration"]["label"]))
+        return f"kvsim rejects the requests: {reasons}"
+    return Judged(row, checkpoint.name, hardware, s["ttft_s"]["mean"] * 1e3, s["tpot_s"]["mean"] * 1e3,
+                  s["scenario"]["calibration"]["label"])
+
+
+def configuration(row: Row) -> Row:
+    """What a run was, less what it measured: two rows alike here are the same configuration measured
+    twice (or listed twice), and kvsim predicts them alike."""
+    return replace(row, line=0, ttft_ms=0.0, tpot_ms=0.0)
+
+
+def repeat_spread(judged: Sequence[Judged]) -> dict | None:
+    """How the file's own repeat measurements disagree: over the configurations it measures more than
+    once with different results, each one's spread (largest / smallest - 1) of TTFT and of TPOT, their
+    median, p90 and largest. No prediction can be expected to agree with a file more closely than its
+    repeats agree with each other; None where no configuration is measured twice."""
+    results: dict[Row, set[tuple[float, float]]] = {}
+    for j in judged:
+        results.setdefault(configuration(j.row), set()).add((j.row.ttft_ms, j.row.tpot_ms))
+    repeated = [v for v in results.values() if len(v) > 1]
+    if not repeated:
+        return None
+    out: dict = {"configurations": len(repeated)}
+    for i, metric in enumerate(("ttft", "tpot")):
+        spread = np.array([max(m[i] for m in v) / min(m[i] for m in v) - 1 for v in repeated])
+        out[f"{metric}_median_spread"] = float(np.median(spread))
+        out[f"{metric}_p90_spread"] = float(np.percentile(spread, 90))
+        out[f"{metric}_max_spread"] = float(spread.max())
+    return out
 
 
 def error_table(judged: list[Judged]) -> list[dict]:
@@ -787,6 +830,7 @@ def error_table(judged: list[Judged]) -> list[dict]:
         js = groups[key]
         entry = dict(zip(("gpu", "engine", "model", "precision", "tp", "calibration"), key, strict=True))
         entry["rows"] = len(js)
+        entry["configurations"] = len({configuration(j.row) for j in js})
         for metric in ("ttft", "tpot"):
             errs = np.abs([getattr(j, f"{metric}_error") for j in js])
             entry[f"{metric}_median_abs_err"] = float(np.median(errs))

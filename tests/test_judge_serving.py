@@ -20,6 +20,7 @@ from kvsim.fileio import load_data_yaml
 from kvsim.judge_serving import (
     COLUMNS,
     DEPLOYMENTS,
+    DUPLICATE_ROWS,
     SERVE_FLAGS,
     SOURCE_COLUMN,
     Checkpoint,
@@ -30,6 +31,7 @@ from kvsim.judge_serving import (
     error_table,
     judge,
     read_rows,
+    repeat_spread,
     serve_flag_settings,
     vllm_release_on,
 )
@@ -79,6 +81,33 @@ def test_every_row_is_judged_or_counted_with_its_reason(tmp_path: Path) -> None:
         assert word in reasons
     table = error_table(judged)
     assert table[-1]["gpu"] == "all" and table[-1]["rows"] == 3
+
+
+def test_a_run_listed_twice_is_judged_once_and_repeats_of_a_configuration_report_their_spread(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The public sample lists some runs in two source files (every column alike): such a row counts
+    once. A configuration measured twice with different results is judged against each measurement
+    with one prediction, and the file's own spread is reported beside kvsim's error."""
+    base = ROWS[0]
+    again = dict(base, silicon_ttft_ms=50.0, silicon_tpot_ms=7.7)  # the same run measured again
+    other = dict(base, osl=64)  # another configuration
+    path = write(tmp_path / "m.csv", [base, base, again, other, again])
+    judged, skipped = judge(path)
+    assert [j.row.line for j in judged] == [2, 4, 5]
+    assert skipped == {DUPLICATE_ROWS: 2}
+    first, repeat, _ = judged
+    assert (repeat.ttft_ms, repeat.tpot_ms) == (first.ttft_ms, first.tpot_ms)  # one configuration, one prediction
+    assert repeat.tpot_error == pytest.approx(first.tpot_ms / 7.7 - 1)
+    table = error_table(judged)
+    assert (table[-1]["rows"], table[-1]["configurations"]) == (3, 2)
+    spread = repeat_spread(judged)
+    assert spread is not None and spread["configurations"] == 1
+    assert spread["ttft_median_spread"] == pytest.approx(0.25) and spread["tpot_max_spread"] == pytest.approx(0.1)
+    assert repeat_spread(judged[:1]) is None
+    main(["validate", "--serving", str(path)])
+    out = capsys.readouterr().out
+    assert "2 rows repeat an earlier row whole" in out and "not expressible" not in out
+    assert "1 configurations are measured more than once" in out and "25.0% in TTFT" in out
 
 
 def test_fp4_labelled_rows_run_only_a_native_mxfp4_checkpoint_and_nvidia_fp8_releases_are_known(
