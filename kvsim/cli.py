@@ -17,9 +17,12 @@ GIB = 2**30
 
 def _ints(text: str, field: str) -> list[int]:
     try:
-        values = [int(float(v)) for v in text.split(",") if v.strip()]
-    except (ValueError, OverflowError):
+        numbers = [float(v) for v in text.split(",") if v.strip()]  # 1e3 is 1000; 2.9 is refused, not cut to 2
+    except ValueError:
         raise KvsimError("expected comma-separated positive integers", field=field, value=text) from None
+    if not all(x.is_integer() for x in numbers):
+        raise KvsimError("expected comma-separated positive integers", field=field, value=text)
+    values = [int(x) for x in numbers]
     if not values or any(v <= 0 for v in values):
         raise KvsimError("expected comma-separated positive integers", field=field, value=text)
     return values
@@ -275,7 +278,9 @@ def cmd_plot(args: argparse.Namespace) -> None:
     from kvsim import plots
 
     plots.check_out(Path(args.out))
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise KvsimError("expected at least one KV method", field="--methods", value=args.methods)
     contexts = _ints(args.contexts, "--contexts") if args.contexts else None
     if args.what == "capacity":
         _required(args, "model", "hardware")
@@ -504,14 +509,22 @@ def cmd_validate(args: argparse.Namespace) -> None:
         raise KvsimError("give exactly one of --gpu and --serving", field="kvsim validate",
                          value=[a for a in ("gpu", "serving") if getattr(args, a) is not None])
     if args.serving is not None:
-        if args.leave_one_model_out:
-            raise KvsimError("--leave-one-model-out judges a reference-engine folder: use it with --gpu",
-                             field="--leave-one-model-out", value=True)
+        for flag, value in (("--leave-one-model-out", args.leave_one_model_out or None),
+                            ("--calibration-from", args.calibration_from), ("--results", args.results)):
+            if value is not None:
+                raise KvsimError("judges a reference-engine folder: use it with --gpu, not --serving", field=flag,
+                                 value=value)
+        if args.calibration not in (None, "imported", "none") and not Path(args.calibration).is_file():
+            # else every row would be counted as not expressible, each with the same missing file
+            raise KvsimError("no such profile file", field="--calibration", value=args.calibration)
         from kvsim.judge_serving import find_silicon_sample
 
         _validate_serving(find_silicon_sample() if args.serving == "aiconfigurator" else Path(args.serving), args.json,
                           args.calibration, args.set or [], args.deployment, args.requests_per_client)
         return
+    if args.calibration is not None:
+        raise KvsimError("picks the profile the --serving rows run with; with --gpu, use --calibration-from",
+                         field="--calibration", value=args.calibration)
     for flag, value in (("--deployment", args.deployment), ("--requests-per-client", args.requests_per_client)):
         if value is not None:
             raise KvsimError("says how the --serving rows' servers ran; a reference-engine folder has none",
@@ -851,6 +864,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     handler: Callable[[argparse.Namespace], None] = args.func
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        if getattr(args, "out", None) is not None and not args.out.strip():
+            # an empty --out would be the current folder (Path("")), or skipped where --out is optional
+            raise KvsimError("expected a path", field="--out", value=args.out)
         handler(args)
     except KvsimError as err:
         print(f"kvsim: error: {err}", file=sys.stderr)

@@ -56,6 +56,11 @@ def schema_error(err: ValidationError, file: str | None, prefix: Sequence[str] =
         elif e["type"] == "missing":
             problems.append(KvsimError(f"missing required key{f' (expected {what})' if what else ''}", field=field,
                                        value=None))
+        elif e["type"] == "string_type" and type(e.get("input")) in (int, float):
+            # YAML reads 0.13 (in a file or a --set value) as a number: a version must be quoted, and 0.10
+            # would otherwise become 0.1
+            problems.append(KvsimError(f"expected text; quote it, e.g. \"{e['input']}\" (YAML reads it as a number)",
+                                       field=field, value=e["input"]))
         else:
             problems.append(KvsimError(e["msg"].removeprefix("Value error, "), field=field, value=e.get("input")))
     first = problems[0]

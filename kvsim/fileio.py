@@ -48,18 +48,23 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 def check_writable(path: Path, field: str, folder: bool) -> None:
     """Fail before any work when ``path`` (a ``folder`` to write into, else a file) cannot be
-    written: it is the wrong kind, a parent is a file, or the nearest existing folder is read-only."""
-    if path.exists() and path.is_dir() != folder:
-        raise KvsimError(f"is a {'file' if folder else 'folder'}, expected a {'folder' if folder else 'file'}",
-                         field=field, value=str(path))
-    existing = path
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if existing != path and not existing.is_dir():
-        raise KvsimError(f"{existing} is a file, not a folder", field=field, value=str(path))
-    where = existing if existing.is_dir() else existing.parent
-    if not os.access(where, os.W_OK | os.X_OK):
-        raise KvsimError(f"cannot write in {where} (permission denied)", field=field, value=str(path))
+    written: it is the wrong kind, a parent is a file, its name is too long, or the nearest existing
+    folder refuses a new file (tried: permission bits do not tell, e.g. for root on /sys or /proc)."""
+    try:
+        if path.exists() and path.is_dir() != folder:
+            raise KvsimError(f"is a {'file' if folder else 'folder'}, expected a {'folder' if folder else 'file'}",
+                             field=field, value=str(path))
+        existing = path
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if existing != path and not existing.is_dir():
+            raise KvsimError(f"{existing} is a file, not a folder", field=field, value=str(path))
+        where = existing if existing.is_dir() else existing.parent
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".kvsim-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise KvsimError(f"cannot write there: {err.strerror or err}", field=field, value=str(path)) from None
 
 
 # libyaml's C loader when PyYAML was built with it (about 9x faster on the calibration tables);

@@ -15,6 +15,7 @@ Everything is per GPU (one tensor-parallel rank) unless a name says otherwise.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -265,6 +266,8 @@ def vllm_batch_limits(version: str, hardware: HardwareSpec, model: ModelSpec, ma
 SAMPLERS = ("native", "flashinfer")
 FLASHINFER_SAMPLER_BYTES_PER_LOGIT = 12
 V1_FROM = (0, 10, 2)  # the oldest V1 engine kvsim models (0.6.x is V0)
+# --block-size values vLLM accepts (vllm/config/cache.py: BlockSize = Literal[1, 8, 16, 32, 64, 128, 256])
+VLLM_BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -288,8 +291,12 @@ class EngineMemoryConfig:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise KvsimError("must be a positive integer", field=name, value=getattr(self, name))
-        if self.cuda_graph_bytes is not None and self.cuda_graph_bytes < 0:
-            raise KvsimError("must be >= 0", field="cuda_graph_gib", value=self.cuda_graph_bytes / GIB)
+        if self.block_size > 0 and self.block_size not in VLLM_BLOCK_SIZES:
+            raise KvsimError(f"vLLM takes one of {', '.join(map(str, VLLM_BLOCK_SIZES))}", field="block_size",
+                             value=self.block_size)
+        graphs = self.cuda_graph_bytes
+        if graphs is not None and not (math.isfinite(graphs) and graphs >= 0):
+            raise KvsimError("must be a finite number >= 0", field="cuda_graph_gib", value=graphs / GIB)
         if self.sampler not in SAMPLERS:
             raise KvsimError(f"must be one of {', '.join(SAMPLERS)}", field="sampler", value=self.sampler)
         rule = self.rule  # an unknown version fails here, where the engine is configured
@@ -517,7 +524,8 @@ class MemoryPlan:
         need = self.weights.total + self.activation_peak_bytes + self.non_torch_bytes + self.cuda_graph_bytes
         return (f"does not fit: weights {self.weights.total / GIB:.2f} GiB + activations "
                 f"{self.activation_peak_bytes / GIB:.2f} GiB + non-torch {self.non_torch_bytes / GIB:.2f} GiB "
-                f"= {need / GIB:.2f} GiB per GPU exceed the {self.budget_bytes / GIB:.2f} GiB budget "
+                + (f"+ CUDA graphs {self.cuda_graph_bytes / GIB:.2f} GiB " if self.cuda_graph_bytes else "")
+                + f"= {need / GIB:.2f} GiB per GPU exceed the {self.budget_bytes / GIB:.2f} GiB budget "
                 f"({self.engine.gpu_memory_utilization} x {self.hardware.memory_bytes / GIB:.2f} GiB)"
                 if self.kv_cache_bytes <= 0 else
                 "does not fit: not one KV block fits in the memory left")

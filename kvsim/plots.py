@@ -24,7 +24,7 @@ from kvsim.fileio import check_writable, read_csv_rows, write_atomic  # noqa: E4
 from kvsim.kv import layout_for  # noqa: E402
 from kvsim.memory import GIB, plan_memory  # noqa: E402
 from kvsim.spec.hardware import load_hardware  # noqa: E402
-from kvsim.spec.model import load_model  # noqa: E402
+from kvsim.spec.model import check_context, load_model  # noqa: E402
 
 
 def render(fig: plt.Figure, fmt: str = "png", dpi: int = 110) -> bytes:
@@ -41,7 +41,7 @@ FORMATS = ("png", "svg", "pdf")
 def check_out(out: Path) -> None:
     """Refuse an image path that cannot be written, before any figure is drawn."""
     if out.suffix.lstrip(".").lower() not in ("", *FORMATS):
-        raise KvsimError(f"unsupported image format; use {', '.join('.' + f for f in FORMATS)}",
+        raise KvsimError(f"unsupported image format; use {', '.join('.' + f for f in FORMATS)} (no suffix: PNG)",
                          field="--out", value=str(out))
     check_writable(out, "--out", folder=False)
 
@@ -63,6 +63,8 @@ def capacity(model_name: str, hardware_name: str, methods: Sequence[str], tp: in
     """Most concurrent sequences against context (log axes), KV bytes per token, and the memory
     breakdown of one GPU, one line / bar per method."""
     model, hw = load_model(model_name), load_hardware(hardware_name)
+    for c in contexts or ():
+        check_context(model, c, "--contexts")
     ctx = np.asarray(contexts if contexts else default_contexts(model.max_position_embeddings), dtype=np.int64)
     fig, (ax_cap, ax_bpt, ax_bar) = plt.subplots(1, 3, figsize=(17, 6),
                                                  gridspec_kw={"width_ratios": [1.2, 1.2, 1]})

@@ -253,6 +253,34 @@ def _file_cases(d: Path) -> list[list[str]]:
     for spec in ("", "+", "kivi:bits", "kivi:bits=", "kivi:nope=1", "nope", "kivi:bits=2+kivi:bits=4",
                  "snapkv:budget=-1", "fp8:format=e9m9", "kivi:bits=2,bits=4"):
         cases.append(["memory", *DEPLOY, "--method", spec])
+    # found by a bug hunt (2026-12-07): each was a traceback, a hang or a silently wrong number
+    long_name = str(d / ("a" * 300))
+    cases += [["run", sc, "--out", ""], ["run", sc, "--out", " "], ["run", sc, "--out", long_name],
+              ["sweep", sc, "--out", long_name], ["plot", "capacity", *DEPLOY, "--out", long_name + ".png"]]
+    cases += [["memory", *DEPLOY, "--vllm-version", "0.20", "--cuda-graph-gib", v]
+              for v in ("nan", "inf", "1e400", "-1")]
+    cases += [["predict", *DEPLOY, "--batch", "2.9", "--context", "4096"],
+              ["predict", *DEPLOY, "--batch", "2", "--context", "4096,2.7"]]
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
+          "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+          "max_position_embeddings": 8192}
+    for key, value in (("num_hidden_layers", 1.5), ("num_attention_heads", "32"), ("hidden_size", True)):
+        path = _write(d / f"hf-{key}", "config.json", json.dumps({**hf, key: value}))
+        cases.append(["memory", "--model", path, "--hardware", "h100-sxm"])
+    cases += [["memory", *DEPLOY, "--tp", "16"],
+              ["memory", "--model", "llama-2-13b", "--hardware", "h100-sxm", "--tp", "5"],
+              ["memory", *DEPLOY, "--block-size", "7"], ["run", sc, "--set", "engine.block_size=100000"],
+              ["memory", *DEPLOY, "--method", "offload:gpu_tokens=0"], ["memory", *DEPLOY, "--method", "ttkv:recent=0"]]
+    cases += [["plot", "capacity", *DEPLOY, "--methods", "", "--out", str(d / "f.png")],
+              ["plot", "capacity", *DEPLOY, "--contexts", "100000", "--out", str(d / "f.png")],
+              ["predict", "--model", "llama-3-8b", "--hardware", "mi300x", "--weights", "nvfp4", "--batch", "1",
+               "--context", "128"],
+              ["run", sc, "--set", "engine.vllm_version=0.13"]]
+    serving = str(ROOT / "validation" / "reference" / "public_vllm_serving.csv")
+    cases += [["validate", "--serving", serving, "--calibration", str(d / "nope.yaml")],
+              ["validate", "--serving", serving, "--calibration-from", "h100-sxm"],
+              ["validate", "--serving", serving, "--results", str(d)],
+              ["validate", "--gpu", "h100-sxm", "--calibration", "imported"]]
     return cases + _method_cases()
 
 
@@ -305,6 +333,19 @@ def test_run_out_replaces_a_run_only_with_force(tmp_path: Path, capsys: pytest.C
     assert json.loads((out / "summary.json").read_text()) != first
     assert sorted(p.name for p in out.iterdir()) == ["requests.csv", "summary.json", "timeseries.csv", "trace.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging folder left
+
+
+def test_run_force_never_deletes_a_folder_named_like_a_run_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--force replaces an earlier run's four files; a user's folder that happens to be called
+    trace.json is not one of them, and survives."""
+    sc = _write(tmp_path, "s.yaml", yaml.safe_dump(SCENARIO))
+    out = tmp_path / "out"
+    (out / "trace.json").mkdir(parents=True)
+    (out / "trace.json" / "precious.txt").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["run", sc, "--out", str(out), "--force"])
+    assert e.value.code == 2 and "not a `kvsim run` output (trace.json)" in capsys.readouterr().err
+    assert (out / "trace.json" / "precious.txt").read_text() == "x"
 
 
 def test_a_sweep_refuses_another_sweeps_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -410,7 +410,7 @@ def test_cli_bad_input_is_one_line_exit_2(capsys, argv: list[str], match: str) -
 def test_capacity_plot(tmp_path) -> None:
     out = tmp_path / "cap.png"
     main(["plot", "capacity", "--model", "llama-3-8b", "--hardware", "h100-sxm", "--methods", "bf16,fp8",
-          "--contexts", "512,4096,32768", "--out", str(out)])
+          "--contexts", "512,4096,8192", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".cap.png.*")), "no temporary file left behind"
 

@@ -93,7 +93,9 @@ def check_run_folder(out: Path, force: bool) -> None:
     if not out.is_dir():
         return
     present = sorted(p.name for p in out.iterdir())
-    foreign = [name for name in present if name not in RUN_FILES]
+    # a file of another name, or a folder under a run file's name (a user's trace.json/), is not kvsim's
+    # to replace
+    foreign = [name for name in present if name not in RUN_FILES or not (out / name).is_file()]
     if foreign:
         raise KvsimError(f"holds files that are not a `kvsim run` output ({', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder",

@@ -62,7 +62,14 @@ _LAYER_TYPES = {"full_attention": "full", "attention": "full", "sliding_attentio
 
 
 def _int(cfg: dict, key: str, file: str) -> int:
-    return int(_need(cfg, key, file))
+    return _as_int(_need(cfg, key, file), key, file)
+
+
+def _as_int(value: Any, key: str, file: str) -> int:  # noqa: ANN401 - a JSON value
+    """A JSON integer as it stands: 1.5 or "32" in a config.json is a mistake, not 1 or 32 layers."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KvsimError("expected an integer", field=key, value=value, file=file)
+    return value
 
 
 def _from_layer_types(cfg: dict, n: int, file: str) -> list[str]:
@@ -126,8 +133,8 @@ def _layer_kinds(cfg: dict, mtype: str, n: int, file: str) -> tuple[list[str], s
     if "attention_chunk_size" in cfg and cfg["attention_chunk_size"]:
         # configuration_llama4: no_rope_layers[i] == 1 uses RoPE and chunked attention, 0 is a global NoPE
         # layer; absent, every no_rope_layer_interval-th (default 4) layer is NoPE.
-        chunk = int(cfg["attention_chunk_size"])
-        interval = int(cfg.get("no_rope_layer_interval", 4))
+        chunk = _int(cfg, "attention_chunk_size", file)
+        interval = _as_int(cfg.get("no_rope_layer_interval", 4), "no_rope_layer_interval", file)
         rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n)]
         if len(rope) != n:
             raise KvsimError(f"has {len(rope)} entries for {n} layers", field="no_rope_layers", value=len(rope),
@@ -143,7 +150,7 @@ def _layer_kinds(cfg: dict, mtype: str, n: int, file: str) -> tuple[list[str], s
         kinds = [f"sliding:{window}" if i >= first else "full" for i in range(n)]
         return kinds, "use_sliding_window + max_window_layers"
     if window:  # mistral, phi3: every layer slides
-        return [f"sliding:{int(window)}"] * n, "sliding_window on every layer"
+        return [f"sliding:{_as_int(window, 'sliding_window', file)}"] * n, "sliding_window on every layer"
     return ["full"] * n, "full attention on every layer"
 
 
@@ -195,7 +202,7 @@ def _state(cfg: dict, mtype: str, dtype: str, file: str) -> dict:
     sizes it: conv state (conv_kernel - 1) x conv_dim and the recurrent state."""
     # The recurrent state's dtype as the config declares it (vLLM mamba_ssm_cache_dtype), else the model's.
     rdtype = cfg.get("mamba_ssm_cache_dtype") or cfg.get("mamba_ssm_dtype") or dtype
-    h = int(cfg["hidden_size"])
+    h = _int(cfg, "hidden_size", file)
 
     def need(key: str) -> int:
         return _int(cfg, key, file)
@@ -312,12 +319,12 @@ def model_from_hf_config(full: dict, *, name: str, config_file: str, hf_repo: st
         **({"architecture": str(architectures[0])} if architectures else {}),
         "dtype": _SERVING_DTYPE.get(dtype, "bfloat16"),
         "hidden_size": hidden,
-        "vocab_size": int(vocab),
+        "vocab_size": _as_int(vocab, "vocab_size", config_file),
         "tie_word_embeddings": bool(tied),
         "max_position_embeddings": _int(cfg, "max_position_embeddings", config_file),
         "attention": attention,
-        "mlp": {"intermediate_size": int(cfg.get("intermediate_size_mlp")
-                                         or _int(cfg, "intermediate_size", config_file)),
+        "mlp": {"intermediate_size": _as_int(cfg.get("intermediate_size_mlp"), "intermediate_size_mlp", config_file)
+                if cfg.get("intermediate_size_mlp") else _int(cfg, "intermediate_size", config_file),
                 "gated": mtype != "nemotron_h"},  # modeling_nemotron_h NemotronHMLP: up, relu2, down
         "layers": [{"repeat": 1, "pattern": _layer_tokens(cfg, mtype, n, moe_layers, config_file)}],
     }

@@ -49,6 +49,15 @@ def check_tp(model: ModelSpec, tp: int) -> None:
     if model.attention.mla is None and kv % tp and tp % kv:
         raise KvsimError(f"neither divides nor is a multiple of the {kv} KV heads of {model.name}",
                          field="tp", value=tp)
+    # vLLM splits a dense MLP (and shared experts) evenly or refuses to load: ColumnParallelLinear takes
+    # divide(output_size, tp_size), which asserts divisibility (vllm/distributed/utils.py ensure_divisibility)
+    widths = [model.intermediate_size] if any(layer.mlp and not layer.moe for layer in model.layers) else []
+    if model.moe is not None and model.moe.num_shared_experts:
+        widths.append(model.moe.shared_intermediate_size)
+    for width in widths:
+        if width % tp:
+            raise KvsimError(f"does not divide the {width}-wide MLP of {model.name} (vLLM splits it evenly)",
+                             field="tp", value=tp)
 
 
 def kv_heads_per_rank(model: ModelSpec, tp: int) -> int:

@@ -72,7 +72,10 @@ def check_parallel(model: ModelSpec, tp: int, par: Parallel, max_gpus: int) -> N
     if par.expert_parallel and model.moe is None:
         raise KvsimError(f"{model.name} is a dense model: it has no experts to spread over GPUs",
                          field="expert_parallel", value=True)
-    if par.dp > 1 and tp * par.dp > max_gpus:
+    if tp > max_gpus:  # vLLM spans nodes only with a Ray or multi-node launch, whose links kvsim does not price
+        raise KvsimError(f"more than one node's {max_gpus} GPUs (kvsim models single-node tensor parallelism)",
+                         field="tp", value=tp)
+    if tp * par.dp > max_gpus:
         raise KvsimError(f"tp x data_parallel_size = {tp} x {par.dp} = {tp * par.dp} GPUs, more than one node's "
                          f"{max_gpus} (kvsim models single-node data parallelism)",
                          field="data_parallel_size", value=par.dp)

@@ -140,6 +140,12 @@ def weight_kernel(model: ModelSpec, hw: HardwareSpec, file: str | None = None) -
             raise KvsimError(f"{hw.display_name} has no INT8 tensor cores for W8A8 INT8", field="weights", value=p,
                              file=file)
         return WeightKernel("int8", "int8", False, "gemm.int8", "INT8 W8A8 at the INT8 peak")
+    if hw.vendor != "nvidia":
+        # the paths below are vLLM's CUDA kernels (Marlin, Machete) or priced on their curves; ROCm's own
+        # weight-only kernels are not modelled
+        raise KvsimError(f"kvsim models weight-only and 4-bit weights on NVIDIA GPUs only (vLLM's Marlin and Machete "
+                         f"are CUDA kernels); {hw.display_name}'s are not modelled", field="weights", value=p,
+                         file=file)
     if p in ("fp8", "int8"):
         return WeightKernel("w8a16", "bf16", True, "gemm.w8a16", "weight-only 8-bit, dequantized in the GEMM")
     if p in ("mxfp4", "nvfp4") and hw.family == "blackwell":
