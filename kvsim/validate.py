@@ -147,11 +147,15 @@ def speedup_points(folder: Path, gpu: str, cal: Calibration) -> list[Point]:
     shape, on the shapes ``kvsim calibrate`` held out."""
     hw = load_hardware(measured.base_gpu(gpu))
     points = []
+    # vLLM's own kernels (FlashMLA) are priced on their curves; kvsim's stand-in kernels on the curves
+    # the reference engine runs (*.reference), which the profile keeps apart from vLLM's
+    reference = cal.for_reference_engine()
     for r, base in measured.judged_rows(measured.decode_rows(folder)):
         model, batch = r.model(), Batch(decode_context=np.full(r.batch, r.context))
+        profile = cal if r.method in measured.VLLM_DECODE_KERNELS else reference
 
-        def attn_s(spec: str, model: ModelSpec = model, batch: Batch = batch) -> float:
-            step = CostModel(model, hw, layout_for(model, spec), 1, cal).step(batch)
+        def attn_s(spec: str, model: ModelSpec = model, batch: Batch = batch, profile: Calibration = profile) -> float:
+            step = CostModel(model, hw, layout_for(model, spec), 1, profile).step(batch)
             return next(o.seconds for o in step.ops if o.name == "attention.decode")
 
         # kernels implementing one spec at one shape (a compacting and a gathering eviction) are priced alike

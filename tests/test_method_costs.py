@@ -338,13 +338,15 @@ def test_lightkv_pays_its_vision_merge() -> None:
 
 
 def test_a_quantized_mla_latent_is_not_priced_as_measured() -> None:
-    """Only the 16-bit MLA kernels are measured: a narrower latent is derived from them, labelled
-    a lower bound, never 'measured'."""
+    """The 16-bit MLA kernels and vLLM's FP8 FlashMLA (run h100-call25) are measured: any other narrower
+    latent is derived from them, labelled a lower bound, never 'measured'."""
     v2 = load_model("deepseek-v2-lite")
-    for spec in ("fp8", "kvquant:bits=6,outliers=0", "mtla:stride=2+kivi:bits=2"):
+    for spec in ("kvquant:bits=6,outliers=0", "mtla:stride=2+kivi:bits=2"):
         k = CostModel(v2, H100, layout_for(v2, spec), 1).decode_kernel
         assert k.status == "derived" and "lower bound" in k.label, spec
     assert CostModel(v2, H100, layout_for(v2), 1).decode_kernel.status == "measured"
+    fp8 = CostModel(v2, H100, layout_for(v2, "fp8"), 1).decode_kernel
+    assert fp8.status == "measured" and fp8.curve == "attention_decode.mla.k8v8"
 
 
 def test_a_quantized_mla_latent_on_a_profile_without_mla_kernels_is_priced_as_its_16_bit_layout() -> None:
