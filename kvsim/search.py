@@ -8,7 +8,8 @@ doubles the rate until one fails (or halves it until one passes), then bisects g
 between the highest passing and the lowest failing rate until they are within ``tolerance`` of each
 other (default 5%: the reported rate is at most 5% below the threshold, never above it, as long as
 goodput falls monotonically with rate). The rate knob is ``workload.synthetic.rate`` (requests/s)
-for synthetic workloads and ``workload.rate`` (requests/s, the trace's arrivals rescaled) for traces.
+for synthetic workloads and ``workload.rate`` (requests/s, the trace's arrivals rescaled) for traces;
+a closed loop is refused (its concurrency, not a rate, sets its load).
 
 Cost of a configuration: GPUs per replica x price per GPU-hour (hardware catalogue) / the rate one
 replica sustains; for a target rate, replicas = ceil(target / rate per replica).
@@ -26,7 +27,7 @@ from typing import Any
 from kvsim.backends import Backend, execute
 from kvsim.errors import DoesNotFit, KvsimError
 from kvsim.fileio import check_writable
-from kvsim.sweep import Point, SearchConfig, SearchSpace, SweepPlan, point_key
+from kvsim.sweep import RATE_PATHS, Point, SearchConfig, SearchSpace, SweepPlan, check_point, point_key
 
 TRACE_RATE = "workload.rate"  # a trace's offered requests/s (kvsim.scenario.run.workload rescales the trace)
 
@@ -108,7 +109,8 @@ def rate_path(raw: Mapping[str, Any], cfg: SearchConfig) -> str:
     if cfg.rate_path:
         return cfg.rate_path
     workload = raw.get("workload") or {}
-    return "workload.synthetic.rate" if isinstance(workload, Mapping) and "synthetic" in workload \
+    # `synthetic: null` (e.g. --set workload.synthetic=null beside a trace) is no synthetic stream
+    return "workload.synthetic.rate" if isinstance(workload, Mapping) and workload.get("synthetic") is not None \
         else TRACE_RATE
 
 
@@ -129,9 +131,7 @@ def start_rate(raw: Mapping[str, Any], path: str, cfg: SearchConfig, file: str =
 
         scenario = scenario_from_dict(dict(raw), file)
         w = scenario.spec.workload
-        if w.trace is None:  # a closed loop: neither a rate nor a trace to start from
-            raise KvsimError("no rate to start the search from: give sweep.search.rate_start",
-                             field="sweep.search.rate_start", value=None, file=file or None)
+        assert w.trace is not None  # check_searchable refuses workload.rate for other workloads
         value = trace_rate_per_s(scenario, resolve_path(w.trace, scenario)) * w.rate_scale
     else:
         value = 1.0
@@ -267,6 +267,18 @@ class Layout:
         (p, p_tp), (d, d_tp) = self.prefill, self.decode
         return f"disaggregated {p}P TP{p_tp} : {d}D TP{d_tp} ({p * p_tp}:{d * d_tp} GPUs)"
 
+    def fields(self, link: Mapping[str, Any] | None) -> dict[str, tuple[str, Any]]:
+        """The scenario paths :meth:`apply` sets, each with the ``sweep.search.space`` field and
+        value that chose it (what an error in the resulting scenario is blamed on)."""
+        space = "sweep.search.space"
+        if self.prefill is None or self.decode is None:
+            return {"tp": (f"{space}.tp", self.tp)}
+        return {"disaggregation.prefill.tp": (f"{space}.prefill_tp", self.prefill[1]),
+                "disaggregation.decode.tp": (f"{space}.decode_tp", self.decode[1]),
+                "disaggregation.prefill.replicas": (f"{space}.prefill_replicas", self.prefill[0]),
+                "disaggregation.decode.replicas": (f"{space}.decode_replicas", self.decode[0]),
+                "disaggregation.link": (f"{space}.link", dict(link or {}))}
+
     def apply(self, raw: Mapping[str, Any], link: Mapping[str, Any] | None) -> dict:
         """``raw`` deployed as this layout (one copy: ``replicas: 1``)."""
         out = {k: v for k, v in raw.items() if k != "disaggregation"}
@@ -282,11 +294,11 @@ class Layout:
 
 def layouts(space: SearchSpace) -> list[Layout]:
     """Every deployment of ``space`` within its GPU cap, aggregated ones first."""
-    out = [Layout(tp) for tp in sorted(set(space.tp)) if tp <= space.max_gpus]
-    for p, d in itertools.product(sorted(set(space.prefill_replicas)), sorted(set(space.decode_replicas))):
+    out = [Layout(tp) for tp in sorted(space.tp) if tp <= space.max_gpus]  # the schema refuses repeats
+    for p, d in itertools.product(sorted(space.prefill_replicas), sorted(space.decode_replicas)):
         if math.gcd(p, d) != 1:  # a multiple of a smaller unit: the target is met with more copies of that
             continue
-        for p_tp, d_tp in itertools.product(sorted(set(space.prefill_tp)), sorted(set(space.decode_tp))):
+        for p_tp, d_tp in itertools.product(sorted(space.prefill_tp), sorted(space.decode_tp)):
             layout = Layout(0, (p, p_tp), (d, d_tp))
             if layout.gpus <= space.max_gpus:
                 out.append(layout)
@@ -322,16 +334,42 @@ class Candidate:
         return self.layout.label if base == "base scenario" else f"{base}, {self.layout.label}"
 
 
+def check_searchable(plan: SweepPlan, points: Sequence[Point]) -> None:
+    """Input errors that would otherwise be a "cannot run" row for every configuration: a point
+    without SLOs (no goodput to judge a rate by), a closed loop (no rate sets its load) or a rate
+    path that is not a request rate of the point's workload (RATE_PATHS)."""
+    for p in points:
+        workload = p.raw.get("workload") or {}
+        if workload.get("closed_loop") is not None:
+            raise KvsimError("a closed loop's load is set by its concurrency, not by a rate, so a search would report "
+                             "rates it never offered; search a synthetic or trace workload (kvsim sweep can vary "
+                             "workload.closed_loop.concurrency)", field="workload.closed_loop", value=None,
+                             file=plan.file)
+        kind = next(k for k in RATE_PATHS if workload.get(k) is not None)  # the scenario schema wants one
+        if rate_path(p.raw, plan.search) not in RATE_PATHS[kind]:  # only a configured path can miss
+            raise KvsimError(f"not a rate of a workload.{kind}: give {' or '.join(RATE_PATHS[kind])}",
+                             field="sweep.search.rate_path", value=plan.search.rate_path, file=plan.file)
+        if p.raw.get("slo") is None:
+            raise KvsimError("a search judges every rate by the share of requests within both SLOs: give "
+                             "slo: {ttft_s, tpot_s}", field="slo", value=None, file=plan.file)
+
+
 def candidates(plan: SweepPlan, points: Sequence[Point]) -> list[Candidate]:
-    """The configurations a search bisects: each distinct point, crossed with the space's layouts."""
+    """The configurations a search bisects: each distinct point, crossed with the space's layouts.
+    Raises on an input error (:func:`check_searchable`; a space's deployment the sweep's own
+    check refuses, e.g. a TP degree that does not divide the heads)."""
+    check_searchable(plan, points)
     chosen = distinct_configs(plan, points)
     space = plan.search.space
     if space is None:
         return [Candidate(p, None, p.raw) for p in chosen]
     out = []
+    fields: list[dict[str, tuple[str, Any]]] = []
     for p in chosen:
         link = space_link(space, p.raw, plan.file)
-        out += [Candidate(p, layout, layout.apply(p.raw, link)) for layout in layouts(space)]
+        for layout in layouts(space):
+            out.append(Candidate(p, layout, layout.apply(p.raw, link)))
+            fields.append(layout.fields(link))
     if not out:
         raise KvsimError(f"no deployment within max_gpus={space.max_gpus}", field="sweep.search.space",
                          value=space.model_dump(exclude_none=True), file=plan.file)
@@ -339,6 +377,9 @@ def candidates(plan: SweepPlan, points: Sequence[Point]) -> list[Candidate]:
         raise KvsimError(f"{len(out)} configurations to search, more than {MAX_CONFIGS}: narrow the sweep or "
                          "sweep.search.space (fewer TP degrees, instance counts or a lower max_gpus)",
                          field="sweep.search.space", value=space.model_dump(exclude_none=True), file=plan.file)
+    checked: dict[str, None] = {}
+    for c, assigned in zip(out, fields, strict=True):
+        check_point(dict(c.raw), assigned, c.label(rate_path(c.raw, plan.search)), plan.file, checked)
     return out
 
 

@@ -35,9 +35,9 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 import kvsim
 from kvsim.backends import Backend, execute
@@ -54,6 +54,22 @@ STATUS_COLUMNS = ("variant", "status", "error", "key")
 # ---------------------------------------------------------------- the `sweep:` schema
 
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
+# The request rates of each kind of workload (kvsim.scenario.schema.WorkloadSpec), the only fields
+# `kvsim search` may vary (sweep.search.rate_path): any other field is not a rate, and the result
+# would be reported in requests per second all the same. A synthetic stream's workload.rate_scale
+# is left out: it multiplies workload.synthetic.rate, which is the knob to search. A closed loop has
+# none: its concurrency caps the load, so a search of workload.closed_loop.request_rate reports rates
+# never offered (4 clients "met the SLOs up to rate_max=1024 req/s").
+RATE_PATHS: dict[str, tuple[str, ...]] = {
+    "synthetic": ("workload.synthetic.rate",),
+    "trace": ("workload.rate", "workload.rate_scale"),
+}
+
+
+def _repeated(values: Sequence[Any]) -> list[Any]:
+    """The values equal to an earlier one (compared with ==, so mappings and lists work too): a
+    value listed twice in a sweep would run the same point twice under one key."""
+    return [v for i, v in enumerate(values) if v in values[:i]]
 
 
 class _Variant(BaseModel):
@@ -81,9 +97,12 @@ class SearchSpace(BaseModel):
 
     @field_validator("tp", "prefill_tp", "decode_tp", "prefill_replicas", "decode_replicas")
     @classmethod
-    def _positive(cls, values: list[int]) -> list[int]:
+    def _positive_once(cls, values: list[int]) -> list[int]:
         if any(v <= 0 for v in values):
             raise ValueError(f"every value must be a positive integer (got {values})")
+        twice = _repeated(values)
+        if twice:
+            raise ValueError(f"lists {twice[0]} twice (each value is one candidate, searched once)")
         return values
 
     @model_validator(mode="after")
@@ -97,11 +116,15 @@ class SearchSpace(BaseModel):
 class SearchConfig(BaseModel):
     """``sweep.search``: how ``kvsim search`` bisects the request rate (documented in docs/sweep.md)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    rate_path: str | None = None  # default: workload.synthetic.rate, else workload.rate (a trace's req/s)
-    rate_start: float | None = Field(default=None, gt=0)  # first rate tried; default: the scenario's own
+    # strict and finite: `true` or `.inf` as a rate or a price would be ranked as a number (an
+    # infinite rate_max never stops doubling)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    # one of RATE_PATHS; default: workload.synthetic.rate, else workload.rate (a trace's req/s)
+    rate_path: str | None = None
     rate_min: float = Field(default=0.05, gt=0)  # below this a configuration counts as serving nothing
     rate_max: float = Field(default=1024.0, gt=0)  # the search never offers more than this
+    # first rate tried; default: the scenario's own (after rate_min and rate_max, which bound it)
+    rate_start: float | None = Field(default=None, gt=0)
     tolerance: float = Field(default=0.05, gt=0, lt=1)  # stop when (fail - ok) / ok <= tolerance
     min_goodput: float = Field(default=0.9, gt=0, le=1)  # fraction of requests within both SLOs
     # A synthetic stream with duration_s is stretched so every probe simulates at least this many
@@ -109,8 +132,40 @@ class SearchConfig(BaseModel):
     min_requests: int = Field(default=200, gt=0)
     target_rate: float | None = Field(default=None, gt=0)
     # USD per GPU-hour by catalogue GPU name, replacing the catalogue's price (kvsim search --price)
-    prices: dict[str, float] = Field(default_factory=dict)
+    prices: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     space: SearchSpace | None = None  # None: each sweep point is one configuration, as written
+
+    @field_validator("rate_path")
+    @classmethod
+    def _a_request_rate(cls, path: str | None) -> str | None:
+        allowed = [p for paths in RATE_PATHS.values() for p in paths]
+        if path is not None and path not in allowed:
+            raise ValueError(f"not a request rate a search can vary; give one of {', '.join(allowed)}")
+        return path
+
+    @field_validator("rate_max")
+    @classmethod
+    def _above_rate_min(cls, rate_max: float, info: ValidationInfo) -> float:
+        rate_min = info.data.get("rate_min")  # absent when it was itself invalid
+        if rate_min is not None and rate_max <= rate_min:
+            raise ValueError(f"must be above rate_min={rate_min:g}")
+        return rate_max
+
+    @field_validator("rate_start")
+    @classmethod
+    def _within_bounds(cls, rate_start: float | None, info: ValidationInfo) -> float | None:
+        low, high = info.data.get("rate_min"), info.data.get("rate_max")
+        if rate_start is not None and low is not None and high is not None and not low <= rate_start <= high:
+            raise ValueError(f"must lie within rate_min={low:g} and rate_max={high:g}")
+        return rate_start
+
+    @field_validator("target_rate")
+    @classmethod
+    def _requests_per_s(cls, target: float | None, info: ValidationInfo) -> float | None:
+        if target is not None and info.data.get("rate_path") == "workload.rate_scale":
+            raise ValueError("is requests per second, but rate_path is workload.rate_scale (a multiple of the "
+                             "trace's rate): search workload.rate instead")
+        return target
 
 
 class _PlanPoint(BaseModel):
@@ -185,6 +240,11 @@ def _parse_sweep(section: object, file: str) -> _Sweep:
             if not values:
                 raise KvsimError("empty list of values: a sweep axis needs at least one value",
                                  field=f"{SWEEP_KEY}.{part}.{path}", value=values, file=file)
+    for path, values in (sweep.grid or {}).items():
+        twice = _repeated(values)
+        if twice:
+            raise KvsimError("listed twice: the same point would run twice", field=f"{SWEEP_KEY}.grid.{path}",
+                             value=twice[0], file=file)
     if sweep.grid is not None and not sweep.grid:
         raise KvsimError("empty grid: name at least one path with a list of values",
                          field=f"{SWEEP_KEY}.grid", value={}, file=file)
@@ -196,6 +256,11 @@ def _parse_sweep(section: object, file: str) -> _Sweep:
         if len(set(lengths.values())) > 1:
             raise KvsimError("zip lists must have equal lengths", field=f"{SWEEP_KEY}.zip", value=lengths,
                              file=file)
+        # one value may repeat in a zip list (a model on two GPUs); a whole position may not
+        twice = _repeated([dict(zip(sweep.zip, row, strict=True)) for row in zip(*sweep.zip.values(), strict=True)])
+        if twice:
+            raise KvsimError("the same position is listed twice: the same point would run twice",
+                             field=f"{SWEEP_KEY}.zip", value=twice[0], file=file)
     if sweep.variants is not None and not sweep.variants:
         raise KvsimError("empty list of variants", field=f"{SWEEP_KEY}.variants", value=[], file=file)
     names = [v.name for v in sweep.variants or []]
@@ -230,24 +295,23 @@ def _bare(err: KvsimError, path: str | None = None, value: Any = None) -> str:
     text = str(err)
     if err.file and text.startswith(f"{err.file}: "):
         text = text[len(err.file) + 2:]
-    for prefix in ([f"{err.field}={err.value!r}: "] if err.field is not None else []) + \
+    named = f"{err.field}: " if err.value is None else f"{err.field}={err.value!r}: "  # as KvsimError names it
+    for prefix in ([named] if err.field is not None else []) + \
             ([f"{path}={value!r}: "] if path else []):
         text = text.removeprefix(prefix)
     return text
 
 
-# Deployment keys whose combination decides whether a point can be built (catalogue names, method
-# spec, TP degree, engine memory arguments); checked once per distinct combination.
-_DEPLOYMENT_KEYS = ("model", "hardware", "weights", "method", "tp", "engine", "calibration")
+# Scenario keys that, with an instance's GPU and TP degree, decide whether it can be built (catalogue
+# names, method spec, engine memory arguments); each distinct combination is built once (a build
+# reads calibration tables: a search space of 34 deployments built 64 instances, 8 of them distinct).
+_DEPLOYMENT_KEYS = ("model", "weights", "method", "engine", "calibration")
 
 
 def _resolve(base: dict, assigned: Mapping[str, tuple[str, Any]], label: str, file: str,
              checked: dict[str, None]) -> dict:
-    """Apply every override of one point, validate the result with the scenario schema, and build
-    its deployment (catalogue names, method spec, TP) so a typo stops the sweep before it starts.
-    A deployment that does not fit in memory is a result of that point, not an input error."""
-    from kvsim.scenario import apply_override, scenario_from_dict
-    from kvsim.scenario.run import deployment
+    """Apply every override of one point and check the result (:func:`check_point`)."""
+    from kvsim.scenario import apply_override
 
     raw = base
     for path, (field, value) in assigned.items():
@@ -256,13 +320,37 @@ def _resolve(base: dict, assigned: Mapping[str, tuple[str, Any]], label: str, fi
         except KvsimError as err:
             raise KvsimError(f"the path names no scenario field ({_bare(err)})", field=field, value=value,
                              file=file) from None
+    check_point(raw, assigned, label, file, checked)
+    return raw
+
+
+def check_point(raw: dict, assigned: Mapping[str, tuple[str, Any]], label: str, file: str,
+                checked: dict[str, None]) -> None:
+    """Validate a resolved scenario with the scenario schema and build its deployment (catalogue
+    names, method spec, TP; each side of a disaggregation) so a typo stops a sweep or a search
+    before anything runs. ``assigned`` maps the scenario paths the sweep set to the (sweep field,
+    value) an error is blamed on; ``checked`` holds the deployments already built. A deployment that
+    does not fit in memory is a result of that point, not an input error."""
+    from kvsim.scenario import scenario_from_dict
+    from kvsim.scenario.run import deployment
+
     try:
         scenario = scenario_from_dict(raw, file)
-        combo = json.dumps({k: raw.get(k) for k in _DEPLOYMENT_KEYS}, sort_keys=True, default=str)
-        if combo not in checked:
+        spec = scenario.spec
+        # a disaggregated scenario runs only its two sides (kvsim.scenario.run.simulation), each with
+        # its own GPU and TP degree, and refuses data parallelism on them
+        for side in ("prefill", "decode") if spec.disaggregation else (None,):
+            gpu, tp = spec.hardware, spec.tp
+            if side is not None:
+                own = getattr(spec.disaggregation, side)
+                gpu, tp = own.hardware or gpu, own.tp or tp
+            combo = json.dumps({**{k: raw.get(k) for k in _DEPLOYMENT_KEYS}, "hardware": gpu, "tp": tp,
+                                "disaggregated": side is not None}, sort_keys=True, default=str)
+            if combo in checked:
+                continue
             checked[combo] = None
             try:
-                deployment(scenario)
+                deployment(scenario, side)
             except DoesNotFit:
                 pass  # a result of that point, not an input error
     except KvsimError as err:
@@ -273,7 +361,6 @@ def _resolve(base: dict, assigned: Mapping[str, tuple[str, Any]], label: str, fi
         path = next(p for p, w in assigned.items() if w == where)
         raise KvsimError(f"{_bare(err, path, where[1])} (sweep point {label})", field=where[0],
                          value=where[1], file=file) from None
-    return raw
 
 
 def expand(raw: Mapping[str, Any], file: str) -> SweepPlan:
@@ -344,6 +431,24 @@ def flatten(summary: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class _PointRecord(BaseModel):
+    """What a resumed sweep reads of a ``points.jsonl`` line (written by :meth:`ResultStore.add`): a
+    line that says otherwise would be taken as a finished point and copied into the tables."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+    key: str = Field(min_length=1)
+    status: Literal["ok", "error"]
+    error: str
+    summary: dict[str, Any]
+
+    @field_validator("summary")
+    @classmethod
+    def _ok_has_a_summary(cls, summary: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if info.data.get("status") == "ok" and not summary:
+            raise ValueError("status ok without a run summary")
+        return summary
+
+
 class ResultStore:
     """``points.jsonl`` (append-only, one line per finished point) and the tables rebuilt from it."""
 
@@ -362,13 +467,19 @@ class ResultStore:
         if text and not text.endswith("\n"):  # cut off mid-line: drop the partial record
             text = text[: text.rfind("\n") + 1]
             write_atomic(self.jsonl, text)
-        for line in text.splitlines():
+        for n, line in enumerate(text.splitlines(), 1):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a damaged line is a point to redo, not a reason to stop
-            if isinstance(rec, dict) and isinstance(rec.get("key"), str):
-                self.records[rec["key"]] = rec
+            try:
+                _PointRecord.model_validate(rec)
+            except ValidationError as err:  # JSON, but not a finished point: trusting it would skip the point
+                bad = schema_error(err, None)
+                raise KvsimError(f"line {n} is not a finished point of a sweep ({_bare(bad)}); fix or delete "
+                                 "the line (its point is then redone), or add --force to start over",
+                                 field=bad.field, value=bad.value, file=str(self.jsonl)) from None
+            self.records[rec["key"]] = rec
 
     def finished(self, point: Point, retry_errors: bool = False) -> bool:
         rec = self.records.get(point.key)
@@ -399,9 +510,9 @@ class ResultStore:
             if rec is None:
                 continue
             row: dict[str, Any] = {"point": p.index, **{path: p.values[path] for path in self.plan.paths},
-                                   "variant": p.variant or "", "status": rec.get("status", "error"),
-                                   "error": rec.get("error", ""), "key": p.key}
-            row.update(flatten(rec.get("summary") or {}))
+                                   "variant": p.variant or "", "status": rec["status"],
+                                   "error": rec["error"], "key": p.key}  # fields _PointRecord checked
+            row.update(flatten(rec["summary"]))
             rows.append(row)
         return rows
 
@@ -504,6 +615,24 @@ class SweepOutcome:
 SWEEP_FILES = ("points.jsonl", "sweep.json", "results.csv", "results.parquet")
 
 
+def _check_discardable(out: Path) -> None:
+    """What --force deletes must be a sweep's own output: its files are plain files, and runs/ holds only
+    --keep-runs folders of `kvsim run` files (a user's folder under one of those names is never deleted)."""
+    from kvsim.scenario.outputs import RUN_FILES
+
+    foreign = [name for name in SWEEP_FILES if (out / name).exists() and not (out / name).is_file()]
+    runs = out / "runs"
+    if runs.exists():
+        if not runs.is_dir():
+            foreign.append("runs")
+        else:
+            foreign += [f"runs/{d.name}" for d in runs.iterdir()
+                        if not d.is_dir() or any(f.name not in RUN_FILES or not f.is_file() for f in d.iterdir())]
+    if foreign:
+        raise KvsimError(f"--force would delete what is not a sweep's output ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); give a new folder", field="--out", value=str(out))
+
+
 def prepare_folder(plan: SweepPlan, out: Path, force: bool) -> None:
     """Before a sweep: ``out`` must be writable and new, empty, or this sweep's own folder (then the
     sweep resumes). A `kvsim run` folder, or finished points of another sweep (another scenario or
@@ -517,16 +646,18 @@ def prepare_folder(plan: SweepPlan, out: Path, force: bool) -> None:
     if any((out / name).exists() for name in RUN_FILES):
         raise KvsimError("holds a `kvsim run` output, not a sweep; give a new or empty folder", field="--out",
                          value=str(out))
-    keys = {p.key for p in plan.points}
-    other = [k for k in ResultStore(out, plan).records if k not in keys]
-    if other and not force:
-        raise KvsimError(f"holds {len(other)} finished points of another sweep (another scenario, or another "
-                         "kvsim version); give a new folder, or add --force to discard them", field="--out",
-                         value=str(out))
-    if force:
+    if force:  # discarded unread: a damaged points.jsonl must not stop the way to start over
+        _check_discardable(out)
         for name in SWEEP_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "runs", ignore_errors=True)
+        return
+    keys = {p.key for p in plan.points}
+    other = [k for k in ResultStore(out, plan).records if k not in keys]
+    if other:
+        raise KvsimError(f"holds {len(other)} finished points of another sweep (another scenario, or another "
+                         "kvsim version); give a new folder, or add --force to discard them", field="--out",
+                         value=str(out))
 
 
 def run_sweep(plan: SweepPlan, out: Path, jobs: int | None = None, backend: Backend = "local",

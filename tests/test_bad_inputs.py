@@ -348,6 +348,20 @@ def test_run_force_never_deletes_a_folder_named_like_a_run_file(tmp_path: Path, 
     assert (out / "trace.json" / "precious.txt").read_text() == "x"
 
 
+def test_sweep_force_never_deletes_a_users_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--force discards a sweep's own files; a user's folder under runs/ (where --keep-runs writes run
+    folders) or under a sweep file's name survives."""
+    sc = _write(tmp_path, "s.yaml", yaml.safe_dump(SCENARIO))
+    out = tmp_path / "out"
+    for mine in (out / "runs" / "mine", out / "results.csv"):
+        mine.mkdir(parents=True)
+        (mine / "precious.txt").write_text("x")
+        with pytest.raises(SystemExit) as e:
+            main(["sweep", sc, "--out", str(out), "--force"])
+        assert e.value.code == 2 and "--force would delete what is not a sweep's output" in capsys.readouterr().err
+        assert (mine / "precious.txt").read_text() == "x"
+
+
 def test_a_sweep_refuses_another_sweeps_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     a = _write(tmp_path, "a.yaml", yaml.safe_dump({**SCENARIO, "sweep": {"grid": {"seed": [1]}}}))
     b = _write(tmp_path, "b.yaml", yaml.safe_dump({**SCENARIO, "sweep": {"grid": {"seed": [2]}}}))

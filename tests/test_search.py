@@ -202,20 +202,42 @@ def test_search_on_a_tiny_real_scenario(tmp_path, capsys):
     assert stop.value.code == 2 and "no configuration matches" in capsys.readouterr().err
 
 
-def test_closed_loop_search_without_a_start_rate_is_one_error():
-    from kvsim.search import TRACE_RATE, rate_path, start_rate
-    from kvsim.sweep import SearchConfig
+CLOSED_LOOP = {"closed_loop": {"concurrency": 4, "num_requests": 20, "input": {"kind": "fixed", "tokens": 256},
+                               "output": {"kind": "fixed", "tokens": 32}}}
 
-    raw = {"model": "llama-3-8b", "hardware": "h100-sxm",
-           "workload": {"closed_loop": {"concurrency": 4, "num_requests": 24,
-                                        "input": {"kind": "fixed", "tokens": 1024},
-                                        "output": {"kind": "fixed", "tokens": 64}}},
-           "slo": {"ttft_s": 0.5, "tpot_s": 0.05}}
-    cfg = SearchConfig()
-    assert rate_path(raw, cfg) == TRACE_RATE
-    with pytest.raises(KvsimError, match="rate_start"):
-        start_rate(raw, TRACE_RATE, cfg, "closed.yaml")
-    assert start_rate(raw, TRACE_RATE, SearchConfig(rate_start=2.0)) == 2.0
+
+@pytest.mark.parametrize(("search", "fields", "named"), [
+    # a price in the YAML is checked like --price: a negative one ranked configurations by a negative cost
+    ({"prices": {"h100-sxm": -3}}, {}, ["sweep.search.prices.h100-sxm=-3", "greater than 0"]),
+    ({"prices": {"h100-sxm": 0}}, {}, ["sweep.search.prices.h100-sxm=0", "greater than 0"]),
+    ({"prices": {"h100-sxm": float("inf")}}, {}, ["sweep.search.prices.h100-sxm=inf", "finite"]),
+    ({"prices": {"h100-sxm": True}}, {}, ["sweep.search.prices.h100-sxm=True", "valid number"]),
+    # the rate knob must be a request rate of the workload: max_num_seqs was reported as "req/s"
+    ({"rate_path": "engine.max_num_seqs"}, {},
+     ["sweep.search.rate_path='engine.max_num_seqs'", "not a request rate", "workload.synthetic.rate"]),
+    ({"rate_path": "workload.rate"}, {}, ["sweep.search.rate_path='workload.rate'", "give workload.synthetic.rate"]),
+    # each was a "cannot run" row per configuration with exit 0
+    ({}, {"slo": None}, ["slo: ", "give slo:"]),
+    ({}, {"workload": CLOSED_LOOP}, ["workload.closed_loop: ", "concurrency"]),
+    ({"rate_min": 10, "rate_max": 1}, {}, ["sweep.search.rate_max=1: must be above rate_min=10"]),
+    ({"rate_start": 0.01}, {}, ["sweep.search.rate_start=0.01: must lie within rate_min=0.05"]),
+    ({"space": {"tp": [3]}}, {}, ["sweep.search.space.tp=3: does not divide", "aggregated TP3"]),
+    ({"space": {"prefill_tp": [3], "decode_tp": [1], "link": {"bandwidth_gbps": 100}}}, {},
+     ["sweep.search.space.prefill_tp=3: does not divide"]),
+])
+def test_a_search_input_error_is_one_line_before_anything_runs(tmp_path, capsys, search, fields, named):
+    from sweep_scenario import write_scenario
+
+    from kvsim.cli import main
+
+    path = write_scenario(tmp_path, {"search": search}, **fields)
+    with pytest.raises(SystemExit) as stop:
+        main(["search", str(path), "--quiet"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"kvsim: error: {path}: "), err
+    for text in named:
+        assert text in err, err
 
 
 # ---------------------------------------------------------------- aggregated and disaggregated deployments
@@ -283,6 +305,7 @@ def test_aggregation_wins_when_the_tpot_slo_is_loose(tmp_path):
     ({"prefill_tp": [1]}, ["sweep.search.space", "decode_tp"]),
     ({"tp": [4], "max_gpus": 2}, ["sweep.search.space=", "no deployment within max_gpus=2"]),
     ({"tp": [1], "sizes": [1]}, ["sweep.search.space.sizes"]),
+    ({"tp": [1, 1]}, ["sweep.search.space.tp=[1, 1]", "lists 1 twice"]),
 ])
 def test_a_bad_space_is_one_line_naming_the_field(tmp_path, capsys, space, named):
     from sweep_scenario import write_scenario

@@ -30,6 +30,8 @@ BASE = {"model": "llama-3-8b", "hardware": "h100-sxm"}
     ({"grid": {"tp": [1, 2]}, "variants": [{"name": "a", "set": {"tp": 4}}]}, "sweep.variants[a].set",
      "already"),
     ({"search": {"min_goodput": 2}}, "sweep.search.min_goodput", "less than or equal to 1"),
+    ({"search": {"target_rate": 40, "rate_path": "workload.rate_scale"}}, "sweep.search.target_rate",
+     "requests per second"),
     ("method", "sweep", "expected a mapping"),
 ])
 def test_sweep_section_errors_name_path_and_file(sweep, field, message):
@@ -38,6 +40,34 @@ def test_sweep_section_errors_name_path_and_file(sweep, field, message):
     assert exc.value.field == field
     assert exc.value.file == "my_sweep.yaml"
     assert message in str(exc.value)
+
+
+@pytest.mark.parametrize("sweep, named", [
+    ({"grid": {"tp": [1, 1]}}, "sweep.grid.tp=1: listed twice"),
+    ({"grid": {"method": ["bf16"], "engine.max_num_seqs": [8, 16, 8]}},
+     "sweep.grid.engine.max_num_seqs=8: listed twice"),
+    ({"zip": {"method": ["bf16", "fp8", "bf16"], "engine.max_num_seqs": [8, 8, 8]}},
+     "sweep.zip={'method': 'bf16', 'engine.max_num_seqs': 8}: the same position is listed twice"),
+])
+def test_a_value_listed_twice_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture, sweep, named):
+    """A repeated value ran the same point twice under one key."""
+    from sweep_scenario import write_scenario
+
+    from kvsim.cli import main
+
+    path = write_scenario(tmp_path, sweep)
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", str(path), "--dry-run"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"{path}: {named}" in err, err
+
+
+def test_a_repeated_value_of_a_zip_column_is_not_a_repeated_point():
+    plan = expand({**BASE, "workload": {"synthetic": {"rate": 1.0, "num_requests": 10, "input": {"kind": "fixed",
+                   "tokens": 64}, "output": {"kind": "fixed", "tokens": 8}}},
+                   "sweep": {"zip": {"method": ["bf16", "bf16"], "engine.max_num_seqs": [8, 16]}}}, "s.yaml")
+    assert len({p.key for p in plan.points}) == 2
 
 
 def test_flatten_uses_dots_and_keeps_scalars():
@@ -81,6 +111,33 @@ def test_store_resumes_and_drops_a_line_cut_off_mid_write(tmp_path: Path):
     again.add(plan.points[2], {"status": "error", "error": "boom", "summary": {}, "wall_s": 0.0})
     third = ResultStore(tmp_path, plan)
     assert third.finished(plan.points[2]) and not third.finished(plan.points[2], retry_errors=True)
+
+
+@pytest.mark.parametrize("damage, named", [
+    ({"status": 5}, "status=5: line 1 is not a finished point of a sweep (Input should be 'ok' or 'error')"),
+    ({"summary": None}, "summary: line 1 is not a finished point of a sweep (missing required key)"),
+    ({"summary": {}}, "summary={}: line 1 is not a finished point of a sweep (status ok without a run summary)"),
+    ({"key": None}, "key: line 1 is not a finished point of a sweep (missing required key)"),
+])
+def test_a_resumed_sweep_refuses_a_malformed_row(tmp_path: Path, capsys: pytest.CaptureFixture, damage, named):
+    """A row with status 5 or no summary counted as a finished point (and results.csv said status 5)."""
+    from sweep_scenario import write_scenario
+
+    from kvsim.cli import main
+
+    path, out = write_scenario(tmp_path, None), tmp_path / "out"
+    main(["sweep", str(path), "--out", str(out), "--jobs", "1", "--quiet"])
+    rec = json.loads((out / "points.jsonl").read_text())
+    rec = {k: v for k, v in {**rec, **damage}.items() if v is not None}
+    (out / "points.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", str(path), "--out", str(out), "--jobs", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"kvsim: error: {out / 'points.jsonl'}: {named}"), err
+    main(["sweep", str(path), "--out", str(out), "--jobs", "1", "--quiet", "--force"])  # starts over
+    assert "1 run now" in capsys.readouterr().out
+    assert json.loads((out / "points.jsonl").read_text())["status"] == "ok"
 
 
 def test_tables_have_point_paths_status_then_metrics(tmp_path: Path):
