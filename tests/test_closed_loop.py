@@ -189,10 +189,31 @@ def test_a_repeated_prompt_is_served_from_the_prefix_cache() -> None:
                                             ("round_trip_ms", float("nan")), ("round_trip_distribution", "gamma"),
                                             ("dataset_entries", 0), ("dataset_sampling", "lottery"),
                                             ("think_ms", -1), ("think_ms", float("inf")),
-                                            ("think_distribution", "gamma")])
+                                            ("think_distribution", "gamma"), ("burstiness", 1e-300)])
 def test_bad_closed_loops_are_refused(key: str, value: object) -> None:
     with pytest.raises(KvsimError, match=f"workload.closed_loop.{key}"):
         scenario(**{f"workload__closed_loop__{key}": value})
+
+
+@pytest.mark.parametrize(("key", "value"), [("think_ms", 1e308), ("think_ms", 1e12), ("round_trip_ms", 1e15),
+                                            ("request_rate", 1e-9)])
+def test_a_loop_past_what_float_seconds_resolve_is_refused(key: str, value: float) -> None:
+    # think_ms 1e12: 20 think times (the first 4 requests think none) of 1e9 s over 4 clients is 5e9 s at
+    # least, past 2**30 s
+    with pytest.raises(KvsimError) as exc:
+        run_scenario(scenario(**{f"workload__closed_loop__{key}": value}))
+    assert (exc.value.file, exc.value.field, exc.value.value) == ("closed.yaml", f"workload.closed_loop.{key}", value)
+    assert "float64 seconds lose the microsecond" in str(exc.value)
+
+
+def test_a_loop_pushed_past_the_bound_by_its_serving_stops() -> None:
+    # think times that together stay under the bound, pushed past it by the serving in between
+    loop = ClosedLoop(1, 3, LengthDist.fixed(10), LengthDist.fixed(1), think_s=2.0**29 - 1)
+    assert [r.arrival_s for r in loop] == [0.0]
+    loop.request_done(1.0)
+    assert [r.arrival_s for r in loop] == [2.0**29]
+    with pytest.raises(KvsimError, match="think_ms=536870911000.0: the workload would run to 1.07e\\+09 s"):
+        loop.request_done(2.0**29 + 2.0)
 
 
 def test_a_closed_loop_has_no_arrival_times_to_rescale() -> None:

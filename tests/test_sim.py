@@ -440,7 +440,7 @@ def test_bad_trace_rows_stop_the_run_naming_file_and_lines(tmp_path) -> None:  #
     with pytest.raises(KvsimError) as exc:
         run_scenario(sc)
     text = str(exc.value)
-    assert "skipped 3 bad row(s)" in text and f"{trace}:4" in text and f"{trace}:9" in text
+    assert "found 3 bad row(s)" in text and f"{trace}:4" in text and f"{trace}:9" in text
     assert "--skip-bad-rows" in text and exc.value.file == "test.yaml"
     s = run_scenario(sc, skip_bad_rows=True).summary
     assert s["bad_rows"]["skipped"] == 3 and s["completed"] == 17

@@ -4,6 +4,7 @@ prefix-hash expansion and stream transformations. Real-trace tests skip without 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 from pathlib import Path
@@ -33,6 +34,7 @@ from kvsim.serve.traces import (
     write_csv,
 )
 from kvsim.serve.workload import (
+    MAX_SIM_S,
     ReadStats,
     Request,
     expand_block_hashes,
@@ -414,3 +416,133 @@ def test_rate_scaling_property(factor: float, seed: int) -> None:
     scaled = list(scale_rate(base, factor))
     assert [r.arrival_s * factor for r in scaled] == pytest.approx([r.arrival_s for r in base])
     assert [(r.request_id, r.input_tokens) for r in scaled] == [(r.request_id, r.input_tokens) for r in base]
+
+
+# --------------------------------------------------------------------------- streams that cannot end
+
+@pytest.fixture
+def bounded_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arrival draws that fail the test, instead of going on forever, after 1,000 chunks (a stream of
+    sessions draws two a chunk: starts and think times)."""
+    gaps, drawn = ArrivalProcess.gaps, []
+
+    def bounded(self: ArrivalProcess, rng: np.random.Generator, n: int) -> np.ndarray:
+        drawn.append(n)
+        assert len(drawn) <= 1_000, "the stream kept drawing sessions"
+        return gaps(self, rng, n)
+
+    monkeypatch.setattr(ArrivalProcess, "gaps", bounded)
+
+
+def _sessions(max_input_tokens: int, input_len: LengthDist, **kw: object):  # noqa: ANN202 - a stream
+    spec = SessionSpec(turns=LengthDist.fixed(3), follow_up=LengthDist.fixed(10), think_mean_s=1.0,
+                       max_input_tokens=max_input_tokens)
+    return synthetic_requests(ArrivalProcess(5.0), input_len, LengthDist.fixed(64), seed=1, n=10, sessions=spec,
+                              **kw)
+
+
+@pytest.mark.usefixtures("bounded_draws")
+def test_sessions_whose_first_prompt_cannot_fit_are_refused_up_front() -> None:
+    with pytest.raises(KvsimError, match=r"max_input_tokens=500: below every session's first prompt "
+                                         r"\(at least 512 tokens\)"):
+        _sessions(500, LengthDist.fixed(512))  # the call, before any is drawn
+    with pytest.raises(KvsimError, match="at least 1,524 tokens, 1,500 of them the shared prefix"):
+        _sessions(1_000, LengthDist.empirical([24, 30]), shared_prefix=SharedPrefix(1_500))
+    assert len(list(_sessions(512, LengthDist.fixed(512)))) == 10  # a first prompt of exactly the limit fits
+
+
+@pytest.mark.usefixtures("bounded_draws")
+def test_a_stream_whose_first_prompts_almost_never_fit_stops() -> None:
+    # a lognormal can draw one token, so the call cannot refuse it; the stream gives up drawing
+    stream = _sessions(500, LengthDist.lognormal_quantiles(100_000, 200_000))
+    with pytest.raises(KvsimError, match="max_input_tokens=500: below the first prompt of 25,600 sessions in a row"):
+        next(stream)
+
+
+@pytest.mark.usefixtures("bounded_draws")
+def test_a_scenario_whose_sessions_cannot_start_names_the_key_and_file() -> None:
+    from kvsim.scenario import run_scenario, scenario_from_dict
+
+    raw = {"model": "llama-3-8b", "hardware": "h100-sxm", "engine": {"max_model_len": 400},
+           "workload": {"synthetic": {"rate": 5, "num_requests": 10, "input": {"kind": "fixed", "tokens": 512},
+                                      "output": {"kind": "fixed", "tokens": 64},
+                                      "sessions": {"turns": {"kind": "fixed", "tokens": 3}, "think_mean_s": 1}}}}
+    with pytest.raises(KvsimError) as exc:
+        run_scenario(scenario_from_dict(raw, "s.yaml"))
+    assert exc.value.file == "s.yaml" and exc.value.field == "workload.synthetic.sessions.max_input_tokens"
+    assert exc.value.value == 400 and "engine.max_model_len" in str(exc.value)  # unset: the context length
+
+
+# --------------------------------------------------------------------------- a run stopped by a bad row
+
+def _trace_run(tmp_path: Path, text: str, **workload: object):  # noqa: ANN202 - a Scenario
+    from kvsim.scenario import scenario_from_dict
+
+    trace = _write(tmp_path, "t.csv", text)
+    return scenario_from_dict({"model": "llama-3-8b", "hardware": "h100-sxm",
+                               "workload": {"trace": str(trace), **workload}}, "t.yaml")
+
+
+@pytest.mark.parametrize("workload", [{}, {"rate": 2.0}])
+def test_a_run_stopped_by_bad_rows_says_so_once(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                workload: dict) -> None:
+    from kvsim.scenario import run_scenario
+
+    sc = _trace_run(tmp_path, "arrival_time_s,input_tokens,output_tokens\n0,100,10\n0.5,-200,20\n1,300,30\n"
+                              "1.5,x,1\n", **workload)
+    caplog.set_level(logging.WARNING, logger="kvsim.serve")
+    with pytest.raises(KvsimError) as exc:
+        run_scenario(sc)
+    assert not caplog.records  # the error is the one line: no "skipped" summary beside it
+    text = str(exc.value)
+    assert text.startswith("t.yaml: workload.trace=") and "found 2 bad row(s)" in text and "skipped" not in text
+    assert "t.csv:3: input_tokens='-200': must be >= 1" in text and "the run stopped" in text
+    # skipping them, the run says what it skipped, once (a pass for the trace's rate included)
+    bad = run_scenario(sc, skip_bad_rows=True).summary["bad_rows"]
+    assert bad["skipped"] == 2
+    assert [r.getMessage() for r in caplog.records] == [f"{tmp_path / 't.csv'}: skipped 2 bad row(s): "
+                                                        + "; ".join(bad["examples"])]
+
+
+def test_a_bad_header_is_reported_as_itself(tmp_path: Path) -> None:
+    from kvsim.scenario import run_scenario
+
+    with pytest.raises(KvsimError, match=r"t\.csv:1: header='foo,bar,baz': missing column\(s\)") as exc:
+        run_scenario(_trace_run(tmp_path, "foo,bar,baz\n1,2,3\n", format="csv"))
+    assert "bad row" not in str(exc.value)
+
+
+# --------------------------------------------------------------------------- float time
+
+def test_streams_past_what_float_seconds_resolve_are_refused(tmp_path: Path) -> None:
+    assert MAX_SIM_S == 2.0**30 and np.spacing(MAX_SIM_S) < 1e-6 < np.spacing(1e13)
+    with pytest.raises(KvsimError, match="rate=1e-13: the workload would run to 1.0.e\\+13 s of simulated time"):
+        list(synthetic_requests(ArrivalProcess.poisson(1e-13), LengthDist.fixed(512), LengthDist.fixed(64), n=50))
+    with pytest.raises(KvsimError, match="rate_scale=1e-13"):
+        list(scale_rate([Request(0, 0.0, 1, 1), Request(1, 1.0, 1, 1)], 1e-13))
+    with pytest.raises(KvsimError, match=r"t\.csv:4: arrival_time_s='1e15': 1e\+15 s after the first row"):
+        list(read_csv(_write(tmp_path, "t.csv", "arrival_time_s,input_tokens,output_tokens\n0,1,1\n1,1,1\n1e15,1,1\n")))
+    with pytest.raises(KvsimError, match="duration_s"):
+        synthetic_requests(ArrivalProcess.poisson(1.0), LengthDist.fixed(1), LengthDist.fixed(1), duration_s=1e12)
+    for rate, cv in ((1e-320, 1.0), (1.0, 1e160)):  # gaps that would be infinite or nan
+        with pytest.raises(KvsimError, match="must be within 1e-100..1e\\+100"):
+            ArrivalProcess(rate, cv)
+
+
+def test_a_slow_synthetic_run_is_refused_or_timed_to_the_microsecond() -> None:
+    from kvsim.scenario import apply_override, run_scenario, scenario_from_dict
+
+    raw = {"model": "llama-3-8b", "hardware": "h100-sxm",
+           "workload": {"synthetic": {"rate": 1e-13, "num_requests": 50, "input": {"kind": "fixed", "tokens": 512},
+                                      "output": {"kind": "fixed", "tokens": 64}}}}
+    with pytest.raises(KvsimError) as exc:
+        run_scenario(scenario_from_dict(raw, "r.yaml"))
+    assert (exc.value.file, exc.value.field, exc.value.value) == ("r.yaml", "workload.synthetic.rate", 1e-13)
+    # about one request a year: each is served alone, in the time a lone request takes
+    raw = apply_override(raw, "workload.synthetic.num_requests", 1)
+    alone = run_scenario(scenario_from_dict(raw, "r.yaml")).summary
+    yearly = run_scenario(scenario_from_dict(apply_override(apply_override(raw, "workload.synthetic.num_requests", 5),
+                                                            "workload.synthetic.rate", 3e-8), "r.yaml")).summary
+    assert yearly["duration_s"] > 1e7 and yearly["completed"] == 5
+    for key in ("ttft_s", "tpot_s"):
+        assert yearly[key]["p50"] == pytest.approx(alone[key]["p50"], rel=1e-4) and alone[key]["p50"] > 1e-3

@@ -14,7 +14,7 @@ from kvsim.errors import DoesNotFit, KvsimError
 from kvsim.progress import Progress
 from kvsim.scenario.load import Scenario, resolve_path
 from kvsim.scenario.overload import overload, overload_note
-from kvsim.scenario.schema import SLOSpec
+from kvsim.scenario.schema import ClosedLoopSpec, SessionsSpec, SLOSpec, SyntheticSpec
 from kvsim.serve import metrics
 from kvsim.serve.closed_loop import ClosedLoop
 from kvsim.serve.disagg import DisaggSimulation, Link
@@ -100,7 +100,7 @@ def deployment(scenario: Scenario, side: str | None = None) -> Deployment:
     except KvsimError as err:
         engine_key = err.field in ("vllm_version", "cuda_graph_gib", "gpu_memory_utilization", "data_parallel_size",
                                    "expert_parallel", "max_model_len", "max_num_batched_tokens", "async_scheduling",
-                                   "sampler")
+                                   "sampler", "block_size")
         side_key = f"disaggregation.{side}.{err.field}" if side and err.field in ("hardware", "tp") else None
         raise _with_file(err, file, f"engine.{err.field}" if engine_key else side_key) from None
     cal = spec.calibration
@@ -121,6 +121,31 @@ def deployment(scenario: Scenario, side: str | None = None) -> Deployment:
 # ---------------------------------------------------------------------------------------------
 # Workload
 # ---------------------------------------------------------------------------------------------
+
+# A workload builder's own names for scenario keys, where they differ (an ArrivalProcess's rate and cv)
+_CLOSED_LOOP_NAMES = {"rate": "request_rate"}
+_SYNTHETIC_NAMES = {"cv": "arrival_cv"}
+
+
+def _workload_error(err: KvsimError, scenario: Scenario) -> KvsimError:
+    """An error of a workload builder (a synthetic stream, a closed loop, a trace reader) restated against
+    the scenario: its file, and the scenario key of the argument it names."""
+    w, name = scenario.spec.workload, err.field
+    if err.file is not None or name is None:
+        return _with_file(err, scenario.file)
+    if name == "rate_scale" and w.rate is not None:  # the scale that workload.rate asked for
+        return KvsimError(str(err).removeprefix(f"{name}={err.value!r}: "), field="workload.rate", value=w.rate,
+                          file=scenario.file)
+    key = {"path": "workload.trace", "rate_scale": "workload.rate_scale"}.get(name)
+    loop, synthetic = _CLOSED_LOOP_NAMES.get(name, name), _SYNTHETIC_NAMES.get(name, name)
+    if w.closed_loop is not None and loop in ClosedLoopSpec.model_fields:
+        key = f"workload.closed_loop.{loop}"
+    elif w.synthetic is not None and synthetic in SessionsSpec.model_fields:
+        key = f"workload.synthetic.sessions.{synthetic}"
+    elif w.synthetic is not None and synthetic in SyntheticSpec.model_fields:
+        key = f"workload.synthetic.{synthetic}"
+    return _with_file(err, scenario.file, key)
+
 
 def _length(spec, scenario: Scenario):  # noqa: ANN001, ANN202 - LengthSpec -> LengthDist
     from kvsim.serve.synthetic import LengthDist
@@ -156,11 +181,20 @@ def _synthetic(scenario: Scenario, max_model_len: int) -> Iterator[Request]:
         shared = SharedPrefix(s.shared_prefix.tokens, s.shared_prefix.num_users, s.shared_prefix.num_prompts)
     if s.paired_lengths_from is not None:
         paired = trace_lengths(resolve_path(s.paired_lengths_from, scenario))
-    return synthetic_requests(
-        ArrivalProcess(s.rate, s.arrival_cv),
-        _length(s.input, scenario) if s.input else None, _length(s.output, scenario) if s.output else None,
-        seed=spec.seed, n=s.num_requests, duration_s=s.duration_s, sessions=sessions, shared_prefix=shared,
-        block_tokens=spec.engine.block_size, paired_lengths=paired)
+    try:
+        return synthetic_requests(
+            ArrivalProcess(s.rate, s.arrival_cv),
+            _length(s.input, scenario) if s.input else None, _length(s.output, scenario) if s.output else None,
+            seed=spec.seed, n=s.num_requests, duration_s=s.duration_s, sessions=sessions, shared_prefix=shared,
+            block_tokens=spec.engine.block_size, paired_lengths=paired)
+    except KvsimError as err:
+        if err.field != "max_input_tokens" or s.sessions is None or s.sessions.max_input_tokens is not None:
+            raise
+        # not in the file: say where the value came from
+        text = str(err).removeprefix(f"{err.field}={err.value!r}: ")
+        raise KvsimError(f"{text} (unset, it is the context length, engine.max_model_len)",
+                         field="workload.synthetic.sessions.max_input_tokens", value=err.value,
+                         file=scenario.file) from None
 
 
 def _with_images(stream: Iterator[Request], image_tokens: int) -> Iterator[Request]:
@@ -175,8 +209,8 @@ def trace_rate_per_s(scenario: Scenario, trace: Path) -> float:
 
     w = scenario.spec.workload
     arrivals = np.fromiter((r.arrival_s for r in read_trace(
-        trace, w.format, prefix_block_tokens=w.prefix_block_tokens, skip_bad_rows=True, seed=scenario.spec.seed,
-        start_s=w.start_s, end_s=w.end_s, max_requests=w.max_requests)), dtype=float)
+        trace, w.format, prefix_block_tokens=w.prefix_block_tokens, skip_bad_rows=True, stats=ReadStats(quiet=True),
+        seed=scenario.spec.seed, start_s=w.start_s, end_s=w.end_s, max_requests=w.max_requests)), dtype=float)
     rate = mean_rate_per_s(arrivals)
     if rate is None:
         raise KvsimError("the trace window has fewer than two arrivals apart in time: no rate to scale",
@@ -220,7 +254,7 @@ def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
                 stream = time_window(stream, w.start_s, math.inf if w.end_s is None else w.end_s)
             stream = renumber(limit(scale_rate(stream, w.rate_scale), w.max_requests))
     except KvsimError as err:
-        raise _with_file(err, file, "workload.trace" if err.field == "path" else None) from None
+        raise _workload_error(err, scenario) from None
     if w.images_per_request:
         vision = dep.layout.model.vision
         if vision is None:
@@ -297,28 +331,34 @@ def run_scenario(scenario: Scenario, progress: bool = False, skip_bad_rows: bool
         sim.run(stream, (lambda sim_s, arrived: bar.status(f"{sim_s:,.1f} s simulated, {arrived:,} requests"))
                 if progress else None)
     except KvsimError as err:
-        if trace is None or err.file is None or not err.file.startswith(str(trace)):
-            raise
-        raise _bad_rows(scenario, trace) from None
+        if trace is not None and err.file is not None and err.file.startswith(str(trace)):
+            raise _bad_rows(scenario, trace, err) from None
+        # the workload stream is drawn as the run reads it, so its errors surface here: restate them
+        # against the scenario
+        raise _workload_error(err, scenario) from None
     finally:
         bar.close()
     return RunResult(scenario, summarize(scenario, sim, stats), sim)
 
 
-def _bad_rows(scenario: Scenario, trace: Path) -> KvsimError:
-    """Count every malformed row (a second, skipping pass) to report the first few and the total."""
+def _bad_rows(scenario: Scenario, trace: Path, first: KvsimError) -> KvsimError:
+    """The run stopped at the trace's error ``first``: if a malformed row, count every malformed row (a
+    second, skipping pass, which logs nothing: it skips none of the run's) to report the first few and
+    the total."""
     from kvsim.serve.traces import read_trace
 
     w = scenario.spec.workload
-    stats = ReadStats()
+    stats = ReadStats(quiet=True)
     try:
         for _ in read_trace(trace, w.format, prefix_block_tokens=w.prefix_block_tokens, skip_bad_rows=True,
                             stats=stats):
             pass
     except KvsimError:
-        pass  # every row was bad: the count below says so
-    return KvsimError(stats.summary(str(trace)) + "; the run stopped (pass --skip-bad-rows to skip them)",
-                      field="workload.trace", value=w.trace, file=scenario.file)
+        pass  # every row was bad (the count below says so), or the file is (its header): the count is 0
+    if not stats.bad_rows:
+        return first
+    return KvsimError(stats.summary(str(trace), skipped=False) + "; the run stopped (pass --skip-bad-rows to "
+                      "skip them)", field="workload.trace", value=w.trace, file=scenario.file)
 
 
 def _share(ok: np.ndarray, total: int) -> float:
@@ -369,6 +409,8 @@ def _peak_used(replicas: list[Replica], blocks: int) -> float:
 
 
 def _disagg_summary(scenario: Scenario, sim: DisaggSimulation, duration: float) -> dict:
+    from kvsim.cost.model import calibration_summary
+
     spec = scenario.spec
     d = spec.disaggregation
     assert d is not None
@@ -376,6 +418,7 @@ def _disagg_summary(scenario: Scenario, sim: DisaggSimulation, duration: float) 
     def side(name: str, dep: Deployment, reps: list[Replica]) -> dict:
         s = getattr(d, name)
         return {"replicas": s.replicas, "tp": s.tp or spec.tp, "hardware": s.hardware or spec.hardware,
+                "calibration": calibration_summary(dep.cost),
                 "num_gpu_blocks": dep.num_gpu_blocks, "kv_peak_used_fraction": _peak_used(reps, dep.num_gpu_blocks),
                 "engine_steps": sum(r.steps for r in reps), "preemptions": sum(r.preemptions for r in reps)}
 
@@ -482,6 +525,11 @@ def summarize(scenario: Scenario, sim: Simulation | DisaggSimulation, read_stats
                      f"sequences than that are not checked against {binding} memory")
     if isinstance(sim, DisaggSimulation):
         notes.append(DISAGG_NOTE)
+        pre = sim.prefill.cost
+        if pre.cal.label != cal.label:  # the keys above describe the decode side; say where the prefill's come from
+            notes.append(f"prefill instances: calibration {pre.cal.label}"
+                         + (f"; {pre.cal.note}" if pre.cal.kind in ("prior", "borrowed") else ""))
+            notes += [f"prefill instances: {n}" for n in pre.notes if n not in dep.cost.notes]
     if spec.slo is None:
         notes.append(NO_SLO_NOTE)
     if summary["overload"] and summary["overload"]["overloaded"]:

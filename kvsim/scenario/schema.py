@@ -100,6 +100,14 @@ class ClosedLoopSpec(_Strict):
     dataset_entries: int | None = Field(default=None, gt=0, le=MAX_REQUESTS)
     dataset_sampling: Literal[SAMPLINGS] = "shuffle"  # type: ignore[valid-type]
 
+    @field_validator("burstiness")
+    @classmethod
+    def _drawable(cls, burstiness: float) -> float:
+        # the gaps' CV, 1/sqrt(burstiness), must be one kvsim.serve.synthetic.ArrivalProcess draws (1e-100..1e100)
+        if not 1e-200 <= burstiness <= 1e200:
+            raise ValueError("must be within 1e-200..1e200")
+        return burstiness
+
 
 class WorkloadSpec(_Strict):
     trace: StrictStr | None = None

@@ -47,6 +47,10 @@ The simulator asks :meth:`ClosedLoop.next_arrival_s` for the horizon of a fast-f
 calls :meth:`ClosedLoop.request_done` when a request completes or is rejected; requests released by
 a completion at time t arrive at t (plus their round trip), after the step that starts at t was planned
 (the client receives the last token after that step's output is processed).
+
+A loop that would run past :data:`~kvsim.serve.workload.MAX_SIM_S` (a rate of one request in decades, a
+think time of centuries) is an error: when it is built if its drawn schedule, think times or round trips
+already take it there, else when it would release a request past it.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ import numpy as np
 
 from kvsim.errors import KvsimError
 from kvsim.serve.synthetic import ArrivalProcess, LengthDist
-from kvsim.serve.workload import Request, chain_hash
+from kvsim.serve.workload import MAX_SIM_S, Request, chain_hash, past_time_limit
 
 INF = float("inf")
 DELAYS = ("fixed", "exponential", "uniform")  # how each request's round trip and think time are drawn
@@ -138,6 +142,20 @@ class ClosedLoop:
                                                                      num_requests, rng)
         # each client's think time before sending request i, drawn last of all
         self.thinks_s = _delays(think, think_s, num_requests, rng)
+        # The run lasts at least until the last scheduled send, and at least the think times and round
+        # trips that each slot's holders spend one after another (the first concurrency requests think
+        # none), spread over the slots; the largest names the input at fault.
+        scheduled = self.scheduled_s[-1] if self.scheduled_s is not None else 0.0
+        thinking = sum(self.thinks_s[concurrency:]) / concurrency
+        travelling = sum(self.round_trips_s) / concurrency
+        self._stretch = {
+            "request_rate": (scheduled, schedule.rate if schedule else None,
+                             "raise the request rate or send fewer requests"),
+            "think_ms": (thinking, think_s * 1e3, "shorten the think time"),
+            "round_trip_ms": (travelling, round_trip_s * 1e3, "shorten the round trip")}
+        at_least = max(scheduled, thinking + travelling)
+        if at_least > MAX_SIM_S:
+            raise self._past_time_limit(at_least)
         self._salt = seed  # a dataset prompt's content hash: one run's prompts, distinct per seed
         self._last_sent_s = 0.0  # the client's loop sends in request order
         self._last_reach_s = 0.0  # the front end keeps sending order
@@ -148,6 +166,11 @@ class ClosedLoop:
         for _ in range(min(concurrency, num_requests)):
             self._release(0.0, after=False)
 
+    def _past_time_limit(self, t: float) -> KvsimError:
+        field = max(self._stretch, key=lambda f: self._stretch[f][0])
+        _, value, remedy = self._stretch[field]
+        return past_time_limit(t, field, value, remedy)
+
     def _release(self, slot_free_s: float, after: bool = True) -> None:
         """The next request takes a slot that is free from ``slot_free_s`` (``after`` a request of its
         client ended: plus the think time); it is sent then or at its scheduled time, whichever is later."""
@@ -157,6 +180,8 @@ class ClosedLoop:
             ready_s = max(ready_s, self.scheduled_s[i])
         sent_s = self._last_sent_s = max(ready_s, self._last_sent_s)  # sends leave in request order
         reach_s = self._last_reach_s = max(sent_s + self.round_trips_s[i], self._last_reach_s)
+        if reach_s > MAX_SIM_S:  # the serving itself took the rest of the way
+            raise self._past_time_limit(reach_s)
         if self.entries is None:
             request = Request(i, reach_s, self.inputs[i], self.outputs[i], sent_s=sent_s)
         else:  # a dataset prompt: its lengths, and one content hash over the whole prompt

@@ -7,8 +7,10 @@ re-based so the first request arrives at t=0, with ids 0, 1, 2, ... Files are re
 Bad rows raise :class:`~kvsim.errors.KvsimError` naming ``file:line`` and quoting the value, e.g.
 ``trace.csv:17: output_tokens='abc': not an integer``. With ``skip_bad_rows=True`` they are
 skipped instead; pass ``stats=ReadStats()`` to get the count and the first 5 messages (a summary
-is also logged on the ``kvsim.serve`` logger). Rows must already be sorted by time: a row earlier
-than its predecessor is a bad row (sorting would need the whole file in memory).
+is also logged on the ``kvsim.serve`` logger, unless ``stats.quiet``). Rows must already be sorted
+by time: a row earlier than its predecessor is a bad row (sorting would need the whole file in
+memory). So is a row more than ``MAX_SIM_S`` (34 years) after the first: float64 seconds there no
+longer resolve a microsecond.
 
 Formats (``format=`` names, see :func:`detect_format`):
 
@@ -39,6 +41,7 @@ import numpy as np
 
 from kvsim.errors import KvsimError
 from kvsim.serve.workload import (
+    MAX_SIM_S,
     ReadStats,
     Request,
     limit,
@@ -93,7 +96,7 @@ class _Rows:
         self.stats.bad(err)
 
     def finish(self) -> None:
-        if self.stats.bad_rows:
+        if self.stats.bad_rows and not self.stats.quiet:
             log.warning(self.stats.summary(self.name))
 
 
@@ -130,6 +133,13 @@ def _float(rows: _Rows, line: int, field: str, s: str) -> float:
     if not math.isfinite(v):
         raise rows.error(line, field, s, "not a finite number")
     return v
+
+
+def _in_span(rows: _Rows, line: int, field: str, value: object, t: float, t0: float | None) -> None:
+    """A row more than ``MAX_SIM_S`` after the first is bad: re-based, its time would lose the microsecond."""
+    if t0 is not None and t - t0 > MAX_SIM_S:
+        raise rows.error(line, field, value, f"{t - t0:.3g} s after the first row, past {MAX_SIM_S:.3g} s "
+                         "(34 years), beyond which float64 seconds lose the microsecond")
 
 
 def _full_blocks(rows: _Rows, line: int, field: str, ids: list[int], input_tokens: int,
@@ -187,6 +197,7 @@ def read_csv(path: str | Path, *, prefix_block_tokens: int = MOONCAKE_BLOCK_TOKE
                 if t < prev:
                     raise rows.error(line, "arrival_time_s", row[ia],
                                      f"earlier than the previous row ({prev}); sort the file by time")
+                _in_span(rows, line, "arrival_time_s", row[ia], t, t0)
                 n_in = _int(rows, line, "input_tokens", row[ii], 1)
                 n_out = _int(rows, line, "output_tokens", row[io], 1)
                 hashes: tuple[int, ...] = ()
@@ -276,6 +287,7 @@ def read_azure(path: str | Path, *, skip_bad_rows: bool = False,
                                      "not a 'YYYY-MM-DD HH:MM:SS.fffffff' timestamp") from None
                 if t < prev:
                     raise rows.error(line, "TIMESTAMP", ts, "earlier than the previous row")
+                _in_span(rows, line, "TIMESTAMP", ts, t, t0)
                 n_in = _int(rows, line, "ContextTokens", ctx, 1)
                 n_out = _int(rows, line, "GeneratedTokens", gen, 1)
             except KvsimError as err:
@@ -328,6 +340,7 @@ def read_mooncake(path: str | Path, *, skip_bad_rows: bool = False,
                 n_in, n_out = int(vals[1]), int(vals[2])
                 if t < prev:
                     raise rows.error(line, "timestamp", vals[0], "earlier than the previous row")
+                _in_span(rows, line, "timestamp", vals[0], t, t0)
                 ids = d.get("hash_ids", [])
                 if not isinstance(ids, list) or not all(type(x) is int and x in HASH_RANGE for x in ids):
                     raise rows.error(line, "hash_ids", ids if len(str(ids)) < 60 else str(ids)[:57] + "...",

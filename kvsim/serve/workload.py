@@ -38,6 +38,18 @@ from kvsim.errors import KvsimError
 
 log = logging.getLogger("kvsim.serve")
 
+# The latest simulated time a request may arrive at. float64 has a 53-bit significand, so below 2**30 s
+# (34 years) consecutive times are at most 2**-23 s (0.12 us) apart and step and token times keep their
+# microseconds; at 1e13 s they are 2 ms apart and a TTFT of a few ms rounds to 0.
+MAX_SIM_S = 2.0**30
+
+
+def past_time_limit(t: float, field: str, value: object, remedy: str) -> KvsimError:
+    """The error for a stream that would reach time ``t`` > :data:`MAX_SIM_S`, naming the input that
+    stretched it so far (``field``, ``value``) and what to change (``remedy``)."""
+    return KvsimError(f"the workload would run to {t:.3g} s of simulated time, past {MAX_SIM_S:.3g} s (34 years), "
+                      f"beyond which float64 seconds lose the microsecond; {remedy}", field=field, value=value)
+
 _M64 = (1 << 64) - 1
 # splitmix64 constants (Steele, Lea & Flood, "Fast splittable pseudorandom number generators",
 # OOPSLA 2014): a cheap, well-mixing 64-bit finalizer. Python's hash() of str is salted per
@@ -85,7 +97,7 @@ class ReadStats:
     Pass one as ``stats=`` to a reader; after the stream is exhausted, ``requests`` is the number
     yielded, ``bad_rows`` the number skipped with ``skip_bad_rows=True`` and ``bad_examples`` the
     first :attr:`MAX_EXAMPLES` error messages. Readers also log a one-line summary on the
-    ``kvsim.serve`` logger when rows were skipped.
+    ``kvsim.serve`` logger when rows were skipped, unless ``quiet``.
     """
 
     MAX_EXAMPLES = 5
@@ -93,6 +105,9 @@ class ReadStats:
     bad_rows: int = 0
     bad_examples: list[str] = field(default_factory=list)
     rate_scale: float = 1.0  # the multiplier applied to a trace's arrival rate (kvsim.scenario.run.workload)
+    # True: no summary logged, for a pass that reads the trace beside the run (to count the bad rows at
+    # which the run stopped, or for the trace's rate) and so skips none of the run's rows
+    quiet: bool = False
 
     def bad(self, err: KvsimError) -> None:
         """Record one skipped row."""
@@ -100,11 +115,13 @@ class ReadStats:
         if len(self.bad_examples) < self.MAX_EXAMPLES:
             self.bad_examples.append(str(err))
 
-    def summary(self, source: str) -> str:
-        """One line: how many rows were skipped and the first few reasons."""
+    def summary(self, source: str, *, skipped: bool = True) -> str:
+        """One line: how many rows were bad (``skipped``, or only found: a run that stopped at the
+        first skipped none) and the first few reasons."""
         more = self.bad_rows - len(self.bad_examples)
         tail = f" (+{more} more)" if more > 0 else ""
-        return (f"{source}: skipped {self.bad_rows} bad row(s): " + "; ".join(self.bad_examples) + tail)
+        verb = "skipped" if skipped else "found"
+        return (f"{source}: {verb} {self.bad_rows} bad row(s): " + "; ".join(self.bad_examples) + tail)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +226,10 @@ def scale_rate(stream: Iterable[Request], factor: float) -> Iterator[Request]:
         return
     inv = 1.0 / factor
     for r in stream:
-        yield _with(r, arrival_s=r.arrival_s * inv)
+        t = r.arrival_s * inv
+        if t > MAX_SIM_S:
+            raise past_time_limit(t, "rate_scale", factor, "raise the rate or send fewer requests")
+        yield _with(r, arrival_s=t)
 
 
 def mean_rate_per_s(arrival_s: np.ndarray) -> float | None:
