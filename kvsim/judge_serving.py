@@ -745,10 +745,11 @@ def judge(path: Path, calibration: str | None = None, sets: Sequence[str] = (),
     outcome: dict[Row, Judged | str] = {}
     seen: set[Row] = set()
     for row in rows:
-        if replace(row, line=0) in seen:
+        whole = replace(row, line=0)  # the row as a run: every column but its place in the file
+        if whole in seen:
             skipped[DUPLICATE_ROWS] += 1
             continue
-        seen.add(replace(row, line=0))
+        seen.add(whole)
         why = _why_not(row, gpus)
         if why is not None:
             skipped[why] += 1
