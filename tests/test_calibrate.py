@@ -308,3 +308,6 @@ def test_a_twin_gpu_borrows_vllms_own_decode_kernel_and_keeps_its_stand_in(monke
     assert got.ops["attention_decode.mla.reference"] == own.ops["attention_decode.mla"]
     assert "h100-sxm" in got.derived["attention_decode.mla"]
     assert got.for_reference_engine().ops["attention_decode.mla"] == own.ops["attention_decode.mla"]
+    # vLLM's FP8-cache FlashMLA, which the H200 never measured, comes with it
+    assert got.ops["attention_decode.mla.k8v8"] == donor.ops["attention_decode.mla.k8v8"]
+    assert "h100-sxm" in got.derived["attention_decode.mla.k8v8"]

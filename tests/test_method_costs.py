@@ -339,11 +339,12 @@ def test_lightkv_pays_its_vision_merge() -> None:
 
 def test_a_quantized_mla_latent_is_not_priced_as_measured() -> None:
     """The 16-bit MLA kernels and vLLM's FP8 FlashMLA (run h100-call25) are measured: any other narrower
-    latent is derived from them, labelled a lower bound, never 'measured'."""
+    latent is derived from them, labelled an estimate (not a bound: the rule gives 0.95-1.8x the measured FP8
+    FlashMLA's time), never 'measured'."""
     v2 = load_model("deepseek-v2-lite")
     for spec in ("kvquant:bits=6,outliers=0", "mtla:stride=2+kivi:bits=2"):
         k = CostModel(v2, H100, layout_for(v2, spec), 1).decode_kernel
-        assert k.status == "derived" and "lower bound" in k.label, spec
+        assert k.status == "derived" and "an estimate, not a bound" in k.label, spec
     assert CostModel(v2, H100, layout_for(v2), 1).decode_kernel.status == "measured"
     fp8 = CostModel(v2, H100, layout_for(v2, "fp8"), 1).decode_kernel
     assert fp8.status == "measured" and fp8.curve == "attention_decode.mla.k8v8"

@@ -509,9 +509,12 @@ def _compute_twin_curves(cal: Calibration, hw: HardwareSpec) -> Calibration:
                 continue
             if key in ops:
                 ops[ref] = ops[key]
-            ops[key] = donor.ops[key]
-            derived[key] = (f"vLLM's own kernel as measured on {name} (same family, SM count and bf16 peak), at "
-                            f"its efficiencies against this GPU's ceilings")
+            # the family's curve and its cache-precision variants (attention_decode.mla.k8v8: FlashMLA with an
+            # FP8 cache), which only vLLM's kernel measured: this GPU has none of its own
+            for k in (key, *(v for v in donor.ops if v.startswith(key + ".") and v != ref and v not in ops)):
+                ops[k] = donor.ops[k]
+                derived[k] = (f"vLLM's own kernel as measured on {name} (same family, SM count and bf16 peak), at "
+                              f"its efficiencies against this GPU's ceilings")
     return replace(cal, ops=MappingProxyType(ops), derived=MappingProxyType(derived))
 
 
