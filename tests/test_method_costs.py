@@ -350,6 +350,26 @@ def test_a_quantized_mla_latent_is_not_priced_as_measured() -> None:
     assert fp8.status == "measured" and fp8.curve == "attention_decode.mla.k8v8"
 
 
+def test_the_16_bit_rule_for_an_fp8_mla_cache_is_quoted_as_measured() -> None:
+    """The derived rule's label quotes how it compares with vLLM's FP8 FlashMLA where that is measured
+    (H100, run h100-call25): 0.95-1.8x its time over DeepSeek-R1 at TP 1-8, 1-256 sequences, 512-32k tokens.
+    The quote must stay what the profile gives (kvsim/cost/kernels.py)."""
+    cal = find_calibration(H100)
+    rule = replace(cal, ops=MappingProxyType({k: v for k, v in cal.ops.items() if k != "attention_decode.mla.k8v8"}))
+    r1 = load_model("deepseek-r1")
+
+    def attention_s(profile: object, tp: int, batch: int, context: int) -> float:
+        step = CostModel(r1, H100, layout_for(r1, "fp8"), tp, profile).step(  # type: ignore[arg-type]
+            Batch(decode_context=np.full(batch, context)))
+        return next(o.seconds for o in step.ops if o.name == "attention.decode")
+
+    ratios = [attention_s(rule, tp, b, c) / attention_s(cal, tp, b, c) for tp in (1, 2, 4, 8)
+              for b in (1, 4, 16, 64, 256) for c in (512, 2048, 8192, 32768)]
+    assert (round(min(ratios), 2), round(max(ratios), 1)) == (0.95, 1.8)
+    label = CostModel(r1, H100, layout_for(r1, "kvquant:bits=6,outliers=0"), 8).decode_kernel.label
+    assert "runs 0.95-1.8x this rule's time" in label
+
+
 def test_a_quantized_mla_latent_on_a_profile_without_mla_kernels_is_priced_as_its_16_bit_layout() -> None:
     """A measured profile without an MLA kernel at any width (the H200's before run h200-call7 timed them; here
     its MLA curves removed): its 16-bit MLA is priced on the dense kernel, and so is an FP8 latent (a DeepSeek
