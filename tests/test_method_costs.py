@@ -370,6 +370,26 @@ def test_the_16_bit_rule_for_an_fp8_mla_cache_is_quoted_as_measured() -> None:
     assert "runs 0.95-1.8x this rule's time" in label
 
 
+def test_an_fp8_mla_cache_on_measured_flashmla_is_labelled_vllms_kernel() -> None:
+    """The H100 profile prices an FP8 latent cache on vLLM's FP8 FlashMLA (attention_decode.mla.k8v8, run
+    h100-call25), a cache-precision variant with no stand-in of its own: its note names FlashMLA, as the
+    16-bit cache's does, and never says the stand-in prices it. With the FlashMLA curves taken out of the
+    profile (the stand-in back in their place) the note says the stand-in."""
+    r1 = load_model("deepseek-r1")
+    cal = find_calibration(H100)
+
+    def mla_note(profile: object, method: str) -> str:
+        notes = CostModel(r1, H100, layout_for(r1, method), 8, profile).cost_notes  # type: ignore[arg-type]
+        return next(n for n in notes if n.startswith("MLA decode attention"))
+
+    for method, curve in (("fp8", "attention_decode.mla.k8v8"), ("bf16", "attention_decode.mla")):
+        assert mla_note(cal, method).startswith(f"MLA decode attention on vLLM's FlashMLA ({curve})")
+    ops = {k: v for k, v in cal.ops.items() if k not in ("attention_decode.mla", "attention_decode.mla.k8v8")}
+    ops["attention_decode.mla"] = ops.pop("attention_decode.mla.reference")
+    stand_in = replace(cal, ops=MappingProxyType(ops))
+    assert "Triton stand-in kernel (attention_decode.mla)" in mla_note(stand_in, "bf16")
+
+
 def test_a_quantized_mla_latent_on_a_profile_without_mla_kernels_is_priced_as_its_16_bit_layout() -> None:
     """A measured profile without an MLA kernel at any width (the H200's before run h200-call7 timed them; here
     its MLA curves removed): its 16-bit MLA is priced on the dense kernel, and so is an FP8 latent (a DeepSeek

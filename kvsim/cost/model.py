@@ -262,10 +262,15 @@ class CostModel:
             # vLLM's FlashMLA (validation/flashmla.py) where this profile has it, else kvsim's stand-in; either
             # way the rest of vLLM's MLA module is kvsim's own kernels (README, 'MLA decode')
             curve = self.decode_kernel.curve
+            # vLLM's kernel where the family's stand-in was kept apart (calibrate moves it to *.reference); a
+            # cache-precision variant (attention_decode.mla.k8v8) that only vLLM's kernel measured has none of
+            # its own, so the family's base curve (attention_decode.mla) decides
+            base = curve.split(".", 2)[:2]
+            own = any(c + REFERENCE_SUFFIX in self.cal.ops for c in (curve, ".".join(base)))
             notes.append(f"MLA decode attention on vLLM's FlashMLA ({curve}); the rest of vLLM's MLA module on "
                          "kvsim's kernel curves: at a few sequences vLLM's whole module, as aiconfigurator measured "
                          "it, takes longer than kvsim's parts (scripts/mla_vs_aiconfigurator.py)"
-                         if curve + REFERENCE_SUFFIX in self.cal.ops else
+                         if own else
                          f"MLA decode attention on kvsim's Triton stand-in kernel ({curve}), not vLLM's FlashMLA "
                          "(unmeasured on this GPU): against vLLM's whole MLA module as aiconfigurator measured it, "
                          "kvsim's is too fast at a few sequences, and too slow at many long ones with many heads "
