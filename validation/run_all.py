@@ -42,6 +42,7 @@ PARTS = {
     "oai_moe": (20, ["validation/oai_moe.py"]),
     # vLLM's own FlashMLA decode kernels from its 0.24.0 wheel (needs validation/vendor: fetch_vllm_kernels.py)
     "flashmla": (30, ["validation/flashmla.py"]),
+    "vllm_gemm": (60, ["validation/vllm_gemm.py"]),  # vLLM's CUTLASS FP8 and Machete W4A16 GEMMs (its _C library)
     # decode steps launched kernel by kernel beside their CUDA graph (--enforce-eager's cost; not fitted)
     "eager": (10, ["validation/eager.py"]),
     "sustained": (15, ["validation/sustained.py"]),  # a minute of prefill GEMMs against their short-burst rate
