@@ -38,7 +38,7 @@ from kvsim.cost.model import CostModel, decode_family
 from kvsim.errors import KvsimError
 from kvsim.fileio import load_data_file, write_atomic
 from kvsim.spec.hardware import HardwareSpec, load_hardware
-from kvsim.spec.quant import EXPERT_GEMMS, MXFP4_BITS, MXFP4_HOPPER_CURVE, W4A16_CURVE
+from kvsim.spec.quant import EXPERT_GEMMS, MACHETE_CURVE, MXFP4_BITS, MXFP4_HOPPER_CURVE, W4A16_CURVE
 
 Sample = tuple[float, float, float, float]  # size, time_s, t_compute, t_memory
 MIN_EFFICIENCY = 1e-4  # a kernel whose time is all floor; keeps the curve strictly positive
@@ -176,10 +176,16 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
     # bytes as stored
     fp8 = ceil.get("fp8_flops_per_s")
     fp32 = hw.peak_flops_per_s.get("fp32")  # datasheet: no fp32 ceiling is measured
+    # FP8 W8A8: vLLM's own kernel where a run measured it (validation/vllm_gemm.py: CUTLASS cutlass_scaled_mm
+    # with per-tensor scales, dtype fp8_cutlass), else torch._scaled_mm (cuBLAS, dtype fp8), which vLLM does not
+    # run on Hopper. On the H100 the two agree within 5% in median at most row counts, CUTLASS up to 1.6x
+    # slower at 192-384 rows (run h100-call26); its per-token x per-channel rows (fp8_cutlass_rowwise,
+    # compressed-tensors FP8-dynamic) run 0-5% slower than per-tensor and are not fitted apart.
+    fp8_dtype = "fp8_cutlass" if any(r["dtype"] == "fp8_cutlass" for r in rows("gemm.csv")) else "fp8"
     quantized = {
         "gemm.fp8": [(float(r["m"]), float(r["n"]) * float(r["k"]), float(r["time_s"]), float(r["flops"]) / fp8,
                       float(r["bytes"]) / bw)
-                     for r in rows("gemm.csv") if r["dtype"] == "fp8" and fp8],
+                     for r in rows("gemm.csv") if r["dtype"] == fp8_dtype and fp8],
         # fp32 GEMMs (routers vLLM runs in fp32, validation/gemm.py --part fp32_router) against the datasheet
         # FP32 peak (no fp32 ceiling is measured; the cost model prices them at the same peak)
         FP32_GEMM_CURVE: [(float(r["m"]), float(r["n"]) * float(r["k"]) * 4, float(r["time_s"]),
@@ -197,6 +203,13 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
         W4A16_CURVE: [(float(r["m"]), float(r["bytes"]) - 2 * float(r["m"]) * (float(r["n"]) + float(r["k"])),
                        float(r["time_s"]), float(r["flops"]) / bf16, float(r["bytes"]) / bw)
                       for r in rows("gemm.csv") if r["dtype"] == "w4a16_marlin"],
+        # W4A16 in Machete (validation/vllm_gemm.py: vLLM's CUTLASS mixed-input kernel, what it runs for GPTQ and
+        # compressed-tensors 4-bit checkpoints on compute capability 9.0, kvsim.spec.quant.weight_kernel) against
+        # the bf16 ceiling, weights as stored (4 bits and a bf16 scale per 128): 1.2-1.3x Marlin's time at
+        # 1-16 rows, about half of it from 512 rows on (run h100-call26)
+        MACHETE_CURVE: [(float(r["m"]), float(r["bytes"]) - 2 * float(r["m"]) * (float(r["n"]) + float(r["k"])),
+                         float(r["time_s"]), float(r["flops"]) / bf16, float(r["bytes"]) / bw)
+                        for r in rows("gemm.csv") if r["dtype"] == "w4a16_machete"],
     }
 
     # routed experts: rows per touched expert x the touched experts' weight bytes as stored (scales
@@ -223,9 +236,21 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
 
     decode, used["attention_decode.csv (calibration shapes)"] = _decode_samples(folder, hw, ceil, keep)
 
-    prefill = [(float(r["prompt"]), float(r["time_s"]), float(r["flops"]) / bf16, 0.0)
-               for r in rows("attention_prefill.csv")]
+    # prefill attention: vLLM's own FlashAttention 3 where a run measured it (validation/vllm_prefill.py, method
+    # vllm_fa3); torch's SDPA, which the reference engine runs, is then attention_prefill.reference
+    # (Calibration.for_reference_engine). On the H100 the two agree within a few percent from 1k tokens on,
+    # FA3 slower below 512 (run h100-call27)
+    by_kernel: dict[str, list[tuple]] = defaultdict(list)
+    for r in rows("attention_prefill.csv"):
+        by_kernel[r["method"]].append((float(r["prompt"]), float(r["time_s"]), float(r["flops"]) / bf16, 0.0))
+    prefill = by_kernel.pop("vllm_fa3", []) or by_kernel.pop("sdpa", [])
+    prefill_reference = by_kernel.pop("sdpa", [])
+    if by_kernel:
+        raise KvsimError(f"attention_prefill.csv: unknown methods {', '.join(sorted(by_kernel))} (known: sdpa, "
+                         "vllm_fa3)", field="method", value=sorted(by_kernel), file=str(folder / "attention_prefill.csv"))
     used["attention_prefill.csv"] = len(prefill)
+    if prefill_reference:
+        used["attention_prefill.csv (sdpa, reference engine)"] = len(prefill_reference)
 
     ew_best: dict[tuple, tuple[float, float]] = {}
     for r in rows("elementwise.csv"):
@@ -238,12 +263,14 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
 
     ops = {"gemm": _fit_table(gemm, 0.8), "attention_decode": _fit_table(decode.pop("dense", []), 0.8),
            "attention_prefill": _fit(prefill, 0.6), "elementwise": _fit(elementwise, 0.7)}
+    if prefill_reference:
+        ops["attention_prefill" + REFERENCE_SUFFIX] = _fit(prefill_reference, 0.6)
     ops.update({f"attention_decode.{family}": _fit_table(s, 0.8) for family, s in sorted(decode.items())})
     if grouped_mm:
         ops[GROUPED_MM_CURVE] = _fit_table(grouped_mm, 0.8)
     for name, samples in quantized.items():
-        if samples or name not in (FP32_GEMM_CURVE, W4A16_CURVE):  # only where a run measured them
-            used[f"gemm.csv ({name.split('.')[1]})"] = len(samples)
+        if samples or name not in (FP32_GEMM_CURVE, W4A16_CURVE, MACHETE_CURVE):  # only where a run measured them
+            used[f"gemm.csv ({fp8_dtype if name == 'gemm.fp8' else name.split('.', 1)[1]})"] = len(samples)
         if samples:
             ops[name] = _fit_table(samples, 0.8)
     for name, samples in grouped.items():

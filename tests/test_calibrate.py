@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import yaml
@@ -226,16 +227,60 @@ def test_marlin_rows_are_the_w4a16_curve_and_lift_the_prior_label(tmp_path) -> N
     without = yaml.safe_load((folder / "calibration_reference.yaml").read_text())
     assert "gemm.w4a16" not in without["ops"] and without["ops"]["gemm"] == committed["ops"]["gemm"]
     hw = load_hardware("h100-sxm")
-    model = with_weights(load_model("llama-3-8b"), "int4")
+    # an AWQ checkpoint: vLLM <= 0.12 runs it in Marlin on Hopper too (GPTQ runs in Machete, below)
+    gptq = with_weights(load_model("llama-3-8b"), "int4")
+    assert gptq.weight_quant is not None
+    model = replace(gptq, weight_quant=replace(gptq.weight_quant, method="awq"))
     batch = Batch(decode_context=np.full(8, 1024))
     measured = CostModel(model, hw, layout_for(model, "bf16"),
                          calibration=calibration_from_dict(committed, hw, str(MEASURED / "calibration_reference.yaml")))
     prior = CostModel(model, hw, layout_for(model, "bf16"),
                       calibration=calibration_from_dict(without, hw, str(folder / "calibration_reference.yaml")))
+    assert measured.weight_kernel.curve == "gemm.w4a16"
     assert not any(n.startswith("PRIOR") for n in measured.notes)
     assert any(n.startswith("PRIOR") and "gemm.w4a16" in n for n in prior.notes)
-    assert any("Machete" in n for n in measured.notes)  # vLLM's Hopper kernel for GPTQ, named
+    assert any("AWQ checkpoints in Marlin" in n for n in measured.notes)
     assert measured.step(batch).total_s != prior.step(batch).total_s
+
+
+def test_machete_rows_price_gptq_on_hopper_and_marlin_stands_in_where_they_are_missing(tmp_path) -> None:
+    """vLLM's Machete rows (validation/vllm_gemm.py, dtype w4a16_machete, run h100-call26) are what kvsim
+    calibrate fits as gemm.w4a16.machete, the curve a GPTQ (or ``weights: int4``) model prices its linears on
+    on an H100, measured; fitted without them, the same model falls back to Marlin's measured curve and says
+    so (no PRIOR label: a measured kernel of the same kind); off Hopper it is Marlin's curve."""
+    import numpy as np
+
+    from kvsim.cost.model import Batch, CostModel
+    from kvsim.kv import layout_for
+    from kvsim.spec.model import load_model
+    from kvsim.spec.quant import with_weights
+
+    committed = yaml.safe_load((MEASURED / "calibration_reference.yaml").read_text())
+    assert committed["fit"]["rows_used"]["gemm.csv (w4a16.machete)"] == 756
+    folder = tmp_path / "h100-sxm"
+    shutil.copytree(MEASURED, folder)
+    lines = (folder / "gemm.csv").read_text().splitlines(keepends=True)
+    (folder / "gemm.csv").write_text("".join(x for x in lines if not x.startswith("w4a16_machete,")))
+    calibrate("h100-sxm", tmp_path)
+    without = yaml.safe_load((folder / "calibration_reference.yaml").read_text())
+    assert "gemm.w4a16.machete" not in without["ops"] and without["ops"]["gemm.w4a16"] == committed["ops"]["gemm.w4a16"]
+    hw = load_hardware("h100-sxm")
+    model = with_weights(load_model("llama-3-8b"), "int4")
+    measured = CostModel(model, hw, layout_for(model, "bf16"),
+                         calibration=calibration_from_dict(committed, hw, str(MEASURED / "calibration_reference.yaml")))
+    fallback = CostModel(model, hw, layout_for(model, "bf16"),
+                         calibration=calibration_from_dict(without, hw, str(folder / "calibration_reference.yaml")))
+    assert measured.weight_kernel.curve == "gemm.w4a16.machete" and fallback.weight_kernel.curve == "gemm.w4a16"
+    assert not any(n.startswith("PRIOR") for n in (*measured.notes, *fallback.notes))
+    assert any("Machete is unmeasured in this profile" in n for n in fallback.notes)
+    assert not any("unmeasured" in n for n in measured.notes)
+    # a 4k-token prefill: Machete runs it in about half Marlin's time (run h100-call26)
+    prefill = Batch(prefill_tokens=np.array([4096]), prefill_context=np.array([0]))
+    gemm_s = [sum(o.seconds for o in c.step(prefill).ops if o.name.startswith("gemm.") and o.name != "gemm.lm_head")
+              for c in (measured, fallback)]
+    assert gemm_s[0] < 0.75 * gemm_s[1]
+    a100 = CostModel(model, load_hardware("a100-sxm-80gb"), layout_for(model, "bf16"))
+    assert a100.weight_kernel.curve == "gemm.w4a16"
 
 
 def test_vllm_decode_kernel_rows_price_the_family_and_the_stand_in_stays_for_the_reference_engine(tmp_path) -> None:

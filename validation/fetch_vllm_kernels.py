@@ -6,7 +6,10 @@ its main kernel library ``_C_stable_libtorch.abi3.so`` (CUTLASS FP8 GEMMs, Mache
 carries (64 MiB), so it is written xz-compressed with the GPU code of every compute capability but 9.0
 zeroed (``prune_fatbin``: the CUDA fatbin entries for sm_75-sm_120 keep their headers and sizes, their
 payloads become zeros, which compress away; a compute capability 9.0 GPU loads only its own entries):
-17.6 MB. vLLM 0.24.0 is built
+17.6 MB. The ``vllm_fa3`` part (validation/vllm_prefill.py) times vLLM's FlashAttention-3 library
+``vllm_flash_attn/_vllm_fa3_C.abi3.so`` (what its FlashAttention backend, vllm/v1/attention/backends/
+flash_attn.py, runs on Hopper), 153 MB of GPU code for compute capability 9.0 only, so it is written
+xz-compressed whole, not pruned: 10.7 MB. vLLM 0.24.0 is built
 against torch 2.11.0 and CUDA 13 (its METADATA: ``Requires-Dist: torch==2.11.0``; the libraries need
 libcudart.so.13), the torch the device machines run, so its kernels load there without vLLM's Python
 package. Run it on a machine that reaches PyPI, then carry validation/vendor on the device call; nothing
@@ -31,6 +34,9 @@ VERSION = "0.24.0"
 # (torch.ops._flashmla_C.dense_decode_fwd) and dense FP8-cache decode (torch.ops._flashmla_extension_C)
 FILES = ("vllm/_flashmla_C.abi3.so", "vllm/_flashmla_extension_C.abi3.so")
 MAIN = "vllm/_C_stable_libtorch.abi3.so"  # carried pruned and compressed (prune_fatbin)
+# FlashAttention 3 (torch.ops._vllm_fa3_C, vllm/vllm_flash_attn/flash_attn_interface.py): its GPU code is
+# all compute capability 9.0 (Hopper-only), so it is carried compressed, not pruned
+FA3 = "vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so"
 KEEP_SM = 90  # the compute capability whose GPU code is kept (H100, H200)
 FATBIN_MAGIC = 0xBA55ED50
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vendor", "vllm")
@@ -99,6 +105,12 @@ def main() -> None:
                 with z.open(name) as src, open(os.path.join(staged, os.path.basename(name)), "wb") as dst:
                     shutil.copyfileobj(src, dst)
             data = bytearray(z.read(MAIN))
+            fa3 = os.path.join(staged, os.path.basename(FA3) + ".xz")
+            fa3_hash = hashlib.sha256()
+            with z.open(FA3) as src, lzma.open(fa3, "wb", preset=6) as dst:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    fa3_hash.update(block)
+                    dst.write(block)
         zeroed = prune_fatbin(data, KEEP_SM)
         packed = os.path.join(staged, os.path.basename(MAIN) + ".xz")
         with lzma.open(packed, "wb", preset=6) as dst:
@@ -109,9 +121,12 @@ def main() -> None:
                 f.write(f"{os.path.basename(name)} sha256 {sha256(os.path.join(staged, os.path.basename(name)))}\n")
             f.write(f"{os.path.basename(MAIN)}: GPU code of compute capabilities other than {KEEP_SM // 10}.{KEEP_SM % 10} "
                     f"zeroed ({zeroed} bytes), xz-compressed: {os.path.basename(packed)} sha256 {sha256(packed)}\n")
+            f.write(f"{os.path.basename(FA3)} ({FA3[len('vllm/'):]} in the wheel) sha256 {fa3_hash.hexdigest()}, "
+                    f"xz-compressed: {os.path.basename(fa3)} sha256 {sha256(fa3)}\n")
         shutil.rmtree(OUT, ignore_errors=True)
         shutil.move(staged, OUT)
-    print(f"vLLM {VERSION} FlashMLA kernels and {os.path.basename(MAIN)} (compute capability {KEEP_SM // 10}.{KEEP_SM % 10}) -> {OUT}")
+    print(f"vLLM {VERSION} FlashMLA kernels, {os.path.basename(MAIN)} (compute capability {KEEP_SM // 10}.{KEEP_SM % 10}) "
+          f"and {os.path.basename(FA3)} -> {OUT}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ fast-forward and still equal step-by-step simulation exactly.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -199,7 +199,10 @@ class CostModel:
         self.cal = calibration if isinstance(calibration, Calibration) else find_calibration(hardware, calibration)
         self.execution = execution
         self.allreduce = execution.allreduce if execution is not None else None
-        self.weight_kernel = weight_kernel(model, hardware)
+        k_ = weight_kernel(model, hardware)
+        if k_.curve not in self.cal.ops and k_.fallback_curve in self.cal.ops:  # e.g. Machete unmeasured here
+            k_ = replace(k_, curve=k_.fallback_curve, note=f"{k_.note}; {k_.fallback_note}")
+        self.weight_kernel = k_
         self.notes: tuple[str, ...] = ()  # how weights and experts are priced (labels priors), set by _build_gemms
         self._gemms = self._build_gemms()
         if gathers_tokens(model, parallel):

@@ -123,6 +123,9 @@ class WeightQuantSpec:
     # FP8 with 128x128 weight blocks and 1x128 activation groups (DeepSeek-V3, Qwen3-FP8), not per-tensor scales:
     # vLLM's fused-MoE kernel applies the scales at every K step (its routed experts price on their own curve)
     block_scaled: bool = False
+    # the checkpoint's quantization_config.quant_method ("" for a ``weights:`` choice): which of
+    # vLLM's kernels its 4-bit weights run in (kvsim.spec.quant.weight_kernel)
+    method: str = ""
     # the checkpoint carries a quantization_config (vLLM's ModelConfig.is_quantized), as opposed to
     # a bf16 checkpoint quantized when it loads (a ``weights:`` choice)
     from_checkpoint: bool = True
@@ -230,6 +233,7 @@ class _WeightQuant(_Strict):
     weight_only: bool = False
     needs_native_fp8: bool = False
     block_scaled: bool = False
+    method: Literal["", "fp8", "modelopt", "compressed-tensors", "awq", "gptq", "bitsandbytes", "mxfp4"] = ""
     source: str
 
 

@@ -73,7 +73,11 @@ GemmPath = Literal["bf16", "fp8", "int8", "w8a16", "w4a16"]
 # tensor or per 128x128 block: validation/kernels/fused_moe.py measures both).
 # W4A16 GEMMs (Marlin: validation/gemm.py --part marlin; kvsim/calibrate.py fits it)
 W4A16_CURVE = "gemm.w4a16"
-GEMM_PATH_CURVES = ("gemm.fp8", "gemm.int8", "gemm.w8a16", W4A16_CURVE)
+# vLLM's Machete (CUTLASS mixed-input GEMM), its W4A16 kernel for GPTQ and compressed-tensors 4-bit checkpoints
+# on compute capability 9.0 (kernels/linear/__init__.py _POSSIBLE_KERNELS: MacheteLinearKernel precedes Marlin;
+# CutlassW4A8 before it needs 8-bit activations): its own curve (validation/vllm_gemm.py)
+MACHETE_CURVE = W4A16_CURVE + ".machete"
+GEMM_PATH_CURVES = ("gemm.fp8", "gemm.int8", "gemm.w8a16", W4A16_CURVE, MACHETE_CURVE)
 # Block-FP8 checkpoints (DeepSeek-V3, Qwen3-FP8, MiniMax-M2.5: weight_block_size [128, 128]) scale their
 # activations per 1 x 128 group along K, the weight block's width (vLLM per_token_group_quant_fp8)
 FP8_ACTIVATION_GROUP = 128
@@ -105,6 +109,10 @@ class WeightKernel:
     # the experts' kernel gathers the token rows, applies the activation and sums each token's top-k
     # outputs inside its GEMMs (OpenAI's matmul_ogs), so none of those is a kernel of its own
     experts_fused: bool = False
+    # where a profile lacks ``curve``: a measured curve of a kernel of the same kind that prices it instead,
+    # and the words that say so ("": the bf16 GEMM curve, labelled a prior, kvsim/cost/model.py)
+    fallback_curve: str = ""
+    fallback_note: str = ""
 
 
 def expert_width_align(model: ModelSpec, hw: HardwareSpec) -> int:
@@ -158,11 +166,24 @@ def weight_kernel(model: ModelSpec, hw: HardwareSpec, file: str | None = None) -
     elif p in ("mxfp4", "nvfp4"):
         note = (f"{hw.display_name} has no FP4 tensor cores: vLLM dequantizes {p.upper()} weights in a W4A16 kernel "
                 "(Marlin, quantization/utils/marlin_utils_fp4.py)")
+    elif p == "int4" and hw.family == "hopper" and wq.method not in ("awq", "bitsandbytes"):  # every Hopper: 9.0
+        # vLLM 0.12 quantization/kernels/mixed_precision/__init__.py and 0.24 kernels/linear/__init__.py
+        # (choose_mp_linear_kernel; machete.py: compute capability 9.0 only, group sizes -1 and 128)
+        return WeightKernel("w4a16", "bf16", True, MACHETE_CURVE,
+                            "W4A16: GPTQ / compressed-tensors 4-bit weights in vLLM's Machete (CUTLASS, compute "
+                            "capability 9.0; it precedes Marlin in vLLM's kernel choice)",
+                            fallback_curve=W4A16_CURVE,
+                            fallback_note="Machete is unmeasured in this profile: priced on Marlin's measured curve "
+                                          "(on an H100 Machete takes 1.2-1.3x Marlin's time at 1-16 rows and about "
+                                          "half of it from 512 rows on, run h100-call26)")
     else:
         note = "W4A16: 4-bit weights dequantized to bf16 in the GEMM (Marlin)"
-        if hw.family == "hopper":  # vLLM 0.12 quantization/kernels/mixed_precision/__init__.py, machete.py
-            note += ("; on Hopper vLLM runs GPTQ and compressed-tensors checkpoints in Machete (CUTLASS; it precedes "
-                     "Marlin in vLLM's kernel choice) and AWQ ones in Marlin: both priced on Marlin's curve")
+        if hw.family == "hopper" and wq.method == "awq":  # vLLM <= 0.12 quantization/awq_marlin.py
+            note += ("; vLLM up to 0.12 runs AWQ checkpoints in Marlin (awq_marlin.py apply_awq_marlin_linear), "
+                     "where 0.24 routes them through its kernel choice, i.e. Machete on Hopper (auto_awq.py), which "
+                     "kvsim does not model")
+        if wq.method == "bitsandbytes":
+            note += "; bitsandbytes runs its own kernels, not Marlin: priced on Marlin's curve, not measured"
     return WeightKernel("w4a16", "bf16", True, W4A16_CURVE, note)
 
 
@@ -193,7 +214,7 @@ def quant_from_hf(full: dict, file: str) -> dict | None:
              needs_native_fp8: bool = False, block_scaled: bool = False) -> dict:
         return {"modules": modules, "bits_per_weight": float(bits), "precision": precision,
                 "weight_only": weight_only, "needs_native_fp8": needs_native_fp8,
-                **({"block_scaled": True} if block_scaled else {}), "source": source}
+                **({"block_scaled": True} if block_scaled else {}), "method": method, "source": source}
 
     if method == "mxfp4":  # gpt-oss: MoE experts only (vLLM quantization/mxfp4.py)
         return spec("mxfp4", MXFP4_BITS, "quantization_config mxfp4 (OCP Microscaling v1.0)", modules="experts")
@@ -251,7 +272,7 @@ def _compressed_tensors(q: dict, file: str) -> dict:
     size = w.get("group_size") if strategy == "group" else None
     modules = "mlp" if _ignored_attention(q.get("ignore")) else "linear"
     where = f"quantization_config compressed-tensors {kind}{bits} {strategy}"
-    base = {"modules": modules, "needs_native_fp8": False, "source": where}
+    base = {"modules": modules, "needs_native_fp8": False, "method": "compressed-tensors", "source": where}
     if kind == "float" and bits == 8:
         block = w.get("block_structure") if strategy == "block" else None
         extra = 32 / (block[0] * block[1]) if block else 0.0
