@@ -246,8 +246,8 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
     prefill = by_kernel.pop("vllm_fa3", []) or by_kernel.pop("sdpa", [])
     prefill_reference = by_kernel.pop("sdpa", [])
     if by_kernel:
-        raise KvsimError(f"attention_prefill.csv: unknown methods {', '.join(sorted(by_kernel))} (known: sdpa, "
-                         "vllm_fa3)", field="method", value=sorted(by_kernel), file=str(folder / "attention_prefill.csv"))
+        raise KvsimError(f"unknown methods {', '.join(sorted(by_kernel))} (known: sdpa, vllm_fa3)", field="method",
+                         value=sorted(by_kernel), file=str(folder / "attention_prefill.csv"))
     used["attention_prefill.csv"] = len(prefill)
     if prefill_reference:
         used["attention_prefill.csv (sdpa, reference engine)"] = len(prefill_reference)
@@ -262,6 +262,9 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
     used["elementwise.csv (fastest kernel per shape)"] = len(elementwise)
 
     ops = {"gemm": _fit_table(gemm, 0.8), "attention_decode": _fit_table(decode.pop("dense", []), 0.8),
+           # the dense stand-in, where vLLM's FlashAttention 3 decode was measured (_decode_samples)
+           **({"attention_decode" + REFERENCE_SUFFIX: _fit_table(decode.pop("dense" + REFERENCE_SUFFIX), 0.8)}
+              if "dense" + REFERENCE_SUFFIX in decode else {}),
            "attention_prefill": _fit(prefill, 0.6), "elementwise": _fit(elementwise, 0.7)}
     if prefill_reference:
         ops["attention_prefill" + REFERENCE_SUFFIX] = _fit(prefill_reference, 0.6)

@@ -26,8 +26,10 @@ NOT_A_PATH = ("sdpa_gqa", "sdpa_fold")
 # vLLM's own decode kernels, measured from its wheel (validation/flashmla.py: FlashMLA, vLLM 0.24.0). Where
 # a run measured one, ``kvsim calibrate`` fits its kernel family's curve from it (what vLLM runs) and keeps
 # kvsim's stand-in kernel of the family (what the reference engine runs) apart (REFERENCE_SUFFIX).
-VLLM_DECODE_KERNELS = ("vllm_flashmla", "vllm_flashmla_fp8")
-MLA_KERNELS = ("triton_mla_absorbed", "triton_mtla_absorbed", *VLLM_DECODE_KERNELS)
+# vLLM's own decode kernels on Hopper: FlashMLA (validation/flashmla.py) and, for dense attention,
+# FlashAttention 3 (validation/vllm_decode.py)
+VLLM_DECODE_KERNELS = ("vllm_flashmla", "vllm_flashmla_fp8", "vllm_fa3", "vllm_fa3_fp8")
+MLA_KERNELS = ("triton_mla_absorbed", "triton_mtla_absorbed", "vllm_flashmla", "vllm_flashmla_fp8")
 # Which measured rows a fit may read: (file name, CSV row) -> keep it. kvsim.lomo leaves out one
 # model's shapes with it; every row is kept otherwise.
 RowFilter = Callable[[str, dict], bool]

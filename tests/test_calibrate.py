@@ -356,3 +356,63 @@ def test_a_twin_gpu_borrows_vllms_own_decode_kernel_and_keeps_its_stand_in(monke
     # vLLM's FP8-cache FlashMLA, which the H200 never measured, comes with it
     assert got.ops["attention_decode.mla.k8v8"] == donor.ops["attention_decode.mla.k8v8"]
     assert "h100-sxm" in got.derived["attention_decode.mla.k8v8"]
+
+
+def test_vllm_fa3_decode_rows_price_dense_and_fp8_attention_and_the_stand_ins_stay_for_the_reference_engine(
+        tmp_path) -> None:
+    """vLLM's FlashAttention 3 decode rows (validation/vllm_decode.py: methods vllm_fa3 and vllm_fa3_fp8, runs
+    h100-call28 and h100-call29) are what the H100 profile prices dense and FP8-cache decode attention on;
+    kvsim's Triton kernels (triton_bf16, triton_fp8), which the reference engine runs, are kept as
+    attention_decode.reference and attention_decode.fp8.reference, and fitted without the FA3 rows the profile
+    is the stand-ins' again. The notes of a dense model say nothing of a stand-in."""
+    import numpy as np
+
+    from kvsim.cost.model import Batch, CostModel
+    from kvsim.kv import layout_for
+    from kvsim.spec.model import load_model
+
+    committed = yaml.safe_load((MEASURED / "calibration_reference.yaml").read_text())
+    ops = committed["ops"]
+    assert {"attention_decode.reference", "attention_decode.fp8.reference"} <= set(ops)
+    folder = tmp_path / "h100-sxm"
+    shutil.copytree(MEASURED, folder)
+    path = folder / "attention_decode.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(x for x in lines if not x.startswith(("vllm_fa3,", "vllm_fa3_fp8,"))))
+    calibrate("h100-sxm", tmp_path)
+    fresh = yaml.safe_load((folder / "calibration_reference.yaml").read_text())["ops"]
+    assert "attention_decode.reference" not in fresh and "attention_decode.fp8.reference" not in fresh
+    assert fresh["attention_decode"] == ops["attention_decode.reference"]
+    assert fresh["attention_decode.fp8"] == ops["attention_decode.fp8.reference"]
+    hw = load_hardware("h100-sxm")
+    cal = calibration_from_dict(committed, hw, str(MEASURED / "calibration_reference.yaml"))
+    model = load_model("llama-3-8b")
+    batch = Batch(decode_context=np.full(64, 8192))
+
+    def attention(spec: str, profile) -> float:
+        step = CostModel(model, hw, layout_for(model, spec), calibration=profile).step(batch)
+        return next(o.seconds for o in step.ops if o.name == "attention.decode")
+
+    # FA3's FP8 cache reads half the bytes but takes 0.6-0.9x the bf16 time (run h100-call29), where kvsim's
+    # Triton FP8 kernel comes closer to half: the FP8 speed-up priced on vLLM's kernels is the smaller
+    vllm = attention("bf16", cal) / attention("fp8", cal)
+    stand_in = attention("bf16", cal.for_reference_engine()) / attention("fp8", cal.for_reference_engine())
+    assert 1.0 < vllm < stand_in
+    notes = CostModel(model, hw, layout_for(model, "fp8"), calibration=cal).cost_notes
+    assert not any("stand-in" in n for n in notes)
+
+
+def test_an_imported_profile_derives_vllms_fp8_kernel_against_vllms_bf16_one() -> None:
+    """The imported (database) profiles carry no KV-method kernels: each is derived from the measured H100 as
+    its efficiency relative to the bf16 kernel of its own kind, vLLM's FlashAttention 3 for vLLM's FP8 cache
+    kernel, kvsim's Triton bf16 kernel for kvsim's Triton method kernels (KIVI); no stand-in curve is derived."""
+    from kvsim.cost.calibration import is_engine_kernel
+
+    cal = find_calibration(load_hardware("h100-sxm"), "imported")
+    measured = find_calibration(load_hardware("h100-sxm"))
+    assert is_engine_kernel(measured.ops, "attention_decode.fp8")
+    assert is_engine_kernel(measured.ops, "attention_decode.mla.k8v8")
+    assert not is_engine_kernel(measured.ops, "attention_decode.kivi.k2v2")
+    assert not any(k.endswith(".reference") for k in cal.ops)
+    assert "vLLM's kernels" in cal.derived["attention_decode.fp8"]
+    assert "kvsim's Triton kernels" in cal.derived["attention_decode.kivi.k2v2"]

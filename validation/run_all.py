@@ -43,6 +43,7 @@ PARTS = {
     # vLLM's own FlashMLA decode kernels from its 0.24.0 wheel (needs validation/vendor: fetch_vllm_kernels.py)
     "flashmla": (30, ["validation/flashmla.py"]),
     "vllm_gemm": (60, ["validation/vllm_gemm.py"]),  # vLLM's CUTLASS FP8 and Machete W4A16 GEMMs (its _C library)
+    "vllm_fa3_decode": (40, ["validation/vllm_decode.py"]),  # vLLM's FlashAttention 3 decode (dense models)
     # vLLM's FlashAttention-3 prefill kernel (its _vllm_fa3_C library, paged cache), beside SDPA's prefill rows
     "vllm_fa3": (30, ["validation/vllm_prefill.py"]),
     # decode steps launched kernel by kernel beside their CUDA graph (--enforce-eager's cost; not fitted)

@@ -63,6 +63,7 @@ import bisect
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache, cached_property
 from pathlib import Path
@@ -87,6 +88,15 @@ GROUPED_MM_CURVE = "gemm_grouped.grouped_mm"
 # FlashMLA, ``attention_decode.mla.reference`` the reference engine's Triton kernel
 # (Calibration.for_reference_engine).
 REFERENCE_SUFFIX = ".reference"
+
+
+def is_engine_kernel(ops: Mapping[str, object], curve: str) -> bool:
+    """Whether decode curve ``curve`` of a profile's ``ops`` prices vLLM's own kernel: the stand-in of its
+    family was kept apart as ``*.reference`` (kvsim calibrate does so where vLLM's kernel was measured). A
+    cache-precision variant only vLLM's kernel measured (attention_decode.mla.k8v8) has no stand-in of its
+    own, so its family's curve (attention_decode.mla) decides."""
+    family = ".".join(curve.split(".", 2)[:2])
+    return any(c + REFERENCE_SUFFIX in ops for c in (curve, family))
 # fp32 GEMMs (the routers vLLM runs in fp32), at the FP32 peak: validation/gemm.py --part fp32_router
 FP32_GEMM_CURVE = "gemm.fp32"
 # Curves the cost model reads as tables over a second axis (weight bytes; query heads per KV head).
@@ -435,14 +445,19 @@ def _derived_method_curves(cal: Calibration) -> Calibration:
     if not donors:
         return cal
     donor = donors[0]
-    dense, base = cal.ops["attention_decode"], donor.ops["attention_decode"]
+    # each method kernel's efficiency relative to the bf16 kernel of its own kind: vLLM's FlashAttention 3 for
+    # vLLM's kernels (FP8 FlashAttention 3, FlashMLA), kvsim's Triton bf16 kernel (attention_decode.reference
+    # where vLLM's dense kernel was measured) for kvsim's Triton method kernels
+    dense = cal.ops["attention_decode"]
+    stand_in = donor.ops.get("attention_decode" + REFERENCE_SUFFIX, donor.ops["attention_decode"])
     xs = np.exp2(np.asarray(dense.log2_size))
     ys = np.exp2(np.asarray(dense.log2_size2)) if dense.log2_size2 else np.array([1.0])
     gx, gy = np.meshgrid(xs, ys)
     ops, derived = dict(cal.ops), dict(cal.derived)
     for key, curve in donor.ops.items():
-        if not key.startswith("attention_decode.") or key in ops:
-            continue
+        if not key.startswith("attention_decode.") or key in ops or key.endswith(REFERENCE_SUFFIX):
+            continue  # (a stand-in kept for the reference engine is no method kernel)
+        base = donor.ops["attention_decode"] if is_engine_kernel(donor.ops, key) else stand_in
         mc, mm = (np.asarray(v).reshape(gx.shape) for v in curve.eff_many(gx.ravel(), gy.ravel()))
         bc, bm = (np.asarray(v).reshape(gx.shape) for v in base.eff_many(gx.ravel(), gy.ravel()))
         ic, im = (np.asarray(v).reshape(gx.shape) for v in dense.eff_many(gx.ravel(), gy.ravel()))
@@ -452,9 +467,9 @@ def _derived_method_curves(cal: Calibration) -> Calibration:
         ops[key] = Curve(dense.log2_size, rows(comp) if dense.log2_size2 else tuple(float(v) for v in comp[0]),
                          rows(mem) if dense.log2_size2 else tuple(float(v) for v in mem[0]),
                          dense.floor_s + max(0.0, curve.floor_s - base.floor_s), dense.log2_size2)
+        kernels = "vLLM's kernels" if is_engine_kernel(donor.ops, key) else "kvsim's Triton kernels"
         derived[key] = (f"{key.split('.', 1)[1]} kernel: its efficiency relative to bf16 decode attention as "
-                        f"measured on {donor.gpu} (kvsim's Triton kernels), applied to the imported bf16 "
-                        f"decode curve")
+                        f"measured on {donor.gpu} ({kernels}), applied to the imported bf16 decode curve")
     return replace(cal, ops=MappingProxyType(ops), derived=MappingProxyType(derived))
 
 

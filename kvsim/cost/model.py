@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from kvsim.cost.calibration import FP32_GEMM_CURVE, GROUPED_MM_CURVE, REFERENCE_SUFFIX, Calibration, find_calibration
+from kvsim.cost.calibration import FP32_GEMM_CURVE, GROUPED_MM_CURVE, Calibration, find_calibration, is_engine_kernel
 from kvsim.cost.collectives import custom_one_stage
 from kvsim.cost.execution import Execution, eager_launch
 from kvsim.cost.kernels import KernelSource, decode_kernel
@@ -265,15 +265,10 @@ class CostModel:
             # vLLM's FlashMLA (validation/flashmla.py) where this profile has it, else kvsim's stand-in; either
             # way the rest of vLLM's MLA module is kvsim's own kernels (README, 'MLA decode')
             curve = self.decode_kernel.curve
-            # vLLM's kernel where the family's stand-in was kept apart (calibrate moves it to *.reference); a
-            # cache-precision variant (attention_decode.mla.k8v8) that only vLLM's kernel measured has none of
-            # its own, so the family's base curve (attention_decode.mla) decides
-            base = curve.split(".", 2)[:2]
-            own = any(c + REFERENCE_SUFFIX in self.cal.ops for c in (curve, ".".join(base)))
             notes.append(f"MLA decode attention on vLLM's FlashMLA ({curve}); the rest of vLLM's MLA module on "
                          "kvsim's kernel curves: at a few sequences vLLM's whole module, as aiconfigurator measured "
                          "it, takes longer than kvsim's parts (scripts/mla_vs_aiconfigurator.py)"
-                         if own else
+                         if is_engine_kernel(self.cal.ops, curve) else
                          f"MLA decode attention on kvsim's Triton stand-in kernel ({curve}), not vLLM's FlashMLA "
                          "(unmeasured on this GPU): against vLLM's whole MLA module as aiconfigurator measured it, "
                          "kvsim's is too fast at a few sequences, and too slow at many long ones with many heads "
