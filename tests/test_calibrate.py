@@ -356,6 +356,13 @@ def test_a_twin_gpu_borrows_vllms_own_decode_kernel_and_keeps_its_stand_in(monke
     # vLLM's FP8-cache FlashMLA, which the H200 never measured, comes with it
     assert got.ops["attention_decode.mla.k8v8"] == donor.ops["attention_decode.mla.k8v8"]
     assert "h100-sxm" in got.derived["attention_decode.mla.k8v8"]
+    # vLLM's FlashAttention 3 (dense and FP8 cache, prefill) likewise, each over the H200's own stand-in; the
+    # H100's Triton method kernels the H200 lacks are no variants of the dense family and stay the H200's
+    # business (priced by kvsim.cost.kernels' rules, not borrowed as vLLM's kernel)
+    for key in ("attention_decode", "attention_decode.fp8", "attention_prefill"):
+        assert got.ops[key] == donor.ops[key] and "h100-sxm" in got.derived[key]
+        assert got.ops[key + ".reference"] == own.ops[key]
+    assert not [k for k in got.derived if k.split(".")[1:2] in (["kivi"], ["intkv"], ["asymkv"], ["packkv"])]
 
 
 def test_vllm_fa3_decode_rows_price_dense_and_fp8_attention_and_the_stand_ins_stay_for_the_reference_engine(

@@ -518,15 +518,17 @@ def _compute_twin_curves(cal: Calibration, hw: HardwareSpec) -> Calibration:
                               f"far below HBM bandwidth)")
             break
     for name, donor in twins:  # the first twin that measured vLLM's kernel of a family gives it
-        for ref in (k for k in donor.ops if k.endswith(REFERENCE_SUFFIX) and k not in ops):
+        for ref in [k for k in donor.ops if k.endswith(REFERENCE_SUFFIX) and k not in ops]:
             key = ref.removesuffix(REFERENCE_SUFFIX)
             if key in derived:
                 continue
             if key in ops:
                 ops[ref] = ops[key]
             # the family's curve and its cache-precision variants (attention_decode.mla.k8v8: FlashMLA with an
-            # FP8 cache), which only vLLM's kernel measured: this GPU has none of its own
-            for k in (key, *(v for v in donor.ops if v.startswith(key + ".") and v != ref and v not in ops)):
+            # FP8 cache), which only vLLM's kernel measured: this GPU has none of its own. Only the family's
+            # own widths: attention_decode's other families (fp8, kivi, mla) are not its variants
+            variant = re.compile(re.escape(key) + r"\.k[\d.]+v[\d.]+")
+            for k in (key, *(v for v in donor.ops if variant.fullmatch(v) and v not in ops)):
                 ops[k] = donor.ops[k]
                 derived[k] = (f"vLLM's own kernel as measured on {name} (same family, SM count and bf16 peak), at "
                               f"its efficiencies against this GPU's ceilings")
