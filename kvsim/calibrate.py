@@ -250,7 +250,7 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
                          value=sorted(by_kernel), file=str(folder / "attention_prefill.csv"))
     used["attention_prefill.csv"] = len(prefill)
     if prefill_reference:
-        used["attention_prefill.csv (sdpa, reference engine)"] = len(prefill_reference)
+        used["attention_prefill.csv (sdpa, the stand-in)"] = len(prefill_reference)
 
     ew_best: dict[tuple, tuple[float, float]] = {}
     for r in rows("elementwise.csv"):
