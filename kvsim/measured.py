@@ -23,11 +23,10 @@ from kvsim.spec.model import ModelSpec, model_from_dict
 
 # Decode rows that are tuning probes or alternative baselines, not a method's production kernel.
 NOT_A_PATH = ("sdpa_gqa", "sdpa_fold")
-# vLLM's own decode kernels, measured from its wheel (validation/flashmla.py: FlashMLA, vLLM 0.24.0). Where
-# a run measured one, ``kvsim calibrate`` fits its kernel family's curve from it (what vLLM runs) and keeps
-# kvsim's stand-in kernel of the family (what the reference engine runs) apart (REFERENCE_SUFFIX).
-# vLLM's own decode kernels on Hopper: FlashMLA (validation/flashmla.py) and, for dense attention,
-# FlashAttention 3 (validation/vllm_decode.py)
+# vLLM's own decode kernels, measured from its 0.24.0 wheel: FlashMLA (validation/flashmla.py) and, for dense
+# attention with a bf16 or FP8 cache, FlashAttention 3 (validation/vllm_decode.py). Where a run measured one,
+# ``kvsim calibrate`` fits its kernel family's curve from it (what vLLM runs) and keeps kvsim's stand-in
+# kernel of the family (what the reference engine runs) apart (REFERENCE_SUFFIX).
 VLLM_DECODE_KERNELS = ("vllm_flashmla", "vllm_flashmla_fp8", "vllm_fa3", "vllm_fa3_fp8")
 MLA_KERNELS = ("triton_mla_absorbed", "triton_mtla_absorbed", "vllm_flashmla", "vllm_flashmla_fp8")
 # Which measured rows a fit may read: (file name, CSV row) -> keep it. kvsim.lomo leaves out one

@@ -237,6 +237,9 @@ def test_marlin_rows_are_the_w4a16_curve_and_lift_the_prior_label(tmp_path) -> N
     prior = CostModel(model, hw, layout_for(model, "bf16"),
                       calibration=calibration_from_dict(without, hw, str(folder / "calibration_reference.yaml")))
     assert measured.weight_kernel.curve == "gemm.w4a16"
+    # served at its own precision, an AWQ checkpoint keeps its method (and kernel)
+    again = with_weights(model, "int4")
+    assert again.weight_quant is not None and again.weight_quant.method == "awq"
     assert not any(n.startswith("PRIOR") for n in measured.notes)
     assert any(n.startswith("PRIOR") and "gemm.w4a16" in n for n in prior.notes)
     assert any("AWQ checkpoints in Marlin" in n for n in measured.notes)

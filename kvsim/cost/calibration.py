@@ -86,8 +86,15 @@ GROUPED_MM_CURVE = "gemm_grouped.grouped_mm"
 # A decode-attention curve fitted from kvsim's stand-in kernel where the profile also measured vLLM's own
 # kernel of the family (kvsim.measured.VLLM_DECODE_KERNELS): ``attention_decode.mla`` prices vLLM's
 # FlashMLA, ``attention_decode.mla.reference`` the reference engine's Triton kernel
-# (Calibration.for_reference_engine).
+# (Calibration.for_reference_engine); likewise FlashAttention 3 for ``attention_decode``,
+# ``attention_decode.fp8`` and ``attention_prefill``.
 REFERENCE_SUFFIX = ".reference"
+# fp32 GEMMs (the routers vLLM runs in fp32), at the FP32 peak: validation/gemm.py --part fp32_router
+FP32_GEMM_CURVE = "gemm.fp32"
+# Curves the cost model reads as tables over a second axis (weight bytes; query heads per KV head).
+TABLE_OPS = ("gemm", "attention_decode")
+# A profile may calibrate each decode-attention kernel separately, keyed by the method that decides it
+# (kvsim.cost.model.decode_family): ``attention_decode.<method name>`` or ``attention_decode.mla``.
 
 
 def is_engine_kernel(ops: Mapping[str, object], curve: str) -> bool:
@@ -97,12 +104,6 @@ def is_engine_kernel(ops: Mapping[str, object], curve: str) -> bool:
     own, so its family's curve (attention_decode.mla) decides."""
     family = ".".join(curve.split(".", 2)[:2])
     return any(c + REFERENCE_SUFFIX in ops for c in (curve, family))
-# fp32 GEMMs (the routers vLLM runs in fp32), at the FP32 peak: validation/gemm.py --part fp32_router
-FP32_GEMM_CURVE = "gemm.fp32"
-# Curves the cost model reads as tables over a second axis (weight bytes; query heads per KV head).
-TABLE_OPS = ("gemm", "attention_decode")
-# A profile may calibrate each decode-attention kernel separately, keyed by the method that decides it
-# (kvsim.cost.model.decode_family): ``attention_decode.<method name>`` or ``attention_decode.mla``.
 
 
 @dataclass(frozen=True)

@@ -61,10 +61,12 @@ def with_weights(model: ModelSpec, weights: str, file: str | None = None) -> Mod
     # a quantized checkpoint stays one in vLLM's eyes whatever precision it is served at
     checkpoint = model.weight_quant is not None and model.weight_quant.from_checkpoint
     # the checkpoint's own scales where it already holds this precision (a block-FP8 release stays one)
-    blocks = checkpoint and model.weight_quant is not None and model.weight_quant.precision == precision \
-        and model.weight_quant.block_scaled
+    same = checkpoint and model.weight_quant is not None and model.weight_quant.precision == precision
+    blocks = same and model.weight_quant is not None and model.weight_quant.block_scaled
+    # ... and its own method (an AWQ checkpoint served as int4 stays on AWQ's kernel)
+    method = model.weight_quant.method if same and model.weight_quant is not None else ""
     return replace(model, weight_quant=WeightQuantSpec(c.modules, c.bits, precision, c.weight_only,
-                                                       block_scaled=blocks, from_checkpoint=checkpoint))
+                                                       block_scaled=blocks, method=method, from_checkpoint=checkpoint))
 
 
 GemmPath = Literal["bf16", "fp8", "int8", "w8a16", "w4a16"]
