@@ -230,7 +230,7 @@ def test_marlin_rows_are_the_w4a16_curve_and_lift_the_prior_label(tmp_path) -> N
     # an AWQ checkpoint: vLLM <= 0.12 runs it in Marlin on Hopper too (GPTQ runs in Machete, below)
     gptq = with_weights(load_model("llama-3-8b"), "int4")
     assert gptq.weight_quant is not None
-    model = replace(gptq, weight_quant=replace(gptq.weight_quant, method="awq"))
+    model = replace(gptq, weight_quant=replace(gptq.weight_quant, method="awq", from_checkpoint=True))
     batch = Batch(decode_context=np.full(8, 1024))
     measured = CostModel(model, hw, layout_for(model, "bf16"),
                          calibration=calibration_from_dict(committed, hw, str(MEASURED / "calibration_reference.yaml")))
