@@ -36,7 +36,9 @@ KNOWN = {
     "kivi-batch": (928 / 233, EXACT),  # largest batch of 499-token sequences: KIVI-2 R=32 vs fp16
     "kivi-throughput": (1.002, PRICED),
     "deepseek-kv": (100.0 * (1.0 - 25_920 / 389_120), EXACT),  # 60 x 576 x 6/8 B vs 95 x 2 x 8 x 128 x 2 B
-    "deepseek-throughput": (2.028, PRICED),  # 1.896 until decode priced one rank's 16 heads, not 128
+    # 2.028 until vLLM's CUTLASS FP8 GEMM priced DeepSeek-V2's FP8 weights (run h100-call26, 2026-12-07);
+    # 1.896 until decode priced one rank's 16 heads, not 128
+    "deepseek-throughput": (1.897, PRICED),
     "cla-capacity": (887_216 / 443_600, EXACT),  # KV tokens with and without CLA (bytes per token halve)
     "shadowkv-batch": (31 / 7, EXACT),  # host-bound: 125 GB per GPU / (60,128 x 64 KiB of values)
     "shadowkv-throughput": (2.729, PRICED),
