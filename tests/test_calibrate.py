@@ -205,6 +205,17 @@ def test_only_gemm_and_decode_curves_may_be_tables() -> None:
         calibration_from_dict({"ops": {**ops, "elementwise": table}}, hw, "p.yaml")
 
 
+def _refit_without(tmp_path, csv_name: str, prefixes: tuple[str, ...]) -> dict:
+    """The H100 profile kvsim calibrate fits from a copy of its results without the ``csv_name`` rows that
+    start with any of ``prefixes`` (a method or dtype column first)."""
+    folder = tmp_path / "h100-sxm"
+    shutil.copytree(MEASURED, folder)
+    lines = (folder / csv_name).read_text().splitlines(keepends=True)
+    (folder / csv_name).write_text("".join(x for x in lines if not x.startswith(prefixes)))
+    calibrate("h100-sxm", tmp_path)
+    return yaml.safe_load((folder / "calibration_reference.yaml").read_text())
+
+
 def test_marlin_rows_are_the_w4a16_curve_and_lift_the_prior_label(tmp_path) -> None:
     """The H100's Marlin rows (validation/gemm.py --part marlin, dtype w4a16_marlin; run h100-call20, and
     h100-call21 for the four down projections call20 skipped) are what kvsim calibrate fits as gemm.w4a16,
@@ -219,12 +230,7 @@ def test_marlin_rows_are_the_w4a16_curve_and_lift_the_prior_label(tmp_path) -> N
 
     committed = yaml.safe_load((MEASURED / "calibration_reference.yaml").read_text())
     assert "gemm.w4a16" in committed["ops"] and committed["fit"]["rows_used"]["gemm.csv (w4a16)"] == 299 + 52
-    folder = tmp_path / "h100-sxm"
-    shutil.copytree(MEASURED, folder)
-    lines = (folder / "gemm.csv").read_text().splitlines(keepends=True)
-    (folder / "gemm.csv").write_text("".join(x for x in lines if not x.startswith("w4a16_marlin,")))
-    calibrate("h100-sxm", tmp_path)
-    without = yaml.safe_load((folder / "calibration_reference.yaml").read_text())
+    without = _refit_without(tmp_path, "gemm.csv", ("w4a16_marlin,",))
     assert "gemm.w4a16" not in without["ops"] and without["ops"]["gemm"] == committed["ops"]["gemm"]
     hw = load_hardware("h100-sxm")
     # an AWQ checkpoint: vLLM <= 0.12 runs it in Marlin on Hopper too (GPTQ runs in Machete, below)
@@ -235,7 +241,7 @@ def test_marlin_rows_are_the_w4a16_curve_and_lift_the_prior_label(tmp_path) -> N
     measured = CostModel(model, hw, layout_for(model, "bf16"),
                          calibration=calibration_from_dict(committed, hw, str(MEASURED / "calibration_reference.yaml")))
     prior = CostModel(model, hw, layout_for(model, "bf16"),
-                      calibration=calibration_from_dict(without, hw, str(folder / "calibration_reference.yaml")))
+                      calibration=calibration_from_dict(without, hw, "without.yaml"))
     assert measured.weight_kernel.curve == "gemm.w4a16"
     # served at its own precision, an AWQ checkpoint keeps its method (and kernel)
     again = with_weights(model, "int4")
@@ -260,19 +266,14 @@ def test_machete_rows_price_gptq_on_hopper_and_marlin_stands_in_where_they_are_m
 
     committed = yaml.safe_load((MEASURED / "calibration_reference.yaml").read_text())
     assert committed["fit"]["rows_used"]["gemm.csv (w4a16.machete)"] == 756
-    folder = tmp_path / "h100-sxm"
-    shutil.copytree(MEASURED, folder)
-    lines = (folder / "gemm.csv").read_text().splitlines(keepends=True)
-    (folder / "gemm.csv").write_text("".join(x for x in lines if not x.startswith("w4a16_machete,")))
-    calibrate("h100-sxm", tmp_path)
-    without = yaml.safe_load((folder / "calibration_reference.yaml").read_text())
+    without = _refit_without(tmp_path, "gemm.csv", ("w4a16_machete,",))
     assert "gemm.w4a16.machete" not in without["ops"] and without["ops"]["gemm.w4a16"] == committed["ops"]["gemm.w4a16"]
     hw = load_hardware("h100-sxm")
     model = with_weights(load_model("llama-3-8b"), "int4")
     measured = CostModel(model, hw, layout_for(model, "bf16"),
                          calibration=calibration_from_dict(committed, hw, str(MEASURED / "calibration_reference.yaml")))
     fallback = CostModel(model, hw, layout_for(model, "bf16"),
-                         calibration=calibration_from_dict(without, hw, str(folder / "calibration_reference.yaml")))
+                         calibration=calibration_from_dict(without, hw, "without.yaml"))
     assert measured.weight_kernel.curve == "gemm.w4a16.machete" and fallback.weight_kernel.curve == "gemm.w4a16"
     assert not any(n.startswith("PRIOR") for n in (*measured.notes, *fallback.notes))
     assert any("Machete is unmeasured in this profile" in n for n in fallback.notes)
@@ -384,13 +385,7 @@ def test_vllm_fa3_decode_rows_price_dense_and_fp8_attention_and_the_stand_ins_st
     committed = yaml.safe_load((MEASURED / "calibration_reference.yaml").read_text())
     ops = committed["ops"]
     assert {"attention_decode.reference", "attention_decode.fp8.reference"} <= set(ops)
-    folder = tmp_path / "h100-sxm"
-    shutil.copytree(MEASURED, folder)
-    path = folder / "attention_decode.csv"
-    lines = path.read_text().splitlines(keepends=True)
-    path.write_text("".join(x for x in lines if not x.startswith(("vllm_fa3,", "vllm_fa3_fp8,"))))
-    calibrate("h100-sxm", tmp_path)
-    fresh = yaml.safe_load((folder / "calibration_reference.yaml").read_text())["ops"]
+    fresh = _refit_without(tmp_path, "attention_decode.csv", ("vllm_fa3,", "vllm_fa3_fp8,"))["ops"]
     assert "attention_decode.reference" not in fresh and "attention_decode.fp8.reference" not in fresh
     assert fresh["attention_decode"] == ops["attention_decode.reference"]
     assert fresh["attention_decode.fp8"] == ops["attention_decode.fp8.reference"]

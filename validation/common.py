@@ -205,3 +205,31 @@ def load_ceilings(out_dir: str) -> dict:
         with open(p) as f:
             return json.load(f)
     return {}
+
+
+VENDOR_VLLM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vendor", "vllm")
+
+
+def load_vllm_library(packed: str, namespace: str, ops: tuple[str, ...], tag: str):
+    """Unpack one of vLLM's compiled libraries that validation/fetch_vllm_kernels.py wrote xz-compressed into
+    validation/vendor/vllm/ (``packed``: its file name there) to a temporary folder and load it with
+    torch.ops.load_library; log its source and the schemas of ``ops``; return ``torch.ops.<namespace>``."""
+    import lzma
+    import shutil
+    import tempfile
+
+    import torch
+
+    path = os.path.join(VENDOR_VLLM, packed)
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: missing; run python3 validation/fetch_vllm_kernels.py and carry validation/vendor")
+    unpacked = os.path.join(tempfile.mkdtemp(prefix="vllm_lib_"), packed.removesuffix(".xz"))
+    with lzma.open(path) as src, open(unpacked, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    torch.ops.load_library(unpacked)
+    with open(os.path.join(VENDOR_VLLM, "SOURCE")) as f:
+        log(f"{tag}: " + f.read().strip().replace("\n", "; "))
+    library = getattr(torch.ops, namespace)
+    for name in ops:
+        log(f"{tag}: {getattr(library, name).default._schema}")
+    return library

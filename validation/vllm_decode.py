@@ -28,10 +28,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-from validation.common import Budget, CsvOut, bench, guarded, log, params_str, part_args, rel_error  # noqa: E402
+from validation.common import Budget, bench, guarded, log, params_str, part_args, rel_error  # noqa: E402
 from validation.kernels.bench_common import MAX_BYTES  # noqa: E402
 from validation.kernels.engine_ops import FP8_MAX  # noqa: E402
-from validation.vllm_prefill import BLOCK, GRAPH_TOKENS, SPLITS_FOR_GRAPH, load_ops  # noqa: E402
+from validation.vllm_prefill import BLOCK, GRAPH_TOKENS, SPLITS_FOR_GRAPH, start  # noqa: E402
 
 HEADS = [(32, 8, 128), (64, 8, 128), (28, 4, 128), (32, 32, 128), (8, 1, 256), (71, 1, 64)]
 BATCHES = [1, 16, 256, 4, 64]  # in the order they are run: a short budget still spans small and large
@@ -127,11 +127,7 @@ def main():
     args = ap.parse_args()
     kv_dtypes = [{"bf16": False, "fp8": True}[k] for k in args.kv.split(",")]
     budget = Budget(args.budget_s)
-    if torch.cuda.get_device_capability()[0] != 9:
-        raise SystemExit(f"vllm_fa3_decode: FA3 runs on compute capability 9.x only, not {torch.cuda.get_device_name()}")
-    ops = load_ops()
-    csv = CsvOut(os.path.join(args.out, "attention_decode.csv"), COLUMNS)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    ops, csv, gen = start(args.out, "attention_decode.csv", COLUMNS, "vllm_fa3_decode")
     heads = HEADS[:1] if args.quick else HEADS
     batches = [1, 16] if args.quick else BATCHES
     contexts = [2048] if args.quick else CONTEXTS

@@ -24,20 +24,15 @@ which this part unpacks to a temporary folder and loads with torch.ops.load_libr
 """
 from __future__ import annotations
 
-import lzma
 import os
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-from validation.common import Budget, CsvOut, bench, guarded, log, part_args  # noqa: E402
+from validation.common import Budget, CsvOut, bench, guarded, load_vllm_library, log, part_args  # noqa: E402
 from validation.gemm import LOGGED_MS, MS_FULL, MS_QUICK, SHAPES, log_gemm, weight_copies  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PACKED = os.path.join(HERE, "vendor", "vllm", "_C_stable_libtorch.abi3.so.xz")
 GROUP = 128  # GPTQ's usual group size, one of Machete's (query_machete_supported_group_sizes)
 # vllm/scalar_type.py ScalarType.uint(4, 8).id: exponent 0 (8 bits), mantissa 4 (8), unsigned (1), bias 8
 # (32), finite_values_only False (1), nan_repr IEEE_754 = 1 (8), packed from the low bits in that order
@@ -47,19 +42,9 @@ COLUMNS = ["dtype", "m", "n", "k", "time_s", "flops", "bytes", "layer"]
 
 
 def load_ops():
-    """Unpack and load vLLM's _C library; the ops this part calls, their schemas logged."""
-    if not os.path.isfile(PACKED):
-        raise SystemExit(f"{PACKED}: missing; run python3 validation/fetch_vllm_kernels.py and carry validation/vendor")
-    folder = tempfile.mkdtemp(prefix="vllm_C_")
-    path = os.path.join(folder, "_C_stable_libtorch.abi3.so")
-    with lzma.open(PACKED) as src, open(path, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    torch.ops.load_library(path)
-    with open(os.path.join(os.path.dirname(PACKED), "SOURCE")) as f:
-        log("vllm_gemm: " + f.read().strip().replace("\n", "; "))
-    for name in ("cutlass_scaled_mm", "machete_prepack_B", "machete_mm"):
-        log(f"vllm_gemm: {getattr(torch.ops._C, name).default._schema}")
-    return torch.ops._C
+    """vLLM's _C library, unpacked and loaded (the ops this part calls logged)."""
+    return load_vllm_library("_C_stable_libtorch.abi3.so.xz", "_C",
+                             ("cutlass_scaled_mm", "machete_prepack_B", "machete_mm"), "vllm_gemm")
 
 
 def fp8_weights(n, k):

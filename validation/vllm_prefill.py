@@ -34,21 +34,16 @@ flushed before each call, rep_ms 50).
 """
 from __future__ import annotations
 
-import lzma
 import math
 import os
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from validation.common import Budget, CsvOut, bench, guarded, log, part_args, rel_error  # noqa: E402
+from validation.common import Budget, CsvOut, bench, guarded, load_vllm_library, log, part_args, rel_error  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PACKED = os.path.join(HERE, "vendor", "vllm", "_vllm_fa3_C.abi3.so.xz")
 # vLLM's default block size (vllm/config/cache.py CacheConfig.DEFAULT_BLOCK_SIZE 16), which the
 # FlashAttention backend keeps: it supports MultipleOf(16) (get_supported_kernel_block_sizes), so
 # AttentionBackend.get_preferred_block_size (vllm/v1/attention/backend.py) returns the default
@@ -69,19 +64,16 @@ COLUMNS = ["batch", "q_heads", "kv_heads", "head_dim", "prompt", "causal", "time
 
 
 def load_ops():
-    """Unpack and load vLLM's FA3 library; the ops this part calls, their schemas logged."""
-    if not os.path.isfile(PACKED):
-        raise SystemExit(f"{PACKED}: missing; run python3 validation/fetch_vllm_kernels.py and carry validation/vendor")
-    folder = tempfile.mkdtemp(prefix="vllm_fa3_")
-    path = os.path.join(folder, "_vllm_fa3_C.abi3.so")
-    with lzma.open(PACKED) as src, open(path, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    torch.ops.load_library(path)
-    with open(os.path.join(os.path.dirname(PACKED), "SOURCE")) as f:
-        log("vllm_fa3: " + f.read().strip().replace("\n", "; "))
-    for name in ("fwd", "get_scheduler_metadata"):
-        log(f"vllm_fa3: {getattr(torch.ops._vllm_fa3_C, name).default._schema}")
-    return torch.ops._vllm_fa3_C
+    """vLLM's FA3 library, unpacked and loaded (the ops this part calls logged)."""
+    return load_vllm_library("_vllm_fa3_C.abi3.so.xz", "_vllm_fa3_C", ("fwd", "get_scheduler_metadata"), "vllm_fa3")
+
+
+def start(out: str, csv_name: str, columns: list[str], tag: str):
+    """An FA3 part's start (this one's and validation/vllm_decode.py's): a compute capability 9.x GPU (FA3 has
+    no other), the library loaded, the CSV to append to and a seeded generator."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        raise SystemExit(f"{tag}: FA3 runs on compute capability 9.x only, not {torch.cuda.get_device_name()}")
+    return load_ops(), CsvOut(os.path.join(out, csv_name), columns), torch.Generator(device="cuda").manual_seed(0)
 
 
 def inputs(B, Hq, Hkv, D, P, gen):
@@ -223,11 +215,7 @@ def main():
     prompts = [int(p) for p in args.prompts.split(",")] if args.prompts else [1024] if args.quick else PROMPTS
     if any(p % BLOCK for p in prompts):
         ap.error(f"--prompts: multiples of {BLOCK} only (whole cache blocks)")
-    if torch.cuda.get_device_capability()[0] != 9:
-        raise SystemExit(f"vllm_fa3: FA3 runs on compute capability 9.x only, not {torch.cuda.get_device_name()}")
-    ops = load_ops()
-    csv = CsvOut(os.path.join(args.out, "attention_prefill.csv"), COLUMNS)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    ops, csv, gen = start(args.out, "attention_prefill.csv", COLUMNS, "vllm_fa3")
     heads = HEADS[:1] if args.quick else HEADS
     for P in prompts:
         for Hq, Hkv, D in heads:
