@@ -421,3 +421,32 @@ def test_an_imported_profile_derives_vllms_fp8_kernel_against_vllms_bf16_one() -
     assert not any(k.endswith(".reference") for k in cal.ops)
     assert "vLLM's kernels" in cal.derived["attention_decode.fp8"]
     assert "kvsim's Triton kernels" in cal.derived["attention_decode.kivi.k2v2"]
+
+
+def test_the_machete_fallback_note_quotes_the_measured_ratio() -> None:
+    """The note a Hopper profile without Machete rows prints (kvsim.spec.quant.weight_kernel) quotes
+    Machete's time against Marlin's on the H100 (run h100-call26): 1.2-1.3x at 1-16 rows, about half from
+    512 rows on. The quote must stay what the measured rows give (median over the shapes both kernels ran)."""
+    import csv
+    import statistics
+
+    from kvsim.spec.model import load_model
+    from kvsim.spec.quant import weight_kernel, with_weights
+
+    times: dict[str, dict[tuple[int, int, int], float]] = {"w4a16_machete": {}, "w4a16_marlin": {}}
+    with (MEASURED / "gemm.csv").open() as f:
+        for r in csv.DictReader(f):
+            if r["dtype"] in times and r["time_s"]:
+                times[r["dtype"]][(int(r["m"]), int(r["n"]), int(r["k"]))] = float(r["time_s"])
+    machete, marlin = times["w4a16_machete"], times["w4a16_marlin"]
+    by_rows: dict[int, list[float]] = {}
+    for key, t in machete.items():
+        if key in marlin:
+            by_rows.setdefault(key[0], []).append(t / marlin[key])
+    medians = {m: statistics.median(v) for m, v in by_rows.items()}
+    small = [round(medians[m], 1) for m in (1, 4, 16)]
+    large = [medians[m] for m in medians if m >= 512]
+    assert min(small) == 1.2 and max(small) == 1.3
+    assert large and all(0.45 <= r <= 0.6 for r in large)  # "about half"
+    note = weight_kernel(with_weights(load_model("llama-3-8b"), "int4"), load_hardware("h100-sxm")).fallback_note
+    assert "1.2-1.3x Marlin's time at 1-16 rows and about half of it from 512 rows on" in note
