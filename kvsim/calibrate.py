@@ -38,7 +38,7 @@ from kvsim.cost.model import CostModel, decode_family
 from kvsim.errors import KvsimError
 from kvsim.fileio import load_data_file, write_atomic
 from kvsim.spec.hardware import HardwareSpec, load_hardware
-from kvsim.spec.quant import EXPERT_GEMMS, MACHETE_CURVE, MXFP4_BITS, MXFP4_HOPPER_CURVE, W4A16_CURVE
+from kvsim.spec.quant import EXPERT_GEMMS, FP8_BLOCK_CURVE, MACHETE_CURVE, MXFP4_BITS, MXFP4_HOPPER_CURVE, W4A16_CURVE
 
 Sample = tuple[float, float, float, float]  # size, time_s, t_compute, t_memory
 MIN_EFFICIENCY = 1e-4  # a kernel whose time is all floor; keeps the curve strictly positive
@@ -186,6 +186,12 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
         "gemm.fp8": [(float(r["m"]), float(r["n"]) * float(r["k"]), float(r["time_s"]), float(r["flops"]) / fp8,
                       float(r["bytes"]) / bw)
                      for r in rows("gemm.csv") if r["dtype"] == fp8_dtype and fp8],
+        # block FP8 (validation/vllm_gemm.py: cutlass_scaled_mm with 128 x 128 weight-block and 1 x 128
+        # activation-group scales, rows padded to 4 as vLLM's padded_cutlass does) against the FP8 ceiling,
+        # weights as stored (their fp32 block scales are 1/4096 of them)
+        FP8_BLOCK_CURVE: [(float(r["m"]), float(r["n"]) * float(r["k"]), float(r["time_s"]), float(r["flops"]) / fp8,
+                           float(r["bytes"]) / bw)
+                          for r in rows("gemm.csv") if r["dtype"] == "fp8_cutlass_block" and fp8],
         # fp32 GEMMs (routers vLLM runs in fp32, validation/gemm.py --part fp32_router) against the datasheet
         # FP32 peak (no fp32 ceiling is measured; the cost model prices them at the same peak)
         FP32_GEMM_CURVE: [(float(r["m"]), float(r["n"]) * float(r["k"]) * 4, float(r["time_s"]),
@@ -272,7 +278,7 @@ def fit_profile(folder: Path, keep: measured.RowFilter = measured.keep_all) -> d
     if grouped_mm:
         ops[GROUPED_MM_CURVE] = _fit_table(grouped_mm, 0.8)
     for name, samples in quantized.items():
-        if samples or name not in (FP32_GEMM_CURVE, W4A16_CURVE, MACHETE_CURVE):  # only where a run measured them
+        if samples or name not in (FP32_GEMM_CURVE, W4A16_CURVE, MACHETE_CURVE, FP8_BLOCK_CURVE):  # where measured
             used[f"gemm.csv ({fp8_dtype if name == 'gemm.fp8' else name.split('.', 1)[1]})"] = len(samples)
         if samples:
             ops[name] = _fit_table(samples, 0.8)

@@ -163,6 +163,22 @@ def test_block_scaled_fp8_checkpoints_say_so(q: dict, block_scaled: bool) -> Non
     assert wq["bits_per_weight"] == pytest.approx(8 + 32 / 128**2 if block_scaled else 8)
 
 
+def test_block_fp8_linears_ask_for_vllms_blockwise_kernel_and_say_where_it_is_unmeasured() -> None:
+    """A block-FP8 checkpoint's dense linears (DeepSeek-V3: 128 x 128 weight blocks) price on
+    gemm.fp8.block, vLLM's CUTLASS blockwise kernel on Hopper, not on the per-tensor FP8 curve; a profile
+    without that curve prices them on its per-tensor one and says so; a per-tensor checkpoint never asks."""
+    h = load_hardware("h100-sxm")
+    v3 = load_model("deepseek-v3")
+    k = weight_kernel(v3, h)
+    assert (k.curve, k.fallback_curve, k.grouped_curve) == ("gemm.fp8.block", "gemm.fp8", "gemm_grouped.fp8_block")
+    assert weight_kernel(with_weights(load_model("llama-3.1-8b"), "fp8"), h).curve == "gemm.fp8"
+    cal = find_calibration(h, None)
+    without = replace(cal, ops=MappingProxyType({n: c for n, c in cal.ops.items() if n != "gemm.fp8.block"}))
+    cm = CostModel(v3, h, layout_for(v3, "bf16"), calibration=without)
+    assert cm.weight_kernel.curve == "gemm.fp8"
+    assert any("block-FP8 GEMMs are unmeasured in this profile" in n for n in cm.notes)
+
+
 def test_fp8_routed_experts_run_on_the_fused_moe_curve_of_their_scales() -> None:
     """DeepSeek-V3's checkpoint (128x128 blocks) prices its experts on gemm_grouped.fp8_block, a
     per-tensor FP8 choice on gemm_grouped.fp8; the H100 profile measured both (fused_moe.csv), and a

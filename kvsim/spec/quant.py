@@ -79,7 +79,12 @@ W4A16_CURVE = "gemm.w4a16"
 # on compute capability 9.0 (kernels/linear/__init__.py _POSSIBLE_KERNELS: MacheteLinearKernel precedes Marlin;
 # CutlassW4A8 before it needs 8-bit activations): its own curve (validation/vllm_gemm.py)
 MACHETE_CURVE = W4A16_CURVE + ".machete"
-GEMM_PATH_CURVES = ("gemm.fp8", "gemm.int8", "gemm.w8a16", W4A16_CURVE, MACHETE_CURVE)
+# Block-FP8 checkpoints' linears (128 x 128 weight blocks, 1 x 128 activation groups) in vLLM's CUTLASS blockwise
+# kernel, what vLLM runs for them on compute capability 9.0 when DeepGEMM is not installed (a PyPI install; the
+# Docker image's DeepGEMM is not measured): W8A8BlockFp8LinearOp._run_cutlass (quantization/utils/fp8_utils.py),
+# its own curve (validation/vllm_gemm.py)
+FP8_BLOCK_CURVE = "gemm.fp8.block"
+GEMM_PATH_CURVES = ("gemm.fp8", FP8_BLOCK_CURVE, "gemm.int8", "gemm.w8a16", W4A16_CURVE, MACHETE_CURVE)
 # Block-FP8 checkpoints (DeepSeek-V3, Qwen3-FP8, MiniMax-M2.5: weight_block_size [128, 128]) scale their
 # activations per 1 x 128 group along K, the weight block's width (vLLM per_token_group_quant_fp8)
 FP8_ACTIVATION_GROUP = 128
@@ -136,9 +141,15 @@ def weight_kernel(model: ModelSpec, hw: HardwareSpec, file: str | None = None) -
     peaks = hw.peak_flops_per_s
     p: WeightPrecision = wq.precision
     if p == "fp8" and not wq.weight_only:
+        if peaks.get("fp8") and wq.block_scaled:
+            return WeightKernel("fp8", "fp8", False, FP8_BLOCK_CURVE,
+                                "block FP8 W8A8 (128 x 128 weight blocks) at the FP8 peak in vLLM's CUTLASS blockwise "
+                                "kernel (what a PyPI install runs on Hopper; the Docker image's DeepGEMM is not "
+                                "measured)", "gemm_grouped.fp8_block", fallback_curve="gemm.fp8",
+                                fallback_note="block-FP8 GEMMs are unmeasured in this profile: priced on its "
+                                              "per-tensor FP8 curve")
         if peaks.get("fp8"):
-            return WeightKernel("fp8", "fp8", False, "gemm.fp8", "FP8 W8A8 at the FP8 peak",
-                                "gemm_grouped.fp8_block" if wq.block_scaled else "gemm_grouped.fp8")
+            return WeightKernel("fp8", "fp8", False, "gemm.fp8", "FP8 W8A8 at the FP8 peak", "gemm_grouped.fp8")
         if wq.needs_native_fp8:
             raise KvsimError(f"{hw.display_name} has no FP8 tensor cores and this checkpoint's method (ModelOpt "
                              "FP8) has no weight-only fallback in vLLM (modelopt.py: compute capability >= 8.9)",
