@@ -287,6 +287,46 @@ def test_machete_rows_price_gptq_on_hopper_and_marlin_stands_in_where_they_are_m
     assert a100.weight_kernel.curve == "gemm.w4a16"
 
 
+def test_cutlass_block_fp8_rows_price_block_checkpoints_and_per_tensor_stands_in_without_them(tmp_path) -> None:
+    """vLLM's CUTLASS blockwise rows (validation/vllm_gemm.py, dtype fp8_cutlass_block, run h100-call30) are
+    what kvsim calibrate fits as gemm.fp8.block, the curve a block-FP8 checkpoint's linears price on on an
+    H100; fitted without them, the same model falls back to the per-tensor FP8 curve and says so. The rows
+    hold what the curve is for: at one row the blockwise kernel takes longer than the per-tensor one of the
+    same shape (1.4-1.6x in median over the shapes at 1-16 rows in that run), and so does the fitted step."""
+    import csv
+    import statistics
+
+    import numpy as np
+
+    from kvsim.cost.model import Batch, CostModel
+    from kvsim.kv import layout_for
+    from kvsim.spec.model import load_model
+
+    committed = yaml.safe_load((MEASURED / "calibration_reference.yaml").read_text())
+    assert committed["fit"]["rows_used"]["gemm.csv (fp8.block)"] == 720
+    without = _refit_without(tmp_path, "gemm.csv", ("fp8_cutlass_block,",))
+    assert "gemm.fp8.block" not in without["ops"] and without["ops"]["gemm.fp8"] == committed["ops"]["gemm.fp8"]
+    times: dict[str, dict[tuple[str, str, str], float]] = {"fp8_cutlass_block": {}, "fp8_cutlass": {}}
+    with (MEASURED / "gemm.csv").open(newline="") as f:
+        for r in csv.DictReader(f):
+            if r["dtype"] in times and int(r["m"]) <= 16:
+                times[r["dtype"]][(r["m"], r["n"], r["k"])] = float(r["time_s"])
+    ratios = [t / times["fp8_cutlass"][key] for key, t in times["fp8_cutlass_block"].items()]
+    assert len(ratios) >= 150 and 1.3 < statistics.median(ratios) < 1.7
+    hw = load_hardware("h100-sxm")
+    model = load_model("deepseek-v3")
+    measured = CostModel(model, hw, layout_for(model, "bf16"), 8,
+                         calibration=calibration_from_dict(committed, hw, str(MEASURED / "calibration_reference.yaml")))
+    fallback = CostModel(model, hw, layout_for(model, "bf16"), 8,
+                         calibration=calibration_from_dict(without, hw, "without.yaml"))
+    assert measured.weight_kernel.curve == "gemm.fp8.block" and fallback.weight_kernel.curve == "gemm.fp8"
+    assert any("block-FP8 GEMMs are unmeasured in this profile" in n for n in fallback.notes)
+    assert not any("unmeasured in this profile" in n for n in measured.notes)
+    decode = Batch(decode_context=np.full(1, 2048))
+    dense = [c.step(decode).breakdown["gemm.attention"] for c in (measured, fallback)]
+    assert dense[0] > 1.2 * dense[1]
+
+
 def test_vllm_decode_kernel_rows_price_the_family_and_the_stand_in_stays_for_the_reference_engine(tmp_path) -> None:
     """Rows of vLLM's own FlashMLA (validation/flashmla.py, methods vllm_flashmla*) are what kvsim calibrate
     fits as attention_decode.mla; kvsim's Triton stand-in (triton_mla_absorbed), which the reference engine
