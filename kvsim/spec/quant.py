@@ -143,9 +143,10 @@ def weight_kernel(model: ModelSpec, hw: HardwareSpec, file: str | None = None) -
     if p == "fp8" and not wq.weight_only:
         if peaks.get("fp8") and wq.block_scaled:
             return WeightKernel("fp8", "fp8", False, FP8_BLOCK_CURVE,
-                                "block FP8 W8A8 (128 x 128 weight blocks) at the FP8 peak in vLLM's CUTLASS blockwise "
-                                "kernel (what a PyPI install runs on Hopper; the Docker image's DeepGEMM is not "
-                                "measured)", "gemm_grouped.fp8_block", fallback_curve="gemm.fp8",
+                                "block FP8 W8A8 (128 x 128 weight blocks) at the FP8 peak in vLLM's blockwise kernel "
+                                "(on Hopper: CUTLASS's where DeepGEMM is not installed, as in a PyPI install; the "
+                                "Docker image runs DeepGEMM, not measured)", "gemm_grouped.fp8_block",
+                                fallback_curve="gemm.fp8",
                                 fallback_note="block-FP8 GEMMs are unmeasured in this profile: priced on its "
                                               "per-tensor FP8 curve")
         if peaks.get("fp8"):
