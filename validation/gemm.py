@@ -33,6 +33,11 @@ SHAPES = [
     (4096, 7168, "deepseek-v3.expert.gate_up"), (7168, 2048, "deepseek-v3.expert.down"),
     (576, 7168, "deepseek-v3.kv_a"), (24576, 1536, "deepseek-v3.q_b"),
     (4672, 4544, "falcon-7b.qkv"), (18176, 4544, "falcon-7b.up"), (4544, 18176, "falcon-7b.down"),
+    # the small end, below every shape above in weight bytes: TP-8 shards' attention linears and a bf16
+    # router (gpt-oss-120b config.json: hidden 2880, 64 query and 8 KV heads of 64 dims, 128 experts;
+    # MiniMax-M2.5 config.json: hidden 3072, 48 query and 8 KV heads of 128 dims, block-FP8 weights)
+    (640, 2880, "gpt-oss-120b.tp8.qkv"), (2880, 512, "gpt-oss-120b.tp8.o"), (128, 2880, "gpt-oss-120b.router"),
+    (1024, 3072, "minimax-m2.tp8.qkv"), (3072, 768, "minimax-m2.tp8.o"),
 ]
 # Routers that vLLM runs in fp32 (N = experts, K = hidden): MiniMax-M2's gate is a ReplicatedLinear with
 # params_dtype float32 on hidden states cast to fp32 (vllm/model_executor/models/minimax_m2.py); the other
@@ -153,7 +158,8 @@ def run_fp32_router(args, out, budget):
 
 def run_gemm(args, out, budget):
     csv = CsvOut(os.path.join(out, "gemm.csv"), ["dtype", "m", "n", "k", "time_s", "flops", "bytes", "layer"])
-    shapes = SHAPES[:3] if args.quick else SHAPES
+    shapes = only_layers(args, SHAPES, lambda s: s[2])
+    shapes = shapes[:3] if args.quick else shapes
     ms = MS_QUICK if args.quick else MS_FULL
     for (n, k, label) in shapes:
         if not budget.ok(3):
@@ -316,15 +322,17 @@ def marlin_point(m, n, k, label, csv, mar, packs):
 
 
 def only_layers(args, shapes: list, label_of) -> list:
-    """--layers: a call that completes an earlier one measures only the shapes it lacks (checked against
-    every shape of the part, before --quick keeps the first few)."""
+    """--layers: a call that completes an earlier one measures only the shapes it lacks, in the order
+    listed (a part that runs shape after shape until its budget is spent reaches the first ones first;
+    checked against every shape of the part, before --quick keeps the first few)."""
     if not args.layers:
         return shapes
     wanted = args.layers.split(",")
-    unknown = sorted(set(wanted) - {label_of(s) for s in shapes})
+    by_label = {label_of(s): s for s in shapes}
+    unknown = sorted(set(wanted) - set(by_label))
     if unknown:
         raise SystemExit(f"--layers: unknown layer(s) {unknown} for --part {args.part}")
-    return [s for s in shapes if label_of(s) in wanted]
+    return [by_label[w] for w in dict.fromkeys(wanted)]
 
 
 def run_marlin(args, out, budget):
@@ -607,7 +615,7 @@ def main():
     ap = part_args(120)
     ap.add_argument("--part", default="gemm",
                     choices=["gemm", "w4a16", "marlin", "grouped", "fused_moe", "elementwise", "fp32_router"])
-    ap.add_argument("--layers", default="", help="fused_moe, marlin: comma-separated layer labels, only these")
+    ap.add_argument("--layers", default="", help="gemm, fused_moe, marlin: comma-separated layer labels, only these")
     ap.add_argument("--ops", default="", help="elementwise: comma-separated ops, only these (e.g. fp8_group_quant)")
     ap.add_argument("--tilings", default="best", choices=["best", "vllm"],
                     help="fused_moe: the fastest of MOE_CONFIGS (best), or that beside vLLM's own choice (vllm: "

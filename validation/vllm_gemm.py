@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from validation.common import Budget, CsvOut, bench, guarded, load_vllm_library, log, part_args  # noqa: E402
-from validation.gemm import LOGGED_MS, MS_FULL, MS_QUICK, SHAPES, log_gemm, weight_copies  # noqa: E402
+from validation.gemm import LOGGED_MS, MS_FULL, MS_QUICK, SHAPES, log_gemm, only_layers, weight_copies  # noqa: E402
 
 GROUP = 128  # GPTQ's usual group size, one of Machete's (query_machete_supported_group_sizes)
 # vllm/scalar_type.py ScalarType.uint(4, 8).id: exponent 0 (8 bits), mantissa 4 (8), unsigned (1), bias 8
@@ -192,11 +192,15 @@ def machete_point(ops, m, n, k, label, csv, w):
 
 
 def main():
-    args = part_args(200).parse_args()
+    ap = part_args(200)
+    ap.add_argument("--layers", default="", help="comma-separated layer labels of validation/gemm.py, only these")
+    args = ap.parse_args()
+    args.part = "vllm_gemm"  # only_layers names the part in its error
     budget = Budget(args.budget_s)
     ops = load_ops()
     csv = CsvOut(os.path.join(args.out, "gemm.csv"), COLUMNS)
-    shapes = SHAPES[:2] if args.quick else SHAPES
+    shapes = only_layers(args, SHAPES, lambda s: s[2])
+    shapes = shapes[:2] if args.quick else shapes
     ms = MS_QUICK if args.quick else MS_FULL
     # each shape's points share the budget evenly, so a short run still spans every shape at small and
     # large row counts (MS_FULL lists powers of two first)
