@@ -398,3 +398,23 @@ def test_hopper_mxfp4_experts_hold_the_padded_width() -> None:
         share = plan_memory(m, h100, layout_for(m, "bf16"), tp).weights.experts
         assert share == pytest.approx(whole / tp * width / (2880 / tp))
         assert plan_memory(m, a100, layout_for(m, "bf16"), tp).weights.experts == pytest.approx(whole / tp)
+
+
+def test_linears_far_below_the_measured_weight_sizes_are_labelled_extrapolated() -> None:
+    """A GEMM table clamps below its smallest measured weight: a dense linear more than 2x below it
+    (gpt-oss-120b's router, 0.7 MiB, and its TP-8 attention linears, 2.8 and 3.5 MiB, against a table
+    measured from 32 MiB) is labelled extrapolated in the notes; Llama-3-8B's linears (32 MiB and up)
+    and routed experts (whose touched share varies with the tokens) are not."""
+    h = load_hardware("h200-sxm")
+    cal = find_calibration(h, None)
+    g = cal.ops["gemm"]
+    from_32_mib = replace(g, log2_size2=tuple(x - g.log2_size2[0] + 25 for x in g.log2_size2))
+    cal = replace(cal, ops=MappingProxyType({**cal.ops, "gemm": from_32_mib}))
+    oss = load_model("gpt-oss-120b")
+    notes = [n for n in CostModel(oss, h, layout_for(oss, "bf16"), tp=8, calibration=cal).notes if "extrapolated" in n]
+    assert notes == ["gemm.attention 3.5 MiB, gemm.attention 2.8 MiB, gemm.router 0.7 MiB: weights below the "
+                     "smallest measured on curve gemm of profile h200-sxm (32 MiB); priced at its efficiency "
+                     "(extrapolated)"]
+    llama = load_model("llama-3-8b")
+    assert not [n for n in CostModel(llama, h, layout_for(llama, "bf16"), calibration=cal).notes
+                if "extrapolated" in n]

@@ -93,6 +93,17 @@ class StepCost:
         return {op.name: op.seconds for op in self.ops}
 
 
+# A dense linear more than this factor below the smallest weight its GEMM curve measured is labelled
+# extrapolated (a factor of 2 leaves a shape just past the measured ones unlabelled)
+BELOW_MEASURED = 2.0
+
+
+def mib(nbytes: float) -> str:
+    """Bytes as MiB for a note: two significant digits below 10, whole MiB above."""
+    v = nbytes / 2**20
+    return f"{v:.2g}" if v < 10 else f"{v:,.0f}"
+
+
 @dataclass(frozen=True)
 class _Gemms:
     """The GEMMs of one step as parallel arrays (one entry per linear of a layer kind)."""
@@ -391,6 +402,7 @@ class CostModel:
                                + (" (a labelled prior: the W4A16 kernels validation/gemm.py times are slower than"
                                   " vLLM's and not fitted, kvsim/calibrate.py)" if k_.curve == W4A16_CURVE else
                                   " (a labelled prior, not a measurement; validation/gemm.py measures it)"),)
+        self.notes += self._unmeasured_weight_sizes(rows)
         routed_curves = {r[9] for r in rows if r[11]}
         # an imported MoE table times vLLM's whole routed-expert layer (top-k, alignment, activation
         # quantization, both GEMMs, activation, weighted sum: kvsim/importers/aiconfigurator.py), so
@@ -410,6 +422,24 @@ class CostModel:
                       np.array(col[11], dtype=bool), np.array(col[12], dtype=float), np.array(col[13], dtype=float),
                       np.array(col[14], dtype=float), peaks, np.array(col[8], dtype=bool),
                       curve_names, np.array([curve_names.index(n) for n in col[9]]), np.array(col[10], dtype=float))
+
+    def _unmeasured_weight_sizes(self, rows: list[tuple]) -> tuple[str, ...]:
+        """A note per GEMM curve with dense linears (rows of _build_gemms: role, layers, weight bytes,
+        ..., curve at 9, routed at 11) more than a factor 2 below the smallest weight it measured: a table
+        curve clamps there, pricing the linear at that shape's efficiency, with nothing of the fixed time
+        a small kernel takes beyond the table's one floor (an H200 profile measured on 32-224 MiB weights
+        prices a 0.7 MiB router in 0.3 us). Above the largest, efficiency has levelled off (the H100's bf16
+        table: 1.08-1.22 of the copy rate at one row from 48 to 1,002 MiB), so larger ones go unlabelled."""
+        outside: dict[str, list[str]] = defaultdict(list)
+        for role, _, nbytes, *rest in rows:
+            curve = self.cal.ops.get(rest[6])
+            if rest[8] or curve is None or not curve.log2_size2:
+                continue  # routed experts touch a share of their weights that depends on the tokens
+            if nbytes < 2.0 ** curve.log2_size2[0] / BELOW_MEASURED:
+                outside[rest[6]].append(f"{role} {mib(nbytes)} MiB")
+        return tuple(f"{', '.join(dict.fromkeys(v))}: weights below the smallest measured on curve {cv} of "
+                     f"profile {self.cal.gpu} ({mib(2.0 ** self.cal.ops[cv].log2_size2[0])} MiB); priced at its "
+                     "efficiency (extrapolated)" for cv, v in outside.items())
 
     def _build_decode_terms(self) -> _Terms:
         terms = _Terms()
