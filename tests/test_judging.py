@@ -89,7 +89,9 @@ def test_leave_one_model_out_refits_without_the_model_and_is_deterministic(two_m
     # h100-call27) and 20 element-wise rows (no routed experts: nothing of the grouped or fused-MoE files);
     # phi-3-mini loses only its 20 element-wise rows, so its decode figures barely move
     assert "| gemma-2b |" in text and "| 564, 0, 0, 72, 18, 20 | - |" in text and "| 0, 0, 0, 0, 0, 20 | - |" in text
-    assert decode("lomo", "gemma-2b")["median_abs_err"] > 2 * decode("headline", "gemma-2b")["median_abs_err"]
+    # without its own rows gemma-2b's error grows by a third (1.1% -> 1.5%): it doubled until run h100-call32
+    # measured GEMMs of 0.7-6 MiB, near gemma-2b's smallest linear (its 10 MiB qkv), stay in the refit
+    assert decode("lomo", "gemma-2b")["median_abs_err"] > 1.25 * decode("headline", "gemma-2b")["median_abs_err"]
     assert decode("lomo", "phi-3-mini")["median_abs_err"] == pytest.approx(
         decode("headline", "phi-3-mini")["median_abs_err"], abs=0.01)
     assert decode("lomo", "all")["configs"] == decode("headline", "all")["configs"] == 39 + 31
