@@ -424,19 +424,20 @@ class CostModel:
                       curve_names, np.array([curve_names.index(n) for n in col[9]]), np.array(col[10], dtype=float))
 
     def _unmeasured_weight_sizes(self, rows: list[tuple]) -> tuple[str, ...]:
-        """A note per GEMM curve with dense linears (rows of _build_gemms: role, layers, weight bytes,
-        ..., curve at 9, routed at 11) more than a factor 2 below the smallest weight it measured: a table
+        """A note per GEMM curve with dense linears (rows of _build_gemms: role at 0, weight bytes at 2,
+        curve at 9, routed at 11) more than a factor 2 below the smallest weight it measured: a table
         curve clamps there, pricing the linear at that shape's efficiency, with nothing of the fixed time
         a small kernel takes beyond the table's one floor (an H200 profile measured on 32-224 MiB weights
         prices a 0.7 MiB router in 0.3 us). Above the largest, efficiency has levelled off (the H100's bf16
         table: 1.08-1.22 of the copy rate at one row from 48 to 1,002 MiB), so larger ones go unlabelled."""
         outside: dict[str, list[str]] = defaultdict(list)
-        for role, _, nbytes, *rest in rows:
-            curve = self.cal.ops.get(rest[6])
-            if rest[8] or curve is None or not curve.log2_size2:
+        for r in rows:
+            role, nbytes, name, routed = r[0], r[2], r[9], r[11]
+            curve = self.cal.ops.get(name)
+            if routed or curve is None or not curve.log2_size2:
                 continue  # routed experts touch a share of their weights that depends on the tokens
             if nbytes < 2.0 ** curve.log2_size2[0] / BELOW_MEASURED:
-                outside[rest[6]].append(f"{role} {mib(nbytes)} MiB")
+                outside[name].append(f"{role} {mib(nbytes)} MiB")
         return tuple(f"{', '.join(dict.fromkeys(v))}: weights below the smallest measured on curve {cv} of "
                      f"profile {self.cal.gpu} ({mib(2.0 ** self.cal.ops[cv].log2_size2[0])} MiB); priced at its "
                      "efficiency (extrapolated)" for cv, v in outside.items())
