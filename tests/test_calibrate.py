@@ -311,7 +311,9 @@ def test_cutlass_block_fp8_rows_price_block_checkpoints_and_per_tensor_stands_in
     times: dict[str, dict[tuple[str, str, str], float]] = {"fp8_cutlass_block": {}, "fp8_cutlass": {}}
     with (MEASURED / "gemm.csv").open(newline="") as f:
         for r in csv.DictReader(f):
-            if r["dtype"] in times and int(r["m"]) <= 16:
+            # run h100-call30's shapes, whose figure the docstring quotes (run h100-call32's small TP-8 shapes
+            # run 1.8-3.7x at 1-16 rows; README "Small linears")
+            if r["dtype"] in times and int(r["m"]) <= 16 and r["run"] in ("h100-call30", "h100-call26"):
                 times[r["dtype"]][(r["m"], r["n"], r["k"])] = float(r["time_s"])
     ratios = [t / times["fp8_cutlass"][key] for key, t in times["fp8_cutlass_block"].items()]
     assert len(ratios) >= 150 and 1.3 < statistics.median(ratios) < 1.7
