@@ -46,6 +46,8 @@ PARTS = {
     "vllm_fa3_decode": (40, ["validation/vllm_decode.py"]),  # vLLM's FlashAttention 3 decode (dense models)
     # vLLM's FlashAttention-3 prefill kernel (its _vllm_fa3_C library, paged cache), beside SDPA's prefill rows
     "vllm_fa3": (30, ["validation/vllm_prefill.py"]),
+    # gpt-oss-120b's decode layers in one CUDA graph with vLLM's kernels, beside each kernel alone (TP 8/4/2 shards)
+    "vllm_layer": (60, ["validation/vllm_layer.py"]),
     # decode steps launched kernel by kernel beside their CUDA graph (--enforce-eager's cost; not fitted)
     "eager": (10, ["validation/eager.py"]),
     "sustained": (15, ["validation/sustained.py"]),  # a minute of prefill GEMMs against their short-burst rate
