@@ -31,6 +31,7 @@ output is checked finite and the two variants against each other (same weights a
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -124,8 +125,10 @@ def native_rope(pos, q, k, cos_sin, hq, hkv):
     return rot(q, hq), rot(k, hkv)
 
 
+@functools.cache
 def pieces(hq, hkv):
-    """The two compiled pieces of a layer between vLLM's opaque ops (attention, MoE)."""
+    """The two compiled pieces of a layer between vLLM's opaque ops (attention, MoE), compiled once per shard
+    (dynamic shapes: every batch size runs the same compiled code, as in vLLM)."""
     qd, kd = hq * HEAD_DIM, hkv * HEAD_DIM
 
     def pre(x, res, ln1, wqkv, bqkv, pos, cos_sin):
