@@ -27,7 +27,10 @@ over the same layers (``op:<name>``), all with the graph replayed and timed by C
 the layers' weights, 12 x 7-900 MB, do not fit it). Rows go to layer_step.csv (time per layer). The step's
 output is checked finite and the two variants against each other (same weights and inputs).
 
-  python3 validation/vllm_layer.py --out OUT --budget-s 300 [--quick]
+  python3 validation/vllm_layer.py --out OUT --budget-s 300 [--quick] [--tps 8,4,2] [--batches 4,1,16,64,256]
+
+Then ``.venv/bin/python scripts/layer_vs_kvsim.py validation/results/<gpu>/layer_step.csv --gpu <gpu>`` sets each
+kernel against kvsim's term (tests/test_layer_vs_kvsim.py).
 """
 from __future__ import annotations
 
@@ -320,6 +323,8 @@ def point(C, fa, k, tp, B, layers, csv, gen, variants):
 def main():
     ap = part_args(300)
     ap.add_argument("--variants", default="c,compiled")
+    ap.add_argument("--tps", default=",".join(map(str, TPS)), help="TP shards to run, in order")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="sequences per step, in order")
     args = ap.parse_args()
     budget = Budget(args.budget_s)
     if torch.cuda.get_device_capability()[0] != 9:
@@ -332,12 +337,13 @@ def main():
     csv = CsvOut(os.path.join(args.out, "layer_step.csv"), COLUMNS)
     gen = torch.Generator(device="cuda").manual_seed(0)
     variants = args.variants.split(",")
-    for tp in ([8] if args.quick else TPS):
+    tps, batches = [int(x) for x in args.tps.split(",")], [int(x) for x in args.batches.split(",")]
+    for tp in (tps[:1] if args.quick else tps):
         if not budget.ok(40):
             log("vllm_layer: budget spent")
             return
         layers = build_weights(tp, k, gen)
-        for B in ([4] if args.quick else BATCHES):
+        for B in (batches[:1] if args.quick else batches):
             if not budget.ok(15):
                 log("vllm_layer: budget spent")
                 return
