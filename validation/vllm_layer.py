@@ -25,7 +25,8 @@ Each (TP, batch) point builds LAYERS layers with their own weights (weights cold
 cache of CONTEXT tokens per sequence, and times: ``step`` (every layer in one graph), then each kernel alone
 over the same layers (``op:<name>``), all with the graph replayed and timed by CUDA events (no L2 flush:
 the layers' weights, 12 x 7-900 MB, do not fit it). Rows go to layer_step.csv (time per layer). The step's
-output is checked finite and the two variants against each other (same weights and inputs).
+output is checked finite (a non-finite step is not written) and the two variants against each other (same weights
+and inputs; a relative difference past DIFF_TOL is logged as a warning).
 
   python3 validation/vllm_layer.py --out OUT --budget-s 300 [--quick] [--tps 8,4,2] [--batches 4,1,16,64,256]
 
@@ -54,6 +55,7 @@ TPS = [8, 4, 2]
 BATCHES = [4, 1, 16, 64, 256]
 CONTEXT = 2048
 LAYERS = 12
+DIFF_TOL = 5e-2  # variants c and compiled: relative difference of the step outputs beyond which a warning is logged
 COLUMNS = ["model", "tp", "batch", "context", "variant", "what", "layers", "time_s", "params"]
 
 
@@ -247,6 +249,7 @@ class Step:
         layer = self.layer_c if variant == "c" else self.layer_compiled
 
         def run(_=0):
+            # the step's inputs copied in and its output out: three small copies a step, about 0.5 us a layer
             x, res = self.x.clone(), self.res.clone()
             for l in self.L:
                 x, res = layer(l, x, res)
@@ -303,13 +306,17 @@ def point(C, fa, k, tp, B, layers, csv, gen, variants):
             st.live_routing = False  # the routing would not capture: time the rest, routing timed apart below
             guarded(f"vllm_layer tp{tp} B{B} {variant} (routing outside)", one)
     if len(outs) == 2:
-        log(f"vllm_layer tp{tp} B{B}: compiled vs _C output rel diff {rel_error(outs['compiled'], outs['c']):.2e}")
+        diff = rel_error(outs["compiled"], outs["c"])
+        # the same weights and inputs through twelve layers: the native and _C norms and rotary embeddings
+        # round differently in bf16, so the outputs agree to rounding, not bit for bit
+        log(f"{'[WARN] ' if not diff < DIFF_TOL else ''}vllm_layer tp{tp} B{B}: compiled vs _C output rel diff "
+            f"{diff:.2e} (bound {DIFF_TOL:.0e})")
     total = 0.0
     for name, fn in (guarded(f"vllm_layer tp{tp} B{B} ops", st.ops) or {}).items():
         t = guarded(f"vllm_layer tp{tp} B{B} {name}", timed, fn)
         if t is None:
             continue
-        total += t
+        total += 2 * t if name == "norm" else t  # two norms a layer
         csv.row(model="gpt-oss-120b", tp=tp, batch=B, context=CONTEXT, variant="c", what=f"op:{name}", layers=LAYERS,
                 time_s=t, params=params)
         log(f"vllm_layer tp{tp} B{B} op {name}: {t*1e6:.1f} us")
