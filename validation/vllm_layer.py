@@ -190,7 +190,7 @@ class Step:
 
     def cache(self, l, k, v):
         hkv = self.s["hkv"]
-        self.C.reshape_and_cache_flash(k.view(-1, hkv, HEAD_DIM), v.view(-1, hkv, HEAD_DIM), l["key_cache"],
+        torch.ops._C_cache_ops.reshape_and_cache_flash(k.view(-1, hkv, HEAD_DIM), v.view(-1, hkv, HEAD_DIM), l["key_cache"],
                                        l["value_cache"], self.s["slots"], "auto", self.one, self.one)
 
     def attention(self, l, q):
@@ -339,7 +339,7 @@ def main():
                          f"{torch.cuda.get_device_name()}")
     k = oai_moe._kernels()
     C = load_vllm_library("_C_stable_libtorch.abi3.so.xz", "_C",
-                          ("fused_add_rms_norm", "rotary_embedding", "reshape_and_cache_flash"), "vllm_layer")
+                          ("fused_add_rms_norm", "rotary_embedding"), "vllm_layer")
     fa = load_vllm_library("_vllm_fa3_C.abi3.so.xz", "_vllm_fa3_C", ("fwd",), "vllm_layer")
     csv = CsvOut(os.path.join(args.out, "layer_step.csv"), COLUMNS)
     gen = torch.Generator(device="cuda").manual_seed(0)
