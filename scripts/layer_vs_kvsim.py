@@ -19,6 +19,7 @@ import os
 from collections import defaultdict
 
 from kvsim.api import predict
+from kvsim.spec.model import load_model
 
 MODEL = "gpt-oss-120b"
 # kvsim term -> the layer_step.csv kernels (op:<name>) that run it, each with how many run per layer
@@ -50,9 +51,9 @@ def read(path: str, run: str | None) -> dict[tuple[int, int, int], dict[tuple[st
 def compare(points, gpu: str) -> list[dict]:
     """One dict per point: measured steps, the kernels' sum, and per term (kvsim s, measured s) per layer."""
     rows = []
+    layers = load_model(MODEL).num_layers
     for (tp, batch, context), m in sorted(points.items()):
         point = predict(MODEL, gpu, batch, context=context, tp=tp)[0]
-        layers = 36  # gpt-oss-120b config.json num_hidden_layers
         terms = {}
         for term, ops in TERMS.items():
             measured = [m.get(("c", f"op:{op}")) for op, _ in ops]

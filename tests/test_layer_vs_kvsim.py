@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvsim.api import predict
+from kvsim.spec.model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("layer_vs_kvsim", ROOT / "scripts" / "layer_vs_kvsim.py")
@@ -43,12 +44,14 @@ def test_each_term_sets_kvsims_price_against_the_kernels_that_run_it(tmp_path: P
     assert list(points) == [(8, 4, 2048)]
     (row,) = lvk.compare(points, "h100-sxm")
     breakdown = predict("gpt-oss-120b", "h100-sxm", 4, context=2048, tp=8)[0]["breakdown"]
+    layers = load_model("gpt-oss-120b").num_layers
+    assert layers == 36  # gpt-oss-120b config.json num_hidden_layers
     measured = {"norm": 4.0, "gemm.attention": 9.0, "rope": 2.5, "kv_write": 2.2, "attention.decode": 11.0,
                 "gemm.router": 5.5, "moe_routing": 7.0, "gemm.experts": 59.0}
     assert set(row["terms"]) == set(measured)
     for term, (kvsim_s, alone_s) in row["terms"].items():
         assert alone_s == pytest.approx(measured[term] * 1e-6)
-        assert kvsim_s == pytest.approx(breakdown[term] / 36)
+        assert kvsim_s == pytest.approx(breakdown[term] / layers)
     assert row["steps"] == {"c": pytest.approx(95e-6), "compiled": pytest.approx(93e-6)}
     assert row["kernels_alone"] == pytest.approx((sum(OPS_US.values()) + OPS_US["norm"]) * 1e-6)
 
