@@ -40,6 +40,11 @@ MXFP4_BLOCK = 32  # elements per e8m0 scale
 MXFP4_BITS_PER_WEIGHT = 4 + 8 / MXFP4_BLOCK
 
 
+def expert_width(tp):
+    """One rank's expert width at tensor parallel ``tp``: the intermediate size split, padded to ALIGN."""
+    return -(-(HIDDEN // tp) // ALIGN) * ALIGN
+
+
 def _kernels():
     """The triton_kernels modules vLLM 0.18.0 ships, from validation/vendor/."""
     if not os.path.isdir(os.path.join(VENDOR, "triton_kernels")):
@@ -175,7 +180,7 @@ def run(args, out, budget):
         if not budget.ok(10):
             log("oai_moe: budget spent")
             return
-        inter = -(-(HIDDEN // tp) // ALIGN) * ALIGN
+        inter = expert_width(tp)
         layer_bytes = E * 3 * inter * HIDDEN * MXFP4_BITS_PER_WEIGHT / 8
         touched_bytes = TOP_K * 3 * inter * HIDDEN * MXFP4_BITS_PER_WEIGHT / 8
         n_copies = max(2, min(int(COPY_BYTES // layer_bytes), -(-COLD_BYTES // int(touched_bytes))))

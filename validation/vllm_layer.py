@@ -61,8 +61,8 @@ COLUMNS = ["model", "tp", "batch", "context", "variant", "what", "layers", "time
 
 def shard(tp):
     """(query heads, KV heads, expert width) on one rank: heads split, KV heads at least one (replicated),
-    the expert width padded to a multiple of 64 (oai_moe.ALIGN)."""
-    return Q_HEADS // tp, max(1, KV_HEADS // tp), -(-(HIDDEN // tp) // oai_moe.ALIGN) * oai_moe.ALIGN
+    the expert width as validation/oai_moe.py shards it."""
+    return Q_HEADS // tp, max(1, KV_HEADS // tp), oai_moe.expert_width(tp)
 
 
 def cos_sin_cache(max_pos):
