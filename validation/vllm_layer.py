@@ -293,8 +293,7 @@ def point(C, fa, k, tp, B, layers, csv, gen, variants):
             fn = st.step(variant)
             fn()
             torch.cuda.synchronize()
-            outs[variant] = st.h.float().clone()
-            if not torch.isfinite(outs[variant]).all():
+            if not torch.isfinite(st.h).all():
                 raise RuntimeError(f"{variant}: non-finite output")
             t = timed(fn)
             label = variant + ("" if st.live_routing else "+routing-outside")
@@ -305,10 +304,22 @@ def point(C, fa, k, tp, B, layers, csv, gen, variants):
         if guarded(f"vllm_layer tp{tp} B{B} {variant}", one) is None and st.live_routing:
             st.live_routing = False  # the routing would not capture: time the rest, routing timed apart below
             guarded(f"vllm_layer tp{tp} B{B} {variant} (routing outside)", one)
+    if len(variants) == 2:
+        # The output check routes every layer of both variants by one fixed choice (self.route): live top-4
+        # routing over near-tied logits flips on bf16 rounding, which made run h100-call33's outputs differ
+        # by 0.23-0.56 while every kernel agreed. The same weights and inputs through twelve layers: the
+        # native and _C norms and rotary embeddings round differently in bf16, so the outputs agree to
+        # rounding, not bit for bit.
+        live, st.live_routing = st.live_routing, False
+        for variant in variants:
+            def fixed(variant=variant):
+                st.step(variant)()
+                torch.cuda.synchronize()
+                outs[variant] = st.h.float().clone()
+            guarded(f"vllm_layer tp{tp} B{B} {variant} (fixed routing)", fixed)
+        st.live_routing = live
     if len(outs) == 2:
         diff = rel_error(outs["compiled"], outs["c"])
-        # the same weights and inputs through twelve layers: the native and _C norms and rotary embeddings
-        # round differently in bf16, so the outputs agree to rounding, not bit for bit
         log(f"{'[WARN] ' if not diff < DIFF_TOL else ''}vllm_layer tp{tp} B{B}: compiled vs _C output rel diff "
             f"{diff:.2e} (bound {DIFF_TOL:.0e})")
     total = 0.0
