@@ -184,6 +184,19 @@ def test_a_repeated_prompt_is_served_from_the_prefix_cache() -> None:
     assert (plain["prefix_hit_tokens"] == 0).all()
 
 
+def test_a_closed_loop_run_says_its_ttft_is_the_least_certain_output() -> None:
+    """TTFT in a closed loop is how each cycle splits between waiting and decoding, which the judged real
+    vLLM runs do not confirm: a closed-loop run says so, an open-loop run of the same lengths does not."""
+    from kvsim.scenario.run import CLOSED_LOOP_NOTE
+
+    closed = run_scenario(scenario()).summary
+    assert CLOSED_LOOP_NOTE in closed["notes"]
+    lengths = {"input": {"kind": "fixed", "tokens": 1024}, "output": {"kind": "fixed", "tokens": 64}}
+    open_loop = scenario_from_dict({**BASE, "workload": {"synthetic": {"rate": 4, "num_requests": 24, **lengths}}},
+                                   "open.yaml")
+    assert CLOSED_LOOP_NOTE not in run_scenario(open_loop).summary.get("notes", [])
+
+
 @pytest.mark.parametrize(("key", "value"), [("concurrency", 0), ("num_requests", 0), ("random_range_ratio", 1.0),
                                             ("request_rate", 0), ("burstiness", -1), ("round_trip_ms", -1),
                                             ("round_trip_ms", float("nan")), ("round_trip_distribution", "gamma"),

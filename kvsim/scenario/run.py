@@ -396,6 +396,15 @@ DISAGG_NOTE = ("disaggregated: TTFT is the prefill instance's first token; vLLM'
                "decode instance, whose first token also waits for the KV transfer (disaggregation.kv_transfer_s); "
                "the KV keys (num_gpu_blocks, kv_capacity_tokens, kv_peak_used_fraction) are the decode instances'")
 
+# A closed loop's TTFT is how each client's cycle splits between waiting for the other clients' prefills
+# and decoding, which depends on how tightly their requests bunch: kvsim's exact schedule keeps the first
+# wave's order, and the real vLLM closed-loop runs it is judged on bunch differently (README, "TTFT: what
+# the development set rules out": the cycle and TPOT agree, TTFT does not).
+CLOSED_LOOP_NOTE = ("closed loop: TTFT is how each client's cycle splits between waiting for other prompts' "
+                    "prefills and decoding, and depends on how tightly the clients' requests bunch; judged "
+                    "against real vLLM closed-loop benchmarks it is kvsim's least certain output, while the cycle "
+                    "and TPOT agree (README 'Accuracy against real vLLM')")
+
 # Engine kinds other than vLLM take their kernel times from that engine's imported profile, but
 # everything around the kernels stays vLLM's (kvsim.scenario.schema.EngineSpec.kind).
 OTHER_ENGINE_NOTE = ("engine kind {kind}: kernel times from {kind}'s imported profile where the calibration has "
@@ -534,6 +543,8 @@ def summarize(scenario: Scenario, sim: Simulation | DisaggSimulation, read_stats
         notes.append(NO_SLO_NOTE)
     if summary["overload"] and summary["overload"]["overloaded"]:
         notes.append(overload_note(summary["overload"], read_stats.rate_scale if spec.workload.trace else None))
+    if spec.workload.closed_loop is not None:
+        notes.append(CLOSED_LOOP_NOTE)
     if spec.engine.kind != "vllm":
         notes.append(OTHER_ENGINE_NOTE.format(kind=spec.engine.kind))
     missing = unshipped(spec.engine.kind, dep.layout.methods)
