@@ -325,7 +325,7 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("safekv-ttft", "SafeKV: TTFT cost of per-user isolation vs global sharing, Qwen3-235B",
           "v1 abstract (arXiv 2508.08438v1)", "isolation +50.41% TTFT (up to 38.9% elsewhere)", 50.41,
           "paper-safekv", _safekv_ttft, "%", (0.45, 1.5),
-          "grows with load and prefix share: +51% at 1, +59% at 1.5, +78% at 2 sessions/s"),
+          "grows with load and prefix share: +37% at 1, +44% at 1.5, +58% at 2 sessions/s"),
     Claim("matkv-ttft", "MatKV: RAG TTFT, documents loaded from NVMe / prefilled (arXiv 2512.22195)",
           "abstract", "inference time halved (0.5x)", 0.5, "paper-matkv",
           _matkv_ttft, "x", (1.9, 2.3),

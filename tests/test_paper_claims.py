@@ -44,7 +44,9 @@ KNOWN = {
     "shadowkv-throughput": (2.729, PRICED),
     "snapkv-speed": (1.781, PRICED),
     "snapkv-memory": (116_768 / 58_896, EXACT),  # longest prompt at batch 2: SnapKV vs fp16
-    "safekv-ttft": (59.10, PRICED),
+    # 59.10 until vLLM's async scheduling (0.14+) admitted an arrival one step later: the same extra step
+    # lengthens both variants' TTFT, so isolation's relative cost fell (2026-12-07)
+    "safekv-ttft": (44.11, PRICED),
     "matkv-ttft": (1.098, PRICED),
     "lightkv-vision-kv": (317 / 576, EXACT),  # floor(0.45 x 576) = 259 of 576 vision tokens merged away
     "distserve-goodput": (1.112, PRICED),  # (22.03 / 3) / 6.60 requests/s per GPU at 90% goodput

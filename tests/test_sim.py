@@ -80,6 +80,24 @@ def test_chunked_prefill_splits_a_prompt_by_the_token_budget() -> None:
     assert sim.steps == 5
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_async_scheduling_admits_an_arrival_one_step_later(async_scheduling: bool) -> None:
+    """vLLM's async scheduling plans step k + 1 while step k runs (EngineCore.step_with_batch_queue):
+    a request arriving during request 0's prefill (step 1) joins step 2 without it and step 3 with it,
+    after one decode step of request 0. An engine with nothing in flight admits an arrival at once."""
+    sc = scenario(engine__async_scheduling=async_scheduling)
+    sim = simulate(sc, stream=[Request(0, 0.0, 1000, 50), Request(1, 1e-3, 1000, 5)])
+    a = sim.recorder.arrays()
+    steps = sim.recorder.steps
+    assert a["scheduled_s"][0] == 0.0  # idle engine: at once, with or without async scheduling
+    assert steps["decode_seqs"][1] == 1 and steps["prefill_seqs"][1] == (0 if async_scheduling else 1)
+    joined = steps["start_s"][2 if async_scheduling else 1]
+    assert a["scheduled_s"][1] == joined
+    assert a["scheduled_s"][1] == (steps["end_s"][1] if async_scheduling else a["first_token_s"][0])
+    alone = simulate(sc, stream=[Request(1, 1e-3, 1000, 5)]).recorder.arrays()
+    assert alone["scheduled_s"][0] == 1e-3
+
+
 # ---------------------------------------------------------------------------------------------
 # Invariants under random small workloads and engine limits (hypothesis)
 # ---------------------------------------------------------------------------------------------
@@ -87,20 +105,21 @@ def test_chunked_prefill_splits_a_prompt_by_the_token_budget() -> None:
 @settings(max_examples=examples(25))
 # an eviction mid-prefix let a waiting prompt in (fast-forward ran past the step that admitted it)
 @example(seed=90, seqs=4, extra_tokens=7, block=8, chunked=True, caching=True, preemption="swap", blocks=765,
-         replicas=2, router="least_outstanding_tokens", policy="fcfs", graphs=None)
+         replicas=2, router="least_outstanding_tokens", policy="fcfs", graphs=None, async_scheduling=True)
 # recompute of prompt + output past the token budget (the request and those behind it were lost)
 @example(seed=8072, seqs=10, extra_tokens=1196, block=16, chunked=False, caching=False, preemption="recompute",
-         blocks=288, replicas=1, router="round_robin", policy="fcfs", graphs=None)
+         blocks=288, replicas=1, router="round_robin", policy="fcfs", graphs=None, async_scheduling=False)
 @given(seed=st.integers(0, 10_000), seqs=st.integers(1, 12), extra_tokens=st.integers(0, 1500),
        block=st.sampled_from([8, 16, 32]), chunked=st.booleans(), caching=st.booleans(),
        preemption=st.sampled_from(["recompute", "swap"]), blocks=st.integers(150, 1200),
        replicas=st.integers(1, 3), router=st.sampled_from(["round_robin", "least_outstanding_tokens",
                                                              "prefix_affinity"]),
        policy=st.sampled_from(["fcfs", "lpm"]),
-       graphs=st.one_of(st.none(), st.lists(st.integers(1, 16), min_size=1, max_size=6)))
+       graphs=st.one_of(st.none(), st.lists(st.integers(1, 16), min_size=1, max_size=6)),
+       async_scheduling=st.booleans())
 def test_invariants_hold_for_random_workloads_and_limits(seed, seqs, extra_tokens, block, chunked, caching,
                                                          preemption, blocks, replicas, router, policy,
-                                                         graphs) -> None:
+                                                         graphs, async_scheduling) -> None:
     """check=True asserts after every step that used + cached-free + free == total blocks, that
     reference counts match the sequences, and that no step exceeds max_num_seqs or
     max_num_batched_tokens; here every request must also end completed or rejected, and
@@ -111,7 +130,8 @@ def test_invariants_hold_for_random_workloads_and_limits(seed, seqs, extra_token
                   engine__enable_chunked_prefill=chunked, engine__enable_prefix_caching=caching,
                   engine__preemption=preemption, engine__swap_space_gib=0.5,
                   engine__num_gpu_blocks_override=blocks, engine__scheduling_policy=policy,
-                  engine__cudagraph_capture_sizes=graphs, workload__synthetic__num_requests=30)
+                  engine__cudagraph_capture_sizes=graphs, engine__async_scheduling=async_scheduling,
+                  workload__synthetic__num_requests=30)
     sim = simulate(sc)
     a = sim.recorder.arrays()
     assert len(a["request_id"]) == sim.arrived == 30

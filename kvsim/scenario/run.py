@@ -277,7 +277,8 @@ def engine_config(scenario: Scenario, dep: Deployment, tables: BlockTables,
         prefix_caching=e.enable_prefix_caching and tables.token_paged,
         preemption=e.preemption, swap_space_bytes=e.swap_space_gib * GIB,
         doc_kv_from_ssd=dep.layout.runtime.doc_kv_from_ssd, fast_forward=e.fast_forward, check=check,
-        scheduling_policy=e.scheduling_policy)
+        scheduling_policy=e.scheduling_policy,
+        async_scheduling=dep.cost.execution is not None and dep.cost.execution.host.overlapped)
 
 
 def simulation(scenario: Scenario, *, check: bool = False,

@@ -108,7 +108,7 @@ class VllmFcfs:
         queue again and again: an admitted sequence leaves it, and the first refusal ends the
         admission (no copy of the queue each step)."""
         waiting = rep.waiting
-        while waiting:
+        while waiting and rep.schedulable(waiting[0]):  # under async scheduling the newest wait a step
             yield waiting[0]
 
 
@@ -116,7 +116,7 @@ class LongestPrefixFirst(VllmFcfs):
     """SGLang's ``lpm`` order of the waiting queue (see the module docstring)."""
 
     def admission_order(self, rep: Replica) -> Iterator[Seq]:
-        waiting = list(rep.waiting)
+        waiting = [s for s in rep.waiting if rep.schedulable(s)]
         if len(waiting) > LPM_MAX_QUEUE or not rep.cfg.prefix_caching:
             yield from waiting
             return

@@ -16,6 +16,17 @@ pending, the following steps repeat the same schedule until a sequence finishes,
 or an outside event (the next arrival, a document load finishing: the ``horizon``) can change it.
 Those steps are priced in one ``CostModel.decode_times_s`` call and their blocks taken at once;
 time advances by the same float additions as step-by-step simulation, so results are identical.
+
+Async scheduling (``EngineConfig.async_scheduling``): vLLM's engine core then keeps two steps in
+flight (``EngineCore.step_with_batch_queue``, vllm/v1/engine/core.py, batch queue of 2): it schedules
+and launches step k + 1 as soon as step k is launched, and only then waits for step k's output. A
+request that reaches the engine while step k runs is therefore first scheduled with step k + 2 (one
+step later than without async scheduling), unless nothing else would run: an engine with no step
+left in flight schedules what waits at once. A request whose output length ends at step k is not
+scheduled for step k + 1 (vLLM's scheduler skips a request whose in-flight step reaches max_tokens),
+so finishing costs nothing extra. kvsim tags each arrival with the plan it may first join (``Seq.
+first_plan``): the next plan, or the one after it when it arrives while a step of its replica is in
+flight under async scheduling.
 """
 
 from __future__ import annotations
@@ -53,6 +64,10 @@ class EngineConfig:
     fast_forward: bool = True
     check: bool = False  # assert block and scheduler invariants every step (tests)
     scheduling_policy: PolicyName = DEFAULT_POLICY
+    # vLLM's async scheduling (--async-scheduling; the default from 0.14, kvsim.cost.execution): the
+    # scheduler plans step k + 1 while step k runs, so a request that arrives during step k first runs
+    # in step k + 2 (module docstring, "Async scheduling")
+    async_scheduling: bool = False
 
 
 class Work:
@@ -95,6 +110,7 @@ class Replica:
         self.swap_used_blocks = 0
         self.last_decode_s = 0.0  # previous decode step time, to size fast-forward runs
         self.steps = 0
+        self.plans = 0  # steps planned (a fast-forwarded run counts once): arrivals are tagged by it
         self.preemptions = 0
         self.owner: dict[int, str | None] = {}  # cache key -> user who computed it (side channel)
         self.peak_used_blocks = 0
@@ -110,8 +126,13 @@ class Replica:
 
     def enqueue(self, seq: Seq) -> None:
         seq.replica = self.index
+        seq.first_plan = self.plans + (2 if self.cfg.async_scheduling and self.busy else 1)
         self.tables.ensure(seq.prompt + seq.out)
         self.waiting.append(seq)
+
+    def schedulable(self, seq: Seq) -> bool:
+        """Whether the plan being made may admit waiting ``seq`` (see the module docstring)."""
+        return seq.first_plan <= self.plans + 1
 
     # ------------------------------------------------------------------ scheduling
     def plan(self, now: float, next_arrival_s: float) -> Work | None:
@@ -120,9 +141,19 @@ class Replica:
         load); its blocks are committed as it is scheduled; return it."""
         cfg = self.cfg
         step = self.policy.schedule(self, now)
+        # Waiting sequences that joined the queue most recently are at its back (a preempted one goes
+        # to the front and is older): whether the last one may be admitted says whether any waits.
+        held = bool(self.waiting) and not self.schedulable(self.waiting[-1])
+        if held and not (step.decodes or step.prefills or step.transfer_s or step.preempted):
+            # nothing in flight after this boundary: the engine schedules what waits at once
+            for s in self.waiting:
+                s.first_plan = min(s.first_plan, self.plans + 1)
+            held = False
+            step = self.policy.schedule(self, now)
         decodes, prefills, transfer_s = step.decodes, step.prefills, step.transfer_s
         if not decodes and not prefills and not transfer_s:
             return None
+        self.plans += 1
         if cfg.check:
             assert len(self.running) <= cfg.max_num_seqs
             assert sum(s.scheduled for s in decodes) + sum(s.scheduled for s in prefills) \
@@ -134,7 +165,8 @@ class Replica:
             end = now + self._step_s(decodes, prefills) + transfer_s
         else:
             horizon = min(next_arrival_s, self.next_ready_s(now))  # loads admitted just now included
-            steps, end = self._decode_run(now, decodes, horizon, cfg.fast_forward and not step.preempted)
+            # a held-back arrival joins the next plan: this run is one step
+            steps, end = self._decode_run(now, decodes, horizon, cfg.fast_forward and not step.preempted and not held)
         self.steps += steps
         self.work = Work(now, end, steps, decodes, prefills)
         if self.bm.num_used > self.peak_used_blocks:

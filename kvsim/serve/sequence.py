@@ -61,7 +61,7 @@ class Seq:
 
     __slots__ = ("req", "prompt", "out", "dropped", "keys", "cache_keys", "computed", "generated", "held",
                  "block_keys", "registered", "ready_s", "swapped_blocks", "first_token_s", "finish_s", "hit_tokens",
-                 "cross_user_hit", "doc_tokens", "preemptions", "replica", "scheduled", "scheduled_s")
+                 "cross_user_hit", "doc_tokens", "preemptions", "replica", "scheduled", "scheduled_s", "first_plan")
 
     def __init__(self, req: Request, prompt: int, out: int, dropped: int, keys: tuple[int, ...],
                  cache_keys: Sequence[int] | None = None) -> None:
@@ -88,6 +88,7 @@ class Seq:
         self.replica = -1
         self.scheduled = 0  # tokens scheduled in the step being planned
         self.scheduled_s = -1.0  # start of the step that first admitted it (-1: never admitted)
+        self.first_plan = 0  # the first of its replica's plans that may admit it (Replica.enqueue)
 
     @property
     def total(self) -> int:
