@@ -14,6 +14,10 @@ kvsim's own option, which is off by default (README, "TTFT: what the development
                   request reaches the engine a random time after its client sent it (exponential, mean
                   M ms, in sending order), and its TTFT counts from sending
   rtt-uni-M       the same, uniform on [0, 2M] ms
+  step-lag        every arrival that reaches a busy engine first runs a step later, as vLLM's async
+                  scheduling admits it (kvsim models that lag from 0.14 or with --async-scheduling), while
+                  the host time between steps stays the version's: does the measured path delay each
+                  request by one engine step?
   sglang-whole    SGLang rows admit whole prompts only, as SGLang's PrefillAdder.add_one_req does
                   (python/sglang/srt/managers/schedule_policy.py: a prompt that does not fit what is left of
                   --max-prefill-tokens waits for the next batch unless the batch is empty; aiconfigurator's
@@ -43,10 +47,12 @@ import numpy as np
 from fit_host_step import DEV_SET  # the development set's one path (this script's folder is on sys.path)
 
 from kvsim import judge_serving
+from kvsim.scenario import run
 from kvsim.serve import closed_loop, replica
+from kvsim.serve.replica import EngineConfig
 
 PROBES = ("baseline", "prefill-x1.3", "prompt+13", "rtt-exp-10", "rtt-exp-15", "rtt-uni-15", "rtt-uni-20",
-          "sglang-whole")
+          "step-lag", "sglang-whole")
 
 
 @contextlib.contextmanager
@@ -95,6 +101,14 @@ def _sglang_whole_prompts() -> contextlib.AbstractContextManager[None]:
     return _patched(judge_serving.Deployment, "engine", engine)
 
 
+def _step_lag() -> contextlib.AbstractContextManager[None]:
+    original = run.engine_config
+
+    def engine_config(*args: object, **kwargs: object) -> EngineConfig:
+        return dataclasses.replace(original(*args, **kwargs), async_scheduling=True)  # type: ignore[arg-type]
+    return _patched(run, "engine_config", engine_config)
+
+
 def _probe(name: str) -> tuple[contextlib.AbstractContextManager[None], list[str]]:
     """The patch a probe applies and the scenario settings it adds to every row."""
     if name == "baseline":
@@ -106,6 +120,8 @@ def _probe(name: str) -> tuple[contextlib.AbstractContextManager[None], list[str
         return _longer_prompts(13), []
     if name == "sglang-whole":
         return _sglang_whole_prompts(), []
+    if name == "step-lag":
+        return _step_lag(), []
     m = re.fullmatch(r"rtt-(exp|uni)-(\d+(?:\.\d+)?)", name)
     if m is None:
         raise SystemExit(f"--probes: unknown probe {name!r} (known: {', '.join(PROBES)})")
