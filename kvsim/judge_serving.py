@@ -92,6 +92,8 @@ class Deployment:
     model_len_headroom_tokens: int  # max_model_len = isl + osl + this
     fp8_checkpoint_kv: str  # the KV method (kvsim.kv) an FP8-weight row's server stored its cache with
     settings: str  # the engine settings above, in words
+    # SGLang rows measured on or after this day ran with --enable-mixed-chunk (None: none did, SGLang's default)
+    sglang_mixed_chunk_from: datetime.date | None = None
 
     @property
     def source(self) -> str:
@@ -100,6 +102,8 @@ class Deployment:
 
     def engine(self, row: Row) -> dict:
         """The scenario's ``engine`` settings this deployment gives ``row``'s server."""
+        mixed = (row.backend == "sglang" and self.sglang_mixed_chunk_from is not None
+                 and row.measured_on is not None and row.measured_on >= self.sglang_mixed_chunk_from)
         if self.budget_headroom_tokens is None:
             return {"max_model_len": row.isl + row.osl + self.model_len_headroom_tokens}
         per_rank = row.concurrency // row.dp  # aiconfigurator's batch_size: one attention-DP rank's
@@ -107,7 +111,8 @@ class Deployment:
         granule = self.budget_granule_tokens.get(row.backend, 1)
         return {"max_num_batched_tokens": -(-budget // granule) * granule, "max_num_seqs": per_rank,
                 "cudagraph_capture_sizes": list(range(1, per_rank + 1)),
-                "max_model_len": row.isl + row.osl + self.model_len_headroom_tokens}
+                "max_model_len": row.isl + row.osl + self.model_len_headroom_tokens,
+                **({"enable_mixed_chunk": True} if mixed else {})}
 
 
 DEPLOYMENTS = {
@@ -124,6 +129,11 @@ DEPLOYMENTS = {
     # - an FP8 checkpoint's KV cache in FP8: aiconfigurator infers kvcache_quant_mode fp8 from an fp8
     #   quant_algo (aic-core sdk/models/helpers.py, _infer_quant_modes_from_raw_config) and the
     #   generator passes it on as --kv-cache-dtype (generator/module_bridge.py, kv_cache_dtype);
+    # - SGLang --enable-mixed-chunk (sglang.rule "agg enable_mixed_chunk = true") reached SGLang only from
+    #   aiconfigurator commit 07a377923 of 2026-01-19 ("fix sglang enable mixed chunk": until then the
+    #   generator's parameter map spelled it enable_mix_chunk, so the flag was never written): SGLang rows
+    #   measured from that day run with it, earlier or undated ones with SGLang's default (a prefill batch
+    #   runs alone, kvsim.serve.policy);
     # - client (backend_templates/benchmark/bench_run.sh.j2): aiperf --concurrency c --num-requests
     #   c x 20 (BENCH_MULTI_ROUND, 50 before 2026-03-17) after c x 2 warm-up requests. aiperf waits for
     #   every warm-up response before profiling (its docs/tutorials/warmup.md), so the measured
@@ -136,7 +146,8 @@ DEPLOYMENTS = {
         "aiconfigurator", 20, 1500, {"vllm": True, "trtllm": True, "sglang": False}, {"trtllm": 32}, 1500, "fp8",
         "aiconfigurator's generated benchmark deployment: token budget batch_size + isl + 1500 (SGLang: "
         "isl + 1500), max_num_seqs batch_size, CUDA graphs at batch sizes 1..batch_size, max_model_len "
-        "isl + osl + 1500, FP8 checkpoints with an FP8 KV cache"),
+        "isl + osl + 1500, FP8 checkpoints with an FP8 KV cache, SGLang --enable-mixed-chunk on runs measured "
+        "from 2026-01-19", datetime.date(2026, 1, 19)),
     # Each engine's defaults (vLLM 8,192 tokens per step on an H100; kv_cache_dtype auto, the
     # activations' bf16), the longest request's length as max_model_len, and 10 requests per client
     # (vLLM's benchmark sends --num-prompts, 1,000 by default: a fixed multiple of the concurrency

@@ -72,7 +72,9 @@ def _scenario_cases(sc: str) -> list[list[str]]:
                        ("workload.synthetic.num_requests", "1e12"),
                        ("tp", "3"), ("model", "no-such-model"),
                        ("hardware", "h100"), ("method", "kivi:bits=nan"), ("router", "random"),
-                       ("engine.preemption", "never"), ("nope", "1"), ("engine.nope", "1"), ("slo", "1")):
+                       ("engine.preemption", "never"), ("nope", "1"), ("engine.nope", "1"), ("slo", "1"),
+                       # SGLang's flag on a vLLM engine, and a flag that is not a boolean
+                       ("engine.enable_mixed_chunk", "true"), ("engine.enable_mixed_chunk", "sometimes")):
         cases.append(["run", sc, "--set", f"{key}={value}"])
     cases.append(["run", sc, "--set", "no-equals-sign"])
     return cases

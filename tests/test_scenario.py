@@ -185,12 +185,17 @@ def test_yaml_syntax_errors_are_one_line_with_the_position(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("kind", ["vllm", "sglang", "trtllm"])
 def test_a_non_vllm_engine_kind_says_whose_scheduler_it_runs(kind: str) -> None:
-    """engine.kind picks a kernel database only; a run on SGLang's or TensorRT-LLM's kernels says that
-    the scheduler, memory planner and step overhead around them are still vLLM's."""
+    """engine.kind picks a kernel database (and, for SGLang, its prefill-alone batching); a run on SGLang's or
+    TensorRT-LLM's kernels says that the rest of the scheduler, the memory planner and step overhead
+    around them are still vLLM's."""
     summary = run_scenario(scenario_from_dict({**BASE, "engine": {"kind": kind}}, "x.yaml")).summary
     said = [n for n in summary.get("notes", []) if n.startswith("engine kind")]
+    scheduler, unmodelled = {
+        "sglang": ("the scheduler (but for SGLang's prefill batches, which run alone unless "
+                   "engine.enable_mixed_chunk)", "token reservation for running requests and cache eviction order"),
+        "trtllm": ("the scheduler", "admission and batching")}.get(kind, ("", ""))
     assert said == ([] if kind == "vllm" else [f"engine kind {kind}: kernel times from {kind}'s imported profile "
-                                                f"where the calibration has them; the scheduler, memory planner and "
-                                                f"time between steps are vLLM's ({kind}'s own admission and batching "
+                                                f"where the calibration has them; {scheduler}, memory planner and "
+                                                f"time between steps are vLLM's ({kind}'s own {unmodelled} "
                                                 f"are not modelled: judged against public {kind} runs, TTFT can be "
                                                 f"far off, README 'Accuracy against real vLLM')"])

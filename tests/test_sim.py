@@ -98,6 +98,36 @@ def test_async_scheduling_admits_an_arrival_one_step_later(async_scheduling: boo
     assert alone["scheduled_s"][0] == 1e-3
 
 
+@pytest.mark.parametrize("mixed", [None, True])
+def test_sglang_runs_a_prefill_batch_alone_unless_mixed_chunk(mixed: bool | None) -> None:
+    """SGLang (engine kind sglang, SGLang's default): each prefill batch runs without the running decodes and
+    takes waiting prompts whole while they fit the 1,500-token budget (only a batch's first prompt is cut),
+    so three 1,000-token prompts take three batches and decode afterwards; with --enable-mixed-chunk the
+    step is vLLM's: decodes first, the next prompt chunked into what is left."""
+    sc = scenario(engine__kind="sglang", engine__max_num_batched_tokens=1500, engine__async_scheduling=False,
+                  **({"engine__enable_mixed_chunk": mixed} if mixed is not None else {}))
+    sim = simulate(sc, stream=[Request(i, 0.0, 1000, 5) for i in range(3)])
+    steps = sim.recorder.steps
+    if mixed:
+        assert list(steps["prefill_tokens"])[:3] == [1500, 1499, 1]
+        assert list(steps["decode_seqs"])[:3] == [0, 1, 2]
+    else:
+        assert list(steps["prefill_tokens"])[:3] == [1000, 1000, 1000]
+        assert list(steps["decode_seqs"])[:4] == [0, 0, 0, 3]
+    a = sim.recorder.arrays()
+    assert (a["status"] == STATUSES.index(COMPLETED)).all()
+
+
+def test_sglang_prefill_pauses_the_running_decodes() -> None:
+    """A prompt that reaches an SGLang engine while another request decodes is prefilled in a step of its
+    own: that decoding request's next token waits for the whole prefill."""
+    sc = scenario(engine__kind="sglang", engine__async_scheduling=False)
+    sim = simulate(sc, stream=[Request(0, 0.0, 100, 40), Request(1, 0.05, 2000, 2)])
+    steps = sim.recorder.steps
+    prefill_steps = [i for i, n in enumerate(steps["prefill_tokens"]) if n == 2000]
+    assert len(prefill_steps) == 1 and steps["decode_seqs"][prefill_steps[0]] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Invariants under random small workloads and engine limits (hypothesis)
 # ---------------------------------------------------------------------------------------------
@@ -105,10 +135,12 @@ def test_async_scheduling_admits_an_arrival_one_step_later(async_scheduling: boo
 @settings(max_examples=examples(25))
 # an eviction mid-prefix let a waiting prompt in (fast-forward ran past the step that admitted it)
 @example(seed=90, seqs=4, extra_tokens=7, block=8, chunked=True, caching=True, preemption="swap", blocks=765,
-         replicas=2, router="least_outstanding_tokens", policy="fcfs", graphs=None, async_scheduling=True)
+         replicas=2, router="least_outstanding_tokens", policy="fcfs", graphs=None, async_scheduling=True,
+         sglang=False)
 # recompute of prompt + output past the token budget (the request and those behind it were lost)
 @example(seed=8072, seqs=10, extra_tokens=1196, block=16, chunked=False, caching=False, preemption="recompute",
-         blocks=288, replicas=1, router="round_robin", policy="fcfs", graphs=None, async_scheduling=False)
+         blocks=288, replicas=1, router="round_robin", policy="fcfs", graphs=None, async_scheduling=False,
+         sglang=False)
 @given(seed=st.integers(0, 10_000), seqs=st.integers(1, 12), extra_tokens=st.integers(0, 1500),
        block=st.sampled_from([8, 16, 32]), chunked=st.booleans(), caching=st.booleans(),
        preemption=st.sampled_from(["recompute", "swap"]), blocks=st.integers(150, 1200),
@@ -116,22 +148,23 @@ def test_async_scheduling_admits_an_arrival_one_step_later(async_scheduling: boo
                                                              "prefix_affinity"]),
        policy=st.sampled_from(["fcfs", "lpm"]),
        graphs=st.one_of(st.none(), st.lists(st.integers(1, 16), min_size=1, max_size=6)),
-       async_scheduling=st.booleans())
+       async_scheduling=st.booleans(), sglang=st.booleans())
 def test_invariants_hold_for_random_workloads_and_limits(seed, seqs, extra_tokens, block, chunked, caching,
                                                          preemption, blocks, replicas, router, policy,
-                                                         graphs, async_scheduling) -> None:
+                                                         graphs, async_scheduling, sglang) -> None:
     """check=True asserts after every step that used + cached-free + free == total blocks, that
     reference counts match the sequences, and that no step exceeds max_num_seqs or
     max_num_batched_tokens; here every request must also end completed or rejected, and
     step-by-step simulation must give the same times as fast-forward (also with any CUDA-graph
-    capture list: ``graphs``, None for vLLM's)."""
+    capture list: ``graphs``, None for vLLM's), with or without async scheduling and SGLang's prefill-alone
+    batching."""
     sc = scenario(seed=seed, replicas=replicas, router=router, engine__max_num_seqs=seqs,
                   engine__max_num_batched_tokens=seqs + 64 + extra_tokens, engine__block_size=block,
                   engine__enable_chunked_prefill=chunked, engine__enable_prefix_caching=caching,
                   engine__preemption=preemption, engine__swap_space_gib=0.5,
                   engine__num_gpu_blocks_override=blocks, engine__scheduling_policy=policy,
                   engine__cudagraph_capture_sizes=graphs, engine__async_scheduling=async_scheduling,
-                  workload__synthetic__num_requests=30)
+                  engine__kind="sglang" if sglang else "vllm", workload__synthetic__num_requests=30)
     sim = simulate(sc)
     a = sim.recorder.arrays()
     assert len(a["request_id"]) == sim.arrived == 30

@@ -271,6 +271,9 @@ def workload(scenario: Scenario, dep: Deployment, skip_bad_rows: bool,
 def engine_config(scenario: Scenario, dep: Deployment, tables: BlockTables,
                   check: bool = False) -> EngineConfig:
     e = scenario.spec.engine
+    if e.enable_mixed_chunk is not None and e.kind != "sglang":
+        raise KvsimError(f"is SGLang's --enable-mixed-chunk: set it with engine.kind sglang, not {e.kind}",
+                         field="engine.enable_mixed_chunk", value=e.enable_mixed_chunk, file=scenario.file)
     return EngineConfig(
         max_num_seqs=dep.limits.max_num_seqs, max_num_batched_tokens=dep.limits.max_num_batched_tokens,
         enable_chunked_prefill=dep.limits.enable_chunked_prefill,
@@ -278,7 +281,8 @@ def engine_config(scenario: Scenario, dep: Deployment, tables: BlockTables,
         preemption=e.preemption, swap_space_bytes=e.swap_space_gib * GIB,
         doc_kv_from_ssd=dep.layout.runtime.doc_kv_from_ssd, fast_forward=e.fast_forward, check=check,
         scheduling_policy=e.scheduling_policy,
-        async_scheduling=dep.cost.execution is not None and dep.cost.execution.host.overlapped)
+        async_scheduling=dep.cost.execution is not None and dep.cost.execution.host.overlapped,
+        prefill_alone=e.kind == "sglang" and not e.enable_mixed_chunk)
 
 
 def simulation(scenario: Scenario, *, check: bool = False,
@@ -310,7 +314,9 @@ def _disaggregated(scenario: Scenario, check: bool, record_steps: bool) -> Disag
                          f"{need:,} one request of max_model_len ({dec.max_model_len:,} tokens) needs; raise its tp "
                          "or lower engine.max_model_len", field="disaggregation.decode.tp",
                          value=d.decode.tp or spec.tp, file=scenario.file)
-    dec_cfg = replace(engine_config(scenario, dec, dec_tables, check), prefix_caching=False, doc_kv_from_ssd=False)
+    # a decode instance never prefills: SGLang's prefill-alone batching does not apply there
+    dec_cfg = replace(engine_config(scenario, dec, dec_tables, check), prefix_caching=False, doc_kv_from_ssd=False,
+                      prefill_alone=False)
     # gigabits per second (NIC ratings) -> bytes per second
     link = Link(d.link.bandwidth_gbps * 1e9 / 8, d.link.latency_us * 1e-6)
     return DisaggSimulation(pre, dec, engine_config(scenario, pre, pre_tables, check), dec_cfg, d.prefill.replicas,
@@ -407,11 +413,16 @@ CLOSED_LOOP_NOTE = ("closed loop: TTFT is how each client's cycle splits between
                     "and TPOT agree (README 'Accuracy against real vLLM')")
 
 # Engine kinds other than vLLM take their kernel times from that engine's imported profile, but
-# everything around the kernels stays vLLM's (kvsim.scenario.schema.EngineSpec.kind).
+# everything around the kernels stays vLLM's (kvsim.scenario.schema.EngineSpec.kind), except SGLang's
+# prefill batches (kvsim.serve.policy).
 OTHER_ENGINE_NOTE = ("engine kind {kind}: kernel times from {kind}'s imported profile where the calibration has "
-                     "them; the scheduler, memory planner and time between steps are vLLM's ({kind}'s own "
-                     "admission and batching are not modelled: judged against public {kind} runs, TTFT can be "
-                     "far off, README 'Accuracy against real vLLM')")
+                     "them; {scheduler}, memory planner and time between steps are vLLM's ({kind}'s own "
+                     "{unmodelled} are not modelled: judged against public {kind} runs, TTFT can be far off, "
+                     "README 'Accuracy against real vLLM')")
+OTHER_ENGINE_SCHEDULER = {
+    "sglang": ("the scheduler (but for SGLang's prefill batches, which run alone unless "
+               "engine.enable_mixed_chunk)", "token reservation for running requests and cache eviction order"),
+    "trtllm": ("the scheduler", "admission and batching")}
 
 
 def _peak_used(replicas: list[Replica], blocks: int) -> float:
@@ -547,7 +558,8 @@ def summarize(scenario: Scenario, sim: Simulation | DisaggSimulation, read_stats
     if spec.workload.closed_loop is not None:
         notes.append(CLOSED_LOOP_NOTE)
     if spec.engine.kind != "vllm":
-        notes.append(OTHER_ENGINE_NOTE.format(kind=spec.engine.kind))
+        scheduler, unmodelled = OTHER_ENGINE_SCHEDULER[spec.engine.kind]
+        notes.append(OTHER_ENGINE_NOTE.format(kind=spec.engine.kind, scheduler=scheduler, unmodelled=unmodelled))
     missing = unshipped(spec.engine.kind, dep.layout.methods)
     if missing:
         notes.append(f"KV method {', '.join(missing)} is not a feature {spec.engine.kind} ships: the run prices it "

@@ -126,8 +126,9 @@ class WorkloadSpec(_Strict):
 class EngineSpec(_Strict):
     # Defaults are vLLM's, kept in one place: kvsim.memory.EngineMemoryConfig (VLLM_DEFAULTS); the step
     # limits left unset below are vLLM's per GPU and version (kvsim/data/vllm_batch_defaults.yaml).
-    # kind: whose kernel database an imported calibration profile comes from; the scheduler is
-    # vLLM-like for every kind (docs/calibration.md).
+    # kind: whose kernel database an imported calibration profile comes from (docs/calibration.md); the
+    # scheduler is vLLM's for every kind, except that SGLang runs a prefill batch alone unless
+    # enable_mixed_chunk (kvsim.serve.policy)
     kind: Literal["vllm", "sglang", "trtllm"] = "vllm"
     # None: what `vllm serve` of the engine's vLLM version uses on the GPU (kvsim.memory.vllm_batch_limits,
     # kvsim/data/vllm_batch_defaults.yaml), reported in the summary's engine_limits
@@ -159,6 +160,9 @@ class EngineSpec(_Strict):
     cuda_graph_gib: float | None = Field(default=None, ge=0)  # vLLM >= 0.20's measured CUDA-graph estimate
     fast_forward: StrictBool = True
     scheduling_policy: Literal[POLICIES] = DEFAULT_POLICY  # type: ignore[valid-type]  # kvsim.serve.policy
+    # SGLang --enable-mixed-chunk (engine.kind sglang only): running decodes join each prefill batch; None or
+    # false: SGLang's default, a prefill batch runs alone and the decodes wait (kvsim.serve.policy)
+    enable_mixed_chunk: bool | None = Field(default=None, strict=True)
     # vLLM --data-parallel-size and --enable-expert-parallel (kvsim.spec.parallel): DP ranks of tp GPUs
     # each behind one endpoint; a MoE model's ranks step in lockstep
     data_parallel_size: int = Field(default=1, gt=0)

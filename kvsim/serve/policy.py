@@ -18,6 +18,17 @@ identical decode steps (:mod:`kvsim.serve.replica`), whatever the policy.
   differences (its radix tree's eviction order, the tokens it reserves for running requests) are
   not modelled.
 
+SGLang's batching (``EngineConfig.prefill_alone``: engine kind sglang without ``--enable-mixed-chunk``,
+SGLang's default): its scheduler runs a new prefill batch whenever one can be formed and the running
+decodes wait for it (``Scheduler.get_next_batch_to_run``, python/sglang/srt/managers/scheduler.py: a
+prefill batch takes precedence, and joins the running batch only under ``--enable-mixed-chunk``). A
+prefill batch continues a chunked prompt first, then takes waiting prompts whole while they fit the
+token budget (``--max-prefill-tokens``); only a batch's first prompt may be cut to the budget
+(``PrefillAdder.add_one_req``, schedule_policy.py: a prompt past what is left waits unless the batch is
+empty). Prefix hits are not counted against the budget when deciding whether a prompt fits (a prompt
+whose uncached part would fit waits a batch). With ``--enable-mixed-chunk`` kvsim keeps vLLM's step:
+decodes first, then prefill chunks.
+
 Policies only order and select: they never name a KV method (those act through the block tables).
 """
 
@@ -57,6 +68,45 @@ class VllmFcfs:
     """vLLM v1's scheduler (see the module docstring)."""
 
     def schedule(self, rep: Replica, now: float) -> StepPlan:
+        # a sequence swapped out to host memory (a vLLM preemption mode SGLang lacks) comes back through
+        # vLLM's step, which copies its blocks in
+        if rep.cfg.prefill_alone and not (rep.waiting and rep.waiting[0].swapped_blocks):
+            step = self._prefill_batch(rep, now)
+            if step is not None:
+                return step
+            return self._vllm_step(rep, now, admit=False)  # a decode batch: nothing could be prefilled
+        return self._vllm_step(rep, now, admit=True)
+
+    def _prefill_batch(self, rep: Replica, now: float) -> StepPlan | None:
+        """SGLang's prefill batch (module docstring), or None when no prompt can be prefilled now."""
+        bm, pre = rep.bm, rep.tables.prefill
+        budget = rep.cfg.max_num_batched_tokens
+        prefills: list[Seq] = []
+        for s in rep.ready(now)[1]:  # a chunked prompt continues first
+            n_new = min(s.prompt + s.generated - s.computed, budget)
+            need = pre[s.computed + n_new] - s.held
+            if need > bm.num_free:
+                break
+            if need > 0:
+                bm.append(s, need)
+            s.scheduled = n_new
+            budget -= n_new
+            prefills.append(s)
+        for s in self.admission_order(rep):
+            if budget <= 0 or len(rep.running) >= rep.cfg.max_num_seqs:
+                break
+            if prefills and s.total - s.computed > budget:
+                break  # only the batch's first prompt is cut to the budget
+            taken = rep.admit(s, now, budget)
+            if taken is None:
+                break
+            n_new = taken[0]
+            if n_new:
+                prefills.append(s)
+                budget -= n_new
+        return StepPlan([], prefills, 0.0, False) if prefills else None
+
+    def _vllm_step(self, rep: Replica, now: float, admit: bool) -> StepPlan:
         bm, tables = rep.bm, rep.tables
         dec, pre = tables.decode, tables.prefill
         budget = rep.cfg.max_num_batched_tokens
@@ -89,7 +139,7 @@ class VllmFcfs:
             i += 1
         decodes = order[:min(i, n_dec)]
         prefills = order[n_dec:i]
-        if not preempted:
+        if admit and not preempted:
             for s in self.admission_order(rep):
                 if budget <= 0 or len(rep.running) >= rep.cfg.max_num_seqs:
                     break

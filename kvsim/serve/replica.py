@@ -68,6 +68,8 @@ class EngineConfig:
     # scheduler plans step k + 1 while step k runs, so a request that arrives during step k first runs
     # in step k + 2 (module docstring, "Async scheduling")
     async_scheduling: bool = False
+    # SGLang without --enable-mixed-chunk: a step that prefills runs no decode (kvsim.serve.policy)
+    prefill_alone: bool = False
 
 
 class Work:
