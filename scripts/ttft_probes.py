@@ -23,7 +23,9 @@ kvsim's own option, which is off by default (README, "TTFT: what the development
                   --max-prefill-tokens waits for the next batch unless the batch is empty; aiconfigurator's
                   deployment sets it to isl + 1500 with --enable-mixed-chunk, the decode rows counting
                   against it): the step budget becomes the decodes plus the whole prompts that fit, where
-                  kvsim's vLLM-like scheduler would chunk the next prompt into what is left
+                  kvsim's vLLM-like scheduler would chunk the next prompt into what is left (kvsim now runs
+                  SGLang's own prefill batches, whole prompts included, on rows without --enable-mixed-chunk:
+                  kvsim.serve.policy; this probe changes the budget of every SGLang row on top of that)
 
 Each line also gives the closed-loop cycle, TTFT + (output - 1) x TPOT, against the measured one: a cycle
 that agrees while TTFT misses says the time is right and its split between waiting and decoding is not.
