@@ -52,12 +52,14 @@ LPM_MAX_QUEUE = 128  # SGLang: above this many waiting requests, lpm falls back 
 @dataclass(frozen=True, slots=True)
 class StepPlan:
     """One step as scheduled: its decoding and prefilling sequences (each with ``scheduled`` tokens),
-    the seconds of swap copies it waits for, and whether anything was preempted."""
+    the seconds of swap copies it waits for, whether anything was preempted, and whether a decode-only
+    step repeats until a sequence ends or an outside event (what fast-forward relies on)."""
 
     decodes: list[Seq]
     prefills: list[Seq]
     transfer_s: float
     preempted: bool
+    repeats: bool = True
 
 
 class Policy(Protocol):
@@ -74,7 +76,12 @@ class VllmFcfs:
             step = self._prefill_batch(rep, now)
             if step is not None:
                 return step
-            return self._vllm_step(rep, now, admit=False)  # a decode batch: nothing could be prefilled
+            decode = self._vllm_step(rep, now, admit=False)  # a decode batch: nothing could be prefilled
+            # A waiting prompt refused its blocks was refused before this step's decodes took theirs, which
+            # may evict a cached block and let it in at the next step (vLLM's step admits after its decodes,
+            # so there fast-forward holds): this step does not repeat.
+            refused = bool(rep.waiting) and rep.schedulable(rep.waiting[0]) and len(rep.running) < rep.cfg.max_num_seqs
+            return StepPlan(decode.decodes, decode.prefills, decode.transfer_s, decode.preempted, repeats=not refused)
         return self._vllm_step(rep, now, admit=True)
 
     def _prefill_batch(self, rep: Replica, now: float) -> StepPlan | None:

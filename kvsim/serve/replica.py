@@ -168,7 +168,8 @@ class Replica:
         else:
             horizon = min(next_arrival_s, self.next_ready_s(now))  # loads admitted just now included
             # a held-back arrival joins the next plan: this run is one step
-            steps, end = self._decode_run(now, decodes, horizon, cfg.fast_forward and not step.preempted and not held)
+            fast = cfg.fast_forward and not step.preempted and not held and step.repeats
+            steps, end = self._decode_run(now, decodes, horizon, fast)
         self.steps += steps
         self.work = Work(now, end, steps, decodes, prefills)
         if self.bm.num_used > self.peak_used_blocks:
