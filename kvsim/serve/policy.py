@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ class VllmFcfs:
             # may evict a cached block and let it in at the next step (vLLM's step admits after its decodes,
             # so there fast-forward holds): this step does not repeat.
             refused = bool(rep.waiting) and rep.schedulable(rep.waiting[0]) and len(rep.running) < rep.cfg.max_num_seqs
-            return StepPlan(decode.decodes, decode.prefills, decode.transfer_s, decode.preempted, repeats=not refused)
+            return replace(decode, repeats=not refused)
         return self._vllm_step(rep, now, admit=True)
 
     def _prefill_batch(self, rep: Replica, now: float) -> StepPlan | None:
