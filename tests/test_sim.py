@@ -98,6 +98,26 @@ def test_async_scheduling_admits_an_arrival_one_step_later(async_scheduling: boo
     assert alone["scheduled_s"][0] == 1e-3
 
 
+def test_async_fast_forward_runs_through_the_held_step() -> None:
+    """A request that arrives during a decode run is held back one step under async scheduling, which it
+    cannot change: the run goes on through that step (one priced run, not a run cut at the arrival and a
+    lone step after it) and the request joins the plan after it, when step-by-step simulation admits it."""
+    stream = [Request(0, 0.0, 1000, 60), Request(1, 0.2, 1000, 5)]
+    fast = simulate(scenario(engine__async_scheduling=True), stream=stream)
+    slow = simulate(scenario(engine__async_scheduling=True, engine__fast_forward=False), stream=stream)
+    a, b = fast.recorder.arrays(), slow.recorder.arrays()
+    np.testing.assert_array_equal(a["scheduled_s"], b["scheduled_s"])
+    np.testing.assert_array_equal(a["finish_s"], b["finish_s"])
+    st_ = fast.recorder.steps
+    joins = list(st_["start_s"]).index(a["scheduled_s"][1])
+    before = joins - 1  # the run before the step that admits request 1 covers the arrival and the held step
+    assert st_["start_s"][before] < 0.2 <= st_["end_s"][before] and st_["steps"][before] >= 2
+    # step by step, the step before the admission is the held one: a decode step that starts after the arrival
+    slow_st = slow.recorder.steps
+    i = list(slow_st["start_s"]).index(b["scheduled_s"][1])
+    assert slow_st["start_s"][i - 1] >= 0.2 > slow_st["start_s"][i - 2] and slow_st["prefill_seqs"][i - 1] == 0
+
+
 @pytest.mark.parametrize("mixed", [None, True])
 def test_sglang_runs_a_prefill_batch_alone_unless_mixed_chunk(mixed: bool | None) -> None:
     """SGLang (engine kind sglang, SGLang's default): each prefill batch runs without the running decodes and

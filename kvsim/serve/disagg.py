@@ -244,7 +244,8 @@ class DisaggSimulation(ReplicaTotals):
                     horizon = nxt.arrival_s if nxt is not None else INF
                 else:
                     horizon = self._decode_horizon(r, nxt, pending, n_pre)
-                work = rep.plan(now, horizon)
+                # a decode instance's horizon may be a transfer landing, which no step holds back
+                work = rep.plan(now, horizon, arrival_lags=r < n_pre)
                 when = work.end_s if work is not None else rep.next_ready_s(now)
                 if when < INF:
                     version[r] += 1

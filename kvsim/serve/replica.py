@@ -26,7 +26,9 @@ left in flight schedules what waits at once. A request whose output length ends 
 scheduled for step k + 1 (vLLM's scheduler skips a request whose in-flight step reaches max_tokens),
 so finishing costs nothing extra. kvsim tags each arrival with the plan it may first join (``Seq.
 first_plan``): the next plan, or the one after it when it arrives while a step of its replica is in
-flight under async scheduling.
+flight under async scheduling. The step that holds such an arrival back is the same whether it arrived or
+not, so a fast-forwarded decode run whose horizon is that arrival goes on through it (``Work.lag_end_s``):
+one priced run instead of a run cut at the arrival and a lone step after it, with identical results.
 """
 
 from __future__ import annotations
@@ -73,14 +75,17 @@ class EngineConfig:
 
 
 class Work:
-    """A planned engine step, or a fast-forwarded run of ``steps`` identical decode steps."""
+    """A planned engine step, or a fast-forwarded run of ``steps`` identical decode steps. Under async
+    scheduling a run may end with the step that holds back the arrival at its horizon: ``lag_end_s``
+    is then that step's start, and only an arrival after it waits for a second plan (module docstring)."""
 
-    __slots__ = ("start_s", "end_s", "steps", "decodes", "prefills")
+    __slots__ = ("start_s", "end_s", "steps", "decodes", "prefills", "lag_end_s")
 
     def __init__(self, start_s: float, end_s: float, steps: int, decodes: list[Seq],
-                 prefills: list[Seq]) -> None:
+                 prefills: list[Seq], lag_end_s: float = -INF) -> None:
         self.start_s, self.end_s, self.steps = start_s, end_s, steps
         self.decodes, self.prefills = decodes, prefills
+        self.lag_end_s = lag_end_s
 
 
 class Replica:
@@ -128,7 +133,10 @@ class Replica:
 
     def enqueue(self, seq: Seq) -> None:
         seq.replica = self.index
-        seq.first_plan = self.plans + (2 if self.cfg.async_scheduling and self.busy else 1)
+        w = self.work
+        # the arrival is processed while ``w`` runs (at a step's end it comes before the next plan)
+        lagged = self.cfg.async_scheduling and w is not None and seq.req.arrival_s > w.lag_end_s
+        seq.first_plan = self.plans + (2 if lagged else 1)
         self.tables.ensure(seq.prompt + seq.out)
         self.waiting.append(seq)
 
@@ -137,10 +145,12 @@ class Replica:
         return seq.first_plan <= self.plans + 1
 
     # ------------------------------------------------------------------ scheduling
-    def plan(self, now: float, next_arrival_s: float) -> Work | None:
+    def plan(self, now: float, next_arrival_s: float, arrival_lags: bool = True) -> Work | None:
         """Schedule the step starting at ``now`` with the replica's policy (and, if it is a plain
         decode step, the identical steps after it that start before the next arrival or document
-        load); its blocks are committed as it is scheduled; return it."""
+        load); its blocks are committed as it is scheduled; return it. ``arrival_lags``: the event at
+        ``next_arrival_s`` is a request this replica's ``enqueue`` may hold back (async scheduling),
+        not an event that acts at once (a transfer landing on a disaggregated decode instance)."""
         cfg = self.cfg
         step = self.policy.schedule(self, now)
         # Waiting sequences that joined the queue most recently are at its back (a preempted one goes
@@ -160,18 +170,22 @@ class Replica:
             assert len(self.running) <= cfg.max_num_seqs
             assert sum(s.scheduled for s in decodes) + sum(s.scheduled for s in prefills) \
                 <= cfg.max_num_batched_tokens
-        steps = 1
+        steps, lag_end = 1, -INF
         if not decodes and not prefills:  # only swap copies this step
             end = now + transfer_s
         elif prefills or transfer_s:
             end = now + self._step_s(decodes, prefills) + transfer_s
         else:
-            horizon = min(next_arrival_s, self.next_ready_s(now))  # loads admitted just now included
+            ready_s = self.next_ready_s(now)  # loads admitted just now included
+            horizon = min(next_arrival_s, ready_s)
             # a held-back arrival joins the next plan: this run is one step
             fast = cfg.fast_forward and not step.preempted and not held and step.repeats
-            steps, end = self._decode_run(now, decodes, horizon, fast)
+            # the run may go on through the step that holds back the arrival at its horizon, if that
+            # step starts before a document load lands
+            lag_before_s = ready_s if cfg.async_scheduling and arrival_lags and next_arrival_s < ready_s else -INF
+            steps, end, lag_end = self._decode_run(now, decodes, horizon, fast, lag_before_s)
         self.steps += steps
-        self.work = Work(now, end, steps, decodes, prefills)
+        self.work = Work(now, end, steps, decodes, prefills, lag_end)
         if self.bm.num_used > self.peak_used_blocks:
             self.peak_used_blocks = self.bm.num_used
         if self.observe is not None:
@@ -283,8 +297,12 @@ class Replica:
             return float(self.cost.decode_times_s(batch.decode_context, 1)[0])
         return self.cost.step_time_s(batch)
 
-    def _decode_run(self, now: float, decodes: list[Seq], horizon: float, fast: bool) -> tuple[int, float]:
-        """Steps and end time of a decode-only run starting at ``now`` (step 0's blocks are taken)."""
+    def _decode_run(self, now: float, decodes: list[Seq], horizon: float, fast: bool,
+                    lag_before_s: float) -> tuple[int, float, float]:
+        """Steps, end time and ``Work.lag_end_s`` of a decode-only run starting at ``now`` (step 0's
+        blocks are taken). The event at ``horizon`` is an arrival that async scheduling holds back a
+        step, which that arrival cannot change, when ``lag_before_s`` is above ``horizon``: the run goes
+        on through that step if it starts before ``lag_before_s`` (the next other outside event)."""
         contexts = [s.computed - s.dropped for s in decodes]
         ctx = np.array(contexts, dtype=np.int64)
         k = min(s.out - s.generated for s in decodes) if fast else 1
@@ -303,9 +321,12 @@ class Replica:
         self.last_decode_s = times[-1]
         end = now + times[0]
         steps = 1
+        lag_end = -INF
         for dt in times[1:]:  # the same float additions as step-by-step simulation
             if end >= horizon:  # the next step would start at or after the next outside event
-                break
+                if lag_end > -INF or end >= lag_before_s:
+                    break
+                lag_end = end  # ... which arrived during the step that ends here: the next one holds it back
             end += dt
             steps += 1
         if steps > 1:
@@ -314,7 +335,7 @@ class Replica:
                 more = dec[c + steps] - dec[c + 1]
                 if more:
                     bm.append(s, more)
-        return steps, end
+        return steps, end, lag_end
 
     def _steps_with_blocks(self, ctx: np.ndarray, k: int, free: int) -> int:
         """Most steps (<= k) whose extra blocks, beyond step 0's, fit in ``free`` blocks."""
