@@ -4,16 +4,9 @@ they differ, and the 'all' row over every group."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("judge_by_system", ROOT / "scripts" / "judge_by_system.py")
-jbs = importlib.util.module_from_spec(_spec)
-sys.modules["judge_by_system"] = jbs
-assert _spec.loader is not None
-_spec.loader.exec_module(jbs)
+jbs = load_script("judge_by_system")
 
 
 def test_table_gives_medians_worsts_and_engine_defaults_in_brackets() -> None:

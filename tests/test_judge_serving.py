@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, examples, shared_file
+from conftest import ROOT, examples, load_script, shared_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -586,10 +586,7 @@ def test_the_public_vllm_runs_are_judged_as_the_readme_says() -> None:
 def test_readme_moe_layer_figures_are_current() -> None:
     """kvsim's MoE layer against vLLM's own fused-MoE kernel as NVIDIA's database measured it (H100, vLLM
     0.24): the README's figures are what scripts/moe_vs_aiconfigurator.py gives from this checkout."""
-    spec = importlib.util.spec_from_file_location("moe_vs_aic", ROOT / "scripts" / "moe_vs_aiconfigurator.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("moe_vs_aiconfigurator")
     got = mod.summary(mod.compare("h100_sxm", "0.24.0"))
     readme = " ".join((ROOT / "README.md").read_text().split())
     med, worst, n = got["fp8_block"]
@@ -602,10 +599,7 @@ def test_readme_moe_layer_figures_are_current() -> None:
 def test_readme_mla_module_figures_are_current() -> None:
     """kvsim's MLA attention block against vLLM's whole MLA module as NVIDIA's database measured it (H100 and
     H200, vLLM 0.24): the README's figures are what scripts/mla_vs_aiconfigurator.py gives from this checkout."""
-    spec = importlib.util.spec_from_file_location("mla_vs_aic", ROOT / "scripts" / "mla_vs_aiconfigurator.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("mla_vs_aiconfigurator")
     readme = " ".join((ROOT / "README.md").read_text().split())
     for system, sep in (("h200_sxm", " and "), ("h100_sxm", " / ")):
         got = mod.summary(mod.compare(system, "0.24.0", None))
@@ -616,10 +610,7 @@ def test_readme_mla_module_figures_are_current() -> None:
 def test_the_shipped_host_step_is_a_fresh_fit_of_the_development_set() -> None:
     """kvsim/data/vllm_host_step.yaml is what scripts/fit_host_step.py fits from the measured file now
     (nothing measured typed in by hand)."""
-    spec = importlib.util.spec_from_file_location("fit_host_step", ROOT / "scripts" / "fit_host_step.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("fit_host_step")
     shipped = load_data_yaml((ROOT / "kvsim" / "data" / "vllm_host_step.yaml").read_text())
     assert mod.fit(shared_file("measured", "vllm_h100_qwen3-32b_closed_loop.csv")) == shipped
     assert 0 < shipped["sync"]["fixed_s"] < 5e-3 and 0 < shipped["sync"]["per_sequence_s"] < 1e-4  # host-CPU sizes
@@ -655,10 +646,7 @@ def test_the_closed_loop_example_predicts_the_development_set_row_it_mirrors():
 def test_the_shipped_eager_launch_is_a_fresh_fit_of_its_measurements() -> None:
     """kvsim/data/eager_launch.yaml is what scripts/fit_eager_launch.py fits from the committed eager
     measurements now (nothing measured typed in by hand)."""
-    spec = importlib.util.spec_from_file_location("fit_eager_launch", ROOT / "scripts" / "fit_eager_launch.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("fit_eager_launch")
     shipped = load_data_yaml((ROOT / "kvsim" / "data" / "eager_launch.yaml").read_text())
     assert mod.fit() == shipped
     assert 1e-4 < shipped["eager"]["layer_s"] < 2e-3  # host-CPU sizes: tenths of a millisecond per layer

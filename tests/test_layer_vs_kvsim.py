@@ -5,20 +5,16 @@ side is its decode-step term spread over gpt-oss-120b's 36 layers, and a run fil
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from kvsim.api import predict
 from kvsim.spec.model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("layer_vs_kvsim", ROOT / "scripts" / "layer_vs_kvsim.py")
-lvk = importlib.util.module_from_spec(_spec)
-sys.modules["layer_vs_kvsim"] = lvk
-_spec.loader.exec_module(lvk)
+lvk = load_script("layer_vs_kvsim")
 
 OPS_US = {"norm": 2.0, "qkv": 5.0, "rope": 2.5, "kv_write": 2.2, "attention": 11.0, "o_proj": 4.0, "router": 5.5,
           "routing": 7.0, "gemm1": 26.0, "gemm2": 33.0}

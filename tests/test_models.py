@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, SHARED_DATA, shared_file
+from conftest import ROOT, SHARED_DATA, load_script, shared_file
 
 from kvsim.errors import KvsimError
 from kvsim.kv import layout_for
@@ -27,13 +27,7 @@ def test_catalogue_has_every_required_model() -> None:
 
 def _builder():
     """scripts/build_model_catalogue.py, whose config_path looks in models/configs/ before ../shared."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("build_model_catalogue",
-                                                  ROOT / "scripts" / "build_model_catalogue.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("build_model_catalogue")
 
 
 @pytest.mark.parametrize("name", model_names())

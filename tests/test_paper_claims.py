@@ -6,22 +6,17 @@ same points' deployments, so this module adds well under a second of simulation 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import examples
+from conftest import examples, load_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("paper_claims", ROOT / "scripts" / "paper_claims.py")
-pc = importlib.util.module_from_spec(_spec)
-sys.modules["paper_claims"] = pc  # dataclasses resolve the module by name
-_spec.loader.exec_module(pc)
+pc = load_script("paper_claims")
 
 # kvsim's figures as docs/paper-claims.md reports them, with how far each may drift. Figures read
 # off the memory plan alone are exact; figures that go through step times (the cost model's

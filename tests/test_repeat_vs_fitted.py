@@ -4,18 +4,12 @@ apart, and the summary's nearest-rank percentiles."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("repeat_vs_fitted", ROOT / "scripts" / "repeat_vs_fitted.py")
-rvf = importlib.util.module_from_spec(_spec)
-sys.modules["repeat_vs_fitted"] = rvf
-assert _spec.loader is not None
-_spec.loader.exec_module(rvf)
+rvf = load_script("repeat_vs_fitted")
 
 GEMM = "dtype,m,n,k,time_s,flops,bytes,layer,run\n"
 DECODE = ("method,batch,q_heads,kv_heads,head_dim,context,params,time_s,bytes_read,flops,rel_error,kvsim_spec,phase,"
