@@ -58,7 +58,7 @@ def ratios(repeat: Path, fitted: Path) -> dict[str, list[float]]:
 
 
 def summary(rs: list[float]) -> dict[str, float]:
-    """Median, p10, p90 (nearest rank) and range of the ratios."""
+    """Median, p10 and p90 (the sorted ratios at index n // 10 and 9 n // 10) and range of the ratios."""
     s = sorted(rs)
     n = len(s)
     return {"n": n, "median": statistics.median(s), "p10": s[n // 10], "p90": s[min(n - 1, 9 * n // 10)],

@@ -1,6 +1,6 @@
 """scripts/repeat_vs_fitted.py: a repeated device run against the fitted rows. Known answers on hand-made
 CSVs: ratios per kernel over shared points only, the last row of a point counting, ``src=`` rows kept
-apart, and the summary's nearest-rank percentiles."""
+apart, and the summary's percentiles (sorted ratios at n // 10 and 9 n // 10)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,6 @@ def test_ratios_per_kernel_over_shared_points(tmp_path: Path) -> None:
     assert got["attention_decode fa src=with-metadata"] == pytest.approx([1.5])
 
 
-def test_summary_takes_nearest_rank_percentiles() -> None:
+def test_summary_takes_percentiles_at_tenths_of_the_sorted_ratios() -> None:
     s = rvf.summary([float(x) for x in range(20, 0, -1)])
     assert s == {"n": 20, "median": 10.5, "p10": 3.0, "p90": 19.0, "min": 1.0, "max": 20.0}
