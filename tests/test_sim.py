@@ -118,6 +118,27 @@ def test_async_fast_forward_runs_through_the_held_step() -> None:
     assert slow_st["start_s"][i - 1] >= 0.2 > slow_st["start_s"][i - 2] and slow_st["prefill_seqs"][i - 1] == 0
 
 
+def test_sglang_takes_vllms_step_while_any_sequence_waits_swapped_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sequence swapped out to host memory comes back through vLLM's step, which prices its copy. It need
+    not head the waiting queue: once swap space runs out, a later preemption recomputes and goes in front of
+    it. SGLang's prefill batch is not tried while any swapped-out sequence waits."""
+    from types import SimpleNamespace
+
+    from kvsim.serve.policy import StepPlan, VllmFcfs
+
+    taken: list[str] = []
+    monkeypatch.setattr(VllmFcfs, "_prefill_batch", lambda self, rep, now: taken.append("prefill batch"))
+    def vllm_step(self: VllmFcfs, rep: object, now: float, admit: bool) -> StepPlan:
+        taken.append(f"vllm admit={admit}")
+        return StepPlan([], [], 0.0, False)
+
+    monkeypatch.setattr(VllmFcfs, "_vllm_step", vllm_step)
+    recomputed, swapped = SimpleNamespace(swapped_blocks=0), SimpleNamespace(swapped_blocks=3)
+    rep = SimpleNamespace(cfg=SimpleNamespace(prefill_alone=True), waiting=[recomputed, swapped], swap_used_blocks=3)
+    VllmFcfs().schedule(rep, 0.0)  # type: ignore[arg-type]
+    assert taken == ["vllm admit=True"]
+
+
 @pytest.mark.parametrize("mixed", [None, True])
 def test_sglang_runs_a_prefill_batch_alone_unless_mixed_chunk(mixed: bool | None) -> None:
     """SGLang (engine kind sglang, SGLang's default): each prefill batch runs without the running decodes and

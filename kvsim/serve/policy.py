@@ -71,8 +71,9 @@ class VllmFcfs:
 
     def schedule(self, rep: Replica, now: float) -> StepPlan:
         # a sequence swapped out to host memory (a vLLM preemption mode SGLang lacks) comes back through
-        # vLLM's step, which copies its blocks in
-        if rep.cfg.prefill_alone and not (rep.waiting and rep.waiting[0].swapped_blocks):
+        # vLLM's step, which copies its blocks in: while any waits (it need not be first in the queue, when
+        # swap space ran out and a later preemption recomputes), the replica takes vLLM's step
+        if rep.cfg.prefill_alone and not rep.swap_used_blocks:
             step = self._prefill_batch(rep, now)
             if step is not None:
                 return step
