@@ -607,6 +607,40 @@ def test_readme_mla_module_figures_are_current() -> None:
         assert f"{few}{sep}{many} after" in readme, (system, few, many)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("aiconfigurator_core") is None, reason="needs kvsim[aic]")
+def test_versus_aiconfigurator_prices_the_rows_kvsim_judged_and_counts_what_it_cannot(tmp_path: Path) -> None:
+    """scripts/versus_aiconfigurator.py: aiconfigurator's own estimate of each row kvsim judged, from the
+    config.json aiconfigurator ships (Meta's Llama 3.1 under its old names), FP8-labelled rows with FP8
+    weights; a row it cannot price is counted with its reason; kvsim's errors are the given predictions'."""
+    mod = load_script("versus_aiconfigurator")
+    assert mod.shipped_name("meta-llama/Llama-3.1-70B") == "meta-llama/Meta-Llama-3.1-70B"
+    assert mod.shipped_name("nvidia/Llama-3.1-8B-Instruct-FP8") == "meta-llama/Meta-Llama-3.1-8B"
+    assert mod.shipped_name("Qwen/Qwen3-32B") == "Qwen/Qwen3-32B"
+    assert mod.shipped_name("org/unknown-model") == "org/unknown-model"
+    fp8 = ROWS[0] | {"precision": "fp8", "gemm_quant_mode": "fp8"}  # FP8_WEIGHTS
+    path = write(tmp_path / "m.csv", [ROWS[0], fp8, ROWS[0] | {"system": "no_such_gpu"}])
+    c = mod.compare(path, [(2, 50.0, 7.7), (3, 50.0, 7.7), (4, 50.0, 7.7)])
+    assert sum(c.refused.values()) == 1 and "no vllm database for no_such_gpu" in next(iter(c.refused))
+    (errs,) = c.errors.values()
+    assert [e[:2] for e in errs] == [pytest.approx((0.25, 0.1))] * 2  # (50 - 40) / 40, (7.7 - 7) / 7
+    bf16, fp8 = c.rows
+    assert fp8["aiconfigurator_tpot_ms"] < bf16["aiconfigurator_tpot_ms"]  # half the weight bytes a step
+    assert {r["line"] for r in c.rows} == {2, 3}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("aiconfigurator_core") is None, reason="needs kvsim[aic]")
+def test_readme_versus_aiconfigurator_development_set_figures_are_current() -> None:
+    """The README's kvsim-versus-aiconfigurator line for the development set is what the script gives now."""
+    judged, _ = judge(shared_file("measured", "vllm_h100_qwen3-32b_closed_loop.csv"))
+    mod = load_script("versus_aiconfigurator")
+    c = mod.compare(shared_file("measured", "vllm_h100_qwen3-32b_closed_loop.csv"),
+                    [(j.row.line, j.ttft_ms, j.tpot_ms) for j in judged])
+    *_, n, kt, at, kp, ap = c.table()[-1]
+    cells = " | ".join(f"{100 * m:.1f}% / {100 * p:.1f}%" for m, p in (kt, at, kp, ap))
+    assert f"| development set (vLLM 0.12.0, Qwen3-32B, H100, TP 2/4/8) | {n} | {cells} |" in (
+        ROOT / "README.md").read_text()
+
+
 def test_the_shipped_host_step_is_a_fresh_fit_of_the_development_set() -> None:
     """kvsim/data/vllm_host_step.yaml is what scripts/fit_host_step.py fits from the measured file now
     (nothing measured typed in by hand)."""
