@@ -18,7 +18,7 @@ Needs kvsim[aic].
         --json > /tmp/dev.json
     .venv/bin/python scripts/versus_aiconfigurator.py /tmp/dev.json
     .venv/bin/kvsim validate --serving aiconfigurator --json > /tmp/judge.json   # about 8 minutes
-    .venv/bin/python scripts/versus_aiconfigurator.py /tmp/judge.json            # about 5 minutes
+    .venv/bin/python scripts/versus_aiconfigurator.py /tmp/judge.json            # about 20 seconds
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvsim.importers.aiconfigurator import data_root
-from kvsim.judge_serving import FP8_BLOCK_LABELS, FP8_WEIGHTS, deployment_named, read_rows
+from kvsim.judge_serving import FP8_BLOCK_LABELS, FP8_WEIGHTS, Row, deployment_named, read_rows
 
 
 def shipped_name(model: str) -> str:
@@ -49,7 +49,7 @@ def shipped_name(model: str) -> str:
     return alias if alias in shipped else model
 
 
-def aic_predict(row, budget_tokens: int, cache: dict) -> tuple[float, float] | str:
+def aic_predict(row: Row, budget_tokens: int, cache: dict) -> tuple[float, float] | str:
     """(TTFT ms, TPOT ms) from aiconfigurator's run_agg for one row, or why it cannot price it."""
     from aiconfigurator_core.sdk import common, config
     from aiconfigurator_core.sdk.backends.factory import get_backend
@@ -85,7 +85,7 @@ def aic_predict(row, budget_tokens: int, cache: dict) -> tuple[float, float] | s
 
 
 def _stats(errs: list[float]) -> tuple[float, float]:
-    """(median, p90) of the absolute errors."""
+    """(median, p90) of the absolute errors; p90 is the sorted value at 0.9 x (n - 1), rounded down."""
     a = sorted(abs(e) for e in errs)
     return statistics.median(a), a[int(0.9 * (len(a) - 1))]
 
