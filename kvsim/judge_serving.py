@@ -282,6 +282,7 @@ class Judged:
     ttft_ms: float
     tpot_ms: float
     calibration: str  # where the GPU's profile came from (Calibration.label)
+    weights: str  # the precision the run's weights were served in (a run summary's scenario.weights)
 
     @property
     def ttft_error(self) -> float:
@@ -799,7 +800,7 @@ def _judge_row(row: Row, checkpoint: Checkpoint, calibration: str | None, deploy
         reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)
         return f"kvsim rejects the requests: {reasons}"
     return Judged(row, checkpoint.name, hardware, s["ttft_s"]["mean"] * 1e3, s["tpot_s"]["mean"] * 1e3,
-                  s["scenario"]["calibration"]["label"])
+                  s["scenario"]["calibration"]["label"], s["scenario"]["weights"])
 
 
 def configuration(row: Row) -> Row:

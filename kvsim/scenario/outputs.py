@@ -202,4 +202,6 @@ def text_summary(summary: dict) -> str:
     elif side:
         lines.append(f"  side channel ({side['policy']} sharing): {side.get('note', '')}")
     lines += [f"  note: {n}" for n in summary.get("notes", [])]
+    if "track_record" in summary:
+        lines.append(f"  track record: {summary['track_record']['note']}")
     return "\n".join(lines)

@@ -451,6 +451,7 @@ def _disagg_summary(scenario: Scenario, sim: DisaggSimulation, duration: float) 
 
 def summarize(scenario: Scenario, sim: Simulation | DisaggSimulation, read_stats: ReadStats) -> dict:
     """The run's summary (JSON-able; the same scenario and seed give the same numbers)."""
+    from kvsim import track_record
     from kvsim.cost.model import calibration_summary
     from kvsim.engines import unshipped
     from kvsim.spec.parallel import Parallel
@@ -566,4 +567,7 @@ def summarize(scenario: Scenario, sim: Simulation | DisaggSimulation, read_stats
                      f"on {spec.engine.kind}'s kernels as a what-if")
     if notes:
         summary["notes"] = notes
+    # how far kvsim's answers have been from real engines on this model, GPU and engine (kvsim.track_record)
+    summary["track_record"] = track_record.records().entry(dep.plan.hardware.name, spec.engine.kind,
+                                                           dep.plan.model.name, summary["scenario"]["weights"])
     return summary
