@@ -2,13 +2,12 @@
 
 Every serving answer says how wrong kvsim has been before on the nearest thing it was judged on: the
 same model with its weights in the same precision on the same GPU and engine, else the same GPU and
-engine over every model judged there, else that no
-public run of that GPU and engine was judged. The figures are the serving judge's (``kvsim validate
---serving aiconfigurator``: every expressible run of aiconfigurator's public silicon sample, the
-aiconfigurator deployment), written to ``kvsim/data/judged_accuracy.yaml`` by
-``scripts/judged_accuracy.py`` with the commit they were judged at. They describe those benchmark runs
-(closed loops of 4-512 clients, fixed prompt and output lengths, each engine's release of the day), not a
-bound on any other workload; nothing is fitted to them.
+engine over every model judged there, else that no public run of that GPU and engine was judged. The
+figures are the serving judge's (``kvsim validate --serving aiconfigurator``: every expressible run of
+aiconfigurator's public silicon sample, the aiconfigurator deployment), written to
+``kvsim/data/judged_accuracy.yaml`` by ``scripts/judged_accuracy.py`` with the commit they were judged
+at. They describe those benchmark runs (closed loops of up to 512 clients, fixed prompt and output
+lengths, each engine's release of the day), not a bound on any other workload; nothing is fitted to them.
 """
 
 from __future__ import annotations
