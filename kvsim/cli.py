@@ -602,7 +602,8 @@ def _validate_serving(path: Path, as_json: bool, calibration: str | None, sets: 
                                     "isl": j.row.isl, "osl": j.row.osl,
                                     "concurrency": j.row.concurrency, "ttft_ms": j.row.ttft_ms,
                                     "predicted_ttft_ms": j.ttft_ms, "tpot_ms": j.row.tpot_ms,
-                                    "predicted_tpot_ms": j.tpot_ms} for j in judged]}, indent=2))
+                                    "predicted_tpot_ms": j.tpot_ms, "weights": j.weights,
+                                    "max_num_batched_tokens": j.budget_tokens} for j in judged]}, indent=2))
         return
     print(f"{'gpu':<13} {'engine':<16} {'model':<18} {'prec':<11} {'tp':>3} {'rows':>5} {'configs':>7}   "
           f"{'TTFT median':>11} {'p90':>7} {'worst':>7}   {'TPOT median':>11} {'p90':>7} {'worst':>7}   calibration")

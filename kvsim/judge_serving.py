@@ -283,6 +283,7 @@ class Judged:
     tpot_ms: float
     calibration: str  # where the GPU's profile came from (Calibration.label)
     weights: str  # the precision the run's weights were served in (a run summary's scenario.weights)
+    budget_tokens: int  # the run's token budget a step (its resolved max_num_batched_tokens)
 
     @property
     def ttft_error(self) -> float:
@@ -800,7 +801,8 @@ def _judge_row(row: Row, checkpoint: Checkpoint, calibration: str | None, deploy
         reasons = ", ".join(k for k, v in s["rejected"]["by_reason"].items() if v)
         return f"kvsim rejects the requests: {reasons}"
     return Judged(row, checkpoint.name, hardware, s["ttft_s"]["mean"] * 1e3, s["tpot_s"]["mean"] * 1e3,
-                  s["scenario"]["calibration"]["label"], s["scenario"]["weights"])
+                  s["scenario"]["calibration"]["label"], s["scenario"]["weights"],
+                  s["scenario"]["engine_limits"]["max_num_batched_tokens"])
 
 
 def configuration(row: Row) -> Row:

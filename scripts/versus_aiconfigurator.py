@@ -3,14 +3,14 @@
 For every row kvsim's serving judge predicted (the JSON of ``kvsim validate --serving FILE --json``, a
 silicon-sample CSV), this asks aiconfigurator-core's aggregated-serving model for the same
 configuration (``BaseBackend.run_agg``: its per-operation database for the row's GPU and engine, the
-database version aiconfigurator calls "current", with the token budget the judge's deployment gives the
-row's server as ``ctx_tokens``) and reports both tools' absolute TTFT and TPOT errors over the rows
+database version aiconfigurator calls "current", with the token budget of kvsim's run of the row, its
+deployment's, as ``ctx_tokens``) and reports both tools' absolute TTFT and TPOT errors over the rows
 both priced. A row aiconfigurator cannot price (a model whose config.json it does not ship, a
 database it lacks) is counted with its reason, never dropped in silence.
 
 Both tools get the same configuration: GPU, engine, TP and the MoE/attention-DP layout, weights and
-KV precisions as the row labels them (an FP8-labelled row with an FP8 KV cache, as the aiconfigurator
-deployment gives it), clients as its batch size, input and output lengths. Each uses its own default
+KV precisions as the row labels them (an FP8-labelled row's KV cache as the judge's deployment stores it:
+FP8 under the aiconfigurator deployment), clients as its batch size, input and output lengths. Each uses its own default
 kernels (kvsim: its measured profile on H100/H200, the imported aiconfigurator tables elsewhere).
 Needs kvsim[aic].
 
@@ -32,24 +32,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvsim.importers.aiconfigurator import data_root
-from kvsim.judge_serving import FP8_BLOCK_LABELS, FP8_WEIGHTS, Row, deployment_named, read_rows
+from kvsim.judge_serving import FP8_BLOCK_LABELS, FP8_WEIGHTS, STAND_INS, Row, deployment_named, read_rows
 
 
 def shipped_name(model: str) -> str:
     """The HF id under which aiconfigurator-core ships ``model``'s config.json (it fetches any other from
-    the Hub, which this sandbox cannot reach): Meta's Llama 3.1 releases are shipped under their old
-    "Meta-Llama-3.1-*" names, the base model's config standing for the Instruct one and for NVIDIA's FP8
-    re-release (same shapes; an FP8-labelled row's weights are FP8 whichever config is read)."""
-    shipped = {p.name.removesuffix("_config.json").replace("--", "/", 1)
+    the Hub, which this sandbox cannot reach), matched without case: a later release of the same shapes
+    stands for its base one as in kvsim's judge (STAND_INS: DeepSeek-R1-0528 for DeepSeek-R1), and Meta's
+    Llama 3.1 releases are shipped under their old "Meta-Llama-3.1-*" names, the base model's config standing
+    for the Instruct one and for NVIDIA's FP8 re-release (same shapes; an FP8-labelled row's weights are FP8
+    whichever config is read)."""
+    shipped = {p.name.removesuffix("_config.json").replace("--", "/", 1).lower():
+               p.name.removesuffix("_config.json").replace("--", "/", 1)
                for p in (data_root().parent.parent / "model_configs").glob("*_config.json")}
-    if model in shipped:
-        return model
-    name = model.split("/", 1)[1]
-    alias = f"meta-llama/Meta-{name.removesuffix('-FP8').removesuffix('-Instruct')}"
-    return alias if alias in shipped else model
+    org, name = model.lower().split("/", 1)
+    for suffix, base in STAND_INS:
+        if name.endswith(suffix):
+            name = name.removesuffix(suffix) + base
+    llama = f"meta-llama/meta-{name.removesuffix('-fp8').removesuffix('-instruct')}"
+    return shipped.get(f"{org}/{name}") or shipped.get(llama) or model
 
 
-def aic_predict(row: Row, budget_tokens: int, cache: dict) -> tuple[float, float] | str:
+def aic_predict(row: Row, budget_tokens: int, fp8_rows_fp8_kv: bool, cache: dict) -> tuple[float, float] | str:
     """(TTFT ms, TPOT ms) from aiconfigurator's run_agg for one row, or why it cannot price it."""
     from aiconfigurator_core.sdk import common, config
     from aiconfigurator_core.sdk.backends.factory import get_backend
@@ -66,13 +70,15 @@ def aic_predict(row: Row, budget_tokens: int, cache: dict) -> tuple[float, float
         return cache[key]
     # weights as the row labels them: FP8 per-tensor on a 16-bit checkpoint (quantized on load), else the
     # checkpoint's own format, which aiconfigurator infers from its config.json as for its own estimates
-    # (block-FP8 releases, gpt-oss's MXFP4); the aiconfigurator deployment's FP8 KV cache for FP8 rows
+    # (block-FP8 releases, gpt-oss's MXFP4); an FP8 row's KV cache as the judge's deployment stores it
     fp8 = row.precision in FP8_WEIGHTS
-    fp8_kv = fp8 or row.precision in FP8_BLOCK_LABELS
+    fp8_kv = fp8_rows_fp8_kv and (fp8 or row.precision in FP8_BLOCK_LABELS)
     mc = config.ModelConfig(tp_size=row.tp, gemm_quant_mode=common.GEMMQuantMode.fp8 if fp8 else None,
                             moe_quant_mode=common.MoEQuantMode.fp8 if fp8 else None,
                             kvcache_quant_mode=common.KVCacheQuantMode.fp8 if fp8_kv else None,
-                            moe_tp_size=row.moe_tp or None, moe_ep_size=row.moe_ep or None,
+                            # a row that records no MoE layout ran vLLM's default, experts TP-sharded over every GPU
+                            moe_tp_size=row.moe_tp or (None if row.moe_ep else row.tp * max(row.dp, 1)),
+                            moe_ep_size=row.moe_ep or (None if row.moe_tp else 1),
                             attention_dp_size=max(row.dp, 1))
     try:
         model = get_model(shipped_name(row.model), mc, row.backend)
@@ -106,19 +112,25 @@ class Comparison:
                 for (system, engine), errs in groups if errs]
 
 
-def compare(path: Path, kvsim: list[tuple[int, float, float]]) -> Comparison:
-    """aiconfigurator's prediction for every row of ``path`` kvsim predicted (line, TTFT ms, TPOT ms),
-    under the aiconfigurator deployment's token budget."""
+def compare(path: Path, deployment: str, kvsim: list[tuple[int, float, float, int]]) -> Comparison:
+    """aiconfigurator's prediction for every row of ``path`` kvsim predicted (line, TTFT ms, TPOT ms, the
+    token budget of kvsim's run: aiconfigurator's ``ctx_tokens``), judged under ``deployment`` (which
+    says how an FP8 row's KV cache was stored). A run that is not a closed loop (a
+    burst of requests sent at once, or at a rate) is counted, not priced: run_agg models a steady closed
+    loop of ``batch_size`` requests."""
     logging.disable(logging.WARNING)  # aiconfigurator logs every interpolation
     rows = {r.line: r for r in read_rows(path)}
-    dep = deployment_named("aiconfigurator")
+    fp8_kv = deployment_named(deployment).fp8_checkpoint_kv == "fp8"
     cache: dict = {}
     errors: dict[tuple[str, str], list[tuple[float, float, float, float]]] = defaultdict(list)
     refused: Counter[str] = Counter()
     out = []
-    for line, ttft_ms, tpot_ms in kvsim:
+    for line, ttft_ms, tpot_ms, budget_tokens in kvsim:
         row = rows[line]
-        got = aic_predict(row, dep.engine(row)["max_num_batched_tokens"], cache)
+        if row.num_requests == row.concurrency or row.request_rate is not None:
+            refused[f"{row.backend}: not a closed loop (every request sent at once, or at a rate)"] += 1
+            continue
+        got = aic_predict(row, budget_tokens, fp8_kv, cache)
         if isinstance(got, str):
             refused[f"{row.backend}: {got}"] += 1
             continue
@@ -132,14 +144,14 @@ def compare(path: Path, kvsim: list[tuple[int, float, float]]) -> Comparison:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("judge_json", help="kvsim validate --serving FILE --json output (deployment aiconfigurator)")
+    ap.add_argument("judge_json", help="kvsim validate --serving FILE --json output (any deployment)")
     ap.add_argument("--json", help="also write every row's four predictions here")
     a = ap.parse_args()
     judged = json.loads(Path(a.judge_json).read_text())
-    if judged["deployment"]["name"] != "aiconfigurator":
-        raise SystemExit("judge with the aiconfigurator deployment: aiconfigurator's model assumes its token budget")
     path = Path(judged["file"])
-    c = compare(path, [(j["line"], j["predicted_ttft_ms"], j["predicted_tpot_ms"]) for j in judged["rows"]])
+    kvsim = [(j["line"], j["predicted_ttft_ms"], j["predicted_tpot_ms"], j["max_num_batched_tokens"])
+             for j in judged["rows"]]
+    c = compare(path, judged["deployment"]["name"], kvsim)
     print(f"{path.name}: {len(c.rows)} of {len(judged['rows'])} judged rows priced by both "
           "(absolute error, median / p90)")
     print("| system | engine | runs | kvsim TTFT | aiconfigurator TTFT | kvsim TPOT | aiconfigurator TPOT |")

@@ -616,11 +616,18 @@ def test_versus_aiconfigurator_prices_the_rows_kvsim_judged_and_counts_what_it_c
     assert mod.shipped_name("meta-llama/Llama-3.1-70B") == "meta-llama/Meta-Llama-3.1-70B"
     assert mod.shipped_name("nvidia/Llama-3.1-8B-Instruct-FP8") == "meta-llama/Meta-Llama-3.1-8B"
     assert mod.shipped_name("Qwen/Qwen3-32B") == "Qwen/Qwen3-32B"
+    assert mod.shipped_name("deepseek-ai/DeepSeek-R1-0528") == "deepseek-ai/DeepSeek-R1"
     assert mod.shipped_name("org/unknown-model") == "org/unknown-model"
     fp8 = ROWS[0] | {"precision": "fp8", "gemm_quant_mode": "fp8"}  # FP8_WEIGHTS
-    path = write(tmp_path / "m.csv", [ROWS[0], fp8, ROWS[0] | {"system": "no_such_gpu"}])
-    c = mod.compare(path, [(2, 50.0, 7.7), (3, 50.0, 7.7), (4, 50.0, 7.7)])
-    assert sum(c.refused.values()) == 1 and "no vllm database for no_such_gpu" in next(iter(c.refused))
+    burst = ROWS[0] | {"num_requests": 4}  # every request at once: not a closed loop
+    cols = (*COLUMNS, "num_requests")
+    rows = [ROWS[0], fp8, ROWS[0] | {"system": "no_such_gpu"}, burst]
+    path = tmp_path / "m.csv"
+    path.write_text("\n".join([",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]) + "\n")
+    c = mod.compare(path, "aiconfigurator", [(line, 50.0, 7.7, 2036) for line in (2, 3, 4, 5)])
+    assert sorted(c.refused.values()) == [1, 1]
+    assert {r.split(" (")[0].split(": ", 1)[1] for r in c.refused} == {
+        "no vllm database for no_such_gpu: ValueError", "not a closed loop"}
     (errs,) = c.errors.values()
     assert [e[:2] for e in errs] == [pytest.approx((0.25, 0.1))] * 2  # (50 - 40) / 40, (7.7 - 7) / 7
     bf16, fp8 = c.rows
@@ -629,16 +636,21 @@ def test_versus_aiconfigurator_prices_the_rows_kvsim_judged_and_counts_what_it_c
 
 
 @pytest.mark.skipif(importlib.util.find_spec("aiconfigurator_core") is None, reason="needs kvsim[aic]")
-def test_readme_versus_aiconfigurator_development_set_figures_are_current() -> None:
-    """The README's kvsim-versus-aiconfigurator line for the development set is what the script gives now."""
-    judged, _ = judge(shared_file("measured", "vllm_h100_qwen3-32b_closed_loop.csv"))
+@pytest.mark.parametrize(("runs", "deployment", "label"), [
+    ("development set", "aiconfigurator", "development set (vLLM 0.12.0, Qwen3-32B, H100, TP 2/4/8)"),
+    ("GPUStack", "engine-defaults",
+     "GPUStack's closed loops (vLLM 0.11.0; `validation/reference/public_vllm_serving.csv`, engine-defaults)")])
+def test_readme_versus_aiconfigurator_figures_are_current(runs: str, deployment: str, label: str) -> None:
+    """The README's kvsim-versus-aiconfigurator lines for the real runs shipped beside the project (the
+    development set, GPUStack's closed loops) are what the script gives now."""
+    path = (shared_file("measured", "vllm_h100_qwen3-32b_closed_loop.csv") if runs == "development set"
+            else ROOT / "validation" / "reference" / "public_vllm_serving.csv")
+    judged, _ = judge(path, deployment=deployment)
     mod = load_script("versus_aiconfigurator")
-    c = mod.compare(shared_file("measured", "vllm_h100_qwen3-32b_closed_loop.csv"),
-                    [(j.row.line, j.ttft_ms, j.tpot_ms) for j in judged])
+    c = mod.compare(path, deployment, [(j.row.line, j.ttft_ms, j.tpot_ms, j.budget_tokens) for j in judged])
     *_, n, kt, at, kp, ap = c.table()[-1]
     cells = " | ".join(f"{100 * m:.1f}% / {100 * p:.1f}%" for m, p in (kt, at, kp, ap))
-    assert f"| development set (vLLM 0.12.0, Qwen3-32B, H100, TP 2/4/8) | {n} | {cells} |" in (
-        ROOT / "README.md").read_text()
+    assert f"| {label} | {n} | {cells} |" in (ROOT / "README.md").read_text()
 
 
 def test_the_shipped_host_step_is_a_fresh_fit_of_the_development_set() -> None:
