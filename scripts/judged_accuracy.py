@@ -45,7 +45,7 @@ def render(entries: list[dict], commit: str, day: str) -> str:
     lines = [
         "# kvsim's track record on real engines (kvsim/track_record.py): written by scripts/judged_accuracy.py,",
         "# do not edit by hand. Errors are (predicted - measured) / measured over the group's runs.",
-        f"commit: {commit}",
+        f"commit: \"{commit}\"",  # quoted: a hash like 34932e8 would read as a number
         f"date: \"{day}\"",
         f"source: \"every expressible run of aiconfigurator-core's public silicon sample, deployment "
         f"{DEFAULT_DEPLOYMENT} (kvsim validate --serving aiconfigurator)\"",

@@ -25,6 +25,17 @@ def test_the_shipped_record_is_whole_and_consistent() -> None:
                                  and r.model)
 
 
+def test_the_shipped_file_is_the_scripts_own_rendering() -> None:
+    """kvsim/data/judged_accuracy.yaml is written whole by scripts/judged_accuracy.py: its text is what the
+    script renders from the figures it holds (no hand edit; the commit a string, not a number)."""
+    from dataclasses import asdict
+
+    recs = records()
+    assert recs.commit == recs.commit.strip() and not recs.commit.replace(".", "").isdigit()
+    text = load_script("judged_accuracy").render([asdict(r) for r in recs.groups], recs.commit, recs.date)
+    assert text == (ROOT / FILE).read_text()
+
+
 def test_a_note_names_the_nearest_group_or_says_none_was_judged() -> None:
     recs = records()
     own = recs.note("h100-sxm", "vllm", "qwen3-32b", "bfloat16")
