@@ -1,18 +1,18 @@
 """kvsim against NVIDIA aiconfigurator's own predictor, on the same real measurements.
 
-For every row kvsim's serving judge predicted (the JSON of ``kvsim validate --serving FILE --json``, a
-silicon-sample CSV), this asks aiconfigurator-core's aggregated-serving model for the same
-configuration (``BaseBackend.run_agg``: its per-operation database for the row's GPU and engine, the
-database version aiconfigurator calls "current", with the token budget of kvsim's run of the row, its
-deployment's, as ``ctx_tokens``) and reports both tools' absolute TTFT and TPOT errors over the rows
-both priced. A row aiconfigurator cannot price (a model whose config.json it does not ship, a
-database it lacks) is counted with its reason, never dropped in silence.
+For every row kvsim's serving judge predicted (the JSON of ``kvsim validate --serving FILE --json``),
+this asks aiconfigurator-core's aggregated-serving model for the same configuration
+(``BaseBackend.run_agg``: its per-operation database for the row's GPU and engine, the database version
+aiconfigurator calls "current", with the token budget of kvsim's run of the row, its deployment's, as
+``ctx_tokens``) and reports both tools' absolute TTFT and TPOT errors over the rows both priced. A row
+aiconfigurator cannot price (a model whose config.json it does not ship, a database it lacks, a run that
+is not a closed loop) is counted with its reason, never dropped in silence.
 
-Both tools get the same configuration: GPU, engine, TP and the MoE/attention-DP layout, weights and
-KV precisions as the row labels them (an FP8-labelled row's KV cache as the judge's deployment stores it:
-FP8 under the aiconfigurator deployment), clients as its batch size, input and output lengths. Each uses its own default
-kernels (kvsim: its measured profile on H100/H200, the imported aiconfigurator tables elsewhere).
-Needs kvsim[aic].
+Both tools get the same configuration: GPU, engine, TP and the MoE/attention-DP layout, weights and KV
+precisions as the row labels them (an FP8-labelled row's KV cache as the judge's deployment stores it: FP8
+under the aiconfigurator deployment), clients as its batch size, input and output lengths. Each uses its
+own default kernels (kvsim: its measured profile on H100/H200, the imported aiconfigurator tables
+elsewhere). Needs kvsim[aic].
 
     .venv/bin/kvsim validate --serving ../shared/data/measured/vllm_h100_qwen3-32b_closed_loop.csv \
         --json > /tmp/dev.json
@@ -29,10 +29,20 @@ import logging
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from kvsim.importers.aiconfigurator import data_root
 from kvsim.judge_serving import FP8_BLOCK_LABELS, FP8_WEIGHTS, STAND_INS, Row, deployment_named, read_rows
+
+
+@cache
+def _shipped_models() -> dict[str, str]:
+    """The HF ids whose config.json aiconfigurator-core ships (model_configs/<org>--<name>_config.json), by
+    their lower-case spelling."""
+    ids = [p.name.removesuffix("_config.json").replace("--", "/", 1)
+           for p in (data_root().parent.parent / "model_configs").glob("*_config.json")]
+    return {i.lower(): i for i in ids}
 
 
 def shipped_name(model: str) -> str:
@@ -42,9 +52,7 @@ def shipped_name(model: str) -> str:
     Llama 3.1 releases are shipped under their old "Meta-Llama-3.1-*" names, the base model's config standing
     for the Instruct one and for NVIDIA's FP8 re-release (same shapes; an FP8-labelled row's weights are FP8
     whichever config is read)."""
-    shipped = {p.name.removesuffix("_config.json").replace("--", "/", 1).lower():
-               p.name.removesuffix("_config.json").replace("--", "/", 1)
-               for p in (data_root().parent.parent / "model_configs").glob("*_config.json")}
+    shipped = _shipped_models()
     org, name = model.lower().split("/", 1)
     for suffix, base in STAND_INS:
         if name.endswith(suffix):
